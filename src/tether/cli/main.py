@@ -1,0 +1,46 @@
+"""The ``tether`` command: one console script, subcommands registered by their modules."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Each module exposes ``register(subparsers)``, adding its subcommand(s) with
+# ``set_defaults(func=...)``; ``func(args) -> int`` is the exit status.
+COMMAND_MODULES = [
+    "tether.cli.proxy_cmd",
+]
+
+
+class CliError(Exception):
+    """A user error: printed as one line naming what was wrong, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tether", description="tether service mesh")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args))
+    except CliError as e:
+        print(f"tether: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The identity service (`tether controller identity`): a CA for workload certificates."""

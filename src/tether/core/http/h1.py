@@ -1,0 +1,194 @@
+"""HTTP/1.1 message framing rules (RFC 9112), sans-I/O.
+
+The byte-level parser is llhttp (through httptools); this module adds the rules a proxy must
+enforce on top of it so that it never forwards an ambiguous message (request smuggling):
+Content-Length with Transfer-Encoding, duplicate or invalid Content-Length, a final transfer
+coding other than chunked, missing or duplicate Host. It also serialises heads and chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Headers = list[tuple[bytes, bytes]]
+
+REASONS = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    201: b"Created",
+    202: b"Accepted",
+    204: b"No Content",
+    206: b"Partial Content",
+    301: b"Moved Permanently",
+    302: b"Found",
+    304: b"Not Modified",
+    307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    411: b"Length Required",
+    413: b"Content Too Large",
+    417: b"Expectation Failed",
+    421: b"Misdirected Request",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+
+class H1Error(Exception):
+    """A message broke a framing rule. ``status`` is what the proxy answers (requests)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(slots=True, frozen=True)
+class Framing:
+    """How a message's body is delimited."""
+
+    content_length: int | None  # None: chunked, or (responses) read until close
+    chunked: bool
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+NO_BODY = Framing(0, False)
+
+
+def _content_length(values: list[bytes]) -> int:
+    # RFC 9112 6.3: a list of identical values may be treated as one; anything else is invalid.
+    seen: set[bytes] = set()
+    for v in values:
+        for item in v.split(b","):
+            seen.add(item.strip())
+    if len(seen) != 1:
+        raise H1Error(400, "conflicting Content-Length values")
+    (text,) = seen
+    if not text.isdigit() or len(text) > 18:
+        raise H1Error(400, f"invalid Content-Length {text[:20]!r}")
+    return int(text)
+
+
+def _transfer_codings(values: list[bytes]) -> list[bytes]:
+    codings: list[bytes] = []
+    for v in values:
+        codings.extend(c.strip().lower() for c in v.split(b",") if c.strip())
+    return codings
+
+
+def check_request_head(version: str, headers: Headers) -> Framing:
+    """Validate a request head; return its body framing or raise :class:`H1Error`."""
+    hosts = 0
+    cl: list[bytes] = []
+    te: list[bytes] = []
+    for k, v in headers:
+        if k == b"host":
+            hosts += 1
+        elif k == b"content-length":
+            cl.append(v)
+        elif k == b"transfer-encoding":
+            te.append(v)
+    if version == "1.1" and hosts == 0:
+        raise H1Error(400, "missing Host header")
+    if hosts > 1:
+        raise H1Error(400, "duplicate Host header")
+    if te:
+        if cl:
+            raise H1Error(400, "both Content-Length and Transfer-Encoding")
+        if version != "1.1":
+            raise H1Error(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = _transfer_codings(te)
+        if not codings or codings[-1] != b"chunked":
+            raise H1Error(400, "final transfer coding is not chunked")
+        if codings.count(b"chunked") > 1:
+            raise H1Error(400, "chunked applied more than once")
+        return Framing(None, True)
+    if cl:
+        n = _content_length(cl)
+        return Framing(n, False) if n else NO_BODY
+    return NO_BODY
+
+
+def check_response_head(status: int, headers: Headers, request_method: bytes) -> Framing:
+    """Validate a response head from upstream; raise :class:`H1Error` (the proxy answers 502)."""
+    cl: list[bytes] = []
+    te: list[bytes] = []
+    for k, v in headers:
+        if k == b"content-length":
+            cl.append(v)
+        elif k == b"transfer-encoding":
+            te.append(v)
+    if request_method == b"HEAD" or status < 200 or status in (204, 304):
+        return NO_BODY
+    if te:
+        if cl:
+            raise H1Error(502, "upstream sent both Content-Length and Transfer-Encoding")
+        codings = _transfer_codings(te)
+        if codings and codings[-1] == b"chunked":
+            return Framing(None, True)
+        return Framing(None, False)  # delimited by close
+    if cl:
+        try:
+            return Framing(_content_length(cl), False)
+        except H1Error as e:
+            raise H1Error(502, "upstream " + e.reason) from None
+    return Framing(None, False)
+
+
+def _head(first_line: bytes, headers: Headers, extra: bytes) -> bytes:
+    parts = [first_line]
+    for k, v in headers:
+        parts.append(k + b": " + v + b"\r\n")
+    parts.append(extra)
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_request_head(
+    method: bytes, target: bytes, version: str, headers: Headers, framing: Framing
+) -> bytes:
+    """Serialise a request head; ``headers`` must already be free of framing headers."""
+    return _head(method + b" " + target + b" HTTP/" + version.encode() + b"\r\n", headers, _framing(framing))
+
+
+def encode_response_head(status: int, version: str, headers: Headers, framing: Framing | None) -> bytes:
+    """Serialise a response head; ``framing`` None writes no framing header (close-delimited)."""
+    reason = REASONS.get(status, b"Status")
+    first = b"HTTP/" + version.encode() + b" " + str(status).encode() + b" " + reason + b"\r\n"
+    return _head(first, headers, b"" if framing is None else _framing(framing))
+
+
+def _framing(f: Framing) -> bytes:
+    if f.chunked:
+        return b"transfer-encoding: chunked\r\n"
+    if f.content_length is not None:
+        return b"content-length: " + str(f.content_length).encode() + b"\r\n"
+    return b""
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def encode_last_chunk(trailers: Headers | None) -> bytes:
+    if not trailers:
+        return b"0\r\n\r\n"
+    return b"0\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in trailers) + b"\r\n"
+
+
+FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})

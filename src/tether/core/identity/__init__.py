@@ -1,0 +1,1 @@
+"""Workload identity, pure: names, SPIFFE ids, CSRs, issuance policy and certificate checks."""

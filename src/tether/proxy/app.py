@@ -1,0 +1,204 @@
+"""The proxy process: listeners, per-connection protocol hand-off, graceful shutdown.
+
+Each accepted connection starts in a :class:`DetectProtocol`; once its protocol is known it is
+handed to the HTTP/1 server, the HTTP/2 server (both serving the direction's HTTP stack) or an
+opaque TCP splice to its target. SIGTERM stops the listeners, lets in-flight requests finish
+within the grace period, closes idle keep-alive connections, sends GOAWAY on HTTP/2, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+from tether.core.http.detect import Detected
+from tether.proxy import inbound, outbound
+from tether.proxy.admin import AdminServer
+from tether.proxy.config import ProxyConfig
+from tether.proxy.detect import DetectProtocol
+from tether.proxy.discovery import StaticDiscovery
+from tether.proxy.http.h1server import ConnectionRegistry, H1ServerProtocol
+from tether.proxy.http.h2server import H2ServerProtocol
+from tether.proxy.http.message import Connection, Service
+from tether.proxy.metrics import MetricsRegistry
+from tether.proxy.tcp import Splice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Side:
+    """One direction's listener, stack and live connections."""
+
+    direction: str
+    http: Service
+    h1: ConnectionRegistry = field(default_factory=ConnectionRegistry)
+    h2: set[H2ServerProtocol] = field(default_factory=set)
+    tcp: set[Splice] = field(default_factory=set)
+    server: asyncio.AbstractServer | None = None
+
+
+class Proxy:
+    def __init__(self, cfg: ProxyConfig) -> None:
+        self.cfg = cfg
+        self.metrics = MetricsRegistry()
+        self.discovery = StaticDiscovery(cfg.destinations_file) if cfg.destinations_file else None
+        own = {cfg.outbound_addr, cfg.inbound_addr}
+        out_http, self._router = outbound.build_http_stack(cfg, self.metrics, self.discovery, own)
+        in_http, self._local = inbound.build_http_stack(cfg, self.metrics)
+        self.outbound = _Side("outbound", out_http)
+        self.inbound = _Side("inbound", in_http)
+        self.admin: AdminServer | None = None
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.ready = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.discovery is not None:
+            await self.discovery.start()
+        for side, addr in ((self.outbound, self.cfg.outbound_addr), (self.inbound, self.cfg.inbound_addr)):
+            side.server = await loop.create_server(
+                lambda s=side: DetectProtocol(s.direction, self.cfg, lambda *a, s=s: self._on_detected(s, *a)),
+                addr[0], addr[1], reuse_address=True, backlog=1024,
+            )
+            sock = side.server.sockets[0].getsockname()
+            log.info("%s listener on %s:%d", side.direction, sock[0], sock[1])
+        self.admin = AdminServer(
+            self.cfg, self.metrics, ready=lambda: self.ready, shutdown=self.request_stop,
+        )
+        await self.admin.start()
+        self.ready = True
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT (or an admin /shutdown), then drain and return."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        await self._stopping.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        grace = self.cfg.shutdown_grace_period
+        log.info("shutting down: draining connections for up to %gs", grace)
+        self.ready = False
+        deadline = time.monotonic() + grace
+        for side in (self.outbound, self.inbound):
+            if side.server is not None:
+                side.server.close()
+        drains = []
+        for side in (self.outbound, self.inbound):
+            drains.append(side.h1.drain(grace))
+            drains.extend(h2.drain(grace) for h2 in list(side.h2))
+        results = await asyncio.gather(*drains, return_exceptions=True)
+        # Opaque streams have no request boundary: give them the rest of the grace period.
+        while any(side.tcp for side in (self.outbound, self.inbound)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for side in (self.outbound, self.inbound):
+            for splice in list(side.tcp):
+                splice.abort()
+        unclean = [r for r in results if r is False or isinstance(r, BaseException)]
+        if unclean:
+            log.warning("%d connection groups did not drain within %gs", len(unclean), grace)
+        await self._router.aclose()
+        await self._local.aclose()
+        if self.discovery is not None:
+            await self.discovery.aclose()
+        if self.admin is not None:
+            await self.admin.aclose()
+        log.info("shutdown complete")
+
+    # -- per connection -----------------------------------------------------------------------
+    def _on_detected(self, side: _Side, what: Detected, transport: asyncio.Transport,
+                     conn: Connection, buf: bytes, eof: bool) -> None:
+        if what is Detected.HTTP1:
+            h1 = H1ServerProtocol(side.http, conn, self.cfg, side.h1)
+            transport.set_protocol(h1)
+            h1.connection_made(transport)
+            if buf:
+                h1.data_received(buf)
+        elif what is Detected.H2:
+            h2 = H2ServerProtocol(side.http, conn, self.cfg)
+            side.h2.add(h2)
+            transport.set_protocol(h2)
+            h2.start(transport, buf)
+            task = asyncio.get_running_loop().create_task(self._forget_h2(side, h2))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            transport.pause_reading()
+            task = asyncio.get_running_loop().create_task(self._opaque(side, transport, conn, buf, eof))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _forget_h2(self, side: _Side, h2: H2ServerProtocol) -> None:
+        try:
+            await h2.wait_closed()
+        finally:
+            side.h2.discard(h2)
+
+    async def _opaque(self, side: _Side, transport: asyncio.Transport, conn: Connection,
+                      buf: bytes, eof: bool) -> None:
+        if side.direction == "outbound":
+            target = conn.orig_dst
+            timeout = self.cfg.outbound_connect_timeout
+        else:
+            target = inbound.local_target(self.cfg, conn.orig_dst, None) if (
+                conn.orig_dst or self.cfg.inbound_app_addr) else None
+            timeout = self.cfg.inbound_connect_timeout
+        tls = conn.tls
+        if target is None:
+            self.metrics.tcp_error(side.direction, "unexpected")
+            log.info("%s opaque connection from %s:%d has no target; closing", side.direction, *conn.peer)
+            transport.close()
+            return
+        m_src = self.metrics.tcp(side.direction, "src", target, tls=tls, client_id=conn.client_id)
+        m_src.opened()
+        try:
+            upstream, _ = await outbound.connect_tcp(target, timeout)
+        except (OSError, TimeoutError) as e:
+            err = "connect_timeout" if isinstance(e, TimeoutError) else "connect_error"
+            self.metrics.tcp_error(side.direction, err, target)
+            m_src.closed(err)
+            log.info("%s TCP connect to %s:%d failed: %s", side.direction, target[0], target[1], e)
+            transport.abort()
+            return
+        m_dst = self.metrics.tcp(side.direction, "dst", target, tls=tls)
+        m_dst.opened()
+
+        def on_close(splice: Splice, exc: Exception | None) -> None:
+            side.tcp.discard(splice)
+            m_src.read_bytes += splice.stats.read_bytes
+            m_src.write_bytes += splice.stats.write_bytes
+            m_dst.read_bytes += splice.stats.write_bytes
+            m_dst.write_bytes += splice.stats.read_bytes
+            err = None if exc is None else "io"
+            m_src.closed(err)
+            m_dst.closed(err)
+
+        splice = Splice(conn, on_close)
+        side.tcp.add(splice)
+        splice.attach(transport, upstream, buf, b"")
+        if eof:
+            splice.client.eof_received()
+
+
+async def serve(cfg: ProxyConfig) -> int:
+    proxy = Proxy(cfg)
+    await proxy.run()
+    return 0
+
+
+def run(cfg: ProxyConfig) -> int:
+    """Run the proxy on uvloop until signalled; the process exit status."""
+    import uvloop
+
+    return uvloop.run(serve(cfg))

@@ -1,0 +1,157 @@
+"""Every setting, bound and timeout of the proxy, in one object.
+
+Each field can be set by a flag (``--inbound-addr``) or an environment variable
+(``TETHER_PROXY_INBOUND_ADDR``); flags win. Defaults follow linkerd2-proxy where it has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# Linkerd's default opaque ports: server-speaks-first protocols that must skip detection.
+DEFAULT_OPAQUE_PORTS = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
+
+
+class ConfigError(ValueError):
+    """A setting could not be understood; the message names the setting."""
+
+
+def parse_addr(text: str, setting: str) -> tuple[str, int]:
+    """Parse ``host:port`` (``[v6]:port`` for IPv6)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{setting}: {text!r} is not host:port")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def parse_ports(text: str, setting: str) -> frozenset[int]:
+    """Parse a port list like ``25,587,3306,4000-4010``."""
+    ports: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ConfigError(f"{setting}: {part!r} is not a port or a port range") from None
+        if not (0 < a <= b <= 65535):
+            raise ConfigError(f"{setting}: {part!r} is out of range 1-65535")
+        ports.update(range(a, b + 1))
+    return frozenset(ports)
+
+
+def parse_duration(text: str, setting: str) -> float:
+    """Parse ``100ms``, ``10s``, ``2m``, ``1h`` or a bare number of seconds."""
+    t = text.strip()
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if t.endswith(suffix):
+            num = t[: -len(suffix)]
+            break
+    else:
+        num, scale = t, 1.0
+    try:
+        value = float(num) * scale
+    except ValueError:
+        raise ConfigError(f"{setting}: {text!r} is not a duration like 500ms, 10s or 1m") from None
+    if value < 0:
+        raise ConfigError(f"{setting}: {text!r} is negative")
+    return value
+
+
+@dataclass(slots=True)
+class ProxyConfig:
+    # Listeners.
+    inbound_addr: tuple[str, int] = ("0.0.0.0", 4143)
+    outbound_addr: tuple[str, int] = ("127.0.0.1", 4140)
+    admin_addr: tuple[str, int] = ("127.0.0.1", 4191)
+    # Where inbound traffic goes when no original destination is known (not redirected).
+    inbound_app_addr: tuple[str, int] | None = None
+    # Protocol detection.
+    opaque_ports: frozenset[int] = DEFAULT_OPAQUE_PORTS
+    detect_timeout: float = 10.0
+    detect_peek_bytes: int = 1024
+    # HTTP/1 limits and timeouts.
+    max_header_bytes: int = 64 * 1024
+    header_read_timeout: float = 10.0
+    idle_timeout: float = 90.0
+    # Upstream.
+    outbound_connect_timeout: float = 1.0
+    inbound_connect_timeout: float = 0.1 * 10  # 1s: loopback to the app; 100ms is too tight under load
+    failfast_timeout: float = 3.0
+    response_timeout: float | None = None  # no default per-request timeout
+    pool_max_idle_per_endpoint: int = 256
+    pool_idle_timeout: float = 60.0
+    # Load balancing (linkerd2-proxy defaults).
+    ewma_default_rtt: float = 0.030
+    ewma_decay: float = 10.0
+    failure_accrual_max_failures: int = 7
+    failure_accrual_min_penalty: float = 1.0
+    failure_accrual_max_penalty: float = 60.0
+    failure_accrual_jitter: float = 0.5
+    balancer_queue_capacity: int = 10_000  # requests waiting for an endpoint (Linkerd's queue)
+    # HTTP/2.
+    h2_max_concurrent_streams: int = 100
+    h2_max_resets_per_window: int = 200
+    h2_reset_window: float = 10.0
+    h2_initial_window: int = 65535
+    # Body buffering.
+    body_buffer_high: int = 256 * 1024
+    retry_max_body: int = 64 * 1024
+    # Lifecycle.
+    shutdown_grace_period: float = 120.0
+    enable_admin_shutdown: bool = False
+    log_level: str = "warn,tether=info"
+    # Static discovery: authority -> endpoints (see tether.proxy.discovery).
+    destinations_file: str | None = None
+    # Identity (see tether.proxy.identity); empty means plaintext only.
+    identity_dir: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ProxyConfig:
+        """Build a config from TETHER_PROXY_* variables over the defaults."""
+        env = os.environ if env is None else env
+        cfg = cls()
+        for f in dataclasses.fields(cls):
+            key = "TETHER_PROXY_" + f.name.upper()
+            if key in env:
+                cfg.set(f.name, env[key], key)
+        return cfg
+
+    def set(self, name: str, text: str, setting: str) -> None:
+        """Set one field from its text form; ``setting`` names it in errors."""
+        current = getattr(self, name)
+        value: object
+        if name.endswith("_addr"):
+            value = parse_addr(text, setting)
+        elif name == "opaque_ports":
+            value = parse_ports(text, setting)
+        elif isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"{setting}: {text!r} is not true or false")
+            value = text.lower() in ("true", "1", "yes")
+        elif isinstance(current, float) or name.endswith(("_timeout", "_period", "_penalty", "_rtt")):
+            value = parse_duration(text, setting)
+        elif isinstance(current, int):
+            try:
+                value = int(text)
+            except ValueError:
+                raise ConfigError(f"{setting}: {text!r} is not an integer") from None
+        else:
+            value = text
+        setattr(self, name, value)
+
+    def env_dict(self) -> dict[str, str]:
+        """The effective settings, as /env.json shows them."""
+        out: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, tuple):
+                v = f"{v[0]}:{v[1]}"
+            elif isinstance(v, frozenset):
+                v = ",".join(str(p) for p in sorted(v))
+            out["TETHER_PROXY_" + f.name.upper()] = str(v)
+        return out

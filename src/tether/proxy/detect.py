@@ -1,0 +1,115 @@
+"""Per-connection protocol detection, then hand-off to the protocol's own codec.
+
+A :class:`DetectProtocol` is the first protocol of every accepted connection. It reads up to
+``detect_peek_bytes``, asks :func:`tether.core.http.detect.detect` what they are, and passes the
+transport and the bytes read so far to ``on_detected``. Ports in the opaque-ports list skip
+detection at once (server-speaks-first protocols never wait); so does a detection timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+
+from tether.core.http.detect import Detected, detect
+from tether.proxy.config import ProxyConfig
+from tether.proxy.http.message import Connection
+
+log = logging.getLogger(__name__)
+
+SO_ORIGINAL_DST = 80
+
+# (what, transport, connection facts, bytes read so far, whether the client already sent EOF)
+OnDetected = Callable[[Detected, asyncio.Transport, Connection, bytes, bool], None]
+
+
+def original_dst(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+    """The pre-REDIRECT destination of an accepted IPv4 connection, if it was redirected."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_INET:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return None
+    port = int.from_bytes(raw[2:4], "big")
+    ip = socket.inet_ntoa(raw[4:8])
+    local = transport.get_extra_info("sockname")
+    if local is not None and (ip, port) == (local[0], local[1]):
+        return None  # not redirected: conntrack reports the listener itself
+    return ip, port
+
+
+class DetectProtocol(asyncio.Protocol):
+    def __init__(self, direction: str, cfg: ProxyConfig, on_detected: OnDetected,
+                 tls: bool = False, client_id: str | None = None) -> None:
+        self.direction = direction
+        self.cfg = cfg
+        self.on_detected = on_detected
+        self.tls = tls
+        self.client_id = client_id
+        self.transport: asyncio.Transport | None = None
+        self.conn: Connection | None = None
+        self._buf = b""
+        self._timer: asyncio.TimerHandle | None = None
+        self._done = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        dst = original_dst(transport)
+        self.conn = Connection(
+            direction=self.direction,
+            peer=(peer[0], peer[1]),
+            local=(local[0], local[1]),
+            orig_dst=dst,
+            tls=self.tls,
+            client_id=self.client_id,
+        )
+        port = dst[1] if dst is not None else None
+        if port is None and self.direction == "inbound" and self.cfg.inbound_app_addr is not None:
+            port = self.cfg.inbound_app_addr[1]
+        if port is not None and port in self.cfg.opaque_ports:
+            self._decide(Detected.OPAQUE)
+            return
+        self._timer = asyncio.get_running_loop().call_later(self.cfg.detect_timeout, self._on_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._buf += data
+        result = detect(self._buf, self.cfg.detect_peek_bytes)
+        if result is not Detected.NEED_MORE:
+            self._decide(result)
+
+    def eof_received(self) -> bool:
+        if not self._done:
+            # The client half-closed before we knew the protocol: whatever it sent is opaque.
+            self._decide(Detected.OPAQUE, eof=True)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if not self._done:
+            log.info("protocol detection timed out after %gs for %s; treating as opaque TCP",
+                     self.cfg.detect_timeout, self.conn.peer if self.conn else "?")
+            self._decide(Detected.OPAQUE)
+
+    def _decide(self, what: Detected, eof: bool = False) -> None:
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        assert self.transport is not None and self.conn is not None
+        if what is Detected.TLS:
+            what = Detected.OPAQUE  # TLS from the app itself: forwarded as bytes
+        self.conn.protocol = {Detected.HTTP1: "http/1", Detected.H2: "h2"}.get(what, "tcp")
+        self.on_detected(what, self.transport, self.conn, self._buf, eof)

@@ -1,0 +1,383 @@
+"""HTTP/1.1 client side of the proxy: a pool of keep-alive connections to one endpoint.
+
+``H1Pool`` is a Service: ``await pool(request)`` returns the upstream Response as soon as its
+head arrives, with the body streaming behind it. A connection goes back to the pool when its
+response body has been read to the end. A request that fails on a reused connection before any
+response byte arrived (the server closed it while idle) is sent again once on a new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httptools
+
+from tether.core.http import h1
+from tether.proxy.config import ProxyConfig
+from tether.proxy.errors import ConnectError, UpstreamError
+from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
+from tether.proxy.http.message import Request, Response
+
+log = logging.getLogger(__name__)
+
+Connector = Callable[[Callable[[], asyncio.Protocol]], Awaitable[tuple[asyncio.BaseTransport, asyncio.Protocol]]]
+
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+@dataclass(slots=True)
+class Upgraded:
+    """The raw upstream byte stream after a ``101 Switching Protocols``."""
+
+    transport: asyncio.Transport
+    leftover: bytes
+
+
+class _Stale(Exception):
+    """A reused connection closed before any response byte: safe to send again."""
+
+
+class H1ClientConnection(asyncio.Protocol):
+    def __init__(self, pool: H1Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._reset_parser = False
+        self._head: asyncio.Future[Response] | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] | None = None
+        self._in_head = True
+        self._body: PipeBody | None = None
+        self._method = b""
+        self._got_bytes = False
+        self._request_sent = True
+        self._busy = False
+        self._closed = False
+        self._interim = False
+        self.reused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._keep_alive = True
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None and self._body is None:
+            # Bytes from upstream with no request outstanding: protocol violation.
+            self._abort()
+            return
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            offset = e.args[0] if e.args else len(data)
+            self._upgraded(data[offset:])
+        except (httptools.HttpParserError, h1.H1Error) as e:
+            self._fail(UpstreamError(f"invalid HTTP/1 response from upstream: {e}"))
+            self._abort()
+            return
+        if self._reset_parser:
+            self._reset_parser = False
+            self._parser = httptools.HttpResponseParser(self)
+
+    def eof_received(self) -> bool:
+        # Close-delimited bodies end here; llhttp finishes them on feed_data(b"")? No: on EOF.
+        if self._body is not None and self._body_until_close:
+            self._body.finish(None)
+            self._body = None
+            self._keep_alive = False
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._head is not None and not self._head.done():
+            if self.reused and not self._got_bytes:
+                self._head.set_exception(_Stale())
+            else:
+                reason = f"upstream closed the connection: {exc}" if exc else "upstream closed the connection"
+                self._head.set_exception(UpstreamError(reason))
+        if self._body is not None:
+            if self._body_until_close and exc is None:
+                self._body.finish(None)
+            else:
+                self._body.fail(BodyError("upstream connection lost mid-body"))
+            self._body = None
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_exception(ConnectionResetError("upstream connection lost"))
+        self.pool._lost(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- httptools callbacks ------------------------------------------------------------------
+    _body_until_close = False
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._trailers = None
+        self._in_head = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:
+            self._headers.append((name.lower(), value))
+        else:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # Interim response (100 Continue, 103 Early Hints): the proxy handles Expect itself.
+            self._interim = True
+            return
+        self._interim = False
+        headers = self._headers
+        framing = h1.check_response_head(status, headers, self._method)
+        self._keep_alive = self._parser.should_keep_alive()
+        out = [(k, v) for k, v in headers if k not in h1.FRAMING_HEADERS]
+        body: Body
+        if status == 101:
+            body = EmptyBody()
+        elif framing.has_body or (framing.content_length is None and not framing.chunked
+                                  and self._method != b"HEAD" and status not in (204, 304)):
+            self._body_until_close = framing.content_length is None and not framing.chunked
+            if self._body_until_close:
+                self._keep_alive = False
+            t = self.transport
+            assert t is not None
+            self._body = PipeBody(framing.content_length, t.pause_reading, t.resume_reading,
+                                  self.pool.cfg.body_buffer_high)
+            body = self._body
+        else:
+            body = EmptyBody()
+            if self._method == b"HEAD":
+                # llhttp would wait for Content-Length bytes that never come after a HEAD.
+                cl = next((v for k, v in headers if k == b"content-length"), None)
+                if cl is not None and cl.isdigit():
+                    body.length = int(cl)
+                self._reset_parser = True
+        resp = Response(status, out, body)
+        fut = self._head
+        self._head = None
+        if fut is not None and not fut.done():
+            fut.set_result(resp)
+        if isinstance(body, EmptyBody) and status != 101:
+            self._message_done()
+
+    def on_body(self, data: bytes) -> None:
+        if self._body is not None:
+            self._body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self._body is not None:
+            self._body.finish(self._trailers)
+            self._body = None
+            self._message_done()
+
+    # -- sending ------------------------------------------------------------------------------
+    async def send(self, req: Request) -> Response:
+        transport = self.transport
+        assert transport is not None
+        self._busy = True
+        self._method = req.method
+        self._got_bytes = False
+        self._body_until_close = False
+        loop = asyncio.get_running_loop()
+        self._head = loop.create_future()
+        body = req.body
+        headers = [(b"host", req.authority), *req.headers]
+        if req.extensions.get("close"):
+            headers.append((b"connection", b"close"))
+        pump = None
+        if body.is_end_known():
+            data = await body.read()
+            rest = await body.read() if data else b""
+            data += rest
+            if data or req.method in _BODY_METHODS:
+                framing = h1.Framing(len(data), False)
+            else:
+                framing = h1.NO_BODY
+            transport.write(h1.encode_request_head(req.method, req.path, "1.1", headers, framing) + data)
+            self._request_sent = True
+        else:
+            length = body.length
+            framing = h1.Framing(length, False) if length is not None else h1.Framing(None, True)
+            transport.write(h1.encode_request_head(req.method, req.path, "1.1", headers, framing))
+            self._request_sent = False
+            pump = loop.create_task(self._pump(body, framing))
+        try:
+            resp = await self._head
+        except BaseException:
+            if pump is not None:
+                pump.cancel()
+            raise
+        if resp.status == 101:
+            resp.upgrade = self._detach_upgrade()
+        return resp
+
+    async def _pump(self, body: Body, framing: h1.Framing) -> None:
+        transport = self.transport
+        assert transport is not None
+        try:
+            while chunk := await body.read():
+                transport.write(h1.encode_chunk(chunk) if framing.chunked else chunk)
+                if self._write_paused:
+                    await self._drain()
+            if framing.chunked:
+                transport.write(h1.encode_last_chunk(body.trailers))
+            self._request_sent = True
+            if self._head is None and self._body is None and self._busy:
+                self._message_done()
+        except (BodyError, ConnectionError) as e:
+            log.debug("request body to upstream failed: %s", e)
+            self._fail(UpstreamError(f"request body failed: {e}"))
+            self._abort()
+
+    async def _drain(self) -> None:
+        if not self._write_paused:
+            return
+        self._drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+
+    _upgrade_leftover: bytes | None = None
+
+    def _upgraded(self, leftover: bytes) -> None:
+        self._upgrade_leftover = leftover
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _detach_upgrade(self) -> Upgraded:
+        self.pool._detach(self)
+        t = self.transport
+        assert t is not None
+        return Upgraded(t, self._upgrade_leftover or b"")
+
+    def _message_done(self) -> None:
+        if not self._request_sent:
+            return  # still sending the request body; _pump finishes the exchange
+        self._busy = False
+        if self._keep_alive and not self._closed:
+            self.pool._release(self)
+        else:
+            self._close()
+
+    def _fail(self, err: Exception) -> None:
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(err)
+        if self._body is not None:
+            self._body.fail(err)
+            self._body = None
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def usable(self) -> bool:
+        return not self._closed and self.transport is not None and not self.transport.is_closing()
+
+
+class H1Pool:
+    """Keep-alive HTTP/1.1 connections to one endpoint; a Service."""
+
+    def __init__(self, address: tuple[str, int], cfg: ProxyConfig, connector: Connector | None = None,
+                 connect_timeout: float | None = None) -> None:
+        self.address = address
+        self.cfg = cfg
+        self.connect_timeout = cfg.outbound_connect_timeout if connect_timeout is None else connect_timeout
+        self._connector = connector
+        self._idle: list[H1ClientConnection] = []
+        self._all: set[H1ClientConnection] = set()
+        self._closed = False
+
+    async def __call__(self, req: Request) -> Response:
+        conn = self._take_idle()
+        if conn is not None:
+            try:
+                return await conn.send(req)
+            except _Stale:
+                if not req.body.is_end_known() and not isinstance(req.body, EmptyBody):
+                    raise UpstreamError("upstream closed a reused connection") from None
+                # The body was fully buffered and consumed: only bodiless requests are replayable.
+                if not isinstance(req.body, EmptyBody):
+                    raise UpstreamError("upstream closed a reused connection") from None
+        conn = await self._connect()
+        try:
+            return await conn.send(req)
+        except _Stale:
+            raise UpstreamError("upstream closed the connection") from None
+
+    def _take_idle(self) -> H1ClientConnection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable:
+                conn.reused = True
+                return conn
+        return None
+
+    async def _connect(self) -> H1ClientConnection:
+        loop = asyncio.get_running_loop()
+        host, port = self.address
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if self._connector is not None:
+                    _, proto = await self._connector(lambda: H1ClientConnection(self))
+                else:
+                    _, proto = await loop.create_connection(lambda: H1ClientConnection(self), host, port)
+        except TimeoutError:
+            raise ConnectError(f"connect to {host}:{port} timed out after {self.connect_timeout:g}s") from None
+        except OSError as e:
+            raise ConnectError(f"connect to {host}:{port} failed: {e.strerror or e}") from None
+        assert isinstance(proto, H1ClientConnection)
+        self._all.add(proto)
+        return proto
+
+    def _release(self, conn: H1ClientConnection) -> None:
+        if self._closed or len(self._idle) >= self.cfg.pool_max_idle_per_endpoint:
+            conn._close()
+            return
+        self._idle.append(conn)
+
+    def _lost(self, conn: H1ClientConnection) -> None:
+        self._all.discard(conn)
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+    def _detach(self, conn: H1ClientConnection) -> None:
+        self._all.discard(conn)
+
+    @property
+    def connections(self) -> int:
+        return len(self._all)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for conn in list(self._idle):
+            conn._close()
+        self._idle.clear()

@@ -1,0 +1,529 @@
+"""HTTP/1.1 server side of the proxy: bytes from a client to Requests, Responses to bytes.
+
+One protocol object per accepted connection. llhttp (httptools) parses; the RFC 9112 rules of
+:mod:`tether.core.http.h1` reject ambiguous framing with 400 and close. Requests on a connection
+are served in order (pipelining is allowed, bounded), each by ``await service(request)``;
+bodies stream both ways through :class:`PipeBody` with backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+
+import httptools
+
+from tether.core.http import h1
+from tether.proxy.config import ProxyConfig
+from tether.proxy.errors import ProxyError
+from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
+from tether.proxy.http.message import Connection, Request, Response, Service, strip_hop_by_hop
+from tether.proxy.layers.errors import error_response
+from tether.proxy.tcp import Splice
+
+log = logging.getLogger(__name__)
+
+_MAX_PIPELINED = 16
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _ContinueBody(PipeBody):
+    """A request body whose first read sends ``100 Continue`` to the client."""
+
+    __slots__ = ("_send_continue",)
+
+    def __init__(self, length: int | None, pause: Callable[[], None], resume: Callable[[], None],
+                 high: int, send_continue: Callable[[], None]) -> None:
+        super().__init__(length, pause, resume, high)
+        self._send_continue: Callable[[], None] | None = send_continue
+
+    async def read(self) -> bytes:
+        if self._send_continue is not None:
+            send, self._send_continue = self._send_continue, None
+            send()
+        return await super().read()
+
+
+class H1ServerProtocol(asyncio.Protocol):
+    """Serves HTTP/1.x on one client connection."""
+
+    def __init__(
+        self,
+        service: Service,
+        conn: Connection,
+        cfg: ProxyConfig,
+        registry: ConnectionRegistry | None = None,
+    ) -> None:
+        self.service = service
+        self.conn = conn
+        self.cfg = cfg
+        self.registry = registry
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: deque[Request] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._lost = False
+        self._draining = False
+        # Parse state of the request being read.
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._url = b""
+        self._in_head = False
+        self._head_bytes = 0
+        self._body: PipeBody | None = None
+        self._trailers: list[tuple[bytes, bytes]] | None = None
+        self._upgrade_leftover: bytes | None = None
+        self._parse_error: h1.H1Error | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self.requests_served = 0
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.registry is not None:
+            self.registry.add(self)
+        self._arm(self.cfg.idle_timeout, self._on_idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._parse_error is not None or self._upgrade_leftover is not None:
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.cfg.max_header_bytes:
+                self._fail_parse(h1.H1Error(431, "request header block too large"))
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            offset = e.args[0] if e.args else len(data)
+            self._upgrade_leftover = data[offset:]
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        except httptools.HttpParserError as e:
+            # An H1Error raised in a callback reaches us wrapped as a callback error.
+            err = e.__context__ if isinstance(e.__context__, h1.H1Error) else None
+            if self._parse_error is None:
+                self._fail_parse(err or h1.H1Error(400, f"malformed request: {e}"))
+        except h1.H1Error as e:
+            self._fail_parse(e)
+
+    def eof_received(self) -> bool:
+        if self._body is not None and not self._body.done:
+            self._body.fail(BodyError("client closed the connection mid-body"))
+        # Keep the write side open while a response is in progress (half-closed client).
+        return bool(self._queue) or self._task is not None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._cancel_timer()
+        if self._body is not None and not self._body.done:
+            self._body.fail(BodyError("client connection lost"))
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_exception(ConnectionResetError("client connection lost"))
+        if self.registry is not None:
+            self.registry.remove(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- httptools callbacks ------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._headers = []
+        self._url = b""
+        self._trailers = None
+        self._arm(self.cfg.header_read_timeout, self._on_header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self.cfg.max_header_bytes:
+            raise h1.H1Error(431, "request header block too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name.lower(), value))
+            return
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.cfg.max_header_bytes:
+            raise h1.H1Error(431, "request header block too large")
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_timer()
+        parser = self._parser
+        version = parser.get_http_version()
+        headers = self._headers
+        framing = h1.check_request_head(version, headers)
+        method = parser.get_method()
+        authority = b""
+        target = self._url
+        if target[:1] != b"/" and method != b"CONNECT" and target != b"*":
+            # absolute-form (explicit proxy use): authority from the target.
+            scheme, sep, rest = target.partition(b"://")
+            if not sep:
+                raise h1.H1Error(400, "request target is neither origin-form nor absolute-form")
+            authority, slash, path = rest.partition(b"/")
+            target = slash + path or b"/"
+        elif method == b"CONNECT":
+            authority = target
+        expect_continue = False
+        out_headers: list[tuple[bytes, bytes]] = []
+        for k, v in headers:
+            if k == b"host":
+                if not authority:
+                    authority = v
+                continue
+            if k == b"expect" and v.lower() == b"100-continue":
+                expect_continue = version == "1.1"
+                continue
+            if k in h1.FRAMING_HEADERS:
+                continue
+            out_headers.append((k, v))
+        upgrade = parser.should_upgrade() and method != b"CONNECT"
+        if upgrade:
+            up = next((v for k, v in headers if k == b"upgrade"), None)
+            out_headers = strip_hop_by_hop(out_headers)
+            if up is not None:
+                out_headers += [(b"connection", b"upgrade"), (b"upgrade", up)]
+        else:
+            out_headers = strip_hop_by_hop(out_headers)
+        body: Body
+        if framing.has_body:
+            transport = self.transport
+            assert transport is not None
+            if expect_continue:
+                pb: PipeBody = _ContinueBody(
+                    framing.content_length, self._pause_reading, self._resume_reading,
+                    self.cfg.body_buffer_high, self._send_continue,
+                )
+            else:
+                pb = PipeBody(framing.content_length, self._pause_reading, self._resume_reading,
+                              self.cfg.body_buffer_high)
+            self._body = pb
+            body = pb
+        else:
+            self._body = None
+            body = EmptyBody()
+        req = Request(
+            method=method,
+            path=target,
+            authority=authority,
+            headers=out_headers,
+            body=body,
+            version=version,
+            conn=self.conn,
+        )
+        if not parser.should_keep_alive():
+            req.extensions["close"] = True
+        if upgrade:
+            req.extensions["upgrade"] = True
+        self._queue.append(req)
+        if len(self._queue) >= _MAX_PIPELINED:
+            self._pause_reading()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def on_body(self, body: bytes) -> None:
+        if self._body is not None:
+            self._body.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._body is not None:
+            self._body.finish(self._trailers)
+            self._body = None
+
+    # -- serving ------------------------------------------------------------------------------
+    async def _serve(self) -> None:
+        try:
+            while self._queue and not self._lost:
+                req = self._queue[0]
+                if self._parse_error is not None and len(self._queue) == 1 and isinstance(req.body, PipeBody) \
+                        and req.body.done and not req.body.is_end_known():
+                    # The body of this request was malformed before we began serving it:
+                    # answer the framing error instead of forwarding half a request.
+                    self._queue.clear()
+                    break
+                close = await self._serve_one(req)
+                self._queue.popleft()
+                self.requests_served += 1
+                if close or self._lost:
+                    self._close()
+                    return
+                if self._reading_paused and len(self._queue) < _MAX_PIPELINED:
+                    self._resume_reading()
+            if self._parse_error is not None:
+                self._write_error_and_close(self._parse_error)
+            elif self._draining:
+                self._close()
+            else:
+                self._arm(self.cfg.idle_timeout, self._on_idle_timeout)
+        except asyncio.CancelledError:
+            pass
+        except (ConnectionError, BodyError) as e:
+            log.debug("client connection ended while responding: %s", e)
+            self._abort()
+        except Exception:
+            log.exception("unexpected error serving HTTP/1 connection from %s", self.conn.peer)
+            self._abort()
+        finally:
+            self._task = None
+
+    async def _serve_one(self, req: Request) -> bool:
+        """Serve one request; True when the connection must close afterwards."""
+        try:
+            resp = await self.service(req)
+        except ProxyError as e:
+            resp = error_response(e.status, e.reason)
+        except BodyError as e:
+            resp = error_response(400, f"request body error: {e}")
+            req.extensions["close"] = True
+        upgraded = resp.status == 101 and resp.upgrade is not None and req.extensions.get("upgrade")
+        close = bool(req.extensions.get("close")) or self._draining or self._closing
+        if resp.header(b"connection") == b"close":
+            close = True
+        head, framing, body_close = self._response_head(req, resp, close)
+        transport = self.transport
+        assert transport is not None
+        if upgraded:
+            transport.write(head)
+            self._start_splice(resp)
+            return False
+        if framing is None and not body_close:
+            transport.write(head)  # no body
+        else:
+            await self._write_body(resp.body, head, framing)
+        if req.body is not None and isinstance(req.body, PipeBody) and not req.body.done:
+            # The service answered without reading the whole request body: the rest of the
+            # stream is unparsed, so the connection can't be reused.
+            return True
+        return close or body_close or req.extensions.get("upgrade") is True
+
+    def _response_head(
+        self, req: Request, resp: Response, close: bool
+    ) -> tuple[bytes, h1.Framing | None, bool]:
+        """Head bytes, body framing (None: no body) and whether the body is close-delimited."""
+        status = resp.status
+        headers = [(k, v) for k, v in resp.headers if k not in h1.FRAMING_HEADERS]
+        if status == 101:
+            up = resp.header(b"upgrade")
+            headers = strip_hop_by_hop(headers)
+            if up is not None:
+                headers += [(b"connection", b"upgrade"), (b"upgrade", up)]
+            return h1.encode_response_head(101, "1.1", headers, None), None, False
+        headers = strip_hop_by_hop(headers)
+        if close:
+            headers.append((b"connection", b"close"))
+        elif req.version == "1.0":
+            headers.append((b"connection", b"keep-alive"))
+        version = "1.1"
+        if req.method == b"HEAD" or status in (204, 304) or status < 200:
+            length = resp.body.length
+            framing = h1.Framing(length, False) if (length and req.method == b"HEAD") else None
+            head = h1.encode_response_head(status, version, headers, framing)
+            return head, None, False
+        length = resp.body.length
+        if length is not None and not resp.body.trailers:
+            framing = h1.Framing(length, False)
+        elif req.version == "1.1":
+            framing = h1.Framing(None, True)
+        else:
+            # An HTTP/1.0 client: delimit by closing.
+            return h1.encode_response_head(status, version, headers, None), h1.Framing(None, False), True
+        return h1.encode_response_head(status, version, headers, framing), framing, False
+
+    async def _write_body(self, body: Body, head: bytes, framing: h1.Framing | None) -> None:
+        transport = self.transport
+        assert transport is not None
+        if framing is None:
+            framing = h1.Framing(None, False)
+        chunked = framing.chunked
+        expected = framing.content_length
+        sent = 0
+        first = head
+        try:
+            while True:
+                chunk = await body.read()
+                if not chunk:
+                    break
+                sent += len(chunk)
+                if expected is not None and sent > expected:
+                    raise BodyError("upstream body longer than its Content-Length")
+                out = h1.encode_chunk(chunk) if chunked else chunk
+                if first:
+                    transport.write(first + out)
+                    first = b""
+                else:
+                    transport.write(out)
+                if self._write_paused:
+                    await self._drain()
+        except BodyError as e:
+            # Headers may be out already: the only honest signal left is to cut the connection.
+            log.info("response body from upstream failed: %s", e)
+            if first:
+                transport.write(first)
+            self._abort()
+            raise
+        if chunked:
+            tail = h1.encode_last_chunk(body.trailers)
+            transport.write(first + tail if first else tail)
+        else:
+            if first:
+                transport.write(first)
+            if expected is not None and sent != expected:
+                self._abort()
+                raise BodyError("upstream body shorter than its Content-Length")
+
+    async def _drain(self) -> None:
+        if not self._write_paused:
+            return
+        self._drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+
+    def _start_splice(self, resp: Response) -> None:
+        from tether.proxy.http.h1client import Upgraded
+
+        up = resp.upgrade
+        assert isinstance(up, Upgraded)
+        self._cancel_timer()
+        if self.registry is not None:
+            self.registry.remove(self)
+        leftover = self._upgrade_leftover or b""
+        self._upgrade_leftover = b""
+        splice = Splice(self.conn)
+        transport = self.transport
+        assert transport is not None
+        splice.attach(transport, up.transport, leftover, up.leftover)
+
+    # -- errors, timeouts, lifecycle ----------------------------------------------------------
+    def _send_continue(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.write(_CONTINUE)
+
+    def _fail_parse(self, err: h1.H1Error) -> None:
+        self._parse_error = err
+        self._cancel_timer()
+        if self._body is not None:
+            self._body.fail(BodyError(err.reason))
+            self._body = None
+        if self.transport is not None:
+            self.transport.pause_reading()
+        log.info("rejecting request from %s: %s", self.conn.peer, err.reason)
+        if self._task is None:
+            self._write_error_and_close(err)
+
+    def _write_error_and_close(self, err: h1.H1Error) -> None:
+        data = (err.reason + "\n").encode()
+        headers = [
+            (b"l5d-proxy-error", err.reason.encode("ascii", "replace")),
+            (b"content-type", b"text/plain"),
+            (b"connection", b"close"),
+        ]
+        head = h1.encode_response_head(err.status, "1.1", headers, h1.Framing(len(data), False))
+        if self.transport is not None and not self._lost:
+            self.transport.write(head + data)
+        self._close()
+
+    def _on_header_timeout(self) -> None:
+        self._timer = None
+        if self._task is None and self._in_head:
+            self._fail_parse(h1.H1Error(408, "timed out reading request headers"))
+        elif self._task is None:
+            self._close()
+
+    def _on_idle_timeout(self) -> None:
+        self._timer = None
+        if self._task is None and not self._in_head:
+            self._close()
+
+    def _arm(self, delay: float, cb: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, cb)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and self._parse_error is None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _abort(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def idle(self) -> bool:
+        return self._task is None and not self._in_head
+
+    def drain(self) -> None:
+        """Graceful shutdown: close now if idle, else after the response in progress."""
+        self._draining = True
+        if self.idle:
+            self._close()
+
+
+class ConnectionRegistry:
+    """The live server connections of a listener, so SIGTERM can drain them."""
+
+    def __init__(self) -> None:
+        self.conns: set[H1ServerProtocol] = set()
+        self._empty: asyncio.Event | None = None
+
+    def add(self, c: H1ServerProtocol) -> None:
+        self.conns.add(c)
+
+    def remove(self, c: H1ServerProtocol) -> None:
+        self.conns.discard(c)
+        if not self.conns and self._empty is not None:
+            self._empty.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Ask every connection to finish; True when all closed within ``timeout``."""
+        for c in list(self.conns):
+            c.drain()
+        if not self.conns:
+            return True
+        self._empty = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._empty.wait()
+            return True
+        except TimeoutError:
+            return False

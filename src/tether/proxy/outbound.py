@@ -1,0 +1,149 @@
+"""The outbound side: traffic from the local application to its dependencies.
+
+Connections arrive on the outbound listener (redirected by iptables, or addressed to it
+explicitly), are detected, and then:
+
+- HTTP: each request is routed by its authority (``l5d-dst-override`` first) to a destination:
+  a balancer over the endpoints discovery knows, or, for an unknown authority, the original
+  destination (transparent mode) or the authority itself (explicit mode);
+- opaque TCP: forwarded to the original destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+
+from tether.proxy.balancer import Balancer
+from tether.proxy.config import ProxyConfig
+from tether.proxy.discovery import StaticDiscovery
+from tether.proxy.endpoint import HttpEndpoint
+from tether.proxy.errors import ProxyError, UnavailableError
+from tether.proxy.http.message import Request, Response, Service
+from tether.proxy.layers.errors import ErrorResponses
+from tether.proxy.layers.metrics import HttpMetricsLayer
+from tether.proxy.layers.timeout import ResponseTimeout
+from tether.proxy.metrics import MetricsRegistry
+
+log = logging.getLogger(__name__)
+
+
+def split_authority(authority: bytes, default_port: int = 80) -> tuple[str, int]:
+    """``host[:port]`` to (host, port); raises UnavailableError when it can't be a target."""
+    text = authority.decode("latin-1").strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, ""
+    if not host:
+        raise UnavailableError(f"no host in authority {text!r}")
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise UnavailableError(f"invalid port in authority {text!r}") from None
+    return host, port
+
+
+class Router:
+    """Layer: pick the destination Service for a request by its authority."""
+
+    def __init__(
+        self,
+        cfg: ProxyConfig,
+        discovery: StaticDiscovery | None,
+        make_endpoint: Callable[[tuple[str, int]], Service],
+        own_addrs: set[tuple[str, int]],
+    ) -> None:
+        self.cfg = cfg
+        self.discovery = discovery
+        self.make_endpoint = make_endpoint
+        self.own_addrs = own_addrs
+        self._balancers: dict[str, Balancer] = {}
+        self._direct: dict[tuple[str, int], Service] = {}
+
+    async def __call__(self, req: Request) -> Response:
+        override = req.header(b"l5d-dst-override")
+        if override is not None:
+            req.remove_header(b"l5d-dst-override")
+        authority = (override or req.authority).decode("latin-1").lower()
+        req.extensions["authority"] = authority
+        if self.discovery is not None:
+            bal = self._balancer(authority)
+            if bal is not None:
+                return await bal(req)
+        target = self._fallback_target(req, authority)
+        req.extensions["target_addr"] = target
+        svc = self._direct.get(target)
+        if svc is None:
+            svc = self._direct[target] = self.make_endpoint(target)
+        return await svc(req)
+
+    def _balancer(self, authority: str) -> Balancer | None:
+        bal = self._balancers.get(authority)
+        if bal is not None:
+            return bal
+        assert self.discovery is not None
+        watch = self.discovery.watch(authority)
+        if watch is None:
+            return None
+        bal = Balancer(self.make_endpoint, self.cfg, name=authority)
+        watch.subscribe(bal)
+        self._balancers[authority] = bal
+        return bal
+
+    def _fallback_target(self, req: Request, authority: str) -> tuple[str, int]:
+        conn = req.conn
+        if conn is not None and conn.orig_dst is not None:
+            return conn.orig_dst
+        host, port = split_authority(authority.encode("latin-1"))
+        try:
+            infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM, 0,
+                                       socket.AI_NUMERICHOST)
+            target = (infos[0][4][0], port)
+        except socket.gaierror:
+            target = (host, port)  # resolved at connect time
+        if target in self.own_addrs or (target[1] in {a[1] for a in self.own_addrs}
+                                        and target[0] in ("127.0.0.1", "localhost", "0.0.0.0")):
+            raise ProxyError(f"request for {authority} would loop back into the proxy", 502)
+        return target
+
+    async def aclose(self) -> None:
+        for bal in self._balancers.values():
+            await bal.aclose()
+        for svc in self._direct.values():
+            close = getattr(svc, "aclose", None)
+            if close is not None:
+                await close()
+
+
+def build_http_stack(
+    cfg: ProxyConfig,
+    metrics: MetricsRegistry,
+    discovery: StaticDiscovery | None,
+    own_addrs: set[tuple[str, int]],
+) -> tuple[Service, Router]:
+    """The outbound HTTP stack, outermost layer last."""
+
+    def make_endpoint(addr: tuple[str, int]) -> Service:
+        return HttpEndpoint(addr, cfg)
+
+    router = Router(cfg, discovery, make_endpoint, own_addrs)
+    svc: Service = router  # authority -> balancer (P2C + peak-EWMA + failure accrual) -> endpoint
+    svc = ResponseTimeout(svc, cfg.response_timeout)  # 504 when the head is late
+    svc = ErrorResponses(svc)  # typed errors -> 502/503/504 with l5d-proxy-error
+    svc = HttpMetricsLayer(svc, metrics, "outbound")  # request_total, response_total, latency
+    return svc, router
+
+
+async def connect_tcp(target: tuple[str, int], timeout: float) -> tuple[asyncio.Transport, asyncio.Protocol]:
+    """Open a plain TCP connection for an opaque stream (its protocol is replaced by a Splice)."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        transport, proto = await loop.create_connection(asyncio.Protocol, target[0], target[1])
+    transport.pause_reading()
+    return transport, proto

@@ -1,0 +1,138 @@
+"""Opaque byte forwarding between two transports, both directions, with half-close.
+
+Used for opaque TCP connections and for upgraded HTTP connections (WebSocket). Each side's
+protocol writes what it reads into the other transport, pauses reading when the other side's
+write buffer is full (backpressure), forwards EOF as a half-close, and counts bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from tether.proxy.http.message import Connection
+
+
+class TcpStats:
+    """Byte counters of one forwarded connection (read from the metrics layer)."""
+
+    __slots__ = ("read_bytes", "write_bytes")
+
+    def __init__(self) -> None:
+        self.read_bytes = 0  # bytes read from the accepted (client) side
+        self.write_bytes = 0  # bytes written to the accepted (client) side
+
+
+class _Half(asyncio.Protocol):
+    """One side of a splice: reads from its own transport, writes to ``peer``'s."""
+
+    def __init__(self, splice: Splice, is_client: bool) -> None:
+        self.splice = splice
+        self.is_client = is_client
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Half | None = None
+        self.eof = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None or peer.transport is None or peer.closed:
+            return
+        if self.is_client:
+            self.splice.stats.read_bytes += len(data)
+        else:
+            self.splice.stats.write_bytes += len(data)
+        peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.closed:
+            if peer.transport.can_write_eof():
+                peer.transport.write_eof()
+            else:
+                peer.transport.close()
+        if peer is None or peer.eof:
+            self.splice.close()
+            return False
+        return True  # keep our write side open for the other direction
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.eof:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.splice.half_closed(self, exc)
+
+
+class Splice:
+    """Two transports forwarding to each other until both sides are done."""
+
+    def __init__(self, conn: Connection, on_close: Callable[[Splice, Exception | None], None] | None = None):
+        self.conn = conn
+        self.stats = TcpStats()
+        self.client = _Half(self, True)
+        self.server = _Half(self, False)
+        self.client.peer = self.server
+        self.server.peer = self.client
+        self._on_close = on_close
+        self._done = False
+        self.error: Exception | None = None
+
+    def attach(
+        self,
+        client: asyncio.Transport,
+        server: asyncio.Transport,
+        client_leftover: bytes = b"",
+        server_leftover: bytes = b"",
+    ) -> None:
+        """Take over two connected transports; leftovers are bytes already read from each side."""
+        client.set_protocol(self.client)
+        server.set_protocol(self.server)
+        self.client.connection_made(client)
+        self.server.connection_made(server)
+        if client_leftover:
+            self.client.data_received(client_leftover)
+        if server_leftover:
+            self.server.data_received(server_leftover)
+        if client.is_closing():
+            self.client.connection_lost(None)
+        if server.is_closing():
+            self.server.connection_lost(None)
+        client.resume_reading()
+        server.resume_reading()
+
+    def half_closed(self, side: _Half, exc: Exception | None) -> None:
+        if exc is not None and self.error is None:
+            self.error = exc
+        other = side.peer
+        if other is not None and other.transport is not None and not other.closed:
+            # Let buffered bytes flush, then close.
+            other.transport.close()
+        self.close()
+
+    def close(self) -> None:
+        for half in (self.client, self.server):
+            if half.transport is not None and not half.transport.is_closing():
+                half.transport.close()
+        if not self._done and self.client.closed and self.server.closed:
+            self._done = True
+            if self._on_close is not None:
+                self._on_close(self, self.error)
+        elif not self._done and (self.client.transport is None or self.server.transport is None):
+            self._done = True
+            if self._on_close is not None:
+                self._on_close(self, self.error)
+
+    def abort(self) -> None:
+        for half in (self.client, self.server):
+            if half.transport is not None:
+                half.transport.abort()

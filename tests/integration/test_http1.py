@@ -1,0 +1,282 @@
+"""HTTP/1.1 through a real `tether proxy` process, with curl and raw sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tether.testing.backend import BackendServer
+from tether.testing.procs import ProxyProc, http_get, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["curl", "-sS", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Send ``data``; return everything received and whether the proxy closed the connection."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(timeout)
+        s.sendall(data)
+        out = b""
+        closed = False
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                out += chunk
+        except TimeoutError:
+            pass
+        return out, closed
+
+
+@pytest.fixture
+def inbound(proxies, backend: BackendServer) -> ProxyProc:  # type: ignore[no-untyped-def]
+    port = backend.server_address[1]
+    return proxies("in", inbound_app_addr=f"127.0.0.1:{port}", header_read_timeout="2s")
+
+
+@pytest.fixture
+def outbound(proxies, backend: BackendServer, backend2: BackendServer) -> ProxyProc:  # type: ignore[no-untyped-def]
+    dst = proxies.destinations({
+        "web.demo:80": [f"127.0.0.1:{backend.server_address[1]}", f"127.0.0.1:{backend2.server_address[1]}"],
+    })
+    return proxies("out", destinations_file=str(dst))
+
+
+def test_get_through_inbound_and_keepalive_reuses_connections(inbound: ProxyProc) -> None:
+    url = inbound.inbound + "/"
+    r = curl("-w", "%{http_code} %{num_connects}\\n", url, url, url)
+    lines = [ln for ln in r.stdout.splitlines() if ln and not ln.startswith("hello")]
+    assert lines == ["200 1", "200 0", "200 0"], r.stdout + r.stderr
+
+
+def test_outbound_balances_by_authority_across_endpoints(outbound: ProxyProc) -> None:
+    seen = set()
+    for _ in range(40):
+        status, body = http_get(outbound.outbound + "/", headers={"Host": "web.demo:80"})
+        assert status == 200
+        seen.add(body.decode().strip())
+    assert seen == {"hello from b1", "hello from b2"}
+
+
+def test_l5d_dst_override_routes_and_is_not_forwarded(outbound: ProxyProc) -> None:
+    status, body = http_get(outbound.outbound + "/headers",
+                            headers={"Host": "other.example", "l5d-dst-override": "web.demo:80"})
+    assert status == 200
+    headers = json.loads(body)
+    assert "l5d-dst-override" not in headers
+    assert headers["host"] == "other.example"
+
+
+def test_explicit_proxy_absolute_form_uses_discovery(outbound: ProxyProc) -> None:
+    # HTTP_PROXY-style use of the outbound listener: the authority comes from the URL.
+    r = curl("-x", outbound.outbound, "http://web.demo:80/")
+    assert r.stdout.strip() in ("hello from b1", "hello from b2"), r.stderr
+
+
+def test_chunked_and_content_length_bodies_stream_both_ways(inbound: ProxyProc, tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    f = tmp_path / "body"
+    f.write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    r = curl("-X", "POST", "--data-binary", f"@{f}", inbound.inbound + "/echo", "-o", str(tmp_path / "o1"))
+    assert r.returncode == 0, r.stderr
+    assert hashlib.sha256((tmp_path / "o1").read_bytes()).hexdigest() == want
+    r = curl("-X", "POST", "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{f}",
+             inbound.inbound + "/echo", "-o", str(tmp_path / "o2"))
+    assert r.returncode == 0, r.stderr
+    assert hashlib.sha256((tmp_path / "o2").read_bytes()).hexdigest() == want
+    r = curl(inbound.inbound + "/bytes/1000000?chunked=1", "-o", str(tmp_path / "o3"))
+    assert (tmp_path / "o3").stat().st_size == 1_000_000
+
+
+def test_expect_100_continue(inbound: ProxyProc, tmp_path: Path) -> None:
+    f = tmp_path / "body"
+    f.write_bytes(b"z" * 200_000)
+    r = curl("-v", "-H", "Expect: 100-continue", "--data-binary", f"@{f}", inbound.inbound + "/digest")
+    assert json.loads(r.stdout)["bytes"] == 200_000
+    assert "HTTP/1.1 100 Continue" in r.stderr
+
+
+def test_head_response_keeps_connection_usable(inbound: ProxyProc) -> None:
+    url = inbound.inbound
+    r = curl("-w", "%{http_code} %{num_connects}\\n", "-I", url + "/bytes/5000", "--next",
+             "-w", "%{http_code} %{num_connects}\\n", url + "/")
+    assert "content-length: 5000" in r.stdout.lower()
+    assert r.stdout.strip().endswith("200 0"), r.stdout
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "reason"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", 400, b"missing Host"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, b"duplicate Host"),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+         400, b"Content-Length"),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nabc", 400, b"chunked"),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400, b"chunked"),
+        (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400, b"header"),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400, b"Content-Length"),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\nab", 400, b"Content-Length"),
+        (b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n", 400, b"chunk size"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431, b"too large"),
+    ],
+    ids=["no-host", "dup-host", "cl-and-te", "te-not-chunked", "chunked-not-final", "space-before-colon",
+         "dup-cl", "invalid-cl", "bad-chunk-size", "header-too-large"],
+)
+def test_rfc9112_violations_rejected_and_closed(inbound: ProxyProc, backend: BackendServer,
+                                                request_bytes: bytes, status: int, reason: bytes) -> None:
+    before = backend.requests
+    out, closed = raw_exchange(inbound.inbound_port, request_bytes)
+    assert out.startswith(b"HTTP/1.1 %d " % status), out[:200]
+    assert reason.lower() in out.lower()
+    assert b"l5d-proxy-error:" in out
+    assert closed, "the proxy must close the connection after a framing error"
+    assert backend.requests == before, "nothing may reach the application"
+
+
+def test_slow_headers_closed_at_header_timeout(inbound: ProxyProc) -> None:
+    # One byte a second, like slowloris: the proxy (header timeout 2s) must close the connection
+    # long before the whole head has been sent.
+    head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: " + b"s" * 30 + b"\r\n\r\n"
+    sent = 0
+    got = b""
+    with socket.create_connection(("127.0.0.1", inbound.inbound_port)) as s:
+        s.settimeout(1.0)
+        for b in head:
+            try:
+                s.sendall(bytes([b]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+            try:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+            except TimeoutError:
+                continue
+    assert sent < len(head), "connection stayed open for the whole slow head"
+    assert got.startswith(b"HTTP/1.1 408"), got
+
+
+def test_upstream_failures_map_to_502_with_reason(proxies) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # bound, never listening: connection refused
+        p = proxies("in", inbound_app_addr=f"127.0.0.1:{dead}")
+        r = curl("-i", p.inbound + "/")
+    assert r.stdout.startswith("HTTP/1.1 502"), r.stdout
+    assert "l5d-proxy-error: connect to 127.0.0.1" in r.stdout
+
+
+def test_large_body_streams_with_bounded_rss(inbound: ProxyProc) -> None:
+    # 200 MiB up and 200 MiB down through the proxy; its peak RSS must stay far below that.
+    size = 200 * 1024 * 1024
+    block = b"q" * (1024 * 1024)
+    with socket.create_connection(("127.0.0.1", inbound.inbound_port)) as s:
+        s.sendall(b"POST /digest HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // len(block)):
+            s.sendall(block)
+        s.settimeout(30)
+        resp = b""
+        while b"}" not in resp:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            resp += chunk
+    assert json.loads(resp.split(b"\r\n\r\n", 1)[1])["bytes"] == size
+    r = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{size_download}", inbound.inbound + f"/bytes/{size}"],
+                       capture_output=True, text=True, timeout=120)
+    assert int(r.stdout) == size
+    hwm_kb = int(next(ln.split()[1] for ln in Path(f"/proc/{inbound.pid}/status").read_text().splitlines()
+                      if ln.startswith("VmHWM")))
+    assert hwm_kb < 120 * 1024, f"proxy peak RSS {hwm_kb} KiB while streaming 200 MiB"
+
+
+def test_sigterm_lets_in_flight_requests_finish(proxies, backend: BackendServer) -> None:  # type: ignore[no-untyped-def]
+    p = proxies("in", inbound_app_addr=f"127.0.0.1:{backend.server_address[1]}")
+    results: list[int] = []
+
+    def slow() -> None:
+        results.append(http_get(p.inbound + "/delay/1500", timeout=10)[0])
+
+    threads = [threading.Thread(target=slow) for _ in range(5)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: backend.requests >= 5, 5, what="5 requests in flight")
+    p.signal(15)
+    for t in threads:
+        t.join(10)
+    assert results == [200] * 5
+    assert p.wait(10) == 0
+
+
+def test_websocket_echo_through_upgrade(proxies) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    import websockets
+
+    async def scenario() -> str:
+        async def echo(ws):  # type: ignore[no-untyped-def]
+            async for msg in ws:
+                await ws.send(msg)
+
+        async with websockets.serve(echo, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            p = await asyncio.to_thread(proxies, "ws", inbound_app_addr=f"127.0.0.1:{port}")
+            async with websockets.connect(f"ws://127.0.0.1:{p.inbound_port}/chat") as ws:
+                await ws.send("ping" * 1000)
+                reply = await ws.recv()
+                await ws.send(b"\x00binary")
+                reply2 = await ws.recv()
+            assert reply2 == b"\x00binary"
+            return str(reply)
+
+    assert asyncio.run(scenario()) == "ping" * 1000
+
+
+def test_server_speaks_first_on_opaque_port(proxies) -> None:  # type: ignore[no-untyped-def]
+    # A MySQL-like server that greets first: on an opaque port the proxy must not wait for the
+    # client to speak (detection would stall 10 s).
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        with c:
+            c.sendall(b"220 hello, I speak first\r\n")
+            data = c.recv(100)
+            c.sendall(b"you said " + data)
+            c.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    p = proxies("tcp", inbound_app_addr=f"127.0.0.1:{port}", opaque_ports=str(port), detect_timeout="30s")
+    with socket.create_connection(("127.0.0.1", p.inbound_port)) as c:
+        c.settimeout(5)
+        greeting = c.recv(100)
+        assert greeting == b"220 hello, I speak first\r\n"
+        c.sendall(b"QUIT")
+        rest = b""
+        while chunk := c.recv(100):
+            rest += chunk
+    assert rest == b"you said QUIT"
+    srv.close()
+    metrics = p.metrics()
+    assert 'tcp_open_total{direction="inbound",peer="src"' in metrics
