@@ -60,9 +60,16 @@ def run(args: argparse.Namespace) -> int:
     from tether.proxy import logging as proxy_logging
 
     try:
-        proxy_logging.configure(cfg.log_level)
+        control = proxy_logging.configure_logging(cfg.log_level, cfg.log_format)
     except ValueError as e:
-        raise CliError(f"--log-level: {e}") from None
+        raise CliError(f"--log-level/--log-format: {e}") from None
     from tether.proxy.app import run as run_proxy
+    from tether.proxy.discovery import DiscoveryError
 
-    return run_proxy(cfg)
+    try:
+        return run_proxy(cfg, control)
+    except DiscoveryError as e:
+        raise CliError(f"--destinations-file: {e}") from None
+    except OSError as e:
+        # Most often a listener address already in use.
+        raise CliError(f"cannot start the proxy: {e}") from None

@@ -12,7 +12,9 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from tether.core.http.detect import Detected
 from tether.proxy import inbound, outbound
@@ -20,6 +22,7 @@ from tether.proxy.admin import AdminServer
 from tether.proxy.config import ProxyConfig
 from tether.proxy.detect import DetectProtocol
 from tether.proxy.discovery import StaticDiscovery
+from tether.proxy.logging import LogControl
 from tether.proxy.http.h1server import ConnectionRegistry, H1ServerProtocol
 from tether.proxy.http.h2server import H2ServerProtocol
 from tether.proxy.http.message import Connection, Service
@@ -42,8 +45,9 @@ class _Side:
 
 
 class Proxy:
-    def __init__(self, cfg: ProxyConfig) -> None:
+    def __init__(self, cfg: ProxyConfig, log_control: LogControl | None = None) -> None:
         self.cfg = cfg
+        self.log_control = log_control or LogControl(cfg.log_level)
         self.metrics = MetricsRegistry()
         self.discovery = StaticDiscovery(cfg.destinations_file) if cfg.destinations_file else None
         own = {cfg.outbound_addr, cfg.inbound_addr}
@@ -60,7 +64,7 @@ class Proxy:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         if self.discovery is not None:
-            await self.discovery.start()
+            self._spawn(self.discovery.run())
         for side, addr in ((self.outbound, self.cfg.outbound_addr), (self.inbound, self.cfg.inbound_addr)):
             side.server = await loop.create_server(
                 lambda s=side: DetectProtocol(s.direction, self.cfg, lambda *a, s=s: self._on_detected(s, *a)),
@@ -69,7 +73,7 @@ class Proxy:
             sock = side.server.sockets[0].getsockname()
             log.info("%s listener on %s:%d", side.direction, sock[0], sock[1])
         self.admin = AdminServer(
-            self.cfg, self.metrics, ready=lambda: self.ready, shutdown=self.request_stop,
+            self.cfg, self.metrics, self.log_control, ready=lambda: self.ready, shutdown=self.request_stop,
         )
         await self.admin.start()
         self.ready = True
@@ -110,11 +114,16 @@ class Proxy:
             log.warning("%d connection groups did not drain within %gs", len(unclean), grace)
         await self._router.aclose()
         await self._local.aclose()
-        if self.discovery is not None:
-            await self.discovery.aclose()
+        for task in list(self._tasks):
+            task.cancel()
         if self.admin is not None:
-            await self.admin.aclose()
+            await self.admin.close()
         log.info("shutdown complete")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- per connection -----------------------------------------------------------------------
     def _on_detected(self, side: _Side, what: Detected, transport: asyncio.Transport,
@@ -130,14 +139,10 @@ class Proxy:
             side.h2.add(h2)
             transport.set_protocol(h2)
             h2.start(transport, buf)
-            task = asyncio.get_running_loop().create_task(self._forget_h2(side, h2))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._forget_h2(side, h2))
         else:
             transport.pause_reading()
-            task = asyncio.get_running_loop().create_task(self._opaque(side, transport, conn, buf, eof))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._opaque(side, transport, conn, buf, eof))
 
     async def _forget_h2(self, side: _Side, h2: H2ServerProtocol) -> None:
         try:
@@ -163,7 +168,7 @@ class Proxy:
         m_src = self.metrics.tcp(side.direction, "src", target, tls=tls, client_id=conn.client_id)
         m_src.opened()
         try:
-            upstream, _ = await outbound.connect_tcp(target, timeout)
+            upstream, pending = await outbound.connect_tcp(target, timeout)
         except (OSError, TimeoutError) as e:
             err = "connect_timeout" if isinstance(e, TimeoutError) else "connect_error"
             self.metrics.tcp_error(side.direction, err, target)
@@ -186,19 +191,21 @@ class Proxy:
 
         splice = Splice(conn, on_close)
         side.tcp.add(splice)
-        splice.attach(transport, upstream, buf, b"")
+        splice.attach(transport, upstream, buf, bytes(pending.buffer))
         if eof:
             splice.client.eof_received()
+        if pending.eof:
+            splice.server.eof_received()
 
 
-async def serve(cfg: ProxyConfig) -> int:
-    proxy = Proxy(cfg)
+async def serve(cfg: ProxyConfig, log_control: LogControl | None = None) -> int:
+    proxy = Proxy(cfg, log_control)
     await proxy.run()
     return 0
 
 
-def run(cfg: ProxyConfig) -> int:
+def run(cfg: ProxyConfig, log_control: LogControl | None = None) -> int:
     """Run the proxy on uvloop until signalled; the process exit status."""
     import uvloop
 
-    return uvloop.run(serve(cfg))
+    return uvloop.run(serve(cfg, log_control))

@@ -104,6 +104,7 @@ class ProxyConfig:
     shutdown_grace_period: float = 120.0
     enable_admin_shutdown: bool = False
     log_level: str = "warn,tether=info"
+    log_format: str = "plain"  # plain | json
     # Static discovery: authority -> endpoints (see tether.proxy.discovery).
     destinations_file: str | None = None
     # Identity (see tether.proxy.identity); empty means plaintext only.

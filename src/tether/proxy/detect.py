@@ -13,7 +13,7 @@ import logging
 import socket
 from collections.abc import Callable
 
-from tether.core.http.detect import Detected, detect
+from tether.core.http.detect import Detected, detect, looks_like_http1_prefix
 from tether.proxy.config import ProxyConfig
 from tether.proxy.http.message import Connection
 
@@ -54,6 +54,7 @@ class DetectProtocol(asyncio.Protocol):
         self.conn: Connection | None = None
         self._buf = b""
         self._timer: asyncio.TimerHandle | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
         self._done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -80,6 +81,11 @@ class DetectProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._done:
             return
+        if not self._buf and data and self.cfg.header_read_timeout < self.cfg.detect_timeout:
+            # A client that starts an HTTP request line must finish its head within the header
+            # timeout (slowloris), even while we are still detecting.
+            self._header_timer = asyncio.get_running_loop().call_later(
+                self.cfg.header_read_timeout, self._on_header_timeout)
         self._buf += data
         result = detect(self._buf, self.cfg.detect_peek_bytes)
         if result is not Detected.NEED_MORE:
@@ -93,8 +99,28 @@ class DetectProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._cancel_timers()
+
+    def _cancel_timers(self) -> None:
+        for t in (self._timer, self._header_timer):
+            if t is not None:
+                t.cancel()
+        self._timer = self._header_timer = None
+
+    def _on_header_timeout(self) -> None:
+        self._header_timer = None
+        if self._done or not looks_like_http1_prefix(self._buf):
+            return
+        self._done = True
+        self._cancel_timers()
+        log.info("request line from %s not complete within %gs; closing",
+                 self.conn.peer if self.conn else "?", self.cfg.header_read_timeout)
+        if self.transport is not None:
+            reason = b"timed out reading request headers"
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\nl5d-proxy-error: " + reason
+                + b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%b\n" % (len(reason) + 1, reason))
+            self.transport.close()
 
     def _on_timeout(self) -> None:
         self._timer = None
@@ -105,9 +131,7 @@ class DetectProtocol(asyncio.Protocol):
 
     def _decide(self, what: Detected, eof: bool = False) -> None:
         self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timers()
         assert self.transport is not None and self.conn is not None
         if what is Detected.TLS:
             what = Detected.OPAQUE  # TLS from the app itself: forwarded as bytes

@@ -12,7 +12,7 @@ from tether.proxy.endpoint import HttpEndpoint
 from tether.proxy.errors import UnavailableError
 from tether.proxy.http.message import Request, Response, Service
 from tether.proxy.layers.errors import ErrorResponses
-from tether.proxy.layers.metrics import HttpMetricsLayer
+from tether.proxy.layers.metrics import HttpMetricsService
 from tether.proxy.metrics import MetricsRegistry
 
 LOOPBACK = "127.0.0.1"
@@ -58,5 +58,5 @@ def build_http_stack(cfg: ProxyConfig, metrics: MetricsRegistry) -> tuple[Servic
     forward = LocalForward(cfg)
     svc: Service = forward  # to the application on loopback, pooled per port
     svc = ErrorResponses(svc)  # typed errors -> 502/503/504 with l5d-proxy-error
-    svc = HttpMetricsLayer(svc, metrics, "inbound")  # request_total, response_total, latency
+    svc = HttpMetricsService(svc, metrics, direction="inbound")  # request_total, response_total, latency
     return svc, forward

@@ -16,16 +16,18 @@ import logging
 import socket
 from collections.abc import Callable
 
+from tether.core.discovery.endpoints import Endpoint
 from tether.proxy.balancer import Balancer
 from tether.proxy.config import ProxyConfig
-from tether.proxy.discovery import StaticDiscovery
+from tether.proxy.discovery import StaticDiscovery, feed
 from tether.proxy.endpoint import HttpEndpoint
 from tether.proxy.errors import ProxyError, UnavailableError
 from tether.proxy.http.message import Request, Response, Service
 from tether.proxy.layers.errors import ErrorResponses
-from tether.proxy.layers.metrics import HttpMetricsLayer
+from tether.proxy.layers.metrics import HttpMetricsService
 from tether.proxy.layers.timeout import ResponseTimeout
 from tether.proxy.metrics import MetricsRegistry
+from tether.proxy.tcp import Pending
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class Router:
         self,
         cfg: ProxyConfig,
         discovery: StaticDiscovery | None,
-        make_endpoint: Callable[[tuple[str, int]], Service],
+        make_endpoint: Callable[[Endpoint], Service],
         own_addrs: set[tuple[str, int]],
     ) -> None:
         self.cfg = cfg
@@ -64,6 +66,7 @@ class Router:
         self.make_endpoint = make_endpoint
         self.own_addrs = own_addrs
         self._balancers: dict[str, Balancer] = {}
+        self._feeds: dict[str, asyncio.Task[None]] = {}
         self._direct: dict[tuple[str, int], Service] = {}
 
     async def __call__(self, req: Request) -> Response:
@@ -80,7 +83,7 @@ class Router:
         req.extensions["target_addr"] = target
         svc = self._direct.get(target)
         if svc is None:
-            svc = self._direct[target] = self.make_endpoint(target)
+            svc = self._direct[target] = self.make_endpoint(Endpoint(target))
         return await svc(req)
 
     def _balancer(self, authority: str) -> Balancer | None:
@@ -92,7 +95,7 @@ class Router:
         if watch is None:
             return None
         bal = Balancer(self.make_endpoint, self.cfg, name=authority)
-        watch.subscribe(bal)
+        self._feeds[authority] = asyncio.get_running_loop().create_task(feed(watch, bal))
         self._balancers[authority] = bal
         return bal
 
@@ -113,6 +116,8 @@ class Router:
         return target
 
     async def aclose(self) -> None:
+        for task in self._feeds.values():
+            task.cancel()
         for bal in self._balancers.values():
             await bal.aclose()
         for svc in self._direct.values():
@@ -129,21 +134,23 @@ def build_http_stack(
 ) -> tuple[Service, Router]:
     """The outbound HTTP stack, outermost layer last."""
 
-    def make_endpoint(addr: tuple[str, int]) -> Service:
+    def make_endpoint(ep: Endpoint) -> Service:
+        # A meshed endpoint is reached through its proxy's inbound port.
+        addr = (ep.addr[0], ep.proxy_port) if ep.proxy_port else ep.addr
         return HttpEndpoint(addr, cfg)
 
     router = Router(cfg, discovery, make_endpoint, own_addrs)
     svc: Service = router  # authority -> balancer (P2C + peak-EWMA + failure accrual) -> endpoint
     svc = ResponseTimeout(svc, cfg.response_timeout)  # 504 when the head is late
     svc = ErrorResponses(svc)  # typed errors -> 502/503/504 with l5d-proxy-error
-    svc = HttpMetricsLayer(svc, metrics, "outbound")  # request_total, response_total, latency
+    svc = HttpMetricsService(svc, metrics, direction="outbound")  # request_total, response_total, latency
     return svc, router
 
 
-async def connect_tcp(target: tuple[str, int], timeout: float) -> tuple[asyncio.Transport, asyncio.Protocol]:
-    """Open a plain TCP connection for an opaque stream (its protocol is replaced by a Splice)."""
+async def connect_tcp(target: tuple[str, int], timeout: float) -> tuple[asyncio.Transport, Pending]:
+    """Open a plain TCP connection for an opaque stream; what arrives before the Splice takes
+    over (a server that speaks first) is kept in the returned Pending protocol."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
-        transport, proto = await loop.create_connection(asyncio.Protocol, target[0], target[1])
-    transport.pause_reading()
+        transport, proto = await loop.create_connection(Pending, target[0], target[1])
     return transport, proto

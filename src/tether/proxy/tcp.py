@@ -73,6 +73,25 @@ class _Half(asyncio.Protocol):
         self.splice.half_closed(self, exc)
 
 
+class Pending(asyncio.Protocol):
+    """Holds what a freshly connected upstream sends until a Splice takes the transport over."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.eof = False
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
 class Splice:
     """Two transports forwarding to each other until both sides are done."""
 

@@ -41,6 +41,11 @@ def detect(prefix: bytes, limit: int = 1024) -> Detected:
     return _detect_http1(prefix[:limit], len(prefix) >= limit)
 
 
+def looks_like_http1_prefix(prefix: bytes) -> bool:
+    """True when ``prefix`` is an incomplete but so far valid HTTP/1 request line."""
+    return bool(prefix) and prefix[0] in _TCHAR and detect(prefix) is Detected.NEED_MORE
+
+
 def _detect_http1(data: bytes, at_limit: bool) -> Detected:
     # METHOD SP request-target SP HTTP/1.x CRLF
     sp = data.find(b" ", 0, _MAX_METHOD + 1)

@@ -1,0 +1,329 @@
+"""Static discovery: destinations and their endpoints from a YAML file, reloaded when it changes.
+
+The file (``ProxyConfig.destinations_file``, ``TETHER_PROXY_DESTINATIONS_FILE``)::
+
+    destinations:
+      "web.default.svc.cluster.local:80":
+        - "10.0.0.1:8080"                      # an address alone: weight 1, not meshed
+        - addr: "10.0.0.2:8080"
+          weight: 2                            # optional, >= 1
+          identity: "web.default.serviceaccount.identity.linkerd.cluster.local"  # optional
+          proxy_port: 4143                     # optional: the peer proxy's inbound port
+          protocol_hint: h2                    # optional: h2 | opaque
+          labels: {pod: web-1}                 # optional: string to string, for metrics
+
+``watch(authority)`` gives the :class:`Watch` of a known authority (None for an unknown one: the
+caller forwards to the original destination). A watch yields a snapshot then diffs, which
+:func:`feed` applies to a Balancer. The file is polled (``check()``, or ``run()`` every second);
+an invalid new version is logged and ignored, keeping the last good one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+import yaml
+
+from tether.core.discovery.endpoints import (
+    PROTOCOL_HINTS,
+    Endpoint,
+    EndpointDiff,
+    EndpointError,
+    EndpointSet,
+    format_addr,
+)
+from tether.proxy.config import ProxyConfig
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_KEYS = frozenset({"addr", "weight", "identity", "proxy_port", "protocol_hint", "labels"})
+
+
+class DiscoveryError(ValueError):
+    """The destinations file is unreadable or invalid; the message names the file and the key."""
+
+
+def normalize_authority(authority: str | bytes, default_port: int | None = None) -> str:
+    """``Host:Port`` to ``host:port`` (lower case, no trailing dot); ValueError if malformed."""
+    text = authority.decode("ascii", "replace") if isinstance(authority, bytes) else authority
+    text = text.strip()
+    port: str | None
+    if text.startswith("["):  # [v6] or [v6]:port
+        end = text.find("]")
+        host, rest = text[: end + 1], text[end + 1 :]
+        if end < 0 or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            raise ValueError(f"{text!r} is not host:port")
+        port = rest[1:] or None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, None
+        elif not port.isdigit() or ":" in host:
+            raise ValueError(f"{text!r} is not host:port")
+    if port is None:
+        if default_port is None:
+            raise ValueError(f"{text!r} has no port (expected host:port)")
+        port = str(default_port)
+    host = host.lower().rstrip(".")
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"{text!r} has no valid host")
+    p = int(port)
+    if not 0 < p <= 65535:
+        raise ValueError(f"{text!r}: port {p} is out of range 1-65535")
+    return f"{host}:{p}"
+
+
+def _endpoint(item: object, where: str) -> Endpoint:
+    if isinstance(item, str):
+        return Endpoint.of(item)
+    if not isinstance(item, dict):
+        raise DiscoveryError(f'{where}: must be "ip:port" or a mapping with addr, not {type(item).__name__}')
+    unknown = sorted(str(k) for k in item if k not in ENDPOINT_KEYS)
+    if unknown:
+        raise DiscoveryError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(ENDPOINT_KEYS)}")
+    addr = item.get("addr")
+    if not isinstance(addr, str):
+        raise DiscoveryError(f'{where}.addr: required, a string "ip:port"')
+    weight = item.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        raise DiscoveryError(f"{where}.weight: must be an integer >= 1, not {weight!r}")
+    identity = item.get("identity")
+    if identity is not None and (not isinstance(identity, str) or not identity):
+        raise DiscoveryError(f"{where}.identity: must be a non-empty string, not {identity!r}")
+    proxy_port = item.get("proxy_port")
+    if proxy_port is not None and (
+        isinstance(proxy_port, bool) or not isinstance(proxy_port, int) or not 0 < proxy_port <= 65535
+    ):
+        raise DiscoveryError(f"{where}.proxy_port: must be a port 1-65535, not {proxy_port!r}")
+    hint = item.get("protocol_hint")
+    if hint is not None and hint not in PROTOCOL_HINTS:
+        raise DiscoveryError(f"{where}.protocol_hint: must be one of {sorted(PROTOCOL_HINTS)}, not {hint!r}")
+    labels = item.get("labels") or {}
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise DiscoveryError(f"{where}.labels: must map strings to strings")
+    return Endpoint.of(
+        addr, weight=weight, identity=identity, protocol_hint=hint, proxy_port=proxy_port, labels=labels
+    )
+
+
+def parse_destinations(data: object, source: str) -> dict[str, EndpointSet]:
+    """Validate a loaded destinations document; errors name ``source`` and the offending key."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DiscoveryError(f"{source}: the top level must be a mapping with a 'destinations' key")
+    unknown = sorted(str(k) for k in data if k != "destinations")
+    if unknown:
+        raise DiscoveryError(f"{source}: unknown top-level key(s) {unknown}; expected 'destinations'")
+    dests = data.get("destinations") or {}
+    if not isinstance(dests, dict):
+        raise DiscoveryError(f'{source}: destinations: must map "authority:port" to a list of endpoints')
+    out: dict[str, EndpointSet] = {}
+    for key, items in dests.items():
+        where = f"{source}: destinations[{key!r}]"
+        if not isinstance(key, str):
+            raise DiscoveryError(f'{where}: the authority must be a string "host:port"')
+        try:
+            authority = normalize_authority(key)
+        except ValueError as e:
+            raise DiscoveryError(f"{where}: {e}") from None
+        if authority in out:
+            raise DiscoveryError(f"{where}: the same authority as another key ({authority})")
+        if items is None:
+            items = []
+        if not isinstance(items, list):
+            raise DiscoveryError(f"{where}: must be a list of endpoints, not {type(items).__name__}")
+        endpoints: list[Endpoint] = []
+        seen: set[tuple[str, int]] = set()
+        for i, item in enumerate(items):
+            try:
+                ep = _endpoint(item, f"{where}[{i}]")
+            except EndpointError as e:
+                raise DiscoveryError(f"{where}[{i}]: {e}") from None
+            if ep.addr in seen:
+                raise DiscoveryError(f"{where}[{i}]: duplicate address {format_addr(ep.addr)}")
+            seen.add(ep.addr)
+            endpoints.append(ep)
+        out[authority] = EndpointSet(endpoints)
+    return out
+
+
+def file_version(path: str) -> object:
+    """What changes when the file changes: mtime, size and inode (an atomic rename counts)."""
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class Watch:
+    """The endpoints of one authority, as they change."""
+
+    def __init__(self, authority: str, endpoints: EndpointSet) -> None:
+        self.authority = authority
+        self._endpoints = endpoints
+        self.version = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def endpoints(self) -> EndpointSet:
+        return self._endpoints
+
+    def publish(self, endpoints: EndpointSet) -> None:
+        """Set the current endpoints and wake the watchers (no-op if unchanged)."""
+        if endpoints == self._endpoints:
+            return
+        self._endpoints = endpoints
+        self.version += 1
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait_changed(self, version: int) -> None:
+        """Return once ``self.version`` differs from ``version``."""
+        while self.version == version:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+
+    async def diffs(self) -> AsyncIterator[EndpointDiff]:
+        """The snapshot as a diff from nothing, then one diff per change (changes in between coalesce)."""
+        seen = EndpointSet()
+        version: int | None = None
+        while True:
+            if version is not None:
+                await self.wait_changed(version)
+            version = self.version
+            current = self._endpoints
+            yield seen.diff(current)
+            seen = current
+
+
+class EndpointSink(Protocol):
+    def apply(self, diff: EndpointDiff) -> None: ...
+
+
+async def feed(watch: Watch, sink: EndpointSink) -> None:
+    """Keep ``sink``'s endpoints (a Balancer) equal to the watch's, until cancelled."""
+    async for diff in watch.diffs():
+        sink.apply(diff)
+
+
+class StaticDiscovery:
+    """Destinations from a YAML file; ``check()`` reloads it when it changed."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        version: Callable[[str], object] = file_version,
+        read: Callable[[str], bytes] = read_file,
+    ) -> None:
+        self.path = path
+        self._version_of = version
+        self._read = read
+        self._watches: dict[str, Watch] = {}
+        self.last_error: str | None = None
+        self.reloads_total = 0
+        self.reload_errors_total = 0
+        try:
+            self._version = version(path)
+        except OSError as e:
+            raise DiscoveryError(f"{path}: cannot read the destinations file: {e.strerror or e}") from None
+        self._destinations = self._load()
+
+    @classmethod
+    def from_config(cls, cfg: ProxyConfig) -> StaticDiscovery | None:
+        return cls(cfg.destinations_file) if cfg.destinations_file else None
+
+    def _load(self) -> dict[str, EndpointSet]:
+        try:
+            text = self._read(self.path)
+        except OSError as e:
+            raise DiscoveryError(
+                f"{self.path}: cannot read the destinations file: {e.strerror or e}"
+            ) from None
+        try:
+            data: Any = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise DiscoveryError(f"{self.path}: not valid YAML: {e}") from None
+        return parse_destinations(data, self.path)
+
+    @property
+    def authorities(self) -> list[str]:
+        return sorted(self._destinations)
+
+    def resolve(self, authority: str | bytes, default_port: int = 80) -> EndpointSet | None:
+        """The current endpoints of ``authority``, or None when the file does not name it."""
+        try:
+            key = normalize_authority(authority, default_port)
+        except ValueError:
+            return None
+        return self._destinations.get(key)
+
+    def watch(self, authority: str | bytes, default_port: int = 80) -> Watch | None:
+        """The watch of a known authority (one shared per authority), or None when unknown."""
+        try:
+            key = normalize_authority(authority, default_port)
+        except ValueError:
+            return None
+        w = self._watches.get(key)
+        if w is not None:
+            return w
+        endpoints = self._destinations.get(key)
+        if endpoints is None:
+            return None
+        w = self._watches[key] = Watch(key, endpoints)
+        return w
+
+    def check(self) -> bool:
+        """Reload the file if it changed; True when new destinations were published."""
+        try:
+            v = self._version_of(self.path)
+        except OSError as e:
+            self._failed(f"{self.path}: cannot read the destinations file: {e.strerror or e}", None)
+            return False
+        if v == self._version:
+            return False
+        try:
+            destinations = self._load()
+        except DiscoveryError as e:
+            self._failed(str(e), v)
+            return False
+        self._version = v
+        self.last_error = None
+        self.reloads_total += 1
+        self._destinations = destinations
+        for key, w in self._watches.items():
+            # An authority dropped from the file keeps its watch, with no endpoints (fail-fast).
+            w.publish(destinations.get(key, EndpointSet()))
+        log.info("reloaded %s: %d destinations", self.path, len(destinations))
+        return True
+
+    def _failed(self, error: str, version: object | None) -> None:
+        if error != self.last_error:
+            log.error("%s; keeping the last good destinations", error)
+            self.reload_errors_total += 1
+        self.last_error = error
+        if version is not None:
+            self._version = version  # do not re-parse the same bad version every poll
+
+    async def run(self, interval: float = 1.0) -> None:
+        """Poll the file every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.check()

@@ -1,0 +1,274 @@
+"""The HTTP/2 client codec: one connection to one endpoint, many requests multiplexed on it.
+
+Usage (the endpoint layer connects, plain TCP or TLS with ALPN h2)::
+
+    transport, client = await loop.create_connection(lambda: H2ClientConnection(config), host, port)
+    resp = await client.send(req)     # returns at response headers; resp.body streams, has trailers
+    client.usable                     # False after GOAWAY, an error or close(): pool a new one
+    await client.close()
+
+Errors are :class:`~tether.proxy.http.h2conn.H2Error` subclasses with ``retryable`` set when the
+server never processed the request (GOAWAY above its last stream id, REFUSED_STREAM, connection
+unusable before the request was sent). A reset from upstream after the response head surfaces as a
+``BodyError`` from ``resp.body.read()`` whose ``__cause__`` is an :class:`H2StreamReset` carrying the
+code, so a server stream can propagate it; ``resp.body.discard()`` before the end resets upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import h2.events
+import h2.exceptions
+from h2.errors import ErrorCodes
+
+from tether.core.http.h2headers import H2HeaderError, parse_response, request_fields
+from tether.proxy.config import ProxyConfig
+from tether.proxy.http.body import Body, BodyError, EmptyBody
+from tether.proxy.http.h2conn import (
+    H2ConnectionClosed,
+    H2Error,
+    H2Protocol,
+    H2StreamReset,
+    StreamState,
+    body_is_empty,
+)
+from tether.proxy.http.message import Request, Response
+
+__all__ = ["H2ClientConnection", "H2ConnectionClosed", "H2Error", "H2StreamReset"]
+
+
+class H2ClientConnection(H2Protocol):
+    """A multiplexed HTTP/2 client over an already-connected transport."""
+
+    def __init__(self, config: ProxyConfig, max_pending: int | None = None) -> None:
+        super().__init__(config, client_side=True)
+        # Requests waiting for a stream slot (the peer's MAX_CONCURRENT_STREAMS); bounded.
+        self._max_pending = max(256, config.h2_max_concurrent_streams) if max_pending is None else max_pending
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._goaway = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def usable(self) -> bool:
+        """True while new requests may be sent on this connection."""
+        return not (self._closed or self._goaway)
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        return int(self._h2.remote_settings.max_concurrent_streams)
+
+    def start(self, transport: asyncio.Transport) -> None:
+        """Take over an already-connected transport (e.g. from the endpoint layer)."""
+        transport.set_protocol(self)
+        self.connection_made(transport)
+
+    async def send(self, req: Request) -> Response:
+        """Send ``req``; return at the response head. The request body streams in the background."""
+        if not self.usable:
+            raise self._unusable()
+        await self._acquire_slot()
+        st = StreamState()
+        try:
+            stream_id = self._h2.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError:
+            self._goaway = True
+            raise H2ConnectionClosed("stream ids exhausted", retryable=True) from None
+        fields = request_fields(req.method, req.scheme, req.authority, req.path, req.headers)
+        empty = body_is_empty(req.body)
+        st.response = self._loop.create_future()
+        self._streams[stream_id] = st
+        try:
+            self._send_fields(stream_id, fields, empty)
+        except h2.exceptions.ProtocolError as e:
+            del self._streams[stream_id]
+            self._wake_slot()
+            raise H2ConnectionClosed(f"cannot open stream: {e}", retryable=True) from e
+        st.headers_sent = True
+        if empty:
+            st.local_closed = True
+        else:
+            task = self._loop.create_task(self._upload(stream_id, st, req.body))
+            st.upload = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        try:
+            resp = await st.response
+        except asyncio.CancelledError:
+            # The caller gave up (its own client reset, a timeout): reset upstream too.
+            self._reset_stream(stream_id, st, ErrorCodes.CANCEL)
+            raise
+        assert isinstance(resp, Response)
+        return resp
+
+    async def close(self) -> None:
+        """Close the connection now; in-flight streams fail."""
+        if self._transport is not None and not self._closed:
+            self._write_goaway(ErrorCodes.NO_ERROR, 0)
+            self._abort(H2ConnectionClosed("connection closed by proxy"))
+        for t in list(self._tasks):
+            t.cancel()
+
+    async def ping(self, deadline: float) -> float:
+        """Round-trip a PING within ``deadline`` seconds (keepalive / liveness); returns the RTT."""
+        if not self.usable:
+            raise self._unusable()
+        start = self._loop.time()
+        self._pong = self._loop.create_future()
+        self._h2.ping(b"tether\x00\x00")
+        self._schedule_flush()
+        async with asyncio.timeout(deadline):
+            await self._pong
+        return self._loop.time() - start
+
+    # -- internals -------------------------------------------------------------------------------
+    _pong: asyncio.Future[None] | None = None
+
+    def _unusable(self) -> H2ConnectionClosed:
+        if self._close_error is not None and isinstance(self._close_error, H2ConnectionClosed):
+            return H2ConnectionClosed(f"connection unusable: {self._close_error}", retryable=True)
+        return H2ConnectionClosed("connection unusable (GOAWAY or closed)", retryable=True)
+
+    async def _acquire_slot(self) -> None:
+        if len(self._streams) < self.max_concurrent_streams and not self._slot_waiters:
+            return
+        if len(self._slot_waiters) >= self._max_pending:
+            raise H2ConnectionClosed("too many requests waiting for a stream on this connection", True)
+        try:
+            async with asyncio.timeout(self.config.failfast_timeout):
+                while True:
+                    w: asyncio.Future[None] = self._loop.create_future()
+                    self._slot_waiters.append(w)
+                    try:
+                        await w
+                    finally:
+                        if w in self._slot_waiters:
+                            self._slot_waiters.remove(w)
+                    if not self.usable:
+                        raise self._unusable()
+                    if len(self._streams) < self.max_concurrent_streams:
+                        return
+        except TimeoutError:
+            raise H2ConnectionClosed("no stream slot within the fail-fast timeout", True) from None
+        except asyncio.CancelledError:
+            # A wake-up we were given but cannot use goes to the next waiter.
+            if len(self._streams) < self.max_concurrent_streams:
+                self._wake_slot()
+            raise
+
+    def _wake_slot(self) -> None:
+        while self._slot_waiters:
+            w = self._slot_waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+    def _wake_all_slots(self) -> None:
+        while self._slot_waiters:
+            w = self._slot_waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+
+    def _settings_changed(self) -> None:
+        free = self.max_concurrent_streams - len(self._streams)
+        for _ in range(max(0, free)):
+            self._wake_slot()
+
+    def _stream_forgotten(self, stream_id: int) -> None:
+        self._wake_slot()
+        if self._goaway and not self._streams and not self._closed:
+            self._abort(H2ConnectionClosed("connection drained after GOAWAY", retryable=True))
+
+    async def _upload(self, stream_id: int, st: StreamState, body: Body) -> None:
+        try:
+            await self._send_body(stream_id, st, body)
+        except asyncio.CancelledError:
+            body.discard()
+            self._reset_stream(stream_id, st, ErrorCodes.CANCEL)
+        except H2Error:
+            body.discard()  # the stream or connection is gone; the response side reports it
+        except BodyError as e:
+            # The request body's producer failed (e.g. our client reset): reset upstream.
+            err = H2StreamReset(stream_id, ErrorCodes.CANCEL, remote=False)
+            self._reset_stream(stream_id, st, ErrorCodes.CANCEL)
+            if st.response is not None and not st.response.done():
+                st.response.set_exception(err)
+            del e
+        except h2.exceptions.ProtocolError as e:
+            self._reset_stream(stream_id, st, ErrorCodes.INTERNAL_ERROR)
+            if st.response is not None and not st.response.done():
+                st.response.set_exception(H2ConnectionClosed(f"protocol error sending body: {e}"))
+        finally:
+            self._maybe_forget(stream_id, st)
+
+    def _on_other(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.ResponseReceived):
+            self._on_response(event.stream_id, list(event.headers or []), event.stream_ended is not None)
+        elif (
+            isinstance(event, h2.events.PingAckReceived) and self._pong is not None and not self._pong.done()
+        ):
+            self._pong.set_result(None)
+
+    def _on_response(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
+        st = self._streams.get(stream_id)
+        if st is None or st.response is None or st.response.done():
+            return
+        try:
+            status, headers = parse_response(fields)
+        except H2HeaderError as e:
+            self._reset_stream(stream_id, st, ErrorCodes.PROTOCOL_ERROR)
+            st.response.set_exception(H2ConnectionClosed(f"bad response head: {e}"))
+            return
+        body: Body
+        if ended:
+            body = EmptyBody()
+        else:
+            length = None
+            for k, v in headers:
+                if k == b"content-length" and v.isdigit():
+                    length = int(v)
+            st.body = self._new_body(stream_id, length, lambda: self._discarded(stream_id, st))
+            body = st.body
+        st.response.set_result(Response(status=status, headers=headers, body=body))
+
+    def _discarded(self, stream_id: int, st: StreamState) -> None:
+        # The reader abandoned the response body before its end: stop the upstream stream.
+        if not st.remote_closed:
+            self._reset_stream(stream_id, st, ErrorCodes.CANCEL)
+
+    def _stream_reset(self, stream_id: int, st: StreamState, err: H2Error) -> None:
+        if st.response is not None and not st.response.done():
+            st.response.set_exception(err)
+        if st.upload is not None and not st.upload.done():
+            st.upload.cancel()
+
+    def _on_goaway(self, error_code: int, last_stream_id: int) -> None:
+        self._reopen_after_goaway()
+        self._goaway = True
+        # Streams the server never saw are safe to retry elsewhere.
+        for sid, st in list(self._streams.items()):
+            if sid > last_stream_id:
+                err = H2ConnectionClosed(f"GOAWAY: stream {sid} above last stream {last_stream_id}", True)
+                st.reset = err
+                if st.body is not None:
+                    st.body.fail(err)
+                self._wake_window(st)
+                self._stream_reset(sid, st, err)
+                del self._streams[sid]
+        self._wake_all_slots()
+        if error_code != ErrorCodes.NO_ERROR:
+            self._abort(H2ConnectionClosed(f"GOAWAY({error_code}) from server"))
+        elif not self._streams:
+            self._abort(H2ConnectionClosed("connection drained after GOAWAY", retryable=True))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._wake_all_slots()
+        for t in list(self._tasks):
+            t.cancel()

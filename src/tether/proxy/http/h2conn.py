@@ -1,0 +1,480 @@
+"""Machinery the HTTP/2 server and client codecs share, over the pure-Python ``h2`` library.
+
+One :class:`H2Protocol` is an asyncio Protocol around one ``h2.connection.H2Connection``. It owns
+the things both sides need: the received body (:class:`H2Body`, whose window is acknowledged only
+as its reader consumes it), sending a body with flow control and trailers, coalesced writes, the
+transport's write backpressure, and a bound on h2's closed-stream bookkeeping.
+
+The codec is an implementation detail: the proxy only sees ``H2ServerProtocol`` (serves a
+:class:`~tether.proxy.http.message.Service`) and ``H2ClientConnection`` (``await send(req)``), so a
+faster codec can replace this module without touching the layers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import cast
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.connection import ConnectionState
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
+
+from tether.core.http.h2headers import trailer_fields
+from tether.proxy.config import ProxyConfig
+from tether.proxy.http.body import Body, BytesBody, EmptyBody, PipeBody
+
+Headers = list[tuple[bytes, bytes]]
+
+# How many closed streams h2 remembers (to tell a late frame after RST_STREAM from a protocol
+# error). h2's default, 65536, made an idle server hold tens of MB; a few times the concurrency
+# bound covers every frame still in flight after a reset.
+CLOSED_STREAMS_REMEMBERED = 1024
+
+
+class H2Error(Exception):
+    """Base of the HTTP/2 codec's errors; ``retryable`` means the peer never processed the request."""
+
+    retryable = False
+
+
+class H2StreamReset(H2Error):
+    """A stream was reset (by the peer, or by us for a reason given in the message)."""
+
+    def __init__(self, stream_id: int, error_code: int, remote: bool) -> None:
+        who = "peer" if remote else "proxy"
+        try:
+            name = ErrorCodes(error_code).name
+        except ValueError:
+            name = str(error_code)
+        super().__init__(f"stream {stream_id} reset by {who}: {name}")
+        self.stream_id = stream_id
+        self.error_code = error_code
+        self.remote = remote
+        # REFUSED_STREAM: the peer promises it did no work on the stream (RFC 9113 section 8.7).
+        self.retryable = remote and error_code == ErrorCodes.REFUSED_STREAM
+
+
+class H2ConnectionClosed(H2Error):
+    """The connection ended (lost, protocol error, or GOAWAY) before the stream completed."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def error_code_for(exc: BaseException) -> int:
+    """The RST_STREAM code to send when a body fails with ``exc`` (propagates an upstream reset)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, H2StreamReset):
+            return seen.error_code
+        seen = seen.__cause__
+    return ErrorCodes.INTERNAL_ERROR
+
+
+class BoundedH2Connection(h2.connection.H2Connection):
+    """An H2Connection whose closed-stream cache is bounded to what a proxy needs."""
+
+    MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
+
+
+class H2Body(PipeBody):
+    """A received HTTP/2 body: DATA frames are acknowledged to the peer only once read."""
+
+    __slots__ = ("_consumed", "_on_discard", "discarded")
+
+    def __init__(
+        self,
+        length: int | None,
+        consumed: Callable[[int], None],
+        on_discard: Callable[[], None] | None = None,
+    ) -> None:
+        # The peer's flow-control window bounds what is buffered, so PipeBody's own pause is unused.
+        super().__init__(length)
+        self._consumed = consumed
+        self._on_discard = on_discard
+        self.discarded = False
+
+    async def read(self) -> bytes:
+        data = await super().read()
+        if data:
+            self._consumed(len(data))
+        return data
+
+    def discard(self) -> None:
+        if self.discarded:
+            return
+        buffered = self._buffered
+        super().discard()
+        self.discarded = True
+        if buffered:
+            self._consumed(buffered)
+        if self._on_discard is not None and not self.done:
+            self._on_discard()
+
+
+class StreamState:
+    """One stream's codec state."""
+
+    __slots__ = (
+        "body",
+        "headers_sent",
+        "local_closed",
+        "remote_closed",
+        "reset",
+        "response",
+        "task",
+        "trailers",
+        "upload",
+        "window_waiter",
+    )
+
+    def __init__(self) -> None:
+        self.body: H2Body | None = None  # what the peer sends us on this stream
+        self.trailers: Headers | None = None
+        self.task: asyncio.Task[None] | None = None  # server: the handler
+        self.upload: asyncio.Task[None] | None = None  # client: the request body sender
+        self.response: asyncio.Future[object] | None = None  # client: response head
+        self.window_waiter: asyncio.Future[None] | None = None
+        self.headers_sent = False
+        self.local_closed = False
+        self.remote_closed = False
+        self.reset: H2Error | None = None
+
+
+class H2Protocol(asyncio.Protocol):
+    """The half of an HTTP/2 endpoint that does not depend on being client or server."""
+
+    def __init__(self, config: ProxyConfig, client_side: bool) -> None:
+        self.config = config
+        self._h2 = BoundedH2Connection(
+            h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        )
+        self._h2.local_settings = h2.settings.Settings(
+            client=client_side,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: config.h2_max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: config.h2_initial_window,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: config.max_header_bytes,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self._h2.decoder.max_header_list_size = config.max_header_bytes
+        self._transport: asyncio.Transport | None = None
+        self._streams: dict[int, StreamState] = {}
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed = False
+        self._close_error: H2Error | None = None
+        self._loop = asyncio.get_event_loop()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()
+        self._h2.initiate_connection()
+        # The connection window covers every stream's full window, so one slow reader can only
+        # stall its own stream, never its siblings (stream windows bound the memory instead).
+        extra = self.config.h2_max_concurrent_streams * self.config.h2_initial_window - 65535
+        if extra > 0:
+            self._h2.increment_flow_control_window(min(extra, 2**31 - 1 - 65535))
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            # h2 has queued a GOAWAY naming the error; send it and end the connection.
+            self._flush()
+            self._abort(H2ConnectionClosed(f"HTTP/2 protocol error from peer: {e}"))
+            return
+        for event in events:
+            if self._closed:
+                break  # e.g. rapid-reset protection ended the connection mid-batch
+            self._dispatch(event)
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        err = self._close_error or H2ConnectionClosed(
+            f"connection lost: {exc}" if exc else "connection closed by peer"
+        )
+        self._fail_all(err)
+        self._wake_drain(err)
+
+    def pause_writing(self) -> None:
+        # The peer is not reading: stop reading from it too, so the frames h2 answers on its own
+        # (PING and SETTINGS acks) cannot pile up in our write buffer (PING flood).
+        self._write_paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+        self._wake_drain(None)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: HTTP/2 has no half-closed connection
+
+    # -- events -------------------------------------------------------------------------------
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            self._on_data(event.stream_id, event.data, event.flow_controlled_length)
+        elif isinstance(event, h2.events.StreamEnded):
+            self._on_remote_end(event.stream_id)
+        elif isinstance(event, h2.events.TrailersReceived):
+            st = self._streams.get(event.stream_id)
+            if st is not None:
+                st.trailers = list(event.headers or [])
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id:
+                st = self._streams.get(event.stream_id)
+                if st is not None:
+                    self._wake_window(st)
+            else:
+                for st in self._streams.values():
+                    self._wake_window(st)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            for st in self._streams.values():
+                self._wake_window(st)
+            self._settings_changed()
+        elif isinstance(event, h2.events.StreamReset):
+            self._on_reset(event.stream_id, int(event.error_code), event.remote_reset)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._on_goaway(int(event.error_code or 0), event.last_stream_id or 0)
+        else:
+            self._on_other(event)
+
+    def _on_data(self, stream_id: int, data: bytes, flow_len: int) -> None:
+        st = self._streams.get(stream_id)
+        if st is None or st.body is None or st.body.discarded or st.body.done:
+            self._ack(stream_id, flow_len)
+            return
+        if flow_len > len(data):
+            self._ack(stream_id, flow_len - len(data))  # padding: nobody will read it
+        st.body.feed(data)
+
+    def _on_remote_end(self, stream_id: int) -> None:
+        st = self._streams.get(stream_id)
+        if st is None:
+            return
+        st.remote_closed = True
+        if st.body is not None:
+            st.body.finish(st.trailers)
+        self._maybe_forget(stream_id, st)
+
+    def _on_reset(self, stream_id: int, code: int, remote: bool) -> None:
+        st = self._streams.get(stream_id)
+        if st is None:
+            return
+        err = H2StreamReset(stream_id, code, remote)
+        st.reset = err
+        st.local_closed = st.remote_closed = True
+        if st.body is not None:
+            st.body.fail(err)
+        self._wake_window(st)
+        self._stream_reset(stream_id, st, err)
+        self._maybe_forget(stream_id, st)
+
+    def _on_goaway(self, error_code: int, last_stream_id: int) -> None:
+        """Subclasses decide; h2 marks the connection closed on GOAWAY, which we undo (see below)."""
+
+    def _on_other(self, event: h2.events.Event) -> None:
+        """Events a subclass cares about (requests, responses)."""
+
+    def _settings_changed(self) -> None:
+        """The peer changed its settings (a client re-checks its stream budget)."""
+
+    def _stream_reset(self, stream_id: int, st: StreamState, err: H2Error) -> None:
+        """A stream was reset: cancel whatever works on it."""
+
+    def _stream_forgotten(self, stream_id: int) -> None:
+        """A stream finished on both sides and left the table."""
+
+    def _reopen_after_goaway(self) -> None:
+        # h2's connection state machine refuses every frame after a GOAWAY, but RFC 9113 section
+        # 6.8 lets streams at or below the last stream id finish. We track draining ourselves.
+        if self._h2.state_machine.state == ConnectionState.CLOSED:
+            self._h2.state_machine.state = (
+                ConnectionState.CLIENT_OPEN if self._h2.config.client_side else ConnectionState.SERVER_OPEN
+            )
+
+    # -- stream bookkeeping ---------------------------------------------------------------------
+    def _new_body(self, stream_id: int, length: int | None, on_discard: Callable[[], None] | None) -> H2Body:
+        return H2Body(length, lambda n: self._ack(stream_id, n), on_discard)
+
+    def _ack(self, stream_id: int, n: int) -> None:
+        if self._closed or n <= 0:
+            return
+        try:
+            self._h2.acknowledge_received_data(n, stream_id)
+        except h2.exceptions.ProtocolError:
+            return
+        self._schedule_flush()
+
+    def _maybe_forget(self, stream_id: int, st: StreamState) -> None:
+        if st.local_closed and st.remote_closed and self._streams.get(stream_id) is st:
+            del self._streams[stream_id]
+            self._stream_forgotten(stream_id)
+
+    def _reset_stream(self, stream_id: int, st: StreamState, code: int) -> None:
+        """Reset a stream from our side (idempotent)."""
+        if st.reset is None:
+            st.reset = H2StreamReset(stream_id, code, remote=False)
+            if not self._closed:
+                try:
+                    self._h2.reset_stream(stream_id, code)
+                except h2.exceptions.ProtocolError:
+                    pass  # already closed in h2
+                self._schedule_flush()
+            if st.body is not None:
+                st.body.fail(st.reset)
+            self._wake_window(st)
+        st.local_closed = st.remote_closed = True
+        self._maybe_forget(stream_id, st)
+
+    def _fail_all(self, err: H2Error) -> None:
+        for sid, st in list(self._streams.items()):
+            if st.reset is None:
+                st.reset = err
+            if st.body is not None:
+                st.body.fail(err)
+            self._wake_window(st)
+            self._stream_reset(sid, st, err)
+        self._streams.clear()
+
+    def _abort(self, err: H2Error) -> None:
+        self._close_error = self._close_error or err
+        if self._transport is not None:
+            self._transport.close()
+        self._closed = True
+        self._fail_all(err)
+
+    # -- writing --------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data = self._h2.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _schedule_flush(self) -> None:
+        # Coalesce frames from many streams into one write per loop iteration.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _write_goaway(self, error_code: int, last_stream_id: int) -> None:
+        """Send GOAWAY without h2's state change, so in-flight streams may still finish."""
+        self._flush()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = error_code
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(frame.serialize())
+
+    def _wake_window(self, st: StreamState) -> None:
+        w = st.window_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _wake_drain(self, err: H2Error | None) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _wait_writable(self) -> None:
+        if self._write_paused and not self._closed:
+            w = self._loop.create_future()
+            self._drain_waiters.append(w)
+            await w
+
+    def _check_open(self, st: StreamState) -> None:
+        if st.reset is not None:
+            raise st.reset
+        if self._closed:
+            raise self._close_error or H2ConnectionClosed("connection closed")
+
+    async def _send_data(self, stream_id: int, st: StreamState, data: bytes, end: bool) -> None:
+        """Send DATA frames as the peer's windows allow, ending the stream if ``end``."""
+        h2c = self._h2
+        off, total = 0, len(data)
+        while True:
+            self._check_open(st)
+            if off == total:
+                if end:
+                    h2c.send_data(stream_id, b"", end_stream=True)
+                    self._schedule_flush()
+                return
+            window = h2c.local_flow_control_window(stream_id)
+            if window <= 0:
+                st.window_waiter = self._loop.create_future()
+                try:
+                    await st.window_waiter
+                finally:
+                    st.window_waiter = None
+                continue
+            n = min(window, h2c.max_outbound_frame_size, total - off)
+            last = off + n == total
+            h2c.send_data(stream_id, data[off : off + n] if n != total else data, end_stream=end and last)
+            off += n
+            self._schedule_flush()
+            if last and end:
+                return
+            if self._write_paused:
+                self._flush()
+                await self._wait_writable()
+
+    async def _send_body(self, stream_id: int, st: StreamState, body: Body) -> None:
+        """Send a whole body, then its trailers (or END_STREAM)."""
+        while True:
+            chunk = await body.read()
+            if not chunk:
+                break
+            # A body that is all buffered can end the stream on its last DATA frame.
+            end = body.is_end_known() and not body.trailers and _is_drained(body)
+            await self._send_data(stream_id, st, chunk, end)
+            if end:
+                st.local_closed = True
+                return
+        self._check_open(st)
+        trailers = body.trailers
+        if trailers:
+            self._h2.send_headers(stream_id, trailer_fields(trailers), end_stream=True)
+            self._schedule_flush()
+        else:
+            await self._send_data(stream_id, st, b"", True)
+        st.local_closed = True
+
+    def _send_fields(self, stream_id: int, fields: Headers, end: bool) -> None:
+        self._h2.send_headers(stream_id, fields, end_stream=end)
+        self._schedule_flush()
+
+
+def body_is_empty(body: Body) -> bool:
+    """True for a body known to carry no data and no trailers (HEADERS can end the stream)."""
+    if type(body) in (Body, EmptyBody):
+        return not body.trailers
+    if isinstance(body, BytesBody):
+        return body.length == 0 and not body.trailers
+    return False
+
+
+def _is_drained(body: Body) -> bool:
+    # After a read of a fully-buffered body, is there more? PipeBody returns everything buffered
+    # in one read; BytesBody has one chunk.
+    if isinstance(body, PipeBody):
+        return body.done and not body._buf
+    return isinstance(body, BytesBody)

@@ -1,0 +1,265 @@
+"""The HTTP/2 server codec: serves one accepted connection, one Service call per stream.
+
+Usage (after protocol detection has read ``initial`` bytes, possibly the whole preface)::
+
+    proto = H2ServerProtocol(service, conn, config)
+    proto.connection_made(transport)      # or transport.set_protocol(proto) first
+    proto.data_received(initial)
+    ...
+    await proto.drain(grace)              # on SIGTERM: GOAWAY, finish in-flight streams, close
+
+Bounds: SETTINGS_MAX_CONCURRENT_STREAMS from the config (h2 treats a violation as a connection
+error; handlers still running after a reset count too, and extra streams get REFUSED_STREAM);
+rapid reset (CVE-2023-44487): more than ``h2_max_resets_per_window`` client resets within
+``h2_reset_window`` seconds ends the connection with GOAWAY(ENHANCE_YOUR_CALM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import h2.events
+from h2.errors import ErrorCodes
+
+from tether.core.http.h2headers import H2HeaderError, parse_request, response_fields
+from tether.proxy.config import ProxyConfig
+from tether.proxy.http.body import BytesBody, EmptyBody
+from tether.proxy.http.h2conn import (
+    H2ConnectionClosed,
+    H2Error,
+    H2Protocol,
+    StreamState,
+    body_is_empty,
+    error_code_for,
+)
+from tether.proxy.http.message import Connection, Request, Response, Service, ServiceFn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["H2ServerProtocol"]
+
+
+class H2ServerProtocol(H2Protocol):
+    """Serves HTTP/2 on one connection: each stream becomes ``await service(Request)``."""
+
+    def __init__(self, service: Service | ServiceFn, conn: Connection, config: ProxyConfig) -> None:
+        super().__init__(config, client_side=False)
+        self._service = service
+        self._conn = conn
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._resets: deque[float] = deque()
+        self._draining = False
+        self._goaway_last: int | None = None
+        self._done: asyncio.Future[None] | None = None
+        self.streams_served = 0
+
+    # -- public ------------------------------------------------------------------------------
+    def start(self, transport: asyncio.Transport, initial: bytes = b"") -> None:
+        """Take over ``transport`` after detection; ``initial`` is what detection already read."""
+        transport.set_protocol(self)
+        self.connection_made(transport)
+        if initial:
+            self.data_received(initial)
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Graceful shutdown: GOAWAY(last stream id), let in-flight streams finish, then close.
+
+        Streams still running after ``grace`` seconds (default: the config's grace period)
+        are cancelled and the connection closed.
+        """
+        if grace is None:
+            grace = self.config.shutdown_grace_period
+        if not self._draining:
+            self._draining = True
+            self._goaway_last = self._h2.highest_inbound_stream_id
+            self._write_goaway(ErrorCodes.NO_ERROR, self._goaway_last)
+        try:
+            async with asyncio.timeout(grace):
+                await self._wait_closed_or_idle()
+        except TimeoutError:
+            for t in list(self._tasks):
+                t.cancel()
+        self._close()
+
+    async def wait_closed(self) -> None:
+        """Return when the connection has closed."""
+        if self._closed:
+            return
+        if self._done is None:
+            self._done = self._loop.create_future()
+        await self._done
+
+    # -- internals -------------------------------------------------------------------------------
+    async def _wait_closed_or_idle(self) -> None:
+        while self._tasks and not self._closed:
+            await asyncio.wait(set(self._tasks))
+
+    def _close(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._flush()
+            self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        for t in list(self._tasks):
+            t.cancel()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def _on_other(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._on_request(event.stream_id, list(event.headers or []), event.stream_ended is not None)
+
+    def _on_request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
+        st = StreamState()
+        self._streams[stream_id] = st
+        if ended:
+            st.remote_closed = True
+        if self._draining and self._goaway_last is not None and stream_id > self._goaway_last:
+            self._reset_stream(stream_id, st, ErrorCodes.REFUSED_STREAM)
+            return
+        if len(self._tasks) >= self.config.h2_max_concurrent_streams:
+            # Handlers of reset streams may still be unwinding; they count against the bound.
+            self._reset_stream(stream_id, st, ErrorCodes.REFUSED_STREAM)
+            return
+        try:
+            head = parse_request(fields)
+        except H2HeaderError as e:
+            log.debug("stream %d: bad request head: %s", stream_id, e)
+            self._reset_stream(stream_id, st, ErrorCodes.PROTOCOL_ERROR)
+            return
+        if ended:
+            body: EmptyBody | object = EmptyBody()
+        else:
+            cl = _content_length(head.headers)
+            st.body = self._new_body(stream_id, cl, None)
+            body = st.body
+        req = Request(
+            method=head.method,
+            path=head.path,
+            authority=head.authority,
+            scheme=head.scheme,
+            headers=head.headers,
+            body=body,  # type: ignore[arg-type]
+            version="2",
+            conn=self._conn,
+        )
+        task = self._loop.create_task(self._serve(stream_id, st, req))
+        st.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self.streams_served += 1
+
+    def _stream_reset(self, stream_id: int, st: StreamState, err: H2Error) -> None:
+        if st.task is not None and not st.task.done():
+            st.task.cancel()
+        if getattr(err, "remote", False):
+            self._count_reset()
+
+    def _count_reset(self) -> None:
+        now = self._loop.time()
+        window = self.config.h2_reset_window
+        q = self._resets
+        q.append(now)
+        while q and q[0] < now - window:
+            q.popleft()
+        if len(q) > self.config.h2_max_resets_per_window and not self._closed:
+            log.warning(
+                "closing HTTP/2 connection from %s: %d stream resets in %.0fs (rapid reset)",
+                self._conn.peer,
+                len(q),
+                window,
+            )
+            self._write_goaway(ErrorCodes.ENHANCE_YOUR_CALM, self._h2.highest_inbound_stream_id)
+            self._abort(H2ConnectionClosed("rapid reset: too many stream resets"))
+
+    def _on_goaway(self, error_code: int, last_stream_id: int) -> None:
+        # The client is going away: it opens no more streams; let in-flight ones finish.
+        self._reopen_after_goaway()
+        if error_code != ErrorCodes.NO_ERROR:
+            self._abort(H2ConnectionClosed(f"client sent GOAWAY({error_code})"))
+            return
+        self._draining = True
+        self._goaway_last = self._h2.highest_inbound_stream_id
+        if not self._tasks:
+            self._close()
+
+    def _stream_forgotten(self, stream_id: int) -> None:
+        if self._draining and not self._streams and not self._tasks:
+            self._loop.call_soon(self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if self._draining and not self._streams and not self._tasks:
+            self._close()
+
+    async def _serve(self, stream_id: int, st: StreamState, req: Request) -> None:
+        resp: Response | None = None
+        try:
+            try:
+                resp = await self._service(req)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the service failed before a response: 502
+                if st.reset is not None or self._closed:
+                    return
+                log.debug("stream %d: service failed: %r", stream_id, e)
+                resp = _error_response(e)
+            if st.reset is not None or self._closed:
+                resp.body.discard()
+                return
+            fields = response_fields(resp.status, resp.headers)
+            empty = body_is_empty(resp.body)
+            self._send_fields(stream_id, fields, empty)
+            st.headers_sent = True
+            if empty:
+                st.local_closed = True
+            else:
+                await self._send_body(stream_id, st, resp.body)
+            if not st.remote_closed and st.reset is None:
+                # Complete response while the client still sends: tell it to stop (RFC 9113 8.1).
+                if st.body is not None:
+                    st.body.discard()
+                self._reset_stream(stream_id, st, ErrorCodes.NO_ERROR)
+        except asyncio.CancelledError:
+            # Client reset or connection gone: release the upstream (its stream gets reset).
+            if resp is not None:
+                resp.body.discard()
+            if st.body is not None:
+                st.body.fail(H2ConnectionClosed("stream cancelled"))
+            self._reset_stream(stream_id, st, ErrorCodes.CANCEL)
+        except Exception as e:
+            # Headers are out (or the body failed): the only signal left is RST_STREAM.
+            log.debug("stream %d: failed after response headers: %r", stream_id, e)
+            if resp is not None:
+                resp.body.discard()
+            self._reset_stream(stream_id, st, error_code_for(e))
+        finally:
+            if st.body is not None and not st.body.discarded:
+                # Return any unread request bytes to the connection window (a handler that
+                # answered without reading must not shrink it for the streams that follow).
+                st.body.discard()
+            self._maybe_forget(stream_id, st)
+            if self._draining and not self._streams:
+                self._loop.call_soon(self._close_if_idle)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for k, v in headers:
+        if k == b"content-length" and v.isdigit():
+            return int(v)
+    return None
+
+
+def _error_response(exc: Exception) -> Response:
+    reason = (str(exc) or type(exc).__name__).replace("\r", " ").replace("\n", " ")[:200]
+    return Response(
+        status=502,
+        headers=[(b"content-type", b"text/plain"), (b"l5d-proxy-error", reason.encode("ascii", "replace"))],
+        body=BytesBody(b"upstream failed: " + reason.encode("ascii", "replace") + b"\n"),
+    )
