@@ -11,6 +11,11 @@ from collections.abc import Sequence
 # ``set_defaults(func=...)``; ``func(args) -> int`` is the exit status.
 COMMAND_MODULES = [
     "tether.cli.proxy_cmd",
+    "tether.cli.proxy_init_cmd",
+    "tether.cli.demo_cmd",
+    "tether.cli.identity_cmd",
+    "tether.cli.controller_cmd",
+    "tether.cli.check",
 ]
 
 

@@ -170,7 +170,7 @@ class Proxy:
         try:
             upstream, pending = await outbound.connect_tcp(target, timeout)
         except (OSError, TimeoutError) as e:
-            err = "connect_timeout" if isinstance(e, TimeoutError) else "connect_error"
+            err = "connect_timeout" if isinstance(e, TimeoutError) else "unexpected"
             self.metrics.tcp_error(side.direction, err, target)
             m_src.closed(err)
             log.info("%s TCP connect to %s:%d failed: %s", side.direction, target[0], target[1], e)
@@ -185,7 +185,7 @@ class Proxy:
             m_src.write_bytes += splice.stats.write_bytes
             m_dst.read_bytes += splice.stats.write_bytes
             m_dst.write_bytes += splice.stats.read_bytes
-            err = None if exc is None else "io"
+            err = None if exc is None else "i/o"
             m_src.closed(err)
             m_dst.closed(err)
 

@@ -27,6 +27,8 @@ CHUNK = 64 * 1024
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Head and body are separate writes: without TCP_NODELAY, Nagle + delayed ACK add 40 ms.
+    disable_nagle_algorithm = True
     server: BackendServer
 
     def log_message(self, format: str, *args: object) -> None:

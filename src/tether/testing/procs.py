@@ -92,24 +92,37 @@ class Proc:
 
 
 class ProxyProc(Proc):
-    """A ``tether proxy`` child process, ready when its admin /ready answers 200."""
+    """A ``tether proxy`` child process, ready when its admin /ready answers 200.
+
+    Ports left at 0 are picked free; if another process grabs one before the proxy binds it,
+    :meth:`wait_ready` restarts the proxy on new ports (up to three times).
+    """
 
     def __init__(self, workdir: Path, name: str = "proxy", netns: str | None = None,
                  env: dict[str, str] | None = None, host: str = "127.0.0.1", **flags: str | int | float) -> None:
-        self.admin_port = int(flags.pop("admin_port", 0)) or free_port()
-        self.outbound_port = int(flags.pop("outbound_port", 0)) or free_port()
-        self.inbound_port = int(flags.pop("inbound_port", 0)) or free_port()
+        self._fixed = {k: int(flags.pop(k, 0)) for k in ("admin_port", "outbound_port", "inbound_port")}
+        self._inbound_host = str(flags.pop("inbound_host", host))
         self.host = host
+        self.name = name
+        self._workdir = workdir
+        self._flags = flags
+        self._netns = netns
+        self._env = env
+        self._launch()
+
+    def _launch(self) -> None:
+        self.admin_port = self._fixed["admin_port"] or free_port()
+        self.outbound_port = self._fixed["outbound_port"] or free_port()
+        self.inbound_port = self._fixed["inbound_port"] or free_port()
         args = [
             sys.executable, "-m", "tether", "proxy",
-            "--admin-addr", f"{host}:{self.admin_port}",
-            "--outbound-addr", f"{host}:{self.outbound_port}",
-            "--inbound-addr", f"{flags.pop('inbound_host', host)}:{self.inbound_port}",
+            "--admin-addr", f"{self.host}:{self.admin_port}",
+            "--outbound-addr", f"{self.host}:{self.outbound_port}",
+            "--inbound-addr", f"{self._inbound_host}:{self.inbound_port}",
         ]
-        for k, v in flags.items():
+        for k, v in self._flags.items():
             args += ["--" + k.replace("_", "-"), str(v)]
-        super().__init__(args, workdir / f"{name}.log", env=env, netns=netns)
-        self.name = name
+        super().__init__(args, self._workdir / f"{self.name}.log", env=self._env, netns=self._netns)
 
     @property
     def admin(self) -> str:
@@ -124,16 +137,28 @@ class ProxyProc(Proc):
         return f"http://{self.host}:{self.inbound_port}"
 
     def wait_ready(self, timeout: float = 15.0) -> ProxyProc:
-        def ready() -> bool:
+        for _ in range(3):
+            try:
+                return self._wait_ready_once(timeout)
+            except RuntimeError:
+                if "address already in use" not in self.log() or any(self._fixed.values()):
+                    raise
+                self._log.close()
+                self._launch()
+        return self._wait_ready_once(timeout)
+
+    def _wait_ready_once(self, timeout: float) -> ProxyProc:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             if self.popen.poll() is not None:
                 raise RuntimeError(f"proxy {self.name} exited with {self.popen.returncode}:\n{self.log()}")
-            return http_get(self.admin + "/ready", timeout=1)[0] == 200
-
-        try:
-            wait_for(ready, timeout, what=f"proxy {self.name} ready")
-        except TimeoutError:
-            raise TimeoutError(f"proxy {self.name} not ready; log:\n{self.log()}") from None
-        return self
+            try:
+                if http_get(self.admin + "/ready", timeout=1)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"proxy {self.name} not ready after {timeout}s; log:\n{self.log()}")
 
     def metrics(self) -> str:
         return http_get(self.admin + "/metrics")[1].decode()

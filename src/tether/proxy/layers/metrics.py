@@ -186,19 +186,23 @@ class HttpMetricsService:
         return self._registry.http_for(key)
 
     async def __call__(self, req: Request, /) -> Response:
-        m = self.bind(req)
-        m.requests += 1
+        # Bound after the inner stack ran: the router and balancer below decide the target
+        # (authority, endpoint address) that labels the series.
         clock = self._clock
         start = clock()
         try:
             rsp = await self._inner(req)
         except BaseException as e:
+            m = self.bind(req)
+            m.requests += 1
             st = m.status(None)
             st.latency.observe((clock() - start) * 1000.0)
             # Not an Exception: the caller was cancelled (client gone, shutdown).
             error = ERROR_UNEXPECTED if isinstance(e, Exception) else ERROR_CANCELED
             st.response(FAILURE, None, error).count += 1
             raise
+        m = self.bind(req)
+        m.requests += 1
         code = rsp.status
         st = m.status(code)
         st.latency.observe((clock() - start) * 1000.0)
