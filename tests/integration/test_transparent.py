@@ -44,7 +44,8 @@ def pods(tmp_path: Path) -> Iterator[tuple[netns.Pod, netns.Pod, list[Proc]]]:
                            "--port", "8080", "--name", "server-pod"], tmp_path / "backend.log", netns=server.ns))
         procs.append(Proc([sys.executable, "-c", _TCP_ECHO], tmp_path / "tcp.log", netns=server.ns))
         for pod in (client, server):
-            wait_for(lambda pod=pod: pod.exec("curl", "-sf", "http://127.0.0.1:4191/ready", check=False).returncode == 0,
+            wait_for(lambda pod=pod: pod.exec("curl", "-sf", "http://127.0.0.1:4191/ready",
+                                              check=False).returncode == 0,
                      20, what=f"proxy in {pod.name} ready")
         wait_for(lambda: server.exec("curl", "-sf", "http://127.0.0.1:8080/", check=False).returncode == 0,
                  20, what="backend up")
@@ -87,8 +88,8 @@ def test_http_is_intercepted_on_both_sides(pods) -> None:  # type: ignore[no-unt
 def test_opaque_tcp_is_intercepted_and_server_speaks_first(pods) -> None:  # type: ignore[no-untyped-def]
     client, server, _ = pods
     script = (
-        "import socket; c = socket.create_connection(('%s', 9300), timeout=5); "
-        "print(c.recv(100).decode().strip()); c.sendall(b'hello'); print(c.recv(100).decode())" % server.ip
+        f"import socket; c = socket.create_connection(('{server.ip}', 9300), timeout=5); "
+        "print(c.recv(100).decode().strip()); c.sendall(b'hello'); print(c.recv(100).decode())"
     )
     r = client.exec(sys.executable, "-c", script)
     assert r.stdout.split() == ["banner", "HELLO"]

@@ -14,6 +14,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -24,7 +25,7 @@ from tether.testing.procs import Proc, ProxyProc, free_port, http_get, wait_for
 AUTHORITY = "web.demo.svc.cluster.local:80"
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     p = sub.add_parser("demo", help="run a local two-proxy mesh with a demo app and show its golden metrics")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of traffic (default 10)")
     p.add_argument("--rps", type=float, default=200.0, help="requests per second (default 200)")
@@ -71,6 +72,10 @@ async def _client(port: int, rps: float, duration: float, conns: int) -> tuple[i
     return ok, failed, lat
 
 
+def _direction_is(direction: str) -> Callable[[dict[str, str]], bool]:
+    return lambda labels: labels.get("direction") == direction
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return math.nan
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(f"{'proxy':<14} {'direction':<9} {'success':>8} {'rps':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
         for name, proxy, direction in (("client-proxy", outbound, "outbound"), ("web-proxy", inbound, "inbound")):
-            g = golden(parse(proxy.metrics()), lambda lb, d=direction: lb.get("direction") == d)
+            g = golden(parse(proxy.metrics()), _direction_is(direction))
             print(f"{name:<14} {direction:<9} {g.success_rate * 100:7.2f}% {g.requests / args.duration:8.1f} "
                   f"{g.p50_ms:8.2f} {g.p95_ms:8.2f} {g.p99_ms:8.2f}")
         if args.keep_running:

@@ -15,7 +15,7 @@ from tether.proxy.config import ConfigError, ProxyConfig
 _HIDDEN = {"extra"}
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     p = sub.add_parser(
         "proxy",
         help="run the sidecar proxy",

@@ -10,7 +10,7 @@ from tether.cli.main import CliError
 from tether.core.interception import InterceptionError, InterceptionOptions, cleanup_rules, rules
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     p = sub.add_parser("proxy-init", help="install iptables rules redirecting a pod's TCP through its proxy")
     p.add_argument("--incoming-proxy-port", type=int, default=4143)
     p.add_argument("--outgoing-proxy-port", type=int, default=4140)

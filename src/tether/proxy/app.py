@@ -9,10 +9,11 @@ within the grace period, closes idle keep-alive connections, sends GOAWAY on HTT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +23,10 @@ from tether.proxy.admin import AdminServer
 from tether.proxy.config import ProxyConfig
 from tether.proxy.detect import DetectProtocol
 from tether.proxy.discovery import StaticDiscovery
-from tether.proxy.logging import LogControl
 from tether.proxy.http.h1server import ConnectionRegistry, H1ServerProtocol
 from tether.proxy.http.h2server import H2ServerProtocol
 from tether.proxy.http.message import Connection, Service
+from tether.proxy.logging import LogControl
 from tether.proxy.metrics import MetricsRegistry
 from tether.proxy.tcp import Splice
 
@@ -57,6 +58,7 @@ class Proxy:
         self.inbound = _Side("inbound", in_http)
         self.admin: AdminServer | None = None
         self._stopping = asyncio.Event()
+        self._tcp_closed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.ready = False
 
@@ -67,8 +69,7 @@ class Proxy:
             self._spawn(self.discovery.run())
         for side, addr in ((self.outbound, self.cfg.outbound_addr), (self.inbound, self.cfg.inbound_addr)):
             side.server = await loop.create_server(
-                lambda s=side: DetectProtocol(s.direction, self.cfg, lambda *a, s=s: self._on_detected(s, *a)),
-                addr[0], addr[1], reuse_address=True, backlog=1024,
+                self._detector(side), addr[0], addr[1], reuse_address=True, backlog=1024,
             )
             sock = side.server.sockets[0].getsockname()
             log.info("%s listener on %s:%d", side.direction, sock[0], sock[1])
@@ -77,6 +78,13 @@ class Proxy:
         )
         await self.admin.start()
         self.ready = True
+
+    def _detector(self, side: _Side) -> Callable[[], DetectProtocol]:
+        def on_detected(what: Detected, transport: asyncio.Transport, conn: Connection, buf: bytes,
+                        eof: bool) -> None:
+            self._on_detected(side, what, transport, conn, buf, eof)
+
+        return lambda: DetectProtocol(side.direction, self.cfg, on_detected)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -98,14 +106,17 @@ class Proxy:
         for side in (self.outbound, self.inbound):
             if side.server is not None:
                 side.server.close()
-        drains = []
+        drains: list[Coroutine[Any, Any, object]] = []
         for side in (self.outbound, self.inbound):
             drains.append(side.h1.drain(grace))
             drains.extend(h2.drain(grace) for h2 in list(side.h2))
         results = await asyncio.gather(*drains, return_exceptions=True)
         # Opaque streams have no request boundary: give them the rest of the grace period.
         while any(side.tcp for side in (self.outbound, self.inbound)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            self._tcp_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._tcp_closed.wait()
         for side in (self.outbound, self.inbound):
             for splice in list(side.tcp):
                 splice.abort()
@@ -181,6 +192,7 @@ class Proxy:
 
         def on_close(splice: Splice, exc: Exception | None) -> None:
             side.tcp.discard(splice)
+            self._tcp_closed.set()
             m_src.read_bytes += splice.stats.read_bytes
             m_src.write_bytes += splice.stats.write_bytes
             m_dst.read_bytes += splice.stats.write_bytes

@@ -165,7 +165,9 @@ class Balancer:
 
     # -- discovery ---------------------------------------------------------------------------------
     def update(self, add: Iterable[Endpoint] = (), remove: Iterable[Addr] = ()) -> None:
-        """Remove addresses, then add (or update) endpoints."""
+        """Remove addresses, then add (or update) endpoints. Call it on the event loop's thread."""
+        if self._closed:
+            return
         now = self._clock()
         for addr in remove:
             slot = self._slots.pop(addr, None)

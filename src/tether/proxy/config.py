@@ -46,12 +46,11 @@ def parse_ports(text: str, setting: str) -> frozenset[int]:
 def parse_duration(text: str, setting: str) -> float:
     """Parse ``100ms``, ``10s``, ``2m``, ``1h`` or a bare number of seconds."""
     t = text.strip()
-    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+    num, scale = t, 1.0
+    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
         if t.endswith(suffix):
-            num = t[: -len(suffix)]
+            num, scale = t[: -len(suffix)], factor
             break
-    else:
-        num, scale = t, 1.0
     try:
         value = float(num) * scale
     except ValueError:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 
 from tether.proxy.config import ProxyConfig
-from tether.proxy.errors import ConnectError, UpstreamError
+from tether.proxy.errors import ConnectError, ConnectTimeoutError, UpstreamError
 from tether.proxy.http.h1client import Connector, H1Pool
 from tether.proxy.http.message import Request, Response
 
@@ -74,7 +74,8 @@ class HttpEndpoint:
                     else:
                         _, proto = await loop.create_connection(lambda: H2ClientConnection(self.cfg), host, port)
             except TimeoutError:
-                raise ConnectError(f"connect to {host}:{port} timed out after {self.connect_timeout:g}s") from None
+                raise ConnectTimeoutError(
+                    f"connect to {host}:{port} timed out after {self.connect_timeout:g}s") from None
             except OSError as e:
                 raise ConnectError(f"connect to {host}:{port} failed: {e.strerror or e}") from None
             self._h2 = proto

@@ -94,8 +94,13 @@ class Router:
         watch = self.discovery.watch(authority)
         if watch is None:
             return None
-        bal = Balancer(self.make_endpoint, self.cfg, name=authority)
-        self._feeds[authority] = asyncio.get_running_loop().create_task(feed(watch, bal))
+        key = watch.authority  # normalized: "web" and "web:80" share one balancer
+        bal = self._balancers.get(key)
+        if bal is None:
+            bal = Balancer(self.make_endpoint, self.cfg, name=key)
+            bal.replace(watch.endpoints)  # the snapshot now, so the first request need not queue
+            self._feeds[key] = asyncio.get_running_loop().create_task(feed(watch, bal))
+            self._balancers[key] = bal
         self._balancers[authority] = bal
         return bal
 
@@ -107,7 +112,7 @@ class Router:
         try:
             infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM, 0,
                                        socket.AI_NUMERICHOST)
-            target = (infos[0][4][0], port)
+            target = (str(infos[0][4][0]), port)
         except socket.gaierror:
             target = (host, port)  # resolved at connect time
         if target in self.own_addrs or (target[1] in {a[1] for a in self.own_addrs}
@@ -118,7 +123,7 @@ class Router:
     async def aclose(self) -> None:
         for task in self._feeds.values():
             task.cancel()
-        for bal in self._balancers.values():
+        for bal in set(self._balancers.values()):
             await bal.aclose()
         for svc in self._direct.values():
             close = getattr(svc, "aclose", None)

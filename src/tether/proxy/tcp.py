@@ -146,10 +146,6 @@ class Splice:
             self._done = True
             if self._on_close is not None:
                 self._on_close(self, self.error)
-        elif not self._done and (self.client.transport is None or self.server.transport is None):
-            self._done = True
-            if self._on_close is not None:
-                self._on_close(self, self.error)
 
     def abort(self) -> None:
         for half in (self.client, self.server):

@@ -67,7 +67,7 @@ def _detect_http1(data: bytes, at_limit: bool) -> Detected:
     return Detected.OPAQUE
 
 
-def client_hello_sni(data: bytes) -> str | None | Detected:
+def client_hello_sni(data: bytes) -> str | Detected | None:
     """The SNI server name of a TLS ClientHello, None if it has none, NEED_MORE if truncated.
 
     Returns ``Detected.OPAQUE`` when the bytes are not a well-formed ClientHello.

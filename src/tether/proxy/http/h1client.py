@@ -17,7 +17,7 @@ import httptools
 
 from tether.core.http import h1
 from tether.proxy.config import ProxyConfig
-from tether.proxy.errors import ConnectError, UpstreamError
+from tether.proxy.errors import ConnectError, ConnectTimeoutError, UpstreamError
 from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
 from tether.proxy.http.message import Request, Response
 
@@ -210,10 +210,7 @@ class H1ClientConnection(asyncio.Protocol):
             data = await body.read()
             rest = await body.read() if data else b""
             data += rest
-            if data or req.method in _BODY_METHODS:
-                framing = h1.Framing(len(data), False)
-            else:
-                framing = h1.NO_BODY
+            framing = h1.Framing(len(data), False) if data or req.method in _BODY_METHODS else h1.NO_BODY
             transport.write(h1.encode_request_head(req.method, req.path, "1.1", headers, framing) + data)
             self._request_sent = True
         else:
@@ -320,9 +317,7 @@ class H1Pool:
             try:
                 return await conn.send(req)
             except _Stale:
-                if not req.body.is_end_known() and not isinstance(req.body, EmptyBody):
-                    raise UpstreamError("upstream closed a reused connection") from None
-                # The body was fully buffered and consumed: only bodiless requests are replayable.
+                # Only a bodiless request can be sent again: a body was consumed by the first try.
                 if not isinstance(req.body, EmptyBody):
                     raise UpstreamError("upstream closed a reused connection") from None
         conn = await self._connect()
@@ -349,7 +344,7 @@ class H1Pool:
                 else:
                     _, proto = await loop.create_connection(lambda: H1ClientConnection(self), host, port)
         except TimeoutError:
-            raise ConnectError(f"connect to {host}:{port} timed out after {self.connect_timeout:g}s") from None
+            raise ConnectTimeoutError(f"connect to {host}:{port} timed out after {self.connect_timeout:g}s") from None
         except OSError as e:
             raise ConnectError(f"connect to {host}:{port} failed: {e.strerror or e}") from None
         assert isinstance(proto, H1ClientConnection)

@@ -177,7 +177,7 @@ class H1ServerProtocol(asyncio.Protocol):
         target = self._url
         if target[:1] != b"/" and method != b"CONNECT" and target != b"*":
             # absolute-form (explicit proxy use): authority from the target.
-            scheme, sep, rest = target.partition(b"://")
+            _scheme, sep, rest = target.partition(b"://")
             if not sep:
                 raise h1.H1Error(400, "request target is neither origin-form nor absolute-form")
             authority, slash, path = rest.partition(b"/")

@@ -11,7 +11,7 @@ from tether.proxy.http.message import Request, Response, Service
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, reason: str, grpc: bool = False) -> Response:
+def error_response(status: int, reason: str, grpc: bool = False, grpc_status: int | None = None) -> Response:
     """A proxy-generated response: the reason in ``l5d-proxy-error`` and in the body.
 
     For gRPC clients the status is 200 with ``grpc-status``/``grpc-message`` headers (a
@@ -19,7 +19,10 @@ def error_response(status: int, reason: str, grpc: bool = False) -> Response:
     """
     headers = [(b"l5d-proxy-error", reason.encode("ascii", "replace"))]
     if grpc:
-        code = {503: b"14", 504: b"4", 403: b"7", 429: b"8"}.get(status, b"14")  # UNAVAILABLE
+        if grpc_status is not None:
+            code = str(grpc_status).encode()
+        else:
+            code = {503: b"14", 504: b"4", 403: b"7", 429: b"8"}.get(status, b"14")  # UNAVAILABLE
         headers += [
             (b"content-type", b"application/grpc"),
             (b"grpc-status", code),
@@ -48,4 +51,5 @@ class ErrorResponses:
             return await self.inner(req)
         except ProxyError as e:
             log.debug("%s %s -> %d %s", req.method.decode(), req.authority.decode("latin-1"), e.status, e.reason)
-            return error_response(e.status, e.reason, grpc=req.version == "2" and is_grpc(req))
+            return error_response(e.status, e.reason, grpc=req.version == "2" and is_grpc(req),
+                                  grpc_status=getattr(e, "grpc_status", None))
