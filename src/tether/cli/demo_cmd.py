@@ -1,6 +1,7 @@
 """``tether demo``: a real two-proxy mesh on loopback with traffic and its golden metrics.
 
-client --HTTP--> outbound proxy --(mesh)--> inbound proxy --HTTP--> web app
+client --HTTP--> outbound proxy --mTLS--> inbound proxy --HTTP--> web app
+                        (identities from a local identity service)
 
 The client is a load generator holding a fixed request rate over keep-alive connections; the
 result is read back from both proxies' /metrics, the way a user would read it.
@@ -20,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from tether.core.golden import golden, parse
-from tether.testing.procs import Proc, ProxyProc, free_port, http_get, wait_for
+from tether.testing.mesh import LocalMesh
+from tether.testing.procs import Proc, free_port, http_get, wait_for
 
 AUTHORITY = "web.demo.svc.cluster.local:80"
 
@@ -87,23 +89,27 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tether-demo-"))
     work.mkdir(parents=True, exist_ok=True)
+    mesh = LocalMesh(work)
     procs: list[Proc] = []
     try:
+        mesh.create_ca()
+        mesh.start_identity()
+        web, client = mesh.workload("web"), mesh.workload("client")
         app_port = free_port()
         procs.append(Proc([sys.executable, "-m", "tether.testing.backend", "--port", str(app_port),
                            "--name", "web"], work / "web.log"))
-        inbound = ProxyProc(work, "web-proxy", inbound_app_addr=f"127.0.0.1:{app_port}")
-        procs.append(inbound)
+        inbound = mesh.proxy(web, ready=False, inbound_app_addr=f"127.0.0.1:{app_port}")
         dst = work / "destinations.yaml"
         dst.write_text(yaml.safe_dump({"destinations": {
-            AUTHORITY: [{"addr": f"127.0.0.1:{app_port}", "proxy_port": inbound.inbound_port}],
+            AUTHORITY: [{"addr": f"127.0.0.1:{app_port}", "proxy_port": inbound.inbound_port,
+                         "identity": web.identity}],
         }}))
-        outbound = ProxyProc(work, "client-proxy", destinations_file=str(dst))
-        procs.append(outbound)
-        inbound.wait_ready()
-        outbound.wait_ready()
+        outbound = mesh.proxy(client, ready=False, destinations_file=str(dst))
+        inbound.wait_ready(30)
+        outbound.wait_ready(30)
         wait_for(lambda: http_get(f"http://127.0.0.1:{app_port}/")[0] == 200, 10, what="demo app up")
         print(f"tether demo: mesh up in {work}")
+        print(f"  identity        {mesh.identity_addrs[0]} (trust anchor {mesh.anchors})")
         print(f"  web app         127.0.0.1:{app_port}")
         print(f"  web's proxy     inbound 127.0.0.1:{inbound.inbound_port}, admin {inbound.admin}")
         print(f"  client's proxy  outbound 127.0.0.1:{outbound.outbound_port}, admin {outbound.admin}")
@@ -113,11 +119,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"client saw: {ok} ok, {failed} failed; latency p50 {_pct(lat, 0.5):.2f} ms, "
               f"p99 {_pct(lat, 0.99):.2f} ms")
         print()
-        print(f"{'proxy':<14} {'direction':<9} {'success':>8} {'rps':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+        print("golden metrics, read from each proxy's /metrics (mTLS between the proxies):")
+        print(f"{'proxy':<14} {'direction':<9} {'success':>8} {'rps':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+              "  tls / peer identity")
         for name, proxy, direction in (("client-proxy", outbound, "outbound"), ("web-proxy", inbound, "inbound")):
-            g = golden(parse(proxy.metrics()), _direction_is(direction))
+            samples = parse(proxy.metrics())
+            g = golden(samples, _direction_is(direction))
+            peers = {(lb.get("tls", ""), lb.get("server_id") or lb.get("client_id") or "-")
+                     for n, lb, _ in samples if n == "request_total" and lb.get("direction") == direction}
+            peer = ", ".join(f"tls={t} {i}" for t, i in sorted(peers))
             print(f"{name:<14} {direction:<9} {g.success_rate * 100:7.2f}% {g.requests / args.duration:8.1f} "
-                  f"{g.p50_ms:8.2f} {g.p95_ms:8.2f} {g.p99_ms:8.2f}")
+                  f"{g.p50_ms:8.2f} {g.p95_ms:8.2f} {g.p99_ms:8.2f}  {peer}")
         if args.keep_running:
             print("\nmesh left running; Ctrl-C to stop")
             try:
@@ -129,3 +141,4 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for p in reversed(procs):
             p.stop()
+        mesh.close()

@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         return run_proxy(cfg, control)
     except DiscoveryError as e:
         raise CliError(f"--destinations-file: {e}") from None
+    except ConfigError as e:
+        raise CliError(str(e)) from None
     except OSError as e:
         # Most often a listener address already in use.
         raise CliError(f"cannot start the proxy: {e}") from None

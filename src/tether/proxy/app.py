@@ -18,15 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.core.http.detect import Detected
+from tether.core.identity.certs import CertificateError
 from tether.proxy import inbound, outbound
 from tether.proxy.admin import AdminServer
-from tether.proxy.config import ProxyConfig
+from tether.proxy.config import ConfigError, ProxyConfig
 from tether.proxy.detect import DetectProtocol
 from tether.proxy.discovery import StaticDiscovery
 from tether.proxy.http.h1server import ConnectionRegistry, H1ServerProtocol
 from tether.proxy.http.h2server import H2ServerProtocol
 from tether.proxy.http.message import Connection, Service
+from tether.proxy.identity import IdentityClient, IdentityClientConfig
 from tether.proxy.logging import LogControl
+from tether.proxy.meshtls import MeshTlsListener
 from tether.proxy.metrics import MetricsRegistry
 from tether.proxy.tcp import Splice
 
@@ -51,12 +54,16 @@ class Proxy:
         self.log_control = log_control or LogControl(cfg.log_level)
         self.metrics = MetricsRegistry()
         self.discovery = StaticDiscovery(cfg.destinations_file) if cfg.destinations_file else None
+        self.identity = identity_client(cfg)
+        if self.identity is not None:
+            self.metrics.add_source(self.identity.metrics_lines)
         own = {cfg.outbound_addr, cfg.inbound_addr}
-        out_http, self._router = outbound.build_http_stack(cfg, self.metrics, self.discovery, own)
+        out_http, self._router = outbound.build_http_stack(cfg, self.metrics, self.discovery, own, self.identity)
         in_http, self._local = inbound.build_http_stack(cfg, self.metrics)
         self.outbound = _Side("outbound", out_http)
         self.inbound = _Side("inbound", in_http)
         self.admin: AdminServer | None = None
+        self._mesh_listener: MeshTlsListener | None = None
         self._stopping = asyncio.Event()
         self._tcp_closed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -67,17 +74,31 @@ class Proxy:
         loop = asyncio.get_running_loop()
         if self.discovery is not None:
             self._spawn(self.discovery.run())
+        if self.identity is not None:
+            self._spawn(self.identity.run())
         for side, addr in ((self.outbound, self.cfg.outbound_addr), (self.inbound, self.cfg.inbound_addr)):
+            if side is self.inbound and self.identity is not None:
+                self._mesh_listener = MeshTlsListener(
+                    self.cfg, self.identity, addr, self._detector(side),
+                    on_handshake_error=lambda err: self.metrics.tcp_error("inbound", err))
+                host, port = self._mesh_listener.start()
+                log.info("inbound listener on %s:%d (mesh mTLS as %s)", host, port, self.identity.identity.dns_name)
+                continue
             side.server = await loop.create_server(
                 self._detector(side), addr[0], addr[1], reuse_address=True, backlog=1024,
             )
             sock = side.server.sockets[0].getsockname()
             log.info("%s listener on %s:%d", side.direction, sock[0], sock[1])
         self.admin = AdminServer(
-            self.cfg, self.metrics, self.log_control, ready=lambda: self.ready, shutdown=self.request_stop,
+            self.cfg, self.metrics, self.log_control, ready=self._is_ready, shutdown=self.request_stop,
+            identity=self.identity.identity_json if self.identity is not None else None,
         )
         await self.admin.start()
         self.ready = True
+
+    def _is_ready(self) -> bool:
+        # Not ready until the first certificate: meshed peers could not talk to us yet.
+        return self.ready and (self.identity is None or self.identity.ready)
 
     def _detector(self, side: _Side) -> Callable[[], DetectProtocol]:
         def on_detected(what: Detected, transport: asyncio.Transport, conn: Connection, buf: bytes,
@@ -106,6 +127,8 @@ class Proxy:
         for side in (self.outbound, self.inbound):
             if side.server is not None:
                 side.server.close()
+        if self._mesh_listener is not None:
+            self._mesh_listener.close()
         drains: list[Coroutine[Any, Any, object]] = []
         for side in (self.outbound, self.inbound):
             drains.append(side.h1.drain(grace))
@@ -167,8 +190,8 @@ class Proxy:
             target = conn.orig_dst
             timeout = self.cfg.outbound_connect_timeout
         else:
-            target = inbound.local_target(self.cfg, conn.orig_dst, None) if (
-                conn.orig_dst or self.cfg.inbound_app_addr) else None
+            target = inbound.local_target(self.cfg, conn.orig_dst, conn.target_port) if (
+                conn.orig_dst or conn.target_port or self.cfg.inbound_app_addr) else None
             timeout = self.cfg.inbound_connect_timeout
         tls = conn.tls
         if target is None:
@@ -208,6 +231,30 @@ class Proxy:
             splice.client.eof_received()
         if pending.eof:
             splice.server.eof_received()
+
+
+def identity_client(cfg: ProxyConfig) -> IdentityClient | None:
+    """The identity client the config asks for, or None (plaintext only)."""
+    if not cfg.identity_name:
+        return None
+    missing = [flag for flag, value in (
+        ("--identity-token-path", cfg.identity_token_path),
+        ("--identity-trust-anchors", cfg.identity_trust_anchors),
+        ("--identity-addrs", cfg.identity_addrs),
+    ) if not value]
+    if missing:
+        raise ConfigError(f"--identity-name is set but {', '.join(missing)} is not")
+    assert cfg.identity_token_path and cfg.identity_trust_anchors and cfg.identity_addrs
+    try:
+        return IdentityClient(IdentityClientConfig(
+            identity=cfg.identity_name,
+            token_path=cfg.identity_token_path,
+            trust_anchors_path=cfg.identity_trust_anchors,
+            identity_addrs=[a.strip() for a in cfg.identity_addrs.split(",") if a.strip()],
+            key_path=cfg.identity_key_path,
+        ))
+    except (ValueError, CertificateError) as e:
+        raise ConfigError(f"identity: {e}") from None
 
 
 async def serve(cfg: ProxyConfig, log_control: LogControl | None = None) -> int:

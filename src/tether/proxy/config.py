@@ -106,8 +106,14 @@ class ProxyConfig:
     log_format: str = "plain"  # plain | json
     # Static discovery: authority -> endpoints (see tether.proxy.discovery).
     destinations_file: str | None = None
-    # Identity (see tether.proxy.identity); empty means plaintext only.
-    identity_dir: str | None = None
+    # Identity (see tether.proxy.identity): with identity_name set the proxy gets a certificate from
+    # the identity service and speaks mTLS to meshed peers; unset means plaintext only.
+    identity_name: str | None = None  # <sa>.<ns>.serviceaccount.identity.<cp-ns>.<trust-domain>
+    identity_token_path: str | None = None
+    identity_trust_anchors: str | None = None  # PEM bundle of one or more anchors
+    identity_addrs: str | None = None  # comma-separated host:port of identity service replicas
+    identity_key_path: str | None = None  # write the private key here (default: memory only)
+    identity_handshake_timeout: float = 10.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod

@@ -13,9 +13,11 @@ import logging
 import socket
 from collections.abc import Callable
 
+from tether.core import transport_header
 from tether.core.http.detect import Detected, detect, looks_like_http1_prefix
 from tether.proxy.config import ProxyConfig
 from tether.proxy.http.message import Connection
+from tether.proxy.identity import peer_identity
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ class DetectProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            # Mesh mTLS was terminated before detection: the client's identity is verified.
+            self.tls = True
+            self.client_id = peer_identity(ssl_object)
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         dst = original_dst(transport)
@@ -87,9 +94,31 @@ class DetectProtocol(asyncio.Protocol):
             self._header_timer = asyncio.get_running_loop().call_later(
                 self.cfg.header_read_timeout, self._on_header_timeout)
         self._buf += data
+        if self.tls and transport_header.is_prefix(self._buf):
+            self._read_transport_header()
+            return
         result = detect(self._buf, self.cfg.detect_peek_bytes)
         if result is not Detected.NEED_MORE:
             self._decide(result)
+
+    def _read_transport_header(self) -> None:
+        assert self.conn is not None
+        try:
+            got = transport_header.decode(self._buf)
+        except transport_header.TransportHeaderError as e:
+            log.info("bad transport header from %s: %s; closing", self.conn.peer, e)
+            self._done = True
+            self._cancel_timers()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if got is None:
+            return  # need more bytes
+        header, used = got
+        self._buf = self._buf[used:]
+        self.conn.target_port = header.port
+        # Linkerd sends opaque streams with the header; the stream after it is forwarded as is.
+        self._decide(Detected.OPAQUE)
 
     def eof_received(self) -> bool:
         if not self._done:

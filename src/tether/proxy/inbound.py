@@ -38,9 +38,7 @@ class LocalForward:
 
     async def __call__(self, req: Request) -> Response:
         conn = req.conn
-        hint = req.extensions.get("transport_port")
-        target = local_target(self.cfg, conn.orig_dst if conn else None,
-                              hint if isinstance(hint, int) else None)
+        target = local_target(self.cfg, conn.orig_dst if conn else None, conn.target_port if conn else None)
         req.extensions["target_addr"] = target
         ep = self._endpoints.get(target)
         if ep is None:

@@ -23,9 +23,11 @@ from tether.proxy.discovery import StaticDiscovery, feed
 from tether.proxy.endpoint import HttpEndpoint
 from tether.proxy.errors import ProxyError, UnavailableError
 from tether.proxy.http.message import Request, Response, Service
+from tether.proxy.identity import IdentityClient
 from tether.proxy.layers.errors import ErrorResponses
 from tether.proxy.layers.metrics import HttpMetricsService
 from tether.proxy.layers.timeout import ResponseTimeout
+from tether.proxy.meshtls import tls_connector
 from tether.proxy.metrics import MetricsRegistry
 from tether.proxy.tcp import Pending
 
@@ -131,18 +133,45 @@ class Router:
                 await close()
 
 
+class EndpointLabels:
+    """Layer: label the request with its endpoint (``target_addr``) and, over mTLS, the identity
+    the peer proved (``server_id``), for the metrics layer above."""
+
+    def __init__(self, inner: Service, target: tuple[str, int], server_id: str | None) -> None:
+        self.inner = inner
+        self.target = target
+        self.server_id = server_id
+
+    async def __call__(self, req: Request) -> Response:
+        ext = req.extensions
+        ext["target_addr"] = self.target
+        if self.server_id is not None:
+            ext["server_id"] = self.server_id
+        return await self.inner(req)
+
+    async def aclose(self) -> None:
+        close = getattr(self.inner, "aclose", None)
+        if close is not None:
+            await close()
+
+
 def build_http_stack(
     cfg: ProxyConfig,
     metrics: MetricsRegistry,
     discovery: StaticDiscovery | None,
     own_addrs: set[tuple[str, int]],
+    identity: IdentityClient | None = None,
 ) -> tuple[Service, Router]:
     """The outbound HTTP stack, outermost layer last."""
 
     def make_endpoint(ep: Endpoint) -> Service:
-        # A meshed endpoint is reached through its proxy's inbound port.
+        # A meshed endpoint is reached through its proxy's inbound port, over mTLS when both
+        # sides have identities.
         addr = (ep.addr[0], ep.proxy_port) if ep.proxy_port else ep.addr
-        return HttpEndpoint(addr, cfg)
+        if ep.identity and identity is not None:
+            conn = tls_connector(identity, cfg, addr, ep.identity)
+            return EndpointLabels(HttpEndpoint(addr, cfg, connector=conn), ep.addr, ep.identity)
+        return EndpointLabels(HttpEndpoint(addr, cfg), ep.addr, None)
 
     router = Router(cfg, discovery, make_endpoint, own_addrs)
     svc: Service = router  # authority -> balancer (P2C + peak-EWMA + failure accrual) -> endpoint

@@ -156,15 +156,7 @@ class H2Protocol(asyncio.Protocol):
         self._h2 = BoundedH2Connection(
             h2.config.H2Configuration(client_side=client_side, header_encoding=None)
         )
-        self._h2.local_settings = h2.settings.Settings(
-            client=client_side,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: config.h2_max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: config.h2_initial_window,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: config.max_header_bytes,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
+        self._h2.local_settings = self._local_settings(config.h2_max_concurrent_streams)
         self._h2.decoder.max_header_list_size = config.max_header_bytes
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, StreamState] = {}
@@ -174,6 +166,17 @@ class H2Protocol(asyncio.Protocol):
         self._closed = False
         self._close_error: H2Error | None = None
         self._loop = asyncio.get_event_loop()
+
+    def _local_settings(self, max_streams: int) -> h2.settings.Settings:
+        return h2.settings.Settings(
+            client=self._h2.config.client_side,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.config.h2_initial_window,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.config.max_header_bytes,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -8,8 +8,8 @@ Usage (after protocol detection has read ``initial`` bytes, possibly the whole p
     ...
     await proto.drain(grace)              # on SIGTERM: GOAWAY, finish in-flight streams, close
 
-Bounds: SETTINGS_MAX_CONCURRENT_STREAMS from the config (h2 treats a violation as a connection
-error; handlers still running after a reset count too, and extra streams get REFUSED_STREAM);
+Bounds: SETTINGS_MAX_CONCURRENT_STREAMS from the config (streams beyond it, counting handlers still
+unwinding after a reset, get REFUSED_STREAM; beyond twice the bound h2 ends the connection);
 rapid reset (CVE-2023-44487): more than ``h2_max_resets_per_window`` client resets within
 ``h2_reset_window`` seconds ends the connection with GOAWAY(ENHANCE_YOUR_CALM).
 """
@@ -53,6 +53,7 @@ class H2ServerProtocol(H2Protocol):
         self._draining = False
         self._goaway_last: int | None = None
         self._done: asyncio.Future[None] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.streams_served = 0
 
     # -- public ------------------------------------------------------------------------------
@@ -105,8 +106,20 @@ class H2ServerProtocol(H2Protocol):
             self._flush()
             self._transport.close()
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # advertises h2_max_concurrent_streams
+        # A client may open streams before it has read our SETTINGS (RFC 9113 section 6.5.2
+        # gives it no limit until then). h2 would end the whole connection for that, so h2's own
+        # check gets headroom and streams over the advertised bound get REFUSED_STREAM instead
+        # (_on_request); only a client far beyond the bound loses the connection.
+        limit = self.config.h2_max_concurrent_streams
+        self._h2.local_settings = self._local_settings(2 * limit + 16)
+        self._arm_idle_timer()
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         for t in list(self._tasks):
             t.cancel()
         if self._done is not None and not self._done.done():
@@ -153,7 +166,10 @@ class H2ServerProtocol(H2Protocol):
         task = self._loop.create_task(self._serve(stream_id, st, req))
         st.task = task
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.streams_served += 1
 
     def _stream_reset(self, stream_id: int, st: StreamState, err: H2Error) -> None:
@@ -189,6 +205,27 @@ class H2ServerProtocol(H2Protocol):
         self._goaway_last = self._h2.highest_inbound_stream_id
         if not self._tasks:
             self._close()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self._tasks:
+            self._arm_idle_timer()
+
+    def _arm_idle_timer(self) -> None:
+        # A connection with no stream for idle_timeout is closed (GOAWAY first), so clients that
+        # connect and go quiet hold no resources for ever.
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if not self._closed and self.config.idle_timeout > 0:
+            self._idle_timer = self._loop.call_later(self.config.idle_timeout, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self._idle_timer = None
+        if self._tasks or self._closed:
+            return
+        self._draining = True
+        self._write_goaway(ErrorCodes.NO_ERROR, self._h2.highest_inbound_stream_id)
+        self._close()
 
     def _stream_forgotten(self, stream_id: int) -> None:
         if self._draining and not self._streams and not self._tasks:

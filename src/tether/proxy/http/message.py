@@ -28,6 +28,7 @@ class Connection:
     tls: bool = False
     client_id: str | None = None  # the peer proxy's verified identity (inbound mTLS)
     protocol: str = "http/1"  # "http/1" | "h2" | "tcp"
+    target_port: int | None = None  # the application port a peer proxy named (transport header)
 
 
 @dataclass(slots=True)

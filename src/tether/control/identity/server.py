@@ -1,0 +1,220 @@
+"""`tether controller identity`: the identity service over gRPC, with an admin server for /metrics and /ready.
+
+Stateless over its issuer files, so several replicas can serve the same issuer; proxies list all of
+their addresses and fail over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tether.api.gen import identity_pb2, identity_pb2_grpc
+from tether.control.identity.credentials import CredentialPaths, FileIssuer
+from tether.control.identity.local_tokens import LocalTokenValidator
+from tether.control.identity.ratelimit import RateLimiter
+from tether.control.identity.service import CertifyError, IdentityService, TokenValidator
+from tether.core.identity.issuance import IssuancePolicy
+from tether.platform.local.workloads import WorkloadRegistry
+
+log = logging.getLogger("tether.identity")
+
+MAX_MESSAGE_BYTES = 64 * 1024
+ADMIN_READ_TIMEOUT = 5.0
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class IdentityServerConfig:
+    addr: tuple[str, int] = ("0.0.0.0", 8080)
+    admin_addr: tuple[str, int] = ("127.0.0.1", 9990)
+    trust_domain: str = "cluster.local"
+    control_plane_ns: str = "linkerd"
+    paths: CredentialPaths | None = None
+    state_dir: str = ".tether"
+    issuance_lifetime: float = 24 * 3600.0
+    clock_skew: float = 20.0
+    reload_interval: float = 5.0
+    rate: float = 10.0
+    burst: int = 20
+    max_concurrent_rpcs: int = 1000
+
+
+class _Servicer(identity_pb2_grpc.IdentityServicer):
+    def __init__(self, service: IdentityService) -> None:
+        self.service = service
+
+    async def Certify(
+        self, request: identity_pb2.CertifyRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.CertifyResponse:
+        caller = _peer_host(context.peer() or "unknown")
+        try:
+            leaf = await self.service.certify(
+                request.identity, request.token, request.certificate_signing_request, caller
+            )
+        except CertifyError as e:
+            log.info("Certify %r from %s refused (%s): %s", request.identity[:256], caller, e.code, e)
+            await context.abort(getattr(grpc.StatusCode, e.code), str(e))
+            raise  # unreachable: abort raises
+        ts = Timestamp()
+        ts.FromDatetime(leaf.not_after)
+        log.info("issued %s to %s, valid until %s", request.identity, caller, leaf.not_after.isoformat())
+        return identity_pb2.CertifyResponse(
+            leaf_certificate=leaf.leaf_der,
+            intermediate_certificates=list(leaf.intermediates_der),
+            valid_until=ts,
+        )
+
+
+def _peer_host(peer: str) -> str:
+    # "ipv4:127.0.0.1:5432" / "ipv6:[::1]:5432" -> the host; the port changes per connection.
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, _, _port = rest.rpartition(":")
+        return host.strip("[]")
+    return peer
+
+
+class IdentityController:
+    """The running service: gRPC server, issuer reload loop, admin server."""
+
+    def __init__(self, cfg: IdentityServerConfig, validator: TokenValidator | None = None) -> None:
+        if cfg.paths is None:
+            raise ValueError("issuer paths are required")
+        self.cfg = cfg
+        policy = IssuancePolicy(
+            dt.timedelta(seconds=cfg.issuance_lifetime), dt.timedelta(seconds=cfg.clock_skew)
+        )
+        # Raises CertificateError when the issuer cannot be used: the caller prints it and exits.
+        self.issuer = FileIssuer(cfg.paths, policy, utcnow)
+        self.service = IdentityService(
+            validator or LocalTokenValidator(WorkloadRegistry(cfg.state_dir)),
+            self.issuer,
+            cfg.trust_domain,
+            cfg.control_plane_ns,
+            RateLimiter(cfg.rate, cfg.burst, time.monotonic),
+            utcnow,
+        )
+        self.grpc_port: int | None = None
+        self.admin_port: int | None = None
+        self.serving = asyncio.Event()
+
+    def metrics_text(self) -> str:
+        now = utcnow()
+        cur = self.issuer.current
+        exp = cur.issuer.certificate.not_valid_after_utc.timestamp()
+        lines = [
+            "# HELP identity_cert_expiration_timestamp_seconds Time when the issuer certificate expires "
+            "(seconds since the UNIX epoch).",
+            "# TYPE identity_cert_expiration_timestamp_seconds gauge",
+            f"identity_cert_expiration_timestamp_seconds {exp:.0f}",
+            "# HELP issuer_cert_ttl_seconds Seconds until the issuer expires (negative once expired).",
+            "# TYPE issuer_cert_ttl_seconds gauge",
+            f"issuer_cert_ttl_seconds {exp - now.timestamp():.0f}",
+            "# HELP identity_trust_anchor_expiration_timestamp_seconds Time when each trust anchor expires.",
+            "# TYPE identity_trust_anchor_expiration_timestamp_seconds gauge",
+        ]
+        for a in cur.bundle.anchors:
+            subject = a.subject.rfc4514_string().replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(
+                f'identity_trust_anchor_expiration_timestamp_seconds{{subject="{subject}"}} '
+                f"{a.not_valid_after_utc.timestamp():.0f}"
+            )
+        lines += [
+            "# HELP identity_issuer_reloads_total Issuer reloads after its files changed.",
+            "# TYPE identity_issuer_reloads_total counter",
+            f'identity_issuer_reloads_total{{result="ok"}} {self.issuer.reloads_ok}',
+            f'identity_issuer_reloads_total{{result="error"}} {self.issuer.reload_errors}',
+            "# HELP identity_certify_total Certify calls by result.",
+            "# TYPE identity_certify_total counter",
+        ]
+        for result, n in sorted(self.service.counters.results.items()):
+            lines.append(f'identity_certify_total{{result="{result}"}} {n}')
+        return "\n".join(lines) + "\n"
+
+    def ready(self) -> bool:
+        return self.serving.is_set() and self.issuer.ready(utcnow())
+
+    async def _admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(ADMIN_READ_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            path = path.split("?", 1)[0]
+            if method != "GET":
+                status, body = "405 Method Not Allowed", "only GET\n"
+            elif path == "/metrics":
+                status, body = "200 OK", self.metrics_text()
+            elif path == "/ready":
+                ok = self.ready()
+                status, body = ("200 OK", "ready\n") if ok else ("503 Service Unavailable", "not ready\n")
+            elif path == "/live":
+                status, body = "200 OK", "live\n"
+            else:
+                status, body = "404 Not Found", "not found\n"
+            data = body.encode()
+            ctype = "text/plain; version=0.0.4" if path == "/metrics" else "text/plain"
+            writer.write(
+                f"HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {len(data)}\r\n"
+                "connection: close\r\n\r\n".encode()
+                + data
+            )
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.reload_interval)
+            self.issuer.check_for_changes()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+            maximum_concurrent_rpcs=self.cfg.max_concurrent_rpcs,
+        )
+        identity_pb2_grpc.add_IdentityServicer_to_server(_Servicer(self.service), server)
+        host, port = self.cfg.addr
+        bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.grpc_port = server.add_insecure_port(bind)
+        admin = await asyncio.start_server(self._admin, *self.cfg.admin_addr, limit=16 * 1024)
+        self.admin_port = admin.sockets[0].getsockname()[1]
+        await server.start()
+        self.serving.set()
+        cur = self.issuer.current
+        log.info(
+            "identity service on %s:%d (admin %s:%d), issuing *.%s.%s with %s",
+            host,
+            self.grpc_port,
+            self.cfg.admin_addr[0],
+            self.admin_port,
+            self.cfg.control_plane_ns,
+            self.cfg.trust_domain,
+            cur.issuer.certificate.subject.rfc4514_string(),
+        )
+        stop = stop or asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                reload_task = tg.create_task(self._reload_loop())
+                await stop.wait()
+                reload_task.cancel()
+        finally:
+            self.serving.clear()
+            admin.close()
+            with contextlib.suppress(Exception):
+                await server.stop(grace=2.0)

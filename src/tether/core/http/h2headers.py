@@ -1,0 +1,168 @@
+"""Header conversion between the HTTP/2 field block and the proxy's version-neutral message head.
+
+Pure functions: pseudo-headers in and out, connection-specific fields removed (RFC 9113 section
+8.2.2), cookies split and joined (section 8.2.3). No I/O; the HTTP/2 codecs call these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9113 section 8.2.2: fields that only make sense on one HTTP/1 connection. "te" is allowed
+# with the single value "trailers" (gRPC needs it), so it is handled separately.
+CONNECTION_SPECIFIC = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        # Not connection-specific by the RFC, but hop-by-hop for a proxy (RFC 9110 section 7.6.1).
+        b"trailer",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+
+class H2HeaderError(ValueError):
+    """A field block that cannot form a valid request or response head (sent by the peer)."""
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    scheme: bytes
+    authority: bytes
+    path: bytes
+    headers: Headers
+
+
+def strip_connection_specific(headers: Headers) -> Headers:
+    """Drop fields that may not appear in HTTP/2, keeping ``te: trailers`` only."""
+    named: set[bytes] = set()
+    needs_filter = False
+    for k, v in headers:
+        if k == b"connection":
+            named.update(t.strip().lower() for t in v.split(b","))
+            needs_filter = True
+        elif k in CONNECTION_SPECIFIC or k == b"te" or k.startswith(b":"):
+            needs_filter = True
+    if not needs_filter:
+        return headers
+    out: Headers = []
+    for k, v in headers:
+        if k in CONNECTION_SPECIFIC or k in named or k.startswith(b":"):
+            continue
+        if k == b"te":
+            if b"trailers" not in (t.strip().lower() for t in v.split(b",")):
+                continue
+            v = b"trailers"
+        out.append((k, v))
+    return out
+
+
+def parse_request(fields: Headers) -> RequestHead:
+    """Split a decoded request field block into pseudo-headers and regular headers."""
+    method = scheme = authority = path = None
+    headers: Headers = []
+    host: bytes | None = None
+    for k, v in fields:
+        if k[:1] == b":":
+            if headers:
+                raise H2HeaderError("pseudo-header after a regular header")
+            if k == b":method":
+                method = v
+            elif k == b":scheme":
+                scheme = v
+            elif k == b":authority":
+                authority = v
+            elif k == b":path":
+                path = v
+            elif k == b":protocol":
+                continue  # extended CONNECT (RFC 8441); not proxied as such
+            else:
+                raise H2HeaderError(f"unknown pseudo-header {k!r}")
+        else:
+            if k == b"host" and host is None:
+                host = v
+            headers.append((k, v))
+    if method is None:
+        raise H2HeaderError("missing :method")
+    if method == b"CONNECT":
+        if authority is None:
+            raise H2HeaderError("CONNECT without :authority")
+        return RequestHead(method, scheme or b"", authority, authority, headers)
+    if path is None or path == b"":
+        raise H2HeaderError("missing :path")
+    if scheme is None:
+        raise H2HeaderError("missing :scheme")
+    return RequestHead(method, scheme, authority or host or b"", path, headers)
+
+
+def request_fields(method: bytes, scheme: bytes, authority: bytes, path: bytes, headers: Headers) -> Headers:
+    """The HTTP/2 field block for a request: pseudo-headers first, ``host`` folded into ``:authority``."""
+    out: Headers = [(b":method", method)]
+    if method == b"CONNECT":
+        out.append((b":authority", authority))
+    else:
+        out.append((b":scheme", scheme or b"http"))
+        if authority:
+            out.append((b":authority", authority))
+        out.append((b":path", path or b"/"))
+    for k, v in strip_connection_specific(headers):
+        if k == b"host":
+            if not authority:
+                out.insert(2, (b":authority", v))
+            continue
+        out.append((k, v))
+    return out
+
+
+def response_fields(status: int, headers: Headers) -> Headers:
+    """The HTTP/2 field block for a response head."""
+    out: Headers = [(b":status", str(status).encode())]
+    out.extend(strip_connection_specific(headers))
+    return out
+
+
+def parse_response(fields: Headers) -> tuple[int, Headers]:
+    """Split a response field block into the status code and regular headers."""
+    status: int | None = None
+    headers: Headers = []
+    for k, v in fields:
+        if k == b":status":
+            if not (len(v) == 3 and v.isdigit()):
+                raise H2HeaderError(f"bad :status {v!r}")
+            status = int(v)
+        elif k[:1] == b":":
+            raise H2HeaderError(f"unexpected pseudo-header {k!r} in a response")
+        else:
+            headers.append((k, v))
+    if status is None:
+        raise H2HeaderError("missing :status")
+    return status, headers
+
+
+def trailer_fields(trailers: Headers) -> Headers:
+    """Trailers as sent on HTTP/2: no pseudo-headers, no connection-specific fields."""
+    return [(k, v) for k, v in strip_connection_specific(trailers) if k != b"te"]
+
+
+def join_cookies(headers: Headers) -> Headers:
+    """Join split ``cookie`` fields into one with ``; `` (RFC 9113 section 8.2.3), for HTTP/1."""
+    cookies = [v for k, v in headers if k == b"cookie"]
+    if len(cookies) < 2:
+        return headers
+    out: Headers = []
+    placed = False
+    for k, v in headers:
+        if k == b"cookie":
+            if not placed:
+                out.append((b"cookie", b"; ".join(cookies)))
+                placed = True
+            continue
+        out.append((k, v))
+    return out

@@ -1,0 +1,82 @@
+"""Certificate signing requests: what a proxy sends and what the identity service accepts.
+
+A CSR is accepted only if it asks for exactly what would be issued: an ECDSA P-256 key, the
+identity's DNS-like name and SPIFFE id as the only SANs, and (if present) that name as the CN.
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tether.core.identity.names import WorkloadIdentity
+
+# Anything bigger than this is not a CSR for one P-256 key and two names.
+MAX_CSR_BYTES = 8 * 1024
+
+
+class CsrError(ValueError):
+    """The CSR was refused; the message says what it asked for and what would be issued."""
+
+
+def generate_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh ECDSA P-256 private key (it never leaves the process that made it)."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def build_csr(key: ec.EllipticCurvePrivateKey, identity: WorkloadIdentity) -> bytes:
+    """A DER CSR for ``identity``: CN and DNS SAN are the DNS-like name, URI SAN the SPIFFE id."""
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.dns_name)]))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(identity.dns_name), x509.UniformResourceIdentifier(identity.spiffe_id)]
+            ),
+            critical=False,
+        )
+    )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def validate_csr(der: bytes, identity: WorkloadIdentity) -> x509.CertificateSigningRequest:
+    """Parse a DER CSR and refuse it unless it asks for exactly what we would issue to ``identity``."""
+    if len(der) > MAX_CSR_BYTES:
+        raise CsrError(f"CSR is {len(der)} bytes, more than the {MAX_CSR_BYTES} allowed")
+    try:
+        csr = x509.load_der_x509_csr(der)
+    except ValueError as e:
+        raise CsrError(f"CSR is not a DER PKCS#10 request: {e}") from None
+    if not csr.is_signature_valid:
+        raise CsrError("CSR signature does not verify with its own public key")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        kind = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
+        raise CsrError(f"CSR key is {kind}; only ECDSA P-256 (secp256r1) keys are issued")
+    want = {("DNS", identity.dns_name), ("URI", identity.spiffe_id)}
+    got: set[tuple[str, str]] = set()
+    count = 0
+    for ext in csr.extensions:
+        if isinstance(ext.value, x509.SubjectAlternativeName):
+            for gn in ext.value:
+                count += 1
+                if isinstance(gn, x509.DNSName):
+                    got.add(("DNS", gn.value))
+                elif isinstance(gn, x509.UniformResourceIdentifier):
+                    got.add(("URI", gn.value))
+                else:
+                    got.add((type(gn).__name__, str(gn.value)))
+        elif isinstance(ext.value, x509.BasicConstraints) and ext.value.ca:
+            raise CsrError("CSR asks for a CA certificate (basicConstraints cA=true); only leaves are issued")
+    if got != want or count != len(want):
+        asked = ", ".join(f"{k}:{v}" for k, v in sorted(got)) or "no SANs"
+        raise CsrError(
+            f"CSR asks for {asked}; identity {identity.dns_name!r} is issued exactly "
+            f"DNS:{identity.dns_name}, URI:{identity.spiffe_id}"
+        )
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if cns and [a.value for a in cns] != [identity.dns_name]:
+        raise CsrError(f"CSR subject CN {[a.value for a in cns]} is not the identity {identity.dns_name!r}")
+    return csr

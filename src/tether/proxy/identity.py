@@ -1,0 +1,475 @@
+"""The proxy's identity client: a private key that never leaves the process, a certificate from the
+identity service that is renewed before it expires, and the TLS contexts built from both.
+
+* The key is generated in memory at start (written to disk only if ``key_path`` is set).
+* Certify is called with the workload's token (re-read each time: tokens rotate) against a list of
+  identity service addresses; when one is down the next is tried.
+* Renewal happens at 70% of the certificate's remaining lifetime; on failure it retries with
+  jittered exponential backoff while the current certificate keeps serving until it expires.
+* ``ready`` is False until the first certificate arrives.
+* The trust bundle file is re-read when it changes; contexts are rebuilt when the certificate or the
+  bundle changes (existing connections keep the context they were made with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import random
+import secrets
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tether.api.gen import identity_pb2, identity_pb2_grpc
+from tether.core.identity.certs import (
+    CertificateError,
+    TrustBundle,
+    certificates_pem,
+    chain_to_anchor,
+    check_leaf_profile,
+    public_keys_match,
+    sans,
+)
+from tether.core.identity.csr import build_csr, generate_key
+from tether.core.identity.names import parse_identity_name
+
+log = logging.getLogger("tether.proxy.identity")
+
+# gRPC codes worth trying the next replica for; the others (bad token, bad CSR) would fail everywhere.
+_FAILOVER_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+class IdentityNotReady(RuntimeError):
+    """No certificate yet: the proxy cannot do mTLS until the first Certify succeeds."""
+
+
+class CertifyFailed(Exception):
+    """Every identity service address failed, or the answer was unusable; the message says why."""
+
+
+@dataclass
+class IdentityClientConfig:
+    identity: str
+    token_path: str
+    trust_anchors_path: str
+    identity_addrs: Sequence[str]
+    key_path: str | None = None
+    renew_fraction: float = 0.7
+    min_refresh: float = 10.0
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    rpc_timeout: float = 10.0
+    bundle_poll_interval: float = 5.0
+    alpn_protocols: Sequence[str] = ()
+
+
+@dataclass
+class _Metrics:
+    cert_expiration_timestamp_seconds: float = 0.0
+    cert_refresh_timestamp_seconds: float = 0.0
+    refreshes_total: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0})
+
+
+def _file_signature(path: str) -> tuple[int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1, -1)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _write_private(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: ec.EllipticCurvePrivateKey) -> None:
+    """Load a certificate chain and key into ``ctx`` without writing the key to any filesystem.
+
+    ssl only loads from paths; on Linux a memfd (anonymous memory) provides one. Elsewhere the key is
+    encrypted with a one-time password before it touches a temporary file.
+    """
+    if hasattr(os, "memfd_create"):
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        fd = os.memfd_create("tether-identity", os.MFD_CLOEXEC)
+        try:
+            data = memoryview(chain_pem + key_pem)
+            while data:
+                data = data[os.write(fd, data) :]
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    password = secrets.token_bytes(32)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(password),
+    )
+    with tempfile.TemporaryDirectory(prefix="tether-identity-") as d:
+        p = Path(d) / "chain.pem"
+        _write_private(str(p), chain_pem + key_pem)
+        ctx.load_cert_chain(str(p), password=password)
+
+
+def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The verified peer's DNS-like identity (its first DNS SAN), or None without a verified cert."""
+    if ssl_object is None:
+        return None
+    for kind, value in _peer_sans(ssl_object):
+        if kind == "DNS":
+            return value
+    return None
+
+
+def _peer_sans(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[tuple[str, str]]:
+    cert: dict[str, Any] = dict(ssl_object.getpeercert() or {})
+    return [(str(k), str(v)) for k, v in cert.get("subjectAltName", ())]
+
+
+def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The verified peer's SPIFFE id (its URI SAN), or None."""
+    if ssl_object is None:
+        return None
+    for kind, value in _peer_sans(ssl_object):
+        if kind == "URI" and value.startswith("spiffe://"):
+            return value
+    return None
+
+
+class IdentityClient:
+    """Obtains and renews this proxy's certificate and builds its TLS contexts."""
+
+    def __init__(
+        self,
+        config: IdentityClientConfig,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not config.identity_addrs:
+            raise ValueError("at least one identity service address is required")
+        if not 0 < config.renew_fraction < 1:
+            raise ValueError("renew_fraction must be between 0 and 1")
+        self.config = config
+        self.identity = parse_identity_name(config.identity)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.key = generate_key()
+        if config.key_path:
+            _write_private(
+                config.key_path,
+                self.key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ),
+            )
+        # The CSR depends only on the key and identity, so one serves every renewal.
+        self.csr_der = build_csr(self.key, self.identity)
+        self._bundle_sig = _file_signature(config.trust_anchors_path)
+        self.bundle = self._read_bundle()  # a proxy with no usable anchors must not start
+        self.chain: list[x509.Certificate] | None = None
+        self.metrics = _Metrics()
+        self.ready_event = asyncio.Event()
+        self.generation = 0  # bumped whenever the contexts change
+        self.on_change: list[Callable[[], None]] = []
+        self._server_ctx: ssl.SSLContext | None = None
+        self._client_ctx: ssl.SSLContext | None = None
+        self._next_addr = 0
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels_loop: asyncio.AbstractEventLoop | None = None
+
+    # -- state -------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.chain is not None
+
+    @property
+    def valid_until(self) -> dt.datetime | None:
+        return self.chain[0].not_valid_after_utc if self.chain else None
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+
+    def _read_bundle(self) -> TrustBundle:
+        path = self.config.trust_anchors_path
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise CertificateError(f"cannot read the trust anchors {path}: {e.strerror}") from None
+        return TrustBundle.from_pem(data, path)
+
+    # -- TLS contexts ------------------------------------------------------------------------------
+
+    def server_ssl_context(self) -> ssl.SSLContext:
+        """TLS 1.3 server context: presents our leaf, requires and verifies a client certificate."""
+        if self._server_ctx is None:
+            raise IdentityNotReady(f"no certificate for {self.identity.dns_name} yet")
+        return self._server_ctx
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """TLS 1.3 client context: presents our leaf, verifies the server's chain and hostname.
+
+        Pass the peer's expected identity as ``server_hostname``: it is sent as SNI and checked
+        against the server's DNS SAN.
+        """
+        if self._client_ctx is None:
+            raise IdentityNotReady(f"no certificate for {self.identity.dns_name} yet")
+        return self._client_ctx
+
+    def listener_ssl_context(self) -> ssl.SSLContext:
+        """A server context for a long-lived listener: each handshake switches to the current context.
+
+        ``asyncio`` binds one SSLContext to a listening server, so a rotated certificate or bundle would
+        not reach new connections. This context's SNI callback swaps in ``server_ssl_context()`` at
+        every ClientHello (certificate, key and verify store), so the listener never needs restarting.
+        """
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+
+        def switch(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
+            try:
+                sslobj.context = self.server_ssl_context()
+            except IdentityNotReady:
+                return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+            return None
+
+        ctx.sni_callback = switch
+        return ctx
+
+    def _build_contexts(self) -> None:
+        assert self.chain is not None
+        chain_pem = certificates_pem(self.chain)
+        anchors = self.bundle.pem().decode()
+        contexts = []
+        for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
+            ctx = ssl.SSLContext(purpose)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cadata=anchors)
+            _load_cert_chain(ctx, chain_pem, self.key)
+            if self.config.alpn_protocols:
+                ctx.set_alpn_protocols(list(self.config.alpn_protocols))
+            contexts.append(ctx)
+        contexts[1].check_hostname = True
+        self._server_ctx, self._client_ctx = contexts
+        self.generation += 1
+        for cb in list(self.on_change):
+            try:
+                cb()
+            except Exception:
+                log.exception("identity on_change callback failed")
+
+    # -- certify -----------------------------------------------------------------------------------
+
+    def _channel(self, addr: str) -> grpc.aio.Channel:
+        # grpc.aio channels belong to the loop that made them; a new loop (tests, restarts) needs new ones.
+        loop = asyncio.get_running_loop()
+        if loop is not self._channels_loop:
+            self._channels = {}
+            self._channels_loop = loop
+        ch = self._channels.get(addr)
+        if ch is None:
+            ch = self._channels[addr] = grpc.aio.insecure_channel(
+                addr, options=[("grpc.max_receive_message_length", 64 * 1024)]
+            )
+        return ch
+
+    def _read_token(self) -> bytes:
+        try:
+            return Path(self.config.token_path).read_bytes().strip()
+        except OSError as e:
+            path = self.config.token_path
+            raise CertifyFailed(f"cannot read the identity token {path}: {e.strerror}") from None
+
+    async def certify_once(self) -> list[x509.Certificate]:
+        """One Certify, failing over across addresses; returns a verified chain (leaf first)."""
+        request = identity_pb2.CertifyRequest(
+            identity=self.identity.dns_name,
+            token=self._read_token(),
+            certificate_signing_request=self.csr_der,
+        )
+        addrs = list(self.config.identity_addrs)
+        errors = []
+        for i in range(len(addrs)):
+            idx = (self._next_addr + i) % len(addrs)
+            addr = addrs[idx]
+            stub = identity_pb2_grpc.IdentityStub(self._channel(addr))
+            try:
+                resp = await stub.Certify(request, timeout=self.config.rpc_timeout)
+            except grpc.aio.AioRpcError as e:
+                errors.append(f"{addr}: {e.code().name}: {e.details()}")
+                if e.code() in _FAILOVER_CODES:
+                    continue
+                raise CertifyFailed("; ".join(errors)) from None
+            self._next_addr = idx  # stay with a replica that answers
+            return self._verify(resp, addr)
+        raise CertifyFailed("every identity service failed: " + "; ".join(errors))
+
+    def _verify(self, resp: Any, addr: str) -> list[x509.Certificate]:
+        try:
+            leaf = x509.load_der_x509_certificate(resp.leaf_certificate)
+            intermediates = [x509.load_der_x509_certificate(d) for d in resp.intermediate_certificates]
+        except ValueError as e:
+            raise CertifyFailed(f"{addr} returned an unparseable certificate: {e}") from None
+        if not public_keys_match(leaf, self.key):
+            raise CertifyFailed(f"{addr} returned a certificate for a different key")
+        dns, uris = sans(leaf)
+        if self.identity.dns_name not in dns or uris != [self.identity.spiffe_id]:
+            want = self.identity.dns_name
+            raise CertifyFailed(f"{addr} returned a certificate for {dns + uris}, not {want}")
+        try:
+            check_leaf_profile(leaf)
+            chain_to_anchor(leaf, intermediates, self.bundle, self._now(), "leaf")
+        except CertificateError as e:
+            raise CertifyFailed(f"{addr} returned a certificate this proxy cannot use: {e}") from None
+        return [leaf, *intermediates]
+
+    def refresh_delay(self, leaf: x509.Certificate) -> float:
+        """Seconds until renewal: renew_fraction of the remaining lifetime, at least min_refresh."""
+        remaining = leaf.not_valid_after_utc.timestamp() - self.clock()
+        return max(self.config.min_refresh, remaining * self.config.renew_fraction)
+
+    def backoff_delay(self, failures: int) -> float:
+        """Exponential backoff with full jitter in [base/2, cap]."""
+        cap = min(self.config.backoff_max, self.config.backoff_base * (2 ** min(failures - 1, 30)))
+        return self.rng.uniform(cap / 2, cap)
+
+    def install(self, chain: list[x509.Certificate]) -> None:
+        self.chain = chain
+        self._build_contexts()
+        self.metrics.cert_expiration_timestamp_seconds = chain[0].not_valid_after_utc.timestamp()
+        self.metrics.cert_refresh_timestamp_seconds = self.clock()
+        self.metrics.refreshes_total["ok"] += 1
+        self.ready_event.set()
+
+    async def _refresh_loop(self) -> None:
+        failures = 0
+        while True:
+            try:
+                chain = await self.certify_once()
+            except CertifyFailed as e:
+                failures += 1
+                self.metrics.refreshes_total["error"] += 1
+                delay = self.backoff_delay(failures)
+                left = ""
+                if self.chain:
+                    left = f"; current certificate valid until {self.valid_until}"
+                log.warning("certificate refresh failed (attempt %d, retry in %.1fs%s): %s", failures, delay, left, e)
+            else:
+                failures = 0
+                self.install(chain)
+                delay = self.refresh_delay(chain[0])
+                log.info(
+                    "certified as %s until %s; next refresh in %.0fs",
+                    self.identity.dns_name,
+                    chain[0].not_valid_after_utc.isoformat(),
+                    delay,
+                )
+            await asyncio.sleep(delay)
+
+    # -- trust bundle ------------------------------------------------------------------------------
+
+    def check_bundle(self) -> bool:
+        """Re-read the trust anchors if the file changed; True if a new bundle was installed."""
+        sig = _file_signature(self.config.trust_anchors_path)
+        if sig == self._bundle_sig:
+            return False
+        self._bundle_sig = sig
+        try:
+            bundle = self._read_bundle()
+        except CertificateError as e:
+            log.error("trust anchors changed but cannot be used; keeping the previous bundle: %s", e)
+            return False
+        if bundle.pem() == self.bundle.pem():
+            return False
+        self.bundle = bundle
+        log.info("trust anchors reloaded: %d anchor(s)", len(bundle.anchors))
+        if self.chain is not None:
+            try:
+                chain_to_anchor(self.chain[0], self.chain[1:], bundle, self._now(), "leaf")
+            except CertificateError as e:
+                # Peers with this bundle will refuse our current leaf until it is renewed under a new
+                # anchor: the rotation steps were run out of order.
+                log.warning("the new trust bundle does not cover this proxy's current certificate: %s", e)
+        if self.chain is not None:
+            self._build_contexts()
+        return True
+
+    async def _bundle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.bundle_poll_interval)
+            self.check_bundle()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Certify, renew and watch the bundle until cancelled."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._refresh_loop())
+                tg.create_task(self._bundle_loop())
+        finally:
+            for ch in self._channels.values():
+                with contextlib.suppress(Exception):
+                    await ch.close()
+            self._channels.clear()
+
+    # -- admin -------------------------------------------------------------------------------------
+
+    def identity_json(self) -> dict[str, Any]:
+        """What the admin server returns at GET /identity.json (see `tether identity`)."""
+        return {
+            "identity": self.identity.dns_name,
+            "spiffe_id": self.identity.spiffe_id,
+            "ready": self.ready,
+            "certificate_chain_pem": certificates_pem(self.chain).decode() if self.chain else "",
+            "trust_anchors_pem": self.bundle.pem().decode(),
+            "refreshed_at": self.metrics.cert_refresh_timestamp_seconds,
+        }
+
+    def metrics_lines(self) -> str:
+        """The identity metrics in Prometheus text format (until the proxy's registry renders them)."""
+        m = self.metrics
+        return (
+            "# HELP control_identity_cert_expiration_timestamp_seconds Time when this proxy's current mTLS "
+            "identity certificate will expire (in seconds since the UNIX epoch).\n"
+            "# TYPE control_identity_cert_expiration_timestamp_seconds gauge\n"
+            f"control_identity_cert_expiration_timestamp_seconds {m.cert_expiration_timestamp_seconds:.3f}\n"
+            "# HELP control_identity_cert_refresh_timestamp_seconds Time of this proxy's last certificate "
+            "refresh (in seconds since the UNIX epoch).\n"
+            "# TYPE control_identity_cert_refresh_timestamp_seconds gauge\n"
+            f"control_identity_cert_refresh_timestamp_seconds {m.cert_refresh_timestamp_seconds:.3f}\n"
+            "# HELP control_identity_cert_refreshes_total Certificate refresh attempts by result.\n"
+            "# TYPE control_identity_cert_refreshes_total counter\n"
+            f'control_identity_cert_refreshes_total{{result="ok"}} {m.refreshes_total["ok"]}\n'
+            f'control_identity_cert_refreshes_total{{result="error"}} {m.refreshes_total["error"]}\n'
+        )

@@ -1,0 +1,164 @@
+"""mTLS between proxies: the inbound listener that terminates it and the outbound connector.
+
+Inbound: each accepted connection's first bytes are *peeked* (not read). A TLS ClientHello whose
+SNI is this proxy's identity is the mesh talking: the TLS session is terminated with the
+identity's server context (client certificate required) and the decrypted stream goes on to
+protocol detection with the client's identity attached. Anything else (plaintext from unmeshed
+clients, the application's own TLS) goes on untouched.
+
+Outbound: connections to a meshed endpoint are TLS 1.3 to its proxy's inbound port, presenting
+our certificate, sending the expected identity as SNI and verifying the server's chain and name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+
+from tether.core.http.detect import Detected, client_hello_sni, detect
+from tether.proxy.config import ProxyConfig
+from tether.proxy.identity import IdentityClient, IdentityNotReady
+
+log = logging.getLogger(__name__)
+
+_PEEK = 16 * 1024
+_RETRY_PEEK = 0.005
+
+
+class MeshTlsListener:
+    """An inbound listener that terminates mesh mTLS and passes everything else through."""
+
+    def __init__(self, cfg: ProxyConfig, identity: IdentityClient, addr: tuple[str, int],
+                 protocol_factory: Callable[[], asyncio.Protocol],
+                 on_handshake_error: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.addr = addr
+        self.protocol_factory = protocol_factory
+        self.on_handshake_error = on_handshake_error
+        self._sock: socket.socket | None = None
+        self._pending: dict[int, tuple[socket.socket, float]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> tuple[str, int]:
+        self._loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.addr[0] else socket.AF_INET
+        sock = socket.create_server(self.addr, family=family, backlog=1024, reuse_port=False)
+        sock.setblocking(False)
+        self._sock = sock
+        self._loop.add_reader(sock.fileno(), self._on_accept)
+        name = sock.getsockname()
+        return name[0], name[1]
+
+    def close(self) -> None:
+        if self._loop is not None and self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        for fd, (conn, _) in list(self._pending.items()):
+            if self._loop is not None:
+                self._loop.remove_reader(fd)
+            conn.close()
+        self._pending.clear()
+
+    def _on_accept(self) -> None:
+        assert self._sock is not None and self._loop is not None
+        for _ in range(128):
+            try:
+                conn, _peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("inbound accept failed: %s", e)
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            deadline = time.monotonic() + self.cfg.detect_timeout
+            self._pending[conn.fileno()] = (conn, deadline)
+            self._loop.add_reader(conn.fileno(), self._on_readable, conn)
+
+    def _on_readable(self, conn: socket.socket) -> None:
+        assert self._loop is not None
+        fd = conn.fileno()
+        try:
+            data = conn.recv(_PEEK, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        entry = self._pending.get(fd)
+        deadline = entry[1] if entry else 0.0
+        if data and detect(data) is Detected.TLS:
+            sni = client_hello_sni(data)
+            if sni is Detected.NEED_MORE and len(data) < _PEEK and time.monotonic() < deadline:
+                # Only part of the ClientHello is here: look again shortly (the socket stays
+                # readable until we read, so waiting on readability would spin).
+                self._loop.remove_reader(fd)
+                self._loop.call_later(_RETRY_PEEK, self._rearm, conn)
+                return
+            if isinstance(sni, str) and sni == self.identity.identity.dns_name:
+                self._dispatch(conn, tls=True)
+                return
+        self._dispatch(conn, tls=False)
+
+    def _rearm(self, conn: socket.socket) -> None:
+        if self._loop is not None and conn.fileno() in self._pending:
+            self._loop.add_reader(conn.fileno(), self._on_readable, conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(conn.fileno())
+        self._pending.pop(conn.fileno(), None)
+        conn.close()
+
+    def _dispatch(self, conn: socket.socket, tls: bool) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(conn.fileno())
+        self._pending.pop(conn.fileno(), None)
+        task = self._loop.create_task(self._connect(conn, tls))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket, tls: bool) -> None:
+        loop = asyncio.get_running_loop()
+        ctx: ssl.SSLContext | None = None
+        if tls:
+            try:
+                ctx = self.identity.server_ssl_context()
+            except IdentityNotReady:
+                log.info("mesh TLS from %s before this proxy has a certificate; closing", conn.getpeername())
+                conn.close()
+                return
+        try:
+            await loop.connect_accepted_socket(
+                self.protocol_factory, conn, ssl=ctx,
+                ssl_handshake_timeout=self.cfg.identity_handshake_timeout if ctx else None,
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            log.info("inbound mesh TLS handshake failed: %s", e)
+            if self.on_handshake_error is not None:
+                self.on_handshake_error("tls_handshake")
+            conn.close()
+
+
+def tls_connector(identity: IdentityClient, cfg: ProxyConfig, addr: tuple[str, int], server_identity: str):  # type: ignore[no-untyped-def]
+    """A connector (see ``H1Pool``) that opens mTLS to ``addr`` expecting ``server_identity``."""
+
+    async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        loop = asyncio.get_running_loop()
+        try:
+            ctx = identity.client_ssl_context()
+        except IdentityNotReady as e:
+            raise OSError(f"no certificate yet: {e}") from None
+        return await loop.create_connection(
+            factory, addr[0], addr[1], ssl=ctx, server_hostname=server_identity,
+            ssl_handshake_timeout=cfg.identity_handshake_timeout,
+        )
+
+    return connect
