@@ -81,9 +81,7 @@ class Outcome:
         return "warning" if self.checker.warning else "error"
 
 
-def run_checks(
-    categories: list[Category], ctx: CheckContext, out: TextIO | None = None
-) -> tuple[list[Outcome], bool]:
+def run_checks(categories: list[Category], ctx: CheckContext, out: TextIO | None = None) -> tuple[list[Outcome], bool]:
     """Run each enabled category in order; returns the outcomes and whether the run succeeded."""
     outcomes: list[Outcome] = []
     ok = True

@@ -30,9 +30,7 @@ def _register_identity(sub: Any) -> None:
     p.add_argument("--addr", default="0.0.0.0:8080", help="gRPC listen address (default 0.0.0.0:8080)")
     p.add_argument("--admin-addr", default="127.0.0.1:9990", help="/metrics, /ready (127.0.0.1:9990)")
     p.add_argument("--identity-trust-domain", "--trust-domain", dest="trust_domain", default="cluster.local")
-    p.add_argument(
-        "--controller-namespace", default="linkerd", help="control-plane namespace in identity names"
-    )
+    p.add_argument("--controller-namespace", default="linkerd", help="control-plane namespace in identity names")
     p.add_argument(
         "--issuer-dir",
         help="dir with tls.crt, tls.key, ca.crt (kubernetes.io/tls) or crt.pem, key.pem (linkerd.io/tls)",
@@ -46,6 +44,13 @@ def _register_identity(sub: Any) -> None:
     p.add_argument("--state-dir", default=".tether", help="local state (workload registry) directory")
     p.add_argument("--rate", type=float, default=10.0, help="Certify calls/s per caller (default 10)")
     p.add_argument("--burst", type=int, default=20, help="Certify burst per caller (default 20)")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve gRPC over TLS with a certificate issued to --identity-service-account (proxies verify "
+        "it against their trust anchors)",
+    )
+    p.add_argument("--identity-service-account", default="linkerd-identity", help="this service's own SA")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_run_identity)
 
@@ -79,6 +84,8 @@ def _identity_config(args: argparse.Namespace) -> Any:
             reload_interval=max(0.05, parse_duration(args.reload_interval, "--reload-interval")),
             rate=args.rate,
             burst=args.burst,
+            tls=args.tls,
+            service_account=args.identity_service_account,
         )
     except ConfigError as e:
         raise CliError(str(e)) from None

@@ -160,9 +160,7 @@ def _write(path: Path, data: bytes, private: bool, force: bool) -> None:
 
 def _key_pem(key: Any) -> bytes:
     return bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
 
 

@@ -252,6 +252,7 @@ def identity_client(cfg: ProxyConfig) -> IdentityClient | None:
             trust_anchors_path=cfg.identity_trust_anchors,
             identity_addrs=[a.strip() for a in cfg.identity_addrs.split(",") if a.strip()],
             key_path=cfg.identity_key_path,
+            bundle_poll_interval=cfg.identity_bundle_poll_interval,
         ))
     except (ValueError, CertificateError) as e:
         raise ConfigError(f"identity: {e}") from None

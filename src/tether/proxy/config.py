@@ -114,6 +114,7 @@ class ProxyConfig:
     identity_addrs: str | None = None  # comma-separated host:port of identity service replicas
     identity_key_path: str | None = None  # write the private key here (default: memory only)
     identity_handshake_timeout: float = 10.0
+    identity_bundle_poll_interval: float = 5.0  # how often the trust bundle file is checked
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod

@@ -83,6 +83,9 @@ class IdentityClientConfig:
     rpc_timeout: float = 10.0
     bundle_poll_interval: float = 5.0
     alpn_protocols: Sequence[str] = ()
+    # When set, Certify goes over TLS and the identity service must present this identity (verified
+    # against the trust anchors), e.g. linkerd-identity.linkerd.serviceaccount.identity.linkerd.cluster.local.
+    identity_server_name: str | None = None
 
 
 @dataclass
@@ -204,6 +207,7 @@ class IdentityClient:
         self._next_addr = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._channels_loop: asyncio.AbstractEventLoop | None = None
+        self._stale_channels: list[grpc.aio.Channel] = []
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -298,9 +302,15 @@ class IdentityClient:
             self._channels_loop = loop
         ch = self._channels.get(addr)
         if ch is None:
-            ch = self._channels[addr] = grpc.aio.insecure_channel(
-                addr, options=[("grpc.max_receive_message_length", 64 * 1024)]
-            )
+            options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024)]
+            name = self.config.identity_server_name
+            if name:
+                creds = grpc.ssl_channel_credentials(root_certificates=self.bundle.pem())
+                options.append(("grpc.ssl_target_name_override", name))
+                ch = grpc.aio.secure_channel(addr, creds, options=options)
+            else:
+                ch = grpc.aio.insecure_channel(addr, options=options)
+            self._channels[addr] = ch
         return ch
 
     def _read_token(self) -> bytes:
@@ -312,6 +322,9 @@ class IdentityClient:
 
     async def certify_once(self) -> list[x509.Certificate]:
         """One Certify, failing over across addresses; returns a verified chain (leaf first)."""
+        while self._stale_channels:
+            with contextlib.suppress(Exception):
+                await self._stale_channels.pop().close()
         request = identity_pb2.CertifyRequest(
             identity=self.identity.dns_name,
             token=self._read_token(),
@@ -413,6 +426,10 @@ class IdentityClient:
             return False
         self.bundle = bundle
         log.info("trust anchors reloaded: %d anchor(s)", len(bundle.anchors))
+        if self.config.identity_server_name:
+            # TLS channels verify the identity service with the old anchors: redial with the new ones.
+            self._stale_channels.extend(self._channels.values())
+            self._channels = {}
         if self.chain is not None:
             try:
                 chain_to_anchor(self.chain[0], self.chain[1:], bundle, self._now(), "leaf")

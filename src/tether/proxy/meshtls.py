@@ -156,9 +156,14 @@ def tls_connector(identity: IdentityClient, cfg: ProxyConfig, addr: tuple[str, i
             ctx = identity.client_ssl_context()
         except IdentityNotReady as e:
             raise OSError(f"no certificate yet: {e}") from None
-        return await loop.create_connection(
-            factory, addr[0], addr[1], ssl=ctx, server_hostname=server_identity,
-            ssl_handshake_timeout=cfg.identity_handshake_timeout,
-        )
+        try:
+            return await loop.create_connection(
+                factory, addr[0], addr[1], ssl=ctx, server_hostname=server_identity,
+                ssl_handshake_timeout=cfg.identity_handshake_timeout,
+            )
+        except ssl.SSLError as e:
+            # Name what we expected: the reason reaches the client in l5d-proxy-error.
+            raise OSError(f"mTLS handshake expecting identity {server_identity} failed: "
+                          f"{e.reason or e}") from None
 
     return connect

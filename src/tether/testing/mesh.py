@@ -33,6 +33,9 @@ class LocalMesh:
         self.registry = WorkloadRegistry(self.state)
         self.procs: list[Proc] = []
         self.identity_addrs: list[str] = []
+        self.identity_procs: dict[int, Proc] = {}
+        self._identity_args: list[list[str]] = []
+        self._identity_admin: list[str] = []
 
     @property
     def anchors(self) -> Path:
@@ -50,25 +53,35 @@ class LocalMesh:
     def start_identity(self, replicas: int = 1, *extra: str) -> list[Proc]:
         """Start identity service replicas over the same issuer; wait until each is ready."""
         started = []
-        for i in range(replicas):
+        for _ in range(replicas):
             port, admin = free_port(), free_port()
-            p = Proc([sys.executable, "-m", "tether", "controller", "identity",
-                      "--addr", f"127.0.0.1:{port}", "--admin-addr", f"127.0.0.1:{admin}",
-                      "--issuer-dir", str(self.ca_dir), "--state-dir", str(self.state),
-                      "--identity-trust-domain", self.trust_domain, "--controller-namespace", self.cp_ns,
-                      *extra], self.work / f"identity-{len(self.identity_addrs)}.log")
-            p.admin_url = f"http://127.0.0.1:{admin}"  # type: ignore[attr-defined]
-            self.procs.append(p)
-            started.append(p)
             self.identity_addrs.append(f"127.0.0.1:{port}")
-        for p in started:
-            url = p.admin_url  # type: ignore[attr-defined]
-            try:
-                wait_for(lambda url=url: http_get(url + "/ready", timeout=1)[0] == 200, 20,
-                         what="identity service ready")
-            except TimeoutError:
-                raise TimeoutError(f"identity service not ready; log:\n{p.log()}") from None
+            self._identity_args.append([
+                sys.executable, "-m", "tether", "controller", "identity",
+                "--addr", f"127.0.0.1:{port}", "--admin-addr", f"127.0.0.1:{admin}",
+                "--issuer-dir", str(self.ca_dir), "--state-dir", str(self.state),
+                "--identity-trust-domain", self.trust_domain, "--controller-namespace", self.cp_ns, *extra])
+            self._identity_admin.append(f"http://127.0.0.1:{admin}")
+            started.append(self._launch_identity(len(self.identity_addrs) - 1))
         return started
+
+    def _launch_identity(self, i: int) -> Proc:
+        p = Proc(self._identity_args[i], self.work / f"identity-{i}-{len(self.procs)}.log")
+        self.procs.append(p)
+        self.identity_procs[i] = p
+        url = self._identity_admin[i]
+        try:
+            wait_for(lambda: http_get(url + "/ready", timeout=1)[0] == 200, 20, what="identity service ready")
+        except TimeoutError:
+            raise TimeoutError(f"identity service not ready; log:\n{p.log()}") from None
+        return p
+
+    def stop_identity(self, i: int = 0) -> None:
+        self.identity_procs[i].stop()
+
+    def restart_identity(self, i: int = 0) -> Proc:
+        """Start replica ``i`` again on the same address (after :meth:`stop_identity`)."""
+        return self._launch_identity(i)
 
     def identity_name(self, sa: str, ns: str) -> str:
         return f"{sa}.{ns}.serviceaccount.identity.{self.cp_ns}.{self.trust_domain}"

@@ -126,9 +126,7 @@ class FileIssuer:
         self.reload_errors = 0
         self.last_error: str | None = None
 
-    def issue(
-        self, csr: x509.CertificateSigningRequest, identity: WorkloadIdentity, now: dt.datetime
-    ) -> IssuedLeaf:
+    def issue(self, csr: x509.CertificateSigningRequest, identity: WorkloadIdentity, now: dt.datetime) -> IssuedLeaf:
         cur = self.current
         if not (cur.valid_from <= now < cur.valid_until):
             raise Unavailable(

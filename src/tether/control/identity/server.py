@@ -10,10 +10,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tether.api.gen import identity_pb2, identity_pb2_grpc
@@ -21,7 +24,10 @@ from tether.control.identity.credentials import CredentialPaths, FileIssuer
 from tether.control.identity.local_tokens import LocalTokenValidator
 from tether.control.identity.ratelimit import RateLimiter
 from tether.control.identity.service import CertifyError, IdentityService, TokenValidator
+from tether.core.identity.certs import certificates_pem
+from tether.core.identity.csr import build_csr, generate_key, validate_csr
 from tether.core.identity.issuance import IssuancePolicy
+from tether.core.identity.names import WorkloadIdentity
 from tether.platform.local.workloads import WorkloadRegistry
 
 log = logging.getLogger("tether.identity")
@@ -48,6 +54,10 @@ class IdentityServerConfig:
     rate: float = 10.0
     burst: int = 20
     max_concurrent_rpcs: int = 1000
+    # Serve gRPC over TLS with a certificate this service issues to itself, for the identity
+    # <service_account>.<cp-ns>.serviceaccount.identity.<cp-ns>.<td>; proxies verify it with their anchors.
+    tls: bool = False
+    service_account: str = "linkerd-identity"
 
 
 class _Servicer(identity_pb2_grpc.IdentityServicer):
@@ -92,9 +102,7 @@ class IdentityController:
         if cfg.paths is None:
             raise ValueError("issuer paths are required")
         self.cfg = cfg
-        policy = IssuancePolicy(
-            dt.timedelta(seconds=cfg.issuance_lifetime), dt.timedelta(seconds=cfg.clock_skew)
-        )
+        policy = IssuancePolicy(dt.timedelta(seconds=cfg.issuance_lifetime), dt.timedelta(seconds=cfg.clock_skew))
         # Raises CertificateError when the issuer cannot be used: the caller prints it and exits.
         self.issuer = FileIssuer(cfg.paths, policy, utcnow)
         self.service = IdentityService(
@@ -108,6 +116,40 @@ class IdentityController:
         self.grpc_port: int | None = None
         self.admin_port: int | None = None
         self.serving = asyncio.Event()
+        self.own_identity = WorkloadIdentity(
+            cfg.service_account, cfg.control_plane_ns, cfg.control_plane_ns, cfg.trust_domain
+        )
+        self._tls_lock = threading.Lock()
+        self._tls_state: tuple[object, dt.datetime] | None = None  # (issuer it came from, renew after)
+
+    # -- its own serving certificate ---------------------------------------------------------------
+
+    def _issue_own(self) -> grpc.ServerCertificateConfiguration:
+        key = generate_key()
+        csr = validate_csr(build_csr(key, self.own_identity), self.own_identity)
+        now = utcnow()
+        current = self.issuer.current
+        leaf = self.issuer.issue(csr, self.own_identity, now)
+        chain = [x509.load_der_x509_certificate(d) for d in (leaf.leaf_der, *leaf.intermediates_der)]
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        # Renew at half its life, and whenever the issuer is replaced.
+        self._tls_state = (current, now + (leaf.not_after - now) / 2)
+        log.info("serving TLS as %s until %s", self.own_identity.dns_name, leaf.not_after.isoformat())
+        return grpc.ssl_server_certificate_configuration([(key_pem, certificates_pem(chain))])
+
+    def _fetch_tls(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC before every TLS handshake, from its own threads.
+        with self._tls_lock:
+            state = self._tls_state
+            if state is not None and state[0] is self.issuer.current and utcnow() < state[1]:
+                return None
+            try:
+                return self._issue_own()
+            except CertifyError as e:
+                log.error("cannot renew the identity service's own certificate: %s", e)
+                return None
 
     def metrics_text(self) -> str:
         now = utcnow()
@@ -191,16 +233,23 @@ class IdentityController:
         identity_pb2_grpc.add_IdentityServicer_to_server(_Servicer(self.service), server)
         host, port = self.cfg.addr
         bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.grpc_port = server.add_insecure_port(bind)
+        if self.cfg.tls:
+            with self._tls_lock:
+                initial = self._issue_own()
+            creds = grpc.dynamic_ssl_server_credentials(initial, self._fetch_tls)
+            self.grpc_port = server.add_secure_port(bind, creds)
+        else:
+            self.grpc_port = server.add_insecure_port(bind)
         admin = await asyncio.start_server(self._admin, *self.cfg.admin_addr, limit=16 * 1024)
         self.admin_port = admin.sockets[0].getsockname()[1]
         await server.start()
         self.serving.set()
         cur = self.issuer.current
         log.info(
-            "identity service on %s:%d (admin %s:%d), issuing *.%s.%s with %s",
+            "identity service on %s:%d%s (admin %s:%d), issuing *.%s.%s with %s",
             host,
             self.grpc_port,
+            f" (TLS as {self.own_identity.dns_name})" if self.cfg.tls else "",
             self.cfg.admin_addr[0],
             self.admin_port,
             self.cfg.control_plane_ns,

@@ -69,9 +69,7 @@ class TokenValidator(Protocol):
 
 
 class Issuer(Protocol):
-    def issue(
-        self, csr: x509.CertificateSigningRequest, identity: WorkloadIdentity, now: dt.datetime
-    ) -> IssuedLeaf:
+    def issue(self, csr: x509.CertificateSigningRequest, identity: WorkloadIdentity, now: dt.datetime) -> IssuedLeaf:
         """Sign a leaf; raises Unavailable when no valid issuer is loaded."""
         ...
 
@@ -118,9 +116,7 @@ class IdentityService:
     async def _certify(self, identity_name: str, token: bytes, csr_der: bytes, caller: str) -> IssuedLeaf:
         # Rate limit first: every later step costs CPU, and a misbehaving proxy must not exhaust the CA.
         if not self.rate_limiter.allow((identity_name[:256], caller)):
-            raise ResourceExhausted(
-                f"too many Certify calls from {caller} for {identity_name!r}; retry with backoff"
-            )
+            raise ResourceExhausted(f"too many Certify calls from {caller} for {identity_name!r}; retry with backoff")
         try:
             identity = parse_identity_name(identity_name)
         except IdentityNameError as e:

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tether.core.identity.names import WorkloadIdentity
+from tether.core.identity.names import MAX_COMMON_NAME, WorkloadIdentity
 
 # Anything bigger than this is not a CSR for one P-256 key and two names.
 MAX_CSR_BYTES = 8 * 1024
@@ -26,16 +26,25 @@ def generate_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
+def subject_for(identity: WorkloadIdentity) -> x509.Name:
+    """CN=<identity name>, or an empty subject when the name is longer than a CN may be."""
+    if len(identity.dns_name) > MAX_COMMON_NAME:
+        return x509.Name([])
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.dns_name)])
+
+
 def build_csr(key: ec.EllipticCurvePrivateKey, identity: WorkloadIdentity) -> bytes:
     """A DER CSR for ``identity``: CN and DNS SAN are the DNS-like name, URI SAN the SPIFFE id."""
+    subject = subject_for(identity)
     builder = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.dns_name)]))
+        .subject_name(subject)
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.DNSName(identity.dns_name), x509.UniformResourceIdentifier(identity.spiffe_id)]
             ),
-            critical=False,
+            # RFC 5280 4.2.1.6: with an empty subject the SAN extension must be critical.
+            critical=len(subject) == 0,
         )
     )
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tether.core.identity.certs import CertificateError, IssuerCredentials, describe, fmt_time
+from tether.core.identity.csr import subject_for
 from tether.core.identity.names import WorkloadIdentity
 
 DEFAULT_LIFETIME = dt.timedelta(hours=24)
@@ -80,17 +81,16 @@ def issue_leaf(
     public_key = csr.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise CertificateError("leaf keys must be ECDSA P-256")
-    issuer_ski = (
-        ic.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value if _has_ski(ic) else None
-    )
+    issuer_ski = ic.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value if _has_ski(ic) else None
     aki = (
         x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski)
         if issuer_ski is not None
         else x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key())
     )
+    subject = subject_for(identity)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.dns_name)]))
+        .subject_name(subject)
         .issuer_name(ic.subject)
         .public_key(public_key)
         .serial_number(serial if serial is not None else x509.random_serial_number())
@@ -120,7 +120,7 @@ def issue_leaf(
             x509.SubjectAlternativeName(
                 [x509.DNSName(identity.dns_name), x509.UniformResourceIdentifier(identity.spiffe_id)]
             ),
-            critical=False,
+            critical=len(subject) == 0,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(aki, critical=False)

@@ -21,6 +21,8 @@ SPIFFE_SCHEME = "spiffe://"
 MAX_TRUST_DOMAIN_BYTES = 255
 MAX_SPIFFE_ID_BYTES = 2048
 MAX_DNS_NAME_BYTES = 253
+# X.509 limits a CN to 64 characters (ub-common-name); longer identities go in the SAN only.
+MAX_COMMON_NAME = 64
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _SPIFFE_TD = re.compile(r"^[a-z0-9._-]+$")
@@ -121,9 +123,7 @@ class WorkloadIdentity:
         check_label(self.control_plane_ns, "control-plane namespace")
         check_trust_domain(self.trust_domain)
         if len(self.dns_name.encode()) > MAX_DNS_NAME_BYTES:
-            raise IdentityNameError(
-                f"identity name {self.dns_name!r} is longer than {MAX_DNS_NAME_BYTES} bytes"
-            )
+            raise IdentityNameError(f"identity name {self.dns_name!r} is longer than {MAX_DNS_NAME_BYTES} bytes")
 
     @property
     def dns_name(self) -> str:

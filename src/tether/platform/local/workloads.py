@@ -62,9 +62,7 @@ class Workload:
             if not _NAME.match(value):
                 raise WorkloadError(f"workload {what} {value!r} is not a DNS label (a-z, 0-9, '-', max 63)")
         if not _NAME.match(self.service_account):
-            raise WorkloadError(
-                f"workload {self.key}: serviceAccount {self.service_account!r} is not a DNS label"
-            )
+            raise WorkloadError(f"workload {self.key}: serviceAccount {self.service_account!r} is not a DNS label")
         for p in self.ports:
             if not 0 < p.port < 65536:
                 raise WorkloadError(f"workload {self.namespace}/{self.name}: port {p.port} is out of range")

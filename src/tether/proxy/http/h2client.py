@@ -210,9 +210,7 @@ class H2ClientConnection(H2Protocol):
     def _on_other(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.ResponseReceived):
             self._on_response(event.stream_id, list(event.headers or []), event.stream_ended is not None)
-        elif (
-            isinstance(event, h2.events.PingAckReceived) and self._pong is not None and not self._pong.done()
-        ):
+        elif isinstance(event, h2.events.PingAckReceived) and self._pong is not None and not self._pong.done():
             self._pong.set_result(None)
 
     def _on_response(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:

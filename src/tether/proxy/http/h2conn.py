@@ -153,9 +153,7 @@ class H2Protocol(asyncio.Protocol):
 
     def __init__(self, config: ProxyConfig, client_side: bool) -> None:
         self.config = config
-        self._h2 = BoundedH2Connection(
-            h2.config.H2Configuration(client_side=client_side, header_encoding=None)
-        )
+        self._h2 = BoundedH2Connection(h2.config.H2Configuration(client_side=client_side, header_encoding=None))
         self._h2.local_settings = self._local_settings(config.h2_max_concurrent_streams)
         self._h2.decoder.max_header_list_size = config.max_header_bytes
         self._transport: asyncio.Transport | None = None
@@ -199,7 +197,7 @@ class H2Protocol(asyncio.Protocol):
         except h2.exceptions.ProtocolError as e:
             # h2 has queued a GOAWAY naming the error; send it and end the connection.
             self._flush()
-            self._abort(H2ConnectionClosed(f"HTTP/2 protocol error from peer: {e}"))
+            self._abort(H2ConnectionClosed(f"HTTP/2 protocol error from peer: {e}"), linger=1.0)
             return
         for event in events:
             if self._closed:
@@ -209,9 +207,7 @@ class H2Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        err = self._close_error or H2ConnectionClosed(
-            f"connection lost: {exc}" if exc else "connection closed by peer"
-        )
+        err = self._close_error or H2ConnectionClosed(f"connection lost: {exc}" if exc else "connection closed by peer")
         self._fail_all(err)
         self._wake_drain(err)
 
@@ -358,11 +354,22 @@ class H2Protocol(asyncio.Protocol):
             self._stream_reset(sid, st, err)
         self._streams.clear()
 
-    def _abort(self, err: H2Error) -> None:
+    def _abort(self, err: H2Error, linger: float = 0.0) -> None:
+        """End the connection and fail its streams.
+
+        With ``linger``, the write side is shut after the pending frames (a GOAWAY) and what the
+        peer still sends is read and dropped for up to ``linger`` seconds: closing at once with
+        unread input makes the kernel send RST, which can destroy the GOAWAY before it is read.
+        """
         self._close_error = self._close_error or err
-        if self._transport is not None:
-            self._transport.close()
+        t = self._transport
         self._closed = True
+        if t is not None and not t.is_closing():
+            if linger > 0 and t.can_write_eof():
+                t.write_eof()
+                self._loop.call_later(linger, t.close)
+            else:
+                t.close()
         self._fail_all(err)
 
     # -- writing --------------------------------------------------------------------------------

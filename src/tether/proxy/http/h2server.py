@@ -193,7 +193,7 @@ class H2ServerProtocol(H2Protocol):
                 window,
             )
             self._write_goaway(ErrorCodes.ENHANCE_YOUR_CALM, self._h2.highest_inbound_stream_id)
-            self._abort(H2ConnectionClosed("rapid reset: too many stream resets"))
+            self._abort(H2ConnectionClosed("rapid reset: too many stream resets"), linger=1.0)
 
     def _on_goaway(self, error_code: int, last_stream_id: int) -> None:
         # The client is going away: it opens no more streams; let in-flight ones finish.

@@ -1,0 +1,246 @@
+"""mTLS between real proxies with certificates from a real identity service.
+
+client --> outbound proxy --mTLS--> inbound proxy --> app, with curl, openssl and steady load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tether.testing.backend import BackendServer, start_in_thread
+from tether.testing.load import SteadyLoad
+from tether.testing.mesh import LocalMesh, MeshWorkload
+from tether.testing.procs import ProxyProc, http_get, wait_for
+
+pytestmark = pytest.mark.integration
+
+AUTHORITY = "web.default.svc.cluster.local:80"
+
+
+class Pair:
+    def __init__(self, mesh: LocalMesh, app: BackendServer, web: MeshWorkload, client: MeshWorkload,
+                 inbound: ProxyProc, outbound: ProxyProc, dst: Path) -> None:
+        self.mesh, self.app, self.web, self.client = mesh, app, web, client
+        self.inbound, self.outbound, self.dst = inbound, outbound, dst
+
+    def get(self, path: str = "/") -> tuple[int, bytes]:
+        return http_get(self.outbound.outbound + path, headers={"Host": AUTHORITY})
+
+    def identity_json(self, proxy: ProxyProc) -> dict[str, object]:
+        return json.loads(http_get(proxy.admin + "/identity.json")[1])
+
+
+def make_pair(tmp_path: Path, lifetime: str | None = None, promised_identity: str | None = None,
+              **proxy_flags: str) -> tuple[Pair, list[object]]:
+    mesh = LocalMesh(tmp_path)
+    mesh.create_ca()
+    extra = ["--reload-interval", "0.2s"]
+    if lifetime:
+        extra += ["--issuance-lifetime", lifetime]
+    mesh.start_identity(1, *extra)
+    app = start_in_thread("web")
+    web, client = mesh.workload("web"), mesh.workload("client")
+    inbound = mesh.proxy(web, inbound_app_addr=f"127.0.0.1:{app.server_address[1]}", **proxy_flags)
+    dst = tmp_path / "destinations.yaml"
+    dst.write_text(yaml.safe_dump({"destinations": {AUTHORITY: [{
+        "addr": f"127.0.0.1:{app.server_address[1]}", "proxy_port": inbound.inbound_port,
+        "identity": promised_identity or web.identity}]}}))
+    outbound = mesh.proxy(client, destinations_file=str(dst), **proxy_flags)
+    return Pair(mesh, app, web, client, inbound, outbound, dst), [mesh, app]
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    p, closers = make_pair(tmp_path)
+    yield p
+    p.mesh.close()
+    p.app.shutdown()
+
+
+def metric_lines(proxy: ProxyProc, name: str) -> list[str]:
+    return [ln for ln in proxy.metrics().splitlines() if ln.startswith(name + "{") or ln.startswith(name + " ")]
+
+
+def test_requests_cross_the_mesh_over_mtls_with_verified_identities(pair: Pair) -> None:
+    for _ in range(3):
+        assert pair.get() == (200, b"hello from web\n")
+    out = metric_lines(pair.outbound, "request_total")
+    assert any('tls="true"' in ln and f'server_id="{pair.web.identity}"' in ln and ln.endswith(" 3") for ln in out), out
+    inb = metric_lines(pair.inbound, "request_total")
+    assert any('tls="true"' in ln and f'client_id="{pair.client.identity}"' in ln and ln.endswith(" 3")
+               for ln in inb), inb
+    exp = metric_lines(pair.outbound, "control_identity_cert_expiration_timestamp_seconds")
+    assert exp and float(exp[0].split()[-1]) > 0
+
+
+def test_openssl_sees_the_identity_and_verifies_the_chain(pair: Pair, tmp_path: Path) -> None:
+    r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{pair.inbound.inbound_port}",
+                        "-servername", pair.web.identity, "-CAfile", str(pair.mesh.anchors), "-showcerts",
+                        "-verify_return_error"], input="", capture_output=True, text=True, timeout=20)
+    assert f"subject=CN = {pair.web.identity}" in r.stdout, r.stdout + r.stderr
+    assert "Verify return code: 0 (ok)" in r.stdout
+    assert "TLSv1.3" in r.stdout
+    # The chain the proxy serves verifies against the anchor with openssl verify.
+    chain = json.loads(http_get(pair.inbound.admin + "/identity.json")[1])["certificate_chain_pem"]
+    certs = [c + "-----END CERTIFICATE-----\n" for c in chain.split("-----END CERTIFICATE-----")[:-1]]
+    (tmp_path / "leaf.pem").write_text(certs[0])
+    (tmp_path / "inter.pem").write_text("".join(certs[1:]))
+    v = subprocess.run(["openssl", "verify", "-CAfile", str(pair.mesh.anchors), "-untrusted",
+                        str(tmp_path / "inter.pem"), str(tmp_path / "leaf.pem")], capture_output=True, text=True)
+    assert v.returncode == 0 and "OK" in v.stdout, v.stderr
+
+
+def test_plaintext_from_unmeshed_clients_is_still_accepted(pair: Pair) -> None:
+    status, body = http_get(pair.inbound.inbound + "/")
+    assert (status, body) == (200, b"hello from web\n")
+    inb = metric_lines(pair.inbound, "request_total")
+    assert any('tls="disabled"' in ln for ln in inb), inb
+
+
+def test_client_certificate_from_another_ca_is_refused(pair: Pair, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca"
+    subprocess.run([sys.executable, "-m", "tether", "identity", "create-ca", "--out", str(other)],
+                   check=True, capture_output=True, timeout=60)
+    r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{pair.inbound.inbound_port}",
+                        "-servername", pair.web.identity, "-cert", str(other / "tls.crt"), "-key",
+                        str(other / "tls.key"), "-CAfile", str(pair.mesh.anchors)],
+                       input="GET / HTTP/1.1\r\nHost: x\r\n\r\n", capture_output=True, text=True, timeout=20)
+    assert "hello from web" not in r.stdout
+    assert pair.app.requests == 0 or "alert" in (r.stdout + r.stderr).lower()
+
+
+def test_a_peer_with_another_identity_than_promised_is_refused(tmp_path: Path) -> None:
+    p, _ = make_pair(tmp_path, promised_identity="db.default.serviceaccount.identity.tether.cluster.local")
+    try:
+        status, body = p.get()
+        assert status == 502
+        assert b"expecting identity db.default.serviceaccount" in body, body
+        assert p.app.requests == 0
+    finally:
+        p.mesh.close()
+        p.app.shutdown()
+
+
+def _refreshes(proxy: ProxyProc, result: str) -> float:
+    for ln in metric_lines(proxy, "control_identity_cert_refreshes_total"):
+        if f'result="{result}"' in ln:
+            return float(ln.split()[-1])
+    return 0.0
+
+
+def test_ca_outage_past_the_renew_point_keeps_traffic_flowing(tmp_path: Path) -> None:
+    # 40 s certificates renew after 28 s: the CA is down across that point.
+    p, _ = make_pair(tmp_path, lifetime="40s")
+    try:
+        with SteadyLoad("127.0.0.1", p.outbound.outbound_port, AUTHORITY) as load:
+            wait_for(lambda: load.ok > 20, 20, what="traffic flowing")
+            p.mesh.stop_identity(0)
+            wait_for(lambda: _refreshes(p.outbound, "error") >= 1, 40, what="a failed renewal while the CA is down")
+            ok_during_outage = load.ok
+            wait_for(lambda: load.ok > ok_during_outage + 20, 20, what="traffic during the outage")
+            before = _refreshes(p.outbound, "ok")
+            p.mesh.restart_identity(0)
+            wait_for(lambda: _refreshes(p.outbound, "ok") > before, 60, what="renewal after the CA returns")
+        assert load.outcomes.keys() == {"200"}, load.outcomes
+    finally:
+        p.mesh.close()
+        p.app.shutdown()
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _tether(*args: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "tether", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def _issuer_of_leaf(p: Pair, proxy: ProxyProc) -> str:
+    chain = str(p.identity_json(proxy)["certificate_chain_pem"])
+    return chain.split("-----END CERTIFICATE-----", 1)[1]
+
+
+def test_issuer_rotation_under_load_loses_no_request(tmp_path: Path) -> None:
+    p, _ = make_pair(tmp_path, lifetime="20s", identity_bundle_poll_interval="0.5s")
+    ca = p.mesh.ca_dir
+    try:
+        with SteadyLoad("127.0.0.1", p.outbound.outbound_port, AUTHORITY) as load:
+            wait_for(lambda: load.ok > 20, 20, what="traffic flowing")
+            new = tmp_path / "issuer2"
+            _tether("identity", "create-issuer", "--anchor-cert", str(ca / "ca.crt"), "--anchor-key",
+                    str(ca / "ca.key"), "--out", str(new), "--identity-trust-domain", "cluster.local",
+                    "--controller-namespace", "tether")
+            new_issuer = (new / "tls.crt").read_text().strip()
+            _replace(ca / "tls.key", (new / "tls.key").read_bytes())
+            _replace(ca / "tls.crt", (new / "tls.crt").read_bytes())
+            for proxy in (p.inbound, p.outbound):
+                wait_for(lambda proxy=proxy: new_issuer in _issuer_of_leaf(p, proxy), 60,
+                         what="leaf re-issued by the new issuer")
+            done = load.ok
+            wait_for(lambda: load.ok > done + 20, 20, what="traffic after rotation")
+        assert load.outcomes.keys() == {"200"}, load.outcomes
+    finally:
+        p.mesh.close()
+        p.app.shutdown()
+
+
+def test_trust_anchor_rotation_under_load_loses_no_request(tmp_path: Path) -> None:
+    p, _ = make_pair(tmp_path, lifetime="20s", identity_bundle_poll_interval="0.5s")
+    ca = p.mesh.ca_dir
+    try:
+        with SteadyLoad("127.0.0.1", p.outbound.outbound_port, AUTHORITY) as load:
+            wait_for(lambda: load.ok > 20, 20, what="traffic flowing")
+            # 1. A new anchor, added to the bundle everyone trusts.
+            b = tmp_path / "anchor-b"
+            _tether("identity", "create-ca", "--out", str(b))
+            bundle = tmp_path / "bundle.crt"
+            _tether("identity", "bundle", str(ca / "ca.crt"), str(b / "ca.crt"), "--out", str(bundle))
+            old_anchor = (ca / "ca.crt").read_bytes()
+            _replace(ca / "ca.crt", bundle.read_bytes())
+            b_pem = (b / "ca.crt").read_text().strip()
+            for proxy in (p.inbound, p.outbound):
+                wait_for(lambda proxy=proxy: b_pem in str(p.identity_json(proxy)["trust_anchors_pem"]), 30,
+                         what="proxies trust both anchors")
+            # 2. The issuer re-issued from the new anchor; leaves rotate onto it.
+            issuer_b = tmp_path / "issuer-b"
+            _tether("identity", "create-issuer", "--anchor-cert", str(b / "ca.crt"), "--anchor-key",
+                    str(b / "ca.key"), "--trust-anchors", str(bundle), "--out", str(issuer_b),
+                    "--identity-trust-domain", "cluster.local", "--controller-namespace", "tether")
+            new_issuer = (issuer_b / "tls.crt").read_text().strip()
+            _replace(ca / "tls.key", (issuer_b / "tls.key").read_bytes())
+            _replace(ca / "tls.crt", (issuer_b / "tls.crt").read_bytes())
+            for proxy in (p.inbound, p.outbound):
+                wait_for(lambda proxy=proxy: new_issuer in _issuer_of_leaf(p, proxy), 60,
+                         what="leaf re-issued under the new anchor")
+            # 3. The old anchor removed.
+            old_file = tmp_path / "old.crt"
+            old_file.write_bytes(old_anchor)
+            only_b = tmp_path / "only-b.crt"
+            _tether("identity", "bundle", str(bundle), "--remove", str(old_file), "--out", str(only_b))
+            _replace(ca / "ca.crt", only_b.read_bytes())
+            old_pem = old_anchor.decode().strip()
+            for proxy in (p.inbound, p.outbound):
+                wait_for(lambda proxy=proxy: old_pem not in str(p.identity_json(proxy)["trust_anchors_pem"]), 30,
+                         what="proxies dropped the old anchor")
+            done = load.ok
+            wait_for(lambda: load.ok > done + 20, 20, what="traffic after rotation")
+        assert load.outcomes.keys() == {"200"}, load.outcomes
+        # New handshakes now verify against anchor B alone.
+        r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{p.inbound.inbound_port}",
+                            "-servername", p.web.identity, "-CAfile", str(b / "ca.crt"), "-verify_return_error"],
+                           input="", capture_output=True, text=True, timeout=20)
+        assert "Verify return code: 0 (ok)" in r.stdout, r.stdout + r.stderr
+    finally:
+        p.mesh.close()
+        p.app.shutdown()
