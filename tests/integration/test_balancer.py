@@ -157,8 +157,9 @@ def test_a_dead_endpoint_is_ejected_and_a_real_request_probes_it_back() -> None:
                 out[await get(lb)] += 1
                 if lb.endpoints_pending:
                     break
-            # Exactly max_failures (7) requests failed on the dead endpoint before it was ejected.
-            assert out["UpstreamError"] == 7, out
+            # A refused connection takes the endpoint out at once (reconnect backoff), before
+            # failure accrual's 7 consecutive failures would.
+            assert 1 <= out["UpstreamError"] + out["ConnectError"] <= 7, out
             assert (lb.endpoints_ready, lb.endpoints_pending) == (1, 1)
 
             # Traffic shifts: everything goes to b during the penalty (1 s..1.5 s).
@@ -168,7 +169,7 @@ def test_a_dead_endpoint_is_ejected_and_a_real_request_probes_it_back() -> None:
             # a comes back on the same port; after its penalty a real request probes it in.
             await a.start()
             before = a.requests
-            probing = await load(lb, 4, lambda: a.requests > before and lb.endpoints_ready == 2)
+            probing = await load(lb, 4, lambda: a.requests > before and lb.endpoints_ready == 2, limit=200_000)
             assert a.requests > before
             assert lb.endpoints_ready == 2
             assert probing["UpstreamError"] == 0

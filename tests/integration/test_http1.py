@@ -279,3 +279,26 @@ def test_server_speaks_first_on_opaque_port(proxies) -> None:  # type: ignore[no
     srv.close()
     metrics = p.metrics()
     assert 'tcp_open_total{direction="inbound",peer="src"' in metrics
+
+
+def test_dead_endpoint_is_ejected_and_probed_back_in(proxies, backend: BackendServer) -> None:  # type: ignore[no-untyped-def]
+    from tether.testing.backend import start_in_thread
+
+    spare = start_in_thread("b2")
+    port2 = spare.server_address[1]
+    dst = proxies.destinations({"web.demo:80": [f"127.0.0.1:{backend.server_address[1]}", f"127.0.0.1:{port2}"]})
+    p = proxies("out", destinations_file=str(dst))
+    get = lambda: http_get(p.outbound + "/", headers={"Host": "web.demo:80"})  # noqa: E731
+    assert {get()[1] for _ in range(30)} == {b"hello from b1\n", b"hello from b2\n"}
+    spare.shutdown()
+    spare.server_close()
+    # Every request still succeeds: refused connections are retried on the live endpoint, and
+    # the dead one is ejected by failure accrual.
+    assert [get() for _ in range(60)] == [(200, b"hello from b1\n")] * 60
+    # It comes back on the same port: after its penalty a real request probes it back in.
+    revived = start_in_thread("b2", port=port2)
+    try:
+        wait_for(lambda: get()[1] == b"hello from b2\n", 30, what="revived endpoint probed back in")
+    finally:
+        revived.shutdown()
+        revived.server_close()

@@ -170,13 +170,13 @@ def test_5xx_responses_are_failures_and_4xx_are_not() -> None:
 def test_proxy_errors_pass_through_and_other_errors_become_502() -> None:
     async def main() -> None:
         h = Harness(1)
-        h.svc(0).error = ConnectError("connection refused")
-        with pytest.raises(ConnectError):
-            await h.send()
         h.svc(0).error = OSError("reset")
         with pytest.raises(UpstreamError, match=r"endpoint 10.0.0.1:80: reset") as exc:
             await h.send()
         assert exc.value.status == 502
+        h.svc(0).error = ConnectError("connection refused")
+        with pytest.raises(ConnectError):
+            await h.send()
 
     run(main())
 

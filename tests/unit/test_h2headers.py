@@ -36,9 +36,7 @@ def test_connection_specific_fields_are_dropped_but_te_trailers_kept() -> None:
 
 
 def test_request_round_trip() -> None:
-    fields = request_fields(
-        b"GET", b"http", b"svc:80", b"/x?y=1", [(b"host", b"svc:80"), (b"accept", b"*/*")]
-    )
+    fields = request_fields(b"GET", b"http", b"svc:80", b"/x?y=1", [(b"host", b"svc:80"), (b"accept", b"*/*")])
     assert fields == [
         (b":method", b"GET"),
         (b":scheme", b"http"),
@@ -55,9 +53,7 @@ def test_host_becomes_authority_when_request_has_none() -> None:
     fields = request_fields(b"GET", b"http", b"", b"/", [(b"host", b"h:1")])
     assert (b":authority", b"h:1") in fields
     assert (
-        parse_request(
-            [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"host", b"h")]
-        ).authority
+        parse_request([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"host", b"h")]).authority
         == b"h"
     )
 

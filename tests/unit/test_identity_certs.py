@@ -141,9 +141,7 @@ def test_leaf_never_outlives_its_issuer() -> None:
     _, creds = make_ca(issuer_lifetime=dt.timedelta(hours=2))
     leaf = issue(creds)
     assert leaf.not_valid_after_utc == creds.certificate.not_valid_after_utc
-    assert issue(creds, limit=NOW + dt.timedelta(minutes=30)).not_valid_after_utc == NOW + dt.timedelta(
-        minutes=30
-    )
+    assert issue(creds, limit=NOW + dt.timedelta(minutes=30)).not_valid_after_utc == NOW + dt.timedelta(minutes=30)
 
 
 def test_expired_or_future_issuer_cannot_issue() -> None:
@@ -255,3 +253,15 @@ def test_expired_leaf_is_refused_by_chain_check() -> None:
     leaf = issue(creds)
     with pytest.raises(CertificateError, match=r"leaf 'CN=web.shop.*expired at"):
         chain_to_anchor(leaf, [creds.certificate], TrustBundle((anchor,)), NOW + dt.timedelta(days=2), "leaf")
+
+
+def test_identity_longer_than_a_common_name_goes_in_the_san_only() -> None:
+    long = WorkloadIdentity("linkerd-identity", "linkerd", "linkerd", "cluster.local")
+    assert len(long.dns_name) > 64
+    csr = validate_csr(build_csr(generate_key(), long), long)
+    _, creds = make_ca()
+    leaf = x509.load_der_x509_certificate(issue_leaf(creds, csr, long, NOW).leaf_der)
+    assert len(leaf.subject) == 0
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.critical and san.value.get_values_for_type(x509.DNSName) == [long.dns_name]
+    check_leaf_profile(leaf)

@@ -74,6 +74,4 @@ def test_missing_config_is_fatal(tmp_path: Path, capsys: pytest.CaptureFixture[s
     status = main(["check", "--state-dir", str(tmp_path / "none")])
     out = capsys.readouterr().out
     assert status == 1
-    assert (
-        "\u00d7 certificate config is valid" in out and "trust anchors" not in out.split("config is valid")[1]
-    )
+    assert "\u00d7 certificate config is valid" in out and "trust anchors" not in out.split("config is valid")[1]

@@ -51,9 +51,7 @@ def write_issuer(
     d: Path, anchor: x509.Certificate, anchor_key: object, now: dt.datetime, lifetime: dt.timedelta
 ) -> x509.Certificate:
     cert, key = create_issuer("identity.linkerd.cluster.local", anchor, anchor_key, now, lifetime)  # type: ignore[arg-type]
-    (d / "tls.key").write_bytes(
-        key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    (d / "tls.key").write_bytes(key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (d / "tls.crt").write_bytes(cert.public_bytes(PEM))
     return cert
 
@@ -84,9 +82,7 @@ def make_service(ca_dir: Path, rate: float = 100.0, burst: int = 100) -> Identit
     return svc
 
 
-def certify(
-    svc: IdentityService, identity: str, token: bytes, csr: bytes, caller: str = "10.0.0.1"
-) -> object:
+def certify(svc: IdentityService, identity: str, token: bytes, csr: bytes, caller: str = "10.0.0.1") -> object:
     return asyncio.run(svc.certify(identity, token, csr, caller))
 
 
@@ -108,9 +104,7 @@ def test_bad_token_is_unauthenticated(ca_dir: Path) -> None:
 
 def test_identity_of_another_workload_is_denied(ca_dir: Path) -> None:
     svc = make_service(ca_dir)
-    with pytest.raises(
-        PermissionDenied, match=r"belongs to local workload shop/web.*may not request identity 'db"
-    ):
+    with pytest.raises(PermissionDenied, match=r"belongs to local workload shop/web.*may not request identity 'db"):
         certify(svc, DB.dns_name, b"web-token", build_csr(generate_key(), DB))
 
 
@@ -204,9 +198,7 @@ def test_secret_volume_symlink_swap_is_noticed(tmp_path: Path) -> None:
     from tether.core.identity.certs import parse_certificates, parse_private_key
 
     anchor = parse_certificates((v1 / "ca.crt").read_bytes(), "ca")[0]
-    new = write_issuer(
-        v2, anchor, parse_private_key((v1 / "ca.key").read_bytes(), "k"), NOW, dt.timedelta(days=9)
-    )
+    new = write_issuer(v2, anchor, parse_private_key((v1 / "ca.key").read_bytes(), "k"), NOW, dt.timedelta(days=9))
     os.symlink(v1, mount / "..data")
     for name in ("tls.crt", "tls.key", "ca.crt"):
         os.symlink(f"..data/{name}", mount / name)

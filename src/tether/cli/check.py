@@ -136,7 +136,6 @@ def _identity_args(p: argparse.ArgumentParser) -> None:
         "--identity-issuer-dir",
         help="issuer directory (tls.crt + ca.crt, or crt.pem); default <state-dir>/identity if it exists",
     )
-    g.add_argument("--state-dir", default=".tether")
 
 
 def _load_identity(ctx: CheckContext) -> None:
@@ -304,6 +303,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pre", action="store_true", help="pre-installation checks only")
     p.add_argument("--proxy", action="store_true", help="also check the data plane")
     p.add_argument("--category", action="append", help="run only these categories (repeatable)")
+    p.add_argument("--state-dir", default=".tether", help="local state directory")
     for cat in CATEGORIES:
         if cat.add_arguments:
             cat.add_arguments(p)

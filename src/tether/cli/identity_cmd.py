@@ -2,7 +2,7 @@
 
     tether identity [WORKLOAD | --admin-addr HOST:PORT]    the certificate a proxy is using
     tether identity create-ca --out DIR                    a trust anchor and an issuer
-    tether identity create-issuer --anchor-dir DIR --out DIR   a new issuer from an existing anchor
+    tether identity create-issuer --anchor-cert F --anchor-key F --out DIR   a new issuer from an anchor
     tether identity bundle FILE... [--remove FILE] --out FILE  merge trust anchors (for rotation)
 
 Server-side contract for the first form: the proxy admin server answers ``GET /identity.json`` with

@@ -34,7 +34,14 @@ from tether.core.routing.failure_accrual import (
 )
 from tether.core.routing.p2c import choose
 from tether.proxy.config import ProxyConfig
-from tether.proxy.errors import FailFastError, LoadShedError, ProxyError, UnavailableError, UpstreamError
+from tether.proxy.errors import (
+    ConnectError,
+    FailFastError,
+    LoadShedError,
+    ProxyError,
+    UnavailableError,
+    UpstreamError,
+)
 from tether.proxy.http.body import Body, BodyError
 from tether.proxy.http.message import Request, Response, Service
 
@@ -60,10 +67,14 @@ def classify(rsp: Response) -> bool | None:
     return True
 
 
+_CONNECT_BACKOFF_MIN = 0.1
+_CONNECT_BACKOFF_MAX = 10.0
+
+
 class _Slot:
     """One endpoint in the balancer: its service and its cores."""
 
-    __slots__ = ("accrual", "endpoint", "ewma", "removed", "service")
+    __slots__ = ("accrual", "down_backoff", "down_until", "endpoint", "ewma", "removed", "service")
 
     def __init__(self, endpoint: Endpoint, service: Service, ewma: PeakEwma, accrual: FailureAccrual) -> None:
         self.endpoint = endpoint
@@ -71,6 +82,10 @@ class _Slot:
         self.ewma = ewma
         self.accrual = accrual
         self.removed = False
+        # A refused connection makes the endpoint unready at once (like tower's reconnect
+        # backoff), independently of failure accrual's count of consecutive failures.
+        self.down_until = 0.0
+        self.down_backoff = 0.0
 
 
 class _OutcomeBody(Body):
@@ -267,6 +282,13 @@ class Balancer:
             # The request body failed (the client's side): no verdict on the endpoint.
             self._settle(slot, permit, None, self._finish(slot, t0))
             raise
+        except ConnectError:
+            now = self._finish(slot, t0)
+            self._settle(slot, permit, False, now)
+            slot.down_backoff = min(_CONNECT_BACKOFF_MAX, max(_CONNECT_BACKOFF_MIN, slot.down_backoff * 2))
+            slot.down_until = now + slot.down_backoff
+            self._dirty = True
+            raise
         except ProxyError:
             self._settle(slot, permit, False, self._finish(slot, t0))
             raise
@@ -274,6 +296,7 @@ class Balancer:
             self._settle(slot, permit, False, self._finish(slot, t0))
             raise UpstreamError(f"endpoint {slot.endpoint}: {e or type(e).__name__}") from e
         now = self._finish(slot, t0)
+        slot.down_backoff = 0.0
         ok = classify(rsp)
         if ok is None:
             rsp.body = _OutcomeBody(rsp.body, lambda ok: self._settle(slot, permit, ok, self._clock()))
@@ -289,7 +312,9 @@ class Balancer:
         next_change = math.inf
         for s in self._slots.values():
             acc = s.accrual
-            if acc.ready(now):
+            if s.down_until > now:
+                next_change = min(next_change, s.down_until)
+            elif acc.ready(now):
                 ready.append(s)
             elif acc.state is State.PENALTY:
                 next_change = min(next_change, acc.until)

@@ -258,6 +258,8 @@ class IdentityClient:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
+        if self.config.alpn_protocols:
+            ctx.set_alpn_protocols(list(self.config.alpn_protocols))
 
         def switch(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
             try:
@@ -269,10 +271,13 @@ class IdentityClient:
         ctx.sni_callback = switch
         return ctx
 
-    def _build_contexts(self) -> None:
-        assert self.chain is not None
-        chain_pem = certificates_pem(self.chain)
-        anchors = self.bundle.pem().decode()
+    def _build_contexts(self, chain: list[x509.Certificate] | None = None, bundle: TrustBundle | None = None) -> None:
+        """Build both contexts from ``chain`` and ``bundle`` (default: the current ones), then swap."""
+        chain = chain or self.chain
+        bundle = bundle or self.bundle
+        assert chain is not None
+        chain_pem = certificates_pem(chain)
+        anchors = bundle.pem().decode()
         contexts = []
         for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
             ctx = ssl.SSLContext(purpose)
@@ -377,8 +382,9 @@ class IdentityClient:
         return self.rng.uniform(cap / 2, cap)
 
     def install(self, chain: list[x509.Certificate]) -> None:
+        """Use a verified chain: contexts first, so a failure leaves the previous state whole."""
+        self._build_contexts(chain=chain)
         self.chain = chain
-        self._build_contexts()
         self.metrics.cert_expiration_timestamp_seconds = chain[0].not_valid_after_utc.timestamp()
         self.metrics.cert_refresh_timestamp_seconds = self.clock()
         self.metrics.refreshes_total["ok"] += 1
@@ -389,7 +395,10 @@ class IdentityClient:
         while True:
             try:
                 chain = await self.certify_once()
-            except CertifyFailed as e:
+                self.install(chain)
+            except Exception as e:  # any failure: keep the current certificate and retry with backoff
+                if not isinstance(e, CertifyFailed):
+                    log.exception("unexpected error while refreshing the certificate")
                 failures += 1
                 self.metrics.refreshes_total["error"] += 1
                 delay = self.backoff_delay(failures)
@@ -399,7 +408,6 @@ class IdentityClient:
                 log.warning("certificate refresh failed (attempt %d, retry in %.1fs%s): %s", failures, delay, left, e)
             else:
                 failures = 0
-                self.install(chain)
                 delay = self.refresh_delay(chain[0])
                 log.info(
                     "certified as %s until %s; next refresh in %.0fs",
@@ -424,6 +432,12 @@ class IdentityClient:
             return False
         if bundle.pem() == self.bundle.pem():
             return False
+        if self.chain is not None:
+            try:
+                self._build_contexts(bundle=bundle)
+            except (ssl.SSLError, ValueError) as e:
+                log.error("trust anchors changed but cannot be loaded; keeping the previous bundle: %s", e)
+                return False
         self.bundle = bundle
         log.info("trust anchors reloaded: %d anchor(s)", len(bundle.anchors))
         if self.config.identity_server_name:
@@ -437,8 +451,6 @@ class IdentityClient:
                 # Peers with this bundle will refuse our current leaf until it is renewed under a new
                 # anchor: the rotation steps were run out of order.
                 log.warning("the new trust bundle does not cover this proxy's current certificate: %s", e)
-        if self.chain is not None:
-            self._build_contexts()
         return True
 
     async def _bundle_loop(self) -> None:

@@ -24,6 +24,7 @@ from tether.proxy.endpoint import HttpEndpoint
 from tether.proxy.errors import ProxyError, UnavailableError
 from tether.proxy.http.message import Request, Response, Service
 from tether.proxy.identity import IdentityClient
+from tether.proxy.layers.connect_retry import ConnectRetry
 from tether.proxy.layers.errors import ErrorResponses
 from tether.proxy.layers.metrics import HttpMetricsService
 from tether.proxy.layers.timeout import ResponseTimeout
@@ -175,6 +176,7 @@ def build_http_stack(
 
     router = Router(cfg, discovery, make_endpoint, own_addrs)
     svc: Service = router  # authority -> balancer (P2C + peak-EWMA + failure accrual) -> endpoint
+    svc = ConnectRetry(svc)  # a refused connection never sent the request: try another endpoint
     svc = ResponseTimeout(svc, cfg.response_timeout)  # 504 when the head is late
     svc = ErrorResponses(svc)  # typed errors -> 502/503/504 with l5d-proxy-error
     svc = HttpMetricsService(svc, metrics, direction="outbound")  # request_total, response_total, latency

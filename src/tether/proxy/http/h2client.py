@@ -5,7 +5,7 @@ Usage (the endpoint layer connects, plain TCP or TLS with ALPN h2)::
     transport, client = await loop.create_connection(lambda: H2ClientConnection(config), host, port)
     resp = await client.send(req)     # returns at response headers; resp.body streams, has trailers
     client.usable                     # False after GOAWAY, an error or close(): pool a new one
-    await client.close()
+    client.close()
 
 Errors are :class:`~tether.proxy.http.h2conn.H2Error` subclasses with ``retryable`` set when the
 server never processed the request (GOAWAY above its last stream id, REFUSED_STREAM, connection
@@ -107,8 +107,8 @@ class H2ClientConnection(H2Protocol):
         assert isinstance(resp, Response)
         return resp
 
-    async def close(self) -> None:
-        """Close the connection now; in-flight streams fail."""
+    def close(self) -> None:
+        """Close the connection now (GOAWAY, then close); in-flight streams fail."""
         if self._transport is not None and not self._closed:
             self._write_goaway(ErrorCodes.NO_ERROR, 0)
             self._abort(H2ConnectionClosed("connection closed by proxy"))

@@ -5,14 +5,15 @@ the things both sides need: the received body (:class:`H2Body`, whose window is 
 as its reader consumes it), sending a body with flow control and trailers, coalesced writes, the
 transport's write backpressure, and a bound on h2's closed-stream bookkeeping.
 
-The codec is an implementation detail: the proxy only sees ``H2ServerProtocol`` (serves a
-:class:`~tether.proxy.http.message.Service`) and ``H2ClientConnection`` (``await send(req)``), so a
-faster codec can replace this module without touching the layers.
+The codec is an implementation detail behind the interfaces in :mod:`tether.proxy.http.h2codec`
+(``H2ServerCodec``, ``H2ClientCodec`` and the error types), so a faster codec can replace this module,
+h2server and h2client without touching the layers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable
 from typing import cast
 
@@ -22,12 +23,13 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionState
-from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
 
 from tether.core.http.h2headers import trailer_fields
 from tether.proxy.config import ProxyConfig
 from tether.proxy.http.body import Body, BytesBody, EmptyBody, PipeBody
+from tether.proxy.http.h2codec import H2ConnectionClosed, H2Error, H2StreamReset, error_code_for
+
+__all__ = ["H2ConnectionClosed", "H2Error", "H2Protocol", "H2StreamReset", "error_code_for"]
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -35,47 +37,6 @@ Headers = list[tuple[bytes, bytes]]
 # error). h2's default, 65536, made an idle server hold tens of MB; a few times the concurrency
 # bound covers every frame still in flight after a reset.
 CLOSED_STREAMS_REMEMBERED = 1024
-
-
-class H2Error(Exception):
-    """Base of the HTTP/2 codec's errors; ``retryable`` means the peer never processed the request."""
-
-    retryable = False
-
-
-class H2StreamReset(H2Error):
-    """A stream was reset (by the peer, or by us for a reason given in the message)."""
-
-    def __init__(self, stream_id: int, error_code: int, remote: bool) -> None:
-        who = "peer" if remote else "proxy"
-        try:
-            name = ErrorCodes(error_code).name
-        except ValueError:
-            name = str(error_code)
-        super().__init__(f"stream {stream_id} reset by {who}: {name}")
-        self.stream_id = stream_id
-        self.error_code = error_code
-        self.remote = remote
-        # REFUSED_STREAM: the peer promises it did no work on the stream (RFC 9113 section 8.7).
-        self.retryable = remote and error_code == ErrorCodes.REFUSED_STREAM
-
-
-class H2ConnectionClosed(H2Error):
-    """The connection ended (lost, protocol error, or GOAWAY) before the stream completed."""
-
-    def __init__(self, message: str, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-def error_code_for(exc: BaseException) -> int:
-    """The RST_STREAM code to send when a body fails with ``exc`` (propagates an upstream reset)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, H2StreamReset):
-            return seen.error_code
-        seen = seen.__cause__
-    return ErrorCodes.INTERNAL_ERROR
 
 
 class BoundedH2Connection(h2.connection.H2Connection):
@@ -388,11 +349,8 @@ class H2Protocol(asyncio.Protocol):
     def _write_goaway(self, error_code: int, last_stream_id: int) -> None:
         """Send GOAWAY without h2's state change, so in-flight streams may still finish."""
         self._flush()
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = last_stream_id
-        frame.error_code = error_code
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(frame.serialize())
+            self._transport.write(goaway_frame(error_code, last_stream_id))
 
     def _wake_window(self, st: StreamState) -> None:
         w = st.window_waiter
@@ -488,3 +446,8 @@ def _is_drained(body: Body) -> bool:
     if isinstance(body, PipeBody):
         return body.done and not body._buf
     return isinstance(body, BytesBody)
+
+
+def goaway_frame(error_code: int, last_stream_id: int) -> bytes:
+    """A GOAWAY frame (RFC 9113 section 6.8): 9-byte frame header, last stream id, error code."""
+    return struct.pack(">I", 8)[1:] + b"\x07\x00" + struct.pack(">III", 0, last_stream_id & 0x7FFFFFFF, error_code)

@@ -3,10 +3,12 @@
 Usage (after protocol detection has read ``initial`` bytes, possibly the whole preface)::
 
     proto = H2ServerProtocol(service, conn, config)
-    proto.connection_made(transport)      # or transport.set_protocol(proto) first
-    proto.data_received(initial)
+    proto.start(transport, initial)       # set_protocol + connection_made + data_received(initial)
     ...
     await proto.drain(grace)              # on SIGTERM: GOAWAY, finish in-flight streams, close
+    await proto.wait_closed()             # e.g. to untrack the connection
+
+Or as a plain protocol factory: ``loop.create_server(lambda: H2ServerProtocol(...), ...)``.
 
 Bounds: SETTINGS_MAX_CONCURRENT_STREAMS from the config (streams beyond it, counting handlers still
 unwinding after a reset, get REFUSED_STREAM; beyond twice the bound h2 ends the connection);
@@ -53,6 +55,7 @@ class H2ServerProtocol(H2Protocol):
         self._draining = False
         self._goaway_last: int | None = None
         self._done: asyncio.Future[None] | None = None
+        self._lost = False  # connection_lost has run
         self._idle_timer: asyncio.TimerHandle | None = None
         self.streams_served = 0
 
@@ -63,6 +66,8 @@ class H2ServerProtocol(H2Protocol):
         self.connection_made(transport)
         if initial:
             self.data_received(initial)
+        if not transport.is_reading() and not transport.is_closing():
+            transport.resume_reading()  # the detector may have paused it
 
     @property
     def active_streams(self) -> int:
@@ -89,12 +94,15 @@ class H2ServerProtocol(H2Protocol):
         self._close()
 
     async def wait_closed(self) -> None:
-        """Return when the connection has closed."""
-        if self._closed:
-            return
+        """Return when the connection has closed and every stream handler has finished."""
         if self._done is None:
             self._done = self._loop.create_future()
-        await self._done
+            self._maybe_done()
+        await asyncio.shield(self._done)
+
+    def _maybe_done(self) -> None:
+        if self._lost and not self._tasks and self._done is not None and not self._done.done():
+            self._done.set_result(None)
 
     # -- internals -------------------------------------------------------------------------------
     async def _wait_closed_or_idle(self) -> None:
@@ -120,10 +128,10 @@ class H2ServerProtocol(H2Protocol):
         super().connection_lost(exc)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        self._lost = True
         for t in list(self._tasks):
             t.cancel()
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
+        self._maybe_done()
 
     def _on_other(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
@@ -210,6 +218,7 @@ class H2ServerProtocol(H2Protocol):
         self._tasks.discard(task)
         if not self._tasks:
             self._arm_idle_timer()
+            self._maybe_done()
 
     def _arm_idle_timer(self) -> None:
         # A connection with no stream for idle_timeout is closed (GOAWAY first), so clients that
