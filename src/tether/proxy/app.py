@@ -17,6 +17,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether.core import transport_header
+from tether.core.discovery.endpoints import Endpoint
 from tether.core.http.detect import Detected
 from tether.core.identity.certs import CertificateError
 from tether.proxy import inbound, outbound
@@ -154,6 +156,16 @@ class Proxy:
             await self.admin.close()
         log.info("shutdown complete")
 
+    def _meshed_endpoint(self, target: tuple[str, int]) -> Endpoint | None:
+        """The discovery entry of a destination address, when it is a meshed workload."""
+        if self.discovery is None:
+            return None
+        eps = self.discovery.resolve(f"{target[0]}:{target[1]}")
+        ep = eps.get(target) if eps is not None else None
+        if ep is None or not ep.identity or not ep.proxy_port:
+            return None
+        return ep
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -186,9 +198,21 @@ class Proxy:
 
     async def _opaque(self, side: _Side, transport: asyncio.Transport, conn: Connection,
                       buf: bytes, eof: bool) -> None:
+        dial: tuple[str, int] | None = None
+        ssl_ctx = None
+        server_id: str | None = None
+        preamble = b""
         if side.direction == "outbound":
             target = conn.orig_dst
             timeout = self.cfg.outbound_connect_timeout
+            meshed = self._meshed_endpoint(target) if target is not None else None
+            if meshed is not None and target is not None and self.identity is not None and self.identity.ready:
+                # Opaque TCP crosses the mesh as mTLS to the peer proxy's inbound port, the
+                # original port carried in the transport header.
+                assert meshed.proxy_port is not None and meshed.identity is not None
+                dial, server_id = (target[0], meshed.proxy_port), meshed.identity
+                ssl_ctx = self.identity.client_ssl_context()
+                preamble = transport_header.encode(transport_header.TransportHeader(target[1]))
         else:
             target = inbound.local_target(self.cfg, conn.orig_dst, conn.target_port) if (
                 conn.orig_dst or conn.target_port or self.cfg.inbound_app_addr) else None
@@ -202,7 +226,7 @@ class Proxy:
         m_src = self.metrics.tcp(side.direction, "src", target, tls=tls, client_id=conn.client_id)
         m_src.opened()
         try:
-            upstream, pending = await outbound.connect_tcp(target, timeout)
+            upstream, pending = await outbound.connect_tcp(dial or target, timeout, ssl_ctx, server_id, preamble)
         except (OSError, TimeoutError) as e:
             err = "connect_timeout" if isinstance(e, TimeoutError) else "unexpected"
             self.metrics.tcp_error(side.direction, err, target)
@@ -210,7 +234,8 @@ class Proxy:
             log.info("%s TCP connect to %s:%d failed: %s", side.direction, target[0], target[1], e)
             transport.abort()
             return
-        m_dst = self.metrics.tcp(side.direction, "dst", target, tls=tls)
+        m_dst = self.metrics.tcp(side.direction, "dst", target, tls=tls or server_id is not None,
+                                 server_id=server_id)
         m_dst.opened()
 
         def on_close(splice: Splice, exc: Exception | None) -> None:

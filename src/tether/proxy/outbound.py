@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 
 from tether.core.discovery.endpoints import Endpoint
@@ -183,10 +184,15 @@ def build_http_stack(
     return svc, router
 
 
-async def connect_tcp(target: tuple[str, int], timeout: float) -> tuple[asyncio.Transport, Pending]:
-    """Open a plain TCP connection for an opaque stream; what arrives before the Splice takes
-    over (a server that speaks first) is kept in the returned Pending protocol."""
+async def connect_tcp(target: tuple[str, int], timeout: float, ssl_ctx: ssl.SSLContext | None = None,
+                      server_hostname: str | None = None, preamble: bytes = b"") -> tuple[asyncio.Transport, Pending]:
+    """Open a TCP (or mesh mTLS) connection for an opaque stream; what arrives before the Splice
+    takes over (a server that speaks first) is kept in the returned Pending protocol. ``preamble``
+    (the mesh transport header) is written first."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
-        transport, proto = await loop.create_connection(Pending, target[0], target[1])
+        transport, proto = await loop.create_connection(
+            Pending, target[0], target[1], ssl=ssl_ctx, server_hostname=server_hostname if ssl_ctx else None)
+    if preamble:
+        transport.write(preamble)
     return transport, proto

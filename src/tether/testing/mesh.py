@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tether.platform.local.workloads import Workload, WorkloadRegistry
 from tether.testing.procs import Proc, ProxyProc, free_port, http_get, wait_for
@@ -92,7 +93,7 @@ class LocalMesh:
         return MeshWorkload(name, namespace, self.identity_name(sa, namespace),
                             self.registry.token_path(namespace, name))
 
-    def proxy(self, w: MeshWorkload, ready: bool = True, **flags: str | int | float) -> ProxyProc:
+    def proxy(self, w: MeshWorkload, ready: bool = True, **flags: Any) -> ProxyProc:
         flags.setdefault("log_level", "warn,tether=info")
         p = ProxyProc(self.work, name=f"proxy-{w.name}", identity_name=w.identity,
                       identity_token_path=str(w.token_path), identity_trust_anchors=str(self.anchors),

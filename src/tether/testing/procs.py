@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -99,7 +100,7 @@ class ProxyProc(Proc):
     """
 
     def __init__(self, workdir: Path, name: str = "proxy", netns: str | None = None,
-                 env: dict[str, str] | None = None, host: str = "127.0.0.1", **flags: str | int | float) -> None:
+                 env: dict[str, str] | None = None, host: str = "127.0.0.1", **flags: Any) -> None:
         self._fixed = {k: int(flags.pop(k, 0)) for k in ("admin_port", "outbound_port", "inbound_port")}
         self._inbound_host = str(flags.pop("inbound_host", host))
         self.host = host
