@@ -176,7 +176,8 @@ class H2ClientConnection(H2Protocol):
                 w.set_result(None)
 
     def _settings_changed(self) -> None:
-        free = self.max_concurrent_streams - len(self._streams)
+        # A peer with no limit advertises 2**32-1: wake at most the waiters there are.
+        free = min(self.max_concurrent_streams - len(self._streams), len(self._slot_waiters))
         for _ in range(max(0, free)):
             self._wake_slot()
 
