@@ -244,3 +244,17 @@ def test_trust_anchor_rotation_under_load_loses_no_request(tmp_path: Path) -> No
     finally:
         p.mesh.close()
         p.app.shutdown()
+
+
+def test_issuer_expiry_metric_the_seed_alert_queries(pair: Pair) -> None:
+    # The seeds' LinkerdCertificateExpiringSoon alert:
+    #   (linkerd_identity_cert_expiration_timestamp_seconds - time()) / 86400 < 7
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = pair.mesh.identity_admin_urls[0] + "/metrics"
+    families = {f.name: f for f in text_string_to_metric_families(http_get(url)[1].decode())}
+    exp = families["linkerd_identity_cert_expiration_timestamp_seconds"].samples[0].value
+    days_left = (exp - time.time()) / 86400
+    assert 300 < days_left < 366  # create-ca's issuer lives a year: the alert stays quiet

@@ -241,9 +241,7 @@ class CertificateAuthority:
             .not_valid_after(now + self.validity)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
-            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
         )
         sans: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
         sans.extend(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses)
@@ -533,9 +531,7 @@ class KubeCluster:
     def start(self) -> None:
         missing = missing_binaries(self.bin_dir)
         if missing:
-            raise KubeClusterError(
-                f"missing in {self.bin_dir}: {', '.join(missing)}; run scripts/kube/build.sh"
-            )
+            raise KubeClusterError(f"missing in {self.bin_dir}: {', '.join(missing)}; run scripts/kube/build.sh")
         began = time.monotonic()
         self._stopped = False
         atexit.register(self.stop)
@@ -613,6 +609,18 @@ class KubeCluster:
 
         for index, name in enumerate(self.node_names):
             self.api.create("/api/v1/nodes", self._node_manifest(name, index))
+            # Status is dropped on create; kwok keeps an InternalIP that is already there.
+            self.api.merge_patch(
+                f"/api/v1/nodes/{name}/status",
+                {
+                    "status": {
+                        "addresses": [
+                            {"type": "InternalIP", "address": f"10.250.0.{index + 1}"},
+                            {"type": "Hostname", "address": name},
+                        ]
+                    }
+                },
+            )
         wait_until(
             self._nodes_ready,
             timeout=remaining(),
@@ -691,9 +699,7 @@ class KubeCluster:
     def _check_alive(component: _Component) -> None:
         code = component.process.poll()
         if code is not None:
-            raise KubeClusterError(
-                f"{component.name} exited with code {code}; last log lines:\n{component.log_tail()}"
-            )
+            raise KubeClusterError(f"{component.name} exited with code {code}; last log lines:\n{component.log_tail()}")
 
     @staticmethod
     def _http_ok(url: str, expect: str, context: ssl.SSLContext | None = None) -> bool:
@@ -756,9 +762,7 @@ class KubeCluster:
             organizations=["system:masters"],
             client=True,
         )
-        pki["front-proxy-client"] = front_proxy_ca.issue(
-            "front-proxy-client", "front-proxy-client", client=True
-        )
+        pki["front-proxy-client"] = front_proxy_ca.issue("front-proxy-client", "front-proxy-client", client=True)
         for name in ("kube-controller-manager", "kube-scheduler"):
             pki[name] = ca.issue(
                 f"{name}-serving", name, dns_names=["localhost"], ip_addresses=["127.0.0.1"], server=True
@@ -799,9 +803,7 @@ class KubeCluster:
                     },
                 }
             ],
-            "contexts": [
-                {"name": "tether-kube", "context": {"cluster": "tether-kube", "user": "tether-admin"}}
-            ],
+            "contexts": [{"name": "tether-kube", "context": {"cluster": "tether-kube", "user": "tether-admin"}}],
             "current-context": "tether-kube",
             "preferences": {},
         }
@@ -930,11 +932,6 @@ class KubeCluster:
             },
             # kwok hands out pod IPs from the node's podCIDR, so each node gets its own range.
             "spec": {"podCIDR": f"10.244.{index}.0/24", "podCIDRs": [f"10.244.{index}.0/24"]},
-            "status": {
-                "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
-                "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
-                "addresses": [{"type": "InternalIP", "address": f"10.250.0.{index + 1}"}],
-            },
         }
 
 
@@ -943,12 +940,17 @@ class KubeCluster:
 
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into SystemExit so `with KubeCluster()` unwinds and tears down."""
+    """Turn SIGINT/SIGTERM/SIGHUP into SystemExit so `with KubeCluster()` unwinds and tears down.
+
+    SIGINT is set explicitly: a shell starts background jobs with it ignored, and Python then
+    never raises KeyboardInterrupt.
+    """
 
     def handler(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
@@ -988,8 +990,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"export KUBECONFIG={cluster.kubeconfig}", flush=True)
                 print(f"export PATH={bin_dir}:$PATH", flush=True)
                 say("press Ctrl-C to stop")
-                signal.pause()
-        except KeyboardInterrupt:
-            pass
-    say("stopped")
+                while True:
+                    signal.pause()
+        except SystemExit as stop:
+            say(f"stopped (signal {stop.code - 128 if isinstance(stop.code, int) else stop.code})")
     return 0

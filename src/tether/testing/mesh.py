@@ -77,6 +77,10 @@ class LocalMesh:
             raise TimeoutError(f"identity service not ready; log:\n{p.log()}") from None
         return p
 
+    @property
+    def identity_admin_urls(self) -> list[str]:
+        return list(self._identity_admin)
+
     def stop_identity(self, i: int = 0) -> None:
         self.identity_procs[i].stop()
 

@@ -160,6 +160,12 @@ class IdentityController:
             "(seconds since the UNIX epoch).",
             "# TYPE identity_cert_expiration_timestamp_seconds gauge",
             f"identity_cert_expiration_timestamp_seconds {exp:.0f}",
+            # The name the seeds' LinkerdCertificateExpiringSoon alert queries (a Prometheus
+            # scrape of Linkerd's control plane with its "linkerd_" prefix), served as is.
+            "# HELP linkerd_identity_cert_expiration_timestamp_seconds Time when the issuer certificate "
+            "expires (seconds since the UNIX epoch).",
+            "# TYPE linkerd_identity_cert_expiration_timestamp_seconds gauge",
+            f"linkerd_identity_cert_expiration_timestamp_seconds {exp:.0f}",
             "# HELP issuer_cert_ttl_seconds Seconds until the issuer expires (negative once expired).",
             "# TYPE issuer_cert_ttl_seconds gauge",
             f"issuer_cert_ttl_seconds {exp - now.timestamp():.0f}",
