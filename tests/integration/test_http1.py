@@ -302,3 +302,66 @@ def test_dead_endpoint_is_ejected_and_probed_back_in(proxies, backend: BackendSe
     finally:
         revived.shutdown()
         revived.server_close()
+
+
+def test_response_timeout_is_504_with_reason(proxies, backend: BackendServer) -> None:  # type: ignore[no-untyped-def]
+    p = proxies("in", inbound_app_addr=f"127.0.0.1:{backend.server_address[1]}", response_timeout="0.3s")
+    r = curl("-i", p.inbound + "/delay/3000")
+    assert r.stdout.startswith("HTTP/1.1 504"), r.stdout
+    assert "l5d-proxy-error: response timeout after 0.3s" in r.stdout
+
+
+def test_no_destination_endpoints_is_503_after_failfast(proxies) -> None:  # type: ignore[no-untyped-def]
+    dst = proxies.destinations({"empty.demo:80": []})
+    p = proxies("out", destinations_file=str(dst), failfast_timeout="0.3s")
+    status, body = http_get(p.outbound + "/", headers={"Host": "empty.demo:80"})
+    assert status == 503
+    assert b"empty.demo:80" in body
+
+
+def test_detection_timeout_falls_back_to_tcp(proxies) -> None:  # type: ignore[no-untyped-def]
+    # A server-speaks-first protocol on a port nobody listed as opaque: the client waits, and
+    # after the detection timeout the proxy forwards the connection as TCP.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        with c:
+            c.sendall(b"* OK IMAP-like greeting\r\n")
+            c.recv(100)
+
+    threading.Thread(target=serve, daemon=True).start()
+    p = proxies("tcp", inbound_app_addr=f"127.0.0.1:{port}", detect_timeout="1s")
+    with socket.create_connection(("127.0.0.1", p.inbound_port)) as c:
+        c.settimeout(10)
+        assert c.recv(100) == b"* OK IMAP-like greeting\r\n"
+    srv.close()
+
+
+def test_non_http_client_bytes_are_forwarded_as_tcp(proxies) -> None:  # type: ignore[no-untyped-def]
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+
+    def echo() -> None:
+        c, _ = srv.accept()
+        with c:
+            while data := c.recv(65536):
+                c.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    p = proxies("tcp", inbound_app_addr=f"127.0.0.1:{port}")
+    payload = bytes(range(256)) * 1000
+    with socket.create_connection(("127.0.0.1", p.inbound_port)) as c:
+        c.settimeout(10)
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)  # half-close: the echo must still come back
+        got = b""
+        while chunk := c.recv(65536):
+            got += chunk
+    assert got == payload
+    srv.close()

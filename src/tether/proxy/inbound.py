@@ -13,6 +13,7 @@ from tether.proxy.errors import UnavailableError
 from tether.proxy.http.message import Request, Response, Service
 from tether.proxy.layers.errors import ErrorResponses
 from tether.proxy.layers.metrics import HttpMetricsService
+from tether.proxy.layers.timeout import ResponseTimeout
 from tether.proxy.metrics import MetricsRegistry
 
 LOOPBACK = "127.0.0.1"
@@ -55,6 +56,7 @@ def build_http_stack(cfg: ProxyConfig, metrics: MetricsRegistry) -> tuple[Servic
     """The inbound HTTP stack, outermost layer last."""
     forward = LocalForward(cfg)
     svc: Service = forward  # to the application on loopback, pooled per port
+    svc = ResponseTimeout(svc, cfg.response_timeout)  # 504 when the head is late
     svc = ErrorResponses(svc)  # typed errors -> 502/503/504 with l5d-proxy-error
     svc = HttpMetricsService(svc, metrics, direction="inbound")  # request_total, response_total, latency
     return svc, forward
