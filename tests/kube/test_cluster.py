@@ -66,6 +66,26 @@ def _running_pods(cluster: KubeCluster, namespace: str, app: str, count: int) ->
     return running if len(running) == count else None
 
 
+def test_three_kwok_nodes_are_ready_on_the_pinned_version(kube_cluster: KubeCluster) -> None:
+    version = kube_cluster.api.get("/version")
+    assert version["gitVersion"] == kube_cluster.versions["KUBERNETES_VERSION"]
+    nodes = json.loads(kube_cluster.kubectl("get", "nodes", "-o", "json"))["items"]
+    assert (
+        sorted(n["metadata"]["name"] for n in nodes)
+        == kube_cluster.node_names
+        == [
+            "kwok-node-0",
+            "kwok-node-1",
+            "kwok-node-2",
+        ]
+    )
+    for index, node in enumerate(sorted(nodes, key=lambda n: n["metadata"]["name"])):
+        conditions = {c["type"]: c["status"] for c in node["status"]["conditions"]}
+        assert conditions["Ready"] == "True"
+        addresses = {a["type"]: a["address"] for a in node["status"]["addresses"]}
+        assert addresses["InternalIP"] == kube_cluster.node_internal_ip(index)
+
+
 def test_deployment_pods_run_with_ips_on_fake_nodes(kube_cluster: KubeCluster) -> None:
     ns = "t-deploy"
     kube_cluster.create_namespace(ns)
@@ -108,8 +128,7 @@ def _slice_addresses(cluster: KubeCluster, namespace: str, service: str) -> set[
     return {
         address
         for eps in slices
-        if eps["metadata"]["labels"].get("endpointslice.kubernetes.io/managed-by")
-        == "endpointslice-controller.k8s.io"
+        if eps["metadata"]["labels"].get("endpointslice.kubernetes.io/managed-by") == "endpointslice-controller.k8s.io"
         for endpoint in eps.get("endpoints") or []
         if endpoint.get("conditions", {}).get("ready")
         for address in endpoint["addresses"]
@@ -313,9 +332,7 @@ def test_token_review_validates_projected_service_account_token(kube_cluster: Ku
         f"/api/v1/namespaces/{ns}/serviceaccounts",
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "workload"}},
     )
-    pod = kube_cluster.api.create(
-        f"/api/v1/namespaces/{ns}/pods", _pod("workload", serviceAccountName="workload")
-    )
+    pod = kube_cluster.api.create(f"/api/v1/namespaces/{ns}/pods", _pod("workload", serviceAccountName="workload"))
     # What the kubelet does for a projected token volume: a TokenRequest bound to the pod.
     request = kube_cluster.api.create(
         f"/api/v1/namespaces/{ns}/serviceaccounts/workload/token",

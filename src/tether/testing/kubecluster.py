@@ -112,9 +112,16 @@ def default_bin_dir(versions: Mapping[str, str] | None = None) -> Path:
     return cache_root() / pinned["KUBERNETES_VERSION"] / "bin"
 
 
+# Where the official Go tarball installs; build.sh looks there too when `go` is not on PATH.
+GO_FALLBACK = Path("/usr/local/go/bin/go")
+
+
 def go_toolchain() -> str | None:
     """Path of the `go` command, or None when the toolchain is absent."""
-    return shutil.which("go")
+    found = shutil.which("go")
+    if found is None and os.access(GO_FALLBACK, os.X_OK):
+        found = str(GO_FALLBACK)
+    return found
 
 
 def missing_binaries(bin_dir: Path) -> list[str]:
@@ -609,22 +616,30 @@ class KubeCluster:
 
         for index, name in enumerate(self.node_names):
             self.api.create("/api/v1/nodes", self._node_manifest(name, index))
-            # Status is dropped on create; kwok keeps an InternalIP that is already there.
+        wait_until(
+            self._nodes_ready,
+            timeout=remaining(),
+            what=f"{len(self.node_names)} kwok nodes Ready",
+            on_poll=all_alive,
+        )
+        # Node status is dropped on create and kwok's initialize stage writes addresses without an
+        # InternalIP; its heartbeat keeps whatever addresses are there, so add them once Ready.
+        for index, name in enumerate(self.node_names):
             self.api.merge_patch(
                 f"/api/v1/nodes/{name}/status",
                 {
                     "status": {
                         "addresses": [
-                            {"type": "InternalIP", "address": f"10.250.0.{index + 1}"},
+                            {"type": "InternalIP", "address": self.node_internal_ip(index)},
                             {"type": "Hostname", "address": name},
                         ]
                     }
                 },
             )
         wait_until(
-            self._nodes_ready,
+            lambda: self._nodes_ready(with_address=True),
             timeout=remaining(),
-            what=f"{len(self.node_names)} kwok nodes Ready",
+            what="kwok nodes keeping their InternalIP",
             on_poll=all_alive,
         )
         self.timings.mark("nodes-ready", began)
@@ -706,16 +721,21 @@ class KubeCluster:
         with urllib.request.urlopen(url, timeout=2, context=context) as resp:
             return expect in resp.read().decode()
 
-    def _nodes_ready(self) -> bool:
+    @staticmethod
+    def node_internal_ip(index: int) -> str:
+        """The InternalIP recorded on kwok node <index>: a label only, nothing listens there."""
+        return f"10.250.0.{index + 1}"
+
+    def _nodes_ready(self, with_address: bool = False) -> bool:
         items = self.api.get("/api/v1/nodes")["items"]
-        ready = {
-            node["metadata"]["name"]
-            for node in items
-            if any(
-                cond["type"] == "Ready" and cond["status"] == "True"
-                for cond in node.get("status", {}).get("conditions", [])
-            )
-        }
+        ready = set()
+        for node in items:
+            status = node.get("status", {})
+            if not any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", [])):
+                continue
+            if with_address and not any(a["type"] == "InternalIP" for a in status.get("addresses") or []):
+                continue
+            ready.add(node["metadata"]["name"])
         return set(self.node_names) <= ready
 
     def _run_tool(self, tool: str, args: Sequence[str], stdin: str | None, timeout: float) -> str:
