@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -149,9 +148,9 @@ def test_unknown_destination_fails_with_a_grpc_status(tmp_path: Path) -> None:
     p = ProxyProc(tmp_path, "out", destinations_file=str(dst), failfast_timeout="0.5s").wait_ready()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{p.outbound_port}",
-                                   options=[("grpc.default_authority", AUTHORITY)]) as ch:
-            with pytest.raises(grpc.RpcError) as err:
-                ch.unary_unary(f"/{SERVICE}/Unary")(b"x", timeout=10)
+                                   options=[("grpc.default_authority", AUTHORITY)]) as ch, \
+                pytest.raises(grpc.RpcError) as err:
+            ch.unary_unary(f"/{SERVICE}/Unary")(b"x", timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
     finally:
         p.stop()

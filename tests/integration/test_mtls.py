@@ -59,7 +59,7 @@ def make_pair(tmp_path: Path, lifetime: str | None = None, promised_identity: st
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
-    p, closers = make_pair(tmp_path)
+    p, _closers = make_pair(tmp_path)
     yield p
     p.mesh.close()
     p.app.shutdown()

@@ -15,12 +15,11 @@ import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether.core import transport_header
 from tether.core.discovery.endpoints import Endpoint
 from tether.core.http.detect import Detected
-from tether.core.identity.certs import CertificateError
 from tether.proxy import inbound, outbound
 from tether.proxy.admin import AdminServer
 from tether.proxy.config import ConfigError, ProxyConfig
@@ -29,11 +28,13 @@ from tether.proxy.discovery import StaticDiscovery
 from tether.proxy.http.h1server import ConnectionRegistry, H1ServerProtocol
 from tether.proxy.http.h2server import H2ServerProtocol
 from tether.proxy.http.message import Connection, Service
-from tether.proxy.identity import IdentityClient, IdentityClientConfig
 from tether.proxy.logging import LogControl
 from tether.proxy.meshtls import MeshTlsListener
 from tether.proxy.metrics import MetricsRegistry
 from tether.proxy.tcp import Splice
+
+if TYPE_CHECKING:
+    from tether.proxy.identity import IdentityClient
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,10 @@ def identity_client(cfg: ProxyConfig) -> IdentityClient | None:
     if missing:
         raise ConfigError(f"--identity-name is set but {', '.join(missing)} is not")
     assert cfg.identity_token_path and cfg.identity_trust_anchors and cfg.identity_addrs
+    # Imported here: grpc and cryptography cost ~25 MB of RSS a plaintext proxy does not need.
+    from tether.core.identity.certs import CertificateError
+    from tether.proxy.identity import IdentityClient, IdentityClientConfig
+
     try:
         return IdentityClient(IdentityClientConfig(
             identity=cfg.identity_name,

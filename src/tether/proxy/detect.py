@@ -17,7 +17,7 @@ from tether.core import transport_header
 from tether.core.http.detect import Detected, detect, looks_like_http1_prefix
 from tether.proxy.config import ProxyConfig
 from tether.proxy.http.message import Connection
-from tether.proxy.identity import peer_identity
+from tether.proxy.tlspeer import peer_identity
 
 log = logging.getLogger(__name__)
 

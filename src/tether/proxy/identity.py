@@ -45,6 +45,9 @@ from tether.core.identity.certs import (
 )
 from tether.core.identity.csr import build_csr, generate_key
 from tether.core.identity.names import parse_identity_name
+from tether.proxy.tlspeer import IdentityNotReady, peer_identity, peer_spiffe_id
+
+__all__ = ["IdentityClient", "IdentityClientConfig", "IdentityNotReady", "peer_identity", "peer_spiffe_id"]
 
 log = logging.getLogger("tether.proxy.identity")
 
@@ -59,10 +62,6 @@ _FAILOVER_CODES = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
-
-
-class IdentityNotReady(RuntimeError):
-    """No certificate yet: the proxy cannot do mTLS until the first Certify succeeds."""
 
 
 class CertifyFailed(Exception):
@@ -139,31 +138,6 @@ def _load_cert_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: ec.EllipticCurv
         p = Path(d) / "chain.pem"
         _write_private(str(p), chain_pem + key_pem)
         ctx.load_cert_chain(str(p), password=password)
-
-
-def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
-    """The verified peer's DNS-like identity (its first DNS SAN), or None without a verified cert."""
-    if ssl_object is None:
-        return None
-    for kind, value in _peer_sans(ssl_object):
-        if kind == "DNS":
-            return value
-    return None
-
-
-def _peer_sans(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[tuple[str, str]]:
-    cert: dict[str, Any] = dict(ssl_object.getpeercert() or {})
-    return [(str(k), str(v)) for k, v in cert.get("subjectAltName", ())]
-
-
-def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
-    """The verified peer's SPIFFE id (its URI SAN), or None."""
-    if ssl_object is None:
-        return None
-    for kind, value in _peer_sans(ssl_object):
-        if kind == "URI" and value.startswith("spiffe://"):
-            return value
-    return None
 
 
 class IdentityClient:

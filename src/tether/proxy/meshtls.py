@@ -18,10 +18,14 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tether.core.http.detect import Detected, client_hello_sni, detect
 from tether.proxy.config import ProxyConfig
-from tether.proxy.identity import IdentityClient, IdentityNotReady
+from tether.proxy.tlspeer import IdentityNotReady
+
+if TYPE_CHECKING:
+    from tether.proxy.identity import IdentityClient
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tether.core.discovery.endpoints import Endpoint
 from tether.proxy.balancer import Balancer
@@ -24,7 +25,6 @@ from tether.proxy.discovery import StaticDiscovery, feed
 from tether.proxy.endpoint import HttpEndpoint
 from tether.proxy.errors import ProxyError, UnavailableError
 from tether.proxy.http.message import Request, Response, Service
-from tether.proxy.identity import IdentityClient
 from tether.proxy.layers.connect_retry import ConnectRetry
 from tether.proxy.layers.errors import ErrorResponses
 from tether.proxy.layers.metrics import HttpMetricsService
@@ -32,6 +32,9 @@ from tether.proxy.layers.timeout import ResponseTimeout
 from tether.proxy.meshtls import tls_connector
 from tether.proxy.metrics import MetricsRegistry
 from tether.proxy.tcp import Pending
+
+if TYPE_CHECKING:
+    from tether.proxy.identity import IdentityClient
 
 log = logging.getLogger(__name__)
 
