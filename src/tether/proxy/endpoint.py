@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 
 from tether.proxy.config import ProxyConfig
 from tether.proxy.errors import ConnectError, ConnectTimeoutError, UpstreamError
@@ -32,10 +33,11 @@ class HttpEndpoint:
         self._h2: object | None = None
         self._h2_connecting: asyncio.Future[object] | None = None
 
-    async def __call__(self, req: Request) -> Response:
+    def __call__(self, req: Request) -> Awaitable[Response]:
+        # A plain function returning the codec's awaitable: one coroutine frame fewer per request.
         if req.version == "2":
-            return await self._send_h2(req)
-        return await self.h1(req)
+            return self._send_h2(req)
+        return self.h1(req)
 
     async def _send_h2(self, req: Request) -> Response:
         from tether.proxy.http.h2client import H2ClientConnection

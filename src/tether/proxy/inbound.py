@@ -56,7 +56,8 @@ def build_http_stack(cfg: ProxyConfig, metrics: MetricsRegistry) -> tuple[Servic
     """The inbound HTTP stack, outermost layer last."""
     forward = LocalForward(cfg)
     svc: Service = forward  # to the application on loopback, pooled per port
-    svc = ResponseTimeout(svc, cfg.response_timeout)  # 504 when the head is late
+    if cfg.response_timeout is not None:
+        svc = ResponseTimeout(svc, cfg.response_timeout)  # 504 when the head is late
     svc = ErrorResponses(svc)  # typed errors -> 502/503/504 with l5d-proxy-error
     svc = HttpMetricsService(svc, metrics, direction="inbound")  # request_total, response_total, latency
     return svc, forward

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from tether.core.discovery.endpoints import Endpoint
@@ -147,12 +147,13 @@ class EndpointLabels:
         self.target = target
         self.server_id = server_id
 
-    async def __call__(self, req: Request) -> Response:
+    def __call__(self, req: Request) -> Awaitable[Response]:
+        # A plain function returning the inner awaitable: one coroutine frame fewer per request.
         ext = req.extensions
         ext["target_addr"] = self.target
         if self.server_id is not None:
             ext["server_id"] = self.server_id
-        return await self.inner(req)
+        return self.inner(req)
 
     async def aclose(self) -> None:
         close = getattr(self.inner, "aclose", None)
@@ -181,7 +182,8 @@ def build_http_stack(
     router = Router(cfg, discovery, make_endpoint, own_addrs)
     svc: Service = router  # authority -> balancer (P2C + peak-EWMA + failure accrual) -> endpoint
     svc = ConnectRetry(svc)  # a refused connection never sent the request: try another endpoint
-    svc = ResponseTimeout(svc, cfg.response_timeout)  # 504 when the head is late
+    if cfg.response_timeout is not None:
+        svc = ResponseTimeout(svc, cfg.response_timeout)  # 504 when the head is late
     svc = ErrorResponses(svc)  # typed errors -> 502/503/504 with l5d-proxy-error
     svc = HttpMetricsService(svc, metrics, direction="outbound")  # request_total, response_total, latency
     return svc, router

@@ -206,7 +206,11 @@ class H1ClientConnection(asyncio.Protocol):
         if req.extensions.get("close"):
             headers.append((b"connection", b"close"))
         pump = None
-        if body.is_end_known():
+        if type(body) is EmptyBody:
+            framing = h1.Framing(0, False) if req.method in _BODY_METHODS else h1.NO_BODY
+            transport.write(h1.encode_request_head(req.method, req.path, "1.1", headers, framing))
+            self._request_sent = True
+        elif body.is_end_known():
             data = await body.read()
             rest = await body.read() if data else b""
             data += rest
