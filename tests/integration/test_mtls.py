@@ -77,6 +77,10 @@ def test_requests_cross_the_mesh_over_mtls_with_verified_identities(pair: Pair) 
     inb = metric_lines(pair.inbound, "request_total")
     assert any('tls="true"' in ln and f'client_id="{pair.client.identity}"' in ln and ln.endswith(" 3")
                for ln in inb), inb
+    # The clients here (urllib) send Connection: close; the mTLS connection between the proxies is
+    # pooled all the same: one handshake for all three requests.
+    opened = metric_lines(pair.inbound, "tcp_open_total")
+    assert any('tls="true"' in ln and ln.endswith(" 1") for ln in opened), opened
     exp = metric_lines(pair.outbound, "control_identity_cert_expiration_timestamp_seconds")
     assert exp and float(exp[0].split()[-1]) > 0
 

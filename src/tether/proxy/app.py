@@ -30,7 +30,7 @@ from tether.proxy.http.h2server import H2ServerProtocol
 from tether.proxy.http.message import Connection, Service
 from tether.proxy.logging import LogControl
 from tether.proxy.meshtls import MeshTlsListener
-from tether.proxy.metrics import MetricsRegistry
+from tether.proxy.metrics import MetricsRegistry, TcpMetrics
 from tether.proxy.tcp import Splice
 
 if TYPE_CHECKING:
@@ -176,26 +176,33 @@ class Proxy:
     def _on_detected(self, side: _Side, what: Detected, transport: asyncio.Transport,
                      conn: Connection, buf: bytes, eof: bool) -> None:
         if what is Detected.HTTP1:
-            h1 = H1ServerProtocol(side.http, conn, self.cfg, side.h1)
+            # Every accepted connection counts in tcp_open_total/tcp_open_connections, HTTP too.
+            tcp = self.metrics.tcp(side.direction, "src", conn.orig_dst, tls=conn.tls, client_id=conn.client_id)
+            tcp.opened()
+            h1 = H1ServerProtocol(side.http, conn, self.cfg, side.h1, tcp)
             transport.set_protocol(h1)
             h1.connection_made(transport)
             if buf:
                 h1.data_received(buf)
         elif what is Detected.H2:
+            tcp = self.metrics.tcp(side.direction, "src", conn.orig_dst, tls=conn.tls, client_id=conn.client_id)
+            tcp.opened()
+            tcp.read_bytes += len(buf)
             h2 = H2ServerProtocol(side.http, conn, self.cfg)
             side.h2.add(h2)
             transport.set_protocol(h2)
             h2.start(transport, buf)
-            self._spawn(self._forget_h2(side, h2))
+            self._spawn(self._forget_h2(side, h2, tcp))
         else:
             transport.pause_reading()
             self._spawn(self._opaque(side, transport, conn, buf, eof))
 
-    async def _forget_h2(self, side: _Side, h2: H2ServerProtocol) -> None:
+    async def _forget_h2(self, side: _Side, h2: H2ServerProtocol, tcp: TcpMetrics) -> None:
         try:
             await h2.wait_closed()
         finally:
             side.h2.discard(h2)
+            tcp.closed()
 
     async def _opaque(self, side: _Side, transport: asyncio.Transport, conn: Connection,
                       buf: bytes, eof: bool) -> None:

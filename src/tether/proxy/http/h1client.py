@@ -202,9 +202,8 @@ class H1ClientConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._head = loop.create_future()
         body = req.body
+        # The client's Connection: close is hop-by-hop: the pooled upstream connection stays open.
         headers = [(b"host", req.authority), *req.headers]
-        if req.extensions.get("close"):
-            headers.append((b"connection", b"close"))
         pump = None
         if type(body) is EmptyBody:
             framing = h1.Framing(0, False) if req.method in _BODY_METHODS else h1.NO_BODY

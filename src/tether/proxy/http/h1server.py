@@ -21,6 +21,7 @@ from tether.proxy.errors import ProxyError
 from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
 from tether.proxy.http.message import Connection, Request, Response, Service, strip_hop_by_hop
 from tether.proxy.layers.errors import error_response
+from tether.proxy.metrics import TcpMetrics
 from tether.proxy.tcp import Splice
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,13 @@ class H1ServerProtocol(asyncio.Protocol):
         conn: Connection,
         cfg: ProxyConfig,
         registry: ConnectionRegistry | None = None,
+        tcp: TcpMetrics | None = None,
     ) -> None:
         self.service = service
         self.conn = conn
         self.cfg = cfg
         self.registry = registry
+        self.tcp = tcp  # tcp_* series of the accepted connection (bytes read counted here)
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request] = deque()
@@ -90,6 +93,8 @@ class H1ServerProtocol(asyncio.Protocol):
         self._arm(self.cfg.idle_timeout, self._on_idle_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self.tcp is not None:
+            self.tcp.read_bytes += len(data)
         if self._parse_error is not None or self._upgrade_leftover is not None:
             return
         if self._in_head:
@@ -119,6 +124,9 @@ class H1ServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self.tcp is not None:
+            self.tcp.closed(None if exc is None else "i/o")
+            self.tcp = None
         self._cancel_timer()
         if self._body is not None and not self._body.done:
             self._body.fail(BodyError("client connection lost"))

@@ -72,9 +72,9 @@ class Response:
 
 
 class Service(Protocol):
-    """One layer of a stack: an async function from request to response."""
+    """One layer of a stack: a function from request to an awaitable response (usually ``async def``)."""
 
-    async def __call__(self, req: Request, /) -> Response: ...
+    def __call__(self, req: Request, /) -> Awaitable[Response]: ...
 
 
 ServiceFn = Callable[[Request], Awaitable[Response]]
