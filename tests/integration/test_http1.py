@@ -290,8 +290,7 @@ def test_dead_endpoint_is_ejected_and_probed_back_in(proxies, backend: BackendSe
     p = proxies("out", destinations_file=str(dst))
     get = lambda: http_get(p.outbound + "/", headers={"Host": "web.demo:80"})  # noqa: E731
     assert {get()[1] for _ in range(30)} == {b"hello from b1\n", b"hello from b2\n"}
-    spare.shutdown()
-    spare.server_close()
+    spare.kill()
     # Every request still succeeds: refused connections are retried on the live endpoint, and
     # the dead one is ejected by failure accrual.
     assert [get() for _ in range(60)] == [(200, b"hello from b1\n")] * 60

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -87,6 +88,8 @@ def _pct(values: list[float], q: float) -> float:
 
 def run(args: argparse.Namespace) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    # SIGTERM (a supervisor, `timeout`) must still stop every child: exit through the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tether-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     mesh = LocalMesh(work)

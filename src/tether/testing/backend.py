@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import socket
 import socketserver
 import sys
 import threading
@@ -153,6 +154,31 @@ class BackendServer(ThreadingHTTPServer):
         super().__init__(addr, Handler)
         self.name = name
         self.requests = 0
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, addr = super().get_request()
+        with self._lock:
+            self._conns.add(sock)
+        return sock, addr
+
+    def shutdown_request(self, request: object) -> None:
+        with self._lock:
+            self._conns.discard(request)  # type: ignore[arg-type]
+        super().shutdown_request(request)  # type: ignore[arg-type]
+
+    def kill(self) -> None:
+        """Stop like a crashed process: stop listening and reset every open connection."""
+        self.shutdown()
+        self.server_close()
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def start_in_thread(name: str = "backend", host: str = "127.0.0.1", port: int = 0) -> BackendServer:

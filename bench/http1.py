@@ -1,0 +1,156 @@
+"""HTTP/1.1 side by side: direct, nginx, haproxy and one tether proxy in front of a fortio echo server.
+
+Run by hand: .venv/bin/python bench/http1.py   (bench/README.md says what each figure means)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import harness as h
+
+AUTHORITY = "bench.local:80"
+PATH = "/echo?size=128"  # a small response: 128 bytes of body
+TARGETS = ("direct", "nginx", "haproxy", "tether")
+
+
+def request_bytes() -> bytes:
+    return f"GET {PATH} HTTP/1.1\r\nHost: {AUTHORITY}\r\nUser-Agent: tether-bench\r\n\r\n".encode()
+
+
+def read_response(sock: socket.socket) -> bool:
+    """Read one response with a Content-Length body; True when it was a 200."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return False
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return False
+        body += chunk
+    return head.split(b" ", 2)[1] == b"200"
+
+
+@contextlib.contextmanager
+def hold_http1(port: int, n: int, timeout: float = 60.0) -> Iterator[int]:
+    """Open n keep-alive connections, make one request on each, keep them open; yields how many work."""
+    socks: list[socket.socket] = []
+    deadline = time.monotonic() + timeout
+    try:
+        req = request_bytes()
+        for _ in range(n):
+            if time.monotonic() > deadline:
+                break
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                socks.append(s)
+                s.sendall(req)
+                if not read_response(s):
+                    break
+            except OSError:
+                break
+        yield h.still_open(socks)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def start_backend(fortio: Path, workdir: Path, port: int) -> h.Proc:
+    return h.start_fortio_server(fortio, workdir, port, "disabled")
+
+
+def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, workers: int) -> h.Target:
+    port = h.free_port()
+    proc: h.Proc | None = None
+    if name == "direct":
+        port = backend_port
+    elif name == "nginx":
+        proc = h.start_nginx(
+            workdir,
+            port,
+            f"""    upstream backend {{
+        server 127.0.0.1:{backend_port};
+        keepalive 64;
+        keepalive_requests 100000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+        }}
+    }}""",
+            workers,
+        )
+    elif name == "haproxy":
+        proc = h.start_haproxy(workdir, port, f"127.0.0.1:{port}", f"127.0.0.1:{backend_port}", workers)
+    else:
+        reason = h.tether_unavailable_reason()
+        if reason is not None:
+            raise h.Skip(reason)
+        proc = h.start_tether(workdir, port, h.free_port(), AUTHORITY, backend_port)
+
+    target = ["-H", f"Host: {AUTHORITY}", f"http://127.0.0.1:{port}{PATH}"]
+
+    def load(qps: float, connections: int, seconds: float) -> h.LoadResult:
+        return h.fortio_load(fortio, target, qps, connections, seconds, workdir, ok_codes=("200",))
+
+    def hold(n: int) -> contextlib.AbstractContextManager[int]:
+        return hold_http1(port, n)
+
+    return h.Target(name, proc, load, hold)
+
+
+def targets_check(results: Sequence[h.TargetResult]) -> str:
+    """The issue's targets for the tether proxy, relative to nginx."""
+    by = {r.name: r for r in results if r.skipped is None}
+    t, n = by.get("tether"), by.get("nginx")
+    if t is None or n is None:
+        return ""
+    get = {label: fn for label, fn, _ in h.metrics([1000])}
+    lines = ["", "targets (tether against nginx):"]
+    t_sat, n_sat = get["saturation req/s"](t), get["saturation req/s"](n)
+    if t_sat and n_sat:
+        ratio = t_sat / n_sat
+        lines.append(f"  saturation >= 0.6x nginx: {ratio:.2f}x {'ok' if ratio >= 0.6 else 'MISSED'}")
+    t_p99, n_p99 = get["p99 ms @ 1,000/s"](t), get["p99 ms @ 1,000/s"](n)
+    if t_p99 is not None and n_p99 is not None:
+        added = t_p99 - n_p99
+        verdict = "ok" if added <= 0.5 else "MISSED"
+        lines.append(f"  p99 @ 1,000/s within +0.5 ms of nginx: {added:+.3f} ms {verdict}")
+    for label, kib, limit in (("idle", t.rss_idle_kib, 32), ("with 1k conns", t.rss_held_kib, 64)):
+        if kib is not None:
+            mib = kib / 1024
+            lines.append(f"  RSS {label} <= {limit} MiB: {mib:.1f} MiB {'ok' if mib <= limit else 'MISSED'}")
+    return "\n".join(lines)
+
+
+SUITE = h.Suite(
+    kind="http1",
+    script="bench/http1.py",
+    title=f"HTTP/1.1 GET {PATH}",
+    description=__doc__ or "",
+    targets=TARGETS,
+    start_backend=start_backend,
+    start_target=start_target,
+    summary=targets_check,
+)
+
+if __name__ == "__main__":
+    sys.exit(h.main(SUITE))
