@@ -30,6 +30,32 @@ if _reason is not None:
 PROXY_UID = 2102
 
 
+def start_pod_proxy(pod: netns.Pod, log_dir: Path, *extra: str) -> Proc:
+    """proxy-init in the pod, then its proxy as uid 2102 on the standard ports."""
+    pod.exec(sys.executable, "-m", "tether", "proxy-init")
+    return Proc(["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+                 sys.executable, "-m", "tether", "proxy", "--inbound-addr", "0.0.0.0:4143",
+                 "--outbound-addr", "127.0.0.1:4140", "--admin-addr", "127.0.0.1:4191",
+                 "--opaque-ports", "9300", "--log-level", "warn,tether=info", *extra],
+                log_dir / f"proxy-{pod.name}.log", netns=pod.ns)
+
+
+def start_server_apps(server: netns.Pod, log_dir: Path) -> list[Proc]:
+    """The server pod's HTTP app on 8080 and its server-speaks-first TCP app on 9300."""
+    return [Proc([sys.executable, "-m", "tether.testing.backend", "--host", "0.0.0.0", "--port", "8080",
+                  "--name", "server-pod"], log_dir / "backend.log", netns=server.ns),
+            Proc([sys.executable, "-c", _TCP_ECHO], log_dir / "tcp.log", netns=server.ns)]
+
+
+def wait_pods_ready(client: netns.Pod, server: netns.Pod, timeout: float) -> None:
+    for pod in (client, server):
+        wait_for(lambda pod=pod: pod.exec("curl", "-sf", "http://127.0.0.1:4191/ready",
+                                          check=False).returncode == 0,
+                 timeout, what=f"proxy in {pod.name} ready")
+    wait_for(lambda: server.exec("curl", "-sf", "http://127.0.0.1:8080/", check=False).returncode == 0,
+             20, what="backend up")
+
+
 @pytest.fixture
 def pods(tmp_path: Path) -> Iterator[tuple[netns.Pod, netns.Pod, list[Proc]]]:
     net = netns.PodNetwork()
@@ -37,23 +63,9 @@ def pods(tmp_path: Path) -> Iterator[tuple[netns.Pod, netns.Pod, list[Proc]]]:
     try:
         client = net.add_pod("client")
         server = net.add_pod("server")
-        for pod in (client, server):
-            pod.exec(sys.executable, "-m", "tether", "proxy-init")
-            procs.append(Proc(
-                ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
-                 sys.executable, "-m", "tether", "proxy", "--inbound-addr", "0.0.0.0:4143",
-                 "--outbound-addr", "127.0.0.1:4140", "--admin-addr", "127.0.0.1:4191",
-                 "--opaque-ports", "9300", "--log-level", "warn,tether=info"],
-                tmp_path / f"proxy-{pod.name}.log", netns=pod.ns))
-        procs.append(Proc([sys.executable, "-m", "tether.testing.backend", "--host", "0.0.0.0",
-                           "--port", "8080", "--name", "server-pod"], tmp_path / "backend.log", netns=server.ns))
-        procs.append(Proc([sys.executable, "-c", _TCP_ECHO], tmp_path / "tcp.log", netns=server.ns))
-        for pod in (client, server):
-            wait_for(lambda pod=pod: pod.exec("curl", "-sf", "http://127.0.0.1:4191/ready",
-                                              check=False).returncode == 0,
-                     20, what=f"proxy in {pod.name} ready")
-        wait_for(lambda: server.exec("curl", "-sf", "http://127.0.0.1:8080/", check=False).returncode == 0,
-                 20, what="backend up")
+        procs += [start_pod_proxy(pod, tmp_path) for pod in (client, server)]
+        procs += start_server_apps(server, tmp_path)
+        wait_pods_ready(client, server, 20)
         yield client, server, procs
     finally:
         for p in procs:
@@ -143,25 +155,13 @@ def meshed_pods() -> Iterator[tuple[netns.Pod, netns.Pod, LocalMesh]]:
             f"{server.ip}:9300": [{"addr": f"{server.ip}:9300", "identity": server_id, "proxy_port": 4143}],
         }}))
         for pod in (client, server):
-            pod.exec(sys.executable, "-m", "tether", "proxy-init")
             w = ws[pod.name]
-            procs.append(Proc(
-                ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
-                 sys.executable, "-m", "tether", "proxy", "--inbound-addr", "0.0.0.0:4143",
-                 "--outbound-addr", "127.0.0.1:4140", "--admin-addr", "127.0.0.1:4191", "--opaque-ports", "9300",
-                 "--destinations-file", str(dst), "--identity-name", w.identity,
-                 "--identity-token-path", str(w.token_path), "--identity-trust-anchors", str(mesh.anchors),
-                 "--identity-addrs", f"{control.ip}:8080", "--log-level", "warn,tether=info"],
-                tmp_path / f"proxy-{pod.name}.log", netns=pod.ns))
-        procs.append(Proc([sys.executable, "-m", "tether.testing.backend", "--host", "0.0.0.0",
-                           "--port", "8080", "--name", "server-pod"], tmp_path / "backend.log", netns=server.ns))
-        procs.append(Proc([sys.executable, "-c", _TCP_ECHO], tmp_path / "tcp.log", netns=server.ns))
-        for pod in (client, server):
-            wait_for(lambda pod=pod: pod.exec("curl", "-sf", "http://127.0.0.1:4191/ready",
-                                              check=False).returncode == 0,
-                     30, what=f"proxy in {pod.name} ready (certificate issued)")
-        wait_for(lambda: server.exec("curl", "-sf", "http://127.0.0.1:8080/", check=False).returncode == 0,
-                 20, what="backend up")
+            procs.append(start_pod_proxy(
+                pod, tmp_path, "--destinations-file", str(dst), "--identity-name", w.identity,
+                "--identity-token-path", str(w.token_path), "--identity-trust-anchors", str(mesh.anchors),
+                "--identity-addrs", f"{control.ip}:8080"))
+        procs += start_server_apps(server, tmp_path)
+        wait_pods_ready(client, server, 30)
         yield client, server, mesh
     finally:
         for p in procs:

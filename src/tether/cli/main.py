@@ -19,20 +19,34 @@ COMMAND_MODULES = [
 ]
 
 
+# The module of each top-level command: running one command imports only its module, so the
+# sidecar (`tether proxy`) does not carry the control plane's and CLI's libraries in its memory.
+COMMAND_OWNERS = {
+    "proxy": "tether.cli.proxy_cmd",
+    "proxy-init": "tether.cli.proxy_init_cmd",
+    "demo": "tether.cli.demo_cmd",
+    "identity": "tether.cli.identity_cmd",
+    "controller": "tether.cli.controller_cmd",
+    "check": "tether.cli.check",
+}
+
+
 class CliError(Exception):
     """A user error: printed as one line naming what was wrong, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command, or with ``only`` that module's commands."""
     parser = argparse.ArgumentParser(prog="tether", description="tether service mesh")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in [only] if only else COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(COMMAND_OWNERS.get(argv[0]) if argv else None)
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

@@ -26,7 +26,6 @@ from tether.proxy.config import ConfigError, ProxyConfig
 from tether.proxy.detect import DetectProtocol
 from tether.proxy.discovery import StaticDiscovery
 from tether.proxy.http.h1server import ConnectionRegistry, H1ServerProtocol
-from tether.proxy.http.h2server import H2ServerProtocol
 from tether.proxy.http.message import Connection, Service
 from tether.proxy.logging import LogControl
 from tether.proxy.meshtls import MeshTlsListener
@@ -34,6 +33,7 @@ from tether.proxy.metrics import MetricsRegistry, TcpMetrics
 from tether.proxy.tcp import Splice
 
 if TYPE_CHECKING:
+    from tether.proxy.http.h2server import H2ServerProtocol
     from tether.proxy.identity import IdentityClient
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,9 @@ class Proxy:
             if buf:
                 h1.data_received(buf)
         elif what is Detected.H2:
+            # Imported on first use: a proxy that never sees HTTP/2 does not carry h2 in memory.
+            from tether.proxy.http.h2server import H2ServerProtocol
+
             tcp = self.metrics.tcp(side.direction, "src", conn.orig_dst, tls=conn.tls, client_id=conn.client_id)
             tcp.opened()
             tcp.read_bytes += len(buf)

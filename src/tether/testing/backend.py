@@ -149,6 +149,7 @@ class Handler(BaseHTTPRequestHandler):
 class BackendServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # socketserver's default backlog of 5 drops SYNs under a burst of connects
 
     def __init__(self, addr: tuple[str, int], name: str) -> None:
         super().__init__(addr, Handler)
@@ -165,7 +166,7 @@ class BackendServer(ThreadingHTTPServer):
 
     def shutdown_request(self, request: object) -> None:
         with self._lock:
-            self._conns.discard(request)  # type: ignore[arg-type]
+            self._conns.discard(request)
         super().shutdown_request(request)  # type: ignore[arg-type]
 
     def kill(self) -> None:

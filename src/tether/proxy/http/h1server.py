@@ -80,6 +80,9 @@ class H1ServerProtocol(asyncio.Protocol):
         self._upgrade_leftover: bytes | None = None
         self._parse_error: h1.H1Error | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._deadline_cb: Callable[[], None] | None = None
+        self._tick = min(cfg.header_read_timeout, cfg.idle_timeout) / 4
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
@@ -124,6 +127,7 @@ class H1ServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        self._cancel_timer(release=True)
         if self.tcp is not None:
             self.tcp.closed(None if exc is None else "i/o")
             self.tcp = None
@@ -464,15 +468,34 @@ class H1ServerProtocol(asyncio.Protocol):
         if self._task is None and not self._in_head:
             self._close()
 
+    # Header and idle timeouts share one deadline and one timer that ticks while a deadline is
+    # set: setting a deadline per request is two attribute writes, not a call_later and a cancel.
+    # A deadline fires at most one tick (a quarter of the shortest timeout) late.
     def _arm(self, delay: float, cb: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, cb)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + delay
+        self._deadline_cb = cb
+        if self._timer is None:
+            self._timer = loop.call_later(min(delay, self._tick), self._on_tick)
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
+    def _cancel_timer(self, release: bool = False) -> None:
+        self._deadline_cb = None
+        if release and self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _on_tick(self) -> None:
+        self._timer = None
+        cb = self._deadline_cb
+        if cb is None or self._lost:
+            return
+        loop = asyncio.get_running_loop()
+        left = self._deadline - loop.time()
+        if left <= 0:
+            self._deadline_cb = None
+            cb()
+        else:
+            self._timer = loop.call_later(min(left, self._tick), self._on_tick)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
