@@ -71,6 +71,8 @@ NO_BODY = Framing(0, False)
 
 
 def _content_length(values: list[bytes]) -> int:
+    if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 18:
+        return int(values[0])  # the common case
     # RFC 9112 6.3: a list of identical values may be treated as one; anything else is invalid.
     seen: set[bytes] = set()
     for v in values:

@@ -368,6 +368,14 @@ class H1ServerProtocol(asyncio.Protocol):
             framing = h1.Framing(None, False)
         chunked = framing.chunked
         expected = framing.content_length
+        if not chunked and expected is not None and body.is_end_known():
+            # The whole body is already here (a small response): one write, no loop.
+            data = await body.read()
+            if len(data) != expected or await body.read():
+                self._abort()
+                raise BodyError("upstream body length differs from its Content-Length")
+            transport.write(head + data)
+            return
         sent = 0
         first = head
         try:

@@ -97,10 +97,13 @@ HOP_BY_HOP = frozenset(
 
 def strip_hop_by_hop(headers: Headers) -> Headers:
     """Drop hop-by-hop headers and any header the Connection header names."""
+    for k, _ in headers:
+        if k in HOP_BY_HOP:
+            break
+    else:
+        return headers  # the common case: one scan, nothing to copy
     named: set[bytes] = set()
     for k, v in headers:
         if k == b"connection":
             named.update(t.strip().lower() for t in v.split(b","))
-    if not named and not any(k in HOP_BY_HOP for k, _ in headers):
-        return headers
     return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
