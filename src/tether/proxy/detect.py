@@ -17,6 +17,7 @@ from tether.core import transport_header
 from tether.core.http.detect import Detected, detect, looks_like_http1_prefix
 from tether.proxy.config import ProxyConfig
 from tether.proxy.http.message import Connection
+from tether.proxy.tcp import linger_close
 from tether.proxy.tlspeer import peer_identity
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class DetectProtocol(asyncio.Protocol):
             self.transport.write(
                 b"HTTP/1.1 408 Request Timeout\r\nl5d-proxy-error: " + reason
                 + b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%b\n" % (len(reason) + 1, reason))
-            self.transport.close()
+            linger_close(self.transport)
 
     def _on_timeout(self) -> None:
         self._timer = None

@@ -76,7 +76,8 @@ class Router:
         self._feeds: dict[str, asyncio.Task[None]] = {}
         self._direct: dict[tuple[str, int], Service] = {}
 
-    async def __call__(self, req: Request) -> Response:
+    def __call__(self, req: Request) -> Awaitable[Response]:
+        # Synchronous routing, then the chosen service's awaitable: no coroutine frame of its own.
         override = req.header(b"l5d-dst-override")
         if override is not None:
             req.remove_header(b"l5d-dst-override")
@@ -85,13 +86,13 @@ class Router:
         if self.discovery is not None:
             bal = self._balancer(authority)
             if bal is not None:
-                return await bal(req)
+                return bal(req)
         target = self._fallback_target(req, authority)
         req.extensions["target_addr"] = target
         svc = self._direct.get(target)
         if svc is None:
             svc = self._direct[target] = self.make_endpoint(Endpoint(target))
-        return await svc(req)
+        return svc(req)
 
     def _balancer(self, authority: str) -> Balancer | None:
         bal = self._balancers.get(authority)

@@ -151,3 +151,35 @@ class Splice:
         for half in (self.client, self.server):
             if half.transport is not None:
                 half.transport.abort()
+
+
+class _Linger(asyncio.Protocol):
+    """After an error response: discard what the client still sends, close on its EOF or a timeout."""
+
+    def __init__(self, transport: asyncio.Transport, timeout: float) -> None:
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(timeout, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        self.timer.cancel()
+        self.transport.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+
+
+def linger_close(transport: asyncio.Transport, timeout: float = 2.0) -> None:
+    """Close after a final response without a TCP reset (RFC 9112 section 9.6).
+
+    Closing a socket with unread client bytes sends RST, and the client's kernel may then drop
+    the response it had not read yet: half-close instead, read and drop until the client closes
+    (or ``timeout``), then close.
+    """
+    transport.set_protocol(_Linger(transport, timeout))
+    if transport.can_write_eof():
+        transport.write_eof()
+    transport.resume_reading()

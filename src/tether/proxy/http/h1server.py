@@ -22,7 +22,7 @@ from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
 from tether.proxy.http.message import Connection, Request, Response, Service, strip_hop_by_hop
 from tether.proxy.layers.errors import error_response
 from tether.proxy.metrics import TcpMetrics
-from tether.proxy.tcp import Splice
+from tether.proxy.tcp import Splice, linger_close
 
 log = logging.getLogger(__name__)
 
@@ -460,9 +460,13 @@ class H1ServerProtocol(asyncio.Protocol):
             (b"connection", b"close"),
         ]
         head = h1.encode_response_head(err.status, "1.1", headers, h1.Framing(len(data), False))
-        if self.transport is not None and not self._lost:
-            self.transport.write(head + data)
-        self._close()
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        transport.write(head + data)
+        self._closing = True
+        self.connection_lost(None)  # this protocol is done: release its bookkeeping now
+        linger_close(transport)
 
     def _on_header_timeout(self) -> None:
         self._timer = None
