@@ -279,7 +279,8 @@ def identity_client(cfg: ProxyConfig) -> IdentityClient | None:
         ("--identity-addrs", cfg.identity_addrs),
     ) if not value]
     if missing:
-        raise ConfigError(f"--identity-name is set but {', '.join(missing)} is not")
+        verb = "is" if len(missing) == 1 else "are"
+        raise ConfigError(f"--identity-name is set but {', '.join(missing)} {verb} not")
     assert cfg.identity_token_path and cfg.identity_trust_anchors and cfg.identity_addrs
     # Imported here: grpc and cryptography cost ~25 MB of RSS a plaintext proxy does not need.
     from tether.core.identity.certs import CertificateError
