@@ -66,7 +66,11 @@ class H1ServerProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request] = deque()
+        # One task per connection, alive from the first request to the close: it waits on
+        # ``_wakeup`` between requests (a future per request is cheaper than a task per request).
         self._task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        self._serving = False  # a request is being served (not merely waiting for one)
         self._closing = False
         self._lost = False
         self._draining = False
@@ -123,7 +127,7 @@ class H1ServerProtocol(asyncio.Protocol):
         if self._body is not None and not self._body.done:
             self._body.fail(BodyError("client closed the connection mid-body"))
         # Keep the write side open while a response is in progress (half-closed client).
-        return bool(self._queue) or self._task is not None
+        return bool(self._queue) or self._serving
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -252,6 +256,10 @@ class H1ServerProtocol(asyncio.Protocol):
             self._pause_reading()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._serve())
+        else:
+            w = self._wakeup
+            if w is not None and not w.done():
+                w.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         if self._body is not None:
@@ -264,28 +272,38 @@ class H1ServerProtocol(asyncio.Protocol):
 
     # -- serving ------------------------------------------------------------------------------
     async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            while self._queue and not self._lost:
-                req = self._queue[0]
-                if self._parse_error is not None and len(self._queue) == 1 and isinstance(req.body, PipeBody) \
-                        and req.body.done and not req.body.is_end_known():
-                    # The body of this request was malformed before we began serving it:
-                    # answer the framing error instead of forwarding half a request.
-                    self._queue.clear()
-                    break
-                close = await self._serve_one(req)
-                self._queue.popleft()
-                self.requests_served += 1
-                if close or self._lost:
+            while not self._lost:
+                if not self._queue:
+                    self._wakeup = loop.create_future()
+                    await self._wakeup
+                    self._wakeup = None
+                    continue
+                self._serving = True
+                while self._queue and not self._lost:
+                    req = self._queue[0]
+                    if self._parse_error is not None and len(self._queue) == 1 and isinstance(req.body, PipeBody) \
+                            and req.body.done and not req.body.is_end_known():
+                        # The body of this request was malformed before we began serving it:
+                        # answer the framing error instead of forwarding half a request.
+                        self._queue.clear()
+                        break
+                    close = await self._serve_one(req)
+                    self._queue.popleft()
+                    self.requests_served += 1
+                    if close or self._lost:
+                        self._close()
+                        return
+                    if self._reading_paused and len(self._queue) < _MAX_PIPELINED:
+                        self._resume_reading()
+                self._serving = False
+                if self._parse_error is not None:
+                    self._write_error_and_close(self._parse_error)
+                    return
+                if self._draining:
                     self._close()
                     return
-                if self._reading_paused and len(self._queue) < _MAX_PIPELINED:
-                    self._resume_reading()
-            if self._parse_error is not None:
-                self._write_error_and_close(self._parse_error)
-            elif self._draining:
-                self._close()
-            else:
                 self._arm(self.cfg.idle_timeout, self._on_idle_timeout)
         except asyncio.CancelledError:
             pass
@@ -296,7 +314,7 @@ class H1ServerProtocol(asyncio.Protocol):
             log.exception("unexpected error serving HTTP/1 connection from %s", self.conn.peer)
             self._abort()
         finally:
-            self._task = None
+            self._serving = False
 
     async def _serve_one(self, req: Request) -> bool:
         """Serve one request; True when the connection must close afterwards."""
@@ -449,7 +467,7 @@ class H1ServerProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.pause_reading()
         log.info("rejecting request from %s: %s", self.conn.peer, err.reason)
-        if self._task is None:
+        if not self._serving:
             self._write_error_and_close(err)
 
     def _write_error_and_close(self, err: h1.H1Error) -> None:
@@ -470,14 +488,14 @@ class H1ServerProtocol(asyncio.Protocol):
 
     def _on_header_timeout(self) -> None:
         self._timer = None
-        if self._task is None and self._in_head:
+        if not self._serving and self._in_head:
             self._fail_parse(h1.H1Error(408, "timed out reading request headers"))
-        elif self._task is None:
+        elif not self._serving:
             self._close()
 
     def _on_idle_timeout(self) -> None:
         self._timer = None
-        if self._task is None and not self._in_head:
+        if not self._serving and not self._in_head:
             self._close()
 
     # Header and idle timeouts share one deadline and one timer that ticks while a deadline is
@@ -533,7 +551,7 @@ class H1ServerProtocol(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return self._task is None and not self._in_head
+        return not self._serving and not self._in_head
 
     def drain(self) -> None:
         """Graceful shutdown: close now if idle, else after the response in progress."""
