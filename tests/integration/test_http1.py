@@ -360,3 +360,31 @@ def test_non_http_client_bytes_are_forwarded_as_tcp(proxies) -> None:  # type: i
             got += chunk
     assert got == payload
     srv.close()
+
+
+def test_tcp_byte_counters_move_while_the_connection_is_open(proxies) -> None:  # type: ignore[no-untyped-def]
+    def echo(c: socket.socket) -> None:
+        while data := c.recv(65536):
+            c.sendall(data)
+
+    srv, port = one_shot_tcp_server(echo)
+    p = proxies("tcp", inbound_app_addr=f"127.0.0.1:{port}", opaque_ports=str(port))
+    payload = b"z" * 100_000
+    with socket.create_connection(("127.0.0.1", p.inbound_port)) as c:
+        c.settimeout(10)
+        c.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += c.recv(65536)
+
+        def counted(name: str) -> float:
+            for ln in p.metrics().splitlines():
+                if ln.startswith(name + '{direction="inbound",peer="src"'):
+                    return float(ln.split()[-1])
+            return 0.0
+
+        # Still open: a long-lived stream is visible in the counters before it ends.
+        wait_for(lambda: counted("tcp_read_bytes_total") >= len(payload), 5, what="bytes read counted")
+        assert counted("tcp_write_bytes_total") >= len(payload)
+        assert counted("tcp_open_connections") == 1
+    srv.close()

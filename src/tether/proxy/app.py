@@ -30,7 +30,7 @@ from tether.proxy.http.message import Connection, Service
 from tether.proxy.logging import LogControl
 from tether.proxy.meshtls import MeshTlsListener
 from tether.proxy.metrics import MetricsRegistry, TcpMetrics
-from tether.proxy.tcp import Splice
+from tether.proxy.tcp import Pending, Splice
 
 if TYPE_CHECKING:
     from tether.proxy.http.h2server import H2ServerProtocol
@@ -197,8 +197,14 @@ class Proxy:
             h2.start(transport, buf)
             self._spawn(self._forget_h2(side, h2, tcp))
         else:
+            # Until the upstream is connected, whatever the client sends is held (a pause in
+            # connection_made is not always honoured, and nothing may be dropped).
+            pending = Pending()
+            pending.buffer += buf
+            pending.eof = eof
+            transport.set_protocol(pending)
             transport.pause_reading()
-            self._spawn(self._opaque(side, transport, conn, buf, eof))
+            self._spawn(self._opaque(side, transport, conn, pending))
 
     async def _forget_h2(self, side: _Side, h2: H2ServerProtocol, tcp: TcpMetrics) -> None:
         try:
@@ -208,7 +214,7 @@ class Proxy:
             tcp.closed()
 
     async def _opaque(self, side: _Side, transport: asyncio.Transport, conn: Connection,
-                      buf: bytes, eof: bool) -> None:
+                      client_pending: Pending) -> None:
         dial: tuple[str, int] | None = None
         ssl_ctx = None
         server_id: str | None = None
@@ -252,18 +258,14 @@ class Proxy:
         def on_close(splice: Splice, exc: Exception | None) -> None:
             side.tcp.discard(splice)
             self._tcp_closed.set()
-            m_src.read_bytes += splice.stats.read_bytes
-            m_src.write_bytes += splice.stats.write_bytes
-            m_dst.read_bytes += splice.stats.write_bytes
-            m_dst.write_bytes += splice.stats.read_bytes
             err = None if exc is None else "i/o"
             m_src.closed(err)
             m_dst.closed(err)
 
-        splice = Splice(conn, on_close)
+        splice = Splice(conn, on_close, src=m_src, dst=m_dst)
         side.tcp.add(splice)
-        splice.attach(transport, upstream, buf, bytes(pending.buffer))
-        if eof:
+        splice.attach(transport, upstream, bytes(client_pending.buffer), bytes(pending.buffer))
+        if client_pending.eof:
             splice.client.eof_received()
         if pending.eof:
             splice.server.eof_received()

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Protocol
 
 from tether.proxy.http.message import Connection
 
 
+class ByteCounters(Protocol):
+    read_bytes: int
+    write_bytes: int
+
+
 class TcpStats:
-    """Byte counters of one forwarded connection (read from the metrics layer)."""
+    """Byte counters of one side of a forwarded connection (a stand-in when no metrics series is given)."""
 
     __slots__ = ("read_bytes", "write_bytes")
 
@@ -41,10 +47,15 @@ class _Half(asyncio.Protocol):
         peer = self.peer
         if peer is None or peer.transport is None or peer.closed:
             return
+        # Counted as the bytes move, so long-lived streams show up in the metrics at once.
+        n = len(data)
+        splice = self.splice
         if self.is_client:
-            self.splice.stats.read_bytes += len(data)
+            splice.src.read_bytes += n
+            splice.dst.write_bytes += n
         else:
-            self.splice.stats.write_bytes += len(data)
+            splice.dst.read_bytes += n
+            splice.src.write_bytes += n
         peer.transport.write(data)
 
     def eof_received(self) -> bool:
@@ -95,9 +106,11 @@ class Pending(asyncio.Protocol):
 class Splice:
     """Two transports forwarding to each other until both sides are done."""
 
-    def __init__(self, conn: Connection, on_close: Callable[[Splice, Exception | None], None] | None = None):
+    def __init__(self, conn: Connection, on_close: Callable[[Splice, Exception | None], None] | None = None,
+                 src: ByteCounters | None = None, dst: ByteCounters | None = None) -> None:
         self.conn = conn
-        self.stats = TcpStats()
+        self.src: ByteCounters = src if src is not None else TcpStats()  # the accepted (client) side
+        self.dst: ByteCounters = dst if dst is not None else TcpStats()  # the connected (server) side
         self.client = _Half(self, True)
         self.server = _Half(self, False)
         self.client.peer = self.server

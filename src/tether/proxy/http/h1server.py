@@ -448,7 +448,14 @@ class H1ServerProtocol(asyncio.Protocol):
             self.registry.remove(self)
         leftover = self._upgrade_leftover or b""
         self._upgrade_leftover = b""
-        splice = Splice(self.conn)
+        tcp = self.tcp
+        self.tcp = None  # the splice owns the connection's series from here on
+
+        def on_close(_splice: Splice, exc: Exception | None) -> None:
+            if tcp is not None:
+                tcp.closed(None if exc is None else "i/o")
+
+        splice = Splice(self.conn, on_close, src=tcp)
         transport = self.transport
         assert transport is not None
         splice.attach(transport, up.transport, leftover, up.leftover)
