@@ -262,3 +262,48 @@ def test_issuer_expiry_metric_the_seed_alert_queries(pair: Pair) -> None:
     exp = families["linkerd_identity_cert_expiration_timestamp_seconds"].samples[0].value
     days_left = (exp - time.time()) / 86400
     assert 300 < days_left < 366  # create-ca's issuer lives a year: the alert stays quiet
+
+
+def _greeter() -> tuple[object, int]:
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def run() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                c.sendall(b"220 greetings\r\n")
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+@pytest.mark.parametrize("opaque", [True, False], ids=["opaque-port", "detect-timeout"])
+def test_server_speaks_first_through_a_meshed_inbound(tmp_path: Path, opaque: bool) -> None:
+    # With an identity the inbound listener peeks for a TLS ClientHello; a plaintext client of a
+    # server-speaks-first app sends nothing, and must still reach the app: at once on an opaque
+    # port, after the detection timeout otherwise.
+    import socket
+
+    srv, port = _greeter()
+    mesh = LocalMesh(tmp_path)
+    try:
+        mesh.create_ca()
+        mesh.start_identity()
+        flags = {"inbound_app_addr": f"127.0.0.1:{port}", "detect_timeout": "1s"}
+        if opaque:
+            flags["opaque_ports"] = str(port)
+        p = mesh.proxy(mesh.workload("db"), **flags)
+        with socket.create_connection(("127.0.0.1", p.inbound_port)) as c:
+            c.settimeout(10)
+            assert c.recv(100) == b"220 greetings\r\n"
+    finally:
+        mesh.close()
+        srv.close()  # type: ignore[attr-defined]

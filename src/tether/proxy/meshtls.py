@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from tether.core.http.detect import Detected, client_hello_sni, detect
 from tether.proxy.config import ProxyConfig
+from tether.proxy.detect import SO_ORIGINAL_DST
 from tether.proxy.tlspeer import IdentityNotReady
 
 if TYPE_CHECKING:
@@ -82,9 +83,31 @@ class MeshTlsListener:
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._app_port(conn) in self.cfg.opaque_ports:
+                # A server-speaks-first port: the client may say nothing, so there is no
+                # ClientHello to wait for (meshed opaque traffic arrives on the proxy's own port).
+                self._dispatch(conn, tls=False)
+                continue
             deadline = time.monotonic() + self.cfg.detect_timeout
             self._pending[conn.fileno()] = (conn, deadline)
             self._loop.add_reader(conn.fileno(), self._on_readable, conn)
+            # A client that never speaks is handed on as plaintext at the detection timeout.
+            self._loop.call_at(self._loop.time() + self.cfg.detect_timeout, self._silent, conn)
+
+    def _app_port(self, conn: socket.socket) -> int | None:
+        try:
+            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            port = int.from_bytes(raw[2:4], "big")
+            if port != conn.getsockname()[1]:
+                return port
+        except OSError:
+            pass
+        app = self.cfg.inbound_app_addr
+        return app[1] if app is not None else None
+
+    def _silent(self, conn: socket.socket) -> None:
+        if conn.fileno() in self._pending and self._pending[conn.fileno()][0] is conn:
+            self._dispatch(conn, tls=False)
 
     def _on_readable(self, conn: socket.socket) -> None:
         assert self._loop is not None
