@@ -388,3 +388,22 @@ def test_tcp_byte_counters_move_while_the_connection_is_open(proxies) -> None:  
         assert counted("tcp_write_bytes_total") >= len(payload)
         assert counted("tcp_open_connections") == 1
     srv.close()
+
+
+def test_endless_upstream_response_head_is_cut_off_with_502(proxies) -> None:  # type: ignore[no-untyped-def]
+    def endless(c: socket.socket) -> None:
+        c.recv(65536)
+        c.sendall(b"HTTP/1.1 200 OK\r\n")
+        try:
+            for _ in range(200):  # bounded: 200 x 1 KiB header lines, far past the 64 KiB limit
+                c.sendall(b"X-Junk: " + b"j" * 1024 + b"\r\n")
+        except OSError:
+            pass  # the proxy cut the connection, as it should
+
+    srv, port = one_shot_tcp_server(endless)
+    p = proxies("in", inbound_app_addr=f"127.0.0.1:{port}")
+    r = curl("-i", p.inbound + "/")
+    assert r.stdout.startswith("HTTP/1.1 502"), r.stdout[:300]
+    assert "header block exceeds 65536 bytes" in r.stdout
+    srv.close()
+

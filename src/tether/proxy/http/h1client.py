@@ -50,6 +50,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._in_head = True
+        self._head_bytes = 0
         self._body: PipeBody | None = None
         self._method = b""
         self._got_bytes = False
@@ -72,6 +73,16 @@ class H1ClientConnection(asyncio.Protocol):
             self._abort()
             return
         self._got_bytes = True
+        if self._in_head:
+            # Bounded like the request side: an upstream that never ends its head is cut off.
+            # Only the bytes up to the end of the head count (the body may follow in this chunk).
+            end = data.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else end
+            if self._head_bytes > self.pool.cfg.max_header_bytes:
+                self._fail(UpstreamError(
+                    f"upstream response header block exceeds {self.pool.cfg.max_header_bytes} bytes"))
+                self._abort()
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -128,6 +139,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._headers = []
         self._trailers = None
         self._in_head = True
+        self._head_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:
@@ -199,6 +211,8 @@ class H1ClientConnection(asyncio.Protocol):
         self._method = req.method
         self._got_bytes = False
         self._body_until_close = False
+        self._in_head = True
+        self._head_bytes = 0
         loop = asyncio.get_running_loop()
         self._head = loop.create_future()
         body = req.body

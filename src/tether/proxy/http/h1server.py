@@ -105,7 +105,9 @@ class H1ServerProtocol(asyncio.Protocol):
         if self._parse_error is not None or self._upgrade_leftover is not None:
             return
         if self._in_head:
-            self._head_bytes += len(data)
+            # Only the bytes up to the end of the head count (the body may follow in this chunk).
+            end = data.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else end
             if self._head_bytes > self.cfg.max_header_bytes:
                 self._fail_parse(h1.H1Error(431, "request header block too large"))
                 return
