@@ -108,6 +108,24 @@ def _extra_labels(extra: ExtraLabels) -> str:
 # Per-label-set objects: plain attributes, bound once by the caller.
 
 
+def _series_labels(
+    head: str,
+    target_addr: tuple[str, int] | None,
+    authority: str | None,
+    tls: bool,
+    client_id: str | None,
+    server_id: str | None,
+    no_tls_reason: str | None,
+    extra: ExtraLabels,
+) -> str:
+    """The label text shared by the HTTP and TCP series after their leading labels."""
+    label = head
+    if authority is not None:
+        label += f',authority="{escape_label(authority)}"'
+    return label + _addr_labels(target_addr) + _tls_labels(tls, client_id, server_id, no_tls_reason) + \
+        _extra_labels(extra)
+
+
 class Histogram:
     """Latency in milliseconds over LATENCY_BOUNDS_MS; counts are per bucket, not cumulative."""
 
@@ -297,13 +315,9 @@ class MetricsRegistry:
         m = self._http.get(key)
         if m is None:
             direction, target_addr, authority, tls, client_id, server_id, no_tls_reason, extra = key
-            label = f'direction="{escape_label(direction)}"'
-            if authority is not None:
-                label += f',authority="{escape_label(authority)}"'
-            label += _addr_labels(target_addr)
-            label += _tls_labels(tls, client_id, server_id, no_tls_reason)
-            label += _extra_labels(extra)
-            m = self._http[key] = HttpMetrics(label)
+            m = self._http[key] = HttpMetrics(_series_labels(
+                f'direction="{escape_label(direction)}"',
+                target_addr, authority, tls, client_id, server_id, no_tls_reason, extra))
         return m
 
     def tcp(
@@ -325,13 +339,9 @@ class MetricsRegistry:
         key = (direction, peer, target_addr, authority, tls, client_id, server_id, no_tls_reason, extra)
         m = self._tcp.get(key)
         if m is None:
-            label = f'direction="{escape_label(direction)}",peer="{peer}"'
-            if authority is not None:
-                label += f',authority="{escape_label(authority)}"'
-            label += _addr_labels(target_addr)
-            label += _tls_labels(tls, client_id, server_id, no_tls_reason)
-            label += _extra_labels(extra)
-            m = self._tcp[key] = TcpMetrics(label)
+            m = self._tcp[key] = TcpMetrics(_series_labels(
+                f'direction="{escape_label(direction)}",peer="{peer}"',
+                target_addr, authority, tls, client_id, server_id, no_tls_reason, extra))
         return m
 
     def tcp_error(self, direction: str, error: str, target_addr: tuple[str, int] | None = None) -> None:
