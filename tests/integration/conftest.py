@@ -38,9 +38,10 @@ class ProxyFactory:
         path.write_text(yaml.safe_dump({"destinations": mapping}))
         return path
 
-    def __call__(self, name: str = "proxy", ready: bool = True, **flags: str | int | float) -> ProxyProc:
+    def __call__(self, name: str = "proxy", ready: bool = True, env: dict[str, str] | None = None,
+                 **flags: str | int | float) -> ProxyProc:
         flags.setdefault("log_level", "warn,tether=info")
-        p = ProxyProc(self.tmp, name=name, **flags)
+        p = ProxyProc(self.tmp, name=name, env=env, **flags)
         self.procs.append(p)
         if ready:
             p.wait_ready()

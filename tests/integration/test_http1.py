@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tether import native
 from tether.testing.backend import BackendServer
 from tether.testing.procs import ProxyProc, http_get, wait_for
 
@@ -100,6 +101,23 @@ def test_explicit_proxy_absolute_form_uses_discovery(outbound: ProxyProc) -> Non
     # HTTP_PROXY-style use of the outbound listener: the authority comes from the URL.
     r = curl("-x", outbound.outbound, "http://web.demo:80/")
     assert r.stdout.strip() in ("hello from b1", "hello from b2"), r.stderr
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "interpreted"])
+def test_compiled_and_interpreted_hot_paths_serve_alike(proxies, backend: BackendServer,  # type: ignore[no-untyped-def]
+                                                         tmp_path: Path, pure: bool) -> None:
+    env = {native.PURE_ENV: "1" if pure else "0"}
+    p = proxies("in", env=env, inbound_app_addr=f"127.0.0.1:{backend.server_address[1]}")
+    src = tmp_path / "up.bin"
+    src.write_bytes(os.urandom(300_000))
+    r = curl("-sS", "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{src}", p.inbound + "/echo",
+             "-o", str(tmp_path / "down.bin"), "-w", "%{http_code}")
+    assert r.stdout == "200", r.stdout + r.stderr
+    assert (tmp_path / "down.bin").read_bytes() == src.read_bytes()
+    status, _ = http_get(p.inbound + "/")
+    assert status == 200
+    expected = "hot path interpreted" if pure else "hot path compiled"
+    assert expected in p.log(), p.log()
 
 
 def test_chunked_and_content_length_bodies_stream_both_ways(inbound: ProxyProc, tmp_path: Path) -> None:

@@ -137,13 +137,13 @@ class CountingBody(Body):
         self.total = total
         self.produced = 0
         self.trailers_at_end = trailers
-        self.trailers = None
+        self._trailers = None
         self.discarded = False
 
     async def read(self) -> bytes:
         n = min(16384, self.total - self.produced)
         if n == 0:
-            self.trailers = self.trailers_at_end
+            self._trailers = self.trailers_at_end
             return b""
         self.produced += n
         return b"x" * n

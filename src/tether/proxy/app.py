@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tether import native
 from tether.core import transport_header
 from tether.core.discovery.endpoints import Endpoint
 from tether.core.http.detect import Detected
@@ -92,6 +93,10 @@ class Proxy:
             )
             sock = side.server.sockets[0].getsockname()
             log.info("%s listener on %s:%d", side.direction, sock[0], sock[1])
+        if native.state == "compiled":
+            log.info("hot path compiled (mypyc): %d modules", len(native.NATIVE_MODULES))
+        else:
+            log.warning("hot path interpreted (%s): about half the throughput", native.state[len("pure: "):])
         self.admin = AdminServer(
             self.cfg, self.metrics, self.log_control, ready=self._is_ready, shutdown=self.request_stop,
             identity=self.identity.identity_json if self.identity is not None else None,

@@ -42,7 +42,7 @@ from tether.proxy.errors import (
     UnavailableError,
     UpstreamError,
 )
-from tether.proxy.http.body import Body, BodyError
+from tether.proxy.http.body import Body, BodyError, Headers
 from tether.proxy.http.message import Request, Response, Service
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,10 @@ class _OutcomeBody(Body):
         self._inner = inner
         self._report: Callable[[bool | None], None] | None = report
         self.length = inner.length
-        self.trailers = inner.trailers
+
+    @property
+    def trailers(self) -> Headers | None:
+        return self._inner.trailers
 
     def _done(self, ok: bool | None) -> None:
         report, self._report = self._report, None
@@ -112,7 +115,6 @@ class _OutcomeBody(Body):
             self._done(None)
             raise
         if not chunk:
-            self.trailers = self._inner.trailers
             status = None
             for k, v in self.trailers or ():
                 if k == b"grpc-status":

@@ -12,6 +12,8 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
+from mypy_extensions import mypyc_attr
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -19,11 +21,17 @@ class BodyError(Exception):
     """The body's producer failed (peer reset, truncated message, ...)."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # codecs and tests define their own bodies
 class Body:
     """Base: an empty body."""
 
     length: int | None = 0
-    trailers: Headers | None = None
+    _trailers: Headers | None = None
+
+    @property
+    def trailers(self) -> Headers | None:
+        """Trailers, once the body has ended (None when there are none)."""
+        return self._trailers
 
     async def read(self) -> bytes:
         """The next chunk, or ``b""`` at the end."""
@@ -47,13 +55,14 @@ class BytesBody(Body):
     def __init__(self, data: bytes, trailers: Headers | None = None) -> None:
         self._data: bytes | None = data
         self.length = len(data)
-        self.trailers = trailers
+        self._trailers = trailers
 
     async def read(self) -> bytes:
         data, self._data = self._data, None
         return data or b""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PipeBody(Body):
     """A body fed by a producer; the producer is paused above ``high`` buffered bytes."""
 
@@ -68,8 +77,6 @@ class PipeBody(Body):
         "_paused",
         "_resume",
         "_waiter",
-        "length",
-        "trailers",
     )
 
     def __init__(
@@ -80,7 +87,7 @@ class PipeBody(Body):
         high: int = 256 * 1024,
     ) -> None:
         self.length = length
-        self.trailers = None
+        self._trailers = None
         self._buf: deque[bytes] = deque()
         self._buffered = 0
         self._done = False
@@ -106,7 +113,7 @@ class PipeBody(Body):
     def finish(self, trailers: Headers | None = None) -> None:
         if self._done:
             return
-        self.trailers = trailers
+        self._trailers = trailers
         self._done = True
         self._wake()
 
@@ -134,7 +141,9 @@ class PipeBody(Body):
         while not self._buf:
             if self._done:
                 if self._error is not None:
-                    raise BodyError(str(self._error)) from self._error
+                    err = BodyError(str(self._error))
+                    err.__cause__ = self._error  # set by hand: mypyc drops ``raise ... from`` causes
+                    raise err
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
             try:

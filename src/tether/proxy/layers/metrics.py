@@ -82,10 +82,6 @@ class MeteredBody(Body):
     def trailers(self) -> Headers | None:
         return self._inner.trailers
 
-    @trailers.setter
-    def trailers(self, value: Headers | None) -> None:
-        self._inner.trailers = value
-
     def is_end_known(self) -> bool:
         return self._inner.is_end_known()
 

@@ -1,0 +1,92 @@
+"""Build the compiled hot-path modules; run by scripts/build-native (see tether.native)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+sys.path.insert(0, str(SRC))
+
+from tether import native  # noqa: E402
+
+GROUP = "tether_native"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tether" / "native"
+
+
+def mypy_version() -> str:
+    import mypy.version
+
+    return mypy.version.__version__
+
+
+def built_files() -> list[Path]:
+    return sorted([*SRC.glob(f"{GROUP}__mypyc*.so"), *(SRC / "tether").rglob("*.so")])
+
+
+def remove_built() -> None:
+    for f in built_files():
+        f.unlink()
+    native.STAMP.unlink(missing_ok=True)
+
+
+def compile_into(out: Path) -> None:
+    """mypyc the modules in a scratch copy of src/ and collect the extension files in ``out``."""
+    with tempfile.TemporaryDirectory(prefix="tether-native-") as tmp:
+        work = Path(tmp)
+        shutil.copytree(SRC / "tether", work / "tether", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        sources = [str(native.source_path(m).relative_to(SRC)) for m in native.NATIVE_MODULES]
+        sources += ["--config-file", str(ROOT / "pyproject.toml")]  # the project's mypy settings
+        (work / "setup.py").write_text(
+            "from setuptools import setup\n"
+            "from mypyc.build import mypycify\n"
+            f"setup(name='tether-native', ext_modules=mypycify({sources!r}, opt_level='3', "
+            f"group_name={GROUP!r}, debug_level='0'))\n"
+        )
+        cmd = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+            raise SystemExit(f"build-native: mypyc failed (exit {proc.returncode}); tether will run interpreted")
+        out.mkdir(parents=True, exist_ok=True)
+        for so in [*work.glob("*.so"), *(work / "tether").rglob("*.so")]:
+            dest = out / so.relative_to(work)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(so, dest)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="compile tether's hot-path modules with mypyc")
+    ap.add_argument("--clean", action="store_true", help="remove the compiled modules (run interpreted)")
+    args = ap.parse_args()
+    if args.clean:
+        remove_built()
+        print("build-native: removed; tether runs interpreted")
+        return 0
+    digest = native.digest()
+    if native.check() == "compiled" and built_files():
+        return 0
+    key = f"{digest[:24]}-mypy{mypy_version()}"
+    cached = CACHE / key
+    if not (cached / ".complete").exists():
+        print(f"build-native: compiling {len(native.NATIVE_MODULES)} modules with mypyc (about a minute)")
+        shutil.rmtree(cached, ignore_errors=True)
+        compile_into(cached)
+        (cached / ".complete").touch()
+    remove_built()
+    for so in cached.rglob("*.so"):
+        dest = SRC / so.relative_to(cached)
+        shutil.copy2(so, dest)
+    native.write_stamp()
+    print(f"build-native: ok ({len(native.NATIVE_MODULES)} modules compiled)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Compiled hot-path modules (mypyc) and the guard that keeps them honest.
+
+The proxy's per-request code (HTTP/1 codec, layers, balancer, metrics) is plain typed Python. For
+speed, ``scripts/build-native`` compiles the modules listed in :data:`NATIVE_MODULES` with mypyc
+into extension modules placed next to their sources, and writes a stamp with the digest of the
+sources it compiled. The same source runs either way; compiled, it costs less CPU per request.
+
+An extension module wins over its ``.py`` at import, so an edited source would silently run the old
+compiled code. :func:`install_guard` (called by ``tether/__init__.py``) prevents that: when the
+stamp is missing, or any listed source no longer matches it, or ``TETHER_PURE_PYTHON=1`` is set,
+every listed module is imported from its source instead (all of them: compiled modules call each
+other directly, so a mix of old and new code is not coherent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+# The hot path, in dependency order. Adding a module here makes the build compile it.
+NATIVE_MODULES: tuple[str, ...] = (
+    "tether.core.http.h1",
+    "tether.core.routing.ewma",
+    "tether.core.routing.failure_accrual",
+    "tether.core.routing.p2c",
+    "tether.proxy.http.body",
+    "tether.proxy.http.message",
+    "tether.proxy.http.h1client",
+    "tether.proxy.http.h1server",
+    "tether.proxy.http.h2codec",
+    "tether.proxy.http.h2conn",
+    "tether.proxy.http.h2server",
+    "tether.proxy.http.h2client",
+    "tether.proxy.layers.errors",
+    "tether.proxy.layers.connect_retry",
+    "tether.proxy.layers.timeout",
+    "tether.proxy.layers.metrics",
+    "tether.proxy.balancer",
+    "tether.proxy.endpoint",
+    "tether.proxy.outbound",
+)
+
+PURE_ENV = "TETHER_PURE_PYTHON"
+SRC_ROOT = Path(__file__).resolve().parent.parent  # the directory holding the tether package
+STAMP = SRC_ROOT / "tether" / ".native.json"
+
+# How this process imported the listed modules: "compiled", or "pure: <why>".
+state = "pure: not built"
+
+
+def source_path(module: str, root: Path = SRC_ROOT) -> Path:
+    return root.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def digest(modules: Sequence[str] = NATIVE_MODULES, root: Path = SRC_ROOT) -> str:
+    """A digest of what the compiled modules were built from: the sources, their list, the Python."""
+    h = hashlib.sha256()
+    h.update(sys.version.encode())
+    for module in modules:
+        h.update(module.encode() + b"\0")
+        h.update(source_path(module, root).read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def write_stamp(modules: Sequence[str] = NATIVE_MODULES, root: Path = SRC_ROOT) -> None:
+    """Record that the extensions in ``root`` were built from the sources as they are now."""
+    doc = {"digest": digest(modules, root), "modules": list(modules)}
+    (root / "tether" / STAMP.name).write_text(json.dumps(doc) + "\n")
+
+
+def check(modules: Sequence[str] = NATIVE_MODULES, root: Path = SRC_ROOT) -> str:
+    """``compiled`` when the built extensions match the sources, else ``pure: <why>``."""
+    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+        return f"pure: {PURE_ENV} is set"
+    try:
+        doc = json.loads((root / "tether" / STAMP.name).read_text())
+    except (OSError, ValueError):
+        return "pure: not built (run scripts/build-native)"
+    if not isinstance(doc, dict) or doc.get("modules") != list(modules):
+        return "pure: built for another module list (run scripts/build-native)"
+    try:
+        current = digest(modules, root)
+    except OSError as e:
+        return f"pure: cannot read sources ({e})"
+    if current != doc.get("digest"):
+        return "pure: sources changed since the build (run scripts/build-native)"
+    return "compiled"
+
+
+class _SourceFinder(importlib.abc.MetaPathFinder):
+    """Imports the listed modules from their ``.py`` even when an extension module sits beside it."""
+
+    def __init__(self, modules: Sequence[str]) -> None:
+        self.modules = frozenset(modules)
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self.modules:
+            return None
+        src = source_path(fullname)
+        if not src.is_file():
+            return None
+        return importlib.util.spec_from_file_location(fullname, src)
+
+
+def install_guard() -> None:
+    """Decide once per process whether the compiled modules may load (see the module doc)."""
+    global state
+    state = check()
+    if state != "compiled" and not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFinder(NATIVE_MODULES))
+
+
+def loaded_compiled() -> list[str]:
+    """The listed modules this process actually runs compiled (imported so far)."""
+    out = []
+    for name in NATIVE_MODULES:
+        mod = sys.modules.get(name)
+        if mod is not None and not str(getattr(mod, "__file__", "")).endswith(".py"):
+            out.append(name)
+    return out
