@@ -522,14 +522,21 @@ def measure(targets: Sequence[Target], plan: Plan) -> list[TargetResult]:
     for rnd in range(plan.rounds):
         # Rotate who goes first so that no target always runs right after another's saturation run.
         order = [*active[rnd % len(active) :], *active[: rnd % len(active)]] if active else []
-        for t in order:
-            try:
-                _round(t, results[t.name], rnd, plan)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                first = str(exc).splitlines()[0]
-                results[t.name].notes.append(f"FAILED in round {rnd + 1}, dropped from later points: {first}")
-                progress(t.name, f"failed: {exc}")
-                active.remove(t)
+        # The saturation runs of one round go back to back (a few seconds apart), so that each
+        # target's throughput can be compared with the baseline's from the same moment: on a shared
+        # machine, whose speed drifts over tens of seconds, the per-round ratio is steadier than the
+        # ratio of medians. The fixed-rate points follow.
+        for step in (_saturation, _rates):
+            for t in list(order):
+                if t not in active:
+                    continue
+                try:
+                    step(t, results[t.name], rnd, plan)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    first = str(exc).splitlines()[0]
+                    results[t.name].notes.append(f"FAILED in round {rnd + 1}, dropped from later points: {first}")
+                    progress(t.name, f"failed: {exc}")
+                    active.remove(t)
 
     for t in active:
         res = results[t.name]
@@ -547,20 +554,39 @@ def measure(targets: Sequence[Target], plan: Plan) -> list[TargetResult]:
     return list(results.values())
 
 
-def _round(t: Target, res: TargetResult, rnd: int, plan: Plan) -> None:
+def _saturation(t: Target, res: TargetResult, rnd: int, plan: Plan) -> None:
     cpu0 = cpu_seconds(t.proc.pid) if t.proc is not None else 0.0
     sat = t.load(0, plan.saturation_connections, plan.saturation_s)
     if t.proc is not None and sat.count:
         res.cpu_us_per_request.append((cpu_seconds(t.proc.pid) - cpu0) * 1e6 / sat.count)
     res.saturation.append(sat)
-    line = [f"round {rnd + 1}: saturation {sat.actual_qps:,.0f}/s"]
+    progress(t.name, f"round {rnd + 1}: saturation {sat.actual_qps:,.0f}/s")
+
+
+def _rates(t: Target, res: TargetResult, rnd: int, plan: Plan) -> None:
+    line = [f"round {rnd + 1}:"]
     for rate in plan.rates:
         r = t.load(rate, plan.rate_connections, plan.rate_s)
         res.at_rate.setdefault(rate, []).append(r)
         line.append(f"@{rate}/s p50/p99/p99.9 {r.p50_ms:.2f}/{r.p99_ms:.2f}/{r.p999_ms:.2f} ms")
         if r.actual_qps < 0.95 * rate:
             res.notes.append(f"round {rnd + 1}: held only {r.actual_qps:,.0f} of {rate:,} req/s")
-    progress(t.name, "; ".join(line))
+    progress(t.name, " ".join(line))
+
+
+def paired_saturation_ratio(r: TargetResult, base: TargetResult) -> float | None:
+    """Median over rounds of (this target's saturation / the baseline's in the same round)."""
+    pairs = [a.actual_qps / b.actual_qps for a, b in zip(r.saturation, base.saturation, strict=False) if b.actual_qps]
+    return median(pairs)
+
+
+def cpu_steal() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs since boot, from /proc/stat: time the hypervisor gave to
+    other guests while this machine wanted to run."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return fields[7], sum(fields[:8])
+    return 0, 0
 
 
 def progress(name: str, msg: str) -> None:
@@ -618,6 +644,13 @@ def table(results: Sequence[TargetResult], rates: Sequence[int], baseline: str =
         cells = zip(row, widths, strict=True)
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
 
+    if base is not None and len(base.saturation) > 1:
+        row = ["saturation, paired"]
+        for r in shown:
+            ratio = paired_saturation_ratio(r, base) if r is not base else None
+            row.append(f"{ratio:.2f}x" if ratio is not None else "-")
+        lines.insert(1, row)
+        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     out = [fmt_row(header), fmt_row(["-" * w for w in widths]), *(fmt_row(row) for row in lines)]
     for r in results:
         if r.skipped is not None:
@@ -682,6 +715,7 @@ def main(suite: Suite, argv: Sequence[str] | None = None) -> int:
         }
     )
     started = time.monotonic()
+    steal0 = cpu_steal()
     by_name: dict[str, TargetResult] = {}
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"tether-bench-{suite.kind}-")))
@@ -705,15 +739,19 @@ def main(suite: Suite, argv: Sequence[str] | None = None) -> int:
         for res in measure(targets, plan):
             by_name[res.name] = res
     env["loadavg_at_end"] = os.getloadavg()
+    steal1 = cpu_steal()
+    total = steal1[1] - steal0[1]
+    env["cpu_steal_percent"] = round(100 * (steal1[0] - steal0[0]) / total, 1) if total else None
     results = [by_name[n] for n in names]
 
     print()
     elapsed = time.monotonic() - started
     print(
         f"{suite.title}; {elapsed:.0f} s; {env['nproc']} cores,"
-        f" load {env['loadavg_at_start'][0]:.1f} at start;"
+        f" load {env['loadavg_at_start'][0]:.1f} at start; CPU steal {env['cpu_steal_percent']}% during the run;"
         f" {env['nginx']}; {env['haproxy'].split(' - ')[0]}; fortio {env['fortio']};"
         f" nginx/haproxy workers {args.workers}; median of {plan.rounds} round(s)"
+        "\n(saturation, paired: the median over rounds of each target's saturation over nginx's in the same round)"
     )
     print(table(results, plan.rates))
     summary = suite.summary(results)

@@ -8,7 +8,7 @@ coding other than chunked, missing or duplicate Host. It also serialises heads a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -55,16 +55,28 @@ class H1Error(Exception):
         self.reason = reason
 
 
-@dataclass(slots=True, frozen=True)
 class Framing:
-    """How a message's body is delimited."""
+    """How a message's body is delimited (immutable)."""
 
-    content_length: int | None  # None: chunked, or (responses) read until close
-    chunked: bool
+    __slots__ = ("chunked", "content_length")
+
+    def __init__(self, content_length: int | None, chunked: bool) -> None:
+        self.content_length: Final = content_length  # None: chunked, or (responses) read until close
+        self.chunked: Final = chunked
 
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Framing) and other.content_length == self.content_length
+                and other.chunked == self.chunked)
+
+    def __hash__(self) -> int:
+        return hash((self.content_length, self.chunked))
+
+    def __repr__(self) -> str:
+        return f"Framing(content_length={self.content_length}, chunked={self.chunked})"
 
 
 NO_BODY = Framing(0, False)

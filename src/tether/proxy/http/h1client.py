@@ -19,7 +19,7 @@ from tether.core.http import h1
 from tether.proxy.config import ProxyConfig
 from tether.proxy.errors import ConnectError, ConnectTimeoutError, UpstreamError
 from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
-from tether.proxy.http.message import Request, Response
+from tether.proxy.http.message import Request, Response, forward_headers
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class H1ClientConnection(asyncio.Protocol):
     def __init__(self, pool: H1Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()  # kept: get_running_loop() costs a getpid()
         self._parser = httptools.HttpResponseParser(self)
         self._reset_parser = False
         self._head: asyncio.Future[Response] | None = None
@@ -160,7 +161,10 @@ class H1ClientConnection(asyncio.Protocol):
         headers = self._headers
         framing = h1.check_response_head(status, headers, self._method)
         self._keep_alive = self._parser.should_keep_alive()
-        out = [(k, v) for k, v in headers if k not in h1.FRAMING_HEADERS]
+        out = forward_headers(headers)
+        if status == 101:
+            # The server side re-emits Upgrade (hop-by-hop) for the client: keep its value.
+            out += [(k, v) for k, v in headers if k == b"upgrade"]
         body: Body
         if status == 101:
             body = EmptyBody()
@@ -213,7 +217,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._body_until_close = False
         self._in_head = True
         self._head_bytes = 0
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._head = loop.create_future()
         body = req.body
         # The client's Connection: close is hop-by-hop: the pooled upstream connection stays open.
@@ -267,7 +271,7 @@ class H1ClientConnection(asyncio.Protocol):
     async def _drain(self) -> None:
         if not self._write_paused:
             return
-        self._drain_waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiter = self._loop.create_future()
         try:
             await self._drain_waiter
         finally:

@@ -19,7 +19,7 @@ from tether.core.http import h1
 from tether.proxy.config import ProxyConfig
 from tether.proxy.errors import ProxyError
 from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
-from tether.proxy.http.message import Connection, Request, Response, Service, strip_hop_by_hop
+from tether.proxy.http.message import Connection, Request, Response, Service, forward_headers
 from tether.proxy.layers.errors import error_response
 from tether.proxy.metrics import TcpMetrics
 from tether.proxy.tcp import Splice, linger_close
@@ -64,6 +64,8 @@ class H1ServerProtocol(asyncio.Protocol):
         self.registry = registry
         self.tcp = tcp  # tcp_* series of the accepted connection (bytes read counted here)
         self.transport: asyncio.Transport | None = None
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
+        self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request] = deque()
         # One task per connection, alive from the first request to the close: it waits on
@@ -204,25 +206,22 @@ class H1ServerProtocol(asyncio.Protocol):
             authority = target
         expect_continue = False
         out_headers: list[tuple[bytes, bytes]] = []
-        for k, v in headers:
+        for kv in headers:
+            k = kv[0]
             if k == b"host":
                 if not authority:
-                    authority = v
+                    authority = kv[1]
                 continue
-            if k == b"expect" and v.lower() == b"100-continue":
+            if k == b"expect" and kv[1].lower() == b"100-continue":
                 expect_continue = version == "1.1"
                 continue
-            if k in h1.FRAMING_HEADERS:
-                continue
-            out_headers.append((k, v))
+            out_headers.append(kv)
+        out_headers = forward_headers(out_headers)
         upgrade = parser.should_upgrade() and method != b"CONNECT"
         if upgrade:
             up = next((v for k, v in headers if k == b"upgrade"), None)
-            out_headers = strip_hop_by_hop(out_headers)
             if up is not None:
                 out_headers += [(b"connection", b"upgrade"), (b"upgrade", up)]
-        else:
-            out_headers = strip_hop_by_hop(out_headers)
         body: Body
         if framing.has_body:
             transport = self.transport
@@ -257,7 +256,7 @@ class H1ServerProtocol(asyncio.Protocol):
         if len(self._queue) >= _MAX_PIPELINED:
             self._pause_reading()
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._serve())
+            self._task = self._loop.create_task(self._serve())
         else:
             w = self._wakeup
             if w is not None and not w.done():
@@ -274,7 +273,7 @@ class H1ServerProtocol(asyncio.Protocol):
 
     # -- serving ------------------------------------------------------------------------------
     async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         try:
             while not self._lost:
                 if not self._queue:
@@ -353,14 +352,12 @@ class H1ServerProtocol(asyncio.Protocol):
     ) -> tuple[bytes, h1.Framing | None, bool]:
         """Head bytes, body framing (None: no body) and whether the body is close-delimited."""
         status = resp.status
-        headers = [(k, v) for k, v in resp.headers if k not in h1.FRAMING_HEADERS]
+        headers = forward_headers(resp.headers)
         if status == 101:
             up = resp.header(b"upgrade")
-            headers = strip_hop_by_hop(headers)
             if up is not None:
                 headers += [(b"connection", b"upgrade"), (b"upgrade", up)]
             return h1.encode_response_head(101, "1.1", headers, None), None, False
-        headers = strip_hop_by_hop(headers)
         if close:
             headers.append((b"connection", b"close"))
         elif req.version == "1.0":
@@ -434,7 +431,7 @@ class H1ServerProtocol(asyncio.Protocol):
     async def _drain(self) -> None:
         if not self._write_paused:
             return
-        self._drain_waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiter = self._loop.create_future()
         try:
             await self._drain_waiter
         finally:
@@ -511,7 +508,7 @@ class H1ServerProtocol(asyncio.Protocol):
     # set: setting a deadline per request is two attribute writes, not a call_later and a cancel.
     # A deadline fires at most one tick (a quarter of the shortest timeout) late.
     def _arm(self, delay: float, cb: Callable[[], None]) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._deadline = loop.time() + delay
         self._deadline_cb = cb
         if self._timer is None:
@@ -528,7 +525,7 @@ class H1ServerProtocol(asyncio.Protocol):
         cb = self._deadline_cb
         if cb is None or self._lost:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         left = self._deadline - loop.time()
         if left <= 0:
             self._deadline_cb = None
