@@ -533,6 +533,28 @@ def test_streams_over_limit_refused_by_raw_client(echo: EchoServer) -> None:
         assert echo.max_active == 5
 
 
+def test_client_goaway_with_unknown_code_still_gets_ping_answered(echo: EchoServer) -> None:
+    """RFC 9113 sections 6.8 and 7: after a client's GOAWAY (with an unknown error code, which must
+    trigger nothing special) the proxy still answers a PING sent right behind it, in one write."""
+    import h2.events
+
+    with harness(echo.port) as h:
+        sock, conn = raw_h2_client(h.port)
+        with sock:
+            read_events(sock, conn, lambda evs: any(isinstance(e, h2.events.SettingsAcknowledged) for e in evs))
+            conn.close_connection(error_code=0xFF)
+            ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"after-ga"  # raw: h2 sends nothing after GOAWAY
+            sock.sendall(conn.data_to_send() + ping)
+            data = b""
+            end = time.monotonic() + 10
+            while b"after-ga" not in data and time.monotonic() < end:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            assert b"\x00\x00\x08\x06\x01\x00\x00\x00\x00after-ga" in data, data[-200:]
+
+
 # -- h2 memory: an idle server after 100k streams ---------------------------------------------------------
 
 

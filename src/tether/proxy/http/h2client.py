@@ -248,7 +248,6 @@ class H2ClientConnection(H2Protocol):
             st.upload.cancel()
 
     def _on_goaway(self, error_code: int, last_stream_id: int) -> None:
-        self._reopen_after_goaway()
         self._goaway = True
         # Streams the server never saw are safe to retry elsewhere.
         for sid, st in list(self._streams.items()):

@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-from h2.connection import ConnectionState
+from h2.errors import ErrorCodes
 
 from tether.core.http.h2headers import trailer_fields
 from tether.proxy.config import ProxyConfig
@@ -40,9 +40,25 @@ CLOSED_STREAMS_REMEMBERED = 1024
 
 
 class BoundedH2Connection(h2.connection.H2Connection):
-    """An H2Connection whose closed-stream cache is bounded to what a proxy needs."""
+    """An H2Connection whose closed-stream cache is bounded to what a proxy needs, and which keeps
+    working after the peer's GOAWAY."""
 
     MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        # h2 closes its state machine on a received GOAWAY and drops the frames it has queued, so
+        # a PING in the same read as the GOAWAY is a protocol error and an answer already queued
+        # is lost. RFC 9113 section 6.8: the connection goes on (streams at or below the last id
+        # finish, other frames are answered) until one side closes it; the codecs stop opening or
+        # accepting streams themselves.
+        event = h2.events.ConnectionTerminated()
+        try:
+            event.error_code = ErrorCodes(frame.error_code)
+        except ValueError:
+            event.error_code = frame.error_code  # unknown codes are passed on as numbers
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
 
 class H2Body(PipeBody):
@@ -249,7 +265,7 @@ class H2Protocol(asyncio.Protocol):
         self._maybe_forget(stream_id, st)
 
     def _on_goaway(self, error_code: int, last_stream_id: int) -> None:
-        """Subclasses decide; h2 marks the connection closed on GOAWAY, which we undo (see below)."""
+        """Subclasses decide (the connection stays usable for frames: see BoundedH2Connection)."""
 
     def _on_other(self, event: h2.events.Event) -> None:
         """Events a subclass cares about (requests, responses)."""
@@ -262,14 +278,6 @@ class H2Protocol(asyncio.Protocol):
 
     def _stream_forgotten(self, stream_id: int) -> None:
         """A stream finished on both sides and left the table."""
-
-    def _reopen_after_goaway(self) -> None:
-        # h2's connection state machine refuses every frame after a GOAWAY, but RFC 9113 section
-        # 6.8 lets streams at or below the last stream id finish. We track draining ourselves.
-        if self._h2.state_machine.state == ConnectionState.CLOSED:
-            self._h2.state_machine.state = (
-                ConnectionState.CLIENT_OPEN if self._h2.config.client_side else ConnectionState.SERVER_OPEN
-            )
 
     # -- stream bookkeeping ---------------------------------------------------------------------
     def _new_body(self, stream_id: int, length: int | None, on_discard: Callable[[], None] | None) -> H2Body:

@@ -54,6 +54,7 @@ class H2ServerProtocol(H2Protocol):
         self._resets: deque[float] = deque()
         self._draining = False
         self._goaway_last: int | None = None
+        self._peer_goaway_last: int | None = None  # the client sent GOAWAY: no stream above this
         self._done: asyncio.Future[None] | None = None
         self._lost = False  # connection_lost has run
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -145,6 +146,10 @@ class H2ServerProtocol(H2Protocol):
         if self._draining and self._goaway_last is not None and stream_id > self._goaway_last:
             self._reset_stream(stream_id, st, ErrorCodes.REFUSED_STREAM)
             return
+        if self._peer_goaway_last is not None and stream_id > self._peer_goaway_last:
+            # A new stream after the client's own GOAWAY: a protocol violation, refused.
+            self._reset_stream(stream_id, st, ErrorCodes.REFUSED_STREAM)
+            return
         if len(self._tasks) >= self.config.h2_max_concurrent_streams:
             # Handlers of reset streams may still be unwinding; they count against the bound.
             self._reset_stream(stream_id, st, ErrorCodes.REFUSED_STREAM)
@@ -204,15 +209,15 @@ class H2ServerProtocol(H2Protocol):
             self._abort(H2ConnectionClosed("rapid reset: too many stream resets"), linger=1.0)
 
     def _on_goaway(self, error_code: int, last_stream_id: int) -> None:
-        # The client is going away: it opens no more streams; let in-flight ones finish.
-        self._reopen_after_goaway()
+        # The client opens no more streams and will close the connection itself. Until it does,
+        # its in-flight requests finish and its other frames (PING, WINDOW_UPDATE) are answered:
+        # RFC 9113 section 7 forbids special behaviour for an unknown error code, and closing at
+        # once would drop answers already owed. The idle timeout bounds a client that never closes.
         if error_code != ErrorCodes.NO_ERROR:
-            self._abort(H2ConnectionClosed(f"client sent GOAWAY({error_code})"))
-            return
-        self._draining = True
-        self._goaway_last = self._h2.highest_inbound_stream_id
+            log.debug("client sent GOAWAY with error code %d", error_code)
+        self._peer_goaway_last = self._h2.highest_inbound_stream_id
         if not self._tasks:
-            self._close()
+            self._arm_idle_timer()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
