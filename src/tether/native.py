@@ -14,13 +14,13 @@ other directly, so a mix of old and new code is not coherent).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
 import os
 import sys
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -61,14 +61,17 @@ def source_path(module: str, root: Path = SRC_ROOT) -> Path:
 
 
 def digest(modules: Sequence[str] = NATIVE_MODULES, root: Path = SRC_ROOT) -> str:
-    """A digest of what the compiled modules were built from: the sources, their list, the Python."""
-    h = hashlib.sha256()
-    h.update(sys.version.encode())
+    """A digest of what the compiled modules were built from: the sources, their list, the Python.
+
+    CRC-32 and length per source: this detects edits, it is not a security boundary (whoever can
+    edit a source can edit the extension next to it). hashlib would load OpenSSL (~3 MB of RSS)
+    into every tether process just for this."""
+    parts = [sys.version]
     for module in modules:
-        h.update(module.encode() + b"\0")
-        h.update(source_path(module, root).read_bytes())
-        h.update(b"\0")
-    return h.hexdigest()
+        data = source_path(module, root).read_bytes()
+        parts.append(f"{module}:{len(data)}:{zlib.crc32(data):08x}")
+    text = "\n".join(parts).encode()
+    return f"{zlib.crc32(text):08x}{len(text):x}{zlib.adler32(text):08x}"
 
 
 def write_stamp(modules: Sequence[str] = NATIVE_MODULES, root: Path = SRC_ROOT) -> None:
