@@ -31,7 +31,7 @@ from tether.proxy.http.message import Connection, Service
 from tether.proxy.logging import LogControl
 from tether.proxy.meshtls import MeshTlsListener
 from tether.proxy.metrics import MetricsRegistry, TcpMetrics
-from tether.proxy.tcp import Pending, Splice
+from tether.proxy.tcp import Pending, Splice, ZeroCopySplice, zero_copy_possible
 
 if TYPE_CHECKING:
     from tether.proxy.http.h2server import H2ServerProtocol
@@ -48,7 +48,7 @@ class _Side:
     http: Service
     h1: ConnectionRegistry = field(default_factory=ConnectionRegistry)
     h2: set[H2ServerProtocol] = field(default_factory=set)
-    tcp: set[Splice] = field(default_factory=set)
+    tcp: set[Splice | ZeroCopySplice] = field(default_factory=set)
     server: asyncio.AbstractServer | None = None
 
 
@@ -260,13 +260,21 @@ class Proxy:
                                  server_id=server_id)
         m_dst.opened()
 
-        def on_close(splice: Splice, exc: Exception | None) -> None:
+        def on_close(splice: Splice | ZeroCopySplice, exc: Exception | None) -> None:
             side.tcp.discard(splice)
             self._tcp_closed.set()
             err = None if exc is None else "i/o"
             m_src.closed(err)
             m_dst.closed(err)
 
+        if self.cfg.tcp_zero_copy and zero_copy_possible(transport, upstream):
+            log.debug("%s opaque connection from %s:%d to %s:%d: zero-copy splice", side.direction,
+                      conn.peer[0], conn.peer[1], target[0], target[1])
+            zc = ZeroCopySplice(conn, on_close, src=m_src, dst=m_dst)
+            side.tcp.add(zc)
+            zc.attach(transport, upstream, bytes(client_pending.buffer), bytes(pending.buffer),
+                      client_pending.eof, pending.eof)
+            return
         splice = Splice(conn, on_close, src=m_src, dst=m_dst)
         side.tcp.add(splice)
         splice.attach(transport, upstream, bytes(client_pending.buffer), bytes(pending.buffer))

@@ -96,6 +96,8 @@ class ProxyConfig:
     h2_max_resets_per_window: int = 200
     h2_reset_window: float = 10.0
     h2_initial_window: int = 65535
+    # Opaque TCP between two plain sockets moves through os.splice (the bytes never enter Python).
+    tcp_zero_copy: bool = True
     # Body buffering.
     body_buffer_high: int = 256 * 1024
     retry_max_body: int = 64 * 1024
