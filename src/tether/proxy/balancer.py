@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 from tether.core.discovery.endpoints import Addr, Endpoint, EndpointDiff, EndpointSet
 from tether.core.routing.ewma import PeakEwma
@@ -51,7 +51,7 @@ EndpointFactory = Callable[[Endpoint], Service]
 
 # gRPC statuses linkerd2-proxy classifies as failures: UNKNOWN, DEADLINE_EXCEEDED, INTERNAL,
 # UNAVAILABLE, DATA_LOSS. Others (NOT_FOUND, INVALID_ARGUMENT, ...) are the application's answer.
-GRPC_FAILURE_CODES = frozenset({b"2", b"4", b"13", b"14", b"15"})
+GRPC_FAILURE_CODES: Final = frozenset({b"2", b"4", b"13", b"14", b"15"})
 
 
 def classify(rsp: Response) -> bool | None:
@@ -67,8 +67,8 @@ def classify(rsp: Response) -> bool | None:
     return True
 
 
-_CONNECT_BACKOFF_MIN = 0.1
-_CONNECT_BACKOFF_MAX = 10.0
+_CONNECT_BACKOFF_MIN: Final = 0.1
+_CONNECT_BACKOFF_MAX: Final = 10.0
 
 
 class _Slot:

@@ -12,7 +12,7 @@ from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 
-REASONS = {
+REASONS: Final = {
     100: b"Continue",
     101: b"Switching Protocols",
     200: b"OK",
@@ -79,7 +79,7 @@ class Framing:
         return f"Framing(content_length={self.content_length}, chunked={self.chunked})"
 
 
-NO_BODY = Framing(0, False)
+NO_BODY: Final = Framing(0, False)
 
 
 def _content_length(values: list[bytes]) -> int:
@@ -205,4 +205,4 @@ def encode_last_chunk(trailers: Headers | None) -> bytes:
     return b"0\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in trailers) + b"\r\n"
 
 
-FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+FRAMING_HEADERS: Final = frozenset({b"content-length", b"transfer-encoding"})

@@ -12,9 +12,10 @@ Pure: ``now`` is a parameter (seconds on any monotonic clock); times are in seco
 from __future__ import annotations
 
 import math
+from typing import Final
 
-DEFAULT_RTT = 0.030  # linkerd2-proxy's default_rtt: the estimate of an endpoint never measured
-DEFAULT_DECAY = 10.0  # linkerd2-proxy's decay: a sample's weight falls by 1/e every 10 s
+DEFAULT_RTT: Final = 0.030  # linkerd2-proxy's default_rtt: the estimate of an endpoint never measured
+DEFAULT_DECAY: Final = 10.0  # linkerd2-proxy's decay: a sample's weight falls by 1/e every 10 s
 
 
 class PeakEwma:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Final
 
 import httptools
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 Connector = Callable[[Callable[[], asyncio.Protocol]], Awaitable[tuple[asyncio.BaseTransport, asyncio.Protocol]]]
 
-_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+_BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import Final
 
 import httptools
 
@@ -26,8 +27,8 @@ from tether.proxy.tcp import Splice, linger_close
 
 log = logging.getLogger(__name__)
 
-_MAX_PIPELINED = 16
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_MAX_PIPELINED: Final = 16
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _ContinueBody(PipeBody):

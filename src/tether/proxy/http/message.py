@@ -9,7 +9,7 @@ into bytes.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from tether.proxy.http.body import Body, EmptyBody
 
@@ -126,7 +126,7 @@ class Service(Protocol):
 ServiceFn = Callable[[Request], Awaitable[Response]]
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded as they are.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -142,7 +142,7 @@ HOP_BY_HOP = frozenset(
 
 
 # What an HTTP/1 hop never forwards as received: hop-by-hop headers and the body framing.
-_NOT_FORWARDED = HOP_BY_HOP | {b"content-length"}
+_NOT_FORWARDED: Final = HOP_BY_HOP | {b"content-length"}
 
 
 def forward_headers(headers: Headers) -> Headers:

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Final
 
 from tether.proxy.http.body import Body, BodyError, Headers
 from tether.proxy.http.message import Request, Response, Service
 from tether.proxy.metrics import FAILURE, HttpKey, HttpMetrics, MetricsRegistry, StatusMetrics, classify
 
 # error label values (bounded vocabulary: never an exception's text).
-ERROR_UNEXPECTED = "unexpected"  # the inner service raised before a response head
-ERROR_BODY = "body"  # the response body failed mid-stream
-ERROR_CANCELED = "canceled"  # the response body was dropped before its end
+ERROR_UNEXPECTED: Final = "unexpected"  # the inner service raised before a response head
+ERROR_BODY: Final = "body"  # the response body failed mid-stream
+ERROR_CANCELED: Final = "canceled"  # the response body was dropped before its end
 
 
 def _grpc_status(headers: Headers | None) -> int | None:
