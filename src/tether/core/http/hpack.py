@@ -496,7 +496,7 @@ class Encoder:
     def _string(self, s: bytes, out: bytearray) -> None:
         if self.huffman and len(s) > 1:
             hl = huffman_length(s)
-            if hl < len(s):
+            if hl <= len(s):
                 encode_integer(hl, 7, 0x80, out)
                 out += huffman_encode(s)
                 return
