@@ -406,10 +406,11 @@ class H2Connection:
                 self._frame(ftype, flags, sid, payload)
             if pos < n:
                 self._buf = data[pos:]
-        except _ConnError as e:
-            self._fail(e.code, str(e))
-        except f.FrameError as e:
-            self._fail(e.code, str(e))
+        # (Distinct names: mypyc types an except variable by its first clause.)
+        except _ConnError as conn_err:
+            self._fail(conn_err.code, str(conn_err))
+        except f.FrameError as frame_err:
+            self._fail(frame_err.code, str(frame_err))
         return events
 
     # -- internals: receiving ---------------------------------------------------------------------

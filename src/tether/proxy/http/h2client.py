@@ -192,17 +192,16 @@ class H2ClientConnection(H2Protocol):
             self._reset_stream(stream_id, st, CANCEL)
         except H2Error:
             body.discard()  # the stream or connection is gone; the response side reports it
-        except BodyError as e:
+        except BodyError:
             # The request body's producer failed (e.g. our client reset): reset upstream.
             err = H2StreamReset(stream_id, CANCEL, remote=False)
             self._reset_stream(stream_id, st, CANCEL)
             if st.response is not None and not st.response.done():
                 st.response.set_exception(err)
-            del e
-        except h2proto.H2UsageError as e:
+        except h2proto.H2UsageError as usage_err:
             self._reset_stream(stream_id, st, INTERNAL_ERROR)
             if st.response is not None and not st.response.done():
-                st.response.set_exception(H2ConnectionClosed(f"protocol error sending body: {e}"))
+                st.response.set_exception(H2ConnectionClosed(f"protocol error sending body: {usage_err}"))
         finally:
             self._maybe_forget(stream_id, st)
 

@@ -13,6 +13,7 @@ h2server and h2client without touching the layers.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import cast
 
@@ -20,9 +21,11 @@ from tether.core.http import h2frames, h2proto
 from tether.core.http.h2headers import trailer_fields
 from tether.proxy.config import ProxyConfig
 from tether.proxy.http.body import Body, BytesBody, EmptyBody, PipeBody
-from tether.proxy.http.h2codec import H2ConnectionClosed, H2Error, H2StreamReset, error_code_for
+from tether.proxy.http.h2codec import INTERNAL_ERROR, H2ConnectionClosed, H2Error, H2StreamReset, error_code_for
 
 __all__ = ["H2ConnectionClosed", "H2Error", "H2Protocol", "H2StreamReset", "error_code_for"]
+
+log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -139,6 +142,12 @@ class H2Protocol(asyncio.Protocol):
             # A GOAWAY naming the error is queued; send it and end the connection.
             self._flush()
             self._abort(H2ConnectionClosed(f"HTTP/2 protocol error from peer: {e}"), linger=1.0)
+            return
+        except Exception as bug:
+            # A bug in the protocol code must not escape into the event loop: end this connection.
+            log.exception("HTTP/2 connection failed on input: %r", bug)
+            self._write_goaway(INTERNAL_ERROR, 0)
+            self._abort(H2ConnectionClosed(f"HTTP/2 internal error: {bug}"))
             return
         for event in events:
             if self._closed:
