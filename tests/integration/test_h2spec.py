@@ -50,5 +50,8 @@ def test_h2spec_inbound(proxies, tmp_path: Path, strict: bool) -> None:  # type:
         text = out.decode(errors="replace")
         assert failed == 0 and skipped == 0, text[-5000:]
         assert passed == total and total >= 145, text[-5000:]
+        # Bad input is answered with GOAWAY/RST_STREAM, never an exception reaching the loop.
+        log = proxy.log()
+        assert "Traceback" not in log and "Exception in callback" not in log, log[-5000:]
     finally:
         app.stop()

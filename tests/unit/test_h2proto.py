@@ -8,6 +8,8 @@ import h2.connection
 import h2.events
 import pytest
 from hyperframe import frame as hf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tether.core.http import h2frames as f
 from tether.core.http.h2proto import (
@@ -343,6 +345,28 @@ def test_usage_errors() -> None:
     c.send_headers(sid, REQ, end_stream=True)
     with pytest.raises(H2UsageError):
         c.send_data(sid, b"x")
+
+
+frame_bytes = st.builds(
+    lambda length, ftype, flags, sid, body: f.frame_header(length, ftype, flags, sid) + body,
+    st.integers(0, 40),
+    st.integers(0, 10),
+    st.integers(0, 255),
+    st.sampled_from([0, 1, 2, 3, 5, 2**31 - 1]),
+    st.binary(max_size=40),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(frame_bytes, max_size=8), st.integers(1, 7))
+def test_garbage_only_ever_raises_protocol_error(chunks: list[bytes], split: int) -> None:
+    s = server()
+    data = b"".join(chunks)
+    try:
+        for i in range(0, len(data), split):
+            s.receive_data(data[i : i + split])
+    except ProtocolError:
+        assert isinstance(frames(s.data_to_send())[-1], hf.GoAwayFrame)
 
 
 # -- interop with h2 ---------------------------------------------------------------------------------

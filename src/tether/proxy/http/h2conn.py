@@ -312,7 +312,8 @@ class H2Protocol(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         data = self._h2.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
+        # Once closed (possibly lingering after write_eof), nothing more may be written.
+        if data and not self._closed and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
     def _schedule_flush(self) -> None:

@@ -202,14 +202,18 @@ class H2ServerProtocol(H2Protocol):
             self._abort(H2ConnectionClosed("rapid reset: too many stream resets"), linger=1.0)
 
     def _on_goaway(self, error_code: int, last_stream_id: int) -> None:
-        # The client is going away: it opens no more streams; let in-flight ones finish.
+        # The client is going away: it opens no more streams; let in-flight ones finish. Closing
+        # lingers (shut our side, drop what still arrives): a close with unread input sends RST,
+        # which can destroy our last frames (e.g. the ack of a PING sent after the GOAWAY).
         if error_code != NO_ERROR:
-            self._abort(H2ConnectionClosed(f"client sent GOAWAY({error_code})"))
+            self._flush()
+            self._abort(H2ConnectionClosed(f"client sent GOAWAY({error_code})"), linger=1.0)
             return
         self._draining = True
         self._goaway_last = self._h2.highest_inbound_stream_id
         if not self._tasks:
-            self._close()
+            self._flush()
+            self._abort(H2ConnectionClosed("client sent GOAWAY"), linger=1.0)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
