@@ -23,7 +23,11 @@ REQ = [
     (b"grpc-accept-encoding", b"identity,deflate,gzip"),
     (b"user-agent", b"grpc-python/1.66.0 grpc-c/43.0.0 (linux; chttp2)"),
 ]
-RESP = [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-accept-encoding", b"identity,deflate,gzip")]
+RESP = [
+    (b":status", b"200"),
+    (b"content-type", b"application/grpc"),
+    (b"grpc-accept-encoding", b"identity,deflate,gzip"),
+]
 TRAILERS = [(b"grpc-status", b"0"), (b"grpc-message", b"")]
 MSG = b"\x00\x00\x00\x00\x0c\n\nworld-0001"
 REPLY = b"\x00\x00\x00\x00\x12\n\x10Hello world-0001"
