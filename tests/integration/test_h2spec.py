@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -12,7 +13,9 @@ import pytest
 
 from tether.testing.procs import Proc, free_port, wait_for
 
-H2SPEC = Path.home() / ".cache/tether/tools/h2spec-v2.2.1+incompatible/h2spec"
+# Built by scripts/tools/build-go-tools.sh into ~/.cache/tether/tools/h2spec-<version>/h2spec.
+_TOOLS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tether" / "tools"
+H2SPEC = max(_TOOLS.glob("h2spec-*/h2spec"), default=_TOOLS / "h2spec-missing" / "h2spec")
 SUMMARY = re.compile(rb"(\d+) tests, (\d+) passed, (\d+) skipped, (\d+) failed")
 
 pytestmark = pytest.mark.skipif(
