@@ -333,6 +333,8 @@ def test_ping_goaway_and_unknown_frames() -> None:
     s.goaway(f.NO_ERROR, 0)
     evs = c.receive_data(s.data_to_send())
     assert isinstance(evs[-1], ConnectionTerminated) and evs[-1].last_stream_id == 0 and c.goaway_received
+    with pytest.raises(H2UsageError, match="GOAWAY"):
+        c.send_headers(c.get_next_available_stream_id(), REQ)
 
 
 def test_usage_errors() -> None:

@@ -288,6 +288,8 @@ class H2Connection:
         if st is None:
             if not self.client_side or stream_id != self._next_stream_id or stream_id > MAX_STREAM_ID:
                 raise H2UsageError(f"cannot send headers on stream {stream_id}: not open")
+            if self.goaway_received:
+                raise H2UsageError("the peer sent GOAWAY: no new streams")
             if len(self._streams) >= self.remote_max_concurrent_streams:
                 raise H2UsageError("the peer's concurrent stream limit is reached")
             st = H2Stream(stream_id, self.remote_initial_window, self.local_initial_window, False)
