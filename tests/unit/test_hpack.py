@@ -222,3 +222,14 @@ def test_round_trips_and_oracle(blocks: list[list[tuple[bytes, bytes]]], table: 
         assert dec.decode(block) == headers
         assert [(bytes(k), bytes(v)) for k, v in ref_dec.decode(block, raw=True)] == headers
         assert dec2.decode(ref_enc.encode(headers)) == headers
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64))
+def test_garbage_blocks_only_raise_hpack_errors(block: bytes) -> None:
+    dec = Decoder(max_header_list_size=256)
+    try:
+        dec.decode(block)
+    except HPACKError:
+        pass
+    assert dec.table_size <= 4096
