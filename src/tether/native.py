@@ -28,6 +28,10 @@ from types import ModuleType
 # The hot path, in dependency order. Adding a module here makes the build compile it.
 NATIVE_MODULES: tuple[str, ...] = (
     "tether.core.http.h1",
+    "tether.core.http.hpack",
+    "tether.core.http.h2frames",
+    "tether.core.http.h2headers",
+    "tether.core.http.h2proto",
     "tether.core.routing.ewma",
     "tether.core.routing.failure_accrual",
     "tether.core.routing.p2c",

@@ -79,5 +79,8 @@ def test_h2spec_passes_every_case(tmp_path: Path, nghttpd: int, listener: str) -
         assert total >= 146, run.stdout[-3000:]  # every case, the strict ones included
         assert not failed, "\n".join(failed) + "\n" + run.stdout[-3000:]
         assert "0 failed" in run.stdout, run.stdout[-3000:]
+        # Bad input is answered with GOAWAY/RST_STREAM, never an exception reaching the loop.
+        log = proxy.log()
+        assert "Traceback" not in log and "Exception in callback" not in log, log[-5000:]
     finally:
         proxy.stop()

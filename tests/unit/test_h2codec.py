@@ -498,3 +498,31 @@ async def test_client_close_fails_in_flight_and_closes_the_connection() -> None:
     async with asyncio.timeout(5):
         await server.wait_closed()
     assert server.active_streams == 0
+
+
+@async_test
+async def test_protocol_error_from_peer_is_a_goaway_not_an_exception() -> None:
+    """Bad frames from the peer end the connection with GOAWAY naming the error (the loop sees no
+    exception: async_test fails on any)."""
+
+    async def handler(r: Request) -> Response:
+        return Response(204)
+
+    loop = asyncio.get_running_loop()
+    ts = FakeTransport(loop)
+    server = H2ServerProtocol(handler, Connection("inbound", ("a", 1), ("b", 2)), ProxyConfig())
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    # DATA with a pad length longer than the frame: PROTOCOL_ERROR (a FrameError inside the parser).
+    server.start(ts, preface + b"\x00\x00\x02\x00\x08\x00\x00\x00\x01\x05x")
+    await settle(5)
+    from hyperframe.frame import Frame, GoAwayFrame
+
+    data = bytes(ts.written)
+    frames = []
+    while data:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        frames.append(frame)
+        data = data[9 + length :]
+    assert isinstance(frames[-1], GoAwayFrame) and frames[-1].error_code == ErrorCodes.PROTOCOL_ERROR
+    assert b"padding" in frames[-1].additional_data

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 from tether.core.http.h2headers import (
+    FIELDS_REQUEST,
+    FIELDS_RESPONSE,
+    FIELDS_TRAILERS,
     H2HeaderError,
+    check_fields,
     join_cookies,
     parse_request,
     parse_response,
@@ -99,3 +103,52 @@ def test_trailers_and_cookies() -> None:
         (b"cookie", b"a=1; b=2"),
         (b"x", b"y"),
     ]
+
+
+# -- check_fields: validation of received field blocks ----------------------------------------------
+
+GET = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b":authority", b"a")]
+
+
+@pytest.mark.parametrize(
+    ("fields", "kind", "error"),
+    [
+        ([*GET, (b"x-Upper", b"1")], FIELDS_REQUEST, "invalid field name"),
+        ([*GET, (b"x-caf\xc3\xa9", b"1")], FIELDS_REQUEST, "invalid field name"),
+        ([*GET, (b"x a", b"1")], FIELDS_REQUEST, "invalid field name"),
+        ([*GET, (b"x-a", b"1\r\n2")], FIELDS_REQUEST, "invalid character"),
+        ([*GET, (b"x-a", b"1\x002")], FIELDS_REQUEST, "invalid character"),
+        ([*GET, (b"keep-alive", b"1")], FIELDS_REQUEST, "connection-specific"),
+        ([*GET, (b"te", b"gzip")], FIELDS_REQUEST, "te other than trailers"),
+        ([*GET, (b"content-length", b"1"), (b"content-length", b"2")], FIELDS_REQUEST, "conflicting"),
+        ([*GET, (b"content-length", b"-1")], FIELDS_REQUEST, "bad content-length"),
+        ([(b":method", b"GET"), (b":path", b"/")], FIELDS_REQUEST, "missing :scheme"),
+        ([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"")], FIELDS_REQUEST, "missing or empty :path"),
+        ([(b":scheme", b"http"), (b":path", b"/")], FIELDS_REQUEST, "missing :method"),
+        ([*GET, (b":method", b"GET")], FIELDS_REQUEST, "duplicate"),
+        ([(b":method", b"GET"), (b"a", b"b"), (b":path", b"/")], FIELDS_REQUEST, "after a regular"),
+        ([*GET, (b":status", b"200")], FIELDS_REQUEST, "in a request"),
+        ([(b":method", b"CONNECT"), (b":authority", b"a:1"), (b":path", b"/")], FIELDS_REQUEST, "CONNECT with"),
+        ([(b":status", b"20")], FIELDS_RESPONSE, "bad :status"),
+        ([(b":path", b"/")], FIELDS_RESPONSE, "in a response"),
+        ([(b"a", b"b")], FIELDS_RESPONSE, "missing :status"),
+        ([(b":status", b"200")], FIELDS_TRAILERS, "in trailers"),
+    ],
+)
+def test_check_fields_rejects(fields: list[tuple[bytes, bytes]], kind: int, error: str) -> None:
+    got = check_fields(fields, kind)
+    assert got.error is not None and error in got.error
+
+
+def test_check_fields_accepts_and_reports() -> None:
+    for _ in range(2):  # the second pass goes through the cache of known-good names and values
+        ok = check_fields([*GET, (b"te", b"trailers"), (b"content-length", b"12"), (b"x-a", b"1")], FIELDS_REQUEST)
+        assert ok.error is None and ok.content_length == 12 and not ok.head
+        # A cached name is still checked where its value matters.
+        assert check_fields([*GET, (b"te", b"gzip")], FIELDS_REQUEST).error is not None
+    head = check_fields([(b":method", b"HEAD"), (b":scheme", b"http"), (b":path", b"/")], FIELDS_REQUEST)
+    assert head.error is None and head.head and head.content_length == -1
+    resp = check_fields([(b":status", b"204"), (b"x-a", b"1")], FIELDS_RESPONSE)
+    assert resp.error is None and resp.status == 204
+    connect = check_fields([(b":method", b"CONNECT"), (b":authority", b"a:443")], FIELDS_REQUEST)
+    assert connect.error is None

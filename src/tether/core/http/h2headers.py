@@ -166,3 +166,149 @@ def join_cookies(headers: Headers) -> Headers:
             continue
         out.append((k, v))
     return out
+
+
+# -- validation of received field blocks (RFC 9113 section 8.2 and 8.3) -------------------------
+
+FIELDS_REQUEST = 0
+FIELDS_RESPONSE = 1
+FIELDS_TRAILERS = 2
+
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+# RFC 9113 section 8.2.2: these make a message malformed ("te" is allowed as "te: trailers").
+_FORBIDDEN = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+
+
+class FieldCheck:
+    """What :func:`check_fields` found: ``error`` (None when valid), the content length (-1 when
+    absent), the :status of a response (0 otherwise), whether a request is HEAD."""
+
+    __slots__ = ("content_length", "error", "head", "status")
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self.content_length = -1
+        self.status = 0
+        self.head = False
+
+
+# Names and values already found valid, so the common fields (the same few on every gRPC call) are
+# checked by one set lookup. Bounded: short strings only, and cleared when full.
+_CACHE_LIMIT = 4096
+_CACHE_MAX_LEN = 128
+_good_names: set[bytes] = set()
+_good_values: set[bytes] = set()
+
+
+def _name_ok(name: bytes) -> bool:
+    """RFC 9113 section 8.2.1: no 0x00-0x20, no uppercase (0x41-0x5A), no 0x7F-0xFF, no colon."""
+    if name in _good_names:
+        return True
+    if not name:
+        return False
+    for ch in name:  # noqa: SIM110 - a plain loop compiles (mypyc) to a tight C loop
+        if ch <= 0x20 or 0x41 <= ch <= 0x5A or ch >= 0x7F or ch == 0x3A:
+            return False
+    return True
+
+
+def _remember_name(name: bytes) -> None:
+    if len(name) <= _CACHE_MAX_LEN:
+        if len(_good_names) >= _CACHE_LIMIT:
+            _good_names.clear()
+        _good_names.add(name)
+
+
+def _value_ok(value: bytes) -> bool:
+    """RFC 9113 section 8.2.1: no NUL, CR or LF in a field value."""
+    if value in _good_values:
+        return True
+    for ch in value:
+        if ch == 0x0D or ch == 0x0A or ch == 0x00:
+            return False
+    if len(value) <= _CACHE_MAX_LEN:
+        if len(_good_values) >= _CACHE_LIMIT:
+            _good_values.clear()
+        _good_values.add(value)
+    return True
+
+
+def check_fields(fields: Headers, kind: int) -> FieldCheck:
+    """Check a received field block against RFC 9113's rules for a request, response or trailers."""
+    out = FieldCheck()
+    seen_regular = False
+    pseudo: set[bytes] = set()
+    method = b""
+    path: bytes | None = None
+    for name, value in fields:
+        if not _value_ok(value):
+            out.error = f"invalid character in the value of {name!r}"
+            return out
+        if name[:1] == b":":
+            if seen_regular:
+                out.error = "pseudo-header after a regular field"
+                return out
+            if kind == FIELDS_TRAILERS:
+                out.error = f"pseudo-header {name!r} in trailers"
+                return out
+            if name in pseudo:
+                out.error = f"duplicate pseudo-header {name!r}"
+                return out
+            pseudo.add(name)
+            if kind == FIELDS_REQUEST:
+                if name not in _REQUEST_PSEUDO:
+                    out.error = f"pseudo-header {name!r} in a request"
+                    return out
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+            else:
+                if name != b":status":
+                    out.error = f"pseudo-header {name!r} in a response"
+                    return out
+                if len(value) != 3 or not value.isdigit():
+                    out.error = f"bad :status {value!r}"
+                    return out
+                out.status = int(value)
+            continue
+        seen_regular = True
+        if name in _good_names:
+            continue
+        if not _name_ok(name):
+            out.error = f"invalid field name {name!r}"
+            return out
+        if name in _FORBIDDEN:
+            out.error = f"connection-specific field {name!r}"
+            return out
+        if name == b"te":
+            if value != b"trailers":
+                out.error = "te other than trailers"
+                return out
+        elif name == b"content-length":
+            if not value.isdigit():
+                out.error = f"bad content-length {value!r}"
+                return out
+            n = int(value)
+            if out.content_length >= 0 and out.content_length != n:
+                out.error = "conflicting content-length values"
+                return out
+            out.content_length = n
+        else:
+            _remember_name(name)
+    if kind == FIELDS_REQUEST:
+        if not method:
+            out.error = "missing :method"
+        elif method == b"CONNECT" and b":protocol" not in pseudo:
+            if b":scheme" in pseudo or b":path" in pseudo:
+                out.error = "CONNECT with :scheme or :path"
+            elif b":authority" not in pseudo:
+                out.error = "CONNECT without :authority"
+        elif b":scheme" not in pseudo:
+            out.error = "missing :scheme"
+        elif not path:
+            out.error = "missing or empty :path"
+        out.head = method == b"HEAD"
+    elif kind == FIELDS_RESPONSE and not out.status:
+        out.error = "missing :status"
+    return out

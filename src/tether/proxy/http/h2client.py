@@ -19,13 +19,11 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-import h2.events
-import h2.exceptions
-from h2.errors import ErrorCodes
-
+from tether.core.http import h2proto
 from tether.core.http.h2headers import H2HeaderError, parse_response, request_fields
 from tether.proxy.config import ProxyConfig
 from tether.proxy.http.body import Body, BodyError, EmptyBody
+from tether.proxy.http.h2codec import CANCEL, INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR
 from tether.proxy.http.h2conn import (
     H2ConnectionClosed,
     H2Error,
@@ -62,7 +60,7 @@ class H2ClientConnection(H2Protocol):
 
     @property
     def max_concurrent_streams(self) -> int:
-        return int(self._h2.remote_settings.max_concurrent_streams)
+        return self._h2.remote_max_concurrent_streams
 
     def start(self, transport: asyncio.Transport) -> None:
         """Take over an already-connected transport (e.g. from the endpoint layer)."""
@@ -77,7 +75,7 @@ class H2ClientConnection(H2Protocol):
         st = StreamState()
         try:
             stream_id = self._h2.get_next_available_stream_id()
-        except h2.exceptions.NoAvailableStreamIDError:
+        except h2proto.StreamIdsExhausted:
             self._goaway = True
             raise H2ConnectionClosed("stream ids exhausted", retryable=True) from None
         fields = request_fields(req.method, req.scheme, req.authority, req.path, req.headers)
@@ -86,7 +84,7 @@ class H2ClientConnection(H2Protocol):
         self._streams[stream_id] = st
         try:
             self._send_fields(stream_id, fields, empty)
-        except h2.exceptions.ProtocolError as e:
+        except h2proto.H2UsageError as e:
             del self._streams[stream_id]
             self._wake_slot()
             raise H2ConnectionClosed(f"cannot open stream: {e}", retryable=True) from e
@@ -102,7 +100,7 @@ class H2ClientConnection(H2Protocol):
             resp = await st.response
         except asyncio.CancelledError:
             # The caller gave up (its own client reset, a timeout): reset upstream too.
-            self._reset_stream(stream_id, st, ErrorCodes.CANCEL)
+            self._reset_stream(stream_id, st, CANCEL)
             raise
         assert isinstance(resp, Response)
         return resp
@@ -110,7 +108,7 @@ class H2ClientConnection(H2Protocol):
     def close(self) -> None:
         """Close the connection now (GOAWAY, then close); in-flight streams fail."""
         if self._transport is not None and not self._closed:
-            self._write_goaway(ErrorCodes.NO_ERROR, 0)
+            self._write_goaway(NO_ERROR, 0)
             self._abort(H2ConnectionClosed("connection closed by proxy"))
         for t in list(self._tasks):
             t.cancel()
@@ -191,27 +189,26 @@ class H2ClientConnection(H2Protocol):
             await self._send_body(stream_id, st, body)
         except asyncio.CancelledError:
             body.discard()
-            self._reset_stream(stream_id, st, ErrorCodes.CANCEL)
+            self._reset_stream(stream_id, st, CANCEL)
         except H2Error:
             body.discard()  # the stream or connection is gone; the response side reports it
-        except BodyError as e:
+        except BodyError:
             # The request body's producer failed (e.g. our client reset): reset upstream.
-            err = H2StreamReset(stream_id, ErrorCodes.CANCEL, remote=False)
-            self._reset_stream(stream_id, st, ErrorCodes.CANCEL)
+            err = H2StreamReset(stream_id, CANCEL, remote=False)
+            self._reset_stream(stream_id, st, CANCEL)
             if st.response is not None and not st.response.done():
                 st.response.set_exception(err)
-            del e
-        except h2.exceptions.ProtocolError as e:
-            self._reset_stream(stream_id, st, ErrorCodes.INTERNAL_ERROR)
+        except h2proto.H2UsageError as usage_err:
+            self._reset_stream(stream_id, st, INTERNAL_ERROR)
             if st.response is not None and not st.response.done():
-                st.response.set_exception(H2ConnectionClosed(f"protocol error sending body: {e}"))
+                st.response.set_exception(H2ConnectionClosed(f"protocol error sending body: {usage_err}"))
         finally:
             self._maybe_forget(stream_id, st)
 
-    def _on_other(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.ResponseReceived):
-            self._on_response(event.stream_id, list(event.headers or []), event.stream_ended is not None)
-        elif isinstance(event, h2.events.PingAckReceived) and self._pong is not None and not self._pong.done():
+    def _on_other(self, event: h2proto.Event) -> None:
+        if isinstance(event, h2proto.ResponseReceived):
+            self._on_response(event.stream_id, event.headers, event.end_stream)
+        elif isinstance(event, h2proto.PingAckReceived) and self._pong is not None and not self._pong.done():
             self._pong.set_result(None)
 
     def _on_response(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
@@ -221,7 +218,7 @@ class H2ClientConnection(H2Protocol):
         try:
             status, headers = parse_response(fields)
         except H2HeaderError as e:
-            self._reset_stream(stream_id, st, ErrorCodes.PROTOCOL_ERROR)
+            self._reset_stream(stream_id, st, PROTOCOL_ERROR)
             st.response.set_exception(H2ConnectionClosed(f"bad response head: {e}"))
             return
         body: Body
@@ -239,7 +236,7 @@ class H2ClientConnection(H2Protocol):
     def _discarded(self, stream_id: int, st: StreamState) -> None:
         # The reader abandoned the response body before its end: stop the upstream stream.
         if not st.remote_closed:
-            self._reset_stream(stream_id, st, ErrorCodes.CANCEL)
+            self._reset_stream(stream_id, st, CANCEL)
 
     def _stream_reset(self, stream_id: int, st: StreamState, err: H2Error) -> None:
         if st.response is not None and not st.response.done():
@@ -260,7 +257,7 @@ class H2ClientConnection(H2Protocol):
                 self._stream_reset(sid, st, err)
                 del self._streams[sid]
         self._wake_all_slots()
-        if error_code != ErrorCodes.NO_ERROR:
+        if error_code != NO_ERROR:
             self._abort(H2ConnectionClosed(f"GOAWAY({error_code}) from server"))
         elif not self._streams:
             self._abort(H2ConnectionClosed("connection drained after GOAWAY", retryable=True))

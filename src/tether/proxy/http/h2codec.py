@@ -2,10 +2,11 @@
 
 Two roles: a server codec serves one accepted connection by calling a Service per stream; a client
 codec multiplexes requests to one endpoint over one connection. Errors are typed here so layers can
-decide (retry, status code, RST propagation) without knowing which codec produced them. The h2-based
+decide (retry, status code, RST propagation) without knowing which codec produced them. The
 implementation is :class:`~tether.proxy.http.h2server.H2ServerProtocol` and
-:class:`~tether.proxy.http.h2client.H2ClientConnection`; a faster codec implements the same
-Protocols.
+:class:`~tether.proxy.http.h2client.H2ClientConnection`, over the sans-I/O protocol state in
+:mod:`tether.core.http.h2proto` (with :mod:`~tether.core.http.hpack` and
+:mod:`~tether.core.http.h2frames`).
 """
 
 from __future__ import annotations

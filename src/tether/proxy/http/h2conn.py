@@ -1,9 +1,9 @@
-"""Machinery the HTTP/2 server and client codecs share, over the pure-Python ``h2`` library.
+"""Machinery the HTTP/2 server and client codecs share, over :mod:`tether.core.http.h2proto`.
 
-One :class:`H2Protocol` is an asyncio Protocol around one ``h2.connection.H2Connection``. It owns
-the things both sides need: the received body (:class:`H2Body`, whose window is acknowledged only
-as its reader consumes it), sending a body with flow control and trailers, coalesced writes, the
-transport's write backpressure, and a bound on h2's closed-stream bookkeeping.
+One :class:`H2Protocol` is an asyncio Protocol around one sans-I/O
+:class:`~tether.core.http.h2proto.H2Connection`. It owns the things both sides need: the received
+body (:class:`H2Body`, whose window is acknowledged only as its reader consumes it), sending a body
+with flow control and trailers, coalesced writes, the transport's write backpressure.
 
 The codec is an implementation detail behind the interfaces in :mod:`tether.proxy.http.h2codec`
 (``H2ServerCodec``, ``H2ClientCodec`` and the error types), so a faster codec can replace this module,
@@ -13,52 +13,25 @@ h2server and h2client without touching the layers.
 from __future__ import annotations
 
 import asyncio
-import struct
+import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
-from h2.errors import ErrorCodes
-
+from tether.core.http import h2frames, h2proto
 from tether.core.http.h2headers import trailer_fields
 from tether.proxy.config import ProxyConfig
 from tether.proxy.http.body import Body, BytesBody, EmptyBody, PipeBody
-from tether.proxy.http.h2codec import H2ConnectionClosed, H2Error, H2StreamReset, error_code_for
+from tether.proxy.http.h2codec import INTERNAL_ERROR, H2ConnectionClosed, H2Error, H2StreamReset, error_code_for
 
 __all__ = ["H2ConnectionClosed", "H2Error", "H2Protocol", "H2StreamReset", "error_code_for"]
 
+log = logging.getLogger(__name__)
+
 Headers = list[tuple[bytes, bytes]]
 
-# How many closed streams h2 remembers (to tell a late frame after RST_STREAM from a protocol
-# error). h2's default, 65536, made an idle server hold tens of MB; a few times the concurrency
-# bound covers every frame still in flight after a reset.
+# How many closed streams the connection remembers (to tell a late frame after RST_STREAM from a
+# protocol error); a few times the concurrency bound covers every frame still in flight after a reset.
 CLOSED_STREAMS_REMEMBERED = 1024
-
-
-class BoundedH2Connection(h2.connection.H2Connection):
-    """An H2Connection whose closed-stream cache is bounded to what a proxy needs, and which keeps
-    working after the peer's GOAWAY."""
-
-    MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
-
-    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
-        # h2 closes its state machine on a received GOAWAY and drops the frames it has queued, so
-        # a PING in the same read as the GOAWAY is a protocol error and an answer already queued
-        # is lost. RFC 9113 section 6.8: the connection goes on (streams at or below the last id
-        # finish, other frames are answered) until one side closes it; the codecs stop opening or
-        # accepting streams themselves.
-        event = h2.events.ConnectionTerminated()
-        try:
-            event.error_code = ErrorCodes(frame.error_code)
-        except ValueError:
-            event.error_code = frame.error_code  # unknown codes are passed on as numbers
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
 
 
 class H2Body(PipeBody):
@@ -128,11 +101,16 @@ class StreamState:
 class H2Protocol(asyncio.Protocol):
     """The half of an HTTP/2 endpoint that does not depend on being client or server."""
 
-    def __init__(self, config: ProxyConfig, client_side: bool) -> None:
+    def __init__(self, config: ProxyConfig, client_side: bool, stream_limit: int | None = None) -> None:
         self.config = config
-        self._h2 = BoundedH2Connection(h2.config.H2Configuration(client_side=client_side, header_encoding=None))
-        self._h2.local_settings = self._local_settings(config.h2_max_concurrent_streams)
-        self._h2.decoder.max_header_list_size = config.max_header_bytes
+        self._h2 = h2proto.H2Connection(
+            client_side,
+            max_concurrent_streams=config.h2_max_concurrent_streams,
+            initial_window_size=config.h2_initial_window,
+            max_header_list_size=config.max_header_bytes,
+            stream_limit=stream_limit,
+            max_closed_streams=CLOSED_STREAMS_REMEMBERED,
+        )
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, StreamState] = {}
         self._flush_scheduled = False
@@ -141,17 +119,6 @@ class H2Protocol(asyncio.Protocol):
         self._closed = False
         self._close_error: H2Error | None = None
         self._loop = asyncio.get_event_loop()
-
-    def _local_settings(self, max_streams: int) -> h2.settings.Settings:
-        return h2.settings.Settings(
-            client=self._h2.config.client_side,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.config.h2_initial_window,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.config.max_header_bytes,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -171,10 +138,16 @@ class H2Protocol(asyncio.Protocol):
             return
         try:
             events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
-            # h2 has queued a GOAWAY naming the error; send it and end the connection.
+        except h2proto.ProtocolError as e:
+            # A GOAWAY naming the error is queued; send it and end the connection.
             self._flush()
             self._abort(H2ConnectionClosed(f"HTTP/2 protocol error from peer: {e}"), linger=1.0)
+            return
+        except Exception as bug:
+            # A bug in the protocol code must not escape into the event loop: end this connection.
+            log.exception("HTTP/2 connection failed on input: %r", bug)
+            self._write_goaway(INTERNAL_ERROR, 0)
+            self._abort(H2ConnectionClosed(f"HTTP/2 internal error: {bug}"))
             return
         for event in events:
             if self._closed:
@@ -189,7 +162,7 @@ class H2Protocol(asyncio.Protocol):
         self._wake_drain(err)
 
     def pause_writing(self) -> None:
-        # The peer is not reading: stop reading from it too, so the frames h2 answers on its own
+        # The peer is not reading: stop reading from it too, so the frames answered on their own
         # (PING and SETTINGS acks) cannot pile up in our write buffer (PING flood).
         self._write_paused = True
         if self._transport is not None:
@@ -205,16 +178,16 @@ class H2Protocol(asyncio.Protocol):
         return None  # close the transport: HTTP/2 has no half-closed connection
 
     # -- events -------------------------------------------------------------------------------
-    def _dispatch(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.DataReceived):
+    def _dispatch(self, event: h2proto.Event) -> None:
+        if isinstance(event, h2proto.DataReceived):
             self._on_data(event.stream_id, event.data, event.flow_controlled_length)
-        elif isinstance(event, h2.events.StreamEnded):
+        elif isinstance(event, h2proto.StreamEnded):
             self._on_remote_end(event.stream_id)
-        elif isinstance(event, h2.events.TrailersReceived):
+        elif isinstance(event, h2proto.TrailersReceived):
             st = self._streams.get(event.stream_id)
             if st is not None:
-                st.trailers = list(event.headers or [])
-        elif isinstance(event, h2.events.WindowUpdated):
+                st.trailers = event.headers
+        elif isinstance(event, h2proto.WindowUpdated):
             if event.stream_id:
                 st = self._streams.get(event.stream_id)
                 if st is not None:
@@ -222,14 +195,14 @@ class H2Protocol(asyncio.Protocol):
             else:
                 for st in self._streams.values():
                     self._wake_window(st)
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
+        elif isinstance(event, h2proto.RemoteSettingsChanged):
             for st in self._streams.values():
                 self._wake_window(st)
             self._settings_changed()
-        elif isinstance(event, h2.events.StreamReset):
-            self._on_reset(event.stream_id, int(event.error_code), event.remote_reset)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self._on_goaway(int(event.error_code or 0), event.last_stream_id or 0)
+        elif isinstance(event, h2proto.StreamReset):
+            self._on_reset(event.stream_id, event.error_code, event.remote)
+        elif isinstance(event, h2proto.ConnectionTerminated):
+            self._on_goaway(event.error_code, event.last_stream_id)
         else:
             self._on_other(event)
 
@@ -265,9 +238,9 @@ class H2Protocol(asyncio.Protocol):
         self._maybe_forget(stream_id, st)
 
     def _on_goaway(self, error_code: int, last_stream_id: int) -> None:
-        """Subclasses decide (the connection stays usable for frames: see BoundedH2Connection)."""
+        """Subclasses decide (streams at or below ``last_stream_id`` may still finish)."""
 
-    def _on_other(self, event: h2.events.Event) -> None:
+    def _on_other(self, event: h2proto.Event) -> None:
         """Events a subclass cares about (requests, responses)."""
 
     def _settings_changed(self) -> None:
@@ -286,10 +259,7 @@ class H2Protocol(asyncio.Protocol):
     def _ack(self, stream_id: int, n: int) -> None:
         if self._closed or n <= 0:
             return
-        try:
-            self._h2.acknowledge_received_data(n, stream_id)
-        except h2.exceptions.ProtocolError:
-            return
+        self._h2.acknowledge_received_data(n, stream_id)
         self._schedule_flush()
 
     def _maybe_forget(self, stream_id: int, st: StreamState) -> None:
@@ -302,10 +272,7 @@ class H2Protocol(asyncio.Protocol):
         if st.reset is None:
             st.reset = H2StreamReset(stream_id, code, remote=False)
             if not self._closed:
-                try:
-                    self._h2.reset_stream(stream_id, code)
-                except h2.exceptions.ProtocolError:
-                    pass  # already closed in h2
+                self._h2.reset_stream(stream_id, code)  # a no-op when already closed
                 self._schedule_flush()
             if st.body is not None:
                 st.body.fail(st.reset)
@@ -345,7 +312,8 @@ class H2Protocol(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         data = self._h2.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
+        # Once closed (possibly lingering after write_eof), nothing more may be written.
+        if data and not self._closed and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
     def _schedule_flush(self) -> None:
@@ -355,10 +323,9 @@ class H2Protocol(asyncio.Protocol):
             self._loop.call_soon(self._flush)
 
     def _write_goaway(self, error_code: int, last_stream_id: int) -> None:
-        """Send GOAWAY without h2's state change, so in-flight streams may still finish."""
+        """Send GOAWAY now; in-flight streams at or below ``last_stream_id`` may still finish."""
+        self._h2.goaway(error_code, last_stream_id)
         self._flush()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(goaway_frame(error_code, last_stream_id))
 
     def _wake_window(self, st: StreamState) -> None:
         w = st.window_waiter
@@ -458,4 +425,4 @@ def _is_drained(body: Body) -> bool:
 
 def goaway_frame(error_code: int, last_stream_id: int) -> bytes:
     """A GOAWAY frame (RFC 9113 section 6.8): 9-byte frame header, last stream id, error code."""
-    return struct.pack(">I", 8)[1:] + b"\x07\x00" + struct.pack(">III", 0, last_stream_id & 0x7FFFFFFF, error_code)
+    return h2frames.goaway_frame(last_stream_id, error_code)

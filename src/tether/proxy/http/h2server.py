@@ -11,7 +11,8 @@ Usage (after protocol detection has read ``initial`` bytes, possibly the whole p
 Or as a plain protocol factory: ``loop.create_server(lambda: H2ServerProtocol(...), ...)``.
 
 Bounds: SETTINGS_MAX_CONCURRENT_STREAMS from the config (streams beyond it, counting handlers still
-unwinding after a reset, get REFUSED_STREAM; beyond twice the bound h2 ends the connection);
+unwinding after a reset, get REFUSED_STREAM; so do streams beyond twice the bound that are still
+open in the protocol state);
 rapid reset (CVE-2023-44487): more than ``h2_max_resets_per_window`` client resets within
 ``h2_reset_window`` seconds ends the connection with GOAWAY(ENHANCE_YOUR_CALM).
 """
@@ -22,12 +23,11 @@ import asyncio
 import logging
 from collections import deque
 
-import h2.events
-from h2.errors import ErrorCodes
-
+from tether.core.http import h2proto
 from tether.core.http.h2headers import H2HeaderError, parse_request, response_fields
 from tether.proxy.config import ProxyConfig
 from tether.proxy.http.body import BytesBody, EmptyBody
+from tether.proxy.http.h2codec import CANCEL, ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM
 from tether.proxy.http.h2conn import (
     H2ConnectionClosed,
     H2Error,
@@ -47,7 +47,11 @@ class H2ServerProtocol(H2Protocol):
     """Serves HTTP/2 on one connection: each stream becomes ``await service(Request)``."""
 
     def __init__(self, service: Service | ServiceFn, conn: Connection, config: ProxyConfig) -> None:
-        super().__init__(config, client_side=False)
+        # A client may open streams before it has read our SETTINGS (RFC 9113 section 6.5.2 gives
+        # it no limit until then): streams over the advertised bound get REFUSED_STREAM from
+        # _on_request (counting handlers still unwinding); the protocol state refuses streams
+        # beyond twice the bound on its own.
+        super().__init__(config, client_side=False, stream_limit=2 * config.h2_max_concurrent_streams + 16)
         self._service = service
         self._conn = conn
         self._tasks: set[asyncio.Task[None]] = set()
@@ -85,7 +89,7 @@ class H2ServerProtocol(H2Protocol):
         if not self._draining:
             self._draining = True
             self._goaway_last = self._h2.highest_inbound_stream_id
-            self._write_goaway(ErrorCodes.NO_ERROR, self._goaway_last)
+            self._write_goaway(NO_ERROR, self._goaway_last)
         try:
             async with asyncio.timeout(grace):
                 await self._wait_closed_or_idle()
@@ -117,12 +121,6 @@ class H2ServerProtocol(H2Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # advertises h2_max_concurrent_streams
-        # A client may open streams before it has read our SETTINGS (RFC 9113 section 6.5.2
-        # gives it no limit until then). h2 would end the whole connection for that, so h2's own
-        # check gets headroom and streams over the advertised bound get REFUSED_STREAM instead
-        # (_on_request); only a client far beyond the bound loses the connection.
-        limit = self.config.h2_max_concurrent_streams
-        self._h2.local_settings = self._local_settings(2 * limit + 16)
         self._arm_idle_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -134,9 +132,9 @@ class H2ServerProtocol(H2Protocol):
             t.cancel()
         self._maybe_done()
 
-    def _on_other(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            self._on_request(event.stream_id, list(event.headers or []), event.stream_ended is not None)
+    def _on_other(self, event: h2proto.Event) -> None:
+        if isinstance(event, h2proto.RequestReceived):
+            self._on_request(event.stream_id, event.headers, event.end_stream)
 
     def _on_request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
         st = StreamState()
@@ -144,21 +142,21 @@ class H2ServerProtocol(H2Protocol):
         if ended:
             st.remote_closed = True
         if self._draining and self._goaway_last is not None and stream_id > self._goaway_last:
-            self._reset_stream(stream_id, st, ErrorCodes.REFUSED_STREAM)
+            self._reset_stream(stream_id, st, REFUSED_STREAM)
             return
         if self._peer_goaway_last is not None and stream_id > self._peer_goaway_last:
             # A new stream after the client's own GOAWAY: a protocol violation, refused.
-            self._reset_stream(stream_id, st, ErrorCodes.REFUSED_STREAM)
+            self._reset_stream(stream_id, st, REFUSED_STREAM)
             return
         if len(self._tasks) >= self.config.h2_max_concurrent_streams:
             # Handlers of reset streams may still be unwinding; they count against the bound.
-            self._reset_stream(stream_id, st, ErrorCodes.REFUSED_STREAM)
+            self._reset_stream(stream_id, st, REFUSED_STREAM)
             return
         try:
             head = parse_request(fields)
         except H2HeaderError as e:
             log.debug("stream %d: bad request head: %s", stream_id, e)
-            self._reset_stream(stream_id, st, ErrorCodes.PROTOCOL_ERROR)
+            self._reset_stream(stream_id, st, PROTOCOL_ERROR)
             return
         if ended:
             body: EmptyBody | object = EmptyBody()
@@ -205,7 +203,7 @@ class H2ServerProtocol(H2Protocol):
                 len(q),
                 window,
             )
-            self._write_goaway(ErrorCodes.ENHANCE_YOUR_CALM, self._h2.highest_inbound_stream_id)
+            self._write_goaway(ENHANCE_YOUR_CALM, self._h2.highest_inbound_stream_id)
             self._abort(H2ConnectionClosed("rapid reset: too many stream resets"), linger=1.0)
 
     def _on_goaway(self, error_code: int, last_stream_id: int) -> None:
@@ -213,7 +211,7 @@ class H2ServerProtocol(H2Protocol):
         # its in-flight requests finish and its other frames (PING, WINDOW_UPDATE) are answered:
         # RFC 9113 section 7 forbids special behaviour for an unknown error code, and closing at
         # once would drop answers already owed. The idle timeout bounds a client that never closes.
-        if error_code != ErrorCodes.NO_ERROR:
+        if error_code != NO_ERROR:
             log.debug("client sent GOAWAY with error code %d", error_code)
         self._peer_goaway_last = self._h2.highest_inbound_stream_id
         if not self._tasks:
@@ -238,7 +236,7 @@ class H2ServerProtocol(H2Protocol):
         if self._tasks or self._closed:
             return
         self._draining = True
-        self._write_goaway(ErrorCodes.NO_ERROR, self._h2.highest_inbound_stream_id)
+        self._write_goaway(NO_ERROR, self._h2.highest_inbound_stream_id)
         self._close()
 
     def _stream_forgotten(self, stream_id: int) -> None:
@@ -276,14 +274,14 @@ class H2ServerProtocol(H2Protocol):
                 # Complete response while the client still sends: tell it to stop (RFC 9113 8.1).
                 if st.body is not None:
                     st.body.discard()
-                self._reset_stream(stream_id, st, ErrorCodes.NO_ERROR)
+                self._reset_stream(stream_id, st, NO_ERROR)
         except asyncio.CancelledError:
             # Client reset or connection gone: release the upstream (its stream gets reset).
             if resp is not None:
                 resp.body.discard()
             if st.body is not None:
                 st.body.fail(H2ConnectionClosed("stream cancelled"))
-            self._reset_stream(stream_id, st, ErrorCodes.CANCEL)
+            self._reset_stream(stream_id, st, CANCEL)
         except Exception as e:
             # Headers are out (or the body failed): the only signal left is RST_STREAM.
             log.debug("stream %d: failed after response headers: %r", stream_id, e)
