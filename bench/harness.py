@@ -489,7 +489,9 @@ class Skip(Exception):
 class TargetResult:
     name: str
     skipped: str | None = None
-    saturation: list[LoadResult] = dataclasses.field(default_factory=list)  # one per round
+    saturation: list[LoadResult] = dataclasses.field(default_factory=list)  # one per round (baseline: more)
+    # Per round: saturation over the mean of the baseline's runs just before and just after it.
+    paired_ratio: list[float] = dataclasses.field(default_factory=list)
     cpu_us_per_request: list[float] = dataclasses.field(default_factory=list)  # one per round
     at_rate: dict[int, list[LoadResult]] = dataclasses.field(default_factory=dict)
     rss_idle_kib: int | None = None
@@ -497,6 +499,9 @@ class TargetResult:
     rss_held_kib: int | None = None
     held_connections: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+
+
+BASELINE = "nginx"  # every ratio is to this target
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -522,21 +527,42 @@ def measure(targets: Sequence[Target], plan: Plan) -> list[TargetResult]:
     for rnd in range(plan.rounds):
         # Rotate who goes first so that no target always runs right after another's saturation run.
         order = [*active[rnd % len(active) :], *active[: rnd % len(active)]] if active else []
-        # The saturation runs of one round go back to back (a few seconds apart), so that each
-        # target's throughput can be compared with the baseline's from the same moment: on a shared
-        # machine, whose speed drifts over tens of seconds, the per-round ratio is steadier than the
-        # ratio of medians. The fixed-rate points follow.
-        for step in (_saturation, _rates):
-            for t in list(order):
-                if t not in active:
-                    continue
-                try:
-                    step(t, results[t.name], rnd, plan)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    first = str(exc).splitlines()[0]
-                    results[t.name].notes.append(f"FAILED in round {rnd + 1}, dropped from later points: {first}")
-                    progress(t.name, f"failed: {exc}")
-                    active.remove(t)
+        # Saturation runs are bracketed by the baseline's (nginx, t1, nginx, t2, nginx, ...), so each
+        # target's throughput is compared with the baseline's from the same moment: this machine's
+        # speed drifts over tens of seconds (CPU steal), and the mean of the runs just before and
+        # just after cancels a drift that is linear over the few seconds between them. The
+        # fixed-rate points follow, one target after the other.
+        base = next((t for t in order if t.name == BASELINE), None)
+        seq = order if base is None else [base, *(x for t in order if t is not base for x in (t, base))]
+        before: LoadResult | None = None
+        waiting: list[tuple[TargetResult, LoadResult, LoadResult | None]] = []
+        for t in seq:
+            if t not in active:
+                continue
+            try:
+                sat = _saturation(t, results[t.name], rnd, plan)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                _drop(t, results[t.name], rnd, exc, active)
+                continue
+            if t is base:
+                for res, run, prev in waiting:
+                    ref = [x.actual_qps for x in (prev, sat) if x is not None and x.actual_qps]
+                    if ref:
+                        res.paired_ratio.append(run.actual_qps / statistics.fmean(ref))
+                waiting = []
+                before = sat
+            else:
+                waiting.append((results[t.name], sat, before))
+        for res, run, prev in waiting:  # the baseline failed mid-round: pair with what there is
+            if prev is not None and prev.actual_qps:
+                res.paired_ratio.append(run.actual_qps / prev.actual_qps)
+        for t in list(order):
+            if t not in active:
+                continue
+            try:
+                _rates(t, results[t.name], rnd, plan)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                _drop(t, results[t.name], rnd, exc, active)
 
     for t in active:
         res = results[t.name]
@@ -554,13 +580,22 @@ def measure(targets: Sequence[Target], plan: Plan) -> list[TargetResult]:
     return list(results.values())
 
 
-def _saturation(t: Target, res: TargetResult, rnd: int, plan: Plan) -> None:
+def _drop(t: Target, res: TargetResult, rnd: int, exc: BaseException, active: list[Target]) -> None:
+    first = str(exc).splitlines()[0]
+    res.notes.append(f"FAILED in round {rnd + 1}, dropped from later points: {first}")
+    progress(t.name, f"failed: {exc}")
+    if t in active:
+        active.remove(t)
+
+
+def _saturation(t: Target, res: TargetResult, rnd: int, plan: Plan) -> LoadResult:
     cpu0 = cpu_seconds(t.proc.pid) if t.proc is not None else 0.0
     sat = t.load(0, plan.saturation_connections, plan.saturation_s)
     if t.proc is not None and sat.count:
         res.cpu_us_per_request.append((cpu_seconds(t.proc.pid) - cpu0) * 1e6 / sat.count)
     res.saturation.append(sat)
     progress(t.name, f"round {rnd + 1}: saturation {sat.actual_qps:,.0f}/s")
+    return sat
 
 
 def _rates(t: Target, res: TargetResult, rnd: int, plan: Plan) -> None:
@@ -575,9 +610,8 @@ def _rates(t: Target, res: TargetResult, rnd: int, plan: Plan) -> None:
 
 
 def paired_saturation_ratio(r: TargetResult, base: TargetResult) -> float | None:
-    """Median over rounds of (this target's saturation / the baseline's in the same round)."""
-    pairs = [a.actual_qps / b.actual_qps for a, b in zip(r.saturation, base.saturation, strict=False) if b.actual_qps]
-    return median(pairs)
+    """Median over rounds of this target's saturation over the baseline's runs around it."""
+    return median(r.paired_ratio)
 
 
 def cpu_steal() -> tuple[int, int]:
@@ -751,7 +785,8 @@ def main(suite: Suite, argv: Sequence[str] | None = None) -> int:
         f" load {env['loadavg_at_start'][0]:.1f} at start; CPU steal {env['cpu_steal_percent']}% during the run;"
         f" {env['nginx']}; {env['haproxy'].split(' - ')[0]}; fortio {env['fortio']};"
         f" nginx/haproxy workers {args.workers}; median of {plan.rounds} round(s)"
-        "\n(saturation, paired: the median over rounds of each target's saturation over nginx's in the same round)"
+        "\n(saturation, paired: the median over rounds of each target's saturation over the mean of nginx's"
+        " runs just before and just after it)"
     )
     print(table(results, plan.rates))
     summary = suite.summary(results)
