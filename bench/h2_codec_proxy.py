@@ -4,7 +4,7 @@ One H2ClientConnection sends requests to one H2ServerProtocol over an in-memory 
 loop; the service answers each with a head, one message and grpc-status trailers, the client reads
 the body to its end. That is the codec work of one proxied call (the inbound server side plus the
 outbound client side), without sockets, layers or the application. It reports process CPU per call.
-Run it against the tree to measure: ``PYTHONPATH=<tree>/src python scripts/bench_h2proxy.py [N]``.
+Run it against the tree to measure: ``PYTHONPATH=<tree>/src python bench/h2_codec_proxy.py [N]``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Compares the ``h2`` library (the old codec's engine) with ``tether.core.http.h2p
 is what a proxied unary call costs the proxy's HTTP/2 engine: the client side sends a request head and
 one DATA frame (ending the stream), the server side answers with a response head, one DATA frame and
 trailers; each side parses what the other sent and acknowledges the received data. Run with
-``PYTHONPATH=src python scripts/bench_h2codec.py [N]``; compiled when tether.native says so.
+``PYTHONPATH=src python bench/h2_codec.py [N]``; compiled when tether.native says so.
 """
 
 from __future__ import annotations
