@@ -408,6 +408,40 @@ def test_tcp_byte_counters_move_while_the_connection_is_open(proxies) -> None:  
     srv.close()
 
 
+def _src_counter(p: ProxyProc, name: str, direction: str = "inbound") -> float:
+    total = 0.0
+    for ln in p.metrics().splitlines():
+        if ln.startswith(name + f'{{direction="{direction}",peer="src"'):
+            total += float(ln.split()[-1])
+    return total
+
+
+def test_http_connections_count_bytes_both_ways(inbound: ProxyProc) -> None:
+    request = b"GET /bytes/5000 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+    response = b""
+    with socket.create_connection(("127.0.0.1", inbound.inbound_port)) as c:
+        c.settimeout(10)
+        c.sendall(request)
+        while chunk := c.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200")
+    wait_for(lambda: _src_counter(inbound, "tcp_close_total") == 1, 10, what="connection closed in the metrics")
+    assert _src_counter(inbound, "tcp_read_bytes_total") == len(request)
+    assert _src_counter(inbound, "tcp_write_bytes_total") == len(response)
+
+
+def test_h2_connections_count_bytes_both_ways(inbound: ProxyProc, tmp_path: Path) -> None:
+    # (The backend speaks HTTP/1 only, so the proxy answers this h2 request itself: any answer
+    # will do, the point is that the connection's bytes are counted both ways.)
+    r = curl("-sS", "--http2-prior-knowledge", "-o", str(tmp_path / "body"), "-w", "%{http_version} %{size_download}",
+             inbound.inbound + "/")
+    version, size = r.stdout.split()
+    assert version == "2", r.stdout + r.stderr
+    wait_for(lambda: _src_counter(inbound, "tcp_close_total") == 1, 10, what="connection closed in the metrics")
+    assert _src_counter(inbound, "tcp_read_bytes_total") > 24 + 9  # the preface, SETTINGS, HEADERS, ...
+    assert _src_counter(inbound, "tcp_write_bytes_total") > int(size) + 9  # the body and its frames
+
+
 def test_endless_upstream_response_head_is_cut_off_with_502(proxies) -> None:  # type: ignore[no-untyped-def]
     def endless(c: socket.socket) -> None:
         c.recv(65536)

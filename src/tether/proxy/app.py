@@ -195,8 +195,8 @@ class Proxy:
 
             tcp = self.metrics.tcp(side.direction, "src", conn.orig_dst, tls=conn.tls, client_id=conn.client_id)
             tcp.opened()
-            tcp.read_bytes += len(buf)
             h2 = H2ServerProtocol(side.http, conn, self.cfg)
+            h2.tcp = tcp  # counts bytes both ways, the detected preface included (start() feeds it)
             side.h2.add(h2)
             transport.set_protocol(h2)
             h2.start(transport, buf)

@@ -335,11 +335,11 @@ class H1ServerProtocol(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         if upgraded:
-            transport.write(head)
+            self._write(transport, head)
             self._start_splice(resp)
             return False
         if framing is None and not body_close:
-            transport.write(head)  # no body
+            self._write(transport, head)  # no body
         else:
             await self._write_body(resp.body, head, framing)
         if req.body is not None and isinstance(req.body, PipeBody) and not req.body.done:
@@ -392,7 +392,7 @@ class H1ServerProtocol(asyncio.Protocol):
             if len(data) != expected or await body.read():
                 self._abort()
                 raise BodyError("upstream body length differs from its Content-Length")
-            transport.write(head + data)
+            self._write(transport, head + data)
             return
         sent = 0
         first = head
@@ -406,28 +406,33 @@ class H1ServerProtocol(asyncio.Protocol):
                     raise BodyError("upstream body longer than its Content-Length")
                 out = h1.encode_chunk(chunk) if chunked else chunk
                 if first:
-                    transport.write(first + out)
+                    self._write(transport, first + out)
                     first = b""
                 else:
-                    transport.write(out)
+                    self._write(transport, out)
                 if self._write_paused:
                     await self._drain()
         except BodyError as e:
             # Headers may be out already: the only honest signal left is to cut the connection.
             log.info("response body from upstream failed: %s", e)
             if first:
-                transport.write(first)
+                self._write(transport, first)
             self._abort()
             raise
         if chunked:
             tail = h1.encode_last_chunk(body.trailers)
-            transport.write(first + tail if first else tail)
+            self._write(transport, first + tail if first else tail)
         else:
             if first:
-                transport.write(first)
+                self._write(transport, first)
             if expected is not None and sent != expected:
                 self._abort()
                 raise BodyError("upstream body shorter than its Content-Length")
+
+    def _write(self, transport: asyncio.Transport, data: bytes) -> None:
+        transport.write(data)
+        if self.tcp is not None:
+            self.tcp.write_bytes += len(data)
 
     async def _drain(self) -> None:
         if not self._write_paused:
@@ -463,7 +468,7 @@ class H1ServerProtocol(asyncio.Protocol):
     # -- errors, timeouts, lifecycle ----------------------------------------------------------
     def _send_continue(self) -> None:
         if self.transport is not None and not self._lost:
-            self.transport.write(_CONTINUE)
+            self._write(self.transport, _CONTINUE)
 
     def _fail_parse(self, err: h1.H1Error) -> None:
         self._parse_error = err
@@ -488,7 +493,7 @@ class H1ServerProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._lost:
             return
-        transport.write(head + data)
+        self._write(transport, head + data)
         self._closing = True
         self.connection_lost(None)  # this protocol is done: release its bookkeeping now
         linger_close(transport)

@@ -22,6 +22,7 @@ from tether.core.http.h2headers import trailer_fields
 from tether.proxy.config import ProxyConfig
 from tether.proxy.http.body import Body, BytesBody, EmptyBody, PipeBody
 from tether.proxy.http.h2codec import INTERNAL_ERROR, H2ConnectionClosed, H2Error, H2StreamReset, error_code_for
+from tether.proxy.tcp import ByteCounters
 
 __all__ = ["H2ConnectionClosed", "H2Error", "H2Protocol", "H2StreamReset", "error_code_for"]
 
@@ -103,6 +104,8 @@ class H2Protocol(asyncio.Protocol):
 
     def __init__(self, config: ProxyConfig, client_side: bool, stream_limit: int | None = None) -> None:
         self.config = config
+        # tcp_read_bytes_total / tcp_write_bytes_total of the connection, when the proxy counts it.
+        self.tcp: ByteCounters | None = None
         self._h2 = h2proto.H2Connection(
             client_side,
             max_concurrent_streams=config.h2_max_concurrent_streams,
@@ -134,6 +137,8 @@ class H2Protocol(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        if self.tcp is not None:
+            self.tcp.read_bytes += len(data)
         if self._closed:
             return
         try:
@@ -315,6 +320,8 @@ class H2Protocol(asyncio.Protocol):
         # Once closed (possibly lingering after write_eof), nothing more may be written.
         if data and not self._closed and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
+            if self.tcp is not None:
+                self.tcp.write_bytes += len(data)
 
     def _schedule_flush(self) -> None:
         # Coalesce frames from many streams into one write per loop iteration.
