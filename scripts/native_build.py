@@ -76,9 +76,16 @@ def main() -> int:
     cached = CACHE / key
     if not (cached / ".complete").exists():
         print(f"build-native: compiling {len(native.NATIVE_MODULES)} modules with mypyc (about a minute)")
-        shutil.rmtree(cached, ignore_errors=True)
-        compile_into(cached)
-        (cached / ".complete").touch()
+        # Built aside and renamed into place, so a concurrent build or reader never sees half a cache.
+        tmp = CACHE / f"{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        compile_into(tmp)
+        (tmp / ".complete").touch()
+        shutil.rmtree(cached, ignore_errors=True)  # an incomplete leftover
+        try:
+            os.replace(tmp, cached)
+        except OSError:  # another build finished first: use its result
+            shutil.rmtree(tmp, ignore_errors=True)
     remove_built()
     for so in cached.rglob("*.so"):
         dest = SRC / so.relative_to(cached)
