@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tether.testing.backend import BackendServer, start_in_thread
+from tether.testing.backend import BackendServer, start_in_thread, tcp_server
 from tether.testing.load import SteadyLoad
 from tether.testing.mesh import LocalMesh, MeshWorkload
 from tether.testing.procs import ProxyProc, http_get, wait_for
@@ -302,25 +303,11 @@ def test_issuer_expiry_metric_the_seed_alert_queries(pair: Pair) -> None:
     assert 300 < days_left < 366  # create-ca's issuer lives a year: the alert stays quiet
 
 
-def _greeter() -> tuple[object, int]:
-    import socket
-    import threading
+def _greeter() -> tuple[socket.socket, int]:
+    def greet(c: socket.socket) -> None:
+        c.sendall(b"220 greetings\r\n")
 
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-
-    def run() -> None:
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            with c:
-                c.sendall(b"220 greetings\r\n")
-
-    threading.Thread(target=run, daemon=True).start()
-    return srv, srv.getsockname()[1]
+    return tcp_server(greet)
 
 
 @pytest.mark.parametrize("opaque", [True, False], ids=["opaque-port", "detect-timeout"])

@@ -14,35 +14,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tether.testing.backend import tcp_server
 from tether.testing.procs import ProxyProc, wait_for
 
 pytestmark = pytest.mark.integration
 
 MODES = {"zero-copy": "true", "copy": "false"}
-
-
-def tcp_server(handle: Callable[[socket.socket], None]) -> tuple[socket.socket, int]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-
-    def run() -> None:
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=_serve, args=(c,), daemon=True).start()
-
-    def _serve(c: socket.socket) -> None:
-        with c:
-            try:
-                handle(c)
-            except OSError:
-                pass
-
-    threading.Thread(target=run, daemon=True).start()
-    return srv, srv.getsockname()[1]
 
 
 def echo_until_eof(c: socket.socket) -> None:

@@ -21,6 +21,7 @@ import socketserver
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CHUNK = 64 * 1024
@@ -193,6 +194,32 @@ def start_in_thread(name: str = "backend", host: str = "127.0.0.1", port: int = 
     srv = BackendServer((host, port), name)
     threading.Thread(target=srv.serve_forever, daemon=True, name=f"backend-{name}").start()
     return srv
+
+
+def tcp_server(handle: Callable[[socket.socket], None]) -> tuple[socket.socket, int]:
+    """A loopback TCP server handing every accepted connection to ``handle`` on its own thread
+    (the connection is closed after it returns); close the returned socket to stop accepting."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def serve(c: socket.socket) -> None:
+        with c:
+            try:
+                handle(c)
+            except OSError:
+                pass
+
+    def run() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv, srv.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
