@@ -95,6 +95,8 @@ def _run_identity(args: argparse.Namespace) -> int:
     from tether.control.identity.server import IdentityController
     from tether.core.identity.certs import CertificateError
     from tether.core.identity.names import IdentityNameError, check_label, check_trust_domain
+    from tether.platform.local.tokens import LocalTokenValidator
+    from tether.platform.local.workloads import WorkloadRegistry
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper(), logging.INFO),
@@ -107,7 +109,7 @@ def _run_identity(args: argparse.Namespace) -> int:
     except IdentityNameError as e:
         raise CliError(str(e)) from None
     try:
-        controller = IdentityController(cfg)
+        controller = IdentityController(cfg, LocalTokenValidator(WorkloadRegistry(cfg.state_dir)))
     except (CertificateError, ValueError) as e:
         print(f"tether controller identity: refusing to start: {e}", file=sys.stderr)
         return 1
