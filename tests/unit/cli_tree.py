@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import click
 
-from tether.cli.main import cli
+from tether.cli.tree import cli
 
 
 def walk(cmd: click.Command = cli, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:

@@ -83,3 +83,45 @@ def test_help_is_for_operators_not_developers(capsys: pytest.CaptureFixture[str]
         text = help_text(path, capsys)
         for internal in ("Checker", "register_category", "CheckFailed", "identity_json", "IdentityClient", "``"):
             assert internal not in text, (path, internal)
+
+
+# -- `tether proxy` starts without click -----------------------------------------------------------
+
+SAMPLES = {
+    "DURATION": "250ms", "SIZE": "32Ki", "HOST:PORT": "127.0.0.1:5000", "PORTS": "25,4000-4001", "COUNT": "3",
+    "FRACTION": "0.25", "BOOL": "false", "SPEC": "info,tether=debug", "FORMAT": "json", "PATH": "/tmp/x",
+    "NAME": "web.default.serviceaccount.identity.linkerd.cluster.local", "HOST:PORT,...": "127.0.0.1:1,127.0.0.1:2",
+}
+
+
+def test_the_fast_path_reads_every_flag_as_click_does() -> None:
+    from tether.cli.proxy_cmd import command, config_from_flags, parse_fast
+
+    argv: list[str] = []
+    for i, (name, flag) in enumerate(FLAGS.items()):
+        value = SAMPLES[flag.metavar]
+        argv += [f"--{name.replace('_', '-')}={value}"] if i % 2 else [f"--{name.replace('_', '-')}", value]
+    fast = parse_fast(argv)
+    assert fast is not None and set(fast) == set(FLAGS)
+    ctx = command().make_context("proxy", list(argv))
+    assert config_from_flags(fast) == config_from_flags(ctx.params)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["--nope", "1"], ["--detect-timeout", "10x"], ["--idle-timeout"],
+                                  ["--log-level", "loud"], ["--log-format", "xml"], ["--", "x"], ["extra"]])
+def test_the_fast_path_leaves_help_and_errors_to_click(argv: list[str]) -> None:
+    from tether.cli.proxy_cmd import parse_fast
+
+    assert parse_fast(argv) is None
+
+
+def test_a_proxy_command_line_does_not_import_click() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from tether.cli import main, proxy_cmd; "
+            "assert proxy_cmd.parse_fast(['--admin-addr', '127.0.0.1:0', '--log-level', 'info']) is not None; "
+            "import tether.proxy.app; print('click' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"

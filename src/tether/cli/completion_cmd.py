@@ -20,7 +20,7 @@ def completion(shell: str) -> int:
     """
     from click.shell_completion import get_completion_class
 
-    from tether.cli.main import cli
+    from tether.cli.tree import cli
 
     cls = get_completion_class(shell)
     if cls is None:  # click knows all three; kept for a click without one

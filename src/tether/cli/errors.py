@@ -11,6 +11,7 @@ Exit codes (the same for every command, documented in ``tether --help``):
 
 from __future__ import annotations
 
+import sys
 from enum import IntEnum
 
 
@@ -29,11 +30,12 @@ class CliError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
-        # The command path ("tether identity create-issuer") when raised inside a command.
-        import click
-
-        ctx = click.get_current_context(silent=True)
-        self.command_path = ctx.command_path if ctx is not None else "tether"
+        # The command path ("tether identity create-issuer") when raised inside a click command.
+        self.command_path = ""
+        click = sys.modules.get("click")
+        if click is not None:
+            ctx = click.get_current_context(silent=True)
+            self.command_path = ctx.command_path if ctx is not None else ""
 
 
 class OutputClosed(Exception):

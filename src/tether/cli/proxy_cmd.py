@@ -3,19 +3,24 @@
 Every ProxyConfig field is a flag (``--inbound-addr``) and an environment variable
 (``TETHER_PROXY_INBOUND_ADDR``); flags win over the environment, which wins over defaults. The
 help line, unit and metavar of each flag live in ``FLAGS`` below (a test fails when a new
-ProxyConfig field has no entry). Values are parsed by ``ProxyConfig.set`` itself, at parse time,
+ProxyConfig field has no entry). Values are checked by ``ProxyConfig.set`` itself, at parse time,
 so a bad value is a usage error naming the flag before anything is bound.
+
+This module does not import click at the top: ``parse_fast`` reads a valid command line without
+it, so the sidecar does not carry the CLI framework in its memory (``command()`` builds the click
+command for help, completion and every error).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
-
-import click
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tether.cli.errors import CliError
 from tether.proxy.config import ConfigError, ProxyConfig, format_value
+
+if TYPE_CHECKING:
+    import click
 
 
 class Flag(NamedTuple):
@@ -84,35 +89,65 @@ def env_name(field: str) -> str:
     return "TETHER_PROXY_" + field.upper()
 
 
-class ConfigValue(click.ParamType):
-    """A ProxyConfig field's text, checked by the config's own parser; returned unchanged."""
+def check_value(field: str, text: str) -> str:
+    """Check a flag's text with the config's own parser (ConfigError naming the flag); returns it."""
+    ProxyConfig().set(field, text, flag_name(field))
+    if field == "log_level":
+        from tether.proxy.logging import LogSpecError, parse_spec
 
-    def __init__(self, field: str) -> None:
-        self.field = field
-        self.name = FLAGS[field].metavar.lower()
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        text = str(value)
         try:
-            ProxyConfig().set(self.field, text, flag_name(self.field))
-            if self.field == "log_level":
-                from tether.proxy.logging import LogSpecError, parse_spec
-
-                try:
-                    parse_spec(text)
-                except LogSpecError as e:
-                    raise ConfigError(str(e)) from None
-            if self.field == "log_format" and text not in ("plain", "json"):
-                raise ConfigError(f"{text!r} is not plain or json")
-        except ConfigError as e:
-            # The config's message starts with the flag name, which click prints already.
-            self.fail(str(e).removeprefix(flag_name(self.field) + ": "), param, ctx)
-        return text
+            parse_spec(text)
+        except LogSpecError as e:
+            raise ConfigError(f"{flag_name(field)}: {e}") from None
+    if field == "log_format" and text not in ("plain", "json"):
+        raise ConfigError(f"{flag_name(field)}: {text!r} is not plain or json")
+    return text
 
 
-def _options() -> list[click.Parameter]:
+_BY_FLAG = {flag_name(f): f for f in FLAGS}
+
+
+def parse_fast(argv: list[str]) -> dict[str, str] | None:
+    """``--flag VALUE`` / ``--flag=VALUE`` pairs, all known and valid, as {field: text}; None for
+    anything else (help, an unknown flag, a bad value), which click then parses and reports."""
+    values: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        field = _BY_FLAG.get(flag)
+        if field is None:
+            return None
+        if not eq:
+            if i + 1 >= len(argv):
+                return None
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        try:
+            values[field] = check_value(field, value)
+        except ConfigError:
+            return None
+    return values
+
+
+def command() -> click.Command:
+    """The click command: the same flags, for --help, completion and errors."""
+    import click
+
+    class ConfigValue(click.ParamType):
+        def __init__(self, field: str) -> None:
+            self.field = field
+            self.name = FLAGS[field].metavar.lower()
+
+        def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+            try:
+                return check_value(self.field, str(value))
+            except ConfigError as e:
+                # The config's message starts with the flag name, which click prints already.
+                self.fail(str(e).removeprefix(flag_name(self.field) + ": "), param, ctx)
+
     defaults = ProxyConfig()
-    opts: list[click.Parameter] = []
+    params: list[click.Parameter] = []
     for f in dataclasses.fields(ProxyConfig):
         if f.name in HIDDEN:
             continue
@@ -121,11 +156,19 @@ def _options() -> list[click.Parameter]:
         shown = [f"env var: {env_name(f.name)}"]
         if default is not None:
             shown.append(f"default: {format_value(f.name, default)}")
-        opts.append(click.Option(
+        params.append(click.Option(
             [flag_name(f.name), f.name], type=ConfigValue(f.name), metavar=flag.metavar, default=None,
             help=f"{flag.help} [{'; '.join(shown)}]",
         ))
-    return opts
+    return click.Command(
+        "proxy",
+        callback=lambda **values: run(values),
+        params=params,
+        help="Run the sidecar proxy: inbound, outbound and admin listeners.\n\n"
+        "Every flag can also be set by its environment variable; flags win. Durations read 500ms, 10s, 2m, 1h; "
+        "sizes 65536, 64Ki, 1Mi; ports 25,587,4000-4010.",
+        short_help="run the sidecar proxy",
+    )
 
 
 def config_from_flags(values: dict[str, str | None]) -> ProxyConfig:
@@ -140,7 +183,8 @@ def config_from_flags(values: dict[str, str | None]) -> ProxyConfig:
     return cfg
 
 
-def _run(**values: str | None) -> int:
+def run(values: dict[str, Any]) -> int:
+    """Build the config (defaults, environment, flags) and run the proxy until it stops."""
     cfg = config_from_flags(values)
     from tether.proxy import logging as proxy_logging
 
@@ -162,14 +206,3 @@ def _run(**values: str | None) -> int:
 
         # Most often a listener address already in use.
         raise OperationFailed(f"cannot start the proxy: {e}") from None
-
-
-proxy = click.Command(
-    "proxy",
-    callback=_run,
-    params=_options(),
-    help="Run the sidecar proxy: inbound, outbound and admin listeners.\n\n"
-    "Every flag can also be set by its environment variable; flags win. Durations read 500ms, 10s, 2m, 1h; "
-    "sizes 65536, 64Ki, 1Mi; ports 25,587,4000-4010.",
-    short_help="run the sidecar proxy",
-)
