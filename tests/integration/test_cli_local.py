@@ -57,7 +57,7 @@ def test_identity_of_a_registered_workload(mesh: LocalMesh) -> None:
 def test_check_and_check_proxy_pass_on_a_healthy_mesh(mesh: LocalMesh) -> None:
     r = tether("check", state=mesh.state)
     assert r.returncode == 0, r.stdout
-    assert "\u221a control plane pods are ready" in r.stdout
+    assert "\u221a control plane processes are ready" in r.stdout
     assert "\u221a issuer cert is issued by the trust anchor" in r.stdout
     assert "linkerd-data-plane" not in r.stdout
     r = tether("check", "--proxy", "-o", "json", state=mesh.state)

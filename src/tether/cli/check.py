@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from tether import __version__
 from tether.cli.errors import OperationFailed
 from tether.cli.output import dump, output_option
-from tether.cli.params import POSITIVE_DURATION, state_dir_option
+from tether.cli.params import DNS_LABEL, POSITIVE_DURATION, state_dir_option
 
 HINT_BASE = "https://linkerd.io/2/checks/#"
 # Linkerd's marks; spelled as escapes so no reader mistakes them for letters.
@@ -141,8 +141,11 @@ def _print(out: TextIO, o: Outcome) -> None:
     if o.error is not None:
         for line in o.error.splitlines():
             out.write(f"    {line}\n")
-        if o.checker.hint:
-            out.write(f"    see {_hint_url(o.checker.hint)} for hints\n")
+        hint = _hint_url(o.checker.hint)
+        if hint.startswith("https://"):
+            out.write(f"    see {hint} for hints\n")
+        elif hint:
+            out.write(f"    hint: {hint}\n")
 
 
 def json_result(categories: list[Category], outcomes: list[Outcome], ok: bool) -> dict[str, Any]:
@@ -220,9 +223,11 @@ EXISTENCE = Category(
     "linkerd-existence",
     (
         Checker("control plane is recorded in the state directory", _cp_recorded,
-                "l5d-existence-replicasets", fatal=True),
-        Checker("control plane pods are running", _cp_running, "l5d-existence-unschedulable-pods", fatal=True),
-        Checker("control plane pods are ready", _cp_ready, "l5d-api-control-ready"),
+                "start it with `tether controller identity --state-dir STATE_DIR`", fatal=True),
+        Checker("control plane processes are running", _cp_running,
+                "its log says why it stopped; restart it with the same --state-dir", fatal=True),
+        Checker("control plane processes are ready", _cp_ready,
+                "an identity service is ready once it serves with a valid issuer: see its log"),
     ),
 )
 
@@ -532,7 +537,7 @@ DATA_PLANE = Category(
     "linkerd-data-plane",
     (
         Checker("data plane proxies are registered with their admin addresses", _dp_found,
-                "l5d-data-plane-exists", fatal=True),
+                "`tether workload register NAME --proxy-admin HOST:PORT`", fatal=True),
         Checker("data plane proxies are ready", _dp_ready, "l5d-data-plane-ready"),
         Checker("data plane proxies and cli versions match", _dp_versions, "l5d-data-plane-cli-version",
                 warning=True),
@@ -576,7 +581,7 @@ def _check_category(ctx: click.Context, param: click.Parameter, value: tuple[str
 @click.option("--proxy", is_flag=True, help="also check the data plane: every registered workload's proxy")
 @click.option("--category", "categories", multiple=True, callback=_check_category, metavar="NAME",
               help="run only this category (repeatable; the names are listed above)")
-@click.option("-n", "--namespace", help="with --proxy: only this namespace's workloads  [default: all]")
+@click.option("-n", "--namespace", type=DNS_LABEL, help="with --proxy: only this namespace's workloads  [default: all]")
 @state_dir_option
 @click.option("--identity-issuer-dir", type=click.Path(file_okay=False),
               help="issuer directory (tls.crt and ca.crt, or crt.pem)  [default: the running identity "

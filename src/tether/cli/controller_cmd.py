@@ -14,7 +14,14 @@ import click
 
 from tether import __version__
 from tether.cli.errors import CliError, OperationFailed
-from tether.cli.params import ADDRESS, DURATION, POSITIVE_DURATION, control_plane_options, state_dir_option
+from tether.cli.params import (
+    ADDRESS,
+    DNS_LABEL,
+    DURATION,
+    POSITIVE_DURATION,
+    control_plane_options,
+    state_dir_option,
+)
 
 log = logging.getLogger("tether.controller")
 
@@ -64,13 +71,14 @@ def configure_logging(level: str, fmt: str) -> None:
               help="how often the issuer files are checked for changes")
 @state_dir_option
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              metavar="PER-SECOND",
               help="Certify calls per second allowed per caller")
-@click.option("--burst", type=click.IntRange(min=1), default=20, show_default=True,
+@click.option("--burst", type=click.IntRange(min=1), default=20, show_default=True, metavar="COUNT",
               help="Certify calls a caller may make at once above --rate")
 @click.option("--tls", is_flag=True,
               help="serve gRPC over TLS with a certificate issued to --identity-service-account "
               "(proxies verify it against their trust anchors)")
-@click.option("--identity-service-account", default="linkerd-identity", show_default=True,
+@click.option("--identity-service-account", type=DNS_LABEL, default="linkerd-identity", show_default=True,
               help="this service's own service account (its TLS identity)")
 @log_options
 def identity(addr: tuple[str, int], admin_addr: tuple[str, int], controller_namespace: str, trust_domain: str,

@@ -30,9 +30,9 @@ class Column:
 
 def output_option(formats: Sequence[str] = FORMATS, default: str = "table") -> Callable[[F], F]:
     """The ``-o/--output`` flag, limited to ``formats``."""
-    descriptions = {"table": "a table", "wide": "a table with more columns", "json": "JSON", "yaml": "YAML",
-                    "text": "text"}
-    shown = ", ".join(f"{f} ({descriptions[f]})" for f in formats)
+    notes = {"wide": "wide (the table with more columns)"}
+    names = [notes.get(f, f) for f in formats]
+    shown = ", ".join(names[:-1]) + " or " + names[-1]
     return click.option(
         "-o", "--output", type=click.Choice(list(formats)), default=default, show_default=True,
         help=f"output format: {shown}",
