@@ -125,3 +125,24 @@ def test_a_proxy_command_line_does_not_import_click() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_the_command_list_is_each_commands_own_short_help() -> None:
+    import click
+
+    from tether.cli.tree import COMMANDS, cli
+
+    ctx = click.Context(cli, info_name="tether")
+    for name, entry in COMMANDS.items():
+        cmd = cli.get_command(ctx, name)
+        assert cmd is not None and cmd.get_short_help_str(limit=200) == entry.help, name
+
+
+def test_top_level_help_imports_no_command_module() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from tether.cli.main import main; main(['--help']); "
+            "print(sorted(m for m in sys.modules if m.endswith('_cmd') or m == 'tether.cli.check'), file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.strip() == "[]", r.stderr

@@ -12,7 +12,7 @@ goldens (``TETHER_UPDATE_GOLDEN=1 pytest tests/unit/test_cli_help.py``). Use the
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 
@@ -21,19 +21,29 @@ from tether.cli.errors import OutputClosed
 
 __all__ = ["COMMANDS", "cli"]
 
-# name -> (module, attribute): the attribute is a click command, or a function returning one.
+class Lazy(NamedTuple):
+    module: str
+    attr: str  # a click command, or a function returning one
+    help: str  # the one-line help `tether --help` lists (a test checks it is the command's own)
+
+
 # Running a command imports only its module, so one command does not carry the libraries of the
-# others (and `tether proxy` with valid flags does not even import click: see tether.cli.main).
-COMMANDS: dict[str, tuple[str, str]] = {
-    "check": ("tether.cli.check", "check"),
-    "completion": ("tether.cli.completion_cmd", "completion"),
-    "controller": ("tether.cli.controller_cmd", "controller"),
-    "demo": ("tether.cli.demo_cmd", "demo"),
-    "identity": ("tether.cli.identity_cmd", "identity"),
-    "proxy": ("tether.cli.proxy_cmd", "command"),
-    "proxy-init": ("tether.cli.proxy_init_cmd", "proxy_init"),
-    "version": ("tether.cli.version_cmd", "version"),
-    "workload": ("tether.cli.workload_cmd", "workload"),
+# others, and `tether --help` imports none (`tether proxy` with valid flags does not even import
+# click: see tether.cli.main).
+COMMANDS: dict[str, Lazy] = {
+    "check": Lazy("tether.cli.check", "check", "check the installation and, with --proxy, the data plane"),
+    "completion": Lazy("tether.cli.completion_cmd", "completion",
+                       "print the shell completion script for bash, zsh or fish"),
+    "controller": Lazy("tether.cli.controller_cmd", "controller", "run a control-plane service"),
+    "demo": Lazy("tether.cli.demo_cmd", "demo",
+                 "run a local two-proxy mesh with a demo app and show its golden metrics"),
+    "identity": Lazy("tether.cli.identity_cmd", "identity", "show a proxy's certificate; create and rotate CAs"),
+    "proxy": Lazy("tether.cli.proxy_cmd", "command", "run the sidecar proxy"),
+    "proxy-init": Lazy("tether.cli.proxy_init_cmd", "proxy_init",
+                       "install iptables rules redirecting a pod's TCP through its proxy"),
+    "version": Lazy("tether.cli.version_cmd", "version", "print the client, control-plane and proxy versions"),
+    "workload": Lazy("tether.cli.workload_cmd", "workload",
+                     "register, list and remove local workloads and their bootstrap tokens"),
 }
 
 EPILOG = """\b
@@ -52,7 +62,7 @@ CONTEXT_SETTINGS: dict[str, Any] = {
 class LazyGroup(click.Group):
     """A group whose subcommands are imported only when invoked (or listed by help/completion)."""
 
-    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lazy: dict[str, Lazy] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy = dict(lazy or {})
 
@@ -67,7 +77,7 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.lazy:
-            module, attr = self.lazy[cmd_name]
+            module, attr, _ = self.lazy[cmd_name]
             cmd = getattr(importlib.import_module(module), attr)
             if not isinstance(cmd, click.Command) and callable(cmd):
                 cmd = cmd()
@@ -75,6 +85,12 @@ class LazyGroup(click.Group):
                 raise TypeError(f"{module}.{attr} is not a click command")
             return cmd
         return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from the table: help does not import every command's module."""
+        rows = [(name, entry.help) for name, entry in sorted(self.lazy.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(
