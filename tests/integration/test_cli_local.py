@@ -19,7 +19,7 @@ from tether import __version__
 from tether.core.identity.names import DEFAULT_CONTROL_PLANE_NS
 from tether.platform.local.controlplane import read_records
 from tether.testing.mesh import LocalMesh
-from tether.testing.procs import Proc, free_port, wait_for
+from tether.testing.procs import Proc, ProxyProc, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +52,11 @@ def test_identity_of_a_registered_workload(mesh: LocalMesh) -> None:
     doc = json.loads(tether("identity", "web", "-o", "json", state=mesh.state).stdout)
     assert doc["ready"] is True and doc["workload"] == "default/web"
     assert doc["certificates"][0]["uris"] == ["spiffe://cluster.local/ns/default/sa/web"]
+
+
+def test_the_proxy_logs_its_admin_address(mesh: LocalMesh) -> None:
+    proxy = next(p for p in mesh.procs if isinstance(p, ProxyProc))
+    assert f"INFO tether.proxy.app: admin listener on 127.0.0.1:{proxy.admin_port}" in proxy.log()
 
 
 def test_check_and_check_proxy_pass_on_a_healthy_mesh(mesh: LocalMesh) -> None:
