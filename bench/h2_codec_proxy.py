@@ -15,7 +15,7 @@ import time
 
 import uvloop
 
-from tether.proxy.config import ProxyConfig
+from tether.proxy.config import ProxyConfig, h2_settings
 from tether.proxy.http.body import BytesBody, read_all
 from tether.proxy.http.h2client import H2ClientConnection
 from tether.proxy.http.h2server import H2ServerProtocol
@@ -86,7 +86,7 @@ async def service(req: Request) -> Response:
 
 async def run(n: int) -> float:
     loop = asyncio.get_running_loop()
-    cfg = ProxyConfig()
+    cfg = h2_settings(ProxyConfig())
     ts, tc = Link(loop), Link(loop)
     ts.peer, tc.peer = tc, ts
     server = H2ServerProtocol(service, Connection("inbound", ("10.0.0.1", 1), ("10.0.0.2", 2)), cfg)

@@ -28,6 +28,8 @@ from types import ModuleType
 # The hot path, in dependency order. Adding a module here makes the build compile it.
 NATIVE_MODULES: tuple[str, ...] = (
     "tether.core.http.h1",
+    "tether.core.http.authority",
+    "tether.core.http.classify",
     "tether.core.http.hpack",
     "tether.core.http.h2frames",
     "tether.core.http.h2headers",
@@ -43,13 +45,14 @@ NATIVE_MODULES: tuple[str, ...] = (
     "tether.proxy.http.h2conn",
     "tether.proxy.http.h2server",
     "tether.proxy.http.h2client",
-    "tether.proxy.layers.errors",
+    "tether.proxy.layers.rescue",
     "tether.proxy.layers.connect_retry",
     "tether.proxy.layers.timeout",
     "tether.proxy.layers.metrics",
     "tether.proxy.balancer",
     "tether.proxy.endpoint",
-    "tether.proxy.outbound",
+    "tether.proxy.cache",
+    "tether.proxy.outbound.router",
 )
 
 PURE_ENV = "TETHER_PURE_PYTHON"

@@ -17,7 +17,7 @@ import pytest
 
 from tether.core.discovery.endpoints import Addr, Endpoint
 from tether.proxy.balancer import Balancer
-from tether.proxy.config import ProxyConfig
+from tether.proxy.config import ProxyConfig, balancer_settings
 from tether.proxy.discovery import StaticDiscovery, feed
 from tether.proxy.errors import FailFastError, ProxyError, UpstreamError
 from tether.proxy.http.body import BytesBody, read_all
@@ -103,7 +103,7 @@ def make_balancer(**cfg: object) -> Balancer:
     config = ProxyConfig()
     for k, v in cfg.items():
         setattr(config, k, v)
-    return Balancer(lambda ep: TinyClient(ep.addr), config, name="web.test:80")
+    return Balancer(lambda ep: TinyClient(ep.addr), balancer_settings(config), name="web.test:80")
 
 
 async def get(lb: Balancer) -> str:
@@ -253,7 +253,7 @@ def test_static_discovery_feeds_the_balancer(tmp_path: Path) -> None:
         lb = make_balancer(failfast_timeout=5.0)
         try:
             async with asyncio.TaskGroup() as tg:
-                feeder = tg.create_task(feed(watch, lb))
+                feeder = tg.create_task(feed(watch.endpoints.subscribe(), lb))
                 assert await get(lb) == "a"  # waits for the snapshot, well within fail-fast
                 tmp = tmp_path / "destinations.yaml.new"
                 tmp.write_text(f'destinations: {{"web.test:80": ["127.0.0.1:{b.port}"]}}\n')

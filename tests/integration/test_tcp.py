@@ -41,7 +41,7 @@ def mode(request: pytest.FixtureRequest) -> str:
 def tcp_proxy(proxies, mode: str) -> Iterator[Callable[[int], ProxyProc]]:  # type: ignore[no-untyped-def]
     def start(app_port: int) -> ProxyProc:
         return proxies("tcp", inbound_app_addr=f"127.0.0.1:{app_port}", opaque_ports=str(app_port),
-                       tcp_zero_copy=MODES[mode], log_level="warn,tether.proxy.app=debug")
+                       tcp_zero_copy=MODES[mode], log_level="warn,tether.proxy.server=debug")
 
     yield start
 

@@ -11,50 +11,21 @@ import pytest
 
 from tether.core.discovery.endpoints import Endpoint
 from tether.proxy.balancer import Balancer
-from tether.proxy.config import ProxyConfig
+from tether.proxy.config import ProxyConfig, balancer_settings
 from tether.proxy.errors import ConnectError, FailFastError, LoadShedError, ProxyError, UpstreamError
 from tether.proxy.http.body import PipeBody, read_all
 from tether.proxy.http.message import Request, Response
+from tether.testing.fakes import FakeClock, FakeService, until
+
+Clock = FakeClock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
+class FakeEndpoint(FakeService):
+    """A scripted endpoint service (see FakeService), remembering its endpoint."""
 
-    def __call__(self) -> float:
-        return self.t
-
-
-Behaviour = Callable[["FakeEndpoint", Request], Awaitable[Response]]
-
-
-class FakeEndpoint:
-    """A scripted endpoint service: ``delay`` advances the fake clock; ``fail`` raises or 5xx's."""
-
-    def __init__(self, ep: Endpoint, clock: Clock) -> None:
+    def __init__(self, ep: Endpoint, clock: FakeClock) -> None:
+        super().__init__(clock, str(ep))
         self.ep = ep
-        self.clock = clock
-        self.calls = 0
-        self.delay = 0.001
-        self.status = 200
-        self.error: Exception | None = None
-        self.gate: asyncio.Event | None = None  # when set, calls block until it is set
-        self.closed = False
-        self.response: Callable[[], Response] | None = None
-
-    async def __call__(self, req: Request) -> Response:
-        self.calls += 1
-        if self.gate is not None:
-            await self.gate.wait()
-        self.clock.t += self.delay
-        if self.error is not None:
-            raise self.error
-        if self.response is not None:
-            return self.response()
-        return Response(self.status)
-
-    async def aclose(self) -> None:
-        self.closed = True
 
 
 class Harness:
@@ -65,7 +36,8 @@ class Harness:
             setattr(self.config, k, v)
         self.services: dict[str, FakeEndpoint] = {}
         self.built: list[FakeEndpoint] = []
-        self.lb = Balancer(self.make, self.config, name="web:80", clock=self.clock, rng=random.Random(1))
+        self.lb = Balancer(self.make, balancer_settings(self.config), name="web:80", clock=self.clock,
+                           rng=random.Random(1))
         self.eps = [Endpoint.of(f"10.0.0.{i + 1}:80") for i in range(n)]
         self.lb.update(add=self.eps)
 
@@ -100,13 +72,6 @@ def run(coro: Awaitable[None]) -> None:
     asyncio.run(main())
 
 
-async def until(cond: Callable[[], bool], steps: int = 100_000) -> None:
-    """Yield to the loop until ``cond()`` holds (bounded: fails instead of hanging)."""
-    for _ in range(steps):
-        if cond():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition not reached")
 
 
 def test_the_faster_endpoint_gets_most_requests() -> None:
@@ -392,11 +357,8 @@ def test_metadata_updates_keep_or_rebuild_the_client() -> None:
         assert len(h.built) == 2
         await asyncio.sleep(0)
         assert first.closed
-        req = Request(b"GET", b"/", b"web:80")
-        await h.lb(req)
-        assert req.extensions["endpoint"] == Endpoint.of(
-            "10.0.0.1:80", identity="web.ns.serviceaccount.identity.l5d"
-        )
+        await h.lb(Request(b"GET", b"/", b"web:80"))
+        assert h.built[1].calls == 1 and first.calls == 0  # the rebuilt client served it
         await h.lb.aclose()
         assert h.built[1].closed
 

@@ -200,7 +200,7 @@ def test_env_json_has_no_python_reprs() -> None:
 
 def test_env_json_reads_back_to_the_same_config() -> None:
     cfg = ProxyConfig()
-    for name, text in (("response_timeout", "1500ms"), ("retry_max_body", "1Mi"), ("idle_timeout", "2m"),
+    for name, text in (("response_timeout", "1500ms"), ("body_buffer_high", "1Mi"), ("idle_timeout", "2m"),
                        ("identity_name", "web.default.serviceaccount.identity.linkerd.cluster.local"),
                        ("admin_addr", "[::1]:4191")):
         cfg.set(name, text, name)
@@ -210,7 +210,7 @@ def test_env_json_reads_back_to_the_same_config() -> None:
 
 @pytest.mark.parametrize(("flag", "value", "field", "expected"), [
     ("--max-header-bytes", "32Ki", "max_header_bytes", 32768),
-    ("--retry-max-body", "1Mi", "retry_max_body", 1 << 20),
+    ("--body-buffer-high", "1Mi", "body_buffer_high", 1 << 20),
     ("--detect-timeout", "500ms", "detect_timeout", 0.5),
     ("--idle-timeout", "2m", "idle_timeout", 120.0),
 ])

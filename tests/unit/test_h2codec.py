@@ -12,13 +12,14 @@ from collections.abc import Awaitable, Callable
 import pytest
 from h2.errors import ErrorCodes
 
-from tether.proxy.config import ProxyConfig
+from tether.proxy.config import ProxyConfig, h2_settings
 from tether.proxy.http.body import Body, BodyError, BytesBody, PipeBody, read_all
 from tether.proxy.http.h2client import H2ClientConnection
 from tether.proxy.http.h2codec import H2ClientCodec, H2ConnectionClosed, H2ServerCodec, H2StreamReset
 from tether.proxy.http.h2conn import goaway_frame
 from tether.proxy.http.h2server import H2ServerProtocol
 from tether.proxy.http.message import Connection, Request, Response
+from tether.testing.fakes import until
 
 
 def async_test(fn: Callable[[], Awaitable[None]]) -> Callable[[], None]:
@@ -105,7 +106,7 @@ def pair(
     handler: Handler, config: ProxyConfig | None = None, max_pending: int | None = None
 ) -> tuple[H2ServerProtocol, H2ClientConnection, FakeTransport]:
     loop = asyncio.get_running_loop()
-    cfg = config or ProxyConfig()
+    cfg = h2_settings(config or ProxyConfig())
     ts, tc = FakeTransport(loop), FakeTransport(loop)
     ts.peer, tc.peer = tc, ts
     server = H2ServerProtocol(handler, Connection("inbound", ("10.0.0.1", 1), ("10.0.0.2", 2)), cfg)
@@ -121,12 +122,6 @@ async def settle(rounds: int = 200) -> None:
         await asyncio.sleep(0)
 
 
-async def until(cond: Callable[[], bool], what: str, rounds: int = 5000) -> None:
-    for _ in range(rounds):
-        if cond():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never happened: {what}")
 
 
 class CountingBody(Body):
@@ -398,7 +393,7 @@ async def test_initial_bytes_handover_after_detection() -> None:
     async def handler(r: Request) -> Response:
         return Response(204)
 
-    cfg = ProxyConfig()
+    cfg = h2_settings(ProxyConfig())
     ts, tc = FakeTransport(loop), FakeTransport(loop)
     ts.peer, tc.peer = tc, ts
     client = H2ClientConnection(cfg)
@@ -510,7 +505,7 @@ async def test_protocol_error_from_peer_is_a_goaway_not_an_exception() -> None:
 
     loop = asyncio.get_running_loop()
     ts = FakeTransport(loop)
-    server = H2ServerProtocol(handler, Connection("inbound", ("a", 1), ("b", 2)), ProxyConfig())
+    server = H2ServerProtocol(handler, Connection("inbound", ("a", 1), ("b", 2)), h2_settings(ProxyConfig()))
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
     # DATA with a pad length longer than the frame: PROTOCOL_ERROR (a FrameError inside the parser).
     server.start(ts, preface + b"\x00\x00\x02\x00\x08\x00\x00\x00\x01\x05x")

@@ -14,7 +14,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tether.control.identity.credentials import CredentialPaths, FileIssuer
-from tether.control.identity.local_tokens import LocalTokenValidator
 from tether.control.identity.ratelimit import RateLimiter
 from tether.control.identity.service import (
     IdentityService,
@@ -30,6 +29,7 @@ from tether.core.identity.certs import CertificateError
 from tether.core.identity.csr import build_csr, generate_key
 from tether.core.identity.issuance import IssuancePolicy
 from tether.core.identity.names import WorkloadIdentity
+from tether.platform.local.tokens import LocalTokenValidator
 from tether.platform.local.workloads import InvalidToken, Workload, WorkloadRegistry
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)

@@ -9,17 +9,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tether.proxy.http.body import BodyError, BytesBody, EmptyBody, PipeBody
-from tether.proxy.http.message import Connection, Request, Response
-from tether.proxy.layers.metrics import HttpMetricsService
+from tether.proxy.http.message import Connection, Request, Response, Service
+from tether.proxy.layers.metrics import EndpointMeter, HttpMetricsService, InboundHttpMetrics
 from tether.proxy.metrics import MetricsRegistry
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tether.proxy.targets import InboundTarget
+from tether.testing.fakes import FakeClock
 
 
 def scrape(reg: MetricsRegistry) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -34,12 +28,17 @@ def responses(reg: MetricsRegistry) -> list[dict[str, str]]:
     return [{**labels, "n": str(int(v))} for labels, v in scrape(reg).get("response_total", [])]
 
 
-def request(**ext: object) -> Request:
+def request(authority: bytes = b"web.ns:8080") -> Request:
     conn = Connection(direction="inbound", peer=("10.0.0.9", 5555), local=("0.0.0.0", 4143))
     conn.orig_dst = ("10.0.0.1", 8080)
-    req = Request(method=b"GET", path=b"/", authority=b"web.ns:8080", conn=conn)
-    req.extensions.update(ext)
-    return req
+    return Request(method=b"GET", path=b"/", authority=authority, conn=conn)
+
+
+def InboundMetrics(inner: Service, reg: MetricsRegistry, clock: FakeClock | None = None) -> InboundHttpMetrics:
+    """The inbound metrics layer of the target the test requests go to."""
+    if clock is None:
+        return InboundHttpMetrics(inner, reg, InboundTarget(("10.0.0.1", 8080)))
+    return InboundHttpMetrics(inner, reg, InboundTarget(("10.0.0.1", 8080)), clock=clock)
 
 
 def run(coro: object) -> object:
@@ -53,11 +52,11 @@ def test_counts_request_latency_and_response_with_conn_labels() -> None:
     upstream = PipeBody(None)
 
     async def inner(req: Request) -> Response:
-        clock.now += 0.0042  # 4.2 ms to the response head
+        clock.t += 0.0042  # 4.2 ms to the response head
         upstream.feed(b"hello")
         return Response(200, body=upstream)
 
-    svc = HttpMetricsService(inner, reg, clock=clock)
+    svc = InboundMetrics(inner, reg, clock)
 
     async def main() -> None:
         rsp = await svc(request())
@@ -80,31 +79,41 @@ def test_counts_request_latency_and_response_with_conn_labels() -> None:
     assert responses(reg) == [{**labels, "status_code": "200", "classification": "success", "n": "1"}]
 
 
-def test_extensions_override_labels_and_prebound_series_wins() -> None:
+def test_the_serving_endpoints_series_wins_else_the_targets() -> None:
+    reg = MetricsRegistry(process_metrics=False)
+
+    async def endpoint(req: Request) -> Response:
+        return Response(204)
+
+    async def no_endpoint(req: Request) -> Response:
+        return Response(503)
+
+    bound = reg.http("outbound", ("10.9.9.9", 80), authority="logical.svc:80", tls=True, server_id="peer.id",
+                     extra=(("dst_namespace", "ns"),))
+    logical = reg.http("outbound", None, authority="logical.svc:80")
+    run(HttpMetricsService(EndpointMeter(endpoint, bound), logical)(request()))
+    run(HttpMetricsService(no_endpoint, logical)(request()))
+    reqs = {lb.get("target_ip", ""): lb for lb, _ in scrape(reg)["request_total"]}
+    assert reqs["10.9.9.9"]["tls"] == "true"
+    assert reqs["10.9.9.9"]["server_id"] == "peer.id"
+    assert reqs["10.9.9.9"]["dst_namespace"] == "ns"
+    # Failed before any endpoint: counted against the logical destination, without an address.
+    assert reqs[""]["authority"] == "logical.svc:80"
+    codes = {(lb.get("target_ip", ""), lb["status_code"]) for lb, _ in scrape(reg)["response_total"]}
+    assert codes == {("10.9.9.9", "204"), ("", "503")}
+
+
+def test_inbound_authorities_are_one_series_per_service() -> None:
     reg = MetricsRegistry(process_metrics=False)
 
     async def inner(req: Request) -> Response:
-        return Response(204)
+        return Response(200)
 
-    svc = HttpMetricsService(inner, reg)
-    run(
-        svc(
-            request(
-                authority="logical.svc:80",
-                target_addr=("10.9.9.9", 80),
-                server_id="peer.id",
-                metrics_labels=(("dst_namespace", "ns"),),
-            )
-        )
-    )
-    bound = reg.http("outbound", None, authority="prebound")
-    run(svc(request(metrics=bound)))
-    reqs = {lb["authority"]: lb for lb, _ in scrape(reg)["request_total"]}
-    assert reqs["logical.svc:80"]["target_ip"] == "10.9.9.9"
-    assert reqs["logical.svc:80"]["tls"] == "true"
-    assert reqs["logical.svc:80"]["server_id"] == "peer.id"
-    assert reqs["logical.svc:80"]["dst_namespace"] == "ns"
-    assert "prebound" in reqs
+    svc = InboundMetrics(inner, reg)
+    for authority in (b"Web.NS", b"web.ns:80", b"web.ns."):
+        run(svc(Request(method=b"GET", path=b"/", authority=authority)))
+    [(labels, n)] = scrape(reg)["request_total"]
+    assert (labels["authority"], n) == ("web.ns:80", 3)
 
 
 def test_5xx_is_failure() -> None:
@@ -113,7 +122,7 @@ def test_5xx_is_failure() -> None:
     async def inner(req: Request) -> Response:
         return Response(502)
 
-    run(HttpMetricsService(inner, reg)(request()))
+    run(InboundMetrics(inner, reg)(request()))
     [r] = responses(reg)
     assert (r["status_code"], r["classification"]) == ("502", "failure")
 
@@ -128,7 +137,7 @@ def test_grpc_status_from_trailers_classifies_at_end_of_stream() -> None:
         return Response(200, headers=[(b"content-type", b"application/grpc")], body=body)
 
     async def main() -> None:
-        rsp = await HttpMetricsService(inner, reg)(request())
+        rsp = await InboundMetrics(inner, reg)(request())
         while await rsp.body.read():
             pass
         assert rsp.body.trailers == [(b"grpc-status", b"14"), (b"grpc-message", b"unavailable")]
@@ -152,8 +161,8 @@ def test_grpc_trailers_only_and_ok() -> None:
         )
 
     async def main() -> None:
-        await HttpMetricsService(trailers_only, reg)(request())
-        rsp = await HttpMetricsService(ok, reg)(request())
+        await InboundMetrics(trailers_only, reg)(request())
+        rsp = await InboundMetrics(ok, reg)(request())
         while await rsp.body.read():
             pass
 
@@ -169,7 +178,7 @@ def test_inner_error_counts_failure_without_status_and_reraises() -> None:
         raise ConnectionResetError("upstream reset")
 
     with pytest.raises(ConnectionResetError):
-        run(HttpMetricsService(inner, reg)(request()))
+        run(InboundMetrics(inner, reg)(request()))
     [r] = responses(reg)
     assert "status_code" not in r
     assert (r["classification"], r["error"]) == ("failure", "unexpected")
@@ -190,18 +199,18 @@ def test_body_error_and_dropped_body_count_once() -> None:
         return Response(200, body=body)
 
     async def main() -> None:
-        rsp = await HttpMetricsService(failing, reg)(request(authority="failing"))
+        rsp = await InboundMetrics(failing, reg)(request(b"failing"))
         assert await rsp.body.read() == b"partial"
         with pytest.raises(BodyError):
             await rsp.body.read()
         rsp.body.discard()  # a second ending does not count again
-        rsp2 = await HttpMetricsService(streaming, reg)(request(authority="dropped"))
+        rsp2 = await InboundMetrics(streaming, reg)(request(b"dropped"))
         del rsp2  # never read nor discarded
         gc.collect()
 
     run(main())
     got = sorted((r["authority"], r["classification"], r["error"], r["n"]) for r in responses(reg))
-    assert got == [("dropped", "failure", "canceled", "1"), ("failing", "failure", "body", "1")]
+    assert got == [("dropped:80", "failure", "canceled", "1"), ("failing:80", "failure", "body", "1")]
 
 
 def test_empty_body_counted_at_once() -> None:
@@ -210,7 +219,7 @@ def test_empty_body_counted_at_once() -> None:
     async def inner(req: Request) -> Response:
         return Response(304, body=EmptyBody())
 
-    rsp = run(HttpMetricsService(inner, reg)(request()))
+    rsp = run(InboundMetrics(inner, reg)(request()))
     assert isinstance(rsp, Response) and type(rsp.body) is EmptyBody
     [r] = responses(reg)
     assert (r["status_code"], r["classification"]) == ("304", "success")
@@ -225,7 +234,7 @@ def test_trailers_are_live_and_a_fully_arrived_body_ends_well_when_dropped() -> 
         return Response(200, headers=[(b"content-type", b"application/grpc")], body=upstream)
 
     async def main() -> None:
-        rsp = await HttpMetricsService(inner, reg)(request())
+        rsp = await InboundMetrics(inner, reg)(request())
         assert rsp.body.trailers is None and not rsp.body.is_end_known()
         upstream.finish(trailers=[(b"grpc-status", b"0")])
         # An HTTP/2 writer checks trailers before reading the end: they show through the wrapper.

@@ -33,7 +33,7 @@ def test_loads_and_resolves_authorities(tmp_path: Path) -> None:
     write(f, GOOD)
     d = StaticDiscovery(str(f))
     assert d.authorities == ["empty.default.svc.cluster.local:80", "web.default.svc.cluster.local:80"]
-    eps = d.resolve(b"web.default.svc.cluster.local")  # default port 80
+    eps = d.resolve_now(b"web.default.svc.cluster.local")  # default port 80
     assert eps is not None
     assert eps.get(("10.0.0.2", 8080)) == Endpoint.of(
         "10.0.0.2:8080",
@@ -43,7 +43,7 @@ def test_loads_and_resolves_authorities(tmp_path: Path) -> None:
         protocol_hint="h2",
         labels={"pod": "web-2"},
     )
-    assert d.resolve("empty.default.svc.cluster.local:80") == EndpointSet()
+    assert d.resolve_now("empty.default.svc.cluster.local:80") == EndpointSet()
     assert d.watch("unknown.example.com:80") is None
     assert d.watch("web.default.svc.cluster.local:8080") is None
 
@@ -109,24 +109,26 @@ class FakeFile:
 def test_reload_on_change_updates_watches_and_keeps_last_good_on_error() -> None:
     f = FakeFile('destinations: {"web:80": ["10.0.0.1:80"]}')
     d = f.discovery()
-    w = d.watch("web:80")
-    assert w is not None
+    resolved = d.watch("web:80")
+    assert resolved is not None
+    w = resolved.endpoints
     assert not d.check()  # unchanged
     f.change('destinations: {"web:80": ["10.0.0.1:80", "10.0.0.2:80"]}')
     assert d.check()
-    assert w.endpoints.addrs == {("10.0.0.1", 80), ("10.0.0.2", 80)}
+    assert w.state.addrs == {("10.0.0.1", 80), ("10.0.0.2", 80)}
     f.change('destinations: {"web:80": [{addr: "10.0.0.3:80", weight: -1}]}')
     assert not d.check()
     assert d.last_error is not None and "fake.yaml" in d.last_error and "weight" in d.last_error
-    assert w.endpoints.addrs == {("10.0.0.1", 80), ("10.0.0.2", 80)}  # last good kept
+    assert w.state.addrs == {("10.0.0.1", 80), ("10.0.0.2", 80)}  # last good kept
     assert d.reload_errors_total == 1
     assert not d.check()  # the same bad version is not re-parsed or re-logged
     assert d.reload_errors_total == 1
     f.change("destinations: {}")
     assert d.check()
     assert d.last_error is None
-    assert len(w.endpoints) == 0  # dropped from the file: the watch stays, empty
-    assert d.watch("web:80") is w
+    assert len(w.state) == 0  # dropped from the file: the watch stays, empty
+    again = d.watch("web:80")
+    assert again is not None and again.endpoints is w
 
 
 def test_real_file_changes_are_detected(tmp_path: Path) -> None:
@@ -137,11 +139,12 @@ def test_real_file_changes_are_detected(tmp_path: Path) -> None:
     write(tmp, 'destinations: {"web:80": ["10.0.0.2:80"]}')
     tmp.replace(f)  # an atomic rename, as config managers write files
     assert d.check()
-    assert d.resolve("web:80") == EndpointSet([Endpoint.of("10.0.0.2:80")])
+    assert d.resolve_now("web:80") == EndpointSet([Endpoint.of("10.0.0.2:80")])
 
 
 class Sink:
     def __init__(self) -> None:
+        self.snapshots: list[EndpointSet] = []
         self.diffs: list[EndpointDiff] = []
         self.changed = asyncio.Event()
 
@@ -149,26 +152,30 @@ class Sink:
         self.diffs.append(diff)
         self.changed.set()
 
+    def replace(self, endpoints: EndpointSet) -> None:
+        self.snapshots.append(endpoints)
+        self.changed.set()
+
 
 def test_feed_sends_a_snapshot_then_diffs() -> None:
     f = FakeFile('destinations: {"web:80": ["10.0.0.1:80"]}')
     d = f.discovery()
-    w = d.watch("web:80")
-    assert w is not None
+    resolved = d.watch("web:80")
+    assert resolved is not None
 
     async def main() -> None:
         sink = Sink()
         async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(feed(w, sink))
+            task = tg.create_task(feed(resolved.endpoints.subscribe(), sink))
             async with asyncio.timeout(5):
                 await sink.changed.wait()
                 sink.changed.clear()
-                assert sink.diffs == [EndpointDiff(add=(Endpoint.of("10.0.0.1:80"),))]
+                assert sink.snapshots == [EndpointSet([Endpoint.of("10.0.0.1:80")])]
                 f.change('destinations: {"web:80": ["10.0.0.2:80"]}')
                 d.check()
                 await sink.changed.wait()
             expected = EndpointDiff(add=(Endpoint.of("10.0.0.2:80"),), remove=(("10.0.0.1", 80),))
-            assert sink.diffs[1] == expected
+            assert sink.diffs == [expected]
             task.cancel()
 
     asyncio.run(main())

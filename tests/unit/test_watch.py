@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tether.runtime.watch import Change, Snapshot, Watched, WatchClosed
+from tether.runtime.watch import Change, Snapshot, WatchClosed, Watched
 
 
 def _add(state: frozenset[int], change: int) -> frozenset[int]:

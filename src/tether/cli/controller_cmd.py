@@ -96,6 +96,8 @@ def identity(addr: tuple[str, int], admin_addr: tuple[str, int], controller_name
     from tether.control.identity.credentials import CredentialPaths
     from tether.control.identity.server import IdentityController, IdentityServerConfig
     from tether.core.identity.certs import CertificateError
+    from tether.platform.local.tokens import LocalTokenValidator
+    from tether.platform.local.workloads import WorkloadRegistry
 
     configure_logging(log_level, log_format)
     if issuer_dir:
@@ -117,7 +119,7 @@ def identity(addr: tuple[str, int], admin_addr: tuple[str, int], controller_name
         service_account=identity_service_account,
     )
     try:
-        service = IdentityController(cfg)
+        service = IdentityController(cfg, LocalTokenValidator(WorkloadRegistry(cfg.state_dir)))
     except (CertificateError, ValueError) as e:
         raise OperationFailed(f"refusing to start: {e}") from None
     _warn_on_name_mismatch(service.issuer.current.issuer.certificate, controller_namespace, trust_domain)

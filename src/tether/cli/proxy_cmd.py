@@ -61,7 +61,11 @@ FLAGS: dict[str, Flag] = {
     "h2_initial_window": Flag("SIZE", "HTTP/2 initial flow-control window"),
     "tcp_zero_copy": Flag("BOOL", "move opaque TCP between plain sockets with splice(2), never through Python"),
     "body_buffer_high": Flag("SIZE", "body bytes buffered per message before reading from the sender pauses"),
-    "retry_max_body": Flag("SIZE", "largest request body kept so the request can be retried"),
+    "connect_retry_attempts": Flag("COUNT", "endpoints a request is tried on when connecting is refused"),
+    "cache_max_idle_age": Flag("DURATION", "drop a destination's balancer and connections unused this long"),
+    "linger_timeout": Flag("DURATION", "after an error response, read and drop what the client still sends "
+                           "for this long"),
+    "metrics_retain_idle": Flag("DURATION", "drop a metric series nothing was counted into for this long"),
     "shutdown_grace_period": Flag("DURATION", "on SIGTERM, time in-flight requests get to finish"),
     "enable_admin_shutdown": Flag("BOOL", "allow POST /shutdown on the admin server (from loopback only)"),
     "log_level": Flag("SPEC", "log levels: a level and target=level pairs (trace, debug, info, warn, error, off)"),

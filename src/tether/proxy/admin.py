@@ -21,7 +21,7 @@ import inspect
 import ipaddress
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -385,7 +385,3 @@ def _keep_alive(version: str, headers: dict[str, str]) -> bool:
         return "keep-alive" in tokens
     return "close" not in tokens
 
-
-# For the lead's wiring: the readiness and shutdown callables' types.
-ReadyFn = Callable[[], bool]
-ShutdownFn = Callable[[], "Awaitable[None] | None"]

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from tether.core.discovery.endpoints import Addr, Endpoint, EndpointDiff, EndpointSet
+from tether.core.http.classify import ACCRUAL, parse_grpc_status
 from tether.core.routing.ewma import PeakEwma
 from tether.core.routing.failure_accrual import (
     READY_STATES,
@@ -33,7 +34,7 @@ from tether.core.routing.failure_accrual import (
     State,
 )
 from tether.core.routing.p2c import choose
-from tether.proxy.config import ProxyConfig
+from tether.proxy.config import BalancerSettings
 from tether.proxy.errors import (
     ConnectError,
     FailFastError,
@@ -49,22 +50,13 @@ log = logging.getLogger(__name__)
 
 EndpointFactory = Callable[[Endpoint], Service]
 
-# gRPC statuses linkerd2-proxy classifies as failures: UNKNOWN, DEADLINE_EXCEEDED, INTERNAL,
-# UNAVAILABLE, DATA_LOSS. Others (NOT_FOUND, INVALID_ARGUMENT, ...) are the application's answer.
-GRPC_FAILURE_CODES: Final = frozenset({b"2", b"4", b"13", b"14", b"15"})
-
-
 def classify(rsp: Response) -> bool | None:
-    """True for a success, False for a failure, None when only the trailers can tell (gRPC)."""
-    if rsp.status >= 500:
-        return False
-    status = rsp.header(b"grpc-status")
-    if status is not None:  # a trailers-only gRPC response
-        return status.strip() not in GRPC_FAILURE_CODES
+    """Failure accrual's verdict from the head: True success, False failure, None when only the
+    trailers can tell (a streaming gRPC response)."""
     ctype = rsp.header(b"content-type")
-    if ctype is not None and ctype.startswith(b"application/grpc"):
-        return None
-    return True
+    grpc = ctype is not None and ctype.startswith(b"application/grpc")
+    status = rsp.header(b"grpc-status") if grpc else None
+    return ACCRUAL.head(rsp.status, grpc, parse_grpc_status(status.strip()) if status is not None else None)
 
 
 _CONNECT_BACKOFF_MIN: Final = 0.1
@@ -115,12 +107,13 @@ class _OutcomeBody(Body):
             self._done(None)
             raise
         if not chunk:
-            status = None
+            status: int | None = None
             for k, v in self.trailers or ():
                 if k == b"grpc-status":
-                    status = v.strip()
+                    status = parse_grpc_status(v.strip())
                     break
-            self._done(status is None or status not in GRPC_FAILURE_CODES)
+            # No status at all: the call did not complete, but that is no verdict on the server.
+            self._done(True if status is None else ACCRUAL.grpc_ok(status))
         return chunk
 
     def is_end_known(self) -> bool:
@@ -142,13 +135,13 @@ class Balancer:
     def __init__(
         self,
         make_endpoint: EndpointFactory,
-        cfg: ProxyConfig | None = None,
+        cfg: BalancerSettings | None = None,
         *,
         name: str = "",
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        cfg = cfg if cfg is not None else ProxyConfig()
+        cfg = cfg if cfg is not None else BalancerSettings()
         self.name = name
         self.failfast_timeout = cfg.failfast_timeout
         self.queue_capacity = cfg.balancer_queue_capacity
@@ -175,7 +168,7 @@ class Balancer:
         self._closing: set[asyncio.Task[None]] = set()
         self._unclosed: list[Service] = []  # retired outside a running loop: closed by aclose()
         self._closed = False
-        # Plain counters, rendered at scrape time.
+        # Plain counters, rendered at scrape time (Outbound.balancer_lines).
         self.failfast_total = 0
         self.loadshed_total = 0
         self.ejections_total = 0
@@ -273,7 +266,6 @@ class Balancer:
             picked = await self._wait()
             t0 = self._clock()
         slot, permit = picked
-        req.extensions["endpoint"] = slot.endpoint
         slot.ewma.start()
         try:
             rsp = await slot.service(req)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 # Fields holding a byte count (accepted and shown as ``64Ki``), and floats that are not durations.
 SIZE_FIELDS = frozenset(
-    {"detect_peek_bytes", "max_header_bytes", "body_buffer_high", "retry_max_body", "h2_initial_window"}
+    {"detect_peek_bytes", "max_header_bytes", "body_buffer_high", "h2_initial_window"}
 )
 NOT_DURATIONS = frozenset({"failure_accrual_jitter"})
 
@@ -136,7 +136,15 @@ class ProxyConfig:
     tcp_zero_copy: bool = True
     # Body buffering.
     body_buffer_high: int = 256 * 1024
-    retry_max_body: int = 64 * 1024
+    # Stacks: a request whose endpoint refused the connection is tried on up to this many endpoints.
+    connect_retry_attempts: int = 3
+    # Per-target stacks (a destination's balancer and pools, an inbound port's forwarder) unused for
+    # this long are dropped with their connections (linkerd2-proxy's outbound cache idle age).
+    cache_max_idle_age: float = 60.0
+    # After an error response, what the client still sends is read and dropped for this long.
+    linger_timeout: float = 2.0
+    # A metric series nobody counted into for this long is dropped from /metrics (as Linkerd does).
+    metrics_retain_idle: float = 600.0
     # Lifecycle.
     shutdown_grace_period: float = 120.0
     enable_admin_shutdown: bool = False
@@ -226,3 +234,99 @@ def format_value(name: str, value: object) -> str:
     if isinstance(value, float) and name not in NOT_DURATIONS:
         return format_duration(value)
     return str(value)
+
+
+# -- what each component reads --------------------------------------------------------------------
+# The flags and environment variables above are one flat surface; each component gets only its
+# group, built once at start. Attribute names match the flat fields so a setting has one name.
+
+
+@dataclass(frozen=True, slots=True)
+class DetectSettings:
+    """Protocol detection on accepted connections."""
+
+    opaque_ports: frozenset[int]
+    detect_timeout: float
+    detect_peek_bytes: int
+    header_read_timeout: float
+    linger_timeout: float
+    inbound_app_port: int | None  # the application port when traffic is not redirected
+
+
+@dataclass(frozen=True, slots=True)
+class H1ServerSettings:
+    """The HTTP/1 server codec."""
+
+    max_header_bytes: int
+    header_read_timeout: float
+    idle_timeout: float
+    body_buffer_high: int
+    linger_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class H2Settings:
+    """The HTTP/2 codec, server and client side."""
+
+    h2_max_concurrent_streams: int
+    h2_max_resets_per_window: int
+    h2_reset_window: float
+    h2_initial_window: int
+    max_header_bytes: int
+    idle_timeout: float
+    shutdown_grace_period: float
+    failfast_timeout: float  # how long a client request waits for a stream slot
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """Connections to one endpoint: HTTP/1 keep-alive pool and the HTTP/2 connection."""
+
+    connect_timeout: float
+    pool_max_idle_per_endpoint: int
+    pool_idle_timeout: float
+    max_header_bytes: int
+    body_buffer_high: int
+    h2: H2Settings
+
+
+@dataclass(frozen=True, slots=True)
+class BalancerSettings:
+    """A destination's load balancer (linkerd2-proxy's defaults)."""
+
+    failfast_timeout: float = 3.0
+    balancer_queue_capacity: int = 10_000
+    ewma_default_rtt: float = 0.030
+    ewma_decay: float = 10.0
+    failure_accrual_max_failures: int = 7
+    failure_accrual_min_penalty: float = 1.0
+    failure_accrual_max_penalty: float = 60.0
+    failure_accrual_jitter: float = 0.5
+
+
+def detect_settings(cfg: ProxyConfig) -> DetectSettings:
+    app = cfg.inbound_app_addr
+    return DetectSettings(cfg.opaque_ports, cfg.detect_timeout, cfg.detect_peek_bytes, cfg.header_read_timeout,
+                          cfg.linger_timeout, app[1] if app is not None else None)
+
+
+def h1_server_settings(cfg: ProxyConfig) -> H1ServerSettings:
+    return H1ServerSettings(cfg.max_header_bytes, cfg.header_read_timeout, cfg.idle_timeout,
+                            cfg.body_buffer_high, cfg.linger_timeout)
+
+
+def h2_settings(cfg: ProxyConfig) -> H2Settings:
+    return H2Settings(cfg.h2_max_concurrent_streams, cfg.h2_max_resets_per_window, cfg.h2_reset_window,
+                      cfg.h2_initial_window, cfg.max_header_bytes, cfg.idle_timeout,
+                      cfg.shutdown_grace_period, cfg.failfast_timeout)
+
+
+def client_settings(cfg: ProxyConfig, connect_timeout: float) -> ClientSettings:
+    return ClientSettings(connect_timeout, cfg.pool_max_idle_per_endpoint, cfg.pool_idle_timeout,
+                          cfg.max_header_bytes, cfg.body_buffer_high, h2_settings(cfg))
+
+
+def balancer_settings(cfg: ProxyConfig) -> BalancerSettings:
+    return BalancerSettings(cfg.failfast_timeout, cfg.balancer_queue_capacity, cfg.ewma_default_rtt,
+                            cfg.ewma_decay, cfg.failure_accrual_max_failures, cfg.failure_accrual_min_penalty,
+                            cfg.failure_accrual_max_penalty, cfg.failure_accrual_jitter)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from tether.core import transport_header
 from tether.core.http.detect import Detected, detect, looks_like_http1_prefix
-from tether.proxy.config import ProxyConfig
+from tether.proxy.config import DetectSettings
 from tether.proxy.http.message import Connection
 from tether.proxy.tcp import linger_close
 from tether.proxy.tlspeer import peer_identity
@@ -46,7 +46,7 @@ def original_dst(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
 
 
 class DetectProtocol(asyncio.Protocol):
-    def __init__(self, direction: str, cfg: ProxyConfig, on_detected: OnDetected,
+    def __init__(self, direction: str, cfg: DetectSettings, on_detected: OnDetected,
                  tls: bool = False, client_id: str | None = None) -> None:
         self.direction = direction
         self.cfg = cfg
@@ -79,8 +79,8 @@ class DetectProtocol(asyncio.Protocol):
             client_id=self.client_id,
         )
         port = dst[1] if dst is not None else None
-        if port is None and self.direction == "inbound" and self.cfg.inbound_app_addr is not None:
-            port = self.cfg.inbound_app_addr[1]
+        if port is None and self.direction == "inbound":
+            port = self.cfg.inbound_app_port
         if port is not None and port in self.cfg.opaque_ports:
             self._decide(Detected.OPAQUE)
             return
@@ -150,7 +150,7 @@ class DetectProtocol(asyncio.Protocol):
             self.transport.write(
                 b"HTTP/1.1 408 Request Timeout\r\nl5d-proxy-error: " + reason
                 + b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%b\n" % (len(reason) + 1, reason))
-            linger_close(self.transport)
+            linger_close(self.transport, self.cfg.linger_timeout)
 
     def _on_timeout(self) -> None:
         self._timer = None

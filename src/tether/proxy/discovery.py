@@ -12,9 +12,10 @@ The file (``ProxyConfig.destinations_file``, ``TETHER_PROXY_DESTINATIONS_FILE``)
           protocol_hint: h2                    # optional: h2 | opaque
           labels: {pod: web-1}                 # optional: string to string, for metrics
 
-``watch(authority)`` gives the :class:`Watch` of a known authority (None for an unknown one: the
-caller forwards to the original destination). A watch yields a snapshot then diffs, which
-:func:`feed` applies to a Balancer. The file is polled (``check()``, or ``run()`` every second);
+:class:`Discovery` is what the proxy needs of any source of endpoints; :class:`StaticDiscovery`
+is the file's. ``resolve(authority)`` gives a known authority's watched endpoints (None for an
+unknown one: the caller forwards to the address it names); a subscription yields a snapshot then
+diffs, which :func:`feed` applies to a Balancer. The file is polled (``check()``, or ``run()`` every second);
 an invalid new version is logged and ignored, keeping the last good one.
 """
 
@@ -23,20 +24,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import yaml
 
 from tether.core.discovery.endpoints import (
     PROTOCOL_HINTS,
+    Addr,
     Endpoint,
     EndpointDiff,
     EndpointError,
     EndpointSet,
     format_addr,
 )
-from tether.proxy.config import ProxyConfig
+from tether.core.http.authority import normalize_authority
+from tether.runtime.watch import Snapshot, Subscription, Watched
 
 log = logging.getLogger(__name__)
 
@@ -45,36 +48,6 @@ ENDPOINT_KEYS = frozenset({"addr", "weight", "identity", "proxy_port", "protocol
 
 class DiscoveryError(ValueError):
     """The destinations file is unreadable or invalid; the message names the file and the key."""
-
-
-def normalize_authority(authority: str | bytes, default_port: int | None = None) -> str:
-    """``Host:Port`` to ``host:port`` (lower case, no trailing dot); ValueError if malformed."""
-    text = authority.decode("ascii", "replace") if isinstance(authority, bytes) else authority
-    text = text.strip()
-    port: str | None
-    if text.startswith("["):  # [v6] or [v6]:port
-        end = text.find("]")
-        host, rest = text[: end + 1], text[end + 1 :]
-        if end < 0 or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
-            raise ValueError(f"{text!r} is not host:port")
-        port = rest[1:] or None
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = text, None
-        elif not port.isdigit() or ":" in host:
-            raise ValueError(f"{text!r} is not host:port")
-    if port is None:
-        if default_port is None:
-            raise ValueError(f"{text!r} has no port (expected host:port)")
-        port = str(default_port)
-    host = host.lower().rstrip(".")
-    if not host or any(c.isspace() for c in host):
-        raise ValueError(f"{text!r} has no valid host")
-    p = int(port)
-    if not 0 < p <= 65535:
-        raise ValueError(f"{text!r}: port {p} is out of range 1-65535")
-    return f"{host}:{p}"
 
 
 def _endpoint(item: object, where: str) -> Endpoint:
@@ -165,62 +138,57 @@ def read_file(path: str) -> bytes:
         return f.read()
 
 
-class Watch:
-    """The endpoints of one authority, as they change."""
+EndpointWatch = Watched[EndpointSet, EndpointDiff]
 
-    def __init__(self, authority: str, endpoints: EndpointSet) -> None:
-        self.authority = authority
-        self._endpoints = endpoints
-        self.version = 0
-        self._waiters: list[asyncio.Future[None]] = []
 
-    @property
-    def endpoints(self) -> EndpointSet:
-        return self._endpoints
+def endpoint_watch(endpoints: EndpointSet) -> EndpointWatch:
+    """A watched endpoint set (changes are diffs)."""
+    return Watched(endpoints, EndpointSet.apply)
 
-    def publish(self, endpoints: EndpointSet) -> None:
-        """Set the current endpoints and wake the watchers (no-op if unchanged)."""
-        if endpoints == self._endpoints:
-            return
-        self._endpoints = endpoints
-        self.version += 1
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
 
-    async def wait_changed(self, version: int) -> None:
-        """Return once ``self.version`` differs from ``version``."""
-        while self.version == version:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            finally:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
+class Resolution(NamedTuple):
+    """A known destination: its normalized authority and its watched endpoints."""
 
-    async def diffs(self) -> AsyncIterator[EndpointDiff]:
-        """The snapshot as a diff from nothing, then one diff per change (changes in between coalesce)."""
-        seen = EndpointSet()
-        version: int | None = None
-        while True:
-            if version is not None:
-                await self.wait_changed(version)
-            version = self.version
-            current = self._endpoints
-            yield seen.diff(current)
-            seen = current
+    authority: str
+    endpoints: EndpointWatch
+
+
+class Discovery(Protocol):
+    """Where a proxy learns destinations and their endpoints (the static file, the destination
+    service). Both lookups may wait on the source; a known destination's endpoints are then
+    watched: a snapshot, then diffs (:mod:`tether.runtime.watch`)."""
+
+    async def resolve(self, authority: str) -> Resolution | None:
+        """The endpoints of ``authority`` (``host:port``), or None when the destination is unknown
+        (the proxy forwards the request to the address it names)."""
+        ...
+
+    async def lookup(self, addr: Addr) -> Endpoint | None:
+        """What discovery knows of one endpoint address (whether it is meshed), or None."""
+        ...
+
+    def generation(self) -> int:
+        """Changes whenever the set of known destinations may have changed."""
+        ...
+
+    async def run(self) -> None:
+        """Keep the source up to date until cancelled."""
+        ...
 
 
 class EndpointSink(Protocol):
     def apply(self, diff: EndpointDiff) -> None: ...
 
+    def replace(self, endpoints: EndpointSet) -> None: ...
 
-async def feed(watch: Watch, sink: EndpointSink) -> None:
-    """Keep ``sink``'s endpoints (a Balancer) equal to the watch's, until cancelled."""
-    async for diff in watch.diffs():
-        sink.apply(diff)
+
+async def feed(sub: Subscription[EndpointSet, EndpointDiff], sink: EndpointSink) -> None:
+    """Keep ``sink``'s endpoints (a Balancer) equal to the watched set, until cancelled or closed."""
+    async for update in sub:
+        if isinstance(update, Snapshot):
+            sink.replace(update.state)
+        else:
+            sink.apply(update.change)
 
 
 class StaticDiscovery:
@@ -236,7 +204,7 @@ class StaticDiscovery:
         self.path = path
         self._version_of = version
         self._read = read
-        self._watches: dict[str, Watch] = {}
+        self._watches: dict[str, EndpointWatch] = {}
         self.last_error: str | None = None
         self.reloads_total = 0
         self.reload_errors_total = 0
@@ -245,10 +213,6 @@ class StaticDiscovery:
         except OSError as e:
             raise DiscoveryError(f"{path}: cannot read the destinations file: {e.strerror or e}") from None
         self._destinations = self._load()
-
-    @classmethod
-    def from_config(cls, cfg: ProxyConfig) -> StaticDiscovery | None:
-        return cls(cfg.destinations_file) if cfg.destinations_file else None
 
     def _load(self) -> dict[str, EndpointSet]:
         try:
@@ -267,7 +231,7 @@ class StaticDiscovery:
     def authorities(self) -> list[str]:
         return sorted(self._destinations)
 
-    def resolve(self, authority: str | bytes, default_port: int = 80) -> EndpointSet | None:
+    def resolve_now(self, authority: str | bytes, default_port: int = 80) -> EndpointSet | None:
         """The current endpoints of ``authority``, or None when the file does not name it."""
         try:
             key = normalize_authority(authority, default_port)
@@ -275,20 +239,29 @@ class StaticDiscovery:
             return None
         return self._destinations.get(key)
 
-    def watch(self, authority: str | bytes, default_port: int = 80) -> Watch | None:
-        """The watch of a known authority (one shared per authority), or None when unknown."""
+    def watch(self, authority: str | bytes, default_port: int = 80) -> Resolution | None:
+        """The watched endpoints of a known authority (one per authority), or None when unknown."""
         try:
             key = normalize_authority(authority, default_port)
         except ValueError:
             return None
         w = self._watches.get(key)
-        if w is not None:
-            return w
-        endpoints = self._destinations.get(key)
-        if endpoints is None:
-            return None
-        w = self._watches[key] = Watch(key, endpoints)
-        return w
+        if w is None:
+            endpoints = self._destinations.get(key)
+            if endpoints is None:
+                return None
+            w = self._watches[key] = endpoint_watch(endpoints)
+        return Resolution(key, w)
+
+    async def resolve(self, authority: str) -> Resolution | None:
+        return self.watch(authority)
+
+    def generation(self) -> int:
+        return self.reloads_total
+
+    async def lookup(self, addr: Addr) -> Endpoint | None:
+        eps = self.resolve_now(format_addr(addr))
+        return eps.get(addr) if eps is not None else None
 
     def check(self) -> bool:
         """Reload the file if it changed; True when new destinations were published."""
@@ -310,7 +283,9 @@ class StaticDiscovery:
         self._destinations = destinations
         for key, w in self._watches.items():
             # An authority dropped from the file keeps its watch, with no endpoints (fail-fast).
-            w.publish(destinations.get(key, EndpointSet()))
+            new = destinations.get(key, EndpointSet())
+            if new != w.state:
+                w.change(w.state.diff(new))
         log.info("reloaded %s: %d destinations", self.path, len(destinations))
         return True
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 
-from tether.proxy.config import ProxyConfig
+from tether.proxy.config import ClientSettings
 from tether.proxy.errors import ConnectError, ConnectTimeoutError, UpstreamError
 from tether.proxy.http.h1client import Connector, H1Pool
 from tether.proxy.http.message import Request, Response
@@ -23,13 +23,12 @@ log = logging.getLogger(__name__)
 class HttpEndpoint:
     """A Service sending requests to one address."""
 
-    def __init__(self, address: tuple[str, int], cfg: ProxyConfig, connector: Connector | None = None,
-                 connect_timeout: float | None = None) -> None:
+    def __init__(self, address: tuple[str, int], cfg: ClientSettings, connector: Connector | None = None) -> None:
         self.address = address
         self.cfg = cfg
-        self.connect_timeout = cfg.outbound_connect_timeout if connect_timeout is None else connect_timeout
+        self.connect_timeout = cfg.connect_timeout
         self._connector = connector
-        self.h1 = H1Pool(address, cfg, connector, self.connect_timeout)
+        self.h1 = H1Pool(address, cfg, connector)
         self._h2: object | None = None
         self._h2_connecting: asyncio.Future[object] | None = None
 
@@ -72,9 +71,9 @@ class HttpEndpoint:
             try:
                 async with asyncio.timeout(self.connect_timeout):
                     if self._connector is not None:
-                        _, proto = await self._connector(lambda: H2ClientConnection(self.cfg))
+                        _, proto = await self._connector(lambda: H2ClientConnection(self.cfg.h2))
                     else:
-                        _, proto = await loop.create_connection(lambda: H2ClientConnection(self.cfg), host, port)
+                        _, proto = await loop.create_connection(lambda: H2ClientConnection(self.cfg.h2), host, port)
             except TimeoutError:
                 raise ConnectTimeoutError(
                     f"connect to {host}:{port} timed out after {self.connect_timeout:g}s") from None

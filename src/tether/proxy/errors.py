@@ -1,7 +1,8 @@
 """Typed proxy errors: each carries the HTTP status the client gets and a reason.
 
-The reason goes into the ``l5d-proxy-error`` response header. (Created by the lead for the HTTP/1
-codec; the balancer work may add types here: add, don't rename.)
+The reason goes into the ``l5d-proxy-error`` response header. :func:`rescue` is the one place
+that turns an error into the response a client sees, for HTTP/1, HTTP/2 and gRPC (trailers-only
+``grpc-status``): the rescue layer and both server codecs call it.
 
 Statuses, and how they compare with linkerd2-proxy's outbound error responses
 (``app/outbound/src/http/server.rs`` and ``endpoint.rs``, ``ServerRescue``/``ClientRescue``):
@@ -22,6 +23,9 @@ UnavailableError            503     UNAVAILABLE (14)    no endpoints known for t
 
 from __future__ import annotations
 
+from tether.proxy.http.body import BodyError, BytesBody
+from tether.proxy.http.message import Request, Response
+
 GRPC_DEADLINE_EXCEEDED = 4
 GRPC_UNAVAILABLE = 14
 
@@ -38,6 +42,7 @@ class ProxyError(Exception):
         self.reason = reason
         if status is not None:
             self.status = status
+            self.grpc_status = _GRPC_FOR_HTTP.get(status, GRPC_UNAVAILABLE)
 
 
 class UpstreamError(ProxyError):
@@ -80,3 +85,48 @@ class ResponseTimeoutError(ProxyError):
 
     status = 504
     grpc_status = GRPC_DEADLINE_EXCEEDED
+
+
+# -- the one rescue: every error the proxy answers becomes its HTTP/1, HTTP/2 or gRPC response ----
+
+GRPC_INTERNAL = 13
+# The gRPC status a client gets for a proxy error of each HTTP status (gRPC's HTTP-to-gRPC table,
+# with 403 and 429 as linkerd2-proxy answers them).
+_GRPC_FOR_HTTP = {400: GRPC_INTERNAL, 403: 7, 429: 8, 502: GRPC_UNAVAILABLE, 503: GRPC_UNAVAILABLE,
+                  504: GRPC_DEADLINE_EXCEEDED}
+
+
+def describe(exc: BaseException) -> tuple[int, int, str]:
+    """(HTTP status, gRPC status, reason) for an error raised below a server."""
+    if isinstance(exc, ProxyError):
+        return exc.status, exc.grpc_status, exc.reason
+    if isinstance(exc, BodyError):
+        return 400, GRPC_INTERNAL, f"request body error: {exc}"
+    return 502, GRPC_UNAVAILABLE, str(exc) or type(exc).__name__
+
+
+def is_grpc_request(version: str, content_type: bytes | None) -> bool:
+    """gRPC rides on HTTP/2 with an application/grpc content type."""
+    return version == "2" and content_type is not None and content_type.startswith(b"application/grpc")
+
+
+def error_response(status: int, reason: str, grpc: bool = False, grpc_status: int | None = None) -> Response:
+    """A proxy-generated response with the reason in ``l5d-proxy-error`` (and the body).
+
+    For gRPC clients: HTTP 200, trailers-only, ``grpc-status``/``grpc-message`` in the head, the
+    only form in which gRPC clients see an error."""
+    clean = reason.replace("\r", " ").replace("\n", " ")[:512].encode("ascii", "replace")
+    headers = [(b"l5d-proxy-error", clean)]
+    if grpc:
+        code = grpc_status if grpc_status is not None else _GRPC_FOR_HTTP.get(status, GRPC_UNAVAILABLE)
+        headers += [(b"content-type", b"application/grpc"), (b"grpc-status", str(code).encode()),
+                    (b"grpc-message", clean)]
+        return Response(200, headers, BytesBody(b""))
+    headers.append((b"content-type", b"text/plain"))
+    return Response(status, headers, BytesBody(clean + b"\n"))
+
+
+def rescue(exc: BaseException, req: Request) -> Response:
+    """The response a client gets for ``exc`` raised while serving ``req``."""
+    status, grpc_status, reason = describe(exc)
+    return error_response(status, reason, is_grpc_request(req.version, req.header(b"content-type")), grpc_status)

@@ -6,8 +6,8 @@ identity's server context (client certificate required) and the decrypted stream
 protocol detection with the client's identity attached. Anything else (plaintext from unmeshed
 clients, the application's own TLS) goes on untouched.
 
-Outbound: connections to a meshed endpoint are TLS 1.3 to its proxy's inbound port, presenting
-our certificate, sending the expected identity as SNI and verifying the server's chain and name.
+The outbound side (TLS 1.3 to a meshed endpoint's proxy, the expected identity as SNI, verified)
+is in :mod:`tether.proxy.connect`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tether.core.http.detect import Detected, client_hello_sni, detect
-from tether.proxy.config import ProxyConfig
+from tether.proxy.config import DetectSettings
 from tether.proxy.detect import SO_ORIGINAL_DST
 from tether.proxy.tlspeer import IdentityNotReady
 
@@ -37,10 +37,11 @@ _RETRY_PEEK = 0.005
 class MeshTlsListener:
     """An inbound listener that terminates mesh mTLS and passes everything else through."""
 
-    def __init__(self, cfg: ProxyConfig, identity: IdentityClient, addr: tuple[str, int],
-                 protocol_factory: Callable[[], asyncio.Protocol],
+    def __init__(self, cfg: DetectSettings, handshake_timeout: float, identity: IdentityClient,
+                 addr: tuple[str, int], protocol_factory: Callable[[], asyncio.Protocol],
                  on_handshake_error: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
+        self.handshake_timeout = handshake_timeout
         self.identity = identity
         self.addr = addr
         self.protocol_factory = protocol_factory
@@ -102,8 +103,7 @@ class MeshTlsListener:
                 return port
         except OSError:
             pass
-        app = self.cfg.inbound_app_addr
-        return app[1] if app is not None else None
+        return self.cfg.inbound_app_port
 
     def _silent(self, conn: socket.socket) -> None:
         if conn.fileno() in self._pending and self._pending[conn.fileno()][0] is conn:
@@ -165,32 +165,10 @@ class MeshTlsListener:
         try:
             await loop.connect_accepted_socket(
                 self.protocol_factory, conn, ssl=ctx,
-                ssl_handshake_timeout=self.cfg.identity_handshake_timeout if ctx else None,
+                ssl_handshake_timeout=self.handshake_timeout if ctx else None,
             )
         except (OSError, ssl.SSLError, TimeoutError) as e:
             log.info("inbound mesh TLS handshake failed: %s", e)
             if self.on_handshake_error is not None:
                 self.on_handshake_error("tls_handshake")
             conn.close()
-
-
-def tls_connector(identity: IdentityClient, cfg: ProxyConfig, addr: tuple[str, int], server_identity: str):  # type: ignore[no-untyped-def]
-    """A connector (see ``H1Pool``) that opens mTLS to ``addr`` expecting ``server_identity``."""
-
-    async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
-        loop = asyncio.get_running_loop()
-        try:
-            ctx = identity.client_ssl_context()
-        except IdentityNotReady as e:
-            raise OSError(f"no certificate yet: {e}") from None
-        try:
-            return await loop.create_connection(
-                factory, addr[0], addr[1], ssl=ctx, server_hostname=server_identity,
-                ssl_handshake_timeout=cfg.identity_handshake_timeout,
-            )
-        except ssl.SSLError as e:
-            # Name what we expected: the reason reaches the client in l5d-proxy-error.
-            raise OSError(f"mTLS handshake expecting identity {server_identity} failed: "
-                          f"{e.reason or e}") from None
-
-    return connect

@@ -21,14 +21,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tether.api.gen import identity_pb2, identity_pb2_grpc
 from tether.control.identity.credentials import CredentialPaths, FileIssuer
-from tether.control.identity.local_tokens import LocalTokenValidator
 from tether.control.identity.ratelimit import RateLimiter
 from tether.control.identity.service import CertifyError, IdentityService, TokenValidator
 from tether.core.identity.certs import certificates_pem
 from tether.core.identity.csr import build_csr, generate_key, validate_csr
 from tether.core.identity.issuance import IssuancePolicy
 from tether.core.identity.names import DEFAULT_CONTROL_PLANE_NS, DEFAULT_TRUST_DOMAIN, WorkloadIdentity
-from tether.platform.local.workloads import WorkloadRegistry
 
 log = logging.getLogger("tether.identity")
 
@@ -98,7 +96,7 @@ def _peer_host(peer: str) -> str:
 class IdentityController:
     """The running service: gRPC server, issuer reload loop, admin server."""
 
-    def __init__(self, cfg: IdentityServerConfig, validator: TokenValidator | None = None) -> None:
+    def __init__(self, cfg: IdentityServerConfig, validator: TokenValidator) -> None:
         if cfg.paths is None:
             raise ValueError("issuer paths are required")
         self.cfg = cfg
@@ -106,7 +104,7 @@ class IdentityController:
         # Raises CertificateError when the issuer cannot be used: the caller prints it and exits.
         self.issuer = FileIssuer(cfg.paths, policy, utcnow)
         self.service = IdentityService(
-            validator or LocalTokenValidator(WorkloadRegistry(cfg.state_dir)),
+            validator,  # the platform's (the CLI wires it: local bootstrap tokens, Kubernetes TokenReview)
             self.issuer,
             cfg.trust_domain,
             cfg.control_plane_ns,

@@ -1,7 +1,7 @@
 """The identity service core, written against two narrow protocols: a TokenValidator and an Issuer.
 
 It knows nothing of gRPC, files or Kubernetes: ``server.py`` adapts it to gRPC, ``credentials.py``
-provides an Issuer from files, ``local_tokens.py`` a TokenValidator over the local registry (the
+provides an Issuer from files, ``tether.platform.local.tokens`` a TokenValidator over the local registry (the
 Kubernetes TokenReview validator plugs into the same protocol).
 """
 

@@ -17,7 +17,7 @@ from typing import Final
 import httptools
 
 from tether.core.http import h1
-from tether.proxy.config import ProxyConfig
+from tether.proxy.config import ClientSettings
 from tether.proxy.errors import ConnectError, ConnectTimeoutError, UpstreamError
 from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
 from tether.proxy.http.message import Request, Response, forward_headers
@@ -64,6 +64,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._keep_alive = True
+        self.idle_since = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -323,15 +324,15 @@ class H1ClientConnection(asyncio.Protocol):
 class H1Pool:
     """Keep-alive HTTP/1.1 connections to one endpoint; a Service."""
 
-    def __init__(self, address: tuple[str, int], cfg: ProxyConfig, connector: Connector | None = None,
-                 connect_timeout: float | None = None) -> None:
+    def __init__(self, address: tuple[str, int], cfg: ClientSettings, connector: Connector | None = None) -> None:
         self.address = address
         self.cfg = cfg
-        self.connect_timeout = cfg.outbound_connect_timeout if connect_timeout is None else connect_timeout
+        self.connect_timeout = cfg.connect_timeout
         self._connector = connector
         self._idle: list[H1ClientConnection] = []
         self._all: set[H1ClientConnection] = set()
         self._closed = False
+        self._expiry: asyncio.TimerHandle | None = None
 
     async def __call__(self, req: Request) -> Response:
         conn = self._take_idle()
@@ -377,7 +378,30 @@ class H1Pool:
         if self._closed or len(self._idle) >= self.cfg.pool_max_idle_per_endpoint:
             conn._close()
             return
+        loop = conn._loop
+        conn.idle_since = loop.time()
         self._idle.append(conn)
+        if self._expiry is None:
+            self._expiry = loop.call_later(self.cfg.pool_idle_timeout, self._expire_idle)
+
+    def _expire_idle(self) -> None:
+        """Close the connections idle for ``pool_idle_timeout`` (one timer per pool, not per request)."""
+        self._expiry = None
+        if not self._idle:
+            return
+        loop = self._idle[0]._loop
+        horizon = loop.time() - self.cfg.pool_idle_timeout
+        keep: list[H1ClientConnection] = []
+        for conn in self._idle:
+            if conn.idle_since <= horizon:
+                conn._close()
+            else:
+                keep.append(conn)
+        self._idle = keep
+        if keep:
+            oldest = min(c.idle_since for c in keep)
+            self._expiry = loop.call_later(max(oldest + self.cfg.pool_idle_timeout - loop.time(), 0.01),
+                                           self._expire_idle)
 
     def _lost(self, conn: H1ClientConnection) -> None:
         self._all.discard(conn)
@@ -395,6 +419,9 @@ class H1Pool:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         for conn in list(self._idle):
             conn._close()
         self._idle.clear()

@@ -17,11 +17,10 @@ from typing import Final
 import httptools
 
 from tether.core.http import h1
-from tether.proxy.config import ProxyConfig
-from tether.proxy.errors import ProxyError
+from tether.proxy.config import H1ServerSettings
+from tether.proxy.errors import ProxyError, rescue
 from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
 from tether.proxy.http.message import Connection, Request, Response, Service, forward_headers
-from tether.proxy.layers.errors import error_response
 from tether.proxy.metrics import TcpMetrics
 from tether.proxy.tcp import Splice, linger_close
 
@@ -55,7 +54,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self,
         service: Service,
         conn: Connection,
-        cfg: ProxyConfig,
+        cfg: H1ServerSettings,
         registry: ConnectionRegistry | None = None,
         tcp: TcpMetrics | None = None,
     ) -> None:
@@ -250,9 +249,9 @@ class H1ServerProtocol(asyncio.Protocol):
             conn=self.conn,
         )
         if not parser.should_keep_alive():
-            req.extensions["close"] = True
+            req.close = True
         if upgrade:
-            req.extensions["upgrade"] = True
+            req.upgrade = True
         self._queue.append(req)
         if len(self._queue) >= _MAX_PIPELINED:
             self._pause_reading()
@@ -323,12 +322,12 @@ class H1ServerProtocol(asyncio.Protocol):
         try:
             resp = await self.service(req)
         except ProxyError as e:
-            resp = error_response(e.status, e.reason)
+            resp = rescue(e, req)
         except BodyError as e:
-            resp = error_response(400, f"request body error: {e}")
-            req.extensions["close"] = True
-        upgraded = resp.status == 101 and resp.upgrade is not None and req.extensions.get("upgrade")
-        close = bool(req.extensions.get("close")) or self._draining or self._closing
+            resp = rescue(e, req)
+            req.close = True
+        upgraded = resp.status == 101 and resp.upgrade is not None and req.upgrade
+        close = req.close or self._draining or self._closing
         if resp.header(b"connection") == b"close":
             close = True
         head, framing, body_close = self._response_head(req, resp, close)
@@ -346,7 +345,7 @@ class H1ServerProtocol(asyncio.Protocol):
             # The service answered without reading the whole request body: the rest of the
             # stream is unparsed, so the connection can't be reused.
             return True
-        return close or body_close or req.extensions.get("upgrade") is True
+        return close or body_close or req.upgrade
 
     def _response_head(
         self, req: Request, resp: Response, close: bool
@@ -496,7 +495,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._write(transport, head + data)
         self._closing = True
         self.connection_lost(None)  # this protocol is done: release its bookkeeping now
-        linger_close(transport)
+        linger_close(transport, self.cfg.linger_timeout)
 
     def _on_header_timeout(self) -> None:
         self._timer = None

@@ -21,7 +21,7 @@ from collections import deque
 
 from tether.core.http import h2proto
 from tether.core.http.h2headers import H2HeaderError, parse_response, request_fields
-from tether.proxy.config import ProxyConfig
+from tether.proxy.config import H2Settings
 from tether.proxy.http.body import Body, BodyError, EmptyBody
 from tether.proxy.http.h2codec import CANCEL, INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR
 from tether.proxy.http.h2conn import (
@@ -40,7 +40,7 @@ __all__ = ["H2ClientConnection", "H2ConnectionClosed", "H2Error", "H2StreamReset
 class H2ClientConnection(H2Protocol):
     """A multiplexed HTTP/2 client over an already-connected transport."""
 
-    def __init__(self, config: ProxyConfig, max_pending: int | None = None) -> None:
+    def __init__(self, config: H2Settings, max_pending: int | None = None) -> None:
         super().__init__(config, client_side=True)
         # Requests waiting for a stream slot (the peer's MAX_CONCURRENT_STREAMS); bounded.
         self._max_pending = max(256, config.h2_max_concurrent_streams) if max_pending is None else max_pending

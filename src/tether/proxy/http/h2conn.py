@@ -19,7 +19,7 @@ from typing import cast
 
 from tether.core.http import h2frames, h2proto
 from tether.core.http.h2headers import trailer_fields
-from tether.proxy.config import ProxyConfig
+from tether.proxy.config import H2Settings
 from tether.proxy.http.body import Body, BytesBody, EmptyBody, PipeBody
 from tether.proxy.http.h2codec import INTERNAL_ERROR, H2ConnectionClosed, H2Error, H2StreamReset, error_code_for
 from tether.proxy.tcp import ByteCounters
@@ -102,7 +102,7 @@ class StreamState:
 class H2Protocol(asyncio.Protocol):
     """The half of an HTTP/2 endpoint that does not depend on being client or server."""
 
-    def __init__(self, config: ProxyConfig, client_side: bool, stream_limit: int | None = None) -> None:
+    def __init__(self, config: H2Settings, client_side: bool, stream_limit: int | None = None) -> None:
         self.config = config
         # tcp_read_bytes_total / tcp_write_bytes_total of the connection, when the proxy counts it.
         self.tcp: ByteCounters | None = None

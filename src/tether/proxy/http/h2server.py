@@ -25,8 +25,9 @@ from collections import deque
 
 from tether.core.http import h2proto
 from tether.core.http.h2headers import H2HeaderError, parse_request, response_fields
-from tether.proxy.config import ProxyConfig
-from tether.proxy.http.body import BytesBody, EmptyBody
+from tether.proxy.config import H2Settings
+from tether.proxy.errors import rescue
+from tether.proxy.http.body import EmptyBody
 from tether.proxy.http.h2codec import CANCEL, ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM
 from tether.proxy.http.h2conn import (
     H2ConnectionClosed,
@@ -46,7 +47,7 @@ __all__ = ["H2ServerProtocol"]
 class H2ServerProtocol(H2Protocol):
     """Serves HTTP/2 on one connection: each stream becomes ``await service(Request)``."""
 
-    def __init__(self, service: Service | ServiceFn, conn: Connection, config: ProxyConfig) -> None:
+    def __init__(self, service: Service | ServiceFn, conn: Connection, config: H2Settings) -> None:
         # A client may open streams before it has read our SETTINGS (RFC 9113 section 6.5.2 gives
         # it no limit until then): streams over the advertised bound get REFUSED_STREAM from
         # _on_request (counting handlers still unwinding); the protocol state refuses streams
@@ -254,11 +255,11 @@ class H2ServerProtocol(H2Protocol):
                 resp = await self._service(req)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the service failed before a response: 502
+            except Exception as e:  # the service failed before a response: the rescue answers
                 if st.reset is not None or self._closed:
                     return
                 log.debug("stream %d: service failed: %r", stream_id, e)
-                resp = _error_response(e)
+                resp = rescue(e, req)
             if st.reset is not None or self._closed:
                 resp.body.discard()
                 return
@@ -303,12 +304,3 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
         if k == b"content-length" and v.isdigit():
             return int(v)
     return None
-
-
-def _error_response(exc: Exception) -> Response:
-    reason = (str(exc) or type(exc).__name__).replace("\r", " ").replace("\n", " ")[:200]
-    return Response(
-        status=502,
-        headers=[(b"content-type", b"text/plain"), (b"l5d-proxy-error", reason.encode("ascii", "replace"))],
-        body=BytesBody(b"upstream failed: " + reason.encode("ascii", "replace") + b"\n"),
-    )

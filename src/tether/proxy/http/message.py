@@ -9,9 +9,12 @@ into bytes.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from tether.proxy.http.body import Body, EmptyBody
+
+if TYPE_CHECKING:
+    from tether.proxy.metrics import HttpMetrics
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -50,7 +53,8 @@ class Connection:
 
 
 class Request:
-    __slots__ = ("authority", "body", "conn", "extensions", "headers", "method", "path", "scheme", "version")
+    __slots__ = ("authority", "body", "close", "conn", "headers", "meter", "method", "path", "scheme", "upgrade",
+                 "version")
 
     def __init__(
         self,
@@ -62,7 +66,6 @@ class Request:
         body: Body | None = None,
         version: str = "1.1",  # "1.0" | "1.1" | "2"
         conn: Connection | None = None,
-        extensions: dict[str, object] | None = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -72,8 +75,14 @@ class Request:
         self.body: Body = EmptyBody() if body is None else body
         self.version = version
         self.conn = conn
-        # Per-request facts layers pass down the stack (route name, dst labels, ...).
-        self.extensions: dict[str, object] = {} if extensions is None else extensions
+        # Set by the HTTP/1 server codec: the client asked to close after this request
+        # (Connection: close, HTTP/1.0 without keep-alive), or to upgrade the connection.
+        self.close = False
+        self.upgrade = False
+        # The metric series this request counts into: the endpoint stack that serves it sets its
+        # own (bound once per endpoint); the metrics layer above counts into it after the response
+        # (or into its own target's series when no endpoint was reached).
+        self.meter: HttpMetrics | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header (``name`` lower-case), or None."""
@@ -90,7 +99,7 @@ class Request:
 
 
 class Response:
-    __slots__ = ("body", "extensions", "headers", "status", "upgrade")
+    __slots__ = ("body", "headers", "status", "upgrade")
 
     def __init__(
         self,
@@ -98,14 +107,12 @@ class Response:
         headers: Headers | None = None,
         body: Body | None = None,
         upgrade: object | None = None,
-        extensions: dict[str, object] | None = None,
     ) -> None:
         self.status = status
         self.headers: Headers = [] if headers is None else headers
         self.body: Body = EmptyBody() if body is None else body
         # Set by the endpoint: the upgraded byte stream after a 101 (WebSocket and friends).
         self.upgrade = upgrade
-        self.extensions: dict[str, object] = {} if extensions is None else extensions
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:

@@ -16,7 +16,9 @@ from tether.proxy.http.message import Request, Response, Service
 class ConnectRetry:
     """Layer: up to ``attempts`` tries while the failure is a connect error."""
 
-    def __init__(self, inner: Service, attempts: int = 3) -> None:
+    __slots__ = ("attempts", "inner")
+
+    def __init__(self, inner: Service, attempts: int) -> None:
         self.inner = inner
         self.attempts = attempts
 

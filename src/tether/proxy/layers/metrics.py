@@ -5,35 +5,33 @@ service returns; response_total counts when the response body ends, so a gRPC st
 trailers classifies the response (as linkerd2-proxy does). A body already complete when the head
 arrives (empty, buffered) is counted at once, without wrapping it.
 
-Labels come from the request:
+Series are bound once per target, never per request:
 
-- ``req.extensions["metrics"]``: an :class:`HttpMetrics` already bound by the stack. When present,
-  nothing else is read (the fastest path: bind once per endpoint or route).
-- ``req.conn.direction``, or the layer's ``direction`` argument when there is no conn.
-- ``req.extensions["authority"]`` (str): the ``authority`` label; default ``req.authority``.
-- ``req.extensions["target_addr"]`` (tuple[str, int]): the ``target_addr/ip/port`` labels;
-  default ``req.conn.orig_dst``.
-- ``req.extensions["server_id"]`` (str): outbound, the identity the upstream proved (``tls="true"``).
-- ``req.conn.tls`` / ``req.conn.client_id``: inbound mTLS and the client's identity.
-- ``req.extensions["no_tls_reason"]`` (str): ``tls="no_identity"`` with this reason when not TLS
-  (otherwise ``tls="disabled"``).
-- ``req.extensions["metrics_labels"]`` (tuple of (name, value)): extra labels, e.g. dst_*, srv_*.
+- :class:`HttpMetricsService` is built per target with that target's series. A request counts into
+  ``req.meter`` when the endpoint stack that served it set one (:class:`EndpointMeter`, bound once
+  per endpoint with its address, identity and labels), else into the layer's own series (a request
+  that failed before reaching an endpoint: fail-fast, no route, timeout).
+- :class:`InboundHttpMetrics` is built per inbound target (application port, TLS, client
+  identity) and keeps one series per request authority.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
+from tether.core.http.authority import normalize_authority
 from tether.proxy.http.body import Body, BodyError, Headers
 from tether.proxy.http.message import Request, Response, Service
-from tether.proxy.metrics import FAILURE, HttpKey, HttpMetrics, MetricsRegistry, StatusMetrics, classify
+from tether.proxy.metrics import FAILURE, HttpMetrics, MetricsRegistry, StatusMetrics, classify
+from tether.proxy.targets import InboundTarget
 
 # error label values (bounded vocabulary: never an exception's text).
 ERROR_UNEXPECTED: Final = "unexpected"  # the inner service raised before a response head
 ERROR_BODY: Final = "body"  # the response body failed mid-stream
 ERROR_CANCELED: Final = "canceled"  # the response body was dropped before its end
+_MAX_AUTHORITIES: Final = 1024  # bound series per inbound target (one per request authority)
 
 
 def _grpc_status(headers: Headers | None) -> int | None:
@@ -117,119 +115,125 @@ class MeteredBody(Body):
         self._abandoned()
 
 
+def count_response(m: HttpMetrics, rsp: Response, elapsed_ms: float) -> Response:
+    """Count a request and its response head into ``m``; the response's end is counted when its
+    body ends (the returned response may carry a wrapped body)."""
+    m.requests += 1
+    code = rsp.status
+    st = m.status(code)
+    st.latency.observe(elapsed_ms)
+    grpc = _is_grpc(rsp)
+    if grpc:
+        head_status = _grpc_status(rsp.headers)
+        if head_status is not None:
+            # Trailers-only gRPC response: the status is already known.
+            st.response(classify(code, head_status), head_status).count += 1
+            return rsp
+    body = rsp.body
+    if body.is_end_known():
+        # Already whole (empty, buffered, or fully received with the head): its end, and any
+        # trailers, are known now, so count without wrapping the body.
+        trailer_status = _grpc_status(body.trailers) if grpc else None
+        if grpc and trailer_status is None:
+            st.response(FAILURE).count += 1
+        else:
+            st.response(classify(code, trailer_status), trailer_status).count += 1
+    else:
+        rsp.body = MeteredBody(body, m, st, code, grpc)
+    return rsp
+
+
+def count_error(m: HttpMetrics, e: BaseException, elapsed_ms: float) -> None:
+    """Count a request whose inner service raised before a response head."""
+    m.requests += 1
+    st = m.status(None)
+    st.latency.observe(elapsed_ms)
+    # Not an Exception: the caller was cancelled (client gone, shutdown).
+    error = ERROR_UNEXPECTED if isinstance(e, Exception) else ERROR_CANCELED
+    st.response(FAILURE, None, error).count += 1
+
+
 class HttpMetricsService:
-    """Counts a request and its response into the registry; see the module doc for the labels."""
+    """Layer: count each request once, into the serving endpoint's series or this target's."""
 
-    __slots__ = ("_clock", "_direction", "_inner", "_registry")
+    __slots__ = ("_clock", "_inner", "series")
 
-    def __init__(
-        self,
-        inner: Service,
-        registry: MetricsRegistry,
-        *,
-        direction: str = "outbound",
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
+    def __init__(self, inner: Service, series: HttpMetrics, *,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self._inner = inner
-        self._registry = registry
-        self._direction = direction
+        self.series = series
         self._clock = clock
 
-    def bind(self, req: Request) -> HttpMetrics:
-        """The series this request counts into."""
-        ext = req.extensions
-        conn = req.conn
-        if conn is not None:
-            direction, target, tls = conn.direction, conn.orig_dst, conn.tls
-            client_id = conn.client_id if tls else None
-        else:
-            direction, target, tls, client_id = self._direction, None, False, None
-        if not ext:
-            key: HttpKey = (
-                direction,
-                target,
-                req.authority.decode("latin-1"),
-                tls,
-                client_id,
-                None,
-                None,
-                (),
-            )
-            return self._registry.http_for(key)
-        m = ext.get("metrics")
-        if isinstance(m, HttpMetrics):
-            return m
-        authority = ext.get("authority")
-        if not isinstance(authority, str):
-            authority = req.authority.decode("latin-1")
-        t = ext.get("target_addr")
-        if isinstance(t, tuple):
-            target = t
-        server_id = ext.get("server_id")
-        if not isinstance(server_id, str):
-            server_id = None
-        reason = ext.get("no_tls_reason")
-        extra = ext.get("metrics_labels", ())
-        key = (
-            direction,
-            target,
-            authority,
-            tls or server_id is not None,
-            client_id,
-            server_id,
-            reason if isinstance(reason, str) else None,
-            extra if isinstance(extra, tuple) else (),
-        )
-        return self._registry.http_for(key)
-
     async def __call__(self, req: Request, /) -> Response:
-        # Bound after the inner stack ran: the router and balancer below decide the target
-        # (authority, endpoint address) that labels the series.
         clock = self._clock
         start = clock()
         try:
             rsp = await self._inner(req)
         except BaseException as e:
-            m = self.bind(req)
-            m.requests += 1
-            st = m.status(None)
-            st.latency.observe((clock() - start) * 1000.0)
-            # Not an Exception: the caller was cancelled (client gone, shutdown).
-            error = ERROR_UNEXPECTED if isinstance(e, Exception) else ERROR_CANCELED
-            st.response(FAILURE, None, error).count += 1
+            m = req.meter
+            count_error(m if m is not None else self.series, e, (clock() - start) * 1000.0)
             raise
-        m = self.bind(req)
-        m.requests += 1
-        code = rsp.status
-        st = m.status(code)
-        st.latency.observe((clock() - start) * 1000.0)
-        grpc = _is_grpc(rsp)
-        if grpc:
-            head_status = _grpc_status(rsp.headers)
-            if head_status is not None:
-                # Trailers-only gRPC response: the status is already known.
-                st.response(classify(code, head_status), head_status).count += 1
-                return rsp
-        body = rsp.body
-        if body.is_end_known():
-            # Already whole (empty, buffered, or fully received with the head): its end, and any
-            # trailers, are known now, so count without wrapping the body.
-            trailer_status = _grpc_status(body.trailers) if grpc else None
-            if grpc and trailer_status is None:
-                st.response(FAILURE).count += 1
-            else:
-                st.response(classify(code, trailer_status), trailer_status).count += 1
-        else:
-            rsp.body = MeteredBody(body, m, st, code, grpc)
-        return rsp
+        m = req.meter
+        return count_response(m if m is not None else self.series, rsp, (clock() - start) * 1000.0)
 
 
-def metrics_layer(
-    registry: MetricsRegistry, *, direction: str = "outbound"
-) -> Callable[[Service], HttpMetricsService]:
-    """A layer for stack assembly: ``metrics_layer(registry, direction="inbound")(inner)``."""
+class EndpointMeter:
+    """Layer at the top of an endpoint's stack: the request counts into this endpoint's series
+    (bound once, when the endpoint's stack is built)."""
 
-    def layer(inner: Service) -> HttpMetricsService:
-        return HttpMetricsService(inner, registry, direction=direction)
+    __slots__ = ("inner", "series")
 
-    return layer
+    def __init__(self, inner: Service, series: HttpMetrics) -> None:
+        self.inner = inner
+        self.series = series
+
+    def __call__(self, req: Request) -> Awaitable[Response]:
+        # A plain function returning the inner awaitable: no coroutine frame of its own.
+        req.meter = self.series
+        return self.inner(req)
+
+    async def aclose(self) -> None:
+        close = getattr(self.inner, "aclose", None)
+        if close is not None:
+            await close()
+
+
+class InboundHttpMetrics:
+    """Layer: count inbound requests into the series of their target and authority."""
+
+    __slots__ = ("_by_authority", "_clock", "_inner", "_registry", "_target")
+
+    def __init__(self, inner: Service, registry: MetricsRegistry, target: InboundTarget, *,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self._inner = inner
+        self._registry = registry
+        self._target = target
+        self._clock = clock
+        self._by_authority: dict[bytes, HttpMetrics] = {}
+
+    def _series(self, authority: bytes) -> HttpMetrics:
+        m = self._by_authority.get(authority)
+        if m is None:
+            if len(self._by_authority) >= _MAX_AUTHORITIES:
+                # Clients choose the Host header: keep the bindings bounded (the registry keeps
+                # the series, and expires the ones nobody counts into any more).
+                self._by_authority.clear()
+            t = self._target
+            try:
+                label = normalize_authority(authority, 80)
+            except ValueError:
+                label = authority.decode("latin-1")
+            m = self._by_authority[authority] = self._registry.http(
+                "inbound", t.app, authority=label, tls=t.tls, client_id=t.client_id if t.tls else None)
+        return m
+
+    async def __call__(self, req: Request, /) -> Response:
+        clock = self._clock
+        start = clock()
+        m = self._series(req.authority)
+        try:
+            rsp = await self._inner(req)
+        except BaseException as e:
+            count_error(m, e, (clock() - start) * 1000.0)
+            raise
+        return count_response(m, rsp, (clock() - start) * 1000.0)

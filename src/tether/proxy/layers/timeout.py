@@ -1,4 +1,4 @@
-"""Response timeout: 504 when the response head does not arrive in time."""
+"""Response timeout: 504 when the response head does not arrive within the route's timeout."""
 
 from __future__ import annotations
 
@@ -9,19 +9,17 @@ from tether.proxy.http.message import Request, Response, Service
 
 
 class ResponseTimeout:
-    """Layer: bound the wait for the response head (``timeout`` None: no bound)."""
+    """Layer: bound the wait for the response head (built only for a route with a timeout)."""
 
-    def __init__(self, inner: Service, timeout: float | None) -> None:
+    __slots__ = ("inner", "timeout")
+
+    def __init__(self, inner: Service, timeout: float) -> None:
         self.inner = inner
         self.timeout = timeout
 
     async def __call__(self, req: Request) -> Response:
-        timeout = req.extensions.get("timeout", self.timeout)
-        if timeout is None:
-            return await self.inner(req)
-        assert isinstance(timeout, float | int)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(self.timeout):
                 return await self.inner(req)
         except TimeoutError:
-            raise ResponseTimeoutError(f"response timeout after {timeout:g}s") from None
+            raise ResponseTimeoutError(f"response timeout after {self.timeout:g}s") from None

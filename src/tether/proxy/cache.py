@@ -1,0 +1,135 @@
+"""Per-target stacks kept while used and dropped once idle (linkerd2-proxy's ``push_cache``).
+
+A proxy builds a stack per target (a destination's balancer and connection pools, an inbound
+port's forwarder). :class:`IdleCache` keeps each one while it is used and drops it, closing it,
+once nobody has asked for it for ``max_idle_age`` seconds, so a proxy that talks to many
+destinations holds memory flat instead of growing with every target it ever saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from tether.proxy.http.message import Service
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Entry(Generic[V]):
+    __slots__ = ("last_used", "value")
+
+    def __init__(self, value: V, now: float) -> None:
+        self.value = value
+        self.last_used = now
+
+
+class IdleCache(Generic[K, V]):
+    """``get(key)`` builds with ``make(key)`` on first use; ``sweep`` drops entries idle too long."""
+
+    def __init__(
+        self,
+        make: Callable[[K], V],
+        max_idle_age: float,
+        *,
+        close: Callable[[V], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "",
+    ) -> None:
+        self._make = make
+        self.max_idle_age = max_idle_age
+        self._close = close
+        self._clock = clock
+        self.name = name
+        self._entries: dict[K, _Entry[V]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self.evicted_total = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: K) -> V:
+        """The stack for ``key``, built on first use; marks it used now."""
+        e = self._entries.get(key)
+        now = self._clock()
+        if e is None:
+            e = self._entries[key] = _Entry(self._make(key), now)
+        else:
+            e.last_used = now
+        return e.value
+
+    def values(self) -> list[V]:
+        """The cached stacks (a copy: scrapes read it while requests add to it)."""
+        return [e.value for e in self._entries.values()]
+
+    def peek(self, key: K) -> V | None:
+        """The cached stack for ``key`` without building or touching it."""
+        e = self._entries.get(key)
+        return e.value if e is not None else None
+
+    def sweep(self, now: float | None = None) -> list[V]:
+        """Drop (and close, in the background) the entries idle for ``max_idle_age``; return them."""
+        now = self._clock() if now is None else now
+        old = [k for k, e in self._entries.items() if now - e.last_used >= self.max_idle_age]
+        dropped = [self._entries.pop(k).value for k in old]
+        self.evicted_total += len(dropped)
+        if dropped and self._close is not None:
+            for value in dropped:
+                self._spawn_close(value)
+        if dropped:
+            log.debug("%s cache: %d idle stacks dropped, %d kept", self.name, len(dropped), len(self._entries))
+        return dropped
+
+    def _spawn_close(self, value: V) -> None:
+        assert self._close is not None
+        task = asyncio.get_running_loop().create_task(self._run_close(value))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _run_close(self, value: V) -> None:
+        assert self._close is not None
+        try:
+            await self._close(value)
+        except Exception:
+            log.warning("%s cache: closing an idle stack failed", self.name, exc_info=True)
+
+    async def run(self) -> None:
+        """Sweep periodically until cancelled (a quarter of the idle age, at most every 10 s)."""
+        interval = min(max(self.max_idle_age / 4, 0.05), 10.0)
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()
+
+    async def aclose(self) -> None:
+        """Drop and close every entry."""
+        values = [e.value for e in self._entries.values()]
+        self._entries.clear()
+        if self._close is not None:
+            for value in values:
+                await self._run_close(value)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+class Stack:
+    """A built stack: the service requests go to, and what closes it when it is dropped."""
+
+    __slots__ = ("balancer", "closers", "service")
+
+    def __init__(self, service: Service, closers: list[Callable[[], object]] | None = None,
+                 balancer: object | None = None) -> None:
+        self.service = service
+        self.closers = closers if closers is not None else []
+        self.balancer = balancer  # the destination's balancer, for its gauges at scrape time
+
+    async def aclose(self) -> None:
+        for close in self.closers:
+            result = close()
+            if isinstance(result, Awaitable):
+                await result

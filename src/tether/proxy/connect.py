@@ -1,0 +1,84 @@
+"""How the proxy reaches an endpoint, for HTTP and opaque TCP alike.
+
+:func:`reach` is the one decision: an endpoint that discovery says is meshed (it has an identity,
+and this proxy has one too) is reached over mTLS at its proxy's inbound port, verifying that
+identity; an opaque stream to it carries the application port in a transport header. Anything
+else is reached in plaintext at its own address. :func:`connector` and :func:`connect_tcp` then
+open what :func:`reach` decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tether.core import transport_header
+from tether.core.discovery.endpoints import Endpoint
+from tether.proxy.http.h1client import Connector
+from tether.proxy.targets import EndpointTarget
+from tether.proxy.tcp import Pending
+from tether.proxy.tlspeer import IdentityNotReady
+
+if TYPE_CHECKING:
+    from tether.proxy.identity import IdentityClient
+
+
+def reach(ep: Endpoint, mtls: bool, opaque: bool = False) -> EndpointTarget:
+    """How to reach ``ep``; ``mtls``: this proxy can speak mesh TLS (it has an identity)."""
+    meshed = mtls and ep.identity is not None
+    if opaque:
+        # An opaque stream needs the transport header to name its port, and Linkerd sends that
+        # header only inside mesh TLS: without it, go straight to the application.
+        if meshed and ep.proxy_port:
+            return EndpointTarget(ep.addr, (ep.addr[0], ep.proxy_port), ep.identity, ep.labels,
+                                  transport_port=ep.addr[1])
+        return EndpointTarget(ep.addr, ep.addr, None, ep.labels)
+    dial = (ep.addr[0], ep.proxy_port) if ep.proxy_port else ep.addr
+    return EndpointTarget(ep.addr, dial, ep.identity if meshed else None, ep.labels)
+
+
+def connector(target: EndpointTarget, identity: IdentityClient | None, handshake_timeout: float) -> Connector | None:
+    """The connector an HTTP pool uses for ``target`` (None: plain TCP to ``target.dial``)."""
+    server_id = target.server_id
+    if server_id is None or identity is None:
+        return None
+    host, port = target.dial
+
+    async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        ctx = _client_context(identity)
+        try:
+            return await asyncio.get_running_loop().create_connection(
+                factory, host, port, ssl=ctx, server_hostname=server_id,
+                ssl_handshake_timeout=handshake_timeout)
+        except ssl.SSLError as e:
+            # Name what we expected: the reason reaches the client in l5d-proxy-error.
+            raise OSError(f"mTLS handshake expecting identity {server_id} failed: {e.reason or e}") from None
+
+    return connect
+
+
+async def connect_tcp(target: EndpointTarget, identity: IdentityClient | None, timeout: float,
+                      handshake_timeout: float) -> tuple[asyncio.Transport, Pending]:
+    """Open an opaque stream to ``target``; what the server sends before the splice takes over is
+    kept in the returned Pending protocol. Over mTLS, the transport header goes first."""
+    loop = asyncio.get_running_loop()
+    ctx = _client_context(identity) if target.server_id is not None and identity is not None else None
+    async with asyncio.timeout(timeout):
+        transport, proto = await loop.create_connection(
+            Pending, target.dial[0], target.dial[1], ssl=ctx,
+            server_hostname=target.server_id if ctx is not None else None,
+            ssl_handshake_timeout=handshake_timeout if ctx is not None else None)
+    if target.transport_port is not None and ctx is not None:
+        transport.write(transport_header.encode(transport_header.TransportHeader(target.transport_port)))
+    return transport, proto
+
+
+def _client_context(identity: IdentityClient | None) -> ssl.SSLContext:
+    if identity is None:
+        raise OSError("no identity: this proxy cannot speak mesh TLS")
+    try:
+        return identity.client_ssl_context()
+    except IdentityNotReady as e:
+        raise OSError(f"no certificate yet: {e}") from None

@@ -1,0 +1,153 @@
+"""The inbound path, read top to bottom: what happens to a connection from another workload.
+
+accept -> mesh TLS? (peeked ClientHello with our identity as SNI: terminated, client identity kept)
+       -> detect protocol (or a transport header naming the port of an opaque stream)
+       -> HTTP: the stack of the connection's target (application port, TLS, client identity)
+       -> opaque TCP: the application port on loopback
+
+The target port is the original destination's (transparent mode, after iptables REDIRECT), the
+one a peer proxy named in the transport header, or the configured application address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+from tether.core.discovery.endpoints import Addr
+from tether.core.http.detect import Detected
+from tether.proxy.cache import IdleCache, Stack
+from tether.proxy.config import ProxyConfig, client_settings, detect_settings, h1_server_settings, h2_settings
+from tether.proxy.detect import DetectProtocol
+from tether.proxy.endpoint import HttpEndpoint
+from tether.proxy.errors import UnavailableError
+from tether.proxy.http.message import Connection, Request, Response, Service
+from tether.proxy.layers.metrics import InboundHttpMetrics
+from tether.proxy.layers.rescue import Rescue
+from tether.proxy.layers.timeout import ResponseTimeout
+from tether.proxy.meshtls import MeshTlsListener
+from tether.proxy.metrics import MetricsRegistry
+from tether.proxy.server import Connections, hold_opaque
+from tether.proxy.targets import EndpointTarget, InboundTarget
+from tether.proxy.tcp import Pending
+
+if TYPE_CHECKING:
+    from tether.proxy.identity import IdentityClient
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+def local_target(app_addr: Addr | None, orig_dst: Addr | None, port_hint: int | None) -> Addr:
+    """Where on this host an inbound connection is delivered."""
+    if port_hint is not None:
+        return LOOPBACK, port_hint
+    if orig_dst is not None:
+        return LOOPBACK, orig_dst[1]
+    if app_addr is not None:
+        return app_addr
+    raise UnavailableError("no application address: not redirected and --inbound-app-addr unset")
+
+
+class Inbound:
+    """The inbound listener's stacks and live connections."""
+
+    def __init__(self, cfg: ProxyConfig, metrics: MetricsRegistry, identity: IdentityClient | None) -> None:
+        self.metrics = metrics
+        self.identity = identity
+        self.app_addr = cfg.inbound_app_addr
+        self.detect = detect_settings(cfg)
+        self.client = client_settings(cfg, cfg.inbound_connect_timeout)
+        self.connect_timeout = cfg.inbound_connect_timeout
+        self.handshake_timeout = cfg.identity_handshake_timeout
+        self.response_timeout = cfg.response_timeout
+        self.connections = Connections("inbound", h1_server_settings(cfg), h2_settings(cfg), cfg.tcp_zero_copy)
+        self.targets: IdleCache[InboundTarget, Stack] = IdleCache(
+            self.http_stack, cfg.cache_max_idle_age, close=Stack.aclose, name="inbound")
+        self.mesh_listener: MeshTlsListener | None = None
+
+    # -- accept: mesh TLS terminated first when this proxy has an identity ---------------------------
+    def listen_mesh(self, addr: Addr) -> tuple[str, int]:
+        assert self.identity is not None
+        self.mesh_listener = MeshTlsListener(
+            self.detect, self.handshake_timeout, self.identity, addr, self.accept,
+            on_handshake_error=lambda err: self.metrics.tcp_error("inbound", err))
+        return self.mesh_listener.start()
+
+    def accept(self) -> DetectProtocol:
+        """The protocol of a newly accepted (or TLS-terminated) connection."""
+        return DetectProtocol("inbound", self.detect, self.on_detected)
+
+    def on_detected(self, what: Detected, transport: asyncio.Transport, conn: Connection, buf: bytes,
+                    eof: bool) -> None:
+        if what is Detected.HTTP1 or what is Detected.H2:
+            tcp = self.metrics.tcp("inbound", "src", conn.orig_dst, tls=conn.tls, client_id=conn.client_id)
+            tcp.opened()
+            service = _Pinned(self, conn)  # this connection's target stack, per request
+            serve = self.connections.serve_h1 if what is Detected.HTTP1 else self.connections.serve_h2
+            serve(service, transport, conn, buf, tcp)
+        else:
+            self.connections.spawn(self.tcp(transport, conn, hold_opaque(transport, buf, eof)))
+
+    # -- HTTP: one stack per target -------------------------------------------------------------------
+    def http_stack(self, target: InboundTarget) -> Stack:
+        forward = HttpEndpoint(target.app, self.client)  # to the application on loopback, pooled
+        svc: Service = forward
+        if self.response_timeout is not None:
+            svc = ResponseTimeout(svc, self.response_timeout)  # 504 when the head is late
+        svc = Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
+        svc = InboundHttpMetrics(svc, self.metrics, target)  # request_total, response_total, latency
+        return Stack(svc, [forward.aclose])
+
+    def target_of(self, conn: Connection) -> InboundTarget:
+        app = local_target(self.app_addr, conn.orig_dst, conn.target_port)
+        return InboundTarget(app, conn.tls, conn.client_id)
+
+    # -- opaque TCP ------------------------------------------------------------------------------------
+    async def tcp(self, transport: asyncio.Transport, conn: Connection, client_pending: Pending) -> None:
+        try:
+            app = local_target(self.app_addr, conn.orig_dst, conn.target_port)
+        except UnavailableError:
+            self.metrics.tcp_error("inbound", "unexpected")
+            log.info("inbound opaque connection from %s:%d has no target; closing", *conn.peer)
+            transport.close()
+            return
+        await self.connections.connect_and_forward(self.metrics, None, conn, transport, client_pending,
+                                                   EndpointTarget(app, app), self.connect_timeout,
+                                                   self.handshake_timeout)
+
+    def close_listener(self) -> None:
+        if self.mesh_listener is not None:
+            self.mesh_listener.close()
+
+    async def aclose(self) -> None:
+        await self.targets.aclose()
+
+
+class _Pinned:
+    """The HTTP service of one inbound connection: its target's cached stack."""
+
+    __slots__ = ("inbound", "target")
+
+    def __init__(self, inbound: Inbound, conn: Connection) -> None:
+        self.inbound = inbound
+        self.target: InboundTarget | None = None
+        try:
+            self.target = inbound.target_of(conn)
+        except UnavailableError:
+            pass
+
+    def __call__(self, req: Request) -> Awaitable[Response]:
+        target = self.target
+        if target is None:
+            return _no_target(req)
+        return self.inbound.targets.get(target).service(req)
+
+
+async def _no_target(req: Request) -> Response:
+    from tether.proxy.errors import rescue
+
+    return rescue(UnavailableError("no application address: not redirected and --inbound-app-addr unset"), req)

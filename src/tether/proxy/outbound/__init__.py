@@ -1,0 +1,1 @@
+"""The outbound side: traffic from the local application to its dependencies (see ``stack``)."""

@@ -1,0 +1,108 @@
+"""Route a request to its logical destination's stack, by authority.
+
+The authority is ``l5d-dst-override`` when present (removed before forwarding), else the request's
+own. Discovery decides whether it is a known destination (balanced over its endpoints) or not
+(forwarded to the original destination in transparent mode, to the address the authority names in
+explicit mode). The decision for an authority is remembered until discovery changes.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from tether.core.discovery.endpoints import Addr
+from tether.core.http.authority import normalize_authority
+from tether.proxy.cache import IdleCache, Stack
+from tether.proxy.discovery import Discovery
+from tether.proxy.errors import ProxyError, UnavailableError
+from tether.proxy.http.message import Request, Response
+from tether.proxy.targets import Logical
+
+# Decisions remembered per (authority, original destination); cleared past this many (the
+# authorities a client sends are its own choice: never let them grow memory without bound).
+_MAX_DECISIONS: Final = 4096
+
+DiscoveryGeneration = Callable[[], int]
+
+
+def split_authority(authority: bytes, default_port: int = 80) -> tuple[str, int]:
+    """``host[:port]`` to (host, port); raises UnavailableError when it can't be a target."""
+    text = authority.decode("latin-1").strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, ""
+    if not host:
+        raise UnavailableError(f"no host in authority {text!r}")
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise UnavailableError(f"invalid port in authority {text!r}") from None
+    return host, port
+
+
+class Router:
+    """Service: pick the logical destination of a request and call its (cached) stack."""
+
+    def __init__(self, discovery: Discovery | None, stacks: IdleCache[Logical, Stack],
+                 own_addrs: set[Addr], generation: DiscoveryGeneration | None = None) -> None:
+        self.discovery = discovery
+        self.stacks = stacks
+        self.own_addrs = own_addrs
+        self._own_ports = {a[1] for a in own_addrs}
+        self._generation = generation or (lambda: 0)
+        self._seen_generation = self._generation()
+        self._decided: dict[tuple[bytes, Addr | None], Logical] = {}
+
+    def __call__(self, req: Request) -> Awaitable[Response]:
+        # Synchronous when the destination was decided before: no coroutine frame of its own.
+        override = req.header(b"l5d-dst-override")
+        if override is not None:
+            req.remove_header(b"l5d-dst-override")
+        conn = req.conn
+        orig_dst = conn.orig_dst if conn is not None else None
+        key = (override or req.authority, orig_dst)
+        gen = self._generation()
+        if gen != self._seen_generation:
+            self._seen_generation = gen
+            self._decided.clear()  # discovery changed: unknown authorities may be known now
+        logical = self._decided.get(key)
+        if logical is not None:
+            return self.stacks.get(logical).service(req)
+        return self._decide_and_call(req, key)
+
+    async def _decide_and_call(self, req: Request, key: tuple[bytes, Addr | None]) -> Response:
+        logical = await self._decide(key[0], key[1])
+        if len(self._decided) >= _MAX_DECISIONS:
+            self._decided.clear()
+        self._decided[key] = logical
+        return await self.stacks.get(logical).service(req)
+
+    async def _decide(self, authority: bytes, orig_dst: Addr | None) -> Logical:
+        try:
+            name = normalize_authority(authority, 80)
+        except ValueError:
+            name = None
+        if name is not None and self.discovery is not None:
+            resolved = await self.discovery.resolve(name)
+            if resolved is not None:
+                return Logical(resolved.authority, watch=resolved.endpoints)
+        target = orig_dst if orig_dst is not None else self._named_addr(authority)
+        return Logical(name or authority.decode("latin-1"), fallback=target)
+
+    def _named_addr(self, authority: bytes) -> Addr:
+        host, port = split_authority(authority)
+        try:
+            infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+            target = (str(infos[0][4][0]), port)
+        except socket.gaierror:
+            target = (host, port)  # a name: resolved at connect time
+        if target in self.own_addrs or (
+                target[1] in self._own_ports and target[0] in ("127.0.0.1", "localhost", "0.0.0.0")):
+            raise ProxyError(f"request for {authority.decode('latin-1')} would loop back into the proxy", 502)
+        return target

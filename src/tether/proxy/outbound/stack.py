@@ -1,0 +1,166 @@
+"""The outbound path, read top to bottom: what happens to a connection from the local application.
+
+accept -> detect protocol -> HTTP: route by authority -> logical stack -> balancer -> endpoint stack
+                          -> opaque TCP: original destination (mTLS + transport header when meshed)
+
+Stacks are built per target and cached while used (:class:`~tether.proxy.cache.IdleCache`): one
+per logical destination (its route policy, balancer and metrics), one per endpoint inside its
+balancer (its connection pool, TLS identity and metric labels). Nothing is decided per request
+that could be decided per target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tether.core.discovery.endpoints import Addr, Endpoint
+from tether.core.http.detect import Detected
+from tether.proxy import connect
+from tether.proxy.balancer import Balancer
+from tether.proxy.cache import IdleCache, Stack
+from tether.proxy.config import (
+    ProxyConfig,
+    balancer_settings,
+    client_settings,
+    detect_settings,
+    h1_server_settings,
+    h2_settings,
+)
+from tether.proxy.detect import DetectProtocol
+from tether.proxy.discovery import Discovery, feed
+from tether.proxy.endpoint import HttpEndpoint
+from tether.proxy.http.message import Connection, Service
+from tether.proxy.layers.connect_retry import ConnectRetry
+from tether.proxy.layers.metrics import EndpointMeter, HttpMetricsService
+from tether.proxy.layers.rescue import Rescue
+from tether.proxy.layers.timeout import ResponseTimeout
+from tether.proxy.metrics import MetricsRegistry, escape_label
+from tether.proxy.outbound.router import Router
+from tether.proxy.server import Connections, hold_opaque
+from tether.proxy.targets import Logical, Route
+from tether.proxy.tcp import Pending
+
+if TYPE_CHECKING:
+    from tether.proxy.identity import IdentityClient
+
+log = logging.getLogger(__name__)
+
+
+class Outbound:
+    """The outbound listener's stacks and live connections."""
+
+    def __init__(self, cfg: ProxyConfig, metrics: MetricsRegistry, discovery: Discovery | None,
+                 identity: IdentityClient | None, own_addrs: set[Addr]) -> None:
+        self.metrics = metrics
+        self.discovery = discovery
+        self.identity = identity
+        self.detect = detect_settings(cfg)
+        self.client = client_settings(cfg, cfg.outbound_connect_timeout)
+        self.balancer = balancer_settings(cfg)
+        self.handshake_timeout = cfg.identity_handshake_timeout
+        self.connect_timeout = cfg.outbound_connect_timeout
+        # Until routes come from the control plane, every destination has the default route.
+        self.route = Route(timeout=cfg.response_timeout, connect_retry_attempts=cfg.connect_retry_attempts)
+        self.connections = Connections("outbound", h1_server_settings(cfg), h2_settings(cfg), cfg.tcp_zero_copy)
+        self.logicals: IdleCache[Logical, Stack] = IdleCache(
+            self.logical_stack, cfg.cache_max_idle_age, close=Stack.aclose, name="outbound")
+        generation = discovery.generation if discovery is not None else None
+        self.http: Service = Rescue(Router(discovery, self.logicals, own_addrs, generation))
+
+    # -- accept and detect --------------------------------------------------------------------------
+    def accept(self) -> DetectProtocol:
+        """The protocol of a newly accepted connection."""
+        return DetectProtocol("outbound", self.detect, self.on_detected)
+
+    def on_detected(self, what: Detected, transport: asyncio.Transport, conn: Connection, buf: bytes,
+                    eof: bool) -> None:
+        if what is Detected.HTTP1 or what is Detected.H2:
+            # Every accepted connection counts in tcp_open_total/tcp_open_connections, HTTP too.
+            tcp = self.metrics.tcp("outbound", "src", conn.orig_dst, tls=conn.tls)
+            tcp.opened()
+            serve = self.connections.serve_h1 if what is Detected.HTTP1 else self.connections.serve_h2
+            serve(self.http, transport, conn, buf, tcp)  # route -> logical stack, per request
+        else:
+            self.connections.spawn(self.tcp(transport, conn, hold_opaque(transport, buf, eof)))
+
+    # -- HTTP: one stack per logical destination ---------------------------------------------------
+    def logical_stack(self, target: Logical) -> Stack:
+        route = self.route
+        closers: list[Callable[[], object]] = []
+        inner: Balancer | EndpointMeter
+        if target.watch is not None:
+            inner = self._balancer(target, closers)  # P2C over peak-EWMA, failure accrual, fail-fast
+        else:
+            assert target.fallback is not None
+            inner = self.endpoint_stack(target, Endpoint(target.fallback))  # the one address it names
+        closers.append(inner.aclose)
+        svc: Service = ConnectRetry(inner, route.connect_retry_attempts)  # a refused connect sent nothing
+        if route.timeout is not None:
+            svc = ResponseTimeout(svc, route.timeout)  # 504 when the response head is late
+        svc = Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
+        svc = HttpMetricsService(svc, self.metrics.http(  # request_total, response_total, latency
+            "outbound", target.fallback, authority=target.authority))
+        return Stack(svc, closers, inner if isinstance(inner, Balancer) else None)
+
+    def balancer_lines(self) -> list[str]:
+        """Each cached destination's balancer: endpoints ready and pending, and its counters.
+
+        ``outbound_http_balancer_endpoints`` is Linkerd's name; until the control plane streams
+        parent and backend references, its series are labelled by the destination's authority."""
+        out = ["# HELP outbound_http_balancer_endpoints Endpoints of a destination's balancer, by state.",
+               "# TYPE outbound_http_balancer_endpoints gauge"]
+        counters: list[str] = []
+        for stack in self.logicals.values():
+            bal = stack.balancer
+            if not isinstance(bal, Balancer):
+                continue
+            who = f'authority="{escape_label(bal.name)}"'
+            out.append(f'outbound_http_balancer_endpoints{{{who},endpoint_state="ready"}} {bal.endpoints_ready}')
+            out.append(f'outbound_http_balancer_endpoints{{{who},endpoint_state="pending"}} {bal.endpoints_pending}')
+            counters += [f"tether_balancer_failfast_total{{{who}}} {bal.failfast_total}",
+                         f"tether_balancer_loadshed_total{{{who}}} {bal.loadshed_total}",
+                         f"tether_balancer_ejections_total{{{who}}} {bal.ejections_total}"]
+        for name, text in (("failfast", "Requests failed because the destination was in fail-fast."),
+                           ("loadshed", "Requests refused because the balancer's queue was full."),
+                           ("ejections", "Endpoints ejected by failure accrual.")):
+            out += [f"# HELP tether_balancer_{name}_total {text}", f"# TYPE tether_balancer_{name}_total counter"]
+            out += [c for c in counters if c.startswith(f"tether_balancer_{name}_total")]
+        return out
+
+    def _balancer(self, target: Logical, closers: list[Callable[[], object]]) -> Balancer:
+        assert target.watch is not None
+        bal = Balancer(lambda ep: self.endpoint_stack(target, ep), self.balancer, name=target.authority)
+        bal.replace(target.watch.state)  # the snapshot now, so the first request need not queue
+        sub = target.watch.subscribe()
+        task = asyncio.get_running_loop().create_task(feed(sub, bal))
+        closers += [sub.close, task.cancel]
+        return bal
+
+    # -- HTTP: one stack per endpoint ----------------------------------------------------------------
+    def endpoint_stack(self, logical: Logical, ep: Endpoint) -> EndpointMeter:
+        t = connect.reach(ep, mtls=self.identity is not None)  # plain, or mTLS to its proxy
+        svc: Service = HttpEndpoint(t.dial, self.client,  # pooled HTTP/1, one HTTP/2 connection
+                                    connect.connector(t, self.identity, self.handshake_timeout))
+        return EndpointMeter(svc, self.metrics.http(  # the request counts as this endpoint's
+            "outbound", t.addr, authority=logical.authority, tls=t.server_id is not None,
+            server_id=t.server_id, extra=t.labels))
+
+    # -- opaque TCP: one connection at a time --------------------------------------------------------
+    async def tcp(self, transport: asyncio.Transport, conn: Connection, client_pending: Pending) -> None:
+        dst = conn.orig_dst
+        if dst is None:
+            self.metrics.tcp_error("outbound", "unexpected")
+            log.info("outbound opaque connection from %s:%d has no original destination; closing", *conn.peer)
+            transport.close()
+            return
+        known = await self.discovery.lookup(dst) if self.discovery is not None else None
+        mtls = self.identity is not None and self.identity.ready
+        target = connect.reach(known or Endpoint(dst), mtls=mtls, opaque=True)
+        await self.connections.connect_and_forward(self.metrics, self.identity, conn, transport, client_pending,
+                                                   target, self.connect_timeout, self.handshake_timeout)
+
+    async def aclose(self) -> None:
+        await self.logicals.aclose()
