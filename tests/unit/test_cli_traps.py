@@ -218,3 +218,18 @@ def test_proxy_flags_read_units(flag: str, value: str, field: str, expected: obj
     from tether.cli.proxy_cmd import config_from_flags
 
     assert getattr(config_from_flags({field: value}), field) == expected
+
+
+def test_check_names_a_stale_control_plane_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tether.platform.local.controlplane import ControlPlaneRecord, write_record
+    from tether.testing.procs import free_port
+
+    port = free_port()  # nothing listens there: the process that wrote the record is gone
+    write_record(tmp_path, ControlPlaneRecord("identity", 999999, "0.1.0", f"127.0.0.1:{free_port()}",
+                                              f"127.0.0.1:{port}", "linkerd", "cluster.local"))
+    code, out, _ = run(capsys, "check", "--state-dir", str(tmp_path), "--timeout", "1s")
+    assert code == 1
+    assert "\u00d7 control plane processes are running" in out
+    assert "no identity service replica answers" in out and "identity-999999.json" in out
+    assert "Server version: unavailable (identity service not reachable" in run(
+        capsys, "version", "--state-dir", str(tmp_path), "--timeout", "1s")[1]

@@ -205,12 +205,16 @@ def _cp_recorded(ctx: CheckContext) -> None:
 
 
 def _cp_running(ctx: CheckContext) -> None:
-    problems = [f"pid {r.pid}: {p}" for r in _records(ctx) if (p := _probe(r.admin_addr, "/live", ctx))]
-    if len(problems) == len(_records(ctx)):
-        raise CheckFailed("no identity service replica answers:\n" + "\n".join(problems))
+    from tether.platform.local.controlplane import records_dir
+
+    problems = []
+    for r in _records(ctx):
+        if p := _probe(r.admin_addr, "/live", ctx):
+            record = records_dir(ctx.options.state_dir) / f"{r.component}-{r.pid}.json"
+            problems.append(f"pid {r.pid}: {p} (if that process is gone, remove its record {record})")
     if problems:
-        raise CheckFailed("some replicas do not answer (stale records are removed by restarting them):\n"
-                          + "\n".join(problems))
+        some = "no" if len(problems) == len(_records(ctx)) else "not every"
+        raise CheckFailed(f"{some} identity service replica answers:\n" + "\n".join(problems))
 
 
 def _cp_ready(ctx: CheckContext) -> None:
