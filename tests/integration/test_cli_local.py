@@ -116,3 +116,19 @@ def test_identity_service_warns_about_an_issuer_named_for_another_control_plane(
     finally:
         assert p.stop() == 0
     assert read_records(state) == [], "the record goes when the service stops"
+
+
+def test_identity_and_check_work_on_the_demos_state(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    demo = Proc([sys.executable, "-m", "tether", "demo", "--duration", "1s", "--rps", "20", "--keep-running",
+                 "--workdir", str(work)], tmp_path / "demo.log")
+    try:
+        wait_for(lambda: "mesh left running" in demo.log(), 60, what="the demo's mesh")
+        assert f"tether identity default/web --state-dir {work / 'state'}" in demo.log()
+        r = tether("identity", "default/web", state=work / "state")
+        assert r.returncode == 0, r.stderr
+        assert "Identity:  web.default.serviceaccount.identity.linkerd.cluster.local" in r.stdout
+        r = tether("check", "--proxy", state=work / "state")
+        assert r.returncode == 0, r.stdout
+    finally:
+        assert demo.stop() in (0, 143)
