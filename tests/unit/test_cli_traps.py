@@ -233,3 +233,13 @@ def test_check_names_a_stale_control_plane_record(tmp_path: Path, capsys: pytest
     assert "no identity service replica answers" in out and "identity-999999.json" in out
     assert "Server version: unavailable (identity service not reachable" in run(
         capsys, "version", "--state-dir", str(tmp_path), "--timeout", "1s")[1]
+
+
+def test_a_bad_proxy_environment_variable_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TETHER_PROXY_DETECT_TIMEOUT", "10x")
+    code, out, err = run(capsys, "proxy", "--admin-addr", "127.0.0.1:0")  # the fast path: nothing is bound
+    assert code == 2 and out == ""
+    assert err.startswith("tether proxy: TETHER_PROXY_DETECT_TIMEOUT: '10x' is not a duration")
+    assert len(err.strip().splitlines()) == 1
