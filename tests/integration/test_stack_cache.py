@@ -91,3 +91,38 @@ def test_ten_thousand_idle_destinations_leave_memory_flat(tmp_path: Path) -> Non
     finally:
         proxy.stop()
         backend.kill()
+
+
+def test_balancer_gauges_are_rendered_per_destination(tmp_path: Path) -> None:
+    backend = start_in_thread("web")
+    port = backend.server_address[1]
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connections to it are refused
+    dead_port = dead.getsockname()[1]
+    destinations = tmp_path / "destinations.yaml"
+    destinations.write_text(
+        f'destinations: {{"web.test:80": ["127.0.0.1:{port}", "127.0.0.1:{dead_port}"]}}\n')
+    proxy = ProxyProc(tmp_path, destinations_file=str(destinations)).wait_ready()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.outbound_port), timeout=10) as c:
+            f = c.makefile("rb")
+            for _ in range(20):
+                c.sendall(b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")
+                assert f.readline().startswith(b"HTTP/1.1 200")  # a refused endpoint is retried
+                length = 0
+                while (line := f.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                f.read(length)
+        text = proxy.metrics()
+        states = {}
+        for line in text.splitlines():
+            if line.startswith('outbound_http_balancer_endpoints{authority="web.test:80"'):
+                states[line.split('endpoint_state="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+        # The refused endpoint is unready while its reconnect backoff runs (or ready to be probed).
+        assert states["ready"] + states["pending"] == 2 and states["ready"] >= 1, states
+        assert 'tether_balancer_failfast_total{authority="web.test:80"} 0' in text
+    finally:
+        proxy.stop()
+        backend.kill()
+        dead.close()

@@ -105,31 +105,6 @@ class Outbound:
             "outbound", target.fallback, authority=target.authority))
         return Stack(svc, closers, inner if isinstance(inner, Balancer) else None)
 
-    def balancer_lines(self) -> list[str]:
-        """Each cached destination's balancer: endpoints ready and pending, and its counters.
-
-        ``outbound_http_balancer_endpoints`` is Linkerd's name; until the control plane streams
-        parent and backend references, its series are labelled by the destination's authority."""
-        out = ["# HELP outbound_http_balancer_endpoints Endpoints of a destination's balancer, by state.",
-               "# TYPE outbound_http_balancer_endpoints gauge"]
-        counters: list[str] = []
-        for stack in self.logicals.values():
-            bal = stack.balancer
-            if not isinstance(bal, Balancer):
-                continue
-            who = f'authority="{escape_label(bal.name)}"'
-            out.append(f'outbound_http_balancer_endpoints{{{who},endpoint_state="ready"}} {bal.endpoints_ready}')
-            out.append(f'outbound_http_balancer_endpoints{{{who},endpoint_state="pending"}} {bal.endpoints_pending}')
-            counters += [f"tether_balancer_failfast_total{{{who}}} {bal.failfast_total}",
-                         f"tether_balancer_loadshed_total{{{who}}} {bal.loadshed_total}",
-                         f"tether_balancer_ejections_total{{{who}}} {bal.ejections_total}"]
-        for name, text in (("failfast", "Requests failed because the destination was in fail-fast."),
-                           ("loadshed", "Requests refused because the balancer's queue was full."),
-                           ("ejections", "Endpoints ejected by failure accrual.")):
-            out += [f"# HELP tether_balancer_{name}_total {text}", f"# TYPE tether_balancer_{name}_total counter"]
-            out += [c for c in counters if c.startswith(f"tether_balancer_{name}_total")]
-        return out
-
     def _balancer(self, target: Logical, closers: list[Callable[[], object]]) -> Balancer:
         assert target.watch is not None
         bal = Balancer(lambda ep: self.endpoint_stack(target, ep), self.balancer, name=target.authority)
@@ -161,6 +136,32 @@ class Outbound:
         target = connect.reach(known or Endpoint(dst), mtls=mtls, opaque=True)
         await self.connections.connect_and_forward(self.metrics, self.identity, conn, transport, client_pending,
                                                    target, self.connect_timeout, self.handshake_timeout)
+
+    # -- scrape time ---------------------------------------------------------------------------------
+    def balancer_lines(self) -> list[str]:
+        """Each cached destination's balancer: endpoints ready and pending, and its counters.
+
+        ``outbound_http_balancer_endpoints`` is Linkerd's name; until the control plane streams
+        parent and backend references, its series are labelled by the destination's authority."""
+        out = ["# HELP outbound_http_balancer_endpoints Endpoints of a destination's balancer, by state.",
+               "# TYPE outbound_http_balancer_endpoints gauge"]
+        counters: list[str] = []
+        for stack in self.logicals.values():
+            bal = stack.balancer
+            if not isinstance(bal, Balancer):
+                continue
+            who = f'authority="{escape_label(bal.name)}"'
+            out.append(f'outbound_http_balancer_endpoints{{{who},endpoint_state="ready"}} {bal.endpoints_ready}')
+            out.append(f'outbound_http_balancer_endpoints{{{who},endpoint_state="pending"}} {bal.endpoints_pending}')
+            counters += [f"tether_balancer_failfast_total{{{who}}} {bal.failfast_total}",
+                         f"tether_balancer_loadshed_total{{{who}}} {bal.loadshed_total}",
+                         f"tether_balancer_ejections_total{{{who}}} {bal.ejections_total}"]
+        for name, text in (("failfast", "Requests failed because the destination was in fail-fast."),
+                           ("loadshed", "Requests refused because the balancer's queue was full."),
+                           ("ejections", "Endpoints ejected by failure accrual.")):
+            out += [f"# HELP tether_balancer_{name}_total {text}", f"# TYPE tether_balancer_{name}_total counter"]
+            out += [c for c in counters if c.startswith(f"tether_balancer_{name}_total")]
+        return out
 
     async def aclose(self) -> None:
         await self.logicals.aclose()
