@@ -135,7 +135,7 @@ def test_env_json_identity_json_and_unknown_paths(admin: Admin) -> None:
     assert status == 200 and headers["content-type"] == "application/json"
     env = json.loads(body)
     assert env["TETHER_PROXY_ADMIN_ADDR"] == "127.0.0.1:0"
-    assert env["TETHER_PROXY_ENABLE_ADMIN_SHUTDOWN"] == "False"
+    assert env["TETHER_PROXY_ENABLE_ADMIN_SHUTDOWN"] == "false"
     status, _, body = admin.request("GET", "/identity.json")
     assert status == 200 and json.loads(body)["state"] == "ready"
     status, _, body = admin.request("GET", "/nope")

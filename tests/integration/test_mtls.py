@@ -223,7 +223,7 @@ def test_issuer_rotation_under_load_loses_no_request(tmp_path: Path) -> None:
             new = tmp_path / "issuer2"
             _tether("identity", "create-issuer", "--anchor-cert", str(ca / "ca.crt"), "--anchor-key",
                     str(ca / "ca.key"), "--out", str(new), "--identity-trust-domain", "cluster.local",
-                    "--controller-namespace", "tether")
+                    "--controller-namespace", p.mesh.cp_ns)
             new_issuer = (new / "tls.crt").read_text().strip()
             _replace(ca / "tls.key", (new / "tls.key").read_bytes())
             _replace(ca / "tls.crt", (new / "tls.crt").read_bytes())
@@ -259,7 +259,7 @@ def test_trust_anchor_rotation_under_load_loses_no_request(tmp_path: Path) -> No
             issuer_b = tmp_path / "issuer-b"
             _tether("identity", "create-issuer", "--anchor-cert", str(b / "ca.crt"), "--anchor-key",
                     str(b / "ca.key"), "--trust-anchors", str(bundle), "--out", str(issuer_b),
-                    "--identity-trust-domain", "cluster.local", "--controller-namespace", "tether")
+                    "--identity-trust-domain", "cluster.local", "--controller-namespace", p.mesh.cp_ns)
             new_issuer = (issuer_b / "tls.crt").read_text().strip()
             _replace(ca / "tls.key", (issuer_b / "tls.key").read_bytes())
             _replace(ca / "tls.crt", (issuer_b / "tls.crt").read_bytes())

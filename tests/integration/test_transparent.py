@@ -141,7 +141,7 @@ def meshed_pods() -> Iterator[tuple[netns.Pod, netns.Pod, LocalMesh]]:
         identity = Proc([sys.executable, "-m", "tether", "controller", "identity", "--addr", "0.0.0.0:8080",
                          "--admin-addr", "127.0.0.1:9990", "--issuer-dir", str(mesh.ca_dir), "--state-dir",
                          str(mesh.state), "--identity-trust-domain", "cluster.local", "--controller-namespace",
-                         "tether"], tmp_path / "identity.log", netns=control.ns)
+                         mesh.cp_ns], tmp_path / "identity.log", netns=control.ns)
         procs.append(identity)
         wait_for(lambda: control.exec("curl", "-sf", "http://127.0.0.1:9990/ready", check=False).returncode == 0,
                  20, what="identity service ready")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from tether.cli.check import IDENTITY, CheckContext, run_checks
+from tether.cli.check import IDENTITY, CheckContext, CheckOptions, run_checks
 from tether.cli.main import main
 from tether.core.identity.authority import create_anchor, create_issuer
 
@@ -27,16 +27,9 @@ def write(d: Path, issuer_start: dt.datetime, issuer_life: dt.timedelta, foreign
 
 
 def run(d: Path) -> tuple[str, bool, int]:
-    import argparse
-
-    args = argparse.Namespace(
-        identity_trust_anchors_file=None,
-        identity_issuer_certificate_file=None,
-        identity_issuer_dir=str(d),
-        state_dir=str(d),
-    )
+    options = CheckOptions(state_dir=str(d), identity_issuer_dir=str(d))
     out = io.StringIO()
-    _, ok = run_checks([IDENTITY], CheckContext(args, NOW), out)
+    _, ok = run_checks([IDENTITY], CheckContext(options, NOW), out)
     status = main(["check", "--category", "linkerd-identity", "--identity-issuer-dir", str(d)])
     return out.getvalue(), ok, status
 
@@ -71,7 +64,7 @@ def test_issuer_not_signed_by_anchor_is_an_error(tmp_path: Path) -> None:
 
 
 def test_missing_config_is_fatal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["check", "--state-dir", str(tmp_path / "none")])
+    status = main(["check", "--category", "linkerd-identity", "--state-dir", str(tmp_path / "none")])
     out = capsys.readouterr().out
     assert status == 1
     assert "\u00d7 certificate config is valid" in out and "trust anchors" not in out.split("config is valid")[1]

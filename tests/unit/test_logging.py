@@ -96,6 +96,17 @@ def test_plain_output_is_one_line_per_event() -> None:
     assert lines[0][:4].isdigit() and "Z " in lines[0]
 
 
+def test_plain_output_uses_linkerds_level_names() -> None:
+    out = io.StringIO()
+    configure_logging("trace", "plain", out)
+    lg = logging.getLogger("tether.levels")
+    lg.log(TRACE, "t")
+    lg.warning("w")
+    lg.critical("c")
+    levels = [line.split()[1] for line in out.getvalue().splitlines()]
+    assert levels == ["TRACE", "WARN", "ERROR"]
+
+
 def test_json_output() -> None:
     out = io.StringIO()
     configure_logging("debug", "json", out)
@@ -105,7 +116,7 @@ def test_json_output() -> None:
     except RuntimeError:
         logging.getLogger("tether.x").exception("oops")
     first, second = (json.loads(line) for line in out.getvalue().splitlines())
-    assert first["level"] == "WARNING"
+    assert first["level"] == "WARN"  # Linkerd's spelling
     assert first["target"] == "tether.x"
     assert first["message"] == "slow peer"
     assert first["fields"] == {"ms": 12}

@@ -1,31 +1,42 @@
 """`tether check`: health checks as data.
 
-A check run is a list of categories (Linkerd's names, e.g. ``linkerd-identity``); each category is a
-list of checkers with a description, a hint, and whether a failure is fatal (stop the run) or only a
-warning. A checker is a function that returns normally on success or raises CheckFailed. Other
-modules add categories with ``register_category`` (and their flags with ``add_arguments``).
+A run is a list of categories (Linkerd's names: ``linkerd-existence``, ``linkerd-identity``, ...);
+each category is a list of checkers with a description, a hint, and whether a failure is fatal
+(stop the run: later checks depend on this one) or only a warning. A checker is a function that
+returns normally on success or raises CheckFailed. Which categories run is data too: ``default``
+categories run always, ``proxy`` ones with ``--proxy``, ``pre`` ones with ``--pre``.
 
 Exit status: 0 when no check failed with an error (warnings allowed), 1 otherwise, so that an
 expired certificate fails a CI job or a cron alert instead of printing a warning nobody reads.
+A run that would check nothing (``--pre`` today) fails and says so.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
+import click
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from tether import __version__
+from tether.cli.errors import OperationFailed
+from tether.cli.output import dump, output_option
+from tether.cli.params import DNS_LABEL, POSITIVE_DURATION, state_dir_option
 
 HINT_BASE = "https://linkerd.io/2/checks/#"
 # Linkerd's marks; spelled as escapes so no reader mistakes them for letters.
 MARK_OK, MARK_WARN, MARK_ERR = "\u221a", "\u203c", "\u00d7"
 EXPIRY_WARNING = dt.timedelta(days=60)
+# What `--pre` would check on Kubernetes (Linkerd's categories), none of which exists here yet.
+PRE_KUBERNETES = ("kubernetes-api", "kubernetes-version", "pre-kubernetes-setup")
+
+Mode = Literal["default", "proxy", "pre"]
 
 
 class CheckFailed(Exception):
@@ -33,10 +44,22 @@ class CheckFailed(Exception):
 
 
 @dataclass
-class CheckContext:
-    """What checkers see: the parsed flags, the time, and a cache checkers share within a run."""
+class CheckOptions:
+    """What the flags say about where to look."""
 
-    args: argparse.Namespace
+    state_dir: str = ".tether"
+    identity_issuer_dir: str | None = None
+    identity_trust_anchors_file: str | None = None
+    identity_issuer_certificate_file: str | None = None
+    namespace: str | None = None  # data-plane checks: only this namespace's workloads
+    timeout: float = 5.0  # per probe of a running process
+
+
+@dataclass
+class CheckContext:
+    """What checkers see: the options, the time, and a cache checkers share within a run."""
+
+    options: CheckOptions
     now: dt.datetime
     cache: dict[str, Any] = field(default_factory=dict)
 
@@ -54,9 +77,7 @@ class Checker:
 class Category:
     name: str
     checkers: tuple[Checker, ...]
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
-    # Whether the category runs for these flags (e.g. only with --proxy).
-    enabled: Callable[[argparse.Namespace], bool] = lambda _args: True
+    mode: Mode = "default"
 
 
 CATEGORIES: list[Category] = []
@@ -82,12 +103,10 @@ class Outcome:
 
 
 def run_checks(categories: list[Category], ctx: CheckContext, out: TextIO | None = None) -> tuple[list[Outcome], bool]:
-    """Run each enabled category in order; returns the outcomes and whether the run succeeded."""
+    """Run the categories in order; returns the outcomes and whether the run succeeded."""
     outcomes: list[Outcome] = []
     ok = True
     for cat in categories:
-        if not cat.enabled(ctx.args):
-            continue
         if out:
             out.write(f"{cat.name}\n{'-' * len(cat.name)}\n")
         for checker in cat.checkers:
@@ -112,47 +131,145 @@ def run_checks(categories: list[Category], ctx: CheckContext, out: TextIO | None
     return outcomes, ok
 
 
+def _hint_url(hint: str) -> str:
+    return HINT_BASE + hint if hint and "/" not in hint and " " not in hint else hint
+
+
 def _print(out: TextIO, o: Outcome) -> None:
     mark = {"ok": MARK_OK, "warning": MARK_WARN, "error": MARK_ERR}[o.status]
     out.write(f"{mark} {o.checker.description}\n")
     if o.error is not None:
         for line in o.error.splitlines():
             out.write(f"    {line}\n")
-        if o.checker.hint:
-            hint = o.checker.hint
-            if "/" not in hint and " " not in hint:
-                hint = HINT_BASE + hint
+        hint = _hint_url(o.checker.hint)
+        if hint.startswith("https://"):
             out.write(f"    see {hint} for hints\n")
+        elif hint:
+            out.write(f"    hint: {hint}\n")
+
+
+def json_result(categories: list[Category], outcomes: list[Outcome], ok: bool) -> dict[str, Any]:
+    """Linkerd's `check -o json` shape: success, then categories with their checks' results."""
+    by_cat: dict[str, list[dict[str, Any]]] = {c.name: [] for c in categories}
+    for o in outcomes:
+        entry: dict[str, Any] = {
+            "description": o.checker.description,
+            "hint": _hint_url(o.checker.hint),
+            "result": {"ok": "success", "warning": "warning", "error": "error"}[o.status],
+        }
+        if o.error is not None:
+            entry["error"] = o.error
+        by_cat[o.category].append(entry)
+    return {
+        "success": ok,
+        "categories": [{"categoryName": name, "checks": checks} for name, checks in by_cat.items() if checks],
+    }
+
+
+# -- local state: the control plane's records and the workload registry ----------------------------
+
+
+def _records(ctx: CheckContext) -> list[Any]:
+    if "records" not in ctx.cache:
+        from tether.platform.local.controlplane import ControlPlaneRecordError, read_records
+
+        try:
+            ctx.cache["records"] = read_records(ctx.options.state_dir, "identity")
+        except ControlPlaneRecordError as e:
+            raise CheckFailed(str(e)) from None
+    return list(ctx.cache["records"])
+
+
+def _probe(addr: str, path: str, ctx: CheckContext) -> str | None:
+    """None if ``GET addr/path`` answers 200, else why not."""
+    from tether.cli.probe import ProbeError, get
+
+    try:
+        status, body = get(addr, path, ctx.options.timeout)
+    except ProbeError as e:
+        return str(e)
+    if status != 200:
+        return f"http://{addr}{path}: HTTP {status} {body[:80].decode(errors='replace').strip()}"
+    return None
+
+
+# -- linkerd-existence -----------------------------------------------------------------------------
+
+
+def _cp_recorded(ctx: CheckContext) -> None:
+    if not _records(ctx):
+        raise CheckFailed(
+            f"no identity service recorded in {Path(ctx.options.state_dir) / 'control-plane'}: start one with "
+            f"`tether controller identity --state-dir {ctx.options.state_dir} ...`, or pass the --state-dir it uses"
+        )
+
+
+def _cp_running(ctx: CheckContext) -> None:
+    from tether.platform.local.controlplane import records_dir
+
+    problems = []
+    for r in _records(ctx):
+        if p := _probe(r.admin_addr, "/live", ctx):
+            record = records_dir(ctx.options.state_dir) / f"{r.component}-{r.pid}.json"
+            problems.append(f"pid {r.pid}: {p} (if that process is gone, remove its record {record})")
+    if problems:
+        some = "no" if len(problems) == len(_records(ctx)) else "not every"
+        raise CheckFailed(f"{some} identity service replica answers:\n" + "\n".join(problems))
+
+
+def _cp_ready(ctx: CheckContext) -> None:
+    problems = [f"pid {r.pid}: {p}" for r in _records(ctx) if (p := _probe(r.admin_addr, "/ready", ctx))]
+    if problems:
+        raise CheckFailed("\n".join(problems))
+
+
+EXISTENCE = Category(
+    "linkerd-existence",
+    (
+        Checker("control plane is recorded in the state directory", _cp_recorded,
+                "start it with `tether controller identity --state-dir STATE_DIR`", fatal=True),
+        Checker("control plane processes are running", _cp_running,
+                "its log says why it stopped; restart it with the same --state-dir", fatal=True),
+        Checker("control plane processes are ready", _cp_ready,
+                "an identity service is ready once it serves with a valid issuer: see its log"),
+    ),
+)
 
 
 # -- linkerd-identity ------------------------------------------------------------------------------
 
 
-def _identity_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("linkerd-identity")
-    g.add_argument("--identity-trust-anchors-file", help="PEM bundle of trust anchors")
-    g.add_argument("--identity-issuer-certificate-file", help="PEM issuer certificate")
-    g.add_argument(
-        "--identity-issuer-dir",
-        help="issuer directory (tls.crt + ca.crt, or crt.pem); default <state-dir>/identity if it exists",
-    )
+def _identity_files(ctx: CheckContext) -> tuple[str | None, str | None]:
+    """(trust anchors, issuer certificate): flags, else the running service's, else <state-dir>/identity."""
+    o = ctx.options
+    anchors, issuer = o.identity_trust_anchors_file, o.identity_issuer_certificate_file
+    d = o.identity_issuer_dir
+    if d is None and not (anchors and issuer):
+        try:
+            records = _records(ctx)
+        except CheckFailed:
+            records = []
+        if records:
+            anchors = anchors or records[0].trust_anchors or None
+            issuer = issuer or records[0].issuer_certificate or None
+        default_dir = Path(o.state_dir) / "identity"
+        if default_dir.is_dir():
+            d = str(default_dir)
+    if d:
+        dp = Path(d)
+        issuer = issuer or str(dp / "tls.crt" if (dp / "tls.crt").exists() else dp / "crt.pem")
+        anchors = anchors or str(dp / "ca.crt")
+    return anchors, issuer
 
 
 def _load_identity(ctx: CheckContext) -> None:
     from tether.core.identity.certs import CertificateError, TrustBundle, parse_certificates
 
-    a = ctx.args
-    anchors_file, issuer_file = a.identity_trust_anchors_file, a.identity_issuer_certificate_file
-    default_dir = Path(a.state_dir) / "identity"
-    d = a.identity_issuer_dir or (str(default_dir) if default_dir.is_dir() else None)
-    if d:
-        dp = Path(d)
-        issuer_file = issuer_file or str(dp / "tls.crt" if (dp / "tls.crt").exists() else dp / "crt.pem")
-        anchors_file = anchors_file or str(dp / "ca.crt")
+    anchors_file, issuer_file = _identity_files(ctx)
     if not anchors_file or not issuer_file:
         raise CheckFailed(
-            "no identity certificates to check: pass --identity-issuer-dir DIR, or "
-            "--identity-trust-anchors-file and --identity-issuer-certificate-file"
+            "no identity certificates to check: no identity service recorded in the state directory; pass "
+            "--identity-issuer-dir DIR, or --identity-trust-anchors-file and --identity-issuer-certificate-file"
         )
     try:
         bundle = TrustBundle.from_pem(Path(anchors_file).read_bytes(), anchors_file)
@@ -164,6 +281,29 @@ def _load_identity(ctx: CheckContext) -> None:
     ctx.cache["anchors"] = bundle
     ctx.cache["issuer"] = issuer_certs[0]
     ctx.cache["issuer_chain"] = tuple(issuer_certs[1:])
+
+
+def _issuer_named(ctx: CheckContext) -> None:
+    """The issuer's CN is identity.<cp-ns>.<trust-domain> of the running service (when one is recorded)."""
+    from cryptography.x509.oid import NameOID
+
+    try:
+        records = _records(ctx)
+    except CheckFailed:
+        records = []
+    if not records:
+        return
+    rec = records[0]
+    expected = f"identity.{rec.controller_namespace}.{rec.trust_domain}"
+    issuer = ctx.cache["issuer"]
+    names = [str(a.value) for a in issuer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if expected not in names:
+        raise CheckFailed(
+            f"the issuer is named {', '.join(names) or '(no CN)'}, but the identity service names workloads in "
+            f"control-plane namespace {rec.controller_namespace!r} and trust domain {rec.trust_domain!r} "
+            f"(expected {expected}): were the issuer and the service set up with different "
+            "--controller-namespace or --identity-trust-domain?"
+        )
 
 
 def _algorithm_problem(cert: x509.Certificate) -> str | None:
@@ -288,30 +428,200 @@ IDENTITY = Category(
             _issuer_signed,
             "l5d-identity-issuer-cert-issued-by-trust-anchor",
         ),
+        Checker(
+            "issuer cert is named for the control plane's namespace and trust domain",
+            _issuer_named,
+            "the issuer's CN must be identity.<controller-namespace>.<trust-domain>",
+            warning=True,
+        ),
     ),
-    add_arguments=_identity_args,
 )
 
-register_category(IDENTITY)
+
+# -- control-plane-version -------------------------------------------------------------------------
+
+
+def _cp_version(ctx: CheckContext) -> None:
+    versions = {r.version for r in _records(ctx)}
+    if versions != {__version__}:
+        raise CheckFailed(f"control plane runs {', '.join(sorted(versions)) or 'nothing'}, "
+                          f"this CLI is {__version__}")
+
+
+CONTROL_PLANE_VERSION = Category(
+    "control-plane-version",
+    (Checker("control plane and cli versions match", _cp_version, "l5d-version-control", warning=True),),
+)
+
+
+# -- linkerd-data-plane, linkerd-identity-data-plane (--proxy) -------------------------------------
+
+
+def _proxies(ctx: CheckContext) -> list[Any]:
+    if "proxies" not in ctx.cache:
+        from tether.platform.local.workloads import WorkloadError, WorkloadRegistry
+
+        try:
+            workloads = WorkloadRegistry(ctx.options.state_dir).list(ctx.options.namespace)
+        except WorkloadError as e:
+            raise CheckFailed(str(e)) from None
+        ctx.cache["proxies"] = [w for w in workloads if w.proxy_admin]
+        ctx.cache["unreachable"] = [w for w in workloads if not w.proxy_admin]
+    return list(ctx.cache["proxies"])
+
+
+def _dp_found(ctx: CheckContext) -> None:
+    if not _proxies(ctx):
+        where = f"namespace {ctx.options.namespace}" if ctx.options.namespace else "any namespace"
+        raise CheckFailed(
+            f"no workload in {ctx.options.state_dir} ({where}) has a proxyAdmin address, so no proxy can be checked: "
+            "`tether workload register NAME --proxy-admin HOST:PORT` records one"
+        )
+
+
+def _dp_ready(ctx: CheckContext) -> None:
+    problems = [f"{w.key}: {p}" for w in _proxies(ctx) if (p := _probe(str(w.proxy_admin), "/ready", ctx))]
+    if problems:
+        raise CheckFailed("\n".join(problems))
+
+
+def _dp_versions(ctx: CheckContext) -> None:
+    from tether.cli.probe import ProbeError, proxy_version
+
+    problems = []
+    for w in _proxies(ctx):
+        try:
+            v = proxy_version(str(w.proxy_admin), ctx.options.timeout)
+        except ProbeError as e:
+            problems.append(f"{w.key}: {e}")
+            continue
+        if v != __version__:
+            problems.append(f"{w.key}: proxy {v}, cli {__version__}")
+    if problems:
+        raise CheckFailed("\n".join(problems))
+
+
+def _dp_certificates(ctx: CheckContext) -> None:
+    import json
+
+    from tether.cli.probe import ProbeError, get
+    from tether.core.identity.certs import CertificateError, TrustBundle, chain_to_anchor, parse_certificates
+
+    bundle = ctx.cache.get("anchors")
+    if bundle is None:
+        anchors_file, _ = _identity_files(ctx)
+        if not anchors_file:
+            raise CheckFailed("no trust anchors to check against: pass --identity-trust-anchors-file")
+        try:
+            bundle = TrustBundle.from_pem(Path(anchors_file).read_bytes(), anchors_file)
+        except (OSError, CertificateError) as e:
+            raise CheckFailed(f"{anchors_file}: {e}") from None
+    problems = []
+    for w in _proxies(ctx):
+        try:
+            status, body = get(str(w.proxy_admin), "/identity.json", ctx.options.timeout)
+            doc = json.loads(body) if status == 200 else {}
+        except (ProbeError, ValueError) as e:
+            problems.append(f"{w.key}: {e}")
+            continue
+        pem = str(doc.get("certificate_chain_pem") or "")
+        if not pem:
+            problems.append(f"{w.key}: the proxy has no certificate (identity {doc.get('identity') or 'not set'})")
+            continue
+        try:
+            chain = parse_certificates(pem.encode(), f"{w.key} /identity.json")
+            chain_to_anchor(chain[0], tuple(chain[1:]), bundle, ctx.now, f"{w.key}'s certificate")
+        except CertificateError as e:
+            problems.append(f"{w.key}: {e}")
+    if problems:
+        raise CheckFailed("\n".join(problems))
+
+
+DATA_PLANE = Category(
+    "linkerd-data-plane",
+    (
+        Checker("data plane proxies are registered with their admin addresses", _dp_found,
+                "`tether workload register NAME --proxy-admin HOST:PORT`", fatal=True),
+        Checker("data plane proxies are ready", _dp_ready, "l5d-data-plane-ready"),
+        Checker("data plane proxies and cli versions match", _dp_versions, "l5d-data-plane-cli-version",
+                warning=True),
+    ),
+    mode="proxy",
+)
+
+IDENTITY_DATA_PLANE = Category(
+    "linkerd-identity-data-plane",
+    (Checker("data plane proxies certificate match CA", _dp_certificates,
+             "l5d-identity-data-plane-proxies-certs-match-ca"),),
+    mode="proxy",
+)
+
+for _cat in (EXISTENCE, IDENTITY, CONTROL_PLANE_VERSION, DATA_PLANE, IDENTITY_DATA_PLANE):
+    register_category(_cat)
 
 
 # -- the command -----------------------------------------------------------------------------------
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("check", help="check the installation", description=__doc__)
-    p.add_argument("--pre", action="store_true", help="pre-installation checks only")
-    p.add_argument("--proxy", action="store_true", help="also check the data plane")
-    p.add_argument("--category", action="append", help="run only these categories (repeatable)")
-    p.add_argument("--state-dir", default=".tether", help="local state directory")
-    for cat in CATEGORIES:
-        if cat.add_arguments:
-            cat.add_arguments(p)
-    p.set_defaults(func=_run)
+def _categories(pre: bool, proxy: bool, names: tuple[str, ...]) -> list[Category]:
+    if names:
+        known = {c.name: c for c in CATEGORIES}
+        return [known[n] for n in dict.fromkeys(names)]
+    if pre:
+        return [c for c in CATEGORIES if c.mode == "pre"]
+    return [c for c in CATEGORIES if c.mode == "default" or (proxy and c.mode == "proxy")]
 
 
-def _run(args: argparse.Namespace) -> int:
-    cats = [c for c in CATEGORIES if not args.category or c.name in args.category]
-    ctx = CheckContext(args, dt.datetime.now(dt.UTC))
-    _, ok = run_checks(cats, ctx, sys.stdout)
+def _check_category(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    known = [c.name for c in CATEGORIES]
+    for name in value:
+        if name not in known:
+            raise click.BadParameter(f"{name!r} is not a check category (one of: {', '.join(known)})", ctx, param)
+    return value
+
+
+@click.command("check", short_help="check the installation and, with --proxy, the data plane")
+@click.option("--pre", is_flag=True, help="only the pre-installation checks")
+@click.option("--proxy", is_flag=True, help="also check the data plane: every registered workload's proxy")
+@click.option("--category", "categories", multiple=True, callback=_check_category, metavar="NAME",
+              help="run only this category (repeatable; the names are listed above)")
+@click.option("-n", "--namespace", type=DNS_LABEL, help="with --proxy: only this namespace's workloads  [default: all]")
+@state_dir_option
+@click.option("--identity-issuer-dir", type=click.Path(file_okay=False),
+              help="issuer directory (tls.crt and ca.crt, or crt.pem)  [default: the running identity "
+              "service's files, else STATE_DIR/identity]")
+@click.option("--identity-trust-anchors-file", metavar="PATH", help="PEM bundle of trust anchors")
+@click.option("--identity-issuer-certificate-file", metavar="PATH", help="PEM issuer certificate")
+@click.option("--timeout", type=POSITIVE_DURATION, default="5s", show_default=True,
+              help="time allowed for each running process's answer")
+@output_option(("table", "json", "yaml"))
+def check(pre: bool, proxy: bool, categories: tuple[str, ...], namespace: str | None, state_dir: str,
+          identity_issuer_dir: str | None, identity_trust_anchors_file: str | None,
+          identity_issuer_certificate_file: str | None, timeout: float, output: str) -> int:
+    """Check that the local control plane is running and its certificates are valid; with --proxy,
+    that the proxies are ready and hold certificates from the trust anchors.
+
+    \b
+    Categories (default: linkerd-existence, linkerd-identity, control-plane-version; --proxy adds
+    linkerd-data-plane, linkerd-identity-data-plane). --pre checks nothing yet: it would check a
+    Kubernetes cluster before install, which tether does not have, so it fails and says so.
+
+    The exit status is 1 when a check fails (warnings do not count). -o json prints Linkerd's shape:
+    {"success": bool, "categories": [{"categoryName", "checks": [{"description", "hint", "result",
+    "error"}]}]}.
+    """
+    chosen = _categories(pre, proxy, categories)
+    if not chosen:
+        raise OperationFailed(
+            "--pre: no pre-installation checks exist yet: Linkerd's (" + ", ".join(PRE_KUBERNETES) + ") check a "
+            "Kubernetes cluster before `install`, which tether does not have yet; nothing was checked"
+        )
+    opts = CheckOptions(state_dir, identity_issuer_dir, identity_trust_anchors_file,
+                        identity_issuer_certificate_file, namespace, timeout)
+    ctx = CheckContext(opts, dt.datetime.now(dt.UTC))
+    if output == "table":
+        _, ok = run_checks(chosen, ctx, sys.stdout)
+    else:
+        outcomes, ok = run_checks(chosen, ctx)
+        dump(json_result(chosen, outcomes, ok), output)
     return 0 if ok else 1

@@ -1,130 +1,184 @@
-"""`tether controller <service>`: the control-plane services. Each service adds one subcommand here."""
+"""``tether controller <service>``: the control-plane services. Each service adds one subcommand here."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
-from tether.cli.main import CliError
-from tether.proxy.config import ConfigError, parse_addr, parse_duration
+import click
+
+from tether import __version__
+from tether.cli.errors import CliError, OperationFailed
+from tether.cli.params import (
+    ADDRESS,
+    DNS_LABEL,
+    DURATION,
+    POSITIVE_DURATION,
+    control_plane_options,
+    state_dir_option,
+)
+
+log = logging.getLogger("tether.controller")
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("controller", help="run a control-plane service")
-    sub = p.add_subparsers(dest="controller", metavar="SERVICE", required=True)
-    _register_identity(sub)
+@click.group("controller", short_help="run a control-plane service")
+def controller() -> None:
+    """Run a control-plane service in the foreground (logs on stderr; SIGTERM stops it)."""
 
 
-def _register_identity(sub: Any) -> None:
-    p = sub.add_parser(
-        "identity",
-        help="the identity service: signs workload certificates",
-        description="Sign workload CSRs after validating the workload's token. The issuer is read from "
-        "files (or a kubernetes.io/tls-style directory) and reloaded when they change.",
-    )
-    p.add_argument("--addr", default="0.0.0.0:8080", help="gRPC listen address (default 0.0.0.0:8080)")
-    p.add_argument("--admin-addr", default="127.0.0.1:9990", help="/metrics, /ready (127.0.0.1:9990)")
-    p.add_argument("--identity-trust-domain", "--trust-domain", dest="trust_domain", default="cluster.local")
-    p.add_argument("--controller-namespace", default="linkerd", help="control-plane namespace in identity names")
-    p.add_argument(
-        "--issuer-dir",
-        help="dir with tls.crt, tls.key, ca.crt (kubernetes.io/tls) or crt.pem, key.pem (linkerd.io/tls)",
-    )
-    p.add_argument("--identity-issuer-certificate-file", "--issuer-certificate-file", dest="issuer_cert")
-    p.add_argument("--identity-issuer-key-file", "--issuer-key-file", dest="issuer_key")
-    p.add_argument("--identity-trust-anchors-file", "--trust-anchors-file", dest="trust_anchors")
-    p.add_argument("--issuance-lifetime", default="24h", help="leaf lifetime (default 24h)")
-    p.add_argument("--clock-skew-allowance", default="20s", help="leaf start backdating (default 20s)")
-    p.add_argument("--reload-interval", default="5s", help="how often issuer files are checked (default 5s)")
-    p.add_argument("--state-dir", default=".tether", help="local state (workload registry) directory")
-    p.add_argument("--rate", type=float, default=10.0, help="Certify calls/s per caller (default 10)")
-    p.add_argument("--burst", type=int, default=20, help="Certify burst per caller (default 20)")
-    p.add_argument(
-        "--tls",
-        action="store_true",
-        help="serve gRPC over TLS with a certificate issued to --identity-service-account (proxies verify "
-        "it against their trust anchors)",
-    )
-    p.add_argument("--identity-service-account", default="linkerd-identity", help="this service's own SA")
-    p.add_argument("--log-level", default="info")
-    p.set_defaults(func=_run_identity)
+def log_options(f: Any) -> Any:
+    """``--log-level`` and ``--log-format``: the proxy's log spec and line formats, for every process."""
+    f = click.option("--log-format", type=click.Choice(["plain", "json"]), default="plain", show_default=True,
+                     help="log line format")(f)
+    f = click.option("--log-level", default="info", show_default=True, metavar="SPEC",
+                     help="log levels: a level and target=level pairs (trace, debug, info, warn, error, off)")(f)
+    return f
 
 
-def _identity_config(args: argparse.Namespace) -> Any:
+def configure_logging(level: str, fmt: str) -> None:
+    from tether.proxy.logging import LogSpecError
+    from tether.proxy.logging import configure_logging as configure
+
+    try:
+        configure(level, fmt)
+    except LogSpecError as e:
+        raise CliError(f"--log-level: {e}") from None
+
+
+@controller.command("identity", short_help="the identity service: signs workload certificates")
+@click.option("--addr", type=ADDRESS, default="0.0.0.0:8080", show_default=True, help="gRPC listen address")
+@click.option("--admin-addr", type=ADDRESS, default="127.0.0.1:9990", show_default=True,
+              help="admin listen address: /metrics, /ready, /live")
+@control_plane_options
+@click.option("--issuer-dir", type=click.Path(file_okay=False),
+              help="directory with tls.crt, tls.key, ca.crt (kubernetes.io/tls) or crt.pem, key.pem (linkerd.io/tls)")
+@click.option("--identity-issuer-certificate-file", "--issuer-certificate-file", "issuer_cert", metavar="PATH",
+              help="issuer certificate (PEM), instead of --issuer-dir")
+@click.option("--identity-issuer-key-file", "--issuer-key-file", "issuer_key", metavar="PATH",
+              help="issuer private key (PEM), instead of --issuer-dir")
+@click.option("--identity-trust-anchors-file", "--trust-anchors-file", "trust_anchors", metavar="PATH",
+              help="trust anchors bundle (PEM)  [default: ca.crt in --issuer-dir]")
+@click.option("--issuance-lifetime", type=POSITIVE_DURATION, default="24h", show_default=True,
+              help="lifetime of the workload certificates issued")
+@click.option("--clock-skew-allowance", type=DURATION, default="20s", show_default=True,
+              help="workload certificates start this long in the past")
+@click.option("--reload-interval", type=POSITIVE_DURATION, default="5s", show_default=True,
+              help="how often the issuer files are checked for changes")
+@state_dir_option
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              metavar="PER-SECOND",
+              help="Certify calls per second allowed per caller")
+@click.option("--burst", type=click.IntRange(min=1), default=20, show_default=True, metavar="COUNT",
+              help="Certify calls a caller may make at once above --rate")
+@click.option("--tls", is_flag=True,
+              help="serve gRPC over TLS with a certificate issued to --identity-service-account "
+              "(proxies verify it against their trust anchors)")
+@click.option("--identity-service-account", type=DNS_LABEL, default="linkerd-identity", show_default=True,
+              help="this service's own service account (its TLS identity)")
+@log_options
+def identity(addr: tuple[str, int], admin_addr: tuple[str, int], controller_namespace: str, trust_domain: str,
+             issuer_dir: str | None, issuer_cert: str | None, issuer_key: str | None, trust_anchors: str | None,
+             issuance_lifetime: float, clock_skew_allowance: float, reload_interval: float, state_dir: str,
+             rate: float, burst: int, tls: bool, identity_service_account: str, log_level: str,
+             log_format: str) -> int:
+    """The identity service: sign workload CSRs after validating the workload's token.
+
+    The issuer is read from files (--issuer-dir, or the three --identity-*-file flags) and reloaded
+    when they change. Workload tokens are checked against the local registry in --state-dir
+    (`tether workload register`). While it serves, the service records its addresses in
+    STATE_DIR/control-plane/, where `tether check` and `tether version` find it.
+    """
     from tether.control.identity.credentials import CredentialPaths
-    from tether.control.identity.server import IdentityServerConfig
+    from tether.control.identity.server import IdentityController, IdentityServerConfig
+    from tether.core.identity.certs import CertificateError
+    from tether.platform.local.tokens import LocalTokenValidator
+    from tether.platform.local.workloads import WorkloadRegistry
 
-    if args.issuer_dir:
-        if args.issuer_cert or args.issuer_key:
+    configure_logging(log_level, log_format)
+    if issuer_dir:
+        if issuer_cert or issuer_key:
             raise CliError("use either --issuer-dir or the --identity-issuer-*-file flags, not both")
-        paths = CredentialPaths.from_dir(args.issuer_dir, args.trust_anchors)
-    elif args.issuer_cert and args.issuer_key and args.trust_anchors:
-        paths = CredentialPaths(Path(args.issuer_cert), Path(args.issuer_key), Path(args.trust_anchors))
+        paths = CredentialPaths.from_dir(issuer_dir, trust_anchors)
+    elif issuer_cert and issuer_key and trust_anchors:
+        paths = CredentialPaths(Path(issuer_cert), Path(issuer_key), Path(trust_anchors))
     else:
         raise CliError(
             "no issuer: pass --issuer-dir DIR, or --identity-issuer-certificate-file, "
             "--identity-issuer-key-file and --identity-trust-anchors-file "
             "(try `tether identity create-ca --out DIR` to make some)"
         )
-    try:
-        return IdentityServerConfig(
-            addr=parse_addr(args.addr, "--addr"),
-            admin_addr=parse_addr(args.admin_addr, "--admin-addr"),
-            trust_domain=args.trust_domain,
-            control_plane_ns=args.controller_namespace,
-            paths=paths,
-            state_dir=args.state_dir,
-            issuance_lifetime=parse_duration(args.issuance_lifetime, "--issuance-lifetime"),
-            clock_skew=parse_duration(args.clock_skew_allowance, "--clock-skew-allowance"),
-            reload_interval=max(0.05, parse_duration(args.reload_interval, "--reload-interval")),
-            rate=args.rate,
-            burst=args.burst,
-            tls=args.tls,
-            service_account=args.identity_service_account,
-        )
-    except ConfigError as e:
-        raise CliError(str(e)) from None
-
-
-def _run_identity(args: argparse.Namespace) -> int:
-    from tether.control.identity.server import IdentityController
-    from tether.core.identity.certs import CertificateError
-    from tether.core.identity.names import IdentityNameError, check_label, check_trust_domain
-    from tether.platform.local.tokens import LocalTokenValidator
-    from tether.platform.local.workloads import WorkloadRegistry
-
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    cfg = IdentityServerConfig(
+        addr=addr, admin_addr=admin_addr, trust_domain=trust_domain, control_plane_ns=controller_namespace,
+        paths=paths, state_dir=state_dir, issuance_lifetime=issuance_lifetime, clock_skew=clock_skew_allowance,
+        reload_interval=max(0.05, reload_interval), rate=rate, burst=burst, tls=tls,
+        service_account=identity_service_account,
     )
-    cfg = _identity_config(args)
     try:
-        check_trust_domain(cfg.trust_domain)
-        check_label(cfg.control_plane_ns, "--controller-namespace")
-    except IdentityNameError as e:
-        raise CliError(str(e)) from None
-    try:
-        controller = IdentityController(cfg, LocalTokenValidator(WorkloadRegistry(cfg.state_dir)))
+        service = IdentityController(cfg, LocalTokenValidator(WorkloadRegistry(cfg.state_dir)))
     except (CertificateError, ValueError) as e:
-        print(f"tether controller identity: refusing to start: {e}", file=sys.stderr)
-        return 1
+        raise OperationFailed(f"refusing to start: {e}") from None
+    _warn_on_name_mismatch(service.issuer.current.issuer.certificate, controller_namespace, trust_domain)
 
-    async def main() -> None:
+    async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await controller.run(stop)
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(service.run(stop))
+            serving = tg.create_task(service.serving.wait())
+            await asyncio.wait({task, serving}, return_when=asyncio.FIRST_COMPLETED)
+            record = _record(service, cfg) if service.serving.is_set() else None
+            try:
+                await task
+            finally:
+                serving.cancel()
+                if record is not None:
+                    record.unlink(missing_ok=True)
 
     try:
-        asyncio.run(main())
-    except (OSError, RuntimeError) as e:
+        asyncio.run(run())
+    except* (OSError, RuntimeError) as eg:
         # grpc reports a port it cannot bind as RuntimeError.
-        print(f"tether controller identity: {e}", file=sys.stderr)
-        return 1
+        raise OperationFailed(f"cannot serve: {eg.exceptions[0]}") from None
     return 0
+
+
+def _warn_on_name_mismatch(issuer: Any, namespace: str, trust_domain: str) -> None:
+    """Linkerd names the issuer identity.<cp-ns>.<trust-domain>; another name usually means the
+    issuer was made for another control plane than the one this service names its workloads in."""
+    from cryptography.x509.oid import NameOID
+
+    expected = f"identity.{namespace}.{trust_domain}"
+    names = [a.value for a in issuer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if expected not in names:
+        log.warning(
+            "the issuer is named %s, not %s: it was made for another control-plane namespace or trust domain "
+            "than --controller-namespace %s --identity-trust-domain %s; proxies expecting the other names "
+            "will not trust the identities issued",
+            ",".join(str(n) for n in names) or "(no CN)", expected, namespace, trust_domain,
+        )
+
+
+def _record(service: Any, cfg: Any) -> Path | None:
+    from tether.platform.local.controlplane import ControlPlaneRecord, write_record
+
+    host, admin_host = cfg.addr[0], cfg.admin_addr[0]
+    paths = cfg.paths
+    rec = ControlPlaneRecord(
+        component="identity", pid=os.getpid(), version=__version__,
+        addr=f"{'127.0.0.1' if host == '0.0.0.0' else host}:{service.grpc_port}",
+        admin_addr=f"{'127.0.0.1' if admin_host == '0.0.0.0' else admin_host}:{service.admin_port}",
+        controller_namespace=cfg.control_plane_ns, trust_domain=cfg.trust_domain,
+        issuer_certificate=str(Path(paths.issuer_cert).resolve()),
+        trust_anchors=str(Path(paths.trust_anchors).resolve()),
+    )
+    with contextlib.suppress(OSError):
+        return write_record(cfg.state_dir, rec)
+    log.warning("cannot record the identity service in %s/control-plane", cfg.state_dir)
+    return None

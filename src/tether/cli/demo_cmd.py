@@ -9,7 +9,6 @@ result is read back from both proxies' /metrics, the way a user would read it.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import math
 import signal
@@ -19,8 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import click
 import yaml
 
+from tether.cli.errors import CliError
+from tether.cli.params import POSITIVE_DURATION
 from tether.core.golden import golden, parse
 from tether.testing.mesh import LocalMesh
 from tether.testing.procs import Proc, free_port, http_get, wait_for
@@ -28,14 +30,6 @@ from tether.testing.procs import Proc, free_port, http_get, wait_for
 AUTHORITY = "web.demo.svc.cluster.local:80"
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
-    p = sub.add_parser("demo", help="run a local two-proxy mesh with a demo app and show its golden metrics")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of traffic (default 10)")
-    p.add_argument("--rps", type=float, default=200.0, help="requests per second (default 200)")
-    p.add_argument("--connections", type=int, default=4, help="client keep-alive connections (default 4)")
-    p.add_argument("--keep-running", action="store_true", help="leave the mesh up after the run (Ctrl-C stops)")
-    p.add_argument("--workdir", default=None, help="where logs and config go (default: a temp dir)")
-    p.set_defaults(func=run)
 
 
 async def _client(port: int, rps: float, duration: float, conns: int) -> tuple[int, int, list[float]]:
@@ -86,12 +80,47 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def run(args: argparse.Namespace) -> int:
+def _num(value: float, width: int, suffix: str = "") -> str:
+    """A number for the table, or ``-`` when there was nothing to measure (never ``nan``)."""
+    text = "-" if math.isnan(value) else f"{value:.2f}{suffix}"
+    return text.rjust(width)
+
+
+def _workdir(workdir: str | None) -> Path:
+    if workdir is None:
+        return Path(tempfile.mkdtemp(prefix="tether-demo-"))
+    work = Path(workdir)
+    if work.exists() and (not work.is_dir() or any(work.iterdir())):
+        raise CliError(f"--workdir {workdir}: exists and is not an empty directory (a previous run?); "
+                       "pass a new or empty directory")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"--workdir {workdir}: cannot create: {e.strerror}") from None
+    return work
+
+
+@click.command("demo", short_help="run a local two-proxy mesh with a demo app and show its golden metrics")
+@click.option("--duration", type=POSITIVE_DURATION, default="10s", show_default=True, help="how long to send traffic")
+@click.option("--rps", type=click.FloatRange(min=0, min_open=True), default=200.0, show_default=True,
+              help="requests per second, held by the client")
+@click.option("--connections", type=click.IntRange(1, 1000), default=4, show_default=True,
+              help="client keep-alive connections")
+@click.option("--keep-running", is_flag=True, help="leave the mesh up after the run (Ctrl-C stops it)")
+@click.option("--workdir", type=click.Path(), help="new or empty directory for state, logs and config  "
+              "[default: a temporary directory]")
+def demo(duration: float, rps: float, connections: int, keep_running: bool, workdir: str | None) -> int:
+    """Run a real two-proxy mesh on loopback with a demo app, send traffic, and print the golden
+    metrics read from both proxies.
+
+    client -> outbound proxy -> (mTLS) -> inbound proxy -> web app, with identities from a local
+    identity service. The state directory (--state-dir for `tether check`, `tether workload list`,
+    `tether identity`) is WORKDIR/state.
+    """
+    work = _workdir(workdir)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     # SIGTERM (a supervisor, `timeout`) must still stop every child: exit through the finally below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="tether-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
     mesh = LocalMesh(work)
     procs: list[Proc] = []
     try:
@@ -110,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
         outbound = mesh.proxy(client, ready=False, destinations_file=str(dst))
         inbound.wait_ready(30)
         outbound.wait_ready(30)
+        # Their admin addresses in the registry: `tether identity default/web --state-dir ...` finds them.
+        mesh.record_admin(web, inbound)
+        mesh.record_admin(client, outbound)
         wait_for(lambda: http_get(f"http://127.0.0.1:{app_port}/")[0] == 200, 10, what="demo app up")
         print(f"tether demo: mesh up in {work}")
         print(f"  identity        {mesh.identity_addrs[0]} (trust anchor {mesh.anchors})")
@@ -117,10 +149,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  web's proxy     inbound 127.0.0.1:{inbound.inbound_port}, admin {inbound.admin}")
         print(f"  client's proxy  outbound 127.0.0.1:{outbound.outbound_port}, admin {outbound.admin}")
         print(f"  try: curl -H 'Host: {AUTHORITY}' {outbound.outbound}/")
-        print(f"sending {args.rps:g} req/s for {args.duration:g}s over {args.connections} connections ...")
-        ok, failed, lat = asyncio.run(_client(outbound.outbound_port, args.rps, args.duration, args.connections))
-        print(f"client saw: {ok} ok, {failed} failed; latency p50 {_pct(lat, 0.5):.2f} ms, "
-              f"p99 {_pct(lat, 0.99):.2f} ms")
+        print(f"       tether identity default/web --state-dir {mesh.state}")
+        print(f"       tether check --proxy --state-dir {mesh.state}")
+        print(f"sending {rps:g} req/s for {duration:g}s over {connections} connections ...")
+        ok, failed, lat = asyncio.run(_client(outbound.outbound_port, rps, duration, connections))
+        print(f"client saw: {ok} ok, {failed} failed; latency p50 {_num(_pct(lat, 0.5), 0)} ms, "
+              f"p99 {_num(_pct(lat, 0.99), 0)} ms")
         print()
         print("golden metrics, read from each proxy's /metrics (mTLS between the proxies):")
         print(f"{'proxy':<14} {'direction':<9} {'success':>8} {'rps':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
@@ -131,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
             peers = {(lb.get("tls", ""), lb.get("server_id") or lb.get("client_id") or "-")
                      for n, lb, _ in samples if n == "request_total" and lb.get("direction") == direction}
             peer = ", ".join(f"tls={t} {i}" for t, i in sorted(peers))
-            print(f"{name:<14} {direction:<9} {g.success_rate * 100:7.2f}% {g.requests / args.duration:8.1f} "
-                  f"{g.p50_ms:8.2f} {g.p95_ms:8.2f} {g.p99_ms:8.2f}  {peer}")
-        if args.keep_running:
+            print(f"{name:<14} {direction:<9} {_num(g.success_rate * 100, 8, '%')} {g.requests / duration:8.1f} "
+                  f"{_num(g.p50_ms, 8)} {_num(g.p95_ms, 8)} {_num(g.p99_ms, 8)}  {peer or '-'}")
+        if keep_running:
             print("\nmesh left running; Ctrl-C to stop")
             try:
                 while all(p.popen.poll() is None for p in procs):

@@ -1,64 +1,78 @@
-"""The ``tether`` command: one console script, subcommands registered by their modules."""
+"""The ``tether`` console script: runs the command tree (tether.cli.tree) and maps every error to
+one line on stderr and an exit status (tether.cli.errors).
+
+``tether proxy`` with valid flags starts without importing click: the sidecar keeps its start-up
+time and memory (docs/notes/issue-9.md has the figures). Anything else about it (``--help``, a bad
+flag or value) goes through click, so help and errors are click's.
+"""
 
 from __future__ import annotations
 
-import argparse
-import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-# Each module exposes ``register(subparsers)``, adding its subcommand(s) with
-# ``set_defaults(func=...)``; ``func(args) -> int`` is the exit status.
-COMMAND_MODULES = [
-    "tether.cli.proxy_cmd",
-    "tether.cli.proxy_init_cmd",
-    "tether.cli.demo_cmd",
-    "tether.cli.identity_cmd",
-    "tether.cli.controller_cmd",
-    "tether.cli.check",
-]
+from tether.cli.errors import CliError, ExitCode, OperationFailed, OutputClosed
 
-
-# The module of each top-level command: running one command imports only its module, so the
-# sidecar (`tether proxy`) does not carry the control plane's and CLI's libraries in its memory.
-COMMAND_OWNERS = {
-    "proxy": "tether.cli.proxy_cmd",
-    "proxy-init": "tether.cli.proxy_init_cmd",
-    "demo": "tether.cli.demo_cmd",
-    "identity": "tether.cli.identity_cmd",
-    "controller": "tether.cli.controller_cmd",
-    "check": "tether.cli.check",
-}
-
-
-class CliError(Exception):
-    """A user error: printed as one line naming what was wrong, exit status 2."""
-
-
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The parser with every command, or with ``only`` that module's commands."""
-    parser = argparse.ArgumentParser(prog="tether", description="tether service mesh")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in [only] if only else COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
-    return parser
+__all__ = ["CliError", "OperationFailed", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(COMMAND_OWNERS.get(argv[0]) if argv else None)
-    args = parser.parse_args(argv)
-    func = getattr(args, "func", None)
-    if func is None:
-        parser.print_help()
-        return 2
+    """Run the command line; returns the exit status (see tether.cli.errors)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["proxy"]:
+        from tether.cli import proxy_cmd
+
+        values = proxy_cmd.parse_fast(args[1:])
+        if values is not None:
+            return _guarded(lambda: proxy_cmd.run(values), "tether proxy")
+    return _guarded(lambda: _run_tree(args), "tether")
+
+
+def _run_tree(args: list[str]) -> int | None:
+    import click
+
+    from tether.cli.tree import cli
+
     try:
-        return int(func(args))
+        rv = cli.main(args, prog_name="tether", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        # A group run without a subcommand: its help, then the usage status.
+        click.echo(e.ctx.get_help() if e.ctx else "", err=True)
+        return ExitCode.USAGE
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "tether"
+        click.echo(f"{where}: {_one_line(e.format_message())} (see '{where} --help')", err=True)
+        return ExitCode.USAGE
+    except click.ClickException as e:
+        click.echo(f"tether: {_one_line(e.format_message())}", err=True)
+        return e.exit_code
+    except click.Abort:
+        raise KeyboardInterrupt from None
+    return None if rv is None else int(rv)
+
+
+def _guarded(run: Callable[[], Any], where: str) -> int:
+    try:
+        rv = run()
     except CliError as e:
-        print(f"tether: {e}", file=sys.stderr)
-        return 2
+        print(f"{e.command_path or where}: {_one_line(str(e))}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
-        return 130
+        print(file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except (OutputClosed, BrokenPipeError):
+        # The reader went away (`| head`): stop quietly; point stdout at /dev/null so the
+        # interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.BROKEN_PIPE
+    return ExitCode.OK if rv is None else int(rv)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -2,60 +2,81 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 
-from tether.cli.main import CliError
+import click
+
+from tether.cli.errors import CliError, OperationFailed
+from tether.cli.params import CIDRS, PORTS
 from tether.core.interception import InterceptionError, InterceptionOptions, cleanup_rules, rules
 
-
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
-    p = sub.add_parser("proxy-init", help="install iptables rules redirecting a pod's TCP through its proxy")
-    p.add_argument("--incoming-proxy-port", type=int, default=4143)
-    p.add_argument("--outgoing-proxy-port", type=int, default=4140)
-    p.add_argument("--proxy-uid", type=int, default=2102)
-    p.add_argument("--inbound-ports-to-ignore", default="4190,4191", help="comma-separated ports/ranges")
-    p.add_argument("--outbound-ports-to-ignore", default="", help="comma-separated ports/ranges")
-    p.add_argument("--subnets-to-ignore", default="", help="comma-separated CIDRs")
-    p.add_argument("--iptables-mode", choices=["legacy", "nft", "auto"], default="auto")
-    p.add_argument("--dry-run", action="store_true", help="print the iptables commands, change nothing")
-    p.add_argument("--cleanup", action="store_true", help="remove tether's rules instead")
-    p.set_defaults(func=run)
+PORT = click.IntRange(1, 65535)
+# The binary each --iptables-mode runs (auto: whatever `iptables` is on this host).
+BINARIES = {"legacy": "iptables-legacy", "nft": "iptables-nft", "auto": "iptables"}
 
 
-def _split(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+def _binary(mode: str, dry_run: bool) -> str:
+    name = BINARIES[mode]
+    if dry_run:
+        return name
+    path = shutil.which(name)
+    if path is None:
+        raise OperationFailed(f"--iptables-mode {mode}: {name} is not installed (apt-get install iptables)")
+    return path
 
 
-def _binary(mode: str) -> str:
-    names = {"legacy": ["iptables-legacy"], "nft": ["iptables-nft"], "auto": ["iptables"]}[mode]
-    for n in names:
-        path = shutil.which(n)
-        if path:
-            return path
-    raise CliError(f"--iptables-mode {mode}: {names[0]} is not installed (apt-get install iptables)")
+@click.command("proxy-init", short_help="install iptables rules redirecting a pod's TCP through its proxy")
+@click.option("--incoming-proxy-port", type=PORT, default=4143, show_default=True,
+              help="port of the proxy's inbound listener; inbound TCP is redirected to it")
+@click.option("--outgoing-proxy-port", type=PORT, default=4140, show_default=True,
+              help="port of the proxy's outbound listener; the application's outbound TCP is redirected to it")
+@click.option("--proxy-uid", type=click.IntRange(0, 2**32 - 2), default=2102, show_default=True,
+              help="uid the proxy runs as; its own connections are not redirected")
+@click.option("--inbound-ports-to-ignore", type=PORTS, default="4190,4191", show_default=True,
+              help="inbound ports and ranges left alone (comma-separated)")
+@click.option("--outbound-ports-to-ignore", type=PORTS, default="", help="outbound ports and ranges left alone")
+@click.option("--subnets-to-ignore", type=CIDRS, default="",
+              help="destination networks left alone (comma-separated CIDRs)")
+@click.option("--iptables-mode", type=click.Choice(list(BINARIES)), default="auto", show_default=True,
+              help="which iptables to run: iptables-legacy, iptables-nft, or the host's iptables")
+@click.option("--dry-run", is_flag=True, help="print the iptables commands, change nothing")
+@click.option("--cleanup", is_flag=True, help="remove tether's rules instead")
+def proxy_init(
+    incoming_proxy_port: int,
+    outgoing_proxy_port: int,
+    proxy_uid: int,
+    inbound_ports_to_ignore: tuple[str, ...],
+    outbound_ports_to_ignore: tuple[str, ...],
+    subnets_to_ignore: tuple[str, ...],
+    iptables_mode: str,
+    dry_run: bool,
+    cleanup: bool,
+) -> int:
+    """Install the iptables rules that send a pod's TCP through its proxy (what linkerd-init does).
 
-
-def run(args: argparse.Namespace) -> int:
+    Inbound TCP goes to the proxy's inbound port and the application's outbound TCP to its outbound
+    port, except the proxy's own connections (by uid), loopback, and the ports and networks ignored.
+    Needs CAP_NET_ADMIN in the pod's network namespace; --dry-run needs nothing.
+    """
     opts = InterceptionOptions(
-        inbound_port=args.incoming_proxy_port,
-        outbound_port=args.outgoing_proxy_port,
-        proxy_uid=args.proxy_uid,
-        ignore_inbound_ports=_split(args.inbound_ports_to_ignore),
-        ignore_outbound_ports=_split(args.outbound_ports_to_ignore),
-        skip_subnets=_split(args.subnets_to_ignore),
+        inbound_port=incoming_proxy_port,
+        outbound_port=outgoing_proxy_port,
+        proxy_uid=proxy_uid,
+        ignore_inbound_ports=inbound_ports_to_ignore,
+        ignore_outbound_ports=outbound_ports_to_ignore,
+        skip_subnets=subnets_to_ignore,
     )
     try:
-        cmds = cleanup_rules() if args.cleanup else rules(opts)
+        cmds = cleanup_rules() if cleanup else rules(opts)
     except InterceptionError as e:
         raise CliError(str(e)) from None
-    binary = "iptables" if args.dry_run else _binary(args.iptables_mode)
+    binary = _binary(iptables_mode, dry_run)
     for cmd in cmds:
-        if args.dry_run:
-            print(" ".join([binary, *cmd]))
+        if dry_run:
+            click.echo(" ".join([binary, *cmd]))
             continue
-        r = subprocess.run([binary, "-w", "5", *cmd], capture_output=True, text=True)
-        if r.returncode != 0 and not args.cleanup:
-            raise CliError(f"{binary} {' '.join(cmd)} failed: {r.stderr.strip()}")
+        r = subprocess.run([binary, "-w", "5", *cmd], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0 and not cleanup:
+            raise OperationFailed(f"{binary} {' '.join(cmd)} failed: {r.stderr.strip()}")
     return 0

@@ -7,6 +7,7 @@ except the proxy's own connections (matched by its uid), loopback traffic, and i
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 INBOUND_CHAIN = "PROXY_INIT_REDIRECT"
@@ -40,6 +41,22 @@ def _check_ports(ports: tuple[str, ...], what: str) -> None:
             raise InterceptionError(f"{what}: {p!r} is out of range 1-65535")
 
 
+def _check(opts: InterceptionOptions) -> None:
+    """Refuse options that would print rules iptables rejects or that redirect to the wrong place."""
+    for what, port in (("inbound_port", opts.inbound_port), ("outbound_port", opts.outbound_port)):
+        if not 0 < port <= 65535:
+            raise InterceptionError(f"{what}: {port} is out of range 1-65535")
+    if not 0 <= opts.proxy_uid < 2**32 - 1:
+        raise InterceptionError(f"proxy_uid: {opts.proxy_uid} is not a uid")
+    _check_ports(opts.ignore_inbound_ports, "ignore_inbound_ports")
+    _check_ports(opts.ignore_outbound_ports, "ignore_outbound_ports")
+    for net in opts.skip_subnets:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise InterceptionError(f"skip_subnets: {net!r} is not a network like 10.0.0.0/8") from None
+
+
 def _multiport(ports: tuple[str, ...]) -> list[list[str]]:
     # iptables multiport takes at most 15 ports (a range counts double): one rule per port is simpler.
     return [["--dport", p.replace("-", ":")] for p in ports]
@@ -47,8 +64,7 @@ def _multiport(ports: tuple[str, ...]) -> list[list[str]]:
 
 def rules(opts: InterceptionOptions) -> list[list[str]]:
     """The iptables invocations (without the binary name), in order."""
-    _check_ports(opts.ignore_inbound_ports, "ignore-inbound-ports")
-    _check_ports(opts.ignore_outbound_ports, "ignore-outbound-ports")
+    _check(opts)
     c = ["-m", "comment", "--comment", opts.comment]
     out: list[list[str]] = [
         ["-t", "nat", "-N", INBOUND_CHAIN],

@@ -85,7 +85,8 @@ class Proxy:
             self.cfg, self.metrics, self.log_control, ready=self._is_ready, shutdown=self.request_stop,
             identity=self.identity.identity_json if self.identity is not None else None,
         )
-        await self.admin.start()
+        admin_host, admin_port = await self.admin.start()
+        log.info("admin listener on %s:%d", admin_host, admin_port)
         self.ready = True
 
     def _is_ready(self) -> bool:

@@ -11,6 +11,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+# Fields holding a byte count (accepted and shown as ``64Ki``), and floats that are not durations.
+SIZE_FIELDS = frozenset(
+    {"detect_peek_bytes", "max_header_bytes", "body_buffer_high", "h2_initial_window"}
+)
+NOT_DURATIONS = frozenset({"failure_accrual_jitter"})
+
 # Linkerd's default opaque ports: server-speaks-first protocols that must skip detection.
 DEFAULT_OPAQUE_PORTS = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
 
@@ -41,6 +47,36 @@ def parse_ports(text: str, setting: str) -> frozenset[int]:
             raise ConfigError(f"{setting}: {part!r} is out of range 1-65535")
         ports.update(range(a, b + 1))
     return frozenset(ports)
+
+
+def parse_size(text: str, setting: str) -> int:
+    """Parse a byte count: ``65536``, ``64Ki``, ``1Mi`` (also ``k``/``M``/``G`` for powers of 1000)."""
+    t = text.strip()
+    factor = 1
+    for suffix, f in (("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("k", 1000), ("M", 10**6), ("G", 10**9)):
+        if t.endswith(suffix):
+            t, factor = t[: -len(suffix)], f
+            break
+    if not t.isdigit():
+        raise ConfigError(f"{setting}: {text!r} is not a size like 65536, 64Ki or 1Mi")
+    return int(t) * factor
+
+
+def format_size(value: int) -> str:
+    """``65536`` -> ``64Ki``: the largest binary unit that divides the value exactly."""
+    for suffix, f in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if value and value % f == 0:
+            return f"{value // f}{suffix}"
+    return str(value)
+
+
+def format_duration(seconds: float) -> str:
+    """``10.0`` -> ``10s``, ``0.5`` -> ``500ms``, ``120`` -> ``2m``: the largest exact unit parse_duration reads."""
+    ms = round(seconds * 1000, 6)
+    for suffix, f in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms and ms % f == 0:
+            return f"{int(ms // f)}{suffix}"
+    return f"{ms:g}ms"
 
 
 def parse_duration(text: str, setting: str) -> float:
@@ -146,6 +182,13 @@ class ProxyConfig:
             value = parse_addr(text, setting)
         elif name == "opaque_ports":
             value = parse_ports(text, setting)
+        elif name in SIZE_FIELDS:
+            value = parse_size(text, setting)
+        elif name in NOT_DURATIONS:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ConfigError(f"{setting}: {text!r} is not a number") from None
         elif isinstance(current, bool):
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ConfigError(f"{setting}: {text!r} is not true or false")
@@ -162,16 +205,35 @@ class ProxyConfig:
         setattr(self, name, value)
 
     def env_dict(self) -> dict[str, str]:
-        """The effective settings, as /env.json shows them."""
+        """The effective settings, as /env.json shows them; unset optional settings are left out.
+
+        Each value is in the form its environment variable accepts (``10s``, ``64Ki``, ``true``).
+        """
         out: dict[str, str] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, tuple):
-                v = f"{v[0]}:{v[1]}"
-            elif isinstance(v, frozenset):
-                v = ",".join(str(p) for p in sorted(v))
-            out["TETHER_PROXY_" + f.name.upper()] = str(v)
+            if v is None or f.name == "extra":
+                continue
+            out["TETHER_PROXY_" + f.name.upper()] = format_value(f.name, v)
         return out
+
+
+def format_value(name: str, value: object) -> str:
+    """A field's value in the text form ``ProxyConfig.set`` reads back (``none`` for unset)."""
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        host = f"[{value[0]}]" if ":" in str(value[0]) else value[0]
+        return f"{host}:{value[1]}"
+    if isinstance(value, frozenset):
+        return ",".join(str(p) for p in sorted(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if name in SIZE_FIELDS and isinstance(value, int):
+        return format_size(value)
+    if isinstance(value, float) and name not in NOT_DURATIONS:
+        return format_duration(value)
+    return str(value)
 
 
 # -- what each component reads --------------------------------------------------------------------

@@ -128,6 +128,16 @@ class LogControl:
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
+# Linkerd's level names (the proxy's tracing output and the Go controllers' logs print WARN, not WARNING).
+_LEVEL_NAMES = {TRACE: "TRACE", logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARN",
+                logging.ERROR: "ERROR", logging.CRITICAL: "ERROR"}
+
+
+def level_name(levelno: int) -> str:
+    """The Linkerd spelling of a Python level: ``WARN`` for WARNING, ``ERROR`` for CRITICAL too."""
+    return _LEVEL_NAMES.get(levelno) or logging.getLevelName(levelno)
+
+
 def _fields(record: logging.LogRecord) -> dict[str, object]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
 
@@ -141,7 +151,7 @@ class PlainFormatter(logging.Formatter):
     """``2026-11-22T21:53:10.123456Z  INFO tether.proxy: message key=value`` on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_timestamp(record.created)} {record.levelname:>5} {record.name}: {record.getMessage()}"
+        line = f"{_timestamp(record.created)} {level_name(record.levelno):>5} {record.name}: {record.getMessage()}"
         for k, v in _fields(record).items():
             line += f" {k}={v}"
         if record.exc_info and record.exc_info[1] is not None:
@@ -157,7 +167,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, object] = {
             "timestamp": _timestamp(record.created),
-            "level": record.levelname,
+            "level": level_name(record.levelno),
             "target": record.name,
             "message": record.getMessage(),
         }

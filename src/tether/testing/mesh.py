@@ -6,12 +6,14 @@ process is stopped by :meth:`LocalMesh.close`.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tether.core.identity.names import DEFAULT_CONTROL_PLANE_NS, DEFAULT_TRUST_DOMAIN
 from tether.platform.local.workloads import Workload, WorkloadRegistry
 from tether.testing.procs import Proc, ProxyProc, free_port, http_get, wait_for
 
@@ -25,7 +27,8 @@ class MeshWorkload:
 
 
 class LocalMesh:
-    def __init__(self, work: Path, trust_domain: str = "cluster.local", control_plane_ns: str = "tether") -> None:
+    def __init__(self, work: Path, trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                 control_plane_ns: str = DEFAULT_CONTROL_PLANE_NS) -> None:
         self.work = work
         self.trust_domain = trust_domain
         self.cp_ns = control_plane_ns
@@ -105,7 +108,13 @@ class LocalMesh:
         self.procs.append(p)
         if ready:
             p.wait_ready(30)
+            self.record_admin(w, p)
         return p
+
+    def record_admin(self, w: MeshWorkload, proxy: ProxyProc) -> None:
+        """Write the proxy's admin address into the workload's registry entry (its token stays)."""
+        current = self.registry.get(w.namespace, w.name)
+        self.registry.update(dataclasses.replace(current, proxy_admin=f"{proxy.host}:{proxy.admin_port}"))
 
     def close(self) -> None:
         for p in reversed(self.procs):

@@ -26,7 +26,7 @@ from tether.control.identity.service import CertifyError, IdentityService, Token
 from tether.core.identity.certs import certificates_pem
 from tether.core.identity.csr import build_csr, generate_key, validate_csr
 from tether.core.identity.issuance import IssuancePolicy
-from tether.core.identity.names import WorkloadIdentity
+from tether.core.identity.names import DEFAULT_CONTROL_PLANE_NS, DEFAULT_TRUST_DOMAIN, WorkloadIdentity
 
 log = logging.getLogger("tether.identity")
 
@@ -42,8 +42,8 @@ def utcnow() -> dt.datetime:
 class IdentityServerConfig:
     addr: tuple[str, int] = ("0.0.0.0", 8080)
     admin_addr: tuple[str, int] = ("127.0.0.1", 9990)
-    trust_domain: str = "cluster.local"
-    control_plane_ns: str = "linkerd"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    control_plane_ns: str = DEFAULT_CONTROL_PLANE_NS
     paths: CredentialPaths | None = None
     state_dir: str = ".tether"
     issuance_lifetime: float = 24 * 3600.0

@@ -17,6 +17,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# The defaults every command uses (install, identity, controller, demo): Linkerd's, so that
+# the seeds' Prometheus scrape configs (which match the control-plane namespace "linkerd") and
+# identity names work unchanged.
+DEFAULT_CONTROL_PLANE_NS = "linkerd"
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+
 SPIFFE_SCHEME = "spiffe://"
 MAX_TRUST_DOMAIN_BYTES = 255
 MAX_SPIFFE_ID_BYTES = 2048

@@ -156,6 +156,18 @@ class WorkloadRegistry:
         )
         return token
 
+    def update(self, workload: Workload) -> None:
+        """Change a registered workload's definition (addresses, ports, labels, proxyAdmin); its token stays."""
+        path = self.workload_path(workload.namespace, workload.name)
+        _, stored = self._load(path) if path.exists() else (None, None)
+        if stored is None:
+            raise WorkloadError(f"no workload {workload.key} to update (looked for {path}); register it first")
+        doc = {**workload.to_dict(), "tokenSha256": stored}
+        _write_atomic(path, yaml.safe_dump(doc, sort_keys=False).encode(), 0o644)
+
+    def exists(self, namespace: str, name: str) -> bool:
+        return self.workload_path(namespace, name).exists()
+
     def remove(self, namespace: str, name: str) -> None:
         self.workload_path(namespace, name).unlink(missing_ok=True)
         self.token_path(namespace, name).unlink(missing_ok=True)

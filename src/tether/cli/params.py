@@ -1,0 +1,161 @@
+"""Flag value types and the flags several commands share (state directory, control plane names).
+
+Each type turns bad input into a usage error that names the flag (click adds "Invalid value for
+'--flag'"), and durations and sizes read the same forms everywhere: ``500ms``, ``10s``, ``2m``,
+``1h``; ``65536``, ``64Ki``, ``1Mi``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from tether.core.identity.names import DEFAULT_CONTROL_PLANE_NS, DEFAULT_TRUST_DOMAIN
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_STATE_DIR = ".tether"
+
+
+class Duration(click.ParamType):
+    """A duration in seconds (float) from ``500ms``, ``10s``, ``2m``, ``1h`` or a bare number of seconds."""
+
+    name = "duration"
+
+    def __init__(self, minimum: float = 0.0, positive: bool = False) -> None:
+        self.minimum, self.positive = minimum, positive
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        from tether.proxy.config import ConfigError, parse_duration
+
+        try:
+            seconds = parse_duration(str(value), "duration")
+        except ConfigError:
+            self.fail(f"{value!r} is not a duration like 500ms, 10s, 2m or 1h", param, ctx)
+        if self.positive and seconds <= 0:
+            self.fail(f"{value!r}: must be more than zero", param, ctx)
+        return seconds
+
+
+class Address(click.ParamType):
+    """``host:port`` (``[v6]:port``) as a (host, port) tuple."""
+
+    name = "host:port"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value
+        from tether.proxy.config import ConfigError, parse_addr
+
+        try:
+            return parse_addr(str(value), "address")
+        except ConfigError:
+            self.fail(f"{value!r} is not host:port (port 0-65535)", param, ctx)
+
+
+class PortList(click.ParamType):
+    """Comma-separated ports and ranges (``4190,4191,5000-5010``), each 1-65535, as strings."""
+
+    name = "ports"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        out = []
+        for part in (p.strip() for p in str(value).split(",")):
+            if not part:
+                continue
+            lo, _, hi = part.partition("-")
+            if not lo.isdigit() or (hi and not hi.isdigit()):
+                self.fail(f"{part!r} is not a port or a port range like 5000-5010", param, ctx)
+            if not 0 < int(lo) <= int(hi or lo) <= 65535:
+                self.fail(f"{part!r} is out of range 1-65535", param, ctx)
+            out.append(part)
+        return tuple(out)
+
+
+class CidrList(click.ParamType):
+    """Comma-separated networks (``10.0.0.0/8,fd00::/8``), each a valid CIDR, as strings."""
+
+    name = "cidrs"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        out = []
+        for part in (p.strip() for p in str(value).split(",")):
+            if not part:
+                continue
+            try:
+                out.append(str(ipaddress.ip_network(part, strict=False)))
+            except ValueError:
+                self.fail(f"{part!r} is not a network like 10.0.0.0/8", param, ctx)
+        return tuple(out)
+
+
+class DnsLabel(click.ParamType):
+    """An RFC 1123 label (namespaces, names, service accounts)."""
+
+    name = "name"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from tether.core.identity.names import IdentityNameError, check_label
+
+        try:
+            return check_label(str(value), "name")
+        except IdentityNameError:
+            self.fail(f"{value!r} is not a DNS label (1-63 of a-z, 0-9, '-')", param, ctx)
+
+
+class TrustDomain(click.ParamType):
+    name = "domain"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from tether.core.identity.names import IdentityNameError, check_trust_domain
+
+        try:
+            return check_trust_domain(str(value))
+        except IdentityNameError as e:
+            self.fail(str(e), param, ctx)
+
+
+DURATION = Duration()
+POSITIVE_DURATION = Duration(positive=True)
+ADDRESS = Address()
+PORTS = PortList()
+CIDRS = CidrList()
+DNS_LABEL = DnsLabel()
+TRUST_DOMAIN = TrustDomain()
+
+
+def state_dir_option(f: F) -> F:
+    """``--state-dir``: the local platform's state (workload registry, control-plane records)."""
+    return click.option(
+        "--state-dir", default=DEFAULT_STATE_DIR, show_default=True, envvar="TETHER_STATE_DIR", show_envvar=True,
+        type=click.Path(file_okay=False), help="local state directory: workload registry and control-plane records",
+    )(f)
+
+
+def control_plane_options(f: F) -> F:
+    """``--controller-namespace`` and ``--identity-trust-domain``: the two parts of every identity name."""
+    f = click.option(
+        "--identity-trust-domain", "--trust-domain", "trust_domain", default=DEFAULT_TRUST_DOMAIN,
+        show_default=True, type=TRUST_DOMAIN, envvar="TETHER_TRUST_DOMAIN", show_envvar=True,
+        help="trust domain of identity names and SPIFFE ids",
+    )(f)
+    f = click.option(
+        "-L", "--controller-namespace", "controller_namespace", default=DEFAULT_CONTROL_PLANE_NS, show_default=True,
+        type=DNS_LABEL, envvar="TETHER_CONTROLLER_NAMESPACE", show_envvar=True,
+        help="control-plane namespace, part of every identity name",
+    )(f)
+    return f
+
+
+def namespace_option(f: F) -> F:
+    return click.option(
+        "-n", "--namespace", default="default", show_default=True, type=DNS_LABEL, help="the workload's namespace"
+    )(f)
