@@ -3,7 +3,8 @@
 CPU time on a shared VM drifts with its neighbours; instruction counts do not. This runs each
 build's `tether proxy` under callgrind (instrumentation off until warmed up), sends the same
 keep-alive HTTP/1.1 requests through its outbound listener (a balanced destination from a
-destinations file) and its inbound listener (to the application address), and prints user-space
+destinations file) and its inbound listener (to the application address), and gRPC unary calls
+(grpcio to fortio's ping server) through the outbound listener, and prints user-space
 instructions (Ir) per request for each, with the ratio to the first build. Kernel work (loopback
 TCP, epoll) is not counted: compare builds with it, not with nginx.
 
@@ -23,12 +24,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import harness as h
 
 AUTHORITY = "bench.local:80"
+GRPC_AUTHORITY = "grpc.local:8079"
+PING = "/fgrpc.PingServer/Ping"
+
+
+def grpc_calls(port: int, n: int) -> None:
+    """``n`` unary gRPC calls (fortio's Ping, an empty message) over one HTTP/2 connection."""
+    import grpc  # the grpcio client: a real gRPC peer
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.default_authority", GRPC_AUTHORITY)]) as ch:
+        ping = ch.unary_unary(PING, request_serializer=None, response_deserializer=None)
+        for _ in range(n):
+            ping(b"", timeout=30)
 
 
 def keepalive_requests(port: int, n: int, host: str) -> None:
@@ -49,10 +62,12 @@ def keepalive_requests(port: int, n: int, host: str) -> None:
 
 
 @contextlib.contextmanager
-def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int) -> Iterator[tuple[int, int, int, Path]]:
+def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int,
+                          grpc_port: int) -> Iterator[tuple[int, int, int, Path]]:
     """A `tether proxy` of ``python``'s build under callgrind: (pid, outbound, inbound, out file)."""
     dest = workdir / "destinations.yaml"
-    dest.write_text(f'destinations: {{"{AUTHORITY}": ["127.0.0.1:{backend_port}"]}}\n')
+    dest.write_text(f'destinations: {{"{AUTHORITY}": ["127.0.0.1:{backend_port}"], '
+                    f'"{GRPC_AUTHORITY}": ["127.0.0.1:{grpc_port}"]}}\n')
     out, inb, admin = h.free_port(), h.free_port(), h.free_port()
     cg_out = workdir / "callgrind.out"
     log = (workdir / "proxy.log").open("w")
@@ -76,13 +91,13 @@ def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int) -> Ite
         log.close()
 
 
-def count(pid: int, cg_out: Path, port: int, host: str, n: int, warmup: int) -> float:
+def count(pid: int, cg_out: Path, send: Callable[[int], None], n: int, warmup: int) -> float:
     """Instructions per request for ``n`` requests after ``warmup`` uncounted ones."""
-    keepalive_requests(port, warmup, host)
+    send(warmup)
     for f in cg_out.parent.glob(cg_out.name + ".*"):
         f.unlink()
     subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
-    keepalive_requests(port, n, host)
+    send(n)
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
     subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
     total = 0
@@ -115,17 +130,21 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="tether-bench-ir-") as tmp:
         work = Path(tmp)
-        backend_port = h.free_port()
-        backend = h.start_fortio_server(fortio, work, backend_port, h.free_port())
+        backend_port, grpc_port = h.free_port(), h.free_port()
+        backend = h.start_fortio_server(fortio, work, backend_port, grpc_port)
         with h.running(backend):
             for _ in range(args.repeat):  # interleaved: before, after, before, after
                 for name, checkout in builds:
                     python = Path(checkout).resolve() / ".venv" / "bin" / "python"
                     bdir = work / f"{name}-{len(rows.get(name, {}))}"
                     bdir.mkdir(exist_ok=True)
-                    with proxy_under_callgrind(python, bdir, backend_port) as (pid, out, inb, cg):
-                        got = {"outbound": count(pid, cg, out, AUTHORITY, args.requests, args.warmup),
-                               "inbound": count(pid, cg, inb, "web.local:8080", args.requests, args.warmup)}
+                    with proxy_under_callgrind(python, bdir, backend_port, grpc_port) as (pid, out, inb, cg):
+                        n, w = args.requests, args.warmup
+                        got = {
+                            "outbound": count(pid, cg, lambda k: keepalive_requests(out, k, AUTHORITY), n, w),
+                            "inbound": count(pid, cg, lambda k: keepalive_requests(inb, k, "web.local:8080"), n, w),
+                            "grpc": count(pid, cg, lambda k: grpc_calls(out, k), n, w),
+                        }
                     print(f"{name}: " + ", ".join(f"{k} {v:,.0f} Ir/request" for k, v in got.items()), flush=True)
                     best = rows.setdefault(name, {})
                     for k, v in got.items():
@@ -133,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[builds[0][0]]
     print(f"\nuser-space instructions per proxied HTTP/1.1 request (valgrind callgrind; min of {args.repeat}"
           f" runs of {args.requests} requests after {args.warmup} warm-up)")
-    print(f"{'build':<12}{'outbound':>22}{'inbound':>22}")
+    paths = ("outbound", "inbound", "grpc")
+    print(f"{'build':<12}" + "".join(f"{p:>22}" for p in ("HTTP/1 outbound", "HTTP/1 inbound", "gRPC unary out")))
     for name, r in rows.items():
-        cells = [f"{r[k]:,.0f} ({r[k] / base[k]:.3f}x)" for k in ("outbound", "inbound")]
-        print(f"{name:<12}{cells[0]:>22}{cells[1]:>22}")
+        print(f"{name:<12}" + "".join(f"{f'{r[k]:,.0f} ({r[k] / base[k]:.3f}x)':>22}" for k in paths))
     return 0
 
 
