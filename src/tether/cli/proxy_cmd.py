@@ -72,6 +72,10 @@ FLAGS: dict[str, Flag] = {
     "log_format": Flag("FORMAT", "log line format: plain or json"),
     "destinations_file": Flag("PATH", "static discovery: a YAML file of authorities and endpoints, reloaded "
                               "when it changes"),
+    "destination_addrs": Flag("HOST:PORT,...", "the destination service's replicas: endpoints of every "
+                              "destination come from it (the proxy dials them in turn and fails over)"),
+    "destination_context": Flag("JSON", 'who this proxy is, for the destination service (unset: '
+                                '{"ns": the identity\'s namespace})'),
     "identity_name": Flag("NAME", "this proxy's identity, <sa>.<ns>.serviceaccount.identity.<cp-ns>.<trust-domain> "
                           "(unset: no certificate, no mTLS)"),
     "identity_token_path": Flag("PATH", "the workload's bootstrap token, sent to the identity service"),
@@ -103,6 +107,13 @@ def check_value(field: str, text: str) -> str:
             parse_spec(text)
         except LogSpecError as e:
             raise ConfigError(f"{flag_name(field)}: {e}") from None
+    if field == "destination_context":
+        import json
+
+        try:
+            json.loads(text)
+        except ValueError:
+            raise ConfigError(f"{flag_name(field)}: {text!r} is not JSON") from None
     if field == "log_format" and text not in ("plain", "json"):
         raise ConfigError(f"{flag_name(field)}: {text!r} is not plain or json")
     return text

@@ -10,6 +10,7 @@ HTTP/2, and exits 0.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -38,12 +39,15 @@ class Proxy:
         self.cfg = cfg
         self.log_control = log_control or LogControl(cfg.log_level)
         self.metrics = MetricsRegistry(retain_idle=cfg.metrics_retain_idle)
-        if discovery is None and cfg.destinations_file:
-            discovery = StaticDiscovery(cfg.destinations_file)
+        if discovery is None:
+            discovery = discovery_from(cfg)
         self.discovery = discovery
         self.identity = identity_client(cfg)
         if self.identity is not None:
             self.metrics.add_source(self.identity.metrics_lines)
+        lines = getattr(discovery, "metrics_lines", None)
+        if callable(lines):
+            self.metrics.add_source(lines)
         self.outbound = Outbound(cfg, self.metrics, discovery, self.identity, {cfg.outbound_addr, cfg.inbound_addr})
         self.inbound = Inbound(cfg, self.metrics, self.identity)
         self.metrics.add_source(self._cache_lines)
@@ -131,6 +135,9 @@ class Proxy:
             log.warning("%d connection groups did not drain within %gs", len(unclean), grace)
         await self.outbound.aclose()
         await self.inbound.aclose()
+        close = getattr(self.discovery, "aclose", None)
+        if close is not None:
+            await close()
         for side in sides:
             side.cancel_tasks()
         for task in list(self._tasks):
@@ -143,6 +150,30 @@ class Proxy:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def discovery_from(cfg: ProxyConfig) -> Discovery | None:
+    """The source of endpoints the config names: the static file or the destination service."""
+    if cfg.destinations_file and cfg.destination_addrs:
+        raise ConfigError("--destinations-file and --destination-addrs are both set: choose one source of endpoints")
+    if cfg.destinations_file:
+        return StaticDiscovery(cfg.destinations_file)
+    if not cfg.destination_addrs:
+        return None
+    # Imported here: grpc costs memory a proxy without a control plane does not need.
+    from tether.proxy.destination import DestinationDiscovery, DestinationSettings, context_token
+
+    addrs = tuple(a.strip() for a in cfg.destination_addrs.split(",") if a.strip())
+    token = cfg.destination_context
+    if token is None:
+        parts = (cfg.identity_name or "").split(".")
+        token = context_token(parts[1] if len(parts) > 2 else "default")
+    else:
+        try:
+            json.loads(token)
+        except ValueError:
+            raise ConfigError(f"--destination-context: {token!r} is not JSON") from None
+    return DestinationDiscovery(DestinationSettings(addrs, token))
 
 
 def identity_client(cfg: ProxyConfig) -> IdentityClient | None:

@@ -152,6 +152,10 @@ class ProxyConfig:
     log_format: str = "plain"  # plain | json
     # Static discovery: authority -> endpoints (see tether.proxy.discovery).
     destinations_file: str | None = None
+    # The destination service (linkerd2-proxy-api Destination): comma-separated host:port of its
+    # replicas, and the context token it gets (JSON; default {"ns": <the identity's namespace>}).
+    destination_addrs: str | None = None
+    destination_context: str | None = None
     # Identity (see tether.proxy.identity): with identity_name set the proxy gets a certificate from
     # the identity service and speaks mTLS to meshed peers; unset means plaintext only.
     identity_name: str | None = None  # <sa>.<ns>.serviceaccount.identity.<cp-ns>.<trust-domain>
