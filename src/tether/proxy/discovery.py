@@ -39,6 +39,7 @@ from tether.core.discovery.endpoints import (
     format_addr,
 )
 from tether.core.http.authority import normalize_authority
+from tether.core.routing.profile import Profile
 from tether.runtime.watch import Snapshot, Subscription, Watched
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def read_file(path: str) -> bytes:
 
 
 EndpointWatch = Watched[EndpointSet, EndpointDiff]
+ProfileWatch = Watched[Profile, Profile]  # each change is a whole new profile
 
 
 def endpoint_watch(endpoints: EndpointSet) -> EndpointWatch:
@@ -165,6 +167,10 @@ class Discovery(Protocol):
 
     async def lookup(self, addr: Addr) -> Endpoint | None:
         """What discovery knows of one endpoint address (whether it is meshed), or None."""
+        ...
+
+    async def profile(self, authority: str) -> ProfileWatch | None:
+        """The destination's watched ServiceProfile (routes, retries, timeouts, splits), or None."""
         ...
 
     def generation(self) -> int:
@@ -258,6 +264,9 @@ class StaticDiscovery:
 
     def generation(self) -> int:
         return self.reloads_total
+
+    async def profile(self, authority: str) -> ProfileWatch | None:
+        return None  # the static file has endpoints only
 
     async def lookup(self, addr: Addr) -> Endpoint | None:
         eps = self.resolve_now(format_addr(addr))

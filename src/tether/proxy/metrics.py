@@ -476,43 +476,59 @@ def format_chunks(snap: Snapshot) -> list[bytes]:
 _BLOCK_LINES = 256
 
 
+_FAMILY_HELP = {
+    "request_total": "Total count of HTTP requests.",
+    "response_latency_ms": "Elapsed times between a request's headers being received and its response headers"
+                           " being sent.",
+    "response_total": "Total count of HTTP responses.",
+}
+
+
+def http_family(series: list[HttpMetrics], prefix: str = "") -> Iterator[str]:
+    """request_total, response_latency_ms and response_total of ``series`` (names after ``prefix``:
+    ``route_`` for ``route_request_total`` and so on), in blocks of a few hundred lines."""
+    out: list[str] = []
+    a = out.append
+    req, lat, rsp = f"{prefix}request_total", f"{prefix}response_latency_ms", f"{prefix}response_total"
+    a(f"# HELP {req} {_FAMILY_HELP['request_total']}\n# TYPE {req} counter\n")
+    for hm in series:
+        a(f"{req}{{{hm.label}}} {hm.requests}\n")
+        if len(out) >= _BLOCK_LINES:
+            yield "".join(out)
+            out.clear()
+    a(f"# HELP {lat} {_FAMILY_HELP['response_latency_ms']}\n# TYPE {lat} histogram\n")
+    les = _LE
+    for hm in series:
+        for st in list(hm.by_status.values()):
+            base = hm.label + st.label
+            counts = st.latency.counts.copy()
+            cum = 0
+            for i in range(_NBUCKETS):
+                cum += counts[i]
+                a(f'{lat}_bucket{{{base},le="{les[i]}"}} {cum}\n')
+            a(f"{lat}_sum{{{base}}} {_num(st.latency.sum_ms)}\n")
+            a(f"{lat}_count{{{base}}} {cum}\n")
+            if len(out) >= _BLOCK_LINES:
+                yield "".join(out)
+                out.clear()
+    a(f"# HELP {rsp} {_FAMILY_HELP['response_total']}\n# TYPE {rsp} counter\n")
+    for hm in series:
+        for st in list(hm.by_status.values()):
+            for rc in list(st.classes.values()):
+                a(f"{rsp}{{{hm.label}{st.label}{rc.label}}} {rc.count}\n")
+        if len(out) >= _BLOCK_LINES:
+            yield "".join(out)
+            out.clear()
+    if out:
+        yield "".join(out)
+
+
 def iter_exposition(snap: Snapshot) -> Iterator[str]:
     """The exposition in blocks of at most a few hundred lines."""
     out: list[str] = []
     a = out.append
     if snap.http:
-        a("# HELP request_total Total count of HTTP requests.\n# TYPE request_total counter\n")
-        for hm in snap.http:
-            a(f"request_total{{{hm.label}}} {hm.requests}\n")
-            if len(out) >= _BLOCK_LINES:
-                yield "".join(out)
-                out.clear()
-        a(
-            "# HELP response_latency_ms Elapsed times between a request's headers being received"
-            " and its response headers being sent.\n# TYPE response_latency_ms histogram\n"
-        )
-        les = _LE
-        for hm in snap.http:
-            for st in list(hm.by_status.values()):
-                base = hm.label + st.label
-                counts = st.latency.counts.copy()
-                cum = 0
-                for i in range(_NBUCKETS):
-                    cum += counts[i]
-                    a(f'response_latency_ms_bucket{{{base},le="{les[i]}"}} {cum}\n')
-                a(f"response_latency_ms_sum{{{base}}} {_num(st.latency.sum_ms)}\n")
-                a(f"response_latency_ms_count{{{base}}} {cum}\n")
-                if len(out) >= _BLOCK_LINES:
-                    yield "".join(out)
-                    out.clear()
-        a("# HELP response_total Total count of HTTP responses.\n# TYPE response_total counter\n")
-        for hm in snap.http:
-            for st in list(hm.by_status.values()):
-                for rc in list(st.classes.values()):
-                    a(f"response_total{{{hm.label}{st.label}{rc.label}}} {rc.count}\n")
-            if len(out) >= _BLOCK_LINES:
-                yield "".join(out)
-                out.clear()
+        yield from http_family(snap.http)
     if snap.tcp:
         rows = [
             (tm.label, tm.open_total, tm.read_bytes, tm.write_bytes, list(tm.closes.items()))

@@ -9,6 +9,7 @@ the same per-request headers (``l5d-retry-http``, ``l5d-retry-grpc``, ``l5d-retr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tether.core.routing.retry_budget import BudgetPolicy
@@ -39,8 +40,12 @@ class RetryPolicy:
     per_try_timeout: float | None = None
     budget: BudgetPolicy | None = field(default=None)
     max_body: int = MAX_RETRY_BODY
+    # A ServiceProfile route retries what its response classes call a failure.
+    is_failure: Callable[[int], bool] | None = field(default=None, compare=False)
 
     def retries_status(self, status: int) -> bool:
+        if self.is_failure is not None:
+            return self.is_failure(status)
         return any(lo <= status <= hi for lo, hi in self.http_statuses)
 
     def retries_grpc(self, code: int) -> bool:

@@ -154,14 +154,16 @@ def count_error(m: HttpMetrics, e: BaseException, elapsed_ms: float) -> None:
 
 
 class HttpMetricsService:
-    """Layer: count each request once, into the serving endpoint's series or this target's."""
+    """Layer: count each request once, into the serving endpoint's series or this target's
+    (``per_endpoint=False``: always this target's, as route metrics are)."""
 
-    __slots__ = ("_clock", "_inner", "series")
+    __slots__ = ("_clock", "_inner", "per_endpoint", "series")
 
-    def __init__(self, inner: Service, series: HttpMetrics, *,
+    def __init__(self, inner: Service, series: HttpMetrics, *, per_endpoint: bool = True,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self._inner = inner
         self.series = series
+        self.per_endpoint = per_endpoint
         self._clock = clock
 
     async def __call__(self, req: Request, /) -> Response:
@@ -170,10 +172,10 @@ class HttpMetricsService:
         try:
             rsp = await self._inner(req)
         except BaseException as e:
-            m = req.meter
+            m = req.meter if self.per_endpoint else None
             count_error(m if m is not None else self.series, e, (clock() - start) * 1000.0)
             raise
-        m = req.meter
+        m = req.meter if self.per_endpoint else None
         return count_response(m if m is not None else self.series, rsp, (clock() - start) * 1000.0)
 
 

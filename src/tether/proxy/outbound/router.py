@@ -91,7 +91,8 @@ class Router:
         if name is not None and self.discovery is not None:
             resolved = await self.discovery.resolve(name)
             if resolved is not None:
-                return Logical(resolved.authority, watch=resolved.endpoints)
+                profile = await self.discovery.profile(resolved.authority)
+                return Logical(resolved.authority, watch=resolved.endpoints, profile=profile)
         target = orig_dst if orig_dst is not None else self._named_addr(authority)
         return Logical(name or authority.decode("latin-1"), fallback=target)
 

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from tether.core.discovery.endpoints import Addr, Endpoint
 from tether.core.http.detect import Detected
+from tether.core.routing.profile import Profile, ProfileRoute
+from tether.core.routing.retry_budget import BudgetPolicy, RetryBudget
+from tether.core.routing.retry_policy import RetryPolicy
 from tether.proxy import connect
 from tether.proxy.balancer import Balancer
 from tether.proxy.cache import IdleCache, Stack
@@ -32,10 +36,13 @@ from tether.proxy.config import (
 from tether.proxy.detect import DetectProtocol
 from tether.proxy.discovery import Discovery, feed
 from tether.proxy.endpoint import HttpEndpoint
-from tether.proxy.http.message import Connection, Service
+from tether.proxy.errors import UnavailableError
+from tether.proxy.http.message import Connection, Request, Response, Service
 from tether.proxy.layers.connect_retry import ConnectRetry
 from tether.proxy.layers.metrics import EndpointMeter, HttpMetricsService
 from tether.proxy.layers.rescue import Rescue
+from tether.proxy.layers.retry import Retry, RetryStats
+from tether.proxy.layers.routes import ProfileRouter, RouteCounters, RouteMetrics, Split
 from tether.proxy.layers.timeout import ResponseTimeout
 from tether.proxy.metrics import MetricsRegistry, escape_label
 from tether.proxy.outbound.router import Router
@@ -47,6 +54,9 @@ if TYPE_CHECKING:
     from tether.proxy.identity import IdentityClient
 
 log = logging.getLogger(__name__)
+
+# A ServiceProfile route's retries are bounded by its budget; this caps the attempts of one request.
+PROFILE_RETRY_CAP = 10
 
 
 class Outbound:
@@ -65,6 +75,8 @@ class Outbound:
         # Until routes come from the control plane, every destination has the default route.
         self.route = Route(timeout=cfg.response_timeout, connect_retry_attempts=cfg.connect_retry_attempts)
         self.connections = Connections("outbound", h1_server_settings(cfg), h2_settings(cfg), cfg.tcp_zero_copy)
+        self.route_metrics = RouteMetrics()
+        self._budgets: dict[tuple[str, BudgetPolicy | None], RetryBudget] = {}
         self.logicals: IdleCache[Logical, Stack] = IdleCache(
             self.logical_stack, cfg.cache_max_idle_age, close=Stack.aclose, name="outbound")
         generation = discovery.generation if discovery is not None else None
@@ -97,13 +109,56 @@ class Outbound:
             assert target.fallback is not None
             inner = self.endpoint_stack(target, Endpoint(target.fallback))  # the one address it names
         closers.append(inner.aclose)
-        svc: Service = ConnectRetry(inner, route.connect_retry_attempts)  # a refused connect sent nothing
-        if route.timeout is not None:
-            svc = ResponseTimeout(svc, route.timeout)  # 504 when the response head is late
-        svc = Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
+        svc: Service
+        if target.profile is not None:
+            # The destination's ServiceProfile: a stack per route (timeout, retries, split).
+            router = ProfileRouter(target.authority, target.profile,
+                                   lambda r, p: self.route_stack(target, r, p, inner, closers))
+            closers.append(router.aclose)
+            svc = router
+        else:
+            svc = ConnectRetry(inner, route.connect_retry_attempts)  # a refused connect sent nothing
+            if route.timeout is not None:
+                svc = ResponseTimeout(svc, route.timeout)  # 504 when the response head is late
+            svc = Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
         svc = HttpMetricsService(svc, self.metrics.http(  # request_total, response_total, latency
             "outbound", target.fallback, authority=target.authority))
         return Stack(svc, closers, inner if isinstance(inner, Balancer) else None)
+
+    # -- HTTP: one stack per profile route ------------------------------------------------------------
+    def route_stack(self, target: Logical, route: ProfileRoute, profile: Profile, own: Service,
+                    closers: list[Callable[[], object]]) -> Service:
+        svc: Service = own  # the destination's balancer
+        if profile.dst_overrides:
+            svc = Split([(d, self._backend(d.authority, own, target, closers))  # TrafficSplit weights
+                         for d in profile.dst_overrides])
+        svc = ConnectRetry(svc, self.route.connect_retry_attempts)  # a refused connect sent nothing
+        svc = RouteCounters(svc, self.route_metrics, target.authority, route)  # route_actual_*, per try
+        if route.retryable:
+            budget = self._budget(target.authority, profile)
+            policy = RetryPolicy(limit=route.max_retries if route.max_retries is not None else PROFILE_RETRY_CAP,
+                                 per_try_timeout=route.retry_timeout, budget=profile.budget,
+                                 is_failure=route.is_failure)
+            svc = Retry(svc, policy, budget, RetryStats())  # within the profile's retry budget
+        if route.timeout is not None:
+            svc = ResponseTimeout(svc, route.timeout)  # 504 when the route's timeout passes
+        svc = Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
+        return HttpMetricsService(svc, self.route_metrics.series(  # route_request_total, ..., per request
+            "route_", target.authority, route.name), per_endpoint=False)
+
+    def _budget(self, authority: str, profile: Profile) -> RetryBudget:
+        # One budget per destination, shared by its routes (as the profile's retryBudget is).
+        key = (authority, profile.budget)
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = RetryBudget(profile.budget or BudgetPolicy(), time.monotonic())
+        return budget
+
+    def _backend(self, authority: str, own: Service, target: Logical, closers: list[Callable[[], object]]) -> Service:
+        """A split's backend: the destination itself, or another destination's balancer."""
+        if authority == target.authority:
+            return own
+        return _Concrete(self, authority, closers)
 
     def _balancer(self, target: Logical, closers: list[Callable[[], object]]) -> Balancer:
         assert target.watch is not None
@@ -165,3 +220,33 @@ class Outbound:
 
     async def aclose(self) -> None:
         await self.logicals.aclose()
+
+
+class _Concrete:
+    """A TrafficSplit backend that is another destination: its own balancer over its endpoints,
+    resolved on first use (no logical stack of its own: the request is counted once, by the apex)."""
+
+    __slots__ = ("authority", "closers", "outbound", "service")
+
+    def __init__(self, outbound: Outbound, authority: str, closers: list[Callable[[], object]]) -> None:
+        self.outbound = outbound
+        self.authority = authority
+        self.closers = closers
+        self.service: Service | None = None
+
+    def __call__(self, req: Request) -> Awaitable[Response]:
+        svc = self.service
+        if svc is not None:
+            return svc(req)
+        return self._first(req)
+
+    async def _first(self, req: Request) -> Response:
+        if self.service is None:
+            ob = self.outbound
+            resolved = await ob.discovery.resolve(self.authority) if ob.discovery is not None else None
+            if resolved is None:
+                raise UnavailableError(f"split backend {self.authority} is not a known destination")
+            bal = ob._balancer(Logical(resolved.authority, watch=resolved.endpoints), self.closers)
+            self.closers.append(bal.aclose)
+            self.service = bal
+        return await self.service(req)

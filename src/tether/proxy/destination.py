@@ -1,0 +1,379 @@
+"""Discovery from the destination service: linkerd2-proxy-api's ``Destination.Get`` streams.
+
+:class:`DestinationDiscovery` implements the proxy's :class:`~tether.proxy.discovery.Discovery`
+over one or more control-plane replicas. Each destination the proxy asks about gets one stream,
+kept open while the proxy uses it:
+
+- the first message says whether the destination exists (``no_endpoints{exists: false}``: the
+  proxy forwards to the address the request named) and gives its endpoints;
+- later messages are diffs (``add``/``remove``), applied to the watched endpoint set;
+- when the stream breaks (a replica died, the server reset a slow stream), the next replica is
+  dialled after a short back-off, and its first message replaces the whole set: nothing stale
+  survives a reconnect. While no replica answers, the last good endpoints stay in force, and
+  ``tether_destination_stale`` says so.
+
+Endpoint metadata maps to :class:`~tether.core.discovery.endpoints.Endpoint`: the TLS identity
+(``dns_like_identity``), the opaque-transport port (the peer proxy's inbound port, for opaque
+streams), the weight, and the metric labels (set-level and per-address, rendered as ``dst_*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from tether.api.gen import destination_pb2, destination_pb2_grpc, http_types_pb2, net_pb2
+from tether.core.discovery.endpoints import Addr, Endpoint, EndpointDiff, EndpointSet, format_addr
+from tether.core.http.authority import normalize_authority
+from tether.core.routing.http_match import Condition
+from tether.core.routing.profile import Profile, ProfileRoute, ResponseClass, StatusMatch, WeightedDst
+from tether.core.routing.retry_budget import BudgetPolicy
+from tether.proxy.discovery import ProfileWatch, Resolution, endpoint_watch
+from tether.runtime.watch import Watched
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_MIN = 0.1
+_BACKOFF_MAX = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationSettings:
+    addrs: tuple[str, ...]  # host:port of each replica
+    context_token: str  # who is asking: {"ns": ..., "nodeName": ..., "pod": ...} as JSON
+    resolve_timeout: float = 3.0  # how long a first answer may take before the request falls back
+    max_streams: int = 10_000  # destinations watched at once (idle ones are closed by the stack cache)
+
+
+def context_token(namespace: str, pod: str = "", node: str = "") -> str:
+    """The context token Linkerd's proxy sends: the caller's namespace (and pod, node)."""
+    doc: dict[str, str] = {"ns": namespace}
+    if node:
+        doc["nodeName"] = node
+    if pod:
+        doc["pod"] = pod
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def tcp_addr(a: net_pb2.TcpAddress) -> Addr:
+    ip = a.ip
+    if ip.WhichOneof("ip") == "ipv6":
+        n = (ip.ipv6.first << 64) | ip.ipv6.last
+        return str(ipaddress.IPv6Address(n)), a.port
+    return str(ipaddress.IPv4Address(ip.ipv4)), a.port
+
+
+def endpoint_of(w: destination_pb2.WeightedAddr, set_labels: dict[str, str]) -> Endpoint:
+    """One WeightedAddr as the proxy's Endpoint."""
+    identity: str | None = None
+    if w.HasField("tls_identity") and w.tls_identity.WhichOneof("strategy") == "dns_like_identity":
+        identity = w.tls_identity.dns_like_identity.name or None
+    proxy_port: int | None = None
+    if w.HasField("protocol_hint") and w.protocol_hint.HasField("opaque_transport"):
+        proxy_port = w.protocol_hint.opaque_transport.inbound_port or None
+    labels = {f"dst_{k}": v for k, v in set_labels.items()}
+    labels.update({f"dst_{k}": v for k, v in w.metric_labels.items()})
+    return Endpoint(tcp_addr(w.addr), weight=max(1, w.weight or 1), identity=identity, proxy_port=proxy_port,
+                    labels=tuple(sorted(labels.items())))
+
+
+def _method(m: http_types_pb2.HttpMethod) -> bytes:
+    if m.WhichOneof("type") == "unregistered":
+        return m.unregistered.encode("latin-1")
+    return http_types_pb2.HttpMethod.Registered.Name(m.registered).encode()
+
+
+def condition_of(m: destination_pb2.RequestMatch) -> Condition:
+    kind = m.WhichOneof("match")
+    if kind == "all":
+        return Condition(all=tuple(condition_of(x) for x in m.all.matches))
+    if kind == "any":
+        return Condition(any=tuple(condition_of(x) for x in m.any.matches))
+    if kind == "not":
+        return Condition(not_=condition_of(getattr(m, "not")))
+    if kind == "path":
+        return Condition(path_regex=m.path.regex)
+    if kind == "method":
+        return Condition(method=_method(m.method))
+    return Condition()
+
+
+def status_of(m: destination_pb2.ResponseMatch) -> StatusMatch:
+    kind = m.WhichOneof("match")
+    if kind == "all":
+        return StatusMatch(all=tuple(status_of(x) for x in m.all.matches))
+    if kind == "any":
+        return StatusMatch(any=tuple(status_of(x) for x in m.any.matches))
+    if kind == "not":
+        return StatusMatch(not_=status_of(getattr(m, "not")))
+    if kind == "status":
+        return StatusMatch(min=m.status.min, max=m.status.max)
+    return StatusMatch(min=0, max=599)
+
+
+def _seconds(d: Any) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def profile_of(p: destination_pb2.DestinationProfile) -> Profile:
+    """A DestinationProfile as the proxy applies it."""
+    routes = []
+    for r in p.routes:
+        labels = dict(r.metrics_labels)
+        routes.append(ProfileRoute(
+            name=labels.get("route", ""),
+            condition=condition_of(r.condition),
+            response_classes=tuple(ResponseClass(status_of(rc.condition), rc.is_failure)
+                                   for rc in r.response_classes),
+            retryable=r.is_retryable,
+            timeout=_seconds(r.timeout) or None if r.HasField("timeout") else None,
+            max_retries=r.tether_max_retries or None,
+            retry_timeout=_seconds(r.tether_retry_timeout) or None if r.HasField("tether_retry_timeout") else None,
+            labels=tuple(sorted(labels.items())),
+        ))
+    budget = None
+    if p.HasField("retry_budget"):
+        b = p.retry_budget
+        budget = BudgetPolicy(ratio=b.retry_ratio, min_per_second=float(b.min_retries_per_second),
+                              ttl=min(60.0, max(1.0, _seconds(b.ttl) or 10.0)))
+    dsts = tuple(WeightedDst(normalize_authority(d.authority, 80), d.weight) for d in p.dst_overrides if d.weight)
+    return Profile(tuple(routes), budget, dsts, p.opaque_protocol, p.fully_qualified_name)
+
+
+class _Watch:
+    """One destination's stream and its watched endpoints."""
+
+    def __init__(self, authority: str) -> None:
+        self.authority = authority
+        self.endpoints = endpoint_watch(EndpointSet())
+        self.exists: bool | None = None  # unknown until the first answer
+        self.first = asyncio.Event()
+        self.stale = False
+        self.task: asyncio.Task[None] | None = None
+        self.last_used = time.monotonic()
+
+
+class DestinationDiscovery:
+    """The proxy's Discovery over the destination service's replicas."""
+
+    def __init__(self, settings: DestinationSettings, *, channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+        if not settings.addrs:
+            raise ValueError("the destination service needs at least one address")
+        self.settings = settings
+        self._options = list(channel_options)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._watches: dict[str, _Watch] = {}
+        self._profiles: dict[str, tuple[ProfileWatch, asyncio.Event, asyncio.Task[None]]] = {}
+        self._generation = 0
+        self._rng = random.Random()
+        self.reconnects_total = 0
+
+    # -- Discovery -------------------------------------------------------------------------------------
+    async def resolve(self, authority: str) -> Resolution | None:
+        try:
+            key = normalize_authority(authority, 80)
+        except ValueError:
+            return None
+        w = self._watch(key)
+        if w.exists is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.resolve_timeout):
+                    await w.first.wait()
+        if not w.exists:
+            return None  # unknown (or no answer yet): forward to the address the request named
+        return Resolution(key, w.endpoints)
+
+    async def lookup(self, addr: Addr) -> Endpoint | None:
+        resolved = await self.resolve(format_addr(addr))
+        return resolved.endpoints.state.get(addr) if resolved is not None else None
+
+    async def profile(self, authority: str) -> ProfileWatch | None:
+        """The destination's profile, streamed by GetProfile (an empty profile until one arrives)."""
+        try:
+            key = normalize_authority(authority, 80)
+        except ValueError:
+            return None
+        entry = self._profiles.get(key)
+        if entry is None:
+            watch: ProfileWatch = Watched(Profile(), lambda _old, new: new)
+            first = asyncio.Event()
+            task = asyncio.get_running_loop().create_task(self._follow_profile(key, watch, first))
+            entry = self._profiles[key] = (watch, first, task)
+        watch, first, _ = entry
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.resolve_timeout):
+                await first.wait()
+        return watch
+
+    async def _follow_profile(self, key: str, watch: ProfileWatch, first: asyncio.Event) -> None:
+        addrs = list(self.settings.addrs)
+        attempt = self._rng.randrange(len(addrs))
+        backoff = _BACKOFF_MIN
+        while True:
+            addr = addrs[attempt % len(addrs)]
+            attempt += 1
+            try:
+                stub = destination_pb2_grpc.DestinationStub(self._channel(addr))
+                call = stub.GetProfile(destination_pb2.GetDestination(
+                    scheme="k8s", path=key, context_token=self.settings.context_token))
+                async for msg in call:
+                    backoff = _BACKOFF_MIN
+                    try:
+                        profile = profile_of(msg)
+                    except (ValueError, re.error) as e:
+                        # A profile the proxy cannot apply: keep the last good one, say why.
+                        log.warning("destination %s: profile not applied: %s", key, e)
+                        continue
+                    if profile != watch.state:
+                        watch.change(profile)
+                    first.set()
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as e:
+                log.info("profile %s: replica %s: %s %s", key, addr, e.code().name, e.details())
+            first.set()  # no answer: the destination has no profile for now (the last one stays)
+            await asyncio.sleep(backoff * (0.5 + self._rng.random()))
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def generation(self) -> int:
+        return self._generation
+
+    async def run(self) -> None:
+        """Close streams nobody resolved for a while (the stacks that used them were dropped)."""
+        while True:
+            await asyncio.sleep(30)
+            horizon = time.monotonic() - 300
+            for key, w in list(self._watches.items()):
+                if w.last_used < horizon and w.endpoints.subscribers == 0:
+                    self._drop(key)
+
+    async def aclose(self) -> None:
+        for key in list(self._watches):
+            self._drop(key)
+        for _, _, task in self._profiles.values():
+            task.cancel()
+        self._profiles.clear()
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    # -- metrics ---------------------------------------------------------------------------------------
+    def metrics_lines(self) -> list[str]:
+        stale = sum(1 for w in self._watches.values() if w.stale)
+        return [
+            "# HELP tether_destination_streams Destinations the proxy watches on the destination service.",
+            "# TYPE tether_destination_streams gauge",
+            f"tether_destination_streams {len(self._watches)}",
+            "# HELP tether_destination_stale Destinations served from their last good answer while no "
+            "replica of the destination service answers.",
+            "# TYPE tether_destination_stale gauge",
+            f"tether_destination_stale {stale}",
+            "# HELP tether_destination_reconnects_total Destination streams re-established.",
+            "# TYPE tether_destination_reconnects_total counter",
+            f"tether_destination_reconnects_total {self.reconnects_total}",
+        ]
+
+    # -- streams ---------------------------------------------------------------------------------------
+    def _watch(self, key: str) -> _Watch:
+        w = self._watches.get(key)
+        if w is None:
+            if len(self._watches) >= self.settings.max_streams:
+                oldest = min(self._watches.values(), key=lambda x: x.last_used)
+                self._drop(oldest.authority)
+            w = self._watches[key] = _Watch(key)
+            w.task = asyncio.get_running_loop().create_task(self._follow(w))
+        w.last_used = time.monotonic()
+        return w
+
+    def _drop(self, key: str) -> None:
+        w = self._watches.pop(key, None)
+        if w is not None and w.task is not None:
+            w.task.cancel()
+
+    def _channel(self, addr: str) -> grpc.aio.Channel:
+        ch = self._channels.get(addr)
+        if ch is None:
+            ch = self._channels[addr] = grpc.aio.insecure_channel(addr, options=self._options)
+        return ch
+
+    async def _follow(self, w: _Watch) -> None:
+        addrs = list(self.settings.addrs)
+        start = self._rng.randrange(len(addrs))
+        backoff = _BACKOFF_MIN
+        attempt = 0
+        while True:
+            addr = addrs[(start + attempt) % len(addrs)]
+            attempt += 1
+            try:
+                got_any = await self._stream(w, addr)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as e:
+                got_any = False
+                log.info("destination %s: replica %s: %s %s", w.authority, addr, e.code().name, e.details())
+            except Exception:
+                got_any = False
+                log.exception("destination %s: replica %s failed", w.authority, addr)
+            if w.exists is not None:
+                w.stale = True  # keep the last good answer until a replica answers again
+            if got_any:
+                backoff = _BACKOFF_MIN
+                self.reconnects_total += 1
+            else:
+                await asyncio.sleep(backoff * (0.5 + self._rng.random()))
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _stream(self, w: _Watch, addr: str) -> bool:
+        """Follow one replica's stream until it ends; True when it sent anything."""
+        stub = destination_pb2_grpc.DestinationStub(self._channel(addr))
+        call = stub.Get(destination_pb2.GetDestination(scheme="k8s", path=w.authority,
+                                                       context_token=self.settings.context_token))
+        first = True
+        got_any = False
+        snapshot: dict[Addr, Endpoint] = {}
+        async for update in call:
+            got_any = True
+            kind = update.WhichOneof("update")
+            if first:
+                # The first message after (re)connecting is the whole set: replace, never merge.
+                first = False
+                if kind == "no_endpoints":
+                    self._answer(w, update.no_endpoints.exists, EndpointSet())
+                    continue
+                if kind == "add":
+                    labels = dict(update.add.metric_labels)
+                    snapshot = {ep.addr: ep for ep in (endpoint_of(a, labels) for a in update.add.addrs)}
+                self._answer(w, True, EndpointSet(snapshot.values()))
+                continue
+            if kind == "add":
+                labels = dict(update.add.metric_labels)
+                w.endpoints.change(EndpointDiff(add=tuple(endpoint_of(a, labels) for a in update.add.addrs)))
+            elif kind == "remove":
+                w.endpoints.change(EndpointDiff(remove=tuple(tcp_addr(a) for a in update.remove.addrs)))
+            elif kind == "no_endpoints":
+                if not update.no_endpoints.exists and w.exists:
+                    self._generation += 1  # gone: routers forget the destination
+                w.exists = update.no_endpoints.exists
+                if w.endpoints.state:
+                    w.endpoints.replace(EndpointSet())
+        return got_any
+
+    def _answer(self, w: _Watch, exists: bool, endpoints: EndpointSet) -> None:
+        if w.exists is not None and w.exists != exists:
+            self._generation += 1  # appeared or disappeared: routers decide again
+        w.exists = exists
+        w.stale = False
+        if endpoints != w.endpoints.state:
+            w.endpoints.replace(endpoints)
+        w.first.set()

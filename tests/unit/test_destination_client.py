@@ -1,0 +1,167 @@
+"""The proxy's destination client against scripted Destination servers on loopback (real gRPC).
+
+The scripts stand in for control-plane replicas so that each stream's behaviour (first answer,
+diffs, a replica dying, a reset) is exact; the real controller is exercised end to end in
+tests/integration/test_destination_proxy.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+
+from tether.api.gen import destination_pb2 as d
+from tether.api.gen import destination_pb2_grpc, net_pb2
+from tether.core.discovery.endpoints import Endpoint
+from tether.proxy.destination import DestinationDiscovery, DestinationSettings, context_token
+from tether.testing.fakes import until
+
+Script = Callable[[d.GetDestination, asyncio.Queue[d.Update | None]], None]
+
+
+def addr(ip: str, port: int) -> net_pb2.TcpAddress:
+    return net_pb2.TcpAddress(ip=net_pb2.IPAddress(ipv4=int(ipaddress.IPv4Address(ip))), port=port)
+
+
+def weighted(ip: str, port: int, identity: str | None = None, **labels: str) -> d.WeightedAddr:
+    w = d.WeightedAddr(addr=addr(ip, port), weight=10000, metric_labels=labels)
+    if identity:
+        w.tls_identity.CopyFrom(d.TlsIdentity(dns_like_identity=d.TlsIdentity.DnsLikeIdentity(name=identity)))
+        w.protocol_hint.CopyFrom(d.ProtocolHint(h2=d.ProtocolHint.H2()))
+    return w
+
+
+class Replica(destination_pb2_grpc.DestinationServicer):
+    """A Destination server whose streams send what the test puts in their queue (None ends it)."""
+
+    def __init__(self) -> None:
+        self.requests: list[d.GetDestination] = []
+        self.streams: list[asyncio.Queue[d.Update | None]] = []
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.on_get: Callable[[d.GetDestination], list[d.Update]] = lambda req: []
+
+    async def Get(self, request: d.GetDestination, context: grpc.aio.ServicerContext) -> AsyncIterator[d.Update]:
+        self.requests.append(request)
+        q: asyncio.Queue[d.Update | None] = asyncio.Queue()
+        for u in self.on_get(request):
+            q.put_nowait(u)
+        self.streams.append(q)
+        while (u := await q.get()) is not None:
+            yield u
+
+    async def start(self) -> Replica:
+        self.server = grpc.aio.server()
+        destination_pb2_grpc.add_DestinationServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        await self.server.stop(0)
+
+
+def run(coro: Callable[[], object]) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(30):
+            await coro()  # type: ignore[misc]
+
+    asyncio.run(bounded())
+
+
+def test_known_destination_snapshot_then_diffs_with_identity_and_labels() -> None:
+    async def main() -> None:
+        r = await Replica().start()
+        r.on_get = lambda req: [d.Update(add=d.WeightedAddrSet(
+            addrs=[weighted("10.0.0.1", 8080, "web.ns.serviceaccount.identity.linkerd.cluster.local", pod="web-1")],
+            metric_labels={"namespace": "ns", "service": "web"}))]
+        dd = DestinationDiscovery(DestinationSettings((f"127.0.0.1:{r.port}",), context_token("client-ns")))
+        try:
+            res = await dd.resolve("Web.NS.svc.cluster.local")
+            assert res is not None and res.authority == "web.ns.svc.cluster.local:80"
+            assert r.requests[0].path == "web.ns.svc.cluster.local:80"
+            assert r.requests[0].context_token == '{"ns":"client-ns"}'
+            [ep] = list(res.endpoints.state)
+            assert ep == Endpoint.of("10.0.0.1:8080", weight=10000,
+                                     identity="web.ns.serviceaccount.identity.linkerd.cluster.local",
+                                     labels={"dst_namespace": "ns", "dst_service": "web", "dst_pod": "web-1"})
+            r.streams[0].put_nowait(d.Update(add=d.WeightedAddrSet(addrs=[weighted("10.0.0.2", 8080)])))
+            r.streams[0].put_nowait(d.Update(remove=d.AddrSet(addrs=[addr("10.0.0.1", 8080)])))
+            await until(lambda: res.endpoints.state.addrs == {("10.0.0.2", 8080)}, "diffs applied")
+            assert (await dd.resolve("web.ns.svc.cluster.local:80")) is not None
+            assert len(r.requests) == 1  # one stream per destination
+        finally:
+            await dd.aclose()
+            await r.stop()
+
+    run(main)
+
+
+def test_an_unknown_destination_resolves_to_none_and_the_router_is_told_when_it_appears() -> None:
+    async def main() -> None:
+        r = await Replica().start()
+        r.on_get = lambda req: [d.Update(no_endpoints=d.NoEndpoints(exists=False))]
+        dd = DestinationDiscovery(DestinationSettings((f"127.0.0.1:{r.port}",), context_token("ns")))
+        try:
+            assert await dd.resolve("example.com:443") is None
+            gen = dd.generation()
+            r.streams[0].put_nowait(d.Update(add=d.WeightedAddrSet(addrs=[weighted("10.0.0.9", 443)])))
+            r.streams[0].put_nowait(None)  # the replica ends the stream; the client reconnects
+            r.on_get = lambda req: [d.Update(add=d.WeightedAddrSet(addrs=[weighted("10.0.0.9", 443)]))]
+            await until(lambda: dd.generation() != gen, "generation bumped", steps=1_000_000)
+            res = await dd.resolve("example.com:443")
+            assert res is not None and res.endpoints.state.addrs == {("10.0.0.9", 443)}
+        finally:
+            await dd.aclose()
+            await r.stop()
+
+    run(main)
+
+
+def test_failover_keeps_the_last_good_answer_and_a_reconnect_replaces_the_whole_set() -> None:
+    async def main() -> None:
+        a, b = await Replica().start(), await Replica().start()
+        a.on_get = lambda req: [d.Update(add=d.WeightedAddrSet(addrs=[weighted("10.0.0.1", 80),
+                                                                      weighted("10.0.0.2", 80)]))]
+        b.on_get = lambda req: [d.Update(add=d.WeightedAddrSet(addrs=[weighted("10.0.0.2", 80),
+                                                                      weighted("10.0.0.3", 80)]))]
+        dd = DestinationDiscovery(DestinationSettings((f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"), "{}"))
+        dd._rng.seed(0)
+        try:
+            res = await dd.resolve("web:80")
+            assert res is not None
+            first, other = (a, b) if a.requests else (b, a)
+            await first.stop()  # the replica dies: the next one answers with its own view
+            await until(lambda: bool(other.requests), "failed over", steps=10_000_000)
+            expected = {("10.0.0.2", 80), ("10.0.0.3", 80)} if other is b else {("10.0.0.1", 80), ("10.0.0.2", 80)}
+            await until(lambda: res.endpoints.state.addrs == expected, "set replaced", steps=1_000_000)
+            assert "tether_destination_stale 0" in dd.metrics_lines()
+            await other.stop()  # no replica left: the last good answer stays, marked stale
+            await until(lambda: "tether_destination_stale 1" in dd.metrics_lines(), "stale", steps=10_000_000)
+            assert res.endpoints.state.addrs == expected
+            assert await dd.resolve("web:80") is not None
+        finally:
+            await dd.aclose()
+
+    run(main)
+
+
+def test_no_replica_answering_falls_back_after_the_resolve_timeout() -> None:
+    async def main() -> None:
+        dd = DestinationDiscovery(DestinationSettings(("127.0.0.1:1",), "{}", resolve_timeout=0.2))
+        try:
+            assert await dd.resolve("web:80") is None
+        finally:
+            await dd.aclose()
+
+    run(main)
+
+
+def test_settings_need_an_address() -> None:
+    with pytest.raises(ValueError):
+        DestinationDiscovery(DestinationSettings((), "{}"))
