@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "tether.cli.identity_cmd",
     "tether.cli.controller_cmd",
     "tether.cli.check",
+    "tether.cli.resources_cmd",
 ]
 
 
@@ -28,6 +29,9 @@ COMMAND_OWNERS = {
     "identity": "tether.cli.identity_cmd",
     "controller": "tether.cli.controller_cmd",
     "check": "tether.cli.check",
+    "apply": "tether.cli.resources_cmd",
+    "delete": "tether.cli.resources_cmd",
+    "get": "tether.cli.resources_cmd",
 }
 
 
