@@ -18,6 +18,9 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("controller", help="run a control-plane service")
     sub = p.add_subparsers(dest="controller", metavar="SERVICE", required=True)
     _register_identity(sub)
+    from tether.cli.destination_cmd import register_controller
+
+    register_controller(sub)
 
 
 def _register_identity(sub: Any) -> None:
