@@ -92,7 +92,7 @@ def test_unresolvable_names_say_why() -> None:
         resolve(w, "api-service:8080", Context())
     with pytest.raises(LookupError_, match="port 'x' is not a number"):
         resolve(w, "a.b:x", Context())
-    with pytest.raises(LookupError_, match="no Service or workload has address 10.9.9.9"):
+    with pytest.raises(LookupError_, match=r"no Service or workload has address 10\.9\.9\.9"):
         resolve(w, "10.9.9.9:80", Context())
 
 
