@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -118,7 +118,7 @@ class DestinationController:
 
     async def _updates(
         self, rpc: str, kinds: frozenset[str], compute: Callable[[World], Iterable[T]]
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         """Messages of one stream: compute on the snapshot, then after each relevant batch of changes."""
         sub = self.world.subscribe()
         self.counters.streams[rpc] = self.counters.streams.get(rpc, 0) + 1
