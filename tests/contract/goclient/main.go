@@ -5,6 +5,7 @@
 //
 //	goclient -addr 127.0.0.1:8086 -call get -path web.ns.svc.cluster.local:80 -n 1
 //	goclient -addr ... -call profile|outbound|inbound|certify ...
+//	goclient -call serve -listen 127.0.0.1:8086 -answers answers.json   (a fixed-answer server)
 package main
 
 import (
@@ -18,6 +19,7 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"strconv"
 	"time"
@@ -89,16 +91,24 @@ func drain[T proto.Message](s stream[T], n int) {
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:8086", "control-plane address")
-	call := flag.String("call", "", "get | profile | outbound | inbound | certify")
+	call := flag.String("call", "", "get | profile | outbound | inbound | certify | serve")
 	path := flag.String("path", "", "authority for get/profile/outbound (host:port)")
 	target := flag.String("target", "", "ip:port target for outbound (instead of -path)")
 	workload := flag.String("workload", "", "workload for inbound (and source for outbound)")
 	port := flag.Uint("port", 0, "port for inbound")
 	identity := flag.String("identity", "", "identity name for certify")
 	tokenFile := flag.String("token-file", "", "token for certify")
+	spiffe := flag.String("spiffe", "", "certify: a URI SAN to put in the CSR as well (spiffe://td/ns/NS/sa/SA)")
 	n := flag.Int("n", 1, "stream messages to print before exiting")
 	timeout := flag.Duration("timeout", 10*time.Second, "overall deadline")
+	listen := flag.String("listen", "127.0.0.1:0", "serve: listen address")
+	answersFile := flag.String("answers", "", "serve: JSON file of fixed answers")
 	flag.Parse()
+
+	if *call == "serve" {
+		serve(*listen, *answersFile)
+		return
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
@@ -148,10 +158,15 @@ func main() {
 		if err != nil {
 			fail("key: %v", err)
 		}
-		csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
-			Subject:  pkix.Name{CommonName: *identity},
-			DNSNames: []string{*identity},
-		}, key)
+		tmpl := &x509.CertificateRequest{Subject: pkix.Name{CommonName: *identity}, DNSNames: []string{*identity}}
+		if *spiffe != "" {
+			u, err := url.Parse(*spiffe)
+			if err != nil {
+				fail("-spiffe: %v", err)
+			}
+			tmpl.URIs = []*url.URL{u}
+		}
+		csr, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
 		if err != nil {
 			fail("csr: %v", err)
 		}
