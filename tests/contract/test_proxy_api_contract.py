@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +91,8 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
              tmp / "identity.log"),
     ]  # fmt: skip
     try:
-        for admin in (dadmin, iadmin):
-            url = f"http://127.0.0.1:{admin}/ready"
-            wait_for(lambda: http_get(url)[0] == 200, 20, what=f"{url} ready")
+        for url in (f"http://127.0.0.1:{dadmin}/ready", f"http://127.0.0.1:{iadmin}/ready"):
+            wait_for(partial(ready, url), 20, what=f"{url} ready")
         yield {
             "dst": f"127.0.0.1:{dport}",
             "identity": f"127.0.0.1:{iport}",
@@ -101,6 +101,10 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     finally:
         for p in procs:
             p.stop()
+
+
+def ready(url: str) -> bool:
+    return http_get(url)[0] == 200
 
 
 def ipv4(addr: dict[str, Any]) -> str:
