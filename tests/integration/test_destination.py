@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import subprocess
 import sys
 import threading
 import time
@@ -227,3 +228,41 @@ def test_two_replicas_over_one_directory_serve_the_same_edit(dst: DestinationPro
             ch.close()
     finally:
         second.stop()
+
+
+def tether(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tether", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_diagnostics_commands(dst: DestinationProc) -> None:
+    flag = ["--destination-addr", dst.addr]
+    r = tether("diagnostics", "endpoints", "api-service.production.svc.cluster.local:8080", *flag)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["NAMESPACE", "IP", "PORT", "POD", "SERVICE"]
+    assert lines[1].split() == ["production", "127.0.10.1", "8080", "api-1", "api-service"]
+    r = tether("diagnostics", "endpoints", "api-service:8080", "-n", "production", "-o", "json", *flag)
+    (row,) = json.loads(r.stdout)
+    assert row["identity"] == "api.production.serviceaccount.identity.linkerd.cluster.local"
+    assert row["protocolHint"] == "h2" and row["weight"] == 10000
+    r = tether("diagnostics", "endpoints", "nope.production.svc.cluster.local:80", *flag)
+    assert r.returncode == 1 and r.stderr == "No endpoints found for nope.production.svc.cluster.local:80\n"
+
+    r = tether("diagnostics", "profile", "api-service.production.svc.cluster.local:8080", *flag)
+    prof = json.loads(r.stdout)
+    assert prof["routes"][0]["metrics_labels"] == {"route": "GET /api/users"}
+    assert prof["routes"][0]["tether_max_retries"] == 3
+    r = tether("diagnostics", "profile", "api-service.production.svc.cluster.local:8080", "-o", "table", *flag)
+    assert r.stdout.splitlines()[1].split() == ["GET", "/api/users", "yes", "5s", "500-599"]
+
+    r = tether("diagnostics", "policy", "po/payments-api-1", "8080", "-n", "payments", *flag)
+    assert r.returncode == 0, r.stderr
+    assert "name: payments-api\n" in r.stdout and "checkout.payments.serviceaccount" in r.stdout
+    r = tether("diagnostics", "policy", "svc/payments-api", "8080", "-n", "payments", "-o", "json", *flag)
+    assert json.loads(r.stdout)["metadata"]["resource"]["name"] == "payments-api"
+    r = tether("diagnostics", "policy", "deploy/x", "80", *flag)
+    assert r.returncode == 2 and "want po/NAME (inbound) or svc/NAME (outbound)" in r.stderr
+    r = tether(
+        "diagnostics", "endpoints", "a.b.svc.cluster.local:80", "--destination-addr", "127.0.0.1:1", "--timeout", "2"
+    )
+    assert r.returncode == 2 and "cannot reach the destination service at 127.0.0.1:1" in r.stderr

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "tether.cli.controller_cmd",
     "tether.cli.check",
     "tether.cli.resources_cmd",
+    "tether.cli.diagnostics_cmd",
 ]
 
 
@@ -32,6 +33,7 @@ COMMAND_OWNERS = {
     "apply": "tether.cli.resources_cmd",
     "delete": "tether.cli.resources_cmd",
     "get": "tether.cli.resources_cmd",
+    "diagnostics": "tether.cli.diagnostics_cmd",
 }
 
 
