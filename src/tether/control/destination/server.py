@@ -101,6 +101,10 @@ class DestinationController:
         self.world: Watched[World, WorldChange] = Watched(World(), _apply, queue_limit=self.cfg.queue_limit)
         self.counters = Counters()
         self.synced = asyncio.Event()
+        # Answers computed for the current world, shared by every stream asking the same question
+        # (a thousand proxies watching one service cost one computation per change, not a thousand).
+        self._memo: dict[tuple[Any, ...], Any] = {}
+        self._memo_world: World | None = None
         self.grpc_port = 0
         self.admin_port = 0
 
@@ -162,27 +166,44 @@ class DestinationController:
             self.counters.lookups_failed += 1
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
 
+    def memo(self, world: World, key: tuple[Any, ...], fn: Callable[[], T]) -> T:
+        """``fn()``, computed once per world for ``key``."""
+        if world is not self._memo_world:
+            self._memo.clear()
+            self._memo_world = world
+        if key in self._memo:
+            return self._memo[key]
+        value = self._memo[key] = fn()
+        return value
+
     def endpoint_stream(self, path: str, ctx: Context) -> Callable[[World], list[destination_pb2.Update]]:
         last: list[tr.EndpointSet | None] = [None]
 
-        def compute(world: World) -> list[destination_pb2.Update]:
+        def current(world: World) -> tr.EndpointSet:
             try:
                 target = tr.resolve(world, path, ctx, self.settings.cluster_domain)
-                now = tr.endpoints(world, target, self.settings)
+                return tr.endpoints(world, target, self.settings)
             except LookupError_:
-                now = tr.EndpointSet({}, {}, exists=False)
-            updates = tr.endpoint_updates(last[0], now)
+                return tr.EndpointSet({}, {}, exists=False)
+
+        def compute(world: World) -> list[destination_pb2.Update]:
+            now = self.memo(world, ("Get", path, ctx), lambda: current(world))
+            before = last[0]
+            if before is now:
+                return []
+            updates = self.memo(world, ("diff", id(before), id(now)), lambda: tr.endpoint_updates(before, now))
             last[0] = now
             return updates
 
         return compute
 
-    def whole_stream(self, build: Callable[[World], T]) -> Callable[[World], list[T]]:
+    def whole_stream(self, key: tuple[Any, ...], build: Callable[[World], T]) -> Callable[[World], list[T]]:
         last: list[T | None] = [None]
 
         def compute(world: World) -> list[T]:
-            msg = build(world)
-            if msg == last[0]:
+            msg = self.memo(world, key, lambda: build(world))
+            before = last[0]
+            if msg is before or self.memo(world, ("same", id(before), id(msg)), lambda: msg == before):
                 return []
             last[0] = msg
             return [msg]
@@ -332,7 +353,7 @@ class _Destination(destination_pb2_grpc.DestinationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         ctx = _ctx(request.context_token)
         s = self.c.settings
-        compute = self.c.whole_stream(lambda w: tr.profile(w, request.path, ctx, s))
+        compute = self.c.whole_stream(("GetProfile", request.path, ctx), lambda w: tr.profile(w, request.path, ctx, s))
         async for msg in self.c._run_stream(context, "GetProfile", PROFILE_KINDS, compute):
             yield msg
 
@@ -371,9 +392,9 @@ class _Outbound(outbound_pb2_grpc.OutboundPoliciesServicer):
             build = self._build(request)
         except LookupError_ as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        async for msg in self.c._run_stream(
-            context, "OutboundPolicies.Watch", OUTBOUND_KINDS, self.c.whole_stream(build)
-        ):
+        key = ("Outbound", request.SerializeToString(deterministic=True))
+        compute = self.c.whole_stream(key, build)
+        async for msg in self.c._run_stream(context, "OutboundPolicies.Watch", OUTBOUND_KINDS, compute):
             yield msg
 
 
@@ -403,7 +424,10 @@ class _Inbound(inbound_pb2_grpc.InboundServerPoliciesServicer):
         if not 0 < request.port < 65536:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"port {request.port} is out of range")
         s = self.c.settings
-        compute = self.c.whole_stream(lambda w: tr.inbound_server(w, request.workload, request.port, s))
+        compute = self.c.whole_stream(
+            ("WatchPort", request.workload, request.port),
+            lambda w: tr.inbound_server(w, request.workload, request.port, s),
+        )
         async for msg in self.c._run_stream(context, "InboundServerPolicies.WatchPort", INBOUND_KINDS, compute):
             yield msg
 

@@ -45,7 +45,7 @@ def diff(old: KindState, new: KindState) -> list[ResourceEvent]:
             events.append(ResourceEvent("DELETED", before))
         elif before is None and after is not None:
             events.append(ResourceEvent("ADDED", after))
-        elif before is not None and after is not None and before != after:
+        elif before is not None and after is not None and before is not after and before != after:
             events.append(ResourceEvent("MODIFIED", after))
     return events
 

@@ -94,6 +94,8 @@ class LocalStore:
         self.metrics = StoreMetrics()
         self._files: dict[Path, _File] = {}
         self._registry_errors: dict[str, tuple[str, ...]] = {}
+        self._workload_cache: dict[Path, tuple[tuple[int, int, int], Resource | None]] = {}
+        self._registry_changed = True
         self._conflicts: dict[str, tuple[str, ...]] = {}
         self._kinds: dict[str, Watched[KindState, ResourceEvent]] = {
             kind: Watched({}, apply_event, queue_limit=queue_limit) for kind in KINDS
@@ -176,26 +178,48 @@ class LocalStore:
         return changed
 
     def _read_registry(self) -> dict[Key, Resource]:
+        """Every registered workload; a file is parsed again only when its signature changed."""
         out: dict[Key, Resource] = {}
-        self._registry_errors = {}
         reg = self.registry
         if reg is None or not reg.workloads_dir.is_dir():
+            self._registry_changed = bool(self._workload_cache)
+            self._workload_cache.clear()
+            self._registry_errors = {}
             return out
+        seen: set[Path] = set()
         for path in sorted(reg.workloads_dir.glob("*/*.yaml")):
+            seen.add(path)
             try:
-                w = reg.get(path.parent.name, path.stem)
-                res = workload_resource(w)
-            except (WorkloadError, ValueError) as e:
-                self._registry_errors[str(path)] = (str(e),)
+                st = path.stat()
+            except FileNotFoundError:
                 continue
-            out[res.key] = res
+            sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+            cached = self._workload_cache.get(path)
+            if cached is None or cached[0] != sig:
+                self._registry_changed = True
+                try:
+                    res: Resource | None = workload_resource(reg.get(path.parent.name, path.stem))
+                    self._registry_errors.pop(str(path), None)
+                except (WorkloadError, ValueError) as e:
+                    res = None
+                    self._registry_errors[str(path)] = (str(e),)
+                cached = self._workload_cache[path] = (sig, res)
+            if cached[1] is not None:
+                out[cached[1].key] = cached[1]
+        for gone in set(self._workload_cache) - seen:
+            self._registry_changed = True
+            del self._workload_cache[gone]
+            self._registry_errors.pop(str(gone), None)
         return out
 
     def scan(self) -> bool:
         """Re-read what changed and publish the differences; True when any kind changed."""
         self.metrics.scans_total += 1
         files_changed = self._read_files()
+        self._registry_changed = False
         workloads = self._read_registry()
+        if not files_changed and not self._registry_changed:
+            return False  # nothing on disk changed: the published view stands
         view: dict[str, dict[Key, Resource]] = {kind: {} for kind in KINDS}
         owner: dict[tuple[str, str, str], str] = {}
         conflicts: dict[str, list[str]] = {}
