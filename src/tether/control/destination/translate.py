@@ -132,8 +132,29 @@ def identity_of(w: Workload | ExternalWorkload, s: Settings) -> str | None:
         return None
 
 
+# Endpoint messages by (workload object, ip, port, opaque, settings): a workload that did not change
+# keeps its message across worlds, so a change to one endpoint rebuilds one message, not all of them.
+_ADDR_CACHE: dict[tuple[int, str, int, bool, int], tuple[Resource, dst.WeightedAddr]] = {}
+_ADDR_CACHE_LIMIT = 200_000
+
+
 def weighted_addr(
     w: Workload | ExternalWorkload, ip: str, port: int, s: Settings, *, opaque: bool, world: World
+) -> dst.WeightedAddr:
+    """The endpoint message of one workload address (cached while the workload object is unchanged)."""
+    key = (id(w), ip, port, opaque, id(s))
+    hit = _ADDR_CACHE.get(key)
+    if hit is not None and hit[0] is w:
+        return hit[1]
+    if len(_ADDR_CACHE) >= _ADDR_CACHE_LIMIT:
+        _ADDR_CACHE.clear()
+    addr = _weighted_addr(w, ip, port, s, opaque=opaque)
+    _ADDR_CACHE[key] = (w, addr)
+    return addr
+
+
+def _weighted_addr(
+    w: Workload | ExternalWorkload, ip: str, port: int, s: Settings, *, opaque: bool
 ) -> dst.WeightedAddr:
     labels = {"pod": w.name} if isinstance(w, Workload) else {"external_workload": w.name}
     if isinstance(w, Workload):

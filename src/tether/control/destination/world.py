@@ -30,6 +30,40 @@ class World:
     """Every kind's current objects (by kind name, then (namespace, name))."""
 
     kinds: Mapping[str, KindState] = field(default_factory=dict)
+    # Indexes built on first use; a World never changes, so they never go stale.
+    _cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def by_label(self) -> dict[tuple[str, str, str], list[Workload | ExternalWorkload]]:
+        """(namespace, label key, label value) -> the workloads carrying that label, in name order."""
+        idx: dict[tuple[str, str, str], list[Workload | ExternalWorkload]] | None = self._cache.get("by_label")
+        if idx is None:
+            idx = {}
+            for kind in ("Workload", "ExternalWorkload"):
+                for (ns, _), w in sorted(self.of(kind).items()):
+                    assert isinstance(w, Workload | ExternalWorkload)
+                    for k, v in w.metadata.labels.items():
+                        idx.setdefault((ns, k, v), []).append(w)
+            self._cache["by_label"] = idx
+        return idx
+
+    def by_ip(self) -> dict[str, Resource]:
+        """Service cluster IPs and workload addresses -> the object (a Service wins over a workload)."""
+        idx: dict[str, Resource] | None = self._cache.get("by_ip")
+        if idx is None:
+            idx = {}
+            for kind in ("ExternalWorkload", "Workload"):
+                for w in self.of(kind).values():
+                    for ip in workload_ips(w):
+                        idx[ip] = w
+            for svc in self.of("Service").values():
+                assert isinstance(svc, Service)
+                for cip in {svc.spec.cluster_ip or "", *svc.spec.cluster_ips} - {"", "None"}:
+                    try:
+                        idx[str(ipaddress.ip_address(cip))] = svc
+                    except ValueError:
+                        continue
+            self._cache["by_ip"] = idx
+        return idx
 
     def of(self, kind: str) -> KindState:
         return self.kinds.get(kind, {})
@@ -140,16 +174,11 @@ def resolve(world: World, authority: str, ctx: Context, domain: str = DEFAULT_CL
     host, port = split_authority(authority)
     if _is_ip(host):
         ip = str(ipaddress.ip_address(host))
-        for svc in world.of("Service").values():
-            assert isinstance(svc, Service)
-            ips = {svc.spec.cluster_ip, *svc.spec.cluster_ips} - {None, "", "None"}
-            if ip in ips:
-                return _service_target(svc, host, port)
-        for kind in ("Workload", "ExternalWorkload"):
-            for w in world.of(kind).values():
-                if ip in workload_ips(w):
-                    assert isinstance(w, Workload | ExternalWorkload)
-                    return Target(host, port, workload=w, address=ip)
+        found = world.by_ip().get(ip)
+        if isinstance(found, Service):
+            return _service_target(found, host, port)
+        if isinstance(found, Workload | ExternalWorkload):
+            return Target(host, port, workload=found, address=ip)
         raise LookupError_(f"no Service or workload has address {ip}")
     for ns, name in candidates(host, ctx, domain):
         found = world.get("Service", ns, name)
@@ -172,10 +201,11 @@ def _service_target(svc: Service, host: str, port: int) -> Target:
 
 
 def workload_ips(w: Resource) -> list[str]:
+    # Addresses are canonical already (the models normalise them when decoding).
     if isinstance(w, Workload):
-        return [str(ipaddress.ip_address(a)) for a in w.spec.addresses]
+        return list(w.spec.addresses)
     if isinstance(w, ExternalWorkload):
-        return [str(ipaddress.ip_address(i.ip)) for i in w.spec.workload_ips]
+        return [i.ip for i in w.spec.workload_ips]
     return []
 
 
@@ -184,18 +214,15 @@ def selected(world: World, svc: Service) -> list[Workload | ExternalWorkload]:
     sel = svc.spec.selector
     if not sel:
         return []
-    out: list[Workload | ExternalWorkload] = []
-    for kind in ("Workload", "ExternalWorkload"):
-        for (ns, _), w in sorted(world.of(kind).items()):
-            if ns != svc.namespace:
-                continue
-            labels = w.metadata.labels
-            if all(labels.get(k) == v for k, v in sel.items()):
-                if isinstance(w, Workload) and not w.spec.ready:
-                    continue
-                assert isinstance(w, Workload | ExternalWorkload)
-                out.append(w)
-    return out
+    idx = world.by_label()
+    # Start from the rarest label of the selector, then check the others.
+    candidates = min((idx.get((svc.namespace, k, v), []) for k, v in sel.items()), key=len)
+    return [
+        w
+        for w in candidates
+        if all(w.metadata.labels.get(k) == v for k, v in sel.items())
+        and not (isinstance(w, Workload) and not w.spec.ready)
+    ]
 
 
 def target_port(w: Workload | ExternalWorkload, port: ServicePort) -> int | None:

@@ -104,12 +104,11 @@ Cidr = Annotated[str, AfterValidator(_cidr)]
 
 
 def check_ip(value: str) -> str:
-    """The value if it is an IPv4 or IPv6 address, else ValueError."""
+    """The address in its canonical text form (so lookups compare strings), else ValueError."""
     try:
-        ipaddress.ip_address(value)
+        return str(ipaddress.ip_address(value))
     except ValueError:
         raise ValueError(f"invalid IP address {value!r}") from None
-    return value
 
 
 IP = Annotated[str, AfterValidator(check_ip)]

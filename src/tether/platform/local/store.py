@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,7 @@ class LocalStore:
         self._registry_errors: dict[str, tuple[str, ...]] = {}
         self._workload_cache: dict[Path, tuple[tuple[int, int, int], Resource | None]] = {}
         self._registry_changed = True
+        self._ns_dirs: dict[Path, int] = {}
         self._conflicts: dict[str, tuple[str, ...]] = {}
         self._kinds: dict[str, Watched[KindState, ResourceEvent]] = {
             kind: Watched({}, apply_event, queue_limit=queue_limit) for kind in KINDS
@@ -178,16 +180,46 @@ class LocalStore:
         return changed
 
     def _read_registry(self) -> dict[Key, Resource]:
-        """Every registered workload; a file is parsed again only when its signature changed."""
-        out: dict[Key, Resource] = {}
+        """Every registered workload, re-reading only namespaces whose directory changed.
+
+        The registry writes atomically (a rename into ``workloads/<ns>/``), which changes the namespace
+        directory's mtime; an unchanged directory is not listed again, so an idle store with thousands
+        of workloads costs one stat per namespace per poll. A file is parsed again only when its
+        signature (size, mtime, inode) changed.
+        """
         reg = self.registry
         if reg is None or not reg.workloads_dir.is_dir():
             self._registry_changed = bool(self._workload_cache)
             self._workload_cache.clear()
+            self._ns_dirs.clear()
             self._registry_errors = {}
-            return out
+            return {}
+        present: set[Path] = set()
+        for ns_dir in sorted(p for p in reg.workloads_dir.iterdir() if p.is_dir()):
+            present.add(ns_dir)
+            try:
+                mtime = ns_dir.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if self._ns_dirs.get(ns_dir) == mtime:
+                continue
+            # File times tick coarsely (a few ms): a directory changed within the last two seconds may
+            # change again without its mtime moving, so it is listed again until it has been quiet.
+            quiet = time.time_ns() - mtime > 2_000_000_000
+            self._ns_dirs[ns_dir] = mtime if quiet else -1
+            self._rescan_namespace(reg, ns_dir)
+        for gone in set(self._ns_dirs) - present:
+            del self._ns_dirs[gone]
+            self._rescan_namespace(reg, gone)
+        out: dict[Key, Resource] = {}
+        for _sig, res in self._workload_cache.values():
+            if res is not None:
+                out[res.key] = res
+        return out
+
+    def _rescan_namespace(self, reg: WorkloadRegistry, ns_dir: Path) -> None:
         seen: set[Path] = set()
-        for path in sorted(reg.workloads_dir.glob("*/*.yaml")):
+        for path in sorted(ns_dir.glob("*.yaml")) if ns_dir.is_dir() else []:
             seen.add(path)
             try:
                 st = path.stat()
@@ -195,22 +227,20 @@ class LocalStore:
                 continue
             sig = (st.st_size, st.st_mtime_ns, st.st_ino)
             cached = self._workload_cache.get(path)
-            if cached is None or cached[0] != sig:
-                self._registry_changed = True
-                try:
-                    res: Resource | None = workload_resource(reg.get(path.parent.name, path.stem))
-                    self._registry_errors.pop(str(path), None)
-                except (WorkloadError, ValueError) as e:
-                    res = None
-                    self._registry_errors[str(path)] = (str(e),)
-                cached = self._workload_cache[path] = (sig, res)
-            if cached[1] is not None:
-                out[cached[1].key] = cached[1]
-        for gone in set(self._workload_cache) - seen:
+            if cached is not None and cached[0] == sig:
+                continue
+            self._registry_changed = True
+            try:
+                res: Resource | None = workload_resource(reg.get(ns_dir.name, path.stem))
+                self._registry_errors.pop(str(path), None)
+            except (WorkloadError, ValueError) as e:
+                res = None
+                self._registry_errors[str(path)] = (str(e),)
+            self._workload_cache[path] = (sig, res)
+        for gone in [p for p in self._workload_cache if p.parent == ns_dir and p not in seen]:
             self._registry_changed = True
             del self._workload_cache[gone]
             self._registry_errors.pop(str(gone), None)
-        return out
 
     def scan(self) -> bool:
         """Re-read what changed and publish the differences; True when any kind changed."""
