@@ -106,9 +106,10 @@ class LocalStore:
         self.metrics = StoreMetrics()
         self._files: dict[Path, _File] = {}
         self._registry_errors: dict[str, tuple[str, ...]] = {}
-        self._workload_cache: dict[Path, tuple[tuple[int, int, int], Resource | None]] = {}
+        # namespace directory -> file name -> (signature, the workload or None when invalid)
+        self._workload_cache: dict[str, dict[str, tuple[tuple[int, int, int], Resource | None]]] = {}
         self._registry_changed = True
-        self._ns_dirs: dict[Path, int] = {}
+        self._ns_dirs: dict[str, int] = {}
         self._conflicts: dict[str, tuple[str, ...]] = {}
         self._kinds: dict[str, Watched[KindState, ResourceEvent]] = {
             kind: Watched({}, apply_event, queue_limit=queue_limit) for kind in KINDS
@@ -205,53 +206,65 @@ class LocalStore:
             self._ns_dirs.clear()
             self._registry_errors = {}
             return {}
-        present: set[Path] = set()
-        for ns_dir in sorted(p for p in reg.workloads_dir.iterdir() if p.is_dir()):
-            present.add(ns_dir)
+        present: set[str] = set()
+        with os.scandir(reg.workloads_dir) as it:
+            ns_entries = sorted((e for e in it if e.is_dir()), key=lambda e: e.name)
+        for entry in ns_entries:
+            present.add(entry.path)
             try:
-                mtime = ns_dir.stat().st_mtime_ns
+                mtime = entry.stat().st_mtime_ns
             except FileNotFoundError:
                 continue
-            if self._ns_dirs.get(ns_dir) == mtime:
+            if self._ns_dirs.get(entry.path) == mtime:
                 continue
             # File times tick coarsely (a few ms): a directory changed within the last two seconds may
             # change again without its mtime moving, so it is listed again until it has been quiet.
             quiet = time.time_ns() - mtime > 2_000_000_000
-            self._ns_dirs[ns_dir] = mtime if quiet else -1
-            self._rescan_namespace(reg, ns_dir)
+            self._ns_dirs[entry.path] = mtime if quiet else -1
+            self._rescan_namespace(entry.path)
         for gone in set(self._ns_dirs) - present:
             del self._ns_dirs[gone]
-            self._rescan_namespace(reg, gone)
+            self._rescan_namespace(gone)
         out: dict[Key, Resource] = {}
-        for _sig, res in self._workload_cache.values():
-            if res is not None:
-                out[res.key] = res
+        for files in self._workload_cache.values():
+            for _sig, res in files.values():
+                if res is not None:
+                    out[res.key] = res
         return out
 
-    def _rescan_namespace(self, reg: WorkloadRegistry, ns_dir: Path) -> None:
-        seen: set[Path] = set()
-        for path in sorted(ns_dir.glob("*.yaml")) if ns_dir.is_dir() else []:
-            seen.add(path)
+    def _rescan_namespace(self, ns_dir: str) -> None:
+        old = self._workload_cache.get(ns_dir, {})
+        new: dict[str, tuple[tuple[int, int, int], Resource | None]] = {}
+        try:
+            with os.scandir(ns_dir) as it:
+                entries = [e for e in it if e.name.endswith(".yaml") and not e.name.startswith(".")]
+        except FileNotFoundError:
+            entries = []
+        for e in entries:
             try:
-                st = path.stat()
+                st = e.stat()
             except FileNotFoundError:
                 continue
             sig = (st.st_size, st.st_mtime_ns, st.st_ino)
-            cached = self._workload_cache.get(path)
+            cached = old.get(e.name)
             if cached is not None and cached[0] == sig:
+                new[e.name] = cached
                 continue
             self._registry_changed = True
             try:
-                res: Resource | None = workload_resource(_read_workload(path))
-                self._registry_errors.pop(str(path), None)
-            except (WorkloadError, ValueError, OSError, yaml.YAMLError) as e:
+                res: Resource | None = workload_resource(_read_workload(Path(e.path)))
+                self._registry_errors.pop(e.path, None)
+            except (WorkloadError, ValueError, OSError, yaml.YAMLError) as err:
                 res = None
-                self._registry_errors[str(path)] = (str(e),)
-            self._workload_cache[path] = (sig, res)
-        for gone in [p for p in self._workload_cache if p.parent == ns_dir and p not in seen]:
+                self._registry_errors[e.path] = (str(err),)
+            new[e.name] = (sig, res)
+        for name in old.keys() - new.keys():
             self._registry_changed = True
-            del self._workload_cache[gone]
-            self._registry_errors.pop(str(gone), None)
+            self._registry_errors.pop(os.path.join(ns_dir, name), None)
+        if new:
+            self._workload_cache[ns_dir] = new
+        else:
+            self._workload_cache.pop(ns_dir, None)
 
     def scan(self) -> bool:
         """Re-read what changed and publish the differences; True when any kind changed."""
