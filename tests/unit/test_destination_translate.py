@@ -266,3 +266,38 @@ def test_inbound_default_policy_and_server_without_authorization_denies() -> Non
     assert list(denied.authorizations) == []
     with pytest.raises(LookupError_, match="no workload payments/ghost"):
         tr.inbound_server(w, "payments:ghost", 8080, S)
+
+
+EGRESS = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {name: internet, namespace: payments}
+spec:
+  trafficPolicy: Deny
+  networks: [{cidr: 0.0.0.0/0, except: [10.0.0.0/8]}]
+"""
+
+
+def test_address_outside_the_mesh_is_forwarded_or_denied_by_egress_network() -> None:
+    pol = tr.outbound_policy(world(PAYMENTS), None, "93.184.216.34:443", Context(), S)
+    assert pol.metadata.default == "egress-fallback"
+    (route,) = pol.protocol.detect.http1.routes
+    (rb,) = route.rules[0].backends.first_available.backends
+    assert tr.format_tcp_address(rb.backend.forward.addr) == "93.184.216.34:443"
+    assert list(route.rules[0].filters) == []
+    denied = tr.outbound_policy(world(PAYMENTS, EGRESS), None, "93.184.216.34:443", Context(), S)
+    assert denied.metadata.resource.kind == "EgressNetwork" and denied.metadata.resource.name == "internet"
+    (rule,) = denied.protocol.detect.http1.routes[0].rules
+    assert rule.filters[0].failure_injector.status == 403
+    assert "denied by EgressNetwork payments/internet" in rule.filters[0].failure_injector.message
+    assert denied.protocol.detect.opaque.routes[0].rules[0].filters[0].WhichOneof("kind") == "forbidden"
+    # An excepted network is not under the EgressNetwork.
+    inside = tr.outbound_policy(world(PAYMENTS, EGRESS), None, "10.200.0.1:80", Context(), S)
+    assert inside.metadata.default == "egress-fallback"
+
+
+def test_workload_address_is_forwarded_with_its_identity() -> None:
+    pol = tr.outbound_policy(world(PAYMENTS), None, "10.0.1.1:8080", Context(), S)
+    assert pol.metadata.resource.kind == "Workload"
+    fwd = pol.protocol.detect.http1.routes[0].rules[0].backends.first_available.backends[0].backend.forward
+    assert fwd.tls_identity.dns_like_identity.name == "payments.payments.serviceaccount.identity.linkerd.cluster.local"

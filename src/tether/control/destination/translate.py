@@ -24,6 +24,7 @@ from tether.api.gen import (
     http_types_pb2,
     meta_pb2,
     net_pb2,
+    opaque_route_pb2,
 )
 from tether.api.gen import (
     inbound_pb2 as inb,
@@ -764,11 +765,25 @@ def _opaque_route(world: World, svc: Service, port: int, s: Settings) -> out.Opa
 def outbound_policy(
     world: World, authority: str | None, addr: str | None, ctx: Context, s: Settings
 ) -> out.OutboundPolicy:
-    """The policy for a target; LookupError_ when it is not a Service tether knows."""
-    target = resolve(world, authority if authority is not None else (addr or ""), ctx, s.cluster_domain)
+    """The policy for a target.
+
+    A Service (by name or cluster IP) gets its routes. An IP:port that is no Service (a workload's own
+    address, or anything outside the mesh) gets a forwarding policy to that address, under the
+    EgressNetwork whose networks contain it when there is one; an unknown *name* is a LookupError_.
+    """
+    if authority is None and addr is not None:
+        try:
+            target = resolve(world, addr, ctx, s.cluster_domain)
+        except LookupError_:
+            return forward_policy(world, addr, None, s)
+        if target.service is None:
+            return forward_policy(world, addr, target, s)
+    else:
+        target = resolve(world, authority or "", ctx, s.cluster_domain)
+        if target.service is None:
+            raise LookupError_(f"{authority} is a workload address, not a Service: look it up by addr")
     svc = target.service
-    if svc is None:
-        raise LookupError_(f"{authority or addr} is a workload address, not a Service: no outbound policy")
+    assert svc is not None
     port = target.port
     policy = out.OutboundPolicy(metadata=resource_meta(svc, port=port))
     opaque = port in opaque_ports(world, svc)
@@ -795,6 +810,100 @@ def outbound_policy(
             opaque=out.ProxyProtocol.Opaque(routes=[_opaque_route(world, svc, port, s)]),
             http1=h1,
             http2=h2,
+        )
+    )
+    return policy
+
+
+def egress_network(world: World, ip: str) -> pol.EgressNetwork | None:
+    """The EgressNetwork whose networks contain ``ip`` (most specific match; name order on ties)."""
+    best: tuple[int, pol.EgressNetwork] | None = None
+    addr = ipaddress.ip_address(ip)
+    for r in sorted(world.of("EgressNetwork").values(), key=lambda r: (r.namespace, r.name)):
+        assert isinstance(r, pol.EgressNetwork)
+        nets = r.spec.networks or [pol.Network(cidr="0.0.0.0/0"), pol.Network(cidr="::/0")]
+        for n in nets:
+            net = ipaddress.ip_network(n.cidr, strict=False)
+            if addr.version != net.version or addr not in net:
+                continue
+            if any(addr in ipaddress.ip_network(e, strict=False) for e in n.except_):
+                continue
+            if best is None or net.prefixlen > best[0]:
+                best = (net.prefixlen, r)
+    return best[1] if best is not None else None
+
+
+def forward_policy(world: World, addr: str, target: Target | None, s: Settings) -> out.OutboundPolicy:
+    """Traffic to an address that is no Service: forwarded as addressed (to a workload with its identity).
+
+    Under an EgressNetwork with trafficPolicy Deny, tether refuses it: opaque routes carry Forbidden and
+    HTTP routes answer 403 (a failure injector with ratio 1/1), each naming the EgressNetwork.
+    """
+    ip, _, port_text = addr.rpartition(":")
+    ip = ip.strip("[]")
+    port = int(port_text)
+    if target is not None and target.workload is not None:
+        wa = weighted_addr(
+            target.workload, ip, port, s, opaque=port in opaque_ports(world, target.workload), world=world
+        )
+        fwd = dst.WeightedAddr()
+        fwd.CopyFrom(wa)
+        meta = resource_meta(target.workload, port=port)
+    else:
+        fwd = dst.WeightedAddr(addr=tcp_address(ip, port), weight=ENDPOINT_WEIGHT)
+        meta = default_meta("egress-fallback")
+    egress = egress_network(world, ip) if target is None else None
+    deny = egress is not None and egress.spec.traffic_policy == "Deny"
+    if egress is not None:
+        meta = resource_meta(egress, port=port)
+    backend_ = out.Backend(metadata=meta, forward=fwd)
+    why = f"traffic to {addr} is denied by EgressNetwork {egress.namespace}/{egress.name}" if deny and egress else ""
+    opaque_filters = [out.OpaqueRoute.Filter(forbidden=opaque_route_pb2.Forbidden())] if deny else []
+    http_filters = (
+        [
+            out.HttpRoute.Filter(
+                failure_injector=http_route_pb2.HttpFailureInjector(
+                    status=403, message=why, ratio=http_route_pb2.Ratio(numerator=1, denominator=1)
+                )
+            )
+        ]
+        if deny
+        else []
+    )
+    opaque_route = out.OpaqueRoute(
+        metadata=default_meta("egress"),
+        rules=[
+            out.OpaqueRoute.Rule(
+                backends=out.OpaqueRoute.Distribution(
+                    first_available=out.OpaqueRoute.Distribution.FirstAvailable(
+                        backends=[out.OpaqueRoute.RouteBackend(backend=backend_)]
+                    )
+                ),
+                filters=opaque_filters,
+            )
+        ],
+    )
+    http_route = out.HttpRoute(
+        metadata=default_meta("egress"),
+        rules=[
+            out.HttpRoute.Rule(
+                matches=[http_route_pb2.HttpRouteMatch(path=http_route_pb2.PathMatch(prefix="/"))],
+                filters=http_filters,
+                backends=out.HttpRoute.Distribution(
+                    first_available=out.HttpRoute.Distribution.FirstAvailable(
+                        backends=[out.HttpRoute.RouteBackend(backend=backend_)]
+                    )
+                ),
+            )
+        ],
+    )
+    policy = out.OutboundPolicy(metadata=meta)
+    policy.protocol.detect.CopyFrom(
+        out.ProxyProtocol.Detect(
+            timeout=duration(DETECT_TIMEOUT),
+            opaque=out.ProxyProtocol.Opaque(routes=[opaque_route]),
+            http1=out.ProxyProtocol.Http1(routes=[http_route]),
+            http2=out.ProxyProtocol.Http2(routes=[http_route]),
         )
     )
     return policy
