@@ -301,3 +301,40 @@ def test_workload_address_is_forwarded_with_its_identity() -> None:
     assert pol.metadata.resource.kind == "Workload"
     fwd = pol.protocol.detect.http1.routes[0].rules[0].backends.first_available.backends[0].backend.forward
     assert fwd.tls_identity.dns_like_identity.name == "payments.payments.serviceaccount.identity.linkerd.cluster.local"
+
+
+def test_inbound_routes_on_a_server_with_their_authorizations() -> None:
+    server = """\
+apiVersion: policy.linkerd.io/v1beta3
+kind: Server
+metadata: {name: grpc, namespace: payments}
+spec: {podSelector: {matchLabels: {app: payments-api}}, port: 8080, proxyProtocol: gRPC}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: say-hello, namespace: payments}
+spec:
+  parentRefs: [{name: grpc, kind: Server, group: policy.linkerd.io}]
+  rules:
+  - matches: [{method: {service: helloworld.Greeter, method: SayHello}}]
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: hello-from-anyone, namespace: payments}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: GRPCRoute, name: say-hello}
+  requiredAuthenticationRefs: [{group: policy.linkerd.io, kind: NetworkAuthentication, name: all}]
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: NetworkAuthentication
+metadata: {name: all, namespace: payments}
+spec:
+  networks: [{cidr: 0.0.0.0/0}]
+"""
+    srv = tr.inbound_server(world(PAYMENTS, server), "payments:payments-api-1", 8080, S)
+    (route,) = srv.protocol.grpc.routes
+    assert route.metadata.resource.name == "say-hello"
+    assert route.rules[0].matches[0].rpc.method == "SayHello"
+    (authz,) = route.authorizations
+    assert authz.authentication.WhichOneof("permit") == "unauthenticated"
+    assert list(srv.authorizations) == []  # the Server itself authorizes nobody

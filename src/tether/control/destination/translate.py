@@ -1053,16 +1053,15 @@ def _inbound_http_routes(world: World, server: pol.Server | None, s: Settings) -
             assert isinstance(r, rt.HTTPRoute)
             if not any((p.kind == "Server" and p.name == server.name) for p in r.spec.parent_refs):
                 continue
-            authz = []
-            for ap in world.in_namespace("AuthorizationPolicy", r.namespace):
-                assert isinstance(ap, pol.AuthorizationPolicy)
-                if ap.spec.target_ref.kind == "HTTPRoute" and ap.spec.target_ref.name == r.name:
-                    a = policy_authz(world, ap, s)
-                    if a is not None:
-                        authz.append(a)
+            authz = _route_authz(world, r, s)
             rules = []
             for rule in r.spec.rules:
-                rules.append(inb.HttpRoute.Rule(matches=[http_match(m) for m in rule.matches or [rt.HTTPRouteMatch()]]))
+                rules.append(
+                    inb.HttpRoute.Rule(
+                        matches=[http_match(m) for m in rule.matches or [rt.HTTPRouteMatch()]],
+                        filters=[_inbound_http_filter(f) for f in rule.filters if f.type != "ResponseHeaderModifier"],
+                    )
+                )
             routes.append(
                 inb.HttpRoute(
                     metadata=resource_meta(r),
@@ -1082,6 +1081,56 @@ def _inbound_http_routes(world: World, server: pol.Server | None, s: Settings) -
                 ],
             )
         )
+    return routes
+
+
+def _inbound_http_filter(f: rt.HTTPRouteFilter) -> inb.HttpRoute.Filter:
+    """An outbound filter re-expressed for inbound routes (which have no response header modifier)."""
+    o = _http_filter(f)
+    which = o.WhichOneof("kind")
+    if which == "request_header_modifier":
+        return inb.HttpRoute.Filter(request_header_modifier=o.request_header_modifier)
+    return inb.HttpRoute.Filter(redirect=o.redirect)
+
+
+def _route_authz(world: World, route: Resource, s: Settings) -> list[inb.Authz]:
+    out_authz = []
+    for ap in world.in_namespace("AuthorizationPolicy", route.namespace):
+        assert isinstance(ap, pol.AuthorizationPolicy)
+        if ap.spec.target_ref.kind == route.KIND and ap.spec.target_ref.name == route.name:
+            a = policy_authz(world, ap, s)
+            if a is not None:
+                out_authz.append(a)
+    return out_authz
+
+
+def _inbound_grpc_routes(world: World, server: pol.Server, s: Settings) -> list[inb.GrpcRoute]:
+    routes: list[inb.GrpcRoute] = []
+    for r in world.in_namespace("GRPCRoute", server.namespace):
+        assert isinstance(r, rt.GRPCRoute)
+        if not any((p.kind == "Server" and p.name == server.name) for p in r.spec.parent_refs):
+            continue
+        rules = []
+        for rule in r.spec.rules:
+            matches = []
+            for m in rule.matches or [rt.GRPCRouteMatch()]:
+                gm = grpc_route_pb2.GrpcRouteMatch()
+                if m.method is not None:
+                    gm.rpc.CopyFrom(
+                        grpc_route_pb2.GrpcRpcMatch(service=m.method.service or "", method=m.method.method or "")
+                    )
+                matches.append(gm)
+            rules.append(inb.GrpcRoute.Rule(matches=matches))
+        routes.append(
+            inb.GrpcRoute(
+                metadata=resource_meta(r),
+                hosts=[host_match(h) for h in r.spec.hostnames],
+                authorizations=_route_authz(world, r, s),
+                rules=rules,
+            )
+        )
+    if not routes:
+        routes.append(inb.GrpcRoute(metadata=default_meta("default"), rules=[inb.GrpcRoute.Rule()]))
     return routes
 
 
@@ -1154,11 +1203,7 @@ def inbound_server(world: World, workload: str, port: int, s: Settings) -> inb.S
     elif proto == "HTTP/2":
         pp = inb.ProxyProtocol(http2=inb.ProxyProtocol.Http2(routes=routes, local_rate_limit=rl))
     elif proto == "gRPC":
-        pp = inb.ProxyProtocol(
-            grpc=inb.ProxyProtocol.Grpc(
-                routes=[inb.GrpcRoute(metadata=default_meta("default"), rules=[inb.GrpcRoute.Rule()])]
-            )
-        )
+        pp = inb.ProxyProtocol(grpc=inb.ProxyProtocol.Grpc(routes=_inbound_grpc_routes(world, server, s)))
     elif proto == "opaque":
         pp = inb.ProxyProtocol(opaque=inb.ProxyProtocol.Opaque())
     elif proto == "TLS":
