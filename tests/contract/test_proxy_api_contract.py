@@ -3,7 +3,7 @@
 The client (tests/contract/goclient, built by scripts/tools/build-goclient.sh) uses the Go stubs
 published in github.com/linkerd/linkerd2-proxy-api at v0.20.0 and prints what it decoded as JSON
 (proto field names). It calls real `tether controller destination` and `tether controller identity`
-processes; the same program serves fixed Destination answers that tether's own stubs decode.
+processes; the same program serves fixed Destination and policy answers that tether's own stubs decode.
 """
 
 from __future__ import annotations
@@ -20,7 +20,15 @@ from typing import Any
 import grpc
 import pytest
 
-from tether.api.gen import destination_pb2, destination_pb2_grpc
+from tether.api.gen import (
+    destination_pb2,
+    destination_pb2_grpc,
+    inbound_pb2,
+    inbound_pb2_grpc,
+    net_pb2,
+    outbound_pb2,
+    outbound_pb2_grpc,
+)
 from tether.platform.local.workloads import Workload, WorkloadPort, WorkloadRegistry
 from tether.testing.procs import Proc, free_port, http_get, wait_for
 
@@ -194,6 +202,17 @@ def test_identity_certify(goclient: Path, plane: dict[str, Any], with_uri: bool)
     assert out["valid_until_unix"] == out["leaf_not_after"]
 
 
+LOOPBACK_80 = {"ip": {"ipv4": 2130706433}, "port": 80}
+FORWARD_ROUTE = {
+    "metadata": {"default": "egress"},
+    "rules": [{"backends": {"first_available": {"backends": [{"backend": {"forward": {"addr": LOOPBACK_80}}}]}}}],
+}
+FORWARD_POLICY = {
+    "metadata": {"default": "egress-fallback"},
+    "protocol": {"detect": {"timeout": "10s", "http1": {"routes": [FORWARD_ROUTE]}}},
+}
+
+
 def test_go_fixed_answer_server_is_decoded_by_tethers_stubs(goclient: Path, tmp_path: Path) -> None:
     answers = {
         "get": {
@@ -209,6 +228,8 @@ def test_go_fixed_answer_server_is_decoded_by_tethers_stubs(goclient: Path, tmp_
                 "dst_overrides": [{"authority": "a.shop.svc.cluster.local:80", "weight": 90000}],
             }
         },
+        "outbound": {"127.0.0.1:80": FORWARD_POLICY},
+        "inbound": {'{"ns":"shop","pod":"web"}:8080': {"protocol": {"http1": {}}, "labels": {"name": "web"}}},
     }  # fmt: skip
     (tmp_path / "answers.json").write_text(json.dumps(answers))
     port = free_port()
@@ -228,6 +249,17 @@ def test_go_fixed_answer_server_is_decoded_by_tethers_stubs(goclient: Path, tmp_
             assert prof.dst_overrides[0].weight == 90000
             other = next(stub.Get(destination_pb2.GetDestination(path="x.y.svc.cluster.local:1"), timeout=5))
             assert other.WhichOneof("update") == "no_endpoints" and not other.no_endpoints.exists
+            out = outbound_pb2_grpc.OutboundPoliciesStub(ch)
+            spec = outbound_pb2.TrafficSpec(addr=net_pb2.TcpAddress(ip=net_pb2.IPAddress(ipv4=2130706433), port=80))
+            pol = next(out.Watch(spec, timeout=5))
+            fwd = pol.protocol.detect.http1.routes[0].rules[0].backends.first_available.backends[0].backend.forward
+            assert pol.metadata.default == "egress-fallback" and fwd.addr.port == 80
+            with pytest.raises(grpc.RpcError) as e:
+                next(out.Watch(outbound_pb2.TrafficSpec(authority="nope:80"), timeout=5))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            inb = inbound_pb2_grpc.InboundServerPoliciesStub(ch)
+            srv = next(inb.WatchPort(inbound_pb2.PortSpec(workload='{"ns":"shop","pod":"web"}', port=8080), timeout=5))
+            assert srv.protocol.WhichOneof("kind") == "http1" and srv.labels["name"] == "web"
         assert '"context_token":"{\\"ns\\":\\"shop\\"}"' in server.log()
     finally:
         server.stop()
