@@ -208,3 +208,22 @@ def test_cli_apply_dry_run_get_and_errors(tmp_path: Path, capsys: pytest.Capture
     assert "tether: get: unknown kind 'bogus'" in capsys.readouterr().err
     assert main(["apply", "-f", str(tmp_path / "nope.yaml"), "--resources-dir", str(store)]) == 1
     assert f"error: -f {tmp_path / 'nope.yaml'}: no such file or directory" in capsys.readouterr().err
+
+
+def test_workloads_cannot_be_applied_and_deleting_a_missing_object_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wl = (
+        "apiVersion: workload.tether.io/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: prod}\n"
+        "spec: {serviceAccount: web, addresses: [10.0.0.9]}\n"
+    )
+    with pytest.raises(lib.ApplyError) as e:
+        lib.apply(tmp_path, [("w.yaml", wl)])
+    assert e.value.errors == [
+        "w.yaml: document 1 (Workload prod/w): Workload objects come from the workload registry (tether run), "
+        "not from files"
+    ]
+    src = tmp_path / "svc.yaml"
+    src.write_text(SVC.format(name="web", port=80))
+    assert main(["delete", "-f", str(src), "--resources-dir", str(tmp_path / "store")]) == 1
+    assert capsys.readouterr().err == "error: service/web -n prod not found\n"
