@@ -34,15 +34,17 @@ def subject_for(identity: WorkloadIdentity) -> x509.Name:
 
 
 def build_csr(key: ec.EllipticCurvePrivateKey, identity: WorkloadIdentity) -> bytes:
-    """A DER CSR for ``identity``: CN and DNS SAN are the DNS-like name, URI SAN the SPIFFE id."""
+    """A DER CSR for ``identity``: CN and the one DNS SAN are the DNS-like name.
+
+    No URI SAN: Linkerd's identity service refuses a CSR with URIs ("cannot validate URIs"), and the
+    issuer adds the SPIFFE id to the leaf itself, so asking for it would only break that pairing.
+    """
     subject = subject_for(identity)
     builder = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(subject)
         .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(identity.dns_name), x509.UniformResourceIdentifier(identity.spiffe_id)]
-            ),
+            x509.SubjectAlternativeName([x509.DNSName(identity.dns_name)]),
             # RFC 5280 4.2.1.6: with an empty subject the SAN extension must be critical.
             critical=len(subject) == 0,
         )
@@ -64,7 +66,10 @@ def validate_csr(der: bytes, identity: WorkloadIdentity) -> x509.CertificateSign
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         kind = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
         raise CsrError(f"CSR key is {kind}; only ECDSA P-256 (secp256r1) keys are issued")
-    want = {("DNS", identity.dns_name), ("URI", identity.spiffe_id)}
+    # Linkerd's proxies ask for the DNS name only; older tether proxies also asked for the SPIFFE id.
+    # Either way the leaf carries both (the issuer sets its SANs from the identity, not the CSR).
+    dns_only = {("DNS", identity.dns_name)}
+    with_uri = {("DNS", identity.dns_name), ("URI", identity.spiffe_id)}
     got: set[tuple[str, str]] = set()
     count = 0
     for ext in csr.extensions:
@@ -79,11 +84,11 @@ def validate_csr(der: bytes, identity: WorkloadIdentity) -> x509.CertificateSign
                     got.add((type(gn).__name__, str(gn.value)))
         elif isinstance(ext.value, x509.BasicConstraints) and ext.value.ca:
             raise CsrError("CSR asks for a CA certificate (basicConstraints cA=true); only leaves are issued")
-    if got != want or count != len(want):
+    if got not in (dns_only, with_uri) or count != len(got):
         asked = ", ".join(f"{k}:{v}" for k, v in sorted(got)) or "no SANs"
         raise CsrError(
             f"CSR asks for {asked}; identity {identity.dns_name!r} is issued exactly "
-            f"DNS:{identity.dns_name}, URI:{identity.spiffe_id}"
+            f"DNS:{identity.dns_name}, URI:{identity.spiffe_id} (a CSR names the DNS name, optionally the URI)"
         )
     cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if cns and [a.value for a in cns] != [identity.dns_name]:
