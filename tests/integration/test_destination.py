@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -265,4 +266,19 @@ def test_diagnostics_commands(dst: DestinationProc) -> None:
     r = tether(
         "diagnostics", "endpoints", "a.b.svc.cluster.local:80", "--destination-addr", "127.0.0.1:1", "--timeout", "2"
     )
-    assert r.returncode == 2 and "cannot reach the destination service at 127.0.0.1:1" in r.stderr
+    assert r.returncode == 1 and "cannot reach the destination service at 127.0.0.1:1" in r.stderr
+
+
+def test_an_admin_port_in_use_is_one_line_and_exit_1(workdir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = tether(
+            "controller", "destination", "--addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{port}",
+            "--resources-dir", str(workdir / "resources"), "--state-dir", str(workdir / "state"),
+        )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("tether controller destination: cannot serve: ") and str(port) in last

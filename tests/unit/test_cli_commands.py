@@ -23,6 +23,7 @@ NOT_RUN_BARE = {
     ("proxy",): "serves on 0.0.0.0:4143 until stopped",
     ("demo",): "runs a mesh of processes for 10s",
     ("proxy-init",): "installs iptables rules in this network namespace",
+    ("controller", "destination"): "serves on 0.0.0.0:8086 until stopped",
 }
 
 
@@ -50,8 +51,9 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_walk_finds_every_command_group() -> None:
     names = {p[0] for p in PATHS if p}
     assert {"proxy", "proxy-init", "identity", "controller", "check", "demo", "workload", "version",
-            "completion"} <= names
+            "completion", "apply", "delete", "get", "diagnostics"} <= names
     assert ("identity", "create-issuer") in PATHS and ("workload", "register") in PATHS
+    assert ("controller", "destination") in PATHS and ("diagnostics", "endpoints") in PATHS
     assert set(NOT_RUN_BARE) <= set(PATHS), "NOT_RUN_BARE names a command that does not exist"
 
 
@@ -150,6 +152,12 @@ SCRIPT_CASES = [
     (["controller", "identity", "--addr", "nohost"], 2, "--addr"),
     (["workload", "remove", "nobody"], 1, "default/nobody"),
     (["completion", "tcsh"], 2, "tcsh"),
+    (["controller", "destination", "--cluster-networks", "10.0.0.0/33"], 2, "--cluster-networks"),
+    (["controller", "destination", "--stream-queue-limit", "0"], 2, "--stream-queue-limit"),
+    (["get", "sp", "-n", "prod", "-A"], 2, "-A/--all-namespaces"),
+    (["get", "bogus"], 2, "unknown kind 'bogus'"),
+    (["diagnostics", "policy", "deploy/x", "80"], 2, "want po/NAME (inbound) or svc/NAME (outbound)"),
+    (["diagnostics", "policy", "po/x", "99999"], 2, "PORT"),
 ]
 
 

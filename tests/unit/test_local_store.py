@@ -205,7 +205,7 @@ def test_cli_apply_dry_run_get_and_errors(tmp_path: Path, capsys: pytest.Capture
     assert f"error: {src}: document 1 (ServiceProfile prod/web.prod.svc.cluster.local): " in err
     assert "spec.routes[0].condition.pathRegex: invalid regular expression '('" in err
     assert main(["get", "bogus", "--resources-dir", str(store)]) == 2
-    assert "tether: get: unknown kind 'bogus'" in capsys.readouterr().err
+    assert "tether get: KIND: unknown kind 'bogus'" in capsys.readouterr().err
     assert main(["apply", "-f", str(tmp_path / "nope.yaml"), "--resources-dir", str(store)]) == 1
     assert f"error: -f {tmp_path / 'nope.yaml'}: no such file or directory" in capsys.readouterr().err
 
@@ -220,10 +220,40 @@ def test_workloads_cannot_be_applied_and_deleting_a_missing_object_fails(
     with pytest.raises(lib.ApplyError) as e:
         lib.apply(tmp_path, [("w.yaml", wl)])
     assert e.value.errors == [
-        "w.yaml: document 1 (Workload prod/w): Workload objects come from the workload registry (tether run), "
-        "not from files"
+        "w.yaml: document 1 (Workload prod/w): Workload objects come from the workload registry "
+        "(tether workload register), not from files"
     ]
     src = tmp_path / "svc.yaml"
     src.write_text(SVC.format(name="web", port=80))
     assert main(["delete", "-f", str(src), "--resources-dir", str(tmp_path / "store")]) == 1
     assert capsys.readouterr().err == "error: service/web -n prod not found\n"
+
+
+def test_cli_apply_from_stdin_refusal_and_get_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    store = str(tmp_path / "store")
+    monkeypatch.setattr("sys.stdin", io.StringIO(SVC.format(name="web", port=80)))
+    assert main(["apply", "-f", "-", "--dry-run=server", "--resources-dir", store]) == 0
+    assert capsys.readouterr().out == "service/web -n prod created (dry run)\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(SVC.format(name="web", port=80)))
+    monkeypatch.setenv("TETHER_RESOURCES_DIR", store)
+    assert main(["apply", "-f", "-"]) == 0
+    assert capsys.readouterr().out == "service/web -n prod created\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SVC.format(name="a", port=0) + "---\n" + SVC.format(name="b", port=70000))
+    assert main(["apply", "-f", str(bad)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"error: {bad}: document ") for line in lines[:2])
+    assert lines[2] == "tether apply: nothing was written (2 error(s))"
+    assert main(["get", "svc", "-n", "prod", "-A"]) == 2
+    assert capsys.readouterr().err == "tether get: use -n/--namespace or -A/--all-namespaces, not both\n"
+    assert main(["get", "svc", "-A", "-o", "yaml"]) == 0
+    assert capsys.readouterr().out.startswith("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n")
+    assert main(["get", "svc", "-n", "other"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err == "No resources found in namespace other.\n"

@@ -1,4 +1,8 @@
-"""``tether controller <service>``: the control-plane services. Each service adds one subcommand here."""
+"""``tether controller <service>``: the control-plane services, one subcommand each.
+
+``identity`` is defined here; the others live in their own modules (``destination`` in
+tether.cli.destination_cmd) and are listed in ``SERVICES``, imported only when run.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +26,19 @@ from tether.cli.params import (
     control_plane_options,
     state_dir_option,
 )
+from tether.cli.tree import Lazy, LazyGroup
 
 log = logging.getLogger("tether.controller")
 
 
-@click.group("controller", short_help="run a control-plane service")
+SERVICES: dict[str, Lazy] = {
+    "destination": Lazy("tether.cli.destination_cmd", "destination",
+                        "the destination service: endpoints, profiles, inbound and outbound policy"),
+    "identity": Lazy("tether.cli.controller_cmd", "identity", "the identity service: signs workload certificates"),
+}
+
+
+@click.group("controller", cls=LazyGroup, lazy=SERVICES, short_help="run a control-plane service")
 def controller() -> None:
     """Run a control-plane service in the foreground (logs on stderr; SIGTERM stops it)."""
 
@@ -50,7 +62,7 @@ def configure_logging(level: str, fmt: str) -> None:
         raise CliError(f"--log-level: {e}") from None
 
 
-@controller.command("identity", short_help="the identity service: signs workload certificates")
+@click.command("identity", short_help="the identity service: signs workload certificates")
 @click.option("--addr", type=ADDRESS, default="0.0.0.0:8080", show_default=True, help="gRPC listen address")
 @click.option("--admin-addr", type=ADDRESS, default="127.0.0.1:9990", show_default=True,
               help="admin listen address: /metrics, /ready, /live")

@@ -1,21 +1,34 @@
-"""`tether controller destination`: discovery, profiles and policies from the store, as gRPC streams.
+"""``tether controller destination``: discovery, profiles and policies from the store, as gRPC streams.
 
-Registered under `tether controller` by tether.cli.controller_cmd. The CLI is where the platform is
+Listed under ``tether controller`` by tether.cli.controller_cmd. The CLI is where the platform is
 wired in: here the local store (a resources directory and the workload registry).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import ipaddress
 import logging
 import signal
-from typing import Any
 
-from tether.cli.main import CliError
-from tether.proxy.config import ConfigError, parse_addr
+import click
 
+from tether.cli.controller_cmd import configure_logging, log_options
+from tether.cli.errors import OperationFailed
+from tether.cli.params import (
+    ADDRESS,
+    CIDRS,
+    POSITIVE_DURATION,
+    TRUST_DOMAIN,
+    control_plane_options,
+    resources_dir_option,
+    state_dir_option,
+)
+
+# The defaults of tether.control.destination.translate.Settings, written out so that `--help` does
+# not import the service (tests/unit/test_cli_destination.py checks they agree).
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
+DEFAULT_CLUSTER_NETWORKS = "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,fd00::/8"
+DEFAULT_POLICY = "all-unauthenticated"
 POLICIES = (
     "all-unauthenticated",
     "all-authenticated",
@@ -26,76 +39,70 @@ POLICIES = (
 )
 
 
-def register_controller(sub: Any) -> None:
-    p = sub.add_parser(
-        "destination",
-        help="the destination service: endpoints, profiles, inbound and outbound policy",
-        description="Serve io.linkerd.proxy.destination.Destination (Get, GetProfile), "
-        "io.linkerd.proxy.outbound.OutboundPolicies and io.linkerd.proxy.inbound.InboundServerPolicies "
-        "from the local store: a directory of YAML resources (picked up within a second of an edit) and "
-        "the local workload registry. Run several over the same directory for HA.",
-    )
-    p.add_argument("--addr", default="0.0.0.0:8086", help="gRPC listen address (default 0.0.0.0:8086)")
-    p.add_argument("--admin-addr", default="127.0.0.1:9996", help="/metrics, /ready, /store-errors.json")
-    p.add_argument("--resources-dir", default=".tether/resources", help="the store's YAML directory")
-    p.add_argument("--state-dir", default=".tether", help="local state (workload registry) directory")
-    p.add_argument("--cluster-domain", default="cluster.local")
-    p.add_argument("--identity-trust-domain", "--trust-domain", dest="trust_domain", default="cluster.local")
-    p.add_argument("--controller-namespace", default="linkerd", help="control-plane namespace in identity names")
-    p.add_argument("--default-policy", default="all-unauthenticated", choices=POLICIES)
-    p.add_argument("--cluster-networks", default="10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,fd00::/8")
-    p.add_argument("--stream-queue-limit", type=int, default=1000, help="updates a stream may fall behind (1000)")
-    p.add_argument("--poll-interval", default="250ms", help="how often the resources directory is checked")
-    p.add_argument("--log-level", default="info")
-    p.set_defaults(func=_run)
+@click.command("destination", short_help="the destination service: endpoints, profiles, inbound and outbound policy")
+@click.option("--addr", type=ADDRESS, default="0.0.0.0:8086", show_default=True, help="gRPC listen address")
+@click.option("--admin-addr", type=ADDRESS, default="127.0.0.1:9996", show_default=True,
+              help="admin listen address: /metrics, /ready, /live, /store-errors.json")
+@resources_dir_option
+@state_dir_option
+@control_plane_options
+@click.option("--cluster-domain", type=TRUST_DOMAIN, default=DEFAULT_CLUSTER_DOMAIN, show_default=True,
+              help="DNS suffix of service names (NAME.NAMESPACE.svc.DOMAIN)")
+@click.option("--default-policy", type=click.Choice(POLICIES), default=DEFAULT_POLICY, show_default=True,
+              metavar="POLICY", help="inbound policy of a port no Server selects: " + ", ".join(POLICIES))
+@click.option("--cluster-networks", type=CIDRS, default=DEFAULT_CLUSTER_NETWORKS, show_default=True,
+              help="networks of the cluster's workloads, for the cluster-* policies (comma-separated CIDRs)")
+@click.option("--stream-queue-limit", type=click.IntRange(min=1), default=1000, show_default=True, metavar="COUNT",
+              help="updates a stream may fall behind before it is reset (the proxy reconnects for a fresh snapshot)")
+@click.option("--poll-interval", type=POSITIVE_DURATION, default="250ms", show_default=True,
+              help="how often --resources-dir and the workload registry are checked for changes")
+@log_options
+def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_dir: str, state_dir: str,
+                controller_namespace: str, trust_domain: str, cluster_domain: str, default_policy: str,
+                cluster_networks: tuple[str, ...], stream_queue_limit: int, poll_interval: float, log_level: str,
+                log_format: str) -> int:
+    """The destination service: what proxies learn about the services they call and serve.
 
-
-def _run(args: argparse.Namespace) -> int:
+    Serves io.linkerd.proxy.destination.Destination (Get, GetProfile),
+    io.linkerd.proxy.outbound.OutboundPolicies and io.linkerd.proxy.inbound.InboundServerPolicies
+    from the local store: the YAML resources in --resources-dir (an edit is served within a second;
+    a file that does not validate is logged and its last good version kept) and the workload
+    registry in --state-dir. Run several over the same directory for high availability: proxies
+    dial them all and fail over.
+    """
     from tether.control.destination.server import DestinationConfig, DestinationController
     from tether.control.destination.translate import Settings
     from tether.platform.local.store import LocalStore
-    from tether.proxy.config import parse_duration
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    configure_logging(log_level, log_format)
+    cfg = DestinationConfig(
+        addr=addr,
+        admin_addr=admin_addr,
+        settings=Settings(
+            cluster_domain=cluster_domain,
+            trust_domain=trust_domain,
+            control_plane_ns=controller_namespace,
+            default_policy=default_policy,
+            cluster_networks=cluster_networks,
+        ),
+        queue_limit=stream_queue_limit,
     )
-    try:
-        nets = tuple(n.strip() for n in args.cluster_networks.split(",") if n.strip())
-        for n in nets:
-            try:
-                ipaddress.ip_network(n, strict=False)
-            except ValueError:
-                raise CliError(f"--cluster-networks: {n!r} is not a CIDR") from None
-        if args.stream_queue_limit < 1:
-            raise CliError("--stream-queue-limit: must be at least 1")
-        cfg = DestinationConfig(
-            addr=parse_addr(args.addr, "--addr"),
-            admin_addr=parse_addr(args.admin_addr, "--admin-addr"),
-            settings=Settings(
-                cluster_domain=args.cluster_domain,
-                trust_domain=args.trust_domain,
-                control_plane_ns=args.controller_namespace,
-                default_policy=args.default_policy,
-                cluster_networks=nets,
-            ),
-            queue_limit=args.stream_queue_limit,
-        )
-        poll = parse_duration(args.poll_interval, "--poll-interval")
-    except ConfigError as e:
-        raise CliError(str(e)) from None
-    store = LocalStore(args.resources_dir, args.state_dir, poll_interval=max(0.01, poll), queue_limit=100_000)
+    store = LocalStore(resources_dir, state_dir, poll_interval=max(0.01, poll_interval), queue_limit=100_000)
     for err in store.source_errors():
         for line in err.errors:
             logging.getLogger("tether.store").error("%s (not loaded)", line)
     controller = DestinationController(store, cfg)
 
-    async def main() -> None:
+    async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await controller.run(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(run())
+    except* (OSError, RuntimeError) as eg:
+        # grpc reports a port it cannot bind as RuntimeError.
+        raise OperationFailed(f"cannot serve: {eg.exceptions[0]}") from None
     return 0

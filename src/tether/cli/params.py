@@ -17,6 +17,7 @@ from tether.core.identity.names import DEFAULT_CONTROL_PLANE_NS, DEFAULT_TRUST_D
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_STATE_DIR = ".tether"
+DEFAULT_RESOURCES_DIR = ".tether/resources"
 
 
 class Duration(click.ParamType):
@@ -137,6 +138,15 @@ def state_dir_option(f: F) -> F:
     return click.option(
         "--state-dir", default=DEFAULT_STATE_DIR, show_default=True, envvar="TETHER_STATE_DIR", show_envvar=True,
         type=click.Path(file_okay=False), help="local state directory: workload registry and control-plane records",
+    )(f)
+
+
+def resources_dir_option(f: F) -> F:
+    """``--resources-dir``: the local store, a directory of YAML resources (any file names, multi-document)."""
+    return click.option(
+        "--resources-dir", default=DEFAULT_RESOURCES_DIR, show_default=True, envvar="TETHER_RESOURCES_DIR",
+        show_envvar=True, type=click.Path(file_okay=False),
+        help="the local store: a directory of YAML resource files (any names, multi-document)",
     )(f)
 
 

@@ -1,125 +1,132 @@
-"""`tether apply -f`, `tether delete -f`, `tether get KIND`: the local store's resources, like kubectl.
+"""``tether apply -f``, ``tether delete -f``, ``tether get KIND``: the local store's resources, like kubectl.
 
-These read and write the store directory directly (``--resources-dir``, default
-``$TETHER_RESOURCES_DIR`` or ``.tether/resources``); a running `tether controller destination` over
-the same directory picks the change up within a second. ``--dry-run`` validates only.
+These read and write the store directory (``--resources-dir``) themselves, no server needed; a
+running ``tether controller destination`` over the same directory picks a change up within a second.
+Everything given is validated first, and one bad document means nothing is written
+(tether.platform.local.apply).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
+from collections.abc import Callable
 from typing import Any
 
-import yaml
+import click
 
-from tether.cli.main import CliError
+from tether.cli.errors import CliError, OperationFailed
+from tether.cli.output import Column, dump, emit, output_option
+from tether.cli.params import DNS_LABEL, resources_dir_option, state_dir_option
 
-DEFAULT_DIR = ".tether/resources"
-
-
-def _dir_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--resources-dir",
-        default=os.environ.get("TETHER_RESOURCES_DIR", DEFAULT_DIR),
-        help=f"the local store's directory (default $TETHER_RESOURCES_DIR or {DEFAULT_DIR})",
-    )
+FILENAME_HELP = "a YAML file (multi-document), a directory of them, or - for stdin (repeatable)"
 
 
-def register(subparsers: Any) -> None:
-    for name, func, what in (("apply", _apply, "create or update"), ("delete", _delete, "delete")):
-        p = subparsers.add_parser(name, help=f"{what} resources in the local store from YAML")
-        p.add_argument(
-            "-f",
-            "--filename",
-            action="append",
-            required=True,
-            metavar="FILE|DIR|-",
-            help="a YAML file (multi-document), a directory of them, or - for stdin; repeatable",
-        )
-        p.add_argument(
-            "--dry-run",
-            nargs="?",
-            const="client",
-            choices=("client", "server", "none"),
-            default="none",
-            help="validate and report without writing",
-        )
-        _dir_flag(p)
-        p.set_defaults(func=func)
-    p = subparsers.add_parser("get", help="list resources of a kind in the local store")
-    p.add_argument("kind", metavar="KIND", help="a kind: ServiceProfile (sp), HTTPRoute, Service (svc), ...")
-    p.add_argument("-n", "--namespace", help="only this namespace")
-    p.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace (the default)")
-    p.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
-    p.add_argument("--state-dir", default=".tether", help="local state (workload registry) for `get workloads`")
-    _dir_flag(p)
-    p.set_defaults(func=_get)
+def _apply_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = resources_dir_option(f)
+    f = click.option(
+        "--dry-run", type=click.Choice(["none", "client", "server"]), is_flag=False, flag_value="client",
+        default="none", show_default=True,
+        help="validate and report what would change without writing; `--dry-run` alone is client "
+        "(client and server both validate here: no control plane is needed)",
+    )(f)
+    f = click.option("-f", "--filename", "filenames", multiple=True, required=True, metavar="FILE|DIR|-",
+                     help=FILENAME_HELP)(f)
+    return f
 
 
-def _report_errors(e: Exception) -> int:
-    from tether.platform.local.apply import ApplyError
-
-    assert isinstance(e, ApplyError)
+def _refuse(e: Any) -> OperationFailed:
+    """Every problem on its own line, then the one-line verdict (exit 1)."""
     for line in e.errors:
-        print(f"error: {line}", file=sys.stderr)
-    print(f"tether: nothing was written ({len(e.errors)} error(s))", file=sys.stderr)
-    return 1
+        click.echo(f"error: {line}", err=True)
+    return OperationFailed(f"nothing was written ({len(e.errors)} error(s))")
 
 
-def _apply(args: argparse.Namespace) -> int:
+@click.command("apply", short_help="create or update resources in the local store from YAML")
+@_apply_options
+def apply(filenames: tuple[str, ...], dry_run: str, resources_dir: str) -> int:
+    """Create or update the resources in the YAML given with -f in the local store.
+
+    Every document is validated first; if one is invalid, each problem is printed (file, document
+    number, kind/namespace/name, field and reason) and nothing is written. An object already in the
+    store is replaced in the file that defines it; a new one gets its own file. A running
+    `tether controller destination` over --resources-dir serves the change within a second.
+    """
     from tether.platform.local import apply as lib
 
-    dry = args.dry_run != "none"
+    dry = dry_run != "none"
     try:
-        report = lib.apply(args.resources_dir, lib.read_inputs(args.filename), dry_run=dry)
+        report = lib.apply(resources_dir, lib.read_inputs(filenames), dry_run=dry)
     except lib.ApplyError as e:
-        return _report_errors(e)
+        raise _refuse(e) from None
     for n in report.notices:
-        print(f"notice: {n}", file=sys.stderr)
+        click.echo(f"notice: {n}", err=True)
     for o in report.outcomes:
-        print(o.line(dry))
+        click.echo(o.line(dry))
     return 0
 
 
-def _delete(args: argparse.Namespace) -> int:
+@click.command("delete", short_help="delete the resources named in YAML from the local store")
+@_apply_options
+def delete(filenames: tuple[str, ...], dry_run: str, resources_dir: str) -> int:
+    """Delete from the local store the resources the YAML given with -f names (kind, namespace, name).
+
+    The documents are validated as for `tether apply`. An object that is not in the store is an
+    error (exit 1); the others are still deleted.
+    """
     from tether.platform.local import apply as lib
 
-    dry = args.dry_run != "none"
+    dry = dry_run != "none"
     try:
-        report = lib.delete(args.resources_dir, lib.read_inputs(args.filename), dry_run=dry)
+        report = lib.delete(resources_dir, lib.read_inputs(filenames), dry_run=dry)
     except lib.ApplyError as e:
-        return _report_errors(e)
+        raise _refuse(e) from None
     missing = 0
     for o in report.outcomes:
         if o.action == "not found":
             missing += 1
-            print(f"error: {o.ref}{' -n ' + o.namespace if o.namespace else ''} not found", file=sys.stderr)
+            click.echo(f"error: {o.ref}{' -n ' + o.namespace if o.namespace else ''} not found", err=True)
         else:
-            print(o.line(dry))
+            click.echo(o.line(dry))
     return 1 if missing else 0
 
 
-def _get(args: argparse.Namespace) -> int:
+COLUMNS = [
+    Column("namespace", lambda r: r["namespace"]),
+    Column("name", lambda r: r["name"]),
+    Column("apiVersion", lambda r: r["apiVersion"]),
+]
+
+
+@click.command("get", short_help="list the resources of a kind in the local store")
+@click.argument("kind", metavar="KIND")
+@click.option("-n", "--namespace", type=DNS_LABEL, help="only this namespace  [default: all namespaces]")
+@click.option("-A", "--all-namespaces", is_flag=True, help="every namespace (the default; not with -n)")
+@output_option(("table", "json", "yaml"))
+@resources_dir_option
+@state_dir_option
+def get(kind: str, namespace: str | None, all_namespaces: bool, output: str, resources_dir: str,
+        state_dir: str) -> int:
+    """List the resources of KIND in the local store, read from --resources-dir (no server needed).
+
+    KIND is spelled as kubectl accepts it: ServiceProfile, serviceprofiles or sp; Service or svc;
+    HTTPRoute, GRPCRoute, TrafficSplit (ts), Server (srv), ServerAuthorization (saz),
+    AuthorizationPolicy, MeshTLSAuthentication, NetworkAuthentication, HTTPLocalRateLimitPolicy,
+    EgressNetwork, ExternalWorkload (ew), Namespace (ns); Workload (wl) lists the workload registry
+    in --state-dir. The objects of a file that does not validate are left out, with a warning on
+    stderr naming the file and the problem. JSON and YAML print a kubectl List:
+    {"apiVersion": "v1", "kind": "List", "items": [...]}.
+    """
     from tether.platform.local import apply as lib
 
+    if namespace and all_namespaces:
+        raise CliError("use -n/--namespace or -A/--all-namespaces, not both")
     try:
-        objs = lib.get(args.resources_dir, args.kind, args.namespace, args.state_dir)
+        objs = lib.get(resources_dir, kind, namespace, state_dir)
     except ValueError as e:
-        raise CliError(f"get: {e}") from None
-    docs = [o.dump() for o in objs]
-    if args.output == "json":
-        print(json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}, indent=2))
-    elif args.output == "yaml":
-        print(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": docs}, sort_keys=False), end="")
-    elif not objs:
-        where = f" in namespace {args.namespace}" if args.namespace else ""
-        print(f"No resources found{where}.", file=sys.stderr)
-    else:
-        rows = [("NAMESPACE", "NAME", "APIVERSION")] + [(o.namespace or "-", o.name, o.api_version) for o in objs]
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        for r in rows:
-            print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        raise CliError(f"KIND: {e}") from None
+    if output in ("json", "yaml"):
+        dump({"apiVersion": "v1", "kind": "List", "items": [o.dump() for o in objs]}, output)
+        return 0
+    rows = [{"namespace": o.namespace, "name": o.name, "apiVersion": o.api_version} for o in objs]
+    where = f" in namespace {namespace}" if namespace else ""
+    emit(rows, COLUMNS, output, empty=f"No resources found{where}.")
     return 0

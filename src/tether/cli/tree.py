@@ -31,12 +31,17 @@ class Lazy(NamedTuple):
 # others, and `tether --help` imports none (`tether proxy` with valid flags does not even import
 # click: see tether.cli.main).
 COMMANDS: dict[str, Lazy] = {
+    "apply": Lazy("tether.cli.resources_cmd", "apply", "create or update resources in the local store from YAML"),
     "check": Lazy("tether.cli.check", "check", "check the installation and, with --proxy, the data plane"),
     "completion": Lazy("tether.cli.completion_cmd", "completion",
                        "print the shell completion script for bash, zsh or fish"),
     "controller": Lazy("tether.cli.controller_cmd", "controller", "run a control-plane service"),
+    "delete": Lazy("tether.cli.resources_cmd", "delete", "delete the resources named in YAML from the local store"),
     "demo": Lazy("tether.cli.demo_cmd", "demo",
                  "run a local two-proxy mesh with a demo app and show its golden metrics"),
+    "diagnostics": Lazy("tether.cli.diagnostics_cmd", "diagnostics",
+                        "inspect what the control plane serves (endpoints, profile, policy)"),
+    "get": Lazy("tether.cli.resources_cmd", "get", "list the resources of a kind in the local store"),
     "identity": Lazy("tether.cli.identity_cmd", "identity", "show a proxy's certificate; create and rotate CAs"),
     "proxy": Lazy("tether.cli.proxy_cmd", "command", "run the sidecar proxy"),
     "proxy-init": Lazy("tether.cli.proxy_init_cmd", "proxy_init",

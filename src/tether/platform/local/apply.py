@@ -177,7 +177,7 @@ def apply(store_dir: str | os.PathLike[str], inputs: Sequence[tuple[str, str]], 
             raise ApplyError(
                 [
                     f"{item.source}: document {item.document} ({r.ref()}): Workload objects come from the "
-                    "workload registry (tether run), not from files"
+                    "workload registry (tether workload register), not from files"
                 ]
             )
     for item in loaded:
