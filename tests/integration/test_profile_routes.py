@@ -46,6 +46,7 @@ class Flaky(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms Nagle/delayed-ACK stall
     server: Flaky
 
     def log_message(self, format: str, *args: object) -> None:

@@ -54,6 +54,7 @@ class Named(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms Nagle/delayed-ACK stall
     server: Named
 
     def log_message(self, format: str, *args: object) -> None:
