@@ -86,11 +86,15 @@ def _detect_http1(data: bytes, at_limit: bool) -> Detected:
     start = _skip_empty_lines(data)
     if start is None:
         return Detected.OPAQUE if at_limit else Detected.NEED_MORE
+    if data[start] not in _TCHAR and data[start] not in b" \t":
+        return Detected.OPAQUE  # neither a token nor whitespace first: not a request line
     # The method: a token, then whitespace.
     end = start
     stop = min(len(data), start + _MAX_METHOD + 1)
     while end < stop and data[end] in _TCHAR:
         end += 1
+    if end - start > _MAX_METHOD:
+        return Detected.OPAQUE  # longer than any method
     method = data[start:end]
     if end < len(data) and method and data[end] in b" \t":
         if method in _METHODS:
@@ -107,10 +111,6 @@ def _detect_http1(data: bytes, at_limit: bool) -> Detected:
         return Detected.HTTP1
     if eol >= 0 or at_limit:
         return Detected.OPAQUE
-    if end == len(data) and end - start <= _MAX_METHOD:
-        return Detected.NEED_MORE  # still inside what may be a method
-    if (end == start and data[start] not in b" \t") or end - start > _MAX_METHOD:
-        return Detected.OPAQUE  # neither a token nor whitespace at the start: not a request line
     return Detected.NEED_MORE
 
 
