@@ -408,3 +408,18 @@ def test_valid_hosts_and_absolute_targets_still_pass(proxy: ProxyProc, origin: O
     assert statuses(out) == [200] * 5, out
     assert origin.lines == [b"GET /a HTTP/1.1", b"GET /b HTTP/1.1", b"GET /c HTTP/1.1",
                             b"GET /d?x=1 HTTP/1.1", b"OPTIONS * HTTP/1.1"]
+
+
+def test_higher_minor_version_is_served_as_http11(proxy: ProxyProc, origin: Origin) -> None:
+    # RFC 9110 section 2.5: a 1.x the proxy doesn't know is read as the highest it does (1.1).
+    out, _ = exchange(proxy.inbound_port, b"GET /a HTTP/1.2\r\nHost: a\r\n\r\n"
+                      b"GET /b HTTP/1.9\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert statuses(out) == [200, 200], out
+    assert origin.lines == [b"GET /a HTTP/1.1", b"GET /b HTTP/1.1"]
+
+
+def test_pipelined_request_with_another_major_version_is_505(proxy: ProxyProc, origin: Origin) -> None:
+    out, closed = exchange(proxy.inbound_port, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/3.0\r\nHost: a\r\n\r\n")
+    assert statuses(out) == [200, 505], out
+    assert closed
+    assert origin.lines == [b"GET /a HTTP/1.1"]

@@ -73,6 +73,9 @@ class H1ServerProtocol(asyncio.Protocol):
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
+        # Any version parses; on_headers_complete answers 505 to a major other than 1 and reads a
+        # higher 1.x as 1.1 (RFC 9110 section 2.5), which llhttp alone would refuse with 400.
+        self._parser.set_dangerous_leniencies(lenient_version=True)
         self._queue: deque[Request] = deque()
         # One task per connection, alive from the first request to the close: it waits on
         # ``_wakeup`` between requests (a future per request is cheaper than a task per request).
@@ -255,11 +258,13 @@ class H1ServerProtocol(asyncio.Protocol):
         self._cancel_timer()
         parser = self._parser
         version = parser.get_http_version()
+        if version[:2] != "1.":
+            raise h1.H1Error(505, "HTTP version not supported")
+        if version != "1.0":
+            version = "1.1"
         headers = self._headers
         framing = h1.check_request_head(version, headers)
         method = parser.get_method()
-        if version[:2] != "1.":
-            raise h1.H1Error(505, "HTTP version not supported")
         # An absolute-form target carries the authority (explicit proxy use); Host is then ignored
         # (RFC 9112 section 3.2.2). CONNECT has only an authority.
         authority, target = h1.split_target(method, self._url)
@@ -545,7 +550,9 @@ class H1ServerProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.pause_reading()
         log.info("rejecting request from %s: %s", self.conn.peer, err.reason)
-        if not self._serving:
+        if not self._serving and not self._queue:
+            # Otherwise the requests read before the bad one are answered first (in order),
+            # then _serve writes this error.
             self._write_error_and_close(err)
 
     def _write_error_and_close(self, err: h1.H1Error) -> None:
