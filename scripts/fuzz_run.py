@@ -28,13 +28,32 @@ def child(target: str, args: list[str]) -> None:
     import atheris
 
     sys.path.insert(0, str(FUZZ))
-    with atheris.instrument_imports(include=["tether", "fuzz_targets"]):
-        import fuzz_targets
+    import fuzz_targets
+
+    # tether's import guard loads the hot-path modules through its own finder, which
+    # instrument_imports does not see: instrument the loaded tether code in place instead.
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("tether") or name == "fuzz_targets":
+            for obj in list(vars(mod).values()):
+                _instrument(atheris, obj, name)
     fn = fuzz_targets.TARGETS[target]
     # libFuzzer re-runs argv[0] through the shell for -merge: make it the whole command.
     argv0 = f"{sys.executable} {Path(__file__).resolve()} --child {target}"
     atheris.Setup([argv0, *args], fn)
     atheris.Fuzz()
+
+
+def _instrument(atheris: object, obj: object, module: str) -> None:
+    """Instrument a module's functions and the methods of its classes (defined in it)."""
+    import types
+
+    if isinstance(obj, types.FunctionType) and obj.__module__ == module:
+        atheris.instrument_func(obj)  # type: ignore[attr-defined]
+    elif isinstance(obj, type) and obj.__module__ == module:
+        for attr in list(vars(obj).values()):
+            fn = attr.fget if isinstance(attr, property) else getattr(attr, "__func__", attr)
+            if isinstance(fn, types.FunctionType):
+                atheris.instrument_func(fn)  # type: ignore[attr-defined]
 
 
 def stats(log: str) -> dict[str, str]:
