@@ -93,6 +93,7 @@ class ProxyConfig:
     balancer_queue_capacity: int = 10_000  # requests waiting for an endpoint (Linkerd's queue)
     # HTTP/2.
     h2_max_concurrent_streams: int = 100
+    h2_max_connections_per_endpoint: int = 16  # more HTTP/2 connections to a peer whose stream limit is reached
     h2_max_resets_per_window: int = 200
     h2_reset_window: float = 10.0
     h2_initial_window: int = 65535
