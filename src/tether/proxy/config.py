@@ -96,6 +96,7 @@ class ProxyConfig:
     h2_max_connections_per_endpoint: int = 16  # more HTTP/2 connections to a peer whose stream limit is reached
     h2_max_resets_per_window: int = 200
     h2_reset_window: float = 10.0
+    h2_rapid_reset_age: float = 1.0  # a peer reset of an unanswered stream younger than this is "rapid"
     h2_initial_window: int = 65535
     # Opaque TCP between two plain sockets moves through os.splice (the bytes never enter Python).
     tcp_zero_copy: bool = True
