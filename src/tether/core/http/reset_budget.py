@@ -8,8 +8,8 @@ judged by the work it cut short:
 - a reset of a stream that was already answered (response head sent), or that ran for at least
   ``min_age`` seconds, is an ordinary cancellation and is not counted;
 - other resets are "rapid". Up to ``max_resets`` of them per ``window`` are allowed;
-- past that, if rapid resets are at least half of the streams the peer opened in the window, the
-  peer is doing little else: GOAWAY (ENHANCE_YOUR_CALM);
+- past that, if rapid resets are at least half of the streams the peer had served (work started)
+  in the window, the peer is doing little else: GOAWAY (ENHANCE_YOUR_CALM);
 - otherwise the peer does real work too: new streams are refused one by one (REFUSED_STREAM,
   which clients retry) until the rapid resets in the window fall back under the budget, and the
   shared connection stays up.
@@ -74,7 +74,7 @@ class ResetBudget:
         self._rapid = _Window(window)
 
     def opened(self, now: float) -> None:
-        """The peer opened a stream."""
+        """Work started for a stream the peer opened (a refused stream is not counted)."""
         self._opened.add(now)
 
     def reset(self, now: float, age: float, answered: bool) -> Verdict:

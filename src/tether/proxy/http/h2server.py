@@ -144,7 +144,6 @@ class H2ServerProtocol(H2Protocol):
     def _on_request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
         st = StreamState()
         now = st.opened_at = self._loop.time()
-        self._resets.opened(now)
         self._streams[stream_id] = st
         if ended:
             st.remote_closed = True
@@ -187,6 +186,7 @@ class H2ServerProtocol(H2Protocol):
             version="2",
             conn=self._conn,
         )
+        self._resets.opened(now)  # work starts for this stream (refused ones cost nothing)
         task = self._loop.create_task(self._serve(stream_id, st, req))
         st.task = task
         self._tasks.add(task)
