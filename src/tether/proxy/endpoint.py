@@ -54,8 +54,9 @@ class HttpEndpoint:
             assert isinstance(conn, H2ClientConnection)
             try:
                 return await conn.send(req)
-            except H2NoStreamSlot as e:
-                raise StreamCapacityError(f"HTTP/2 upstream {self.address[0]}:{self.address[1]} busy: {e}") from None
+            except H2NoStreamSlot as busy:  # (a name of its own: compiled, ``e`` below has another type)
+                raise StreamCapacityError(
+                    f"HTTP/2 upstream {self.address[0]}:{self.address[1]} busy: {busy}") from None
             except H2Error as e:
                 if not conn.usable and conn in self._h2:
                     self._h2.remove(conn)
