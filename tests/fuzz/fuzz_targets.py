@@ -176,6 +176,7 @@ def h2_connection(data: bytes) -> None:
 def detection(data: bytes) -> None:
     """Protocol detection: a decision, once made, is what any longer prefix gets too."""
     limit = 64 + (data[0] if data else 0) * 4
+    data = data[: limit + 8]  # past the limit nothing more is read
     full = detect(data, limit)
     for k in range(1, len(data)):
         early = detect(data[:k], limit)

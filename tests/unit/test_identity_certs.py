@@ -101,6 +101,18 @@ def test_csr_with_bad_signature_is_refused() -> None:
         validate_csr(bytes(der), WEB)
 
 
+def test_csr_whose_key_is_not_a_curve_point_is_refused() -> None:
+    # Found by the csr fuzz target: the envelope parses, but the key can't be loaded; that was a
+    # bare ValueError out of validate_csr instead of a refusal.
+    key = generate_key()
+    der = bytearray(build_csr(key, WEB))
+    point = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    at = bytes(der).index(point)
+    der[at + 10] ^= 0x01  # the x coordinate: no longer on P-256
+    with pytest.raises(CsrError, match="cannot be read"):
+        validate_csr(bytes(der), WEB)
+
+
 # -- issuance --------------------------------------------------------------------------------------
 
 
