@@ -113,6 +113,15 @@ def test_csr_whose_key_is_not_a_curve_point_is_refused() -> None:
         validate_csr(bytes(der), WEB)
 
 
+def test_csr_with_an_unknown_version_is_refused() -> None:
+    # Found by the csr fuzz target: cryptography's InvalidVersion is not a ValueError.
+    der = bytearray(build_csr(generate_key(), WEB))
+    at = bytes(der).index(b"\x02\x01\x00")  # CertificationRequestInfo.version = 0 (v1)
+    der[at + 2] = 125
+    with pytest.raises(CsrError, match="not a DER PKCS#10"):
+        validate_csr(bytes(der), WEB)
+
+
 # -- issuance --------------------------------------------------------------------------------------
 
 

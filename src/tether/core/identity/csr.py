@@ -57,7 +57,7 @@ def validate_csr(der: bytes, identity: WorkloadIdentity) -> x509.CertificateSign
         raise CsrError(f"CSR is {len(der)} bytes, more than the {MAX_CSR_BYTES} allowed")
     try:
         csr = x509.load_der_x509_csr(der)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as e:
         raise CsrError(f"CSR is not a DER PKCS#10 request: {e}") from None
     # A well-formed envelope may still carry a key, signature or extension that can't be read:
     # cryptography raises ValueError (or UnsupportedAlgorithm) only when they are used.
