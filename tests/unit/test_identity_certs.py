@@ -122,6 +122,16 @@ def test_csr_with_an_unknown_version_is_refused() -> None:
         validate_csr(bytes(der), WEB)
 
 
+def test_csr_with_a_subject_attribute_of_the_wrong_string_type_is_refused() -> None:
+    # Found by the csr fuzz target (its input): cryptography raises TypeError reading the subject.
+    from pathlib import Path
+
+    corpus = Path(__file__).parents[1] / "fuzz" / "corpus" / "csr"
+    der = (corpus / "a49c6ac421e0dbfc750baa41d2f6e707f3483479").read_bytes()
+    with pytest.raises(CsrError):
+        validate_csr(der, WEB)
+
+
 # -- issuance --------------------------------------------------------------------------------------
 
 

@@ -57,16 +57,17 @@ def validate_csr(der: bytes, identity: WorkloadIdentity) -> x509.CertificateSign
         raise CsrError(f"CSR is {len(der)} bytes, more than the {MAX_CSR_BYTES} allowed")
     try:
         csr = x509.load_der_x509_csr(der)
-    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as e:
+    except (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm) as e:
         raise CsrError(f"CSR is not a DER PKCS#10 request: {e}") from None
     # A well-formed envelope may still carry a key, signature or extension that can't be read:
-    # cryptography raises ValueError (or UnsupportedAlgorithm) only when they are used.
+    # cryptography raises ValueError, TypeError (a subject attribute of the wrong string type) or
+    # UnsupportedAlgorithm only when they are used.
     try:
         key = csr.public_key()
         signature_ok = csr.is_signature_valid
         extensions = list(csr.extensions)
         cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    except (ValueError, UnsupportedAlgorithm) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise CsrError(f"CSR cannot be read: {e}") from None
     if not signature_ok:
         raise CsrError("CSR signature does not verify with its own public key")
