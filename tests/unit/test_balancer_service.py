@@ -12,7 +12,14 @@ import pytest
 from tether.core.discovery.endpoints import Endpoint
 from tether.proxy.balancer import Balancer
 from tether.proxy.config import ProxyConfig, balancer_settings
-from tether.proxy.errors import ConnectError, FailFastError, LoadShedError, ProxyError, UpstreamError
+from tether.proxy.errors import (
+    ConnectError,
+    FailFastError,
+    LoadShedError,
+    ProxyError,
+    StreamCapacityError,
+    UpstreamError,
+)
 from tether.proxy.http.body import PipeBody, read_all
 from tether.proxy.http.message import Request, Response
 from tether.testing.fakes import FakeClock, FakeService, until
@@ -114,6 +121,18 @@ def test_consecutive_failures_eject_an_endpoint_and_traffic_shifts() -> None:
         before = h.svc(0).calls
         await h.send_many(20)
         assert h.svc(0).calls == before  # ejected: no traffic during the penalty
+
+    run(main())
+
+
+def test_an_endpoint_out_of_http2_streams_is_busy_not_failing() -> None:
+    async def main() -> None:
+        h = Harness(2)
+        h.svc(0).error = StreamCapacityError("every connection at the stream limit")
+        out = await h.send_many(60)
+        assert out["StreamCapacityError"] > 7  # more than failure accrual would ever allow
+        assert h.lb.ejections_total == 0
+        assert (h.lb.endpoints_ready, h.lb.endpoints_pending) == (2, 0)
 
     run(main())
 

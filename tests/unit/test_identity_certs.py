@@ -109,6 +109,39 @@ def test_csr_with_bad_signature_is_refused() -> None:
         validate_csr(bytes(der), WEB)
 
 
+def test_csr_whose_key_is_not_a_curve_point_is_refused() -> None:
+    # Found by the csr fuzz target: the envelope parses, but the key can't be loaded; that was a
+    # bare ValueError out of validate_csr instead of a refusal.
+    key = generate_key()
+    der = bytearray(build_csr(key, WEB))
+    point = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    at = bytes(der).index(point)
+    der[at + 10] ^= 0x01  # the x coordinate: no longer on P-256
+    with pytest.raises(CsrError, match="cannot be read"):
+        validate_csr(bytes(der), WEB)
+
+
+def test_csr_with_an_unknown_version_is_refused() -> None:
+    # Found by the csr fuzz target: cryptography's InvalidVersion is not a ValueError.
+    der = bytearray(build_csr(generate_key(), WEB))
+    at = bytes(der).index(b"\x02\x01\x00")  # CertificationRequestInfo.version = 0 (v1)
+    der[at + 2] = 125
+    with pytest.raises(CsrError, match="not a DER PKCS#10"):
+        validate_csr(bytes(der), WEB)
+
+
+@pytest.mark.parametrize("name", [
+    "a49c6ac421e0dbfc750baa41d2f6e707f3483479",  # a subject attribute of the wrong string type (TypeError)
+    "ece82cdb52071c69e78435cbc2956b38ea233d96",  # an x400Address SAN (UnsupportedGeneralNameType)
+])
+def test_csrs_the_fuzzer_found_unreadable_are_refused(name: str) -> None:
+    from pathlib import Path
+
+    der = (Path(__file__).parents[1] / "fuzz" / "corpus" / "csr" / name).read_bytes()
+    with pytest.raises(CsrError, match="cannot be read"):
+        validate_csr(der, WEB)
+
+
 # -- issuance --------------------------------------------------------------------------------------
 
 

@@ -59,6 +59,10 @@ FLAGS: dict[str, Flag] = {
         "COUNT", "stream resets per --h2-reset-window before the connection is closed (rapid reset)"),
     "h2_reset_window": Flag("DURATION", "window over which stream resets are counted"),
     "h2_initial_window": Flag("SIZE", "HTTP/2 initial flow-control window"),
+    "h2_max_connections_per_endpoint": Flag("COUNT", "HTTP/2 connections opened to one endpoint when each is at "
+                                            "the peer's concurrent-stream limit"),
+    "h2_rapid_reset_age": Flag("DURATION", "a peer's reset of a stream unanswered for less than this counts "
+                               "toward rapid-reset protection"),
     "tcp_zero_copy": Flag("BOOL", "move opaque TCP between plain sockets with splice(2), never through Python"),
     "body_buffer_high": Flag("SIZE", "body bytes buffered per message before reading from the sender pauses"),
     "connect_retry_attempts": Flag("COUNT", "endpoints a request is tried on when connecting is refused"),

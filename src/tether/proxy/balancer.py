@@ -40,6 +40,7 @@ from tether.proxy.errors import (
     FailFastError,
     LoadShedError,
     ProxyError,
+    StreamCapacityError,
     UnavailableError,
     UpstreamError,
 )
@@ -282,6 +283,10 @@ class Balancer:
             slot.down_backoff = min(_CONNECT_BACKOFF_MAX, max(_CONNECT_BACKOFF_MIN, slot.down_backoff * 2))
             slot.down_until = now + slot.down_backoff
             self._dirty = True
+            raise
+        except StreamCapacityError:
+            # Busy (every HTTP/2 connection at the peer's stream limit), not failing: no verdict.
+            self._settle(slot, permit, None, self._finish(slot, t0))
             raise
         except ProxyError:
             self._settle(slot, permit, False, self._finish(slot, t0))

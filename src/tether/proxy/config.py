@@ -129,8 +129,10 @@ class ProxyConfig:
     balancer_queue_capacity: int = 10_000  # requests waiting for an endpoint (Linkerd's queue)
     # HTTP/2.
     h2_max_concurrent_streams: int = 100
+    h2_max_connections_per_endpoint: int = 16  # more HTTP/2 connections to a peer whose stream limit is reached
     h2_max_resets_per_window: int = 200
     h2_reset_window: float = 10.0
+    h2_rapid_reset_age: float = 1.0  # a peer reset of an unanswered stream younger than this is "rapid"
     h2_initial_window: int = 65535
     # Opaque TCP between two plain sockets moves through os.splice (the bytes never enter Python).
     tcp_zero_copy: bool = True
@@ -280,6 +282,7 @@ class H2Settings:
     idle_timeout: float
     shutdown_grace_period: float
     failfast_timeout: float  # how long a client request waits for a stream slot
+    h2_rapid_reset_age: float  # a reset of an unanswered stream younger than this counts as rapid
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +295,7 @@ class ClientSettings:
     max_header_bytes: int
     body_buffer_high: int
     h2: H2Settings
+    h2_max_connections_per_endpoint: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,12 +326,13 @@ def h1_server_settings(cfg: ProxyConfig) -> H1ServerSettings:
 def h2_settings(cfg: ProxyConfig) -> H2Settings:
     return H2Settings(cfg.h2_max_concurrent_streams, cfg.h2_max_resets_per_window, cfg.h2_reset_window,
                       cfg.h2_initial_window, cfg.max_header_bytes, cfg.idle_timeout,
-                      cfg.shutdown_grace_period, cfg.failfast_timeout)
+                      cfg.shutdown_grace_period, cfg.failfast_timeout, cfg.h2_rapid_reset_age)
 
 
 def client_settings(cfg: ProxyConfig, connect_timeout: float) -> ClientSettings:
     return ClientSettings(connect_timeout, cfg.pool_max_idle_per_endpoint, cfg.pool_idle_timeout,
-                          cfg.max_header_bytes, cfg.body_buffer_high, h2_settings(cfg))
+                          cfg.max_header_bytes, cfg.body_buffer_high, h2_settings(cfg),
+                          cfg.h2_max_connections_per_endpoint)
 
 
 def balancer_settings(cfg: ProxyConfig) -> BalancerSettings:

@@ -18,6 +18,8 @@ FailFastError               503     UNAVAILABLE (14)    FailFastError: 504 today
                                                         as the Linkerd docs and our issue say
 LoadShedError               503     UNAVAILABLE (14)    LoadShedError (balancer queue full): 503
 UnavailableError            503     UNAVAILABLE (14)    no endpoints known for the destination
+StreamCapacityError         503     UNAVAILABLE (14)    every HTTP/2 connection to the endpoint is at its
+                                                        stream limit; not an endpoint failure
 ==========================  ======  ==================  =============================================
 """
 
@@ -76,6 +78,15 @@ class LoadShedError(ProxyError):
 
 class UnavailableError(ProxyError):
     """The destination is known to have no endpoints (503)."""
+
+    status = 503
+
+
+class StreamCapacityError(ProxyError):
+    """Every HTTP/2 connection to the endpoint stayed at the peer's stream limit (503).
+
+    The endpoint is busy, not failing: failure accrual must not count it.
+    """
 
     status = 503
 

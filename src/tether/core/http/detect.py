@@ -1,20 +1,41 @@
 """Protocol detection from a connection's first bytes (sans-I/O).
 
 ``detect(prefix, limit)`` says what the bytes so far are: HTTP/2 prior knowledge (the
-connection preface), HTTP/1 (a plausible request line), a TLS ClientHello, opaque TCP, or that
-more bytes are needed. Like linkerd2-proxy, anything that is not recognisably HTTP within
-``limit`` bytes is opaque.
+connection preface), HTTP/1, a TLS ClientHello, opaque TCP, or that more bytes are needed.
+
+What "looks like HTTP/1" means (after the empty lines RFC 9112 section 2.2 lets a server skip):
+
+- a registered method in upper case (``GET``, ``POST``, ... see ``_METHODS``) followed by a space
+  or a tab: no other protocol a client speaks first opens that way;
+- or any token followed by whitespace and the start of a request target: ``/``, ``*`` or
+  ``http://`` / ``https://`` (any case);
+- or a first line, complete within ``limit`` bytes, that carries `` HTTP/`` (a version).
+
+Such bytes are HTTP even when the request line is malformed: the HTTP/1 server then answers 400
+(or 505), instead of forwarding them to the application as they are. Anything else is opaque TCP
+once its first line is complete or ``limit`` bytes have come, as in linkerd2-proxy. Ports marked
+opaque never reach detection, so their bytes are never judged as HTTP.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # RFC 9110 token characters (for the method).
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _MAX_METHOD = 32
+# RFC 9110 section 9 and the IANA method registry entries clients actually send (WebDAV, PATCH).
+_METHODS: Final = frozenset({
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+    b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT",
+    b"SEARCH", b"QUERY", b"PURGE",
+})
+_TARGET_STARTS: Final = (b"/", b"*", b"http://", b"https://")
+# At most this many empty lines before the request line are skipped (RFC 9112 2.2: at least one).
+_MAX_EMPTY_LINES = 4
 
 
 class Detected(enum.Enum):
@@ -42,29 +63,55 @@ def detect(prefix: bytes, limit: int = 1024) -> Detected:
 
 
 def looks_like_http1_prefix(prefix: bytes) -> bool:
-    """True when ``prefix`` is an incomplete but so far valid HTTP/1 request line."""
-    return bool(prefix) and prefix[0] in _TCHAR and detect(prefix) is Detected.NEED_MORE
+    """True when ``prefix`` may still become an HTTP/1 request line (detection needs more)."""
+    return bool(prefix) and detect(prefix) is Detected.NEED_MORE
+
+
+def _skip_empty_lines(data: bytes) -> int | None:
+    """The offset after leading empty lines; None when the bytes so far are all line ends."""
+    pos = 0
+    for _ in range(_MAX_EMPTY_LINES):
+        if data.startswith(b"\r\n", pos):
+            pos += 2
+        elif data.startswith(b"\n", pos):
+            pos += 1
+        else:
+            break
+    if pos == len(data) or data[pos:] == b"\r":
+        return None
+    return pos
 
 
 def _detect_http1(data: bytes, at_limit: bool) -> Detected:
-    # METHOD SP request-target SP HTTP/1.x CRLF
-    sp = data.find(b" ", 0, _MAX_METHOD + 1)
-    method = data if sp < 0 else data[:sp]
-    if not all(c in _TCHAR for c in method) or (sp < 0 and len(data) > _MAX_METHOD):
-        return Detected.OPAQUE
-    if sp == 0:
-        return Detected.OPAQUE
-    eol = data.find(b"\n")
-    if eol < 0:
+    start = _skip_empty_lines(data)
+    if start is None:
         return Detected.OPAQUE if at_limit else Detected.NEED_MORE
-    line = data[:eol].rstrip(b"\r")
-    parts = line.split(b" ")
-    if len(parts) != 3 or not parts[1]:
-        return Detected.OPAQUE
-    version = parts[2]
-    if version in (b"HTTP/1.1", b"HTTP/1.0"):
+    if data[start] not in _TCHAR and data[start] not in b" \t":
+        return Detected.OPAQUE  # neither a token nor whitespace first: not a request line
+    # The method: a token, then whitespace.
+    end = start
+    stop = min(len(data), start + _MAX_METHOD + 1)
+    while end < stop and data[end] in _TCHAR:
+        end += 1
+    if end - start > _MAX_METHOD:
+        return Detected.OPAQUE  # longer than any method
+    method = data[start:end]
+    if end < len(data) and method and data[end] in b" \t":
+        if method in _METHODS:
+            return Detected.HTTP1
+        rest = data[end + 1 : end + 9].lower()
+        if any(rest.startswith(t) for t in _TARGET_STARTS):
+            return Detected.HTTP1
+        if any(t.startswith(rest) for t in _TARGET_STARTS):
+            return Detected.OPAQUE if at_limit else Detected.NEED_MORE
+    # Otherwise only a version on the first line makes it HTTP (a malformed request line).
+    eol = data.find(b"\n", start)
+    line = data[start:] if eol < 0 else data[start:eol]
+    if b" HTTP/" in line:
         return Detected.HTTP1
-    return Detected.OPAQUE
+    if eol >= 0 or at_limit:
+        return Detected.OPAQUE
+    return Detected.NEED_MORE
 
 
 def client_hello_sni(data: bytes) -> str | Detected | None:

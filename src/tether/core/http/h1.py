@@ -3,11 +3,15 @@
 The byte-level parser is llhttp (through httptools); this module adds the rules a proxy must
 enforce on top of it so that it never forwards an ambiguous message (request smuggling):
 Content-Length with Transfer-Encoding, duplicate or invalid Content-Length, a final transfer
-coding other than chunked, missing or duplicate Host. It also serialises heads and chunks.
+coding other than chunked, missing or duplicate Host, a Host or target with userinfo, and a
+request line that is not exactly ``method SP request-target SP HTTP-version CRLF`` (llhttp
+tolerates repeated spaces there; RFC 9112 section 3 does not). It also serialises heads and
+chunks.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
@@ -105,6 +109,72 @@ def _transfer_codings(values: list[bytes]) -> list[bytes]:
     return codings
 
 
+# RFC 9112 section 3: request-line = method SP request-target SP HTTP-version, then CRLF.
+# The target is visible ASCII without "#" (a fragment is never sent, RFC 9110 section 4.2.4).
+_REQUEST_LINE: Final = re.compile(
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21\x22\x24-\x7e]+ HTTP/([0-9])\.([0-9])\r")
+# RFC 3986 host: an IP-literal in brackets or a reg-name/IPv4 (unreserved, pct-encoded, sub-delims),
+# then an optional port. No userinfo ("@"), no path, no whitespace.
+_HOST: Final = re.compile(rb"(\[[0-9A-Fa-f:.vV]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]*)?")
+
+
+def check_request_line(line: bytes) -> None:
+    """Validate one request line (without its LF) against RFC 9112 section 3; raise :class:`H1Error`.
+
+    The line must end in CR (the LF was the delimiter): a bare LF is not a line ending here.
+    """
+    m = _REQUEST_LINE.fullmatch(line)
+    if m is None:
+        raise H1Error(400, "malformed request line")
+    if m.group(1) != b"1":
+        raise H1Error(505, "HTTP version not supported")
+
+
+def check_host(value: bytes) -> None:
+    """Validate a Host value (RFC 9110 section 7.2): ``uri-host [ ":" port ]``, no userinfo."""
+    if b"@" in value:
+        raise H1Error(400, "Host carries userinfo")
+    if _HOST.fullmatch(value) is None:
+        raise H1Error(400, "invalid Host header")
+
+
+def split_target(method: bytes, target: bytes) -> tuple[bytes, bytes]:
+    """The authority (empty if the target has none) and the origin-form path of a request target.
+
+    RFC 9112 section 3.2: origin-form for most requests, absolute-form (``http://host/path``,
+    explicit proxy use), authority-form only for CONNECT, asterisk-form only for OPTIONS.
+    """
+    if method == b"CONNECT":
+        if target[:1] == b"/" or b"/" in target or not target:
+            raise H1Error(400, "CONNECT target is not host:port")
+        check_host(target)
+        return target, b""
+    first = target[:1]
+    if first == b"/":
+        return b"", target
+    if target == b"*":
+        if method != b"OPTIONS":
+            raise H1Error(400, "asterisk-form target is only for OPTIONS")
+        return b"", target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise H1Error(400, "request target is neither origin-form nor absolute-form")
+    end = len(rest)
+    for delim in (b"/", b"?"):
+        i = rest.find(delim)
+        if 0 <= i < end:
+            end = i
+    authority, path = rest[:end], rest[end:]
+    if b"@" in authority:
+        raise H1Error(400, "request target carries userinfo")
+    if not authority:
+        raise H1Error(400, "absolute-form target without a host")
+    check_host(authority)
+    if path[:1] != b"/":
+        path = b"/" + path
+    return authority, path
+
+
 def check_request_head(version: str, headers: Headers) -> Framing:
     """Validate a request head; return its body framing or raise :class:`H1Error`."""
     hosts = 0
@@ -113,6 +183,7 @@ def check_request_head(version: str, headers: Headers) -> Framing:
     for k, v in headers:
         if k == b"host":
             hosts += 1
+            check_host(v)
         elif k == b"content-length":
             cl.append(v)
         elif k == b"transfer-encoding":

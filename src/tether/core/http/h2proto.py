@@ -236,6 +236,11 @@ class H2Connection:
 
     # -- public: state --------------------------------------------------------------------------
     @property
+    def remote_settings_received(self) -> bool:
+        """True once the peer's first SETTINGS frame has arrived (its limits are known)."""
+        return self._settings_seen
+
+    @property
     def max_outbound_frame_size(self) -> int:
         return self.remote_max_frame_size
 

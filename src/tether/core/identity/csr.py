@@ -7,6 +7,7 @@ identity's DNS-like name and SPIFFE id as the only SANs, and (if present) that n
 from __future__ import annotations
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -15,6 +16,11 @@ from tether.core.identity.names import MAX_COMMON_NAME, WorkloadIdentity
 
 # Anything bigger than this is not a CSR for one P-256 key and two names.
 MAX_CSR_BYTES = 8 * 1024
+
+# What cryptography raises for a CSR, or a part of one, it cannot read (several are not
+# ValueErrors; the csr fuzz target found each of them).
+_UNREADABLE = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion, x509.DuplicateExtension,
+               x509.UnsupportedGeneralNameType)
 
 
 class CsrError(ValueError):
@@ -58,11 +64,19 @@ def validate_csr(der: bytes, identity: WorkloadIdentity) -> x509.CertificateSign
         raise CsrError(f"CSR is {len(der)} bytes, more than the {MAX_CSR_BYTES} allowed")
     try:
         csr = x509.load_der_x509_csr(der)
-    except ValueError as e:
+    except _UNREADABLE as e:
         raise CsrError(f"CSR is not a DER PKCS#10 request: {e}") from None
-    if not csr.is_signature_valid:
+    # A well-formed envelope may still carry a key, signature, extension or subject that can't be
+    # read: cryptography raises only when they are used.
+    try:
+        key = csr.public_key()
+        signature_ok = csr.is_signature_valid
+        extensions = list(csr.extensions)
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except _UNREADABLE as e:
+        raise CsrError(f"CSR cannot be read: {e}") from None
+    if not signature_ok:
         raise CsrError("CSR signature does not verify with its own public key")
-    key = csr.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         kind = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
         raise CsrError(f"CSR key is {kind}; only ECDSA P-256 (secp256r1) keys are issued")
@@ -72,7 +86,7 @@ def validate_csr(der: bytes, identity: WorkloadIdentity) -> x509.CertificateSign
     with_uri = {("DNS", identity.dns_name), ("URI", identity.spiffe_id)}
     got: set[tuple[str, str]] = set()
     count = 0
-    for ext in csr.extensions:
+    for ext in extensions:
         if isinstance(ext.value, x509.SubjectAlternativeName):
             for gn in ext.value:
                 count += 1
@@ -90,7 +104,6 @@ def validate_csr(der: bytes, identity: WorkloadIdentity) -> x509.CertificateSign
             f"CSR asks for {asked}; identity {identity.dns_name!r} is issued exactly "
             f"DNS:{identity.dns_name}, URI:{identity.spiffe_id} (a CSR names the DNS name, optionally the URI)"
         )
-    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if cns and [a.value for a in cns] != [identity.dns_name]:
         raise CsrError(f"CSR subject CN {[a.value for a in cns]} is not the identity {identity.dns_name!r}")
     return csr

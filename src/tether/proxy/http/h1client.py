@@ -4,6 +4,11 @@
 head arrives, with the body streaming behind it. A connection goes back to the pool when its
 response body has been read to the end. A request that fails on a reused connection before any
 response byte arrived (the server closed it while idle) is sent again once on a new connection.
+
+An upstream may answer before it has read the whole request body (a 413 for a large declared
+length, an early 401). Its response is relayed as any other; once that response is complete the
+rest of the body is not sent, and the connection is closed instead of pooled (the request was
+never finished on it, so its framing is lost).
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._keep_alive = True
         self.idle_since = 0.0
+        self._pump: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -241,7 +247,7 @@ class H1ClientConnection(asyncio.Protocol):
             framing = h1.Framing(length, False) if length is not None else h1.Framing(None, True)
             transport.write(h1.encode_request_head(req.method, req.path, "1.1", headers, framing))
             self._request_sent = False
-            pump = loop.create_task(self._pump(body, framing))
+            pump = self._pump = loop.create_task(self._send_body(body, framing))
         try:
             resp = await self._head
         except BaseException:
@@ -252,17 +258,23 @@ class H1ClientConnection(asyncio.Protocol):
             resp.upgrade = self._detach_upgrade()
         return resp
 
-    async def _pump(self, body: Body, framing: h1.Framing) -> None:
+    async def _send_body(self, body: Body, framing: h1.Framing) -> None:
         transport = self.transport
         assert transport is not None
+        left = framing.content_length
         try:
             while chunk := await body.read():
                 transport.write(h1.encode_chunk(chunk) if framing.chunked else chunk)
+                if left is not None:
+                    left -= len(chunk)
+                    if left <= 0:
+                        break  # the declared length is out: the request is whole
                 if self._write_paused:
                     await self._drain()
             if framing.chunked:
                 transport.write(h1.encode_last_chunk(body.trailers))
             self._request_sent = True
+            self._pump = None
             if self._head is None and self._body is None and self._busy:
                 self._message_done()
         except (BodyError, ConnectionError) as e:
@@ -294,7 +306,16 @@ class H1ClientConnection(asyncio.Protocol):
 
     def _message_done(self) -> None:
         if not self._request_sent:
-            return  # still sending the request body; _pump finishes the exchange
+            # The response is complete before the request body was sent (an early 413 or 401):
+            # stop sending it, and don't reuse a connection whose request was cut short.
+            pump, self._pump = self._pump, None
+            if pump is not None:
+                pump.cancel()
+            self._busy = False
+            self._keep_alive = False
+            log.debug("upstream answered before the request body was sent; closing that connection")
+            self._close()
+            return
         self._busy = False
         if self._keep_alive and not self._closed:
             self.pool._release(self)

@@ -4,6 +4,11 @@ One protocol object per accepted connection. llhttp (httptools) parses; the RFC 
 :mod:`tether.core.http.h1` reject ambiguous framing with 400 and close. Requests on a connection
 are served in order (pipelining is allowed, bounded), each by ``await service(request)``;
 bodies stream both ways through :class:`PipeBody` with backpressure.
+
+A request that closes the connection (``Connection: close``, or HTTP/1.0 without keep-alive) is
+the last one: whatever the client sent after it is dropped unread (RFC 9112 section 9.6), and the
+connection closes after its response without a reset (the client's unread bytes would otherwise
+make its kernel discard the response).
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ class H1ServerProtocol(asyncio.Protocol):
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
+        # Any version parses; on_headers_complete answers 505 to a major other than 1 and reads a
+        # higher 1.x as 1.1 (RFC 9110 section 2.5), which llhttp alone would refuse with 400.
+        self._parser.set_dangerous_leniencies(lenient_version=True)
         self._queue: deque[Request] = deque()
         # One task per connection, alive from the first request to the close: it waits on
         # ``_wakeup`` between requests (a future per request is cheaper than a task per request).
@@ -93,6 +101,13 @@ class H1ServerProtocol(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self.requests_served = 0
+        # Request-line check (llhttp tolerates repeated spaces): armed at each message boundary
+        # that starts a read; the line's bytes gather in ``_line`` until its LF arrives.
+        self._line_check = True
+        self._line = bytearray()
+        self._between = True  # the parser is between two messages
+        self._final = False  # the request being read is the connection's last
+        self._final_done = False  # ... and it has been read whole: later bytes are dropped
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -104,7 +119,9 @@ class H1ServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.tcp is not None:
             self.tcp.read_bytes += len(data)
-        if self._parse_error is not None or self._upgrade_leftover is not None:
+        if self._parse_error is not None or self._upgrade_leftover is not None or self._final_done:
+            return
+        if self._line_check and not self._check_request_line(data):
             return
         if self._in_head:
             # Only the bytes up to the end of the head count (the body may follow in this chunk).
@@ -120,12 +137,61 @@ class H1ServerProtocol(asyncio.Protocol):
             self._upgrade_leftover = data[offset:]
             self.transport.pause_reading()  # type: ignore[union-attr]
         except httptools.HttpParserError as e:
+            if self._final_done:
+                # Bytes after the last request (llhttp: "data after Connection: close"): not ours
+                # to judge. The request is answered; the rest is never read.
+                self._pause_reading()
+                return
             # An H1Error raised in a callback reaches us wrapped as a callback error.
             err = e.__context__ if isinstance(e.__context__, h1.H1Error) else None
             if self._parse_error is None:
                 self._fail_parse(err or h1.H1Error(400, f"malformed request: {e}"))
+            return
         except h1.H1Error as e:
             self._fail_parse(e)
+            return
+        if self._final_done:
+            self._pause_reading()
+        elif self._between:
+            # The read ended on a message boundary: the next byte starts a request line.
+            self._line_check = True
+
+    def _check_request_line(self, data: bytes) -> bool:
+        """Gather the request line starting at this read; check it once whole. False: rejected."""
+        if not self._line:
+            # The common case: the whole line is in this read (no copy).
+            start = 0
+            while data.startswith(b"\r\n", start) or data.startswith(b"\n", start):
+                start += 1 if data[start] == 0x0A else 2  # RFC 9112 2.2: skip empty lines
+            eol = data.find(b"\n", start)
+            if eol >= 0:
+                return self._judge_line(data[start:eol])
+            if start < len(data):
+                self._line += data[start:] if start else data
+            return True
+        line = self._line
+        seen = len(line)
+        line += data
+        while line[:1] == b"\n" or line[:2] == b"\r\n":
+            del line[: 1 if line[0] == 0x0A else 2]
+            seen = 1
+        eol = line.find(b"\n", seen - 1)
+        if eol >= 0:
+            self._line = bytearray()
+            return self._judge_line(bytes(line[:eol]))
+        if len(line) > self.cfg.max_header_bytes:
+            self._line_check = False  # the header size limit answers this one
+            self._line = bytearray()
+        return True
+
+    def _judge_line(self, line: bytes) -> bool:
+        self._line_check = False
+        try:
+            h1.check_request_line(line)
+        except h1.H1Error as e:
+            self._fail_parse(e)
+            return False
+        return True
 
     def eof_received(self) -> bool:
         if self._body is not None and not self._body.done:
@@ -161,6 +227,7 @@ class H1ServerProtocol(asyncio.Protocol):
 
     # -- httptools callbacks ------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._between = False
         self._in_head = True
         self._head_bytes = 0
         self._headers = []
@@ -190,20 +257,16 @@ class H1ServerProtocol(asyncio.Protocol):
         self._cancel_timer()
         parser = self._parser
         version = parser.get_http_version()
+        if version[:2] != "1.":
+            raise h1.H1Error(505, "HTTP version not supported")
+        if version != "1.0":
+            version = "1.1"
         headers = self._headers
         framing = h1.check_request_head(version, headers)
         method = parser.get_method()
-        authority = b""
-        target = self._url
-        if target[:1] != b"/" and method != b"CONNECT" and target != b"*":
-            # absolute-form (explicit proxy use): authority from the target.
-            _scheme, sep, rest = target.partition(b"://")
-            if not sep:
-                raise h1.H1Error(400, "request target is neither origin-form nor absolute-form")
-            authority, slash, path = rest.partition(b"/")
-            target = slash + path or b"/"
-        elif method == b"CONNECT":
-            authority = target
+        # An absolute-form target carries the authority (explicit proxy use); Host is then ignored
+        # (RFC 9112 section 3.2.2). CONNECT has only an authority.
+        authority, target = h1.split_target(method, self._url)
         expect_continue = False
         out_headers: list[tuple[bytes, bytes]] = []
         for kv in headers:
@@ -250,6 +313,7 @@ class H1ServerProtocol(asyncio.Protocol):
         )
         if not parser.should_keep_alive():
             req.close = True
+            self._final = True
         if upgrade:
             req.upgrade = True
         self._queue.append(req)
@@ -267,6 +331,9 @@ class H1ServerProtocol(asyncio.Protocol):
             self._body.feed(body)
 
     def on_message_complete(self) -> None:
+        self._between = True
+        if self._final:
+            self._final_done = True
         if self._body is not None:
             self._body.finish(self._trailers)
             self._body = None
@@ -294,7 +361,7 @@ class H1ServerProtocol(asyncio.Protocol):
                     self._queue.popleft()
                     self.requests_served += 1
                     if close or self._lost:
-                        self._close()
+                        self._close_after_response()
                         return
                     if self._reading_paused and len(self._queue) < _MAX_PIPELINED:
                         self._resume_reading()
@@ -328,6 +395,10 @@ class H1ServerProtocol(asyncio.Protocol):
             req.close = True
         upgraded = resp.status == 101 and resp.upgrade is not None and req.upgrade
         close = req.close or self._draining or self._closing
+        if resp.status >= 400 and isinstance(req.body, PipeBody) and not req.body.done:
+            # An error answered before the request body arrived: the rest of the body won't be
+            # read, so the connection ends with this response (and the client should stop).
+            close = True
         if resp.header(b"connection") == b"close":
             close = True
         head, framing, body_close = self._response_head(req, resp, close)
@@ -478,7 +549,9 @@ class H1ServerProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.pause_reading()
         log.info("rejecting request from %s: %s", self.conn.peer, err.reason)
-        if not self._serving:
+        if not self._serving and not self._queue:
+            # Otherwise the requests read before the bad one are answered first (in order),
+            # then _serve writes this error.
             self._write_error_and_close(err)
 
     def _write_error_and_close(self, err: h1.H1Error) -> None:
@@ -547,6 +620,19 @@ class H1ServerProtocol(asyncio.Protocol):
         if self._reading_paused and self.transport is not None and self._parse_error is None:
             self._reading_paused = False
             self.transport.resume_reading()
+
+    def _close_after_response(self) -> None:
+        """Close once the response is written, reading and dropping what the client still sends."""
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        if not transport.can_write_eof():
+            self._close()  # TLS: close_notify ends it; there is no half-close
+            return
+        self._closing = True
+        self._task = None  # called from that task, which returns right after
+        self.connection_lost(None)  # this protocol is done: release its bookkeeping now
+        linger_close(transport, self.cfg.linger_timeout)
 
     def _close(self) -> None:
         self._closing = True

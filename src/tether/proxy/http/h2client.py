@@ -34,7 +34,14 @@ from tether.proxy.http.h2conn import (
 )
 from tether.proxy.http.message import Request, Response
 
-__all__ = ["H2ClientConnection", "H2ConnectionClosed", "H2Error", "H2StreamReset"]
+__all__ = ["H2ClientConnection", "H2ConnectionClosed", "H2Error", "H2NoStreamSlot", "H2StreamReset"]
+
+
+_ASSUMED_MAX_STREAMS = 100  # RFC 9113 section 6.5.2: SETTINGS_MAX_CONCURRENT_STREAMS "no smaller than 100"
+
+
+class H2NoStreamSlot(H2ConnectionClosed):
+    """The peer's stream limit kept the request waiting too long: the connection is busy, not broken."""
 
 
 class H2ClientConnection(H2Protocol):
@@ -60,7 +67,17 @@ class H2ClientConnection(H2Protocol):
 
     @property
     def max_concurrent_streams(self) -> int:
-        return self._h2.remote_max_concurrent_streams
+        limit = self._h2.remote_max_concurrent_streams
+        if not self._h2.remote_settings_received:
+            # Until the peer's SETTINGS arrive, assume RFC 9113's recommended minimum rather than
+            # "no limit": streams above the real limit would only be refused.
+            return min(limit, _ASSUMED_MAX_STREAMS)
+        return limit
+
+    @property
+    def has_free_slot(self) -> bool:
+        """True when a request sent now would open its stream at once (no wait for a slot)."""
+        return self.usable and not self._slot_waiters and len(self._streams) < self.max_concurrent_streams
 
     def start(self, transport: asyncio.Transport) -> None:
         """Take over an already-connected transport (e.g. from the endpoint layer)."""
@@ -137,7 +154,7 @@ class H2ClientConnection(H2Protocol):
         if len(self._streams) < self.max_concurrent_streams and not self._slot_waiters:
             return
         if len(self._slot_waiters) >= self._max_pending:
-            raise H2ConnectionClosed("too many requests waiting for a stream on this connection", True)
+            raise H2NoStreamSlot("too many requests waiting for a stream on this connection", True)
         try:
             async with asyncio.timeout(self.config.failfast_timeout):
                 while True:
@@ -153,7 +170,7 @@ class H2ClientConnection(H2Protocol):
                     if len(self._streams) < self.max_concurrent_streams:
                         return
         except TimeoutError:
-            raise H2ConnectionClosed("no stream slot within the fail-fast timeout", True) from None
+            raise H2NoStreamSlot("no stream slot within the fail-fast timeout", True) from None
         except asyncio.CancelledError:
             # A wake-up we were given but cannot use goes to the next waiter.
             if len(self._streams) < self.max_concurrent_streams:

@@ -77,6 +77,7 @@ class StreamState:
         "body",
         "headers_sent",
         "local_closed",
+        "opened_at",
         "remote_closed",
         "reset",
         "response",
@@ -94,6 +95,7 @@ class StreamState:
         self.response: asyncio.Future[object] | None = None  # client: response head
         self.window_waiter: asyncio.Future[None] | None = None
         self.headers_sent = False
+        self.opened_at = 0.0  # server: loop time the peer opened the stream (rapid-reset judgement)
         self.local_closed = False
         self.remote_closed = False
         self.reset: H2Error | None = None

@@ -13,18 +13,21 @@ Or as a plain protocol factory: ``loop.create_server(lambda: H2ServerProtocol(..
 Bounds: SETTINGS_MAX_CONCURRENT_STREAMS from the config (streams beyond it, counting handlers still
 unwinding after a reset, get REFUSED_STREAM; so do streams beyond twice the bound that are still
 open in the protocol state);
-rapid reset (CVE-2023-44487): more than ``h2_max_resets_per_window`` client resets within
-``h2_reset_window`` seconds ends the connection with GOAWAY(ENHANCE_YOUR_CALM).
+rapid reset (CVE-2023-44487): resets are judged by the work they cut short
+(:mod:`tether.core.http.reset_budget`): past ``h2_max_resets_per_window`` rapid resets (unanswered
+streams younger than ``h2_rapid_reset_age``) within ``h2_reset_window`` seconds, a peer that does
+little else gets GOAWAY(ENHANCE_YOUR_CALM); a peer that also does real work (a proxy multiplexing
+many clients) has its new streams refused one by one until it is back under the budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 
 from tether.core.http import h2proto
 from tether.core.http.h2headers import H2HeaderError, parse_request, response_fields
+from tether.core.http.reset_budget import ResetBudget, Verdict
 from tether.proxy.config import H2Settings
 from tether.proxy.errors import rescue
 from tether.proxy.http.body import EmptyBody
@@ -56,7 +59,9 @@ class H2ServerProtocol(H2Protocol):
         self._service = service
         self._conn = conn
         self._tasks: set[asyncio.Task[None]] = set()
-        self._resets: deque[float] = deque()
+        self._resets = ResetBudget(config.h2_max_resets_per_window, config.h2_reset_window,
+                                   config.h2_rapid_reset_age)
+        self._shedding = False
         self._draining = False
         self._goaway_last: int | None = None
         self._peer_goaway_last: int | None = None  # the client sent GOAWAY: no stream above this
@@ -139,6 +144,7 @@ class H2ServerProtocol(H2Protocol):
 
     def _on_request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
         st = StreamState()
+        now = st.opened_at = self._loop.time()
         self._streams[stream_id] = st
         if ended:
             st.remote_closed = True
@@ -153,6 +159,12 @@ class H2ServerProtocol(H2Protocol):
             # Handlers of reset streams may still be unwinding; they count against the bound.
             self._reset_stream(stream_id, st, REFUSED_STREAM)
             return
+        if self._shedding and self._resets.verdict(now) is not Verdict.OK:
+            # Too many rapid resets from a peer that also does real work: refuse this stream
+            # (clients retry REFUSED_STREAM) rather than end the connection its other calls share.
+            self._reset_stream(stream_id, st, REFUSED_STREAM)
+            return
+        self._shedding = False
         try:
             head = parse_request(fields)
         except H2HeaderError as e:
@@ -175,6 +187,7 @@ class H2ServerProtocol(H2Protocol):
             version="2",
             conn=self._conn,
         )
+        self._resets.opened(now)  # work starts for this stream (refused ones cost nothing)
         task = self._loop.create_task(self._serve(stream_id, st, req))
         st.task = task
         self._tasks.add(task)
@@ -188,24 +201,29 @@ class H2ServerProtocol(H2Protocol):
         if st.task is not None and not st.task.done():
             st.task.cancel()
         if getattr(err, "remote", False):
-            self._count_reset()
+            self._count_reset(st)
 
-    def _count_reset(self) -> None:
+    def _count_reset(self, st: StreamState) -> None:
         now = self._loop.time()
+        verdict = self._resets.reset(now, now - st.opened_at, st.headers_sent)
+        if verdict is Verdict.OK or self._closed:
+            return
         window = self.config.h2_reset_window
-        q = self._resets
-        q.append(now)
-        while q and q[0] < now - window:
-            q.popleft()
-        if len(q) > self.config.h2_max_resets_per_window and not self._closed:
-            log.warning(
-                "closing HTTP/2 connection from %s: %d stream resets in %.0fs (rapid reset)",
-                self._conn.peer,
-                len(q),
-                window,
-            )
-            self._write_goaway(ENHANCE_YOUR_CALM, self._h2.highest_inbound_stream_id)
-            self._abort(H2ConnectionClosed("rapid reset: too many stream resets"), linger=1.0)
+        if verdict is Verdict.SHED:
+            if not self._shedding:
+                log.warning("HTTP/2 connection from %s: %d rapid stream resets in %.0fs; refusing new streams"
+                            " until it is back under %d", self._conn.peer, self._resets.rapid_resets, window,
+                            self.config.h2_max_resets_per_window)
+            self._shedding = True
+            return
+        log.warning(
+            "closing HTTP/2 connection from %s: %d rapid stream resets in %.0fs (rapid reset)",
+            self._conn.peer,
+            self._resets.rapid_resets,
+            window,
+        )
+        self._write_goaway(ENHANCE_YOUR_CALM, self._h2.highest_inbound_stream_id)
+        self._abort(H2ConnectionClosed("rapid reset: too many stream resets"), linger=1.0)
 
     def _on_goaway(self, error_code: int, last_stream_id: int) -> None:
         # The client opens no more streams and will close the connection itself. Until it does,

@@ -1,0 +1,128 @@
+"""Driver of scripts/fuzz: run atheris on one target for a time, then merge and report.
+
+The target runs interpreted (TETHER_PURE_PYTHON=1): atheris measures coverage by instrumenting
+Python bytecode, which the mypyc-compiled modules do not have. libFuzzer works in a scratch
+directory seeded with the corpus; at the end ``-merge=1`` adds to the corpus only the inputs that
+reach code the corpus did not. A crash stops the run; its input is kept under tests/fuzz/crashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FUZZ = ROOT / "tests" / "fuzz"
+CORPUS = FUZZ / "corpus"
+CRASHES = FUZZ / "crashes"
+
+
+def child(target: str, args: list[str]) -> None:
+    """Run inside the fuzzing process: instrument tether, then hand over to libFuzzer."""
+    import atheris
+
+    sys.path.insert(0, str(FUZZ))
+    import fuzz_targets
+
+    # tether's import guard loads the hot-path modules through its own finder, which
+    # instrument_imports does not see: instrument the loaded tether code in place instead.
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("tether") or name == "fuzz_targets":
+            for obj in list(vars(mod).values()):
+                _instrument(atheris, obj, name)
+    fn = fuzz_targets.TARGETS[target]
+    # libFuzzer re-runs argv[0] through the shell for -merge: make it the whole command.
+    argv0 = f"{sys.executable} {Path(__file__).resolve()} --child {target}"
+    atheris.Setup([argv0, *args], fn)
+    atheris.Fuzz()
+
+
+def _instrument(atheris: object, obj: object, module: str) -> None:
+    """Instrument a module's functions and the methods of its classes (defined in it)."""
+    import types
+
+    if isinstance(obj, types.FunctionType) and obj.__module__ == module:
+        atheris.instrument_func(obj)  # type: ignore[attr-defined]
+    elif isinstance(obj, type) and obj.__module__ == module:
+        for attr in list(vars(obj).values()):
+            fn = attr.fget if isinstance(attr, property) else getattr(attr, "__func__", attr)
+            if isinstance(fn, types.FunctionType):
+                atheris.instrument_func(fn)  # type: ignore[attr-defined]
+
+
+def stats(log: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key in ("number_of_executed_units", "average_exec_per_sec", "peak_rss_mb"):
+        m = re.search(rf"stat::{key}:\s*(\d+)", log)
+        if m:
+            out[key] = m.group(1)
+    last = [ln for ln in log.splitlines() if re.match(r"#\d+\s", ln)]
+    if last:
+        m = re.search(r"cov: (\d+) ft: (\d+) corp: (\d+)", last[-1])
+        if m:
+            out["cov"], out["ft"], out["corp"] = m.groups()
+    return out
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3:])
+        return 0
+    sys.path.insert(0, str(FUZZ))
+    from fuzz_targets import TARGETS
+
+    ap = argparse.ArgumentParser(prog="scripts/fuzz", description=__doc__.splitlines()[0])
+    ap.add_argument("target", help="one of: " + ", ".join(TARGETS))
+    ap.add_argument("--minutes", type=float, default=1.0, help="how long to fuzz (default 1)")
+    ap.add_argument("--max-len", type=int, default=4096, help="longest input libFuzzer tries")
+    ns = ap.parse_args()
+    if ns.target not in TARGETS:
+        print(f"scripts/fuzz: unknown target {ns.target!r}; targets: {', '.join(TARGETS)}", file=sys.stderr)
+        return 2
+    if ns.minutes <= 0:
+        print("scripts/fuzz: --minutes must be positive", file=sys.stderr)
+        return 2
+    corpus = CORPUS / ns.target
+    corpus.mkdir(parents=True, exist_ok=True)
+    crashes = CRASHES / ns.target
+    crashes.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TETHER_PURE_PYTHON="1")
+    me = [sys.executable, str(Path(__file__).resolve()), "--child", ns.target]
+    before = len(list(corpus.iterdir()))
+    with tempfile.TemporaryDirectory(prefix=f"fuzz-{ns.target}-") as tmp:
+        work = Path(tmp) / "work"
+        shutil.copytree(corpus, work)
+        run = subprocess.run(
+            [*me, str(work), f"-max_total_time={int(ns.minutes * 60)}", f"-max_len={ns.max_len}",
+             f"-artifact_prefix={crashes}/", "-print_final_stats=1", "-timeout=10", "-rss_limit_mb=1024"],
+            env=env, capture_output=True, text=True, cwd=ROOT)
+        log = run.stderr
+        (Path(tmp) / "log").write_text(log)
+        merge = subprocess.run([*me, "-merge=1", str(corpus), str(work)], env=env, capture_output=True, text=True,
+                               cwd=ROOT)
+        if merge.returncode != 0:
+            print(merge.stderr[-2000:], file=sys.stderr)
+    s = stats(log)
+    found = sorted(p.name for p in crashes.iterdir())
+    print(f"target {ns.target}: {ns.minutes:g} min")
+    print(f"  executions   {s.get('number_of_executed_units', '?')} ({s.get('average_exec_per_sec', '?')}/s)")
+    print(f"  coverage     {s.get('cov', '?')} edges, {s.get('ft', '?')} features (atheris, interpreted tether)")
+    print(f"  corpus       {before} -> {len(list(corpus.iterdir()))} inputs in {corpus.relative_to(ROOT)}")
+    print(f"  peak rss     {s.get('peak_rss_mb', '?')} MB")
+    if run.returncode != 0 or found:
+        print(f"  CRASH: libFuzzer exit {run.returncode}; inputs in {crashes.relative_to(ROOT)}: {', '.join(found)}")
+        tail = [ln for ln in log.splitlines() if ln.strip()][-25:]
+        print("\n".join("    " + ln for ln in tail))
+        return 1
+    print("  crashes      none")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
