@@ -34,7 +34,7 @@ from tether.core.routing.failure_accrual import (
     State,
 )
 from tether.core.routing.p2c import choose
-from tether.proxy.config import BalancerSettings
+from tether.proxy.config import BalancerSettings, ProxyConfig, balancer_settings
 from tether.proxy.errors import (
     ConnectError,
     FailFastError,
@@ -142,7 +142,7 @@ class Balancer:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        cfg = cfg if cfg is not None else BalancerSettings()
+        cfg = cfg if cfg is not None else balancer_settings(ProxyConfig())
         self.name = name
         self.failfast_timeout = cfg.failfast_timeout
         self.queue_capacity = cfg.balancer_queue_capacity

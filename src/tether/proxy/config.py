@@ -300,16 +300,16 @@ class ClientSettings:
 
 @dataclass(frozen=True, slots=True)
 class BalancerSettings:
-    """A destination's load balancer (linkerd2-proxy's defaults)."""
+    """A destination's load balancer (defaults: ProxyConfig's, linkerd2-proxy's)."""
 
-    failfast_timeout: float = 3.0
-    balancer_queue_capacity: int = 10_000
-    ewma_default_rtt: float = 0.030
-    ewma_decay: float = 10.0
-    failure_accrual_max_failures: int = 7
-    failure_accrual_min_penalty: float = 1.0
-    failure_accrual_max_penalty: float = 60.0
-    failure_accrual_jitter: float = 0.5
+    failfast_timeout: float
+    balancer_queue_capacity: int
+    ewma_default_rtt: float
+    ewma_decay: float
+    failure_accrual_max_failures: int
+    failure_accrual_min_penalty: float
+    failure_accrual_max_penalty: float
+    failure_accrual_jitter: float
 
 
 def detect_settings(cfg: ProxyConfig) -> DetectSettings:
