@@ -257,3 +257,12 @@ def test_bad_extra_label_name_rejected() -> None:
     reg = MetricsRegistry(process_metrics=False)
     with pytest.raises(ValueError, match="label name"):
         reg.http("outbound", None, extra=(("bad-name", "x"),))
+
+
+def test_a_series_bound_but_never_counted_is_not_shown() -> None:
+    reg = MetricsRegistry(process_metrics=False)
+    reg.http("outbound", None, authority="bound.ahead:80")  # a destination's, before any request
+    used = reg.http("outbound", ("10.0.0.1", 80), authority="used:80")
+    used.requests += 1
+    text = reg.render()
+    assert 'authority="used:80"' in text and "bound.ahead" not in text

@@ -404,6 +404,9 @@ class MetricsRegistry:
         return True
 
     def _finish(self, http: list[HttpMetrics], tcp: list[TcpMetrics]) -> Snapshot:
+        # A series bound ahead of use (a destination's, before any request failed short of an
+        # endpoint) is not shown until it counts something, as Linkerd shows no empty series.
+        http = [m for m in http if m.requests or m.by_status]
         errors = []
         for (direction, error, addr), n in self._tcp_errors.items():
             errors.append((direction, f'error="{escape_label(error)}"{_addr_labels(addr)}', n))
