@@ -17,6 +17,31 @@ import harness as h
 AUTHORITY = "bench.local:80"
 PATH = "/echo?size=128"  # a small response: 128 bytes of body
 TARGETS = ("direct", "nginx", "haproxy", "tether")
+# Also available with --targets: a proxy fed by a (scripted) destination service, with a profile
+# of 20 routes (the request matches the last) and a 90/10 split: what routing costs.
+EXTRA_TARGETS = ("tether-routes",)
+ROUTES = 20
+_scripted: list[object] = []
+
+
+def start_tether_routes(workdir: Path, port: int, backend_port: int) -> h.Proc:
+    """A `tether proxy` whose destination service serves a 20-route profile and a 90/10 split."""
+    from tether.api.gen import destination_pb2 as d
+    from tether.testing.destination import ScriptedDestination, route
+
+    canary = "bench-canary.local:80"
+    routes = [route(f"GET /r{i}", "GET", f"/r{i}/[^/]*") for i in range(ROUTES - 1)]
+    routes.append(route("GET /echo", "GET", "/echo"))
+    profile = d.DestinationProfile(fully_qualified_name=AUTHORITY, routes=routes, dst_overrides=[
+        d.WeightedDst(authority=AUTHORITY, weight=900), d.WeightedDst(authority=canary, weight=100)])
+    dst = ScriptedDestination({AUTHORITY: [backend_port], canary: [backend_port]}, {AUTHORITY: profile}).start()
+    _scripted.append(dst)
+    admin = h.free_port()
+    proc = h.start("tether-routes", [
+        str(h.TETHER), "proxy", "--outbound-addr", f"127.0.0.1:{port}", "--admin-addr", f"127.0.0.1:{admin}",
+        "--destination-addrs", f"127.0.0.1:{dst.port}", "--inbound-addr", f"127.0.0.1:{h.free_port()}",
+    ], workdir)
+    return h.wait_ready(proc, h.http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "tether /ready")
 
 
 def request_bytes() -> bytes:
@@ -100,6 +125,8 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
         )
     elif name == "haproxy":
         proc = h.start_haproxy(workdir, port, f"127.0.0.1:{port}", f"127.0.0.1:{backend_port}", workers)
+    elif name == "tether-routes":
+        proc = start_tether_routes(workdir, port, backend_port)
     else:
         reason = h.tether_unavailable_reason()
         if reason is not None:
@@ -155,7 +182,12 @@ SUITE = h.Suite(
     start_backend=start_backend,
     start_target=start_target,
     summary=targets_check,
+    extra_targets=EXTRA_TARGETS,
 )
 
 if __name__ == "__main__":
-    sys.exit(h.main(SUITE))
+    try:
+        sys.exit(h.main(SUITE))
+    finally:
+        for scripted in _scripted:
+            scripted.stop()  # type: ignore[attr-defined]

@@ -8,21 +8,18 @@ ServiceProfile YAML is tested with the controller.
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from tether.api.gen import destination_pb2 as d
-from tether.api.gen import destination_pb2_grpc, http_types_pb2, net_pb2
-from tether.testing.procs import ProxyProc, free_port, http_get, wait_for
+from tether.testing.destination import ScriptedDestination, route
+from tether.testing.procs import ProxyProc, http_get, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -74,54 +71,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(500 if n % 2 == 1 else 200)
 
 
-def tcp(port: int) -> net_pb2.TcpAddress:
-    return net_pb2.TcpAddress(ip=net_pb2.IPAddress(ipv4=int(ipaddress.IPv4Address("127.0.0.1"))), port=port)
-
-
-def route(name: str, method: int, regex: str, retryable: bool = False, timeout: float | None = None) -> d.Route:
-    r = d.Route(condition=d.RequestMatch(all=d.RequestMatch.Seq(matches=[
-        d.RequestMatch(method=http_types_pb2.HttpMethod(registered=method)),
-        d.RequestMatch(path=d.PathMatch(regex=regex))])),
-        metrics_labels={"route": name}, is_retryable=retryable,
-        response_classes=[d.ResponseClass(condition=d.ResponseMatch(status=d.HttpStatusRange(min=500, max=599)),
-                                          is_failure=True)])
-    if timeout is not None:
-        r.timeout.CopyFrom(Duration(nanos=int(timeout * 1e9)))
-    return r
-
-
-class Scripted(destination_pb2_grpc.DestinationServicer):
-    def __init__(self, endpoints: dict[str, list[int]], profile: d.DestinationProfile) -> None:
-        self.endpoints = endpoints
-        self.profile = profile
-        self.stop = threading.Event()
-        self.profile_changed = threading.Condition()
-
-    def Get(self, request: d.GetDestination, context: grpc.ServicerContext) -> Iterator[d.Update]:
-        ports = self.endpoints.get(request.path)
-        if ports is None:
-            yield d.Update(no_endpoints=d.NoEndpoints(exists=False))
-        else:
-            yield d.Update(add=d.WeightedAddrSet(addrs=[d.WeightedAddr(addr=tcp(p), weight=1) for p in ports],
-                                                 metric_labels={"namespace": "ns"}))
-        self.stop.wait()
-
-    def GetProfile(self, request: d.GetDestination, context: grpc.ServicerContext) -> Iterator[d.DestinationProfile]:
-        sent = None
-        while not self.stop.is_set():
-            with self.profile_changed:
-                if sent is self.profile:
-                    self.profile_changed.wait(0.2)
-                    continue
-                sent = self.profile
-            yield sent if request.path == AUTHORITY else d.DestinationProfile()
-
-    def set_profile(self, p: d.DestinationProfile) -> None:
-        with self.profile_changed:
-            self.profile = p
-            self.profile_changed.notify_all()
-
-
 def call(proxy: ProxyProc, method: str, path: str, body: bytes = b"") -> int:
     import http.client
 
@@ -144,30 +93,25 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[tuple[ProxyProc, Scripted, Flaky, Flaky]]:
+def mesh(tmp_path: Path) -> Iterator[tuple[ProxyProc, ScriptedDestination, Flaky, Flaky]]:
     web, web2 = Flaky("web"), Flaky("web-v2")
     for s in (web, web2):
         threading.Thread(target=s.serve_forever, daemon=True).start()
     profile = d.DestinationProfile(fully_qualified_name=AUTHORITY, routes=[
-        route("GET /flaky", http_types_pb2.HttpMethod.GET, "/flaky", retryable=True),
-        route("GET /down", http_types_pb2.HttpMethod.GET, "/down", retryable=True),
-        route("POST /orders", http_types_pb2.HttpMethod.POST, "/orders"),
-        route("GET /slow", http_types_pb2.HttpMethod.GET, "/slow", timeout=0.3),
+        route("GET /flaky", "GET", "/flaky", retryable=True),
+        route("GET /down", "GET", "/down", retryable=True),
+        route("POST /orders", "POST", "/orders"),
+        route("GET /slow", "GET", "/slow", timeout=0.3),
     ], retry_budget=d.RetryBudget(retry_ratio=0.2, min_retries_per_second=10, ttl=Duration(seconds=10)))
-    svc = Scripted({AUTHORITY: [web.server_address[1]], "web-v2.ns.svc.cluster.local:80": [web2.server_address[1]]},
-                   profile)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    destination_pb2_grpc.add_DestinationServicer_to_server(svc, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    proxy = ProxyProc(tmp_path, destination_addrs=f"127.0.0.1:{port}").wait_ready()
+    svc = ScriptedDestination({AUTHORITY: [web.server_address[1]],
+                               "web-v2.ns.svc.cluster.local:80": [web2.server_address[1]]},
+                              {AUTHORITY: profile}).start()
+    proxy = ProxyProc(tmp_path, destination_addrs=f"127.0.0.1:{svc.port}").wait_ready()
     try:
         yield proxy, svc, web, web2
     finally:
         proxy.stop()
-        svc.stop.set()
-        server.stop(0)
+        svc.stop()
         web.shutdown()
         web2.shutdown()
 
@@ -220,10 +164,10 @@ def test_the_route_timeout_answers_504_with_a_reason(mesh) -> None:  # type: ign
 def test_a_traffic_split_lands_by_weight_and_a_new_weight_applies_without_reconnecting(mesh) -> None:  # type: ignore[no-untyped-def]
     proxy, svc, _, _ = mesh
     split = d.DestinationProfile()
-    split.CopyFrom(svc.profile)
+    split.CopyFrom(svc.profiles[AUTHORITY])
     split.dst_overrides.extend([d.WeightedDst(authority=AUTHORITY, weight=900),
                                 d.WeightedDst(authority="web-v2.ns.svc.cluster.local:80", weight=100)])
-    svc.set_profile(split)
+    svc.set_profile(AUTHORITY, split)
     import http.client
 
     c = http.client.HTTPConnection("127.0.0.1", proxy.outbound_port, timeout=10)
@@ -246,7 +190,7 @@ def test_a_traffic_split_lands_by_weight_and_a_new_weight_applies_without_reconn
     even.dst_overrides.extend([d.WeightedDst(authority=AUTHORITY, weight=500),
                                d.WeightedDst(authority="web-v2.ns.svc.cluster.local:80", weight=500)])
     t0 = time.monotonic()
-    svc.set_profile(even)
+    svc.set_profile(AUTHORITY, even)
     wait_for(lambda: names(100).count("web-v2") / 100 >= 0.35, timeout=10)  # the same client connection
     print(f"50/50 in force {time.monotonic() - t0:.2f}s after the profile changed (requests included)")
     got = names(1000)
