@@ -34,11 +34,12 @@ class RequestInfo:
     method: bytes
     path: bytes  # origin-form target: path and query
     authority: str  # host[:port], lower case
-    headers: tuple[tuple[bytes, bytes], ...] = ()
+    headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()
+    # The path without its query, decoded once (every route's regex reads it).
+    path_only: str = field(init=False, compare=False)
 
-    @property
-    def path_only(self) -> str:
-        return self.path.split(b"?", 1)[0].decode("latin-1")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path_only", self.path.split(b"?", 1)[0].decode("latin-1"))
 
     @property
     def query(self) -> list[tuple[str, str]]:
@@ -210,10 +211,17 @@ class Condition:
             return False
         if self._regex is not None and self._regex.fullmatch(req.path_only) is None:
             return False
-        if self.all is not None and not all(c.matches(req) for c in self.all):
-            return False
-        if self.any is not None and not any(c.matches(req) for c in self.any):
-            return False
+        # Plain loops: this runs for every route of a profile on every request.
+        if self.all is not None:
+            for c in self.all:
+                if not c.matches(req):
+                    return False
+        if self.any is not None:
+            for c in self.any:
+                if c.matches(req):
+                    break
+            else:
+                return False
         return not (self.not_ is not None and self.not_.matches(req))
 
 

@@ -82,7 +82,7 @@ class ProfileRouter:
     def __call__(self, req: Request) -> Awaitable[Response]:
         profile = self._profile
         if profile.routes:
-            route = profile.route_for(RequestInfo(req.method, req.path, self._authority, tuple(req.headers)))
+            route = profile.route_for(RequestInfo(req.method, req.path, self._authority, req.headers))
         else:
             route = DEFAULT_ROUTE
         stack = self._stacks.get(route)
@@ -117,17 +117,18 @@ class RouteCounters:
 class Split:
     """Layer: each request to one of the destination's backends (TrafficSplit weights)."""
 
-    __slots__ = ("_backends", "_random")
+    __slots__ = ("_backends", "_dsts", "_random")
 
     def __init__(self, backends: list[tuple[WeightedDst, Service]], rng: random.Random | None = None) -> None:
         self._backends = backends
+        self._dsts = tuple(b for b, _ in backends)
         self._random = (rng or random.Random()).random
 
     def __call__(self, req: Request) -> Awaitable[Response]:
         backends = self._backends
         if len(backends) == 1:
             return backends[0][1](req)
-        choice = pick_weighted(tuple(b for b, _ in backends), self._random())
+        choice = pick_weighted(self._dsts, self._random())
         for b, svc in backends:
             if b is choice:
                 return svc(req)
