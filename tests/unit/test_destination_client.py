@@ -165,3 +165,13 @@ def test_no_replica_answering_falls_back_after_the_resolve_timeout() -> None:
 def test_settings_need_an_address() -> None:
     with pytest.raises(ValueError):
         DestinationDiscovery(DestinationSettings((), "{}"))
+
+
+def test_the_proxy_refuses_bad_destination_settings_naming_the_flag() -> None:
+    from tether.proxy.app import discovery_from
+    from tether.proxy.config import ConfigError, ProxyConfig
+
+    with pytest.raises(ConfigError, match="--destination-addrs: 'x' is not host:port"):
+        discovery_from(ProxyConfig(destination_addrs="x"))
+    with pytest.raises(ConfigError, match="choose one source of endpoints"):
+        discovery_from(ProxyConfig(destination_addrs="127.0.0.1:8086", destinations_file="/tmp/d.yaml"))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tether import native
 from tether.proxy.admin import AdminServer
-from tether.proxy.config import ConfigError, ProxyConfig
+from tether.proxy.config import ConfigError, ProxyConfig, parse_addr
 from tether.proxy.discovery import StaticDiscovery
 from tether.proxy.inbound.stack import Inbound
 from tether.proxy.logging import LogControl
@@ -165,6 +165,8 @@ def discovery_from(cfg: ProxyConfig) -> Discovery | None:
     from tether.proxy.destination import DestinationDiscovery, DestinationSettings, context_token
 
     addrs = tuple(a.strip() for a in cfg.destination_addrs.split(",") if a.strip())
+    for a in addrs:
+        parse_addr(a, "--destination-addrs")  # ConfigError naming the flag and the value
     token = cfg.destination_context
     if token is None:
         parts = (cfg.identity_name or "").split(".")
