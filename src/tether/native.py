@@ -53,6 +53,9 @@ NATIVE_MODULES: tuple[str, ...] = (
     "tether.proxy.endpoint",
     "tether.proxy.cache",
     "tether.proxy.outbound.router",
+    "tether.proxy.layers.routes",
+    "tether.proxy.layers.policy_routes",
+    "tether.core.routing.profile",
 )
 
 PURE_ENV = "TETHER_PURE_PYTHON"

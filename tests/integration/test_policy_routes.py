@@ -362,3 +362,47 @@ def test_grpc_route_retries_unavailable_and_times_out(mesh: Mesh) -> None:
     assert _metric(text, "outbound_grpc_route_retry_requests_total", **route) == calls // 3
     assert _metric(text, "outbound_grpc_route_request_statuses_total", error="REQUEST_TIMEOUT", **route) == 1
     assert re.search(r'outbound_grpc_route_backend_requests_total\{[^}]*backend_name="greeter"', text)
+
+
+EGRESS = """\
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {name: outside, namespace: payments}
+spec:
+  networks: [{cidr: 127.0.12.0/24}]
+  trafficPolicy: POLICY
+"""
+
+
+def test_an_egress_network_denies_then_allows_traffic_to_outside_addresses(mesh: Mesh) -> None:
+    assert mesh.proxy is not None
+    outside = Backend(("127.0.12.1", 8080), "outside")
+    threading.Thread(target=outside.serve_forever, daemon=True).start()
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", mesh.proxy.outbound_port, timeout=10)
+        host = "127.0.12.1:8080"
+        assert _get(c, host, "/")[:2] == (200, "outside")  # no EgressNetwork: forwarded as addressed
+        (mesh.res / "egress.yaml").write_text(EGRESS.replace("POLICY", "Deny"))
+        seen: list[tuple[int, str | None]] = []
+
+        def denied() -> bool:
+            status, _, r = _get(c, host, "/")
+            seen.append((status, r.getheader("l5d-proxy-error")))
+            return status == 403
+
+        wait_for(denied, 10, interval=0.05, what="the EgressNetwork's Deny in force")
+        assert "EgressNetwork payments/outside" in (seen[-1][1] or ""), seen[-1]
+        served = sum(outside.calls.values())
+        assert _get(c, host, "/again")[0] == 403
+        assert sum(outside.calls.values()) == served  # a denied request never leaves the proxy
+
+        (mesh.res / "egress.yaml").write_text(EGRESS.replace("POLICY", "Allow"))
+        wait_for(lambda: _get(c, host, "/")[0] == 200, 10, interval=0.05, what="the EgressNetwork's Allow")
+        c.close()
+        text = mesh.proxy.metrics()
+        egress = {"parent_kind": "EgressNetwork", "parent_name": "outside", "hostname": "127.0.12.1"}
+        assert _metric(text, "outbound_http_route_request_statuses_total", http_status="403", **egress) >= 2
+        assert _metric(text, "outbound_http_route_request_statuses_total", http_status="200", **egress) >= 1
+    finally:
+        outside.shutdown()
+        outside.server_close()

@@ -168,6 +168,9 @@ class FakeDiscovery:
     async def policy(self, authority: str) -> None:
         return None
 
+    async def policy_for_addr(self, addr: tuple[str, int]) -> None:
+        return None
+
     async def profile(self, authority: str) -> None:
         return None
 

@@ -145,3 +145,20 @@ def test_l5d_request_headers_amend_a_rule_and_bad_values_are_ignored() -> None:
     assert rule.retry is None and rule.request_timeout is None  # the rule itself is unchanged
     grpc = rule.with_request_headers({b"l5d-retry-grpc": b"unavailable"}, grpc=True)
     assert grpc.retry is not None and grpc.retry.grpc_codes == frozenset({14})
+
+
+def test_a_denying_forward_policy_is_forbidden_for_opaque_and_applies_to_http() -> None:
+    from tether.api.gen import opaque_route_pb2
+
+    p = _http_policy(_rule("/"))
+    p.metadata.CopyFrom(meta_pb2.Metadata(resource=meta_pb2.Resource(
+        group="policy.linkerd.io", kind="EgressNetwork", name="outside", namespace="ns", port=443)))
+    p.protocol.detect.opaque.routes.append(out.OpaqueRoute(rules=[out.OpaqueRoute.Rule(
+        filters=[out.OpaqueRoute.Filter(forbidden=opaque_route_pb2.Forbidden())])]))
+    policy = client_policy_of(p)
+    assert policy.forbidden == "traffic forbidden by EgressNetwork ns/outside"
+    assert policy.applies
+    default = out.OutboundPolicy(metadata=meta_pb2.Metadata(default="egress-fallback"))
+    default.protocol.detect.http1.routes.append(out.HttpRoute(rules=[_rule("/")]))
+    assert not client_policy_of(default).applies  # a forwarding default leaves the plain path alone
+    assert client_policy_of(default).forbidden is None

@@ -127,19 +127,33 @@ _PROFILE_ROUTES = (
     ("any /users/*", Condition(path_regex=r"/users/(?P<rest>.*)")),
     ("DELETE", Condition(method=b"DELETE")),
     ("/health", Condition(path_regex="/health")),
+    ("dotted", Condition(path_regex=r"/a\.b/.*")),
+    ("alternation", Condition(path_regex=r"/x|/ab")),
+    ("/v1 or /v2", Condition(path_regex=r"/v[12]/.*")),
 )
 
 
 @pytest.mark.parametrize("extra", [(), (("not GET", Condition(not_=Condition(method=b"GET"))),)])
 @given(method=st.sampled_from([b"GET", b"POST", b"DELETE", b"PUT"]),
        path=st.sampled_from(["/users/12", "/users/", "/users", "/users/x/y", "/health", "/healthz", "/",
-                             "/users/12?q=1"]))
+                             "/users/12?q=1", "/a.b/c", "/ab", "/v1/x", "*"]))
 def test_a_profile_finds_the_same_route_with_one_regex_as_in_order(
         extra: tuple[tuple[str, Condition], ...], method: bytes, path: str) -> None:
     from tether.core.routing.profile import Profile, ProfileRoute
 
     profile = Profile(tuple(ProfileRoute(name, cond) for name, cond in _PROFILE_ROUTES + extra))
-    assert (profile._combined is None) == bool(extra)  # a `not` condition cannot be combined
+    assert (profile._index is None) == bool(extra)  # a `not` condition cannot be indexed
     i = profile.route_index(method, path.encode())
     expected = profile.route_for(RequestInfo(method, path.encode(), "web:80"))
     assert (profile.routes[i] if i >= 0 else None) == (expected if expected.name else None)
+
+
+def test_literal_segments() -> None:
+    from tether.core.routing.profile import literal_segment
+
+    assert literal_segment(r"/users/\d+") == "users"
+    assert literal_segment("/echo") == "echo"
+    assert literal_segment(r"/a\.b/x") == "a.b"
+    assert literal_segment("/") == ""
+    for open_ended in (r"/user(s)?/x", "/ab?/x", "/x|/y", "^/x", "(?i)/x", "/v[12]/x", "/ab*"):
+        assert literal_segment(open_ended) is None, open_ended

@@ -41,7 +41,7 @@ from tether.core.routing.profile import Profile, ProfileRoute, ResponseClass, St
 from tether.core.routing.retry_budget import BudgetPolicy
 from tether.proxy.discovery import PolicyWatch, ProfileWatch, Resolution, endpoint_watch
 from tether.proxy.policy import client_policy_of
-from tether.proxy.wire import endpoint_of, method_of, tcp_addr
+from tether.proxy.wire import endpoint_of, method_of, tcp_addr, tcp_address
 from tether.runtime.watch import Watched
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ T = TypeVar("T")
 
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 5.0
+_ADDR = "addr:"  # the key of a policy watched by address, not by name
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,19 +197,30 @@ class DestinationDiscovery:
         arrives, or when the control plane serves none: the destination has no routes)."""
         return await self._latest(self._policies, authority, None, self._open_policy, client_policy_of)
 
+    async def policy_for_addr(self, addr: Addr) -> PolicyWatch | None:
+        """The outbound policy of an address that is no known destination (an EgressNetwork's, or a
+        forwarding default), streamed by OutboundPolicies.Watch on the address."""
+        return await self._latest(self._policies, _ADDR + format_addr(addr), None, self._open_policy,
+                                  client_policy_of)
+
     def _open_profile(self, channel: grpc.aio.Channel, key: str) -> Any:
         return destination_pb2_grpc.DestinationStub(channel).GetProfile(destination_pb2.GetDestination(
             scheme="k8s", path=key, context_token=self.settings.context_token))
 
     def _open_policy(self, channel: grpc.aio.Channel, key: str) -> Any:
-        return outbound_pb2_grpc.OutboundPoliciesStub(channel).Watch(outbound_pb2.TrafficSpec(
-            source_workload=self.settings.context_token, authority=key))
+        if key.startswith(_ADDR):
+            host, _, port = key[len(_ADDR):].rpartition(":")
+            spec = outbound_pb2.TrafficSpec(source_workload=self.settings.context_token,
+                                            addr=tcp_address((host.strip("[]"), int(port))))
+        else:
+            spec = outbound_pb2.TrafficSpec(source_workload=self.settings.context_token, authority=key)
+        return outbound_pb2_grpc.OutboundPoliciesStub(channel).Watch(spec)
 
     async def _latest(self, table: dict[str, _Latest[Any]], authority: str, empty: Any,
                       open_call: Callable[[grpc.aio.Channel, str], Any], convert: Callable[[Any], Any]) -> Any:
         """A watched value that each message of a stream replaces whole (profiles, policies)."""
         try:
-            key = normalize_authority(authority, 80)
+            key = authority if authority.startswith(_ADDR) else normalize_authority(authority, 80)
         except ValueError:
             return None
         entry = table.get(key)

@@ -179,6 +179,10 @@ class Discovery(Protocol):
         """The destination's watched outbound policy (HTTPRoute/GRPCRoute rules), or None."""
         ...
 
+    async def policy_for_addr(self, addr: Addr) -> PolicyWatch | None:
+        """The watched outbound policy of an address no destination names (egress), or None."""
+        ...
+
     def generation(self) -> int:
         """Changes whenever the set of known destinations may have changed."""
         ...
@@ -275,6 +279,9 @@ class StaticDiscovery:
         return None  # the static file has endpoints only
 
     async def policy(self, authority: str) -> PolicyWatch | None:
+        return None
+
+    async def policy_for_addr(self, addr: Addr) -> PolicyWatch | None:
         return None
 
     async def lookup(self, addr: Addr) -> Endpoint | None:

@@ -246,11 +246,26 @@ def _accrual(fa: outbound_pb2.FailureAccrual) -> tuple[int, float, float, float]
     return c.max_failures, _seconds(b.min_backoff), _seconds(b.max_backoff), b.jitter_ratio
 
 
+def _forbidden(routes: Any, parent: Meta) -> str | None:
+    """Why opaque traffic is refused, when every route's rules forbid it."""
+    for r in routes:
+        for rule in r.rules:
+            if any(f.WhichOneof("kind") == "forbidden" for f in rule.filters):
+                name = f"{parent.kind} {parent.namespace}/{parent.name}" if parent.name else parent.kind
+                return f"traffic forbidden by {name}"
+    return None
+
+
 def client_policy_of(p: outbound_pb2.OutboundPolicy, port: int = 0) -> ClientPolicy:
     """One OutboundPolicy message as the proxy applies it; PolicyError when it cannot be."""
     parent = meta_of(p.metadata, port)
     proto = p.protocol
     kind = proto.WhichOneof("kind")
+    forbidden = None
+    if kind == "detect":
+        forbidden = _forbidden(proto.detect.opaque.routes, parent)
+    elif kind == "opaque":
+        forbidden = _forbidden(proto.opaque.routes, parent)
     try:
         if kind == "grpc":
             g = proto.grpc
@@ -262,8 +277,8 @@ def client_policy_of(p: outbound_pb2.OutboundPolicy, port: int = 0) -> ClientPol
             else:
                 h = getattr(proto, kind)
             return ClientPolicy(parent, "http", _routes(h.routes, False),
-                                _accrual(h.failure_accrual) if h.HasField("failure_accrual") else None)
-        return ClientPolicy(parent, kind or "opaque")
+                                _accrual(h.failure_accrual) if h.HasField("failure_accrual") else None, forbidden)
+        return ClientPolicy(parent, kind or "opaque", forbidden=forbidden)
     except (re.error, ValueError) as e:
         if isinstance(e, PolicyError):
             raise

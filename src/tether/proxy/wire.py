@@ -31,6 +31,16 @@ def endpoint_of(w: destination_pb2.WeightedAddr, set_labels: dict[str, str]) -> 
                     labels=tuple(sorted(labels.items())))
 
 
+def tcp_address(addr: Addr) -> net_pb2.TcpAddress:
+    """An (ip, port) as a TcpAddress message."""
+    ip = ipaddress.ip_address(addr[0])
+    if ip.version == 6:
+        n = int(ip)
+        return net_pb2.TcpAddress(ip=net_pb2.IPAddress(ipv6=net_pb2.IPv6(first=n >> 64, last=n & (2**64 - 1))),
+                                  port=addr[1])
+    return net_pb2.TcpAddress(ip=net_pb2.IPAddress(ipv4=int(ip)), port=addr[1])
+
+
 def method_of(m: http_types_pb2.HttpMethod) -> bytes:
     """An HttpMethod message as the request line spells it."""
     if m.WhichOneof("type") == "unregistered":

@@ -44,7 +44,10 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # What each RPC's answer depends on: a change to another kind cannot change it.
 ENDPOINT_KINDS = frozenset({"Service", "Workload", "ExternalWorkload", "Namespace"})
 PROFILE_KINDS = ENDPOINT_KINDS | {"ServiceProfile", "TrafficSplit"}
-OUTBOUND_KINDS = frozenset({"Service", "Namespace", "HTTPRoute", "GRPCRoute"})
+# Outbound answers read Services and their routes, workloads (forwarding to a pod address) and
+# EgressNetworks (traffic to addresses outside the mesh).
+OUTBOUND_KINDS = frozenset({"Service", "Namespace", "HTTPRoute", "GRPCRoute", "EgressNetwork", "Workload",
+                            "ExternalWorkload"})
 INBOUND_KINDS = frozenset(
     {
         "Workload",

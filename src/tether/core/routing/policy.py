@@ -203,6 +203,13 @@ class ClientPolicy:
     protocol: str = "http"
     routes: tuple[Route[RouteRule], ...] = ()
     failure_accrual: tuple[int, float, float, float] | None = None  # max failures, min/max backoff, jitter
+    forbidden: str | None = None  # opaque traffic is refused (an EgressNetwork with trafficPolicy Deny): why
+
+    @property
+    def applies(self) -> bool:
+        """Whether its HTTP routes replace the plain path: a Service's or an EgressNetwork's policy
+        (a forwarding default for any other address changes nothing)."""
+        return self.parent.kind in ("Service", "EgressNetwork") and bool(self.routes) and self.protocol != "opaque"
 
     @property
     def grpc(self) -> bool:

@@ -76,7 +76,7 @@ def _simple(c: Condition) -> tuple[bytes | None, str] | None:
     if c.all is None and c.any is None and c.not_ is None:
         if c.path_regex is not None:
             return c.method, c.path_regex
-        return (c.method, "(?s:.*)") if c.method is not None else None
+        return (c.method, _ANY_PATH) if c.method is not None else None
     if c.all is not None and c.any is None and c.not_ is None and c.method is None and c.path_regex is None:
         method: bytes | None = None
         pattern: str | None = None
@@ -89,30 +89,91 @@ def _simple(c: Condition) -> tuple[bytes | None, str] | None:
                 if method is not None and method != m:
                     return None
                 method = m
-            if p != "(?s:.*)":
+            if p != _ANY_PATH:
                 if pattern is not None:
                     return None
                 pattern = p
-        return method, pattern if pattern is not None else "(?s:.*)"
+        return method, pattern if pattern is not None else _ANY_PATH
     return None
 
 
-def _combined(routes: tuple[ProfileRoute, ...]) -> tuple[re.Pattern[str], tuple[bytes | None, ...]] | None:
-    """One regex trying every route's path pattern in order (the first alternative that matches
-    the whole path wins, as the first matching route does), and each route's method; None when a
-    route's condition is not that simple or the patterns do not combine."""
-    parts = []
-    methods = []
-    for i, r in enumerate(routes):
+_SEGMENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_~")
+_ANY_PATH = "(?s:.*)"
+
+
+def literal_segment(pattern: str) -> str | None:
+    """The first path segment every path matching ``pattern`` has (``/users/\\d+`` -> ``users``),
+    or None when the pattern does not fix it (a metacharacter, a quantifier or an alternation)."""
+    if not pattern.startswith("/") or "|" in pattern:
+        return None
+    out = []
+    i = 1
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "/":
+            break
+        if c == "\\" and i + 1 < len(pattern) and pattern[i + 1] in ".-_~":
+            out.append(pattern[i + 1])
+            i += 2
+        elif c in _SEGMENT_CHARS:
+            out.append(c)
+            i += 1
+        else:
+            return None
+    return "".join(out)
+
+
+Alternatives = tuple[re.Pattern[str], tuple[bytes | None, ...]]
+
+
+class RouteIndex:
+    """A profile's simple routes (a method and/or a path regex each) grouped by the literal first
+    path segment they require: per request, one dictionary lookup and one regex trying, in route
+    order, only the routes that can match (the first alternative matching the whole path wins, as
+    the first matching route does)."""
+
+    __slots__ = ("by_segment", "methods", "other")
+
+    def __init__(self, simple: list[tuple[bytes | None, str]]) -> None:
+        segments = [literal_segment(p) for _, p in simple]
+        anywhere = [i for i, seg in enumerate(segments) if seg is None]
+        self.methods = tuple(m for m, _ in simple)
+        self.by_segment: dict[str, re.Pattern[str]] = {}
+        for seg in {x for x in segments if x is not None}:
+            members = sorted([i for i, x in enumerate(segments) if x == seg] + anywhere)
+            self.by_segment[seg] = self._alternatives(simple, members)
+        self.other = self._alternatives(simple, anywhere) if anywhere else None
+
+    @staticmethod
+    def _alternatives(simple: list[tuple[bytes | None, str]], members: list[int]) -> re.Pattern[str]:
+        return re.compile("|".join(f"(?P<_r{i}>{simple[i][1]})" for i in members))
+
+    def first(self, path_only: str) -> int:
+        """The first route whose path pattern matches (-1: none)."""
+        pattern = self.other
+        if path_only.startswith("/"):
+            pattern = self.by_segment.get(path_only[1:].split("/", 1)[0], pattern)
+        if pattern is None:
+            return -1
+        m = pattern.fullmatch(path_only)
+        if m is None or m.lastgroup is None:
+            return -1
+        return int(m.lastgroup[2:])
+
+
+def _route_index(routes: tuple[ProfileRoute, ...]) -> RouteIndex | None:
+    """The index of a profile whose routes are all simple; None otherwise, or when the patterns
+    do not combine (a backreference, an inline flag that only works alone)."""
+    simple = []
+    for r in routes:
         one = _simple(r.condition)
         if one is None:
             return None
-        methods.append(one[0])
-        parts.append(f"(?P<_r{i}>{one[1]})")
+        simple.append(one)
     try:
-        return re.compile("|".join(parts)), tuple(methods)
+        return RouteIndex(simple)
     except re.error:
-        return None  # e.g. a backreference or an inline flag that only works alone
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,11 +183,10 @@ class Profile:
     dst_overrides: tuple[WeightedDst, ...] = ()
     opaque: bool = False
     fqn: str = ""
-    _combined: tuple[re.Pattern[str], tuple[bytes | None, ...]] | None = field(
-        default=None, init=False, compare=False, repr=False)
+    _index: RouteIndex | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_combined", _combined(self.routes) if len(self.routes) > 1 else None)
+        object.__setattr__(self, "_index", _route_index(self.routes) if len(self.routes) > 1 else None)
 
     def route_for(self, req: RequestInfo) -> ProfileRoute:
         for route in self.routes:
@@ -137,20 +197,17 @@ class Profile:
     def route_index(self, method: bytes, path: bytes, req: RequestInfo | None = None) -> int:
         """The index of the first route matching ``method`` and ``path`` (-1: the default route).
         One regex call when every route is a method and a path regex (the usual profile)."""
-        combined = self._combined
-        if combined is None:
+        index = self._index
+        if index is None:
             info = req if req is not None else RequestInfo(method, path, "")
             for i, route in enumerate(self.routes):
                 if route.condition.matches(info):
                     return i
             return -1
-        pattern, methods = combined
-        path_only = path.split(b"?", 1)[0].decode("latin-1")
-        m = pattern.fullmatch(path_only)
-        if m is None:
+        first = index.first(path.split(b"?", 1)[0].decode("latin-1"))
+        if first < 0:
             return -1
-        first = int(m.lastgroup[2:]) if m.lastgroup else 0
-        want = methods[first]
+        want = index.methods[first]
         if want is None or want == method:
             return first
         # The first route whose path matches wants another method: try the routes after it alone.

@@ -42,12 +42,11 @@ from tether.proxy.errors import (
 )
 from tether.proxy.http.body import Body, BodyError, BytesBody, Headers
 from tether.proxy.http.message import Request, Response, Service
-from tether.proxy.layers.retry import RetryStats
 from tether.runtime.watch import Snapshot, Watched
 
-REQUEST_BUCKETS: Final = (0.05, 0.5, 1.0, 10.0)
-RESPONSE_BUCKETS: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0)
-_GRPC_NAMES: Final = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+REQUEST_BUCKETS = (0.05, 0.5, 1.0, 10.0)
+RESPONSE_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0)
+_GRPC_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
                       "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
                       "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
                       "UNAUTHENTICATED")
@@ -87,14 +86,15 @@ class Series:
         self.statuses[key] = self.statuses.get(key, 0) + 1
 
 
-class RetryCounters(RetryStats):
+class RetryCounters:
     """outbound_*_route_retry_*_total of one route (the retry layer counts into it)."""
 
-    __slots__ = ("label",)
-
     def __init__(self, label: str) -> None:
-        super().__init__()
         self.label = label
+        self.requests = 0  # retries sent
+        self.successes = 0  # retries that succeeded
+        self.limit_exceeded = 0  # failures the limit left unretried
+        self.overflow = 0  # retries the body's size did not allow
 
 
 def error_label(exc: BaseException) -> str:
@@ -374,7 +374,7 @@ class PolicyRouter:
         self._routes = policy.routes if policy is not None else ()
         if profile is not None and (profile.routes or profile.dst_overrides) and self._profile_router is not None:
             self._defer = self._profile_router  # a ServiceProfile takes precedence over routes
-        elif policy is None or policy.protocol == "opaque" or not policy.routes:
+        elif policy is None or not policy.applies:
             self._defer = self._default
         else:
             self._defer = None

@@ -13,12 +13,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from tether.core.routing.retry_budget import RetryBudget
 from tether.core.routing.retry_policy import RetryPolicy
 from tether.proxy.errors import ResponseTimeoutError, UpstreamError
 from tether.proxy.http.body import Body, BytesBody, Headers
 from tether.proxy.http.message import Request, Response, Service
+
+
+class RetryCounts(Protocol):
+    """What the retry layer counts into (RetryStats, or a route's labelled counters)."""
+
+    requests: int
+    successes: int
+    limit_exceeded: int
+    overflow: int
 
 
 class RetryStats:
@@ -89,7 +99,7 @@ class Retry:
 
     __slots__ = ("budget", "clock", "inner", "policy", "stats")
 
-    def __init__(self, inner: Service, policy: RetryPolicy, budget: RetryBudget | None, stats: RetryStats,
+    def __init__(self, inner: Service, policy: RetryPolicy, budget: RetryBudget | None, stats: RetryCounts,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.inner = inner
         self.policy = policy

@@ -40,6 +40,11 @@ class RouteMetrics:
             m = self._series[key] = HttpMetrics(label)
         return m
 
+    def same_actual(self, dst: str, route: str) -> None:
+        """A route without retries makes one try per request: its route_actual_* series is its
+        route_* series (counted once, rendered under both names)."""
+        self._series[("route_actual_", dst, route)] = self.series("route_", dst, route)
+
     def lines(self) -> list[str]:
         out: list[str] = []
         for family in ("route_", "route_actual_"):

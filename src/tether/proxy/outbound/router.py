@@ -47,6 +47,14 @@ def split_authority(authority: bytes, default_port: int = 80) -> tuple[str, int]
     return host, port
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
 class Router:
     """Service: pick the logical destination of a request and call its (cached) stack."""
 
@@ -97,7 +105,10 @@ class Router:
                 policy = await self.discovery.policy(resolved.authority)
                 return Logical(resolved.authority, watch=resolved.endpoints, profile=await profile, policy=policy)
         target = orig_dst if orig_dst is not None else self._named_addr(authority)
-        return Logical(name or authority.decode("latin-1"), fallback=target)
+        policy = None
+        if self.discovery is not None and _is_ip(target[0]):
+            policy = await self.discovery.policy_for_addr(target)  # an EgressNetwork's routes, if any
+        return Logical(name or authority.decode("latin-1"), fallback=target, policy=policy)
 
     def _named_addr(self, authority: bytes) -> Addr:
         host, port = split_authority(authority)

@@ -144,8 +144,10 @@ class Outbound:
             svc = Split([(d, self._backend(d.authority, own, target, closers))  # TrafficSplit weights
                          for d in profile.dst_overrides])
         svc = ConnectRetry(svc, self.route.connect_retry_attempts)  # a refused connect sent nothing
-        svc = RouteCounters(svc, self.route_metrics, target.authority, route)  # route_actual_*, per try
-        if route.retryable:
+        if not route.retryable:
+            self.route_metrics.same_actual(target.authority, route.name)  # one try a request: route_actual_ = route_
+        else:
+            svc = RouteCounters(svc, self.route_metrics, target.authority, route)  # route_actual_*, per try
             budget = self._budget(target.authority, profile)
             policy = RetryPolicy(limit=route.max_retries if route.max_retries is not None else PROFILE_RETRY_CAP,
                                  per_try_timeout=route.retry_timeout, budget=profile.budget,
@@ -189,7 +191,7 @@ class Outbound:
         if rule.request_timeout is not None:
             svc = ResponseTimeout(svc, rule.request_timeout)  # the whole request, retries included
         svc = Measure(svc, self.policy_metrics.request(  # request_duration_seconds, request_statuses_total
-            proto, f'{parent},{route},hostname=""'), grpc=policy.grpc)
+            proto, f'{parent},{route},hostname="{_egress_host(policy, target)}"'), grpc=policy.grpc)
         return Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
 
     def _policy_backend(self, target: Logical, b: Backend, own: Service, closers: list[Callable[[], object]],
@@ -251,6 +253,14 @@ class Outbound:
             transport.close()
             return
         known = await self.discovery.lookup(dst) if self.discovery is not None else None
+        if known is None and self.discovery is not None:
+            watch = await self.discovery.policy_for_addr(dst)  # egress: an EgressNetwork may deny it
+            policy = watch.state if watch is not None else None
+            if policy is not None and policy.forbidden is not None:
+                self.metrics.tcp_error("outbound", "forbidden", dst)
+                log.info("outbound connection from %s:%d to %s:%d refused: %s", *conn.peer, *dst, policy.forbidden)
+                transport.abort()  # refused before any byte goes anywhere
+                return
         mtls = self.identity is not None and self.identity.ready
         target = connect.reach(known or Endpoint(dst), mtls=mtls, opaque=True)
         await self.connections.connect_and_forward(self.metrics, self.identity, conn, transport, client_pending,
@@ -284,6 +294,13 @@ class Outbound:
 
     async def aclose(self) -> None:
         await self.logicals.aclose()
+
+
+def _egress_host(policy: ClientPolicy, target: Logical) -> str:
+    """The ``hostname`` label: the host an egress request named (empty for a Service's routes)."""
+    if policy.parent.kind != "EgressNetwork":
+        return ""
+    return escape_label(target.authority.rsplit(":", 1)[0] if target.authority.count(":") == 1 else target.authority)
 
 
 class _NoBackends:
