@@ -27,24 +27,26 @@ import logging
 import random
 import re
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
+from google.protobuf.message import DecodeError
 
-from tether.api.gen import destination_pb2, destination_pb2_grpc, http_types_pb2, net_pb2
+from tether.api.gen import destination_pb2, http_types_pb2, net_pb2
 from tether.core.discovery.endpoints import Addr, Endpoint, EndpointDiff, EndpointSet, format_addr
 from tether.core.http.authority import normalize_authority
 from tether.core.routing.http_match import Condition
 from tether.core.routing.profile import Profile, ProfileRoute, ResponseClass, StatusMatch, WeightedDst
 from tether.core.routing.retry_budget import BudgetPolicy
 from tether.proxy.discovery import ProfileWatch, Resolution, endpoint_watch
+from tether.proxy.grpc_client import GrpcChannel, GrpcError
 from tether.runtime.watch import Watched
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_MIN = 0.1
+_GET = "/io.linkerd.proxy.destination.Destination/Get"
+_GET_PROFILE = "/io.linkerd.proxy.destination.Destination/GetProfile"
 _BACKOFF_MAX = 5.0
 
 
@@ -167,12 +169,11 @@ class _Watch:
 class DestinationDiscovery:
     """The proxy's Discovery over the destination service's replicas."""
 
-    def __init__(self, settings: DestinationSettings, *, channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(self, settings: DestinationSettings) -> None:
         if not settings.addrs:
             raise ValueError("the destination service needs at least one address")
         self.settings = settings
-        self._options = list(channel_options)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[str, GrpcChannel] = {}
         self._watches: dict[str, _Watch] = {}
         self._profiles: dict[str, tuple[ProfileWatch, asyncio.Event, asyncio.Task[None]]] = {}
         self._generation = 0
@@ -224,11 +225,11 @@ class DestinationDiscovery:
             addr = addrs[attempt % len(addrs)]
             attempt += 1
             try:
-                stub = destination_pb2_grpc.DestinationStub(self._channel(addr))
-                call = stub.GetProfile(destination_pb2.GetDestination(
-                    scheme="k8s", path=key, context_token=self.settings.context_token))
-                async for msg in call:
+                request = destination_pb2.GetDestination(scheme="k8s", path=key,
+                                                          context_token=self.settings.context_token)
+                async for raw in self._channel(addr).server_stream(_GET_PROFILE, request.SerializeToString()):
                     backoff = _BACKOFF_MIN
+                    msg = destination_pb2.DestinationProfile.FromString(raw)
                     try:
                         profile = profile_of(msg)
                     except (ValueError, re.error) as e:
@@ -240,8 +241,10 @@ class DestinationDiscovery:
                     first.set()
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as e:
-                log.info("profile %s: replica %s: %s %s", key, addr, e.code().name, e.details())
+            except GrpcError as e:
+                log.info("profile %s: replica %s: %s %s", key, addr, e.name, e.details)
+            except DecodeError as e:
+                log.warning("profile %s: replica %s sent an undecodable DestinationProfile: %s", key, addr, e)
             first.set()  # no answer: the destination has no profile for now (the last one stays)
             await asyncio.sleep(backoff * (0.5 + self._rng.random()))
             backoff = min(backoff * 2, _BACKOFF_MAX)
@@ -265,7 +268,7 @@ class DestinationDiscovery:
             task.cancel()
         self._profiles.clear()
         for ch in self._channels.values():
-            await ch.close()
+            ch.close()
         self._channels.clear()
 
     # -- metrics ---------------------------------------------------------------------------------------
@@ -301,10 +304,10 @@ class DestinationDiscovery:
         if w is not None and w.task is not None:
             w.task.cancel()
 
-    def _channel(self, addr: str) -> grpc.aio.Channel:
+    def _channel(self, addr: str) -> GrpcChannel:
         ch = self._channels.get(addr)
         if ch is None:
-            ch = self._channels[addr] = grpc.aio.insecure_channel(addr, options=self._options)
+            ch = self._channels[addr] = GrpcChannel(addr, connect_timeout=self.settings.resolve_timeout)
         return ch
 
     async def _follow(self, w: _Watch) -> None:
@@ -319,9 +322,9 @@ class DestinationDiscovery:
                 got_any = await self._stream(w, addr)
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as e:
+            except GrpcError as e:
                 got_any = False
-                log.info("destination %s: replica %s: %s %s", w.authority, addr, e.code().name, e.details())
+                log.info("destination %s: replica %s: %s %s", w.authority, addr, e.name, e.details)
             except Exception:
                 got_any = False
                 log.exception("destination %s: replica %s failed", w.authority, addr)
@@ -336,14 +339,14 @@ class DestinationDiscovery:
 
     async def _stream(self, w: _Watch, addr: str) -> bool:
         """Follow one replica's stream until it ends; True when it sent anything."""
-        stub = destination_pb2_grpc.DestinationStub(self._channel(addr))
-        call = stub.Get(destination_pb2.GetDestination(scheme="k8s", path=w.authority,
-                                                       context_token=self.settings.context_token))
+        request = destination_pb2.GetDestination(scheme="k8s", path=w.authority,
+                                                  context_token=self.settings.context_token)
         first = True
         got_any = False
         snapshot: dict[Addr, Endpoint] = {}
-        async for update in call:
+        async for raw in self._channel(addr).server_stream(_GET, request.SerializeToString()):
             got_any = True
+            update = destination_pb2.Update.FromString(raw)
             kind = update.WhichOneof("update")
             if first:
                 # The first message after (re)connecting is the whole set: replace, never merge.
