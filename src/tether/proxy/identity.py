@@ -141,6 +141,14 @@ def _load_cert_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: ec.EllipticCurv
         ctx.load_cert_chain(str(p), password=password)
 
 
+def _no_session_tickets(ctx: ssl.SSLContext) -> None:
+    """A TLS 1.3 server sends no session tickets: peers never resume (each dial is a fresh mTLS
+    handshake), and OpenSSL 3 copies the session, peer certificate included, through DER for each
+    ticket: 24% of a server proxy's instructions per new mesh connection (callgrind)."""
+    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_TICKET
+
+
 class IdentityClient:
     """Obtains and renews this proxy's certificate and builds its TLS contexts."""
 
@@ -232,6 +240,7 @@ class IdentityClient:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
+        _no_session_tickets(ctx)
         if self.config.alpn_protocols:
             ctx.set_alpn_protocols(list(self.config.alpn_protocols))
 
@@ -261,6 +270,8 @@ class IdentityClient:
             _load_cert_chain(ctx, chain_pem, self.key)
             if self.config.alpn_protocols:
                 ctx.set_alpn_protocols(list(self.config.alpn_protocols))
+            if purpose == ssl.PROTOCOL_TLS_SERVER:
+                _no_session_tickets(ctx)
             contexts.append(ctx)
         contexts[1].check_hostname = True
         self._server_ctx, self._client_ctx = contexts
