@@ -37,6 +37,7 @@ import harness as h
 
 AUTHORITY = "bench.local:80"
 GRPC_AUTHORITY = "grpc.local:8079"
+ROUTES = 20
 PING = "/fgrpc.PingServer/Ping"
 
 
@@ -67,13 +68,33 @@ def keepalive_requests(port: int, n: int, host: str) -> None:
             f.read(length)
 
 
-@contextlib.contextmanager
-def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int,
-                          grpc_port: int) -> Iterator[tuple[int, int, int, Path]]:
-    """A `tether proxy` of ``python``'s build under callgrind: (pid, outbound, inbound, out file)."""
+def static_destinations(workdir: Path, backend_port: int, grpc_port: int) -> list[str]:
+    """Proxy flags: both destinations from a destinations file."""
     dest = workdir / "destinations.yaml"
     dest.write_text(f'destinations: {{"{AUTHORITY}": ["127.0.0.1:{backend_port}"], '
                     f'"{GRPC_AUTHORITY}": ["127.0.0.1:{grpc_port}"]}}\n')
+    return ["--destinations-file", str(dest)]
+
+
+def routed_destination(backend_port: int) -> tuple[list[str], Callable[[], None]]:
+    """Proxy flags: a scripted destination service serving a 20-route profile (the request matches
+    the last route) and a 90/10 split over two authorities, as bench/http1.py's tether-routes."""
+    from tether.api.gen import destination_pb2 as d
+    from tether.testing.destination import ScriptedDestination, route
+
+    canary = "bench-canary.local:80"
+    routes = [route(f"GET /r{i}", "GET", f"/r{i}/[^/]*") for i in range(ROUTES - 1)]
+    routes.append(route("GET /echo", "GET", "/echo"))
+    profile = d.DestinationProfile(fully_qualified_name=AUTHORITY, routes=routes, dst_overrides=[
+        d.WeightedDst(authority=AUTHORITY, weight=900), d.WeightedDst(authority=canary, weight=100)])
+    dst = ScriptedDestination({AUTHORITY: [backend_port], canary: [backend_port]}, {AUTHORITY: profile}).start()
+    return ["--destination-addrs", f"127.0.0.1:{dst.port}"], dst.stop
+
+
+@contextlib.contextmanager
+def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int,
+                          discovery: list[str]) -> Iterator[tuple[int, int, int, Path]]:
+    """A `tether proxy` of ``python``'s build under callgrind: (pid, outbound, inbound, out file)."""
     out, inb, admin = h.free_port(), h.free_port(), h.free_port()
     cg_out = workdir / "callgrind.out"
     log = (workdir / "proxy.log").open("w")
@@ -81,7 +102,7 @@ def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int,
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg_out}",
          str(python), "-m", "tether", "proxy", "--outbound-addr", f"127.0.0.1:{out}",
          "--inbound-addr", f"127.0.0.1:{inb}", "--admin-addr", f"127.0.0.1:{admin}",
-         "--destinations-file", str(dest), "--inbound-app-addr", f"127.0.0.1:{backend_port}",
+         *discovery, "--inbound-app-addr", f"127.0.0.1:{backend_port}",
          "--shutdown-grace-period", "1s"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -267,13 +288,22 @@ def main(argv: list[str] | None = None) -> int:
                     python = Path(checkout).resolve() / ".venv" / "bin" / "python"
                     bdir = work / f"{name}-{len(rows.get(name, {}))}"
                     bdir.mkdir(exist_ok=True)
-                    with proxy_under_callgrind(python, bdir, backend_port, grpc_port) as (pid, out, inb, cg):
-                        n, w = args.requests, args.warmup
+                    n, w = args.requests, args.warmup
+                    static = static_destinations(bdir, backend_port, grpc_port)
+                    with proxy_under_callgrind(python, bdir, backend_port, static) as (pid, out, inb, cg):
                         got = {
                             "outbound": count(pid, cg, lambda k: keepalive_requests(out, k, AUTHORITY), n, w),
                             "inbound": count(pid, cg, lambda k: keepalive_requests(inb, k, "web.local:8080"), n, w),
                             "grpc": count(pid, cg, lambda k: grpc_calls(out, k), n, w),
                         }
+                    routed, stop = routed_destination(backend_port)
+                    rdir = bdir / "routes"
+                    rdir.mkdir(exist_ok=True)
+                    try:
+                        with proxy_under_callgrind(python, rdir, backend_port, routed) as (pid, out, _, cg):
+                            got["routes"] = count(pid, cg, lambda k: keepalive_requests(out, k, AUTHORITY), n, w)
+                    finally:
+                        stop()
                     print(f"{name}: " + ", ".join(f"{k} {v:,.0f} Ir/request" for k, v in got.items()), flush=True)
                     best = rows.setdefault(name, {})
                     for k, v in got.items():
@@ -281,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[builds[0][0]]
     print(f"\nuser-space instructions per proxied HTTP/1.1 request (valgrind callgrind; min of {args.repeat}"
           f" runs of {args.requests} requests after {args.warmup} warm-up)")
-    paths = ("outbound", "inbound", "grpc")
-    print(f"{'build':<12}" + "".join(f"{p:>22}" for p in ("HTTP/1 outbound", "HTTP/1 inbound", "gRPC unary out")))
+    paths = ("outbound", "inbound", "grpc", "routes")
+    print(f"{'build':<12}" + "".join(f"{p:>22}" for p in ("HTTP/1 outbound", "HTTP/1 inbound", "gRPC unary out",
+                                                           "20 routes + split")))
     for name, r in rows.items():
         print(f"{name:<12}" + "".join(f"{f'{r[k]:,.0f} ({r[k] / base[k]:.3f}x)':>22}" for k in paths))
     return 0

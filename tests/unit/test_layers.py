@@ -165,6 +165,9 @@ class FakeDiscovery:
     async def lookup(self, addr: tuple[str, int]) -> Endpoint | None:
         return None
 
+    async def policy(self, authority: str) -> None:
+        return None
+
     async def profile(self, authority: str) -> None:
         return None
 

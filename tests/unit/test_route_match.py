@@ -119,3 +119,27 @@ def test_budget_policy_bounds() -> None:
         BudgetPolicy(ttl=0.5)
     with pytest.raises(ValueError):
         BudgetPolicy(min_per_second=-1)
+
+
+_PROFILE_ROUTES = (
+    ("GET /users/:id", Condition(all=(Condition(method=b"GET"), Condition(path_regex=r"/users/(\d+)")))),
+    ("POST /users", Condition(all=(Condition(method=b"POST"), Condition(path_regex=r"/users/?")))),
+    ("any /users/*", Condition(path_regex=r"/users/(?P<rest>.*)")),
+    ("DELETE", Condition(method=b"DELETE")),
+    ("/health", Condition(path_regex="/health")),
+)
+
+
+@pytest.mark.parametrize("extra", [(), (("not GET", Condition(not_=Condition(method=b"GET"))),)])
+@given(method=st.sampled_from([b"GET", b"POST", b"DELETE", b"PUT"]),
+       path=st.sampled_from(["/users/12", "/users/", "/users", "/users/x/y", "/health", "/healthz", "/",
+                             "/users/12?q=1"]))
+def test_a_profile_finds_the_same_route_with_one_regex_as_in_order(
+        extra: tuple[tuple[str, Condition], ...], method: bytes, path: str) -> None:
+    from tether.core.routing.profile import Profile, ProfileRoute
+
+    profile = Profile(tuple(ProfileRoute(name, cond) for name, cond in _PROFILE_ROUTES + extra))
+    assert (profile._combined is None) == bool(extra)  # a `not` condition cannot be combined
+    i = profile.route_index(method, path.encode())
+    expected = profile.route_for(RequestInfo(method, path.encode(), "web:80"))
+    assert (profile.routes[i] if i >= 0 else None) == (expected if expected.name else None)

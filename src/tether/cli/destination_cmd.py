@@ -56,11 +56,14 @@ POLICIES = (
               help="updates a stream may fall behind before it is reset (the proxy reconnects for a fresh snapshot)")
 @click.option("--poll-interval", type=POSITIVE_DURATION, default="250ms", show_default=True,
               help="how often --resources-dir and the workload registry are checked for changes")
+@click.option("--allow-l5d-request-headers", is_flag=True,
+              help="let clients override a route's retries and timeouts per request with l5d-retry-* and "
+                   "l5d-timeout headers (off by default, as in Linkerd)")
 @log_options
 def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_dir: str, state_dir: str,
                 controller_namespace: str, trust_domain: str, cluster_domain: str, default_policy: str,
-                cluster_networks: tuple[str, ...], stream_queue_limit: int, poll_interval: float, log_level: str,
-                log_format: str) -> int:
+                cluster_networks: tuple[str, ...], stream_queue_limit: int, poll_interval: float,
+                allow_l5d_request_headers: bool, log_level: str, log_format: str) -> int:
     """The destination service: what proxies learn about the services they call and serve.
 
     Serves io.linkerd.proxy.destination.Destination (Get, GetProfile),
@@ -84,6 +87,7 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
             control_plane_ns=controller_namespace,
             default_policy=default_policy,
             cluster_networks=cluster_networks,
+            allow_l5d_request_headers=allow_l5d_request_headers,
         ),
         queue_limit=stream_queue_limit,
     )

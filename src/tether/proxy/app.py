@@ -53,6 +53,7 @@ class Proxy:
         self.metrics.add_source(self._cache_lines)
         self.metrics.add_source(self.outbound.balancer_lines)
         self.metrics.add_source(self.outbound.route_metrics.lines)
+        self.metrics.add_source(self.outbound.policy_metrics.lines)
         self.admin: AdminServer | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._stopping = asyncio.Event()

@@ -21,32 +21,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import random
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import DecodeError
 
-from tether.api.gen import destination_pb2, http_types_pb2, net_pb2
+from tether.api.gen import destination_pb2, outbound_pb2
 from tether.core.discovery.endpoints import Addr, Endpoint, EndpointDiff, EndpointSet, format_addr
 from tether.core.http.authority import normalize_authority
 from tether.core.routing.http_match import Condition
+from tether.core.routing.policy import ClientPolicy
 from tether.core.routing.profile import Profile, ProfileRoute, ResponseClass, StatusMatch, WeightedDst
 from tether.core.routing.retry_budget import BudgetPolicy
-from tether.proxy.discovery import ProfileWatch, Resolution, endpoint_watch
+from tether.proxy.discovery import PolicyWatch, ProfileWatch, Resolution, endpoint_watch
 from tether.proxy.grpc_client import GrpcChannel, GrpcError
+from tether.proxy.policy import client_policy_of
+from tether.proxy.wire import endpoint_of, method_of, tcp_addr
 from tether.runtime.watch import Watched
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _BACKOFF_MIN = 0.1
 _GET = "/io.linkerd.proxy.destination.Destination/Get"
 _GET_PROFILE = "/io.linkerd.proxy.destination.Destination/GetProfile"
+_WATCH_POLICY = "/io.linkerd.proxy.outbound.OutboundPolicies/Watch"
 _BACKOFF_MAX = 5.0
 
 
@@ -68,34 +74,6 @@ def context_token(namespace: str, pod: str = "", node: str = "") -> str:
     return json.dumps(doc, separators=(",", ":"))
 
 
-def tcp_addr(a: net_pb2.TcpAddress) -> Addr:
-    ip = a.ip
-    if ip.WhichOneof("ip") == "ipv6":
-        n = (ip.ipv6.first << 64) | ip.ipv6.last
-        return str(ipaddress.IPv6Address(n)), a.port
-    return str(ipaddress.IPv4Address(ip.ipv4)), a.port
-
-
-def endpoint_of(w: destination_pb2.WeightedAddr, set_labels: dict[str, str]) -> Endpoint:
-    """One WeightedAddr as the proxy's Endpoint."""
-    identity: str | None = None
-    if w.HasField("tls_identity") and w.tls_identity.WhichOneof("strategy") == "dns_like_identity":
-        identity = w.tls_identity.dns_like_identity.name or None
-    proxy_port: int | None = None
-    if w.HasField("protocol_hint") and w.protocol_hint.HasField("opaque_transport"):
-        proxy_port = w.protocol_hint.opaque_transport.inbound_port or None
-    labels = {f"dst_{k}": v for k, v in set_labels.items()}
-    labels.update({f"dst_{k}": v for k, v in w.metric_labels.items()})
-    return Endpoint(tcp_addr(w.addr), weight=max(1, w.weight or 1), identity=identity, proxy_port=proxy_port,
-                    labels=tuple(sorted(labels.items())))
-
-
-def _method(m: http_types_pb2.HttpMethod) -> bytes:
-    if m.WhichOneof("type") == "unregistered":
-        return m.unregistered.encode("latin-1")
-    return http_types_pb2.HttpMethod.Registered.Name(m.registered).encode()
-
-
 def condition_of(m: destination_pb2.RequestMatch) -> Condition:
     kind = m.WhichOneof("match")
     if kind == "all":
@@ -107,7 +85,7 @@ def condition_of(m: destination_pb2.RequestMatch) -> Condition:
     if kind == "path":
         return Condition(path_regex=m.path.regex)
     if kind == "method":
-        return Condition(method=_method(m.method))
+        return Condition(method=method_of(m.method))
     return Condition()
 
 
@@ -153,6 +131,18 @@ def profile_of(p: destination_pb2.DestinationProfile) -> Profile:
     return Profile(tuple(routes), budget, dsts, p.opaque_protocol, p.fully_qualified_name)
 
 
+class _Latest(Generic[T]):
+    """A stream whose every message replaces the value (a profile, a policy)."""
+
+    __slots__ = ("first", "rejected_total", "task", "watch")
+
+    def __init__(self, watch: Watched[T, T], first: asyncio.Event) -> None:
+        self.watch = watch
+        self.first = first
+        self.task: asyncio.Task[None] | None = None
+        self.rejected_total = 0
+
+
 class _Watch:
     """One destination's stream and its watched endpoints."""
 
@@ -175,7 +165,8 @@ class DestinationDiscovery:
         self.settings = settings
         self._channels: dict[str, GrpcChannel] = {}
         self._watches: dict[str, _Watch] = {}
-        self._profiles: dict[str, tuple[ProfileWatch, asyncio.Event, asyncio.Task[None]]] = {}
+        self._profiles: dict[str, _Latest[Profile]] = {}
+        self._policies: dict[str, _Latest[ClientPolicy | None]] = {}
         self._generation = 0
         self._rng = random.Random()
         self.reconnects_total = 0
@@ -201,51 +192,72 @@ class DestinationDiscovery:
 
     async def profile(self, authority: str) -> ProfileWatch | None:
         """The destination's profile, streamed by GetProfile (an empty profile until one arrives)."""
+        return await self._latest(self._profiles, authority, Profile(), self._open_profile, profile_of)
+
+    async def policy(self, authority: str) -> PolicyWatch | None:
+        """The destination's outbound policy, streamed by OutboundPolicies.Watch (None until one
+        arrives, or when the control plane serves none: the destination has no routes)."""
+        return await self._latest(self._policies, authority, None, self._open_policy, client_policy_of)
+
+    def _open_profile(self, channel: GrpcChannel, key: str) -> AsyncIterator[Any]:
+        req = destination_pb2.GetDestination(scheme="k8s", path=key, context_token=self.settings.context_token)
+        return _decoded(channel.server_stream(_GET_PROFILE, req.SerializeToString()),
+                        destination_pb2.DestinationProfile.FromString)
+
+    def _open_policy(self, channel: GrpcChannel, key: str) -> AsyncIterator[Any]:
+        req = outbound_pb2.TrafficSpec(source_workload=self.settings.context_token, authority=key)
+        return _decoded(channel.server_stream(_WATCH_POLICY, req.SerializeToString()),
+                        outbound_pb2.OutboundPolicy.FromString)
+
+    async def _latest(self, table: dict[str, _Latest[Any]], authority: str, empty: Any,
+                      open_call: Callable[[GrpcChannel, str], AsyncIterator[Any]],
+                      convert: Callable[[Any], Any]) -> Any:
+        """A watched value that each message of a stream replaces whole (profiles, policies)."""
         try:
             key = normalize_authority(authority, 80)
         except ValueError:
             return None
-        entry = self._profiles.get(key)
+        entry = table.get(key)
         if entry is None:
-            watch: ProfileWatch = Watched(Profile(), lambda _old, new: new)
-            first = asyncio.Event()
-            task = asyncio.get_running_loop().create_task(self._follow_profile(key, watch, first))
-            entry = self._profiles[key] = (watch, first, task)
-        watch, first, _ = entry
+            watch: Watched[Any, Any] = Watched(empty, lambda _old, new: new)
+            entry = table[key] = _Latest(watch, asyncio.Event())
+            entry.task = asyncio.get_running_loop().create_task(
+                self._follow_latest(key, entry, open_call, convert))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.resolve_timeout):
-                await first.wait()
-        return watch
+                await entry.first.wait()
+        return entry.watch
 
-    async def _follow_profile(self, key: str, watch: ProfileWatch, first: asyncio.Event) -> None:
+    async def _follow_latest(self, key: str, entry: _Latest[Any],
+                             open_call: Callable[[GrpcChannel, str], AsyncIterator[Any]],
+                             convert: Callable[[Any], Any]) -> None:
         addrs = list(self.settings.addrs)
         attempt = self._rng.randrange(len(addrs))
         backoff = _BACKOFF_MIN
+        watch = entry.watch
         while True:
             addr = addrs[attempt % len(addrs)]
             attempt += 1
             try:
-                request = destination_pb2.GetDestination(scheme="k8s", path=key,
-                                                          context_token=self.settings.context_token)
-                async for raw in self._channel(addr).server_stream(_GET_PROFILE, request.SerializeToString()):
+                async for msg in open_call(self._channel(addr), key):
                     backoff = _BACKOFF_MIN
-                    msg = destination_pb2.DestinationProfile.FromString(raw)
                     try:
-                        profile = profile_of(msg)
+                        value = convert(msg)
                     except (ValueError, re.error) as e:
-                        # A profile the proxy cannot apply: keep the last good one, say why.
-                        log.warning("destination %s: profile not applied: %s", key, e)
+                        # A message the proxy cannot apply: keep the last good value, say why.
+                        entry.rejected_total += 1
+                        log.warning("destination %s: update not applied: %s", key, e)
                         continue
-                    if profile != watch.state:
-                        watch.change(profile)
-                    first.set()
+                    if value != watch.state:
+                        watch.change(value)
+                    entry.first.set()
             except asyncio.CancelledError:
                 raise
             except GrpcError as e:
-                log.info("profile %s: replica %s: %s %s", key, addr, e.name, e.details)
+                log.info("destination %s: replica %s: %s %s", key, addr, e.name, e.details)
             except DecodeError as e:
-                log.warning("profile %s: replica %s sent an undecodable DestinationProfile: %s", key, addr, e)
-            first.set()  # no answer: the destination has no profile for now (the last one stays)
+                log.warning("destination %s: replica %s sent an undecodable message: %s", key, addr, e)
+            entry.first.set()  # no answer: the last value (or none) stays in force
             await asyncio.sleep(backoff * (0.5 + self._rng.random()))
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
@@ -264,9 +276,11 @@ class DestinationDiscovery:
     async def aclose(self) -> None:
         for key in list(self._watches):
             self._drop(key)
-        for _, _, task in self._profiles.values():
-            task.cancel()
-        self._profiles.clear()
+        for table in (self._profiles, self._policies):
+            for entry in table.values():
+                if entry.task is not None:
+                    entry.task.cancel()
+            table.clear()
         for ch in self._channels.values():
             ch.close()
         self._channels.clear()
@@ -380,3 +394,9 @@ class DestinationDiscovery:
         if endpoints != w.endpoints.state:
             w.endpoints.replace(endpoints)
         w.first.set()
+
+
+async def _decoded(stream: AsyncIterator[bytes], parse: Callable[[bytes], Any]) -> AsyncIterator[Any]:
+    """A stream's messages, decoded (DecodeError ends the stream: the caller reconnects)."""
+    async for raw in stream:
+        yield parse(raw)

@@ -39,6 +39,7 @@ from tether.core.discovery.endpoints import (
     format_addr,
 )
 from tether.core.http.authority import normalize_authority
+from tether.core.routing.policy import ClientPolicy
 from tether.core.routing.profile import Profile
 from tether.runtime.watch import Snapshot, Subscription, Watched
 
@@ -141,6 +142,7 @@ def read_file(path: str) -> bytes:
 
 EndpointWatch = Watched[EndpointSet, EndpointDiff]
 ProfileWatch = Watched[Profile, Profile]  # each change is a whole new profile
+PolicyWatch = Watched[ClientPolicy | None, ClientPolicy | None]  # None until the first policy
 
 
 def endpoint_watch(endpoints: EndpointSet) -> EndpointWatch:
@@ -171,6 +173,10 @@ class Discovery(Protocol):
 
     async def profile(self, authority: str) -> ProfileWatch | None:
         """The destination's watched ServiceProfile (routes, retries, timeouts, splits), or None."""
+        ...
+
+    async def policy(self, authority: str) -> PolicyWatch | None:
+        """The destination's watched outbound policy (HTTPRoute/GRPCRoute rules), or None."""
         ...
 
     def generation(self) -> int:
@@ -267,6 +273,9 @@ class StaticDiscovery:
 
     async def profile(self, authority: str) -> ProfileWatch | None:
         return None  # the static file has endpoints only
+
+    async def policy(self, authority: str) -> PolicyWatch | None:
+        return None
 
     async def lookup(self, addr: Addr) -> Endpoint | None:
         eps = self.resolve_now(format_addr(addr))

@@ -103,7 +103,7 @@ class ResponseTimeoutError(ProxyError):
 GRPC_INTERNAL = 13
 # The gRPC status a client gets for a proxy error of each HTTP status (gRPC's HTTP-to-gRPC table,
 # with 403 and 429 as linkerd2-proxy answers them).
-_GRPC_FOR_HTTP = {400: GRPC_INTERNAL, 403: 7, 429: 8, 502: GRPC_UNAVAILABLE, 503: GRPC_UNAVAILABLE,
+_GRPC_FOR_HTTP = {400: GRPC_INTERNAL, 403: 7, 404: 5, 429: 8, 502: GRPC_UNAVAILABLE, 503: GRPC_UNAVAILABLE,
                   504: GRPC_DEADLINE_EXCEEDED}
 
 

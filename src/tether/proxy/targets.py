@@ -23,7 +23,7 @@ from tether.core.discovery.endpoints import Addr
 from tether.core.http.classify import METRICS, Classifier
 
 if TYPE_CHECKING:
-    from tether.proxy.discovery import EndpointWatch, ProfileWatch
+    from tether.proxy.discovery import EndpointWatch, PolicyWatch, ProfileWatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class Logical:
     # A known destination's watched endpoints (not part of its identity as a cache key).
     watch: EndpointWatch | None = field(default=None, compare=False, repr=False)
     profile: ProfileWatch | None = field(default=None, compare=False, repr=False)
+    policy: PolicyWatch | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,6 +76,7 @@ class Settings:
     control_plane_ns: str = "linkerd"
     default_policy: str = "all-unauthenticated"
     cluster_networks: tuple[str, ...] = DEFAULT_CLUSTER_NETWORKS
+    allow_l5d_request_headers: bool = False  # clients may amend retries/timeouts with l5d-* headers
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
@@ -649,6 +650,7 @@ def _default_http_route(world: World, svc: Service, port: int, s: Settings) -> o
     rule = out.HttpRoute.Rule(
         matches=[http_route_pb2.HttpRouteMatch(path=http_route_pb2.PathMatch(prefix="/"))],
         backends=_distribution(world, svc, [], svc, port, s, out.HttpRoute),  # type: ignore[arg-type]
+        allow_l5d_request_headers=s.allow_l5d_request_headers,
     )
     t = _timeouts(objs)
     if t is not None:
@@ -684,6 +686,7 @@ def http_routes(world: World, svc: Service, port: int, s: Settings) -> list[out.
                 backends=_distribution(  # type: ignore[arg-type]
                     world, r, rule.backend_refs, svc, port, s, out.HttpRoute, backend_timeout
                 ),
+                allow_l5d_request_headers=s.allow_l5d_request_headers,
             )
             t = _timeouts(objs, base)
             if t is not None:
@@ -734,6 +737,7 @@ def grpc_routes(world: World, svc: Service, port: int, s: Settings) -> list[out.
                 matches=matches,
                 filters=filters,
                 backends=_distribution(world, r, rule.backend_refs, svc, port, s, out.GrpcRoute),  # type: ignore[arg-type]
+                allow_l5d_request_headers=s.allow_l5d_request_headers,
             )
             t = _timeouts(objs)
             if t is not None:

@@ -16,7 +16,6 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from tether.core.routing.http_match import RequestInfo
 from tether.core.routing.profile import DEFAULT_ROUTE, Profile, ProfileRoute, WeightedDst, pick_weighted
 from tether.proxy.http.message import Request, Response, Service
 from tether.proxy.layers.metrics import HttpMetricsService
@@ -62,13 +61,14 @@ RouteStackFactory = Callable[[ProfileRoute, Profile], Service]
 class ProfileRouter:
     """Layer: send each request to its profile route's stack."""
 
-    __slots__ = ("_authority", "_build", "_profile", "_stacks", "_sub", "_task")
+    __slots__ = ("_authority", "_build", "_default", "_profile", "_stacks", "_sub", "_task")
 
     def __init__(self, authority: str, profile: Watched[Profile, Profile], build: RouteStackFactory) -> None:
         self._authority = authority
         self._build = build
         self._profile = profile.state
-        self._stacks: dict[ProfileRoute, Service] = {}
+        self._stacks: list[Service | None] = [None] * len(self._profile.routes)
+        self._default: Service | None = None
         self._sub = profile.subscribe()
         self._task = asyncio.get_running_loop().create_task(self._follow())
 
@@ -77,17 +77,21 @@ class ProfileRouter:
             new = update.state if isinstance(update, Snapshot) else update.change
             if new != self._profile:
                 self._profile = new
-                self._stacks = {}  # route stacks rebuilt from the new profile on next use
+                # Route stacks rebuilt from the new profile on next use.
+                self._stacks = [None] * len(new.routes)
+                self._default = None
 
     def __call__(self, req: Request) -> Awaitable[Response]:
         profile = self._profile
-        if profile.routes:
-            route = profile.route_for(RequestInfo(req.method, req.path, self._authority, req.headers))
-        else:
-            route = DEFAULT_ROUTE
-        stack = self._stacks.get(route)
+        i = profile.route_index(req.method, req.path) if profile.routes else -1
+        if i < 0:
+            stack = self._default
+            if stack is None:
+                stack = self._default = self._build(DEFAULT_ROUTE, profile)
+            return stack(req)
+        stack = self._stacks[i]
         if stack is None:
-            stack = self._stacks[route] = self._build(route, profile)
+            stack = self._stacks[i] = self._build(profile.routes[i], profile)
         return stack(req)
 
     def aclose(self) -> None:

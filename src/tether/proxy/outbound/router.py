@@ -8,6 +8,7 @@ explicit mode). The decision for an authority is remembered until discovery chan
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -91,8 +92,10 @@ class Router:
         if name is not None and self.discovery is not None:
             resolved = await self.discovery.resolve(name)
             if resolved is not None:
-                profile = await self.discovery.profile(resolved.authority)
-                return Logical(resolved.authority, watch=resolved.endpoints, profile=profile)
+                # Both streams opened at once: the first request waits for the slower answer only.
+                profile = asyncio.ensure_future(self.discovery.profile(resolved.authority))
+                policy = await self.discovery.policy(resolved.authority)
+                return Logical(resolved.authority, watch=resolved.endpoints, profile=await profile, policy=policy)
         target = orig_dst if orig_dst is not None else self._named_addr(authority)
         return Logical(name or authority.decode("latin-1"), fallback=target)
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from tether.core.discovery.endpoints import Addr, Endpoint
 from tether.core.http.detect import Detected
-from tether.core.routing.profile import Profile, ProfileRoute
+from tether.core.routing.policy import Backend, ClientPolicy, RouteRule
+from tether.core.routing.profile import Profile, ProfileRoute, WeightedDst
 from tether.core.routing.retry_budget import BudgetPolicy, RetryBudget
 from tether.core.routing.retry_policy import RetryPolicy
 from tether.proxy import connect
@@ -36,10 +37,11 @@ from tether.proxy.config import (
 from tether.proxy.detect import DetectProtocol
 from tether.proxy.discovery import Discovery, feed
 from tether.proxy.endpoint import HttpEndpoint
-from tether.proxy.errors import UnavailableError
+from tether.proxy.errors import ProxyError, UnavailableError
 from tether.proxy.http.message import Connection, Request, Response, Service
 from tether.proxy.layers.connect_retry import ConnectRetry
 from tether.proxy.layers.metrics import EndpointMeter, HttpMetricsService
+from tether.proxy.layers.policy_routes import ApplyFilters, Measure, PolicyRouteMetrics, PolicyRouter
 from tether.proxy.layers.rescue import Rescue
 from tether.proxy.layers.retry import Retry, RetryStats
 from tether.proxy.layers.routes import ProfileRouter, RouteCounters, RouteMetrics, Split
@@ -76,6 +78,7 @@ class Outbound:
         self.route = Route(timeout=cfg.response_timeout, connect_retry_attempts=cfg.connect_retry_attempts)
         self.connections = Connections("outbound", h1_server_settings(cfg), h2_settings(cfg), cfg.tcp_zero_copy)
         self.route_metrics = RouteMetrics()
+        self.policy_metrics = PolicyRouteMetrics()
         self._budgets: dict[tuple[str, BudgetPolicy | None], RetryBudget] = {}
         self.logicals: IdleCache[Logical, Stack] = IdleCache(
             self.logical_stack, cfg.cache_max_idle_age, close=Stack.aclose, name="outbound")
@@ -109,18 +112,26 @@ class Outbound:
             assert target.fallback is not None
             inner = self.endpoint_stack(target, Endpoint(target.fallback))  # the one address it names
         closers.append(inner.aclose)
-        svc: Service
+        svc: Service = ConnectRetry(inner, route.connect_retry_attempts)  # a refused connect sent nothing
+        if route.timeout is not None:
+            svc = ResponseTimeout(svc, route.timeout)  # 504 when the response head is late
+        svc = Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
+        profile_router: ProfileRouter | None = None
         if target.profile is not None:
             # The destination's ServiceProfile: a stack per route (timeout, retries, split).
-            router = ProfileRouter(target.authority, target.profile,
-                                   lambda r, p: self.route_stack(target, r, p, inner, closers))
+            profile_router = ProfileRouter(target.authority, target.profile,
+                                           lambda r, p: self.route_stack(target, r, p, inner, closers))
+            closers.append(profile_router.aclose)
+        if target.policy is not None:
+            # Its HTTPRoutes/GRPCRoutes: a stack per rule (the profile, when it has routes, first).
+            backends: dict[str, Service] = {}
+            router = PolicyRouter(target.authority, target.policy, target.profile,
+                                  lambda rule, pol: self.rule_stack(target, rule, pol, inner, closers, backends),
+                                  svc, profile_router)
             closers.append(router.aclose)
             svc = router
-        else:
-            svc = ConnectRetry(inner, route.connect_retry_attempts)  # a refused connect sent nothing
-            if route.timeout is not None:
-                svc = ResponseTimeout(svc, route.timeout)  # 504 when the response head is late
-            svc = Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
+        elif profile_router is not None:
+            svc = profile_router
         svc = HttpMetricsService(svc, self.metrics.http(  # request_total, response_total, latency
             "outbound", target.fallback, authority=target.authority))
         return Stack(svc, closers, inner if isinstance(inner, Balancer) else None)
@@ -145,6 +156,59 @@ class Outbound:
         svc = Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
         return HttpMetricsService(svc, self.route_metrics.series(  # route_request_total, ..., per request
             "route_", target.authority, route.name), per_endpoint=False)
+
+    # -- HTTP: one stack per HTTPRoute/GRPCRoute rule -------------------------------------------------
+    def rule_stack(self, target: Logical, rule: RouteRule, policy: ClientPolicy, own: Service,
+                   closers: list[Callable[[], object]], backends: dict[str, Service]) -> Service:
+        proto = "grpc" if policy.grpc else "http"
+        parent = policy.parent.labels("parent", with_port=True)
+        route = rule.route.labels("route", with_port=False)
+        picks: list[tuple[WeightedDst, Service]] = []
+        for b in rule.backends:
+            bsvc = self._policy_backend(target, b, own, closers, backends)
+            if b.timeout is not None:
+                bsvc = ResponseTimeout(bsvc, b.timeout)  # backendRequest timeout, per try
+            if not b.filters.empty:
+                bsvc = ApplyFilters(bsvc, b.filters, grpc=policy.grpc)  # the backend's own filters
+            bsvc = Measure(bsvc, self.policy_metrics.backend(  # backend_requests_total, backend_response_*
+                proto, f"{parent},{route},{b.meta.labels('backend', with_port=True)}"), grpc=policy.grpc, backend=True)
+            picks.append((WeightedDst(b.authority or b.forward or "", 1 if rule.first_available else b.weight), bsvc))
+        svc: Service
+        if not picks:
+            svc = _NoBackends(rule.route.name or rule.route.kind)
+        else:
+            svc = Split(picks[:1] if rule.first_available else picks)  # backendRefs weights
+        svc = ConnectRetry(svc, self.route.connect_retry_attempts)  # a refused connect sent nothing
+        if rule.retry is not None:
+            svc = Retry(svc, rule.retry, None, self.policy_metrics.retry(  # retry_* counters
+                proto, f"{parent},{route}"))
+        elif rule.response_timeout is not None:
+            svc = ResponseTimeout(svc, rule.response_timeout)  # the response head, per try
+        if not rule.filters.empty:
+            svc = ApplyFilters(svc, rule.filters, grpc=policy.grpc)  # header modifiers, failures, redirects
+        if rule.request_timeout is not None:
+            svc = ResponseTimeout(svc, rule.request_timeout)  # the whole request, retries included
+        svc = Measure(svc, self.policy_metrics.request(  # request_duration_seconds, request_statuses_total
+            proto, f'{parent},{route},hostname=""'), grpc=policy.grpc)
+        return Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
+
+    def _policy_backend(self, target: Logical, b: Backend, own: Service, closers: list[Callable[[], object]],
+                        backends: dict[str, Service]) -> Service:
+        """A rule's backend: the destination's own balancer, another destination's, or one address."""
+        key = b.authority or b.forward or ""
+        svc = backends.get(key)
+        if svc is None:
+            if b.authority is not None and b.authority == target.authority:
+                svc = own
+            elif b.authority is not None:
+                svc = _Concrete(self, b.authority, closers)
+            else:
+                ep = Endpoint.of(key, identity=b.forward_identity)
+                meter = self.endpoint_stack(target, ep)
+                closers.append(meter.aclose)
+                svc = meter
+            backends[key] = svc
+        return svc
 
     def _budget(self, authority: str, profile: Profile) -> RetryBudget:
         # One budget per destination, shared by its routes (as the profile's retryBudget is).
@@ -220,6 +284,18 @@ class Outbound:
 
     async def aclose(self) -> None:
         await self.logicals.aclose()
+
+
+class _NoBackends:
+    """A rule with no backend the proxy can use: 500, as Linkerd answers an empty distribution."""
+
+    __slots__ = ("route",)
+
+    def __init__(self, route: str) -> None:
+        self.route = route
+
+    async def __call__(self, req: Request) -> Response:
+        raise ProxyError(f"route {self.route} has no backends", 500)
 
 
 class _Concrete:

@@ -1,0 +1,270 @@
+"""linkerd2-proxy-api ``OutboundPolicy`` messages read into :mod:`tether.core.routing.policy`.
+
+The destination client (:mod:`tether.proxy.destination`) streams one ``OutboundPolicies.Watch``
+per destination the proxy routes to and calls :func:`client_policy_of` on each message. A message
+the proxy cannot apply (an invalid regular expression, a rule without backends) raises
+:class:`PolicyError`; the caller keeps the last good policy and logs why.
+
+Choices where the API leaves room (written down in docs/notes/issue-10-proxy.md):
+
+- HTTP/1 and HTTP/2 routes of a ``detect`` policy are the same routes in tether's controller and in
+  Linkerd's; the proxy reads the HTTP/1 list (HTTP/2 when only it is set).
+- ``first_available`` distributions send to the first backend; ``random_available`` weighs them.
+- A ``retry.timeout`` is the per-try timeout; ``timeouts.response`` is too when no retry sets one;
+  ``timeouts.request`` bounds the whole request, retries included.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from tether.api.gen import (
+    grpc_route_pb2,
+    http_route_pb2,
+    http_types_pb2,
+    meta_pb2,
+    outbound_pb2,
+)
+from tether.core.routing.http_match import PathMatch, Route, RouteMatch, Rule, ValueMatch
+from tether.core.routing.policy import (
+    NO_FILTERS,
+    Backend,
+    ClientPolicy,
+    FailureInjector,
+    Filters,
+    HeaderModifier,
+    Meta,
+    Redirect,
+    RouteRule,
+)
+from tether.core.routing.retry_policy import MAX_RETRY_BODY, RetryPolicy
+from tether.proxy.wire import endpoint_of, method_of, tcp_addr
+
+
+class PolicyError(ValueError):
+    """An outbound policy the proxy cannot apply; the message says which part."""
+
+
+def _seconds(d: Any) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def _opt_seconds(msg: Any, field: str) -> float | None:
+    if not msg.HasField(field):
+        return None
+    return _seconds(getattr(msg, field)) or None
+
+
+def meta_of(m: meta_pb2.Metadata, port: int = 0) -> Meta:
+    if m.WhichOneof("kind") == "resource":
+        r = m.resource
+        return Meta(r.group, r.kind, r.namespace, r.name, r.section, r.port or port)
+    return Meta(kind="default", name=m.default, port=port)
+
+
+def _headers(hs: http_types_pb2.Headers) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((h.name.lower().encode("latin-1"), bytes(h.value)) for h in hs.headers)
+
+
+def _modifier(m: Any) -> HeaderModifier:
+    return HeaderModifier(add=_headers(m.add), set=_headers(m.set),
+                          remove=tuple(n.lower().encode("latin-1") for n in m.remove))
+
+
+def _ratio(r: http_route_pb2.Ratio, has: bool) -> tuple[int, int]:
+    if not has:
+        return 1, 1
+    return r.numerator, max(1, r.denominator)
+
+
+def _http_filters(filters: Any) -> Filters:
+    req = rsp = None
+    failure = None
+    redirect = None
+    invalid = None
+    for f in filters:
+        kind = f.WhichOneof("kind")
+        if kind == "request_header_modifier":
+            req = _modifier(f.request_header_modifier)
+        elif kind == "response_header_modifier":
+            rsp = _modifier(f.response_header_modifier)
+        elif kind == "failure_injector":
+            fi = f.failure_injector
+            num, den = _ratio(fi.ratio, fi.HasField("ratio"))
+            failure = FailureInjector(fi.status or 500, fi.message, num, den)
+        elif kind == "redirect":
+            r = f.redirect
+            scheme = ""
+            if r.HasField("scheme"):
+                s = r.scheme
+                scheme = (http_types_pb2.Scheme.Registered.Name(s.registered).lower()
+                          if s.WhichOneof("type") == "registered" else s.unregistered)
+            full = prefix = None
+            if r.HasField("path"):
+                which = r.path.WhichOneof("replace")
+                full = r.path.full if which == "full" else None
+                prefix = r.path.prefix if which == "prefix" else None
+            redirect = Redirect(status=r.status or 302, scheme=scheme, host=r.host, port=r.port,
+                                full_path=full, prefix=prefix)
+        else:
+            invalid = f"unknown filter {kind!r}"
+    return Filters(req, rsp, failure, redirect, invalid)
+
+
+def _grpc_filters(filters: Any) -> Filters:
+    req = None
+    failure = None
+    invalid = None
+    for f in filters:
+        kind = f.WhichOneof("kind")
+        if kind == "request_header_modifier":
+            req = _modifier(f.request_header_modifier)
+        elif kind == "failure_injector":
+            fi = f.failure_injector
+            num, den = _ratio(fi.ratio, fi.HasField("ratio"))
+            failure = FailureInjector(fi.code or 13, fi.message, num, den)
+        else:
+            invalid = f"unknown filter {kind!r}"
+    return Filters(request_headers=req, failure=failure, invalid=invalid)
+
+
+def _value_match(name: str, which: str | None, exact: bytes | str, regex: str) -> ValueMatch:
+    if which == "regex":
+        return ValueMatch(name, regex, regex=True)
+    return ValueMatch(name, exact.decode("latin-1") if isinstance(exact, bytes) else exact)
+
+
+def http_route_match(m: http_route_pb2.HttpRouteMatch) -> RouteMatch:
+    path = None
+    if m.HasField("path"):
+        which = m.path.WhichOneof("kind")
+        if which is not None:
+            path = PathMatch(which, getattr(m.path, which))
+    headers = tuple(_value_match(h.name, h.WhichOneof("value"), h.exact, h.regex) for h in m.headers)
+    query = tuple(_value_match(q.name, q.WhichOneof("value"), q.exact, q.regex) for q in m.query_params)
+    method = method_of(m.method) if m.HasField("method") else None
+    return RouteMatch(path, headers, query, method)
+
+
+def grpc_route_match(m: grpc_route_pb2.GrpcRouteMatch) -> RouteMatch:
+    """A gRPC match on ``/service/method`` as a path match (gRPC requests are POSTs to it)."""
+    path = None
+    if m.HasField("rpc"):
+        svc, method = m.rpc.service, m.rpc.method
+        if svc and method:
+            path = PathMatch("exact", f"/{svc}/{method}")
+        elif svc:
+            path = PathMatch("prefix", f"/{svc}")
+        elif method:
+            path = PathMatch("regex", f"/[^/]+/{re.escape(method)}")
+    headers = tuple(_value_match(h.name, h.WhichOneof("value"), h.exact, h.regex) for h in m.headers)
+    return RouteMatch(path, headers)
+
+
+def _backend(rb: Any, weight: int, grpc: bool) -> Backend:
+    b = rb.backend
+    meta = meta_of(b.metadata)
+    filters = _grpc_filters(rb.filters) if grpc else _http_filters(rb.filters)
+    timeout = _opt_seconds(rb, "requestTimeout")
+    kind = b.WhichOneof("kind")
+    if kind == "forward":
+        ip, port = tcp_addr(b.forward.addr)
+        ep = endpoint_of(b.forward, {})
+        where = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        return Backend(meta, forward=where, forward_identity=ep.identity, weight=weight, filters=filters,
+                       timeout=timeout)
+    if kind == "balancer":
+        path = b.balancer.discovery.dst.path
+        if not path:
+            raise PolicyError(f"backend {meta.name or meta.kind}: a balancer without a discovery path")
+        return Backend(meta, authority=path, weight=weight, filters=filters, timeout=timeout)
+    raise PolicyError(f"backend {meta.name or meta.kind}: no forward address and no balancer")
+
+
+def _distribution(d: Any, grpc: bool) -> tuple[tuple[Backend, ...], bool]:
+    kind = d.WhichOneof("kind")
+    if kind == "first_available":
+        return tuple(_backend(rb, 1, grpc) for rb in d.first_available.backends), True
+    if kind == "random_available":
+        backends = tuple(_backend(w.backend, w.weight, grpc) for w in d.random_available.backends if w.weight)
+        return backends, False
+    return (), False
+
+
+def _retry(r: Any, grpc: bool) -> RetryPolicy:
+    per_try = _opt_seconds(r, "timeout")
+    max_body = r.max_request_bytes or MAX_RETRY_BODY
+    if grpc:
+        c = r.conditions
+        codes = frozenset(code for code, on in ((1, c.cancelled), (4, c.deadine_exceeded), (8, c.resource_exhausted),
+                                                (13, c.internal), (14, c.unavailable)) if on)
+        return RetryPolicy(limit=r.max_retries, grpc_codes=codes, per_try_timeout=per_try, max_body=max_body)
+    ranges = tuple((sr.start, sr.end or sr.start) for sr in r.conditions.status_ranges)
+    return RetryPolicy(limit=r.max_retries, http_statuses=ranges, per_try_timeout=per_try, max_body=max_body)
+
+
+def _rule(rule: Any, route_meta: Meta, grpc: bool) -> Rule[RouteRule]:
+    matches = tuple(grpc_route_match(m) if grpc else http_route_match(m) for m in rule.matches)
+    backends, first = _distribution(rule.backends, grpc)
+    request_timeout = response_timeout = None
+    if rule.HasField("timeouts"):
+        request_timeout = _opt_seconds(rule.timeouts, "request")
+        response_timeout = _opt_seconds(rule.timeouts, "response")
+    if request_timeout is None:
+        request_timeout = _opt_seconds(rule, "requestTimeout")
+    retry = _retry(rule.retry, grpc) if rule.HasField("retry") else None
+    if retry is not None and retry.per_try_timeout is None and response_timeout is not None:
+        retry = RetryPolicy(limit=retry.limit, http_statuses=retry.http_statuses, grpc_codes=retry.grpc_codes,
+                            per_try_timeout=response_timeout, max_body=retry.max_body)
+    filters = _grpc_filters(rule.filters) if grpc else _http_filters(rule.filters)
+    return Rule(matches, RouteRule(
+        route=route_meta, backends=backends, filters=filters if not filters.empty else NO_FILTERS,
+        request_timeout=request_timeout, response_timeout=response_timeout, retry=retry,
+        allow_l5d_request_headers=rule.allow_l5d_request_headers, first_available=first))
+
+
+def _host(h: http_route_pb2.HostMatch) -> str:
+    if h.WhichOneof("match") == "suffix":
+        return "*." + ".".join(reversed(h.suffix.reverse_labels))
+    return h.exact
+
+
+def _routes(routes: Any, grpc: bool) -> tuple[Route[RouteRule], ...]:
+    out = []
+    for r in routes:
+        meta = meta_of(r.metadata)
+        out.append(Route(tuple(_host(h) for h in r.hosts), tuple(_rule(rule, meta, grpc) for rule in r.rules)))
+    return tuple(out)
+
+
+def _accrual(fa: outbound_pb2.FailureAccrual) -> tuple[int, float, float, float] | None:
+    if fa.WhichOneof("kind") != "consecutive_failures":
+        return None
+    c = fa.consecutive_failures
+    b = c.backoff
+    return c.max_failures, _seconds(b.min_backoff), _seconds(b.max_backoff), b.jitter_ratio
+
+
+def client_policy_of(p: outbound_pb2.OutboundPolicy, port: int = 0) -> ClientPolicy:
+    """One OutboundPolicy message as the proxy applies it; PolicyError when it cannot be."""
+    parent = meta_of(p.metadata, port)
+    proto = p.protocol
+    kind = proto.WhichOneof("kind")
+    try:
+        if kind == "grpc":
+            g = proto.grpc
+            return ClientPolicy(parent, "grpc", _routes(g.routes, True),
+                                _accrual(g.failure_accrual) if g.HasField("failure_accrual") else None)
+        if kind in ("detect", "http1", "http2"):
+            if kind == "detect":
+                h = proto.detect.http1 if proto.detect.http1.routes else proto.detect.http2
+            else:
+                h = getattr(proto, kind)
+            return ClientPolicy(parent, "http", _routes(h.routes, False),
+                                _accrual(h.failure_accrual) if h.HasField("failure_accrual") else None)
+        return ClientPolicy(parent, kind or "opaque")
+    except (re.error, ValueError) as e:
+        if isinstance(e, PolicyError):
+            raise
+        raise PolicyError(f"policy for {parent.name or parent.kind}: {e}") from None

@@ -1,0 +1,38 @@
+"""linkerd2-proxy-api address messages read into the proxy's types (shared by the destination and
+policy clients)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from tether.api.gen import destination_pb2, http_types_pb2, net_pb2
+from tether.core.discovery.endpoints import Addr, Endpoint
+
+
+def tcp_addr(a: net_pb2.TcpAddress) -> Addr:
+    ip = a.ip
+    if ip.WhichOneof("ip") == "ipv6":
+        n = (ip.ipv6.first << 64) | ip.ipv6.last
+        return str(ipaddress.IPv6Address(n)), a.port
+    return str(ipaddress.IPv4Address(ip.ipv4)), a.port
+
+
+def endpoint_of(w: destination_pb2.WeightedAddr, set_labels: dict[str, str]) -> Endpoint:
+    """One WeightedAddr as the proxy's Endpoint."""
+    identity: str | None = None
+    if w.HasField("tls_identity") and w.tls_identity.WhichOneof("strategy") == "dns_like_identity":
+        identity = w.tls_identity.dns_like_identity.name or None
+    proxy_port: int | None = None
+    if w.HasField("protocol_hint") and w.protocol_hint.HasField("opaque_transport"):
+        proxy_port = w.protocol_hint.opaque_transport.inbound_port or None
+    labels = {f"dst_{k}": v for k, v in set_labels.items()}
+    labels.update({f"dst_{k}": v for k, v in w.metric_labels.items()})
+    return Endpoint(tcp_addr(w.addr), weight=max(1, w.weight or 1), identity=identity, proxy_port=proxy_port,
+                    labels=tuple(sorted(labels.items())))
+
+
+def method_of(m: http_types_pb2.HttpMethod) -> bytes:
+    """An HttpMethod message as the request line spells it."""
+    if m.WhichOneof("type") == "unregistered":
+        return m.unregistered.encode("latin-1")
+    return http_types_pb2.HttpMethod.Registered.Name(m.registered).encode()
