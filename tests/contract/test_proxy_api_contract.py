@@ -324,6 +324,9 @@ def test_go_server_answers_the_proxys_own_grpc_client(goclient: Path, tmp_path: 
             prof = await dst.profile("web.shop.svc.cluster.local:80")
             assert prof is not None
             assert len(prof.state.routes) == 1 and prof.state.routes[0].timeout == 2.0  # the first answer
+            # OutboundPolicies.Watch over the same transport (grpc-go keys its answers by authority or address).
+            pol = await dst.policy("127.0.0.1:80")
+            assert pol is not None and pol.state is not None
         finally:
             await dst.aclose()
 
