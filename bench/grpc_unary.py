@@ -10,7 +10,7 @@ import contextlib
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import h2.config
@@ -132,6 +132,20 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
     return h.Target(name, proc, load, hold)
 
 
+def targets_check(results: Sequence[h.TargetResult]) -> str:
+    """Issue 16's gRPC target: tether's CPU per call at most 1.5x haproxy's."""
+    by = {r.name: r for r in results if r.skipped is None}
+    t, ha = by.get("tether"), by.get("haproxy")
+    if t is None or ha is None:
+        return ""
+    t_cpu, ha_cpu = h.median(t.cpu_us_per_request), h.median(ha.cpu_us_per_request)
+    if not t_cpu or not ha_cpu:
+        return ""
+    ratio = t_cpu / ha_cpu
+    return (f"\ntargets (issue 16):\n  CPU per call <= 1.5x haproxy: {t_cpu:.1f} vs {ha_cpu:.1f} us, {ratio:.2f}x"
+            f" {'ok' if ratio <= 1.5 else 'MISSED'}")
+
+
 SUITE = h.Suite(
     kind="grpc",
     script="bench/grpc_unary.py",
@@ -140,6 +154,7 @@ SUITE = h.Suite(
     targets=TARGETS,
     start_backend=start_backend,
     start_target=start_target,
+    summary=targets_check,
 )
 
 if __name__ == "__main__":

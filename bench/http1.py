@@ -170,6 +170,19 @@ def targets_check(results: Sequence[h.TargetResult]) -> str:
         if kib is not None:
             mib = kib / 1024
             lines.append(f"  RSS {label} <= {limit} MiB: {mib:.1f} MiB {'ok' if mib <= limit else 'MISSED'}")
+    # Issue 16's one-hop targets.
+    t_cpu, n_cpu = h.median(t.cpu_us_per_request), h.median(n.cpu_us_per_request)
+    if t_cpu and n_cpu:
+        ratio = t_cpu / n_cpu
+        lines.append(f"  CPU per request <= 1.3x nginx (issue 16): {t_cpu:.1f} vs {n_cpu:.1f} us, {ratio:.2f}x"
+                     f" {'ok' if ratio <= 1.3 else 'MISSED'}")
+    t999 = [r.p999_ms for r in t.at_rate.get(5000, [])]
+    n999 = [r.p999_ms for r in n.at_rate.get(5000, [])]
+    ratios = [a / b for a, b in zip(t999, n999, strict=False) if b > 0]
+    tail = h.median(ratios)
+    if tail is not None:
+        lines.append(f"  p99.9 @ 5,000/s within 1.5x nginx (issue 16): {tail:.2f}x paired per round"
+                     f" (rounds: {', '.join(f'{x:.2f}x' for x in ratios)}) {'ok' if tail <= 1.5 else 'MISSED'}")
     return "\n".join(lines)
 
 

@@ -10,6 +10,11 @@ TCP, epoll) is not counted: compare builds with it, not with nginx.
 
     .venv/bin/python bench/instructions.py                          # this checkout
     .venv/bin/python bench/instructions.py --build before=/path/to/other/checkout --build after=.
+    .venv/bin/python bench/instructions.py --mesh    # two proxies (outbound -> inbound), plaintext and mTLS
+
+With ``--mesh`` each build runs a meshed pair (a client proxy's outbound listener to a server proxy's
+inbound listener, in plaintext and then over mTLS with identities from a local identity service),
+both under callgrind, and the figure is both proxies' instructions per request together.
 
 Each build is a checkout with its own .venv (and compiled hot path, `scripts/build-native`).
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
@@ -114,25 +120,145 @@ def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int,
 
 def count(pid: int, cg_out: Path, send: Callable[[int], None], n: int, warmup: int) -> float:
     """Instructions per request for ``n`` requests after ``warmup`` uncounted ones."""
+    return count_many([(pid, cg_out)], send, n, warmup)
+
+
+def count_many(procs: list[tuple[int, Path]], send: Callable[[int], None], n: int, warmup: int) -> float:
+    """Instructions per request of several callgrind processes together (a meshed pair)."""
     send(warmup)
-    for f in cg_out.parent.glob(cg_out.name + ".*"):
-        f.unlink()
-    subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
-    send(n)
-    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
-    subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
-    total = 0
-    deadline = time.monotonic() + 30
-    while not total and time.monotonic() < deadline:
+    for _, cg_out in procs:
         for f in cg_out.parent.glob(cg_out.name + ".*"):
-            for line in f.read_text(errors="replace").splitlines():
-                if line.startswith("totals:"):
-                    total += int(line.split()[1])
+            f.unlink()
+    for pid, _ in procs:
+        subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
+    send(n)
+    for pid, _ in procs:
+        subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
+    grand = 0
+    for _, cg_out in procs:
+        total = 0
+        deadline = time.monotonic() + 30
+        while not total and time.monotonic() < deadline:
+            for f in cg_out.parent.glob(cg_out.name + ".*"):
+                for line in f.read_text(errors="replace").splitlines():
+                    if line.startswith("totals:"):
+                        total += int(line.split()[1])
+            if not total:
+                time.sleep(0.2)
         if not total:
-            time.sleep(0.2)
-    if not total:
-        raise RuntimeError("callgrind wrote no totals")
-    return total / n
+            raise RuntimeError(f"callgrind wrote no totals to {cg_out}")
+        grand += total
+    return grand / n
+
+
+@contextlib.contextmanager
+def _callgrind(python: Path, workdir: Path, name: str, args: list[str]) -> Iterator[tuple[int, Path]]:
+    cg_out = workdir / f"callgrind-{name}.out"
+    log = (workdir / f"{name}.log").open("w")
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg_out}",
+         str(python), "-m", "tether", "proxy", "--shutdown-grace-period", "1s", *args],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc.pid, cg_out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+# The client proxy pools nothing; a burst of handshakes under valgrind takes more than the 1 s default.
+_NO_POOL = ("--pool-max-idle-per-endpoint", "0", "--outbound-connect-timeout", "60s")
+
+
+@contextlib.contextmanager
+def mesh_pair_under_callgrind(python: Path, workdir: Path, backend_port: int, mtls: bool, mesh: object | None,
+                              client_flags: tuple[str, ...] = ()) -> Iterator[tuple[list[tuple[int, Path]], int]]:
+    """A client proxy and a server proxy of ``python``'s build under callgrind: (procs, outbound port)."""
+    out, in_port = h.free_port(), h.free_port()
+    out_admin, in_admin = h.free_port(), h.free_port()
+    endpoint: dict[str, object] = {"addr": f"127.0.0.1:{backend_port}", "proxy_port": in_port}
+    server_extra: list[str] = []
+    client_extra: list[str] = []
+    if mtls:
+        from tether.testing.mesh import LocalMesh
+
+        assert isinstance(mesh, LocalMesh)
+        for w, extra in ((mesh.workload("server"), server_extra), (mesh.workload("client"), client_extra)):
+            extra += ["--identity-name", w.identity, "--identity-token-path", str(w.token_path),
+                      "--identity-trust-anchors", str(mesh.anchors), "--identity-addrs", mesh.identity_addrs[0]]
+            if w.name == "server":
+                endpoint["identity"] = w.identity
+    dest = workdir / "mesh-destinations.yaml"
+    dest.write_text(json.dumps({"destinations": {AUTHORITY: [endpoint]}}))
+    server_args = ["--inbound-addr", f"127.0.0.1:{in_port}", "--outbound-addr", f"127.0.0.1:{h.free_port()}",
+                   "--admin-addr", f"127.0.0.1:{in_admin}", "--inbound-app-addr", f"127.0.0.1:{backend_port}",
+                   *server_extra]
+    client_args = ["--outbound-addr", f"127.0.0.1:{out}", "--inbound-addr", f"127.0.0.1:{h.free_port()}",
+                   "--admin-addr", f"127.0.0.1:{out_admin}", "--destinations-file", str(dest), *client_extra,
+                   *client_flags]
+    with _callgrind(python, workdir, "server", server_args) as server, \
+            _callgrind(python, workdir, "client", client_args) as client:
+        h.wait_until(h.http_ok(f"http://127.0.0.1:{in_admin}/ready"), 180, "server proxy /ready under valgrind")
+        h.wait_until(h.http_ok(f"http://127.0.0.1:{out_admin}/ready"), 180, "client proxy /ready under valgrind")
+        yield [server, client], out
+
+
+def mesh_main(args: argparse.Namespace, builds: list[list[str]]) -> int:
+    """--mesh: both proxies of a meshed pair, per request, plaintext and mTLS."""
+    from tether.testing.mesh import LocalMesh
+
+    fortio = h.go_tool("fortio")
+    rows: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="tether-bench-ir-mesh-") as tmp:
+        work = Path(tmp)
+        mesh = LocalMesh(work / "mesh")
+        mesh.work.mkdir(parents=True)
+        mesh.create_ca()
+        mesh.start_identity()
+        backend_port = h.free_port()
+        backend = h.start_fortio_server(fortio, work, backend_port, h.free_port())
+        try:
+            with h.running(backend):
+                for _ in range(args.repeat):
+                    for name, checkout in builds:
+                        python = Path(checkout).resolve() / ".venv" / "bin" / "python"
+                        got: dict[str, float] = {}
+                        # "handshake": the client proxy keeps no idle connection, so each request is a new
+                        # mTLS connection (fewer requests: each costs ~100x a pooled one).
+                        for kind, mtls, flags, n, w in (
+                                ("plain", False, (), args.requests, args.warmup),
+                                ("mtls", True, (), args.requests, args.warmup),
+                                ("handshake", True, _NO_POOL, max(1, args.requests // 10), max(1, args.warmup // 10))):
+                            bdir = work / f"{name}-{kind}-{len(rows.get(name, {}))}"
+                            bdir.mkdir(exist_ok=True)
+                            pair = mesh_pair_under_callgrind(python, bdir, backend_port, mtls, mesh, flags)
+                            with pair as (procs, out):
+                                got[kind] = count_many(procs, lambda k: keepalive_requests(out, k, AUTHORITY), n, w)
+                        print(f"{name}: " + ", ".join(f"{k} {v:,.0f} Ir/request" for k, v in got.items()),
+                              flush=True)
+                        best = rows.setdefault(name, {})
+                        for k, v in got.items():
+                            best[k] = min(best.get(k, v), v)
+        finally:
+            mesh.close()
+    base = rows[builds[0][0]]
+    print(f"\nuser-space instructions per request through two proxies, both counted (valgrind callgrind; min of "
+          f"{args.repeat} runs of {args.requests} requests on one keep-alive connection after {args.warmup} warm-up;"
+          f" new mTLS connection each: a tenth as many)")
+    heads = ("two hops plaintext", "two hops mTLS", "mTLS adds", "new mTLS conn each")
+    print(f"{'build':<12}" + "".join(f"{p:>24}" for p in heads))
+    for name, r in rows.items():
+        p_ir, m_ir, hs = r["plain"], r["mtls"], r["handshake"]
+        cells = (f"{p_ir:,.0f} ({p_ir / base['plain']:.3f}x)", f"{m_ir:,.0f} ({m_ir / base['mtls']:.3f}x)",
+                 f"{m_ir - p_ir:,.0f} (+{(m_ir - p_ir) / p_ir:.0%})", f"{hs:,.0f} ({hs / base['handshake']:.3f}x)")
+        print(f"{name:<12}" + "".join(f"{c:>24}" for c in cells))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,11 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=2000, help="counted requests per path")
     p.add_argument("--warmup", type=int, default=300, help="uncounted requests first")
     p.add_argument("--repeat", type=int, default=2, help="runs per build (the table shows the minimum)")
+    p.add_argument("--mesh", action="store_true", help="a meshed pair of proxies, plaintext and mTLS")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (callgrind) is not installed: apt-get install valgrind", file=sys.stderr)
         return 2
     builds = [b.split("=", 1) for b in args.build] or [["this", str(h.REPO)]]
+    if args.mesh:
+        return mesh_main(args, builds)
     fortio = h.go_tool("fortio")
     rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="tether-bench-ir-") as tmp:

@@ -5,13 +5,30 @@ Run by hand: .venv/bin/python bench/mesh.py   (bench/README.md says what each fi
 
 For the two-hop targets the CPU and RSS columns are the two proxies together (both run under one
 parent process); the identity service is not counted.
+
+Under the table, after the side-by-side rounds, a fresh meshed pair is measured on its own (one
+proxy's RSS, new mTLS connections) and every target of issue 16 that this run can judge is printed
+with its ratio and verdict:
+
+- meshed proxy RSS idle: each proxy of an mTLS pair, identity on, certificate loaded (the larger);
+- meshed proxy RSS with 1,000 mTLS connections: 1,000 concurrent requests (the backend delays each
+  answer by 1 s) make the client proxy open 1,000 mTLS connections to the server proxy, which it keeps
+  pooled (`--pool-max-idle-per-endpoint 1000`); RSS of each proxy once every answer arrived;
+- new mTLS handshakes per second: the client proxy keeps no idle connection
+  (`--pool-max-idle-per-endpoint 0`), so every request through the pair is a new mTLS connection;
+  fortio saturates it; the rate is requests/s, and "per core" is requests per CPU-second of both
+  proxies together (each handshake's two ends and its one request).
 """
 
 from __future__ import annotations
 
 import contextlib
 import shlex
+import socket
 import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import harness as h
@@ -22,6 +39,7 @@ from tether.testing.mesh import LocalMesh
 
 TARGETS = ("direct", "nginx", "tether-2hop-plain", "tether-2hop-mtls")
 _meshes: list[LocalMesh] = []
+_admin: dict[int, dict[str, int]] = {}  # a pair's parent pid -> its proxies' admin ports
 
 
 def _proxy_args(port: int, admin: int, inbound: int, extra: list[str]) -> list[str]:
@@ -29,9 +47,10 @@ def _proxy_args(port: int, admin: int, inbound: int, extra: list[str]) -> list[s
             "--inbound-addr", f"127.0.0.1:{inbound}", "--log-level", "warn", *extra]
 
 
-def start_two_hop(workdir: Path, port: int, backend_port: int, mtls: bool) -> h.Proc:
+def start_two_hop(workdir: Path, port: int, backend_port: int, mtls: bool,
+                  client_flags: Sequence[str] = ()) -> h.Proc:
     in_port, in_admin, out_inbound, out_admin = (h.free_port() for _ in range(4))
-    out_extra: list[str] = []
+    out_extra: list[str] = list(client_flags)
     in_extra = ["--inbound-app-addr", f"127.0.0.1:{backend_port}"]
     endpoint: dict[str, object] = {"addr": f"127.0.0.1:{backend_port}", "proxy_port": in_port}
     if mtls:
@@ -54,7 +73,9 @@ def start_two_hop(workdir: Path, port: int, backend_port: int, mtls: bool) -> h.
     script = f"{shlex.join(inbound)} & {shlex.join(outbound)} & wait"
     proc = h.start("two-hop", ["sh", "-c", script], workdir)
     h.wait_ready(proc, h.http_ok(f"http://127.0.0.1:{in_admin}/ready"), 30, "inbound proxy /ready")
-    return h.wait_ready(proc, h.http_ok(f"http://127.0.0.1:{out_admin}/ready"), 30, "outbound proxy /ready")
+    h.wait_ready(proc, h.http_ok(f"http://127.0.0.1:{out_admin}/ready"), 30, "outbound proxy /ready")
+    _admin[proc.pid] = {"server": in_admin, "client": out_admin}
+    return proc
 
 
 def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, workers: int) -> h.Target:
@@ -76,6 +97,158 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
     return h.Target(name, proc, load, hold)
 
 
+# ------------------------------------------------------------------------------------------------
+# One meshed proxy on its own: RSS idle and with 1,000 mTLS connections, new handshakes per second
+
+
+def _pids(proc: h.Proc) -> dict[str, int]:
+    """The server (inbound) and client (outbound) proxies under the pair's parent shell."""
+    found: dict[str, int] = {}
+    for pid in h.process_tree(proc.pid)[1:]:
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"proxy" in cmd:
+                found["server" if b"--inbound-app-addr" in cmd else "client"] = pid
+    return found
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _open_tls_connections(admin_port: int) -> int:
+    """Open inbound connections that arrived over mesh TLS, from the proxy's own metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    total = 0
+    for line in text.splitlines():
+        if line.startswith("tcp_open_connections{") and 'direction="inbound"' in line and 'tls="true"' in line:
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+@contextlib.contextmanager
+def _requests_in_flight(port: int, n: int, path: str) -> Iterator[int]:
+    """n requests on n connections, left in flight (the backend delays its answers); yields how many were sent."""
+    socks: list[socket.socket] = []
+    req = f"GET {path} HTTP/1.1\r\nHost: {http1.AUTHORITY}\r\nUser-Agent: tether-bench\r\n\r\n".encode()
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(s)
+            s.sendall(req)
+        yield len(socks)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def meshed_proxy_figures(held: int = 1000, seconds: float = 3.0) -> dict[str, float]:
+    """RSS of one meshed proxy idle and with ``held`` mTLS connections; new mTLS connections per second."""
+    fortio = h.go_tool("fortio")
+    out: dict[str, float] = {}
+    h.raise_nofile(16384)
+    with tempfile.TemporaryDirectory(prefix="tether-bench-meshed-") as tmp:
+        work = Path(tmp)
+        backend_port = h.free_port()
+        # The echo server may hold an answer for up to a minute: requests stay in flight while RSS is read.
+        backend = h.start("backend-slow", [str(fortio), "server", "-quiet", "-max-echo-delay", "60s", "-http-port",
+                                           f"127.0.0.1:{backend_port}", "-grpc-port", "disabled", "-redirect-port",
+                                           "disabled", "-tcp-port", "disabled", "-udp-port", "disabled"], work)
+        h.wait_ready(backend, h.tcp_accepting(backend_port), 15, "fortio server")
+        with h.running(backend):
+            port = h.free_port()
+            (work / "held").mkdir()
+            pair = start_two_hop(work / "held", port, backend_port, mtls=True,
+                                 client_flags=["--pool-max-idle-per-endpoint", str(held),
+                                               # a burst of 1,000 handshakes queues for seconds of CPU
+                                               "--outbound-connect-timeout", "30s"])
+            with h.running(pair):
+                pids = _pids(pair)
+                out["rss_idle_server"], out["rss_idle_client"] = _rss_mib(pids["server"]), _rss_mib(pids["client"])
+                admin = _admin[pair.pid]["server"]
+                with _requests_in_flight(port, held, "/echo?size=128&delay=50s") as sent:
+                    # Every request holds its own mTLS connection between the proxies until answered.
+                    with contextlib.suppress(TimeoutError):
+                        h.wait_until(lambda: _open_tls_connections(admin) >= sent, 40, "mTLS connections open")
+                    out["held_sent"] = sent
+                    out["held_tls"] = _open_tls_connections(admin)
+                    out["rss_held_server"] = _rss_mib(pids["server"])
+                    out["rss_held_client"] = _rss_mib(pids["client"])
+            port = h.free_port()
+            (work / "handshakes").mkdir()
+            pair = start_two_hop(work / "handshakes", port, backend_port, mtls=True,
+                                 client_flags=["--pool-max-idle-per-endpoint", "0"])
+            with h.running(pair):
+                target = ["-H", f"Host: {http1.AUTHORITY}", f"http://127.0.0.1:{port}{http1.PATH}"]
+                h.fortio_load(fortio, target, 0, 8, 1.0, work, ok_codes=("200",))  # warm-up
+                cpu0 = h.cpu_seconds(pair.pid)
+                r = h.fortio_load(fortio, target, 0, 16, seconds, work, ok_codes=("200",))
+                cpu = h.cpu_seconds(pair.pid) - cpu0
+                out["handshakes_per_s"] = r.actual_qps
+                out["handshakes_per_cpu_s"] = r.count / cpu if cpu else 0.0
+                out["handshake_cpu_ms"] = 1000 * cpu / r.count if r.count else 0.0
+    for m in _meshes:
+        m.close()
+    return out
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def targets_check(results: Sequence[h.TargetResult]) -> str:
+    """Issue 16's targets that this run can judge, each with its ratio and verdict."""
+    by = {r.name: r for r in results if r.skipped is None}
+    plain, mtls, direct, nginx = (by.get(n) for n in ("tether-2hop-plain", "tether-2hop-mtls", "direct", "nginx"))
+    lines = ["", "targets (issue 16; two-hop figures are both proxies together):"]
+    if plain is not None and mtls is not None:
+        p_cpu, m_cpu = h.median(plain.cpu_us_per_request), h.median(mtls.cpu_us_per_request)
+        if p_cpu and m_cpu:
+            added = m_cpu / p_cpu - 1
+            lines.append(f"  mTLS adds <= 30% to the two-hop plaintext CPU per request: {m_cpu:.1f} vs {p_cpu:.1f} us,"
+                         f" +{added:.0%} {_verdict(added <= 0.30)}")
+    if mtls is not None and nginx is not None:
+        paired = h.paired_saturation_ratio(mtls, nginx)
+        if paired is not None:
+            lines.append(f"  two-hop mTLS saturation >= 0.5x nginx one hop: {paired:.2f}x paired per round"
+                         f" {_verdict(paired >= 0.5)}")
+    if mtls is not None and direct is not None:
+        diffs = [a.p99_ms - b.p99_ms for a, b in zip(mtls.at_rate.get(1000, []), direct.at_rate.get(1000, []),
+                                                      strict=False)]
+        added_p99 = h.median(diffs)
+        if added_p99 is not None:
+            lines.append(f"  p99 @ 1,000/s through two mTLS hops within +1 ms of direct: {added_p99:+.3f} ms paired"
+                         f" per round (rounds: {', '.join(f'{d:+.2f}' for d in diffs)}) {_verdict(added_p99 <= 1.0)}")
+    if mtls is None:
+        return "\n".join(lines) if len(lines) > 2 else ""
+    print("measuring one meshed proxy on its own (RSS idle, 1,000 mTLS connections, new handshakes) ...", flush=True)
+    try:
+        f = meshed_proxy_figures()
+    except (RuntimeError, TimeoutError, OSError, KeyError) as e:
+        lines.append(f"  meshed proxy figures not measured: {e}")
+        return "\n".join(lines)
+    idle = max(f["rss_idle_server"], f["rss_idle_client"])
+    held = max(f["rss_held_server"], f["rss_held_client"])
+    lines.append(f"  meshed proxy RSS idle <= 32 MiB: {idle:.1f} MiB (server {f['rss_idle_server']:.1f}, client"
+                 f" {f['rss_idle_client']:.1f}), {idle / 32:.2f}x the target {_verdict(idle <= 32)}")
+    lines.append(f"  meshed proxy RSS with 1,000 mTLS connections <= 64 MiB: {held:.1f} MiB (server"
+                 f" {f['rss_held_server']:.1f}, client {f['rss_held_client']:.1f};"
+                 f" {f['held_sent']:.0f} requests in flight,"
+                 f" {f['held_tls']:.0f} mTLS connections open at the server), {held / 64:.2f}x the target"
+                 f" {_verdict(held <= 64 and f['held_tls'] >= 1000)}")
+    per_core = f["handshakes_per_cpu_s"]
+    lines.append(f"  new mTLS handshakes >= 1,000/s per core between two proxies: {per_core:,.0f} per CPU-second of"
+                 f" both proxies ({f['handshakes_per_s']:,.0f}/s wall clock; {f['handshake_cpu_ms']:.2f} ms CPU per new"
+                 f" connection with its request), {per_core / 1000:.2f}x the target {_verdict(per_core >= 1000)}")
+    lines.append("  on par with linkerd2-proxy (CPU, saturation, p99, memory): not judged here; linkerd2-proxy is not"
+                 " built by this harness (the issue's figures: 96 us/request, 8.6k/s, 39/60 MiB for the pair)")
+    return "\n".join(lines)
+
+
 SUITE = h.Suite(
     kind="mesh",
     script="bench/mesh.py",
@@ -84,6 +257,7 @@ SUITE = h.Suite(
     targets=TARGETS,
     start_backend=http1.start_backend,
     start_target=start_target,
+    summary=targets_check,
 )
 
 if __name__ == "__main__":

@@ -263,3 +263,76 @@ def test_go_fixed_answer_server_is_decoded_by_tethers_stubs(goclient: Path, tmp_
         assert '"context_token":"{\\"ns\\":\\"shop\\"}"' in server.log()
     finally:
         server.stop()
+
+
+def test_go_server_answers_the_proxys_own_grpc_client(goclient: Path, tmp_path: Path) -> None:
+    """The proxy's control-plane transport (gRPC over tether's HTTP/2 client, no grpcio) against grpc-go."""
+    import asyncio
+
+    from tether.proxy.destination import DestinationDiscovery, DestinationSettings
+    from tether.proxy.grpc_client import GrpcChannel, GrpcError, Status
+
+    answers = {
+        "get": {
+            "web.shop.svc.cluster.local:80": [
+                {"add": {"addrs": [{"addr": {"ip": {"ipv4": 2130706433}, "port": 8080}, "weight": 10000,
+                                    "tls_identity": {"dns_like_identity": {"name": WEB}}}]}}
+            ]
+        },
+        "profile": {
+            "web.shop.svc.cluster.local:80": {
+                "routes": [{"condition": {"path": {"regex": "/x"}}, "is_retryable": True, "timeout": "2s",
+                            "metrics_labels": {"route": "x"}}],
+            }
+        },
+        "outbound": {"127.0.0.1:80": FORWARD_POLICY},
+    }  # fmt: skip
+    (tmp_path / "answers.json").write_text(json.dumps(answers))
+    port = free_port()
+    server = Proc([str(goclient), "-call", "serve", "-listen", f"127.0.0.1:{port}",
+                   "-answers", str(tmp_path / "answers.json")], tmp_path / "server.log")  # fmt: skip
+
+    async def calls() -> None:
+        ch = GrpcChannel(f"127.0.0.1:{port}")
+        try:
+            # The raw transport: a server stream decoded with the upstream messages.
+            req = destination_pb2.GetDestination(path="web.shop.svc.cluster.local:80", context_token='{"ns":"shop"}')
+            stream = ch.server_stream("/io.linkerd.proxy.destination.Destination/Get", req.SerializeToString())
+            update = destination_pb2.Update.FromString(await anext(stream))
+            await stream.aclose()  # the caller stops: the stream is reset, the connection stays usable
+            assert update.add.addrs[0].tls_identity.dns_like_identity.name == WEB
+            # The server's status reaches the caller with its code (grpc-go answers NOT_FOUND here).
+            spec = outbound_pb2.TrafficSpec(authority="nope:80")
+            with pytest.raises(GrpcError) as e:
+                async for _ in ch.server_stream("/io.linkerd.proxy.outbound.OutboundPolicies/Watch",
+                                                spec.SerializeToString()):
+                    pass
+            assert e.value.code == Status.NOT_FOUND
+            # An unknown method: grpc-go's UNIMPLEMENTED.
+            with pytest.raises(GrpcError) as e:
+                await ch.unary("/io.linkerd.proxy.destination.Destination/Nope", b"", timeout=5)
+            assert e.value.code == Status.UNIMPLEMENTED
+        finally:
+            ch.close()
+        # The proxy's Discovery over that transport.
+        dst = DestinationDiscovery(DestinationSettings((f"127.0.0.1:{port}",), '{"ns":"shop"}'))
+        try:
+            res = await dst.resolve("web.shop.svc.cluster.local:80")
+            assert res is not None
+            ep = res.endpoints.state.get(("127.0.0.1", 8080))
+            assert ep is not None and ep.identity == WEB
+            prof = await dst.profile("web.shop.svc.cluster.local:80")
+            assert prof is not None
+            assert len(prof.state.routes) == 1 and prof.state.routes[0].timeout == 2.0  # the first answer
+            # OutboundPolicies.Watch over the same transport (grpc-go keys its answers by authority or address).
+            pol = await dst.policy("127.0.0.1:80")
+            assert pol is not None and pol.state is not None
+        finally:
+            await dst.aclose()
+
+    try:
+        wait_for(lambda: "listening" in server.log(), 10, what="go server")
+        asyncio.run(asyncio.wait_for(calls(), 30))
+    finally:
+        server.stop()
+

@@ -127,6 +127,9 @@ def test_contexts_do_mutual_tls_13_and_report_the_peer(tmp_path: Path) -> None:
         assert await r.readexactly(2) == b"ok"
         sslobj = w.get_extra_info("ssl_object")
         version = f"{sslobj.version()} {sslobj.selected_alpn_protocol()}"
+        # No session ticket (TLS 1.3 sends them after the handshake, before "ok"): nobody resumes,
+        # and each ticket costs the server a copy of the session through DER.
+        assert sslobj.session is not None and not sslobj.session.has_ticket
         w.close()
         srv.close()
         return seen[0], peer_identity(sslobj), version

@@ -162,7 +162,7 @@ def discovery_from(cfg: ProxyConfig) -> Discovery | None:
         return StaticDiscovery(cfg.destinations_file)
     if not cfg.destination_addrs:
         return None
-    # Imported here: grpc costs memory a proxy without a control plane does not need.
+    # Imported here: protobuf and the API messages cost memory a proxy without a control plane does not need.
     from tether.proxy.destination import DestinationDiscovery, DestinationSettings, context_token
 
     addrs = tuple(a.strip() for a in cfg.destination_addrs.split(",") if a.strip())
@@ -193,7 +193,7 @@ def identity_client(cfg: ProxyConfig) -> IdentityClient | None:
         verb = "is" if len(missing) == 1 else "are"
         raise ConfigError(f"--identity-name is set but {', '.join(missing)} {verb} not")
     assert cfg.identity_token_path and cfg.identity_trust_anchors and cfg.identity_addrs
-    # Imported here: grpc and cryptography cost ~25 MB of RSS a plaintext proxy does not need.
+    # Imported here: cryptography and protobuf cost ~15 MiB of RSS a plaintext proxy does not need.
     from tether.core.identity.certs import CertificateError
     from tether.proxy.identity import IdentityClient, IdentityClientConfig
 

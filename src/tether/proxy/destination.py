@@ -26,13 +26,13 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import grpc
+from google.protobuf.message import DecodeError
 
-from tether.api.gen import destination_pb2, destination_pb2_grpc, outbound_pb2, outbound_pb2_grpc
+from tether.api.gen import destination_pb2, outbound_pb2
 from tether.core.discovery.endpoints import Addr, Endpoint, EndpointDiff, EndpointSet, format_addr
 from tether.core.http.authority import normalize_authority
 from tether.core.routing.http_match import Condition
@@ -40,6 +40,7 @@ from tether.core.routing.policy import ClientPolicy
 from tether.core.routing.profile import Profile, ProfileRoute, ResponseClass, StatusMatch, WeightedDst
 from tether.core.routing.retry_budget import BudgetPolicy
 from tether.proxy.discovery import PolicyWatch, ProfileWatch, Resolution, endpoint_watch
+from tether.proxy.grpc_client import GrpcChannel, GrpcError
 from tether.proxy.policy import client_policy_of
 from tether.proxy.wire import endpoint_of, method_of, tcp_addr, tcp_address
 from tether.runtime.watch import Watched
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _BACKOFF_MIN = 0.1
+_GET = "/io.linkerd.proxy.destination.Destination/Get"
+_GET_PROFILE = "/io.linkerd.proxy.destination.Destination/GetProfile"
+_WATCH_POLICY = "/io.linkerd.proxy.outbound.OutboundPolicies/Watch"
 _BACKOFF_MAX = 5.0
 _ADDR = "addr:"  # the key of a policy watched by address, not by name
 
@@ -156,12 +160,11 @@ class _Watch:
 class DestinationDiscovery:
     """The proxy's Discovery over the destination service's replicas."""
 
-    def __init__(self, settings: DestinationSettings, *, channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(self, settings: DestinationSettings) -> None:
         if not settings.addrs:
             raise ValueError("the destination service needs at least one address")
         self.settings = settings
-        self._options = list(channel_options)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[str, GrpcChannel] = {}
         self._watches: dict[str, _Watch] = {}
         self._profiles: dict[str, _Latest[Profile]] = {}
         self._policies: dict[str, _Latest[ClientPolicy | None]] = {}
@@ -203,21 +206,24 @@ class DestinationDiscovery:
         return await self._latest(self._policies, _ADDR + format_addr(addr), None, self._open_policy,
                                   client_policy_of)
 
-    def _open_profile(self, channel: grpc.aio.Channel, key: str) -> Any:
-        return destination_pb2_grpc.DestinationStub(channel).GetProfile(destination_pb2.GetDestination(
-            scheme="k8s", path=key, context_token=self.settings.context_token))
+    def _open_profile(self, channel: GrpcChannel, key: str) -> AsyncIterator[Any]:
+        req = destination_pb2.GetDestination(scheme="k8s", path=key, context_token=self.settings.context_token)
+        return _decoded(channel.server_stream(_GET_PROFILE, req.SerializeToString()),
+                        destination_pb2.DestinationProfile.FromString)
 
-    def _open_policy(self, channel: grpc.aio.Channel, key: str) -> Any:
+    def _open_policy(self, channel: GrpcChannel, key: str) -> AsyncIterator[Any]:
         if key.startswith(_ADDR):
             host, _, port = key[len(_ADDR):].rpartition(":")
-            spec = outbound_pb2.TrafficSpec(source_workload=self.settings.context_token,
-                                            addr=tcp_address((host.strip("[]"), int(port))))
+            req = outbound_pb2.TrafficSpec(source_workload=self.settings.context_token,
+                                           addr=tcp_address((host.strip("[]"), int(port))))
         else:
-            spec = outbound_pb2.TrafficSpec(source_workload=self.settings.context_token, authority=key)
-        return outbound_pb2_grpc.OutboundPoliciesStub(channel).Watch(spec)
+            req = outbound_pb2.TrafficSpec(source_workload=self.settings.context_token, authority=key)
+        return _decoded(channel.server_stream(_WATCH_POLICY, req.SerializeToString()),
+                        outbound_pb2.OutboundPolicy.FromString)
 
     async def _latest(self, table: dict[str, _Latest[Any]], authority: str, empty: Any,
-                      open_call: Callable[[grpc.aio.Channel, str], Any], convert: Callable[[Any], Any]) -> Any:
+                      open_call: Callable[[GrpcChannel, str], AsyncIterator[Any]],
+                      convert: Callable[[Any], Any]) -> Any:
         """A watched value that each message of a stream replaces whole (profiles, policies)."""
         try:
             key = authority if authority.startswith(_ADDR) else normalize_authority(authority, 80)
@@ -235,7 +241,7 @@ class DestinationDiscovery:
         return entry.watch
 
     async def _follow_latest(self, key: str, entry: _Latest[Any],
-                             open_call: Callable[[grpc.aio.Channel, str], Any],
+                             open_call: Callable[[GrpcChannel, str], AsyncIterator[Any]],
                              convert: Callable[[Any], Any]) -> None:
         addrs = list(self.settings.addrs)
         attempt = self._rng.randrange(len(addrs))
@@ -259,8 +265,10 @@ class DestinationDiscovery:
                     entry.first.set()
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as e:
-                log.info("destination %s: replica %s: %s %s", key, addr, e.code().name, e.details())
+            except GrpcError as e:
+                log.info("destination %s: replica %s: %s %s", key, addr, e.name, e.details)
+            except DecodeError as e:
+                log.warning("destination %s: replica %s sent an undecodable message: %s", key, addr, e)
             entry.first.set()  # no answer: the last value (or none) stays in force
             await asyncio.sleep(backoff * (0.5 + self._rng.random()))
             backoff = min(backoff * 2, _BACKOFF_MAX)
@@ -286,7 +294,7 @@ class DestinationDiscovery:
                     entry.task.cancel()
             table.clear()
         for ch in self._channels.values():
-            await ch.close()
+            ch.close()
         self._channels.clear()
 
     # -- metrics ---------------------------------------------------------------------------------------
@@ -322,10 +330,10 @@ class DestinationDiscovery:
         if w is not None and w.task is not None:
             w.task.cancel()
 
-    def _channel(self, addr: str) -> grpc.aio.Channel:
+    def _channel(self, addr: str) -> GrpcChannel:
         ch = self._channels.get(addr)
         if ch is None:
-            ch = self._channels[addr] = grpc.aio.insecure_channel(addr, options=self._options)
+            ch = self._channels[addr] = GrpcChannel(addr, connect_timeout=self.settings.resolve_timeout)
         return ch
 
     async def _follow(self, w: _Watch) -> None:
@@ -340,9 +348,9 @@ class DestinationDiscovery:
                 got_any = await self._stream(w, addr)
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as e:
+            except GrpcError as e:
                 got_any = False
-                log.info("destination %s: replica %s: %s %s", w.authority, addr, e.code().name, e.details())
+                log.info("destination %s: replica %s: %s %s", w.authority, addr, e.name, e.details)
             except Exception:
                 got_any = False
                 log.exception("destination %s: replica %s failed", w.authority, addr)
@@ -357,14 +365,14 @@ class DestinationDiscovery:
 
     async def _stream(self, w: _Watch, addr: str) -> bool:
         """Follow one replica's stream until it ends; True when it sent anything."""
-        stub = destination_pb2_grpc.DestinationStub(self._channel(addr))
-        call = stub.Get(destination_pb2.GetDestination(scheme="k8s", path=w.authority,
-                                                       context_token=self.settings.context_token))
+        request = destination_pb2.GetDestination(scheme="k8s", path=w.authority,
+                                                  context_token=self.settings.context_token)
         first = True
         got_any = False
         snapshot: dict[Addr, Endpoint] = {}
-        async for update in call:
+        async for raw in self._channel(addr).server_stream(_GET, request.SerializeToString()):
             got_any = True
+            update = destination_pb2.Update.FromString(raw)
             kind = update.WhichOneof("update")
             if first:
                 # The first message after (re)connecting is the whole set: replace, never merge.
@@ -398,3 +406,9 @@ class DestinationDiscovery:
         if endpoints != w.endpoints.state:
             w.endpoints.replace(endpoints)
         w.first.set()
+
+
+async def _decoded(stream: AsyncIterator[bytes], parse: Callable[[bytes], Any]) -> AsyncIterator[Any]:
+    """A stream's messages, decoded (DecodeError ends the stream: the caller reconnects)."""
+    async for raw in stream:
+        yield parse(raw)

@@ -14,7 +14,6 @@ identity service that is renewed before it expires, and the TLS contexts built f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -28,12 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tether.api.gen import identity_pb2, identity_pb2_grpc
+from tether.api.gen import identity_pb2
 from tether.core.identity.certs import (
     CertificateError,
     TrustBundle,
@@ -45,6 +43,7 @@ from tether.core.identity.certs import (
 )
 from tether.core.identity.csr import build_csr, generate_key
 from tether.core.identity.names import parse_identity_name
+from tether.proxy.grpc_client import GrpcChannel, GrpcError, Status
 from tether.proxy.tlspeer import IdentityNotReady, peer_identity, peer_spiffe_id
 
 __all__ = ["IdentityClient", "IdentityClientConfig", "IdentityNotReady", "peer_identity", "peer_spiffe_id"]
@@ -54,14 +53,16 @@ log = logging.getLogger("tether.proxy.identity")
 # gRPC codes worth trying the next replica for; the others (bad token, bad CSR) would fail everywhere.
 _FAILOVER_CODES = frozenset(
     {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.CANCELLED,
+        Status.UNAVAILABLE,
+        Status.DEADLINE_EXCEEDED,
+        Status.RESOURCE_EXHAUSTED,
+        Status.UNKNOWN,
+        Status.INTERNAL,
+        Status.CANCELLED,
     }
 )
+_CERTIFY = "/io.linkerd.proxy.identity.Identity/Certify"
+_MAX_CERTIFY_RESPONSE = 64 * 1024
 
 
 class CertifyFailed(Exception):
@@ -140,6 +141,14 @@ def _load_cert_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: ec.EllipticCurv
         ctx.load_cert_chain(str(p), password=password)
 
 
+def _no_session_tickets(ctx: ssl.SSLContext) -> None:
+    """A TLS 1.3 server sends no session tickets: peers never resume (each dial is a fresh mTLS
+    handshake), and OpenSSL 3 copies the session, peer certificate included, through DER for each
+    ticket: 24% of a server proxy's instructions per new mesh connection (callgrind)."""
+    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_TICKET
+
+
 class IdentityClient:
     """Obtains and renews this proxy's certificate and builds its TLS contexts."""
 
@@ -179,9 +188,8 @@ class IdentityClient:
         self._server_ctx: ssl.SSLContext | None = None
         self._client_ctx: ssl.SSLContext | None = None
         self._next_addr = 0
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[str, GrpcChannel] = {}
         self._channels_loop: asyncio.AbstractEventLoop | None = None
-        self._stale_channels: list[grpc.aio.Channel] = []
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -232,6 +240,7 @@ class IdentityClient:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
+        _no_session_tickets(ctx)
         if self.config.alpn_protocols:
             ctx.set_alpn_protocols(list(self.config.alpn_protocols))
 
@@ -261,6 +270,8 @@ class IdentityClient:
             _load_cert_chain(ctx, chain_pem, self.key)
             if self.config.alpn_protocols:
                 ctx.set_alpn_protocols(list(self.config.alpn_protocols))
+            if purpose == ssl.PROTOCOL_TLS_SERVER:
+                _no_session_tickets(ctx)
             contexts.append(ctx)
         contexts[1].check_hostname = True
         self._server_ctx, self._client_ctx = contexts
@@ -273,22 +284,24 @@ class IdentityClient:
 
     # -- certify -----------------------------------------------------------------------------------
 
-    def _channel(self, addr: str) -> grpc.aio.Channel:
-        # grpc.aio channels belong to the loop that made them; a new loop (tests, restarts) needs new ones.
+    def _channel(self, addr: str) -> GrpcChannel:
+        # A connection belongs to the loop that made it; a new loop (tests, restarts) needs new ones.
         loop = asyncio.get_running_loop()
         if loop is not self._channels_loop:
             self._channels = {}
             self._channels_loop = loop
         ch = self._channels.get(addr)
         if ch is None:
-            options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024)]
             name = self.config.identity_server_name
+            ctx: ssl.SSLContext | None = None
             if name:
-                creds = grpc.ssl_channel_credentials(root_certificates=self.bundle.pem())
-                options.append(("grpc.ssl_target_name_override", name))
-                ch = grpc.aio.secure_channel(addr, creds, options=options)
-            else:
-                ch = grpc.aio.insecure_channel(addr, options=options)
+                # The identity service is verified against the trust anchors; no client certificate
+                # (the proxy has none before its first Certify).
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.load_verify_locations(cadata=self.bundle.pem().decode())
+                ctx.set_alpn_protocols(["h2"])
+            ch = GrpcChannel(addr, connect_timeout=self.config.rpc_timeout, ssl_context=ctx, server_hostname=name,
+                             max_message_bytes=_MAX_CERTIFY_RESPONSE)
             self._channels[addr] = ch
         return ch
 
@@ -301,9 +314,6 @@ class IdentityClient:
 
     async def certify_once(self) -> list[x509.Certificate]:
         """One Certify, failing over across addresses; returns a verified chain (leaf first)."""
-        while self._stale_channels:
-            with contextlib.suppress(Exception):
-                await self._stale_channels.pop().close()
         request = identity_pb2.CertifyRequest(
             identity=self.identity.dns_name,
             token=self._read_token(),
@@ -314,14 +324,17 @@ class IdentityClient:
         for i in range(len(addrs)):
             idx = (self._next_addr + i) % len(addrs)
             addr = addrs[idx]
-            stub = identity_pb2_grpc.IdentityStub(self._channel(addr))
             try:
-                resp = await stub.Certify(request, timeout=self.config.rpc_timeout)
-            except grpc.aio.AioRpcError as e:
-                errors.append(f"{addr}: {e.code().name}: {e.details()}")
-                if e.code() in _FAILOVER_CODES:
+                raw = await self._channel(addr).unary(_CERTIFY, request.SerializeToString(), self.config.rpc_timeout)
+            except GrpcError as e:
+                errors.append(f"{addr}: {e.name}: {e.details}")
+                if e.code in _FAILOVER_CODES:
                     continue
                 raise CertifyFailed("; ".join(errors)) from None
+            try:
+                resp = identity_pb2.CertifyResponse.FromString(raw)
+            except Exception as e:  # protobuf's DecodeError
+                raise CertifyFailed(f"{addr} returned an undecodable CertifyResponse: {e}") from None
             self._next_addr = idx  # stay with a replica that answers
             return self._verify(resp, addr)
         raise CertifyFailed("every identity service failed: " + "; ".join(errors))
@@ -416,7 +429,8 @@ class IdentityClient:
         log.info("trust anchors reloaded: %d anchor(s)", len(bundle.anchors))
         if self.config.identity_server_name:
             # TLS channels verify the identity service with the old anchors: redial with the new ones.
-            self._stale_channels.extend(self._channels.values())
+            for ch in self._channels.values():
+                ch.close()
             self._channels = {}
         if self.chain is not None:
             try:
@@ -442,8 +456,7 @@ class IdentityClient:
                 tg.create_task(self._bundle_loop())
         finally:
             for ch in self._channels.values():
-                with contextlib.suppress(Exception):
-                    await ch.close()
+                ch.close()
             self._channels.clear()
 
     # -- admin -------------------------------------------------------------------------------------
