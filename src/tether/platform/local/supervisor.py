@@ -1,0 +1,551 @@
+"""The local mesh's supervisor: the control plane and the pods of one host, kept as asked.
+
+It runs the identity and destination controllers (one or, with HA, three of each) on the bridge's
+gateway address and restarts any that exits; it reconciles the workloads `tether run` asked for
+(``specs/``) into pods, each in its own network namespace with `tether proxy-init` rules, a proxy
+as uid 2102 and the application, which starts only once the proxy is ready; it gives Services a
+virtual IP and writes their names into every pod's hosts file. What it sees is written to
+``status.json`` for `tether status` and `tether run`. On SIGTERM it stops every pod (application
+first, then the proxy, which drains), the control plane, and removes the network it made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tether.platform.local import network
+from tether.platform.local.children import Supervised, http_status
+from tether.platform.local.layout import PROXY_UID, Layout, MeshSettings, write_json
+from tether.platform.local.spec import PROXY_IGNORED_INBOUND, SpecError, WorkloadSpec
+from tether.platform.local.workloads import Workload, WorkloadError, WorkloadPort, WorkloadRegistry
+
+log = logging.getLogger("tether.supervisor")
+
+RECONCILE_INTERVAL = 0.2
+HEALTH_INTERVAL = 1.0
+PROXY_READY_TIMEOUT = 60.0
+ADMIN_PORT = 4191
+INBOUND_PORT = 4143
+OUTBOUND_PORT = 4140
+
+
+def tether_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tether", *args]
+
+
+def identity_name(sa: str, ns: str, settings: MeshSettings) -> str:
+    return f"{sa}.{ns}.serviceaccount.identity.{settings.controller_namespace}.{settings.trust_domain}"
+
+
+def pick_ports(host: str, count: int) -> list[int]:
+    """``count`` ports free on ``host`` now (held together so they differ)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# --- control plane ------------------------------------------------------------------------------
+
+
+@dataclass
+class Component:
+    name: str  # identity-0
+    kind: str  # identity | destination
+    addr: str
+    admin_addr: str
+    child: Supervised
+    ready: bool = False
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "addr": self.addr, "adminAddr": self.admin_addr,
+                "pid": self.child.pid, "ready": self.ready, "restarts": self.child.restarts}
+
+
+def control_plane(layout: Layout, s: MeshSettings) -> list[Component]:
+    out = []
+    cp_log = layout.logs_dir / "control-plane"
+    common = ["--state-dir", str(layout.root), "-L", s.controller_namespace, "--identity-trust-domain", s.trust_domain]
+    for i, (addr, admin) in enumerate(zip(s.identity_addrs, s.identity_admin_addrs, strict=True)):
+        argv = tether_argv("controller", "identity", "--addr", addr, "--admin-addr", admin,
+                           "--identity-trust-anchors-file", s.trust_anchors,
+                           "--identity-issuer-certificate-file", s.issuer_certificate,
+                           "--identity-issuer-key-file", s.issuer_key, *common)
+        out.append(Component(f"identity-{i}", "identity", addr, admin,
+                             Supervised(f"identity-{i}", argv, cp_log / f"identity-{i}.log")))
+    for i, (addr, admin) in enumerate(zip(s.destination_addrs, s.destination_admin_addrs, strict=True)):
+        argv = tether_argv("controller", "destination", "--addr", addr, "--admin-addr", admin,
+                           "--resources-dir", str(layout.resources_dir), "--cluster-domain", s.cluster_domain,
+                           "--cluster-networks", f"{s.pod_cidr},{s.service_cidr}", *common)
+        out.append(Component(f"destination-{i}", "destination", addr, admin,
+                             Supervised(f"destination-{i}", argv, cp_log / f"destination-{i}.log")))
+    return out
+
+
+# --- pods ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pod:
+    spec: WorkloadSpec
+    index: int
+    ip: str
+    veth_index: int
+    netns: str
+    phase: str = "Creating"
+    message: str = ""
+    proxy: Supervised | None = None
+    app: Supervised | None = None
+    proxy_ready: bool = False
+    created_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    task: asyncio.Task[None] | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.spec.pod_name(self.index)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.spec.namespace, self.name)
+
+    def status(self, settings: MeshSettings) -> dict[str, Any]:
+        return {
+            "namespace": self.spec.namespace, "workload": self.spec.name, "name": self.name, "ip": self.ip,
+            "netns": self.netns, "phase": self.phase, "message": self.message,
+            "proxyReady": self.proxy_ready, "meshed": self.spec.settings.inject,
+            "appRunning": bool(self.app and self.app.running),
+            "appPid": self.app.pid if self.app else None, "proxyPid": self.proxy.pid if self.proxy else None,
+            "appRestarts": self.app.restarts if self.app else 0,
+            "proxyRestarts": self.proxy.restarts if self.proxy else 0,
+            "identity": identity_name(self.spec.sa, self.spec.namespace, settings),
+            "proxyAdmin": f"{self.ip}:{ADMIN_PORT}",
+            "createdAt": self.created_at, "readyAt": self.ready_at,
+        }
+
+
+class Supervisor:
+    def __init__(self, layout: Layout, settings: MeshSettings) -> None:
+        self.layout = layout
+        self.s = settings
+        self.registry = WorkloadRegistry(layout.root)
+        self.components: list[Component] = []
+        self.pods: dict[tuple[str, str], Pod] = {}
+        self.specs: dict[tuple[str, str], WorkloadSpec] = {}
+        self.spec_errors: dict[str, str] = {}
+        self.services: dict[tuple[str, str], str] = {}  # (ns, name) -> virtual IP
+        self.hosts_services: list[tuple[str, str, str]] = []
+        self.stopping = False
+        self._free_ips: list[str] = []
+        self._veth_next = 0
+        self._last_status = ""
+        self._stop = asyncio.Event()
+        self._store: Any = None
+        self.started_at = time.time()
+        self.ready_at: float | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Bridge, addresses and the runtime directory; the settings get their control-plane ports."""
+        net = ipaddress.ip_network(self.s.pod_cidr)
+        network.create_bridge(self.s.bridge, self.s.gateway, self.s.prefixlen)
+        hosts = net.hosts()
+        next(hosts)  # the gateway
+        self._free_ips = [str(h) for h, _ in zip(hosts, range(4096), strict=False)]
+        if not self.s.identity_addrs:
+            n = self.s.replicas
+            ports = pick_ports(self.s.gateway, 4 * n)
+            gw = self.s.gateway
+            self.s = replace(
+                self.s,
+                identity_addrs=[f"{gw}:{p}" for p in ports[0:n]],
+                identity_admin_addrs=[f"{gw}:{p}" for p in ports[n:2 * n]],
+                destination_addrs=[f"{gw}:{p}" for p in ports[2 * n:3 * n]],
+                destination_admin_addrs=[f"{gw}:{p}" for p in ports[3 * n:4 * n]],
+            )
+            self.layout.write_settings(self.s)
+        rt = self.layout.runtime_dir(self.s)
+        rt.mkdir(parents=True, exist_ok=True)
+        os.chmod(rt.parent, 0o755)
+        os.chmod(rt, 0o755)
+        shutil.copyfile(self.s.trust_anchors, rt / "ca.crt")
+        os.chmod(rt / "ca.crt", 0o644)
+        # Pods left from a supervisor that died without cleaning up.
+        for ns in network.leftover_netns(self.s.netns_prefix):
+            network.delete_pod_netns(ns)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        from tether.platform.local.store import LocalStore
+
+        self.layout.resources_dir.mkdir(parents=True, exist_ok=True)
+        self._store = LocalStore(self.layout.resources_dir)
+        self.services = self._read_services()
+        self.components = control_plane(self.layout, self.s)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for c in self.components:
+                    tg.create_task(c.child.run())
+                health = tg.create_task(self._health_loop())
+                try:
+                    while not self._stop.is_set():
+                        await self._reconcile(tg)
+                        self._write_status()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(RECONCILE_INTERVAL):
+                                await self._stop.wait()
+                finally:
+                    self.stopping = True
+                    self._write_status()
+                    log.info("stopping: %d pods, then the control plane", len(self.pods))
+                    await self._stop_all_pods()
+                    for c in self.components:
+                        c.child.request_stop()
+                    health.cancel()
+        finally:
+            await asyncio.to_thread(self.teardown)
+
+    def teardown(self) -> None:
+        teardown(self.layout, self.s)
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def _write_status(self) -> None:
+        cp_ready = bool(self.components) and all(c.ready for c in self.components)
+        if cp_ready and self.ready_at is None:
+            self.ready_at = time.time()
+        doc = {
+            "supervisor": {"pid": os.getpid(), "startedAt": self.started_at, "stopping": self.stopping},
+            "controlPlaneReady": cp_ready, "controlPlaneReadyAt": self.ready_at,
+            "components": [c.status() for c in self.components],
+            "pods": [p.status(self.s) for _, p in sorted(self.pods.items())],
+            "workloads": [{"namespace": k[0], "name": k[1], "replicas": v.replicas} for k, v in
+                          sorted(self.specs.items())],
+            "specErrors": self.spec_errors,
+            "services": [{"namespace": k[0], "name": k[1], "clusterIP": v} for k, v in sorted(self.services.items())],
+        }
+        text = json.dumps(doc, sort_keys=True)
+        if text != self._last_status:
+            self._last_status = text
+            write_json(self.layout.status_path, doc)
+
+    async def _health_loop(self) -> None:
+        while True:
+            for c in self.components:
+                host, _, port = c.admin_addr.rpartition(":")
+                c.ready = c.child.running and await http_status(host, int(port), "/ready") == 200
+            for p in list(self.pods.values()):
+                if p.proxy is not None and p.phase in ("Running", "WaitingForProxy"):
+                    p.proxy_ready = p.proxy.running and await http_status(p.ip, ADMIN_PORT, "/ready") == 200
+            await asyncio.sleep(HEALTH_INTERVAL)
+
+    # --- desired state --------------------------------------------------------------------------
+
+    def _read_specs(self) -> dict[tuple[str, str], WorkloadSpec]:
+        out: dict[tuple[str, str], WorkloadSpec] = {}
+        errors: dict[str, str] = {}
+        for path in sorted(self.layout.specs_dir.glob("*/*.yaml")):
+            try:
+                doc = yaml.safe_load(path.read_text())
+                spec = WorkloadSpec.from_dict(doc if isinstance(doc, dict) else {}, str(path))
+            except (OSError, yaml.YAMLError, SpecError) as err:
+                errors[str(path)] = str(err)
+                old = self.specs.get((path.parent.name, path.stem))
+                if old is not None:
+                    out[(old.namespace, old.name)] = old
+                continue
+            out[(spec.namespace, spec.name)] = spec
+        if errors != self.spec_errors:
+            for p, msg in errors.items():
+                log.error("workload spec %s: %s (keeping its last good version)", p, msg)
+        self.spec_errors = errors
+        return out
+
+    async def _reconcile(self, tg: asyncio.TaskGroup) -> None:
+        self.specs = self._read_specs()
+        want: dict[tuple[str, str], tuple[WorkloadSpec, int]] = {}
+        for spec in self.specs.values():
+            for i in range(spec.replicas):
+                want[(spec.namespace, spec.pod_name(i))] = (spec, i)
+        for key, pod in list(self.pods.items()):
+            wanted = want.get(key)
+            same = wanted is not None and replace(wanted[0], replicas=0) == replace(pod.spec, replicas=0)
+            if not same and not pod.stop.is_set():
+                log.info("pod %s/%s: %s", key[0], key[1], "spec changed" if wanted else "not wanted")
+                pod.stop.set()
+        for key, (spec, i) in want.items():
+            if key in self.pods or not self._free_ips:
+                continue
+            pod = Pod(spec, i, self._free_ips.pop(0), self._veth_next, f"{self.s.netns_prefix}{spec.namespace}-"
+                      f"{spec.pod_name(i)}")
+            self._veth_next += 1
+            self.pods[key] = pod
+            pod.task = tg.create_task(self._run_pod(pod))
+        await self._reconcile_services()
+
+    async def _reconcile_services(self) -> None:
+        store = self._store
+        changed = await asyncio.to_thread(store.scan) if store is not None else False
+        if changed or not self.hosts_services:
+            svcs = store.list("Service") if store is not None else []
+            current: dict[tuple[str, str], str] = {}
+            to_write = []
+            for svc in svcs:
+                key = (svc.namespace, svc.name)
+                cip = svc.spec.cluster_ip
+                if cip == "None" or svc.spec.type == "ExternalName":
+                    continue
+                if not cip:
+                    cip = self.services.get(key) or self._allocate_vip(current)
+                    to_write.append((svc, cip))
+                current[key] = cip
+            self.services = current
+            write_json(self.layout.services_path, {f"{k[0]}/{k[1]}": v for k, v in sorted(current.items())})
+            if to_write:
+                await asyncio.to_thread(self._write_cluster_ips, to_write)
+        hosts = sorted((k[0], k[1], v) for k, v in self.services.items())
+        if hosts != self.hosts_services:
+            self.hosts_services = hosts
+            for pod in self.pods.values():
+                if pod.phase not in ("Creating", "Terminating", "Failed"):
+                    await asyncio.to_thread(self._write_pod_etc, pod)
+
+    def _read_services(self) -> dict[tuple[str, str], str]:
+        try:
+            doc = json.loads(self.layout.services_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        out = {}
+        for k, v in doc.items() if isinstance(doc, dict) else ():
+            ns, _, name = str(k).partition("/")
+            out[(ns, name)] = str(v)
+        return out
+
+    def _allocate_vip(self, taken_now: dict[tuple[str, str], str]) -> str:
+        used = set(self.services.values()) | set(taken_now.values())
+        for h in ipaddress.ip_network(self.s.service_cidr).hosts():
+            if str(h) not in used:
+                return str(h)
+        raise RuntimeError(f"service CIDR {self.s.service_cidr} is full")
+
+    def _write_cluster_ips(self, items: list[tuple[Any, str]]) -> None:
+        """Give Services their virtual IP in the store, as the API server fills in spec.clusterIP."""
+        from tether.platform.local.apply import ApplyError, apply
+
+        for svc, vip in items:
+            doc = svc.dump()
+            doc.setdefault("spec", {})["clusterIP"] = vip
+            try:
+                apply(self.layout.resources_dir, [(f"supervisor ({svc.ref()})", yaml.safe_dump(doc))])
+                log.info("service %s/%s: virtual IP %s", svc.namespace, svc.name, vip)
+            except (ApplyError, OSError) as e:
+                log.error("service %s/%s: cannot record its virtual IP: %s", svc.namespace, svc.name, e)
+
+    def _write_pod_etc(self, pod: Pod) -> None:
+        network.write_netns_etc(
+            pod.netns,
+            network.hosts_file(pod.name, pod.ip, pod.spec.namespace, self.hosts_services, self.s.cluster_domain),
+            network.resolv_conf(pod.spec.namespace, self.s.cluster_domain))
+
+    # --- one pod --------------------------------------------------------------------------------
+
+    def _pod_runtime(self, pod: Pod) -> Path:
+        return self.layout.runtime_dir(self.s) / pod.spec.namespace / pod.name
+
+    def _create_pod(self, pod: Pod) -> None:
+        """Blocking: the namespace, its files, the registry entry, the token for the proxy, proxy-init."""
+        s, spec = self.s, pod.spec
+        network.create_pod_netns(pod.netns, network.veth_name(s.mesh_id, pod.veth_index), s.bridge, pod.ip,
+                                 s.prefixlen, s.gateway)
+        self._write_pod_etc(pod)
+        w = Workload(name=pod.name, namespace=spec.namespace, service_account=spec.sa, addresses=(pod.ip,),
+                     ports=tuple(WorkloadPort(p.port, p.name) for p in spec.ports), labels=spec.pod_labels,
+                     proxy_admin=f"{pod.ip}:{ADMIN_PORT}")
+        token = self.registry.register(w)
+        rt = self._pod_runtime(pod)
+        rt.mkdir(parents=True, exist_ok=True)
+        for d in (rt.parent, rt):
+            os.chmod(d, 0o755)
+        tok = rt / "token"
+        fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        os.chown(tok, PROXY_UID, PROXY_UID)
+        if not spec.settings.inject:
+            return
+        ps = spec.settings
+        argv = tether_argv("proxy-init", "--incoming-proxy-port", str(INBOUND_PORT),
+                           "--outgoing-proxy-port", str(OUTBOUND_PORT), "--proxy-uid", str(PROXY_UID),
+                           "--inbound-ports-to-ignore", ",".join((*PROXY_IGNORED_INBOUND, *ps.skip_inbound_ports)))
+        if ps.skip_outbound_ports:
+            argv += ["--outbound-ports-to-ignore", ",".join(ps.skip_outbound_ports)]
+        if ps.skip_subnets:
+            argv += ["--subnets-to-ignore", ",".join(ps.skip_subnets)]
+        import subprocess
+
+        r = subprocess.run(network.netns_exec(pod.netns, argv), capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise network.NetworkError(f"proxy-init: {r.stderr.strip() or r.stdout.strip()}")
+
+    def _proxy_argv(self, pod: Pod) -> list[str]:
+        s, spec, ps = self.s, pod.spec, pod.spec.settings
+        rt = self._pod_runtime(pod)
+        argv = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+                *tether_argv("proxy", "--inbound-addr", f"0.0.0.0:{INBOUND_PORT}",
+                             "--outbound-addr", f"127.0.0.1:{OUTBOUND_PORT}",
+                             "--admin-addr", f"0.0.0.0:{ADMIN_PORT}",
+                             "--log-level", ps.log_level,
+                             "--identity-name", identity_name(spec.sa, spec.namespace, s),
+                             "--identity-token-path", str(rt / "token"),
+                             "--identity-trust-anchors", str(self.layout.runtime_dir(s) / "ca.crt"),
+                             "--identity-addrs", ",".join(s.identity_addrs),
+                             "--destination-addrs", ",".join(s.destination_addrs),
+                             "--shutdown-grace-period", "10s")]
+        if ps.opaque_ports:
+            argv += ["--opaque-ports", ",".join(ps.opaque_ports)]
+        return network.netns_exec(pod.netns, argv)
+
+    def _app_env(self, pod: Pod) -> dict[str, str]:
+        return {**os.environ, "POD_NAME": pod.name, "POD_NAMESPACE": pod.spec.namespace, "POD_IP": pod.ip,
+                "PYTHONUNBUFFERED": "1", **pod.spec.env}
+
+    async def _run_pod(self, pod: Pod) -> None:
+        try:
+            await self._run_pod_inner(pod)
+        except Exception:  # one pod's bug must not take the supervisor and every other pod down
+            log.exception("pod %s/%s failed", pod.spec.namespace, pod.name)
+
+    async def _run_pod_inner(self, pod: Pod) -> None:
+        logs = self.layout.pod_logs(pod.spec.namespace, pod.name)
+        try:
+            try:
+                await asyncio.to_thread(self._create_pod, pod)
+            except (network.NetworkError, WorkloadError, OSError, ValueError) as e:
+                pod.phase, pod.message = "Failed", str(e)
+                log.error("pod %s/%s: %s", pod.spec.namespace, pod.name, e)
+                await pod.stop.wait()
+                return
+            async with asyncio.TaskGroup() as tg:
+                if pod.spec.settings.inject:
+                    pod.proxy = Supervised(f"{pod.name}/proxy", self._proxy_argv(pod), logs / "proxy.log", grace=12)
+                    tg.create_task(pod.proxy.run())
+                    pod.phase = "WaitingForProxy"
+                    if pod.spec.settings.proxy_await:
+                        await self._await_proxy(pod)
+                if not pod.stop.is_set():
+                    pod.app = Supervised(f"{pod.name}/app", network.netns_exec(pod.netns, list(pod.spec.command)),
+                                         logs / "app.log", env=self._app_env(pod), cwd=pod.spec.working_dir)
+                    tg.create_task(pod.app.run())
+                    pod.phase = "Running"
+                    if pod.ready_at is None and (pod.proxy_ready or pod.proxy is None):
+                        pod.ready_at = time.time()
+                await pod.stop.wait()
+                pod.phase = "Terminating"
+                # The application first; the proxy last, so the app's last requests still get out.
+                if pod.app is not None:
+                    pod.app.request_stop()
+                    await pod.app.done.wait()
+                if pod.proxy is not None:
+                    pod.proxy.request_stop()
+        finally:
+            pod.phase = "Terminating"
+            with contextlib.suppress(WorkloadError, OSError):
+                self.registry.remove(pod.spec.namespace, pod.name)
+            await asyncio.to_thread(network.delete_pod_netns, pod.netns)
+            shutil.rmtree(self._pod_runtime(pod), ignore_errors=True)
+            if self.pods.get(pod.key) is pod:
+                del self.pods[pod.key]
+            self._free_ips.insert(0, pod.ip)
+
+    async def _await_proxy(self, pod: Pod) -> None:
+        """proxy-await: hold the application until the proxy's /ready answers 200 (or the pod stops)."""
+        deadline = time.monotonic() + PROXY_READY_TIMEOUT
+        while not pod.stop.is_set():
+            if await http_status(pod.ip, ADMIN_PORT, "/ready", timeout=0.5) == 200:
+                pod.proxy_ready = True
+                pod.ready_at = time.time()
+                return
+            if time.monotonic() > deadline:
+                pod.message = f"proxy not ready after {PROXY_READY_TIMEOUT:g}s; application held back"
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await pod.stop.wait()
+
+    async def _stop_all_pods(self) -> None:
+        for pod in self.pods.values():
+            pod.stop.set()
+        tasks = [p.task for p in self.pods.values() if p.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=60)
+
+
+def teardown(layout: Layout, s: MeshSettings) -> None:
+    """Remove the network and runtime files a mesh made (also what a crashed run left behind)."""
+    for ns in network.leftover_netns(s.netns_prefix):
+        network.delete_pod_netns(ns)
+    for d in network.leftover_netns_etc(s.netns_prefix):
+        shutil.rmtree(d, ignore_errors=True)
+    network.delete_bridge(s.bridge)
+    shutil.rmtree(layout.runtime_dir(s), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        layout.runtime_dir(s).parent.rmdir()  # only when no other mesh uses it
+
+
+def iter_pids(status: dict[str, Any]) -> Iterator[int]:
+    """Every child pid a status file names (for `tether down` after a supervisor that was killed)."""
+    for c in status.get("components", []):
+        if c.get("pid"):
+            yield int(c["pid"])
+    for p in status.get("pods", []):
+        for k in ("appPid", "proxyPid"):
+            if p.get(k):
+                yield int(p[k])
+
+
+def serve(layout: Layout) -> int:
+    """Run the supervisor in this process until SIGTERM; returns the exit status."""
+    settings = layout.read_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    layout.pid_path.write_text(f"{os.getpid()}\n")
+    sup = Supervisor(layout, settings)
+    try:
+        try:
+            sup.prepare()
+        except (network.NetworkError, OSError) as e:
+            log.error("cannot set up the mesh's network: %s", e)
+            sup.teardown()
+            write_json(layout.status_path, {"error": f"cannot set up the mesh's network: {e}"})
+            return 1
+        asyncio.run(sup.run())
+        write_json(layout.status_path, {"stopped": True})
+        return 0
+    finally:
+        with contextlib.suppress(OSError):
+            layout.pid_path.unlink()
