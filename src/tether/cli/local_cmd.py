@@ -432,12 +432,6 @@ def run(name: str, command: tuple[str, ...], namespace: str, service_account: st
     if not command:
         raise CliError("missing COMMAND: give the workload's command after --, e.g. "
                        "tether run web --port 8080 -- python -m http.server 8080")
-    _running_or_fail(layout)
-    if not _namespace_exists(layout, namespace):
-        raise CliError(f"-n {namespace}: no such namespace (apply a v1 Namespace named {namespace} first)")
-    if _spec_path(layout, namespace, name).exists():
-        raise CliError(f"NAME {name}: a workload of that name runs in namespace {namespace} already "
-                       "(tether scale, or tether rm first)")
     try:
         spec = WorkloadSpec(
             name=name, namespace=namespace, command=command, service_account=service_account or "",
@@ -449,6 +443,12 @@ def run(name: str, command: tuple[str, ...], namespace: str, service_account: st
         if msg.startswith(("label ", "annotation ")):
             msg = "--" + msg
         raise CliError(msg) from None
+    _running_or_fail(layout)
+    if not _namespace_exists(layout, namespace):
+        raise CliError(f"-n {namespace}: no such namespace (apply a v1 Namespace named {namespace} first)")
+    if _spec_path(layout, namespace, name).exists():
+        raise CliError(f"NAME {name}: a workload of that name runs in namespace {namespace} already "
+                       "(tether scale, or tether rm first)")
     started = time.time()
     _write_spec(layout, spec)
     click.echo(f"workload {namespace}/{name}: {replicas} replica{'s' * (replicas != 1)} asked for")

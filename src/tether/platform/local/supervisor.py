@@ -43,6 +43,8 @@ PROXY_READY_TIMEOUT = 60.0
 ADMIN_PORT = 4191
 INBOUND_PORT = 4143
 OUTBOUND_PORT = 4140
+# How long a stopping pod stays up after leaving its Services' endpoints (the store polls every 250 ms).
+ENDPOINT_DRAIN = 0.5
 
 
 def tether_argv(*args: str) -> list[str]:
@@ -384,10 +386,8 @@ class Supervisor:
         network.create_pod_netns(pod.netns, network.veth_name(s.mesh_id, pod.veth_index), s.bridge, pod.ip,
                                  s.prefixlen, s.gateway)
         self._write_pod_etc(pod)
-        w = Workload(name=pod.name, namespace=spec.namespace, service_account=spec.sa, addresses=(pod.ip,),
-                     ports=tuple(WorkloadPort(p.port, p.name) for p in spec.ports), labels=spec.pod_labels,
-                     proxy_admin=f"{pod.ip}:{ADMIN_PORT}")
-        token = self.registry.register(w)
+        # Registered without its address: it becomes an endpoint only once its application runs.
+        token = self.registry.register(self._workload(pod, addressed=False))
         rt = self._pod_runtime(pod)
         rt.mkdir(parents=True, exist_ok=True)
         for d in (rt.parent, rt):
@@ -412,6 +412,13 @@ class Supervisor:
         r = subprocess.run(network.netns_exec(pod.netns, argv), capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
             raise network.NetworkError(f"proxy-init: {r.stderr.strip() or r.stdout.strip()}")
+
+    def _workload(self, pod: Pod, addressed: bool) -> Workload:
+        spec = pod.spec
+        return Workload(name=pod.name, namespace=spec.namespace, service_account=spec.sa,
+                        addresses=(pod.ip,) if addressed else (),
+                        ports=tuple(WorkloadPort(p.port, p.name) for p in spec.ports), labels=spec.pod_labels,
+                        proxy_admin=f"{pod.ip}:{ADMIN_PORT}")
 
     def _proxy_argv(self, pod: Pod) -> list[str]:
         s, spec, ps = self.s, pod.spec, pod.spec.settings
@@ -462,11 +469,16 @@ class Supervisor:
                     pod.app = Supervised(f"{pod.name}/app", network.netns_exec(pod.netns, list(pod.spec.command)),
                                          logs / "app.log", env=self._app_env(pod), cwd=pod.spec.working_dir)
                     tg.create_task(pod.app.run())
+                    await asyncio.to_thread(self.registry.update, self._workload(pod, addressed=True))
                     pod.phase = "Running"
                     if pod.ready_at is None and (pod.proxy_ready or pod.proxy is None):
                         pod.ready_at = time.time()
                 await pod.stop.wait()
                 pod.phase = "Terminating"
+                if pod.app is not None:
+                    # Out of the endpoints first, and a moment for clients' proxies to hear of it.
+                    await asyncio.to_thread(self.registry.update, self._workload(pod, addressed=False))
+                    await asyncio.sleep(ENDPOINT_DRAIN)
                 # The application first; the proxy last, so the app's last requests still get out.
                 if pod.app is not None:
                     pod.app.request_stop()
