@@ -129,6 +129,8 @@ class WorkloadSpec:
     working_dir: str = "/"
 
     def __post_init__(self) -> None:
+        if not self.service_account:
+            object.__setattr__(self, "service_account", self.name)  # one spelling: equal specs compare equal
         for what, value in (("name", self.name), ("namespace", self.namespace),
                             ("service account", self.service_account or self.name)):
             if not _LABEL.match(value):
