@@ -203,8 +203,12 @@ def test_scaling_changes_a_clients_endpoints_within_a_second(mesh: Mesh) -> None
     assert failures == []
 
 
-def test_a_killed_application_is_restarted(mesh: Mesh) -> None:
+def test_a_killed_application_or_controller_is_restarted(mesh: Mesh) -> None:
     mesh.up()
+    dest = next(c for c in mesh.status()["components"] if c["name"] == "destination-0")
+    os.kill(dest["pid"], signal.SIGKILL)
+    wait_for(lambda: [c for c in mesh.status()["components"] if c["name"] == "destination-0" and c["ready"]
+                      and c["restarts"] == 1 and c["pid"] != dest["pid"]], 20, what="destination restarted")
     mesh.tether("run", "web", "--port", "8080", "--", *HTTP_APP)
     (pod,) = mesh.pods("web")
     os.kill(pod["appPid"], signal.SIGKILL)

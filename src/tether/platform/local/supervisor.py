@@ -43,6 +43,9 @@ PROXY_READY_TIMEOUT = 60.0
 ADMIN_PORT = 4191
 INBOUND_PORT = 4143
 OUTBOUND_PORT = 4140
+# Pods set up at once: each starts a Python proxy, and a hundred at once starve a small machine.
+START_CONCURRENCY = 8
+START_SLOT_TIMEOUT = 20.0
 # How long a stopping pod stays up after leaving its Services' endpoints (the store polls every 250 ms).
 ENDPOINT_DRAIN = 0.5
 
@@ -166,6 +169,7 @@ class Supervisor:
         self._last_status = ""
         self._stop = asyncio.Event()
         self._store: Any = None
+        self._starting = asyncio.Semaphore(START_CONCURRENCY)
         self.started_at = time.time()
         self.ready_at: float | None = None
 
@@ -451,20 +455,32 @@ class Supervisor:
     async def _run_pod_inner(self, pod: Pod) -> None:
         logs = self.layout.pod_logs(pod.spec.namespace, pod.name)
         try:
-            try:
-                await asyncio.to_thread(self._create_pod, pod)
-            except (network.NetworkError, WorkloadError, OSError, ValueError) as e:
-                pod.phase, pod.message = "Failed", str(e)
-                log.error("pod %s/%s: %s", pod.spec.namespace, pod.name, e)
-                await pod.stop.wait()
-                return
             async with asyncio.TaskGroup() as tg:
-                if pod.spec.settings.inject:
-                    pod.proxy = Supervised(f"{pod.name}/proxy", self._proxy_argv(pod), logs / "proxy.log", grace=12)
-                    tg.create_task(pod.proxy.run())
-                    pod.phase = "WaitingForProxy"
-                    if pod.spec.settings.proxy_await:
-                        await self._await_proxy(pod)
+                failed = ""
+                async with self._starting:
+                    if pod.stop.is_set():
+                        return
+                    try:
+                        await asyncio.to_thread(self._create_pod, pod)
+                    except (network.NetworkError, WorkloadError, OSError, ValueError) as e:
+                        failed = str(e) or type(e).__name__
+                    if not failed and pod.spec.settings.inject:
+                        pod.proxy = Supervised(f"{pod.name}/proxy", self._proxy_argv(pod), logs / "proxy.log",
+                                               grace=12)
+                        tg.create_task(pod.proxy.run())
+                        pod.phase = "WaitingForProxy"
+                        if pod.spec.settings.proxy_await:
+                            # A proxy that never gets ready must not hold a start slot for ever.
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(START_SLOT_TIMEOUT):
+                                    await self._await_proxy(pod)
+                if failed:
+                    pod.phase, pod.message = "Failed", failed
+                    log.error("pod %s/%s: %s", pod.spec.namespace, pod.name, failed)
+                    await pod.stop.wait()
+                    return
+                if pod.proxy is not None and pod.spec.settings.proxy_await and not pod.proxy_ready:
+                    await self._await_proxy(pod)
                 if not pod.stop.is_set():
                     pod.app = Supervised(f"{pod.name}/app", network.netns_exec(pod.netns, list(pod.spec.command)),
                                          logs / "app.log", env=self._app_env(pod), cwd=pod.spec.working_dir)
