@@ -157,6 +157,12 @@ def test_up_run_services_by_name_over_mtls_and_down_leaves_nothing(mesh: Mesh) -
     assert f'client_id="{client_id}"' in inbound
     status = mesh.status()
     assert status["controlPlaneReady"] and [p["phase"] for p in status["pods"]] == ["Running"] * 3
+    checked = mesh.tether("check", "--proxy").stdout
+    assert "tether-local-data-plane" in checked and "Status check results are \u221a" in checked
+    mesh.state.chmod(0o777)
+    r = mesh.tether("check", check=False)
+    assert r.returncode == 1 and f"{mesh.state} is writable by others" in r.stdout
+    mesh.state.chmod(0o755)
     mesh_id, bridge, pids = mesh.settings()["mesh_id"], mesh.bridge, all_pids(status)
     assert len(pids) == 1 + 2 + 6
     # iptables rules live in the pods' namespaces: they go with them.
@@ -229,6 +235,8 @@ def test_an_application_waits_for_its_proxy(mesh: Mesh) -> None:
     assert pod["phase"] == "WaitingForProxy" and not pod["appRunning"] and pod["appPid"] is None
     assert mesh.tether("logs", "held").stdout == ""
     assert "tether=loud" in mesh.tether("logs", "held", "-c", "proxy").stdout
+    r = mesh.tether("check", "--proxy", check=False)
+    assert r.returncode == 1 and "default/held-0: WaitingForProxy" in r.stdout, r.stdout
     # With proxy-await disabled the application does not wait.
     mesh.tether("run", "eager", "--annotation", "config.linkerd.io/proxy-log-level=tether=loud",
                 "--annotation", "config.linkerd.io/proxy-await=disabled", "--no-wait",
