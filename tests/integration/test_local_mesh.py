@@ -292,3 +292,33 @@ def test_bad_arguments_get_one_line_errors(mesh: Mesh) -> None:
     fails("logs", "ghost", says="NAME ghost")
     mesh.tether("run", "web", "--no-wait", "--", "sleep", "3600")
     fails("run", "web", "--", "true", says="NAME web: a workload of that name runs")
+
+
+def test_explicit_pods_without_network_namespaces(mesh: Mesh) -> None:
+    # No bridge and no namespaces (what works without root); the test itself runs as root.
+    out = mesh.tether("up", "--explicit").stdout
+    assert "--explicit only" in out
+    assert not network.link_exists(mesh.bridge)
+    fails = mesh.tether("run", "web", "--", "true", check=False)
+    assert fails.returncode == 2 and "--explicit is needed" in fails.stderr
+    app = [sys.executable, "-c", "import http.server as h, os; h.ThreadingHTTPServer.request_queue_size = 256; "
+           "h.test(h.SimpleHTTPRequestHandler, h.ThreadingHTTPServer, port=8080, bind=os.environ['POD_IP'])"]
+    mesh.tether("run", "web", "--explicit", "--port", "8080", "--replicas", "2", "--", *app)
+    mesh.tether("run", "client", "--explicit", "--", "sleep", "3600")
+    mesh.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n"
+               "spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n")
+    wait_for(lambda: mesh.exec("client-0", "curl", "-sf", "http://web/", check=False).returncode == 0, 10,
+             what="web reachable through the client's proxy (HTTP_PROXY)")
+    for name in ("web", "web.default", "web.default.svc.cluster.local"):
+        assert mesh.exec("client-0", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                         f"http://{name}/").stdout == "200"
+    pods = {p["name"]: p for p in mesh.pods()}
+    assert all(p["explicit"] and ipaddress.ip_address(p["ip"]).is_loopback for p in pods.values())
+    client_metrics = http_get(f"http://{pods['client-0']['proxyAdmin']}/metrics")[1].decode()
+    server_id = "web.default.serviceaccount.identity.linkerd.cluster.local"
+    assert any(ln.startswith("response_total{") and 'tls="true"' in ln and f'server_id="{server_id}"' in ln
+               for ln in client_metrics.splitlines()), client_metrics
+    pids = all_pids(mesh.status())
+    mesh_id = mesh.settings()["mesh_id"]
+    assert "stopped 3 pods" in mesh.tether("down").stdout
+    assert mesh.leftovers(mesh_id, mesh.bridge, pids) == []

@@ -91,6 +91,9 @@ def _wait(cond: Any, timeout: float, what: str, layout: Any, alive: Any = None) 
 @click.command("up", short_help="start the local control plane (identity, destination) on this host")
 @state_dir_option
 @click.option("--ha", is_flag=True, help="run three replicas of each control-plane service")
+@click.option("--explicit", is_flag=True,
+              help="no bridge and no network namespaces (no root needed): the control plane on 127.0.0.1, "
+              "workloads only with `tether run --explicit`")
 @click.option("--identity-trust-anchors-file", "anchors", type=click.Path(dir_okay=False), metavar="PATH",
               help="trust anchors (PEM); with the two issuer flags  [default: a new CA for trying things out]")
 @click.option("--identity-issuer-certificate-file", "issuer_cert", type=click.Path(dir_okay=False), metavar="PATH",
@@ -108,9 +111,9 @@ def _wait(cond: Any, timeout: float, what: str, layout: Any, alive: Any = None) 
               help="how long to wait for the control plane to be ready")
 @click.option("--foreground", is_flag=True, help="run the supervisor in this process (logs on stderr)")
 @output_option(("text", "json"), default="text")
-def up(state_dir: str, ha: bool, anchors: str | None, issuer_cert: str | None, issuer_key: str | None, bridge: str,
-       pod_cidr: str, service_cidr: str, controller_namespace: str, trust_domain: str, timeout: float,
-       foreground: bool, output: str) -> int:
+def up(state_dir: str, ha: bool, explicit: bool, anchors: str | None, issuer_cert: str | None,
+       issuer_key: str | None, bridge: str, pod_cidr: str, service_cidr: str, controller_namespace: str,
+       trust_domain: str, timeout: float, foreground: bool, output: str) -> int:
     """Start the local mesh's control plane on this host, under a supervisor that restarts it.
 
     Runs the identity and destination services (the destination service also serves the policy
@@ -120,13 +123,13 @@ def up(state_dir: str, ha: bool, anchors: str | None, issuer_cert: str | None, i
     `tether down`.
     """
     from tether.platform.local import network
-    from tether.platform.local.layout import MeshSettings, new_mesh_id
+    from tether.platform.local.layout import MeshSettings, loopback_cidr, new_mesh_id
     from tether.platform.local.supervisor import serve
 
     layout = _layout(state_dir)
     if foreground:
-        _need_root("up")
-        _settings_or_fail(layout)
+        if not _settings_or_fail(layout).explicit_only:
+            _need_root("up")
         return serve(layout)
     started = time.monotonic()
     if layout.supervisor_pid() is not None:
@@ -136,7 +139,9 @@ def up(state_dir: str, ha: bool, anchors: str | None, issuer_cert: str | None, i
                        err=True)
         action = "already up"
     else:
-        _need_root("up")
+        if not explicit and os.geteuid() != 0:
+            raise OperationFailed("tether up needs root for pods in network namespaces (run it with sudo), or "
+                                  "--explicit for workloads without them (tether run --explicit)")
         given = [anchors, issuer_cert, issuer_key]
         if any(given) and not all(given):
             raise CliError("--identity-trust-anchors-file, --identity-issuer-certificate-file and "
@@ -153,7 +158,7 @@ def up(state_dir: str, ha: bool, anchors: str | None, issuer_cert: str | None, i
         old = None
         if layout.settings_path.exists():
             old = _settings_or_fail(layout)  # a mesh that stopped (or crashed): reuse its settings
-        if old is None or (old.bridge, old.pod_cidr) != (bridge, pod_cidr):
+        if not explicit and (old is None or (old.bridge, old.pod_cidr) != (bridge, pod_cidr)):
             if network.link_exists(bridge):
                 raise CliError(f"--bridge {bridge}: an interface with that name exists already (another mesh? "
                                "pick another --bridge)")
@@ -178,11 +183,14 @@ def up(state_dir: str, ha: bool, anchors: str | None, issuer_cert: str | None, i
                 if r.returncode != 0:
                     raise OperationFailed(f"cannot create a CA in {layout.ca_dir}: {r.stderr.strip()}")
         assert issuer_cert is not None and issuer_key is not None
-        if old is not None and (old.bridge, old.pod_cidr, old.ha) == (bridge, pod_cidr, ha):
+        if old is not None and (old.ha, old.explicit_only) == (ha, explicit) and (
+                explicit or (old.bridge, old.pod_cidr) == (bridge, pod_cidr)):
             settings = old
         else:
+            mesh_id = old.mesh_id if old else new_mesh_id()
             settings = MeshSettings(
-                mesh_id=old.mesh_id if old else new_mesh_id(), bridge=bridge, pod_cidr=str(pods),
+                mesh_id=mesh_id, bridge="" if explicit else bridge, pod_cidr=str(pods),
+                explicit_only=explicit, loopback_cidr=loopback_cidr(mesh_id),
                 service_cidr=str(svcs), ha=ha, controller_namespace=controller_namespace,
                 trust_domain=trust_domain, trust_anchors=str(Path(anchors).absolute()),
                 issuer_certificate=str(Path(issuer_cert).absolute()), issuer_key=str(Path(issuer_key).absolute()),
@@ -211,7 +219,11 @@ def up(state_dir: str, ha: bool, anchors: str | None, issuer_cert: str | None, i
     click.echo(f"tether up: control plane {action}, ready in {elapsed:.2f}s (state {layout.root})")
     click.echo(f"  identity     {', '.join(settings.identity_addrs)}")
     click.echo(f"  destination  {', '.join(settings.destination_addrs)} (also serves inbound and outbound policy)")
-    click.echo(f"  pods         bridge {settings.bridge}, {settings.pod_cidr}; Services {settings.service_cidr}")
+    if settings.explicit_only:
+        click.echo("  pods         --explicit only (no root: no network namespaces; HTTP and gRPC through HTTP_PROXY, "
+                   "no transparent TCP)")
+    else:
+        click.echo(f"  pods         bridge {settings.bridge}, {settings.pod_cidr}; Services {settings.service_cidr}")
     if settings.generated_ca:
         click.echo(f"  trust anchor {settings.trust_anchors} was made for trying tether out: production brings its "
                    "own (--identity-trust-anchors-file, --identity-issuer-certificate-file, "
@@ -245,8 +257,9 @@ def down(state_dir: str, timeout: float) -> int:
     if not layout.settings_path.exists():
         click.echo(f"tether down: no mesh in {layout.root}; nothing to do")
         return 0
-    _need_root("down")
     settings = _settings_or_fail(layout)
+    if not settings.explicit_only:
+        _need_root("down")
     status = layout.read_status()
     pid = layout.supervisor_pid()
     if pid is not None:
@@ -276,8 +289,8 @@ def down(state_dir: str, timeout: float) -> int:
                 path.unlink(missing_ok=True)
     npods = len(status.get("pods", []))
     files = layout.root if settings.created_state_dir else "the files it made"
-    click.echo(f"tether down: stopped {npods} pod{'s' * (npods != 1)} and the control plane; removed bridge "
-               f"{settings.bridge}, the pods' namespaces and {files}")
+    network = "" if settings.explicit_only else f"bridge {settings.bridge}, the pods' namespaces and "
+    click.echo(f"tether down: stopped {npods} pod{'s' * (npods != 1)} and the control plane; removed {network}{files}")
     return 0
 
 
@@ -296,6 +309,7 @@ POD_COLUMNS = [
     Column("pod", lambda p: p["name"]),
     Column("phase", lambda p: p["phase"]),
     Column("proxy", lambda p: ("ready" if p["proxyReady"] else "not ready") if p["meshed"] else "not meshed"),
+    Column("mode", lambda p: "explicit" if p.get("explicit") else "transparent"),
     Column("restarts", lambda p: p["appRestarts"]),
     Column("ip", lambda p: p["ip"]),
     Column("identity", lambda p: p["identity"], wide=True),
@@ -324,9 +338,11 @@ def status(state_dir: str, output: str) -> int:
     if pid is None:
         click.echo(f"the mesh in {layout.root} is not running (tether up --state-dir {layout.root})")
         return 1
+    pods_are = ("--explicit pods only: no network namespaces, HTTP/gRPC via HTTP_PROXY, no transparent TCP"
+                if settings.explicit_only else f"bridge {settings.bridge} {settings.pod_cidr}: pods run "
+                "transparently (network namespace + iptables), --explicit ones via HTTP_PROXY")
     click.echo(f"mesh {layout.root}: supervisor pid {pid}, control plane "
-               f"{'ready' if doc['controlPlaneReady'] else 'NOT ready'}; bridge {settings.bridge} "
-               f"{settings.pod_cidr}; pods run transparently (network namespace + iptables)")
+               f"{'ready' if doc['controlPlaneReady'] else 'NOT ready'}; {pods_are}")
     emit(doc["components"], COMPONENT_COLUMNS, output, empty="no components")
     click.echo()
     emit(doc["pods"], POD_COLUMNS, output, empty="no pods (tether run NAME -- COMMAND)")
@@ -414,11 +430,15 @@ def _print_pods(pods: list[dict[str, Any]], since: float) -> None:
               help="a pod annotation, read like the injector: config.linkerd.io/opaque-ports, skip-inbound-ports, "
               "skip-outbound-ports, skip-subnets, proxy-log-level, proxy-await, linkerd.io/inject")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="an environment variable of the application")
+@click.option("--explicit", is_flag=True,
+              help="no network namespace: the proxy on loopback addresses, the app's HTTP clients pointed at it "
+              "with HTTP_PROXY; the app must listen on $POD_IP (works without root)")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait until every pod is ready")
 @click.option("--timeout", type=POSITIVE_DURATION, default="60s", show_default=True, help="how long to wait")
 @state_dir_option
 def run(name: str, command: tuple[str, ...], namespace: str, service_account: str | None, ports: tuple[str, ...],
-        replicas: int, labels: tuple[str, ...], annotations: tuple[str, ...], env: tuple[str, ...], wait: bool,
+        replicas: int, labels: tuple[str, ...], annotations: tuple[str, ...], env: tuple[str, ...], explicit: bool,
+        wait: bool,
         timeout: float, state_dir: str) -> int:
     """Start the workload NAME: each replica a pod with its own network namespace and address,
     iptables rules sending its TCP through its proxy (uid 2102, identity from a bootstrap token),
@@ -437,13 +457,16 @@ def run(name: str, command: tuple[str, ...], namespace: str, service_account: st
             name=name, namespace=namespace, command=command, service_account=service_account or "",
             ports=tuple(parse_port(p) for p in ports), replicas=replicas,
             labels=parse_key_values(labels, "--label"), annotations=parse_key_values(annotations, "--annotation"),
-            env=parse_key_values(env, "--env"), working_dir=os.getcwd())
+            env=parse_key_values(env, "--env"), working_dir=os.getcwd(), explicit=explicit)
     except SpecError as e:
         msg = str(e)
         if msg.startswith(("label ", "annotation ")):
             msg = "--" + msg
         raise CliError(msg) from None
-    _running_or_fail(layout)
+    settings = _running_or_fail(layout)
+    if settings.explicit_only and not explicit:
+        raise CliError("--explicit is needed: this mesh was started with `tether up --explicit` (no network "
+                       "namespaces)")
     if not _namespace_exists(layout, namespace):
         raise CliError(f"-n {namespace}: no such namespace (apply a v1 Namespace named {namespace} first)")
     if _spec_path(layout, namespace, name).exists():
@@ -552,7 +575,15 @@ def exec_(name: str, command: tuple[str, ...], namespace: str, state_dir: str) -
     _running_or_fail(layout)
     pod = _pods_named(layout, namespace, name)[0]
     sys.stdout.flush()
+    if pod.get("explicit"):
+        from tether.platform.local.supervisor import explicit_env
+
+        # No namespace to enter: the pod's view is its proxy as HTTP_PROXY and its own address.
+        os.environ.update({**explicit_env(pod["ip"]), "POD_IP": pod["appIp"]})
+        argv = list(command)
+    else:
+        argv = ["ip", "netns", "exec", pod["netns"], *command]
     try:
-        os.execvp("ip", ["ip", "netns", "exec", pod["netns"], *command])
+        os.execvp(argv[0], argv)
     except OSError as e:
-        raise OperationFailed(f"cannot run ip netns exec: {e}") from None
+        raise OperationFailed(f"cannot run {argv[0]}: {e}") from None

@@ -52,6 +52,11 @@ class MeshSettings:
     created_state_dir: bool = False
     # Entries of the state directory `tether up` created, which `tether down` removes.
     made: list[str] = field(default_factory=list)
+    # No bridge, no network namespaces (started without root): only --explicit workloads, control
+    # plane on 127.0.0.1.
+    explicit_only: bool = False
+    # Loopback addresses of --explicit pods: two per pod (its proxy's, its application's).
+    loopback_cidr: str = ""
     # component -> list of "host:port" (gRPC) and admin "host:port", fixed when the mesh is first started
     identity_addrs: list[str] = field(default_factory=list)
     identity_admin_addrs: list[str] = field(default_factory=list)
@@ -65,6 +70,8 @@ class MeshSettings:
     @property
     def gateway(self) -> str:
         """The bridge's own address: the control plane listens here, pods route through it."""
+        if self.explicit_only:
+            return "127.0.0.1"
         return str(next(ipaddress.ip_network(self.pod_cidr).hosts()))
 
     @property
@@ -88,6 +95,11 @@ class MeshSettings:
 
 def new_mesh_id() -> str:
     return secrets.token_hex(2)
+
+
+def loopback_cidr(mesh_id: str) -> str:
+    """A /16 of 127.0.0.0/8 for this mesh's --explicit pods (127.0.x.x and 127.255.x.x left alone)."""
+    return f"127.{int(mesh_id, 16) % 253 + 1}.0.0/16"
 
 
 class Layout:
@@ -136,7 +148,8 @@ class Layout:
         return self.logs_dir / namespace / pod
 
     def runtime_dir(self, settings: MeshSettings) -> Path:
-        return RUNTIME_ROOT / settings.mesh_id
+        # Without root, /run is not ours: the proxies run as the same user and read the state dir.
+        return RUNTIME_ROOT / settings.mesh_id if os.geteuid() == 0 else self.root / "run"
 
     def read_settings(self) -> MeshSettings:
         try:

@@ -127,6 +127,8 @@ class WorkloadSpec:
     annotations: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     working_dir: str = "/"
+    # No network namespace: the proxy on loopback addresses, the application told HTTP_PROXY.
+    explicit: bool = False
 
     def __post_init__(self) -> None:
         if not self.service_account:
@@ -157,6 +159,8 @@ class WorkloadSpec:
             if not _VALUE.match(v):
                 raise SpecError(f"label {k}={v!r}: not a valid label value (63 of A-Z, a-z, 0-9, '-', '_', '.')")
         pod_settings(self.annotations)
+        if self.explicit and len(self.ports) > 1:
+            raise SpecError("--explicit: one --port at most (the proxy's inbound listener stands in for it)")
 
     @property
     def sa(self) -> str:
@@ -179,7 +183,7 @@ class WorkloadSpec:
             "command": list(self.command), "replicas": self.replicas,
             "ports": [{"port": p.port, **({"name": p.name} if p.name else {})} for p in self.ports],
             "labels": dict(self.labels), "annotations": dict(self.annotations), "env": dict(self.env),
-            "workingDir": self.working_dir,
+            "workingDir": self.working_dir, **({"explicit": True} if self.explicit else {}),
         }
 
     @classmethod
@@ -195,6 +199,7 @@ class WorkloadSpec:
                 annotations={str(k): str(v) for k, v in (d.get("annotations") or {}).items()},
                 env={str(k): str(v) for k, v in (d.get("env") or {}).items()},
                 working_dir=str(d.get("workingDir") or "/"),
+                explicit=bool(d.get("explicit", False)),
             )
         except SpecError as e:
             raise SpecError(f"{source}: {e}") from None

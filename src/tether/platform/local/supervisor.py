@@ -118,7 +118,8 @@ class Pod:
     index: int
     ip: str
     veth_index: int
-    netns: str
+    netns: str  # "" for an --explicit pod
+    app_ip: str = ""  # an --explicit pod's application listens here (its proxy on ``ip``)
     phase: str = "Creating"
     message: str = ""
     proxy: Supervised | None = None
@@ -141,7 +142,8 @@ class Pod:
         return {
             "namespace": self.spec.namespace, "workload": self.spec.name, "name": self.name, "ip": self.ip,
             "netns": self.netns, "phase": self.phase, "message": self.message,
-            "proxyReady": self.proxy_ready, "meshed": self.spec.settings.inject,
+            "proxyReady": self.proxy_ready, "meshed": self.spec.settings.inject, "explicit": self.spec.explicit,
+            "appIp": self.app_ip or self.ip,
             "appRunning": bool(self.app and self.app.running),
             "appPid": self.app.pid if self.app else None, "proxyPid": self.proxy.pid if self.proxy else None,
             "appRestarts": self.app.restarts if self.app else 0,
@@ -165,6 +167,7 @@ class Supervisor:
         self.hosts_services: list[tuple[str, str, str]] = []
         self.stopping = False
         self._free_ips: list[str] = []
+        self._free_loopback: list[tuple[str, str]] = []
         self._veth_next = 0
         self._last_status = ""
         self._stop = asyncio.Event()
@@ -177,11 +180,14 @@ class Supervisor:
 
     def prepare(self) -> None:
         """Bridge, addresses and the runtime directory; the settings get their control-plane ports."""
-        net = ipaddress.ip_network(self.s.pod_cidr)
-        network.create_bridge(self.s.bridge, self.s.gateway, self.s.prefixlen)
-        hosts = net.hosts()
-        next(hosts)  # the gateway
-        self._free_ips = [str(h) for h, _ in zip(hosts, range(4096), strict=False)]
+        if not self.s.explicit_only:
+            network.create_bridge(self.s.bridge, self.s.gateway, self.s.prefixlen)
+            hosts = ipaddress.ip_network(self.s.pod_cidr).hosts()
+            next(hosts)  # the gateway
+            self._free_ips = [str(h) for h, _ in zip(hosts, range(4096), strict=False)]
+        if self.s.loopback_cidr:
+            lo = ipaddress.ip_network(self.s.loopback_cidr).hosts()
+            self._free_loopback = [(str(a), str(b)) for a, b, _ in zip(lo, lo, range(2048), strict=False)]
         if not self.s.identity_addrs:
             n = self.s.replicas
             ports = pick_ports(self.s.gateway, 4 * n)
@@ -196,12 +202,13 @@ class Supervisor:
             self.layout.write_settings(self.s)
         rt = self.layout.runtime_dir(self.s)
         rt.mkdir(parents=True, exist_ok=True)
-        os.chmod(rt.parent, 0o755)
-        os.chmod(rt, 0o755)
+        if os.geteuid() == 0:
+            os.chmod(rt.parent, 0o755)  # the proxies' uid 2102 reads below it
+            os.chmod(rt, 0o755)
         shutil.copyfile(self.s.trust_anchors, rt / "ca.crt")
         os.chmod(rt / "ca.crt", 0o644)
         # Pods left from a supervisor that died without cleaning up.
-        for ns in network.leftover_netns(self.s.netns_prefix):
+        for ns in network.leftover_netns(self.s.netns_prefix) if not self.s.explicit_only else ():
             network.delete_pod_netns(ns)
 
     async def run(self) -> None:
@@ -306,10 +313,14 @@ class Supervisor:
                 log.info("pod %s/%s: %s", key[0], key[1], "spec changed" if wanted else "not wanted")
                 pod.stop.set()
         for key, (spec, i) in want.items():
-            if key in self.pods or not self._free_ips:
+            if key in self.pods or not (self._free_loopback if spec.explicit else self._free_ips):
                 continue
-            pod = Pod(spec, i, self._free_ips.pop(0), self._veth_next, f"{self.s.netns_prefix}{spec.namespace}-"
-                      f"{spec.pod_name(i)}")
+            if spec.explicit:
+                proxy_ip, app_ip = self._free_loopback.pop(0)
+                pod = Pod(spec, i, proxy_ip, -1, "", app_ip=app_ip)
+            else:
+                pod = Pod(spec, i, self._free_ips.pop(0), self._veth_next,
+                          f"{self.s.netns_prefix}{spec.namespace}-{spec.pod_name(i)}")
             self._veth_next += 1
             self.pods[key] = pod
             pod.task = tg.create_task(self._run_pod(pod))
@@ -339,7 +350,7 @@ class Supervisor:
         if hosts != self.hosts_services:
             self.hosts_services = hosts
             for pod in self.pods.values():
-                if pod.phase not in ("Creating", "Terminating", "Failed"):
+                if pod.netns and pod.phase not in ("Creating", "Terminating", "Failed"):
                     await asyncio.to_thread(self._write_pod_etc, pod)
 
     def _read_services(self) -> dict[tuple[str, str], str]:
@@ -387,21 +398,23 @@ class Supervisor:
     def _create_pod(self, pod: Pod) -> None:
         """Blocking: the namespace, its files, the registry entry, the token for the proxy, proxy-init."""
         s, spec = self.s, pod.spec
-        network.create_pod_netns(pod.netns, network.veth_name(s.mesh_id, pod.veth_index), s.bridge, pod.ip,
-                                 s.prefixlen, s.gateway)
-        self._write_pod_etc(pod)
+        if not spec.explicit:
+            network.create_pod_netns(pod.netns, network.veth_name(s.mesh_id, pod.veth_index), s.bridge, pod.ip,
+                                     s.prefixlen, s.gateway)
+            self._write_pod_etc(pod)
         # Registered without its address: it becomes an endpoint only once its application runs.
         token = self.registry.register(self._workload(pod, addressed=False))
         rt = self._pod_runtime(pod)
         rt.mkdir(parents=True, exist_ok=True)
         for d in (rt.parent, rt):
-            os.chmod(d, 0o755)
+            os.chmod(d, 0o755 if os.geteuid() == 0 else 0o700)  # as root: uid 2102 reads below
         tok = rt / "token"
         fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token)
-        os.chown(tok, PROXY_UID, PROXY_UID)
-        if not spec.settings.inject:
+        if self._as_proxy_uid(pod):
+            os.chown(tok, PROXY_UID, PROXY_UID)
+        if not spec.settings.inject or spec.explicit:
             return
         ps = spec.settings
         argv = tether_argv("proxy-init", "--incoming-proxy-port", str(INBOUND_PORT),
@@ -424,13 +437,28 @@ class Supervisor:
                         ports=tuple(WorkloadPort(p.port, p.name) for p in spec.ports), labels=spec.pod_labels,
                         proxy_admin=f"{pod.ip}:{ADMIN_PORT}")
 
+    @staticmethod
+    def _as_proxy_uid(pod: Pod) -> bool:
+        """A transparent pod's proxy runs as uid 2102 (its iptables rules let that uid's traffic out);
+        an --explicit pod's as this process's user."""
+        return not pod.spec.explicit and os.geteuid() == 0
+
     def _proxy_argv(self, pod: Pod) -> list[str]:
         s, spec, ps = self.s, pod.spec, pod.spec.settings
         rt = self._pod_runtime(pod)
-        argv = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
-                *tether_argv("proxy", "--inbound-addr", f"0.0.0.0:{INBOUND_PORT}",
-                             "--outbound-addr", f"127.0.0.1:{OUTBOUND_PORT}",
-                             "--admin-addr", f"0.0.0.0:{ADMIN_PORT}",
+        if spec.explicit:
+            # Its inbound listener takes the address and port clients are given (no iptables to send
+            # them to 4143) and hands connections to the application's own address.
+            port = spec.ports[0].port if spec.ports else INBOUND_PORT
+            listeners = ["--inbound-addr", f"{pod.ip}:{port}", "--outbound-addr", f"{pod.ip}:{OUTBOUND_PORT}",
+                         "--admin-addr", f"{pod.ip}:{ADMIN_PORT}", "--inbound-app-addr", f"{pod.app_ip}:{port}"]
+            uid: list[str] = []
+        else:
+            listeners = ["--inbound-addr", f"0.0.0.0:{INBOUND_PORT}", "--outbound-addr",
+                         f"127.0.0.1:{OUTBOUND_PORT}", "--admin-addr", f"0.0.0.0:{ADMIN_PORT}"]
+            uid = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups"]
+        argv = [*uid,
+                *tether_argv("proxy", *listeners,
                              "--log-level", ps.log_level,
                              "--identity-name", identity_name(spec.sa, spec.namespace, s),
                              "--identity-token-path", str(rt / "token"),
@@ -440,11 +468,18 @@ class Supervisor:
                              "--shutdown-grace-period", "10s")]
         if ps.opaque_ports:
             argv += ["--opaque-ports", ",".join(ps.opaque_ports)]
-        return network.netns_exec(pod.netns, argv)
+        return argv if spec.explicit else network.netns_exec(pod.netns, argv)
 
     def _app_env(self, pod: Pod) -> dict[str, str]:
-        return {**os.environ, "POD_NAME": pod.name, "POD_NAMESPACE": pod.spec.namespace, "POD_IP": pod.ip,
-                "PYTHONUNBUFFERED": "1", **pod.spec.env}
+        env = {**os.environ, "POD_NAME": pod.name, "POD_NAMESPACE": pod.spec.namespace,
+               "POD_IP": pod.app_ip or pod.ip, "PYTHONUNBUFFERED": "1"}
+        if pod.spec.explicit:
+            env.update(explicit_env(pod.ip))
+        return {**env, **pod.spec.env}
+
+    def _app_argv(self, pod: Pod) -> list[str]:
+        cmd = list(pod.spec.command)
+        return cmd if pod.spec.explicit else network.netns_exec(pod.netns, cmd)
 
     async def _run_pod(self, pod: Pod) -> None:
         try:
@@ -482,8 +517,8 @@ class Supervisor:
                 if pod.proxy is not None and pod.spec.settings.proxy_await and not pod.proxy_ready:
                     await self._await_proxy(pod)
                 if not pod.stop.is_set():
-                    pod.app = Supervised(f"{pod.name}/app", network.netns_exec(pod.netns, list(pod.spec.command)),
-                                         logs / "app.log", env=self._app_env(pod), cwd=pod.spec.working_dir)
+                    pod.app = Supervised(f"{pod.name}/app", self._app_argv(pod), logs / "app.log",
+                                         env=self._app_env(pod), cwd=pod.spec.working_dir)
                     tg.create_task(pod.app.run())
                     await asyncio.to_thread(self.registry.update, self._workload(pod, addressed=True))
                     pod.phase = "Running"
@@ -505,11 +540,15 @@ class Supervisor:
             pod.phase = "Terminating"
             with contextlib.suppress(WorkloadError, OSError):
                 self.registry.remove(pod.spec.namespace, pod.name)
-            await asyncio.to_thread(network.delete_pod_netns, pod.netns)
+            if pod.netns:
+                await asyncio.to_thread(network.delete_pod_netns, pod.netns)
             shutil.rmtree(self._pod_runtime(pod), ignore_errors=True)
             if self.pods.get(pod.key) is pod:
                 del self.pods[pod.key]
-            self._free_ips.insert(0, pod.ip)
+            if pod.spec.explicit:
+                self._free_loopback.insert(0, (pod.ip, pod.app_ip))
+            else:
+                self._free_ips.insert(0, pod.ip)
 
     async def _await_proxy(self, pod: Pod) -> None:
         """proxy-await: hold the application until the proxy's /ready answers 200 (or the pod stops)."""
@@ -533,13 +572,20 @@ class Supervisor:
             await asyncio.wait(tasks, timeout=60)
 
 
+def explicit_env(proxy_ip: str) -> dict[str, str]:
+    """What points an --explicit pod's HTTP clients at its proxy."""
+    url = f"http://{proxy_ip}:{OUTBOUND_PORT}"
+    return {"HTTP_PROXY": url, "http_proxy": url, "NO_PROXY": "", "no_proxy": ""}
+
+
 def teardown(layout: Layout, s: MeshSettings) -> None:
     """Remove the network and runtime files a mesh made (also what a crashed run left behind)."""
-    for ns in network.leftover_netns(s.netns_prefix):
-        network.delete_pod_netns(ns)
-    for d in network.leftover_netns_etc(s.netns_prefix):
-        shutil.rmtree(d, ignore_errors=True)
-    network.delete_bridge(s.bridge)
+    if not s.explicit_only:
+        for ns in network.leftover_netns(s.netns_prefix):
+            network.delete_pod_netns(ns)
+        for d in network.leftover_netns_etc(s.netns_prefix):
+            shutil.rmtree(d, ignore_errors=True)
+        network.delete_bridge(s.bridge)
     shutil.rmtree(layout.runtime_dir(s), ignore_errors=True)
     with contextlib.suppress(OSError):
         layout.runtime_dir(s).parent.rmdir()  # only when no other mesh uses it
