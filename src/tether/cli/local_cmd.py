@@ -224,6 +224,9 @@ def up(state_dir: str, ha: bool, explicit: bool, anchors: str | None, issuer_cer
                    "no transparent TCP)")
     else:
         click.echo(f"  pods         bridge {settings.bridge}, {settings.pod_cidr}; Services {settings.service_cidr}")
+    if settings.join_addr and not settings.agent:
+        click.echo(f"  other hosts  tether join --control-plane {settings.join_addr} --token "
+                   f"{layout.join_token_path} (copy the token file to the other host)")
     if settings.generated_ca:
         click.echo(f"  trust anchor {settings.trust_anchors} was made for trying tether out: production brings its "
                    "own (--identity-trust-anchors-file, --identity-issuer-certificate-file, "
@@ -587,3 +590,97 @@ def exec_(name: str, command: tuple[str, ...], namespace: str, state_dir: str) -
         os.execvp(argv[0], argv)
     except OSError as e:
         raise OperationFailed(f"cannot run {argv[0]}: {e}") from None
+
+
+# --- join ---------------------------------------------------------------------------------------
+
+
+def _source_addr(dest: str) -> str:
+    """This host's address on the way to ``dest`` (what the first host routes our pods through)."""
+    r = subprocess.run(["ip", "-o", "route", "get", dest], capture_output=True, text=True, timeout=10)
+    words = r.stdout.split()
+    if r.returncode != 0 or "src" not in words:
+        raise OperationFailed(f"--control-plane {dest}: no route to it from this host ({r.stderr.strip()})")
+    return words[words.index("src") + 1]
+
+
+@click.command("join", short_help="join this host's pods to another host's local mesh")
+@click.option("--control-plane", "control_plane", required=True, metavar="HOST:PORT",
+              help="the first host's join address (printed by its `tether up`)")
+@click.option("--token", "token_file", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="the first host's join token (its STATE_DIR/join.token, copied here)")
+@state_dir_option
+@click.option("--bridge", default=DEFAULT_BRIDGE, show_default=True, metavar="NAME",
+              help="this host's bridge for its pods (created)")
+@click.option("--pod-cidr", required=True, metavar="CIDR",
+              help="this host's pod addresses: must not overlap the first host's or any other joined host's")
+@click.option("--timeout", type=POSITIVE_DURATION, default="60s", show_default=True,
+              help="how long to wait for the first host's control plane")
+def join(control_plane: str, token_file: str, state_dir: str, bridge: str, pod_cidr: str, timeout: float) -> int:
+    """Make this host a member of the mesh another host started with `tether up`: pods started here
+    with `tether run` get their identities and endpoints from that host's control plane and reach
+    (and are reached by) its pods. `tether down` here stops this host's pods only."""
+    from tether.platform.local import network
+    from tether.platform.local.join import JoinError, call, read_token
+    from tether.platform.local.layout import MeshSettings, loopback_cidr, new_mesh_id
+
+    layout = _layout(state_dir)
+    host, sep, port = control_plane.rpartition(":")
+    try:
+        ipaddress.ip_address(host)
+        if not sep or not 0 < int(port) < 65536:
+            raise ValueError
+    except ValueError:
+        raise CliError(f"--control-plane {control_plane!r}: expected IP:PORT") from None
+    pods = _network(pod_cidr, "--pod-cidr")
+    if layout.supervisor_pid() is not None:
+        raise CliError(f"--state-dir {layout.root}: a mesh runs here already (tether down first)")
+    _need_root("join")
+    if network.link_exists(bridge):
+        raise CliError(f"--bridge {bridge}: an interface with that name exists already")
+    used = network.addresses_in_use(pods)
+    if used:
+        raise CliError(f"--pod-cidr {pods}: overlaps addresses on this host: {', '.join(used)}")
+    try:
+        token = read_token(token_file)
+        info = call(control_plane, token, "POST", "/join", {"podCIDR": str(pods), "nodeAddr": _source_addr(host)})
+    except JoinError as e:
+        raise OperationFailed(str(e)) from None
+    created = not layout.root.exists()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    anchors = layout.root / "ca.crt"
+    anchors.write_text(info["trustAnchorsPem"])
+    fd = os.open(layout.join_token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    mesh_id = new_mesh_id()
+    settings = MeshSettings(
+        mesh_id=mesh_id, bridge=bridge, pod_cidr=str(pods), service_cidr=info["serviceCIDR"],
+        controller_namespace=info["controllerNamespace"], trust_domain=info["trustDomain"],
+        cluster_domain=info["clusterDomain"], trust_anchors=str(anchors), created_state_dir=created,
+        made=[] if created else ["ca.crt", "join.token", *STATE_ENTRIES], loopback_cidr=loopback_cidr(mesh_id),
+        identity_addrs=list(info["identityAddrs"]), destination_addrs=list(info["destinationAddrs"]),
+        join_addr=control_plane, agent=True)
+    layout.write_settings(settings)
+    _enable_forwarding(layout)
+    started = time.monotonic()
+    with open(layout.log_path, "ab") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tether", "up", "--foreground", "--state-dir", str(layout.root)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
+    _wait(lambda: layout.supervisor_pid() is not None or layout.read_status().get("error"), 20,
+          "the supervisor to start", layout, alive=lambda: child.poll() is None)
+    _wait(lambda: _ready_status(layout), timeout, "the first host's control plane", layout)
+    click.echo(f"tether join: this host's pods ({pods}, bridge {bridge}) are in the mesh of {control_plane}, "
+               f"in {time.monotonic() - started:.2f}s; tether run --state-dir {layout.root} ... starts pods here")
+    return 0
+
+
+def _enable_forwarding(layout: Any) -> None:
+    """This host forwards its pods' packets to the other hosts; the old setting is recorded and
+    `tether down` puts it back."""
+    from tether.platform.local.layout import write_json
+
+    forward = Path("/proc/sys/net/ipv4/ip_forward")
+    write_json(layout.routes_path, {"ipForward": forward.read_text().strip(), "routes": {}})
+    forward.write_text("1\n")

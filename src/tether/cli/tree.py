@@ -44,6 +44,7 @@ COMMANDS: dict[str, Lazy] = {
     "diagnostics": Lazy("tether.cli.diagnostics_cmd", "diagnostics",
                         "inspect what the control plane serves (endpoints, profile, policy)"),
     "get": Lazy("tether.cli.resources_cmd", "get", "list the resources of a kind in the local store"),
+    "join": Lazy("tether.cli.local_cmd", "join", "join this host's pods to another host's local mesh"),
     "logs": Lazy("tether.cli.local_cmd", "logs", "print a local pod's application or proxy log"),
     "rm": Lazy("tether.cli.local_cmd", "rm", "stop a local workload's pods and remove it"),
     "run": Lazy("tether.cli.local_cmd", "run", "start a workload as pods in the local mesh"),

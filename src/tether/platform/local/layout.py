@@ -57,6 +57,10 @@ class MeshSettings:
     explicit_only: bool = False
     # Loopback addresses of --explicit pods: two per pod (its proxy's, its application's).
     loopback_cidr: str = ""
+    # The first host: where its join API listens. A joined host (agent): the first host's join API.
+    join_addr: str = ""
+    agent: bool = False
+    cluster_networks: list[str] = field(default_factory=list)
     # component -> list of "host:port" (gRPC) and admin "host:port", fixed when the mesh is first started
     identity_addrs: list[str] = field(default_factory=list)
     identity_admin_addrs: list[str] = field(default_factory=list)
@@ -139,6 +143,15 @@ class Layout:
     @property
     def ca_dir(self) -> Path:
         return self.root / "ca"
+
+    @property
+    def join_token_path(self) -> Path:
+        return self.root / "join.token"
+
+    @property
+    def routes_path(self) -> Path:
+        """Routes and the forwarding setting this host changed for joined hosts, undone by `down`."""
+        return self.root / "routes.json"
 
     @property
     def logs_dir(self) -> Path:

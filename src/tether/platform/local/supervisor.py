@@ -90,7 +90,9 @@ class Component:
 
 
 def control_plane(layout: Layout, s: MeshSettings) -> list[Component]:
-    out = []
+    out: list[Component] = []
+    if s.agent:
+        return out  # a joined host uses the first host's control plane
     cp_log = layout.logs_dir / "control-plane"
     common = ["--state-dir", str(layout.root), "-L", s.controller_namespace, "--identity-trust-domain", s.trust_domain]
     for i, (addr, admin) in enumerate(zip(s.identity_addrs, s.identity_admin_addrs, strict=True)):
@@ -158,7 +160,15 @@ class Supervisor:
     def __init__(self, layout: Layout, settings: MeshSettings) -> None:
         self.layout = layout
         self.s = settings
-        self.registry = WorkloadRegistry(layout.root)
+        self.registry: Any = WorkloadRegistry(layout.root)
+        self._join_token = ""
+        if settings.agent:
+            from tether.platform.local.join import RemoteRegistry
+
+            self._join_token = layout.join_token_path.read_text().strip()
+            self.registry = RemoteRegistry(settings.join_addr, self._join_token)
+        self._remote_ok = False
+        self._remote_checked = 0.0
         self.components: list[Component] = []
         self.pods: dict[tuple[str, str], Pod] = {}
         self.specs: dict[tuple[str, str], WorkloadSpec] = {}
@@ -190,7 +200,7 @@ class Supervisor:
             self._free_loopback = [(str(a), str(b)) for a, b, _ in zip(lo, lo, range(2048), strict=False)]
         if not self.s.identity_addrs:
             n = self.s.replicas
-            ports = pick_ports(self.s.gateway, 4 * n)
+            ports = pick_ports(self.s.gateway, 4 * n + 1)
             gw = self.s.gateway
             self.s = replace(
                 self.s,
@@ -198,8 +208,15 @@ class Supervisor:
                 identity_admin_addrs=[f"{gw}:{p}" for p in ports[n:2 * n]],
                 destination_addrs=[f"{gw}:{p}" for p in ports[2 * n:3 * n]],
                 destination_admin_addrs=[f"{gw}:{p}" for p in ports[3 * n:4 * n]],
+                join_addr="" if self.s.explicit_only else f"{gw}:{ports[4 * n]}",
             )
             self.layout.write_settings(self.s)
+        if self.s.join_addr and not self.s.agent and not self.layout.join_token_path.exists():
+            from tether.platform.local.join import new_token
+
+            fd = os.open(self.layout.join_token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(new_token() + "\n")
         rt = self.layout.runtime_dir(self.s)
         rt.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
@@ -221,6 +238,9 @@ class Supervisor:
         self._store = LocalStore(self.layout.resources_dir)
         self.services = self._read_services()
         self.components = control_plane(self.layout, self.s)
+        join_server = None
+        if self.s.join_addr and not self.s.agent:
+            join_server = await self._serve_join()
         try:
             async with asyncio.TaskGroup() as tg:
                 for c in self.components:
@@ -241,16 +261,52 @@ class Supervisor:
                     for c in self.components:
                         c.child.request_stop()
                     health.cancel()
+                    if join_server is not None:
+                        join_server.close()
         finally:
             await asyncio.to_thread(self.teardown)
 
     def teardown(self) -> None:
         teardown(self.layout, self.s)
 
+    # --- other hosts ----------------------------------------------------------------------------
+
+    async def _serve_join(self) -> asyncio.Server:
+        from tether.platform.local.join import JoinServer
+
+        api = JoinServer(self.layout.join_token_path.read_text().strip(), self.registry, self._mesh_info,
+                         self._service_list, lambda cidr, via: add_route(self.layout, cidr, via))
+        host, _, port = self.s.join_addr.rpartition(":")
+        return await asyncio.start_server(api.handle, host, int(port))
+
+    def _mesh_info(self) -> dict[str, Any]:
+        s = self.s
+        return {"identityAddrs": s.identity_addrs, "destinationAddrs": s.destination_addrs,
+                "trustAnchorsPem": Path(s.trust_anchors).read_text(), "controllerNamespace": s.controller_namespace,
+                "trustDomain": s.trust_domain, "clusterDomain": s.cluster_domain, "serviceCIDR": s.service_cidr}
+
+    def _service_list(self) -> list[dict[str, str]]:
+        return [{"namespace": k[0], "name": k[1], "clusterIP": v} for k, v in sorted(self.services.items())]
+
+    def _remote_services(self) -> dict[tuple[str, str], str] | None:
+        from tether.platform.local.join import JoinError, call
+
+        try:
+            items = call(self.s.join_addr, self._join_token, "GET", "/services")
+        except JoinError as e:
+            if self._remote_ok:
+                log.error("the first host's join API does not answer: %s", e)
+            self._remote_ok = False
+            return None
+        self._remote_ok = True
+        return {(str(i["namespace"]), str(i["name"])): str(i["clusterIP"]) for i in items}
+
     # --- status ---------------------------------------------------------------------------------
 
     def _write_status(self) -> None:
-        cp_ready = bool(self.components) and all(c.ready for c in self.components)
+        # A joined host's control plane is the first host's, reached through its join API.
+        cp_ready = self._remote_ok if self.s.agent else bool(self.components) and all(
+            c.ready for c in self.components)
         if cp_ready and self.ready_at is None:
             self.ready_at = time.time()
         doc = {
@@ -327,6 +383,22 @@ class Supervisor:
         await self._reconcile_services()
 
     async def _reconcile_services(self) -> None:
+        if self.s.agent:
+            if time.monotonic() - self._remote_checked > 1.0:
+                self._remote_checked = time.monotonic()
+                remote = await asyncio.to_thread(self._remote_services)
+                if remote is not None:
+                    self.services = remote
+        else:
+            await self._reconcile_own_services()
+        hosts = sorted((k[0], k[1], v) for k, v in self.services.items())
+        if hosts != self.hosts_services:
+            self.hosts_services = hosts
+            for pod in self.pods.values():
+                if pod.netns and pod.phase not in ("Creating", "Terminating", "Failed"):
+                    await asyncio.to_thread(self._write_pod_etc, pod)
+
+    async def _reconcile_own_services(self) -> None:
         store = self._store
         changed = await asyncio.to_thread(store.scan) if store is not None else False
         if changed or not self.hosts_services:
@@ -346,12 +418,6 @@ class Supervisor:
             write_json(self.layout.services_path, {f"{k[0]}/{k[1]}": v for k, v in sorted(current.items())})
             if to_write:
                 await asyncio.to_thread(self._write_cluster_ips, to_write)
-        hosts = sorted((k[0], k[1], v) for k, v in self.services.items())
-        if hosts != self.hosts_services:
-            self.hosts_services = hosts
-            for pod in self.pods.values():
-                if pod.netns and pod.phase not in ("Creating", "Terminating", "Failed"):
-                    await asyncio.to_thread(self._write_pod_etc, pod)
 
     def _read_services(self) -> dict[tuple[str, str], str]:
         try:
@@ -578,8 +644,36 @@ def explicit_env(proxy_ip: str) -> dict[str, str]:
     return {"HTTP_PROXY": url, "http_proxy": url, "NO_PROXY": "", "no_proxy": ""}
 
 
+def add_route(layout: Layout, cidr: str, via: str) -> None:
+    """Route another host's pod network via that host, forwarding on: recorded, so `down` undoes it."""
+    try:
+        doc = json.loads(layout.routes_path.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    forward = Path("/proc/sys/net/ipv4/ip_forward")
+    doc.setdefault("ipForward", forward.read_text().strip())
+    forward.write_text("1\n")
+    network.run_ip("route", "replace", cidr, "via", via)
+    doc.setdefault("routes", {})[cidr] = via
+    write_json(layout.routes_path, doc)
+
+
+def undo_routes(layout: Layout) -> None:
+    try:
+        doc = json.loads(layout.routes_path.read_text())
+    except (OSError, ValueError):
+        return
+    for cidr, via in doc.get("routes", {}).items():
+        network.run_ip("route", "del", cidr, "via", via, check=False)
+    if doc.get("ipForward") in ("0", "1"):
+        with contextlib.suppress(OSError):
+            Path("/proc/sys/net/ipv4/ip_forward").write_text(doc["ipForward"] + "\n")
+    layout.routes_path.unlink(missing_ok=True)
+
+
 def teardown(layout: Layout, s: MeshSettings) -> None:
     """Remove the network and runtime files a mesh made (also what a crashed run left behind)."""
+    undo_routes(layout)
     if not s.explicit_only:
         for ns in network.leftover_netns(s.netns_prefix):
             network.delete_pod_netns(ns)
