@@ -36,7 +36,7 @@ MAX_BODY = 64 * 1024
 REQUEST_TIMEOUT = 10.0
 
 
-class JoinError(Exception):
+class JoinError(OSError):
     """The join API refused or could not be reached; the message says which and why."""
 
 
