@@ -42,6 +42,6 @@ def test_the_demo_shows_golden_metrics_and_retries_raising_success(tmp_path: Pat
     m = re.search(r"web's success rate: ([\d.]+)% -> ([\d.]+)%", out)
     assert m is not None, out
     before, after = float(m.group(1)), float(m.group(2))
-    assert before < 90 and after > 99, out
+    assert before < 95 and after > 99, out  # 20% of web requests fail without retries (GET / -> books)
     assert "stop it all" not in out and "tether down: stopped 5 pods" in out
     assert not network.link_exists(bridge)
