@@ -60,7 +60,6 @@ class MeshSettings:
     # The first host: where its join API listens. A joined host (agent): the first host's join API.
     join_addr: str = ""
     agent: bool = False
-    cluster_networks: list[str] = field(default_factory=list)
     # component -> list of "host:port" (gRPC) and admin "host:port", fixed when the mesh is first started
     identity_addrs: list[str] = field(default_factory=list)
     identity_admin_addrs: list[str] = field(default_factory=list)
