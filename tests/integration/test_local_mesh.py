@@ -157,6 +157,8 @@ def test_up_run_services_by_name_over_mtls_and_down_leaves_nothing(mesh: Mesh) -
     assert f'client_id="{client_id}"' in inbound
     status = mesh.status()
     assert status["controlPlaneReady"] and [p["phase"] for p in status["pods"]] == ["Running"] * 3
+    assert {(w["name"], w["replicas"], w["ready"]) for w in status["workloads"]} == {("web", 2, 2), ("client", 1, 1)}
+    assert "workload default/web: 2/2 ready" in mesh.tether("status").stdout
     checked = mesh.tether("check", "--proxy").stdout
     assert "tether-local-data-plane" in checked and "Status check results are \u221a" in checked
     mesh.state.chmod(0o777)

@@ -334,6 +334,10 @@ def status(state_dir: str, output: str) -> int:
            "controlPlaneReady": bool(st.get("controlPlaneReady")), "bridge": settings.bridge,
            "podCIDR": settings.pod_cidr, "serviceCIDR": settings.service_cidr,
            "components": st.get("components", []), "pods": st.get("pods", []),
+           "workloads": [{**w, "ready": sum(1 for p in st.get("pods", []) if p["namespace"] == w["namespace"]
+                                            and p["workload"] == w["name"] and p["phase"] == "Running"
+                                            and (p["proxyReady"] or not p["meshed"]))}
+                         for w in st.get("workloads", [])],
            "services": st.get("services", []), "specErrors": st.get("specErrors", {})}
     if output == "json":
         dump(doc, "json")
@@ -349,6 +353,8 @@ def status(state_dir: str, output: str) -> int:
     emit(doc["components"], COMPONENT_COLUMNS, output, empty="no components")
     click.echo()
     emit(doc["pods"], POD_COLUMNS, output, empty="no pods (tether run NAME -- COMMAND)")
+    for w in doc["workloads"]:
+        click.echo(f"workload {w['namespace']}/{w['name']}: {w['ready']}/{w['replicas']} ready")
     for svc in doc["services"]:
         click.echo(f"service {svc['namespace']}/{svc['name']}: {svc['clusterIP']}")
     for path, err in doc["specErrors"].items():
