@@ -9,6 +9,7 @@ profile marks GET /books retryable. Only the tether command line is used, as a p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import subprocess
@@ -130,6 +131,10 @@ def _run(state: str, window: float, down: bool, up_flags: list[str]) -> int:
     print("\n== the demo's Namespace, Services and a ServiceProfile for books")
     tether(state, "apply", "-f", str(MANIFESTS / "demo.yaml"), "-f", str(MANIFESTS / "books-profile.yaml"))
     print("\n== the applications, each a pod with its proxy")
+    for name, _, _ in APPS:
+        # A demo left running from before: start its applications afresh.
+        with contextlib.suppress(DemoError):
+            tether(state, "rm", "-n", NS, name, echo=False)
     for name, flags, cmd in APPS:
         tether(state, "run", "-n", NS, name, *flags, "--", sys.executable, "-m", "tether.demo", *cmd)
     time.sleep(2)  # the traffic generator's first requests

@@ -89,7 +89,7 @@ class JoinServer:
         parts = [p for p in path.split("/") if p]
         try:
             if method == "POST" and parts == ["join"]:
-                cidr = str(ipaddress.ip_network(str(doc["podCIDR"])))
+                cidr = str(ipaddress.ip_network(str(doc["podCIDR"]), strict=False))
                 node = str(ipaddress.ip_address(str(doc["nodeAddr"])))
                 self.add_route(cidr, node)
                 self.joined[cidr] = node
