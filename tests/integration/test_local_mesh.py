@@ -327,3 +327,16 @@ def test_explicit_pods_without_network_namespaces(mesh: Mesh) -> None:
     mesh_id = mesh.settings()["mesh_id"]
     assert "stopped 3 pods" in mesh.tether("down").stdout
     assert mesh.leftovers(mesh_id, mesh.bridge, pids) == []
+
+
+def test_down_after_the_supervisor_was_killed_leaves_nothing(mesh: Mesh) -> None:
+    mesh.up()
+    mesh.tether("run", "web", "--port", "8080", "--", *HTTP_APP)
+    status = mesh.status()
+    pids, mesh_id = all_pids(status), mesh.settings()["mesh_id"]
+    os.kill(status["supervisorPid"], signal.SIGKILL)
+    wait_for(lambda: not mesh.status()["running"], 10, what="the supervisor gone")
+    assert mesh.tether("status", check=False).returncode == 1
+    # Its children (control plane, the pod's proxy and app) are orphans now: down finds and stops them.
+    assert mesh.tether("down").returncode == 0
+    assert mesh.leftovers(mesh_id, mesh.bridge, pids) == []

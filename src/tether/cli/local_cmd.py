@@ -274,8 +274,12 @@ def down(state_dir: str, timeout: float) -> int:
             click.echo(f"tether down: the supervisor (pid {pid}) did not stop in time; killing it", err=True)
             os.kill(pid, signal.SIGKILL)
     # What a killed supervisor could not clean up: its children, then the network.
+    marks = [str(layout.root).encode(), str(layout.runtime_dir(settings)).encode()]
+    for p in status.get("pods", []):
+        marks.append(f"POD_NAME={p['name']}\0POD_NAMESPACE={p['namespace']}\0".encode())
     for child in iter_pids(status):
-        if pid_alive(child):
+        # Only a process that is still ours: a pid may have been reused since the status was written.
+        if pid_alive(child) and _mentions(child, marks):
             try:
                 os.killpg(child, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -295,6 +299,17 @@ def down(state_dir: str, timeout: float) -> int:
     network = "" if settings.explicit_only else f"bridge {settings.bridge}, the pods' namespaces and "
     click.echo(f"tether down: stopped {npods} pod{'s' * (npods != 1)} and the control plane; removed {network}{files}")
     return 0
+
+
+def _mentions(pid: int, marks: list[bytes]) -> bool:
+    """Whether the process's command line or environment holds one of ``marks``."""
+    data = b""
+    for name in ("cmdline", "environ"):
+        try:
+            data += Path(f"/proc/{pid}/{name}").read_bytes() + b"\0"
+        except OSError:
+            pass
+    return any(m in data for m in marks)
 
 
 # --- status -------------------------------------------------------------------------------------
