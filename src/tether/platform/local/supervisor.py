@@ -43,6 +43,10 @@ PROXY_READY_TIMEOUT = 60.0
 ADMIN_PORT = 4191
 INBOUND_PORT = 4143
 OUTBOUND_PORT = 4140
+# A new Service's names reach the pods' hosts files this long after the supervisor first sees it:
+# the destination controllers poll the store every 250 ms, and a proxy asked for a name before they
+# know it would take it for a name outside the mesh.
+SERVICE_PUBLISH_DELAY = 0.75
 # Pods set up at once: each starts a Python proxy, and a hundred at once starve a small machine.
 START_CONCURRENCY = 8
 START_SLOT_TIMEOUT = 20.0
@@ -175,6 +179,7 @@ class Supervisor:
         self.spec_errors: dict[str, str] = {}
         self.services: dict[tuple[str, str], str] = {}  # (ns, name) -> virtual IP
         self.hosts_services: list[tuple[str, str, str]] = []
+        self._service_seen: dict[tuple[str, str], float] = {}  # first seen (monotonic)
         self.stopping = False
         self._free_ips: list[str] = []
         self._free_loopback: list[tuple[str, str]] = []
@@ -391,7 +396,13 @@ class Supervisor:
                     self.services = remote
         else:
             await self._reconcile_own_services()
-        hosts = sorted((k[0], k[1], v) for k, v in self.services.items())
+        now = time.monotonic()
+        for key in self.services:
+            self._service_seen.setdefault(key, now)
+        for key in set(self._service_seen) - set(self.services):
+            del self._service_seen[key]
+        hosts = sorted((k[0], k[1], v) for k, v in self.services.items()
+                       if now - self._service_seen[k] >= SERVICE_PUBLISH_DELAY)
         if hosts != self.hosts_services:
             self.hosts_services = hosts
             for pod in self.pods.values():
