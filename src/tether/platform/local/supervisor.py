@@ -43,10 +43,10 @@ PROXY_READY_TIMEOUT = 60.0
 ADMIN_PORT = 4191
 INBOUND_PORT = 4143
 OUTBOUND_PORT = 4140
-# A new Service's names reach the pods' hosts files this long after the supervisor first sees it:
-# the destination controllers poll the store every 250 ms, and a proxy asked for a name before they
-# know it would take it for a name outside the mesh.
-SERVICE_PUBLISH_DELAY = 0.75
+# A new Service's names reach the pods' hosts files once every destination replica serves it (a
+# proxy asked for a name before its destination replica knows it takes it for a name outside the
+# mesh), or at the latest this long after the supervisor first saw it.
+SERVICE_PUBLISH_MAX_DELAY = 10.0
 # Pods set up at once: each starts a Python proxy, and a hundred at once starve a small machine.
 START_CONCURRENCY = 8
 START_SLOT_TIMEOUT = 20.0
@@ -180,6 +180,8 @@ class Supervisor:
         self.services: dict[tuple[str, str], str] = {}  # (ns, name) -> virtual IP
         self.hosts_services: list[tuple[str, str, str]] = []
         self._service_seen: dict[tuple[str, str], float] = {}  # first seen (monotonic)
+        self._service_served: set[tuple[str, str]] = set()  # every destination replica serves it
+        self._service_port: dict[tuple[str, str], int] = {}
         self.stopping = False
         self._free_ips: list[str] = []
         self._free_loopback: list[tuple[str, str]] = []
@@ -291,7 +293,8 @@ class Supervisor:
                 "trustDomain": s.trust_domain, "clusterDomain": s.cluster_domain, "serviceCIDR": s.service_cidr}
 
     def _service_list(self) -> list[dict[str, str]]:
-        return [{"namespace": k[0], "name": k[1], "clusterIP": v} for k, v in sorted(self.services.items())]
+        """The Services whose names the pods have (those the destination replicas serve)."""
+        return [{"namespace": ns, "name": name, "clusterIP": vip} for ns, name, vip in self.hosts_services]
 
     def _remote_services(self) -> dict[tuple[str, str], str] | None:
         from tether.platform.local.join import JoinError, call
@@ -401,8 +404,16 @@ class Supervisor:
             self._service_seen.setdefault(key, now)
         for key in set(self._service_seen) - set(self.services):
             del self._service_seen[key]
-        hosts = sorted((k[0], k[1], v) for k, v in self.services.items()
-                       if now - self._service_seen[k] >= SERVICE_PUBLISH_DELAY)
+            self._service_served.discard(key)
+        pending = [k for k in self.services if k not in self._service_served]
+        if self.s.agent:
+            # The first host lists a Service only once its destination replicas serve it.
+            self._service_served |= set(pending)
+        elif pending:
+            served = await asyncio.to_thread(self._destinations_serve, pending)
+            self._service_served |= {k for k in pending if k in served
+                                     or now - self._service_seen[k] >= SERVICE_PUBLISH_MAX_DELAY}
+        hosts = sorted((k[0], k[1], v) for k, v in self.services.items() if k in self._service_served)
         if hosts != self.hosts_services:
             self.hosts_services = hosts
             for pod in self.pods.values():
@@ -425,10 +436,38 @@ class Supervisor:
                     cip = self.services.get(key) or self._allocate_vip(current)
                     to_write.append((svc, cip))
                 current[key] = cip
+                self._service_port[key] = svc.spec.ports[0].port if svc.spec.ports else 80
             self.services = current
             write_json(self.layout.services_path, {f"{k[0]}/{k[1]}": v for k, v in sorted(current.items())})
             if to_write:
                 await asyncio.to_thread(self._write_cluster_ips, to_write)
+
+    def _destinations_serve(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The Services every destination replica already knows (its first answer to Get says it exists)."""
+        import grpc
+
+        from tether.api.gen import destination_pb2, destination_pb2_grpc
+
+        out = set()
+        for ns, name in keys:
+            path = f"{name}.{ns}.svc.{self.s.cluster_domain}:{self._service_port.get((ns, name), 80)}"
+            known = True
+            for addr in self.s.destination_addrs:
+                try:
+                    with grpc.insecure_channel(addr) as ch:
+                        call = destination_pb2_grpc.DestinationStub(ch).Get(
+                            destination_pb2.GetDestination(scheme="k8s", path=path), timeout=1.0)
+                        first = next(iter(call))
+                        call.cancel()
+                except (grpc.RpcError, StopIteration):
+                    known = False
+                    break
+                if first.WhichOneof("update") == "no_endpoints" and not first.no_endpoints.exists:
+                    known = False
+                    break
+            if known:
+                out.add((ns, name))
+        return out
 
     def _read_services(self) -> dict[tuple[str, str], str]:
         try:
