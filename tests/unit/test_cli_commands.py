@@ -24,6 +24,7 @@ NOT_RUN_BARE = {
     ("demo",): "runs a mesh of processes for 10s",
     ("proxy-init",): "installs iptables rules in this network namespace",
     ("controller", "destination"): "serves on 0.0.0.0:8086 until stopped",
+    ("up",): "creates a bridge and starts a control plane on this host until `tether down`",
 }
 
 
@@ -158,6 +159,10 @@ SCRIPT_CASES = [
     (["get", "bogus"], 2, "unknown kind 'bogus'"),
     (["diagnostics", "policy", "deploy/x", "80"], 2, "want po/NAME (inbound) or svc/NAME (outbound)"),
     (["diagnostics", "policy", "po/x", "99999"], 2, "PORT"),
+    (["run", "web", "--", "true"], 1, "no mesh here"),
+    (["run", "web"], 2, "missing COMMAND"),
+    (["up", "--service-cidr", "10.0.0.0/8", "--pod-cidr", "10.1.0.0/16"], 2, "overlaps --pod-cidr"),
+    (["status"], 1, "no mesh here"),
 ]
 
 

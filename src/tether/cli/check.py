@@ -36,7 +36,8 @@ EXPIRY_WARNING = dt.timedelta(days=60)
 # What `--pre` would check on Kubernetes (Linkerd's categories), none of which exists here yet.
 PRE_KUBERNETES = ("kubernetes-api", "kubernetes-version", "pre-kubernetes-setup")
 
-Mode = Literal["default", "proxy", "pre"]
+# "local" and "local-proxy" run like "default" and "proxy" when the state directory holds a local mesh.
+Mode = Literal["default", "proxy", "pre", "local", "local-proxy"]
 
 
 class CheckFailed(Exception):
@@ -556,20 +557,158 @@ IDENTITY_DATA_PLANE = Category(
     mode="proxy",
 )
 
-for _cat in (EXISTENCE, IDENTITY, CONTROL_PLANE_VERSION, DATA_PLANE, IDENTITY_DATA_PLANE):
+# -- tether-local, tether-local-data-plane (a local mesh: `tether up`) ---------------------------------
+
+
+def _mesh(ctx: CheckContext) -> tuple[Any, Any]:
+    """The local mesh's layout and settings."""
+    from tether.platform.local.layout import Layout, LayoutError
+
+    layout = Layout(ctx.options.state_dir)
+    try:
+        return layout, layout.read_settings()
+    except LayoutError as e:
+        raise CheckFailed(str(e)) from None
+
+
+def _local_supervisor(ctx: CheckContext) -> None:
+    layout, _ = _mesh(ctx)
+    if layout.supervisor_pid() is None:
+        raise CheckFailed(f"no supervisor runs for {layout.root} (tether up --state-dir {layout.root})")
+
+
+def _local_components(ctx: CheckContext) -> None:
+    _, settings = _mesh(ctx)
+    problems = []
+    for kind, admins in (("identity", settings.identity_admin_addrs),
+                         ("destination", settings.destination_admin_addrs)):
+        for i, admin in enumerate(admins):
+            for path in ("/live", "/ready"):
+                if (p := _probe(admin, path, ctx)) is not None:
+                    problems.append(f"{kind}-{i}: {p}")
+                    break
+    if problems:
+        raise CheckFailed("\n".join(problems))
+
+
+def _local_state_private(ctx: CheckContext) -> None:
+    import stat
+
+    layout, settings = _mesh(ctx)
+    problems = []
+    mode = layout.root.stat().st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problems.append(f"{layout.root} is writable by others (mode {stat.filemode(mode)}): anyone could add workloads")
+    tokens = layout.root / "tokens"
+    for path in [tokens, *tokens.glob("*")] if tokens.is_dir() else []:
+        if path.stat().st_mode & 0o077:
+            problems.append(f"{path}: mode {stat.filemode(path.stat().st_mode)}, want 0700")
+    for path in tokens.glob("*/*.token") if tokens.is_dir() else []:
+        if path.stat().st_mode & 0o077:
+            problems.append(f"{path}: mode {stat.filemode(path.stat().st_mode)}, want 0600 (a bootstrap token)")
+    key = Path(settings.issuer_key)
+    if key.exists() and key.stat().st_mode & 0o077:
+        problems.append(f"{key}: mode {stat.filemode(key.stat().st_mode)}, want 0600 (the issuer's private key)")
+    if problems:
+        raise CheckFailed("\n".join(problems))
+
+
+def _local_pods(ctx: CheckContext) -> list[dict[str, Any]]:
+    layout, _ = _mesh(ctx)
+    pods = [p for p in layout.read_status().get("pods", [])
+            if ctx.options.namespace is None or p["namespace"] == ctx.options.namespace]
+    return pods
+
+
+def _local_pods_ready(ctx: CheckContext) -> None:
+    problems = []
+    for p in _local_pods(ctx):
+        name = f"{p['namespace']}/{p['name']}"
+        if p["phase"] != "Running":
+            problems.append(f"{name}: {p['phase']}" + (f" ({p['message']})" if p.get("message") else ""))
+        elif p["meshed"] and (why := _probe(p["proxyAdmin"], "/ready", ctx)) is not None:
+            problems.append(f"{name}: proxy not ready: {why}")
+    if problems:
+        raise CheckFailed("\n".join(problems))
+
+
+def _local_certified_and_clock(ctx: CheckContext) -> None:
+    """Every meshed pod's proxy holds a certificate, valid now by this host's clock: a control plane
+    whose clock runs ahead issues certificates that start in the future (beyond the 20 s skew
+    allowance), one running behind issues certificates already past their start."""
+    import json
+
+    from tether.cli.probe import ProbeError, get
+    from tether.core.identity.certs import CertificateError, parse_certificates
+
+    problems = []
+    for p in _local_pods(ctx):
+        if not p["meshed"] or p["phase"] != "Running":
+            continue
+        name = f"{p['namespace']}/{p['name']}"
+        try:
+            status, body = get(p["proxyAdmin"], "/identity.json", ctx.options.timeout)
+            pem = str((json.loads(body) if status == 200 else {}).get("certificate_chain_pem") or "")
+        except (ProbeError, ValueError) as e:
+            problems.append(f"{name}: {e}")
+            continue
+        if not pem:
+            problems.append(f"{name}: its proxy has no certificate")
+            continue
+        try:
+            leaf = parse_certificates(pem.encode(), f"{name} /identity.json")[0]
+        except CertificateError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        if leaf.not_valid_before_utc > ctx.now:
+            problems.append(f"{name}: its certificate starts at {leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}, "
+                            f"after this host's clock ({ctx.now:%Y-%m-%dT%H:%M:%SZ}): the clocks disagree")
+        elif leaf.not_valid_after_utc <= ctx.now:
+            problems.append(f"{name}: its certificate expired at {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+    if problems:
+        raise CheckFailed("\n".join(problems))
+
+
+LOCAL = Category(
+    "tether-local",
+    (
+        Checker("the local mesh's supervisor is running", _local_supervisor, "tether up --state-dir DIR",
+                fatal=True),
+        Checker("control plane components are up and serving", _local_components, "tether status; tether logs",
+                fatal=True),
+        Checker("state directory, tokens and issuer key are private", _local_state_private,
+                "chmod go-w STATE_DIR; chmod 0700 STATE_DIR/tokens; chmod 0600 the token and key files"),
+    ),
+    mode="local",
+)
+
+LOCAL_DATA_PLANE = Category(
+    "tether-local-data-plane",
+    (
+        Checker("every pod is running with its proxy ready", _local_pods_ready,
+                "tether status; tether logs NAME -c proxy"),
+        Checker("every meshed pod's proxy is certified, valid by this host's clock", _local_certified_and_clock,
+                "check the clocks of the hosts (timedatectl) and tether logs NAME -c proxy"),
+    ),
+    mode="local-proxy",
+)
+
+for _cat in (EXISTENCE, IDENTITY, CONTROL_PLANE_VERSION, DATA_PLANE, IDENTITY_DATA_PLANE, LOCAL, LOCAL_DATA_PLANE):
     register_category(_cat)
 
 
 # -- the command -----------------------------------------------------------------------------------
 
 
-def _categories(pre: bool, proxy: bool, names: tuple[str, ...]) -> list[Category]:
+def _categories(pre: bool, proxy: bool, names: tuple[str, ...], local: bool = False) -> list[Category]:
     if names:
         known = {c.name: c for c in CATEGORIES}
         return [known[n] for n in dict.fromkeys(names)]
     if pre:
         return [c for c in CATEGORIES if c.mode == "pre"]
-    return [c for c in CATEGORIES if c.mode == "default" or (proxy and c.mode == "proxy")]
+    modes = {"default", *(("proxy",) if proxy else ()), *(("local",) if local else ()),
+             *(("local-proxy",) if local and proxy else ())}
+    return [c for c in CATEGORIES if c.mode in modes]
 
 
 def _check_category(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -603,14 +742,17 @@ def check(pre: bool, proxy: bool, categories: tuple[str, ...], namespace: str | 
 
     \b
     Categories (default: linkerd-existence, linkerd-identity, control-plane-version; --proxy adds
-    linkerd-data-plane, linkerd-identity-data-plane). --pre checks nothing yet: it would check a
-    Kubernetes cluster before install, which tether does not have, so it fails and says so.
+    linkerd-data-plane, linkerd-identity-data-plane). On a local mesh (`tether up`) also
+    tether-local (supervisor, control plane serving, state directory private) and, with --proxy,
+    tether-local-data-plane (pods running, proxies ready and certified, clocks). --pre checks
+    nothing yet: it would check a Kubernetes cluster before install, which tether does not have, so
+    it fails and says so.
 
     The exit status is 1 when a check fails (warnings do not count). -o json prints Linkerd's shape:
     {"success": bool, "categories": [{"categoryName", "checks": [{"description", "hint", "result",
     "error"}]}]}.
     """
-    chosen = _categories(pre, proxy, categories)
+    chosen = _categories(pre, proxy, categories, local=(Path(state_dir) / "mesh.json").exists())
     if not chosen:
         raise OperationFailed(
             "--pre: no pre-installation checks exist yet: Linkerd's (" + ", ".join(PRE_KUBERNETES) + ") check a "

@@ -141,10 +141,19 @@ def state_dir_option(f: F) -> F:
     )(f)
 
 
+def _default_resources_dir() -> str:
+    import os
+
+    state = os.environ.get("TETHER_STATE_DIR")
+    return os.path.join(state, "resources") if state else DEFAULT_RESOURCES_DIR
+
+
 def resources_dir_option(f: F) -> F:
     """``--resources-dir``: the local store, a directory of YAML resources (any file names, multi-document)."""
     return click.option(
-        "--resources-dir", default=DEFAULT_RESOURCES_DIR, show_default=True, envvar="TETHER_RESOURCES_DIR",
+        # Under $TETHER_STATE_DIR when that is set: where `tether up --state-dir` keeps its store.
+        "--resources-dir", default=_default_resources_dir, show_default=f"$TETHER_STATE_DIR/resources, else "
+        f"{DEFAULT_RESOURCES_DIR}", envvar="TETHER_RESOURCES_DIR",
         show_envvar=True, type=click.Path(file_okay=False),
         help="the local store: a directory of YAML resource files (any names, multi-document)",
     )(f)

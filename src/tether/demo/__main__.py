@@ -1,0 +1,5 @@
+import sys
+
+from tether.demo.apps import main
+
+sys.exit(main())
