@@ -123,6 +123,28 @@ def test_an_unknown_destination_resolves_to_none_and_the_router_is_told_when_it_
     run(main)
 
 
+def test_a_destination_appearing_on_the_same_stream_is_known_at_once() -> None:
+    # The Service is applied after a client asked for its name: the stream that said "unknown"
+    # now adds endpoints. The router must decide again (mesh it), not keep forwarding as addressed.
+    async def main() -> None:
+        r = await Replica().start()
+        r.on_get = lambda req: [d.Update(no_endpoints=d.NoEndpoints(exists=False))]
+        dd = DestinationDiscovery(DestinationSettings((f"127.0.0.1:{r.port}",), context_token("ns")))
+        try:
+            assert await dd.resolve("web.ns.svc.cluster.local:80") is None
+            gen = dd.generation()
+            r.streams[0].put_nowait(d.Update(add=d.WeightedAddrSet(addrs=[weighted("10.0.0.7", 80)])))
+            await until(lambda: dd.generation() != gen, "generation bumped", steps=1_000_000)
+            res = await dd.resolve("web.ns.svc.cluster.local:80")
+            assert res is not None and res.endpoints.state.addrs == {("10.0.0.7", 80)}
+            assert len(r.streams) == 1  # no reconnect was needed
+        finally:
+            await dd.aclose()
+            await r.stop()
+
+    run(main)
+
+
 def test_failover_keeps_the_last_good_answer_and_a_reconnect_replaces_the_whole_set() -> None:
     async def main() -> None:
         a, b = await Replica().start(), await Replica().start()

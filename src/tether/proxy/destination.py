@@ -388,11 +388,14 @@ class DestinationDiscovery:
             if kind == "add":
                 labels = dict(update.add.metric_labels)
                 w.endpoints.change(EndpointDiff(add=tuple(endpoint_of(a, labels) for a in update.add.addrs)))
+                if not w.exists:
+                    w.exists = True
+                    self._generation += 1  # appeared: routers decide again (it was forwarded as addressed)
             elif kind == "remove":
                 w.endpoints.change(EndpointDiff(remove=tuple(tcp_addr(a) for a in update.remove.addrs)))
             elif kind == "no_endpoints":
-                if not update.no_endpoints.exists and w.exists:
-                    self._generation += 1  # gone: routers forget the destination
+                if update.no_endpoints.exists != bool(w.exists):
+                    self._generation += 1  # appeared or gone: routers decide again
                 w.exists = update.no_endpoints.exists
                 if w.endpoints.state:
                     w.endpoints.replace(EndpointSet())
