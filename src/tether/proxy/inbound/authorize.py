@@ -1,0 +1,244 @@
+"""Inbound authorization: per connection (opaque TCP) and per request (HTTP routes), and local rate limits.
+
+:class:`Authorizer` holds what every connection of the proxy shares: the policy source, the rate
+limiters of each port's policy (kept while the policy's limit is unchanged) and the counters, with
+linkerd2-proxy's metric names and labels:
+
+- ``inbound_tcp_authz_allow_total`` / ``inbound_tcp_authz_deny_total`` (``srv_*``, ``authz_*``),
+- ``inbound_http_authz_allow_total`` (``srv_*``, ``route_*``, ``authz_*``),
+  ``inbound_http_authz_deny_total`` (``srv_*``, ``route_*``),
+  ``inbound_http_route_not_found_total`` (``srv_*``),
+- ``inbound_http_local_ratelimit_total`` (``srv_*``, ``ratelimit_*``),
+
+each also with ``target_addr``, ``tls`` and ``client_id``. :class:`HttpAuthorize` is the layer of an
+inbound HTTP stack: it reads the port's policy for every request (a policy change applies to the
+next request on a connection already open), finds the route with the pure matcher, checks the
+route's authorizations and then the rate limit. Denials are typed errors answered by the one
+rescue: 403 (gRPC PERMISSION_DENIED), 404 for no route, 429 (RESOURCE_EXHAUSTED), each with
+``l5d-proxy-error``. An ``audit`` default authorization permits and logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+
+from tether.core.policy.authz import Authz, Meta, authorize, parse_ip
+from tether.core.policy.ratelimit import LocalRateLimit, RateLimited, RateLimitSpec
+from tether.core.routing.http_match import RequestInfo, select_rule
+from tether.proxy.errors import ProxyError, rescue
+from tether.proxy.http.message import Request, Response, Service
+from tether.proxy.inbound.policy import PortPolicy
+from tether.proxy.inbound.policy_watch import PolicySource
+from tether.proxy.metrics import escape_label
+
+log = logging.getLogger(__name__)
+
+
+class UnauthorizedError(ProxyError):
+    """No authorization of the route permits the client (403; gRPC PERMISSION_DENIED)."""
+
+    status = 403
+    grpc_status = 7
+
+
+class RouteNotFoundError(ProxyError):
+    """No route of the server matches the request (404; gRPC NOT_FOUND)."""
+
+    status = 404
+    grpc_status = 5
+
+
+class RateLimitedError(ProxyError):
+    """Over the server's local rate limit (429; gRPC RESOURCE_EXHAUSTED)."""
+
+    status = 429
+    grpc_status = 8
+
+
+class BadRequestError(ProxyError):
+    """A request the proxy could not parse on a port whose policy needs HTTP (400)."""
+
+    status = 400
+    grpc_status = 13
+
+
+def _meta_labels(prefix: str, m: Meta) -> str:
+    return (f'{prefix}_group="{escape_label(m.group)}",{prefix}_kind="{escape_label(m.kind)}",'
+            f'{prefix}_name="{escape_label(m.name)}"')
+
+
+def _conn_labels(target: tuple[str, int], tls: bool, client_id: str | None) -> tuple[str, str]:
+    host = f"[{target[0]}]" if ":" in target[0] else target[0]
+    head = f'target_addr="{host}:{target[1]}",target_ip="{target[0]}",target_port="{target[1]}"'
+    tail = f'tls="true",client_id="{escape_label(client_id or "")}"' if tls else 'tls="disabled"'
+    return head, tail
+
+
+class Authorizer:
+    """Policy decisions for every inbound connection of the proxy, and their counters."""
+
+    def __init__(self, source: PolicySource, clock: Callable[[], float] = time.monotonic) -> None:
+        self.source = source
+        self.clock = clock
+        self._limits: dict[tuple[int, RateLimitSpec], LocalRateLimit] = {}
+        self._counters: dict[tuple[str, str], int] = {}
+
+    def _count(self, family: str, labels: str) -> None:
+        key = (family, labels)
+        self._counters[key] = self._counters.get(key, 0) + 1
+
+    def _srv(self, policy: PortPolicy | None, port: int) -> str:
+        if policy is None:
+            # Never received (or never valid): the port denies and says it has no server.
+            return f'srv_group="",srv_kind="",srv_name="",srv_port="{port}"'
+        return f'{_meta_labels("srv", policy.server)},srv_port="{port}"'
+
+    # -- connections -----------------------------------------------------------------------------------
+    def check_tcp(self, policy: PortPolicy | None, target: tuple[str, int], peer_ip: str, tls: bool,
+                  client_id: str | None) -> Authz | None:
+        """The connection's authorization, counted; None: refuse the connection."""
+        head, tail = _conn_labels(target, tls, client_id)
+        srv = self._srv(policy, target[1])
+        found = authorize(policy.authorizations, parse_ip(peer_ip), client_id if tls else None) \
+            if policy is not None else None
+        if found is None:
+            self._count("inbound_tcp_authz_deny_total", f"{head},{srv},{tail}")
+            log.info("connection denied: server %s, client %s (tls=%s, id=%s)", srv, peer_ip, tls, client_id)
+            return None
+        if found.meta.is_audit:
+            log.info("connection allowed by audit: server %s, client %s (tls=%s, id=%s)", srv, peer_ip, tls,
+                     client_id)
+        self._count("inbound_tcp_authz_allow_total", f"{head},{srv},{_meta_labels('authz', found.meta)},{tail}")
+        return found
+
+    # -- requests --------------------------------------------------------------------------------------
+    def check_request(self, policy: PortPolicy | None, req: Request, target: tuple[str, int], tls: bool,
+                      client_id: str | None) -> ProxyError | None:
+        """None when the request may pass; else the error the client gets (counted)."""
+        head, tail = _conn_labels(target, tls, client_id)
+        srv = self._srv(policy, target[1])
+        if policy is None:
+            self._count("inbound_http_authz_deny_total",
+                        f'{head},{srv},route_group="",route_kind="default",route_name="default",{tail}')
+            return UnauthorizedError(f"no inbound policy for port {target[1]}")
+        client = client_id if tls else None
+        peer = req.conn.peer[0] if req.conn is not None else "0.0.0.0"
+        if policy.routes:
+            info = RequestInfo(req.method, req.path, req.authority.decode("latin-1").lower(), req.headers)
+            chosen = select_rule(policy.routes, info)
+            if chosen is None:
+                self._count("inbound_http_route_not_found_total", f"{head},{srv},{tail}")
+                return RouteNotFoundError("no route found for request")
+            route = chosen[0]
+            route_meta, authzs = route.meta, route.authorizations
+        else:  # an opaque port that got HTTP: the server's own authorizations
+            route_meta, authzs = Meta.default("default"), policy.authorizations
+        found = authorize(authzs, parse_ip(peer), client)
+        route_labels = _meta_labels("route", route_meta)
+        if found is None:
+            self._count("inbound_http_authz_deny_total", f"{head},{srv},{route_labels},{tail}")
+            log.info("request denied: %s %s, route %s, client %s (tls=%s, id=%s)",
+                     req.method.decode("latin-1"), req.path.decode("latin-1")[:200], route_meta.name, peer, tls,
+                     client_id)
+            return UnauthorizedError("unauthorized request on route")
+        if found.meta.is_audit:
+            log.info("request allowed by audit: %s %s, route %s, client %s (tls=%s, id=%s)",
+                     req.method.decode("latin-1"), req.path.decode("latin-1")[:200], route_meta.name, peer, tls,
+                     client_id)
+        self._count("inbound_http_authz_allow_total",
+                    f"{head},{srv},{route_labels},{_meta_labels('authz', found.meta)},{tail}")
+        if policy.rate_limit is not None:
+            try:
+                self._limit(target[1], policy.rate_limit).check(client, self.clock())
+            except RateLimited as e:
+                rl = policy.rate_limit.meta
+                rl_labels = (f'ratelimit_group="{escape_label(rl[0])}",ratelimit_kind="{escape_label(rl[1])}",'
+                             f'ratelimit_name="{escape_label(rl[2])}",' if rl is not None else "")
+                self._count("inbound_http_local_ratelimit_total",
+                            f'{head},{srv},{rl_labels}ratelimit_scope="{e.scope}",{tail}')
+                return RateLimitedError(e.reason)
+        return None
+
+    def _limit(self, port: int, spec: RateLimitSpec) -> LocalRateLimit:
+        key = (port, spec)
+        lim = self._limits.get(key)
+        if lim is None:
+            # A new or changed limit starts afresh; the port's older limiters are dropped.
+            for k in [k for k in self._limits if k[0] == port]:
+                del self._limits[k]
+            lim = self._limits[key] = LocalRateLimit(spec)
+        return lim
+
+    # -- metrics ---------------------------------------------------------------------------------------
+    _HELP = {
+        "inbound_http_authz_allow_total": "The total number of inbound HTTP requests that were authorized",
+        "inbound_http_authz_deny_total": "The total number of inbound HTTP requests that were denied",
+        "inbound_http_route_not_found_total":
+            "The total number of inbound HTTP requests that could not be associated with a route",
+        "inbound_http_local_ratelimit_total": "The total number of inbound HTTP requests that were rate-limited",
+        "inbound_tcp_authz_allow_total": "The total number of inbound TCP connections that were authorized",
+        "inbound_tcp_authz_deny_total": "The total number of inbound TCP connections that were denied",
+    }
+
+    def lines(self) -> list[str]:
+        out: list[str] = []
+        items = sorted(self._counters.items())
+        for family, help_text in self._HELP.items():
+            rows = [(labels, n) for (f, labels), n in items if f == family]
+            if not rows:
+                continue
+            out.append(f"# HELP {family} {help_text}.")
+            out.append(f"# TYPE {family} counter")
+            out.extend(f"{family}{{{labels}}} {n}" for labels, n in rows)
+        return out
+
+
+class HttpAuthorize:
+    """Layer: authorize each request on its route and apply the rate limit, from the port's current policy."""
+
+    __slots__ = ("authorizer", "client_id", "inner", "target", "tls")
+
+    def __init__(self, inner: Service, authorizer: Authorizer, target: tuple[str, int], tls: bool,
+                 client_id: str | None) -> None:
+        self.inner = inner
+        self.authorizer = authorizer
+        self.target = target
+        self.tls = tls
+        self.client_id = client_id
+
+    async def __call__(self, req: Request) -> Response:
+        source = self.authorizer.source
+        policy = source.current(self.target[1])
+        if policy is None:
+            policy = await source.get(self.target[1])  # bounded wait for the port's first policy
+        err = self.authorizer.check_request(policy, req, self.target, self.tls, self.client_id)
+        if err is not None:
+            return rescue(err, req)
+        return await self.inner(req)
+
+
+_METHOD_START = re.compile(rb"(?:\r?\n)*[A-Z]{3,20}(?:[^A-Za-z]|$)")
+
+
+def looks_like_http(head: bytes) -> bool:
+    """Bytes that start as an HTTP/1 request would (an upper-case method token) without parsing as one."""
+    return _METHOD_START.match(head) is not None
+
+
+def refuse_unparsed_http(transport: asyncio.Transport, head: bytes, always: bool) -> bool:
+    """Answer 400 and close when ``head`` looks like HTTP (or ``always``: the port is HTTP-only).
+
+    True when refused. The application never sees the bytes."""
+    if not (always or looks_like_http(head)):
+        return False
+    reason = b"request could not be parsed as HTTP on a port whose policy needs HTTP"
+    transport.write(b"HTTP/1.1 400 Bad Request\r\nl5d-proxy-error: " + reason
+                    + b"\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%b\n"
+                    % (len(reason) + 1, reason))
+    transport.close()
+    log.info("unparsed HTTP-looking bytes refused with 400 (%d bytes)", len(head))
+    return True
