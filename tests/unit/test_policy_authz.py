@@ -78,12 +78,13 @@ def test_networks_with_exceptions() -> None:
     assert not n.contains(parse_ip("11.0.0.1"))
     assert not n.contains(parse_ip("::1"))  # another family never matches
     assert n.contains(parse_ip("::ffff:10.1.0.1"))  # v4-mapped peers count as IPv4
-    with pytest.raises(PolicyError, match="network '10.0.0.300/8'"):
+    with pytest.raises(PolicyError, match=r"network '10\.0\.0\.300/8'"):
         Network.parse("10.0.0.300/8")
 
 
 def test_first_permitting_authorization_wins_and_names_the_metric_labels() -> None:
-    a = Authz((Network.parse("10.0.0.0/8"),), identities_authn([WEB]), Meta("policy.linkerd.io", "authorizationpolicy", "web"))
+    a = Authz((Network.parse("10.0.0.0/8"),), identities_authn([WEB]),
+              Meta("policy.linkerd.io", "authorizationpolicy", "web"))
     b = Authz((Network.parse("0.0.0.0/0"),), Authn(UNAUTHENTICATED), Meta.default("all-unauthenticated"))
     assert authorize((a, b), parse_ip("10.0.0.1"), WEB) is a
     assert authorize((a, b), parse_ip("10.0.0.1"), OTHER) is b
