@@ -665,3 +665,33 @@ def test_never_received_policy_denies(tmp_path: Path) -> None:
     finally:
         p.stop()
         app.shutdown()
+
+
+def test_an_opaque_server_is_authorized_per_connection_without_detection(world: World) -> None:
+    docs = f"""
+apiVersion: policy.linkerd.io/v1beta3
+kind: Server
+metadata: {{name: web-opaque, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: web}}}}
+  port: {world.app_ports["http"]}
+  proxyProtocol: opaque
+  accessPolicy: cluster-unauthenticated
+"""
+    world.controller.apply(docs)
+    try:
+        world.http("plain-inside", "/")
+        wait_for(lambda: world.policy_in_force("http") == "web-opaque", 10, what="the opaque Server")
+        # Inside: the HTTP request goes through as bytes (no HTTP metrics of its own on the server proxy).
+        assert world.http("plain-inside", "/opaque")[0] == 200
+        # Outside: the connection is refused, no 403: nothing was parsed.
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError)):
+            world.http("plain-outside", "/opaque")
+        m = world.servers["http"].metrics()
+        assert any(ln.startswith("inbound_tcp_authz_allow_total{") and 'srv_name="web-opaque"' in ln
+                   and 'authz_name="cluster-unauthenticated"' in ln for ln in m.splitlines()), m
+        assert any(ln.startswith("inbound_tcp_authz_deny_total{") and 'srv_name="web-opaque"' in ln
+                   for ln in m.splitlines()), m
+        assert "/opaque" in world.app.seen
+    finally:
+        world.controller.delete(docs)

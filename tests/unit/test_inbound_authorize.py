@@ -225,3 +225,57 @@ def test_what_looks_like_http_on_a_port_that_needs_it() -> None:
         assert looks_like_http(head), head
     for head in (b"\x00\x01binary", b"\x16\x03\x01", b"hello world", b"GE"):
         assert not looks_like_http(head), head
+
+
+PROBED = """\
+apiVersion: workload.tether.io/v1alpha1
+kind: Workload
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec:
+  serviceAccount: web
+  addresses: [10.0.0.5]
+  ports: [{name: http, port: 8080}]
+  probes: [{port: http, path: /healthz}, {port: 8080, path: /ready}, {port: 9999, path: /other}]
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  annotations: {config.linkerd.io/default-inbound-policy: deny}
+"""
+
+
+def test_probe_paths_stay_authorized_on_a_locked_down_workload() -> None:
+    w = World()
+    result = load_text(PROBED, "probed")
+    assert result.ok, [str(e) for e in result.errors]
+    for item in result.loaded:
+        w = w.replace(item.resource.KIND, {**w.of(item.resource.KIND), item.resource.key: item.resource})
+    probe_nets = tr.Settings(probe_networks=("10.0.0.0/8",))
+    p = port_policy(tr.inbound_server(w, '{"ns":"shop","pod":"web-1"}', 8080, probe_nets), permit_localhost=False)
+    assert p.server.name == "deny" and not p.needs_http  # default routes only widen
+    assert decide(p, request("/healthz", peer="10.9.9.9"), None) is None  # the kubelet, from the probe networks
+    assert decide(p, request("/ready", peer="10.9.9.9"), None) is None
+    assert decide(p, request("/healthz", peer="192.0.2.7"), None) == (403, "unauthorized request on route")
+    assert decide(p, request("/healthz", method=b"POST", peer="10.9.9.9"), None) == (
+        403, "unauthorized request on route")  # the probe route is GET only; the default route denies
+    assert decide(p, request("/other", peer="10.9.9.9"), None) == (403, "unauthorized request on route")
+    m = Authorizer(StaticPolicy("deny", (), False))
+    m.check_request(p, request("/healthz", peer="10.9.9.9"), TARGET, False, None)
+    assert 'route_group="",route_kind="default",route_name="probe",authz_group="",authz_kind="default",' \
+           'authz_name="probe"' in "\n".join(m.lines())
+
+
+def test_require_identity_ports_admit_only_mesh_identities() -> None:
+    ns = """\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  annotations: {config.linkerd.io/proxy-require-identity-inbound-ports: "8080,9000-9001"}
+"""
+    p = policy_of(ns)
+    assert p.server.name == "all-authenticated"
+    assert decide(p, request(), None) == (403, "unauthorized request on route")
+    assert decide(p, request(), CLIENT) is None
+    assert policy_of(ns, port=7000).server.name == "all-unauthenticated"

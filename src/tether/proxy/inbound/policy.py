@@ -55,8 +55,8 @@ class PortPolicy:
     authorizations: tuple[Authz, ...]  # connection level (opaque TCP, and every route's tail)
     routes: tuple[Route[InboundRoute], ...] = ()
     rate_limit: RateLimitSpec | None = None
-    # Route-level rules exist (a route's own authorizations, or a rate limit): only HTTP can be
-    # checked against them, so HTTP-looking bytes that do not parse must never pass as opaque.
+    # Route-level rules exist (routes from resources, or a rate limit): only HTTP can be checked
+    # against them, so HTTP-looking bytes that do not parse must never pass as opaque.
     needs_http: bool = False
     routes_defined: bool = field(default=False)
 
@@ -178,13 +178,16 @@ def _route(r: inbound_pb2.HttpRoute | inbound_pb2.GrpcRoute, server_authz: tuple
             if kind is not None:
                 filters.append(kind)
     value = InboundRoute(meta, own + server_authz, tuple(sorted(set(filters))))
+    # A route from a resource narrows what HTTP may do (paths outside it get 404, its own rules);
+    # the controller's default routes ("default", "probe") only widen it.
+    narrows = meta.kind != "default"
     for rule in r.rules:
         if grpc:
             matches = tuple(grpc_match_of(m) for m in rule.matches)
         else:
             matches = tuple(http_match_of(m) for m in rule.matches)
         rules.append(Rule(matches, value))
-    return Route(_hosts(r.hosts), tuple(rules)), bool(own)
+    return Route(_hosts(r.hosts), tuple(rules)), narrows
 
 
 def _default_route(server_authz: tuple[Authz, ...]) -> Route[InboundRoute]:

@@ -86,7 +86,12 @@ class Inbound:
 
     def accept(self) -> DetectProtocol:
         """The protocol of a newly accepted (or TLS-terminated) connection."""
-        return DetectProtocol("inbound", self.detect, self.on_detected)
+        return DetectProtocol("inbound", self.detect, self.on_detected, opaque=self._policy_opaque)
+
+    def _policy_opaque(self, port: int) -> bool:
+        # Known policies only: a port's first connection is detected while its policy is fetched.
+        policy = self.authorizer.source.current(port)
+        return policy is not None and policy.is_opaque
 
     def on_detected(self, what: Detected, transport: asyncio.Transport, conn: Connection, buf: bytes,
                     eof: bool) -> None:
