@@ -695,3 +695,50 @@ spec:
         assert "/opaque" in world.app.seen
     finally:
         world.controller.delete(docs)
+
+
+def test_policy_watch_fails_over_keeps_the_last_good_policy_and_says_stale() -> None:
+    """The proxy's WatchPort client against real gRPC servers: a dead replica, a live one, an outage,
+    an invalid message."""
+    import asyncio
+
+    from tether.api.gen import inbound_pb2 as inb
+    from tether.proxy.inbound.policy_watch import PolicyWatch, PolicyWatchSettings
+    from tether.testing.policy import ScriptedInboundPolicy, server_from_yaml
+
+    good = server_from_yaml(namespace_with_policy("cluster-authenticated") + "---\n" + yaml.safe_dump({
+        "apiVersion": "workload.tether.io/v1alpha1", "kind": "Workload",
+        "metadata": {"name": "web", "namespace": "default"}, "spec": {"serviceAccount": "web"}}),
+        "default", "web", 8080)
+    live = ScriptedInboundPolicy({8080: good}).start()
+    dead = free_port()
+
+    def gauge(w: PolicyWatch, name: str) -> float:
+        return next(float(ln.split()[-1]) for ln in w.metrics_lines() if ln.startswith(name + " "))
+
+    async def run() -> None:
+        w = PolicyWatch(PolicyWatchSettings((f"127.0.0.1:{dead}", f"127.0.0.1:{live.port}"),
+                                            '{"ns":"default","pod":"web"}', wait_timeout=10))
+        try:
+            p = await w.get(8080)
+            assert p is not None and p.server.name == "cluster-authenticated"
+            live.stop()  # every replica gone
+            async with asyncio.timeout(10):
+                while gauge(w, "tether_inbound_policy_stale") != 1:
+                    await asyncio.sleep(0.02)
+            assert w.current(8080) == p  # the last good policy stays in force
+        finally:
+            await w.aclose()
+
+        # A replica that sends something the proxy cannot apply: nothing in force, denied, counted.
+        bad = ScriptedInboundPolicy({8080: inb.Server()}).start()
+        w2 = PolicyWatch(PolicyWatchSettings((f"127.0.0.1:{bad.port}",), '{"ns":"default","pod":"web"}',
+                                             wait_timeout=10))
+        try:
+            assert await w2.get(8080) is None
+            assert gauge(w2, "tether_inbound_policy_invalid_total") >= 1
+        finally:
+            await w2.aclose()
+            bad.stop()
+
+    asyncio.run(run())

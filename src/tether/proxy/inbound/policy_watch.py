@@ -220,6 +220,13 @@ class PolicyWatch:
             if policy != p.policy:
                 s = policy.server
                 log.info("inbound port %d: policy %s/%s/%s", p.port, s.group, s.kind, s.name)
+                for route in policy.routes:
+                    for rule in route.rules:
+                        if rule.value.unapplied_filters:
+                            # Said, not silently dropped: inbound route filters are not applied yet.
+                            log.warning("inbound port %d: route %s: filters %s are not applied by this proxy",
+                                        p.port, rule.value.meta.name, ", ".join(rule.value.unapplied_filters))
+                            break
             p.policy = policy
             p.stale = False
             self.updates_total += 1
