@@ -724,7 +724,8 @@ def test_policy_watch_fails_over_keeps_the_last_good_policy_and_says_stale() -> 
             assert p is not None and p.server.name == "cluster-authenticated"
             live.stop()  # every replica gone
             async with asyncio.timeout(10):
-                while gauge(w, "tether_inbound_policy_stale") != 1:
+                # The gauge is what an operator sees: poll it (with the deadline above).
+                while gauge(w, "tether_inbound_policy_stale") != 1:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
             assert w.current(8080) == p  # the last good policy stays in force
         finally:
