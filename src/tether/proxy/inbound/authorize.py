@@ -15,7 +15,9 @@ inbound HTTP stack: it reads the port's policy for every request (a policy chang
 next request on a connection already open), finds the route with the pure matcher, checks the
 route's authorizations and then the rate limit. Denials are typed errors answered by the one
 rescue: 403 (gRPC PERMISSION_DENIED), 404 for no route, 429 (RESOURCE_EXHAUSTED), each with
-``l5d-proxy-error``. An ``audit`` default authorization permits and logs.
+``l5d-proxy-error``. An ``audit`` default authorization permits and logs (at INFO: audit mode is
+asked for to see what deny would refuse); denials are counted and logged at DEBUG only, so a flood
+of refused clients does not become a flood of log lines.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ class Authorizer:
             if policy is not None else None
         if found is None:
             self._count("inbound_tcp_authz_deny_total", f"{head},{srv},{tail}")
-            log.info("connection denied: server %s, client %s (tls=%s, id=%s)", srv, peer_ip, tls, client_id)
+            log.debug("connection denied: server %s, client %s (tls=%s, id=%s)", srv, peer_ip, tls, client_id)
             return None
         if found.meta.is_audit:
             log.info("connection allowed by audit: server %s, client %s (tls=%s, id=%s)", srv, peer_ip, tls,
@@ -141,7 +143,7 @@ class Authorizer:
         route_labels = _meta_labels("route", route_meta)
         if found is None:
             self._count("inbound_http_authz_deny_total", f"{head},{srv},{route_labels},{tail}")
-            log.info("request denied: %s %s, route %s, client %s (tls=%s, id=%s)",
+            log.debug("request denied: %s %s, route %s, client %s (tls=%s, id=%s)",
                      req.method.decode("latin-1"), req.path.decode("latin-1")[:200], route_meta.name, peer, tls,
                      client_id)
             return UnauthorizedError("unauthorized request on route")
@@ -240,5 +242,5 @@ def refuse_unparsed_http(transport: asyncio.Transport, head: bytes, always: bool
                     + b"\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%b\n"
                     % (len(reason) + 1, reason))
     transport.close()
-    log.info("unparsed HTTP-looking bytes refused with 400 (%d bytes)", len(head))
+    log.debug("unparsed HTTP-looking bytes refused with 400 (%d bytes)", len(head))
     return True
