@@ -10,7 +10,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from tether.cli.authz_cmd import authz
+from tether.cli.tree import cli
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "authz" / "web.yaml"
 
@@ -20,7 +20,8 @@ def run(tmp_path: Path, *args: str) -> tuple[int, str, str]:
     if not res.exists():
         res.mkdir()
         shutil.copy(FIXTURE, res / "web.yaml")
-    r = CliRunner().invoke(authz, [*args, "--resources-dir", str(res), "--state-dir", str(tmp_path / "state")])
+    # Through the command tree, as `tether authz` runs (its context settings, e.g. -h, come from there).
+    r = CliRunner().invoke(cli, ["authz", *args, "--resources-dir", str(res), "--state-dir", str(tmp_path / "state")])
     return r.exit_code, r.stdout, r.stderr
 
 
