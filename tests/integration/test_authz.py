@@ -743,3 +743,25 @@ def test_policy_watch_fails_over_keeps_the_last_good_policy_and_says_stale() -> 
             bad.stop()
 
     asyncio.run(run())
+
+
+def test_open_opaque_connection_is_closed_when_a_new_policy_no_longer_authorizes_it(world: World) -> None:
+    world.controller.apply(namespace_with_policy("all-unauthenticated"))
+    world.wait_policy("all-unauthenticated")
+    with socket.create_connection(("127.0.0.1", world.servers["tcp"].inbound_port), timeout=10,
+                                  source_address=(OUTSIDE, 0)) as s:
+        s.sendall(PING)
+        got = b""
+        while len(got) < len(PING):
+            got += s.recv(64)
+        assert got == PING  # open and working
+        world.controller.apply(namespace_with_policy("cluster-unauthenticated"))  # 127.0.0.2 is outside
+        s.settimeout(10)
+        try:
+            rest = s.recv(64)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""  # closed by the proxy, not by us
+    m = world.servers["tcp"].metrics()
+    assert any(ln.startswith("inbound_tcp_authz_terminate_total{") and 'srv_name="cluster-unauthenticated"' in ln
+               for ln in m.splitlines()), m

@@ -117,6 +117,16 @@ class Authorizer:
         self._count("inbound_tcp_authz_allow_total", f"{head},{srv},{_meta_labels('authz', found.meta)},{tail}")
         return found
 
+    def still_authorized(self, policy: PortPolicy, target: tuple[str, int], peer_ip: str, tls: bool,
+                         client_id: str | None) -> bool:
+        """Whether an open connection is still authorized under a new policy (counted when not)."""
+        if authorize(policy.authorizations, parse_ip(peer_ip), client_id if tls else None) is not None:
+            return True
+        head, tail = _conn_labels(target, tls, client_id)
+        self._count("inbound_tcp_authz_terminate_total", f"{head},{self._srv(policy, target[1])},{tail}")
+        log.info("open connection from %s closed: no longer authorized on port %d", peer_ip, target[1])
+        return False
+
     # -- requests --------------------------------------------------------------------------------------
     def check_request(self, policy: PortPolicy | None, req: Request, target: tuple[str, int], tls: bool,
                       client_id: str | None) -> ProxyError | None:
@@ -184,6 +194,8 @@ class Authorizer:
         "inbound_http_local_ratelimit_total": "The total number of inbound HTTP requests that were rate-limited",
         "inbound_tcp_authz_allow_total": "The total number of inbound TCP connections that were authorized",
         "inbound_tcp_authz_deny_total": "The total number of inbound TCP connections that were denied",
+        "inbound_tcp_authz_terminate_total":
+            "The total number of inbound TCP connections that were terminated due to an authorization change",
     }
 
     def lines(self) -> list[str]:

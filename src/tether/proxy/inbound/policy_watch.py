@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,6 +45,9 @@ class PolicySource(Protocol):
 
     def metrics_lines(self) -> list[str]: ...
 
+    def on_change(self, callback: Callable[[int, PortPolicy], None]) -> None:
+        """Call ``callback(port, policy)`` whenever a port's policy in force changes."""
+
     async def run(self) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -64,6 +67,9 @@ class StaticPolicy:
 
     def metrics_lines(self) -> list[str]:
         return []
+
+    def on_change(self, callback: Callable[[int, PortPolicy], None]) -> None:
+        return None  # never changes
 
     async def run(self) -> None:
         return None
@@ -103,7 +109,11 @@ class PolicyWatch:
         self._channels: dict[str, Any] = {}
         self._ports: dict[int, _Port] = {}
         self._rng = random.Random()
+        self._callbacks: list[Callable[[int, PortPolicy], None]] = []
         self.updates_total = 0
+
+    def on_change(self, callback: Callable[[int, PortPolicy], None]) -> None:
+        self._callbacks.append(callback)
 
     def current(self, port: int) -> PortPolicy | None:
         p = self._watch(port)
@@ -227,8 +237,15 @@ class PolicyWatch:
                             log.warning("inbound port %d: route %s: filters %s are not applied by this proxy",
                                         p.port, rule.value.meta.name, ", ".join(rule.value.unapplied_filters))
                             break
+            changed = p.policy is not None and policy != p.policy
             p.policy = policy
             p.stale = False
             self.updates_total += 1
             p.first.set()
+            if changed:
+                for cb in self._callbacks:
+                    try:
+                        cb(p.port, policy)
+                    except Exception:
+                        log.exception("inbound port %d: applying the new policy failed", p.port)
         return got_any

@@ -5,8 +5,9 @@ accept -> mesh TLS? (peeked ClientHello with our identity as SNI: terminated, cl
        -> HTTP: the stack of the connection's target (application port, TLS, client identity),
                 every request authorized on its route by the port's current policy
        -> opaque TCP: the port's policy authorizes the connection (client network and identity)
-                before any byte reaches the application port on loopback; on a port whose
-                policy needs HTTP, HTTP-looking bytes that did not parse get 400
+                before any byte reaches the application port on loopback (and closes it when a
+                new policy no longer does); on a port whose policy needs HTTP, HTTP-looking bytes
+                that did not parse get 400
 
 The target port is the original destination's (transparent mode, after iptables REDIRECT), the
 one a peer proxy named in the transport header, or the configured application address.
@@ -28,7 +29,7 @@ from tether.proxy.endpoint import HttpEndpoint
 from tether.proxy.errors import UnavailableError
 from tether.proxy.http.message import Connection, Request, Response, Service
 from tether.proxy.inbound.authorize import Authorizer, HttpAuthorize, refuse_unparsed_http
-from tether.proxy.inbound.policy import HTTP_PROTOCOLS
+from tether.proxy.inbound.policy import HTTP_PROTOCOLS, PortPolicy
 from tether.proxy.layers.metrics import InboundHttpMetrics
 from tether.proxy.layers.rescue import Rescue
 from tether.proxy.layers.timeout import ResponseTimeout
@@ -75,6 +76,7 @@ class Inbound:
         self.targets: IdleCache[InboundTarget, Stack] = IdleCache(
             self.http_stack, cfg.cache_max_idle_age, close=Stack.aclose, name="inbound")
         self.mesh_listener: MeshTlsListener | None = None
+        authorizer.source.on_change(self.policy_changed)
 
     # -- accept: mesh TLS terminated first when this proxy has an identity ---------------------------
     def listen_mesh(self, addr: Addr) -> tuple[str, int]:
@@ -139,6 +141,19 @@ class Inbound:
         await self.connections.connect_and_forward(self.metrics, None, conn, transport, client_pending,
                                                    EndpointTarget(app, app), self.connect_timeout,
                                                    self.handshake_timeout)
+
+    def policy_changed(self, port: int, policy: PortPolicy) -> None:
+        """A port's new policy: its open opaque connections it no longer authorizes are closed (HTTP
+        connections need nothing: every request reads the policy in force)."""
+        for splice in list(self.connections.tcp):
+            conn = splice.conn
+            try:
+                app = local_target(self.app_addr, conn.orig_dst, conn.target_port)
+            except UnavailableError:
+                continue
+            if app[1] == port and not self.authorizer.still_authorized(policy, app, conn.peer[0], conn.tls,
+                                                                       conn.client_id):
+                splice.abort()
 
     def close_listener(self) -> None:
         if self.mesh_listener is not None:
