@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -32,9 +33,10 @@ class PolicyError(ValueError):
     """A policy that cannot be evaluated (the port then denies)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Meta:
-    """A policy object's metric labels: ``group``/``kind``/``name`` (``kind=default`` for defaults)."""
+class Meta(NamedTuple):
+    """A policy object's metric labels: ``group``/``kind``/``name`` (``kind=default`` for defaults).
+
+    A tuple: it is part of every metric key counted per request, and tuples hash in C."""
 
     group: str
     kind: str

@@ -30,7 +30,6 @@ from collections.abc import Callable
 
 from tether.core.policy.authz import Authz, Meta, authorize, parse_ip
 from tether.core.policy.ratelimit import LocalRateLimit, RateLimited, RateLimitSpec
-from tether.core.routing.http_match import RequestInfo, select_rule
 from tether.proxy.errors import ProxyError, rescue
 from tether.proxy.http.message import Request, Response, Service
 from tether.proxy.inbound.policy import PortPolicy
@@ -80,41 +79,41 @@ def _conn_labels(target: tuple[str, int], tls: bool, client_id: str | None) -> t
     return head, tail
 
 
+# Counter keys: (family, target, server, port, route, authz, rate-limit labels, tls, client id), formatted
+# into labels only when /metrics is read.
+_Key = tuple[str, tuple[str, int], Meta | None, Meta | None, Meta | None, str, bool, str | None]
+
+
 class Authorizer:
     """Policy decisions for every inbound connection of the proxy, and their counters."""
 
     def __init__(self, source: PolicySource, clock: Callable[[], float] = time.monotonic) -> None:
         self.source = source
         self.clock = clock
-        self._limits: dict[tuple[int, RateLimitSpec], LocalRateLimit] = {}
-        self._counters: dict[tuple[str, str], int] = {}
+        self._limits: dict[int, tuple[RateLimitSpec, LocalRateLimit]] = {}
+        self._counters: dict[_Key, list[int]] = {}
 
-    def _count(self, family: str, labels: str) -> None:
-        key = (family, labels)
-        self._counters[key] = self._counters.get(key, 0) + 1
-
-    def _srv(self, policy: PortPolicy | None, port: int) -> str:
-        if policy is None:
-            # Never received (or never valid): the port denies and says it has no server.
-            return f'srv_group="",srv_kind="",srv_name="",srv_port="{port}"'
-        return f'{_meta_labels("srv", policy.server)},srv_port="{port}"'
+    def _count(self, key: _Key) -> None:
+        cell = self._counters.get(key)  # one hash per request: the cell is mutated in place
+        if cell is None:
+            cell = self._counters[key] = [0]
+        cell[0] += 1
 
     # -- connections -----------------------------------------------------------------------------------
     def check_tcp(self, policy: PortPolicy | None, target: tuple[str, int], peer_ip: str, tls: bool,
                   client_id: str | None) -> Authz | None:
         """The connection's authorization, counted; None: refuse the connection."""
-        head, tail = _conn_labels(target, tls, client_id)
-        srv = self._srv(policy, target[1])
+        server = policy.server if policy is not None else None
         found = authorize(policy.authorizations, parse_ip(peer_ip), client_id if tls else None) \
             if policy is not None else None
         if found is None:
-            self._count("inbound_tcp_authz_deny_total", f"{head},{srv},{tail}")
-            log.debug("connection denied: server %s, client %s (tls=%s, id=%s)", srv, peer_ip, tls, client_id)
+            self._count(("inbound_tcp_authz_deny_total", target, server, None, None, "", tls, client_id))
+            log.debug("connection denied: port %d, client %s (tls=%s, id=%s)", target[1], peer_ip, tls, client_id)
             return None
         if found.meta.is_audit:
-            log.info("connection allowed by audit: server %s, client %s (tls=%s, id=%s)", srv, peer_ip, tls,
+            log.info("connection allowed by audit: port %d, client %s (tls=%s, id=%s)", target[1], peer_ip, tls,
                      client_id)
-        self._count("inbound_tcp_authz_allow_total", f"{head},{srv},{_meta_labels('authz', found.meta)},{tail}")
+        self._count(("inbound_tcp_authz_allow_total", target, server, None, found.meta, "", tls, client_id))
         return found
 
     def still_authorized(self, policy: PortPolicy, target: tuple[str, int], peer_ip: str, tls: bool,
@@ -122,8 +121,7 @@ class Authorizer:
         """Whether an open connection is still authorized under a new policy (counted when not)."""
         if authorize(policy.authorizations, parse_ip(peer_ip), client_id if tls else None) is not None:
             return True
-        head, tail = _conn_labels(target, tls, client_id)
-        self._count("inbound_tcp_authz_terminate_total", f"{head},{self._srv(policy, target[1])},{tail}")
+        self._count(("inbound_tcp_authz_terminate_total", target, policy.server, None, None, "", tls, client_id))
         log.info("open connection from %s closed: no longer authorized on port %d", peer_ip, target[1])
         return False
 
@@ -131,58 +129,48 @@ class Authorizer:
     def check_request(self, policy: PortPolicy | None, req: Request, target: tuple[str, int], tls: bool,
                       client_id: str | None) -> ProxyError | None:
         """None when the request may pass; else the error the client gets (counted)."""
-        head, tail = _conn_labels(target, tls, client_id)
-        srv = self._srv(policy, target[1])
         if policy is None:
-            self._count("inbound_http_authz_deny_total",
-                        f'{head},{srv},route_group="",route_kind="default",route_name="default",{tail}')
+            self._count(("inbound_http_authz_deny_total", target, None, _DEFAULT_ROUTE, None, "", tls, client_id))
             return UnauthorizedError(f"no inbound policy for port {target[1]}")
-        client = client_id if tls else None
-        peer = req.conn.peer[0] if req.conn is not None else "0.0.0.0"
-        if policy.routes:
-            info = RequestInfo(req.method, req.path, req.authority.decode("latin-1").lower(), req.headers)
-            chosen = select_rule(policy.routes, info)
-            if chosen is None:
-                self._count("inbound_http_route_not_found_total", f"{head},{srv},{tail}")
-                return RouteNotFoundError("no route found for request")
-            route = chosen[0]
-            route_meta, authzs = route.meta, route.authorizations
-        else:  # an opaque port that got HTTP: the server's own authorizations
-            route_meta, authzs = Meta.default("default"), policy.authorizations
-        found = authorize(authzs, parse_ip(peer), client)
-        route_labels = _meta_labels("route", route_meta)
+        route = policy.route_for(req.method, req.path, req.authority, req.headers)
+        if route is None:
+            self._count(("inbound_http_route_not_found_total", target, policy.server, None, None, "", tls,
+                         client_id))
+            return RouteNotFoundError("no route found for request")
+        conn = req.conn
+        peer = conn.peer[0] if conn is not None else "0.0.0.0"
+        found = route.decide(peer, client_id if tls else None)
         if found is None:
-            self._count("inbound_http_authz_deny_total", f"{head},{srv},{route_labels},{tail}")
-            log.debug("request denied: %s %s, route %s, client %s (tls=%s, id=%s)",
-                     req.method.decode("latin-1"), req.path.decode("latin-1")[:200], route_meta.name, peer, tls,
-                     client_id)
+            self._count(("inbound_http_authz_deny_total", target, policy.server, route.meta, None, "", tls,
+                         client_id))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request denied: %s %s, route %s, client %s (tls=%s, id=%s)",
+                          req.method.decode("latin-1"), req.path.decode("latin-1")[:200], route.meta.name, peer,
+                          tls, client_id)
             return UnauthorizedError("unauthorized request on route")
         if found.meta.is_audit:
             log.info("request allowed by audit: %s %s, route %s, client %s (tls=%s, id=%s)",
-                     req.method.decode("latin-1"), req.path.decode("latin-1")[:200], route_meta.name, peer, tls,
+                     req.method.decode("latin-1"), req.path.decode("latin-1")[:200], route.meta.name, peer, tls,
                      client_id)
-        self._count("inbound_http_authz_allow_total",
-                    f"{head},{srv},{route_labels},{_meta_labels('authz', found.meta)},{tail}")
-        if policy.rate_limit is not None:
+        self._count(("inbound_http_authz_allow_total", target, policy.server, route.meta, found.meta, "", tls,
+                     client_id))
+        spec = policy.rate_limit
+        if spec is not None:
             try:
-                self._limit(target[1], policy.rate_limit).check(client, self.clock())
+                self._limit(target[1], spec).check(client_id if tls else None, self.clock())
             except RateLimited as e:
-                rl = policy.rate_limit.meta
-                rl_labels = (f'ratelimit_group="{escape_label(rl[0])}",ratelimit_kind="{escape_label(rl[1])}",'
-                             f'ratelimit_name="{escape_label(rl[2])}",' if rl is not None else "")
-                self._count("inbound_http_local_ratelimit_total",
-                            f'{head},{srv},{rl_labels}ratelimit_scope="{e.scope}",{tail}')
+                self._count(("inbound_http_local_ratelimit_total", target, policy.server, None, None,
+                             _ratelimit_labels(spec, e.scope), tls, client_id))
                 return RateLimitedError(e.reason)
         return None
 
     def _limit(self, port: int, spec: RateLimitSpec) -> LocalRateLimit:
-        key = (port, spec)
-        lim = self._limits.get(key)
-        if lim is None:
-            # A new or changed limit starts afresh; the port's older limiters are dropped.
-            for k in [k for k in self._limits if k[0] == port]:
-                del self._limits[k]
-            lim = self._limits[key] = LocalRateLimit(spec)
+        held = self._limits.get(port)
+        if held is not None and (held[0] is spec or held[0] == spec):
+            return held[1]
+        # A new or changed limit starts afresh.
+        lim = LocalRateLimit(spec)
+        self._limits[port] = (spec, lim)
         return lim
 
     # -- metrics ---------------------------------------------------------------------------------------
@@ -199,16 +187,47 @@ class Authorizer:
     }
 
     def lines(self) -> list[str]:
+        rows: dict[str, list[tuple[str, int]]] = {}
+        for key, cell in list(self._counters.items()):
+            rows.setdefault(key[0], []).append((_labels(key), cell[0]))
         out: list[str] = []
-        items = sorted(self._counters.items())
         for family, help_text in self._HELP.items():
-            rows = [(labels, n) for (f, labels), n in items if f == family]
-            if not rows:
+            if family not in rows:
                 continue
             out.append(f"# HELP {family} {help_text}.")
             out.append(f"# TYPE {family} counter")
-            out.extend(f"{family}{{{labels}}} {n}" for labels, n in rows)
+            out.extend(f"{family}{{{labels}}} {n}" for labels, n in sorted(rows[family]))
         return out
+
+
+_DEFAULT_ROUTE = Meta.default("default")
+
+
+def _ratelimit_labels(spec: RateLimitSpec, scope: str) -> str:
+    rl = spec.meta
+    if rl is None:
+        return f'ratelimit_scope="{scope}"'
+    return (f'ratelimit_group="{escape_label(rl[0])}",ratelimit_kind="{escape_label(rl[1])}",'
+            f'ratelimit_name="{escape_label(rl[2])}",ratelimit_scope="{scope}"')
+
+
+def _labels(key: _Key) -> str:
+    _, target, server, route, authz, extra, tls, client_id = key
+    head, tail = _conn_labels(target, tls, client_id)
+    if server is None:
+        # Never received (or never valid): the port denies and says it has no server.
+        srv = f'srv_group="",srv_kind="",srv_name="",srv_port="{target[1]}"'
+    else:
+        srv = f'{_meta_labels("srv", server)},srv_port="{target[1]}"'
+    parts = [head, srv]
+    if route is not None:
+        parts.append(_meta_labels("route", route))
+    if authz is not None:
+        parts.append(_meta_labels("authz", authz))
+    if extra:
+        parts.append(extra)
+    parts.append(tail)
+    return ",".join(parts)
 
 
 class HttpAuthorize:

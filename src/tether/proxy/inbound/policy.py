@@ -28,15 +28,23 @@ from tether.core.policy.authz import (
     Meta,
     Network,
     PolicyError,
+    authorize,
     default_authorizations,
     localhost_authz,
+    parse_ip,
 )
 from tether.core.policy.ratelimit import RateLimitSpec
-from tether.core.routing.http_match import PathMatch, Route, RouteMatch, Rule, ValueMatch
+from tether.core.routing.http_match import PathMatch, RequestInfo, Route, RouteMatch, Rule, ValueMatch, select_rule
 
 # The protocols a port may declare (the oneof in ProxyProtocol).
 DETECT, OPAQUE, TLS, HTTP1, HTTP2, GRPC = "detect", "opaque", "tls", "http1", "http2", "grpc"
 HTTP_PROTOCOLS = frozenset({HTTP1, HTTP2, GRPC})
+
+
+# Decisions remembered per route: (peer address, client identity) -> the permitting authorization.
+_DECISIONS_MAX = 4096
+# Routes remembered per policy: (method, target, authority) -> route.
+_CHOSEN_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,23 @@ class InboundRoute:
     meta: Meta
     authorizations: tuple[Authz, ...]
     unapplied_filters: tuple[str, ...] = ()  # filter kinds the proxy does not apply inbound
+    # A client's decision depends only on its address and identity: computed once per route
+    # object (a new policy brings new route objects, so nothing outlives the policy it came from).
+    _decisions: dict[tuple[str, str | None], Authz | None] = field(
+        default_factory=dict, compare=False, repr=False, hash=False)
+
+    def decide(self, peer_ip: str, client_id: str | None) -> Authz | None:
+        """The first authorization permitting the client (None: denied)."""
+        key = (peer_ip, client_id)
+        try:
+            return self._decisions[key]
+        except KeyError:
+            pass
+        found = authorize(self.authorizations, parse_ip(peer_ip), client_id)
+        if len(self._decisions) >= _DECISIONS_MAX:
+            self._decisions.clear()
+        self._decisions[key] = found
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +84,45 @@ class PortPolicy:
     # against them, so HTTP-looking bytes that do not parse must never pass as opaque.
     needs_http: bool = False
     routes_defined: bool = field(default=False)
+    # The route every request takes when there is nothing to match (one route, one rule, no
+    # matches, no hostnames: a default route), or the server's own authorizations when there is
+    # no route at all (an opaque port that got HTTP). None: match each request.
+    only_route: InboundRoute | None = field(default=None, compare=False)
+    # Routes chosen per (method, target, authority) when no route matches on headers (then nothing
+    # else of a request decides); bounded, and gone with the policy.
+    _chosen: dict[tuple[bytes, bytes, bytes], InboundRoute | None] | None = field(
+        default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        only: InboundRoute | None = None
+        if not self.routes:
+            only = InboundRoute(Meta.default("default"), self.authorizations)
+        elif len(self.routes) == 1 and not self.routes[0].hostnames and len(self.routes[0].rules) == 1 \
+                and not self.routes[0].rules[0].matches:
+            only = self.routes[0].rules[0].value
+        object.__setattr__(self, "only_route", only)
+        by_headers = any(m.headers for r in self.routes for rule in r.rules for m in rule.matches)
+        object.__setattr__(self, "_chosen", None if by_headers else {})
+
+    def route_for(self, method: bytes, path: bytes, authority: bytes,
+                  headers: list[tuple[bytes, bytes]]) -> InboundRoute | None:
+        """The route a request takes (the pure matcher's most specific rule), or None: no route."""
+        if self.only_route is not None:
+            return self.only_route
+        cache = self._chosen
+        key = (method, path, authority)
+        if cache is not None:
+            try:
+                return cache[key]
+            except KeyError:
+                pass
+        chosen = select_rule(self.routes, RequestInfo(method, path, authority.decode("latin-1").lower(), headers))
+        route = chosen[0] if chosen is not None else None
+        if cache is not None:
+            if len(cache) >= _CHOSEN_MAX:
+                cache.clear()
+            cache[key] = route
+        return route
 
     @property
     def is_opaque(self) -> bool:
