@@ -26,13 +26,13 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from tether.core.policy.authz import Authz, Meta, authorize, parse_ip
 from tether.core.policy.ratelimit import LocalRateLimit, RateLimited, RateLimitSpec
 from tether.proxy.errors import ProxyError, rescue
 from tether.proxy.http.message import Request, Response, Service
-from tether.proxy.inbound.policy import PortPolicy
+from tether.proxy.inbound.policy import InboundRoute, PortPolicy
 from tether.proxy.inbound.policy_watch import PolicySource
 from tether.proxy.metrics import escape_label
 
@@ -82,6 +82,9 @@ def _conn_labels(target: tuple[str, int], tls: bool, client_id: str | None) -> t
 # Counter keys: (family, target, server, port, route, authz, rate-limit labels, tls, client id), formatted
 # into labels only when /metrics is read.
 _Key = tuple[str, tuple[str, int], Meta | None, Meta | None, Meta | None, str, bool, str | None]
+_CELLS_MAX = 4096
+# A layer's shortcut: (id of the route, client address) -> (the route, its allow counter cell).
+FastPath = dict[tuple[int, str], tuple[InboundRoute, list[int]]]
 
 
 class Authorizer:
@@ -127,7 +130,7 @@ class Authorizer:
 
     # -- requests --------------------------------------------------------------------------------------
     def check_request(self, policy: PortPolicy | None, req: Request, target: tuple[str, int], tls: bool,
-                      client_id: str | None) -> ProxyError | None:
+                      client_id: str | None, fast: FastPath | None = None) -> ProxyError | None:
         """None when the request may pass; else the error the client gets (counted)."""
         if policy is None:
             self._count(("inbound_http_authz_deny_total", target, None, _DEFAULT_ROUTE, None, "", tls, client_id))
@@ -152,8 +155,23 @@ class Authorizer:
             log.info("request allowed by audit: %s %s, route %s, client %s (tls=%s, id=%s)",
                      req.method.decode("latin-1"), req.path.decode("latin-1")[:200], route.meta.name, peer, tls,
                      client_id)
-        self._count(("inbound_http_authz_allow_total", target, policy.server, route.meta, found.meta, "", tls,
-                     client_id))
+        key: _Key = ("inbound_http_authz_allow_total", target, policy.server, route.meta, found.meta, "", tls,
+                     client_id)
+        cell = self._counters.get(key)
+        if cell is None:
+            cell = self._counters[key] = [0]
+        cell[0] += 1
+        if fast is not None and not found.meta.is_audit:
+            # The layer's shortcut for this route and client address (its target and identity are
+            # the layer's own): the next request counts into the same cell without deciding again.
+            if len(fast) >= _CELLS_MAX:
+                fast.clear()
+            fast[(id(route), peer)] = (route, cell)
+        return self.check_rate(policy, target, tls, client_id)
+
+    def check_rate(self, policy: PortPolicy, target: tuple[str, int], tls: bool,
+                   client_id: str | None) -> ProxyError | None:
+        """The port's rate limit for one more request (None: admitted)."""
         spec = policy.rate_limit
         if spec is not None:
             try:
@@ -231,9 +249,12 @@ def _labels(key: _Key) -> str:
 
 
 class HttpAuthorize:
-    """Layer: authorize each request on its route and apply the rate limit, from the port's current policy."""
+    """Layer: authorize each request on its route and apply the rate limit, from the port's current policy.
 
-    __slots__ = ("authorizer", "client_id", "inner", "target", "tls")
+    Not a coroutine itself: a permitted request is the inner service's awaitable as is (no extra
+    frame per request); only a port whose first policy has not arrived waits here."""
+
+    __slots__ = ("authorizer", "client_id", "fast", "inner", "target", "tls")
 
     def __init__(self, inner: Service, authorizer: Authorizer, target: tuple[str, int], tls: bool,
                  client_id: str | None) -> None:
@@ -242,16 +263,41 @@ class HttpAuthorize:
         self.target = target
         self.tls = tls
         self.client_id = client_id
+        self.fast: FastPath = {}
 
-    async def __call__(self, req: Request) -> Response:
-        source = self.authorizer.source
-        policy = source.current(self.target[1])
+    def __call__(self, req: Request) -> Awaitable[Response]:
+        a = self.authorizer
+        policy = a.source.current(self.target[1])
         if policy is None:
-            policy = await source.get(self.target[1])  # bounded wait for the port's first policy
+            return self._first_policy(req)
+        route = policy.only_route or policy.route_for(req.method, req.path, req.authority, req.headers)
+        if route is not None:
+            # A client already permitted on this route (the route object is the policy's: a new
+            # policy brings new routes, so a shortcut never outlives the decision it remembers).
+            conn = req.conn
+            hit = self.fast.get((id(route), conn.peer[0] if conn is not None else "0.0.0.0"))
+            if hit is not None and hit[0] is route:
+                hit[1][0] += 1
+                if policy.rate_limit is not None:
+                    err = a.check_rate(policy, self.target, self.tls, self.client_id)
+                    if err is not None:
+                        return _answer(rescue(err, req))
+                return self.inner(req)
+        err = a.check_request(policy, req, self.target, self.tls, self.client_id, self.fast)
+        if err is not None:
+            return _answer(rescue(err, req))
+        return self.inner(req)
+
+    async def _first_policy(self, req: Request) -> Response:
+        policy = await self.authorizer.source.get(self.target[1])  # bounded wait for the port's first policy
         err = self.authorizer.check_request(policy, req, self.target, self.tls, self.client_id)
         if err is not None:
             return rescue(err, req)
         return await self.inner(req)
+
+
+async def _answer(resp: Response) -> Response:
+    return resp
 
 
 _METHOD_START = re.compile(rb"(?:\r?\n)*[A-Z]{3,20}(?:[^A-Za-z]|$)")
