@@ -93,7 +93,6 @@ class Authorizer:
     def __init__(self, source: PolicySource, clock: Callable[[], float] = time.monotonic) -> None:
         self.source = source
         self.clock = clock
-        self._limits: dict[int, tuple[RateLimitSpec, LocalRateLimit]] = {}
         self._counters: dict[_Key, list[int]] = {}
 
     def _count(self, key: _Key) -> None:
@@ -172,24 +171,20 @@ class Authorizer:
     def check_rate(self, policy: PortPolicy, target: tuple[str, int], tls: bool,
                    client_id: str | None) -> ProxyError | None:
         """The port's rate limit for one more request (None: admitted)."""
-        spec = policy.rate_limit
-        if spec is not None:
+        lim = policy.limiter
+        if lim is not None:
             try:
-                self._limit(target[1], spec).check(client_id if tls else None, self.clock())
+                lim.check(client_id if tls else None, self.clock())
             except RateLimited as e:
-                self._count(("inbound_http_local_ratelimit_total", target, policy.server, None, None,
-                             _ratelimit_labels(spec, e.scope), tls, client_id))
-                return RateLimitedError(e.reason)
+                return self.limited(policy, lim, e, target, tls, client_id)
         return None
 
-    def _limit(self, port: int, spec: RateLimitSpec) -> LocalRateLimit:
-        held = self._limits.get(port)
-        if held is not None and (held[0] is spec or held[0] == spec):
-            return held[1]
-        # A new or changed limit starts afresh.
-        lim = LocalRateLimit(spec)
-        self._limits[port] = (spec, lim)
-        return lim
+    def limited(self, policy: PortPolicy, lim: LocalRateLimit, e: RateLimited, target: tuple[str, int], tls: bool,
+                client_id: str | None) -> ProxyError:
+        """Count a request over the limit; the error its client gets."""
+        self._count(("inbound_http_local_ratelimit_total", target, policy.server, None, None,
+                     _ratelimit_labels(lim.spec, e.scope), tls, client_id))
+        return RateLimitedError(e.reason)
 
     # -- metrics ---------------------------------------------------------------------------------------
     _HELP = {
@@ -278,10 +273,12 @@ class HttpAuthorize:
             hit = self.fast.get((id(route), conn.peer[0] if conn is not None else "0.0.0.0"))
             if hit is not None and hit[0] is route:
                 hit[1][0] += 1
-                if policy.rate_limit is not None:
-                    err = a.check_rate(policy, self.target, self.tls, self.client_id)
-                    if err is not None:
-                        return _answer(rescue(err, req))
+                lim = policy.limiter
+                if lim is not None:
+                    try:
+                        lim.check(self.client_id if self.tls else None, a.clock())
+                    except RateLimited as e:
+                        return _answer(rescue(a.limited(policy, lim, e, self.target, self.tls, self.client_id), req))
                 return self.inner(req)
         err = a.check_request(policy, req, self.target, self.tls, self.client_id, self.fast)
         if err is not None:

@@ -33,7 +33,7 @@ from tether.core.policy.authz import (
     localhost_authz,
     parse_ip,
 )
-from tether.core.policy.ratelimit import RateLimitSpec
+from tether.core.policy.ratelimit import LocalRateLimit, RateLimitSpec
 from tether.core.routing.http_match import PathMatch, RequestInfo, Route, RouteMatch, Rule, ValueMatch, select_rule
 
 # The protocols a port may declare (the oneof in ProxyProtocol).
@@ -92,6 +92,9 @@ class PortPolicy:
     # else of a request decides); bounded, and gone with the policy.
     _chosen: dict[tuple[bytes, bytes, bytes], InboundRoute | None] | None = field(
         default=None, compare=False, repr=False)
+    # The limiters of this policy's rate limit: a new policy starts them afresh, as linkerd2-proxy
+    # builds its LocalRateLimit with each ServerPolicy (an identical resend keeps the policy object).
+    limiter: LocalRateLimit | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         only: InboundRoute | None = None
@@ -103,6 +106,8 @@ class PortPolicy:
         object.__setattr__(self, "only_route", only)
         by_headers = any(m.headers for r in self.routes for rule in r.rules for m in rule.matches)
         object.__setattr__(self, "_chosen", None if by_headers else {})
+        if self.rate_limit is not None:
+            object.__setattr__(self, "limiter", LocalRateLimit(self.rate_limit))
 
     def route_for(self, method: bytes, path: bytes, authority: bytes,
                   headers: list[tuple[bytes, bytes]]) -> InboundRoute | None:

@@ -238,7 +238,8 @@ class PolicyWatch:
                                         p.port, rule.value.meta.name, ", ".join(rule.value.unapplied_filters))
                             break
             changed = p.policy is not None and policy != p.policy
-            p.policy = policy
+            if p.policy is None or changed:
+                p.policy = policy  # an identical resend keeps the object (and its rate limiters' state)
             p.stale = False
             self.updates_total += 1
             p.first.set()
