@@ -265,7 +265,12 @@ class HttpAuthorize:
         policy = a.source.current(self.target[1])
         if policy is None:
             return self._first_policy(req)
-        route = policy.only_route or policy.route_for(req.method, req.path, req.authority, req.headers)
+        route = policy.only_route
+        if route is None:
+            chosen = policy.chosen  # the policy's memo of routes per (method, target, authority)
+            route = chosen.get((req.method, req.path, req.authority)) if chosen is not None else None
+            if route is None:
+                route = policy.route_for(req.method, req.path, req.authority, req.headers)
         if route is not None:
             # A client already permitted on this route (the route object is the policy's: a new
             # policy brings new routes, so a shortcut never outlives the decision it remembers).

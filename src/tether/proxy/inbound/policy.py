@@ -90,7 +90,7 @@ class PortPolicy:
     only_route: InboundRoute | None = field(default=None, compare=False)
     # Routes chosen per (method, target, authority) when no route matches on headers (then nothing
     # else of a request decides); bounded, and gone with the policy.
-    _chosen: dict[tuple[bytes, bytes, bytes], InboundRoute | None] | None = field(
+    chosen: dict[tuple[bytes, bytes, bytes], InboundRoute | None] | None = field(
         default=None, compare=False, repr=False)
     # The limiters of this policy's rate limit: a new policy starts them afresh, as linkerd2-proxy
     # builds its LocalRateLimit with each ServerPolicy (an identical resend keeps the policy object).
@@ -105,7 +105,7 @@ class PortPolicy:
             only = self.routes[0].rules[0].value
         object.__setattr__(self, "only_route", only)
         by_headers = any(m.headers for r in self.routes for rule in r.rules for m in rule.matches)
-        object.__setattr__(self, "_chosen", None if by_headers else {})
+        object.__setattr__(self, "chosen", None if by_headers else {})
         if self.rate_limit is not None:
             object.__setattr__(self, "limiter", LocalRateLimit(self.rate_limit))
 
@@ -114,7 +114,7 @@ class PortPolicy:
         """The route a request takes (the pure matcher's most specific rule), or None: no route."""
         if self.only_route is not None:
             return self.only_route
-        cache = self._chosen
+        cache = self.chosen
         key = (method, path, authority)
         if cache is not None:
             try:
