@@ -1,10 +1,11 @@
 """Inbound authorization: per connection (opaque TCP) and per request (HTTP routes), and local rate limits.
 
-:class:`Authorizer` holds what every connection of the proxy shares: the policy source, the rate
-limiters of each port's policy (kept while the policy's limit is unchanged) and the counters, with
-linkerd2-proxy's metric names and labels:
+:class:`Authorizer` holds what every connection of the proxy shares: the policy source and the
+counters (the rate limiters live on each port's policy object), with linkerd2-proxy's metric names
+and labels:
 
-- ``inbound_tcp_authz_allow_total`` / ``inbound_tcp_authz_deny_total`` (``srv_*``, ``authz_*``),
+- ``inbound_tcp_authz_allow_total`` (``srv_*``, ``authz_*``) / ``inbound_tcp_authz_deny_total`` and
+  ``inbound_tcp_authz_terminate_total`` (``srv_*``),
 - ``inbound_http_authz_allow_total`` (``srv_*``, ``route_*``, ``authz_*``),
   ``inbound_http_authz_deny_total`` (``srv_*``, ``route_*``),
   ``inbound_http_route_not_found_total`` (``srv_*``),
@@ -58,13 +59,6 @@ class RateLimitedError(ProxyError):
 
     status = 429
     grpc_status = 8
-
-
-class BadRequestError(ProxyError):
-    """A request the proxy could not parse on a port whose policy needs HTTP (400)."""
-
-    status = 400
-    grpc_status = 13
 
 
 def _meta_labels(prefix: str, m: Meta) -> str:

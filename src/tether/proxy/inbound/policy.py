@@ -83,7 +83,6 @@ class PortPolicy:
     # Route-level rules exist (routes from resources, or a rate limit): only HTTP can be checked
     # against them, so HTTP-looking bytes that do not parse must never pass as opaque.
     needs_http: bool = False
-    routes_defined: bool = field(default=False)
     # The route every request takes when there is nothing to match (one route, one rule, no
     # matches, no hostnames: a default route), or the server's own authorizations when there is
     # no route at all (an opaque port that got HTTP). None: match each request.
@@ -304,12 +303,11 @@ def _port_policy(msg: inbound_pb2.Server, permit_localhost: bool) -> PortPolicy:
         route, own = _route(g, authz, grpc=True)
         routes.append(route)
         route_rules |= own
-    defined = bool(routes)
     if not routes and kind not in (OPAQUE, TLS):
         routes.append(_default_route(authz))
     limit = rate_limit_of(limit_msg) if limit_msg is not None else None
     return PortPolicy(kind, server, authz, tuple(routes), limit,
-                      needs_http=route_rules or limit is not None, routes_defined=defined)
+                      needs_http=route_rules or limit is not None)
 
 
 def rate_limit_of(m: inbound_pb2.HttpLocalRateLimit) -> RateLimitSpec | None:
