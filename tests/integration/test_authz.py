@@ -648,6 +648,13 @@ def test_bad_policy_flags_are_one_line_errors(tmp_path: Path) -> None:
                            timeout=60)
         assert r.returncode != 0 and "Traceback" not in r.stderr
         assert want in r.stderr, r.stderr
+    # Checked at start: a policy service without knowing which workload to ask for.
+    r = subprocess.run([sys.executable, "-m", "tether", "proxy", "--policy-addrs", "127.0.0.1:1", "--inbound-addr",
+                        "127.0.0.1:0", "--outbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "tether proxy: --policy-addrs is set but the proxy's workload is unknown: set --policy-workload "
+        '(JSON {"ns": ..., "pod": ...}), a --destination-context with "pod", or --identity-name']
 
 
 def test_never_received_policy_denies(tmp_path: Path) -> None:
