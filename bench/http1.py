@@ -19,9 +19,28 @@ PATH = "/echo?size=128"  # a small response: 128 bytes of body
 TARGETS = ("direct", "nginx", "haproxy", "tether")
 # Also available with --targets: a proxy fed by a (scripted) destination service, with a profile
 # of 20 routes (the request matches the last) and a 90/10 split: what routing costs.
-EXTRA_TARGETS = ("tether-routes",)
+EXTRA_TARGETS = ("tether-routes", "tether-inbound", "tether-policy")
 ROUTES = 20
 _scripted: list[object] = []
+
+
+def start_tether_inbound(workdir: Path, port: int, backend_port: int, policy: bool) -> h.Proc:
+    """A `tether proxy` whose *inbound* listener serves the backend: with ``policy``, under a Server, an
+    AuthorizationPolicy on an HTTPRoute and a rate limit in force (from a scripted policy service);
+    without, under the default policy (all-unauthenticated, no control plane)."""
+    admin = h.free_port()
+    args = [str(h.TETHER), "proxy", "--inbound-addr", f"127.0.0.1:{port}", "--admin-addr", f"127.0.0.1:{admin}",
+            "--outbound-addr", f"127.0.0.1:{h.free_port()}", "--inbound-app-addr", f"127.0.0.1:{backend_port}"]
+    name = "tether-inbound"
+    if policy:
+        from tether.testing.policy import BENCH_WORKLOAD, bench_policy_server
+
+        srv = bench_policy_server(backend_port)
+        _scripted.append(srv)
+        args += ["--policy-addrs", f"127.0.0.1:{srv.port}", "--policy-workload", BENCH_WORKLOAD]
+        name = "tether-policy"
+    proc = h.start(name, args, workdir)
+    return h.wait_ready(proc, h.http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "tether /ready")
 
 
 def start_tether_routes(workdir: Path, port: int, backend_port: int) -> h.Proc:
@@ -127,6 +146,8 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
         proc = h.start_haproxy(workdir, port, f"127.0.0.1:{port}", f"127.0.0.1:{backend_port}", workers)
     elif name == "tether-routes":
         proc = start_tether_routes(workdir, port, backend_port)
+    elif name in ("tether-inbound", "tether-policy"):
+        proc = start_tether_inbound(workdir, port, backend_port, policy=name == "tether-policy")
     else:
         reason = h.tether_unavailable_reason()
         if reason is not None:

@@ -11,10 +11,15 @@ TCP, epoll) is not counted: compare builds with it, not with nginx.
     .venv/bin/python bench/instructions.py                          # this checkout
     .venv/bin/python bench/instructions.py --build before=/path/to/other/checkout --build after=.
     .venv/bin/python bench/instructions.py --mesh    # two proxies (outbound -> inbound), plaintext and mTLS
+    .venv/bin/python bench/instructions.py --policy     # inbound under a Server, a route authz, a rate limit
 
 With ``--mesh`` each build runs a meshed pair (a client proxy's outbound listener to a server proxy's
 inbound listener, in plaintext and then over mTLS with identities from a local identity service),
 both under callgrind, and the figure is both proxies' instructions per request together.
+
+With ``--policy`` each proxy's inbound port gets its policy from a scripted policy service: a Server,
+an AuthorizationPolicy on an HTTPRoute matching the requests, and a rate limit in force (never hit);
+builds from before inbound policy do not know the flags.
 
 Each build is a checkout with its own .venv (and compiled hot path, `scripts/build-native`).
 """
@@ -92,8 +97,8 @@ def routed_destination(backend_port: int) -> tuple[list[str], Callable[[], None]
 
 
 @contextlib.contextmanager
-def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int,
-                          discovery: list[str]) -> Iterator[tuple[int, int, int, Path]]:
+def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int, discovery: list[str],
+                          extra: tuple[str, ...] = ()) -> Iterator[tuple[int, int, int, Path]]:
     """A `tether proxy` of ``python``'s build under callgrind: (pid, outbound, inbound, out file)."""
     out, inb, admin = h.free_port(), h.free_port(), h.free_port()
     cg_out = workdir / "callgrind.out"
@@ -103,7 +108,7 @@ def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int,
          str(python), "-m", "tether", "proxy", "--outbound-addr", f"127.0.0.1:{out}",
          "--inbound-addr", f"127.0.0.1:{inb}", "--admin-addr", f"127.0.0.1:{admin}",
          *discovery, "--inbound-app-addr", f"127.0.0.1:{backend_port}",
-         "--shutdown-grace-period", "1s"],
+         "--shutdown-grace-period", "1s", *extra],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         h.wait_until(h.http_ok(f"http://127.0.0.1:{admin}/ready"), 180, "tether /ready under valgrind")
@@ -269,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=300, help="uncounted requests first")
     p.add_argument("--repeat", type=int, default=2, help="runs per build (the table shows the minimum)")
     p.add_argument("--mesh", action="store_true", help="a meshed pair of proxies, plaintext and mTLS")
+    p.add_argument("--policy", action="store_true",
+                   help="the inbound port under a Server, a route authorization and a rate limit")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (callgrind) is not installed: apt-get install valgrind", file=sys.stderr)
@@ -282,7 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         backend_port, grpc_port = h.free_port(), h.free_port()
         backend = h.start_fortio_server(fortio, work, backend_port, grpc_port)
-        with h.running(backend):
+        extra: tuple[str, ...] = ()
+        policy_server = None
+        if args.policy:
+            from tether.testing.policy import BENCH_WORKLOAD, bench_policy_server
+
+            policy_server = bench_policy_server(backend_port)
+            extra = ("--policy-addrs", f"127.0.0.1:{policy_server.port}", "--policy-workload", BENCH_WORKLOAD)
+        with h.running(backend), contextlib.ExitStack() as stack:
+            if policy_server is not None:
+                stack.callback(policy_server.stop)
             for _ in range(args.repeat):  # interleaved: before, after, before, after
                 for name, checkout in builds:
                     python = Path(checkout).resolve() / ".venv" / "bin" / "python"
@@ -290,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                     bdir.mkdir(exist_ok=True)
                     n, w = args.requests, args.warmup
                     static = static_destinations(bdir, backend_port, grpc_port)
-                    with proxy_under_callgrind(python, bdir, backend_port, static) as (pid, out, inb, cg):
+                    with proxy_under_callgrind(python, bdir, backend_port, static, extra) as (pid, out, inb, cg):
                         got = {
                             "outbound": count(pid, cg, lambda k: keepalive_requests(out, k, AUTHORITY), n, w),
                             "inbound": count(pid, cg, lambda k: keepalive_requests(inb, k, "web.local:8080"), n, w),

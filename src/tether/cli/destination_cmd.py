@@ -52,6 +52,9 @@ POLICIES = (
               metavar="POLICY", help="inbound policy of a port no Server selects: " + ", ".join(POLICIES))
 @click.option("--cluster-networks", type=CIDRS, default=DEFAULT_CLUSTER_NETWORKS, show_default=True,
               help="networks of the cluster's workloads, for the cluster-* policies (comma-separated CIDRs)")
+@click.option("--probe-networks", type=CIDRS, default="0.0.0.0/0,::/0", show_default=True,
+              help="networks the kubelet's probes come from: a workload's probe paths are authorized from "
+              "them on ports without routes of their own (comma-separated CIDRs; empty: none)")
 @click.option("--stream-queue-limit", type=click.IntRange(min=1), default=1000, show_default=True, metavar="COUNT",
               help="updates a stream may fall behind before it is reset (the proxy reconnects for a fresh snapshot)")
 @click.option("--poll-interval", type=POSITIVE_DURATION, default="250ms", show_default=True,
@@ -62,8 +65,8 @@ POLICIES = (
 @log_options
 def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_dir: str, state_dir: str,
                 controller_namespace: str, trust_domain: str, cluster_domain: str, default_policy: str,
-                cluster_networks: tuple[str, ...], stream_queue_limit: int, poll_interval: float,
-                allow_l5d_request_headers: bool, log_level: str, log_format: str) -> int:
+                cluster_networks: tuple[str, ...], probe_networks: tuple[str, ...], stream_queue_limit: int,
+                poll_interval: float, allow_l5d_request_headers: bool, log_level: str, log_format: str) -> int:
     """The destination service: what proxies learn about the services they call and serve.
 
     Serves io.linkerd.proxy.destination.Destination (Get, GetProfile),
@@ -88,6 +91,7 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
             default_policy=default_policy,
             cluster_networks=cluster_networks,
             allow_l5d_request_headers=allow_l5d_request_headers,
+            probe_networks=probe_networks,
         ),
         queue_limit=stream_queue_limit,
     )

@@ -80,6 +80,18 @@ FLAGS: dict[str, Flag] = {
                               "destination come from it (the proxy dials them in turn and fails over)"),
     "destination_context": Flag("JSON", 'who this proxy is, for the destination service (unset: '
                                 '{"ns": the identity\'s namespace})'),
+    "policy_addrs": Flag("HOST:PORT,...", "the inbound policy service's replicas (tether's destination controller "
+                         "serves it): each inbound port's policy is watched there (unset: "
+                         "--default-inbound-policy for every port)"),
+    "default_inbound_policy": Flag("POLICY", "the policy of every inbound port without a control plane: "
+                                   "all-unauthenticated, all-authenticated, cluster-authenticated, "
+                                   "cluster-unauthenticated, deny or audit"),
+    "cluster_networks": Flag("CIDR,...", "the cluster's networks, for the cluster-* default policies"),
+    "policy_workload": Flag("JSON", 'this proxy\'s workload for the inbound policy service, {"ns": ..., "pod": ...} '
+                            "(unset: from --destination-context, else the identity's service account)"),
+    "inbound_policy_timeout": Flag("DURATION", "how long an inbound connection waits for its port's first "
+                                   "policy before it is denied"),
+    "inbound_permit_localhost": Flag("BOOL", "always permit inbound clients on 127.0.0.1 and ::1 (as Linkerd)"),
     "identity_name": Flag("NAME", "this proxy's identity, <sa>.<ns>.serviceaccount.identity.<cp-ns>.<trust-domain> "
                           "(unset: no certificate, no mTLS)"),
     "identity_token_path": Flag("PATH", "the workload's bootstrap token, sent to the identity service"),
@@ -118,6 +130,27 @@ def check_value(field: str, text: str) -> str:
             json.loads(text)
         except ValueError:
             raise ConfigError(f"{flag_name(field)}: {text!r} is not JSON") from None
+    if field == "default_inbound_policy":
+        from tether.core.policy.authz import DEFAULT_POLICIES
+
+        if text not in DEFAULT_POLICIES:
+            raise ConfigError(f"{flag_name(field)}: {text!r} is not one of {', '.join(DEFAULT_POLICIES)}")
+    if field == "cluster_networks":
+        from tether.core.policy.authz import PolicyError, networks
+
+        try:
+            networks(c.strip() for c in text.split(",") if c.strip())
+        except PolicyError as e:
+            raise ConfigError(f"{flag_name(field)}: {e}") from None
+    if field == "policy_workload":
+        import json
+
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or not doc.get("ns") or not doc.get("pod"):
+            raise ConfigError(f'{flag_name(field)}: {text!r} is not JSON like {{"ns": "NS", "pod": "NAME"}}')
     if field == "log_format" and text not in ("plain", "json"):
         raise ConfigError(f"{flag_name(field)}: {text!r} is not plain or json")
     return text

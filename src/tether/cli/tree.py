@@ -32,6 +32,7 @@ class Lazy(NamedTuple):
 # click: see tether.cli.main).
 COMMANDS: dict[str, Lazy] = {
     "apply": Lazy("tether.cli.resources_cmd", "apply", "create or update resources in the local store from YAML"),
+    "authz": Lazy("tether.cli.authz_cmd", "authz", "list the authorizations that apply to each port of a workload"),
     "check": Lazy("tether.cli.check", "check", "check the installation and, with --proxy, the data plane"),
     "completion": Lazy("tether.cli.completion_cmd", "completion",
                        "print the shell completion script for bash, zsh or fish"),

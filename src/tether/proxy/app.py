@@ -21,6 +21,8 @@ from tether import native
 from tether.proxy.admin import AdminServer
 from tether.proxy.config import ConfigError, ProxyConfig, parse_addr
 from tether.proxy.discovery import StaticDiscovery
+from tether.proxy.inbound.authorize import Authorizer
+from tether.proxy.inbound.policy_watch import PolicySource, StaticPolicy
 from tether.proxy.inbound.stack import Inbound
 from tether.proxy.logging import LogControl
 from tether.proxy.metrics import MetricsRegistry
@@ -49,7 +51,11 @@ class Proxy:
         if callable(lines):
             self.metrics.add_source(lines)
         self.outbound = Outbound(cfg, self.metrics, discovery, self.identity, {cfg.outbound_addr, cfg.inbound_addr})
-        self.inbound = Inbound(cfg, self.metrics, self.identity)
+        self.policies = policy_source_from(cfg)
+        self.authorizer = Authorizer(self.policies)
+        self.inbound = Inbound(cfg, self.metrics, self.identity, self.authorizer)
+        self.metrics.add_source(self.authorizer.lines)
+        self.metrics.add_source(self.policies.metrics_lines)
         self.metrics.add_source(self._cache_lines)
         self.metrics.add_source(self.outbound.balancer_lines)
         self.metrics.add_source(self.outbound.route_metrics.lines)
@@ -140,6 +146,7 @@ class Proxy:
         close = getattr(self.discovery, "aclose", None)
         if close is not None:
             await close()
+        await self.policies.aclose()
         for side in sides:
             side.cancel_tasks()
         for task in list(self._tasks):
@@ -178,6 +185,56 @@ def discovery_from(cfg: ProxyConfig) -> Discovery | None:
         except ValueError:
             raise ConfigError(f"--destination-context: {token!r} is not JSON") from None
     return DestinationDiscovery(DestinationSettings(addrs, token))
+
+
+def _cluster_networks(cfg: ProxyConfig) -> tuple[str, ...]:
+    from tether.core.policy.authz import PolicyError, networks
+
+    nets = tuple(c.strip() for c in cfg.cluster_networks.split(",") if c.strip())
+    try:
+        networks(nets)
+    except PolicyError as e:
+        raise ConfigError(f"--cluster-networks: {e}") from None
+    return nets
+
+
+def policy_workload(cfg: ProxyConfig) -> str:
+    """PortSpec.workload: --policy-workload, else the context token's ns and pod, else the identity's."""
+    if cfg.policy_workload:
+        return cfg.policy_workload
+    if cfg.destination_context:
+        try:
+            doc = json.loads(cfg.destination_context)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and doc.get("ns") and doc.get("pod"):
+            return json.dumps({"ns": doc["ns"], "pod": doc["pod"]}, separators=(",", ":"))
+    parts = (cfg.identity_name or "").split(".")
+    if len(parts) > 2:
+        # A local workload is named after its service account unless told otherwise.
+        return json.dumps({"ns": parts[1], "pod": parts[0]}, separators=(",", ":"))
+    raise ConfigError("--policy-addrs is set but the proxy's workload is unknown: set --policy-workload "
+                      '(JSON {"ns": ..., "pod": ...}), a --destination-context with "pod", or --identity-name')
+
+
+def policy_source_from(cfg: ProxyConfig) -> PolicySource:
+    """Inbound policy from the control plane when the config names one, else the default policy."""
+    from tether.core.policy.authz import DEFAULT_POLICIES
+
+    if cfg.default_inbound_policy not in DEFAULT_POLICIES:
+        raise ConfigError(f"--default-inbound-policy: {cfg.default_inbound_policy!r} is not one of "
+                          f"{', '.join(DEFAULT_POLICIES)}")
+    nets = _cluster_networks(cfg)
+    if not cfg.policy_addrs:
+        log.info("inbound policy: %s on every port (no --policy-addrs)", cfg.default_inbound_policy)
+        return StaticPolicy(cfg.default_inbound_policy, nets, cfg.inbound_permit_localhost)
+    from tether.proxy.inbound.policy_watch import PolicyWatch, PolicyWatchSettings
+
+    addrs = tuple(a.strip() for a in cfg.policy_addrs.split(",") if a.strip())
+    for a in addrs:
+        parse_addr(a, "--policy-addrs")
+    return PolicyWatch(PolicyWatchSettings(addrs, policy_workload(cfg), cfg.inbound_policy_timeout,
+                                           cfg.inbound_permit_localhost))
 
 
 def identity_client(cfg: ProxyConfig) -> IdentityClient | None:

@@ -158,6 +158,18 @@ class ProxyConfig:
     # replicas, and the context token it gets (JSON; default {"ns": <the identity's namespace>}).
     destination_addrs: str | None = None
     destination_context: str | None = None
+    # Inbound policy. With --policy-addrs (the policy service's replicas: tether's destination
+    # controller serves it, so usually the same as --destination-addrs; Linkerd's proxy has the two
+    # addresses apart too) each inbound port's policy is watched there
+    # (InboundServerPolicies.WatchPort) for this workload (JSON {"ns": ..., "pod": ...}; unset: from
+    # the context token, else the identity's service account and namespace); without, every port
+    # gets --default-inbound-policy. Linkerd's proxy always permits clients on 127.0.0.1 and ::1.
+    policy_addrs: str | None = None
+    default_inbound_policy: str = "all-unauthenticated"
+    cluster_networks: str = "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,fd00::/8"
+    policy_workload: str | None = None
+    inbound_policy_timeout: float = 3.0  # how long a connection waits for its port's first policy
+    inbound_permit_localhost: bool = True
     # Identity (see tether.proxy.identity): with identity_name set the proxy gets a certificate from
     # the identity service and speaks mTLS to meshed peers; unset means plaintext only.
     identity_name: str | None = None  # <sa>.<ns>.serviceaccount.identity.<cp-ns>.<trust-domain>

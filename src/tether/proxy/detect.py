@@ -47,8 +47,10 @@ def original_dst(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
 
 class DetectProtocol(asyncio.Protocol):
     def __init__(self, direction: str, cfg: DetectSettings, on_detected: OnDetected,
-                 tls: bool = False, client_id: str | None = None) -> None:
+                 tls: bool = False, client_id: str | None = None,
+                 opaque: Callable[[int], bool] | None = None) -> None:
         self.direction = direction
+        self.opaque = opaque  # the port's policy says opaque (inbound: a Server with proxyProtocol opaque)
         self.cfg = cfg
         self.on_detected = on_detected
         self.tls = tls
@@ -81,7 +83,7 @@ class DetectProtocol(asyncio.Protocol):
         port = dst[1] if dst is not None else None
         if port is None and self.direction == "inbound":
             port = self.cfg.inbound_app_port
-        if port is not None and port in self.cfg.opaque_ports:
+        if port is not None and (port in self.cfg.opaque_ports or (self.opaque is not None and self.opaque(port))):
             self._decide(Detected.OPAQUE)
             return
         self._timer = asyncio.get_running_loop().call_later(self.cfg.detect_timeout, self._on_timeout)

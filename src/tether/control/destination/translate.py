@@ -40,6 +40,7 @@ from tether.control.destination.world import (
     World,
     annotation,
     opaque_ports,
+    ports_annotation,
     resolve,
     selected,
     service_fqdn,
@@ -77,6 +78,9 @@ class Settings:
     default_policy: str = "all-unauthenticated"
     cluster_networks: tuple[str, ...] = DEFAULT_CLUSTER_NETWORKS
     allow_l5d_request_headers: bool = False  # clients may amend retries/timeouts with l5d-* headers
+    # Where the kubelet's probes come from (Linkerd's policy controller --probe-networks; its chart
+    # default is every network).
+    probe_networks: tuple[str, ...] = ALL_NETWORKS
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
@@ -1050,7 +1054,28 @@ def find_server(world: World, w: Workload, port: int) -> pol.Server | None:
     return None
 
 
-def _inbound_http_routes(world: World, server: pol.Server | None, s: Settings) -> list[inb.HttpRoute]:
+def probe_paths(w: Workload, port: int) -> list[str]:
+    """The paths of the workload's HTTP probes on ``port`` (by number or port name)."""
+    names = {p.name for p in w.spec.ports if p.port == port and p.name}
+    return sorted({p.path for p in w.spec.probes if p.port == port or p.port in names})
+
+
+def _probe_route(paths: Sequence[str], s: Settings) -> inb.HttpRoute:
+    """Linkerd's default "probe" route: GET on each probe path, authorized from the probe networks."""
+    authz = inb.Authz(networks=_networks(s.probe_networks),
+                      authentication=inb.Authn(unauthenticated=inb.Authn.PermitUnauthenticated()),
+                      metadata=default_meta("probe"), labels={"name": "probe"})
+    get = http_types_pb2.HttpMethod(registered=http_types_pb2.HttpMethod.GET)
+    return inb.HttpRoute(
+        metadata=default_meta("probe"),
+        authorizations=[authz],
+        rules=[inb.HttpRoute.Rule(matches=[http_route_pb2.HttpRouteMatch(
+            path=http_route_pb2.PathMatch(exact=p), method=get) for p in paths])],
+    )
+
+
+def _inbound_http_routes(world: World, server: pol.Server | None, s: Settings,
+                         probes: Sequence[str] = ()) -> list[inb.HttpRoute]:
     routes: list[inb.HttpRoute] = []
     if server is not None:
         for r in world.in_namespace("HTTPRoute", server.namespace):
@@ -1085,6 +1110,8 @@ def _inbound_http_routes(world: World, server: pol.Server | None, s: Settings) -
                 ],
             )
         )
+        if probes and s.probe_networks:
+            routes.append(_probe_route(probes, s))
     return routes
 
 
@@ -1171,10 +1198,15 @@ def inbound_server(world: World, workload: str, port: int, s: Settings) -> inb.S
     if not isinstance(w, Workload):
         raise LookupError_(f"no workload {ns}/{name}")
     server = find_server(world, w, port)
+    probes = probe_paths(w, port)
     if server is None:
         policy = annotation(world, w, "config.linkerd.io/default-inbound-policy") or s.default_policy
+        if port in ports_annotation(world, w, "config.linkerd.io/proxy-require-identity-inbound-ports"):
+            # As Linkerd's policy controller: an allowing default policy admits only mesh identities there.
+            policy = {"all-unauthenticated": "all-authenticated",
+                      "cluster-unauthenticated": "cluster-authenticated"}.get(policy, policy)
         detect = inb.ProxyProtocol.Detect(
-            timeout=duration(DETECT_TIMEOUT), http_routes=_inbound_http_routes(world, None, s)
+            timeout=duration(DETECT_TIMEOUT), http_routes=_inbound_http_routes(world, None, s, probes)
         )
         out_server = inb.Server(
             protocol=inb.ProxyProtocol(detect=detect),
@@ -1199,7 +1231,7 @@ def inbound_server(world: World, workload: str, port: int, s: Settings) -> inb.S
             authz.append(server_authz(saz, s))
     if server.spec.access_policy != "deny":
         authz += _default_authz(server.spec.access_policy, s)
-    routes = _inbound_http_routes(world, server, s)
+    routes = _inbound_http_routes(world, server, s, probes)
     rl = _rate_limit(world, server, s)
     proto = server.spec.proxy_protocol
     if proto == "HTTP/1":

@@ -247,7 +247,12 @@ def annotation(world: World, obj: Resource, key: str) -> str | None:
 
 def opaque_ports(world: World, obj: Resource) -> set[int]:
     """Ports listed in config.linkerd.io/opaque-ports ("3306,5432" or ranges "4000-4010")."""
-    raw = annotation(world, obj, "config.linkerd.io/opaque-ports") or ""
+    return ports_annotation(world, obj, "config.linkerd.io/opaque-ports")
+
+
+def ports_annotation(world: World, obj: Resource, key: str) -> set[int]:
+    """Ports listed in a ports annotation ("3306,5432" or ranges "4000-4010") on the object or its Namespace."""
+    raw = annotation(world, obj, key) or ""
     out: set[int] = set()
     for part in raw.split(","):
         part = part.strip()

@@ -78,10 +78,19 @@ class WorkloadPort(Strict):
     protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
 
 
+class WorkloadProbe(Strict):
+    """An HTTP health check of the workload (a Pod's httpGet liveness/readiness/startup probe)."""
+
+    port: Port | str  # a number or the name of one of the workload's ports
+    path: str = Field(default="/", pattern=r"^/")
+
+
 class WorkloadSpec(Strict):
     service_account: DnsLabel = "default"
     addresses: list[IP] = Field(default_factory=list)
     ports: list[WorkloadPort] = Field(default_factory=list)
+    # Linkerd authorizes these paths from the probe networks on ports without their own routes.
+    probes: list[WorkloadProbe] = Field(default_factory=list)
     ready: bool = True
     # The proxy's inbound port, when it is not the default 4143 (local workloads run several on one host).
     proxy_inbound_port: Port | None = None

@@ -2,8 +2,12 @@
 
 accept -> mesh TLS? (peeked ClientHello with our identity as SNI: terminated, client identity kept)
        -> detect protocol (or a transport header naming the port of an opaque stream)
-       -> HTTP: the stack of the connection's target (application port, TLS, client identity)
-       -> opaque TCP: the application port on loopback
+       -> HTTP: the stack of the connection's target (application port, TLS, client identity),
+                every request authorized on its route by the port's current policy
+       -> opaque TCP: the port's policy authorizes the connection (client network and identity)
+                before any byte reaches the application port on loopback (and closes it when a
+                new policy no longer does); on a port whose policy needs HTTP, HTTP-looking bytes
+                that did not parse get 400
 
 The target port is the original destination's (transparent mode, after iptables REDIRECT), the
 one a peer proxy named in the transport header, or the configured application address.
@@ -24,6 +28,8 @@ from tether.proxy.detect import DetectProtocol
 from tether.proxy.endpoint import HttpEndpoint
 from tether.proxy.errors import UnavailableError
 from tether.proxy.http.message import Connection, Request, Response, Service
+from tether.proxy.inbound.authorize import Authorizer, HttpAuthorize, refuse_unparsed_http
+from tether.proxy.inbound.policy import HTTP_PROTOCOLS, PortPolicy
 from tether.proxy.layers.metrics import InboundHttpMetrics
 from tether.proxy.layers.rescue import Rescue
 from tether.proxy.layers.timeout import ResponseTimeout
@@ -55,8 +61,10 @@ def local_target(app_addr: Addr | None, orig_dst: Addr | None, port_hint: int | 
 class Inbound:
     """The inbound listener's stacks and live connections."""
 
-    def __init__(self, cfg: ProxyConfig, metrics: MetricsRegistry, identity: IdentityClient | None) -> None:
+    def __init__(self, cfg: ProxyConfig, metrics: MetricsRegistry, identity: IdentityClient | None,
+                 authorizer: Authorizer) -> None:
         self.metrics = metrics
+        self.authorizer = authorizer
         self.identity = identity
         self.app_addr = cfg.inbound_app_addr
         self.detect = detect_settings(cfg)
@@ -68,6 +76,7 @@ class Inbound:
         self.targets: IdleCache[InboundTarget, Stack] = IdleCache(
             self.http_stack, cfg.cache_max_idle_age, close=Stack.aclose, name="inbound")
         self.mesh_listener: MeshTlsListener | None = None
+        authorizer.source.on_change(self.policy_changed)
 
     # -- accept: mesh TLS terminated first when this proxy has an identity ---------------------------
     def listen_mesh(self, addr: Addr) -> tuple[str, int]:
@@ -79,7 +88,12 @@ class Inbound:
 
     def accept(self) -> DetectProtocol:
         """The protocol of a newly accepted (or TLS-terminated) connection."""
-        return DetectProtocol("inbound", self.detect, self.on_detected)
+        return DetectProtocol("inbound", self.detect, self.on_detected, opaque=self._policy_opaque)
+
+    def _policy_opaque(self, port: int) -> bool:
+        # Known policies only: a port's first connection is detected while its policy is fetched.
+        policy = self.authorizer.source.current(port)
+        return policy is not None and policy.is_opaque
 
     def on_detected(self, what: Detected, transport: asyncio.Transport, conn: Connection, buf: bytes,
                     eof: bool) -> None:
@@ -90,7 +104,7 @@ class Inbound:
             serve = self.connections.serve_h1 if what is Detected.HTTP1 else self.connections.serve_h2
             serve(service, transport, conn, buf, tcp)
         else:
-            self.connections.spawn(self.tcp(transport, conn, hold_opaque(transport, buf, eof)))
+            self.connections.spawn(self.tcp(transport, conn, hold_opaque(transport, buf, eof), buf))
 
     # -- HTTP: one stack per target -------------------------------------------------------------------
     def http_stack(self, target: InboundTarget) -> Stack:
@@ -98,6 +112,7 @@ class Inbound:
         svc: Service = forward
         if self.response_timeout is not None:
             svc = ResponseTimeout(svc, self.response_timeout)  # 504 when the head is late
+        svc = HttpAuthorize(svc, self.authorizer, target.app, target.tls, target.client_id)  # route authz, rate limit
         svc = Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
         svc = InboundHttpMetrics(svc, self.metrics, target)  # request_total, response_total, latency
         return Stack(svc, [forward.aclose])
@@ -107,7 +122,8 @@ class Inbound:
         return InboundTarget(app, conn.tls, conn.client_id)
 
     # -- opaque TCP ------------------------------------------------------------------------------------
-    async def tcp(self, transport: asyncio.Transport, conn: Connection, client_pending: Pending) -> None:
+    async def tcp(self, transport: asyncio.Transport, conn: Connection, client_pending: Pending,
+                  head: bytes = b"") -> None:
         try:
             app = local_target(self.app_addr, conn.orig_dst, conn.target_port)
         except UnavailableError:
@@ -115,9 +131,29 @@ class Inbound:
             log.info("inbound opaque connection from %s:%d has no target; closing", *conn.peer)
             transport.close()
             return
+        policy = await self.authorizer.source.get(app[1])  # bounded wait for the port's first policy
+        if policy is not None and (policy.protocol in HTTP_PROTOCOLS or policy.needs_http) and \
+                refuse_unparsed_http(transport, head, policy.protocol in HTTP_PROTOCOLS):
+            return  # 400: route-level rules cannot be bypassed by bytes that only look like HTTP
+        if self.authorizer.check_tcp(policy, app, conn.peer[0], conn.tls, conn.client_id) is None:
+            transport.close()  # refused: nothing the client sent reached the application
+            return
         await self.connections.connect_and_forward(self.metrics, None, conn, transport, client_pending,
                                                    EndpointTarget(app, app), self.connect_timeout,
                                                    self.handshake_timeout)
+
+    def policy_changed(self, port: int, policy: PortPolicy) -> None:
+        """A port's new policy: its open opaque connections it no longer authorizes are closed (HTTP
+        connections need nothing: every request reads the policy in force)."""
+        for splice in list(self.connections.tcp):
+            conn = splice.conn
+            try:
+                app = local_target(self.app_addr, conn.orig_dst, conn.target_port)
+            except UnavailableError:
+                continue
+            if app[1] == port and not self.authorizer.still_authorized(policy, app, conn.peer[0], conn.tls,
+                                                                       conn.client_id):
+                splice.abort()
 
     def close_listener(self) -> None:
         if self.mesh_listener is not None:

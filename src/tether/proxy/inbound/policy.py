@@ -1,0 +1,337 @@
+"""An inbound port's policy as the proxy applies it, built from linkerd2-proxy-api's ``inbound.Server``.
+
+:class:`PortPolicy` holds what the authorization layers read: the port's protocol, the server's
+labels (``srv_*``), its connection-level authorizations, its HTTP (or gRPC) routes each with the
+authorizations that apply to it, and its local rate limit. The conversion follows
+linkerd2-proxy's ``ServerPolicy::try_from``: every route's authorizations are its own followed by
+the server's; a protocol without routes gets one default route matching every request; with
+``permit_localhost`` (Linkerd's behaviour) clients on 127.0.0.1 and ::1 are always permitted.
+
+A message that cannot be converted raises :class:`~tether.core.policy.authz.PolicyError`; the
+caller keeps the last good policy (or, with none, denies).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tether.api.gen import grpc_route_pb2, http_route_pb2, http_types_pb2, inbound_pb2, meta_pb2, net_pb2
+from tether.core.policy.authz import (
+    IDENTITIES,
+    TLS_UNAUTHENTICATED,
+    UNAUTHENTICATED,
+    Authn,
+    Authz,
+    Meta,
+    Network,
+    PolicyError,
+    authorize,
+    default_authorizations,
+    localhost_authz,
+    parse_ip,
+)
+from tether.core.policy.ratelimit import LocalRateLimit, RateLimitSpec
+from tether.core.routing.http_match import PathMatch, RequestInfo, Route, RouteMatch, Rule, ValueMatch, select_rule
+
+# The protocols a port may declare (the oneof in ProxyProtocol).
+DETECT, OPAQUE, TLS, HTTP1, HTTP2, GRPC = "detect", "opaque", "tls", "http1", "http2", "grpc"
+HTTP_PROTOCOLS = frozenset({HTTP1, HTTP2, GRPC})
+
+
+# Decisions remembered per route: (peer address, client identity) -> the permitting authorization.
+_DECISIONS_MAX = 4096
+# Routes remembered per policy: (method, target, authority) -> route.
+_CHOSEN_MAX = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class InboundRoute:
+    """What a matched route carries: its labels and who may use it."""
+
+    meta: Meta
+    authorizations: tuple[Authz, ...]
+    unapplied_filters: tuple[str, ...] = ()  # filter kinds the proxy does not apply inbound
+    # A client's decision depends only on its address and identity: computed once per route
+    # object (a new policy brings new route objects, so nothing outlives the policy it came from).
+    _decisions: dict[tuple[str, str | None], Authz | None] = field(
+        default_factory=dict, compare=False, repr=False, hash=False)
+
+    def decide(self, peer_ip: str, client_id: str | None) -> Authz | None:
+        """The first authorization permitting the client (None: denied)."""
+        key = (peer_ip, client_id)
+        try:
+            return self._decisions[key]
+        except KeyError:
+            pass
+        found = authorize(self.authorizations, parse_ip(peer_ip), client_id)
+        if len(self._decisions) >= _DECISIONS_MAX:
+            self._decisions.clear()
+        self._decisions[key] = found
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class PortPolicy:
+    protocol: str
+    server: Meta
+    authorizations: tuple[Authz, ...]  # connection level (opaque TCP, and every route's tail)
+    routes: tuple[Route[InboundRoute], ...] = ()
+    rate_limit: RateLimitSpec | None = None
+    # Route-level rules exist (routes from resources, or a rate limit): only HTTP can be checked
+    # against them, so HTTP-looking bytes that do not parse must never pass as opaque.
+    needs_http: bool = False
+    # The route every request takes when there is nothing to match (one route, one rule, no
+    # matches, no hostnames: a default route), or the server's own authorizations when there is
+    # no route at all (an opaque port that got HTTP). None: match each request.
+    only_route: InboundRoute | None = field(default=None, compare=False)
+    # Routes chosen per (method, target, authority) when no route matches on headers (then nothing
+    # else of a request decides); bounded, and gone with the policy.
+    chosen: dict[tuple[bytes, bytes, bytes], InboundRoute | None] | None = field(
+        default=None, compare=False, repr=False)
+    # The limiters of this policy's rate limit: a new policy starts them afresh, as linkerd2-proxy
+    # builds its LocalRateLimit with each ServerPolicy (an identical resend keeps the policy object).
+    limiter: LocalRateLimit | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        only: InboundRoute | None = None
+        if not self.routes:
+            only = InboundRoute(Meta.default("default"), self.authorizations)
+        elif len(self.routes) == 1 and not self.routes[0].hostnames and len(self.routes[0].rules) == 1 \
+                and not self.routes[0].rules[0].matches:
+            only = self.routes[0].rules[0].value
+        object.__setattr__(self, "only_route", only)
+        by_headers = any(m.headers for r in self.routes for rule in r.rules for m in rule.matches)
+        object.__setattr__(self, "chosen", None if by_headers else {})
+        if self.rate_limit is not None:
+            object.__setattr__(self, "limiter", LocalRateLimit(self.rate_limit))
+
+    def route_for(self, method: bytes, path: bytes, authority: bytes,
+                  headers: list[tuple[bytes, bytes]]) -> InboundRoute | None:
+        """The route a request takes (the pure matcher's most specific rule), or None: no route."""
+        if self.only_route is not None:
+            return self.only_route
+        cache = self.chosen
+        key = (method, path, authority)
+        if cache is not None:
+            try:
+                return cache[key]
+            except KeyError:
+                pass
+        chosen = select_rule(self.routes, RequestInfo(method, path, authority.decode("latin-1").lower(), headers))
+        route = chosen[0] if chosen is not None else None
+        if cache is not None:
+            if len(cache) >= _CHOSEN_MAX:
+                cache.clear()
+            cache[key] = route
+        return route
+
+    @property
+    def is_opaque(self) -> bool:
+        return self.protocol in (OPAQUE, TLS)
+
+
+# -- from the wire ------------------------------------------------------------------------------------
+
+
+def _ip(a: net_pb2.IPAddress) -> str:
+    if a.WhichOneof("ip") == "ipv6":
+        return str(ipaddress.IPv6Address((a.ipv6.first << 64) | a.ipv6.last))
+    return str(ipaddress.IPv4Address(a.ipv4))
+
+
+def _cidr(n: net_pb2.IPNetwork) -> str:
+    return f"{_ip(n.ip)}/{n.prefix_len}"
+
+
+def _meta(m: meta_pb2.Metadata, what: str) -> Meta:
+    kind = m.WhichOneof("kind")
+    if kind == "default":
+        return Meta.default(m.default)
+    if kind == "resource":
+        return Meta(m.resource.group, m.resource.kind.lower(), m.resource.name)
+    raise PolicyError(f"{what}: metadata missing")
+
+
+def authz_of(a: inbound_pb2.Authz) -> Authz:
+    nets = tuple(Network.parse(_cidr(n.net), [_cidr(e) for e in getattr(n, "except")]) for n in a.networks)
+    permit = a.authentication.WhichOneof("permit")
+    if permit == "unauthenticated":
+        authn = Authn(UNAUTHENTICATED)
+    elif permit == "meshTLS":
+        clients = a.authentication.meshTLS.WhichOneof("clients")
+        if clients == "unauthenticated":
+            authn = Authn(TLS_UNAUTHENTICATED)
+        elif clients == "identities":
+            ids = a.authentication.meshTLS.identities
+            authn = Authn(IDENTITIES, frozenset(i.name for i in ids.identities),
+                          tuple(tuple(s.parts) for s in ids.suffixes))
+        else:
+            raise PolicyError("authorization: meshTLS without clients")
+    else:
+        raise PolicyError("authorization: no authentication")
+    if a.HasField("metadata"):
+        meta = _meta(a.metadata, "authorization")
+    else:  # older controllers label authorizations instead
+        labels = dict(a.labels)
+        meta = Meta(labels.get("group", "policy.linkerd.io"), labels.get("kind", "serverauthorization"),
+                    labels.get("name", ""))
+    return Authz(nets, authn, meta)
+
+
+def _method(m: http_types_pb2.HttpMethod) -> bytes:
+    if m.WhichOneof("type") == "unregistered":
+        return m.unregistered.encode("latin-1")
+    return http_types_pb2.HttpMethod.Registered.Name(m.registered).encode()
+
+
+def _value_matches(ms: Sequence[http_route_pb2.HeaderMatch] | Sequence[http_route_pb2.QueryParamMatch]
+                   ) -> tuple[ValueMatch, ...]:
+    out = []
+    for m in ms:
+        kind = m.WhichOneof("value")
+        if kind == "regex":
+            out.append(ValueMatch(m.name, m.regex, regex=True))
+        elif kind == "exact":
+            v = m.exact
+            out.append(ValueMatch(m.name, v.decode("latin-1") if isinstance(v, bytes) else v))
+        else:
+            raise PolicyError(f"match on {m.name!r}: no value")
+    return tuple(out)
+
+
+def http_match_of(m: http_route_pb2.HttpRouteMatch) -> RouteMatch:
+    path = None
+    if m.HasField("path"):
+        kind = m.path.WhichOneof("kind")
+        if kind is not None:
+            path = PathMatch(kind, getattr(m.path, kind))
+    return RouteMatch(path=path, headers=_value_matches(m.headers), query=_value_matches(m.query_params),
+                      method=_method(m.method) if m.HasField("method") else None)
+
+
+def grpc_match_of(m: grpc_route_pb2.GrpcRouteMatch) -> RouteMatch:
+    """A gRPC match as an HTTP one: ``POST /service/method`` (an empty part matches any)."""
+    path = None
+    if m.HasField("rpc") and m.rpc.service:
+        svc = re.escape(m.rpc.service)
+        meth = re.escape(m.rpc.method) if m.rpc.method else "[^/]+"
+        path = PathMatch("regex", f"/{svc}/{meth}")
+    elif m.HasField("rpc") and m.rpc.method:
+        path = PathMatch("regex", f"/[^/]+/{re.escape(m.rpc.method)}")
+    return RouteMatch(path=path, headers=_value_matches(m.headers), method=b"POST")
+
+
+def _hosts(hs: Sequence[http_route_pb2.HostMatch]) -> tuple[str, ...]:
+    out = []
+    for h in hs:
+        if h.WhichOneof("match") == "exact":
+            out.append(h.exact)
+        else:
+            out.append("*." + ".".join(reversed(h.suffix.reverse_labels)))
+    return tuple(out)
+
+
+def _route(r: inbound_pb2.HttpRoute | inbound_pb2.GrpcRoute, server_authz: tuple[Authz, ...],
+           grpc: bool) -> tuple[Route[InboundRoute], bool]:
+    meta = _meta(r.metadata, "route")
+    own = tuple(authz_of(a) for a in r.authorizations)
+    filters: list[str] = []
+    rules = []
+    for rule in r.rules:
+        for f in rule.filters:
+            kind = f.WhichOneof("kind")
+            if kind is not None:
+                filters.append(kind)
+    value = InboundRoute(meta, own + server_authz, tuple(sorted(set(filters))))
+    # A route from a resource narrows what HTTP may do (paths outside it get 404, its own rules);
+    # the controller's default routes ("default", "probe") only widen it.
+    narrows = meta.kind != "default"
+    for rule in r.rules:
+        if grpc:
+            matches = tuple(grpc_match_of(m) for m in rule.matches)
+        else:
+            matches = tuple(http_match_of(m) for m in rule.matches)
+        rules.append(Rule(matches, value))
+    return Route(_hosts(r.hosts), tuple(rules)), narrows
+
+
+def _default_route(server_authz: tuple[Authz, ...]) -> Route[InboundRoute]:
+    return Route((), (Rule((), InboundRoute(Meta.default("default"), server_authz)),))
+
+
+def port_policy(msg: inbound_pb2.Server, permit_localhost: bool = True) -> PortPolicy:
+    """The proxy's view of one ``inbound.Server`` message; PolicyError when it cannot be applied."""
+    try:
+        return _port_policy(msg, permit_localhost)
+    except (ValueError, re.error) as e:
+        if isinstance(e, PolicyError):
+            raise
+        raise PolicyError(str(e)) from None
+
+
+def _port_policy(msg: inbound_pb2.Server, permit_localhost: bool) -> PortPolicy:
+    labels = dict(msg.labels)
+    server = Meta(labels.get("group", "policy.linkerd.io"), labels.get("kind", "server"), labels.get("name", ""))
+    authz = tuple(authz_of(a) for a in msg.authorizations)
+    if permit_localhost:
+        authz = (*authz, localhost_authz())
+    kind = msg.protocol.WhichOneof("kind")
+    if kind is None:
+        raise PolicyError("server: no proxy protocol")
+    proto = getattr(msg.protocol, kind)
+    http_routes: Sequence[inbound_pb2.HttpRoute] = ()
+    grpc_routes: Sequence[inbound_pb2.GrpcRoute] = ()
+    limit_msg: inbound_pb2.HttpLocalRateLimit | None = None
+    if kind == DETECT:
+        http_routes = proto.http_routes
+        limit_msg = proto.http_local_rate_limit if proto.HasField("http_local_rate_limit") else None
+    elif kind in (HTTP1, HTTP2):
+        http_routes = proto.routes
+        limit_msg = proto.local_rate_limit if proto.HasField("local_rate_limit") else None
+    elif kind == GRPC:
+        grpc_routes = proto.routes
+    routes: list[Route[InboundRoute]] = []
+    route_rules = False
+    for r in http_routes:
+        route, own = _route(r, authz, grpc=False)
+        routes.append(route)
+        route_rules |= own
+    for g in grpc_routes:
+        route, own = _route(g, authz, grpc=True)
+        routes.append(route)
+        route_rules |= own
+    if not routes and kind not in (OPAQUE, TLS):
+        routes.append(_default_route(authz))
+    limit = rate_limit_of(limit_msg) if limit_msg is not None else None
+    return PortPolicy(kind, server, authz, tuple(routes), limit,
+                      needs_http=route_rules or limit is not None)
+
+
+def rate_limit_of(m: inbound_pb2.HttpLocalRateLimit) -> RateLimitSpec | None:
+    total = m.total.requestsPerSecond if m.HasField("total") else 0
+    ident = m.identity.requestsPerSecond if m.HasField("identity") else 0
+    overrides: dict[str, int] = {}
+    for o in m.overrides:
+        for c in o.clients.identities:
+            overrides[c.name] = o.limit.requestsPerSecond
+    if not total and not ident and not overrides:
+        return None
+    meta = None
+    if m.HasField("metadata"):
+        mm = _meta(m.metadata, "rate limit")
+        meta = (mm.group, mm.kind, mm.name)
+    return RateLimitSpec(total or None, ident or None, overrides, meta)
+
+
+# -- without a control plane ----------------------------------------------------------------------
+
+
+def default_port_policy(name: str, cluster_networks: Sequence[str], permit_localhost: bool = True) -> PortPolicy:
+    """A default policy (``--default-inbound-policy``) for every port: detect, one default route."""
+    authz = default_authorizations(name, cluster_networks)
+    if permit_localhost:
+        authz = (*authz, localhost_authz())
+    return PortPolicy(DETECT, Meta.default(name), authz, (_default_route(authz),))
