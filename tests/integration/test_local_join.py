@@ -102,8 +102,9 @@ def test_a_second_host_joins_and_its_pods_are_reached_over_mtls(hosts: tuple[Hos
              and 'server_id="web.default.serviceaccount.identity.linkerd.cluster.local"' in ln]
     assert any(f'target_ip="{ip}"' in ln for ln in lines for ip in web_ips), metrics
     # The second host's pods know the Service names too (from the first host's join API).
-    hosts_file = b.tether("exec", "web-0", "--", "cat", "/etc/hosts").stdout
-    assert "web.default.svc.cluster.local web.default.svc web.default web" in hosts_file
+    wait_for(lambda: "web.default.svc.cluster.local web.default.svc web.default web"
+             in b.tether("exec", "web-0", "--", "cat", "/etc/hosts").stdout, 10,
+             what="the Service's names in the second host's pods")
     # Leaving: the second host's pods leave the endpoints; its forwarding setting is put back.
     b.tether("down")
     r = a.tether("exec", "client", "--", "curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",

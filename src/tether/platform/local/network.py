@@ -161,6 +161,19 @@ def leftover_netns(prefix: str) -> list[str]:
     return [n for n in netns_list() if n.startswith(prefix)]
 
 
+def delete_leftover_veths(mesh_id: str) -> None:
+    """Delete the host ends of this mesh's pod veths still present. Deleting a namespace frees its
+    veth only once the kernel has torn the namespace down, which is asynchronous (its last
+    processes may still be exiting); deleting the host end removes the pair now."""
+    for line in run_ip("-o", "link", "show", check=False).stdout.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) < 2:
+            continue
+        name = parts[1].strip().split("@", 1)[0]
+        if name.startswith(f"tth{mesh_id}"):
+            run_ip("link", "del", name, check=False)
+
+
 def leftover_netns_etc(prefix: str) -> list[Path]:
     return sorted(NETNS_ETC.glob(prefix + "*")) if NETNS_ETC.is_dir() else []
 

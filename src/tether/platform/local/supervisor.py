@@ -729,6 +729,7 @@ def teardown(layout: Layout, s: MeshSettings) -> None:
             network.delete_pod_netns(ns)
         for d in network.leftover_netns_etc(s.netns_prefix):
             shutil.rmtree(d, ignore_errors=True)
+        network.delete_leftover_veths(s.mesh_id)
         network.delete_bridge(s.bridge)
     shutil.rmtree(layout.runtime_dir(s), ignore_errors=True)
     with contextlib.suppress(OSError):
