@@ -340,3 +340,53 @@ def test_down_after_the_supervisor_was_killed_leaves_nothing(mesh: Mesh) -> None
     # Its children (control plane, the pod's proxy and app) are orphans now: down finds and stops them.
     assert mesh.tether("down").returncode == 0
     assert mesh.leftovers(mesh_id, mesh.bridge, pids) == []
+
+
+LOCKDOWN = """\
+apiVersion: policy.linkerd.io/v1beta3
+kind: Server
+metadata: {name: web-http, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  port: 8080
+  proxyProtocol: HTTP/1
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: MeshTLSAuthentication
+metadata: {name: only-admin, namespace: default}
+spec:
+  identities: ["admin.default.serviceaccount.identity.linkerd.cluster.local"]
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-admin-only, namespace: default}
+spec:
+  targetRef: {group: policy.linkerd.io, kind: Server, name: web-http}
+  requiredAuthenticationRefs:
+    - {group: policy.linkerd.io, kind: MeshTLSAuthentication, name: only-admin}
+"""
+
+
+def test_a_server_and_authorization_policy_lock_a_workload_down(mesh: Mesh) -> None:
+    # The pods' proxies take their inbound policy from the local control plane: a Server with an
+    # AuthorizationPolicy for another identity turns the client's next request into 403.
+    mesh.up()
+    mesh.tether("run", "web", "--port", "8080", "--", *HTTP_APP)
+    mesh.tether("run", "client", "--", "sleep", "3600")
+    mesh.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n"
+               "spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n")
+
+    def status() -> str:
+        return mesh.exec("client-0", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://web/",
+                         check=False).stdout
+
+    wait_for(lambda: status() == "200", 10, what="web reachable")
+    mesh.apply(LOCKDOWN)
+    wait_for(lambda: status() == "403", 10, what="the lock-down in force")
+    inbound = mesh.metrics("web-0")
+    assert any(ln.startswith("inbound_http_authz_deny_total{") and 'srv_name="web-http"' in ln
+               for ln in inbound.splitlines()), inbound
+    r = subprocess.run([*TETHER, "delete", "--resources-dir", str(mesh.state / "resources"), "-f", "-"],
+                       input=LOCKDOWN, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: status() == "200", 10, what="the default policy back")

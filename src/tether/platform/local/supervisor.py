@@ -581,6 +581,11 @@ class Supervisor:
                              "--identity-trust-anchors", str(self.layout.runtime_dir(s) / "ca.crt"),
                              "--identity-addrs", ",".join(s.identity_addrs),
                              "--destination-addrs", ",".join(s.destination_addrs),
+                             # Who is asking (the destination context, the inbound policy's workload)
+                             # and where inbound policy comes from: the same destination controllers.
+                             "--destination-context", json.dumps({"ns": spec.namespace, "pod": pod.name},
+                                                                 separators=(",", ":")),
+                             "--policy-addrs", ",".join(s.destination_addrs),
                              "--shutdown-grace-period", "10s")]
         if ps.opaque_ports:
             argv += ["--opaque-ports", ",".join(ps.opaque_ports)]

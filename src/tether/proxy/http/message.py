@@ -53,7 +53,8 @@ class Connection:
 
 
 class Request:
-    __slots__ = ("authority", "body", "close", "conn", "headers", "meter", "method", "path", "scheme", "upgrade",
+    __slots__ = ("authority", "body", "close", "conn", "headers", "meter", "method", "path", "route_meter", "scheme",
+                 "upgrade",
                  "version")
 
     def __init__(
@@ -83,6 +84,9 @@ class Request:
         # own (bound once per endpoint); the metrics layer above counts into it after the response
         # (or into its own target's series when no endpoint was reached).
         self.meter: HttpMetrics | None = None
+        # The route_* series of the profile route that served it (set by the route's router): the
+        # logical stack's metrics layer counts the request into it too, with one clock read.
+        self.route_meter: HttpMetrics | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header (``name`` lower-case), or None."""

@@ -53,14 +53,16 @@ def _is_grpc(rsp: Response) -> bool:
 class MeteredBody(Body):
     """A response body that counts response_total once, at its end (or when dropped)."""
 
-    __slots__ = ("_done", "_grpc", "_inner", "_metrics", "_status", "_status_code")
+    __slots__ = ("_also", "_done", "_grpc", "_inner", "_metrics", "_status", "_status_code")
 
     def __init__(
-        self, inner: Body, metrics: HttpMetrics, status: StatusMetrics, status_code: int, grpc: bool
+        self, inner: Body, metrics: HttpMetrics, status: StatusMetrics, status_code: int, grpc: bool,
+        also: StatusMetrics | None = None,
     ) -> None:
         self._inner = inner
         self._metrics = metrics  # holds the series live while the body streams
         self._status = status
+        self._also = also  # a second series counting the same response (the route's)
         self._status_code = status_code
         self._grpc = grpc
         self._done = False
@@ -109,25 +111,32 @@ class MeteredBody(Body):
         if not self._done:
             self._done = True
             self._status.response(cls, grpc_status, error).count += 1
+            if self._also is not None:
+                self._also.response(cls, grpc_status, error).count += 1
 
     def __del__(self) -> None:
         # Nobody read the body to its end nor discarded it: still count the response.
         self._abandoned()
 
 
-def count_response(m: HttpMetrics, rsp: Response, elapsed_ms: float) -> Response:
-    """Count a request and its response head into ``m``; the response's end is counted when its
-    body ends (the returned response may carry a wrapped body)."""
+def count_response(m: HttpMetrics, rsp: Response, elapsed_ms: float, also: HttpMetrics | None = None) -> Response:
+    """Count a request and its response head into ``m`` (and ``also``, a route's series); the
+    response's end is counted when its body ends (the returned response may carry a wrapped body)."""
     m.requests += 1
     code = rsp.status
     st = m.status(code)
     st.latency.observe(elapsed_ms)
+    st2: StatusMetrics | None = None
+    if also is not None:
+        also.requests += 1
+        st2 = also.status(code)
+        st2.latency.observe(elapsed_ms)
     grpc = _is_grpc(rsp)
     if grpc:
         head_status = _grpc_status(rsp.headers)
         if head_status is not None:
             # Trailers-only gRPC response: the status is already known.
-            st.response(classify(code, head_status), head_status).count += 1
+            _count(st, st2, classify(code, head_status), head_status)
             return rsp
     body = rsp.body
     if body.is_end_known():
@@ -135,35 +144,44 @@ def count_response(m: HttpMetrics, rsp: Response, elapsed_ms: float) -> Response
         # trailers, are known now, so count without wrapping the body.
         trailer_status = _grpc_status(body.trailers) if grpc else None
         if grpc and trailer_status is None:
-            st.response(FAILURE).count += 1
+            _count(st, st2, FAILURE, None)
         else:
-            st.response(classify(code, trailer_status), trailer_status).count += 1
+            _count(st, st2, classify(code, trailer_status), trailer_status)
     else:
-        rsp.body = MeteredBody(body, m, st, code, grpc)
+        rsp.body = MeteredBody(body, m, st, code, grpc, st2)
     return rsp
 
 
-def count_error(m: HttpMetrics, e: BaseException, elapsed_ms: float) -> None:
+def _count(st: StatusMetrics, st2: StatusMetrics | None, cls: str, grpc_status: int | None) -> None:
+    st.response(cls, grpc_status).count += 1
+    if st2 is not None:
+        st2.response(cls, grpc_status).count += 1
+
+
+def count_error(m: HttpMetrics, e: BaseException, elapsed_ms: float, also: HttpMetrics | None = None) -> None:
     """Count a request whose inner service raised before a response head."""
-    m.requests += 1
-    st = m.status(None)
-    st.latency.observe(elapsed_ms)
     # Not an Exception: the caller was cancelled (client gone, shutdown).
     error = ERROR_UNEXPECTED if isinstance(e, Exception) else ERROR_CANCELED
-    st.response(FAILURE, None, error).count += 1
+    for series in (m, also):
+        if series is not None:
+            series.requests += 1
+            st = series.status(None)
+            st.latency.observe(elapsed_ms)
+            st.response(FAILURE, None, error).count += 1
 
 
 class HttpMetricsService:
     """Layer: count each request once, into the serving endpoint's series or this target's
     (``per_endpoint=False``: always this target's, as route metrics are)."""
 
-    __slots__ = ("_clock", "_inner", "per_endpoint", "series")
+    __slots__ = ("_clock", "_inner", "per_endpoint", "routes", "series")
 
-    def __init__(self, inner: Service, series: HttpMetrics, *, per_endpoint: bool = True,
+    def __init__(self, inner: Service, series: HttpMetrics, *, per_endpoint: bool = True, routes: bool = False,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self._inner = inner
         self.series = series
         self.per_endpoint = per_endpoint
+        self.routes = routes  # also count into the route series a RouteMeter below set
         self._clock = clock
 
     async def __call__(self, req: Request, /) -> Response:
@@ -173,10 +191,27 @@ class HttpMetricsService:
             rsp = await self._inner(req)
         except BaseException as e:
             m = req.meter if self.per_endpoint else None
-            count_error(m if m is not None else self.series, e, (clock() - start) * 1000.0)
+            count_error(m if m is not None else self.series, e, (clock() - start) * 1000.0,
+                        req.route_meter if self.routes else None)
             raise
         m = req.meter if self.per_endpoint else None
-        return count_response(m if m is not None else self.series, rsp, (clock() - start) * 1000.0)
+        return count_response(m if m is not None else self.series, rsp, (clock() - start) * 1000.0,
+                              req.route_meter if self.routes else None)
+
+
+class RouteMeter:
+    """Layer at the top of a route's stack: the request counts into this route's series too, by the
+    logical stack's metrics layer (one clock read and one response wrapper for both)."""
+
+    __slots__ = ("inner", "series")
+
+    def __init__(self, inner: Service, series: HttpMetrics) -> None:
+        self.inner = inner
+        self.series = series
+
+    def __call__(self, req: Request) -> Awaitable[Response]:
+        req.route_meter = self.series
+        return self.inner(req)
 
 
 class EndpointMeter:

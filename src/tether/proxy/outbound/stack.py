@@ -40,7 +40,7 @@ from tether.proxy.endpoint import HttpEndpoint
 from tether.proxy.errors import ProxyError, UnavailableError
 from tether.proxy.http.message import Connection, Request, Response, Service
 from tether.proxy.layers.connect_retry import ConnectRetry
-from tether.proxy.layers.metrics import EndpointMeter, HttpMetricsService
+from tether.proxy.layers.metrics import EndpointMeter, HttpMetricsService, RouteMeter
 from tether.proxy.layers.policy_routes import ApplyFilters, Measure, PolicyRouteMetrics, PolicyRouter
 from tether.proxy.layers.rescue import Rescue
 from tether.proxy.layers.retry import Retry, RetryStats
@@ -133,7 +133,7 @@ class Outbound:
         elif profile_router is not None:
             svc = profile_router
         svc = HttpMetricsService(svc, self.metrics.http(  # request_total, response_total, latency
-            "outbound", target.fallback, authority=target.authority))
+            "outbound", target.fallback, authority=target.authority), routes=target.profile is not None)
         return Stack(svc, closers, inner if isinstance(inner, Balancer) else None)
 
     # -- HTTP: one stack per profile route ------------------------------------------------------------
@@ -156,8 +156,8 @@ class Outbound:
         if route.timeout is not None:
             svc = ResponseTimeout(svc, route.timeout)  # 504 when the route's timeout passes
         svc = Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
-        return HttpMetricsService(svc, self.route_metrics.series(  # route_request_total, ..., per request
-            "route_", target.authority, route.name), per_endpoint=False)
+        return RouteMeter(svc, self.route_metrics.series(  # route_request_total, ...: counted by the logical
+            "route_", target.authority, route.name))       # stack's metrics layer, once per request
 
     # -- HTTP: one stack per HTTPRoute/GRPCRoute rule -------------------------------------------------
     def rule_stack(self, target: Logical, rule: RouteRule, policy: ClientPolicy, own: Service,
