@@ -127,6 +127,8 @@ _PROFILE_ROUTES = (
     ("any /users/*", Condition(path_regex=r"/users/(?P<rest>.*)")),
     ("DELETE", Condition(method=b"DELETE")),
     ("/health", Condition(path_regex="/health")),
+    ("/health again", Condition(path_regex="/health")),
+    ("/healthz", Condition(path_regex="/healthz")),
     ("dotted", Condition(path_regex=r"/a\.b/.*")),
     ("alternation", Condition(path_regex=r"/x|/ab")),
     ("/v1 or /v2", Condition(path_regex=r"/v[12]/.*")),
@@ -157,3 +159,25 @@ def test_literal_segments() -> None:
     assert literal_segment("/") == ""
     for open_ended in (r"/user(s)?/x", "/ab?/x", "/x|/y", "^/x", "(?i)/x", "/v[12]/x", "/ab*"):
         assert literal_segment(open_ended) is None, open_ended
+
+
+def test_literal_paths() -> None:
+    from tether.core.routing.profile import literal_path
+
+    assert literal_path("/echo") == "/echo"
+    assert literal_path(r"/v1\.0/x") == "/v1.0/x"
+    for pattern in ("/echo/.*", "/a|/b", r"/users/\d+", "/x?"):
+        assert literal_path(pattern) is None, pattern
+
+
+def test_literal_routes_are_found_by_the_path_itself() -> None:
+    from tether.core.routing.profile import Profile, ProfileRoute
+
+    profile = Profile(tuple(ProfileRoute(n, Condition(path_regex=p)) for n, p in (
+        ("health", "/health"), ("healthz", "/healthz"), ("health twice", "/health"), ("user", r"/users/\d+"),
+        ("get health", "/health/get"))))
+    assert profile._index is not None and "health" in profile._index.literal
+    found = {path: profile.route_index(b"GET", path.encode()) for path in
+             ("/health", "/healthz", "/healthy", "/users/1", "/health/get", "/health?x=1")}
+    assert found == {"/health": 0, "/healthz": 1, "/healthy": -1, "/users/1": 3, "/health/get": 4,
+                     "/health?x=1": 0}

@@ -123,7 +123,21 @@ def literal_segment(pattern: str) -> str | None:
     return "".join(out)
 
 
-Alternatives = tuple[re.Pattern[str], tuple[bytes | None, ...]]
+def literal_path(pattern: str) -> str | None:
+    """The one path ``pattern`` matches when it has no metacharacter (``/api/v1\\.0/echo``), else None."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern) and pattern[i + 1] in ".-_~/":
+            out.append(pattern[i + 1])
+            i += 2
+        elif c in _SEGMENT_CHARS or c == "/":
+            out.append(c)
+            i += 1
+        else:
+            return None
+    return "".join(out)
 
 
 class RouteIndex:
@@ -132,16 +146,27 @@ class RouteIndex:
     order, only the routes that can match (the first alternative matching the whole path wins, as
     the first matching route does)."""
 
-    __slots__ = ("by_segment", "methods", "other")
+    __slots__ = ("by_segment", "literal", "methods", "names", "other")
 
     def __init__(self, simple: list[tuple[bytes | None, str]]) -> None:
         segments = [literal_segment(p) for _, p in simple]
         anywhere = [i for i, seg in enumerate(segments) if seg is None]
         self.methods = tuple(m for m, _ in simple)
+        self.names = {f"_r{i}": i for i in range(len(simple))}
+        # A segment whose routes are all literal paths: the path itself is the key (first route wins).
+        self.literal: dict[str, dict[str, int]] = {}
         self.by_segment: dict[str, re.Pattern[str]] = {}
         for seg in {x for x in segments if x is not None}:
             members = sorted([i for i, x in enumerate(segments) if x == seg] + anywhere)
-            self.by_segment[seg] = self._alternatives(simple, members)
+            paths = [literal_path(simple[i][1]) for i in members]
+            if all(p is not None for p in paths):
+                exact: dict[str, int] = {}
+                for i, path in zip(members, paths, strict=True):
+                    assert path is not None
+                    exact.setdefault(path, i)
+                self.literal[seg] = exact
+            else:
+                self.by_segment[seg] = self._alternatives(simple, members)
         self.other = self._alternatives(simple, anywhere) if anywhere else None
 
     @staticmethod
@@ -152,13 +177,17 @@ class RouteIndex:
         """The first route whose path pattern matches (-1: none)."""
         pattern = self.other
         if path_only.startswith("/"):
-            pattern = self.by_segment.get(path_only[1:].split("/", 1)[0], pattern)
+            seg = path_only[1:].split("/", 1)[0]
+            exact = self.literal.get(seg)
+            if exact is not None:
+                return exact.get(path_only, -1)
+            pattern = self.by_segment.get(seg, pattern)
         if pattern is None:
             return -1
         m = pattern.fullmatch(path_only)
         if m is None or m.lastgroup is None:
             return -1
-        return int(m.lastgroup[2:])
+        return self.names[m.lastgroup]
 
 
 def _route_index(routes: tuple[ProfileRoute, ...]) -> RouteIndex | None:
