@@ -177,7 +177,8 @@ class RouteIndex:
         """The first route whose path pattern matches (-1: none)."""
         pattern = self.other
         if path_only.startswith("/"):
-            seg = path_only[1:].split("/", 1)[0]
+            end = path_only.find("/", 1)
+            seg = path_only[1:] if end < 0 else path_only[1:end]
             exact = self.literal.get(seg)
             if exact is not None:
                 return exact.get(path_only, -1)
@@ -233,7 +234,8 @@ class Profile:
                 if route.condition.matches(info):
                     return i
             return -1
-        first = index.first(path.split(b"?", 1)[0].decode("latin-1"))
+        q = path.find(b"?")
+        first = index.first((path if q < 0 else path[:q]).decode("latin-1"))
         if first < 0:
             return -1
         want = index.methods[first]
@@ -245,16 +247,3 @@ class Profile:
             if self.routes[i].condition.matches(info):
                 return i
         return -1
-
-
-def pick_weighted(dsts: tuple[WeightedDst, ...], r: float) -> WeightedDst:
-    """The backend for a uniform ``r`` in [0, 1): each with probability weight / total."""
-    total = sum(d.weight for d in dsts)
-    if total <= 0:
-        return dsts[0]
-    point = r * total
-    for d in dsts:
-        point -= d.weight
-        if point < 0:
-            return d
-    return dsts[-1]

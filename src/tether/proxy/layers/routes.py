@@ -16,7 +16,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from tether.core.routing.profile import DEFAULT_ROUTE, Profile, ProfileRoute, WeightedDst, pick_weighted
+from tether.core.routing.profile import DEFAULT_ROUTE, Profile, ProfileRoute, WeightedDst
 from tether.proxy.http.message import Request, Response, Service
 from tether.proxy.layers.metrics import HttpMetricsService
 from tether.proxy.metrics import HttpMetrics, escape_label, http_family
@@ -126,19 +126,27 @@ class RouteCounters:
 class Split:
     """Layer: each request to one of the destination's backends (TrafficSplit weights)."""
 
-    __slots__ = ("_backends", "_dsts", "_random")
+    __slots__ = ("_backends", "_random", "_services", "_thresholds")
 
     def __init__(self, backends: list[tuple[WeightedDst, Service]], rng: random.Random | None = None) -> None:
         self._backends = backends
-        self._dsts = tuple(b for b, _ in backends)
+        self._services = [svc for _, svc in backends]
+        # Cumulative shares, precomputed: a request draws r in [0, 1) and takes the first backend
+        # whose threshold is above it (each with probability weight / total).
+        total = sum(b.weight for b, _ in backends)
+        acc = 0
+        self._thresholds: list[float] = []
+        for b, _ in backends:
+            acc += b.weight
+            self._thresholds.append(acc / total if total > 0 else 1.0)
         self._random = (rng or random.Random()).random
 
     def __call__(self, req: Request) -> Awaitable[Response]:
-        backends = self._backends
-        if len(backends) == 1:
-            return backends[0][1](req)
-        choice = pick_weighted(self._dsts, self._random())
-        for b, svc in backends:
-            if b is choice:
-                return svc(req)
-        return backends[-1][1](req)
+        services = self._services
+        if len(services) == 1:
+            return services[0](req)
+        r = self._random()
+        for i, t in enumerate(self._thresholds):
+            if r < t:
+                return services[i](req)
+        return services[-1](req)
