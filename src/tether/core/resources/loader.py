@@ -221,6 +221,8 @@ def load_text(text: str, source: str) -> LoadResult:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
+        # One line, as every error here is (a reader error's text spans two: the fuzzer found it).
+        problem = "; ".join(part.strip() for part in str(problem).splitlines() if part.strip())
         return LoadResult((), (LoadError(source, 0, "", "", f"invalid YAML: {where}{problem}"),))
     for index, doc in enumerate(docs, start=1):
         if doc is None:
