@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -90,6 +91,24 @@ def test_slowloris_connections_are_closed_at_the_header_timeout_while_others_are
     assert served.p99 < (10 if FULL else 100), served.summary()
     assert rss.growth < 100 * 2**20, f"memory grew {rss.growth / 2**20:.1f} MiB"
     assert lag_max(p) < MAX_LAG
+
+
+def test_a_head_slower_than_detection_is_still_http_and_never_reaches_the_app(proxies) -> None:  # type: ignore[no-untyped-def]
+    # One byte every 1.5 s: detection (1 s) times out before "GET " is complete. The bytes look
+    # like HTTP/1, so the HTTP/1 server takes them and its header timeout answers 408; forwarded
+    # as opaque TCP instead, every slow client would hold a connection to the application.
+    app = socket.socket()
+    app.bind(("127.0.0.1", 0))
+    app.listen(8)
+    app.settimeout(0.2)
+    p = proxies("in", inbound_app_addr=f"127.0.0.1:{app.getsockname()[1]}", detect_timeout="1s",
+                header_read_timeout="3s", log_level="warn")
+    results = asyncio.run(lim.slowloris("127.0.0.1", p.inbound_port, 5, interval=1.5, give_up=8))
+    assert [r.status for r in results] == [b"408"] * 5
+    assert all(r.closed is not None and 2.9 < r.closed - r.first_byte < 4 for r in results)
+    with pytest.raises(TimeoutError):
+        app.accept()  # the application never saw a connection
+    app.close()
 
 
 # -- idle keep-alive connections ------------------------------------------------------------------

@@ -157,6 +157,12 @@ class DetectProtocol(asyncio.Protocol):
 
     def _on_timeout(self) -> None:
         self._timer = None
+        if not self._done and self._buf and looks_like_http1_prefix(self._buf):
+            # A request head arriving slower than detection waits (slowloris): it is HTTP/1 all
+            # the same. The HTTP/1 server answers it, and its header timeout, counted from the
+            # first byte, closes it; forwarded as TCP it would tie up the application instead.
+            self._decide(Detected.HTTP1)
+            return
         if not self._done:
             log.info("protocol detection timed out after %gs for %s; treating as opaque TCP",
                      self.cfg.detect_timeout, self.conn.peer if self.conn else "?")
