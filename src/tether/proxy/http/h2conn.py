@@ -151,7 +151,11 @@ class H2Protocol(asyncio.Protocol):
         if self._closed:
             return
         if self._backlog:
-            self._backlog += data  # read before the pause took effect
+            # Reading should be paused while a backlog is parsed; whoever resumed it, pause again
+            # so the backlog stays bounded by what one read delivers.
+            self._backlog += data
+            if self._transport is not None:
+                self._transport.pause_reading()
             return
         if len(data) > RECEIVE_SLICE:
             # A read can hold thousands of small frames (a PING or SETTINGS flood): parse them a
@@ -162,6 +166,11 @@ class H2Protocol(asyncio.Protocol):
                 self._transport.pause_reading()
             self._loop.call_soon(self._receive_backlog)
         self._receive(data)
+
+    @property
+    def parsing_backlog(self) -> bool:
+        """True while bytes already read wait to be parsed (reading stays paused until then)."""
+        return bool(self._backlog)
 
     def _receive_backlog(self) -> None:
         if self._closed:

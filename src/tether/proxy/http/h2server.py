@@ -77,8 +77,10 @@ class H2ServerProtocol(H2Protocol):
         self.connection_made(transport)
         if initial:
             self.data_received(initial)
-        if not transport.is_reading() and not transport.is_closing():
-            transport.resume_reading()  # the detector may have paused it
+        if not transport.is_reading() and not transport.is_closing() and not self.parsing_backlog \
+                and not self._write_paused:
+            # The detector may have paused it; a large first read parsed in slices keeps it paused.
+            transport.resume_reading()
 
     @property
     def active_streams(self) -> int:
