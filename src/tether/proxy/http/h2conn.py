@@ -34,9 +34,9 @@ Headers = list[tuple[bytes, bytes]]
 # protocol error); a few times the concurrency bound covers every frame still in flight after a reset.
 CLOSED_STREAMS_REMEMBERED = 1024
 
-# Bytes parsed per loop iteration: 32 KiB of the smallest frames is about 2,000 PINGs, a few
-# milliseconds of work; a larger read is parsed over several iterations.
-RECEIVE_SLICE = 32 * 1024
+# Bytes parsed per loop iteration: 16 KiB of the smallest frames is about 1,000 PINGs or 800
+# SETTINGS, a few milliseconds of work; a larger read is parsed over several iterations.
+RECEIVE_SLICE = 16 * 1024
 
 
 class H2Body(PipeBody):
