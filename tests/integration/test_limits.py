@@ -111,6 +111,17 @@ def test_a_head_slower_than_detection_is_still_http_and_never_reaches_the_app(pr
     app.close()
 
 
+def test_the_header_timeout_counts_from_the_first_byte_when_detection_took_most_of_it(proxies, app) -> None:  # type: ignore[no-untyped-def]
+    # Bytes every 2.5 s: detection sees "GET " at 7.5 s, 0.5 s before the 8 s header timeout that
+    # counts from the first byte. The 408 comes at 8 s, not at the HTTP/1 server's next timer tick
+    # (a quarter of the timeout after it started: 9.5 s).
+    p = proxies("in", inbound_app_addr=app.addr, header_read_timeout="8s", log_level="warn")
+    results = asyncio.run(lim.slowloris("127.0.0.1", p.inbound_port, 5, interval=2.5, give_up=12))
+    assert [r.status for r in results] == [b"408"] * 5
+    took = [r.closed - r.first_byte for r in results if r.closed is not None]
+    assert len(took) == 5 and all(7.9 < t < 8.6 for t in took), took
+
+
 # -- idle keep-alive connections ------------------------------------------------------------------
 
 

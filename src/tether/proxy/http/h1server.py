@@ -609,13 +609,19 @@ class H1ServerProtocol(asyncio.Protocol):
 
     # Header and idle timeouts share one deadline and one timer that ticks while a deadline is
     # set: setting a deadline per request is two attribute writes, not a call_later and a cancel.
-    # A deadline fires at most one tick (a quarter of the shortest timeout) late.
+    # A deadline earlier than the pending tick reschedules it, so none fires late.
     def _arm(self, delay: float, cb: Callable[[], None]) -> None:
         loop = self._loop
-        self._deadline = loop.time() + delay
+        deadline = self._deadline = loop.time() + delay
         self._deadline_cb = cb
-        if self._timer is None:
+        timer = self._timer
+        if timer is None:
             self._timer = loop.call_later(min(delay, self._tick), self._on_tick)
+        elif timer.when() > deadline:
+            # A deadline before the next tick (the first head's timeout counted from a byte that
+            # arrived during detection) must not wait for that tick.
+            timer.cancel()
+            self._timer = loop.call_later(delay, self._on_tick)
 
     def _cancel_timer(self, release: bool = False) -> None:
         self._deadline_cb = None
