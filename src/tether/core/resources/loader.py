@@ -106,7 +106,10 @@ class LoadError:
             where += f": document {self.document}"
             if self.ref:
                 where += f" ({self.ref})"
-        return f"{where}: {self.path}: {self.reason}" if self.path else f"{where}: {self.reason}"
+        line = f"{where}: {self.path}: {self.reason}" if self.path else f"{where}: {self.reason}"
+        # One line whatever the document holds: a kind or name spanning lines (a YAML plain scalar
+        # may) is shown escaped, so it can neither break the line nor forge another (fuzzer).
+        return line.replace("\r", "\\r").replace("\n", "\\n")
 
 
 @dataclass(frozen=True, slots=True)
