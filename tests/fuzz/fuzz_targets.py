@@ -16,6 +16,7 @@ from tether.core.http import h1, h2frames, hpack
 from tether.core.http import h2proto as proto
 from tether.core.http.detect import Detected, client_hello_sni, detect, looks_like_http1_prefix
 from tether.core.identity import csr, names
+from tether.core.resources import Loaded, decode, load_text
 
 Target = Callable[[bytes], None]
 
@@ -234,6 +235,24 @@ def csr_validate(data: bytes) -> None:
         pass
 
 
+def resources(data: bytes) -> None:
+    """The resource loader (``tether apply``, the local store): YAML text in, models or located errors out.
+
+    Any input gives a LoadResult whose errors are one line each (what the CLI prints), never an
+    exception; a resource that loads dumps to a document that loads back to the same resource.
+    """
+    text = data.decode("utf-8", "replace")
+    result = load_text(text, "fuzz.yaml")
+    for err in result.errors:
+        line = str(err)
+        assert line.startswith("fuzz.yaml") and "\n" not in line, line
+    for item in result.loaded:
+        dumped = item.resource.dump()
+        again = decode(dumped, "again.yaml")
+        assert isinstance(again, Loaded), [str(e) for e in again]
+        assert again.resource.dump() == dumped
+
+
 TARGETS: dict[str, Target] = {
     "h1_head": h1_head,
     "h1_chunked": h1_chunked,
@@ -244,4 +263,5 @@ TARGETS: dict[str, Target] = {
     "transport_header": transport_header_decode,
     "identity_names": identity_names,
     "csr": csr_validate,
+    "resources": resources,
 }

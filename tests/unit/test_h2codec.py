@@ -75,6 +75,12 @@ class FakeTransport(asyncio.Transport):
     def is_reading(self) -> bool:
         return True
 
+    def pause_reading(self) -> None:
+        pass  # deliveries go on; the protocol keeps what arrives while paused in its backlog
+
+    def resume_reading(self) -> None:
+        pass
+
     def can_write_eof(self) -> bool:
         return True
 

@@ -439,3 +439,36 @@ def test_h2_client_against_our_server() -> None:
             if isinstance(e, h2.events.DataReceived):
                 cl.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
         s.receive_data(cl.data_to_send())
+
+
+# -- CONTINUATION flood (CVE-2024-27316, CVE-2023-45288) ---------------------------------------------
+
+
+def _continuations(n: int, payload: bytes, end: bool) -> bytes:
+    out = hf.HeadersFrame(1, data=Encoder().encode(REQ), flags=["END_STREAM"]).serialize()
+    for i in range(n):
+        flags = ["END_HEADERS"] if end and i == n - 1 else []
+        out += hf.ContinuationFrame(1, data=payload, flags=flags).serialize()
+    return out
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00"], ids=["empty", "1-byte"])
+def test_a_flood_of_small_continuations_is_a_connection_error(payload: bytes) -> None:
+    s = server(max_continuations=8)
+    s.data_to_send()
+    with pytest.raises(ProtocolError) as e:
+        s.receive_data(_continuations(9, payload, end=False))
+    assert e.value.code == f.ENHANCE_YOUR_CALM
+    (g,) = frames(s.data_to_send())
+    assert isinstance(g, hf.GoAwayFrame) and g.error_code == f.ENHANCE_YOUR_CALM
+
+
+def test_a_header_block_within_the_continuation_bound_is_a_request() -> None:
+    s = server(max_continuations=8)
+    events = s.receive_data(_continuations(8, b"", end=True))
+    assert any(isinstance(e, RequestReceived) and e.headers == REQ for e in events)
+    # The count starts again with the next header block.
+    more = hf.HeadersFrame(3, data=Encoder().encode(REQ), flags=["END_STREAM"]).serialize()
+    more += b"".join(hf.ContinuationFrame(3, data=b"", flags=["END_HEADERS"] if i == 7 else []).serialize()
+                     for i in range(8))
+    assert any(isinstance(e, RequestReceived) and e.stream_id == 3 for e in s.receive_data(more))

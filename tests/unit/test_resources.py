@@ -312,3 +312,19 @@ def test_round_trip_dump() -> None:
     (item,) = load_text((SEEDS / "004-serviceprofile.yaml").read_text(), "sp.yaml").loaded
     again = load_text(__import__("yaml").safe_dump(item.resource.dump()), "again.yaml")
     assert again.ok and again.loaded[0].resource == item.resource
+
+
+def test_a_control_character_in_the_yaml_is_a_one_line_error() -> None:
+    # Found by the resources fuzz target: PyYAML's reader error spans two lines.
+    result = load_text("kind: Service\x00\n", "bad.yaml")
+    (err,) = result.errors
+    assert str(err).startswith("bad.yaml: invalid YAML: unacceptable character #x0000")
+    assert "\n" not in str(err)
+
+
+def test_a_kind_spanning_lines_is_shown_escaped_on_one_line() -> None:
+    # Found by the resources fuzz target: a plain scalar may continue on the next line.
+    result = load_text("apiVersion: v1\nkind: List\n\n  namite:e\n", "bad.yaml")
+    (err,) = result.errors
+    assert "\n" not in str(err)
+    assert "(List\\nnamite:e)" in str(err)

@@ -41,6 +41,8 @@ FLAGS: dict[str, Flag] = {
     "max_header_bytes": Flag("SIZE", "largest HTTP/1 message head; a larger request gets 431"),
     "header_read_timeout": Flag("DURATION", "time allowed to receive a request's headers"),
     "idle_timeout": Flag("DURATION", "close a client connection idle this long"),
+    "write_stall_timeout": Flag("DURATION", "close a connection (or reset an HTTP/2 stream) whose peer reads "
+                                "nothing sent to it for this long"),
     "outbound_connect_timeout": Flag("DURATION", "time allowed to connect to an upstream endpoint"),
     "inbound_connect_timeout": Flag("DURATION", "time allowed to connect to the local application"),
     "failfast_timeout": Flag("DURATION", "a request waiting this long for an available endpoint fails with 503"),
@@ -59,6 +61,8 @@ FLAGS: dict[str, Flag] = {
         "COUNT", "stream resets per --h2-reset-window before the connection is closed (rapid reset)"),
     "h2_reset_window": Flag("DURATION", "window over which stream resets are counted"),
     "h2_initial_window": Flag("SIZE", "HTTP/2 initial flow-control window"),
+    "h2_max_continuation_frames": Flag("COUNT", "CONTINUATION frames allowed after one HEADERS frame; more "
+                                       "ends the connection (CONTINUATION flood)"),
     "h2_max_connections_per_endpoint": Flag("COUNT", "HTTP/2 connections opened to one endpoint when each is at "
                                             "the peer's concurrent-stream limit"),
     "h2_rapid_reset_age": Flag("DURATION", "a peer's reset of a stream unanswered for less than this counts "

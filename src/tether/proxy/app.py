@@ -25,6 +25,7 @@ from tether.proxy.inbound.authorize import Authorizer
 from tether.proxy.inbound.policy_watch import PolicySource, StaticPolicy
 from tether.proxy.inbound.stack import Inbound
 from tether.proxy.logging import LogControl
+from tether.proxy.looplag import LoopLagMonitor
 from tether.proxy.metrics import MetricsRegistry
 from tether.proxy.outbound.stack import Outbound
 
@@ -60,6 +61,8 @@ class Proxy:
         self.metrics.add_source(self.outbound.balancer_lines)
         self.metrics.add_source(self.outbound.route_metrics.lines)
         self.metrics.add_source(self.outbound.policy_metrics.lines)
+        self.loop_lag = LoopLagMonitor()
+        self.metrics.add_source(self.loop_lag.lines)
         self.admin: AdminServer | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._stopping = asyncio.Event()
@@ -75,6 +78,7 @@ class Proxy:
             self._spawn(self.identity.run())
         self._spawn(self.outbound.logicals.run())  # drop stacks of destinations idle too long
         self._spawn(self.inbound.targets.run())
+        self._spawn(self.loop_lag.run())  # tether_event_loop_lag_*: how long callbacks block the loop
         out = await loop.create_server(self.outbound.accept, *self.cfg.outbound_addr, reuse_address=True,
                                        backlog=1024)
         self._servers.append(out)
@@ -301,9 +305,28 @@ def tune_malloc() -> bool:
         return False
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; returns the soft limit now in force.
+
+    Every client connection, its upstream and each pooled connection hold a descriptor: the usual
+    soft limit of 1024 would refuse connections long before memory or CPU runs out."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def run(cfg: ProxyConfig, log_control: LogControl | None = None) -> int:
     """Run the proxy on uvloop until signalled; the process exit status."""
     import uvloop
 
     tune_malloc()
+    raise_fd_limit()
     return uvloop.run(serve(cfg, log_control))

@@ -112,6 +112,9 @@ class ProxyConfig:
     max_header_bytes: int = 64 * 1024
     header_read_timeout: float = 10.0
     idle_timeout: float = 90.0
+    # A peer that reads nothing we send (TCP backpressure for this long, or an HTTP/2 window left
+    # at zero) loses the connection or the stream: buffers never wait on it for ever.
+    write_stall_timeout: float = 60.0
     # Upstream.
     outbound_connect_timeout: float = 1.0
     inbound_connect_timeout: float = 0.1 * 10  # 1s: loopback to the app; 100ms is too tight under load
@@ -134,6 +137,8 @@ class ProxyConfig:
     h2_reset_window: float = 10.0
     h2_rapid_reset_age: float = 1.0  # a peer reset of an unanswered stream younger than this is "rapid"
     h2_initial_window: int = 65535
+    # CONTINUATION frames allowed after one HEADERS (CVE-2024-27316 and kin): more is GOAWAY.
+    h2_max_continuation_frames: int = 16
     # Opaque TCP between two plain sockets moves through os.splice (the bytes never enter Python).
     tcp_zero_copy: bool = True
     # Body buffering.
@@ -280,6 +285,7 @@ class H1ServerSettings:
     idle_timeout: float
     body_buffer_high: int
     linger_timeout: float
+    write_stall_timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +301,8 @@ class H2Settings:
     shutdown_grace_period: float
     failfast_timeout: float  # how long a client request waits for a stream slot
     h2_rapid_reset_age: float  # a reset of an unanswered stream younger than this counts as rapid
+    write_stall_timeout: float  # the peer reads nothing / keeps a window shut this long: closed
+    h2_max_continuation_frames: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +316,7 @@ class ClientSettings:
     body_buffer_high: int
     h2: H2Settings
     h2_max_connections_per_endpoint: int
+    write_stall_timeout: float  # an upstream that reads none of a request body this long is cut off
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,19 +341,20 @@ def detect_settings(cfg: ProxyConfig) -> DetectSettings:
 
 def h1_server_settings(cfg: ProxyConfig) -> H1ServerSettings:
     return H1ServerSettings(cfg.max_header_bytes, cfg.header_read_timeout, cfg.idle_timeout,
-                            cfg.body_buffer_high, cfg.linger_timeout)
+                            cfg.body_buffer_high, cfg.linger_timeout, cfg.write_stall_timeout)
 
 
 def h2_settings(cfg: ProxyConfig) -> H2Settings:
     return H2Settings(cfg.h2_max_concurrent_streams, cfg.h2_max_resets_per_window, cfg.h2_reset_window,
                       cfg.h2_initial_window, cfg.max_header_bytes, cfg.idle_timeout,
-                      cfg.shutdown_grace_period, cfg.failfast_timeout, cfg.h2_rapid_reset_age)
+                      cfg.shutdown_grace_period, cfg.failfast_timeout, cfg.h2_rapid_reset_age,
+                      cfg.write_stall_timeout, cfg.h2_max_continuation_frames)
 
 
 def client_settings(cfg: ProxyConfig, connect_timeout: float) -> ClientSettings:
     return ClientSettings(connect_timeout, cfg.pool_max_idle_per_endpoint, cfg.pool_idle_timeout,
                           cfg.max_header_bytes, cfg.body_buffer_high, h2_settings(cfg),
-                          cfg.h2_max_connections_per_endpoint)
+                          cfg.h2_max_connections_per_endpoint, cfg.write_stall_timeout)
 
 
 def balancer_settings(cfg: ProxyConfig) -> BalancerSettings:

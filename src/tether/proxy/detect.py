@@ -91,11 +91,14 @@ class DetectProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._done:
             return
-        if not self._buf and data and self.cfg.header_read_timeout < self.cfg.detect_timeout:
-            # A client that starts an HTTP request line must finish its head within the header
-            # timeout (slowloris), even while we are still detecting.
-            self._header_timer = asyncio.get_running_loop().call_later(
-                self.cfg.header_read_timeout, self._on_header_timeout)
+        if not self._buf and data:
+            loop = asyncio.get_running_loop()
+            if self.conn is not None:
+                self.conn.first_byte_at = loop.time()  # the HTTP/1 head's timeout counts from here
+            if self.cfg.header_read_timeout < self.cfg.detect_timeout:
+                # A client that starts an HTTP request line must finish its head within the header
+                # timeout (slowloris), even while we are still detecting.
+                self._header_timer = loop.call_later(self.cfg.header_read_timeout, self._on_header_timeout)
         self._buf += data
         if self.tls and transport_header.is_prefix(self._buf):
             self._read_transport_header()
@@ -156,6 +159,12 @@ class DetectProtocol(asyncio.Protocol):
 
     def _on_timeout(self) -> None:
         self._timer = None
+        if not self._done and self._buf and looks_like_http1_prefix(self._buf):
+            # A request head arriving slower than detection waits (slowloris): it is HTTP/1 all
+            # the same. The HTTP/1 server answers it, and its header timeout, counted from the
+            # first byte, closes it; forwarded as TCP it would tie up the application instead.
+            self._decide(Detected.HTTP1)
+            return
         if not self._done:
             log.info("protocol detection timed out after %gs for %s; treating as opaque TCP",
                      self.cfg.detect_timeout, self.conn.peer if self.conn else "?")

@@ -197,6 +197,7 @@ class H2Connection:
         max_header_list_size: int = 65536,
         stream_limit: int | None = None,
         max_closed_streams: int = 1024,
+        max_continuations: int = 16,
     ) -> None:
         self.client_side = client_side
         self.local_max_concurrent_streams = max_concurrent_streams
@@ -205,6 +206,9 @@ class H2Connection:
         self.local_max_header_list_size = max_header_list_size
         self.stream_limit = max_concurrent_streams if stream_limit is None else stream_limit
         self.max_closed_streams = max_closed_streams
+        # CONTINUATION frames allowed after one HEADERS: a flood of small or empty ones costs a
+        # frame's work each and never reaches the size bound (CVE-2024-27316, CVE-2023-45288).
+        self.max_continuations = max_continuations
         self.remote_max_concurrent_streams = REMOTE_MAX_CONCURRENT_DEFAULT
         self.remote_initial_window = f.DEFAULT_WINDOW
         self.remote_max_frame_size = f.DEFAULT_MAX_FRAME_SIZE
@@ -232,6 +236,7 @@ class H2Connection:
         self._cont_bad_priority = False
         self._cont_parts: list[bytes] = []
         self._cont_size = 0
+        self._cont_frames = 0
         self._events: list[Event] = []
 
     # -- public: state --------------------------------------------------------------------------
@@ -544,14 +549,18 @@ class H2Connection:
         self._cont_bad_priority = dep == sid
         self._cont_parts = [block]
         self._cont_size = len(block)
+        self._cont_frames = 0
 
     def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
         if not self._cont_sid or sid != self._cont_sid:
             raise _ConnError(f.PROTOCOL_ERROR, "CONTINUATION without a header block in progress")
         self._cont_parts.append(payload)
         self._cont_size += len(payload)
+        self._cont_frames += 1
         if self._cont_size > self.local_max_header_list_size + 65536:
             raise _ConnError(f.ENHANCE_YOUR_CALM, "header block too large")
+        if self._cont_frames > self.max_continuations and not flags & f.FLAG_END_HEADERS:
+            raise _ConnError(f.ENHANCE_YOUR_CALM, f"more than {self.max_continuations} CONTINUATION frames")
         if flags & f.FLAG_END_HEADERS:
             block = b"".join(self._cont_parts)
             self._cont_sid = 0

@@ -106,7 +106,10 @@ class LoadError:
             where += f": document {self.document}"
             if self.ref:
                 where += f" ({self.ref})"
-        return f"{where}: {self.path}: {self.reason}" if self.path else f"{where}: {self.reason}"
+        line = f"{where}: {self.path}: {self.reason}" if self.path else f"{where}: {self.reason}"
+        # One line whatever the document holds: a kind or name spanning lines (a YAML plain scalar
+        # may) is shown escaped, so it can neither break the line nor forge another (fuzzer).
+        return line.replace("\r", "\\r").replace("\n", "\\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +224,8 @@ def load_text(text: str, source: str) -> LoadResult:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
+        # One line, as every error here is (a reader error's text spans two: the fuzzer found it).
+        problem = "; ".join(part.strip() for part in str(problem).splitlines() if part.strip())
         return LoadResult((), (LoadError(source, 0, "", "", f"invalid YAML: {where}{problem}"),))
     for index, doc in enumerate(docs, start=1):
         if doc is None:

@@ -68,6 +68,7 @@ class H1ClientConnection(asyncio.Protocol):
         self.reused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._keep_alive = True
         self.idle_since = 0.0
         self._pump: asyncio.Task[None] | None = None
@@ -115,6 +116,9 @@ class H1ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if self._head is not None and not self._head.done():
             if self.reused and not self._got_bytes:
                 self._head.set_exception(_Stale())
@@ -134,9 +138,25 @@ class H1ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        # An upstream that reads none of the request body for write_stall_timeout is cut off: the
+        # request fails (502) instead of holding the client and the buffered body for ever.
+        stall = self.pool.cfg.write_stall_timeout
+        if self._stall_timer is None and stall > 0:
+            self._stall_timer = self._loop.call_later(stall, self._on_write_stall)
+
+    def _on_write_stall(self) -> None:
+        self._stall_timer = None
+        if self._write_paused and not self._closed:
+            stall = self.pool.cfg.write_stall_timeout
+            log.info("upstream read nothing of the request for %gs; closing the connection", stall)
+            self._fail(UpstreamError(f"upstream read nothing of the request for {stall:g}s"))
+            self._abort()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         w = self._drain_waiter
         if w is not None and not w.done():
             w.set_result(None)

@@ -98,6 +98,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._deadline_cb: Callable[[], None] | None = None
         self._tick = min(cfg.header_read_timeout, cfg.idle_timeout) / 4
         self._write_paused = False
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self.requests_served = 0
@@ -206,6 +207,9 @@ class H1ServerProtocol(asyncio.Protocol):
             self.tcp.closed(None if exc is None else "i/o")
             self.tcp = None
         self._cancel_timer()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if self._body is not None and not self._body.done:
             self._body.fail(BodyError("client connection lost"))
         if self._task is not None and not self._task.done():
@@ -218,9 +222,23 @@ class H1ServerProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        # A client that reads nothing of its response for write_stall_timeout is cut off: the
+        # response (and the upstream behind it) is not held for ever.
+        if self._stall_timer is None and self.cfg.write_stall_timeout > 0:
+            self._stall_timer = self._loop.call_later(self.cfg.write_stall_timeout, self._on_write_stall)
+
+    def _on_write_stall(self) -> None:
+        self._stall_timer = None
+        if self._write_paused and not self._lost:
+            log.info("client %s read nothing of its response for %gs; closing", self.conn.peer,
+                     self.cfg.write_stall_timeout)
+            self._abort()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         w = self._drain_waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -233,7 +251,14 @@ class H1ServerProtocol(asyncio.Protocol):
         self._headers = []
         self._url = b""
         self._trailers = None
-        self._arm(self.cfg.header_read_timeout, self._on_header_timeout)
+        delay = self.cfg.header_read_timeout
+        started = self.conn.first_byte_at
+        if started:
+            # The first request's head began while protocol detection was still reading it: its
+            # time counts too (a slowloris client gets header_read_timeout in all, not twice).
+            self.conn.first_byte_at = 0.0
+            delay = max(0.0, started + delay - self._loop.time())
+        self._arm(delay, self._on_header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -584,13 +609,19 @@ class H1ServerProtocol(asyncio.Protocol):
 
     # Header and idle timeouts share one deadline and one timer that ticks while a deadline is
     # set: setting a deadline per request is two attribute writes, not a call_later and a cancel.
-    # A deadline fires at most one tick (a quarter of the shortest timeout) late.
+    # A deadline earlier than the pending tick reschedules it, so none fires late.
     def _arm(self, delay: float, cb: Callable[[], None]) -> None:
         loop = self._loop
-        self._deadline = loop.time() + delay
+        deadline = self._deadline = loop.time() + delay
         self._deadline_cb = cb
-        if self._timer is None:
+        timer = self._timer
+        if timer is None:
             self._timer = loop.call_later(min(delay, self._tick), self._on_tick)
+        elif timer.when() > deadline:
+            # A deadline before the next tick (the first head's timeout counted from a byte that
+            # arrived during detection) must not wait for that tick.
+            timer.cancel()
+            self._timer = loop.call_later(delay, self._on_tick)
 
     def _cancel_timer(self, release: bool = False) -> None:
         self._deadline_cb = None

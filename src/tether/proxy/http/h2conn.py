@@ -21,7 +21,7 @@ from tether.core.http import h2frames, h2proto
 from tether.core.http.h2headers import trailer_fields
 from tether.proxy.config import H2Settings
 from tether.proxy.http.body import Body, BytesBody, EmptyBody, PipeBody
-from tether.proxy.http.h2codec import INTERNAL_ERROR, H2ConnectionClosed, H2Error, H2StreamReset, error_code_for
+from tether.proxy.http.h2codec import CANCEL, INTERNAL_ERROR, H2ConnectionClosed, H2Error, H2StreamReset, error_code_for
 from tether.proxy.tcp import ByteCounters
 
 __all__ = ["H2ConnectionClosed", "H2Error", "H2Protocol", "H2StreamReset", "error_code_for"]
@@ -33,6 +33,10 @@ Headers = list[tuple[bytes, bytes]]
 # How many closed streams the connection remembers (to tell a late frame after RST_STREAM from a
 # protocol error); a few times the concurrency bound covers every frame still in flight after a reset.
 CLOSED_STREAMS_REMEMBERED = 1024
+
+# Bytes parsed per loop iteration: 16 KiB of the smallest frames is about 1,000 PINGs or 800
+# SETTINGS, a few milliseconds of work; a larger read is parsed over several iterations.
+RECEIVE_SLICE = 16 * 1024
 
 
 class H2Body(PipeBody):
@@ -115,12 +119,15 @@ class H2Protocol(asyncio.Protocol):
             max_header_list_size=config.max_header_bytes,
             stream_limit=stream_limit,
             max_closed_streams=CLOSED_STREAMS_REMEMBERED,
+            max_continuations=config.h2_max_continuation_frames,
         )
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, StreamState] = {}
         self._flush_scheduled = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._backlog = b""  # read but not yet parsed (see RECEIVE_SLICE)
         self._closed = False
         self._close_error: H2Error | None = None
         self._loop = asyncio.get_event_loop()
@@ -143,6 +150,44 @@ class H2Protocol(asyncio.Protocol):
             self.tcp.read_bytes += len(data)
         if self._closed:
             return
+        if self._backlog:
+            # Reading should be paused while a backlog is parsed; whoever resumed it, pause again
+            # so the backlog stays bounded by what one read delivers.
+            self._backlog += data
+            if self._transport is not None:
+                self._transport.pause_reading()
+            return
+        if len(data) > RECEIVE_SLICE:
+            # A read can hold thousands of small frames (a PING or SETTINGS flood): parse them a
+            # slice per loop iteration, so no connection holds the loop for long.
+            self._backlog = data[RECEIVE_SLICE:]
+            data = data[:RECEIVE_SLICE]
+            if self._transport is not None:
+                self._transport.pause_reading()
+            self._loop.call_soon(self._receive_backlog)
+        self._receive(data)
+
+    @property
+    def parsing_backlog(self) -> bool:
+        """True while bytes already read wait to be parsed (reading stays paused until then)."""
+        return bool(self._backlog)
+
+    def _receive_backlog(self) -> None:
+        if self._closed:
+            self._backlog = b""
+            return
+        if self._write_paused:
+            return  # resume_writing continues (our answers must drain before we read on)
+        data, self._backlog = self._backlog[:RECEIVE_SLICE], self._backlog[RECEIVE_SLICE:]
+        self._receive(data)
+        if self._closed:
+            self._backlog = b""
+        elif self._backlog:
+            self._loop.call_soon(self._receive_backlog)
+        elif not self._write_paused and self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def _receive(self, data: bytes) -> None:
         try:
             events = self._h2.receive_data(data)
         except h2proto.ProtocolError as e:
@@ -164,6 +209,9 @@ class H2Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         err = self._close_error or H2ConnectionClosed(f"connection lost: {exc}" if exc else "connection closed by peer")
         self._fail_all(err)
         self._wake_drain(err)
@@ -174,10 +222,28 @@ class H2Protocol(asyncio.Protocol):
         self._write_paused = True
         if self._transport is not None:
             self._transport.pause_reading()
+        # A peer that reads nothing for write_stall_timeout holds our buffered frames for ever
+        # otherwise (CVE-2019-9517, and a PING or SETTINGS flood from a peer that never reads).
+        if self._stall_timer is None and self.config.write_stall_timeout > 0:
+            self._stall_timer = self._loop.call_later(self.config.write_stall_timeout, self._on_write_stall)
+
+    def _on_write_stall(self) -> None:
+        self._stall_timer = None
+        if self._write_paused and not self._closed:
+            log.info("HTTP/2 peer read nothing for %gs; closing the connection", self.config.write_stall_timeout)
+            t = self._transport
+            self._abort(H2ConnectionClosed(f"peer read nothing for {self.config.write_stall_timeout:g}s"))
+            if t is not None:
+                t.abort()  # close() would wait for the unread buffer to drain
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._transport is not None and not self._transport.is_closing():
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        if self._backlog:
+            self._loop.call_soon(self._receive_backlog)
+        elif self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
         self._wake_drain(None)
 
@@ -372,9 +438,17 @@ class H2Protocol(asyncio.Protocol):
                 return
             window = h2c.local_flow_control_window(stream_id)
             if window <= 0:
+                # A window the peer keeps shut would hold this stream and its buffered body for
+                # ever (zero-window stall): after write_stall_timeout the stream is given up.
                 st.window_waiter = self._loop.create_future()
+                stall = self.config.write_stall_timeout
                 try:
-                    await st.window_waiter
+                    if stall > 0:
+                        await asyncio.wait_for(st.window_waiter, stall)
+                    else:
+                        await st.window_waiter
+                except TimeoutError:
+                    raise H2StreamReset(stream_id, CANCEL, remote=False) from None
                 finally:
                     st.window_waiter = None
                 continue

@@ -77,8 +77,10 @@ class H2ServerProtocol(H2Protocol):
         self.connection_made(transport)
         if initial:
             self.data_received(initial)
-        if not transport.is_reading() and not transport.is_closing():
-            transport.resume_reading()  # the detector may have paused it
+        if not transport.is_reading() and not transport.is_closing() and not self.parsing_backlog \
+                and not self._write_paused:
+            # The detector may have paused it; a large first read parsed in slices keeps it paused.
+            transport.resume_reading()
 
     @property
     def active_streams(self) -> int:
@@ -158,6 +160,12 @@ class H2ServerProtocol(H2Protocol):
         if len(self._tasks) >= self.config.h2_max_concurrent_streams:
             # Handlers of reset streams may still be unwinding; they count against the bound.
             self._reset_stream(stream_id, st, REFUSED_STREAM)
+            if len(self._tasks) > self._h2.open_inbound_streams:
+                # The peer holds fewer streams open than we run handlers for: the slots are taken
+                # by streams it reset, and it opens more at once. That is a rapid reset too, even
+                # when its HEADERS and RST_STREAM come in such large reads that every stream after
+                # the first hundred of a read is refused (and its reset never reaches a handler).
+                self._judge(self._resets.reset(now, 0.0, False))
             return
         if self._shedding and self._resets.verdict(now) is not Verdict.OK:
             # Too many rapid resets from a peer that also does real work: refuse this stream
@@ -205,7 +213,9 @@ class H2ServerProtocol(H2Protocol):
 
     def _count_reset(self, st: StreamState) -> None:
         now = self._loop.time()
-        verdict = self._resets.reset(now, now - st.opened_at, st.headers_sent)
+        self._judge(self._resets.reset(now, now - st.opened_at, st.headers_sent))
+
+    def _judge(self, verdict: Verdict) -> None:
         if verdict is Verdict.OK or self._closed:
             return
         window = self.config.h2_reset_window

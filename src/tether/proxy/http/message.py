@@ -26,7 +26,8 @@ Headers = list[tuple[bytes, bytes]]
 class Connection:
     """What the proxy knows about the connection a request arrived on."""
 
-    __slots__ = ("client_id", "direction", "local", "orig_dst", "peer", "protocol", "target_port", "tls")
+    __slots__ = ("client_id", "direction", "first_byte_at", "local", "orig_dst", "peer", "protocol", "target_port",
+                 "tls")
 
     def __init__(
         self,
@@ -47,6 +48,9 @@ class Connection:
         self.client_id = client_id
         self.protocol = protocol
         self.target_port = target_port
+        # Loop time the client's first byte arrived (set by detection; 0: unknown): the first
+        # request's header timeout counts from it.
+        self.first_byte_at = 0.0
 
     def __repr__(self) -> str:
         return f"Connection({self.direction}, peer={self.peer}, local={self.local}, orig_dst={self.orig_dst})"
