@@ -67,7 +67,7 @@ _HTTP_TO_GRPC: Final = {400: Status.INTERNAL, 401: Status.UNAUTHENTICATED, 403: 
 CONTROL_H2: Final = H2Settings(
     h2_max_concurrent_streams=100, h2_max_resets_per_window=1000, h2_reset_window=30.0,
     h2_initial_window=65535, max_header_bytes=64 * 1024, idle_timeout=0.0, shutdown_grace_period=0.0,
-    failfast_timeout=10.0, h2_rapid_reset_age=0.0,
+    failfast_timeout=10.0, h2_rapid_reset_age=0.0, write_stall_timeout=60.0, h2_max_continuation_frames=16,
 )
 
 
