@@ -16,8 +16,16 @@ import click
 from tether.core.identity.names import DEFAULT_CONTROL_PLANE_NS, DEFAULT_TRUST_DOMAIN
 
 F = TypeVar("F", bound=Callable[..., Any])
-DEFAULT_STATE_DIR = ".tether"
-DEFAULT_RESOURCES_DIR = ".tether/resources"
+def user_state_dir() -> str:
+    """The user's state directory for tether: $XDG_STATE_HOME/tether, else ~/.local/state/tether
+    (the XDG base directory convention), so every command finds the same mesh wherever it runs."""
+    import os
+
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "tether")
+
+
+DEFAULT_STATE_DIR_SHOWN = "$XDG_STATE_HOME/tether, else ~/.local/state/tether"
 
 
 class Duration(click.ParamType):
@@ -136,7 +144,8 @@ TRUST_DOMAIN = TrustDomain()
 def state_dir_option(f: F) -> F:
     """``--state-dir``: the local platform's state (workload registry, control-plane records)."""
     return click.option(
-        "--state-dir", default=DEFAULT_STATE_DIR, show_default=True, envvar="TETHER_STATE_DIR", show_envvar=True,
+        "--state-dir", default=user_state_dir, show_default=DEFAULT_STATE_DIR_SHOWN, envvar="TETHER_STATE_DIR",
+        show_envvar=True,
         type=click.Path(file_okay=False), help="local state directory: workload registry and control-plane records",
     )(f)
 
@@ -144,16 +153,16 @@ def state_dir_option(f: F) -> F:
 def _default_resources_dir() -> str:
     import os
 
-    state = os.environ.get("TETHER_STATE_DIR")
-    return os.path.join(state, "resources") if state else DEFAULT_RESOURCES_DIR
+    return os.path.join(os.environ.get("TETHER_STATE_DIR") or user_state_dir(), "resources")
 
 
 def resources_dir_option(f: F) -> F:
     """``--resources-dir``: the local store, a directory of YAML resources (any file names, multi-document)."""
     return click.option(
         # Under $TETHER_STATE_DIR when that is set: where `tether up --state-dir` keeps its store.
-        "--resources-dir", default=_default_resources_dir, show_default=f"$TETHER_STATE_DIR/resources, else "
-        f"{DEFAULT_RESOURCES_DIR}", envvar="TETHER_RESOURCES_DIR",
+        "--resources-dir", default=_default_resources_dir,
+        show_default="$TETHER_STATE_DIR/resources, else the default state directory's resources",
+        envvar="TETHER_RESOURCES_DIR",
         show_envvar=True, type=click.Path(file_okay=False),
         help="the local store: a directory of YAML resource files (any names, multi-document)",
     )(f)
