@@ -142,7 +142,7 @@ class ProxyProc(Proc):
             try:
                 return self._wait_ready_once(timeout)
             except RuntimeError:
-                if "address already in use" not in self.log() or any(self._fixed.values()):
+                if "address already in use" not in self.log().lower() or any(self._fixed.values()):
                     raise
                 self._log.close()
                 self._launch()
