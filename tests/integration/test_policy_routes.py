@@ -406,3 +406,58 @@ def test_an_egress_network_denies_then_allows_traffic_to_outside_addresses(mesh:
     finally:
         outside.shutdown()
         outside.server_close()
+
+
+EGRESS_ROUTE = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: outside-api, namespace: payments}
+spec:
+  parentRefs: [{name: outside, kind: EgressNetwork, group: policy.linkerd.io, port: 8080}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /v1}}]
+      backendRefs: [{name: outside, kind: EgressNetwork, group: policy.linkerd.io}]
+    - matches: [{path: {type: PathPrefix, value: /echo}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{name: x-route, value: kept-inside}]
+      backendRefs: [{name: orders, port: 8080}]
+"""
+
+
+def test_routes_on_an_egress_network_pass_what_they_name_and_its_deny_stops_the_rest(mesh: Mesh) -> None:
+    """Routed egress: under a Deny EgressNetwork, an HTTPRoute attached to it lets /v1 out to the
+    original destination and sends /echo to a Service inside the mesh instead; anything else gets
+    the EgressNetwork's 403 without leaving the proxy."""
+    assert mesh.proxy is not None
+    outside = Backend(("127.0.12.1", 8080), "outside")
+    threading.Thread(target=outside.serve_forever, daemon=True).start()
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", mesh.proxy.outbound_port, timeout=10)
+        host = "127.0.12.1:8080"
+        (mesh.res / "egress.yaml").write_text(EGRESS.replace("POLICY", "Deny"))
+        wait_for(lambda: _get(c, host, "/v1/things")[0] == 403, 10, interval=0.05, what="the Deny in force")
+        (mesh.res / "egress.yaml").write_text(EGRESS.replace("POLICY", "Deny") + "---\n" + EGRESS_ROUTE)
+        wait_for(lambda: _get(c, host, "/v1/things")[:2] == (200, "outside"), 10, interval=0.05,
+                 what="the EgressNetwork's route in force")
+        status, body, r = _get(c, host, "/elsewhere")
+        assert status == 403, (status, body)
+        assert "EgressNetwork payments/outside" in (r.getheader("l5d-proxy-error") or "")
+        assert outside.calls.get("/elsewhere", 0) == 0  # denied in the proxy
+        # The route's second rule: the request goes to the orders Service, with its header set.
+        assert _get(c, host, "/echo")[:2] == (200, "kept-inside")
+        assert outside.calls.get("/echo", 0) == 0
+        assert outside.calls.get("/v1", 0) >= 1
+        # Without the route, the Deny covers /v1 too.
+        (mesh.res / "egress.yaml").write_text(EGRESS.replace("POLICY", "Deny"))
+        wait_for(lambda: _get(c, host, "/v1/things")[0] == 403, 10, interval=0.05, what="the route removed")
+        c.close()
+        text = mesh.proxy.metrics()
+        routed = {"parent_kind": "EgressNetwork", "route_name": "outside-api", "route_kind": "HTTPRoute"}
+        assert _metric(text, "outbound_http_route_request_statuses_total", http_status="200", **routed) >= 2
+        deny = {"parent_kind": "EgressNetwork", "route_name": "http-egress-deny"}
+        assert _metric(text, "outbound_http_route_request_statuses_total", http_status="403", **deny) >= 2
+    finally:
+        outside.shutdown()
+        outside.server_close()

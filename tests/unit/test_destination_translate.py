@@ -279,21 +279,119 @@ spec:
 
 
 def test_address_outside_the_mesh_is_forwarded_or_denied_by_egress_network() -> None:
-    pol = tr.outbound_policy(world(PAYMENTS), None, "93.184.216.34:443", Context(), S)
+    client = Context(namespace="payments")
+    pol = tr.outbound_policy(world(PAYMENTS), None, "93.184.216.34:443", client, S)
     assert pol.metadata.default == "egress-fallback"
     (route,) = pol.protocol.detect.http1.routes
     (rb,) = route.rules[0].backends.first_available.backends
     assert tr.format_tcp_address(rb.backend.forward.addr) == "93.184.216.34:443"
     assert list(route.rules[0].filters) == []
-    denied = tr.outbound_policy(world(PAYMENTS, EGRESS), None, "93.184.216.34:443", Context(), S)
+    denied = tr.outbound_policy(world(PAYMENTS, EGRESS), None, "93.184.216.34:443", client, S)
     assert denied.metadata.resource.kind == "EgressNetwork" and denied.metadata.resource.name == "internet"
-    (rule,) = denied.protocol.detect.http1.routes[0].rules
+    (catch_all,) = denied.protocol.detect.http1.routes
+    assert catch_all.metadata.default == "http-egress-deny"  # Linkerd's route name
+    (rule,) = catch_all.rules
     assert rule.filters[0].failure_injector.status == 403
-    assert "denied by EgressNetwork payments/internet" in rule.filters[0].failure_injector.message
-    assert denied.protocol.detect.opaque.routes[0].rules[0].filters[0].WhichOneof("kind") == "forbidden"
+    why = rule.filters[0].failure_injector.message
+    assert "93.184.216.34:443 is not allowed by EgressNetwork payments/internet" in why
+    opaque = denied.protocol.detect.opaque.routes[0]
+    assert opaque.metadata.default == "tcp-egress-deny"
+    assert opaque.rules[0].filters[0].WhichOneof("kind") == "forbidden"
     # An excepted network is not under the EgressNetwork.
-    inside = tr.outbound_policy(world(PAYMENTS, EGRESS), None, "10.200.0.1:80", Context(), S)
+    inside = tr.outbound_policy(world(PAYMENTS, EGRESS), None, "10.200.0.1:80", client, S)
     assert inside.metadata.default == "egress-fallback"
+
+
+GLOBAL_EGRESS = """apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {name: everywhere, namespace: linkerd-egress}
+spec:
+  trafficPolicy: Allow
+"""
+
+
+def test_an_egress_network_applies_to_its_own_namespace_else_the_global_one() -> None:
+    addr = "93.184.216.34:443"
+    w = world(PAYMENTS, EGRESS, GLOBAL_EGRESS)
+    # A client in payments sees payments' EgressNetwork, not the global one.
+    own = tr.outbound_policy(w, None, addr, Context(namespace="payments"), S)
+    assert (own.metadata.resource.namespace, own.metadata.resource.name) == ("payments", "internet")
+    # A client elsewhere sees the global egress namespace's, whose default networks leave out
+    # the cluster's networks.
+    other = tr.outbound_policy(w, None, addr, Context(namespace="shop"), S)
+    assert (other.metadata.resource.namespace, other.metadata.resource.name) == ("linkerd-egress", "everywhere")
+    assert other.protocol.detect.http1.routes[0].metadata.default == "http-egress-allow"
+    inside = tr.outbound_policy(w, None, "10.9.9.9:80", Context(namespace="shop"), S)
+    assert inside.metadata.default == "egress-fallback"
+    # Only payments' EgressNetworks count for its clients, even one that does not cover the address.
+    assert tr.outbound_policy(w, None, "10.9.9.9:80", Context(namespace="payments"), S).metadata.default == (
+        "egress-fallback")
+    # The global namespace is a setting.
+    moved = tr.Settings(global_egress_ns="egress")
+    assert tr.outbound_policy(w, None, addr, Context(namespace="shop"), moved).metadata.default == "egress-fallback"
+
+
+def test_the_most_specific_egress_network_wins_then_the_oldest() -> None:
+    nets = """apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {name: b-wide, namespace: payments, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec: {trafficPolicy: Allow, networks: [{cidr: 93.184.0.0/16}]}
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {name: c-narrow-new, namespace: payments, creationTimestamp: "2026-03-01T00:00:00Z"}
+spec: {trafficPolicy: Deny, networks: [{cidr: 93.184.216.0/24}]}
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: EgressNetwork
+metadata: {name: d-narrow-old, namespace: payments, creationTimestamp: "2026-02-01T00:00:00Z"}
+spec: {trafficPolicy: Deny, networks: [{cidr: 93.184.216.0/24}]}
+"""
+    pol = tr.outbound_policy(world(PAYMENTS, nets), None, "93.184.216.34:443", Context(namespace="payments"), S)
+    assert pol.metadata.resource.name == "d-narrow-old"
+    pol = tr.outbound_policy(world(PAYMENTS, nets), None, "93.184.1.1:443", Context(namespace="payments"), S)
+    assert pol.metadata.resource.name == "b-wide"
+
+
+EGRESS_ROUTES = """apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-allowed, namespace: payments}
+spec:
+  parentRefs: [{name: internet, kind: EgressNetwork, group: policy.linkerd.io}]
+  hostnames: [api.example.com]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /v1}}]
+      backendRefs: [{name: internet, kind: EgressNetwork, group: policy.linkerd.io}]
+    - matches: [{path: {type: PathPrefix, value: /internal}}]
+      backendRefs: [{name: payments-api, port: 8080}]
+    - matches: [{path: {type: PathPrefix, value: /elsewhere}}]
+      backendRefs: [{name: other, kind: EgressNetwork, group: policy.linkerd.io}]
+"""
+
+
+def test_routes_attached_to_an_egress_network_decide_before_its_traffic_policy() -> None:
+    pol = tr.outbound_policy(world(PAYMENTS, EGRESS, EGRESS_ROUTES), None, "93.184.216.34:443",
+                             Context(namespace="payments"), S)
+    routed, catch_all = pol.protocol.detect.http1.routes
+    assert routed.metadata.resource.name == "api-allowed" and routed.hosts[0].exact == "api.example.com"
+    assert catch_all.metadata.default == "http-egress-deny"
+    to_self, to_service, to_other = (r.backends.random_available.backends[0].backend for r in routed.rules)
+    # The EgressNetwork itself as the backend: forwarded to the original destination.
+    assert tr.format_tcp_address(to_self.backend.forward.addr) == "93.184.216.34:443"
+    assert to_self.backend.metadata.resource.kind == "EgressNetwork"
+    # A Service as the backend: egress traffic sent into the mesh instead.
+    assert to_service.backend.balancer.discovery.dst.path == "payments-api.payments.svc.cluster.local:8080"
+    # Another EgressNetwork: an invalid backend that answers 500 saying why.
+    assert to_other.backend.WhichOneof("kind") is None
+    assert to_other.filters[0].failure_injector.status == 500
+    assert "needs that EgressNetwork as its parent" in to_other.filters[0].failure_injector.message
+    # A Service's routes never take an EgressNetwork backend.
+    svc_route = EGRESS_ROUTES.replace("{name: internet, kind: EgressNetwork, group: policy.linkerd.io}]\n  host",
+                                      "{name: payments-api, kind: Service, port: 8080}]\n  host")
+    svc = tr.outbound_policy(world(PAYMENTS, EGRESS, svc_route), "payments-api.payments.svc.cluster.local:8080",
+                             None, Context(namespace="payments"), S)
+    first = svc.protocol.detect.http1.routes[0].rules[0].backends.random_available.backends[0]
+    assert "EgressNetwork parents only" in first.backend.filters[0].failure_injector.message
 
 
 def test_workload_address_is_forwarded_with_its_identity() -> None:

@@ -162,3 +162,26 @@ def test_a_denying_forward_policy_is_forbidden_for_opaque_and_applies_to_http() 
     default.protocol.detect.http1.routes.append(out.HttpRoute(rules=[_rule("/")]))
     assert not client_policy_of(default).applies  # a forwarding default leaves the plain path alone
     assert client_policy_of(default).forbidden is None
+
+
+def test_an_invalid_backend_is_read_as_its_failure_and_a_bare_one_is_refused() -> None:
+    """Linkerd's controller encodes a backendRef it cannot serve as a backend without a kind whose
+    failure filter answers 500: the rule keeps its other backends."""
+    bad = out.HttpRoute.RouteBackend(
+        backend=out.Backend(metadata=meta_pb2.Metadata(resource=meta_pb2.Resource(kind="EgressNetwork", name="x"))),
+        filters=[out.HttpRoute.Filter(failure_injector=http_route_pb2.HttpFailureInjector(
+            status=500, message="EgressNetwork backends attach to EgressNetwork parents only"))])
+    rule = out.HttpRoute.Rule(
+        matches=[http_route_pb2.HttpRouteMatch(path=http_route_pb2.PathMatch(prefix="/"))],
+        backends=out.HttpRoute.Distribution(random_available=out.HttpRoute.Distribution.RandomAvailable(
+            backends=[_backend("web", 90), out.HttpRoute.WeightedRouteBackend(backend=bad, weight=10)])))
+    policy = client_policy_of(_http_policy(rule))
+    (good, invalid) = policy.routes[0].rules[0].value.backends
+    assert good.authority == "web.ns.svc.cluster.local:80"
+    assert invalid.authority is None and invalid.forward is None and invalid.weight == 10
+    assert invalid.filters.failure is not None and invalid.filters.failure.status == 500
+    assert "parents only" in invalid.filters.failure.message
+    # Without a failure filter there is nothing to answer with: the policy is refused.
+    del rule.backends.random_available.backends[1].backend.filters[:]
+    with pytest.raises(PolicyError, match="no forward address and no balancer"):
+        client_policy_of(_http_policy(rule))

@@ -17,6 +17,7 @@ from tether.cli.errors import OperationFailed
 from tether.cli.params import (
     ADDRESS,
     CIDRS,
+    DNS_LABEL,
     POSITIVE_DURATION,
     TRUST_DOMAIN,
     control_plane_options,
@@ -62,11 +63,15 @@ POLICIES = (
 @click.option("--allow-l5d-request-headers", is_flag=True,
               help="let clients override a route's retries and timeouts per request with l5d-retry-* and "
                    "l5d-timeout headers (off by default, as in Linkerd)")
+@click.option("--global-egress-network-namespace", type=DNS_LABEL, default="linkerd-egress", show_default=True,
+              metavar="NAMESPACE", help="EgressNetworks in this namespace apply to clients in every namespace "
+              "that has none of its own (as Linkerd's policy controller)")
 @log_options
 def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_dir: str, state_dir: str,
                 controller_namespace: str, trust_domain: str, cluster_domain: str, default_policy: str,
                 cluster_networks: tuple[str, ...], probe_networks: tuple[str, ...], stream_queue_limit: int,
-                poll_interval: float, allow_l5d_request_headers: bool, log_level: str, log_format: str) -> int:
+                poll_interval: float, allow_l5d_request_headers: bool, global_egress_network_namespace: str,
+                log_level: str, log_format: str) -> int:
     """The destination service: what proxies learn about the services they call and serve.
 
     Serves io.linkerd.proxy.destination.Destination (Get, GetProfile),
@@ -92,6 +97,7 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
             cluster_networks=cluster_networks,
             allow_l5d_request_headers=allow_l5d_request_headers,
             probe_networks=probe_networks,
+            global_egress_ns=global_egress_network_namespace,
         ),
         queue_limit=stream_queue_limit,
     )

@@ -43,6 +43,8 @@ FLAGS: dict[str, Flag] = {
     "idle_timeout": Flag("DURATION", "close a client connection idle this long"),
     "write_stall_timeout": Flag("DURATION", "close a connection (or reset an HTTP/2 stream) whose peer reads "
                                 "nothing sent to it for this long"),
+    "loop_lag_interval": Flag("DURATION", "how often the event loop's lag is sampled for "
+                              "tether_event_loop_lag_* (0: not sampled)"),
     "outbound_connect_timeout": Flag("DURATION", "time allowed to connect to an upstream endpoint"),
     "inbound_connect_timeout": Flag("DURATION", "time allowed to connect to the local application"),
     "failfast_timeout": Flag("DURATION", "a request waiting this long for an available endpoint fails with 503"),

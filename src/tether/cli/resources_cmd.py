@@ -108,7 +108,7 @@ def get(kind: str, namespace: str | None, all_namespaces: bool, output: str, res
     """List the resources of KIND in the local store, read from --resources-dir (no server needed).
 
     KIND is spelled as kubectl accepts it: ServiceProfile, serviceprofiles or sp; Service or svc;
-    HTTPRoute, GRPCRoute, TrafficSplit (ts), Server (srv), ServerAuthorization (saz),
+    HTTPRoute, GRPCRoute, TCPRoute, TrafficSplit (ts), Server (srv), ServerAuthorization (saz),
     AuthorizationPolicy, MeshTLSAuthentication, NetworkAuthentication, HTTPLocalRateLimitPolicy,
     EgressNetwork, ExternalWorkload (ew), Namespace (ns); Workload (wl) lists the workload registry
     in --state-dir. The objects of a file that does not validate are left out, with a warning on

@@ -61,8 +61,9 @@ class Proxy:
         self.metrics.add_source(self.outbound.balancer_lines)
         self.metrics.add_source(self.outbound.route_metrics.lines)
         self.metrics.add_source(self.outbound.policy_metrics.lines)
-        self.loop_lag = LoopLagMonitor()
-        self.metrics.add_source(self.loop_lag.lines)
+        self.loop_lag = LoopLagMonitor(cfg.loop_lag_interval) if cfg.loop_lag_interval > 0 else None
+        if self.loop_lag is not None:
+            self.metrics.add_source(self.loop_lag.lines)
         self.admin: AdminServer | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._stopping = asyncio.Event()
@@ -78,7 +79,8 @@ class Proxy:
             self._spawn(self.identity.run())
         self._spawn(self.outbound.logicals.run())  # drop stacks of destinations idle too long
         self._spawn(self.inbound.targets.run())
-        self._spawn(self.loop_lag.run())  # tether_event_loop_lag_*: how long callbacks block the loop
+        if self.loop_lag is not None:
+            self._spawn(self.loop_lag.run())  # tether_event_loop_lag_*: how long callbacks block the loop
         out = await loop.create_server(self.outbound.accept, *self.cfg.outbound_addr, reuse_address=True,
                                        backlog=1024)
         self._servers.append(out)

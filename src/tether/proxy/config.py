@@ -152,6 +152,8 @@ class ProxyConfig:
     linger_timeout: float = 2.0
     # A metric series nobody counted into for this long is dropped from /metrics (as Linkerd does).
     metrics_retain_idle: float = 600.0
+    # How often the event loop's lateness is sampled (tether_event_loop_lag_*); 0 turns it off.
+    loop_lag_interval: float = 0.025
     # Lifecycle.
     shutdown_grace_period: float = 120.0
     enable_admin_shutdown: bool = False

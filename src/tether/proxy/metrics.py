@@ -32,10 +32,12 @@ import tether
 log = logging.getLogger(__name__)
 
 # linkerd2-proxy's response_latency_ms bounds (milliseconds, inclusive), then +Inf.
-LATENCY_BOUNDS_MS: tuple[float, ...] = (
+# Floats, as the observed values are: bisect then compares float to float (an int bound costs a
+# conversion per comparison).
+LATENCY_BOUNDS_MS: tuple[float, ...] = tuple(float(b) for b in (
     1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
     1_000, 2_000, 3_000, 4_000, 5_000, 10_000, 20_000, 30_000, 40_000, 50_000,
-)  # fmt: skip
+))  # fmt: skip
 _LE = (*(f"{b:g}" for b in LATENCY_BOUNDS_MS), "+Inf")
 _NBUCKETS = len(_LE)
 

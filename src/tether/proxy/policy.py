@@ -162,11 +162,13 @@ def grpc_route_match(m: grpc_route_pb2.GrpcRouteMatch) -> RouteMatch:
     return RouteMatch(path, headers)
 
 
-def _backend(rb: Any, weight: int, grpc: bool) -> Backend:
+def _backend(rb: Any, weight: int, grpc: bool, opaque: bool = False) -> Backend:
     b = rb.backend
     meta = meta_of(b.metadata)
-    filters = _grpc_filters(rb.filters) if grpc else _http_filters(rb.filters)
-    timeout = _opt_seconds(rb, "requestTimeout")
+    # An opaque route's backend has no request timeout, and its filters (invalid, forbidden) are
+    # read by the caller.
+    filters = NO_FILTERS if opaque else _grpc_filters(rb.filters) if grpc else _http_filters(rb.filters)
+    timeout = None if opaque else _opt_seconds(rb, "requestTimeout")
     kind = b.WhichOneof("kind")
     if kind == "forward":
         ip, port = tcp_addr(b.forward.addr)
@@ -179,6 +181,10 @@ def _backend(rb: Any, weight: int, grpc: bool) -> Backend:
         if not path:
             raise PolicyError(f"backend {meta.name or meta.kind}: a balancer without a discovery path")
         return Backend(meta, authority=path, weight=weight, filters=filters, timeout=timeout)
+    if kind is None and filters.failure is not None:
+        # An invalid backend (a Service or EgressNetwork the controller cannot serve): its failure
+        # filter answers every request sent to it, as Linkerd's controller encodes it.
+        return Backend(meta, weight=weight, filters=filters, timeout=timeout)
     raise PolicyError(f"backend {meta.name or meta.kind}: no forward address and no balancer")
 
 
@@ -256,17 +262,45 @@ def _forbidden(routes: Any, parent: Meta) -> str | None:
     return None
 
 
+def _opaque_backends(routes: Any) -> tuple[Backend, ...]:
+    """The backends of the first opaque route's first rule (a TCPRoute has no matches: one decides)."""
+    for r in routes:
+        for rule in r.rules:
+            d = rule.backends
+            which = d.WhichOneof("kind")
+            if which == "first_available":
+                pairs = [(rb, 1) for rb in d.first_available.backends[:1]]
+            elif which == "random_available":
+                pairs = [(w.backend, w.weight) for w in d.random_available.backends if w.weight]
+            else:
+                pairs = []
+            out = []
+            for rb, weight in pairs:
+                meta = meta_of(rb.backend.metadata)
+                invalid = next((f.invalid.message for f in rb.filters if f.WhichOneof("kind") == "invalid"), None)
+                if invalid is not None or rb.backend.WhichOneof("kind") is None:
+                    out.append(Backend(meta, weight=weight, filters=Filters(
+                        invalid=invalid or f"backend {meta.name or meta.kind} has no address")))
+                else:
+                    out.append(_backend(rb, weight, False, opaque=True))
+            return tuple(out)
+    return ()
+
+
 def client_policy_of(p: outbound_pb2.OutboundPolicy, port: int = 0) -> ClientPolicy:
     """One OutboundPolicy message as the proxy applies it; PolicyError when it cannot be."""
     parent = meta_of(p.metadata, port)
     proto = p.protocol
     kind = proto.WhichOneof("kind")
     forbidden = None
-    if kind == "detect":
-        forbidden = _forbidden(proto.detect.opaque.routes, parent)
-    elif kind == "opaque":
-        forbidden = _forbidden(proto.opaque.routes, parent)
+    opaque: tuple[Backend, ...] = ()
     try:
+        if kind == "detect":
+            forbidden = _forbidden(proto.detect.opaque.routes, parent)
+            opaque = _opaque_backends(proto.detect.opaque.routes)
+        elif kind == "opaque":
+            forbidden = _forbidden(proto.opaque.routes, parent)
+            opaque = _opaque_backends(proto.opaque.routes)
         if kind == "grpc":
             g = proto.grpc
             return ClientPolicy(parent, "grpc", _routes(g.routes, True),
@@ -277,8 +311,9 @@ def client_policy_of(p: outbound_pb2.OutboundPolicy, port: int = 0) -> ClientPol
             else:
                 h = getattr(proto, kind)
             return ClientPolicy(parent, "http", _routes(h.routes, False),
-                                _accrual(h.failure_accrual) if h.HasField("failure_accrual") else None, forbidden)
-        return ClientPolicy(parent, kind or "opaque", forbidden=forbidden)
+                                _accrual(h.failure_accrual) if h.HasField("failure_accrual") else None, forbidden,
+                                opaque)
+        return ClientPolicy(parent, kind or "opaque", forbidden=forbidden, opaque_backends=opaque)
     except (re.error, ValueError) as e:
         if isinstance(e, PolicyError):
             raise

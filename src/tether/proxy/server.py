@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tether.proxy.config import H1ServerSettings, H2Settings
@@ -98,24 +98,31 @@ class Connections:
 
     async def connect_and_forward(self, metrics: MetricsRegistry, identity: IdentityClient | None,
                                   conn: Connection, transport: asyncio.Transport, client_pending: Pending,
-                                  target: EndpointTarget, timeout: float, handshake_timeout: float) -> None:
-        """Connect to ``target`` and splice the accepted connection to it, counting both sides."""
+                                  target: EndpointTarget, timeout: float, handshake_timeout: float,
+                                  fallbacks: Sequence[EndpointTarget] = ()) -> None:
+        """Connect to ``target`` (a refused connection tries each of ``fallbacks`` in turn: other
+        endpoints of the same Service) and splice the accepted connection to it, counting both sides."""
         direction = self.direction
         src = metrics.tcp(direction, "src", target.addr, tls=conn.tls, client_id=conn.client_id)
         src.opened()
-        try:
-            upstream, pending = await connect_tcp(target, identity, timeout, handshake_timeout)
-        except (OSError, TimeoutError) as e:
-            err = "connect_timeout" if isinstance(e, TimeoutError) else "unexpected"
-            metrics.tcp_error(direction, err, target.addr)
-            src.closed(err)
-            log.info("%s TCP connect to %s:%d failed: %s", direction, target.dial[0], target.dial[1], e)
-            transport.abort()
+        tries = [target, *fallbacks]
+        for i, t in enumerate(tries):
+            try:
+                upstream, pending = await connect_tcp(t, identity, timeout, handshake_timeout)
+            except (OSError, TimeoutError) as e:
+                err = "connect_timeout" if isinstance(e, TimeoutError) else "unexpected"
+                metrics.tcp_error(direction, err, t.addr)
+                log.info("%s TCP connect to %s:%d failed: %s", direction, t.dial[0], t.dial[1], e)
+                if i + 1 < len(tries) and not isinstance(e, TimeoutError):
+                    continue  # refused: nothing was sent, another endpoint may take it
+                src.closed(err)
+                transport.abort()
+                return
+            dst = metrics.tcp(direction, "dst", t.addr, tls=conn.tls or t.server_id is not None,
+                              server_id=t.server_id)
+            dst.opened()
+            self.forward_tcp(conn, transport, client_pending, upstream, pending, src, dst)
             return
-        dst = metrics.tcp(direction, "dst", target.addr, tls=conn.tls or target.server_id is not None,
-                          server_id=target.server_id)
-        dst.opened()
-        self.forward_tcp(conn, transport, client_pending, upstream, pending, src, dst)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -46,7 +46,7 @@ ENDPOINT_KINDS = frozenset({"Service", "Workload", "ExternalWorkload", "Namespac
 PROFILE_KINDS = ENDPOINT_KINDS | {"ServiceProfile", "TrafficSplit"}
 # Outbound answers read Services and their routes, workloads (forwarding to a pod address) and
 # EgressNetworks (traffic to addresses outside the mesh).
-OUTBOUND_KINDS = frozenset({"Service", "Namespace", "HTTPRoute", "GRPCRoute", "EgressNetwork", "Workload",
+OUTBOUND_KINDS = frozenset({"Service", "Namespace", "HTTPRoute", "GRPCRoute", "TCPRoute", "EgressNetwork", "Workload",
                             "ExternalWorkload"})
 INBOUND_KINDS = frozenset(
     {
@@ -402,12 +402,9 @@ class _Outbound(outbound_pb2_grpc.OutboundPoliciesServicer):
 
 
 def _source_ns(workload: str) -> str | None:
-    if not workload:
-        return None
-    try:
-        return tr.parse_workload(workload)[0]
-    except LookupError_:
-        return None
+    """The client's namespace from TrafficSpec.source_workload: the proxy's context token (JSON
+    {"ns": ..., "pod": ...}, the pod optional) or "ns:name"."""
+    return Context.parse(workload).namespace if workload else None
 
 
 class _Inbound(inbound_pb2_grpc.InboundServerPoliciesServicer):

@@ -81,6 +81,9 @@ class Settings:
     # Where the kubelet's probes come from (Linkerd's policy controller --probe-networks; its chart
     # default is every network).
     probe_networks: tuple[str, ...] = ALL_NETWORKS
+    # EgressNetworks here apply to clients of every namespace without one of their own (Linkerd's
+    # policy controller --global-egress-network-namespace).
+    global_egress_ns: str = "linkerd-egress"
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
@@ -543,23 +546,45 @@ def backend(world: World, ns: str, name: str, port: int, s: Settings) -> out.Bac
     return b
 
 
-def _parent_matches(ref: rt.ParentRef, route: Resource, svc: Service, port: int) -> bool:
-    return (
-        ref.is_service
-        and ref.name == svc.name
-        and (ref.namespace or route.namespace) == svc.namespace
-        and (ref.port is None or ref.port == port)
-    )
+@dataclass(frozen=True, slots=True)
+class _Parent:
+    """What routes attach to: a Service (its port) or an EgressNetwork (the original destination's
+    port), with the backend a rule without backendRefs uses (the Service balanced, or the original
+    destination forwarded)."""
+
+    resource: Service | pol.EgressNetwork
+    port: int
+    default: out.Backend
+    why: str = ""  # an EgressNetwork's Deny: what the catch-all says
+
+    @property
+    def egress(self) -> bool:
+        return isinstance(self.resource, pol.EgressNetwork)
 
 
-def attached_routes(world: World, kind: str, svc: Service, port: int) -> list[Resource]:
-    """Routes of ``kind`` whose parentRefs name this Service (and port), oldest name first."""
+def _parent_matches(ref: rt.ParentRef, route: Resource, parent: _Parent) -> bool:
+    r = parent.resource
+    if ref.name != r.name or (ref.namespace or route.namespace) != r.namespace:
+        return False
+    if ref.port is not None and ref.port != parent.port:
+        return False
+    if parent.egress:
+        return ref.kind == "EgressNetwork" and (ref.group or "") == pol.EgressNetwork.GROUP
+    return ref.is_service
+
+
+def attached_routes(world: World, kind: str, parent: _Parent) -> list[Resource]:
+    """Routes of ``kind`` whose parentRefs name this parent (and port), oldest name first."""
     found = []
     for r in world.of(kind).values():
         spec = r.spec  # type: ignore[attr-defined]
-        if any(_parent_matches(p, r, svc, port) for p in spec.parent_refs):
+        if any(_parent_matches(p, r, parent) for p in spec.parent_refs):
             found.append(r)
     return sorted(found, key=lambda r: (r.namespace, r.name))
+
+
+def _service_parent(world: World, svc: Service, port: int, s: Settings) -> _Parent:
+    return _Parent(svc, port, backend(world, svc.namespace, svc.name, port, s))
 
 
 def _header_values(hs: Iterable[rt.HeaderValue]) -> http_types_pb2.Headers:
@@ -626,34 +651,72 @@ def host_match(h: str) -> http_route_pb2.HostMatch:
     return http_route_pb2.HostMatch(exact=h)
 
 
+def _invalid_backend(cls: Any, meta: meta_pb2.Metadata, why: str) -> Any:
+    """A backendRef the control plane cannot serve: requests sent to it answer 500 naming why, as
+    Linkerd's controller does (its route stays; the other backends keep their share)."""
+    b = out.Backend(metadata=meta)
+    fail = cls.Filter(failure_injector=http_route_pb2.HttpFailureInjector(
+        status=500, message=why, ratio=http_route_pb2.Ratio(numerator=1, denominator=1)))
+    return cls.RouteBackend(backend=b, filters=[fail])
+
+
+def _ref_backend(world: World, route: Resource, ref: rt.BackendRef | rt.GRPCBackendRef, parent: _Parent,
+                 s: Settings, cls: Any) -> Any:
+    ns = ref.namespace or route.namespace
+    if ref.kind == "EgressNetwork" and (ref.group or "") == pol.EgressNetwork.GROUP:
+        meta = meta_pb2.Metadata(resource=meta_pb2.Resource(
+            group=pol.EgressNetwork.GROUP, kind="EgressNetwork", name=ref.name, namespace=ns, port=parent.port))
+        r = parent.resource
+        if not parent.egress:
+            return _invalid_backend(cls, meta, "EgressNetwork backends attach to EgressNetwork parents only")
+        if (r.namespace, r.name) != (ns, ref.name):
+            return _invalid_backend(
+                cls, meta, "a route with an EgressNetwork backend needs that EgressNetwork as its parent")
+        b = out.Backend()
+        b.CopyFrom(parent.default)
+        return cls.RouteBackend(backend=b)
+    if (ref.kind or "Service") != "Service" or (ref.group or "") not in ("", "core"):
+        meta = meta_pb2.Metadata(default="invalid")
+        return _invalid_backend(cls, meta, f"unsupported backend kind {ref.group or 'core'}/{ref.kind}")
+    return cls.RouteBackend(backend=backend(world, ns, ref.name, ref.port or parent.port, s))
+
+
 def _distribution(
     world: World,
     route: Resource,
     refs: Sequence[rt.BackendRef] | Sequence[rt.GRPCBackendRef],
-    svc: Service,
-    port: int,
+    parent: _Parent,
     s: Settings,
     cls: Any,
     backend_timeout: float | None = None,
 ) -> object:
     if not refs:
-        rb = cls.RouteBackend(backend=backend(world, svc.namespace, svc.name, port, s))
+        b = out.Backend()
+        b.CopyFrom(parent.default)
+        rb = cls.RouteBackend(backend=b)
         return cls.Distribution(first_available=cls.Distribution.FirstAvailable(backends=[rb]))
     weighted = []
     for ref in refs:
-        ns = ref.namespace or route.namespace
-        rb = cls.RouteBackend(backend=backend(world, ns, ref.name, ref.port or port, s))
+        rb = _ref_backend(world, route, ref, parent, s, cls)
         if backend_timeout is not None:
             rb.requestTimeout.CopyFrom(duration(backend_timeout))
         weighted.append(cls.WeightedRouteBackend(backend=rb, weight=ref.weight))
     return cls.Distribution(random_available=cls.Distribution.RandomAvailable(backends=weighted))
 
 
-def _default_http_route(world: World, svc: Service, port: int, s: Settings) -> out.HttpRoute:
-    objs: list[Resource] = [svc]
+def _default_http_route(parent: _Parent, s: Settings, name: str = "http",
+                        filters: Sequence[out.HttpRoute.Filter] = ()) -> out.HttpRoute:
+    """The route for requests no HTTPRoute rule claims: a Service's own (when it has no routes) or an
+    EgressNetwork's catch-all (``http-egress-allow`` / ``http-egress-deny``, Linkerd's names)."""
+    objs: list[Resource] = [parent.resource]
+    b = out.Backend()
+    b.CopyFrom(parent.default)
     rule = out.HttpRoute.Rule(
         matches=[http_route_pb2.HttpRouteMatch(path=http_route_pb2.PathMatch(prefix="/"))],
-        backends=_distribution(world, svc, [], svc, port, s, out.HttpRoute),  # type: ignore[arg-type]
+        filters=list(filters),
+        backends=out.HttpRoute.Distribution(
+            first_available=out.HttpRoute.Distribution.FirstAvailable(backends=[out.HttpRoute.RouteBackend(backend=b)])
+        ),
         allow_l5d_request_headers=s.allow_l5d_request_headers,
     )
     t = _timeouts(objs)
@@ -662,17 +725,17 @@ def _default_http_route(world: World, svc: Service, port: int, s: Settings) -> o
     retry = _http_retry(objs)
     if retry is not None:
         rule.retry.CopyFrom(retry)
-    return out.HttpRoute(metadata=default_meta("http"), rules=[rule])
+    return out.HttpRoute(metadata=default_meta(name), rules=[rule])
 
 
-def http_routes(world: World, svc: Service, port: int, s: Settings) -> list[out.HttpRoute]:
-    routes = attached_routes(world, "HTTPRoute", svc, port)
-    if not routes:
-        return [_default_http_route(world, svc, port, s)]
+def http_routes(world: World, parent: _Parent, s: Settings) -> list[out.HttpRoute]:
+    """The HTTPRoutes attached to ``parent``. A Service without any gets its default route; an
+    EgressNetwork's routes are followed by its catch-all, which its trafficPolicy decides."""
+    routes = attached_routes(world, "HTTPRoute", parent)
     result = []
     for r in routes:
         assert isinstance(r, rt.HTTPRoute)
-        objs: list[Resource] = [r, svc]
+        objs: list[Resource] = [r, parent.resource]
         rules = []
         for rule in r.spec.rules:
             base = None
@@ -688,7 +751,7 @@ def http_routes(world: World, svc: Service, port: int, s: Settings) -> list[out.
                 matches=[http_match(m) for m in matches],
                 filters=[_http_filter(f) for f in rule.filters],
                 backends=_distribution(  # type: ignore[arg-type]
-                    world, r, rule.backend_refs, svc, port, s, out.HttpRoute, backend_timeout
+                    world, r, rule.backend_refs, parent, s, out.HttpRoute, backend_timeout
                 ),
                 allow_l5d_request_headers=s.allow_l5d_request_headers,
             )
@@ -704,14 +767,29 @@ def http_routes(world: World, svc: Service, port: int, s: Settings) -> list[out.
         result.append(
             out.HttpRoute(metadata=resource_meta(r), hosts=[host_match(h) for h in r.spec.hostnames], rules=rules)
         )
+    if isinstance(parent.resource, pol.EgressNetwork):
+        result.append(_egress_catch_all(parent, s))
+    elif not result:
+        result.append(_default_http_route(parent, s))
     return result
 
 
-def grpc_routes(world: World, svc: Service, port: int, s: Settings) -> list[out.GrpcRoute]:
+def _egress_catch_all(parent: _Parent, s: Settings) -> out.HttpRoute:
+    egress = parent.resource
+    assert isinstance(egress, pol.EgressNetwork)
+    if egress.spec.traffic_policy == "Allow":
+        return _default_http_route(parent, s, "http-egress-allow")
+    why = parent.why or f"traffic not allowed by EgressNetwork {egress.namespace}/{egress.name}"
+    deny = out.HttpRoute.Filter(failure_injector=http_route_pb2.HttpFailureInjector(
+        status=403, message=why, ratio=http_route_pb2.Ratio(numerator=1, denominator=1)))
+    return _default_http_route(parent, s, "http-egress-deny", [deny])
+
+
+def grpc_routes(world: World, parent: _Parent, s: Settings) -> list[out.GrpcRoute]:
     result = []
-    for r in attached_routes(world, "GRPCRoute", svc, port):
+    for r in attached_routes(world, "GRPCRoute", parent):
         assert isinstance(r, rt.GRPCRoute)
-        objs: list[Resource] = [r, svc]
+        objs: list[Resource] = [r, parent.resource]
         rules = []
         for rule in r.spec.rules:
             matches = []
@@ -740,7 +818,7 @@ def grpc_routes(world: World, svc: Service, port: int, s: Settings) -> list[out.
             pr = out.GrpcRoute.Rule(
                 matches=matches,
                 filters=filters,
-                backends=_distribution(world, r, rule.backend_refs, svc, port, s, out.GrpcRoute),  # type: ignore[arg-type]
+                backends=_distribution(world, r, rule.backend_refs, parent, s, out.GrpcRoute),  # type: ignore[arg-type]
                 allow_l5d_request_headers=s.allow_l5d_request_headers,
             )
             t = _timeouts(objs)
@@ -757,6 +835,9 @@ def grpc_routes(world: World, svc: Service, port: int, s: Settings) -> list[out.
 
 
 def _opaque_route(world: World, svc: Service, port: int, s: Settings) -> out.OpaqueRoute:
+    tcp = _tcp_route(world, _service_parent(world, svc, port, s), s)
+    if tcp is not None:
+        return tcp
     rb = out.OpaqueRoute.RouteBackend(backend=backend(world, svc.namespace, svc.name, port, s))
     return out.OpaqueRoute(
         metadata=default_meta("opaq"),
@@ -768,6 +849,56 @@ def _opaque_route(world: World, svc: Service, port: int, s: Settings) -> out.Opa
             )
         ],
     )
+
+
+def _tcp_backend(world: World, route: Resource, ref: rt.TCPBackendRef, parent: _Parent,
+                 s: Settings) -> out.OpaqueRoute.RouteBackend:
+    """A TCPRoute backendRef: a Service (balanced), the parent EgressNetwork itself (forwarded to
+    the original destination), or an invalid backend whose connections are refused saying why."""
+    ns = ref.namespace or route.namespace
+    invalid = None
+    if ref.kind == "EgressNetwork" and (ref.group or "") == pol.EgressNetwork.GROUP:
+        meta = meta_pb2.Metadata(resource=meta_pb2.Resource(
+            group=pol.EgressNetwork.GROUP, kind="EgressNetwork", name=ref.name, namespace=ns, port=parent.port))
+        r = parent.resource
+        if not parent.egress:
+            invalid = "EgressNetwork backends attach to EgressNetwork parents only"
+        elif (r.namespace, r.name) != (ns, ref.name):
+            invalid = "a route with an EgressNetwork backend needs that EgressNetwork as its parent"
+        else:
+            b = out.Backend()
+            b.CopyFrom(parent.default)
+            return out.OpaqueRoute.RouteBackend(backend=b)
+    elif (ref.kind or "Service") != "Service" or (ref.group or "") not in ("", "core"):
+        meta = meta_pb2.Metadata(default="invalid")
+        invalid = f"unsupported backend kind {ref.group or 'core'}/{ref.kind}"
+    elif world.get("Service", ns, ref.name) is None:
+        meta = meta_pb2.Metadata(resource=meta_pb2.Resource(
+            group="core", kind="Service", name=ref.name, namespace=ns, port=ref.port or parent.port))
+        invalid = f"Service not found {ns}/{ref.name}"
+    else:
+        return out.OpaqueRoute.RouteBackend(backend=backend(world, ns, ref.name, ref.port or parent.port, s))
+    return out.OpaqueRoute.RouteBackend(
+        backend=out.Backend(metadata=meta),
+        filters=[out.OpaqueRoute.Filter(invalid=opaque_route_pb2.Invalid(message=invalid))],
+    )
+
+
+def _tcp_route(world: World, parent: _Parent, s: Settings) -> out.OpaqueRoute | None:
+    """The TCPRoute that decides a parent's opaque traffic: the first attached (a TCPRoute has no
+    matches, so Linkerd serves only one), its rules' backends weighted."""
+    routes = attached_routes(world, "TCPRoute", parent)
+    if not routes:
+        return None
+    r = routes[0]
+    assert isinstance(r, rt.TCPRoute)
+    rules = []
+    for rule in r.spec.rules:
+        weighted = [out.OpaqueRoute.WeightedRouteBackend(backend=_tcp_backend(world, r, ref, parent, s),
+                                                         weight=ref.weight) for ref in rule.backend_refs]
+        rules.append(out.OpaqueRoute.Rule(backends=out.OpaqueRoute.Distribution(
+            random_available=out.OpaqueRoute.Distribution.RandomAvailable(backends=weighted))))
+    return out.OpaqueRoute(metadata=resource_meta(r), rules=rules)
 
 
 def outbound_policy(
@@ -783,9 +914,9 @@ def outbound_policy(
         try:
             target = resolve(world, addr, ctx, s.cluster_domain)
         except LookupError_:
-            return forward_policy(world, addr, None, s)
+            return forward_policy(world, addr, None, ctx, s)
         if target.service is None:
-            return forward_policy(world, addr, target, s)
+            return forward_policy(world, addr, target, ctx, s)
     else:
         target = resolve(world, authority or "", ctx, s.cluster_domain)
         if target.service is None:
@@ -799,14 +930,15 @@ def outbound_policy(
     if opaque:
         policy.protocol.opaque.routes.append(_opaque_route(world, svc, port, s))
         return policy
-    grpc = grpc_routes(world, svc, port, s)
+    parent = _service_parent(world, svc, port, s)
+    grpc = grpc_routes(world, parent, s)
     if grpc:
         g = out.ProxyProtocol.Grpc(routes=grpc)
         if accrual is not None:
             g.failure_accrual.CopyFrom(accrual)
         policy.protocol.grpc.CopyFrom(g)
         return policy
-    routes = http_routes(world, svc, port, s)
+    routes = http_routes(world, parent, s)
     h1 = out.ProxyProtocol.Http1(routes=routes)
     h2 = out.ProxyProtocol.Http2(routes=routes)
     if accrual is not None:
@@ -823,61 +955,133 @@ def outbound_policy(
     return policy
 
 
-def egress_network(world: World, ip: str) -> pol.EgressNetwork | None:
-    """The EgressNetwork whose networks contain ``ip`` (most specific match; name order on ties)."""
-    best: tuple[int, pol.EgressNetwork] | None = None
+def _egress_networks(e: pol.EgressNetwork, s: Settings) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                                                      list[str]]]:
+    if e.spec.networks:
+        return [(ipaddress.ip_network(n.cidr, strict=False), n.except_) for n in e.spec.networks]
+    # No networks: everything outside the cluster's networks, as Linkerd defaults it.
+    return [(ipaddress.ip_network("0.0.0.0/0"), list(s.cluster_networks)),
+            (ipaddress.ip_network("::/0"), list(s.cluster_networks))]
+
+
+def egress_network(world: World, ip: str, source_ns: str, s: Settings) -> pol.EgressNetwork | None:
+    """The EgressNetwork that covers ``ip`` for a client in ``source_ns``, as Linkerd picks it.
+
+    When the client's namespace has EgressNetworks, only they are considered (even when none covers
+    the address); otherwise those of the global egress namespace. Among those covering the address,
+    the most specific network wins, then the oldest resource, then namespace and name order.
+    """
+    candidates = [r for r in world.of("EgressNetwork").values() if isinstance(r, pol.EgressNetwork)
+                  and r.namespace in (source_ns, s.global_egress_ns)]
+    own = [r for r in candidates if r.namespace == source_ns]
     addr = ipaddress.ip_address(ip)
-    for r in sorted(world.of("EgressNetwork").values(), key=lambda r: (r.namespace, r.name)):
-        assert isinstance(r, pol.EgressNetwork)
-        nets = r.spec.networks or [pol.Network(cidr="0.0.0.0/0"), pol.Network(cidr="::/0")]
-        for n in nets:
-            net = ipaddress.ip_network(n.cidr, strict=False)
+    best: tuple[int, str, str, str, pol.EgressNetwork] | None = None
+    for r in own or candidates:
+        size = None
+        for net, excepts in _egress_networks(r, s):
             if addr.version != net.version or addr not in net:
                 continue
-            if any(addr in ipaddress.ip_network(e, strict=False) for e in n.except_):
+            if any(addr.version == ipaddress.ip_network(e, strict=False).version
+                   and addr in ipaddress.ip_network(e, strict=False) for e in excepts):
                 continue
-            if best is None or net.prefixlen > best[0]:
-                best = (net.prefixlen, r)
-    return best[1] if best is not None else None
+            size = max(size or 0, net.prefixlen)
+        if size is None:
+            continue
+        # Most specific first; then older (an absent timestamp sorts last); then namespace, name.
+        key = (-size, r.metadata.creation_timestamp or "\uffff", r.namespace, r.name, r)
+        if best is None or key[:4] < best[:4]:
+            best = key
+    return best[4] if best is not None else None
 
 
-def forward_policy(world: World, addr: str, target: Target | None, s: Settings) -> out.OutboundPolicy:
+def _forward_backend(meta: meta_pb2.Metadata, fwd: dst.WeightedAddr) -> out.Backend:
+    f = dst.WeightedAddr()
+    f.CopyFrom(fwd)
+    return out.Backend(metadata=meta, forward=f)
+
+
+def forward_policy(world: World, addr: str, target: Target | None, ctx: Context, s: Settings) -> out.OutboundPolicy:
     """Traffic to an address that is no Service: forwarded as addressed (to a workload with its identity).
 
-    Under an EgressNetwork with trafficPolicy Deny, tether refuses it: opaque routes carry Forbidden and
-    HTTP routes answer 403 (a failure injector with ratio 1/1), each naming the EgressNetwork.
+    Under an EgressNetwork (:func:`egress_network`), the HTTPRoutes and GRPCRoutes attached to it
+    decide first (their backends: the EgressNetwork itself, forwarding as addressed, or a Service);
+    what no rule claims meets its trafficPolicy: Allow forwards, Deny answers 403 (gRPC:
+    PERMISSION_DENIED) and refuses opaque TCP, each naming the EgressNetwork. A TCPRoute attached to
+    it decides all of its opaque traffic instead of the trafficPolicy, as in Linkerd.
     """
     ip, _, port_text = addr.rpartition(":")
     ip = ip.strip("[]")
     port = int(port_text)
     if target is not None and target.workload is not None:
-        wa = weighted_addr(
+        fwd = weighted_addr(
             target.workload, ip, port, s, opaque=port in opaque_ports(world, target.workload), world=world
         )
-        fwd = dst.WeightedAddr()
-        fwd.CopyFrom(wa)
         meta = resource_meta(target.workload, port=port)
     else:
         fwd = dst.WeightedAddr(addr=tcp_address(ip, port), weight=ENDPOINT_WEIGHT)
         meta = default_meta("egress-fallback")
-    egress = egress_network(world, ip) if target is None else None
-    deny = egress is not None and egress.spec.traffic_policy == "Deny"
-    if egress is not None:
-        meta = resource_meta(egress, port=port)
-    backend_ = out.Backend(metadata=meta, forward=fwd)
-    why = f"traffic to {addr} is denied by EgressNetwork {egress.namespace}/{egress.name}" if deny and egress else ""
-    opaque_filters = [out.OpaqueRoute.Filter(forbidden=opaque_route_pb2.Forbidden())] if deny else []
-    http_filters = (
-        [
-            out.HttpRoute.Filter(
-                failure_injector=http_route_pb2.HttpFailureInjector(
-                    status=403, message=why, ratio=http_route_pb2.Ratio(numerator=1, denominator=1)
-                )
+    egress = egress_network(world, ip, ctx.namespace or "", s) if target is None else None
+    if egress is None:
+        return _forward_only(meta, _forward_backend(meta, fwd))
+    meta = resource_meta(egress, port=port)
+    deny = egress.spec.traffic_policy == "Deny"
+    why = f"traffic to {addr} is not allowed by EgressNetwork {egress.namespace}/{egress.name}"
+    parent = _Parent(egress, port, _forward_backend(meta, fwd), why)
+    opaque_route = _tcp_route(world, parent, s) or out.OpaqueRoute(
+        metadata=default_meta("tcp-egress-deny" if deny else "tcp-egress-allow"),
+        rules=[
+            out.OpaqueRoute.Rule(
+                backends=out.OpaqueRoute.Distribution(
+                    first_available=out.OpaqueRoute.Distribution.FirstAvailable(
+                        backends=[out.OpaqueRoute.RouteBackend(backend=parent.default)]
+                    )
+                ),
+                filters=[out.OpaqueRoute.Filter(forbidden=opaque_route_pb2.Forbidden())] if deny else [],
             )
-        ]
-        if deny
-        else []
+        ],
     )
+    policy = out.OutboundPolicy(metadata=meta)
+    grpc = grpc_routes(world, parent, s)
+    if grpc:
+        grpc.append(_grpc_egress_catch_all(parent, s, why if deny else None))
+        policy.protocol.grpc.CopyFrom(out.ProxyProtocol.Grpc(routes=grpc))
+        return policy
+    routes = http_routes(world, parent, s)
+    policy.protocol.detect.CopyFrom(
+        out.ProxyProtocol.Detect(
+            timeout=duration(DETECT_TIMEOUT),
+            opaque=out.ProxyProtocol.Opaque(routes=[opaque_route]),
+            http1=out.ProxyProtocol.Http1(routes=routes),
+            http2=out.ProxyProtocol.Http2(routes=routes),
+        )
+    )
+    return policy
+
+
+def _grpc_egress_catch_all(parent: _Parent, s: Settings, deny: str | None) -> out.GrpcRoute:
+    objs: list[Resource] = [parent.resource]
+    b = out.Backend()
+    b.CopyFrom(parent.default)
+    rule = out.GrpcRoute.Rule(
+        backends=out.GrpcRoute.Distribution(
+            first_available=out.GrpcRoute.Distribution.FirstAvailable(backends=[out.GrpcRoute.RouteBackend(backend=b)])
+        ),
+        allow_l5d_request_headers=s.allow_l5d_request_headers,
+    )
+    if deny is not None:
+        rule.filters.append(out.GrpcRoute.Filter(failure_injector=grpc_route_pb2.GrpcFailureInjector(
+            code=7, message=deny, ratio=http_route_pb2.Ratio(numerator=1, denominator=1))))
+    t = _timeouts(objs)
+    if t is not None:
+        rule.timeouts.CopyFrom(t)
+    retry = _grpc_retry(objs)
+    if retry is not None:
+        rule.retry.CopyFrom(retry)
+    return out.GrpcRoute(metadata=default_meta("grpc-egress-deny" if deny else "grpc-egress-allow"), rules=[rule])
+
+
+def _forward_only(meta: meta_pb2.Metadata, backend_: out.Backend) -> out.OutboundPolicy:
+    """The policy of an address outside every EgressNetwork: forwarded as addressed."""
     opaque_route = out.OpaqueRoute(
         metadata=default_meta("egress"),
         rules=[
@@ -887,7 +1091,6 @@ def forward_policy(world: World, addr: str, target: Target | None, s: Settings) 
                         backends=[out.OpaqueRoute.RouteBackend(backend=backend_)]
                     )
                 ),
-                filters=opaque_filters,
             )
         ],
     )
@@ -896,7 +1099,6 @@ def forward_policy(world: World, addr: str, target: Target | None, s: Settings) 
         rules=[
             out.HttpRoute.Rule(
                 matches=[http_route_pb2.HttpRouteMatch(path=http_route_pb2.PathMatch(prefix="/"))],
-                filters=http_filters,
                 backends=out.HttpRoute.Distribution(
                     first_available=out.HttpRoute.Distribution.FirstAvailable(
                         backends=[out.HttpRoute.RouteBackend(backend=backend_)]

@@ -132,10 +132,10 @@ def check_request_line(line: bytes) -> None:
 
 def check_host(value: bytes) -> None:
     """Validate a Host value (RFC 9110 section 7.2): ``uri-host [ ":" port ]``, no userinfo."""
-    if b"@" in value:
-        raise H1Error(400, "Host carries userinfo")
-    if _HOST.fullmatch(value) is None:
-        raise H1Error(400, "invalid Host header")
+    if _HOST.fullmatch(value) is None:  # "@" is outside the pattern: userinfo never matches
+        # (The userinfo test comes second: in compiled code `bytes in bytes` first tries the
+        # operand as an index and raises and clears a TypeError, which costs more than the regex.)
+        raise H1Error(400, "Host carries userinfo" if value.find(b"@") >= 0 else "invalid Host header")
 
 
 def split_target(method: bytes, target: bytes) -> tuple[bytes, bytes]:

@@ -27,7 +27,7 @@ from tether.core.resources.policy import (
     ServerAuthorization,
 )
 from tether.core.resources.profile import ServiceProfile
-from tether.core.resources.route import GRPCRoute, HTTPRoute
+from tether.core.resources.route import GRPCRoute, HTTPRoute, TCPRoute
 from tether.core.resources.split import TrafficSplit
 
 # libyaml's loader when PyYAML was built with it (an order of magnitude faster), else the Python one.
@@ -43,6 +43,7 @@ KINDS: dict[str, type[Resource]] = {
         ServiceProfile,
         HTTPRoute,
         GRPCRoute,
+        TCPRoute,
         TrafficSplit,
         Server,
         ServerAuthorization,
@@ -65,6 +66,7 @@ for _kind, _short in (
     ("ServiceProfile", "sp"),
     ("HTTPRoute", "httproute"),
     ("GRPCRoute", "grpcroute"),
+    ("TCPRoute", "tcproute"),
     ("TrafficSplit", "ts"),
     ("Server", "srv"),
     ("ServerAuthorization", "saz"),

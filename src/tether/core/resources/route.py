@@ -202,3 +202,33 @@ class GRPCRoute(Resource):
     }
 
     spec: GRPCRouteSpec
+
+
+class TCPBackendRef(Strict):
+    group: str | None = None
+    kind: str | None = None
+    name: str = Field(min_length=1)
+    namespace: str | None = None
+    port: Port | None = None
+    weight: int = Field(default=1, ge=0, le=1_000_000)
+
+
+class TCPRouteRule(Strict):
+    name: str | None = None
+    backend_refs: list[TCPBackendRef] = Field(min_length=1, max_length=16)
+
+
+class TCPRouteSpec(Strict):
+    parent_refs: list[ParentRef] = Field(default_factory=list)
+    rules: list[TCPRouteRule] = Field(min_length=1, max_length=16)
+
+
+class TCPRoute(Resource):
+    """Opaque TCP to a Service or an EgressNetwork, sent to weighted backends. A TCPRoute has no
+    matches: Linkerd serves the first rule of the oldest route attached to a parent."""
+
+    GROUP: ClassVar[str] = "gateway.networking.k8s.io"
+    KIND: ClassVar[str] = "TCPRoute"
+    VERSIONS: ClassVar[dict[str, str | None]] = {"gateway.networking.k8s.io/v1alpha2": None}
+
+    spec: TCPRouteSpec

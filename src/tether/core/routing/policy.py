@@ -144,7 +144,8 @@ NO_FILTERS = Filters()
 @dataclass(frozen=True, slots=True)
 class Backend:
     """One backend of a rule: a discovered destination (``authority``, balanced over its
-    endpoints) or one forwarded address (``forward``: ``ip:port``)."""
+    endpoints), one forwarded address (``forward``: ``ip:port``), or neither: an invalid backend
+    whose failure filter answers."""
 
     meta: Meta
     authority: str | None = None
@@ -204,6 +205,10 @@ class ClientPolicy:
     routes: tuple[Route[RouteRule], ...] = ()
     failure_accrual: tuple[int, float, float, float] | None = None  # max failures, min/max backoff, jitter
     forbidden: str | None = None  # opaque traffic is refused (an EgressNetwork with trafficPolicy Deny): why
+    # Where opaque connections go: the first opaque route's backends (a TCPRoute's weighted
+    # Services, the destination's own balancer, or the original destination forwarded). A backend
+    # with ``filters.invalid`` refuses the connection saying why.
+    opaque_backends: tuple[Backend, ...] = ()
 
     @property
     def applies(self) -> bool:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Final
 
 from tether.core.routing.http_match import Condition, RequestInfo
 from tether.core.routing.retry_budget import BudgetPolicy
+
+_QUESTION_MARK: Final = 0x3F  # b"?"[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +237,11 @@ class Profile:
                 if route.condition.matches(info):
                     return i
             return -1
-        q = path.find(b"?")
-        first = index.first((path if q < 0 else path[:q]).decode("latin-1"))
+        # An int operand makes `in` a plain byte search; a bytes operand is first tried as an index
+        # (a TypeError raised and cleared per request), and bytes.find is a method call.
+        if _QUESTION_MARK in path:
+            path = path[:path.index(b"?")]
+        first = index.first(path.decode("latin-1"))
         if first < 0:
             return -1
         want = index.methods[first]

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from tether.core.discovery.endpoints import Addr, Endpoint
+from tether.core.discovery.endpoints import Addr, Endpoint, EndpointSet, format_addr
 from tether.core.http.detect import Detected
 from tether.core.routing.policy import Backend, ClientPolicy, RouteRule
 from tether.core.routing.profile import Profile, ProfileRoute, WeightedDst
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # A ServiceProfile route's retries are bounded by its budget; this caps the attempts of one request.
 PROFILE_RETRY_CAP = 10
+# An opaque connection refused by one endpoint of a Service is tried on up to this many.
+OPAQUE_CONNECT_ATTEMPTS = 3
 
 
 class Outbound:
@@ -80,6 +83,7 @@ class Outbound:
         self.route_metrics = RouteMetrics()
         self.policy_metrics = PolicyRouteMetrics()
         self._budgets: dict[tuple[str, BudgetPolicy | None], RetryBudget] = {}
+        self._rng = random.Random()
         self.logicals: IdleCache[Logical, Stack] = IdleCache(
             self.logical_stack, cfg.cache_max_idle_age, close=Stack.aclose, name="outbound")
         generation = discovery.generation if discovery is not None else None
@@ -197,6 +201,8 @@ class Outbound:
     def _policy_backend(self, target: Logical, b: Backend, own: Service, closers: list[Callable[[], object]],
                         backends: dict[str, Service]) -> Service:
         """A rule's backend: the destination's own balancer, another destination's, or one address."""
+        if b.authority is None and b.forward is None:
+            return _NoBackends(b.meta.name or b.meta.kind)  # an invalid backend: its failure filter answers
         key = b.authority or b.forward or ""
         svc = backends.get(key)
         if svc is None:
@@ -252,19 +258,51 @@ class Outbound:
             log.info("outbound opaque connection from %s:%d has no original destination; closing", *conn.peer)
             transport.close()
             return
-        known = await self.discovery.lookup(dst) if self.discovery is not None else None
-        if known is None and self.discovery is not None:
-            watch = await self.discovery.policy_for_addr(dst)  # egress: an EgressNetwork may deny it
-            policy = watch.state if watch is not None else None
-            if policy is not None and policy.forbidden is not None:
-                self.metrics.tcp_error("outbound", "forbidden", dst)
-                log.info("outbound connection from %s:%d to %s:%d refused: %s", *conn.peer, *dst, policy.forbidden)
-                transport.abort()  # refused before any byte goes anywhere
-                return
+        candidates = await self._opaque_targets(dst)
+        if isinstance(candidates, str):
+            self.metrics.tcp_error("outbound", "forbidden", dst)
+            log.info("outbound connection from %s:%d to %s:%d refused: %s", *conn.peer, *dst, candidates)
+            transport.abort()  # refused before any byte goes anywhere
+            return
         mtls = self.identity is not None and self.identity.ready
-        target = connect.reach(known or Endpoint(dst), mtls=mtls, opaque=True)
+        targets = [connect.reach(ep, mtls=mtls, opaque=True) for ep in candidates]
         await self.connections.connect_and_forward(self.metrics, self.identity, conn, transport, client_pending,
-                                                   target, self.connect_timeout, self.handshake_timeout)
+                                                   targets[0], self.connect_timeout, self.handshake_timeout,
+                                                   fallbacks=targets[1:OPAQUE_CONNECT_ATTEMPTS])
+
+    async def _opaque_targets(self, dst: Addr) -> list[Endpoint] | str:
+        """Where an opaque connection to ``dst`` goes, in the order to try (str: refused, and why).
+
+        A pod's address is itself. Anything else asks the control plane for the address's policy:
+        an EgressNetwork may refuse it; a TCPRoute may send it to weighted Services; a Service's
+        virtual IP is balanced over its endpoints. Without a policy (static discovery) a
+        destination's endpoints are used when ``dst`` is not one of them."""
+        if self.discovery is None:
+            return [Endpoint(dst)]
+        resolved = await self.discovery.resolve(format_addr(dst))
+        endpoints = resolved.endpoints.state if resolved is not None else EndpointSet()
+        known = endpoints.get(dst)
+        if known is not None:
+            return [known]
+        watch = await self.discovery.policy_for_addr(dst)
+        policy = watch.state if watch is not None else None
+        if policy is not None and policy.forbidden is not None:
+            return policy.forbidden
+        if policy is not None and policy.opaque_backends:
+            b = _pick(policy.opaque_backends, self._rng)
+            if b.filters.invalid is not None:
+                return b.filters.invalid
+            if b.forward is not None:
+                return [Endpoint.of(b.forward, identity=b.forward_identity)]
+            if b.authority is not None:
+                chosen = await self.discovery.resolve(b.authority)
+                if chosen is not None:
+                    endpoints = chosen.endpoints.state
+        if endpoints:
+            ready = list(endpoints)
+            self._rng.shuffle(ready)  # connections spread evenly; a refused connect tries the next
+            return ready
+        return [Endpoint(dst)]
 
     # -- scrape time ---------------------------------------------------------------------------------
     def balancer_lines(self) -> list[str]:
@@ -301,6 +339,18 @@ def _egress_host(policy: ClientPolicy, target: Logical) -> str:
     if policy.parent.kind != "EgressNetwork":
         return ""
     return escape_label(target.authority.rsplit(":", 1)[0] if target.authority.count(":") == 1 else target.authority)
+
+
+def _pick(backends: tuple[Backend, ...], rng: random.Random) -> Backend:
+    """One backend by weight."""
+    if len(backends) == 1:
+        return backends[0]
+    r = rng.random() * sum(b.weight for b in backends)
+    for b in backends:
+        r -= b.weight
+        if r < 0:
+            return b
+    return backends[-1]
 
 
 class _NoBackends:
