@@ -37,6 +37,7 @@ NATIVE_MODULES: tuple[str, ...] = (
     "tether.core.routing.ewma",
     "tether.core.routing.failure_accrual",
     "tether.core.routing.p2c",
+    "tether.proxy.counters",
     "tether.proxy.http.body",
     "tether.proxy.http.message",
     "tether.proxy.http.h1client",

@@ -86,6 +86,8 @@ class _AppHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.server.seen.append(self.path)
         body = b"web " + self.path.encode()
+        if self.headers.get("x-stamp") is not None:
+            body += b" stamp=" + self.headers["x-stamp"].encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -772,3 +774,75 @@ def test_open_opaque_connection_is_closed_when_a_new_policy_no_longer_authorizes
     m = world.servers["tcp"].metrics()
     assert any(ln.startswith("inbound_tcp_authz_terminate_total{") and 'srv_name="cluster-unauthenticated"' in ln
                for ln in m.splitlines()), m
+
+
+FILTERED = """
+apiVersion: policy.linkerd.io/v1beta3
+kind: Server
+metadata: {name: web-http, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  port: %(port)d
+  proxyProtocol: HTTP/1
+---
+apiVersion: policy.linkerd.io/v1beta3
+kind: HTTPRoute
+metadata: {name: web-filtered, namespace: default}
+spec:
+  parentRefs: [{name: web-http, kind: Server, group: policy.linkerd.io}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /stamped}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: x-stamp, value: inbound}]
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}
+  - matches: [{path: {type: PathPrefix, value: /}}]
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: filtered-from-anyone, namespace: default}
+spec:
+  targetRef: {group: policy.linkerd.io, kind: Server, name: web-http}
+  requiredAuthenticationRefs:
+  - {group: policy.linkerd.io, kind: NetworkAuthentication, name: everywhere}
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: NetworkAuthentication
+metadata: {name: everywhere, namespace: default}
+spec:
+  networks: [{cidr: 0.0.0.0/0}]
+"""
+
+
+def test_inbound_route_filters_rewrite_the_request_or_answer_a_redirect(world: World) -> None:
+    """An HTTPRoute on a Server with a RequestHeaderModifier sets the header the application sees
+    (replacing the client's); one with a RequestRedirect answers 301 with the new location, and the
+    application sees nothing of it; a rule without filters passes the request as sent."""
+    world.controller.apply(namespace_with_policy("all-unauthenticated"))
+    world.wait_policy("all-unauthenticated")
+    docs = FILTERED % {"port": world.app_ports["http"]}
+    world.controller.apply(docs)
+    try:
+        wait_for(lambda: world.policy_in_force("http") == "web-http", 10, what="the Server in force")
+        conn = http.client.HTTPConnection("127.0.0.1", world.servers["http"].inbound_port, timeout=10,
+                                          source_address=(INSIDE, 0))
+
+        def get(path: str, headers: dict[str, str] | None = None) -> tuple[int, str, http.client.HTTPResponse]:
+            conn.request("GET", path, headers={"Host": HTTP_AUTHORITY, **(headers or {})})
+            r = conn.getresponse()
+            return r.status, r.read().decode(), r
+
+        assert get("/stamped/a", {"x-stamp": "from-client"})[:2] == (200, "web /stamped/a stamp=inbound")
+        assert get("/plain", {"x-stamp": "from-client"})[:2] == (200, "web /plain stamp=from-client")
+        seen = len(world.app.seen)
+        status, _, r = get("/old/page")
+        assert status == 301 and r.getheader("location", "").endswith("/new"), (status, r.getheaders())
+        assert len(world.app.seen) == seen  # answered by the proxy
+        conn.close()
+    finally:
+        world.controller.delete(docs)
+        wait_for(lambda: world.policy_in_force("http") == "all-unauthenticated", 10, what="the default again")

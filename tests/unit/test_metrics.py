@@ -11,7 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 import tether.proxy.metrics as metrics_mod
-from tether.proxy.metrics import LATENCY_BOUNDS_MS, MetricsRegistry, classify
+from tether.proxy.counters import LATENCY_BOUNDS_MS, classify
+from tether.proxy.metrics import MetricsRegistry
 
 LINKERD_BOUNDS = [
     1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,

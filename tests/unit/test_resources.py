@@ -305,7 +305,7 @@ def test_kind_names_and_helpers() -> None:
     assert parse_duration("1m30s") == 90.0
     assert parse_duration("250ms") == 0.25
     assert parse_quantity("500m") == 0.5
-    assert len(KINDS) == 15
+    assert len(KINDS) == 16
 
 
 def test_round_trip_dump() -> None:
@@ -328,3 +328,21 @@ def test_a_kind_spanning_lines_is_shown_escaped_on_one_line() -> None:
     (err,) = result.errors
     assert "\n" not in str(err)
     assert "(List\\nnamite:e)" in str(err)
+
+
+def test_a_response_header_modifier_on_a_server_route_is_said_not_applied() -> None:
+    text = """\
+apiVersion: policy.linkerd.io/v1beta3
+kind: HTTPRoute
+metadata: {name: web, namespace: default}
+spec:
+  parentRefs: [{name: web-http, kind: Server, group: policy.linkerd.io}]
+  rules:
+  - filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-a, value: b}]}
+"""
+    (item,) = load_text(text, "route.yaml").loaded
+    assert any("ResponseHeaderModifier is not applied on a Server's routes" in n for n in item.notices)
+    (svc_item,) = load_text(text.replace("kind: Server, group: policy.linkerd.io", "kind: Service"), "r.yaml").loaded
+    assert not svc_item.notices

@@ -78,7 +78,7 @@ def _ratio(r: http_route_pb2.Ratio, has: bool) -> tuple[int, int]:
     return r.numerator, max(1, r.denominator)
 
 
-def _http_filters(filters: Any) -> Filters:
+def http_filters_of(filters: Any) -> Filters:
     req = rsp = None
     failure = None
     redirect = None
@@ -112,7 +112,7 @@ def _http_filters(filters: Any) -> Filters:
     return Filters(req, rsp, failure, redirect, invalid)
 
 
-def _grpc_filters(filters: Any) -> Filters:
+def grpc_filters_of(filters: Any) -> Filters:
     req = None
     failure = None
     invalid = None
@@ -167,7 +167,7 @@ def _backend(rb: Any, weight: int, grpc: bool, opaque: bool = False) -> Backend:
     meta = meta_of(b.metadata)
     # An opaque route's backend has no request timeout, and its filters (invalid, forbidden) are
     # read by the caller.
-    filters = NO_FILTERS if opaque else _grpc_filters(rb.filters) if grpc else _http_filters(rb.filters)
+    filters = NO_FILTERS if opaque else grpc_filters_of(rb.filters) if grpc else http_filters_of(rb.filters)
     timeout = None if opaque else _opt_seconds(rb, "requestTimeout")
     kind = b.WhichOneof("kind")
     if kind == "forward":
@@ -223,7 +223,7 @@ def _rule(rule: Any, route_meta: Meta, grpc: bool) -> Rule[RouteRule]:
     if retry is not None and retry.per_try_timeout is None and response_timeout is not None:
         retry = RetryPolicy(limit=retry.limit, http_statuses=retry.http_statuses, grpc_codes=retry.grpc_codes,
                             per_try_timeout=response_timeout, max_body=retry.max_body)
-    filters = _grpc_filters(rule.filters) if grpc else _http_filters(rule.filters)
+    filters = grpc_filters_of(rule.filters) if grpc else http_filters_of(rule.filters)
     return Rule(matches, RouteRule(
         route=route_meta, backends=backends, filters=filters if not filters.empty else NO_FILTERS,
         request_timeout=request_timeout, response_timeout=response_timeout, retry=retry,

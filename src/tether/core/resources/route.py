@@ -141,6 +141,18 @@ class HTTPRoute(Resource):
     spec: HTTPRouteSpec
 
     @model_validator(mode="after")
+    def _inbound_response_headers(self, info: ValidationInfo) -> HTTPRoute:
+        if any(p.kind == "Server" for p in self.spec.parent_refs) and any(
+            f.type == "ResponseHeaderModifier" for r in self.spec.rules for f in r.filters
+        ):
+            notice(
+                info,
+                "ResponseHeaderModifier is not applied on a Server's routes (inbound routes carry "
+                "request filters only, in Linkerd's API as in tether's)",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _gateway_timeouts(self, info: ValidationInfo) -> HTTPRoute:
         if self.api_version.startswith("gateway.networking.k8s.io/") and any(
             r.timeouts is not None for r in self.spec.rules

@@ -23,10 +23,10 @@ import httptools
 
 from tether.core.http import h1
 from tether.proxy.config import H1ServerSettings
+from tether.proxy.counters import TcpMetrics
 from tether.proxy.errors import ProxyError, rescue
 from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
 from tether.proxy.http.message import Connection, Request, Response, Service, forward_headers
-from tether.proxy.metrics import TcpMetrics
 from tether.proxy.tcp import Splice, linger_close
 
 log = logging.getLogger(__name__)

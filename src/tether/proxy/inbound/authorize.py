@@ -35,6 +35,7 @@ from tether.proxy.errors import ProxyError, rescue
 from tether.proxy.http.message import Request, Response, Service
 from tether.proxy.inbound.policy import InboundRoute, PortPolicy
 from tether.proxy.inbound.policy_watch import PolicySource
+from tether.proxy.layers.policy_routes import ApplyFilters
 from tether.proxy.metrics import escape_label
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ def _conn_labels(target: tuple[str, int], tls: bool, client_id: str | None) -> t
 # into labels only when /metrics is read.
 _Key = tuple[str, tuple[str, int], Meta | None, Meta | None, Meta | None, str, bool, str | None]
 _CELLS_MAX = 4096
+# Filtering layers kept per authorization layer (one per rule with filters of the port's policy).
+_FILTERED_MAX = 256
 # A layer's shortcut: (id of the route, client address) -> (the route, its allow counter cell).
 FastPath = dict[tuple[int, str], tuple[InboundRoute, list[int]]]
 
@@ -243,11 +246,13 @@ class HttpAuthorize:
     Not a coroutine itself: a permitted request is the inner service's awaitable as is (no extra
     frame per request); only a port whose first policy has not arrived waits here."""
 
-    __slots__ = ("authorizer", "client_id", "fast", "inner", "target", "tls")
+    __slots__ = ("authorizer", "client_id", "fast", "filtered", "inner", "target", "tls")
 
     def __init__(self, inner: Service, authorizer: Authorizer, target: tuple[str, int], tls: bool,
                  client_id: str | None) -> None:
         self.inner = inner
+        # The filtering layer of each rule with filters (a new policy brings new route objects).
+        self.filtered: dict[int, tuple[InboundRoute, Service]] = {}
         self.authorizer = authorizer
         self.target = target
         self.tls = tls
@@ -278,18 +283,30 @@ class HttpAuthorize:
                         lim.check(self.client_id if self.tls else None, a.clock())
                     except RateLimited as e:
                         return _answer(rescue(a.limited(policy, lim, e, self.target, self.tls, self.client_id), req))
-                return self.inner(req)
+                return self._to(route)(req)
         err = a.check_request(policy, req, self.target, self.tls, self.client_id, self.fast)
         if err is not None:
             return _answer(rescue(err, req))
-        return self.inner(req)
+        return self._to(route)(req) if route is not None else self.inner(req)
+
+    def _to(self, route: InboundRoute) -> Service:
+        """The application, behind the matched rule's filters when it has any."""
+        if route.filters.empty:
+            return self.inner
+        f = self.filtered.get(id(route))
+        if f is None or f[0] is not route:
+            if len(self.filtered) >= _FILTERED_MAX:
+                self.filtered.clear()
+            f = self.filtered[id(route)] = (route, ApplyFilters(self.inner, route.filters, grpc=route.grpc))
+        return f[1]
 
     async def _first_policy(self, req: Request) -> Response:
         policy = await self.authorizer.source.get(self.target[1])  # bounded wait for the port's first policy
         err = self.authorizer.check_request(policy, req, self.target, self.tls, self.client_id)
         if err is not None:
             return rescue(err, req)
-        return await self.inner(req)
+        route = policy.route_for(req.method, req.path, req.authority, req.headers) if policy is not None else None
+        return await (self._to(route)(req) if route is not None else self.inner(req))
 
 
 async def _answer(resp: Response) -> Response:

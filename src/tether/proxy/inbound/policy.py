@@ -35,6 +35,8 @@ from tether.core.policy.authz import (
 )
 from tether.core.policy.ratelimit import LocalRateLimit, RateLimitSpec
 from tether.core.routing.http_match import PathMatch, RequestInfo, Route, RouteMatch, Rule, ValueMatch, select_rule
+from tether.core.routing.policy import NO_FILTERS, Filters
+from tether.proxy.policy import grpc_filters_of, http_filters_of
 
 # The protocols a port may declare (the oneof in ProxyProtocol).
 DETECT, OPAQUE, TLS, HTTP1, HTTP2, GRPC = "detect", "opaque", "tls", "http1", "http2", "grpc"
@@ -53,7 +55,10 @@ class InboundRoute:
 
     meta: Meta
     authorizations: tuple[Authz, ...]
-    unapplied_filters: tuple[str, ...] = ()  # filter kinds the proxy does not apply inbound
+    # The matched rule's filters (header modifiers, a redirect, an injected failure), applied once
+    # the request is authorized; ``grpc``: a GRPCRoute's (failures answer in trailers).
+    filters: Filters = NO_FILTERS
+    grpc: bool = False
     # A client's decision depends only on its address and identity: computed once per route
     # object (a new policy brings new route objects, so nothing outlives the policy it came from).
     _decisions: dict[tuple[str, str | None], Authz | None] = field(
@@ -238,14 +243,10 @@ def _route(r: inbound_pb2.HttpRoute | inbound_pb2.GrpcRoute, server_authz: tuple
            grpc: bool) -> tuple[Route[InboundRoute], bool]:
     meta = _meta(r.metadata, "route")
     own = tuple(authz_of(a) for a in r.authorizations)
-    filters: list[str] = []
     rules = []
-    for rule in r.rules:
-        for f in rule.filters:
-            kind = f.WhichOneof("kind")
-            if kind is not None:
-                filters.append(kind)
-    value = InboundRoute(meta, own + server_authz, tuple(sorted(set(filters))))
+    # Rules without filters share one value (and its memo of decisions); a rule with filters has
+    # its own.
+    value = InboundRoute(meta, own + server_authz, grpc=grpc)
     # A route from a resource narrows what HTTP may do (paths outside it get 404, its own rules);
     # the controller's default routes ("default", "probe") only widen it.
     narrows = meta.kind != "default"
@@ -254,7 +255,9 @@ def _route(r: inbound_pb2.HttpRoute | inbound_pb2.GrpcRoute, server_authz: tuple
             matches = tuple(grpc_match_of(m) for m in rule.matches)
         else:
             matches = tuple(http_match_of(m) for m in rule.matches)
-        rules.append(Rule(matches, value))
+        filters = grpc_filters_of(rule.filters) if grpc else http_filters_of(rule.filters)
+        rules.append(Rule(matches, value if filters.empty else
+                          InboundRoute(meta, value.authorizations, filters, grpc)))
     return Route(_hosts(r.hosts), tuple(rules)), narrows
 
 

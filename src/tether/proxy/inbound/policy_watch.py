@@ -234,11 +234,10 @@ class PolicyWatch:
                 log.info("inbound port %d: policy %s/%s/%s", p.port, s.group, s.kind, s.name)
                 for route in policy.routes:
                     for rule in route.rules:
-                        if rule.value.unapplied_filters:
-                            # Said, not silently dropped: inbound route filters are not applied yet.
-                            log.warning("inbound port %d: route %s: filters %s are not applied by this proxy",
-                                        p.port, rule.value.meta.name, ", ".join(rule.value.unapplied_filters))
-                            break
+                        if rule.value.filters.invalid is not None:
+                            # Said at once, not only at request time (each such request answers 500).
+                            log.warning("inbound port %d: route %s: %s", p.port, rule.value.meta.name,
+                                        rule.value.filters.invalid)
             changed = p.policy is not None and policy != p.policy
             if p.policy is None or changed:
                 p.policy = policy  # an identical resend keeps the object (and its rate limiters' state)

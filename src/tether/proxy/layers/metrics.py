@@ -22,9 +22,10 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from tether.core.http.authority import normalize_authority
+from tether.proxy.counters import FAILURE, HttpMetrics, StatusMetrics, classify
 from tether.proxy.http.body import Body, BodyError, Headers
 from tether.proxy.http.message import Request, Response, Service
-from tether.proxy.metrics import FAILURE, HttpMetrics, MetricsRegistry, StatusMetrics, classify
+from tether.proxy.metrics import MetricsRegistry
 from tether.proxy.targets import InboundTarget
 
 # error label values (bounded vocabulary: never an exception's text).
