@@ -50,12 +50,13 @@ def free_networks() -> tuple[str, str]:
 class Mesh:
     def __init__(self, state: Path) -> None:
         self.state = state
+        self.prefix: list[str] = []  # e.g. setpriv dropping every capability
         self.bridge = f"tt{uuid.uuid4().hex[:8]}"
         self.pod_cidr, self.service_cidr = free_networks()
 
     def tether(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([*TETHER, *args], capture_output=True, text=True, timeout=timeout, cwd="/tmp",
-                           env={**os.environ, "TETHER_STATE_DIR": str(self.state)})
+        r = subprocess.run([*self.prefix, *TETHER, *args], capture_output=True, text=True, timeout=timeout,
+                           cwd="/tmp", env={**os.environ, "TETHER_STATE_DIR": str(self.state)})
         if check and r.returncode != 0:
             raise AssertionError(f"tether {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}\n"
                                  f"{self.supervisor_log()}")
@@ -326,6 +327,58 @@ def test_explicit_pods_without_network_namespaces(mesh: Mesh) -> None:
     pids = all_pids(mesh.status())
     mesh_id = mesh.settings()["mesh_id"]
     assert "stopped 3 pods" in mesh.tether("down").stdout
+    assert mesh.leftovers(mesh_id, mesh.bridge, pids) == []
+
+
+# No capability at all: what an unprivileged user has (the uid stays 0 only so that the
+# interpreter under /root can be run; without CAP_DAC_OVERRIDE it reads only what root owns).
+NO_PRIVILEGES = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs", "--"]
+
+GRPC_APP = [sys.executable, "-c", """
+import os, grpc
+from concurrent import futures
+def hello(req, ctx):
+    return b"hello " + req + b" from " + os.environ["POD_NAME"].encode()
+h = grpc.method_handlers_generic_handler("demo.Greeter", {
+    "Hello": grpc.unary_unary_rpc_method_handler(hello, lambda b: b, lambda b: b)})
+s = grpc.server(futures.ThreadPoolExecutor(4))
+s.add_generic_rpc_handlers((h,))
+s.add_insecure_port(os.environ["POD_IP"] + ":50051")
+s.start()
+s.wait_for_termination()
+"""]
+
+GRPC_CLIENT = """
+import grpc, sys
+with grpc.insecure_channel("greeter:50051") as ch:  # through http_proxy: a CONNECT to the pod's proxy
+    call = ch.unary_unary("/demo.Greeter/Hello", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    print(call(b"client", timeout=10).decode())
+"""
+
+
+def test_explicit_mode_needs_no_privilege_and_carries_grpc_through_http_proxy(mesh: Mesh) -> None:
+    """`tether up --explicit` and explicit pods with every capability dropped; a gRPC client in a pod
+    reaches a gRPC Service by name through its proxy (grpcio sends CONNECT to HTTP_PROXY), over mTLS."""
+    probe = subprocess.run([*NO_PRIVILEGES, "ip", "netns", "add", f"tt-probe-{uuid.uuid4().hex[:6]}"],
+                           capture_output=True, text=True)
+    assert probe.returncode != 0, "the capability-less wrapper could still create a network namespace"
+    mesh.prefix = NO_PRIVILEGES
+    mesh.tether("up", "--explicit")
+    mesh.tether("run", "greeter", "--explicit", "--port", "50051", "--", *GRPC_APP)
+    mesh.tether("run", "client", "--explicit", "--", "sleep", "3600")
+    mesh.apply("apiVersion: v1\nkind: Service\nmetadata: {name: greeter, namespace: default}\n"
+               "spec: {selector: {app: greeter}, ports: [{port: 50051, targetPort: 50051}]}\n")
+    got = wait_for(lambda: mesh.exec("client-0", sys.executable, "-c", GRPC_CLIENT, check=False).stdout.strip(),
+                   20, what="the gRPC call through the client's proxy")
+    assert got == "hello client from greeter-0", got
+    pods = {p["name"]: p for p in mesh.pods()}
+    client_metrics = http_get(f"http://{pods['client-0']['proxyAdmin']}/metrics")[1].decode()
+    server_id = "greeter.default.serviceaccount.identity.linkerd.cluster.local"
+    assert any(ln.startswith("tcp_open_total{") and 'peer="dst"' in ln and f'server_id="{server_id}"' in ln
+               for ln in client_metrics.splitlines()), client_metrics
+    pids = all_pids(mesh.status())
+    mesh_id = mesh.settings()["mesh_id"]
+    assert "stopped 2 pods" in mesh.tether("down").stdout
     assert mesh.leftovers(mesh_id, mesh.bridge, pids) == []
 
 

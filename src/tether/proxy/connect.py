@@ -29,11 +29,15 @@ def reach(ep: Endpoint, mtls: bool, opaque: bool = False) -> EndpointTarget:
     """How to reach ``ep``; ``mtls``: this proxy can speak mesh TLS (it has an identity)."""
     meshed = mtls and ep.identity is not None
     if opaque:
-        # An opaque stream needs the transport header to name its port, and Linkerd sends that
-        # header only inside mesh TLS: without it, go straight to the application.
+        # To the peer's proxy port (an opaque port), the transport header names the application's
+        # port, inside mesh TLS as Linkerd sends it. A meshed endpoint without one gets mesh TLS to
+        # its own address: the peer's proxy is there (redirected by iptables, or listening itself
+        # for an explicit pod) and knows the port.
         if meshed and ep.proxy_port:
             return EndpointTarget(ep.addr, (ep.addr[0], ep.proxy_port), ep.identity, ep.labels,
                                   transport_port=ep.addr[1])
+        if meshed:
+            return EndpointTarget(ep.addr, ep.addr, ep.identity, ep.labels)
         return EndpointTarget(ep.addr, ep.addr, None, ep.labels)
     dial = (ep.addr[0], ep.proxy_port) if ep.proxy_port else ep.addr
     return EndpointTarget(ep.addr, dial, ep.identity if meshed else None, ep.labels)

@@ -23,6 +23,7 @@ import httptools
 
 from tether.core.http import h1
 from tether.proxy.config import ClientSettings
+from tether.proxy.counters import TcpMetrics
 from tether.proxy.errors import ConnectError, ConnectTimeoutError, UpstreamError
 from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
 from tether.proxy.http.message import Request, Response, forward_headers
@@ -36,10 +37,12 @@ _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
 
 @dataclass(slots=True)
 class Upgraded:
-    """The raw upstream byte stream after a ``101 Switching Protocols``."""
+    """The raw upstream byte stream after a ``101 Switching Protocols`` (or a tunnel's 200 to
+    CONNECT, whose upstream connection has its own ``tcp`` series, closed with the splice)."""
 
     transport: asyncio.Transport
     leftover: bytes
+    tcp: TcpMetrics | None = None
 
 
 class _Stale(Exception):

@@ -339,8 +339,8 @@ class H1ServerProtocol(asyncio.Protocol):
         if not parser.should_keep_alive():
             req.close = True
             self._final = True
-        if upgrade:
-            req.upgrade = True
+        if upgrade or method == b"CONNECT":
+            req.upgrade = True  # the connection is the upstream's after a 101 (or a 2xx to CONNECT)
         self._queue.append(req)
         if len(self._queue) >= _MAX_PIPELINED:
             self._pause_reading()
@@ -418,7 +418,8 @@ class H1ServerProtocol(asyncio.Protocol):
         except BodyError as e:
             resp = rescue(e, req)
             req.close = True
-        upgraded = resp.status == 101 and resp.upgrade is not None and req.upgrade
+        upgraded = resp.upgrade is not None and req.upgrade and (
+            resp.status == 101 or (200 <= resp.status < 300 and req.method == b"CONNECT"))
         close = req.close or self._draining or self._closing
         if resp.status >= 400 and isinstance(req.body, PipeBody) and not req.body.done:
             # An error answered before the request body arrived: the rest of the body won't be
@@ -454,6 +455,9 @@ class H1ServerProtocol(asyncio.Protocol):
             if up is not None:
                 headers += [(b"connection", b"upgrade"), (b"upgrade", up)]
             return h1.encode_response_head(101, "1.1", headers, None), None, False
+        if req.method == b"CONNECT" and 200 <= status < 300 and resp.upgrade is not None:
+            # A tunnel: no framing (RFC 9110 section 9.3.6), the bytes that follow are the stream's.
+            return h1.encode_response_head(status, "1.1", headers, None), None, False
         if close:
             headers.append((b"connection", b"close"))
         elif req.version == "1.0":
@@ -551,11 +555,15 @@ class H1ServerProtocol(asyncio.Protocol):
         tcp = self.tcp
         self.tcp = None  # the splice owns the connection's series from here on
 
+        upstream_tcp = up.tcp
+
         def on_close(_splice: Splice, exc: Exception | None) -> None:
             if tcp is not None:
                 tcp.closed(None if exc is None else "i/o")
+            if upstream_tcp is not None:
+                upstream_tcp.closed(None if exc is None else "i/o")
 
-        splice = Splice(self.conn, on_close, src=tcp)
+        splice = Splice(self.conn, on_close, src=tcp, dst=upstream_tcp)
         transport = self.transport
         assert transport is not None
         splice.attach(transport, up.transport, leftover, up.leftover)

@@ -47,7 +47,7 @@ def split_authority(authority: bytes, default_port: int = 80) -> tuple[str, int]
     return host, port
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
     except OSError:
@@ -59,8 +59,10 @@ class Router:
     """Service: pick the logical destination of a request and call its (cached) stack."""
 
     def __init__(self, discovery: Discovery | None, stacks: IdleCache[Logical, Stack],
-                 own_addrs: set[Addr], generation: DiscoveryGeneration | None = None) -> None:
+                 own_addrs: set[Addr], generation: DiscoveryGeneration | None = None,
+                 tunnel: Callable[[Request], Awaitable[Response]] | None = None) -> None:
         self.discovery = discovery
+        self.tunnel = tunnel  # CONNECT host:port (an application using the proxy as HTTP_PROXY)
         self.stacks = stacks
         self.own_addrs = own_addrs
         self._own_ports = {a[1] for a in own_addrs}
@@ -70,6 +72,8 @@ class Router:
 
     def __call__(self, req: Request) -> Awaitable[Response]:
         # Synchronous when the destination was decided before: no coroutine frame of its own.
+        if req.upgrade and req.method == b"CONNECT":
+            return self._connect(req)
         override = req.header(b"l5d-dst-override")
         if override is not None:
             req.remove_header(b"l5d-dst-override")
@@ -84,6 +88,11 @@ class Router:
         if logical is not None:
             return self.stacks.get(logical).service(req)
         return self._decide_and_call(req, key)
+
+    async def _connect(self, req: Request) -> Response:
+        if self.tunnel is None:
+            raise ProxyError("CONNECT is not served here", 405)
+        return await self.tunnel(req)
 
     async def _decide_and_call(self, req: Request, key: tuple[bytes, Addr | None]) -> Response:
         logical = await self._decide(key[0], key[1])
@@ -106,7 +115,7 @@ class Router:
                 return Logical(resolved.authority, watch=resolved.endpoints, profile=await profile, policy=policy)
         target = orig_dst if orig_dst is not None else self._named_addr(authority)
         policy = None
-        if self.discovery is not None and _is_ip(target[0]):
+        if self.discovery is not None and is_ip(target[0]):
             policy = await self.discovery.policy_for_addr(target)  # an EgressNetwork's routes, if any
         return Logical(name or authority.decode("latin-1"), fallback=target, policy=policy)
 

@@ -39,6 +39,8 @@ from tether.proxy.detect import DetectProtocol
 from tether.proxy.discovery import Discovery, feed
 from tether.proxy.endpoint import HttpEndpoint
 from tether.proxy.errors import ProxyError, UnavailableError
+from tether.proxy.http.body import EmptyBody
+from tether.proxy.http.h1client import Upgraded
 from tether.proxy.http.message import Connection, Request, Response, Service
 from tether.proxy.layers.connect_retry import ConnectRetry
 from tether.proxy.layers.metrics import EndpointMeter, HttpMetricsService, RouteMeter
@@ -48,7 +50,7 @@ from tether.proxy.layers.retry import Retry, RetryStats
 from tether.proxy.layers.routes import ProfileRouter, RouteCounters, RouteMetrics, Split
 from tether.proxy.layers.timeout import ResponseTimeout
 from tether.proxy.metrics import MetricsRegistry, escape_label
-from tether.proxy.outbound.router import Router
+from tether.proxy.outbound.router import Router, is_ip, split_authority
 from tether.proxy.server import Connections, hold_opaque
 from tether.proxy.targets import Logical, Route
 from tether.proxy.tcp import Pending
@@ -87,7 +89,8 @@ class Outbound:
         self.logicals: IdleCache[Logical, Stack] = IdleCache(
             self.logical_stack, cfg.cache_max_idle_age, close=Stack.aclose, name="outbound")
         generation = discovery.generation if discovery is not None else None
-        self.http: Service = Rescue(Router(discovery, self.logicals, own_addrs, generation))
+        self._own_addrs = own_addrs
+        self.http: Service = Rescue(Router(discovery, self.logicals, own_addrs, generation, self.tunnel))
 
     # -- accept and detect --------------------------------------------------------------------------
     def accept(self) -> DetectProtocol:
@@ -269,6 +272,48 @@ class Outbound:
         await self.connections.connect_and_forward(self.metrics, self.identity, conn, transport, client_pending,
                                                    targets[0], self.connect_timeout, self.handshake_timeout,
                                                    fallbacks=targets[1:OPAQUE_CONNECT_ATTEMPTS])
+
+    # -- CONNECT: a tunnel for an application that uses the proxy as its HTTP_PROXY -------------------
+    async def tunnel(self, req: Request) -> Response:
+        """``CONNECT host:port``: an opaque stream to the destination (gRPC and TLS clients in
+        explicit mode send this). A known destination is balanced over its endpoints, meshed ones
+        over mTLS; an address goes through its policy like any opaque connection; any other name is
+        dialled as it is. Answered 200 once connected, then spliced; a failure is a 502/503."""
+        host, port = split_authority(req.authority)
+        if (host, port) in self._own_addrs or (port in {a[1] for a in self._own_addrs}
+                                               and host in ("127.0.0.1", "localhost", "0.0.0.0")):
+            raise ProxyError(f"CONNECT {host}:{port} would loop back into the proxy", 502)
+        candidates: list[Endpoint] | str
+        resolved = await self.discovery.resolve(f"{host}:{port}") if self.discovery is not None else None
+        if resolved is not None and len(resolved.endpoints.state):
+            ready = list(resolved.endpoints.state)
+            self._rng.shuffle(ready)
+            candidates = ready
+        elif is_ip(host):
+            candidates = await self._opaque_targets((host, port))
+        else:
+            candidates = [Endpoint((host, port))]
+        if isinstance(candidates, str):
+            self.metrics.tcp_error("outbound", "forbidden", (host, port))
+            raise ProxyError(candidates, 403)
+        if resolved is not None and not candidates:
+            raise UnavailableError(f"{host}:{port} has no endpoints")
+        mtls = self.identity is not None and self.identity.ready
+        tries = [connect.reach(ep, mtls=mtls, opaque=True) for ep in candidates[:OPAQUE_CONNECT_ATTEMPTS]]
+        last: Exception | None = None
+        for t in tries:
+            try:
+                upstream, pending = await connect.connect_tcp(t, self.identity, self.connect_timeout,
+                                                              self.handshake_timeout)
+            except (OSError, TimeoutError) as e:
+                self.metrics.tcp_error("outbound", "connect_timeout" if isinstance(e, TimeoutError)
+                                       else "unexpected", t.addr)
+                last = e
+                continue
+            dst = self.metrics.tcp("outbound", "dst", t.addr, tls=t.server_id is not None, server_id=t.server_id)
+            dst.opened()
+            return Response(200, [], EmptyBody(), upgrade=Upgraded(upstream, bytes(pending.buffer), dst))
+        raise ProxyError(f"CONNECT {host}:{port}: {last}", 502)
 
     async def _opaque_targets(self, dst: Addr) -> list[Endpoint] | str:
         """Where an opaque connection to ``dst`` goes, in the order to try (str: refused, and why).
