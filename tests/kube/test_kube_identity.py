@@ -7,94 +7,23 @@ was deleted, is refused; rotating the issuer Secret changes the issuer without a
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from tether.api.gen import identity_pb2, identity_pb2_grpc
-from tether.core.identity.authority import create_anchor, create_issuer
 from tether.core.identity.csr import build_csr, generate_key
 from tether.core.identity.names import WorkloadIdentity
 from tether.testing.kubecluster import KubeCluster, wait_until
-from tether.testing.procs import Proc, free_port, http_get
+from tether.testing.kubeplatform import TRUST_DOMAIN, Issuers, KubeIdentityProc, apply, token_for
+from tether.testing.procs import Proc
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(300)]
 
-PEM = serialization.Encoding.PEM
-TRUST_DOMAIN = "cluster.local"
-
-
-def pem_key(key: Any) -> bytes:
-    return bytes(key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-class Issuers:
-    """Trust anchor and issuers for one control-plane namespace."""
-
-    def __init__(self, cp_ns: str) -> None:
-        self.now = dt.datetime.now(dt.UTC)
-        self.cp_ns = cp_ns
-        self.anchor, self.anchor_key = create_anchor(f"root.{cp_ns}.{TRUST_DOMAIN}", self.now)
-
-    def issuer(self) -> tuple[x509.Certificate, Any]:
-        return create_issuer(f"identity.{self.cp_ns}.{TRUST_DOMAIN}", self.anchor, self.anchor_key, self.now)
-
-    def secret(self, cert: x509.Certificate, key: Any, scheme: str = "kubernetes.io/tls") -> dict[str, Any]:
-        if scheme == "kubernetes.io/tls":
-            data = {"tls.crt": b64(cert.public_bytes(PEM)), "tls.key": b64(pem_key(key)),
-                    "ca.crt": b64(self.anchor.public_bytes(PEM))}
-        else:
-            data = {"crt.pem": b64(cert.public_bytes(PEM)), "key.pem": b64(pem_key(key))}
-        return {"apiVersion": "v1", "kind": "Secret", "type": scheme,
-                "metadata": {"name": "linkerd-identity-issuer", "namespace": self.cp_ns}, "data": data}
-
-    def roots(self) -> dict[str, Any]:
-        return {"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": "linkerd-identity-trust-roots", "namespace": self.cp_ns},
-                "data": {"ca-bundle.crt": self.anchor.public_bytes(PEM).decode()}}
-
-
-class KubeIdentityProc(Proc):
-    def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str) -> None:
-        self.port, self.admin_port = free_port(), free_port()
-        super().__init__(
-            [sys.executable, "-m", "tether", "controller", "identity", "--platform", "kubernetes",
-             "--kubeconfig", str(cluster.kubeconfig), "-L", cp_ns,
-             "--addr", f"127.0.0.1:{self.port}", "--admin-addr", f"127.0.0.1:{self.admin_port}", *extra],
-            tmp / f"identity-{self.port}.log",
-        )
-
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 30.0) -> KubeIdentityProc:
-        def ready() -> bool:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"identity exited {self.popen.returncode}:\n{self.log()}")
-            try:
-                return http_get(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1)[0] == 200
-            except OSError:
-                return False
-
-        wait_until(ready, timeout=timeout, what="the identity service ready")
-        return self
-
-    def metrics(self) -> str:
-        return http_get(f"http://127.0.0.1:{self.admin_port}/metrics")[1].decode()
 
 
 @pytest.fixture
@@ -106,21 +35,6 @@ def namespaces(kube_cluster: KubeCluster) -> Iterator[tuple[str, str]]:
     yield cp, app
     for n in (cp, app):
         kube_cluster.kubectl("delete", "namespace", n, "--wait=false")
-
-
-def apply(cluster: KubeCluster, *docs: dict[str, Any]) -> None:
-    import json
-
-    cluster.kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(docs)}))
-
-
-def token_for(cluster: KubeCluster, ns: str, sa: str, audience: str = "identity.l5d.io") -> bytes:
-    answer = cluster.api.create(
-        f"/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token",
-        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-         "spec": {"audiences": [audience], "expirationSeconds": 600}},
-    )
-    return str(answer["status"]["token"]).encode()
 
 
 def certify(addr: str, ident: WorkloadIdentity, token: bytes) -> list[x509.Certificate]:

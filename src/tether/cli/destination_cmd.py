@@ -9,17 +9,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
 import click
 
 from tether.cli.controller_cmd import configure_logging, log_options
-from tether.cli.errors import OperationFailed
+from tether.cli.errors import CliError, OperationFailed
 from tether.cli.params import (
     ADDRESS,
     CIDRS,
     POSITIVE_DURATION,
     TRUST_DOMAIN,
     control_plane_options,
+    platform_options,
     resources_dir_option,
     state_dir_option,
 )
@@ -62,11 +64,16 @@ POLICIES = (
 @click.option("--allow-l5d-request-headers", is_flag=True,
               help="let clients override a route's retries and timeouts per request with l5d-retry-* and "
                    "l5d-timeout headers (off by default, as in Linkerd)")
+@platform_options
+@click.option("--sync-timeout", type=POSITIVE_DURATION, default="60s", show_default=True,
+              help="with --platform kubernetes: how long the first list of every resource may take before the "
+                   "service gives up (it serves only once it has the whole picture)")
 @log_options
 def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_dir: str, state_dir: str,
                 controller_namespace: str, trust_domain: str, cluster_domain: str, default_policy: str,
                 cluster_networks: tuple[str, ...], probe_networks: tuple[str, ...], stream_queue_limit: int,
-                poll_interval: float, allow_l5d_request_headers: bool, log_level: str, log_format: str) -> int:
+                poll_interval: float, allow_l5d_request_headers: bool, platform: str, kubeconfig: str | None,
+                kube_context: str | None, sync_timeout: float, log_level: str, log_format: str) -> int:
     """The destination service: what proxies learn about the services they call and serve.
 
     Serves io.linkerd.proxy.destination.Destination (Get, GetProfile),
@@ -75,6 +82,9 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
     a file that does not validate is logged and its last good version kept) and the workload
     registry in --state-dir. Run several over the same directory for high availability: proxies
     dial them all and fail over.
+
+    With --platform kubernetes the store is the API server instead: Services, Pods (ready as their
+    EndpointSlices say), Namespaces and the mesh's CRDs, listed once before serving, then watched.
     """
     from tether.control.destination.server import DestinationConfig, DestinationController
     from tether.control.destination.translate import Settings
@@ -95,6 +105,8 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
         ),
         queue_limit=stream_queue_limit,
     )
+    if platform == "kubernetes":
+        return _run_kubernetes(cfg, kubeconfig, kube_context, sync_timeout)
     store = LocalStore(resources_dir, state_dir, poll_interval=max(0.01, poll_interval), queue_limit=100_000)
     for err in store.source_errors():
         for line in err.errors:
@@ -110,6 +122,48 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
 
     try:
         asyncio.run(run())
+    except* (OSError, RuntimeError) as eg:
+        # grpc reports a port it cannot bind as RuntimeError.
+        raise OperationFailed(f"cannot serve: {eg.exceptions[0]}") from None
+    return 0
+
+
+def _run_kubernetes(cfg: Any, kubeconfig: str | None, context: str | None, sync_timeout: float) -> int:
+    from tether.control.destination.server import DestinationController
+    from tether.platform.kubernetes.client import KubeClient, KubeConfigError, KubeError
+    from tether.platform.kubernetes.store import KubeStore
+
+    try:
+        client = KubeClient.connect(kubeconfig, context)
+    except KubeConfigError as e:
+        raise CliError(f"--kubeconfig/--context: {e}") from None
+    log = logging.getLogger("tether.store")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with client:
+            store = KubeStore(client)
+            began = loop.time()
+            try:
+                await store.sync(sync_timeout)
+            except TimeoutError:
+                raise OperationFailed(f"refusing to serve: the API server {client.server} did not list every "
+                                      f"resource within --sync-timeout {sync_timeout:g}s") from None
+            except KubeError as e:
+                raise OperationFailed(f"refusing to serve: {e}") from None
+            log.info("listed the cluster's resources from %s in %.2fs", client.server, loop.time() - began)
+            for err in store.source_errors():
+                for line in err.errors:
+                    log.warning("%s", line)
+            await DestinationController(store, cfg).run(stop)
+
+    try:
+        asyncio.run(run())
+    except* OperationFailed as eg:
+        raise eg.exceptions[0] from None
     except* (OSError, RuntimeError) as eg:
         # grpc reports a port it cannot bind as RuntimeError.
         raise OperationFailed(f"cannot serve: {eg.exceptions[0]}") from None
