@@ -146,6 +146,15 @@ class KubeClient:
             raise _error(method, path, resp, resp.content)
         return resp.json() if resp.content else None
 
+    async def date(self) -> str | None:
+        """The Date header of an answer from the server (its clock, to the second)."""
+        try:
+            resp = await self._http.request("GET", "/version")
+        except httpx2.HTTPError as e:
+            why = str(e) or type(e).__name__
+            raise KubeError(f"GET /version: cannot reach the API server {self.server}: {why}") from None
+        return resp.headers.get("date")
+
     async def get(self, path: str, **params: str) -> Any:
         return await self.request("GET", path, params=params)
 

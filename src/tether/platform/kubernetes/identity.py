@@ -86,7 +86,8 @@ class TokenReviewValidator:
         return TokenSubject(namespace=ns, service_account=sa, description=who)
 
 
-def _decoded(secret: Mapping[str, Any], key: str) -> bytes | None:
+def secret_value(secret: Mapping[str, Any], key: str) -> bytes | None:
+    """A Secret's value for ``key``, decoded; None when absent or not base64."""
     raw = (secret.get("data") or {}).get(key)
     if raw is None:
         return None
@@ -113,7 +114,7 @@ def credentials_from_objects(secret: Mapping[str, Any] | None, roots: Mapping[st
             "or linkerd.io/tls (crt.pem, key.pem)"
         )
     cert_key, key_key = ISSUER_SCHEMES[type_]
-    cert, key = _decoded(secret, cert_key), _decoded(secret, key_key)
+    cert, key = secret_value(secret, cert_key), secret_value(secret, key_key)
     for value, k in ((cert, cert_key), (key, key_key)):
         if not value:
             raise CertificateError(f"{where}: key {k} is missing or not base64")
@@ -126,7 +127,7 @@ def credentials_from_objects(secret: Mapping[str, Any] | None, roots: Mapping[st
             raise CertificateError(f"{rwhere}: key {TRUST_ROOTS_KEY} is missing")
         anchors, anchors_src = str(anchors_text).encode(), f"{rwhere} key {TRUST_ROOTS_KEY}"
     else:
-        ca = _decoded(secret, "ca.crt")
+        ca = secret_value(secret, "ca.crt")
         if not ca:
             raise CertificateError(f"{where}: key ca.crt is missing (or name the trust-anchors ConfigMap)")
         anchors, anchors_src = ca, f"{where} key ca.crt"
