@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tether.control.destination.translate import Settings, identity_of
 from tether.core.resources import LoadError
 from tether.core.resources.core import Service
 from tether.platform.kubernetes import convert
@@ -48,6 +49,13 @@ def test_pod_becomes_a_workload_with_what_the_mesh_reads() -> None:
     assert [(p.port, p.path) for p in w.spec.probes] == [("http", "/ready")]  # tcpSocket probes are not HTTP
     assert w.metadata.annotations == {"config.linkerd.io/opaque-ports": "4000"}
     assert w.metadata.resource_version is None  # a status-only change must not look like a change
+    assert w.spec.meshed  # it has the linkerd-proxy container
+    settings = Settings(control_plane_ns="linkerd", trust_domain="cluster.local")
+    assert identity_of(w, settings) == "web.shop.serviceaccount.identity.linkerd.cluster.local"
+    plain = pod()
+    plain["spec"]["containers"] = plain["spec"]["containers"][:1]
+    unmeshed = convert.pod_workload(plain, ready=True)
+    assert not unmeshed.spec.meshed and identity_of(unmeshed, settings) is None  # clients skip mTLS
     assert convert.pod_ready(pod()) is True
     assert convert.pod_ready(pod(conditions=[{"type": "Ready", "status": "False"}])) is False
     assert convert.pod_gone(pod(phase="Succeeded")) and not convert.pod_gone(pod())

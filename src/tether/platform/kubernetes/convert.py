@@ -4,7 +4,8 @@ Pure: dicts in, models out. Core objects keep only the fields the models know (t
 many the mesh never reads); the mesh's own kinds (CRDs) are decoded strictly by the same
 :func:`tether.core.resources.decode` as ``tether apply``, so an invalid object that slipped past
 admission is refused with the same field-level message. A Pod becomes a ``Workload``: its labels,
-annotations, service account, pod IPs, container ports and HTTP probes; whether it is ready is decided
+annotations, service account, pod IPs, container ports and HTTP probes, and whether it is meshed (a
+``linkerd-proxy`` container); whether it is ready is decided
 by the store, from the EndpointSlices that list it.
 """
 
@@ -21,6 +22,7 @@ from tether.core.resources.base import ObjectMeta
 from tether.core.resources.core import Namespace, Service, ServiceSpec, Workload
 
 Key = tuple[str, str]
+PROXY_CONTAINER = "linkerd-proxy"
 
 # Fields of metadata the models keep; the rest (managedFields, resourceVersion, ownerReferences, ...)
 # changes without changing anything the mesh serves, so keeping it would only make spurious updates.
@@ -106,7 +108,8 @@ def pod_workload(obj: Mapping[str, Any], ready: bool) -> Workload:
     ports: list[dict[str, Any]] = []
     probes: list[dict[str, Any]] = []
     seen: set[tuple[int, str]] = set()
-    for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    for c in containers:
         for p in c.get("ports") or []:
             port, proto = p.get("containerPort"), p.get("protocol") or "TCP"
             if not isinstance(port, int) or (port, proto) in seen:
@@ -124,6 +127,8 @@ def pod_workload(obj: Mapping[str, Any], ready: bool) -> Workload:
             "ports": ports,
             "probes": probes,
             "ready": ready,
+            # Meshed when the injector added the proxy (as a container, or a native sidecar).
+            "meshed": any(c.get("name") == PROXY_CONTAINER for c in containers),
         },
     }
     try:
