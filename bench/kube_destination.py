@@ -6,9 +6,10 @@ Starts a test-bed cluster (etcd, kube-apiserver, controllers, scheduler, kwok wi
 nodes), the mesh's CRDs, and one `tether controller destination --platform kubernetes`. Then:
 
 * time to ready: process start to its /ready answering 200 (the first list of every resource included);
-* a Deployment behind a Service scaled 0 -> N: the time from `kubectl scale` until the EndpointSlices
-  list N ready endpoints (Kubernetes's part: scheduler, kwok, EndpointSlice controller) and until a
-  Destination.Get stream shows N (the whole path); the difference is the destination service's share;
+* a Deployment behind a Service scaled 0 -> N: the time from `kubectl scale` until a watch of the
+  EndpointSlices (this script's own) sees N ready endpoints (Kubernetes's part: scheduler, kwok,
+  EndpointSlice controller) and until a Destination.Get stream shows N (the whole path); the
+  difference is the destination service's share (its watch, store, translation and the gRPC stream);
 * one more pod (N -> N+1), the same two times, five times over, for the latency of a single update;
 * the destination process's RSS (VmRSS) idle and at N pods.
 
@@ -18,10 +19,12 @@ Every wait is bounded; the cluster and the process are stopped at the end. Figur
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from tether.platform.kubernetes import convert  # noqa: E402
+from tether.platform.kubernetes.client import KubeClient  # noqa: E402
+from tether.platform.kubernetes.informer import Informer  # noqa: E402
+from tether.platform.kubernetes.store import ENDPOINT_SLICES  # noqa: E402
 from tether.testing.kubecluster import KubeCluster, wait_until  # noqa: E402
 from tether.testing.kubeplatform import (  # noqa: E402
     EndpointWatch,
@@ -47,25 +54,63 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def slice_ready(cluster: KubeCluster, ns: str) -> int:
-    slices = cluster.api.get(f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices",
-                             labelSelector="kubernetes.io/service-name=web")["items"]
-    return sum(1 for s in slices for ep in s.get("endpoints") or [] if (ep.get("conditions") or {}).get("ready"))
+class SliceWatch:
+    """The Service's EndpointSlices followed by a watch of their own (in a thread): when the number of
+    ready endpoints they list changed, as this host saw the API server's event."""
+
+    def __init__(self, kubeconfig: str, ns: str) -> None:
+        self.slices: dict[tuple[str, str], int] = {}
+        self.changes: list[tuple[float, int]] = []
+        self._ns = ns
+        self._kubeconfig = kubeconfig
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread.start()
+
+    def replace(self, items: Any) -> None:
+        self.slices = {convert.key_of(i): self._ready(i) for i in items}
+        self.changes.append((time.monotonic(), sum(self.slices.values())))
+
+    def event(self, type_: str, obj: Any) -> None:
+        if type_ == "DELETED":
+            self.slices.pop(convert.key_of(obj), None)
+        else:
+            self.slices[convert.key_of(obj)] = self._ready(obj)
+        self.changes.append((time.monotonic(), sum(self.slices.values())))
+
+    @staticmethod
+    def _ready(s: Any) -> int:
+        return sum(1 for ep in s.get("endpoints") or [] if (ep.get("conditions") or {}).get("ready"))
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with KubeClient.connect(self._kubeconfig) as client:
+            await Informer(client, ENDPOINT_SLICES, self, namespace=self._ns,
+                           label_selector="kubernetes.io/service-name=web").run(self._stop)
+
+    def close(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
 
 
-def scale_and_time(cluster: KubeCluster, ns: str, watch: EndpointWatch, n: int, timeout: float) -> dict[str, float]:
+def first_at(changes: list[tuple[float, Any]], since: float, ok: Any) -> float | None:
+    return next((t for t, v in list(changes) if t >= since and ok(v)), None)
+
+
+def scale_and_time(cluster: KubeCluster, ns: str, watch: EndpointWatch, slices: SliceWatch, n: int,
+                   timeout: float) -> dict[str, float]:
     began = time.monotonic()
     cluster.kubectl("scale", "-n", ns, "deployment/web", f"--replicas={n}")
     slices_at: float | None = None
     stream_at: float | None = None
     deadline = began + timeout
     while time.monotonic() < deadline and (slices_at is None or stream_at is None):
-        if stream_at is None and len(watch.current()) == n:
-            # The stream's own record of when it reached n (the poll below may lag it).
-            stream_at = next((t for t, addrs in watch.changes if len(addrs) == n and t >= began), time.monotonic())
-        if slices_at is None and slice_ready(cluster, ns) == n:
-            slices_at = time.monotonic()
-        time.sleep(0.01)
+        stream_at = first_at(watch.changes, began, lambda addrs: len(addrs) == n)
+        slices_at = first_at(slices.changes, began, lambda count: count == n)
+        time.sleep(0.05)
     if slices_at is None or stream_at is None:
         raise TimeoutError(f"scale to {n}: slices at {slices_at}, stream at {stream_at} after {timeout}s")
     return {"slices_s": round(slices_at - began, 3), "stream_s": round(stream_at - began, 3),
@@ -100,10 +145,11 @@ def main() -> int:
             out["destination_ready_s"] = round(time.monotonic() - began, 3)
             out["rss_idle_mib"] = round(rss_mib(dest.pid), 1)
             watch = EndpointWatch(dest.addr, f"web.{ns}.svc.cluster.local:80", json.dumps({"ns": ns}))
+            slices = SliceWatch(str(cluster.kubeconfig), ns)
             try:
-                out["scale_0_to_n"] = scale_and_time(cluster, ns, watch, args.pods, args.timeout)
+                out["scale_0_to_n"] = scale_and_time(cluster, ns, watch, slices, args.pods, args.timeout)
                 out["rss_at_n_mib"] = round(rss_mib(dest.pid), 1)
-                singles = [scale_and_time(cluster, ns, watch, args.pods + i, 120) for i in range(1, 6)]
+                singles = [scale_and_time(cluster, ns, watch, slices, args.pods + i, 120) for i in range(1, 6)]
                 out["one_more_pod"] = {
                     k: {"median": round(statistics.median(s[k] for s in singles), 3),
                         "max": round(max(s[k] for s in singles), 3)}
@@ -111,6 +157,7 @@ def main() -> int:
                 }
             finally:
                 watch.close()
+                slices.close()
             out["rss_end_mib"] = round(rss_mib(dest.pid), 1)
             wait_until(lambda: dest.popen.poll() is None, timeout=1, what="destination alive")
         finally:

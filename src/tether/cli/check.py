@@ -769,9 +769,8 @@ def check(pre: bool, proxy: bool, categories: tuple[str, ...], namespace: str | 
     Categories (default: linkerd-existence, linkerd-identity, control-plane-version; --proxy adds
     linkerd-data-plane, linkerd-identity-data-plane). On a local mesh (`tether up`) also
     tether-local (supervisor, control plane serving, state directory private) and, with --proxy,
-    tether-local-data-plane (pods running, proxies ready and certified, clocks). --pre checks
-    nothing yet: it would check a Kubernetes cluster before install, which tether does not have, so
-    it fails and says so.
+    tether-local-data-plane (pods running, proxies ready and certified, clocks). --pre on the local
+    platform checks nothing (it checks a Kubernetes cluster before install), so it fails and says so.
 
     \b
     With --platform kubernetes (and --kubeconfig/--context, as kubectl's), Linkerd's categories
@@ -791,8 +790,9 @@ def check(pre: bool, proxy: bool, categories: tuple[str, ...], namespace: str | 
                          kube=kube)
     if not chosen:
         raise OperationFailed(
-            "--pre: no pre-installation checks exist yet: Linkerd's (" + ", ".join(PRE_KUBERNETES) + ") check a "
-            "Kubernetes cluster before `install`, which tether does not have yet; nothing was checked"
+            "--pre: the local platform has no pre-installation checks: Linkerd's (" + ", ".join(PRE_KUBERNETES)
+            + ") check a Kubernetes cluster before `install`: run `tether check --pre --platform kubernetes`; "
+            "nothing was checked"
         )
     opts = CheckOptions(state_dir, identity_issuer_dir, identity_trust_anchors_file,
                         identity_issuer_certificate_file, namespace, timeout, platform, kubeconfig, kube_context,
