@@ -56,8 +56,6 @@ def test_pod_becomes_a_workload_with_what_the_mesh_reads() -> None:
     plain["spec"]["containers"] = plain["spec"]["containers"][:1]
     unmeshed = convert.pod_workload(plain, ready=True)
     assert not unmeshed.spec.meshed and identity_of(unmeshed, settings) is None  # clients skip mTLS
-    assert convert.pod_ready(pod()) is True
-    assert convert.pod_ready(pod(conditions=[{"type": "Ready", "status": "False"}])) is False
     assert convert.pod_gone(pod(phase="Succeeded")) and not convert.pod_gone(pod())
 
 

@@ -192,18 +192,19 @@ class Issuers:
 class KubeIdentityProc(Proc):
     """`tether controller identity --platform kubernetes` as a child process."""
 
-    def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str) -> None:
-        self.port, self.admin_port = free_port(), free_port()
+    def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1") -> None:
+        self.port, self.admin_port = free_port(host), free_port()
+        self.host = host
         super().__init__(
             [sys.executable, "-m", "tether", "controller", "identity", "--platform", "kubernetes",
              "--kubeconfig", str(cluster.kubeconfig), "-L", cp_ns,
-             "--addr", f"127.0.0.1:{self.port}", "--admin-addr", f"127.0.0.1:{self.admin_port}", *extra],
+             "--addr", f"{host}:{self.port}", "--admin-addr", f"127.0.0.1:{self.admin_port}", *extra],
             tmp / f"identity-{self.port}.log",
         )
 
     @property
     def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def wait_ready(self, timeout: float = 30.0) -> KubeIdentityProc:
         def ready() -> bool:
@@ -244,18 +245,19 @@ def token_for(cluster: KubeCluster, ns: str, sa: str, audience: str = "identity.
 class KubeDestinationProc(Proc):
     """`tether controller destination --platform kubernetes` as a child process."""
 
-    def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str) -> None:
-        self.port, self.admin_port = free_port(), free_port()
+    def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1") -> None:
+        self.port, self.admin_port = free_port(host), free_port()
+        self.host = host
         super().__init__(
             [sys.executable, "-m", "tether", "controller", "destination", "--platform", "kubernetes",
              "--kubeconfig", str(cluster.kubeconfig), "-L", cp_ns,
-             "--addr", f"127.0.0.1:{self.port}", "--admin-addr", f"127.0.0.1:{self.admin_port}", *extra],
+             "--addr", f"{host}:{self.port}", "--admin-addr", f"127.0.0.1:{self.admin_port}", *extra],
             tmp / f"destination-{self.port}.log",
         )
 
     @property
     def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def wait_ready(self, timeout: float = 60.0) -> KubeDestinationProc:
         def ready() -> bool:

@@ -90,14 +90,6 @@ def pod_gone(obj: Mapping[str, Any]) -> bool:
     return (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
-def pod_ready(obj: Mapping[str, Any]) -> bool:
-    """The pod's own Ready condition (used for pods that no EndpointSlice lists)."""
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "Ready":
-            return cond.get("status") == "True"
-    return False
-
-
 def pod_workload(obj: Mapping[str, Any], ready: bool) -> Workload:
     """A Pod as a Workload; ConversionError when it has something the model refuses."""
     spec = obj.get("spec") or {}

@@ -6,9 +6,10 @@ states the local store publishes, so the destination and policy services above a
 
 * Namespaces, Services and the mesh's CRDs become the same models ``tether apply`` decodes (an
   object the models refuse is logged, listed in ``source_errors()`` and its last good version kept);
-* Pods become ``Workload`` objects; a pod is ready when an EndpointSlice lists it as ready (the
-  EndpointSlice controller's verdict, as Linkerd's destination reads it), or by its own Ready
-  condition while no slice lists it;
+* Pods become ``Workload`` objects; a pod is ready (an endpoint of the Services that select it) when
+  an EndpointSlice lists it as ready: the EndpointSlice controller's verdict, as Linkerd's
+  destination reads it (so publishNotReadyAddresses and terminating endpoints follow Kubernetes). A
+  pod no slice lists is an endpoint of nothing;
 * HTTPRoute is served from policy.linkerd.io and gateway.networking.k8s.io; when both groups have
   a route of the same namespace/name, policy.linkerd.io's is used and the clash is reported.
 
@@ -113,8 +114,8 @@ class KubeStore:
         # Source errors: (source, namespace/name) -> message; the object's last good version is kept.
         self._refused: dict[tuple[str, Key], str] = {}
         self._missing: dict[str, str] = {}  # CRDs not served -> why
-        # Pods: the workload without readiness decided, the pod's own Ready condition.
-        self._pods: dict[Key, tuple[Resource, bool]] = {}
+        # Pods as workloads (their readiness follows the EndpointSlices).
+        self._pods: dict[Key, Resource] = {}
         # EndpointSlices: slice key -> pods it lists (-> ready); and pod -> the slices listing it.
         self._slices: dict[Key, Mapping[Key, bool]] = {}
         self._slices_of_pod: dict[Key, set[Key]] = {}
@@ -263,38 +264,33 @@ class KubeStore:
 
     # --- pods and EndpointSlices ----------------------------------------------------------------
 
-    def _pod_is_ready(self, key: Key, own: bool) -> bool:
-        slices = self._slices_of_pod.get(key)
-        if not slices:
-            return own
-        return any(self._slices[s].get(key, False) for s in slices)
+    def _pod_is_ready(self, key: Key) -> bool:
+        return any(self._slices[s].get(key, False) for s in self._slices_of_pod.get(key, ()))
 
     def _publish_pod(self, key: Key) -> None:
         entry = self._pods.get(key)
         if entry is None:
             self._publish("Workload", key, None)
             return
-        workload, own = entry
-        ready = self._pod_is_ready(key, own)
+        workload = entry
+        ready = self._pod_is_ready(key)
         if getattr(workload.spec, "ready", None) != ready:  # type: ignore[attr-defined]
             spec = workload.spec.model_copy(update={"ready": ready})  # type: ignore[attr-defined]
             workload = workload.model_copy(update={"spec": spec})
-            self._pods[key] = (workload, own)
+            self._pods[key] = workload
         self._publish("Workload", key, workload)
 
-    def _pod_from(self, obj: Mapping[str, Any]) -> tuple[Resource, bool] | None:
+    def _pod_from(self, obj: Mapping[str, Any]) -> Resource | None:
         if convert.pod_gone(obj):
             return None
         key = convert.key_of(obj)
-        own = convert.pod_ready(obj)
         try:
-            w = convert.pod_workload(obj, self._pod_is_ready(key, own))
+            w = convert.pod_workload(obj, self._pod_is_ready(key))
         except convert.ConversionError as e:
             self._refuse(str(PODS), key, str(e))
-            old = self._pods.get(key)
-            return old
+            return self._pods.get(key)
         self._refused.pop((str(PODS), key), None)
-        return (w, own)
+        return w
 
     def _pods_replace(self, items: Sequence[Mapping[str, Any]]) -> None:
         old = set(self._pods)
