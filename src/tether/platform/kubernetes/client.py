@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx2
+import yaml
 from lightkube.config.client_adapter import AsyncClient as make_async_client
 from lightkube.config.client_adapter import ConnectionParams
 from lightkube.config.kubeconfig import KubeConfig, SingleConfig
@@ -64,26 +66,31 @@ class ApiResource:
 def load_config(kubeconfig: str | None = None, context: str | None = None) -> SingleConfig:
     """The kubeconfig context to use, as kubectl picks it (--kubeconfig, $KUBECONFIG, ~/.kube/config,
     in-cluster), or KubeConfigError naming the file and the problem."""
+    if kubeconfig:
+        where = kubeconfig
+    elif os.environ.get("KUBECONFIG"):
+        # kubectl merges a list; the first file is the one that names the context here.
+        where = os.environ["KUBECONFIG"].split(os.pathsep)[0]
+    else:
+        where = "~/.kube/config (or the in-cluster service account)"
     try:
-        if kubeconfig:
-            cfg = KubeConfig.from_file(kubeconfig)
-            where = kubeconfig
-        elif os.environ.get("KUBECONFIG"):
-            # kubectl merges a list; the first file is the one that names the context here.
-            where = os.environ["KUBECONFIG"].split(os.pathsep)[0]
-            cfg = KubeConfig.from_file(where)
-        else:
-            where = "~/.kube/config (or the in-cluster service account)"
-            cfg = KubeConfig.from_env()
+        cfg = KubeConfig.from_file(where) if kubeconfig or os.environ.get("KUBECONFIG") else KubeConfig.from_env()
         single = cfg.get(context_name=context)
     except ConfigError as e:
         raise KubeConfigError(f"kubeconfig {where}: {e}") from None
     except FileNotFoundError as e:
         raise KubeConfigError(f"kubeconfig {e.filename or where}: no such file") from None
     except OSError as e:
-        raise KubeConfigError(f"kubeconfig {where}: {e}") from None
+        raise KubeConfigError(f"kubeconfig {where}: {e.strerror or e}") from None
+    except KeyError as e:
+        raise KubeConfigError(f"kubeconfig {where}: not a kubeconfig: {e} is missing") from None
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError) as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise KubeConfigError(f"kubeconfig {where}: not a valid kubeconfig: {why}") from None
     if single is None:
         raise KubeConfigError(f"kubeconfig {where}: no current context (pass --context)")
+    if single.user is None:
+        raise KubeConfigError(f"kubeconfig {where}: context {single.context_name!r} names no user")
     return single
 
 
@@ -106,7 +113,12 @@ class KubeClient:
         self.config = config
         self.timeout = timeout
         params = ConnectionParams(timeout=httpx2.Timeout(timeout), trust_env=False)
-        self._http: httpx2.AsyncClient = make_async_client(config, params)
+        try:
+            self._http: httpx2.AsyncClient = make_async_client(config, params)
+        except (OSError, ValueError, TypeError, AssertionError, ssl.SSLError) as e:
+            # Unreadable or invalid certificate files, a malformed server URL.
+            why = " ".join(str(e).split()) or type(e).__name__
+            raise KubeConfigError(f"kubeconfig context {config.context_name!r}: {why}") from None
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None, context: str | None = None,
