@@ -5,7 +5,8 @@
 Starts a test-bed cluster (etcd, kube-apiserver, controllers, scheduler, kwok with --nodes simulated
 nodes), the mesh's CRDs, and one `tether controller destination --platform kubernetes`. Then:
 
-* time to ready: process start to its /ready answering 200 (the first list of every resource included);
+* time to ready: process start to /ready answering 200, for the identity service (issuer Secret and
+  trust-roots ConfigMap read) and the destination service (the first list of every resource included);
 * a Deployment behind a Service scaled 0 -> N: the time from `kubectl scale` until a watch of the
   EndpointSlices (this script's own) sees N ready endpoints (Kubernetes's part: scheduler, kwok,
   EndpointSlice controller) and until a Destination.Get stream shows N (the whole path); the
@@ -39,7 +40,10 @@ from tether.platform.kubernetes.store import ENDPOINT_SLICES  # noqa: E402
 from tether.testing.kubecluster import KubeCluster, wait_until  # noqa: E402
 from tether.testing.kubeplatform import (  # noqa: E402
     EndpointWatch,
+    Issuers,
     KubeDestinationProc,
+    KubeIdentityProc,
+    apply,
     apply_crds,
     kubectl_apply,
 )
@@ -138,6 +142,19 @@ def main() -> int:
                                 "template": {"metadata": {"labels": {"app": "web"}},
                                              "spec": {"containers": [{"name": "app", "image": IMAGE,
                                                                       "ports": [{"containerPort": 8080}]}]}}}})
+        # The identity service: its Secret and ConfigMap read, TokenReview ready.
+        cluster.create_namespace("linkerd")
+        ca = Issuers("linkerd")
+        cert, key = ca.issuer()
+        apply(cluster, ca.roots(), ca.secret(cert, key))
+        began = time.monotonic()
+        ident = KubeIdentityProc(Path(tmp), cluster, "linkerd", "--log-level", "warn")
+        try:
+            ident.wait_ready(timeout=120)
+            out["identity_ready_s"] = round(time.monotonic() - began, 3)
+            out["identity_rss_mib"] = round(rss_mib(ident.pid), 1)
+        finally:
+            ident.stop()
         began = time.monotonic()
         dest = KubeDestinationProc(Path(tmp), cluster, "linkerd", "--log-level", "warn")
         try:

@@ -197,3 +197,64 @@ def test_backoff_grows_to_its_bound_with_jitter_and_resets() -> None:
     assert low.next() == 0.1
     b.reset()
     assert b.next() == 0.2
+
+
+# -- the store's merging of sources (handlers fed directly; no server) ---------------------------------
+
+
+def _store() -> Any:
+    from tether.platform.kubernetes.store import KubeStore
+
+    return KubeStore(client=None)  # type: ignore[arg-type]  # handlers only: nothing is requested
+
+
+def test_pod_readiness_follows_its_endpoint_slices() -> None:
+    store = _store()
+    pods = store.informers["pods"].handler
+    slices = store.informers["endpointslices.discovery.k8s.io"].handler
+    sub = store.watch("Workload")
+    assert sub.poll() is not None  # the (empty) snapshot; changes after it come as events
+    pods.replace([pod()])
+    w = store.get("Workload", "shop", "web-1")
+    assert w is not None and not w.spec.ready  # no slice lists it yet: an endpoint of nothing
+    slice_obj = {"metadata": {"name": "web-x", "namespace": "shop"},
+                 "endpoints": [{"addresses": ["10.244.0.5"], "conditions": {"ready": True},
+                                "targetRef": {"kind": "Pod", "name": "web-1"}}]}
+    slices.event("ADDED", slice_obj)
+    assert store.get("Workload", "shop", "web-1").spec.ready
+    slices.event("DELETED", slice_obj)
+    assert not store.get("Workload", "shop", "web-1").spec.ready
+    pods.event("DELETED", pod())
+    assert store.get("Workload", "shop", "web-1") is None
+    types = []
+    while (u := sub.poll()) is not None:
+        types.append(getattr(getattr(u, "change", None), "type", "snapshot"))
+    assert types == ["ADDED", "MODIFIED", "MODIFIED", "DELETED"]
+
+
+def test_httproute_from_both_groups_policy_wins_and_the_clash_is_reported() -> None:
+    store = _store()
+    policy = store.informers.get("httproutes.policy.linkerd.io")
+    assert policy is None  # custom informers are made once their CRD is found; feed the handlers directly
+    from tether.platform.kubernetes.store import CUSTOM_KINDS
+
+    def handler(group: str) -> Any:
+        ck = next(c for c in CUSTOM_KINDS if c.plural == "httproutes" and c.group == group)
+        return store._custom_informer(ck, ck.versions[0]).handler
+
+    l5d, gw = handler("policy.linkerd.io"), handler("gateway.networking.k8s.io")
+
+    def route(api: str) -> dict[str, Any]:
+        return {"apiVersion": api, "kind": "HTTPRoute", "metadata": {"name": "r", "namespace": "shop"},
+                "spec": {"parentRefs": [{"name": "web", "kind": "Service", "group": "core", "port": 80}],
+                         "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}
+
+    gw.event("ADDED", route("gateway.networking.k8s.io/v1"))
+    assert store.get("HTTPRoute", "shop", "r").api_version == "gateway.networking.k8s.io/v1"
+    l5d.event("ADDED", route("policy.linkerd.io/v1beta3"))
+    assert store.get("HTTPRoute", "shop", "r").api_version == "policy.linkerd.io/v1beta3"
+    [clash] = store.source_errors()
+    assert "exists in httproutes.policy.linkerd.io and httproutes.gateway.networking.k8s.io" in clash.errors[0]
+    l5d.event("DELETED", route("policy.linkerd.io/v1beta3"))
+    assert store.get("HTTPRoute", "shop", "r").api_version == "gateway.networking.k8s.io/v1"
+    assert not store.source_errors()

@@ -36,6 +36,7 @@ from tether.runtime.watch import Subscription, Watched
 log = logging.getLogger("tether.store")
 
 DEFAULT_QUEUE_LIMIT = 100_000
+MAX_LOGGED_NOTICES = 10_000
 
 NAMESPACES = ApiResource("", "v1", "namespaces", "Namespace", namespaced=False)
 SERVICES = ApiResource("", "v1", "services", "Service")
@@ -114,6 +115,7 @@ class KubeStore:
         # Source errors: (source, namespace/name) -> message; the object's last good version is kept.
         self._refused: dict[tuple[str, Key], str] = {}
         self._missing: dict[str, str] = {}  # CRDs not served -> why
+        self._notices: set[str] = set()  # notices already logged, so a resync does not repeat them
         # Pods as workloads (their readiness follows the EndpointSlices).
         self._pods: dict[Key, Resource] = {}
         # EndpointSlices: slice key -> pods it lists (-> ready); and pod -> the slices listing it.
@@ -215,8 +217,15 @@ class KubeStore:
             self._refuse(source, key, "; ".join(str(e) for e in out))
             return None
         self._refused.pop((source, key), None)
-        res = out.resource if isinstance(out, Loaded) else out
-        return convert.strip_status(res)
+        if isinstance(out, Loaded):
+            for n in out.notices:  # a seed's field real Linkerd lacks, applied with a notice
+                if n not in self._notices:
+                    if len(self._notices) >= MAX_LOGGED_NOTICES:
+                        self._notices.clear()  # bounded: at worst a notice is logged again
+                    self._notices.add(n)
+                    log.warning("notice: %s", n)
+            return convert.strip_status(out.resource)
+        return convert.strip_status(out)
 
     def _refuse(self, source: str, key: Key, message: str) -> None:
         if self._refused.get((source, key)) != message:
