@@ -4,7 +4,8 @@ Three identity and three destination replicas run with ``--platform kubernetes``
 pods (run by kwok, made Ready, listed by the real EndpointSlice controller) are what
 ``Destination.Get`` serves for their Service, on every replica, and a scale-up reaches the stream; a
 real ``tether proxy`` gets its certificate through TokenReview and its endpoints from the replicas,
-and keeps working when one replica of each is killed.
+and keeps working when one replica of each is killed. Inbound policy (WatchPort) follows Server,
+MeshTLSAuthentication and AuthorizationPolicy objects on the pods.
 """
 
 from __future__ import annotations
@@ -145,3 +146,70 @@ def test_three_replicas_serve_endpoint_slices_and_certify_a_real_proxy(
     finally:
         w.close()
     assert http_get(f"{proxy.admin}/ready")[0] == 200
+
+
+class PortWatch:
+    """An InboundServerPolicies.WatchPort stream followed in a thread: the last Server message."""
+
+    def __init__(self, addr: str, workload: str, port: int) -> None:
+        import threading
+
+        import grpc
+
+        from tether.api.gen import inbound_pb2, inbound_pb2_grpc
+
+        self.last: Any = None
+        self._channel = grpc.insecure_channel(addr)
+        self._stream = inbound_pb2_grpc.InboundServerPoliciesStub(self._channel).WatchPort(
+            inbound_pb2.PortSpec(workload=workload, port=port))
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        try:
+            for msg in self._stream:
+                self.last = msg
+        except Exception:  # cancelled by close()
+            return
+
+    def close(self) -> None:
+        self._stream.cancel()
+        self._channel.close()
+        self._thread.join(5)
+
+
+def test_inbound_policy_follows_server_crds_on_pods(
+    kube_cluster: KubeCluster, namespaces: tuple[str, str], tmp_path: Path, procs: list[Proc]
+) -> None:
+    cp, app = namespaces
+    kubectl_apply(kube_cluster, app, *web(1))
+    dest = KubeDestinationProc(tmp_path, kube_cluster, cp)
+    procs.append(dest)
+    dest.wait_ready()
+    ready_pods(kube_cluster, app, 1)
+    pods = kube_cluster.api.get(f"/api/v1/namespaces/{app}/pods", labelSelector="app=web")["items"]
+    name = pods[0]["metadata"]["name"]
+    watch = PortWatch(dest.addr, json.dumps({"ns": app, "pod": name}), 8080)
+    try:
+        wait_until(lambda: watch.last is not None and watch.last.labels["kind"] == "default", timeout=30,
+                   what="the default policy before any Server")
+        kubectl_apply(
+            kube_cluster, app,
+            {"apiVersion": "policy.linkerd.io/v1beta3", "kind": "Server", "metadata": {"name": "web-http"},
+             "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "port": "http", "proxyProtocol": "HTTP/1"}},
+            {"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "MeshTLSAuthentication",
+             "metadata": {"name": "clients"}, "spec": {"identities": [f"client.{app}.serviceaccount.identity.*"]}},
+            {"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "AuthorizationPolicy", "metadata": {"name": "web"},
+             "spec": {"targetRef": {"group": "policy.linkerd.io", "kind": "Server", "name": "web-http"},
+                      "requiredAuthenticationRefs": [{"group": "policy.linkerd.io", "kind": "MeshTLSAuthentication",
+                                                      "name": "clients"}]}},
+        )
+        wait_until(lambda: watch.last.labels.get("name") == "web-http"
+                   and watch.last.protocol.WhichOneof("kind") == "http1"
+                   and [a.labels["name"] for a in watch.last.authorizations] == ["web"],
+                   timeout=30, what="the Server, its protocol and its authorization on the stream")
+        kube_cluster.kubectl("delete", "-n", app, "server/web-http")
+        wait_until(lambda: watch.last.labels["kind"] == "default", timeout=30,
+                   what="the default policy again after the Server's deletion")
+    finally:
+        watch.close()
