@@ -238,3 +238,15 @@ def test_broken_webhook_ca_ha_and_data_plane_anchors_fail_their_categories(
     assert "\u203c multiple replicas of control plane pods\n    not enough replicas available for destination" in ha
     dp = category(r.stdout, "linkerd-identity-data-plane")
     assert "\u00d7 data plane proxies certificate match CA" in dp and "/old-" in dp
+
+
+def test_context_is_chosen_like_kubectl(kube_cluster: KubeCluster) -> None:
+    import yaml
+
+    current = yaml.safe_load(kube_cluster.kubeconfig.read_text())["current-context"]
+    ok = run_check(kube_cluster, "--pre", "--context", current, "-L", f"unused-{uuid.uuid4().hex[:6]}")
+    assert ok.returncode == 0, ok.stdout
+    bad = run_check(kube_cluster, "--pre", "--context", "elsewhere")
+    assert bad.returncode == 1
+    expected = f"kubeconfig {kube_cluster.kubeconfig}: Context 'elsewhere' not found"
+    assert f"\u00d7 can initialize the client\n    {expected}" in bad.stdout
