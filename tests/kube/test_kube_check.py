@@ -189,6 +189,18 @@ def test_expired_issuer_fails_linkerd_identity_with_its_hint(kube_cluster: KubeC
     assert "see https://linkerd.io/2/checks/#l5d-identity-issuer-cert-is-time-valid for hints" in lines
 
 
+def test_issuer_named_for_another_control_plane_is_a_warning(kube_cluster: KubeCluster, install: Install) -> None:
+    cert, key = create_issuer("identity.linkerd.cluster.local", install.ca.anchor, install.ca.anchor_key,
+                              dt.datetime.now(dt.UTC))
+    apply(kube_cluster, install.ca.secret(cert, key))
+    r = run_check(kube_cluster, "-L", install.cp)
+    assert r.returncode == 0  # a warning
+    lines = category(r.stdout, "linkerd-identity")
+    expected = f"identity.{install.cp}.cluster.local"
+    assert ("\u203c issuer cert is named for the control plane's namespace and trust domain\n"
+            f"    the issuer is named identity.linkerd.cluster.local, expected {expected}") in lines
+
+
 def test_missing_crd_fails_linkerd_config(kube_cluster: KubeCluster, install: Install) -> None:
     servers = next(ck for ck in CUSTOM_KINDS if ck.plural == "servers")
     kube_cluster.kubectl("delete", "crd", str(servers), "--wait=true")

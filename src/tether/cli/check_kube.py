@@ -321,10 +321,35 @@ def _kube_identity(ctx: CheckContext) -> None:
     ctx.cache["issuer_chain"] = tuple(certs[1:])
 
 
+def _trust_domain(ctx: CheckContext) -> str:
+    """identityTrustDomain from linkerd-config's values (Linkerd's key), else cluster.local."""
+    import yaml
+
+    cm = ctx.cache.get("linkerd-config") or _get(ctx, f"/api/v1/namespaces/{_ns(ctx)}/configmaps/linkerd-config")
+    try:
+        values = yaml.safe_load(((cm or {}).get("data") or {}).get("values") or "") or {}
+    except yaml.YAMLError:
+        values = {}
+    domain = values.get("identityTrustDomain") if isinstance(values, dict) else None
+    return str(domain or "cluster.local")
+
+
+def _kube_issuer_named(ctx: CheckContext) -> None:
+    from cryptography.x509.oid import NameOID
+
+    expected = f"identity.{_ns(ctx)}.{_trust_domain(ctx)}"
+    names = [str(a.value) for a in ctx.cache["issuer"].subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if expected not in names:
+        raise CheckFailed(f"the issuer is named {', '.join(names) or '(no CN)'}, expected {expected}: proxies "
+                          f"verifying the control plane in namespace {_ns(ctx)} will not trust what it issues")
+
+
 KUBE_IDENTITY = Category(
     "linkerd-identity",
     (Checker("certificate config is valid", _kube_identity, "l5d-identity-cert-config-valid", fatal=True),
-     *[c for c in IDENTITY.checkers[1:] if c.description != IDENTITY.checkers[-1].description]),
+     *[c for c in IDENTITY.checkers[1:] if c.description != IDENTITY.checkers[-1].description],
+     Checker("issuer cert is named for the control plane's namespace and trust domain", _kube_issuer_named,
+             "the issuer's CN must be identity.<control-plane-namespace>.<identityTrustDomain>", warning=True)),
     mode="kube",
 )
 
