@@ -120,7 +120,8 @@ def test_check_unknown_category_is_a_usage_error(capsys: pytest.CaptureFixture[s
 def test_check_pre_says_it_checks_nothing_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "check", "--pre", "--state-dir", str(tmp_path))
     assert code == 1 and out == ""
-    assert "no pre-installation checks exist yet" in err and "nothing was checked" in err
+    assert "the local platform has no pre-installation checks" in err and "--platform kubernetes" in err
+    assert "nothing was checked" in err
 
 
 def test_check_proxy_runs_the_data_plane_categories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

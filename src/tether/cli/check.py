@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from tether import __version__
 from tether.cli.errors import OperationFailed
 from tether.cli.output import dump, output_option
-from tether.cli.params import DNS_LABEL, POSITIVE_DURATION, state_dir_option
+from tether.cli.params import DNS_LABEL, POSITIVE_DURATION, platform_options, state_dir_option
 
 HINT_BASE = "https://linkerd.io/2/checks/#"
 # Linkerd's marks; spelled as escapes so no reader mistakes them for letters.
@@ -37,7 +37,10 @@ EXPIRY_WARNING = dt.timedelta(days=60)
 PRE_KUBERNETES = ("kubernetes-api", "kubernetes-version", "pre-kubernetes-setup")
 
 # "local" and "local-proxy" run like "default" and "proxy" when the state directory holds a local mesh.
-Mode = Literal["default", "proxy", "pre", "local", "local-proxy"]
+# "kube-base" runs first on Kubernetes (reaching the API server), then "kube-pre" with --pre, else
+# "kube" and, with --proxy, "kube-proxy" (tether.cli.check_kube).
+Mode = Literal["default", "proxy", "pre", "local", "local-proxy", "kube-base", "kube-pre", "kube", "kube-proxy"]
+KUBE_MODES = ("kube-base", "kube-pre", "kube", "kube-proxy")
 
 
 class CheckFailed(Exception):
@@ -54,6 +57,10 @@ class CheckOptions:
     identity_issuer_certificate_file: str | None = None
     namespace: str | None = None  # data-plane checks: only this namespace's workloads
     timeout: float = 5.0  # per probe of a running process
+    platform: str = "local"
+    kubeconfig: str | None = None
+    kube_context: str | None = None
+    controller_namespace: str = "linkerd"
 
 
 @dataclass
@@ -85,7 +92,8 @@ CATEGORIES: list[Category] = []
 
 
 def register_category(category: Category) -> None:
-    if any(c.name == category.name for c in CATEGORIES):
+    kube = category.mode in KUBE_MODES
+    if any(c.name == category.name and (c.mode in KUBE_MODES) == kube for c in CATEGORIES):
         raise ValueError(f"check category {category.name!r} is registered twice")
     CATEGORIES.append(category)
 
@@ -700,9 +708,19 @@ for _cat in (EXISTENCE, IDENTITY, CONTROL_PLANE_VERSION, DATA_PLANE, IDENTITY_DA
 # -- the command -----------------------------------------------------------------------------------
 
 
-def _categories(pre: bool, proxy: bool, names: tuple[str, ...], local: bool = False) -> list[Category]:
+def _categories(pre: bool, proxy: bool, names: tuple[str, ...], local: bool = False,
+                kube: bool = False) -> list[Category]:
+    if kube:
+        import tether.cli.check_kube  # noqa: F401 - registers the Kubernetes categories
+
+        base = [c for c in CATEGORIES if c.mode == "kube-base"]
+        if names:
+            known = {c.name: c for c in CATEGORIES if c.mode in KUBE_MODES}
+            return base + [known[n] for n in dict.fromkeys(names) if known[n] not in base]
+        modes = {"kube-pre"} if pre else {"kube", *(("kube-proxy",) if proxy else ())}
+        return base + [c for c in CATEGORIES if c.mode in modes]
     if names:
-        known = {c.name: c for c in CATEGORIES}
+        known = {c.name: c for c in CATEGORIES if c.mode not in KUBE_MODES}
         return [known[n] for n in dict.fromkeys(names)]
     if pre:
         return [c for c in CATEGORIES if c.mode == "pre"]
@@ -712,7 +730,9 @@ def _categories(pre: bool, proxy: bool, names: tuple[str, ...], local: bool = Fa
 
 
 def _check_category(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
-    known = [c.name for c in CATEGORIES]
+    if value:
+        import tether.cli.check_kube  # noqa: F401 - registers the Kubernetes categories
+    known = list(dict.fromkeys(c.name for c in CATEGORIES))
     for name in value:
         if name not in known:
             raise click.BadParameter(f"{name!r} is not a check category (one of: {', '.join(known)})", ctx, param)
@@ -733,10 +753,15 @@ def _check_category(ctx: click.Context, param: click.Parameter, value: tuple[str
 @click.option("--identity-issuer-certificate-file", metavar="PATH", help="PEM issuer certificate")
 @click.option("--timeout", type=POSITIVE_DURATION, default="5s", show_default=True,
               help="time allowed for each running process's answer")
+@platform_options
+@click.option("-L", "--linkerd-namespace", "--controller-namespace", "controller_namespace", type=DNS_LABEL,
+              default="linkerd", show_default=True, envvar="TETHER_CONTROLLER_NAMESPACE",
+              help="with --platform kubernetes: the control plane's namespace")
 @output_option(("table", "json", "yaml"))
 def check(pre: bool, proxy: bool, categories: tuple[str, ...], namespace: str | None, state_dir: str,
           identity_issuer_dir: str | None, identity_trust_anchors_file: str | None,
-          identity_issuer_certificate_file: str | None, timeout: float, output: str) -> int:
+          identity_issuer_certificate_file: str | None, timeout: float, platform: str, kubeconfig: str | None,
+          kube_context: str | None, controller_namespace: str, output: str) -> int:
     """Check that the local control plane is running and its certificates are valid; with --proxy,
     that the proxies are ready and hold certificates from the trust anchors.
 
@@ -744,26 +769,42 @@ def check(pre: bool, proxy: bool, categories: tuple[str, ...], namespace: str | 
     Categories (default: linkerd-existence, linkerd-identity, control-plane-version; --proxy adds
     linkerd-data-plane, linkerd-identity-data-plane). On a local mesh (`tether up`) also
     tether-local (supervisor, control plane serving, state directory private) and, with --proxy,
-    tether-local-data-plane (pods running, proxies ready and certified, clocks). --pre checks
-    nothing yet: it would check a Kubernetes cluster before install, which tether does not have, so
-    it fails and says so.
+    tether-local-data-plane (pods running, proxies ready and certified, clocks). --pre on the local
+    platform checks nothing (it checks a Kubernetes cluster before install), so it fails and says so.
+
+    \b
+    With --platform kubernetes (and --kubeconfig/--context, as kubectl's), Linkerd's categories
+    against the cluster: kubernetes-api and kubernetes-version always; with --pre,
+    pre-kubernetes-setup (the control-plane namespace is free, permissions by
+    SelfSubjectAccessReview, clock skew); otherwise linkerd-existence, linkerd-config,
+    linkerd-identity (issuer Secret and trust-roots ConfigMap), linkerd-webhooks-and-apisvc-tls,
+    linkerd-control-plane-proxy, linkerd-ha-checks, and with --proxy [-n NS] linkerd-data-plane
+    and linkerd-identity-data-plane.
 
     The exit status is 1 when a check fails (warnings do not count). -o json prints Linkerd's shape:
     {"success": bool, "categories": [{"categoryName", "checks": [{"description", "hint", "result",
     "error"}]}]}.
     """
-    chosen = _categories(pre, proxy, categories, local=(Path(state_dir) / "mesh.json").exists())
+    kube = platform == "kubernetes"
+    chosen = _categories(pre, proxy, categories, local=not kube and (Path(state_dir) / "mesh.json").exists(),
+                         kube=kube)
     if not chosen:
         raise OperationFailed(
-            "--pre: no pre-installation checks exist yet: Linkerd's (" + ", ".join(PRE_KUBERNETES) + ") check a "
-            "Kubernetes cluster before `install`, which tether does not have yet; nothing was checked"
+            "--pre: the local platform has no pre-installation checks: Linkerd's (" + ", ".join(PRE_KUBERNETES)
+            + ") check a Kubernetes cluster before `install`: run `tether check --pre --platform kubernetes`; "
+            "nothing was checked"
         )
     opts = CheckOptions(state_dir, identity_issuer_dir, identity_trust_anchors_file,
-                        identity_issuer_certificate_file, namespace, timeout)
+                        identity_issuer_certificate_file, namespace, timeout, platform, kubeconfig, kube_context,
+                        controller_namespace)
     ctx = CheckContext(opts, dt.datetime.now(dt.UTC))
-    if output == "table":
-        _, ok = run_checks(chosen, ctx, sys.stdout)
-    else:
-        outcomes, ok = run_checks(chosen, ctx)
-        dump(json_result(chosen, outcomes, ok), output)
+    try:
+        if output == "table":
+            _, ok = run_checks(chosen, ctx, sys.stdout)
+        else:
+            outcomes, ok = run_checks(chosen, ctx)
+            dump(json_result(chosen, outcomes, ok), output)
+    finally:
+        if (kube_client := ctx.cache.get("kube")) is not None:
+            kube_client.close()
     return 0 if ok else 1

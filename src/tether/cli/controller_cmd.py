@@ -24,6 +24,7 @@ from tether.cli.params import (
     DURATION,
     POSITIVE_DURATION,
     control_plane_options,
+    platform_options,
     state_dir_option,
 )
 from tether.cli.tree import Lazy, LazyGroup
@@ -92,19 +93,45 @@ def configure_logging(level: str, fmt: str) -> None:
               "(proxies verify it against their trust anchors)")
 @click.option("--identity-service-account", type=DNS_LABEL, default="linkerd-identity", show_default=True,
               help="this service's own service account (its TLS identity)")
+@platform_options
+@click.option("--issuer-secret", default="linkerd-identity-issuer", show_default=True, type=DNS_LABEL, metavar="NAME",
+              help="with --platform kubernetes: the issuer Secret in --controller-namespace (type kubernetes.io/tls "
+                   "or linkerd.io/tls)")
+@click.option("--trust-anchors-configmap", default="linkerd-identity-trust-roots", show_default=True, metavar="NAME",
+              help="with --platform kubernetes: the ConfigMap holding the trust anchors (key ca-bundle.crt); "
+                   "empty: the issuer Secret's ca.crt")
+@click.option("--token-audience", "token_audiences", multiple=True, default=("identity.l5d.io",), show_default=True,
+              metavar="AUDIENCE", help="with --platform kubernetes: the audience workload tokens must carry "
+                                       "(TokenReview); repeat for several")
 @log_options
 def identity(addr: tuple[str, int], admin_addr: tuple[str, int], controller_namespace: str, trust_domain: str,
              issuer_dir: str | None, issuer_cert: str | None, issuer_key: str | None, trust_anchors: str | None,
              issuance_lifetime: float, clock_skew_allowance: float, reload_interval: float, state_dir: str,
-             rate: float, burst: int, tls: bool, identity_service_account: str, log_level: str,
-             log_format: str) -> int:
+             rate: float, burst: int, tls: bool, identity_service_account: str, platform: str,
+             kubeconfig: str | None, kube_context: str | None, issuer_secret: str, trust_anchors_configmap: str,
+             token_audiences: tuple[str, ...], log_level: str, log_format: str) -> int:
     """The identity service: sign workload CSRs after validating the workload's token.
 
     The issuer is read from files (--issuer-dir, or the three --identity-*-file flags) and reloaded
     when they change. Workload tokens are checked against the local registry in --state-dir
     (`tether workload register`). While it serves, the service records its addresses in
     STATE_DIR/control-plane/, where `tether check` and `tether version` find it.
+
+    With --platform kubernetes, workload tokens are projected service-account tokens checked by
+    TokenReview (audience identity.l5d.io), and the issuer comes from --issuer-secret with the trust
+    anchors from --trust-anchors-configmap, both watched: a rotated issuer is used without restart.
     """
+    if platform == "kubernetes":
+        if issuer_dir or issuer_cert or issuer_key or trust_anchors:
+            raise CliError("--platform kubernetes reads the issuer from --issuer-secret: "
+                           "drop --issuer-dir and the --identity-*-file flags")
+        configure_logging(log_level, log_format)
+        return _identity_kubernetes(
+            addr=addr, admin_addr=admin_addr, controller_namespace=controller_namespace, trust_domain=trust_domain,
+            issuance_lifetime=issuance_lifetime, clock_skew=clock_skew_allowance, rate=rate, burst=burst, tls=tls,
+            service_account=identity_service_account, kubeconfig=kubeconfig, context=kube_context,
+            secret=issuer_secret, roots=trust_anchors_configmap or None, audiences=token_audiences,
+        )
     from tether.control.identity.credentials import CredentialPaths
     from tether.control.identity.server import IdentityController, IdentityServerConfig
     from tether.core.identity.certs import CertificateError
@@ -157,6 +184,53 @@ def identity(addr: tuple[str, int], admin_addr: tuple[str, int], controller_name
         asyncio.run(run())
     except* (OSError, RuntimeError) as eg:
         # grpc reports a port it cannot bind as RuntimeError.
+        raise OperationFailed(f"cannot serve: {eg.exceptions[0]}") from None
+    return 0
+
+
+def _identity_kubernetes(*, addr: tuple[str, int], admin_addr: tuple[str, int], controller_namespace: str,
+                         trust_domain: str, issuance_lifetime: float, clock_skew: float, rate: float, burst: int,
+                         tls: bool, service_account: str, kubeconfig: str | None, context: str | None, secret: str,
+                         roots: str | None, audiences: tuple[str, ...]) -> int:
+    from tether.control.identity.server import IdentityController, IdentityServerConfig, issuance_policy, utcnow
+    from tether.core.identity.certs import CertificateError
+    from tether.platform.kubernetes.client import KubeClient, KubeConfigError, KubeError
+    from tether.platform.kubernetes.identity import SecretIssuer, TokenReviewValidator
+
+    cfg = IdentityServerConfig(
+        addr=addr, admin_addr=admin_addr, trust_domain=trust_domain, control_plane_ns=controller_namespace,
+        issuance_lifetime=issuance_lifetime, clock_skew=clock_skew, rate=rate, burst=burst, tls=tls,
+        service_account=service_account,
+    )
+    try:
+        client = KubeClient.connect(kubeconfig, context)
+    except KubeConfigError as e:
+        raise CliError(f"--kubeconfig/--context: {e}") from None
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with client:
+            try:
+                issuer = await SecretIssuer.load(client, controller_namespace, secret, roots,
+                                                 policy=issuance_policy(cfg), now=utcnow)
+            except CertificateError as e:
+                raise OperationFailed(f"refusing to start: {e}") from None
+            except KubeError as e:
+                raise OperationFailed(f"refusing to start: cannot read the issuer: {e}") from None
+            service = IdentityController(cfg, TokenReviewValidator(client, audiences), issuer=issuer)
+            _warn_on_name_mismatch(issuer.current.issuer.certificate, controller_namespace, trust_domain)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(issuer.run(stop))
+                await service.run(stop)
+
+    try:
+        asyncio.run(run())
+    except* OperationFailed as eg:
+        raise eg.exceptions[0] from None
+    except* (OSError, RuntimeError) as eg:
         raise OperationFailed(f"cannot serve: {eg.exceptions[0]}") from None
     return 0
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
 import click
 
 from tether.cli.controller_cmd import configure_logging, log_options
-from tether.cli.errors import OperationFailed
+from tether.cli.errors import CliError, OperationFailed
 from tether.cli.params import (
     ADDRESS,
     CIDRS,
@@ -21,6 +22,7 @@ from tether.cli.params import (
     POSITIVE_DURATION,
     TRUST_DOMAIN,
     control_plane_options,
+    platform_options,
     resources_dir_option,
     state_dir_option,
 )
@@ -66,11 +68,16 @@ POLICIES = (
 @click.option("--global-egress-network-namespace", type=DNS_LABEL, default="linkerd-egress", show_default=True,
               metavar="NAMESPACE", help="EgressNetworks in this namespace apply to clients in every namespace "
               "that has none of its own (as Linkerd's policy controller)")
+@platform_options
+@click.option("--sync-timeout", type=POSITIVE_DURATION, default="60s", show_default=True,
+              help="with --platform kubernetes: how long the first list of every resource may take before the "
+                   "service gives up (it serves only once it has the whole picture)")
 @log_options
 def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_dir: str, state_dir: str,
                 controller_namespace: str, trust_domain: str, cluster_domain: str, default_policy: str,
                 cluster_networks: tuple[str, ...], probe_networks: tuple[str, ...], stream_queue_limit: int,
                 poll_interval: float, allow_l5d_request_headers: bool, global_egress_network_namespace: str,
+                platform: str, kubeconfig: str | None, kube_context: str | None, sync_timeout: float,
                 log_level: str, log_format: str) -> int:
     """The destination service: what proxies learn about the services they call and serve.
 
@@ -80,6 +87,9 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
     a file that does not validate is logged and its last good version kept) and the workload
     registry in --state-dir. Run several over the same directory for high availability: proxies
     dial them all and fail over.
+
+    With --platform kubernetes the store is the API server instead: Services, Pods (ready as their
+    EndpointSlices say), Namespaces and the mesh's CRDs, listed once before serving, then watched.
     """
     from tether.control.destination.server import DestinationConfig, DestinationController
     from tether.control.destination.translate import Settings
@@ -101,6 +111,8 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
         ),
         queue_limit=stream_queue_limit,
     )
+    if platform == "kubernetes":
+        return _run_kubernetes(cfg, kubeconfig, kube_context, sync_timeout)
     store = LocalStore(resources_dir, state_dir, poll_interval=max(0.01, poll_interval), queue_limit=100_000)
     for err in store.source_errors():
         for line in err.errors:
@@ -116,6 +128,48 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
 
     try:
         asyncio.run(run())
+    except* (OSError, RuntimeError) as eg:
+        # grpc reports a port it cannot bind as RuntimeError.
+        raise OperationFailed(f"cannot serve: {eg.exceptions[0]}") from None
+    return 0
+
+
+def _run_kubernetes(cfg: Any, kubeconfig: str | None, context: str | None, sync_timeout: float) -> int:
+    from tether.control.destination.server import DestinationController
+    from tether.platform.kubernetes.client import KubeClient, KubeConfigError, KubeError
+    from tether.platform.kubernetes.store import KubeStore
+
+    try:
+        client = KubeClient.connect(kubeconfig, context)
+    except KubeConfigError as e:
+        raise CliError(f"--kubeconfig/--context: {e}") from None
+    log = logging.getLogger("tether.store")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with client:
+            store = KubeStore(client)
+            began = loop.time()
+            try:
+                await store.sync(sync_timeout)
+            except TimeoutError:
+                raise OperationFailed(f"refusing to serve: the API server {client.server} did not list every "
+                                      f"resource within --sync-timeout {sync_timeout:g}s") from None
+            except KubeError as e:
+                raise OperationFailed(f"refusing to serve: {e}") from None
+            log.info("listed the cluster's resources from %s in %.2fs", client.server, loop.time() - began)
+            for err in store.source_errors():
+                for line in err.errors:
+                    log.warning("%s", line)
+            await DestinationController(store, cfg).run(stop)
+
+    try:
+        asyncio.run(run())
+    except* OperationFailed as eg:
+        raise eg.exceptions[0] from None
     except* (OSError, RuntimeError) as eg:
         # grpc reports a port it cannot bind as RuntimeError.
         raise OperationFailed(f"cannot serve: {eg.exceptions[0]}") from None

@@ -187,3 +187,25 @@ def namespace_option(f: F) -> F:
     return click.option(
         "-n", "--namespace", default="default", show_default=True, type=DNS_LABEL, help="the workload's namespace"
     )(f)
+
+
+PLATFORMS = ("local", "kubernetes")
+
+
+def kube_options(f: F) -> F:
+    """``--kubeconfig`` and ``--context``, as kubectl's (default: $KUBECONFIG, ~/.kube/config, or in-cluster)."""
+    f = click.option("--context", "kube_context", metavar="NAME", default=None,
+                     help="kubeconfig context to use (default: the current context)")(f)
+    f = click.option("--kubeconfig", metavar="PATH", default=None, type=click.Path(dir_okay=False),
+                     help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or the in-cluster account)")(f)
+    return f
+
+
+def platform_options(f: F) -> F:
+    """``--platform local|kubernetes`` plus the Kubernetes connection flags."""
+    f = kube_options(f)
+    f = click.option("--platform", type=click.Choice(PLATFORMS), default="local", show_default=True,
+                     envvar="TETHER_PLATFORM", show_envvar=True,
+                     help="where the mesh's resources, workloads and tokens come from: the local store, or "
+                          "the Kubernetes API server")(f)
+    return f

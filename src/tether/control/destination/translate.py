@@ -135,6 +135,8 @@ def default_meta(name: str) -> meta_pb2.Metadata:
 def identity_of(w: Workload | ExternalWorkload, s: Settings) -> str | None:
     if isinstance(w, ExternalWorkload):
         return w.spec.mesh_tls.identity
+    if not w.spec.meshed:
+        return None  # no proxy to terminate mTLS: clients connect in plain text
     try:
         return WorkloadIdentity(w.spec.service_account, w.namespace, s.control_plane_ns, s.trust_domain).dns_name
     except IdentityNameError:

@@ -81,22 +81,14 @@ class LoadedCredentials:
     valid_until: dt.datetime
 
 
-def load_credentials(paths: CredentialPaths, now: dt.datetime) -> LoadedCredentials:
-    """Read and validate the issuer and anchors; raises CertificateError with a one-line reason."""
+def credentials_from_pem(cert_pem: bytes, key_pem: bytes, anchors_pem: bytes, now: dt.datetime,
+                         sources: tuple[str, str, str] = ("issuer certificate", "issuer key", "trust anchors"),
+                         ) -> LoadedCredentials:
+    """Validate an issuer and anchors given as PEM; raises CertificateError with a one-line reason.
 
-    def read(p: Path, what: str) -> bytes:
-        try:
-            return p.read_bytes()
-        except OSError as e:
-            raise CertificateError(f"cannot read the {what} {p}: {e.strerror}") from None
-
-    bundle = TrustBundle.from_pem(read(paths.trust_anchors, "trust anchors"), str(paths.trust_anchors))
-    creds = load_issuer(
-        read(paths.issuer_cert, "issuer certificate"),
-        read(paths.issuer_key, "issuer key"),
-        str(paths.issuer_cert),
-        str(paths.issuer_key),
-    )
+    ``sources`` names where each came from (files, or a Secret's and a ConfigMap's keys) for errors."""
+    bundle = TrustBundle.from_pem(anchors_pem, sources[2])
+    creds = load_issuer(cert_pem, key_pem, sources[0], sources[1])
     validate_issuer(creds, bundle, now)
     path = chain_to_anchor(creds.certificate, creds.chain, bundle, now, "issuer")
     return LoadedCredentials(
@@ -107,21 +99,33 @@ def load_credentials(paths: CredentialPaths, now: dt.datetime) -> LoadedCredenti
     )
 
 
-class FileIssuer:
-    """An Issuer over files, reloaded when they change; keeps the last good issuer if a reload fails."""
+def load_credentials(paths: CredentialPaths, now: dt.datetime) -> LoadedCredentials:
+    """Read and validate the issuer and anchors; raises CertificateError with a one-line reason."""
 
-    def __init__(
-        self,
-        paths: CredentialPaths,
-        policy: IssuancePolicy,
-        now: Callable[[], dt.datetime],
-    ) -> None:
-        self.paths = paths
+    def read(p: Path, what: str) -> bytes:
+        try:
+            return p.read_bytes()
+        except OSError as e:
+            raise CertificateError(f"cannot read the {what} {p}: {e.strerror}") from None
+
+    anchors = read(paths.trust_anchors, "trust anchors")
+    return credentials_from_pem(
+        read(paths.issuer_cert, "issuer certificate"),
+        read(paths.issuer_key, "issuer key"),
+        anchors,
+        now,
+        (str(paths.issuer_cert), str(paths.issuer_key), str(paths.trust_anchors)),
+    )
+
+
+class ReloadingIssuer:
+    """An Issuer over credentials that a platform replaces when their source changes; the last good
+    credentials stay in force when a new version does not validate."""
+
+    def __init__(self, current: LoadedCredentials, policy: IssuancePolicy, now: Callable[[], dt.datetime]) -> None:
+        self.current = current
         self.policy = policy
         self.now = now
-        self._sig: FileSignature = signature(paths)
-        # Raises CertificateError: the service refuses to start without a valid issuer.
-        self.current: LoadedCredentials = load_credentials(paths, now())
         self.reloads_ok = 0
         self.reload_errors = 0
         self.last_error: str | None = None
@@ -132,15 +136,51 @@ class FileIssuer:
             raise Unavailable(
                 f"no valid issuer: {describe(cur.issuer.certificate, 'issuer')} (chain valid "
                 f"{fmt_time(cur.valid_from)} to {fmt_time(cur.valid_until)}) cannot sign at {fmt_time(now)}. "
-                "Fix: replace the issuer files with an issuer valid now"
+                f"Fix: {self.fix_hint}"
             )
         try:
             return issue_leaf(cur.issuer, csr, identity, now, self.policy, limit=cur.valid_until)
         except CertificateError as e:
             raise Unavailable(str(e)) from None
 
+    fix_hint = "replace the issuer with one valid now"
+    source_name = "the issuer"
+
     def ready(self, now: dt.datetime) -> bool:
         return self.current.valid_from <= now < self.current.valid_until
+
+    def check_for_changes(self) -> bool:
+        """Poll the source; True if a new issuer was loaded (sources that push changes return False)."""
+        return False
+
+    def replaced(self, loaded: LoadedCredentials) -> None:
+        self.current = loaded
+        self.reloads_ok += 1
+        self.last_error = None
+        log.info("issuer reloaded: %s", describe(loaded.issuer.certificate, "issuer"))
+
+    def refused(self, error: str) -> None:
+        self.reload_errors += 1
+        self.last_error = error
+        log.error("%s changed but were not loaded; still using the previous issuer: %s", self.source_name, error)
+
+
+class FileIssuer(ReloadingIssuer):
+    """An Issuer over files, reloaded when they change; keeps the last good issuer if a reload fails."""
+
+    fix_hint = "replace the issuer files with an issuer valid now"
+    source_name = "issuer files"
+
+    def __init__(
+        self,
+        paths: CredentialPaths,
+        policy: IssuancePolicy,
+        now: Callable[[], dt.datetime],
+    ) -> None:
+        self.paths = paths
+        self._sig: FileSignature = signature(paths)
+        # Raises CertificateError: the service refuses to start without a valid issuer.
+        super().__init__(load_credentials(paths, now()), policy, now)
 
     def check_for_changes(self) -> bool:
         """Reload if the files changed; True if a new issuer was loaded."""
@@ -151,12 +191,7 @@ class FileIssuer:
         try:
             loaded = load_credentials(self.paths, self.now())
         except CertificateError as e:
-            self.reload_errors += 1
-            self.last_error = str(e)
-            log.error("issuer files changed but were not loaded; still using the previous issuer: %s", e)
+            self.refused(str(e))
             return False
-        self.current = loaded
-        self.reloads_ok += 1
-        self.last_error = None
-        log.info("issuer reloaded: %s", describe(loaded.issuer.certificate, "issuer"))
+        self.replaced(loaded)
         return True

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tether.api.gen import identity_pb2, identity_pb2_grpc
-from tether.control.identity.credentials import CredentialPaths, FileIssuer
+from tether.control.identity.credentials import CredentialPaths, FileIssuer, ReloadingIssuer
 from tether.control.identity.ratelimit import RateLimiter
 from tether.control.identity.service import CertifyError, IdentityService, TokenValidator
 from tether.core.identity.certs import certificates_pem
@@ -56,6 +56,11 @@ class IdentityServerConfig:
     # <service_account>.<cp-ns>.serviceaccount.identity.<cp-ns>.<td>; proxies verify it with their anchors.
     tls: bool = False
     service_account: str = "linkerd-identity"
+
+
+def issuance_policy(cfg: IdentityServerConfig) -> IssuancePolicy:
+    """The issuance policy the configuration asks for (lifetime, clock-skew allowance)."""
+    return IssuancePolicy(dt.timedelta(seconds=cfg.issuance_lifetime), dt.timedelta(seconds=cfg.clock_skew))
 
 
 class _Servicer(identity_pb2_grpc.IdentityServicer):
@@ -96,13 +101,16 @@ def _peer_host(peer: str) -> str:
 class IdentityController:
     """The running service: gRPC server, issuer reload loop, admin server."""
 
-    def __init__(self, cfg: IdentityServerConfig, validator: TokenValidator) -> None:
-        if cfg.paths is None:
-            raise ValueError("issuer paths are required")
+    def __init__(self, cfg: IdentityServerConfig, validator: TokenValidator,
+                 issuer: ReloadingIssuer | None = None) -> None:
         self.cfg = cfg
-        policy = IssuancePolicy(dt.timedelta(seconds=cfg.issuance_lifetime), dt.timedelta(seconds=cfg.clock_skew))
-        # Raises CertificateError when the issuer cannot be used: the caller prints it and exits.
-        self.issuer = FileIssuer(cfg.paths, policy, utcnow)
+        if issuer is None:
+            if cfg.paths is None:
+                raise ValueError("issuer paths are required")
+            # Raises CertificateError when the issuer cannot be used: the caller prints it and exits.
+            issuer = FileIssuer(cfg.paths, issuance_policy(cfg), utcnow)
+        # From files, or from a platform that replaces it when its source changes (a Kubernetes Secret).
+        self.issuer = issuer
         self.service = IdentityService(
             validator,  # the platform's (the CLI wires it: local bootstrap tokens, Kubernetes TokenReview)
             self.issuer,

@@ -94,6 +94,9 @@ class WorkloadSpec(Strict):
     ready: bool = True
     # The proxy's inbound port, when it is not the default 4143 (local workloads run several on one host).
     proxy_inbound_port: Port | None = None
+    # Whether a proxy runs beside it: only then do clients get its identity and speak mTLS to it (a
+    # Kubernetes pod without the linkerd-proxy container is not meshed; every local workload is).
+    meshed: bool = True
 
 
 class Workload(Resource):
