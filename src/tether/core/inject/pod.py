@@ -397,6 +397,8 @@ def uninject(pod: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
                 del labels[key]
             if not labels:
                 del meta["labels"]
+        if not meta and changed:
+            del out["metadata"]
     return out, changed
 
 
