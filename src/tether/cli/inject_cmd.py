@@ -86,12 +86,14 @@ def _template(obj: dict[str, Any], where: str) -> dict[str, Any] | None:
 
 
 def _describe(obj: Mapping[str, Any]) -> str:
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+    m = obj.get("metadata")
+    meta: Mapping[str, Any] = m if isinstance(m, Mapping) else {}
     return f'{str(obj.get("kind", "object")).lower()} "{meta.get("name", "")}"'
 
 
 def _where(name: str, index: int, obj: Mapping[str, Any]) -> str:
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+    m = obj.get("metadata")
+    meta: Mapping[str, Any] = m if isinstance(m, Mapping) else {}
     return f"{name}: document {index} ({obj.get('kind', '?')} {meta.get('name', '?')})"
 
 
