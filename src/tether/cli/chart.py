@@ -89,3 +89,8 @@ def checked(values: dict[str, Any], chart: str = CONTROL_PLANE) -> dict[str, Any
     if problems:
         raise CliError("values: " + "; ".join(problems))
     return combine(defaults(chart), [values])
+
+
+def combine_defaults(values: dict[str, Any], name: str = CONTROL_PLANE) -> dict[str, Any]:
+    """The chart's defaults with ``values`` over them, unchecked."""
+    return combine(defaults(name), [values])

@@ -156,7 +156,7 @@ class InjectValues:
         proxy_version = _str(values, "proxy.image.version") or version
         init_resources = Resources.from_values(values, "proxy.resources")
         # proxyInit.resources: the seeds set it (004); Linkerd ignores it since 2.16, tether applies it.
-        if isinstance(values.get("proxyInit"), Mapping) and "resources" in values["proxyInit"]:
+        if isinstance(values.get("proxyInit"), Mapping) and values["proxyInit"].get("resources"):
             init_resources = Resources.from_values(values, "proxyInit.resources")
         return cls(
             namespace=namespace,

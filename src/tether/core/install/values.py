@@ -45,7 +45,8 @@ def _split(text: str, sep: str) -> list[str]:
     while i < len(text):
         ch = text[i]
         if ch == "\\" and i + 1 < len(text):
-            cur += text[i + 1]
+            # An escaped separator is kept as text; other escapes (\. in a key) are left for the key.
+            cur += text[i + 1] if text[i + 1] in (sep, "{", "}") else text[i : i + 2]
             i += 2
             continue
         if ch == "{":
