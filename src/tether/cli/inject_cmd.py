@@ -22,7 +22,7 @@ import yaml
 
 from tether import __version__
 from tether.cli.errors import CliError, OperationFailed
-from tether.cli.params import DURATION, PORTS
+from tether.cli.params import ADDRESS, DURATION, PORTS
 
 # kind -> where its pod template is (a path of keys from the object).
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -286,3 +286,69 @@ def proxy_await(admin_port: int, timeout: float) -> int:
             last = str(e)
         time.sleep(0.1)  # polling a readiness endpoint: the wait itself is what this command is for
     raise OperationFailed(f"the proxy on 127.0.0.1:{admin_port} was not ready within {timeout:g}s ({last})")
+
+
+@click.command("injector", short_help="the admission webhooks: proxy injection and resource validation")
+@click.option("--addr", type=ADDRESS, default="0.0.0.0:8443", show_default=True,
+              help="HTTPS listen address of the webhooks (POST /inject, POST /validate)")
+@click.option("--admin-addr", type=ADDRESS, default="127.0.0.1:9995", show_default=True,
+              help="admin server: /ready, /ping, /metrics")
+@click.option("--controller-namespace", default="linkerd", show_default=True, metavar="NS",
+              help="namespace of the control plane (the proxies' addresses and identities)")
+@click.option("--tls-cert-file", required=True, metavar="PATH", help="serving certificate (PEM)")
+@click.option("--tls-key-file", required=True, metavar="PATH", help="serving key (PEM)")
+@click.option("--values-file", required=True, metavar="PATH",
+              help="the control plane's values (the linkerd-config ConfigMap's `values`), over the chart's defaults")
+@click.option("--kubeconfig", metavar="PATH",
+              help="read namespaces with this kubeconfig (default: the pod's service account, else $KUBECONFIG)")
+@click.option("--log-level", default="info", show_default=True, metavar="SPEC",
+              help="log levels: a level and target=level pairs")
+@click.option("--log-format", type=click.Choice(["plain", "json"]), default="plain", show_default=True,
+              help="log line format")
+def injector(addr: tuple[str, int], admin_addr: tuple[str, int], controller_namespace: str, tls_cert_file: str,
+             tls_key_file: str, values_file: str, kubeconfig: str | None, log_level: str, log_format: str) -> int:
+    """Serve the mutating webhook that adds the proxy to pods and the validating webhook for the CRDs.
+
+    The proxy is built from --values-file (what `tether install` or helm rendered into the ConfigMap
+    linkerd-config) and each pod's and namespace's annotations; a bad annotation value refuses the
+    pod with the annotation named. The validator answers with `tether apply`'s field messages.
+    Runs until SIGTERM or SIGINT.
+    """
+    import signal
+    import threading
+
+    from tether.cli import chart
+    from tether.cli.controller_cmd import configure_logging
+    from tether.control.injector.server import Injector, Servers
+    from tether.core.inject import InjectValues, ValuesError
+    from tether.platform.kubeapi import KubeConfigError, NamespaceReader
+
+    listen, admin = addr, admin_addr
+    configure_logging(log_level, log_format)
+    data = chart.read_yaml(Path(values_file), "--values-file")
+    if not isinstance(data, dict):
+        raise CliError(f"--values-file {values_file}: not a map of values")
+    try:
+        values = InjectValues.from_values(chart.checked(data), controller_namespace, __version__)
+    except ValuesError as e:
+        raise CliError(f"--values-file {values_file}: {e}") from None
+    if not values.trust_anchors_pem:
+        raise CliError(f"--values-file {values_file}: identityTrustAnchorsPEM is empty")
+    try:
+        namespaces = NamespaceReader.from_environment(kubeconfig)
+    except KubeConfigError as e:
+        raise CliError(str(e)) from None
+    try:
+        servers = Servers(Injector(values, namespaces, __version__), listen, admin, tls_cert_file, tls_key_file)
+    except OSError as e:
+        raise OperationFailed(f"--addr {listen[0]}:{listen[1]} / --admin-addr {admin[0]}:{admin[1]}: "
+                              f"{e.strerror or e}") from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    servers.start()
+    click.echo(f"injector: webhooks on https://{listen[0]}:{servers.port} (/inject, /validate), admin on "
+               f"http://{admin[0]}:{admin[1]}", err=True)
+    stop.wait()
+    servers.stop()
+    return 0

@@ -90,13 +90,17 @@ def crd(model: type[Resource], group: str) -> dict[str, Any]:
     versions = [v.split("/", 1)[1] for v in model.VERSIONS if v.split("/", 1)[0] == group]
     body = schema(model)
     plural = _plural(model.KIND)
+    meta: dict[str, Any] = {
+        "name": f"{plural}.{group}",
+        "labels": {"app.kubernetes.io/part-of": "tether", "tether.io/crd": "true"},
+    }
+    if group.endswith(".k8s.io"):
+        # The API server refuses CRDs in *.k8s.io groups without this (KEP 1111); the Gateway API's own.
+        meta["annotations"] = {"api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/2466"}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{plural}.{group}",
-            "labels": {"app.kubernetes.io/part-of": "tether", "tether.io/crd": "true"},
-        },
+        "metadata": meta,
         "spec": {
             "group": group,
             "names": {"kind": model.KIND, "listKind": f"{model.KIND}List", "plural": plural,
