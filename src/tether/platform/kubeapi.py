@@ -10,12 +10,13 @@ kubeconfig's current context outside; no Kubernetes client library. When the Kub
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import ssl
 import tempfile
-import urllib.error
-import urllib.request
+import threading
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,12 @@ class NamespaceReader:
         self.context = context
         self.token = token
         self.timeout = timeout
+        url = urllib.parse.urlsplit(self.server)
+        self._host, self._port = url.hostname or "localhost", url.port or 443
+        # One kept-alive connection (a TLS handshake per admission would be most of its latency);
+        # lookups take turns on it.
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPSConnection | None = None
 
     @classmethod
     def from_environment(cls, kubeconfig: str | None = None) -> NamespaceReader:
@@ -93,16 +100,36 @@ class NamespaceReader:
                 context.load_cert_chain(str(Path(d) / "c"), str(Path(d) / "k"))
         return cls(str(cluster.get("server")), context, user.get("token"))
 
-    def __call__(self, name: str) -> Mapping[str, str]:
-        request = urllib.request.Request(f"{self.server}/api/v1/namespaces/{name}")
+    def _get(self, path: str) -> tuple[int, bytes]:
+        if self._conn is None:
+            self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
+                                                     context=self.context)
+        headers = {"Accept": "application/json"}
         if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
+            headers["Authorization"] = f"Bearer {self.token}"
+        self._conn.request("GET", path, headers=headers)
+        response = self._conn.getresponse()
+        return response.status, response.read(1 << 20)
+
+    def __call__(self, name: str) -> Mapping[str, str]:
+        path = f"/api/v1/namespaces/{urllib.parse.quote(name)}"
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    status, raw = self._get(path)
+                    break
+                except (OSError, http.client.HTTPException) as e:
+                    # A kept-alive connection the server closed: one fresh try, then give up.
+                    if self._conn is not None:
+                        self._conn.close()
+                    self._conn = None
+                    if attempt == 2:
+                        raise LookupError(f"GET namespace: {e}") from None
+        if status != 200:
+            raise LookupError(f"GET namespace: HTTP {status}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as r:
-                body = json.loads(r.read(1 << 20))
-        except urllib.error.HTTPError as e:
-            raise LookupError(f"GET namespace: HTTP {e.code}") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise LookupError(f"GET namespace: {getattr(e, 'reason', e)}") from None
+            body = json.loads(raw)
+        except ValueError:
+            raise LookupError("GET namespace: the answer is not JSON") from None
         annotations = (body.get("metadata") or {}).get("annotations") or {}
         return {str(k): str(v) for k, v in annotations.items()}

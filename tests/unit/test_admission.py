@@ -1,0 +1,94 @@
+"""The admission reviews, without a server: the patch, the refusals, the validator's field messages."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tether.control.injector.admission import ReviewError, mutate, validate
+from tether.core.inject import InjectValues, merge
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "tether-control-plane"
+VALUES = InjectValues.from_values(merge(yaml.safe_load((CHART / "values.yaml").read_text()), {
+    "identityTrustAnchorsPEM": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"}), "linkerd", "0.1.0")
+
+
+def review(obj: Mapping[str, Any], kind: str = "Pod", namespace: str = "prod", operation: str = "CREATE") -> bytes:
+    return json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "u-1", "kind": {"group": "", "version": "v1", "kind": kind}, "namespace": namespace,
+        "operation": operation, "object": obj}}).encode()
+
+
+def pod(annotations: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "web-", "annotations": annotations},
+            "spec": {"containers": [{"name": "app", "image": "app"}]}}
+
+
+def namespaces(annotations: dict[str, str]) -> Any:
+    return lambda name: annotations
+
+
+def test_injects_with_a_json_patch_and_warnings() -> None:
+    out = mutate(review(pod({"linkerd.io/inject": "enabled", "config.linkerd.io/trace-collector": "c:4317"})),
+                 VALUES, namespaces({}), "0.1.0")
+    response = out.response["response"]
+    assert out.result == "injected" and response["uid"] == "u-1" and response["allowed"]
+    patch = json.loads(base64.b64decode(response["patch"]))
+    paths = {op["path"] for op in patch}
+    assert {"/spec/containers", "/spec/initContainers", "/spec/volumes", "/metadata/labels",
+            "/metadata/annotations"} <= paths
+    assert any("trace-collector" in w for w in response["warnings"])
+
+
+def test_namespace_decides_when_the_pod_does_not() -> None:
+    assert mutate(review(pod({})), VALUES, namespaces({"linkerd.io/inject": "enabled"}), "v").result == "injected"
+    assert mutate(review(pod({})), VALUES, namespaces({}), "v").result == "skipped"
+
+
+def test_unreadable_namespace_refuses_so_the_failure_policy_decides() -> None:
+    def broken(name: str) -> Mapping[str, str]:
+        raise LookupError("GET namespace: HTTP 403")
+
+    out = mutate(review(pod({"linkerd.io/inject": "enabled"})), VALUES, broken, "v")
+    assert out.response["response"]["allowed"] is False
+    assert out.response["response"]["status"] == {"code": 503, "message": "namespace prod: GET namespace: HTTP 403"}
+
+
+def test_bad_annotation_is_refused_with_its_name() -> None:
+    out = mutate(review(pod({"linkerd.io/inject": "enabled", "config.linkerd.io/proxy-cpu-limit": "lots"})),
+                 VALUES, namespaces({}), "v")
+    assert out.result == "refused"
+    assert out.response["response"]["status"]["message"] == (
+        "annotation config.linkerd.io/proxy-cpu-limit: 'lots' is not a quantity like 100m, 1, 64Mi")
+
+
+def test_validator_gives_apply_s_field_messages() -> None:
+    server = {"apiVersion": "policy.linkerd.io/v1beta3", "kind": "Server", "metadata": {"name": "web"},
+              "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "port": 70000}}
+    out = validate(review(server, kind="Server", namespace="prod"))
+    assert out.result == "refused"
+    message = out.response["response"]["status"]["message"]
+    assert message.startswith("Server prod/web: spec.port: ") and "70000" in message
+    server["spec"]["port"] = 8080
+    assert validate(review(server, kind="Server")).response["response"]["allowed"] is True
+
+
+def test_validator_notice_becomes_a_warning() -> None:
+    policy = {"apiVersion": "policy.linkerd.io/v1beta3", "kind": "AuthorizationPolicy",
+              "metadata": {"name": "a", "namespace": "prod"},
+              "spec": {"targetRef": {"group": "policy.linkerd.io", "kind": "Server", "name": "web"},
+                       "requiredAuthenticationRefs": []}}
+    response = validate(review(policy, kind="AuthorizationPolicy")).response["response"]
+    assert response["allowed"] and "policy.linkerd.io/v1alpha1" in response["warnings"][0]
+
+
+@pytest.mark.parametrize("body", [b"not json", b"{}", b'{"request": {}}'])
+def test_not_a_review(body: bytes) -> None:
+    with pytest.raises(ReviewError):
+        mutate(body, VALUES, namespaces({}), "v")
