@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
     if check and stale:
-        print("\n".join(stale + ["run: .venv/bin/python scripts/charts/generate.py"]), file=sys.stderr)
+        print("\n".join([*stale, "run: .venv/bin/python scripts/charts/generate.py"]), file=sys.stderr)
         return 1
     return 0
 

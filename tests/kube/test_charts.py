@@ -89,15 +89,17 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for c in commands:
             subprocess.run([str(step), *shlex.split(c)[1:]], cwd=d, check=True, capture_output=True, timeout=60)
     else:
-        from tether.cli.install_cmd import _issue_pair
         import datetime as dt
+
+        from tether.cli.install_cmd import _issue_pair
 
         anchors, crt, key = _issue_pair(dt.datetime.now(dt.UTC))
         (d / "ca.crt").write_text(anchors)
         (d / "issuer.crt").write_text(crt)
         (d / "issuer.key").write_text(key)
-    from tether.cli.install_cmd import webhook_certificate
     import datetime as dt
+
+    from tether.cli.install_cmd import webhook_certificate
 
     crt, key, ca = webhook_certificate("linkerd", dt.datetime.now(dt.UTC))
     (d / "webhook.crt").write_text(crt)
@@ -154,7 +156,8 @@ def test_install_renders_what_helm_template_renders(certs: Path, tether_args: li
 
 
 def test_crds_render_what_helm_template_renders() -> None:
-    for tether_set, helm_set in (([], []), (["--set", "installGatewayAPI=false"], ["--set", "installGatewayAPI=false"])):
+    no_gateway = ["--set", "installGatewayAPI=false"]
+    for tether_set, helm_set in (([], []), (no_gateway, no_gateway)):
         mine = tether("install", "--crds", *tether_set)
         assert mine.returncode == 0, mine.stderr
         theirs = subprocess.run([str(helm_binary()), "template", "t", str(CHARTS / "tether-crds"), *helm_set],

@@ -244,8 +244,9 @@ def test_bad_annotation_refuses_the_pod_naming_it(kube_cluster: KubeCluster, inj
         kube_cluster.api.create(f"/api/v1/namespaces/{ns}/pods", _pod("bad", {
             "linkerd.io/inject": "enabled", "config.linkerd.io/skip-outbound-ports": "127.0.0.1"}))
     assert e.value.status == 400
-    assert ("annotation config.linkerd.io/skip-outbound-ports: '127.0.0.1' is not a port (1-65535) or a range like "
-            "5000-5010; loopback is never redirected, and IP ranges go in config.linkerd.io/skip-subnets") in e.value.body
+    assert ("annotation config.linkerd.io/skip-outbound-ports: '127.0.0.1' is not a port (1-65535) or a range "
+            "like 5000-5010; loopback is never redirected, and IP ranges go in config.linkerd.io/skip-subnets"
+            ) in e.value.body
 
 
 def test_invalid_server_is_refused_with_the_field_named(kube_cluster: KubeCluster, injector: Injector,

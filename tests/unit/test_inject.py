@@ -259,3 +259,8 @@ def test_values_change_the_sidecar() -> None:
     assert container(p, PROXY)["restartPolicy"] == "Always"
     assert container(p, INIT)["securityContext"]["runAsUser"] == 0
     assert container(p, INIT)["resources"] == {"limits": {"cpu": "50m"}}
+
+
+def test_compound_durations_reach_the_proxy_in_its_form() -> None:
+    p = run(pod({"config.linkerd.io/proxy-outbound-connect-timeout": "1m30s"}))
+    assert env(p)["TETHER_PROXY_OUTBOUND_CONNECT_TIMEOUT"] == "90000ms"

@@ -157,10 +157,13 @@ def inject(sources: tuple[str, ...], manual: bool, namespace: str, values_files:
         layers = chart.user_values(values_files, ())
         if identity_trust_anchors_file:
             try:
-                layers["identityTrustAnchorsPEM"] = Path(identity_trust_anchors_file).read_text()
+                pem = Path(identity_trust_anchors_file).read_text()
             except OSError as e:
                 raise OperationFailed(f"--identity-trust-anchors-file {identity_trust_anchors_file}: "
                                       f"{e.strerror}") from None
+            if "-----BEGIN CERTIFICATE-----" not in pem:
+                raise CliError(f"--identity-trust-anchors-file {identity_trust_anchors_file}: not a PEM certificate")
+            layers["identityTrustAnchorsPEM"] = pem
         merged = chart.checked(layers)
         if not merged.get("identityTrustAnchorsPEM"):
             raise CliError("--manual needs the trust anchors: --identity-trust-anchors-file FILE, or -f values.yaml "

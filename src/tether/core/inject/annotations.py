@@ -186,7 +186,8 @@ def _duration(value: str, key: str) -> str:
         seconds = -1.0
     if seconds < 0:
         raise AnnotationError(f"annotation {key}: {value!r} is not a duration like 500ms, 5s, 1m")
-    return value
+    # The proxy reads one number and one unit: Go's compound forms (1m30s) are given to it in ms.
+    return value if re.fullmatch(r"[0-9]+(\.[0-9]+)?(ms|s|m|h)", value) else f"{seconds * 1000:g}ms"
 
 
 def _image(value: str, key: str) -> str:
