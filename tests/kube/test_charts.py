@@ -329,3 +329,30 @@ def test_uninstall_lists_everything_install_makes() -> None:
     assert set(made) <= set(listed)
     order = [k for k in listed]
     assert order[-1][0] == "Namespace"
+
+
+def test_helm_install_and_upgrade_from_the_chart(kube_cluster: KubeCluster, certs: Path) -> None:
+    """The seeds' production path (001): helm install with values-ha.yaml, then helm upgrade --reuse-values."""
+    crds = tether("install", "--crds")
+    apply(kube_cluster, crds.stdout)
+    ns = "t-helm"
+    chart = str(CHARTS / "tether-control-plane")
+    # The --set-file paths of HELM_FILES, made absolute (helm runs in the test's directory).
+    files = [f if "=" not in f else f"{f.split('=')[0]}={certs / f.split('=')[1]}" for f in HELM_FILES]
+    try:
+        kube_cluster.helm("install", "tether", chart, "-n", ns, "--create-namespace", "--set", "installNamespace=false",
+                          "-f", str(CHARTS / "tether-control-plane" / "values-ha.yaml"), *files)
+        listed = json.loads(kube_cluster.helm("list", "-n", ns, "-o", "json"))
+        assert [(r["name"], r["status"]) for r in listed] == [("tether", "deployed")]
+        d = json.loads(kube_cluster.kubectl("get", "deployment", "linkerd-destination", "-n", ns, "-o", "json"))
+        assert d["spec"]["replicas"] == 3
+        kube_cluster.helm("upgrade", "tether", chart, "-n", ns, "--reuse-values", "--set", "controllerReplicas=2")
+        d = json.loads(kube_cluster.kubectl("get", "deployment", "linkerd-destination", "-n", ns, "-o", "json"))
+        assert d["spec"]["replicas"] == 2
+        # The values the release keeps are what `tether upgrade` reads back (the ConfigMap linkerd-config).
+        cm = json.loads(kube_cluster.kubectl("get", "configmap", "linkerd-config", "-n", ns, "-o", "json"))
+        assert yaml.safe_load(cm["data"]["values"])["controllerReplicas"] == 2
+        assert cm["data"]["version"] == "0.1.0"
+    finally:
+        if "tether" in kube_cluster.helm("list", "-n", ns, "-q"):
+            kube_cluster.helm("uninstall", "tether", "-n", ns)
