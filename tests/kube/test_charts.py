@@ -197,15 +197,20 @@ def apply(cluster: KubeCluster, manifests: str) -> str:
 
 
 @pytest.fixture
-def clean_install(kube_cluster: KubeCluster) -> Iterator[None]:
-    yield
-    out = tether("uninstall")
-    # Webhooks and the namespace first: nothing may call a webhook nobody serves after this test.
-    kube_cluster.kubectl("delete", "--ignore-not-found", "--wait=false", "-f", "-", stdin=out.stdout, timeout=120)
+def clean_install(kube_cluster: KubeCluster) -> Iterator[list[str]]:
+    """Yields the list of control-plane namespaces a test installs into ("linkerd" unless it says);
+    afterwards `tether uninstall` of each is deleted, waiting until it is gone (the next test may
+    install the same cluster-scoped objects)."""
+    namespaces: list[str] = []
+    yield namespaces
+    for ns in namespaces or ["linkerd"]:
+        out = tether("uninstall", "-L", ns)
+        kube_cluster.kubectl("delete", "--ignore-not-found", "--wait=true", "--timeout=240s", "-f", "-",
+                             stdin=out.stdout, timeout=300)
 
 
 def test_seed_install_and_upgrade_lines_run_as_written(kube_cluster: KubeCluster, certs: Path,
-                                                       clean_install: None) -> None:
+                                                       clean_install: list[str]) -> None:
     installs, upgrades = seed_commands("install"), seed_commands("upgrade")
     assert [c for _, c in installs if "viz" not in c and "jaeger" not in c and "multicluster" not in c]
     env = {**kube_cluster.env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{kube_cluster.env()['PATH']}"}
@@ -221,7 +226,6 @@ def test_seed_install_and_upgrade_lines_run_as_written(kube_cluster: KubeCluster
         args = words[1:]
         if "--identity-external-issuer" in args:
             # cert-manager made the issuer Secret (as in 003): its ca.crt holds the anchors tether reads.
-            kube_cluster.kubectl("create", "namespace", "linkerd", "--dry-run=client", "-o", "yaml")
             secret = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
                       "metadata": {"name": "linkerd-identity-issuer", "namespace": "linkerd"},
                       "data": {k: base64.b64encode((certs / f).read_bytes()).decode() for k, f in
@@ -254,25 +258,27 @@ def test_seed_install_and_upgrade_lines_run_as_written(kube_cluster: KubeCluster
 
 
 def test_ha_manifests_are_accepted_and_have_replicas_pdbs_and_anti_affinity(
-        kube_cluster: KubeCluster, certs: Path, clean_install: None) -> None:
+        kube_cluster: KubeCluster, certs: Path, clean_install: list[str]) -> None:
+    ns = "t-ha"
+    clean_install.append(ns)
     crds = tether("install", "--crds")
     apply(kube_cluster, crds.stdout)
-    r = tether("install", "--ha", *FILE_FLAGS, cwd=certs)
+    r = tether("install", "--ha", "-L", ns, *FILE_FLAGS, cwd=certs)
     assert r.returncode == 0, r.stderr
     apply(kube_cluster, r.stdout)
     for name in ("linkerd-identity", "linkerd-destination", "linkerd-proxy-injector"):
-        d = json.loads(kube_cluster.kubectl("get", "deployment", name, "-n", "linkerd", "-o", "json"))
+        d = json.loads(kube_cluster.kubectl("get", "deployment", name, "-n", ns, "-o", "json"))
         assert d["spec"]["replicas"] == 3
         anti = d["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
         assert anti["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == "kubernetes.io/hostname"
-        pdb = json.loads(kube_cluster.kubectl("get", "pdb", name, "-n", "linkerd", "-o", "json"))
+        pdb = json.loads(kube_cluster.kubectl("get", "pdb", name, "-n", ns, "-o", "json"))
         assert pdb["spec"]["maxUnavailable"] == 1
     hook = json.loads(kube_cluster.kubectl("get", "mutatingwebhookconfiguration",
                                            "linkerd-proxy-injector-webhook-config", "-o", "json"))
     assert hook["webhooks"][0]["failurePolicy"] == "Fail"
     # The three kwok nodes take one replica each (required anti-affinity by hostname).
     def spread() -> bool:
-        pods = json.loads(kube_cluster.kubectl("get", "pods", "-n", "linkerd", "-l",
+        pods = json.loads(kube_cluster.kubectl("get", "pods", "-n", ns, "-l",
                                                "linkerd.io/control-plane-component=destination", "-o", "json"))
         nodes = {p["spec"].get("nodeName") for p in pods["items"]}
         return len(pods["items"]) == 3 and None not in nodes and len(nodes) == 3
