@@ -264,3 +264,7 @@ def test_values_change_the_sidecar() -> None:
 def test_compound_durations_reach_the_proxy_in_its_form() -> None:
     p = run(pod({"config.linkerd.io/proxy-outbound-connect-timeout": "1m30s"}))
     assert env(p)["TETHER_PROXY_OUTBOUND_CONNECT_TIMEOUT"] == "90000ms"
+
+
+def test_linkerd_trust_anchors_variable_for_check() -> None:
+    assert env(run(pod()))["LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS"] == ANCHORS

@@ -92,6 +92,7 @@ env:
 - {name: TETHER_PROXY_IDENTITY_ADDRS, value: {{ include "tether.svc" (dict "root" . "name" "linkerd-identity" "port" 8080) | quote }}}
 - {name: TETHER_PROXY_IDENTITY_TOKEN_PATH, value: /var/run/secrets/tokens/linkerd-identity-token}
 - {name: TETHER_PROXY_IDENTITY_TRUST_ANCHORS, value: /var/run/linkerd/identity/trust-anchors/ca-bundle.crt}
+- {name: LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS, value: {{ .Values.identityTrustAnchorsPEM | quote }}}
 ports:
 - {name: linkerd-proxy, containerPort: {{ $p.ports.inbound }}}
 - {name: linkerd-admin, containerPort: {{ $admin }}}

@@ -137,6 +137,9 @@ def proxy_container(v: InjectValues, o: ann.ProxyOverrides, native: bool) -> dic
         _env("TETHER_PROXY_IDENTITY_ADDRS", v.service("linkerd-identity", 8080)),
         _env("TETHER_PROXY_IDENTITY_TOKEN_PATH", f"{TOKEN_DIR}/{TOKEN_VOLUME}"),
         _env("TETHER_PROXY_IDENTITY_TRUST_ANCHORS", f"{ANCHORS_DIR}/ca-bundle.crt"),
+        # Linkerd's variable with the PEM itself: what `check --proxy` (Linkerd's and tether's) reads
+        # to compare a proxy's anchors with the control plane's. The proxy reads the file above.
+        _env("LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS", v.trust_anchors_pem),
     ]
     env = [e for e in env if "value" not in e or e["value"] != ""]
     resources = replace(
