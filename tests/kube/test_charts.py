@@ -91,9 +91,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     else:
         import datetime as dt
 
-        from tether.cli.install_cmd import _issue_pair
+        from tether.cli.install_cmd import issue_pair
 
-        anchors, crt, key = _issue_pair(dt.datetime.now(dt.UTC))
+        anchors, crt, key = issue_pair(dt.datetime.now(dt.UTC))
         (d / "ca.crt").write_text(anchors)
         (d / "issuer.crt").write_text(crt)
         (d / "issuer.key").write_text(key)

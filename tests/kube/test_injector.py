@@ -92,15 +92,18 @@ def _hooks(cluster: KubeCluster, url: str, ca_pem: str, policy: str) -> None:
 
 @pytest.fixture(scope="module")
 def injector(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Injector]:
-    from tether.cli.install_cmd import _issue_pair, webhook_certificate
+    from tether.cli.install_cmd import webhook_certificate
 
     d = tmp_path_factory.mktemp("injector")
     now = dt.datetime.now(dt.UTC)
     crt, key, ca = webhook_certificate("linkerd", now, hosts=("127.0.0.1",))
     (d / "tls.crt").write_text(crt)
     (d / "tls.key").write_text(key)
-    anchors, _, _ = _issue_pair(now)
-    (d / "values.yaml").write_text(yaml.safe_dump({"identityTrustAnchorsPEM": anchors}))
+    # The values the chart's injector Deployment reads: the ConfigMap linkerd-config `tether install` makes.
+    rendered = subprocess.run([sys.executable, "-m", "tether", "install"], capture_output=True, text=True,
+                              timeout=120, check=True).stdout
+    config = next(o for o in yaml.safe_load_all(rendered) if o and o["metadata"]["name"] == "linkerd-config")
+    (d / "values.yaml").write_text(config["data"]["values"])
     port, admin = free_loopback_ports(2)
     crds = subprocess.run([sys.executable, "-m", "tether", "install", "--crds"], capture_output=True, text=True,
                           timeout=120, check=True).stdout

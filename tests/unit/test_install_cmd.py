@@ -112,3 +112,15 @@ def test_rendered_commands_parse_with_the_real_commands(capsys: pytest.CaptureFi
         cfg = ProxyConfig.from_env(env)
         assert cfg.identity_name == "web.prod.serviceaccount.identity.linkerd.cluster.local"
         assert cfg.inbound_addr == ("0.0.0.0", 4143) and cfg.admin_addr == ("0.0.0.0", 4191)
+
+
+def test_generated_issuer_is_named_for_the_control_plane(capsys: pytest.CaptureFixture[str]) -> None:
+    import base64
+
+    from cryptography import x509
+
+    code, out, _ = run(capsys, "install", "-L", "mesh", "--set", "identityTrustDomain=example.org")
+    assert code == 0
+    secret = objects(out)[("Secret", "linkerd-identity-issuer")]
+    issuer = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    assert issuer.subject.rfc4514_string() == "CN=identity.mesh.example.org"

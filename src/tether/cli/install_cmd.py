@@ -45,14 +45,19 @@ def _pem(text: str, flag: str, what: str) -> str:
     return text
 
 
-def _issue_pair(now: dt.datetime) -> tuple[str, str, str]:
-    """A new trust anchor and issuer: (anchors PEM, issuer cert PEM, issuer key PEM)."""
+def issue_pair(now: dt.datetime, namespace: str = "linkerd", trust_domain: str = "cluster.local",
+               ) -> tuple[str, str, str]:
+    """A new trust anchor and issuer: (anchors PEM, issuer cert PEM, issuer key PEM).
+
+    Named as `linkerd install` names them (root.<ns>.<td>, identity.<ns>.<td>): the identity service
+    warns about an issuer named for another control plane.
+    """
     from cryptography.hazmat.primitives import serialization
 
     from tether.core.identity.authority import create_anchor, create_issuer
 
-    anchor, anchor_key = create_anchor("root.linkerd.cluster.local", now, dt.timedelta(days=3650))
-    issuer, issuer_key = create_issuer("identity.linkerd.cluster.local", anchor, anchor_key, now,
+    anchor, anchor_key = create_anchor(f"root.{namespace}.{trust_domain}", now, dt.timedelta(days=3650))
+    issuer, issuer_key = create_issuer(f"identity.{namespace}.{trust_domain}", anchor, anchor_key, now,
                                        dt.timedelta(days=365))
     pem = serialization.Encoding.PEM
     key_pem = issuer_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -201,7 +206,8 @@ def _identity_layer(values: dict[str, Any], anchors_file: str | None, issuer_cer
             layer["identityTrustAnchorsPEM"] = _external_anchors(namespace)
         if (merged.get("identity") or {}).get("issuer", {}).get("tls", {}).get("crtPEM"):
             raise CliError("identity.issuer.tls.crtPEM is set but identityTrustAnchorsPEM is not")
-        anchors, crt, key = _issue_pair(now)
+        domain = merged.get("identityTrustDomain") or merged.get("clusterDomain") or "cluster.local"
+        anchors, crt, key = issue_pair(now, namespace, str(domain))
         layer = merge(layer, {"identityTrustAnchorsPEM": anchors,
                               "identity": {"issuer": {"tls": {"crtPEM": crt, "keyPEM": key}}}})
     return layer
