@@ -171,3 +171,45 @@ def test_invalid_yaml(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     bad.write_text("kind: [\n")
     code, _, err = run(capsys, "inject", str(bad))
     assert code == 2 and f"{bad}: invalid YAML" in err
+
+
+def test_proxy_await_waits_for_ready_and_gives_up(capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = {"ready": False, "asked": 0}
+    asked_twice = threading.Event()
+
+    class Admin(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state["asked"] += 1
+            if state["asked"] >= 2:
+                asked_twice.set()
+            code = 200 if state["ready"] else 503
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Admin)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code, _, err = run(capsys, "proxy-await", "--admin-port", str(port), "--timeout", "300ms")
+        assert code == 1
+        assert f"the proxy on 127.0.0.1:{port} was not ready within 0.3s (HTTP 503)" in err
+        result: list[int] = []
+        waiter = threading.Thread(target=lambda: result.append(
+            main(["proxy-await", "--admin-port", str(port), "--timeout", "10s"])))
+        state["asked"] = 0
+        asked_twice.clear()
+        waiter.start()
+        assert asked_twice.wait(10)  # still waiting while the proxy answers 503
+        assert waiter.is_alive()
+        state["ready"] = True
+        waiter.join(10)
+        assert result == [0]
+    finally:
+        server.shutdown()
