@@ -92,3 +92,39 @@ def test_validator_notice_becomes_a_warning() -> None:
 def test_not_a_review(body: bytes) -> None:
     with pytest.raises(ReviewError):
         mutate(body, VALUES, namespaces({}), "v")
+
+
+# ---- any body: an answer or a ReviewError, never a crash ---------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+_keys = st.sampled_from(["linkerd.io/inject", "config.linkerd.io/opaque-ports", "config.linkerd.io/proxy-uid",
+                         "config.alpha.linkerd.io/proxy-enable-native-sidecar", "config.linkerd.io/skip-subnets",
+                         "config.linkerd.io/proxy-cpu-limit", "x"])
+_pod = st.fixed_dictionaries({
+    "metadata": st.one_of(_json, st.fixed_dictionaries({
+        "annotations": st.one_of(_json, st.dictionaries(_keys, st.one_of(st.text(max_size=12), _json), max_size=4)),
+        "labels": _json, "ownerReferences": _json})),
+    "spec": st.one_of(_json, st.fixed_dictionaries({"containers": _json, "initContainers": _json,
+                                                    "volumes": _json, "hostNetwork": _json})),
+})
+
+
+@settings(max_examples=150, deadline=None)
+@given(request=st.fixed_dictionaries({"uid": st.text(max_size=4), "kind": _json, "namespace": _json,
+                                      "operation": _json, "object": st.one_of(_json, _pod)}),
+       ns=st.dictionaries(_keys, st.sampled_from(["enabled", "disabled", "1", ""]), max_size=3))
+def test_any_review_is_answered_or_refused_as_a_review_error(request: dict[str, Any], ns: dict[str, str]) -> None:
+    body = json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}).encode()
+    for call in (lambda: mutate(body, VALUES, namespaces(ns), "v"), lambda: validate(body)):
+        try:
+            out = call()
+        except ReviewError:
+            continue
+        assert out.response["response"]["uid"] == request["uid"]

@@ -58,14 +58,39 @@ def _answer(review: Mapping[str, Any], allowed: bool, *, patch: list[dict[str, A
             "response": response}
 
 
+def _pod_problem(pod: Mapping[str, Any]) -> str | None:
+    """What makes ``pod`` not a Pod the injector can patch (the API server never sends one), or None."""
+    meta, spec = pod.get("metadata", {}), pod.get("spec")
+    if not isinstance(meta, dict):
+        return "metadata is not an object"
+    for key in ("labels", "annotations"):
+        if not isinstance(meta.get(key, {}), dict) and meta.get(key) is not None:
+            return f"metadata.{key} is not an object"
+    if not isinstance(meta.get("ownerReferences", []), list) and meta.get("ownerReferences") is not None:
+        return "metadata.ownerReferences is not a list"
+    if not isinstance(spec, dict):
+        return "spec is not an object"
+    for key in ("containers", "initContainers", "volumes"):
+        items = spec.get(key)
+        if items is not None and not (isinstance(items, list) and all(isinstance(i, dict) for i in items)):
+            return f"spec.{key} is not a list of objects"
+    return None
+
+
 def mutate(body: bytes, values: InjectValues, namespaces: NamespaceAnnotations, version: str) -> Outcome:
     """The injector's answer to one review: the patch that adds the proxy, or why not."""
     review = _request(body)
     request = review["request"]
     pod = request.get("object")
-    if request.get("kind", {}).get("kind") != "Pod" or not isinstance(pod, dict):
+    kind = request.get("kind")
+    if not isinstance(kind, dict) or kind.get("kind") != "Pod" or not isinstance(pod, dict):
         return Outcome(_answer(review, True), "skipped")
-    namespace = str(request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default")
+    problem = _pod_problem(pod)
+    if problem is not None:
+        return Outcome(_answer(review, False, code=400, message=f"not a Pod: {problem}"), "refused")
+    namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default"
+    if not isinstance(namespace, str):
+        return Outcome(_answer(review, False, code=400, message="request.namespace is not a string"), "refused")
     try:
         ns_annotations = namespaces(namespace)
     except LookupError as e:
@@ -100,13 +125,14 @@ def validate(body: bytes) -> Outcome:
     if request.get("operation") == "DELETE" or not isinstance(obj, dict):
         return Outcome(_answer(review, True), "allowed")
     obj = dict(obj)
-    meta = dict(obj.get("metadata") or {})
-    if request.get("namespace") and not meta.get("namespace"):
+    raw_meta = obj.get("metadata")
+    meta = dict(raw_meta) if isinstance(raw_meta, dict) else {}
+    if isinstance(request.get("namespace"), str) and request["namespace"] and not meta.get("namespace"):
         meta["namespace"] = request["namespace"]
     # Fields the API server writes (managedFields, uid, ...) are not the user's: the models know the user's.
     obj["metadata"] = {k: v for k, v in meta.items() if k in (
         "name", "namespace", "labels", "annotations", "uid", "resourceVersion", "generation", "creationTimestamp")}
-    if "generateName" in meta and "name" not in meta:
+    if isinstance(meta.get("generateName"), str) and "name" not in meta:
         obj["metadata"]["name"] = str(meta["generateName"]) + "x"
     result = decode(obj, source="admission", document=1)
     if isinstance(result, list):
