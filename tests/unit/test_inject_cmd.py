@@ -213,3 +213,14 @@ def test_proxy_await_waits_for_ready_and_gives_up(capsys: pytest.CaptureFixture[
         assert result == [0]
     finally:
         server.shutdown()
+
+
+def test_manual_inject_of_a_malformed_template_names_it(capsys: pytest.CaptureFixture[str],
+                                                        tmp_path: Path) -> None:
+    anchors = tmp_path / "ca.crt"
+    anchors.write_text(ANCHORS)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: oops}\n")
+    code, out, err = run(capsys, "inject", "--manual", "--identity-trust-anchors-file", str(anchors), str(bad))
+    assert code == 2 and out == ""
+    assert f"{bad}: document 1 (Pod p): the pod template's spec.containers is not a list of objects" in err

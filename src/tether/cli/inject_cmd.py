@@ -148,6 +148,7 @@ def inject(sources: tuple[str, ...], manual: bool, namespace: str, values_files:
     from tether.core.inject import InjectError, InjectValues, ValuesError
     from tether.core.inject import annotations as ann
     from tether.core.inject import inject as inject_pod
+    from tether.core.inject.pod import pod_problem
 
     extra = _annotations(opts)
     values: InjectValues | None = None
@@ -210,6 +211,9 @@ def inject(sources: tuple[str, ...], manual: bool, namespace: str, values_files:
                 kind = str(obj.get("kind")).lower()
                 owner = None if kind == "pod" else (f"linkerd.io/proxy-{kind}",
                                                     str((obj.get("metadata") or {}).get("name", "")))
+                problem = pod_problem(tpl)
+                if problem is not None:
+                    raise CliError(f"{where}: the pod template's {problem}")
                 try:
                     result = inject_pod(tpl, {}, values, created_by=f"tether/cli {__version__}",
                                         force=anns.get(ann.INJECT) != "disabled", owner=owner)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.core.inject import InjectError, InjectValues, inject
+from tether.core.inject.pod import pod_problem
 from tether.core.resources import LoadError, decode
 
 # (namespace) -> its annotations; raises LookupError when the namespace cannot be read.
@@ -58,25 +59,6 @@ def _answer(review: Mapping[str, Any], allowed: bool, *, patch: list[dict[str, A
             "response": response}
 
 
-def _pod_problem(pod: Mapping[str, Any]) -> str | None:
-    """What makes ``pod`` not a Pod the injector can patch (the API server never sends one), or None."""
-    meta, spec = pod.get("metadata", {}), pod.get("spec")
-    if not isinstance(meta, dict):
-        return "metadata is not an object"
-    for key in ("labels", "annotations"):
-        if not isinstance(meta.get(key, {}), dict) and meta.get(key) is not None:
-            return f"metadata.{key} is not an object"
-    if not isinstance(meta.get("ownerReferences", []), list) and meta.get("ownerReferences") is not None:
-        return "metadata.ownerReferences is not a list"
-    if not isinstance(spec, dict):
-        return "spec is not an object"
-    for key in ("containers", "initContainers", "volumes"):
-        items = spec.get(key)
-        if items is not None and not (isinstance(items, list) and all(isinstance(i, dict) for i in items)):
-            return f"spec.{key} is not a list of objects"
-    return None
-
-
 def mutate(body: bytes, values: InjectValues, namespaces: NamespaceAnnotations, version: str) -> Outcome:
     """The injector's answer to one review: the patch that adds the proxy, or why not."""
     review = _request(body)
@@ -85,7 +67,7 @@ def mutate(body: bytes, values: InjectValues, namespaces: NamespaceAnnotations, 
     kind = request.get("kind")
     if not isinstance(kind, dict) or kind.get("kind") != "Pod" or not isinstance(pod, dict):
         return Outcome(_answer(review, True), "skipped")
-    problem = _pod_problem(pod)
+    problem = pod_problem(pod)
     if problem is not None:
         return Outcome(_answer(review, False, code=400, message=f"not a Pod: {problem}"), "refused")
     namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default"

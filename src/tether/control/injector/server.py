@@ -117,6 +117,11 @@ def _webhook_handler(injector: Injector) -> type[BaseHTTPRequestHandler]:
                 self._send(400, json.dumps({"error": str(e)}).encode())
                 injector.metrics.observe(hook, "error", time.perf_counter() - started)
                 return
+            except Exception:  # a bug must cost one review (the failure policy decides), not the server
+                log.exception("%s: unexpected error", hook)
+                self._send(500, b'{"error":"internal error: see the injector log"}')
+                injector.metrics.observe(hook, "error", time.perf_counter() - started)
+                return
             self._send(200, json.dumps(outcome.response).encode())
             elapsed = time.perf_counter() - started
             injector.metrics.observe(hook, outcome.result, elapsed)

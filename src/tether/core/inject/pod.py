@@ -53,6 +53,25 @@ class Injection:
     notices: tuple[str, ...] = field(default_factory=tuple)
 
 
+def pod_problem(pod: Mapping[str, Any]) -> str | None:
+    """What makes ``pod`` not a Pod the injector can patch (the API server never sends one), or None."""
+    meta, spec = pod.get("metadata", {}), pod.get("spec")
+    if not isinstance(meta, dict):
+        return "metadata is not an object"
+    for key in ("labels", "annotations"):
+        if not isinstance(meta.get(key, {}), dict) and meta.get(key) is not None:
+            return f"metadata.{key} is not an object"
+    if not isinstance(meta.get("ownerReferences", []), list) and meta.get("ownerReferences") is not None:
+        return "metadata.ownerReferences is not a list"
+    if not isinstance(spec, dict):
+        return "spec is not an object"
+    for key in ("containers", "initContainers", "volumes"):
+        items = spec.get(key)
+        if items is not None and not (isinstance(items, list) and all(isinstance(i, dict) for i in items)):
+            return f"spec.{key} is not a list of objects"
+    return None
+
+
 def is_injected(pod: Mapping[str, Any]) -> bool:
     spec = pod.get("spec") or {}
     names = {c.get("name") for c in (*(spec.get("containers") or ()), *(spec.get("initContainers") or ()))}
