@@ -128,3 +128,29 @@ def test_any_review_is_answered_or_refused_as_a_review_error(request: dict[str, 
         except ReviewError:
             continue
         assert out.response["response"]["uid"] == request["uid"]
+
+
+def test_values_file_change_is_picked_up_and_a_bad_one_kept_out(tmp_path: Path) -> None:
+    import os
+
+    from tether.control.injector.server import Injector, ValuesWatcher
+
+    path = tmp_path / "values"
+    path.write_text("level: info\n")
+
+    def load(p: str) -> InjectValues:
+        level = yaml.safe_load(Path(p).read_text())["level"]
+        base = yaml.safe_load((CHART / "values.yaml").read_text())
+        return InjectValues.from_values(merge(base, {"identityTrustAnchorsPEM": "x", "proxy": {"logLevel": level}}),
+                                        "linkerd", "v")
+
+    injector = Injector(load(str(path)), namespaces({}), "v")
+    watcher = ValuesWatcher(injector, str(path), load, interval=3600)
+    assert not watcher.check()
+    # A ConfigMap volume update: a new file swapped in (a new inode).
+    (tmp_path / "values.new").write_text("level: debug\n")
+    os.replace(tmp_path / "values.new", path)
+    assert watcher.check() and injector.values.log_level == "debug"
+    (tmp_path / "values.new").write_text("not: [valid\n")
+    os.replace(tmp_path / "values.new", path)
+    assert not watcher.check() and injector.values.log_level == "debug"

@@ -317,8 +317,8 @@ def injector(addr: tuple[str, int], admin_addr: tuple[str, int], controller_name
     """Serve the mutating webhook that adds the proxy to pods and the validating webhook for the CRDs.
 
     The proxy is built from --values-file (what `tether install` or helm rendered into the ConfigMap
-    linkerd-config) and each pod's and namespace's annotations; a bad annotation value refuses the
-    pod with the annotation named. The validator answers with `tether apply`'s field messages.
+    linkerd-config; re-read when it changes) and each pod's and namespace's annotations; a bad
+    annotation value refuses the pod with the annotation named. The validator answers with `tether apply`'s field messages.
     Runs until SIGTERM or SIGINT.
     """
     import signal
@@ -326,27 +326,32 @@ def injector(addr: tuple[str, int], admin_addr: tuple[str, int], controller_name
 
     from tether.cli import chart
     from tether.cli.controller_cmd import configure_logging
-    from tether.control.injector.server import Injector, Servers
+    from tether.control.injector.server import Injector, Servers, ValuesWatcher
     from tether.core.inject import InjectValues, ValuesError
     from tether.platform.kubeapi import KubeConfigError, NamespaceReader
 
     listen, admin = addr, admin_addr
     configure_logging(log_level, log_format)
-    data = chart.read_yaml(Path(values_file), "--values-file")
-    if not isinstance(data, dict):
-        raise CliError(f"--values-file {values_file}: not a map of values")
-    try:
-        values = InjectValues.from_values(chart.checked(data), controller_namespace, __version__)
-    except ValuesError as e:
-        raise CliError(f"--values-file {values_file}: {e}") from None
-    if not values.trust_anchors_pem:
-        raise CliError(f"--values-file {values_file}: identityTrustAnchorsPEM is empty")
+    def load(path: str) -> InjectValues:
+        data = chart.read_yaml(Path(path), "--values-file")
+        if not isinstance(data, dict):
+            raise CliError(f"--values-file {path}: not a map of values")
+        try:
+            loaded = InjectValues.from_values(chart.checked(data), controller_namespace, __version__)
+        except ValuesError as e:
+            raise CliError(f"--values-file {path}: {e}") from None
+        if not loaded.trust_anchors_pem:
+            raise CliError(f"--values-file {path}: identityTrustAnchorsPEM is empty")
+        return loaded
+
+    values = load(values_file)
     try:
         namespaces = NamespaceReader.from_environment(kubeconfig)
     except KubeConfigError as e:
         raise CliError(str(e)) from None
+    service = Injector(values, namespaces, __version__)
     try:
-        servers = Servers(Injector(values, namespaces, __version__), listen, admin, tls_cert_file, tls_key_file)
+        servers = Servers(service, listen, admin, tls_cert_file, tls_key_file)
     except OSError as e:
         raise OperationFailed(f"--addr {listen[0]}:{listen[1]} / --admin-addr {admin[0]}:{admin[1]}: "
                               f"{e.strerror or e}") from None
@@ -354,8 +359,11 @@ def injector(addr: tuple[str, int], admin_addr: tuple[str, int], controller_name
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     servers.start()
+    watcher = ValuesWatcher(service, values_file, load)
+    watcher.start()
     click.echo(f"injector: webhooks on https://{listen[0]}:{servers.port} (/inject, /validate), admin on "
                f"http://{admin[0]}:{admin[1]}", err=True)
     stop.wait()
+    watcher.stop()
     servers.stop()
     return 0

@@ -158,6 +158,58 @@ def _admin_handler(injector: Injector, ready: Callable[[], bool]) -> type[BaseHT
     return Handler
 
 
+class ValuesWatcher:
+    """Re-reads the values file when it changes (a ConfigMap volume swaps a symlink), every ``interval``.
+
+    A file that no longer loads is logged and the values in use are kept: a bad upgrade of the
+    ConfigMap must not stop injection.
+    """
+
+    def __init__(self, injector: Injector, path: str, load: Callable[[str], InjectValues],
+                 interval: float = 5.0) -> None:
+        self.injector, self.path, self.load, self.interval = injector, path, load, interval
+        self._stop = threading.Event()
+        self._seen = self._stamp()
+        self.reloads = 0
+        self._thread = threading.Thread(target=self._run, name="values-watch", daemon=True)
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        import os
+
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def check(self) -> bool:
+        """Reload once if the file changed; True when new values are in use."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self._seen:
+            return False
+        self._seen = stamp
+        try:
+            values = self.load(self.path)
+        except Exception as e:  # any load failure: keep serving with the values in use
+            log.error("values file %s changed but cannot be used, keeping the previous values: %s", self.path, e)
+            return False
+        self.injector.values = values
+        self.reloads += 1
+        log.info("values file %s reloaded", self.path)
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.check()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class _TLSServer(ThreadingHTTPServer):
     """TLS per connection, in the connection's own thread (a slow handshake never blocks accepting)."""
 
