@@ -318,8 +318,8 @@ def injector(addr: tuple[str, int], admin_addr: tuple[str, int], controller_name
 
     The proxy is built from --values-file (what `tether install` or helm rendered into the ConfigMap
     linkerd-config; re-read when it changes) and each pod's and namespace's annotations; a bad
-    annotation value refuses the pod with the annotation named. The validator answers with `tether apply`'s field messages.
-    Runs until SIGTERM or SIGINT.
+    annotation value refuses the pod with the annotation named. The validator answers with
+    `tether apply`'s field messages. Runs until SIGTERM or SIGINT.
     """
     import signal
     import threading
