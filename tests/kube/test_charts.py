@@ -244,6 +244,12 @@ def test_seed_install_and_upgrade_lines_run_as_written(kube_cluster: KubeCluster
                                                                                     fixed[i + 1].startswith("-")))]
             r = subprocess.run([*TETHER, *fixed], capture_output=True, text=True, timeout=120, cwd=certs, env=env)
         assert r.returncode == 0, (seed, line, r.stderr)
+        if "--identity-external-issuer" in args:
+            # The anchors are cert-manager's (the Secret's ca.crt), and the chart makes no issuer Secret.
+            made = objects(r.stdout)
+            assert made[("ConfigMap", "linkerd", "linkerd-identity-trust-roots")]["data"]["ca-bundle.crt"] == (
+                certs / "ca.crt").read_text()
+            assert ("Secret", "linkerd", "linkerd-identity-issuer") not in made
         apply(kube_cluster, r.stdout)
     assert any("--ha" in s for s in seen) and any(s.startswith("upgrade") for s in seen)
     # What was applied last is there: the control plane's Deployments, webhooks, the CRDs.

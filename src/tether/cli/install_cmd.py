@@ -204,6 +204,7 @@ def _identity_layer(values: dict[str, Any], anchors_file: str | None, issuer_cer
     if generate and not merged.get("identityTrustAnchorsPEM"):
         if external:
             layer["identityTrustAnchorsPEM"] = _external_anchors(namespace)
+            return layer
         if (merged.get("identity") or {}).get("issuer", {}).get("tls", {}).get("crtPEM"):
             raise CliError("identity.issuer.tls.crtPEM is set but identityTrustAnchorsPEM is not")
         domain = merged.get("identityTrustDomain") or merged.get("clusterDomain") or "cluster.local"
