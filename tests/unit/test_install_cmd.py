@@ -104,7 +104,8 @@ def test_rendered_commands_parse_with_the_real_commands(capsys: pytest.CaptureFi
         assert isinstance(group, click.Group)
         command = group.get_command(click.Context(group), args[1])
         assert command is not None, name
-        command.make_context(args[1], list(args[2:]))
+        # The tree's own help options: click caches a command's help option on first use.
+        command.make_context(args[1], list(args[2:]), help_option_names=["-h", "--help"])
         proxy = next(c for c in spec["initContainers"] if c["name"] == "linkerd-proxy")
         # What the kubelet does with $(VAR): the earlier variables' values.
         env = {e["name"]: re.sub(r"\$\((\w+)\)", lambda m: kube_env[m.group(1)], e["value"])
