@@ -24,6 +24,8 @@ NOT_RUN_BARE = {
     ("demo",): "runs a mesh of processes for 10s",
     ("proxy-init",): "installs iptables rules in this network namespace",
     ("controller", "destination"): "serves on 0.0.0.0:8086 until stopped",
+    ("proxy-await",): "waits up to 2m for a proxy's /ready on 127.0.0.1:4191",
+    ("controller", "injector"): "serves the admission webhooks on 0.0.0.0:8443 until stopped",
     ("up",): "creates a bridge and starts a control plane on this host until `tether down`",
 }
 

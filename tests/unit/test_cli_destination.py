@@ -33,7 +33,7 @@ def test_the_flags_defaults_are_the_services_own() -> None:
 
 def test_the_controller_list_is_each_services_own_short_help() -> None:
     ctx = click.Context(controller, info_name="controller")
-    assert controller.list_commands(ctx) == ["destination", "identity"]
+    assert controller.list_commands(ctx) == ["destination", "identity", "injector"]
     for name, entry in SERVICES.items():
         cmd = controller.get_command(ctx, name)
         assert cmd is not None and cmd.get_short_help_str(limit=200) == entry.help, name

@@ -35,6 +35,8 @@ log = logging.getLogger("tether.controller")
 SERVICES: dict[str, Lazy] = {
     "destination": Lazy("tether.cli.destination_cmd", "destination",
                         "the destination service: endpoints, profiles, inbound and outbound policy"),
+    "injector": Lazy("tether.cli.inject_cmd", "injector",
+                     "the admission webhooks: proxy injection and resource validation"),
     "identity": Lazy("tether.cli.controller_cmd", "identity", "the identity service: signs workload certificates"),
 }
 

@@ -44,7 +44,13 @@ class Duration(click.ParamType):
         try:
             seconds = parse_duration(str(value), "duration")
         except ConfigError:
-            self.fail(f"{value!r} is not a duration like 500ms, 10s, 2m or 1h", param, ctx)
+            # Go's compound form too (24h0m0s: Linkerd's values and `kubectl` print durations so).
+            from tether.core.durations import parse_duration as parse_go_duration
+
+            try:
+                seconds = parse_go_duration(str(value))
+            except ValueError:
+                self.fail(f"{value!r} is not a duration like 500ms, 10s, 2m or 1h", param, ctx)
         if self.positive and seconds <= 0:
             self.fail(f"{value!r}: must be more than zero", param, ctx)
         return seconds

@@ -12,23 +12,30 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+# The keys and their parsing are core/inject's: the local platform reads annotations as the injector does.
+from tether.core.inject.annotations import (
+    INJECT,
+    LOG_LEVEL,
+    OPAQUE_PORTS,
+    PROXY_AWAIT,
+    SKIP_INBOUND,
+    SKIP_OUTBOUND,
+    SKIP_SUBNETS,
+    AnnotationError,
+    parse_log_level,
+    parse_ports,
+    parse_subnets,
+)
+
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # A label key: optional DNS-subdomain prefix and a name (Kubernetes' rule).
 _KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-_LOG_LEVEL = re.compile(r"^[a-z_][a-z0-9_:.,=\-]*$")
 
 # The proxy's admin and tap ports are never redirected inbound (linkerd-init's defaults).
 PROXY_IGNORED_INBOUND = ("4190", "4191")
 MAX_REPLICAS = 256
 
-OPAQUE_PORTS = "config.linkerd.io/opaque-ports"
-SKIP_INBOUND = "config.linkerd.io/skip-inbound-ports"
-SKIP_OUTBOUND = "config.linkerd.io/skip-outbound-ports"
-SKIP_SUBNETS = "config.linkerd.io/skip-subnets"
-LOG_LEVEL = "config.linkerd.io/proxy-log-level"
-PROXY_AWAIT = "config.linkerd.io/proxy-await"
-INJECT = "linkerd.io/inject"
 SUPPORTED_ANNOTATIONS = (INJECT, LOG_LEVEL, OPAQUE_PORTS, PROXY_AWAIT, SKIP_INBOUND, SKIP_OUTBOUND, SKIP_SUBNETS)
 
 
@@ -50,29 +57,17 @@ class PodSettings:
 
 
 def _ports(value: str, key: str) -> tuple[str, ...]:
-    out = []
-    for part in (p.strip() for p in value.split(",")):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()) or not 0 < int(lo) <= int(hi or lo) <= 65535:
-            raise SpecError(f"annotation {key}: {part!r} is not a port (1-65535) or a range like 5000-5010")
-        out.append(part)
-    return tuple(out)
+    try:
+        return parse_ports(value, key)
+    except AnnotationError as e:
+        raise SpecError(str(e)) from None
 
 
 def _subnets(value: str, key: str) -> tuple[str, ...]:
-    import ipaddress
-
-    out = []
-    for part in (p.strip() for p in value.split(",")):
-        if not part:
-            continue
-        try:
-            out.append(str(ipaddress.ip_network(part, strict=False)))
-        except ValueError:
-            raise SpecError(f"annotation {key}: {part!r} is not a network like 10.0.0.0/8") from None
-    return tuple(out)
+    try:
+        return parse_subnets(value, key)
+    except AnnotationError as e:
+        raise SpecError(str(e)) from None
 
 
 def _switch(value: str, key: str) -> bool:
@@ -94,9 +89,10 @@ def pod_settings(annotations: Mapping[str, str]) -> PodSettings:
         elif key == SKIP_SUBNETS:
             s = replace(s, skip_subnets=_subnets(value, key))
         elif key == LOG_LEVEL:
-            if not _LOG_LEVEL.match(value):
-                raise SpecError(f"annotation {key}: {value!r} is not a log level spec like warn,tether=info")
-            s = replace(s, log_level=value)
+            try:
+                s = replace(s, log_level=parse_log_level(value, key))
+            except AnnotationError as e:
+                raise SpecError(str(e)) from None
         elif key == PROXY_AWAIT:
             s = replace(s, proxy_await=_switch(value, key))
         elif key == INJECT:

@@ -1,0 +1,127 @@
+"""`tether install/upgrade/uninstall` without a cluster: flags, notices, refusals (one line each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tether.cli.main import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def objects(text: str) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(text) if d}
+
+
+def test_controller_resources_apply_everywhere_with_a_notice(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "install", "--set", "controllerResources.memory.limit=300Mi",
+                         "--set", "proxyInit.resources.cpu.limit=50m")
+    assert code == 0
+    assert "notice: controllerResources: applied to every control-plane container" in err
+    assert "notice: proxyInit.resources: applied to the init container" in err
+    objs = objects(out)
+    for name in ("linkerd-identity", "linkerd-destination", "linkerd-proxy-injector"):
+        spec = objs[("Deployment", name)]["spec"]["template"]["spec"]
+        controller = spec["containers"][1]
+        assert controller["resources"] == {"limits": {"memory": "300Mi"}}, name
+        assert spec["initContainers"][0]["resources"] == {"limits": {"cpu": "50m"}}
+
+
+def test_controller_replicas_and_namespace(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "install", "--ha", "--controller-replicas", "2", "-L", "mesh")
+    assert code == 0
+    objs = objects(out)
+    assert objs[("Deployment", "linkerd-destination")]["spec"]["replicas"] == 2
+    assert objs[("Deployment", "linkerd-destination")]["metadata"]["namespace"] == "mesh"
+    assert objs[("PodDisruptionBudget", "linkerd-destination")]["spec"]["maxUnavailable"] == 1
+    assert objs[("MutatingWebhookConfiguration", "linkerd-proxy-injector-webhook-config")]["webhooks"][0][
+        "failurePolicy"] == "Fail"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--identity-issuer-certificate-file", "x.crt"],
+     "--identity-issuer-certificate-file and --identity-issuer-key-file go together"),
+    (["--crds", "--ha"], "--crds prints the CRDs only"),
+    (["--set", "dashboard.replicas=2"], "dashboard: unknown value: belongs to the viz extension"),
+    (["--set", "webhookFailurePolicy"], "--set 'webhookFailurePolicy': expected KEY=VALUE"),
+    (["--set-file", "identityTrustAnchorsPEM=/nonexistent/ca.crt"], "--set-file identityTrustAnchorsPEM="),
+])
+def test_refusals_are_one_line(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    code, out, err = run(capsys, "install", *args)
+    assert code in (1, 2) and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_not_a_pem_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "ca.crt"
+    bad.write_text("hello")
+    code, _out, err = run(capsys, "install", "--identity-trust-anchors-file", str(bad))
+    assert code == 2 and "--identity-trust-anchors-file: not a PEM certificate" in err
+
+
+def test_external_issuer_without_kubectl_says_what_to_do(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    code, out, err = run(capsys, "install", "--identity-external-issuer")
+    assert code == 2 and out == ""
+    assert "--identity-trust-anchors-file (the ca.crt of the Secret linkerd-identity-issuer" in err
+
+
+def test_upgrade_without_an_install(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    empty = tmp_path / "none.yaml"
+    empty.write_text("")
+    code, _out, err = run(capsys, "upgrade", "--from-manifests", str(empty))
+    assert code == 1 and "no ConfigMap linkerd-config" in err
+
+
+def test_rendered_commands_parse_with_the_real_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every controller's args are flags its command has; the proxy's env is read by the proxy's config."""
+    import re
+
+    import click
+
+    from tether.cli.tree import cli
+    from tether.proxy.config import ProxyConfig
+
+    code, out, _ = run(capsys, "install", "--ha", "--set", "proxy.nativeSidecar=true")
+    assert code == 0
+    kube_env = {"_pod_name": "web-0", "_pod_ns": "prod", "_pod_nodeName": "node-1", "_pod_sa": "web"}
+    for (kind, name), obj in objects(out).items():
+        if kind != "Deployment":
+            continue
+        spec = obj["spec"]["template"]["spec"]
+        args = spec["containers"][0]["args"]
+        group = cli.get_command(click.Context(cli), "controller")
+        assert isinstance(group, click.Group)
+        command = group.get_command(click.Context(group), args[1])
+        assert command is not None, name
+        # The tree's own help options: click caches a command's help option on first use.
+        command.make_context(args[1], list(args[2:]), help_option_names=["-h", "--help"])
+        proxy = next(c for c in spec["initContainers"] if c["name"] == "linkerd-proxy")
+        # What the kubelet does with $(VAR): the earlier variables' values.
+        env = {e["name"]: re.sub(r"\$\((\w+)\)", lambda m: kube_env[m.group(1)], e["value"])
+               for e in proxy["env"] if "value" in e}
+        cfg = ProxyConfig.from_env(env)
+        assert cfg.identity_name == "web.prod.serviceaccount.identity.linkerd.cluster.local"
+        assert cfg.inbound_addr == ("0.0.0.0", 4143) and cfg.admin_addr == ("0.0.0.0", 4191)
+
+
+def test_generated_issuer_is_named_for_the_control_plane(capsys: pytest.CaptureFixture[str]) -> None:
+    import base64
+
+    from cryptography import x509
+
+    code, out, _ = run(capsys, "install", "-L", "mesh", "--set", "identityTrustDomain=example.org")
+    assert code == 0
+    secret = objects(out)[("Secret", "linkerd-identity-issuer")]
+    issuer = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    assert issuer.subject.rfc4514_string() == "CN=identity.mesh.example.org"
