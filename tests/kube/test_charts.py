@@ -164,7 +164,7 @@ def test_crds_render_what_helm_template_renders() -> None:
                                 capture_output=True, text=True, timeout=120)
         assert theirs.returncode == 0, theirs.stderr
         assert objects(mine.stdout) == objects(theirs.stdout)
-    assert len(objects(tether("install", "--crds").stdout)) == 13
+    assert len(objects(tether("install", "--crds").stdout)) == 14
 
 
 def test_unknown_value_is_refused_by_tether_and_helm(certs: Path) -> None:

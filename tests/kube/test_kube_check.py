@@ -34,7 +34,6 @@ IMAGE = "registry.invalid/tether/test:1.0"
 PEM = serialization.Encoding.PEM
 WEBHOOKS = (
     ("linkerd-proxy-injector-k8s-tls", "mutatingwebhookconfigurations", "linkerd-proxy-injector-webhook-config"),
-    ("linkerd-sp-validator-k8s-tls", "validatingwebhookconfigurations", "linkerd-sp-validator-webhook-config"),
     ("linkerd-policy-validator-k8s-tls", "validatingwebhookconfigurations", "linkerd-policy-validator-webhook-config"),
 )
 
@@ -231,7 +230,7 @@ def test_broken_webhook_ca_ha_and_data_plane_anchors_fail_their_categories(
     kube_cluster: KubeCluster, install: Install
 ) -> None:
     other, _ = create_anchor("someone-else", dt.datetime.now(dt.UTC))
-    apply(kube_cluster, webhook_config("validatingwebhookconfigurations", "linkerd-sp-validator-webhook-config",
+    apply(kube_cluster, webhook_config("validatingwebhookconfigurations", "linkerd-policy-validator-webhook-config",
                                        other.public_bytes(PEM), install.cp))
     kube_cluster.kubectl("scale", "-n", install.cp, "deployment/linkerd-destination", "--replicas=1")
     # A meshed pod started with other trust anchors (before a rotation, say).
@@ -244,7 +243,7 @@ def test_broken_webhook_ca_ha_and_data_plane_anchors_fail_their_categories(
     r = run_check(kube_cluster, "-L", install.cp, "--proxy", "-n", install.app)
     assert r.returncode == 1
     tls = category(r.stdout, "linkerd-webhooks-and-apisvc-tls")
-    assert "\u00d7 sp-validator webhook has valid cert" in tls and "caBundle does not sign" in tls
+    assert "\u00d7 policy-validator webhook has valid cert" in tls and "caBundle does not sign" in tls
     assert "\u221a proxy-injector webhook has valid cert" in tls
     ha = category(r.stdout, "linkerd-ha-checks")
     assert "\u203c multiple replicas of control plane pods\n    not enough replicas available for destination" in ha

@@ -32,11 +32,11 @@ PROXY_CONTAINER = "linkerd-proxy"
 ISSUER_SECRET = "linkerd-identity-issuer"
 TRUST_ROOTS = "linkerd-identity-trust-roots"
 WEBHOOKS = (
-    # (name in checks, TLS Secret, webhook configuration kind, its name)
+    # (name in checks, TLS Secret, webhook configuration kind, its name). Linkerd's destination also
+    # serves an sp-validator; tether's injector validates every CRD (ServiceProfiles too) as the
+    # policy validator, so the chart has no sp-validator to check.
     ("proxy-injector", "linkerd-proxy-injector-k8s-tls", "mutatingwebhookconfigurations",
      "linkerd-proxy-injector-webhook-config"),
-    ("sp-validator", "linkerd-sp-validator-k8s-tls", "validatingwebhookconfigurations",
-     "linkerd-sp-validator-webhook-config"),
     ("policy-validator", "linkerd-policy-validator-k8s-tls", "validatingwebhookconfigurations",
      "linkerd-policy-validator-webhook-config"),
 )

@@ -254,13 +254,12 @@ def render(values: Mapping[str, Any], namespace: str, version: str) -> list[dict
                           "values": yaml.safe_dump(public_values(values), sort_keys=True)}})
     level = values["controllerLogLevel"]
     trust_domain = v.trust_domain
-    issuer_dir = "/var/run/linkerd/identity/issuer"
+    # Identity reads its issuer Secret and trust-anchor ConfigMap through the API server (watched:
+    # a rotated issuer is used without a restart) and checks tokens with TokenReview.
     identity_args = [
         "controller", "identity", "--addr", "0.0.0.0:8080", "--admin-addr", "0.0.0.0:9990",
-        "--controller-namespace", ns, "--identity-trust-domain", trust_domain,
-        "--identity-issuer-certificate-file", f"{issuer_dir}/tls.crt",
-        "--identity-issuer-key-file", f"{issuer_dir}/tls.key",
-        "--identity-trust-anchors-file", "/var/run/linkerd/identity/trust-roots/ca-bundle.crt",
+        "--controller-namespace", ns, "--identity-trust-domain", trust_domain, "--platform", "kubernetes",
+        "--issuer-secret", ISSUER_SECRET, "--trust-anchors-configmap", TRUST_ROOTS,
         "--issuance-lifetime", str(issuer["issuanceLifetime"]),
         "--clock-skew-allowance", str(issuer["clockSkewAllowance"]),
         "--log-level", level,
@@ -268,17 +267,13 @@ def render(values: Mapping[str, Any], namespace: str, version: str) -> list[dict
     objs.append(_deployment(values, v, ns, "linkerd-identity", "identity", _container(
         values, "identity", identity_args, [{"name": "grpc", "containerPort": 8080},
                                             {"name": "admin-http", "containerPort": 9990}], 9990,
-        "identityResources",
-        [{"name": "identity-issuer", "mountPath": issuer_dir, "readOnly": True},
-         {"name": "trust-roots", "mountPath": "/var/run/linkerd/identity/trust-roots", "readOnly": True}],
-        version), [{"name": "identity-issuer", "secret": {"secretName": ISSUER_SECRET}},
-                   {"name": "trust-roots", "configMap": {"name": TRUST_ROOTS}}], version))
+        "identityResources", [], version), [], version))
     destination_args = [
         "controller", "destination", "--addr", "0.0.0.0:8086", "--admin-addr", "0.0.0.0:9996",
         "--controller-namespace", ns, "--cluster-domain", values["clusterDomain"],
         "--identity-trust-domain", trust_domain,
         "--default-policy", v.default_inbound_policy, "--cluster-networks", v.cluster_networks,
-        "--log-level", level,
+        "--platform", "kubernetes", "--log-level", level,
     ]
     objs.append(_deployment(values, v, ns, "linkerd-destination", "destination", _container(
         values, "destination", destination_args, [{"name": "grpc", "containerPort": 8086},

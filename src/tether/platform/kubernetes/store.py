@@ -66,6 +66,7 @@ CUSTOM_KINDS: tuple[CustomKind, ...] = (
     CustomKind("policy.linkerd.io", "httproutes", "HTTPRoute", ("v1beta3", "v1beta2", "v1beta1")),
     CustomKind("gateway.networking.k8s.io", "httproutes", "HTTPRoute", ("v1", "v1beta1")),
     CustomKind("gateway.networking.k8s.io", "grpcroutes", "GRPCRoute", ("v1", "v1alpha2")),
+    CustomKind("gateway.networking.k8s.io", "tcproutes", "TCPRoute", ("v1alpha2",)),
     CustomKind("split.smi-spec.io", "trafficsplits", "TrafficSplit", ("v1alpha2", "v1alpha1")),
     CustomKind("policy.linkerd.io", "servers", "Server", ("v1beta3", "v1beta2", "v1beta1")),
     CustomKind("policy.linkerd.io", "serverauthorizations", "ServerAuthorization", ("v1beta1",)),
