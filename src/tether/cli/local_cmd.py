@@ -28,7 +28,7 @@ DEFAULT_POD_CIDR = "10.234.0.0/16"
 DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
 # Entries of the state directory `tether up` may create; `tether down` removes those it did create.
 STATE_ENTRIES = ("mesh.json", "supervisor.pid", "supervisor.log", "status.json", "specs", "services.json",
-                 "resources", "workloads", "tokens", "ca", "logs", "control-plane")
+                 "resources", "workloads", "tokens", "ca", "logs", "control-plane", "addons", "scrape", "viz")
 
 
 def _layout(state_dir: str) -> Any:
