@@ -457,10 +457,10 @@ def check(max_age: float, output: str, prometheus_url: str | None, state_dir: st
 @viz.command("alerts", short_help="print the alert rules as a PrometheusRule")
 @click.option("-L", "--controller-namespace", default="linkerd", show_default=True, type=DNS_LABEL,
               help="the control plane's namespace (its alert matches it)")
-@click.option("--workload-namespace", default="", type=DNS_LABEL, metavar="NS",
+@click.option("--workload-namespace", default=None, type=DNS_LABEL, metavar="NS",
               help="only alert on workloads of this namespace  [default: every namespace]")
 @click.option("--rules-only", is_flag=True, help="print only the rule groups (a Prometheus rule file)")
-def alerts(controller_namespace: str, workload_namespace: str, rules_only: bool) -> None:
+def alerts(controller_namespace: str, workload_namespace: str | None, rules_only: bool) -> None:
     """A monitoring.coreos.com/v1 PrometheusRule: the seeds' four rules (low success rate, high
     latency, control plane down, certificate expiry) made to fire on tether, and tether's own
     (a control-plane component with no replica up, proxies not ready, workload certificates not
@@ -468,7 +468,7 @@ def alerts(controller_namespace: str, workload_namespace: str, rules_only: bool)
     from tether.viz import alerts as rules
     from tether.viz.promconfig import dump as ydump
 
-    doc = rules.prometheus_rule(controller_namespace, workload_namespace)
+    doc = rules.prometheus_rule(controller_namespace, workload_namespace or "")
     click.echo(ydump({"groups": doc["spec"]["groups"]} if rules_only else doc), nl=False)
 
 
