@@ -115,3 +115,21 @@ def authority_regex(service: str, namespace: str, cluster_domain: str = "cluster
     """The authorities a client may use for a Service: NAME, NAME.NS, NAME.NS.svc.DOMAIN, each with a port."""
     n, ns, d = re.escape(service), re.escape(namespace), re.escape(cluster_domain)
     return f"{n}(\\.{ns}(\\.svc\\.{d})?)?(:[0-9]+)?"
+
+
+def request_rate(sel: Selector, window: str, group: Iterable[str], family: str = "") -> str:
+    """Responses per second (what Linkerd's dashboards call RPS)."""
+    return f"sum(rate({family}response_total{sel.render()}[{window}])) by ({by(group)})"
+
+
+def success_rate(sel: Selector, window: str, group: Iterable[str], family: str = "") -> str:
+    """The share of responses classified success."""
+    ok = sel.with_(classification="success")
+    return (f"sum(rate({family}response_total{ok.render()}[{window}])) by ({by(group)}) / "
+            f"sum(rate({family}response_total{sel.render()}[{window}])) by ({by(group)})")
+
+
+def latency_rate(q: float, sel: Selector, window: str, group: Iterable[str], family: str = "") -> str:
+    """A latency quantile over ``window`` (rate, for dashboards: smoother than irate)."""
+    return (f"histogram_quantile({q}, sum(rate({family}response_latency_ms_bucket{sel.render()}[{window}])) "
+            f"by ({by(['le', *group])}))")
