@@ -44,7 +44,8 @@ class _Board:
         self._x += width
 
     def doc(self) -> dict[str, Any]:
-        templating = [{"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"}]
+        templating: list[dict[str, Any]] = [
+            {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"}]
         for v in self.variables:
             query = {"namespace": 'label_values(up{job="linkerd-proxy"}, namespace)',
                      "deployment": 'label_values(up{job="linkerd-proxy",namespace="$namespace"}, deployment)',
