@@ -87,8 +87,9 @@ CLIENT = """
 import json, os, sys, time, urllib.request, urllib.error
 out, rps = sys.argv[1], float(sys.argv[2])
 paths = ["/authors", "/authors", "/books", "/nothing"]
-counts = {"start": time.time(), "byPath": {}, "ok": 0, "failed": 0, "sent": 0}
+counts = {"start": time.time(), "byPath": {}, "ok": 0, "failed": 0, "sent": 0, "history": []}
 n = 0
+last = 0.0
 next_at = time.monotonic()
 while True:
     path = paths[n % len(paths)]
@@ -105,6 +106,9 @@ while True:
     counts["byPath"].setdefault(path, {}).setdefault(str(status), 0)
     counts["byPath"][path][str(status)] += 1
     counts["now"] = time.time()
+    if counts["now"] - last >= 1.0:  # once a second: (time, sent, ok), the last two minutes
+        last = counts["now"]
+        counts["history"] = (counts["history"] + [[last, counts["sent"], counts["ok"]]])[-120:]
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(counts, f)
@@ -192,6 +196,15 @@ def _traffic_for(vm: VizMesh, seconds: float) -> None:
              seconds + 60, f"{seconds:g}s of client traffic")
     vm.wait_query('sum(response_total{direction="inbound",deployment="api-service"})',
                   lambda r: bool(r) and r[0].value >= seconds * RPS * 0.8, 30, "the client's requests scraped")
+
+
+def client_window(c: dict[str, Any], seconds: float = 30.0) -> tuple[float, float]:
+    """The client's own request rate and success share over its last ``seconds``."""
+    hist = c["history"]
+    end = hist[-1]
+    start = next((h for h in hist if h[0] >= end[0] - seconds), hist[0])
+    sent, ok = end[1] - start[1], end[2] - start[2]
+    return sent / (end[0] - start[0]), ok / sent
 
 
 def _one(samples: list[Sample], **labels: str) -> Sample:
@@ -372,9 +385,8 @@ def test_stat_matches_what_the_client_sent(vm: VizMesh) -> None:
     doc = vm.viz_json("stat", "deploy", "-n", NS, "-t", WINDOW)
     c1 = vm.client()
     # The client's own rate over its run, and its own success share (exactly 3 of 4 by design).
-    client_rps = c1["sent"] / (c1["now"] - c1["start"])
-    client_success = c1["ok"] / c1["sent"]
-    assert client_success == pytest.approx(SUCCESS, abs=0.01) and c0["failed"] > 0
+    client_rps, client_success = client_window(c1)
+    assert c1["ok"] / c1["sent"] == pytest.approx(SUCCESS, abs=0.01) and c0["failed"] > 0
     api = _row(doc, "api-service")
     assert api["meshedPodCount"] == 1 and api["runningPodCount"] == 1
     assert api["rps"] == pytest.approx(client_rps, rel=RATE_TOLERANCE)
@@ -416,8 +428,7 @@ def test_stat_matches_what_the_client_sent(vm: VizMesh) -> None:
 
 def test_routes_edges_top_and_check(vm: VizMesh) -> None:
     _traffic_for(vm, 35)
-    c = vm.client()
-    client_rps = c["sent"] / (c["now"] - c["start"])
+    client_rps, _ = client_window(vm.client())
     routes = {r["route"]: r for r in vm.viz_json("routes", "deploy/api-service", "-n", NS, "-t", WINDOW)["routes"]}
     assert set(routes) == {"GET /authors", "GET /books", "[DEFAULT]"}
     assert routes["GET /authors"]["successRate"] == 1.0
@@ -475,6 +486,134 @@ def test_every_dashboard_panel_query_runs_against_the_live_prometheus(vm: VizMes
     assert ran >= 30
 
 
+class Cdp:
+    """Chromium's DevTools protocol over its websocket: commands, and the events seen meanwhile."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.n = 0
+        self.events: list[dict[str, Any]] = []
+
+    def call(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
+             timeout: float = 15) -> dict[str, Any]:
+        self.n += 1
+        msg: dict[str, Any] = {"id": self.n, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        self.ws.send(json.dumps(msg))
+        deadline = time.monotonic() + timeout
+        while True:
+            got = json.loads(self.ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+            if got.get("id") == self.n:
+                assert "error" not in got, got
+                return dict(got["result"])
+            self.events.append(got)
+
+    def eval(self, expr: str, session: str) -> Any:
+        r = self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session)
+        assert "exceptionDetails" not in r, r
+        return r["result"].get("value")
+
+    def errors(self) -> list[str]:
+        out = []
+        for e in self.events:
+            m, p = e.get("method"), e.get("params", {})
+            if m == "Runtime.exceptionThrown":
+                out.append(json.dumps(p["exceptionDetails"])[:300])
+            elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+                out.append(json.dumps(p.get("args"))[:300])
+            elif m == "Log.entryAdded" and p["entry"].get("level") == "error":
+                out.append(p["entry"].get("text", "")[:300])
+        return out
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Cdp]:
+    exe = "/usr/bin/chromium"
+    if not Path(exe).exists():
+        pytest.skip("Debian's chromium is not installed (scripts/setup installs it)")
+    proc = subprocess.Popen([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                             "--disable-extensions", "--remote-debugging-address=127.0.0.1",
+                             "--remote-debugging-port=0", f"--user-data-dir={tmp_path / 'chromium'}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = ""
+        deadline = time.monotonic() + 30
+        assert proc.stderr is not None
+        while not url and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                break
+            m = re.search(r"DevTools listening on (ws://\S+)", line)
+            url = m.group(1) if m else ""
+        assert url, "chromium did not start its DevTools endpoint"
+        from websockets.sync.client import connect
+
+        with connect(url, max_size=None) as ws:
+            yield Cdp(ws)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_web_dashboard_shows_the_clis_numbers_in_a_real_browser(vm: VizMesh, chromium: Cdp) -> None:
+    _traffic_for(vm, 35)
+    dash = subprocess.Popen([*TETHER, "viz", "dashboard", "--port", "0", "--state-dir", str(vm.state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert dash.stdout is not None
+        m = re.search(r"(http://127\.0\.0\.1:\d+/)", dash.stdout.readline())
+        assert m is not None
+        target = chromium.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = chromium.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Runtime", "Log", "Page"):
+            chromium.call(f"{domain}.enable", {}, session)
+        chromium.call("Page.navigate", {"url": m.group(1) + "#" + NS}, session)
+
+        def state() -> dict[str, Any]:
+            return dict(chromium.eval("JSON.parse(JSON.stringify(window.tetherState || {}))", session) or {})
+
+        # It refreshes on its own: a second refresh comes without anything done to the page.
+        wait_for(lambda: state().get("refreshes", 0) >= 2 and state().get("workloads"), 30, "two refreshes")
+        assert state()["error"] is None and state()["namespace"] == NS
+        cells = chromium.eval("[...document.querySelectorAll('#workloads tbody tr')]"
+                              ".map(tr => [...tr.cells].map(c => c.textContent))", session)
+        page = {row[0]: row for row in cells}
+        cli = vm.viz_json("stat", "deploy", "-n", NS)
+        for r in (r for t in cli["statTables"] for r in t["podGroup"]["rows"]):
+            row = page[r["resource"]["name"]]
+            assert row[1] == f"{r['meshedPodCount']}/{r['runningPodCount']}"
+            if r["rps"] is None:
+                assert row[2] == "-" and row[3] == "-"
+            else:
+                assert float(row[2].rstrip("%")) == pytest.approx(r["successRate"] * 100, abs=SUCCESS_TOLERANCE * 100)
+                assert float(row[3].removesuffix("rps")) == pytest.approx(r["rps"], rel=RATE_TOLERANCE)
+        # A workload's routes, after a click.
+        chromium.eval("[...document.querySelectorAll('#workloads tbody tr')]"
+                      ".find(tr => tr.cells[0].textContent === 'api-service').click()", session)
+        wait_for(lambda: {r["route"] for r in state().get("routes", [])} >= {"GET /books", "GET /authors"}, 20,
+                 "the routes of api-service")
+        routes = chromium.eval("[...document.querySelectorAll('#routes tbody tr')].map(tr => tr.cells[0].textContent)",
+                               session)
+        assert "GET /books" in routes and "[DEFAULT]" in routes
+        # The edges as a graph: both workloads, joined by a secured line.
+        nodes = chromium.eval("[...document.querySelectorAll('#edges g.node')].map(g => g.dataset.name)", session)
+        assert {f"{NS}/frontend", f"{NS}/api-service"} <= set(nodes)
+        assert chromium.eval("document.querySelectorAll('#edges line.secured').length", session) >= 1
+        # The place for live tap says plainly that it is not there.
+        wait_for(lambda: "not available" in chromium.eval("document.getElementById('tap-status').textContent",
+                                                          session), 10, "the tap section's message")
+        assert chromium.eval("document.getElementById('tap').dataset.tap", session) == "unavailable"
+        assert chromium.errors() == []
+    finally:
+        dash.terminate()
+        dash.wait(10)
+
+
 def test_retries_show_as_actual_versus_effective(vm: VizMesh) -> None:
     vm.mesh.apply(RETRIES)
     applied = time.time()
@@ -494,6 +633,23 @@ def test_retries_show_as_actual_versus_effective(vm: VizMesh) -> None:
                   "-o", "wide").stdout
     assert "ACTUAL_SUCCESS" in wide.splitlines()[0] and "ACTUAL_RPS" in wide.splitlines()[0]
     assert not math.isnan(row["actualSuccessRate"]) and row["actualSuccessRate"] < row["successRate"] + 1e-9
+
+
+def test_diagnostics_print_the_proxies_and_controllers_metrics(vm: VizMesh) -> None:
+    out = vm.tether("diagnostics", "proxy-metrics", "-n", NS, "po/api-service-0").stdout
+    assert out.startswith("#\n# POD api-service-0 (1 of 1)\n# CONTAINER linkerd-proxy\n#\n")
+    assert re.search(r'^response_total\{direction="inbound",authority="api-service:8080".*classification="failure"',
+                     out, re.M)
+    # The seeds' spelling: `viz diagnostics proxy-metrics POD -n NS`; and a deployment's pods.
+    seed = vm.tether("viz", "diagnostics", "proxy-metrics", "api-service-0", "-n", NS).stdout
+    assert "# POD api-service-0" in seed and "process_resident_memory_bytes" in seed
+    assert "# POD frontend-0 (1 of 1)" in vm.tether("diagnostics", "proxy-metrics", "-n", NS, "deploy/frontend").stdout
+    cp = vm.tether("diagnostics", "controller-metrics").stdout
+    assert "# POD identity-0 (1 of 2)\n# CONTAINER identity" in cp and "# POD destination-0 (2 of 2)" in cp
+    assert "linkerd_identity_cert_expiration_timestamp_seconds" in cp and "destination_streams" in cp
+    bad = vm.tether("diagnostics", "proxy-metrics", "-n", NS, "nope-0", check=False)
+    assert bad.returncode == 1 and "no pod nope-0 in namespace production" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_uninstall_stops_prometheus_and_down_leaves_nothing(vm: VizMesh) -> None:

@@ -43,7 +43,7 @@ COMMANDS: dict[str, Lazy] = {
     "down": Lazy("tether.cli.local_cmd", "down", "stop the local mesh and remove everything it made"),
     "exec": Lazy("tether.cli.local_cmd", "exec_", "run a command in a local pod's network namespace"),
     "diagnostics": Lazy("tether.cli.diagnostics_cmd", "diagnostics",
-                        "inspect what the control plane serves (endpoints, profile, policy)"),
+                        "inspect what the control plane serves, and the proxies' and controllers' metrics"),
     "get": Lazy("tether.cli.resources_cmd", "get", "list the resources of a kind in the local store"),
     "join": Lazy("tether.cli.local_cmd", "join", "join this host's pods to another host's local mesh"),
     "logs": Lazy("tether.cli.local_cmd", "logs", "print a local pod's application or proxy log"),

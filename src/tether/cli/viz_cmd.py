@@ -513,3 +513,13 @@ def dashboard(port: int, address: str, show: str, prometheus_url: str | None, st
         return pod_counts(state_dir, rtype, prometheus_url is not None)
 
     _run(lambda: serve(api, address, port, counts, announce=(show == "url")))
+
+
+def _diagnostics() -> click.Command:
+    # `linkerd viz diagnostics proxy-metrics POD -n NS`, as the seeds write it: the same commands.
+    from tether.cli.diagnostics_cmd import diagnostics
+
+    return diagnostics
+
+
+viz.add_command(_diagnostics(), "diagnostics")
