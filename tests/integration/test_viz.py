@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,17 @@ def test_a_killed_prometheus_is_restarted(vm: VizMesh) -> None:
         return bool(a["pid"] and a["pid"] != pid and vm.prom.ready())  # type: ignore[union-attr]
 
     wait_for(restarted, 30, "Prometheus restarted by the supervisor")
+    # `viz install` again with other flags: the running Prometheus reloads its configuration.
+    def interval() -> str:
+        with urllib.request.urlopen(f"{vm.prom.url}/api/v1/status/config", timeout=5) as r:  # type: ignore[union-attr]
+            m = re.search(r"scrape_interval: (\S+)", json.loads(r.read())["data"]["yaml"])
+        return m.group(1) if m else ""
+
+    assert interval() == "1s"
+    vm.viz("install", "--scrape-interval", "2s")
+    assert interval() == "2s"
+    vm.viz("install", "--scrape-interval", "1s")
+    assert interval() == "1s"
 
 
 # --- 2. the seeds' PromQL and alert expressions -----------------------------------------------

@@ -94,8 +94,13 @@ def install(layout: Layout, *, port: int = 0, scrape_interval: str = promconfig.
             "--web.enable-lifecycle", "--log.level=warn"]
     write_json(settings_path(layout), {"port": port, "url": f"http://{addr}", "scrapeInterval": scrape_interval,
                                        "retention": retention})
+    running_same = any(a.get("name") == ADDON and a.get("argv") == argv and a.get("pid")
+                       for a in layout.read_status().get("addons", []))
     write_json(layout.addons_dir / f"{ADDON}.json", {"argv": argv, "grace": 10})
     prom = Prometheus(f"http://{addr}", timeout=1.0)
+    if running_same and not prom.reload():
+        raise VizError(f"Prometheus at {addr} did not reload its new configuration (log "
+                       f"{layout.logs_dir / 'addons' / f'{ADDON}.log'})")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pid = _addon_pid(layout)

@@ -59,6 +59,15 @@ class Prometheus:
         except (urllib.error.URLError, OSError, TimeoutError):
             return False
 
+    def reload(self) -> bool:
+        """Ask Prometheus to re-read its configuration and rules (needs --web.enable-lifecycle)."""
+        req = urllib.request.Request(f"{self.url}/-/reload", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout * 10) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError, TimeoutError):
+            return False
+
     def query(self, promql: str, time: float | None = None) -> list[Sample]:
         """An instant query; a vector or scalar result as samples (NaN values kept)."""
         params = {"query": promql}
