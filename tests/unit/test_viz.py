@@ -227,3 +227,16 @@ def test_check_without_prometheus_fails_with_a_hint() -> None:
     assert "tether viz install" in r.stdout
 
 
+
+
+def test_dashboard_on_a_port_in_use_is_one_line() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = tether("viz", "dashboard", "--port", str(port), "--prometheus-url", "http://127.0.0.1:9")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (--address/--port)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -20,6 +20,7 @@ def test_dashboards_are_written_and_each_panel_has_a_query(tmp_path: Path) -> No
     r = subprocess.run([sys.executable, "-m", "tether", "viz", "dashboards", "-o", str(out)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+    assert "no multicluster dashboard" in r.stderr
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["top-line.json", "namespace.json", "deployment.json", "pod.json", "route.json",
                             "tcp.json", "authorization.json"])

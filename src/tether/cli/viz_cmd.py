@@ -491,6 +491,7 @@ def dashboards(output_dir: str) -> None:
             click.echo(str(out / name))
     except OSError as e:
         raise OperationFailed(f"--output-dir {output_dir}: {e.strerror or e}") from None
+    click.echo("no multicluster dashboard: tether exports no multicluster metrics yet", err=True)
 
 
 @viz.command("dashboard", short_help="serve the web dashboard on loopback")
