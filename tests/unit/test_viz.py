@@ -240,3 +240,22 @@ def test_dashboard_on_a_port_in_use_is_one_line() -> None:
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"cannot listen on 127.0.0.1:{port} (--address/--port)" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_podmonitors_add_the_labels_the_alerts_group_by() -> None:
+    r = tether("viz", "scrape-config", "--podmonitor", "-L", "linkerd")
+    assert r.returncode == 0, r.stderr
+    docs = list(yaml.safe_load_all(r.stdout))
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [("PodMonitor", "linkerd-controller"),
+                                                                  ("PodMonitor", "linkerd-proxy")]
+    proxy = docs[1]["spec"]
+    assert proxy["selector"] == {"matchLabels": {"linkerd.io/control-plane-ns": "linkerd"}}  # seed 003's
+    ep = proxy["podMetricsEndpoints"][0]
+    assert ep["port"] == "linkerd-admin" and ep["path"] == "/metrics"
+    # linkerd.io/proxy-deployment -> deployment; the pod's own labels kept.
+    assert {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_(.+)"} in ep["relabelings"]
+    assert ep["relabelings"][-1] == {"action": "labelmap", "regex": "__tmp_pod_label_(.+)"}
+    ctl = docs[0]["spec"]["podMetricsEndpoints"][0]["relabelings"]
+    assert {"action": "replace", "targetLabel": "job", "replacement": "linkerd-controller"} in ctl
+    bad = tether("viz", "scrape-config", "--podmonitor", "--platform", "local")
+    assert bad.returncode == 2 and "--podmonitor" in bad.stderr

@@ -86,7 +86,8 @@ CASES: dict[str, list[dict[str, Any]]] = {
          ('control_identity_cert_expiration_timestamp_seconds{job="linkerd-proxy",namespace="production",'
           'deployment="api",pod="api-2"}', "86400x10")],
         "5m", "TetherProxyNotReady",
-        [{"severity": "warning", "job": "linkerd-proxy", "namespace": "production", "deployment": "api", "pod": "api-0"},
+        [{"severity": "warning", "job": "linkerd-proxy", "namespace": "production", "deployment": "api",
+          "pod": "api-0"},
          {"severity": "warning", "job": "linkerd-proxy", "namespace": "production", "deployment": "api",
           "pod": "api-1"}],
         before="1m"),

@@ -133,13 +133,25 @@ def uninstall(state_dir: str) -> None:
                    "(auto: local when --state-dir holds a mesh)")
 @click.option("-L", "--controller-namespace", default="linkerd", show_default=True, type=DNS_LABEL,
               help="the control plane's namespace (kubernetes)")
-def scrape_config(state_dir: str, platform: str, controller_namespace: str) -> None:
+@click.option("--podmonitor", is_flag=True,
+              help="print Prometheus Operator PodMonitors instead of scrape jobs (kubernetes)")
+@click.option("--monitor-namespace", default="monitoring", show_default=True, type=DNS_LABEL,
+              help="the PodMonitors' namespace (with --podmonitor)")
+def scrape_config(state_dir: str, platform: str, controller_namespace: str, podmonitor: bool,
+                  monitor_namespace: str) -> None:
     """The `scrape_configs` entries to add to an external Prometheus: the seeds' jobs
     (linkerd-controller, linkerd-service-mirror, linkerd-proxy) with the labels viz's queries and
     the alerts use (namespace, pod, deployment, component). The seeds' `grafana` job is left out:
-    tether ships dashboards for your own Grafana, not a Grafana."""
+    tether ships dashboards for your own Grafana, not a Grafana. --podmonitor prints the same as
+    Prometheus Operator PodMonitors (seed 003's, with the relabelings that add deployment)."""
     from tether.viz import promconfig
 
+    if podmonitor:
+        if platform == "local":
+            raise CliError("--podmonitor: PodMonitors are for the Prometheus Operator on Kubernetes, not --platform "
+                           "local")
+        click.echo(promconfig.dump_all(promconfig.pod_monitors(controller_namespace, monitor_namespace)), nl=False)
+        return
     layout = _layout(state_dir)
     if platform == "auto":
         platform = "local" if layout.settings_path.exists() else "kubernetes"

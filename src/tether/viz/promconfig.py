@@ -110,3 +110,53 @@ def local_jobs(scrape_dir: Path) -> list[dict[str, Any]]:
 
 def dump(doc: Any) -> str:
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=120)
+
+
+def pod_monitors(controller_namespace: str = "linkerd", monitor_namespace: str = "monitoring") -> list[dict[str, Any]]:
+    """Prometheus Operator PodMonitors for the same jobs: seed 003's proxy PodMonitor with the
+    relabelings that add ``deployment`` and the pod's labels (the operator adds only ``namespace``
+    and ``pod``, so the seeds' ``by (deployment)`` alerts would come back empty), and one for the
+    control plane's admin ports with ``component``."""
+    meta = {"namespace": monitor_namespace}
+    return [
+        {
+            "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+            "metadata": {"name": CONTROLLER_JOB, **meta},
+            "spec": {
+                "jobLabel": "linkerd.io/control-plane-component",
+                "namespaceSelector": {"matchNames": [controller_namespace]},
+                "selector": {"matchExpressions": [{"key": "linkerd.io/control-plane-component",
+                                                   "operator": "Exists"}]},
+                "podMetricsEndpoints": [{"port": "admin-http", "path": "/metrics", "relabelings": [
+                    {"sourceLabels": ["__meta_kubernetes_pod_container_name"], "action": "replace",
+                     "targetLabel": "component"},
+                    {"action": "replace", "targetLabel": "job", "replacement": CONTROLLER_JOB},
+                ]}],
+            },
+        },
+        {
+            "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+            "metadata": {"name": PROXY_JOB, **meta},
+            "spec": {
+                "namespaceSelector": {"any": True},
+                "selector": {"matchLabels": {"linkerd.io/control-plane-ns": controller_namespace}},
+                "podMetricsEndpoints": [{"port": "linkerd-admin", "path": "/metrics", "relabelings": [
+                    {"action": "replace", "targetLabel": "job", "replacement": PROXY_JOB},
+                    {"sourceLabels": ["__meta_kubernetes_pod_label_linkerd_io_proxy_job"], "action": "replace",
+                     "targetLabel": "k8s_job"},
+                    {"action": "labeldrop", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_job"},
+                    {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_(.+)"},
+                    {"action": "labeldrop", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_(.+)"},
+                    {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_linkerd_io_(.+)"},
+                    {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_(.+)",
+                     "replacement": "__tmp_pod_label_$1"},
+                    {"action": "labeldrop", "regex": "__tmp_pod_label_linkerd_io_(.+)"},
+                    {"action": "labelmap", "regex": "__tmp_pod_label_(.+)"},
+                ]}],
+            },
+        },
+    ]
+
+
+def dump_all(docs: list[dict[str, Any]]) -> str:
+    return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=120)
