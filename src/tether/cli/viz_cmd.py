@@ -536,3 +536,21 @@ def _diagnostics() -> click.Command:
 
 
 viz.add_command(_diagnostics(), "diagnostics")
+
+
+def _tap_commands() -> None:
+    """`viz tap` and `viz profile` live in tether.cli.tap_cmd (the tap work); this group carries
+    them whenever that module is part of the build."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("tether.cli.tap_cmd") is None:
+        return
+    tap_cmd = importlib.import_module("tether.cli.tap_cmd")
+    for name in ("tap", "profile"):
+        cmd = getattr(tap_cmd, name, None)
+        if isinstance(cmd, click.Command):
+            viz.add_command(cmd, name)
+
+
+_tap_commands()
