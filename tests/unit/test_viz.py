@@ -259,3 +259,26 @@ def test_podmonitors_add_the_labels_the_alerts_group_by() -> None:
     assert {"action": "replace", "targetLabel": "job", "replacement": "linkerd-controller"} in ctl
     bad = tether("viz", "scrape-config", "--podmonitor", "--platform", "local")
     assert bad.returncode == 2 and "--podmonitor" in bad.stderr
+
+
+def test_install_set_uses_an_external_prometheus_as_linkerds_chart_does(tmp_path: Path) -> None:
+    import json
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "mesh.json").write_text(json.dumps({"mesh_id": "abcd", "bridge": "tb0", "pod_cidr": "10.9.0.0/24",
+                                                 "service_cidr": "10.9.1.0/24"}))
+    r = tether("viz", "install", "--state-dir", str(state),
+               "--set", "prometheusUrl=http://127.0.0.1:9,prometheus.enabled=false")
+    assert r.returncode == 0, r.stderr
+    assert "viz uses the Prometheus at http://127.0.0.1:9 (none started here)" in r.stdout
+    assert not (state / "addons" / "prometheus.json").exists()
+    # The viz commands now ask that Prometheus.
+    r = tether("viz", "stat", "deploy", "--state-dir", str(state))
+    assert r.returncode == 1 and "cannot reach Prometheus at http://127.0.0.1:9" in r.stderr
+    for bad, needle in (("prometheus.enabled=false", "needs prometheusUrl=URL"),
+                        ("prometheus.replicas=2", "unknown value 'prometheus.replicas'"),
+                        ("prometheusUrl=x,prometheus.enabled=false", "is not an http(s) URL"),
+                        ("prometheus.enabled=no", "is not true or false")):
+        r = tether("viz", "install", "--state-dir", str(state), "--set", bad)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, (bad, r.stderr)

@@ -97,11 +97,19 @@ def _run(fn: Callable[[], Any]) -> Any:
 @click.option("--retention", default="6h", show_default=True, metavar="DURATION", help="how long samples are kept")
 @click.option("--timeout", type=POSITIVE_DURATION, default="60s", show_default=True,
               help="how long to wait for Prometheus to be ready")
-def install(state_dir: str, port: int, scrape_interval: str, retention: str, timeout: float) -> None:
+@click.option("--set", "values", multiple=True, metavar="KEY=VALUE[,KEY=VALUE]",
+              help="a value of Linkerd's viz chart: prometheusUrl, prometheus.enabled (repeatable)")
+def install(state_dir: str, port: int, scrape_interval: str, retention: str, timeout: float,
+            values: tuple[str, ...]) -> None:
     """Run Debian's `prometheus` as a child of the local mesh's supervisor (restarted if it exits,
     stopped by `tether down` or `tether viz uninstall`), listening on 127.0.0.1 only, scraping every
     pod's proxy (:4191/metrics) and every control-plane component's admin port through file-based
-    discovery the supervisor keeps in step with the pods. Running it again applies new flags."""
+    discovery the supervisor keeps in step with the pods. Running it again applies new flags.
+
+    \b
+    As Linkerd's viz chart: --set prometheusUrl=URL,prometheus.enabled=false uses an external
+    Prometheus (scraping the jobs `tether viz scrape-config` prints) instead of starting one; the
+    viz commands then use that URL by default."""
     import re
 
     from tether.viz import local
@@ -109,11 +117,43 @@ def install(state_dir: str, port: int, scrape_interval: str, retention: str, tim
     for flag, value in (("--scrape-interval", scrape_interval), ("--retention", retention)):
         if not re.fullmatch(r"[1-9][0-9]*(ms|s|m|h|d)", value):
             raise CliError(f"{flag}: {value!r} is not a Prometheus duration such as 15s, 1m or 6h")
+    sets = _values(values)
+    url = sets.get("prometheusUrl", "")
+    enabled = sets.get("prometheus.enabled", "true")
+    if url and not url.startswith(("http://", "https://")):
+        raise CliError(f"--set prometheusUrl: {url!r} is not an http(s) URL")
+    if enabled == "false":
+        if not url:
+            raise CliError("--set prometheus.enabled=false needs prometheusUrl=URL (the Prometheus to use instead)")
+        _run(lambda: local.use_external(_layout(state_dir), url))
+        click.echo(f"viz uses the Prometheus at {url} (none started here); give it the jobs of "
+                   f"`tether viz scrape-config --state-dir {state_dir}`")
+        return
+    if url:
+        raise CliError("--set prometheusUrl: with the local Prometheus enabled, set prometheus.enabled=false too "
+                       "(or give --prometheus-url to the viz commands)")
     got = _run(lambda: local.install(_layout(state_dir), port=port, scrape_interval=scrape_interval,
                                      retention=retention, timeout=timeout))
     click.echo(f"Prometheus ready at {got.url} (pid {got.pid}; config {got.config}; retention {retention}; "
                f"scrape every {scrape_interval})")
     click.echo(f"  viz commands use it by default: tether viz stat deploy -A --state-dir {state_dir}")
+
+
+SET_KEYS = {"prometheusUrl", "prometheus.enabled"}
+
+
+def _values(values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in (v for text in values for v in text.split(",") if v):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise CliError(f"--set: {item!r} is not KEY=VALUE")
+        if key not in SET_KEYS:
+            raise CliError(f"--set: unknown value {key!r} (this install knows {', '.join(sorted(SET_KEYS))})")
+        if key == "prometheus.enabled" and value not in ("true", "false"):
+            raise CliError(f"--set prometheus.enabled: {value!r} is not true or false")
+        out[key] = value
+    return out
 
 
 @viz.command("uninstall", short_help="stop the local mesh's Prometheus and remove its data")
@@ -447,8 +487,10 @@ def check(max_age: float, output: str, prometheus_url: str | None, state_dir: st
     successfully; the newest sample fresh; the alert rules loaded (local Prometheus). Tap is not
     checked here: it comes with the proxy's tap server (`tether viz tap`)."""
     from tether.viz.checks import run_checks
+    from tether.viz.local import read_settings
 
-    results = run_checks(_prometheus(state_dir, prometheus_url), max_age, local=prometheus_url is None)
+    own = prometheus_url is None and not (read_settings(_layout(state_dir)) or {}).get("external")
+    results = run_checks(_prometheus(state_dir, prometheus_url), max_age, local=own)
     if output == "json":
         dump({"checks": results}, "json")
     else:

@@ -121,6 +121,15 @@ def install(layout: Layout, *, port: int = 0, scrape_interval: str = promconfig.
                    f"(log {log}{': ' + tail if tail else ''})")
 
 
+def use_external(layout: Layout, url: str) -> None:
+    """Point viz at an external Prometheus: stop the mesh's own if it runs; the viz commands use ``url``."""
+    if not layout.settings_path.exists():
+        raise VizError(f"no local mesh in {layout.root} (--state-dir): run `tether up` first")
+    if (layout.addons_dir / f"{ADDON}.json").exists():
+        uninstall(layout)
+    write_json(settings_path(layout), {"url": url, "external": True})
+
+
 def uninstall(layout: Layout, timeout: float = 30.0) -> bool:
     """Stop the mesh's Prometheus and remove viz's files; False when there was nothing to remove."""
     addon = layout.addons_dir / f"{ADDON}.json"
