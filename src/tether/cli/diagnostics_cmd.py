@@ -1,4 +1,5 @@
-"""``tether diagnostics endpoints|profile|policy``: what the destination service serves, as Linkerd's show it.
+"""``tether diagnostics endpoints|profile|policy``: what the destination service serves, as Linkerd's show it;
+``proxy-metrics`` and ``controller-metrics``: the local mesh's proxies' and controllers' metrics.
 
 Each subcommand reads the first message of its stream (the snapshot) from ``--destination-addr``
 and exits.
@@ -15,17 +16,20 @@ import click
 
 from tether.cli.errors import CliError, OperationFailed
 from tether.cli.output import Column, dump, emit, output_option, render_table
-from tether.cli.params import ADDRESS, DNS_LABEL, POSITIVE_DURATION
+from tether.cli.params import ADDRESS, DNS_LABEL, POSITIVE_DURATION, state_dir_option
 
 DEFAULT_ADDR = "127.0.0.1:8086"
 
 
-@click.group("diagnostics", short_help="inspect what the control plane serves (endpoints, profile, policy)")
+@click.group("diagnostics",
+             short_help="inspect what the control plane serves, and the proxies' and controllers' metrics")
 def diagnostics() -> None:
     """Ask the destination service what it serves, as a proxy would, and print the first answer.
 
     The answers are those of `tether controller destination`: the endpoints of an authority, its
     service profile, and the inbound policy of a pod's port or the outbound policy of a service's.
+    proxy-metrics and controller-metrics print what Prometheus would scrape from the local mesh's
+    proxies and control-plane components.
     """
 
 
@@ -232,3 +236,73 @@ def policy(resource: str, port: int, namespace: str, output: str, destination_ad
             msg = _first(outbound.Watch(spec, timeout=timeout), f"policy {resource}", target)
     dump(_to_dict(msg), output)
     return 0
+
+
+# --- metrics of the local mesh's proxies and controllers ----------------------------------------------
+
+
+def _fetch_metrics(admin: str, timeout: float) -> str:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{admin}/metrics", timeout=timeout) as r:
+            return str(r.read().decode("utf-8", "replace"))
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise OperationFailed(f"cannot read http://{admin}/metrics: {getattr(e, 'reason', e)}") from None
+
+
+def _local_status(state_dir: str) -> dict[str, Any]:
+    from tether.platform.local.layout import Layout
+
+    layout = Layout(state_dir)
+    if not layout.settings_path.exists():
+        raise OperationFailed(f"no local mesh in {layout.root} (--state-dir): run `tether up`")
+    if layout.supervisor_pid() is None:
+        raise OperationFailed(f"the local mesh in {layout.root} is not running (--state-dir): run `tether up`")
+    return layout.read_status()
+
+
+def _print_sections(sections: list[tuple[str, str, str]], timeout: float) -> None:
+    """Linkerd's layout: a comment block naming each pod, then its metrics as scraped."""
+    for i, (pod, container, admin) in enumerate(sections, 1):
+        text = _fetch_metrics(admin, timeout)
+        click.echo(f"#\n# POD {pod} ({i} of {len(sections)})\n# CONTAINER {container}\n#")
+        click.echo(text, nl=not text.endswith("\n"))
+
+
+@diagnostics.command("proxy-metrics", short_help="the metrics of a local pod's proxy, as Prometheus scrapes them")
+@click.argument("resource", metavar="[po/]POD | deploy/NAME")
+@click.option("-n", "--namespace", type=DNS_LABEL, default="default", show_default=True, help="the pod's namespace")
+@click.option("--timeout", type=POSITIVE_DURATION, default="10s", show_default=True, help="how long a scrape may take")
+@state_dir_option
+def proxy_metrics(resource: str, namespace: str, timeout: float, state_dir: str) -> None:
+    """Print the Prometheus metrics of a pod's proxy (its admin port's /metrics), or of every pod of
+    a deployment, on the local mesh in --state-dir."""
+    kind, _, name = resource.rpartition("/")
+    if kind not in ("", "po", "pod", "pods", "deploy", "deployment"):
+        raise CliError(f"RESOURCE: {resource!r} is not po/NAME, NAME or deploy/NAME")
+    status = _local_status(state_dir)
+    pods = [p for p in status.get("pods", []) if p.get("namespace") == namespace
+            and (p.get("workload") == name if kind.startswith("deploy") else p.get("name") == name)]
+    if not pods:
+        raise OperationFailed(f"no pod {resource} in namespace {namespace} (tether status lists them)")
+    meshed = [p for p in pods if p.get("meshed") and p.get("proxyAdmin")]
+    if not meshed:
+        raise OperationFailed(f"{resource} in {namespace} has no proxy (linkerd.io/inject: disabled)")
+    _print_sections([(p["name"], "linkerd-proxy", p["proxyAdmin"]) for p in meshed], timeout)
+
+
+@diagnostics.command("controller-metrics", short_help="the metrics of the local control plane's components")
+@click.option("--component", type=click.Choice(["identity", "destination"]), default=None,
+              help="only this component  [default: every one]")
+@click.option("--timeout", type=POSITIVE_DURATION, default="10s", show_default=True, help="how long a scrape may take")
+@state_dir_option
+def controller_metrics(component: str | None, timeout: float, state_dir: str) -> None:
+    """Print the Prometheus metrics of every control-plane component (each replica's admin
+    port's /metrics) of the local mesh in --state-dir."""
+    comps = [c for c in _local_status(state_dir).get("components", [])
+             if component is None or c.get("kind") == component]
+    if not comps:
+        raise OperationFailed("no control-plane component runs on this host (a joined host uses the first host's)")
+    _print_sections([(c["name"], c["kind"], c["adminAddr"]) for c in comps], timeout)

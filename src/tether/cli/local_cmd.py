@@ -28,7 +28,7 @@ DEFAULT_POD_CIDR = "10.234.0.0/16"
 DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
 # Entries of the state directory `tether up` may create; `tether down` removes those it did create.
 STATE_ENTRIES = ("mesh.json", "supervisor.pid", "supervisor.log", "status.json", "specs", "services.json",
-                 "resources", "workloads", "tokens", "ca", "logs", "control-plane")
+                 "resources", "workloads", "tokens", "ca", "logs", "control-plane", "addons", "scrape", "viz")
 
 
 def _layout(state_dir: str) -> Any:
@@ -353,7 +353,8 @@ def status(state_dir: str, output: str) -> int:
                                             and p["workload"] == w["name"] and p["phase"] == "Running"
                                             and (p["proxyReady"] or not p["meshed"]))}
                          for w in st.get("workloads", [])],
-           "services": st.get("services", []), "specErrors": st.get("specErrors", {})}
+           "services": st.get("services", []), "specErrors": st.get("specErrors", {}),
+           "addons": st.get("addons", [])}
     if output == "json":
         dump(doc, "json")
         return 0 if pid is not None else 1
@@ -372,6 +373,8 @@ def status(state_dir: str, output: str) -> int:
         click.echo(f"workload {w['namespace']}/{w['name']}: {w['ready']}/{w['replicas']} ready")
     for svc in doc["services"]:
         click.echo(f"service {svc['namespace']}/{svc['name']}: {svc['clusterIP']}")
+    for addon in doc["addons"]:
+        click.echo(f"add-on {addon['name']}: pid {addon['pid'] or '-'}, {addon['restarts']} restarts")
     for path, err in doc["specErrors"].items():
         click.echo(f"error: {path}: {err}")
     return 0

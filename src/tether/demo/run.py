@@ -152,7 +152,11 @@ def _run(state: str, window: float, down: bool, up_flags: list[str]) -> int:
     print(f"  tether logs --state-dir {state} -n demo web        (-c proxy for its proxy)")
     print(f"  tether exec --state-dir {state} -n demo web -- curl -s http://books:8080/authors")
     print(f"  tether get sp -n demo --resources-dir {state}/resources")
-    print("  (tether viz comes with the viz extension; not there yet)")
+    print(f"  tether viz install --state-dir {state}    (Prometheus for the mesh), then:")
+    print(f"  tether viz stat deploy -n demo --state-dir {state}")
+    print(f"  tether viz routes deploy/books -n demo --state-dir {state}")
+    print(f"  tether viz edges deploy -n demo -o wide --state-dir {state}")
+    print(f"  tether viz dashboard --state-dir {state}    (a web page on 127.0.0.1)")
     if down:
         tether(state, "down")
     else:

@@ -173,6 +173,8 @@ def _weighted_addr(
         for key in ("app", "version", "pod-template-hash"):
             if key in w.metadata.labels:
                 labels[key.replace("-", "_")] = w.metadata.labels[key]
+        if "linkerd.io/proxy-deployment" in w.metadata.labels:  # Linkerd: from the pod's owner
+            labels["deployment"] = w.metadata.labels["linkerd.io/proxy-deployment"]
     addr = dst.WeightedAddr(addr=tcp_address(ip, port), weight=ENDPOINT_WEIGHT, metric_labels=labels)
     ident = identity_of(w, s)
     if ident is not None:

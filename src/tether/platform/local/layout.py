@@ -12,6 +12,8 @@ Layout under a state directory::
     workloads/ tokens/        the workload registry (one entry per pod)
     ca/                       a trust anchor and issuer made by `tether up` when none was given
     logs/<ns>/<pod>/{app,proxy}.log
+    addons/<name>.json        extra children to supervise (an extension's server, e.g. `tether viz install`)
+    scrape/{proxies,controllers}.json  scrape targets (file_sd form) for the pods' proxies and the control plane
 
 Files a pod's proxy (uid 2102) reads live in a runtime directory under /run, because a state
 directory inside a private home is not traversable by that uid.
@@ -155,6 +157,16 @@ class Layout:
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def addons_dir(self) -> Path:
+        """Extra children the supervisor runs beside the control plane (``<name>.json``: argv)."""
+        return self.root / "addons"
+
+    @property
+    def scrape_dir(self) -> Path:
+        """Scrape targets in Prometheus file_sd form, kept in step with the pods by the supervisor."""
+        return self.root / "scrape"
 
     def pod_logs(self, namespace: str, pod: str) -> Path:
         return self.logs_dir / namespace / pod

@@ -115,6 +115,22 @@ def control_plane(layout: Layout, s: MeshSettings) -> list[Component]:
     return out
 
 
+@dataclass
+class Addon:
+    name: str
+    child: Supervised
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "pid": self.child.pid, "restarts": self.child.restarts,
+                "argv": self.child.argv}
+
+
+def _label_name(key: str) -> str:
+    """A pod label's key as a Prometheus label name (what Kubernetes service discovery makes of it)."""
+    out = "".join(ch if ch.isascii() and (ch.isalnum() or ch == "_") else "_" for ch in key)
+    return out if out and not out[0].isdigit() else f"_{out}"
+
+
 # --- pods ---------------------------------------------------------------------------------------
 
 
@@ -192,6 +208,8 @@ class Supervisor:
         self._starting = asyncio.Semaphore(START_CONCURRENCY)
         self.started_at = time.time()
         self.ready_at: float | None = None
+        self.addons: dict[str, Addon] = {}
+        self._last_scrape: dict[str, str] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -256,6 +274,8 @@ class Supervisor:
                 try:
                     while not self._stop.is_set():
                         await self._reconcile(tg)
+                        self._reconcile_addons(tg)
+                        self._write_scrape_targets()
                         self._write_status()
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(RECONCILE_INTERVAL):
@@ -267,6 +287,8 @@ class Supervisor:
                     await self._stop_all_pods()
                     for c in self.components:
                         c.child.request_stop()
+                    for a in self.addons.values():
+                        a.child.request_stop()
                     health.cancel()
                     if join_server is not None:
                         join_server.close()
@@ -326,6 +348,7 @@ class Supervisor:
                           sorted(self.specs.items())],
             "specErrors": self.spec_errors,
             "services": [{"namespace": k[0], "name": k[1], "clusterIP": v} for k, v in sorted(self.services.items())],
+            "addons": [a.status() for _, a in sorted(self.addons.items())],
         }
         text = json.dumps(doc, sort_keys=True)
         if text != self._last_status:
@@ -341,6 +364,64 @@ class Supervisor:
                 if p.proxy is not None and p.phase in ("Running", "WaitingForProxy"):
                     p.proxy_ready = p.proxy.running and await http_status(p.ip, ADMIN_PORT, "/ready") == 200
             await asyncio.sleep(HEALTH_INTERVAL)
+
+    # --- add-ons and scrape targets ------------------------------------------------------------
+
+    def _read_addons(self) -> dict[str, tuple[list[str], float]]:
+        out: dict[str, tuple[list[str], float]] = {}
+        for path in sorted(self.layout.addons_dir.glob("*.json")):
+            try:
+                doc = json.loads(path.read_text())
+                argv = [str(a) for a in doc["argv"]]
+                grace = float(doc.get("grace", 10.0))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                old = self.addons.get(path.stem)
+                if old is not None:
+                    out[path.stem] = (old.child.argv, old.child.grace)
+                log.error("add-on %s: %s (keeping what runs)", path, e)
+                continue
+            if argv:
+                out[path.stem] = (argv, grace)
+        return out
+
+    def _reconcile_addons(self, tg: asyncio.TaskGroup) -> None:
+        """Start the add-ons ``addons/`` asks for, restart a changed one, stop a removed one."""
+        want = self._read_addons()
+        for name, addon in list(self.addons.items()):
+            if addon.child.done.is_set():
+                del self.addons[name]
+            elif name not in want or want[name][0] != addon.child.argv:
+                addon.child.request_stop()  # removed once stopped; a changed one then starts anew
+        for name, (argv, grace) in want.items():
+            if name in self.addons:
+                continue
+            child = Supervised(f"addon/{name}", argv, self.layout.logs_dir / "addons" / f"{name}.log", grace=grace)
+            self.addons[name] = Addon(name, child)
+            tg.create_task(child.run())
+
+    def scrape_targets(self) -> dict[str, list[dict[str, Any]]]:
+        """The proxies' and the control plane's admin addresses with the labels the seeds' queries use."""
+        s = self.s
+        proxies = []
+        for (ns, name), pod in sorted(self.pods.items()):
+            if pod.proxy is None or pod.phase not in ("WaitingForProxy", "Running"):
+                continue
+            labels = {_label_name(k): v for k, v in pod.spec.pod_labels.items()}
+            labels.update({"namespace": ns, "pod": name, "deployment": pod.spec.name,
+                           "control_plane_ns": s.controller_namespace, "workload_ns": ns,
+                           "serviceaccount": pod.spec.sa})
+            proxies.append({"targets": [f"{pod.ip}:{ADMIN_PORT}"], "labels": labels})
+        controllers = [{"targets": [c.admin_addr],
+                        "labels": {"namespace": s.controller_namespace, "pod": c.name, "component": c.kind}}
+                       for c in self.components]
+        return {"proxies": proxies, "controllers": controllers}
+
+    def _write_scrape_targets(self) -> None:
+        for name, groups in self.scrape_targets().items():
+            text = json.dumps(groups, sort_keys=True)
+            if self._last_scrape.get(name) != text:
+                self._last_scrape[name] = text
+                write_json(self.layout.scrape_dir / f"{name}.json", groups)
 
     # --- desired state --------------------------------------------------------------------------
 
@@ -550,7 +631,10 @@ class Supervisor:
         spec = pod.spec
         return Workload(name=pod.name, namespace=spec.namespace, service_account=spec.sa,
                         addresses=(pod.ip,) if addressed else (),
-                        ports=tuple(WorkloadPort(p.port, p.name) for p in spec.ports), labels=spec.pod_labels,
+                        ports=tuple(WorkloadPort(p.port, p.name) for p in spec.ports),
+                        # As Linkerd's injector labels a Deployment's pods: the destination service
+                        # turns it into the endpoints' dst_deployment metric label.
+                        labels={**spec.pod_labels, "linkerd.io/proxy-deployment": spec.name},
                         proxy_admin=f"{pod.ip}:{ADMIN_PORT}")
 
     @staticmethod
@@ -750,6 +834,9 @@ def iter_pids(status: dict[str, Any]) -> Iterator[int]:
         for k in ("appPid", "proxyPid"):
             if p.get(k):
                 yield int(p[k])
+    for a in status.get("addons", []):
+        if a.get("pid"):
+            yield int(a["pid"])
 
 
 def serve(layout: Layout) -> int:
