@@ -246,3 +246,29 @@ def test_trailers_are_live_and_a_fully_arrived_body_ends_well_when_dropped() -> 
     [r] = responses(reg)
     assert (r["grpc_status"], r["classification"]) == ("0", "success")
     assert "error" not in r
+
+
+def test_a_route_that_becomes_retryable_gets_route_actual_series_of_its_own() -> None:
+    """A route without retries counts route_actual_* in its route_* series; once a profile makes it
+    retryable, its tries must be counted apart: the shared series is split, both keeping the
+    counts so far (counters never go back)."""
+    from tether.proxy.layers.routes import RouteMetrics
+
+    rm = RouteMetrics()
+    rm.same_actual("api:80", "GET /x")
+    shared = rm.series("route_", "api:80", "GET /x")
+    shared.requests += 5
+    shared.status(200).latency.observe(3.0)
+    shared.status(200).response("success").count += 5
+    actual = rm.actual("api:80", "GET /x")
+    assert actual is not shared
+    actual.requests += 2  # two retries
+    actual.status(200).response("success").count += 2
+
+    def values(name: str) -> dict[str, float]:
+        fams = {f.name: f for f in text_string_to_metric_families("\n".join(rm.lines()) + "\n")}
+        return {s.name: s.value for s in fams[name].samples}
+
+    assert values("route_request")["route_request_total"] == 5
+    assert values("route_actual_request")["route_actual_request_total"] == 7
+    assert rm.actual("api:80", "GET /x") is actual  # split once

@@ -108,6 +108,19 @@ class HttpMetrics:
         self._seen = -1
         self._idle_since = 0.0
 
+    def copy(self, label: str | None = None) -> HttpMetrics:
+        """A series of its own holding this one's counts so far (it then counts on its own)."""
+        m = HttpMetrics(self.label if label is None else label)
+        m.requests = self.requests
+        for code, st in self.by_status.items():
+            mine = m.by_status[code] = StatusMetrics(st.label)
+            mine.latency.counts = list(st.latency.counts)
+            mine.latency.sum_ms = st.latency.sum_ms
+            for key, rc in st.classes.items():
+                c = mine.classes[key] = ResponseClass(rc.label)
+                c.count = rc.count
+        return m
+
     def status(self, code: int | None) -> StatusMetrics:
         """The metrics of one status code (None: no response head, e.g. an upstream error)."""
         st = self.by_status.get(code)

@@ -45,6 +45,17 @@ class RouteMetrics:
         route_* series (counted once, rendered under both names)."""
         self._series[("route_actual_", dst, route)] = self.series("route_", dst, route)
 
+    def actual(self, dst: str, route: str) -> HttpMetrics:
+        """The route_actual_* series of a route with retries: its own, even when the route made one
+        try per request before (the shared series is split, both keeping the counts so far)."""
+        key = ("route_actual_", dst, route)
+        m = self._series.get(key)
+        if m is None:
+            return self.series("route_actual_", dst, route)
+        if m is self._series.get(("route_", dst, route)):
+            m = self._series[key] = m.copy()
+        return m
+
     def lines(self) -> list[str]:
         out: list[str] = []
         for family in ("route_", "route_actual_"):
@@ -111,7 +122,7 @@ class RouteCounters:
     __slots__ = ("inner", "key", "metrics", "route")
 
     def __init__(self, inner: Service, metrics: RouteMetrics, dst: str, route: ProfileRoute) -> None:
-        self.inner = HttpMetricsService(inner, metrics.series("route_actual_", dst, route.name), per_endpoint=False)
+        self.inner = HttpMetricsService(inner, metrics.actual(dst, route.name), per_endpoint=False)
         self.metrics = metrics
         self.route = route
         self.key = (dst, route.name)
