@@ -15,11 +15,9 @@ on loopback, and Linkerd's "always permit localhost" would authorize them all.
 
 from __future__ import annotations
 
-import datetime as dt
 import http.client
 import json
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -33,17 +31,16 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
 
-from tether.core import transport_header
 from tether.testing.backend import tcp_server
-from tether.testing.mesh import LocalMesh, MeshWorkload
+from tether.testing.mesh import LocalMesh
 from tether.testing.procs import Proc, ProxyProc, free_port, http_get, wait_for
 
 pytestmark = pytest.mark.integration
 
 HTTP_AUTHORITY = "web.default.svc.cluster.local:80"
 GRPC_AUTHORITY = "greeter.default.svc.cluster.local:50051"
+TCP_AUTHORITY = "echo.default.svc.cluster.local:7000"
 SERVICE = "test.Greeter"
 INSIDE, OUTSIDE = "127.0.0.1", "127.0.0.2"
 PING = b"\x00\x01opaque ping\n"  # a binary protocol: detection calls it opaque at its first byte
@@ -183,29 +180,6 @@ class Controller(Proc):
         assert r.returncode == 0, r.stderr
 
 
-def client_cert(mesh: LocalMesh, w: MeshWorkload, out: Path) -> tuple[Path, Path]:
-    """A leaf for ``w`` signed by the mesh's issuer, as the identity service would issue it."""
-    from tether.core.identity.certs import load_issuer
-    from tether.core.identity.csr import build_csr, generate_key, validate_csr
-    from tether.core.identity.issuance import issue_leaf
-    from tether.core.identity.names import parse_identity_name
-
-    issuer = load_issuer((mesh.ca_dir / "tls.crt").read_bytes(), (mesh.ca_dir / "tls.key").read_bytes(),
-                         "tls.crt", "tls.key")
-    ident = parse_identity_name(w.identity)
-    key = generate_key()
-    leaf = issue_leaf(issuer, validate_csr(build_csr(key, ident), ident), ident, dt.datetime.now(dt.UTC))
-    from cryptography import x509
-
-    chain = b"".join(x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM)
-                     for d in (leaf.leaf_der, *leaf.intermediates_der))
-    crt, k = out / f"{w.name}.crt", out / f"{w.name}.key"
-    crt.write_bytes(chain)
-    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
-    return crt, k
-
-
 class World:
     def __init__(self, work: Path) -> None:
         self.work = work
@@ -234,13 +208,13 @@ class World:
                               "proxy_port": self.servers["http"].inbound_port, "identity": self.web.identity}],
             GRPC_AUTHORITY: [{"addr": f"127.0.0.1:{self.app_ports['grpc']}",
                               "proxy_port": self.servers["grpc"].inbound_port, "identity": self.web.identity}],
+            TCP_AUTHORITY: [{"addr": f"127.0.0.1:{self.app_ports['tcp']}",
+                             "proxy_port": self.servers["tcp"].inbound_port, "identity": self.web.identity}],
         }}))
         self.client_proxies = {
             "meshed": self.mesh.proxy(self.client, destinations_file=str(dst)),
             "meshed-other": self.mesh.proxy(self.other, destinations_file=str(dst)),
         }
-        self.certs = {"meshed": client_cert(self.mesh, self.client, work),
-                      "meshed-other": client_cert(self.mesh, self.other, work)}
         self.relays = {src: Relay(("127.0.0.1", self.servers["grpc"].inbound_port), src) for src in (INSIDE, OUTSIDE)}
         self.channels: dict[str, grpc.Channel] = {}
 
@@ -300,24 +274,28 @@ class World:
             return str(e.code().name)
 
     def tcp_call(self, client: str) -> bytes:
-        """What comes back for PING (b"" when the connection was refused)."""
-        port = self.servers["tcp"].inbound_port
-        src = OUTSIDE if client == "plain-outside" else INSIDE
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(src, 0))
-        s: socket.socket = raw
-        if client in self.certs:
-            ctx = ssl.create_default_context(cafile=str(self.mesh.anchors))
-            ctx.check_hostname = False  # the identity is the SNI; the proxy checks it, we check the chain
-            crt, key = self.certs[client]
-            ctx.load_cert_chain(str(crt), str(key))
-            s = ctx.wrap_socket(raw, server_hostname=self.web.identity)
-        got = b""
+        """What comes back for PING (b"" when the connection was refused). A meshed client's stream
+        goes through its own proxy (a CONNECT to the echo service: the client proxy opens mesh TLS to
+        the server's proxy with the port in the transport header, as for any opaque stream)."""
+        if client in self.client_proxies:
+            s = socket.create_connection(("127.0.0.1", self.client_proxies[client].outbound_port), timeout=10)
+            s.sendall(f"CONNECT {TCP_AUTHORITY} HTTP/1.1\r\nHost: {TCP_AUTHORITY}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(1024)
+                if not chunk:
+                    break
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 200"), head
+            got = head.split(b"\r\n\r\n", 1)[1]
+        else:
+            src = OUTSIDE if client == "plain-outside" else INSIDE
+            s = socket.create_connection(("127.0.0.1", self.servers["tcp"].inbound_port), timeout=10,
+                                         source_address=(src, 0))
+            got = b""
         try:
-            if client in self.certs:
-                # As a client proxy sends an opaque stream: the transport header names the port.
-                s.sendall(transport_header.encode(transport_header.TransportHeader(port=self.tcp.port)))
             s.sendall(PING)
-            if isinstance(s, ssl.SSLSocket):
+            if client in self.client_proxies:
                 deadline = time.monotonic() + 5
                 while len(got) < len(PING) and time.monotonic() < deadline:
                     chunk = s.recv(64)
@@ -328,7 +306,7 @@ class World:
                 s.shutdown(socket.SHUT_WR)
                 while chunk := s.recv(64):
                     got += chunk
-        except (OSError, ssl.SSLError):
+        except OSError:
             pass
         finally:
             s.close()
