@@ -3,7 +3,7 @@
 plane's values.schema.json (from its values.yaml). `--check` exits 1 naming each stale file.
 
     .venv/bin/python scripts/charts/generate.py          # rewrite
-    .venv/bin/python scripts/charts/generate.py --check  # what tests/unit/test_charts.py runs
+    .venv/bin/python scripts/charts/generate.py --check  # what tests/unit/test_chart_render.py runs
 """
 
 from __future__ import annotations
