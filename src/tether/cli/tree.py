@@ -56,6 +56,7 @@ COMMANDS: dict[str, Lazy] = {
     "proxy": Lazy("tether.cli.proxy_cmd", "command", "run the sidecar proxy"),
     "proxy-init": Lazy("tether.cli.proxy_init_cmd", "proxy_init",
                        "install iptables rules redirecting a pod's TCP through its proxy"),
+    "viz": Lazy("tether.cli.tap_cmd", "viz", "observe the mesh: live requests (tap), profiles from traffic"),
     "version": Lazy("tether.cli.version_cmd", "version", "print the client, control-plane and proxy versions"),
     "workload": Lazy("tether.cli.workload_cmd", "workload",
                      "register, list and remove local workloads and their bootstrap tokens"),

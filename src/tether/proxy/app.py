@@ -28,6 +28,7 @@ from tether.proxy.logging import LogControl
 from tether.proxy.looplag import LoopLagMonitor
 from tether.proxy.metrics import MetricsRegistry
 from tether.proxy.outbound.stack import Outbound
+from tether.proxy.tap import TapHub, TapServer
 
 if TYPE_CHECKING:
     from tether.proxy.discovery import Discovery
@@ -51,10 +52,14 @@ class Proxy:
         lines = getattr(discovery, "metrics_lines", None)
         if callable(lines):
             self.metrics.add_source(lines)
-        self.outbound = Outbound(cfg, self.metrics, discovery, self.identity, {cfg.outbound_addr, cfg.inbound_addr})
+        self.tap = TapHub(cfg.tap_max_observers, cfg.tap_max_buffered_events)  # shared by both directions' tap layers
+        self.metrics.add_source(self.tap.lines)
+        self.tap_server: TapServer | None = None
+        self.outbound = Outbound(cfg, self.metrics, discovery, self.identity, {cfg.outbound_addr, cfg.inbound_addr},
+                                 tap=self.tap)
         self.policies = policy_source_from(cfg)
         self.authorizer = Authorizer(self.policies)
-        self.inbound = Inbound(cfg, self.metrics, self.identity, self.authorizer)
+        self.inbound = Inbound(cfg, self.metrics, self.identity, self.authorizer, tap=self.tap)
         self.metrics.add_source(self.authorizer.lines)
         self.metrics.add_source(self.policies.metrics_lines)
         self.metrics.add_source(self._cache_lines)
@@ -93,6 +98,20 @@ class Proxy:
             self._servers.append(inb)
             host, port = inb.sockets[0].getsockname()[:2]
             log.info("inbound listener on %s:%d", host, port)
+        if self.identity is not None and not self.cfg.tap_disabled:
+            tap_server = TapServer(self.cfg, self.tap, self.identity)
+            try:
+                host, port = tap_server.start()
+            except OSError as e:
+                # Tap is an observer: traffic must not depend on it, so the proxy serves without.
+                log.error("tap listener on %s:%d cannot start: %s; tap is off", *self.cfg.tap_addr, e)
+            else:
+                self.tap_server = tap_server
+                log.info("tap listener on %s:%d (mTLS; authorized: %s)", host, port,
+                         ", ".join(sorted(tap_server.authorized)) or "nobody")
+        else:
+            why = "--tap-disabled" if self.cfg.tap_disabled else "no identity: tap needs mTLS"
+            log.info("tap server off (%s)", why)
         if native.state == "compiled":
             log.info("hot path compiled (mypyc): %d modules", len(native.NATIVE_MODULES))
         else:
@@ -137,6 +156,8 @@ class Proxy:
         for server in self._servers:
             server.close()
         self.inbound.close_listener()
+        if self.tap_server is not None:
+            await self.tap_server.aclose()  # running taps end (UNAVAILABLE)
         sides = (self.outbound.connections, self.inbound.connections)
         drains: list[Coroutine[Any, Any, object]] = [d for side in sides for d in side.drains(grace)]
         results = await asyncio.gather(*drains, return_exceptions=True)

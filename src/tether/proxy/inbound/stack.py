@@ -32,10 +32,12 @@ from tether.proxy.inbound.authorize import Authorizer, HttpAuthorize, refuse_unp
 from tether.proxy.inbound.policy import HTTP_PROTOCOLS, PortPolicy
 from tether.proxy.layers.metrics import InboundHttpMetrics
 from tether.proxy.layers.rescue import Rescue
+from tether.proxy.layers.tap import TapLayer
 from tether.proxy.layers.timeout import ResponseTimeout
 from tether.proxy.meshtls import MeshTlsListener
 from tether.proxy.metrics import MetricsRegistry
 from tether.proxy.server import Connections, hold_opaque
+from tether.proxy.tap import INBOUND, TapHub
 from tether.proxy.targets import EndpointTarget, InboundTarget
 from tether.proxy.tcp import Pending
 
@@ -62,8 +64,9 @@ class Inbound:
     """The inbound listener's stacks and live connections."""
 
     def __init__(self, cfg: ProxyConfig, metrics: MetricsRegistry, identity: IdentityClient | None,
-                 authorizer: Authorizer) -> None:
+                 authorizer: Authorizer, tap: TapHub | None = None) -> None:
         self.metrics = metrics
+        self.tap = tap if tap is not None else TapHub()
         self.authorizer = authorizer
         self.identity = identity
         self.app_addr = cfg.inbound_app_addr
@@ -115,6 +118,7 @@ class Inbound:
         svc = HttpAuthorize(svc, self.authorizer, target.app, target.tls, target.client_id)  # route authz, rate limit
         svc = Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
         svc = InboundHttpMetrics(svc, self.metrics, target)  # request_total, response_total, latency
+        svc = TapLayer(svc, self.tap, INBOUND, target.app)  # live events for running taps (else: nothing)
         return Stack(svc, [forward.aclose])
 
     def target_of(self, conn: Connection) -> InboundTarget:

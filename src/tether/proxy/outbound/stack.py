@@ -45,10 +45,12 @@ from tether.proxy.layers.policy_routes import ApplyFilters, Measure, PolicyRoute
 from tether.proxy.layers.rescue import Rescue
 from tether.proxy.layers.retry import Retry, RetryStats
 from tether.proxy.layers.routes import ProfileRouter, RouteCounters, RouteMetrics, Split
+from tether.proxy.layers.tap import TapLayer
 from tether.proxy.layers.timeout import ResponseTimeout
 from tether.proxy.metrics import MetricsRegistry, escape_label
 from tether.proxy.outbound.router import Router
 from tether.proxy.server import Connections, hold_opaque
+from tether.proxy.tap import OUTBOUND, TapHub
 from tether.proxy.targets import Logical, Route
 from tether.proxy.tcp import Pending
 
@@ -65,8 +67,9 @@ class Outbound:
     """The outbound listener's stacks and live connections."""
 
     def __init__(self, cfg: ProxyConfig, metrics: MetricsRegistry, discovery: Discovery | None,
-                 identity: IdentityClient | None, own_addrs: set[Addr]) -> None:
+                 identity: IdentityClient | None, own_addrs: set[Addr], tap: TapHub | None = None) -> None:
         self.metrics = metrics
+        self.tap = tap if tap is not None else TapHub()
         self.discovery = discovery
         self.identity = identity
         self.detect = detect_settings(cfg)
@@ -134,6 +137,8 @@ class Outbound:
             svc = profile_router
         svc = HttpMetricsService(svc, self.metrics.http(  # request_total, response_total, latency
             "outbound", target.fallback, authority=target.authority), routes=target.profile is not None)
+        svc = TapLayer(svc, self.tap, OUTBOUND, target.fallback,  # live events for running taps (else: nothing)
+                       meshed=self.identity is not None and target.watch is not None)
         return Stack(svc, closers, inner if isinstance(inner, Balancer) else None)
 
     # -- HTTP: one stack per profile route ------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""tether viz: the observability extension (tap, and more to come)."""
