@@ -29,7 +29,15 @@ SKIP_SUBNETS = "config.linkerd.io/skip-subnets"
 LOG_LEVEL = "config.linkerd.io/proxy-log-level"
 PROXY_AWAIT = "config.linkerd.io/proxy-await"
 INJECT = "linkerd.io/inject"
-SUPPORTED_ANNOTATIONS = (INJECT, LOG_LEVEL, OPAQUE_PORTS, PROXY_AWAIT, SKIP_INBOUND, SKIP_OUTBOUND, SKIP_SUBNETS)
+ACCESS_LOG = "config.linkerd.io/access-log"
+TRACE_COLLECTOR = "config.linkerd.io/trace-collector"
+TRACE_COLLECTOR_PROTOCOL = "config.linkerd.io/trace-collector-protocol"
+# The collector's identity: Linkerd's alpha key, and the spelling the seeds use (both honoured).
+TRACE_COLLECTOR_SA = "config.alpha.linkerd.io/trace-collector-service-account"
+TRACE_COLLECTOR_SA_SEED = "config.linkerd.io/trace-collector-svc-account"
+SUPPORTED_ANNOTATIONS = (ACCESS_LOG, INJECT, LOG_LEVEL, OPAQUE_PORTS, PROXY_AWAIT, SKIP_INBOUND, SKIP_OUTBOUND,
+                         SKIP_SUBNETS, TRACE_COLLECTOR, TRACE_COLLECTOR_PROTOCOL, TRACE_COLLECTOR_SA,
+                         TRACE_COLLECTOR_SA_SEED)
 
 
 class SpecError(ValueError):
@@ -47,6 +55,10 @@ class PodSettings:
     skip_inbound_ports: tuple[str, ...] = ()
     skip_outbound_ports: tuple[str, ...] = ()
     skip_subnets: tuple[str, ...] = ()
+    access_log: str | None = None  # apache | json
+    trace_collector: str | None = None  # host:port of an OTLP collector
+    trace_collector_protocol: str = "grpc"
+    trace_collector_service_account: str | None = None
 
 
 def _ports(value: str, key: str) -> tuple[str, ...]:
@@ -101,6 +113,23 @@ def pod_settings(annotations: Mapping[str, str]) -> PodSettings:
             s = replace(s, proxy_await=_switch(value, key))
         elif key == INJECT:
             s = replace(s, inject=_switch(value, key))
+        elif key == ACCESS_LOG:
+            if value not in ("apache", "json"):
+                raise SpecError(f"annotation {key}: {value!r} must be apache or json")
+            s = replace(s, access_log=value)
+        elif key == TRACE_COLLECTOR:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise SpecError(f"annotation {key}: {value!r} is not host:port (e.g. collector.linkerd-jaeger:4317)")
+            s = replace(s, trace_collector=value)
+        elif key == TRACE_COLLECTOR_PROTOCOL:
+            if value not in ("grpc", "http"):
+                raise SpecError(f"annotation {key}: {value!r} must be grpc or http (OTLP)")
+            s = replace(s, trace_collector_protocol=value)
+        elif key in (TRACE_COLLECTOR_SA, TRACE_COLLECTOR_SA_SEED):
+            if not _LABEL.match(value):
+                raise SpecError(f"annotation {key}: {value!r} is not a service account name")
+            s = replace(s, trace_collector_service_account=value)
         elif key.split("/", 1)[0].endswith("linkerd.io"):
             raise SpecError(f"annotation {key}: not supported by the local platform "
                             f"(supported: {', '.join(SUPPORTED_ANNOTATIONS)})")

@@ -592,6 +592,15 @@ class Supervisor:
                              "--shutdown-grace-period", "10s")]
         if ps.opaque_ports:
             argv += ["--opaque-ports", ",".join(ps.opaque_ports)]
+        if ps.access_log:
+            argv += ["--access-log", ps.access_log]  # written to the proxy's log (standard error)
+        if ps.trace_collector_service_account:
+            log.warning("pod %s/%s: spans go to %s over plaintext OTLP; the collector's identity (service account "
+                        "%s) is not verified", spec.namespace, pod.name, ps.trace_collector,
+                        ps.trace_collector_service_account)
+        if ps.trace_collector:
+            argv += ["--trace-collector", ps.trace_collector, "--trace-collector-protocol", ps.trace_collector_protocol,
+                     "--trace-attributes", f"k8s.pod.name={pod.name},k8s.namespace.name={spec.namespace}"]
         return argv if spec.explicit else network.netns_exec(pod.netns, argv)
 
     def _app_env(self, pod: Pod) -> dict[str, str]:
