@@ -37,13 +37,13 @@ def _otelcol() -> Path:
 
 
 class Collector:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, host: str = "127.0.0.1") -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
         self.out = tmp / "spans.jsonl"
         cfg = tmp / "otelcol.yaml"
         cfg.write_text(json.dumps({
-            "receivers": {"otlp": {"protocols": {"grpc": {"endpoint": f"127.0.0.1:{self.grpc_port}"},
-                                                 "http": {"endpoint": f"127.0.0.1:{self.http_port}"}}}},
+            "receivers": {"otlp": {"protocols": {"grpc": {"endpoint": f"{host}:{self.grpc_port}"},
+                                                 "http": {"endpoint": f"{host}:{self.http_port}"}}}},
             "exporters": {"file": {"path": str(self.out), "flush_interval": "100ms"}},
             "service": {"pipelines": {"traces": {"receivers": ["otlp"], "exporters": ["file"]}},
                         "telemetry": {"metrics": {"level": "none"}}},
