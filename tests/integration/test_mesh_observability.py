@@ -61,7 +61,8 @@ def test_apache_access_log_lines(mesh: tuple[Mesh, Collector]) -> None:
     m, _ = mesh
     client_ip = m.pods("client")[0]["ip"]
     m.exec("client-0", "curl", "-s", "-o", "/dev/null", "http://apache/missing-page?q=1")
-    pat = re.compile(rf'^{re.escape(client_ip)}:\d+ client\.default\.serviceaccount\.identity\.linkerd\.cluster\.local - '
+    client_id = re.escape("client.default.serviceaccount.identity.linkerd.cluster.local")
+    pat = re.compile(rf'^{re.escape(client_ip)}:\d+ {client_id} - '
                      r'\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z\] "GET /missing-page\?q=1 HTTP/1\.1" 404$', re.M)
     wait_for(lambda: pat.search(_proxy_log(m, "apache-0")), 10, what="the access log line")
 
