@@ -191,3 +191,32 @@ def test_unauthorized_identity_is_refused(mesh: Mesh) -> None:
     r = mesh.tether("viz", "tap", "deploy/nothing-here", check=False)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
     assert "no running meshed pods for deploy/nothing-here in namespace default" in r.stderr
+
+
+def test_profile_from_tap_lists_the_routes_seen(mesh: Mesh) -> None:
+    import yaml
+
+    from tether.core.resources.loader import load_text
+
+    web = mesh.pods("web")[0]["name"]
+    proc = subprocess.Popen([*TETHER, "profile", "web", "--tap", "deploy/web", "--tap-duration", "6s"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp",
+                            env={**os.environ, "TETHER_STATE_DIR": str(mesh.state)})
+    try:
+        deadline = time.monotonic() + 5
+        while not _tap_running(mesh, web) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        client = mesh.pods("client")[0]["name"]
+        for path in ("/books", "/books?page=2", "/authors.json"):
+            _curl(mesh, client, f"http://web{path}")
+        _curl(mesh, client, "-X", "POST", "http://web/books")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    doc = yaml.safe_load(out)
+    assert doc["metadata"]["name"] == "web.default.svc.cluster.local"
+    names = [r["name"] for r in doc["spec"]["routes"]]
+    assert {"GET /books", "GET /authors.json", "POST /books"} <= set(names), names
+    assert load_text(out, "profile").ok

@@ -20,6 +20,7 @@ import click
 
 from tether.cli.errors import CliError, OperationFailed
 from tether.cli.params import state_dir_option
+from tether.cli.profile_cmd import profile
 
 
 def _mesh(state_dir: str) -> Any:
@@ -118,3 +119,4 @@ def viz() -> None:
 
 
 viz.add_command(tap)
+viz.add_command(profile)  # Linkerd's `viz profile --tap`

@@ -53,6 +53,8 @@ COMMANDS: dict[str, Lazy] = {
     "status": Lazy("tether.cli.local_cmd", "status", "show the local mesh's components, their health, and the pods"),
     "up": Lazy("tether.cli.local_cmd", "up", "start the local control plane (identity, destination) on this host"),
     "identity": Lazy("tether.cli.identity_cmd", "identity", "show a proxy's certificate; create and rotate CAs"),
+    "profile": Lazy("tether.cli.profile_cmd", "profile",
+                    "print a ServiceProfile from an OpenAPI file, from live traffic, or a template"),
     "proxy": Lazy("tether.cli.proxy_cmd", "command", "run the sidecar proxy"),
     "proxy-init": Lazy("tether.cli.proxy_init_cmd", "proxy_init",
                        "install iptables rules redirecting a pod's TCP through its proxy"),
