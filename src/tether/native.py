@@ -49,6 +49,7 @@ NATIVE_MODULES: tuple[str, ...] = (
     "tether.proxy.layers.connect_retry",
     "tether.proxy.layers.timeout",
     "tether.proxy.layers.metrics",
+    "tether.proxy.layers.tap",
     "tether.proxy.balancer",
     "tether.proxy.endpoint",
     "tether.proxy.cache",
