@@ -66,7 +66,7 @@ def _inbound(name: str, workdir: Path, port: int, backend_port: int, extra: list
 def _identity_flags(workdir: Path, tap_port: int) -> tuple[list[str], object]:
     from tether.testing.mesh import LocalMesh
 
-    mesh = LocalMesh(workdir / "mesh")
+    mesh = LocalMesh(workdir / f"mesh-{tap_port}")  # one CA and identity service per target
     mesh.work.mkdir(parents=True, exist_ok=True)
     mesh.create_ca()
     mesh.start_identity()
