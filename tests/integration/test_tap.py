@@ -161,6 +161,23 @@ def test_tap_filters_and_json(mesh: Mesh) -> None:
     assert events[0]["responseEnd"]["http"]["responseBytes"] > 0
 
 
+def test_tap_status_filter(mesh: Mesh) -> None:
+    web = mesh.pods("web")[0]["name"]
+    client = mesh.pods("client")[0]["name"]
+    tap = Tap(mesh, "deploy/web", "--status", "404")
+    try:
+        _wait_tap(mesh, tap, web)
+        _curl(mesh, client, "http://web/")
+        _curl(mesh, client, "http://web/status-missing")
+        _curl(mesh, client, "http://web/")
+        tap.wait_lines(lambda ln: ln.startswith("end "), 1)
+    finally:
+        tap.stop()
+    reqs = [ln for ln in tap.lines if ln.startswith("req ")]
+    assert len(reqs) == 1 and ":path=/status-missing" in reqs[0], tap.lines
+    assert [ln.split()[0] for ln in tap.lines] == ["req", "rsp", "end"]
+
+
 def test_tap_outbound_with_to_and_wide(mesh: Mesh) -> None:
     client = mesh.pods("client")[0]["name"]
     tap = Tap(mesh, "deploy/client", "--to", "deploy/web", "-o", "wide")

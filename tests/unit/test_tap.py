@@ -179,3 +179,29 @@ def test_hub_refuses_more_observers_than_its_bound() -> None:
     _observer(hub, observe_request())
     spec = parse_observe(frame_message(observe_request().SerializeToString()))
     assert not hub.add(Observer(hub, spec.match, 0, 0, 10, False))
+
+
+def test_status_filter_shows_only_requests_answered_with_the_status() -> None:
+    from tether.proxy.tap_wire import encode
+    from tether.viz.tap import StatusFilter
+
+    hub = TapHub()
+    obs = _observer(hub, observe_request())
+
+    async def by_path(req: Request) -> Response:
+        return Response(500 if req.path == b"/bad" else 200, [], BytesBody(b"x"))
+
+    async def go() -> None:
+        for p in (b"/ok", b"/bad", b"/ok2"):
+            await TapLayer(by_path, hub, INBOUND)(_req(p))
+
+    asyncio.run(go())
+    shown: list[str] = []
+    f = StatusFilter(500, lambda mesh, ev: shown.append(render_line(ev)))
+    for e in list(obs.buffer):
+        ev = tap_pb2.TapEvent()
+        ev.ParseFromString(encode(hub.base, e))
+        f(None, ev)
+    assert [ln.split()[0] for ln in shown] == ["req", "rsp", "end"]
+    assert ":path=/bad" in shown[0] and ":status=500" in shown[1]
+    assert not f.held and not f.shown

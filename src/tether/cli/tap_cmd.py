@@ -85,12 +85,15 @@ def _print(line: str) -> None:
 @click.option("--method", metavar="METHOD", help="only requests with this HTTP method")
 @click.option("--authority", metavar="AUTHORITY", help="only requests with this :authority")
 @click.option("--path", metavar="PREFIX", help="only requests whose path starts with this prefix")
+@click.option("--status", type=click.IntRange(100, 599), metavar="CODE",
+              help="only requests answered with this HTTP status (each request is shown once its response "
+                   "head is in)")
 @click.option("-o", "--output", type=click.Choice(["wide", "json"]), default=None,
               help="output format: wide (the resources of src and dst) or json (one object per event)")
 @state_dir_option
 def tap(resource: str, namespace: str, to: str | None, to_namespace: str | None, max_rps: float,
-        scheme: str | None, method: str | None, authority: str | None, path: str | None, output: str | None,
-        state_dir: str) -> int:
+        scheme: str | None, method: str | None, authority: str | None, path: str | None, status: int | None,
+        output: str | None, state_dir: str) -> int:
     """Print RESOURCE's live requests as they happen (deploy/NAME, po/NAME, svc/NAME or ns/NAME): a
     req line when a request starts, rsp when its response head comes back, end when it ends.
 
@@ -98,9 +101,9 @@ def tap(resource: str, namespace: str, to: str | None, to_namespace: str | None,
     Example:
       tether viz tap deploy/web -n demo --path /api --method GET
     """
-    from tether.viz.tap import event_json, render_line, render_wide
+    from tether.viz.tap import StatusFilter, event_json, render_line, render_wide
 
-    def on_event(mesh: Any, ev: Any) -> None:
+    def show(mesh: Any, ev: Any) -> None:
         if output == "json":
             _print(json.dumps(event_json(ev, mesh), separators=(",", ":")))
         elif output == "wide":
@@ -108,6 +111,9 @@ def tap(resource: str, namespace: str, to: str | None, to_namespace: str | None,
         else:
             _print(render_line(ev))
 
+    # --status: the proxy's match has no status (tap.proto), so the CLI holds each request's event until
+    # its response head says whether to show it.
+    on_event = show if status is None else StatusFilter(status, show)
     run_tap(state_dir, resource, namespace, to=to, to_namespace=to_namespace, max_rps=max_rps, scheme=scheme,
             method=method, authority=authority, path=path, extract_headers=output == "json", on_event=on_event)
     return 0

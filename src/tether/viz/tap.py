@@ -265,6 +265,41 @@ async def tap_pods(pods: list[Pod], creds: ClientCredentials, request: tap_pb2.O
         raise first if isinstance(first, TapError) else TapError(str(first)) from None
 
 
+class StatusFilter:
+    """Passes on the events of requests answered with ``status``: a request's event is held until its
+    response head arrives (bounded: the oldest held requests are forgotten beyond ``max_held``)."""
+
+    def __init__(self, status: int, show: Callable[[Any, tap_pb2.TapEvent], None], max_held: int = 10_000) -> None:
+        self.status = status
+        self.show = show
+        self.max_held = max_held
+        self.held: dict[tuple[int, int], tap_pb2.TapEvent] = {}
+        self.shown: set[tuple[int, int]] = set()
+
+    def __call__(self, mesh: Any, ev: tap_pb2.TapEvent) -> None:
+        which = ev.http.WhichOneof("event")
+        if which is None:
+            return
+        sid = getattr(ev.http, which).id
+        key = (sid.base, sid.stream)
+        if which == "request_init":
+            if len(self.held) >= self.max_held:
+                self.held.pop(next(iter(self.held)))
+            self.held[key] = ev
+        elif which == "response_init":
+            req = self.held.pop(key, None)
+            if ev.http.response_init.http_status == self.status:
+                if req is not None:
+                    self.show(mesh, req)
+                self.show(mesh, ev)
+                self.shown.add(key)
+        elif key in self.shown:
+            self.shown.discard(key)
+            self.show(mesh, ev)
+        else:
+            self.held.pop(key, None)
+
+
 # -- rendering (Linkerd's viz tap lines) --------------------------------------------------------------------------
 
 
