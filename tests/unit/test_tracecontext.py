@@ -101,3 +101,27 @@ def test_access_log_writer_drops_and_counts_when_full() -> None:
         w.emit(("1.2.3.4:5", "-", 0, _req(), 200, "", 1))
     assert w.dropped == 2
     assert re.search(r"tether_access_log_lines_dropped_total 2$", "\n".join(w.lines()), re.M)
+
+
+def test_span_batches_are_otlp_protobuf_as_the_generated_classes_read_them() -> None:
+    from tether.api.gen import otlp_trace_pb2 as pb
+
+    t = Tracer("127.0.0.1:4317", service_name="linkerd-proxy", attributes=(("k8s.pod.name", "web-0"),))
+    start, end = 1_700_000_000_000_000_000, 1_700_000_000_000_500_000
+    spans = [(bytes.fromhex(T), NEW, bytes.fromhex(S), "GET /x", 3, start, end,
+              (("http.method", "GET"), ("http.status_code", 503), ("ok", True)), True),
+             (bytes.fromhex(T), bytes.fromhex("2222222222222222"), b"", "POST /y", 2, 5, 6, (), False)]
+    req = pb.ExportTraceServiceRequest()
+    req.ParseFromString(t.encode(spans))
+    (rs,) = req.resource_spans
+    assert {a.key: a.value.string_value for a in rs.resource.attributes} == {"service.name": "linkerd-proxy",
+                                                                            "k8s.pod.name": "web-0"}
+    (ss,) = rs.scope_spans
+    assert ss.scope.name == "tether-proxy"
+    a, b = ss.spans
+    assert (a.trace_id.hex(), a.span_id, a.parent_span_id.hex(), a.name, a.kind) == (T, NEW, S, "GET /x", 3)
+    assert (a.start_time_unix_nano, a.end_time_unix_nano) == (1_700_000_000_000_000_000, 1_700_000_000_000_500_000)
+    attrs = {kv.key: kv.value for kv in a.attributes}
+    assert attrs["http.method"].string_value == "GET" and attrs["http.status_code"].int_value == 503
+    assert attrs["ok"].bool_value is True and a.status.code == pb.Status.STATUS_CODE_ERROR
+    assert b.parent_span_id == b"" and b.status.code == pb.Status.STATUS_CODE_UNSET and b.kind == 2

@@ -6,7 +6,7 @@ forwards out (the same format the request came with, the new span as the parent 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
@@ -19,15 +19,30 @@ _B3_MULTI_NAMES: Final = (b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid",
 _HEX: Final = frozenset(b"0123456789abcdef")
 
 
-@dataclass(frozen=True, slots=True)
 class TraceContext:
-    """A request's place in a trace: its trace, the span that sent it, and the sampling decision."""
+    """A request's place in a trace: its trace, the span that sent it, and the sampling decision.
 
-    trace_id: bytes  # 16 bytes (a 64-bit B3 id is left-padded with zeros)
-    span_id: bytes  # 8 bytes: the caller's span, the parent of ours
-    sampled: bool | None  # None: the caller left the decision to us
-    format: str  # W3C, B3_SINGLE or B3_MULTI: how it came, and how it goes on
-    trace_id_len: int = 16  # bytes the caller used (B3 allows 8): kept when forwarding
+    A plain slotted class (built for every request that carries a context: a frozen dataclass's
+    ``__init__`` costs several times more)."""
+
+    __slots__ = ("format", "sampled", "span_id", "trace_id", "trace_id_len")
+
+    def __init__(self, trace_id: bytes, span_id: bytes, sampled: bool | None, format: str,
+                 trace_id_len: int = 16) -> None:
+        self.trace_id = trace_id  # 16 bytes (a 64-bit B3 id is left-padded with zeros)
+        self.span_id = span_id  # 8 bytes: the caller's span, the parent of ours
+        self.sampled = sampled  # None: the caller left the decision to us
+        self.format = format  # W3C, B3_SINGLE or B3_MULTI: how it came, and how it goes on
+        self.trace_id_len = trace_id_len  # bytes the caller used (B3 allows 8): kept when forwarding
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TraceContext) and (
+            self.trace_id, self.span_id, self.sampled, self.format, self.trace_id_len) == (
+            other.trace_id, other.span_id, other.sampled, other.format, other.trace_id_len)
+
+    def __repr__(self) -> str:
+        return (f"TraceContext({self.trace_id.hex()}, {self.span_id.hex()}, sampled={self.sampled}, "
+                f"{self.format})")
 
 
 def _hex(v: bytes, sizes: tuple[int, ...]) -> bytes | None:
@@ -38,17 +53,21 @@ def _hex(v: bytes, sizes: tuple[int, ...]) -> bytes | None:
     return None if not any(raw) else raw
 
 
+_TRACEPARENT: Final = re.compile(rb"\s*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\s*", re.I | re.S)
+
+
 def _w3c(value: bytes) -> TraceContext | None:
-    parts = value.strip().split(b"-")
-    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == b"ff" or not set(parts[0].lower()) <= _HEX:
+    m = _TRACEPARENT.fullmatch(value)
+    if m is None:
         return None
-    if parts[0] == b"00" and len(parts) != 4:
+    version, trace_hex, span_hex, flags, rest = m.groups()
+    if version.lower() == b"ff" or (version == b"00" and rest):
         return None
-    trace = _hex(parts[1], (32,))
-    span = _hex(parts[2], (16,))
-    if trace is None or span is None or len(parts[3]) != 2 or not set(parts[3].lower()) <= _HEX:
+    trace = bytes.fromhex(trace_hex.decode())
+    span = bytes.fromhex(span_hex.decode())
+    if not any(trace) or not any(span):
         return None
-    return TraceContext(trace, span, bool(int(parts[3], 16) & 1), W3C)
+    return TraceContext(trace, span, bool(int(flags, 16) & 1), W3C)
 
 
 def _sampled(v: bytes | None) -> bool | None:
