@@ -80,7 +80,7 @@ def _identity_flags(workdir: Path, tap_port: int) -> tuple[list[str], object]:
 
 def _start_tap(mesh: object, workload: object, tap_port: int) -> None:
     """A tap of every request, read in a thread of this process until it exits."""
-    from tether.viz.tap import ClientCredentials, Mesh, Pod, observe, observe_request
+    from tether.viz.tap import ClientCredentials, Mesh, Pod, TapError, observe, observe_request
 
     m = mesh  # tether.testing.mesh.LocalMesh
     ca = m.ca_dir  # type: ignore[attr-defined]
@@ -92,9 +92,12 @@ def _start_tap(mesh: object, workload: object, tap_port: int) -> None:
     started = threading.Event()
 
     async def read() -> None:
-        async for _ev in observe(pod, creds, observe_request(), port=tap_port):
-            counted["events"] += 1
-            started.set()
+        try:
+            async for _ev in observe(pod, creds, observe_request(), port=tap_port):
+                counted["events"] += 1
+                started.set()
+        except TapError:
+            pass  # the proxy stopped at the end of the run
 
     t = threading.Thread(target=lambda: asyncio.run(read()), name="tap", daemon=True)
     t.start()

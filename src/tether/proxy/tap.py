@@ -46,7 +46,7 @@ DEFAULT_TAP_SA: Final = "tap.linkerd-viz"  # Linkerd's viz tap: service account 
 class Facts:
     """What a tap match can look at: one request as a tap layer saw it."""
 
-    __slots__ = ("authority", "direction", "dst", "dst_tls", "method", "path", "scheme", "src", "src_tls")
+    __slots__ = ("authority", "direction", "dst", "dst_tls", "method", "path", "scheme", "src", "src_tls", "wire")
 
     def __init__(self, direction: int, src: Addr, dst: Addr, src_tls: str, dst_tls: str, req: Request) -> None:
         self.direction = direction
@@ -58,6 +58,7 @@ class Facts:
         self.scheme = req.scheme
         self.authority = req.authority
         self.path = req.path
+        self.wire: bytes | None = None  # the encoded fields every event of this request shares (tap_wire)
 
 
 Match = Callable[[Facts], bool]

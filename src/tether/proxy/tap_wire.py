@@ -181,19 +181,27 @@ def _addr(a: Addr) -> object:
         return tcp_address(("0.0.0.0", a[1]))
 
 
+def _common(f: Facts) -> bytes:
+    """The fields every event of one request shares (addresses, metadata, direction), encoded once."""
+    if f.wire is None:
+        ev = tap_pb2.TapEvent()
+        ev.source.CopyFrom(_addr(f.src))
+        ev.destination.CopyFrom(_addr(f.dst))
+        ev.proxy_direction = f.direction  # type: ignore[assignment]
+        ev.source_meta.labels["tls"] = f.src_tls
+        ev.destination_meta.labels["tls"] = f.dst_tls
+        f.wire = ev.SerializeToString()
+    return f.wire
+
+
 def encode(base: int, e: Event) -> bytes:
-    """One queued event as a serialized TapEvent."""
-    kind, stream, facts = e[0], e[1], e[2]
-    ev = tap_pb2.TapEvent()
-    f: Facts = facts
-    ev.source.CopyFrom(_addr(f.src))
-    ev.destination.CopyFrom(_addr(f.dst))
-    ev.proxy_direction = f.direction  # type: ignore[assignment]
-    ev.source_meta.labels["tls"] = f.src_tls
-    ev.destination_meta.labels["tls"] = f.dst_tls
+    """One queued event as a serialized TapEvent: the request's shared fields, then its ``http`` (3)."""
+    kind, stream = e[0], e[1]
+    f: Facts = e[2]
+    http = tap_pb2.TapEvent.Http()
     sid = tap_pb2.TapEvent.Http.StreamId(base=base, stream=stream)
     if kind == "req":
-        ri = ev.http.request_init
+        ri = http.request_init
         ri.id.CopyFrom(sid)
         ri.method.CopyFrom(_method(f.method))
         ri.scheme.CopyFrom(_scheme(f.scheme))
@@ -203,7 +211,7 @@ def encode(base: int, e: Event) -> bytes:
         if h is not None:
             ri.headers.CopyFrom(h)
     elif kind == "rsp":
-        rs = ev.http.response_init
+        rs = http.response_init
         rs.id.CopyFrom(sid)
         rs.since_request_init.FromNanoseconds(e[3])
         rs.http_status = e[4]
@@ -211,7 +219,7 @@ def encode(base: int, e: Event) -> bytes:
         if h is not None:
             rs.headers.CopyFrom(h)
     else:
-        end = ev.http.response_end
+        end = http.response_end
         end.id.CopyFrom(sid)
         end.since_request_init.FromNanoseconds(e[3])
         end.since_response_init.FromNanoseconds(e[4])
@@ -223,7 +231,17 @@ def encode(base: int, e: Event) -> bytes:
         h = _headers(e[8])
         if h is not None:
             end.trailers.CopyFrom(h)
-    return ev.SerializeToString()
+    body = http.SerializeToString()
+    return _common(f) + b"\x1a" + _varint(len(body)) + body  # field 3 (http), length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _in(a: Addr, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
