@@ -1,7 +1,8 @@
 """Instructions per request (callgrind) through one tether proxy's inbound listener with tracing and tap:
 the same figures as bench/observability.py, but counted, so they do not drift with a shared machine.
 
-Configurations: tracing off; a collector configured and every request carrying an unsampled W3C
+Configurations: tracing off (without and with a traceparent header, which costs its parsing and
+forwarding whatever the proxy does with it); a collector configured and every request carrying an unsampled W3C
 context; every request sampled (span recorded and exported over OTLP/gRPC to a real collector, the
 export counted: it runs in the proxy); requests without context at --trace-sample-rate 0.1; an
 identity and no tap; the same with a tap of every request running (events encoded and sent by the
@@ -64,6 +65,7 @@ def main() -> int:
         trace = ["--trace-collector", f"127.0.0.1:{collector}", "--trace-export-interval", "200ms"]
         configs: list[tuple[str, list[str], str]] = [
             ("tracing off, no tap", [], ""),
+            ("tracing off, an unsampled traceparent sent", [], unsampled),
             ("trace context not sampled", trace, unsampled),
             ("every request sampled (span exported)", trace, sampled),
             ("no context, sample rate 0.1", [*trace, "--trace-sample-rate", "0.1"], ""),
@@ -101,11 +103,11 @@ def main() -> int:
                 if callable(stop):
                     stop()
     base = rows[0][1]
-    ident = rows[4][1]
+    ident = rows[5][1]
     print("\nuser-space instructions per HTTP/1.1 request through one tether proxy's inbound listener "
           f"(callgrind; {args.requests} requests after {args.warmup})")
     for i, (name, n) in enumerate(rows):
-        ref, refname = (ident, "identity, no tap") if i == 5 else (base, "tracing off")
+        ref, refname = (ident, "identity, no tap") if i == 6 else (base, "tracing off")
         print(f"  {name:40s} {n:>10,.0f}  {n / ref:.3f}x {refname}")
     return 0
 
