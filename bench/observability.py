@@ -19,6 +19,7 @@ Run by hand: .venv/bin/python bench/observability.py [--quick] [--targets nginx,
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import subprocess
@@ -33,6 +34,20 @@ TARGETS = ("nginx", "tether", "tether-trace-unsampled", "tether-trace-sampled", 
            "tether-tapped")
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 _keep: list[object] = []  # collectors, meshes and tap threads, alive until the process ends
+
+
+def cleanup() -> None:
+    """Stop the collectors and identity services this script started (at exit)."""
+    for k in reversed(_keep):
+        for p in getattr(k, "procs", []):  # a LocalMesh's identity services
+            p.stop()
+        stop = getattr(k, "stop", None)
+        if callable(stop):
+            stop()
+    _keep.clear()
+
+
+atexit.register(cleanup)
 
 
 def _collector(workdir: Path) -> int:

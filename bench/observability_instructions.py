@@ -98,10 +98,7 @@ def main() -> int:
                 print(f"  {name}: {rows[-1][1]:,.0f}", flush=True)
         finally:
             backend.stop()
-            for k in obs._keep:
-                stop = getattr(k, "stop", None)
-                if callable(stop):
-                    stop()
+            obs.cleanup()
     base = rows[0][1]
     ident = rows[5][1]
     print("\nuser-space instructions per HTTP/1.1 request through one tether proxy's inbound listener "
