@@ -91,7 +91,9 @@ SAMPLES = {
     "DURATION": "250ms", "SIZE": "32Ki", "HOST:PORT": "127.0.0.1:5000", "PORTS": "25,4000-4001", "COUNT": "3",
     "FRACTION": "0.25", "BOOL": "false", "SPEC": "info,tether=debug", "FORMAT": "json", "PATH": "/tmp/x",
     "NAME": "web.default.serviceaccount.identity.linkerd.cluster.local", "HOST:PORT,...": "127.0.0.1:1,127.0.0.1:2",
-    "JSON": '{"ns":"web","pod":"web-0"}', "POLICY": "cluster-authenticated", "CIDR,...": "10.0.0.0/8,fd00::/8",
+    "NAME,...": "tap.linkerd-viz.serviceaccount.identity.linkerd.cluster.local", "PROTO": "http",
+    "K=V,...": "k8s.pod.name=web-0", "JSON": '{"ns":"web","pod":"web-0"}', "POLICY": "cluster-authenticated",
+    "CIDR,...": "10.0.0.0/8,fd00::/8",
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import copy
 from pathlib import Path
 from typing import Any
@@ -242,12 +244,18 @@ def test_bad_values_are_refused_naming_the_annotation(key: str, value: str, frag
 def test_not_honoured_annotations_say_so() -> None:
     r = inject(pod({"config.linkerd.io/trace-collector": "linkerd-collector.linkerd-jaeger:55678",
                     "config.linkerd.io/trace-collector-svc-account": "linkerd-collector",
+                    "config.linkerd.io/access-log": "json",
                     "config.linkerd.io/made-up": "1"}), {}, values(), created_by="t")
     assert r.injected
     text = "\n".join(r.notices)
-    assert "trace-collector: accepted but not honoured" in text
+    # The collector and the access log reach the proxy; the collector's identity is not checked.
+    assert "trace-collector:" not in text and "access-log" not in text
+    assert "trace-collector-svc-account: accepted but not honoured: the collector's identity" in text
     assert "config.alpha.linkerd.io/trace-collector-service-account" in text
     assert "config.linkerd.io/made-up: not a proxy setting tether knows" in text
+    patched = json.dumps(r.patch)
+    assert '"TETHER_PROXY_TRACE_COLLECTOR", "value": "linkerd-collector.linkerd-jaeger:55678"' in patched
+    assert '"TETHER_PROXY_ACCESS_LOG", "value": "json"' in patched
 
 
 def test_values_change_the_sidecar() -> None:

@@ -78,6 +78,27 @@ FLAGS: dict[str, Flag] = {
     "metrics_retain_idle": Flag("DURATION", "drop a metric series nothing was counted into for this long"),
     "shutdown_grace_period": Flag("DURATION", "on SIGTERM, time in-flight requests get to finish"),
     "enable_admin_shutdown": Flag("BOOL", "allow POST /shutdown on the admin server (from loopback only)"),
+    "tap_addr": Flag("HOST:PORT", "tap server (io.linkerd.proxy.tap.Tap, mTLS): live requests for authorized "
+                     "clients"),
+    "tap_authorized_identities": Flag("NAME,...", "identities allowed to tap, comma-separated (unset: "
+                                      "tap.linkerd-viz.serviceaccount.identity.<this proxy's control plane>)"),
+    "tap_disabled": Flag("BOOL", "do not serve tap"),
+    "tap_max_observers": Flag("COUNT", "taps running at once; one more is refused"),
+    "tap_max_buffered_events": Flag("COUNT", "events waiting for one tap client; more are dropped and counted"),
+    "trace_collector": Flag("HOST:PORT", "OTLP collector that receives the proxy's spans (unset: no tracing)"),
+    "trace_collector_protocol": Flag("PROTO", "OTLP transport: grpc (ExportTraceServiceRequest) or http "
+                                     "(POST /v1/traces, protobuf)"),
+    "trace_service_name": Flag("NAME", "service.name resource attribute of the proxy's spans"),
+    "trace_attributes": Flag("K=V,...", "extra resource attributes of the proxy's spans"),
+    "trace_sample_rate": Flag("FRACTION", "probability a request without trace context starts a sampled trace"),
+    "trace_max_buffered_spans": Flag("COUNT", "spans waiting for export; more are dropped and counted"),
+    "trace_batch_spans": Flag("COUNT", "spans per export request"),
+    "trace_export_interval": Flag("DURATION", "a partial batch of spans is exported after this long"),
+    "trace_export_timeout": Flag("DURATION", "time allowed for one export request"),
+    "access_log": Flag("FORMAT", "access log per HTTP request: apache or json (unset: off)"),
+    "access_log_path": Flag("PATH", "file the access log is appended to (unset: standard error)"),
+    "access_log_max_buffered_lines": Flag("COUNT", "access log lines waiting to be written; more are dropped "
+                                          "and counted"),
     "log_level": Flag("SPEC", "log levels: a level and target=level pairs (trace, debug, info, warn, error, off)"),
     "log_format": Flag("FORMAT", "log line format: plain or json"),
     "destinations_file": Flag("PATH", "static discovery: a YAML file of authorities and endpoints, reloaded "

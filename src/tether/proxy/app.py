@@ -24,10 +24,14 @@ from tether.proxy.discovery import StaticDiscovery
 from tether.proxy.inbound.authorize import Authorizer
 from tether.proxy.inbound.policy_watch import PolicySource, StaticPolicy
 from tether.proxy.inbound.stack import Inbound
+from tether.proxy.layers.access_log import FORMATS as ACCESS_LOG_FORMATS
+from tether.proxy.layers.access_log import AccessLogWriter
 from tether.proxy.logging import LogControl
 from tether.proxy.looplag import LoopLagMonitor
 from tether.proxy.metrics import MetricsRegistry
 from tether.proxy.outbound.stack import Outbound
+from tether.proxy.tap import TapHub, TapServer
+from tether.proxy.tracing import tracer_from
 
 if TYPE_CHECKING:
     from tether.proxy.discovery import Discovery
@@ -51,10 +55,21 @@ class Proxy:
         lines = getattr(discovery, "metrics_lines", None)
         if callable(lines):
             self.metrics.add_source(lines)
-        self.outbound = Outbound(cfg, self.metrics, discovery, self.identity, {cfg.outbound_addr, cfg.inbound_addr})
+        self.tap = TapHub(cfg.tap_max_observers, cfg.tap_max_buffered_events)  # shared by both directions' tap layers
+        self.metrics.add_source(self.tap.lines)
+        self.tap_server: TapServer | None = None
+        self.tracer = tracer_from(cfg)  # spans to the OTLP collector (None: tracing off, no layer pushed)
+        if self.tracer is not None:
+            self.metrics.add_source(self.tracer.lines)
+        self.outbound = Outbound(cfg, self.metrics, discovery, self.identity, {cfg.outbound_addr, cfg.inbound_addr},
+                                 tap=self.tap, tracer=self.tracer)
         self.policies = policy_source_from(cfg)
         self.authorizer = Authorizer(self.policies)
-        self.inbound = Inbound(cfg, self.metrics, self.identity, self.authorizer)
+        self.access_log = access_log_from(cfg)
+        if self.access_log is not None:
+            self.metrics.add_source(self.access_log.lines)
+        self.inbound = Inbound(cfg, self.metrics, self.identity, self.authorizer, tap=self.tap,
+                               access_log=self.access_log, tracer=self.tracer)
         self.metrics.add_source(self.authorizer.lines)
         self.metrics.add_source(self.policies.metrics_lines)
         self.metrics.add_source(self._cache_lines)
@@ -79,6 +94,10 @@ class Proxy:
             self._spawn(self.identity.run())
         self._spawn(self.outbound.logicals.run())  # drop stacks of destinations idle too long
         self._spawn(self.inbound.targets.run())
+        if self.access_log is not None:
+            self.access_log.start()  # its writer thread
+        if self.tracer is not None:
+            self._spawn(self.tracer.run())  # span export in batches
         if self.loop_lag is not None:
             self._spawn(self.loop_lag.run())  # tether_event_loop_lag_*: how long callbacks block the loop
         out = await loop.create_server(self.outbound.accept, *self.cfg.outbound_addr, reuse_address=True,
@@ -95,6 +114,20 @@ class Proxy:
             self._servers.append(inb)
             host, port = inb.sockets[0].getsockname()[:2]
             log.info("inbound listener on %s:%d", host, port)
+        if self.identity is not None and not self.cfg.tap_disabled:
+            tap_server = TapServer(self.cfg, self.tap, self.identity)
+            try:
+                host, port = tap_server.start()
+            except OSError as e:
+                # Tap is an observer: traffic must not depend on it, so the proxy serves without.
+                log.error("tap listener on %s:%d cannot start: %s; tap is off", *self.cfg.tap_addr, e)
+            else:
+                self.tap_server = tap_server
+                log.info("tap listener on %s:%d (mTLS; authorized: %s)", host, port,
+                         ", ".join(sorted(tap_server.authorized)) or "nobody")
+        else:
+            why = "--tap-disabled" if self.cfg.tap_disabled else "no identity: tap needs mTLS"
+            log.info("tap server off (%s)", why)
         if native.state == "compiled":
             log.info("hot path compiled (mypyc): %d modules", len(native.NATIVE_MODULES))
         else:
@@ -139,6 +172,8 @@ class Proxy:
         for server in self._servers:
             server.close()
         self.inbound.close_listener()
+        if self.tap_server is not None:
+            await self.tap_server.aclose()  # running taps end (UNAVAILABLE)
         sides = (self.outbound.connections, self.inbound.connections)
         drains: list[Coroutine[Any, Any, object]] = [d for side in sides for d in side.drains(grace)]
         results = await asyncio.gather(*drains, return_exceptions=True)
@@ -157,6 +192,14 @@ class Proxy:
             side.cancel_tasks()
         for task in list(self._tasks):
             task.cancel()
+        if self.tracer is not None:
+            try:
+                async with asyncio.timeout(self.tracer.timeout):
+                    await self.tracer.flush()  # the spans of the last requests
+            except TimeoutError:
+                pass
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)
         if self.admin is not None:
             await self.admin.close()
         log.info("shutdown complete")
@@ -191,6 +234,15 @@ def discovery_from(cfg: ProxyConfig) -> Discovery | None:
         except ValueError:
             raise ConfigError(f"--destination-context: {token!r} is not JSON") from None
     return DestinationDiscovery(DestinationSettings(addrs, token))
+
+
+def access_log_from(cfg: ProxyConfig) -> AccessLogWriter | None:
+    """The access log writer --access-log asks for, or None (off, the default)."""
+    if not cfg.access_log:
+        return None
+    if cfg.access_log not in ACCESS_LOG_FORMATS:
+        raise ConfigError(f"--access-log: {cfg.access_log!r} is not one of {', '.join(ACCESS_LOG_FORMATS)}")
+    return AccessLogWriter(cfg.access_log, cfg.access_log_path, cfg.access_log_max_buffered_lines)
 
 
 def _cluster_networks(cfg: ProxyConfig) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 SIZE_FIELDS = frozenset(
     {"detect_peek_bytes", "max_header_bytes", "body_buffer_high", "h2_initial_window"}
 )
-NOT_DURATIONS = frozenset({"failure_accrual_jitter"})
+NOT_DURATIONS = frozenset({"failure_accrual_jitter", "trace_sample_rate"})
 
 # Linkerd's default opaque ports: server-speaks-first protocols that must skip detection.
 DEFAULT_OPAQUE_PORTS = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
@@ -186,6 +186,32 @@ class ProxyConfig:
     identity_key_path: str | None = None  # write the private key here (default: memory only)
     identity_handshake_timeout: float = 10.0
     identity_bundle_poll_interval: float = 5.0  # how often the trust bundle file is checked
+    # Tap (io.linkerd.proxy.tap.Tap/Observe on --tap-addr, mTLS): only the identities listed may tap
+    # (unset: Linkerd's viz tap identity, tap.linkerd-viz.serviceaccount.identity.<the proxy's
+    # control-plane namespace and trust domain>). Off without an identity, or with --tap-disabled.
+    tap_addr: tuple[str, int] = ("0.0.0.0", 4190)
+    tap_authorized_identities: str | None = None
+    tap_disabled: bool = False
+    tap_max_observers: int = 16  # taps running at once; one more is refused (RESOURCE_EXHAUSTED)
+    tap_max_buffered_events: int = 1000  # events waiting for one tap's client; more are dropped, counted
+    # Tracing: spans exported with OTLP to this collector (host:port; config.linkerd.io/trace-collector),
+    # over gRPC (4317) or HTTP protobuf (--trace-collector-protocol http: POST /v1/traces).
+    trace_collector: str | None = None
+    trace_collector_protocol: str = "grpc"  # grpc | http
+    trace_service_name: str = "linkerd-proxy"
+    trace_attributes: str | None = None  # extra resource attributes, k=v,k=v (pod, namespace)
+    # A request with no trace context starts a trace with this probability (one carrying a sampled
+    # flag is honoured as it says).
+    trace_sample_rate: float = 0.0
+    trace_max_buffered_spans: int = 2048  # spans waiting for export; more are dropped, counted
+    trace_batch_spans: int = 512  # spans per export request
+    trace_export_interval: float = 1.0  # a partial batch is sent after this long
+    trace_export_timeout: float = 5.0
+    # Access log (config.linkerd.io/access-log: apache | json): one line per HTTP request, written by a
+    # writer thread from a bounded queue (lines dropped and counted when it is full). Unset: off.
+    access_log: str | None = None
+    access_log_path: str | None = None  # default: standard error, as Linkerd's proxy writes it
+    access_log_max_buffered_lines: int = 10_000
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod

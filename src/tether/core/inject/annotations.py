@@ -56,13 +56,11 @@ WAIT_BEFORE_EXIT = "config.alpha.linkerd.io/proxy-wait-before-exit-seconds"
 
 DEFAULT_POLICIES = ("all-unauthenticated", "all-authenticated", "cluster-authenticated",
                     "cluster-unauthenticated", "deny", "audit")
-# Accepted, but the proxy has no such feature yet: injection goes on and says so (never silently).
+# Accepted, but not (fully) honoured: injection goes on and says so (never silently).
 NOT_HONOURED = {
-    ACCESS_LOG: "tether's proxy writes no access log yet",
-    TRACE_COLLECTOR: "tether's proxy exports no traces yet",
-    TRACE_SVC_ACCOUNT: "tether's proxy exports no traces yet",
-    TRACE_SVC_ACCOUNT_SEED: "tether's proxy exports no traces yet (and Linkerd's key is "
-                            f"{TRACE_SVC_ACCOUNT})",
+    TRACE_SVC_ACCOUNT: "the collector's identity is not checked: spans are exported in plaintext",
+    TRACE_SVC_ACCOUNT_SEED: "the collector's identity is not checked: spans are exported in plaintext "
+                            f"(and Linkerd's key is {TRACE_SVC_ACCOUNT})",
 }
 _LOG_LEVEL = re.compile(r"^[a-z_][a-z0-9_:.,=\-]*$")
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
@@ -110,6 +108,8 @@ class ProxyOverrides:
     admin_shutdown: bool | None = None
     native_sidecar: bool | None = None
     wait_before_exit: int | None = None
+    access_log: str | None = None  # apache | json
+    trace_collector: str | None = None  # host:port of an OTLP (gRPC) collector
 
     def over(self, base: ProxyOverrides) -> ProxyOverrides:
         """These overrides on top of ``base`` (a pod's over its namespace's)."""
@@ -165,6 +165,14 @@ def _port(value: str, key: str) -> int:
     if not value.isdigit() or not 0 < int(value) < 65536:
         raise AnnotationError(f"annotation {key}: {value!r} is not a port (1-65535)")
     return int(value)
+
+
+def parse_collector(value: str, key: str) -> str:
+    """An OTLP collector's host:port."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise AnnotationError(f"annotation {key}: {value!r} is not host:port (e.g. collector.linkerd-jaeger:4317)")
+    return value
 
 
 def _id(value: str, key: str) -> int:
@@ -252,6 +260,8 @@ READERS: dict[str, tuple[str, object]] = {
     ADMIN_SHUTDOWN: ("admin_shutdown", parse_switch),
     NATIVE_SIDECAR: ("native_sidecar", parse_switch),
     WAIT_BEFORE_EXIT: ("wait_before_exit", _seconds),
+    ACCESS_LOG: ("access_log", _choice(("apache", "json"))),
+    TRACE_COLLECTOR: ("trace_collector", parse_collector),
 }
 
 

@@ -146,6 +146,8 @@ def proxy_container(v: InjectValues, o: ann.ProxyOverrides, native: bool) -> dic
              "true" if (o.admin_shutdown if o.admin_shutdown is not None else v.enable_admin_shutdown)
              else "false"),
         _env("TETHER_PROXY_DEFAULT_INBOUND_POLICY", o.default_inbound_policy or v.default_inbound_policy),
+        _env("TETHER_PROXY_ACCESS_LOG", o.access_log or ""),  # config.linkerd.io/access-log
+        _env("TETHER_PROXY_TRACE_COLLECTOR", o.trace_collector or ""),  # config.linkerd.io/trace-collector
         _env("TETHER_PROXY_CLUSTER_NETWORKS", v.cluster_networks),
         _env("TETHER_PROXY_DESTINATION_ADDRS", v.service("linkerd-dst", 8086)),
         _env("TETHER_PROXY_DESTINATION_CONTEXT",

@@ -14,6 +14,7 @@ from typing import Any
 
 # The keys and their parsing are core/inject's: the local platform reads annotations as the injector does.
 from tether.core.inject.annotations import (
+    ACCESS_LOG,
     INJECT,
     LOG_LEVEL,
     OPAQUE_PORTS,
@@ -21,7 +22,11 @@ from tether.core.inject.annotations import (
     SKIP_INBOUND,
     SKIP_OUTBOUND,
     SKIP_SUBNETS,
+    TRACE_COLLECTOR,
+    TRACE_SVC_ACCOUNT,
+    TRACE_SVC_ACCOUNT_SEED,
     AnnotationError,
+    parse_collector,
     parse_log_level,
     parse_ports,
     parse_subnets,
@@ -36,7 +41,10 @@ _VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 PROXY_IGNORED_INBOUND = ("4190", "4191")
 MAX_REPLICAS = 256
 
-SUPPORTED_ANNOTATIONS = (INJECT, LOG_LEVEL, OPAQUE_PORTS, PROXY_AWAIT, SKIP_INBOUND, SKIP_OUTBOUND, SKIP_SUBNETS)
+TRACE_COLLECTOR_PROTOCOL = "config.linkerd.io/trace-collector-protocol"  # tether's: grpc | http (OTLP)
+SUPPORTED_ANNOTATIONS = (ACCESS_LOG, INJECT, LOG_LEVEL, OPAQUE_PORTS, PROXY_AWAIT, SKIP_INBOUND, SKIP_OUTBOUND,
+                         SKIP_SUBNETS, TRACE_COLLECTOR, TRACE_COLLECTOR_PROTOCOL, TRACE_SVC_ACCOUNT,
+                         TRACE_SVC_ACCOUNT_SEED)
 
 
 class SpecError(ValueError):
@@ -54,6 +62,10 @@ class PodSettings:
     skip_inbound_ports: tuple[str, ...] = ()
     skip_outbound_ports: tuple[str, ...] = ()
     skip_subnets: tuple[str, ...] = ()
+    access_log: str | None = None  # apache | json
+    trace_collector: str | None = None  # host:port of an OTLP collector
+    trace_collector_protocol: str = "grpc"
+    trace_collector_service_account: str | None = None
 
 
 def _ports(value: str, key: str) -> tuple[str, ...]:
@@ -97,6 +109,23 @@ def pod_settings(annotations: Mapping[str, str]) -> PodSettings:
             s = replace(s, proxy_await=_switch(value, key))
         elif key == INJECT:
             s = replace(s, inject=_switch(value, key))
+        elif key == ACCESS_LOG:
+            if value not in ("apache", "json"):
+                raise SpecError(f"annotation {key}: {value!r} must be apache or json")
+            s = replace(s, access_log=value)
+        elif key == TRACE_COLLECTOR:
+            try:
+                s = replace(s, trace_collector=parse_collector(value, key))
+            except AnnotationError as e:
+                raise SpecError(str(e)) from None
+        elif key == TRACE_COLLECTOR_PROTOCOL:
+            if value not in ("grpc", "http"):
+                raise SpecError(f"annotation {key}: {value!r} must be grpc or http (OTLP)")
+            s = replace(s, trace_collector_protocol=value)
+        elif key in (TRACE_SVC_ACCOUNT, TRACE_SVC_ACCOUNT_SEED):
+            if not _LABEL.match(value):
+                raise SpecError(f"annotation {key}: {value!r} is not a service account name")
+            s = replace(s, trace_collector_service_account=value)
         elif key.split("/", 1)[0].endswith("linkerd.io"):
             raise SpecError(f"annotation {key}: not supported by the local platform "
                             f"(supported: {', '.join(SUPPORTED_ANNOTATIONS)})")

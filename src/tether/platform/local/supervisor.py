@@ -41,6 +41,7 @@ RECONCILE_INTERVAL = 0.2
 HEALTH_INTERVAL = 1.0
 PROXY_READY_TIMEOUT = 60.0
 ADMIN_PORT = 4191
+TAP_PORT = 4190
 INBOUND_PORT = 4143
 OUTBOUND_PORT = 4140
 # A new Service's names reach the pods' hosts files once every destination replica serves it (a
@@ -651,11 +652,13 @@ class Supervisor:
             # them to 4143) and hands connections to the application's own address.
             port = spec.ports[0].port if spec.ports else INBOUND_PORT
             listeners = ["--inbound-addr", f"{pod.ip}:{port}", "--outbound-addr", f"{pod.ip}:{OUTBOUND_PORT}",
-                         "--admin-addr", f"{pod.ip}:{ADMIN_PORT}", "--inbound-app-addr", f"{pod.app_ip}:{port}"]
+                         "--admin-addr", f"{pod.ip}:{ADMIN_PORT}", "--inbound-app-addr", f"{pod.app_ip}:{port}",
+                         "--tap-addr", f"{pod.ip}:{TAP_PORT}"]
             uid: list[str] = []
         else:
             listeners = ["--inbound-addr", f"0.0.0.0:{INBOUND_PORT}", "--outbound-addr",
-                         f"127.0.0.1:{OUTBOUND_PORT}", "--admin-addr", f"0.0.0.0:{ADMIN_PORT}"]
+                         f"127.0.0.1:{OUTBOUND_PORT}", "--admin-addr", f"0.0.0.0:{ADMIN_PORT}",
+                         "--tap-addr", f"0.0.0.0:{TAP_PORT}"]
             uid = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups"]
         argv = [*uid,
                 *tether_argv("proxy", *listeners,
@@ -673,6 +676,15 @@ class Supervisor:
                              "--shutdown-grace-period", "10s")]
         if ps.opaque_ports:
             argv += ["--opaque-ports", ",".join(ps.opaque_ports)]
+        if ps.access_log:
+            argv += ["--access-log", ps.access_log]  # written to the proxy's log (standard error)
+        if ps.trace_collector_service_account:
+            log.warning("pod %s/%s: spans go to %s over plaintext OTLP; the collector's identity (service account "
+                        "%s) is not verified", spec.namespace, pod.name, ps.trace_collector,
+                        ps.trace_collector_service_account)
+        if ps.trace_collector:
+            argv += ["--trace-collector", ps.trace_collector, "--trace-collector-protocol", ps.trace_collector_protocol,
+                     "--trace-attributes", f"k8s.pod.name={pod.name},k8s.namespace.name={spec.namespace}"]
         return argv if spec.explicit else network.netns_exec(pod.netns, argv)
 
     def _app_env(self, pod: Pod) -> dict[str, str]:

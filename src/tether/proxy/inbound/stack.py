@@ -30,14 +30,19 @@ from tether.proxy.errors import UnavailableError
 from tether.proxy.http.message import Connection, Request, Response, Service
 from tether.proxy.inbound.authorize import Authorizer, HttpAuthorize, refuse_unparsed_http
 from tether.proxy.inbound.policy import HTTP_PROTOCOLS, PortPolicy
+from tether.proxy.layers.access_log import AccessLog, AccessLogWriter
 from tether.proxy.layers.metrics import InboundHttpMetrics
 from tether.proxy.layers.rescue import Rescue
+from tether.proxy.layers.tap import TapLayer
 from tether.proxy.layers.timeout import ResponseTimeout
+from tether.proxy.layers.trace import TraceLayer
 from tether.proxy.meshtls import MeshTlsListener
 from tether.proxy.metrics import MetricsRegistry
 from tether.proxy.server import Connections, hold_opaque
+from tether.proxy.tap import INBOUND, TapHub
 from tether.proxy.targets import EndpointTarget, InboundTarget
 from tether.proxy.tcp import Pending
+from tether.proxy.tracing import KIND_SERVER, Tracer
 
 if TYPE_CHECKING:
     from tether.proxy.identity import IdentityClient
@@ -62,8 +67,12 @@ class Inbound:
     """The inbound listener's stacks and live connections."""
 
     def __init__(self, cfg: ProxyConfig, metrics: MetricsRegistry, identity: IdentityClient | None,
-                 authorizer: Authorizer) -> None:
+                 authorizer: Authorizer, tap: TapHub | None = None, access_log: AccessLogWriter | None = None,
+                 tracer: Tracer | None = None) -> None:
         self.metrics = metrics
+        self.tap = tap if tap is not None else TapHub()
+        self.access_log = access_log
+        self.tracer = tracer
         self.authorizer = authorizer
         self.identity = identity
         self.app_addr = cfg.inbound_app_addr
@@ -115,6 +124,11 @@ class Inbound:
         svc = HttpAuthorize(svc, self.authorizer, target.app, target.tls, target.client_id)  # route authz, rate limit
         svc = Rescue(svc)  # errors -> 502/503/504 with l5d-proxy-error (gRPC: grpc-status)
         svc = InboundHttpMetrics(svc, self.metrics, target)  # request_total, response_total, latency
+        if self.tracer is not None:
+            svc = TraceLayer(svc, self.tracer, KIND_SERVER, "inbound")  # a span per sampled request
+        svc = TapLayer(svc, self.tap, INBOUND, target.app)  # live events for running taps (else: nothing)
+        if self.access_log is not None:
+            svc = AccessLog(svc, self.access_log, target.client_id)  # one line per request, written off the loop
         return Stack(svc, [forward.aclose])
 
     def target_of(self, conn: Connection) -> InboundTarget:

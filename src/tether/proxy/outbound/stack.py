@@ -48,12 +48,16 @@ from tether.proxy.layers.policy_routes import ApplyFilters, Measure, PolicyRoute
 from tether.proxy.layers.rescue import Rescue
 from tether.proxy.layers.retry import Retry, RetryStats
 from tether.proxy.layers.routes import ProfileRouter, RouteCounters, RouteMetrics, Split
+from tether.proxy.layers.tap import TapLayer
 from tether.proxy.layers.timeout import ResponseTimeout
+from tether.proxy.layers.trace import TraceLayer
 from tether.proxy.metrics import MetricsRegistry, escape_label
 from tether.proxy.outbound.router import Router, is_ip, split_authority
 from tether.proxy.server import Connections, hold_opaque
+from tether.proxy.tap import OUTBOUND, TapHub
 from tether.proxy.targets import Logical, Route
 from tether.proxy.tcp import Pending
+from tether.proxy.tracing import KIND_CLIENT, Tracer
 
 if TYPE_CHECKING:
     from tether.proxy.identity import IdentityClient
@@ -70,8 +74,11 @@ class Outbound:
     """The outbound listener's stacks and live connections."""
 
     def __init__(self, cfg: ProxyConfig, metrics: MetricsRegistry, discovery: Discovery | None,
-                 identity: IdentityClient | None, own_addrs: set[Addr]) -> None:
+                 identity: IdentityClient | None, own_addrs: set[Addr], tap: TapHub | None = None,
+                 tracer: Tracer | None = None) -> None:
         self.metrics = metrics
+        self.tap = tap if tap is not None else TapHub()
+        self.tracer = tracer
         self.discovery = discovery
         self.identity = identity
         self.detect = detect_settings(cfg)
@@ -141,6 +148,10 @@ class Outbound:
             svc = profile_router
         svc = HttpMetricsService(svc, self.metrics.http(  # request_total, response_total, latency
             "outbound", target.fallback, authority=target.authority), routes=target.profile is not None)
+        if self.tracer is not None:
+            svc = TraceLayer(svc, self.tracer, KIND_CLIENT, "outbound")  # a span per sampled request
+        svc = TapLayer(svc, self.tap, OUTBOUND, target.fallback,  # live events for running taps (else: nothing)
+                       meshed=self.identity is not None and target.watch is not None)
         return Stack(svc, closers, inner if isinstance(inner, Balancer) else None)
 
     # -- HTTP: one stack per profile route ------------------------------------------------------------
