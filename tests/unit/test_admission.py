@@ -35,7 +35,8 @@ def namespaces(annotations: dict[str, str]) -> Any:
 
 
 def test_injects_with_a_json_patch_and_warnings() -> None:
-    out = mutate(review(pod({"linkerd.io/inject": "enabled", "config.linkerd.io/trace-collector": "c:4317"})),
+    out = mutate(review(pod({"linkerd.io/inject": "enabled",
+                             "config.linkerd.io/trace-collector-svc-account": "collector"})),
                  VALUES, namespaces({}), "0.1.0")
     response = out.response["response"]
     assert out.result == "injected" and response["uid"] == "u-1" and response["allowed"]
@@ -43,7 +44,7 @@ def test_injects_with_a_json_patch_and_warnings() -> None:
     paths = {op["path"] for op in patch}
     assert {"/spec/containers", "/spec/initContainers", "/spec/volumes", "/metadata/labels",
             "/metadata/annotations"} <= paths
-    assert any("trace-collector" in w for w in response["warnings"])
+    assert any("trace-collector-svc-account" in w for w in response["warnings"])
 
 
 def test_namespace_decides_when_the_pod_does_not() -> None:

@@ -21,11 +21,11 @@ from tether.cli.params import DNS_LABEL, POSITIVE_DURATION, state_dir_option
 F = Callable[..., Any]
 
 
-@click.group("viz", short_help="see the mesh: Prometheus, stat, routes, top, edges, alerts and dashboards")
+@click.group("viz", short_help="see the mesh: Prometheus, stat, routes, top, edges, tap, alerts and dashboards")
 def viz() -> None:
     """Golden metrics (success rate, requests per second, latency) per workload, route and edge,
     from Prometheus: the local mesh's own (`tether viz install`) or an external one
-    (--prometheus-url). Live tap (`tether viz tap`) comes with the proxy's tap server."""
+    (--prometheus-url). `tether viz tap` streams live requests from the proxies' tap servers."""
 
 
 def _prom_option(f: F) -> F:
