@@ -282,3 +282,12 @@ def test_install_set_uses_an_external_prometheus_as_linkerds_chart_does(tmp_path
                         ("prometheus.enabled=no", "is not true or false")):
         r = tether("viz", "install", "--state-dir", str(state), "--set", bad)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, (bad, r.stderr)
+
+
+def test_the_tap_check_fails_plainly_without_a_running_mesh(tmp_path: Path) -> None:
+    from tether.viz.checks import tap_results
+
+    (result,) = tap_results(str(tmp_path / "no-mesh"))
+    assert result["status"] == "fail" and result["description"] == "every proxy accepts a tap"
+    assert result["hint"]  # says why, in one line
+    assert "\n" not in result["hint"]

@@ -484,13 +484,15 @@ def top(target: str, namespace: str, window: str, interval: float, count: int | 
 @state_dir_option
 def check(max_age: float, output: str, prometheus_url: str | None, state_dir: str) -> None:
     """Prometheus reachable and ready; proxies and controllers among its targets and scraped
-    successfully; the newest sample fresh; the alert rules loaded (local Prometheus). Tap is not
-    checked here: it comes with the proxy's tap server (`tether viz tap`)."""
-    from tether.viz.checks import run_checks
+    successfully; the newest sample fresh; the alert rules loaded (local Prometheus); on a local
+    mesh, every running meshed pod's proxy accepts a tap (a stream opened and closed at once)."""
+    from tether.viz.checks import run_checks, tap_results
     from tether.viz.local import read_settings
 
-    own = prometheus_url is None and not (read_settings(_layout(state_dir)) or {}).get("external")
-    results = run_checks(_prometheus(state_dir, prometheus_url), max_age, local=own)
+    layout = _layout(state_dir)
+    own = prometheus_url is None and not (read_settings(layout) or {}).get("external")
+    probe = (lambda: tap_results(state_dir)) if layout.supervisor_pid() is not None else None
+    results = run_checks(_prometheus(state_dir, prometheus_url), max_age, local=own, tap_probe=probe)
     if output == "json":
         dump({"checks": results}, "json")
     else:

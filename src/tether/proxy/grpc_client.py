@@ -247,6 +247,12 @@ class GrpcChannel:
         async for msg in self._messages(body):
             yield msg
 
+    async def probe_stream(self, path: str, request: bytes) -> None:
+        """Start a server-streaming call and end it once the server accepted it (a response head
+        without an error status): GrpcError when it refused or could not be reached."""
+        body = await self._open(path, request, None)
+        body.discard()
+
     def close(self) -> None:
         """Close the connection; calls in flight fail with UNAVAILABLE."""
         if self._conn is not None:

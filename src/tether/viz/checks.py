@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from tether.viz import queries as q
@@ -13,7 +14,11 @@ def _result(description: str, status: str, hint: str = "") -> dict[str, Any]:
     return {"description": description, "status": status, "hint": hint}
 
 
-def run_checks(prom: Prometheus, max_age: float, local: bool) -> list[dict[str, Any]]:
+TapProbe = Callable[[], list[dict[str, Any]]]
+
+
+def run_checks(prom: Prometheus, max_age: float, local: bool,
+               tap_probe: TapProbe | None = None) -> list[dict[str, Any]]:
     out = []
     if not prom.ready():
         out.append(_result(f"Prometheus is reachable and ready at {prom.url}", "fail",
@@ -62,5 +67,44 @@ def run_checks(prom: Prometheus, max_age: float, local: bool) -> list[dict[str, 
             n = sum(len(g.get("rules", [])) for g in groups)
             out.append(_result(f"the alert rules are loaded ({n} rules)", "ok" if n else "fail",
                                "" if n else "re-run `tether viz install`"))
-    out.append(_result("tap: not checked (the proxy's tap server is checked by `tether viz tap`)", "skip"))
+    if tap_probe is None:
+        out.append(_result("tap: not checked (no local mesh here: `tether viz tap` checks a proxy's tap server)",
+                           "skip"))
+    else:
+        out.extend(tap_probe())
     return out
+
+
+def tap_results(state_dir: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Every running meshed pod's proxy accepts a tap from viz's identity (the local mesh)."""
+    import asyncio
+
+    from tether.viz import tap
+
+    try:
+        mesh = tap.Mesh.load(state_dir)
+        creds = tap.ClientCredentials(mesh)
+    except tap.TapError as e:
+        return [_result("every proxy accepts a tap", "fail", str(e))]
+    if not mesh.pods:
+        return [_result("tap: no meshed pod running to tap", "skip")]
+
+    async def probe_all() -> list[str]:
+        sem = asyncio.Semaphore(16)
+
+        async def one(pod: tap.Pod) -> str:
+            async with sem:
+                try:
+                    await tap.probe(pod, creds, timeout=timeout)
+                except tap.TapError as e:
+                    return str(e)
+                return ""
+
+        return [e for e in await asyncio.gather(*(one(p) for p in mesh.pods)) if e]
+
+    errors = asyncio.run(probe_all())
+    n = len(mesh.pods)
+    if errors:
+        return [_result(f"every proxy accepts a tap ({n - len(errors)}/{n})", "fail",
+                        "; ".join(errors[:3]) + (f"; and {len(errors) - 3} more" if len(errors) > 3 else ""))]
+    return [_result(f"every one of the {n} proxies accepts a tap", "ok")]

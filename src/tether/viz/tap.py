@@ -244,6 +244,25 @@ async def observe(pod: Pod, creds: ClientCredentials, request: tap_pb2.ObserveRe
         channel.close()
 
 
+async def probe(pod: Pod, creds: ClientCredentials, port: int = TAP_PORT, timeout: float = 5.0) -> None:
+    """Whether ``pod``'s proxy accepts a tap from ``creds`` (TapError saying why not). The stream is
+    opened with a match no request meets, and closed as soon as the proxy accepted it."""
+    from tether.proxy.grpc_client import GrpcChannel, GrpcError
+
+    channel = GrpcChannel(f"{pod.ip}:{port}", ssl_context=creds.context, server_hostname=pod.identity,
+                          connect_timeout=timeout)
+    request = observe_request(path="/tether-viz-check-matches-nothing")
+    try:
+        async with asyncio.timeout(timeout):
+            await channel.probe_stream(OBSERVE, request.SerializeToString())
+    except TimeoutError:
+        raise TapError(f"tap of pod {pod.namespace}/{pod.name} ({pod.ip}:{port}): no answer in {timeout:g}s") from None
+    except GrpcError as e:
+        raise TapError(f"tap of pod {pod.namespace}/{pod.name} ({pod.ip}:{port}): {e}") from None
+    finally:
+        channel.close()
+
+
 async def tap_pods(pods: list[Pod], creds: ClientCredentials, request: tap_pb2.ObserveRequest,
                    on_event: Callable[[Pod, tap_pb2.TapEvent], None], duration: float | None = None) -> None:
     """Tap every pod at once, calling ``on_event`` as events arrive, for ``duration`` seconds (None: until
