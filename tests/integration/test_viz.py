@@ -638,10 +638,24 @@ def test_the_web_dashboard_shows_the_clis_numbers_in_a_real_browser(vm: VizMesh,
         nodes = chromium.eval("[...document.querySelectorAll('#edges g.node')].map(g => g.dataset.name)", session)
         assert {f"{NS}/frontend", f"{NS}/api-service"} <= set(nodes)
         assert chromium.eval("document.querySelectorAll('#edges line.secured').length", session) >= 1
-        # The place for live tap says plainly that it is not there.
-        wait_for(lambda: "not available" in chromium.eval("document.getElementById('tap-status').textContent",
-                                                          session), 10, "the tap section's message")
-        assert chromium.eval("document.getElementById('tap').dataset.tap", session) == "unavailable"
+        # Live tap of the selected workload, started in the page: the client's requests appear as
+        # rows (its paths, their statuses: /authors 200, /books 500, /nothing 404).
+        wait_for(lambda: chromium.eval("document.getElementById('tap').dataset.tap", session) == "available", 10,
+                 "live tap available")
+        wait_for(lambda: chromium.eval("!document.getElementById('tap-start').disabled", session), 10,
+                 "the tap button enabled for api-service")
+        chromium.eval("document.getElementById('tap-start').click()", session)
+        wait_for(lambda: int(chromium.eval("document.getElementById('tap').dataset.rows || '0'", session)) >= 6, 30,
+                 "tap rows in the page")
+        rows = chromium.eval("[...document.querySelectorAll('#tap-events tbody tr')]"
+                             ".map(tr => [...tr.cells].map(c => c.textContent))", session)
+        seen = {(r[1], r[3], r[4]) for r in rows}
+        assert seen <= {("GET", "/authors", "200"), ("GET", "/books", "500"), ("GET", "/nothing", "404")}, seen
+        assert ("GET", "/authors", "200") in seen and ("GET", "/books", "500") in seen, seen
+        assert all(r[5].endswith("ms") for r in rows)
+        chromium.eval("document.getElementById('tap-stop').click()", session)
+        wait_for(lambda: "stopped" in chromium.eval("document.getElementById('tap-status').textContent", session),
+                 10, "the tap stopped")
         assert chromium.errors() == []
     finally:
         dash.terminate()

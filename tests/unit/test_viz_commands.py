@@ -193,6 +193,14 @@ def test_web_api_refuses_bad_parameters() -> None:
         api.answer("/api/namespaces", {"window": ["soon"]})
     assert api.answer("/api/nothing", {}) is None
     assert api.answer("/api/tap", {})["available"] is False
+    for qs, says in (({"resource": ["deploy"], "namespace": ["ns"]}, "parameter resource"),
+                     ({"resource": ["deploy/web"]}, "missing parameter namespace"),
+                     ({"resource": ["deploy/web"], "namespace": ["ns"], "seconds": ["0"]}, "parameter seconds"),
+                     ({"resource": ["deploy/web"], "namespace": ["ns"], "max": ["5000"]}, "parameter max"),
+                     ({"resource": ["deploy/web"], "namespace": ["ns"], "path": ["x"]}, "parameter path")):
+        with pytest.raises(BadRequest, match=says):
+            api.tap_params(qs)
+    assert api.tap_params({"resource": ["deploy/web"], "namespace": ["ns"]}) == ("deploy/web", "ns", None, 30.0, 200)
     assert api.answer("/api/edges", {"namespace": ["prod"]}) == {"window": "1m", "edges": []}
 
 

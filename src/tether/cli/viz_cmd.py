@@ -559,17 +559,20 @@ def dashboards(output_dir: str) -> None:
 @_prom_option
 @state_dir_option
 def dashboard(port: int, address: str, show: str, prometheus_url: str | None, state_dir: str) -> None:
-    """A web page of the mesh: namespaces, workloads with their golden metrics, routes, and the
-    edges between workloads as a graph, refreshing on its own. Served from this process (plain
-    HTML, JS and CSS shipped with tether; nothing from the internet); Ctrl-C stops it."""
-    from tether.viz.web import serve
+    """A web page of the mesh: namespaces, workloads with their golden metrics, routes, the edges
+    between workloads as a graph, refreshing on its own, and live tap of a selected workload (on a
+    local mesh). Served from this process (plain HTML, JS and CSS shipped with tether; nothing from
+    the internet); Ctrl-C stops it."""
+    from tether.viz.web import local_tap, serve
 
     api = _api(state_dir, prometheus_url)
 
     def counts(rtype: str) -> Any:
         return pod_counts(state_dir, rtype, prometheus_url is not None)
 
-    _run(lambda: serve(api, address, port, counts, announce=(show == "url")))
+    # Live tap reaches the proxies of a local mesh (its pods and trust material are in the state dir).
+    tap = local_tap(state_dir) if _layout(state_dir).supervisor_pid() is not None else None
+    _run(lambda: serve(api, address, port, counts, announce=(show == "url"), tap=tap))
 
 
 def _diagnostics() -> click.Command:

@@ -4,6 +4,11 @@ over :class:`tether.viz.stat.MetricsApi` (the same numbers as `tether viz stat -
 API (GET, JSON): ``/api/namespaces``, ``/api/workloads?namespace=NS``,
 ``/api/routes?namespace=NS&deployment=NAME``, ``/api/edges?namespace=NS``; each takes ``window``
 (default 1m). A Prometheus failure is a 502 with ``{"error": ...}``; a bad parameter a 400.
+
+Live tap: ``/api/tap`` says whether it is available; ``/api/tap/stream?resource=deploy/NAME&
+namespace=NS[&path=/p][&seconds=30][&max=200]`` is a server-sent event stream of the same JSON
+objects `tether viz tap -o json` prints, one per ``data:`` line, ended by an ``end`` event (or an
+``error`` event saying why); bounded in time (at most 300 s) and count (at most 1,000 events).
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ ASSETS = {"/": ("index.html", "text/html; charset=utf-8"), "/index.html": ("inde
           "/app.js": ("app.js", "text/javascript; charset=utf-8"), "/style.css": ("style.css", "text/css")}
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 PodCounts = Callable[[str], Any]
+# Start a tap: (resource, namespace, path prefix or None, emit, seconds) -> None, calling emit with
+# each event's JSON object until it returns False or the time is up; raises TapError.
+TapStarter = Callable[[str, str, "str | None", Callable[[dict[str, Any]], bool], float], None]
+_RESOURCE = re.compile(r"(deploy|deployment|po|pod|svc|service|ns|namespace)/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+MAX_TAP_SECONDS = 300.0
+MAX_TAP_EVENTS = 1000
 
 
 class BadRequest(Exception):
@@ -43,9 +54,10 @@ def _param(qs: dict[str, list[str]], name: str, default: str | None = None) -> s
 class Api:
     """The JSON answers, one method per path."""
 
-    def __init__(self, metrics: MetricsApi, pod_counts: PodCounts) -> None:
+    def __init__(self, metrics: MetricsApi, pod_counts: PodCounts, tap: TapStarter | None = None) -> None:
         self.metrics = metrics
         self.pod_counts = pod_counts
+        self.tap = tap
 
     def answer(self, path: str, qs: dict[str, list[str]]) -> Any:
         window = _param(qs, "window", "1m")
@@ -69,9 +81,30 @@ class Api:
             ns = _param(qs, "namespace")
             return {"window": window, "edges": self.metrics.edges(ns, window)}
         if path == "/api/tap":
-            return {"available": False,
-                    "reason": "live tap needs the proxies' tap server and `tether viz tap`'s API; not in this build"}
+            if self.tap is None:
+                return {"available": False, "reason": "live tap needs a local mesh (tether up) to reach the proxies"}
+            return {"available": True}
         return None
+
+    def tap_params(self, qs: dict[str, list[str]]) -> tuple[str, str, str | None, float, int]:
+        """(resource, namespace, path, seconds, max events) of a tap stream; BadRequest naming the parameter."""
+        resource = qs.get("resource", [""])[0]
+        if not _RESOURCE.match(resource):
+            raise BadRequest(f"parameter resource: {resource!r} is not KIND/NAME (deploy, po, svc or ns)")
+        ns = _param(qs, "namespace")
+        path = qs.get("path", [None])[0]
+        if path is not None and (not path.startswith("/") or len(path) > 1024):
+            raise BadRequest(f"parameter path: {path[:60]!r} is not a path starting with /")
+        try:
+            seconds = float(qs.get("seconds", ["30"])[0])
+            count = int(qs.get("max", ["200"])[0])
+        except ValueError:
+            raise BadRequest("parameters seconds and max: numbers") from None
+        if not 0 < seconds <= MAX_TAP_SECONDS:
+            raise BadRequest(f"parameter seconds: {seconds:g} is not in (0, {MAX_TAP_SECONDS:g}]")
+        if not 0 < count <= MAX_TAP_EVENTS:
+            raise BadRequest(f"parameter max: {count} is not in 1..{MAX_TAP_EVENTS}")
+        return resource, ns, path, seconds, count
 
 
 def handler(api: Api) -> type[BaseHTTPRequestHandler]:
@@ -94,8 +127,51 @@ def handler(api: Api) -> type[BaseHTTPRequestHandler]:
         def _json(self, status: int, doc: Any) -> None:
             self._send(status, json.dumps(doc).encode(), "application/json")
 
+        def _tap_stream(self, qs: dict[str, list[str]]) -> None:
+            from tether.viz.tap import TapError
+
+            if api.tap is None:
+                self._json(404, {"error": "live tap needs a local mesh (tether up)"})
+                return
+            try:
+                resource, ns, path, seconds, count = api.tap_params(qs)
+            except BadRequest as e:
+                self._json(400, {"error": str(e)})
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            sent = 0
+
+            def emit(doc: dict[str, Any]) -> bool:
+                nonlocal sent
+                try:
+                    self.wfile.write(b"data: " + json.dumps(doc).encode() + b"\n\n")
+                    self.wfile.flush()
+                except OSError:
+                    return False  # the page went away: stop tapping
+                sent += 1
+                return sent < count
+
+            try:
+                api.tap(resource, ns, path, emit, seconds)
+                end = b"event: end\ndata: " + json.dumps({"events": sent}).encode() + b"\n\n"
+            except TapError as e:
+                end = b"event: error\ndata: " + json.dumps({"error": str(e)}).encode() + b"\n\n"
+            try:
+                self.wfile.write(end)
+                self.wfile.flush()
+            except OSError:
+                pass
+
         def do_GET(self) -> None:
             url = urlsplit(self.path)
+            if url.path == "/api/tap/stream":
+                self._tap_stream(parse_qs(url.query))
+                return
             if url.path in ASSETS:
                 name, ctype = ASSETS[url.path]
                 body = (resources.files("tether.viz") / "web" / name).read_bytes()
@@ -120,17 +196,18 @@ def handler(api: Api) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def make_server(metrics: MetricsApi, address: str, port: int, pod_counts: PodCounts) -> ThreadingHTTPServer:
-    srv = ThreadingHTTPServer((address, port), handler(Api(metrics, pod_counts)))
+def make_server(metrics: MetricsApi, address: str, port: int, pod_counts: PodCounts,
+                tap: TapStarter | None = None) -> ThreadingHTTPServer:
+    srv = ThreadingHTTPServer((address, port), handler(Api(metrics, pod_counts, tap)))
     srv.daemon_threads = True
     return srv
 
 
 def serve(metrics: MetricsApi, address: str, port: int, pod_counts: PodCounts, *, announce: bool = True,
-          ready: threading.Event | None = None) -> None:
+          ready: threading.Event | None = None, tap: TapStarter | None = None) -> None:
     """Serve until interrupted."""
     try:
-        srv = make_server(metrics, address, port, pod_counts)
+        srv = make_server(metrics, address, port, pod_counts, tap)
     except OSError as e:
         from tether.viz.local import VizError
 
@@ -146,3 +223,42 @@ def serve(metrics: MetricsApi, address: str, port: int, pod_counts: PodCounts, *
         print("", file=sys.stderr)
     finally:
         srv.server_close()
+
+
+def local_tap(state_dir: str) -> TapStarter:
+    """Live tap of the local mesh in ``state_dir``, as `tether viz tap` does it (viz's identity)."""
+
+    def start(resource: str, namespace: str, path: str | None, emit: Callable[[dict[str, Any]], bool],
+              seconds: float) -> None:
+        import asyncio
+
+        from tether.viz import tap
+
+        mesh = tap.Mesh.load(state_dir)
+        pods = mesh.select(resource, namespace)
+        if not pods:
+            raise tap.TapError(f"no running meshed pod of {resource} in namespace {namespace}")
+        creds = tap.ClientCredentials(mesh)
+        request = tap.observe_request(path=path)
+
+        async def run() -> None:
+            stop = asyncio.Event()
+
+            def on_event(_pod: tap.Pod, ev: Any) -> None:
+                if not stop.is_set() and not emit(tap.event_json(ev, mesh)):
+                    stop.set()
+
+            task = asyncio.ensure_future(tap.tap_pods(pods, creds, request, on_event, seconds))
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not task.done():
+                task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+        asyncio.run(run())
+
+    return start

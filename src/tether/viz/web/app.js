@@ -104,6 +104,7 @@ function render() {
   $("error").hidden = !state.error;
   $("error").textContent = state.error || "";
   $("updated").textContent = "updated " + new Date().toLocaleTimeString() + " (every " + REFRESH_MS / 1000 + "s)";
+  if (typeof renderTapButtons === "function") { renderTapButtons(); }
 }
 
 let running = false;
@@ -135,15 +136,84 @@ async function refresh() {
   state.loaded = true;
 }
 
+const tap = { available: false, source: null, pending: {}, events: 0 };
+
 async function checkTap() {
   try {
-    const tap = await (await fetch("/api/tap")).json();
-    $("tap").dataset.tap = tap.available ? "available" : "unavailable";
-    $("tap-status").textContent = tap.available ? "tap available" : "Live tap is not available: " + tap.reason + ".";
+    const t = await (await fetch("/api/tap")).json();
+    tap.available = t.available;
+    $("tap").dataset.tap = t.available ? "available" : "unavailable";
+    $("tap-status").textContent = t.available ? "Select a workload, then start a tap." :
+      "Live tap is not available: " + t.reason + ".";
   } catch (e) {
     $("tap-status").textContent = "Live tap is not available.";
   }
+  renderTapButtons();
 }
+
+function renderTapButtons() {
+  $("tap-target").textContent = state.deployment ? "deploy/" + state.deployment : "(none selected)";
+  $("tap-start").disabled = !tap.available || !state.deployment || tap.source !== null;
+  $("tap-stop").disabled = tap.source === null;
+}
+
+function tapRow(cells) {
+  const tr = document.createElement("tr");
+  for (const c of cells) {
+    const td = document.createElement("td");
+    td.textContent = c;
+    tr.appendChild(td);
+  }
+  const tbody = $("tap-events").querySelector("tbody");
+  tbody.insertBefore(tr, tbody.firstChild);
+  while (tbody.children.length > 200) { tbody.removeChild(tbody.lastChild); }
+}
+
+function onTapEvent(ev) {
+  // requestInitEvent starts a request (method, authority, path); responseInitEvent gives its status
+  // and latency: one row per request, written when its response head arrives. A request is known
+  // by its id within one proxy (which the direction and the peer addresses tell apart).
+  const key = (e) => JSON.stringify([e.id, ev.proxyDirection, ev.source.ip, ev.destination.ip]);
+  if (ev.requestInitEvent) {
+    tap.pending[key(ev.requestInitEvent)] = ev.requestInitEvent;
+  } else if (ev.responseInitEvent) {
+    const rsp = ev.responseInitEvent;
+    const req = tap.pending[key(rsp)] || {};
+    delete tap.pending[key(rsp)];
+    const lat = rsp.sinceRequestInit || { seconds: 0, nanos: 0 };
+    tapRow([new Date().toLocaleTimeString(), req.method || "", req.authority || "", req.path || "",
+            String(rsp.httpStatus), Math.round((lat.seconds * 1e9 + lat.nanos) / 1e6) + "ms"]);
+    tap.events += 1;
+    $("tap").dataset.rows = String(tap.events);
+  }
+}
+
+function stopTap(message) {
+  if (tap.source) { tap.source.close(); }
+  tap.source = null;
+  if (message) { $("tap-status").textContent = message; }
+  renderTapButtons();
+}
+
+function startTap() {
+  if (!state.deployment || tap.source) { return; }
+  const q = "resource=" + encodeURIComponent("deploy/" + state.deployment) +
+            "&namespace=" + encodeURIComponent(state.namespace) + "&seconds=30&max=1000";
+  tap.pending = {};
+  tap.source = new EventSource("/api/tap/stream?" + q);
+  $("tap-status").textContent = "tapping deploy/" + state.deployment + "…";
+  tap.source.onmessage = (m) => onTapEvent(JSON.parse(m.data));
+  tap.source.addEventListener("end", () => stopTap("tap ended"));
+  tap.source.addEventListener("error", (m) => {
+    let why = "the tap stream closed";
+    try { if (m.data) { why = JSON.parse(m.data).error; } } catch (e) { /* keep the default */ }
+    stopTap("tap failed: " + why);
+  });
+  renderTapButtons();
+}
+
+$("tap-start").addEventListener("click", startTap);
+$("tap-stop").addEventListener("click", () => stopTap("tap stopped"));
 
 $("namespace").addEventListener("change", (ev) => { state.namespace = ev.target.value; state.deployment = null;
                                                       location.hash = state.namespace; refresh(); });
