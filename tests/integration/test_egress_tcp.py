@@ -105,14 +105,7 @@ class H(BaseHTTPRequestHandler):
 ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
 """
 
-EGRESS_BY_NAME = """\
-apiVersion: policy.linkerd.io/v1alpha1
-kind: EgressNetwork
-metadata: {name: outside, namespace: default}
-spec:
-  networks: [{cidr: IP/32}]
-  trafficPolicy: Deny
----
+EGRESS_BY_NAME = EGRESS + """---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: allowed-api, namespace: default}
@@ -219,13 +212,7 @@ def test_opaque_tcp_to_a_service_virtual_ip_is_balanced_over_its_endpoints(pods,
     assert min(seen.values()) >= 5, seen  # uniform: P(a side < 5 of 40) is below 1e-6
 
 
-EGRESS_TCP_ROUTE = """apiVersion: policy.linkerd.io/v1alpha1
-kind: EgressNetwork
-metadata: {name: outside, namespace: default}
-spec:
-  networks: [{cidr: IP/32}]
-  trafficPolicy: Deny
----
+EGRESS_TCP_ROUTE = EGRESS + """---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
 metadata: {name: outside-tcp, namespace: default}

@@ -664,25 +664,38 @@ def _invalid_backend(cls: Any, meta: meta_pb2.Metadata, why: str) -> Any:
     return cls.RouteBackend(backend=b, filters=[fail])
 
 
-def _ref_backend(world: World, route: Resource, ref: rt.BackendRef | rt.GRPCBackendRef, parent: _Parent,
-                 s: Settings, cls: Any) -> Any:
+def _ref_target(world: World, route: Resource, ref: rt.BackendRef | rt.GRPCBackendRef | rt.TCPBackendRef,
+                parent: _Parent, s: Settings, *, service_must_exist: bool = False
+                ) -> out.Backend | tuple[meta_pb2.Metadata, str]:
+    """What a backendRef points at: a Service (balanced) or the parent EgressNetwork itself
+    (forwarded to the original destination); else the metadata and the reason it is invalid."""
     ns = ref.namespace or route.namespace
     if ref.kind == "EgressNetwork" and (ref.group or "") == pol.EgressNetwork.GROUP:
         meta = meta_pb2.Metadata(resource=meta_pb2.Resource(
             group=pol.EgressNetwork.GROUP, kind="EgressNetwork", name=ref.name, namespace=ns, port=parent.port))
-        r = parent.resource
         if not parent.egress:
-            return _invalid_backend(cls, meta, "EgressNetwork backends attach to EgressNetwork parents only")
-        if (r.namespace, r.name) != (ns, ref.name):
-            return _invalid_backend(
-                cls, meta, "a route with an EgressNetwork backend needs that EgressNetwork as its parent")
+            return meta, "EgressNetwork backends attach to EgressNetwork parents only"
+        if (parent.resource.namespace, parent.resource.name) != (ns, ref.name):
+            return meta, "a route with an EgressNetwork backend needs that EgressNetwork as its parent"
         b = out.Backend()
         b.CopyFrom(parent.default)
-        return cls.RouteBackend(backend=b)
+        return b
     if (ref.kind or "Service") != "Service" or (ref.group or "") not in ("", "core"):
-        meta = meta_pb2.Metadata(default="invalid")
-        return _invalid_backend(cls, meta, f"unsupported backend kind {ref.group or 'core'}/{ref.kind}")
-    return cls.RouteBackend(backend=backend(world, ns, ref.name, ref.port or parent.port, s))
+        return meta_pb2.Metadata(default="invalid"), f"unsupported backend kind {ref.group or 'core'}/{ref.kind}"
+    port = ref.port or parent.port
+    if service_must_exist and world.get("Service", ns, ref.name) is None:
+        return (meta_pb2.Metadata(resource=meta_pb2.Resource(group="core", kind="Service", name=ref.name,
+                                                             namespace=ns, port=port)),
+                f"Service not found {ns}/{ref.name}")
+    return backend(world, ns, ref.name, port, s)
+
+
+def _ref_backend(world: World, route: Resource, ref: rt.BackendRef | rt.GRPCBackendRef, parent: _Parent,
+                 s: Settings, cls: Any) -> Any:
+    target = _ref_target(world, route, ref, parent, s)
+    if isinstance(target, tuple):
+        return _invalid_backend(cls, *target)
+    return cls.RouteBackend(backend=target)
 
 
 def _distribution(
@@ -708,28 +721,32 @@ def _distribution(
     return cls.Distribution(random_available=cls.Distribution.RandomAvailable(backends=weighted))
 
 
+def _catch_all(cls: Any, parent: _Parent, s: Settings, name: str, filters: Sequence[Any], retry: Any) -> Any:
+    """A route (``cls``: out.HttpRoute or out.GrpcRoute) whose one rule takes every request to the
+    parent's own backend, with the parent's timeout and retry annotations."""
+    b = out.Backend()
+    b.CopyFrom(parent.default)
+    rule = cls.Rule(
+        filters=list(filters),
+        backends=cls.Distribution(first_available=cls.Distribution.FirstAvailable(backends=[cls.RouteBackend(backend=b)])),
+        allow_l5d_request_headers=s.allow_l5d_request_headers,
+    )
+    if cls is out.HttpRoute:
+        rule.matches.append(http_route_pb2.HttpRouteMatch(path=http_route_pb2.PathMatch(prefix="/")))
+    t = _timeouts([parent.resource])
+    if t is not None:
+        rule.timeouts.CopyFrom(t)
+    if retry is not None:
+        rule.retry.CopyFrom(retry)
+    return cls(metadata=default_meta(name), rules=[rule])
+
+
 def _default_http_route(parent: _Parent, s: Settings, name: str = "http",
                         filters: Sequence[out.HttpRoute.Filter] = ()) -> out.HttpRoute:
     """The route for requests no HTTPRoute rule claims: a Service's own (when it has no routes) or an
     EgressNetwork's catch-all (``http-egress-allow`` / ``http-egress-deny``, Linkerd's names)."""
-    objs: list[Resource] = [parent.resource]
-    b = out.Backend()
-    b.CopyFrom(parent.default)
-    rule = out.HttpRoute.Rule(
-        matches=[http_route_pb2.HttpRouteMatch(path=http_route_pb2.PathMatch(prefix="/"))],
-        filters=list(filters),
-        backends=out.HttpRoute.Distribution(
-            first_available=out.HttpRoute.Distribution.FirstAvailable(backends=[out.HttpRoute.RouteBackend(backend=b)])
-        ),
-        allow_l5d_request_headers=s.allow_l5d_request_headers,
-    )
-    t = _timeouts(objs)
-    if t is not None:
-        rule.timeouts.CopyFrom(t)
-    retry = _http_retry(objs)
-    if retry is not None:
-        rule.retry.CopyFrom(retry)
-    return out.HttpRoute(metadata=default_meta(name), rules=[rule])
+    route: out.HttpRoute = _catch_all(out.HttpRoute, parent, s, name, filters, _http_retry([parent.resource]))
+    return route
 
 
 def http_routes(world: World, parent: _Parent, s: Settings) -> list[out.HttpRoute]:
@@ -859,33 +876,14 @@ def _tcp_backend(world: World, route: Resource, ref: rt.TCPBackendRef, parent: _
                  s: Settings) -> out.OpaqueRoute.RouteBackend:
     """A TCPRoute backendRef: a Service (balanced), the parent EgressNetwork itself (forwarded to
     the original destination), or an invalid backend whose connections are refused saying why."""
-    ns = ref.namespace or route.namespace
-    invalid = None
-    if ref.kind == "EgressNetwork" and (ref.group or "") == pol.EgressNetwork.GROUP:
-        meta = meta_pb2.Metadata(resource=meta_pb2.Resource(
-            group=pol.EgressNetwork.GROUP, kind="EgressNetwork", name=ref.name, namespace=ns, port=parent.port))
-        r = parent.resource
-        if not parent.egress:
-            invalid = "EgressNetwork backends attach to EgressNetwork parents only"
-        elif (r.namespace, r.name) != (ns, ref.name):
-            invalid = "a route with an EgressNetwork backend needs that EgressNetwork as its parent"
-        else:
-            b = out.Backend()
-            b.CopyFrom(parent.default)
-            return out.OpaqueRoute.RouteBackend(backend=b)
-    elif (ref.kind or "Service") != "Service" or (ref.group or "") not in ("", "core"):
-        meta = meta_pb2.Metadata(default="invalid")
-        invalid = f"unsupported backend kind {ref.group or 'core'}/{ref.kind}"
-    elif world.get("Service", ns, ref.name) is None:
-        meta = meta_pb2.Metadata(resource=meta_pb2.Resource(
-            group="core", kind="Service", name=ref.name, namespace=ns, port=ref.port or parent.port))
-        invalid = f"Service not found {ns}/{ref.name}"
-    else:
-        return out.OpaqueRoute.RouteBackend(backend=backend(world, ns, ref.name, ref.port or parent.port, s))
-    return out.OpaqueRoute.RouteBackend(
-        backend=out.Backend(metadata=meta),
-        filters=[out.OpaqueRoute.Filter(invalid=opaque_route_pb2.Invalid(message=invalid))],
-    )
+    target = _ref_target(world, route, ref, parent, s, service_must_exist=True)
+    if isinstance(target, tuple):
+        meta, why = target
+        return out.OpaqueRoute.RouteBackend(
+            backend=out.Backend(metadata=meta),
+            filters=[out.OpaqueRoute.Filter(invalid=opaque_route_pb2.Invalid(message=why))],
+        )
+    return out.OpaqueRoute.RouteBackend(backend=target)
 
 
 def _tcp_route(world: World, parent: _Parent, s: Settings) -> out.OpaqueRoute | None:
@@ -1063,25 +1061,11 @@ def forward_policy(world: World, addr: str, target: Target | None, ctx: Context,
 
 
 def _grpc_egress_catch_all(parent: _Parent, s: Settings, deny: str | None) -> out.GrpcRoute:
-    objs: list[Resource] = [parent.resource]
-    b = out.Backend()
-    b.CopyFrom(parent.default)
-    rule = out.GrpcRoute.Rule(
-        backends=out.GrpcRoute.Distribution(
-            first_available=out.GrpcRoute.Distribution.FirstAvailable(backends=[out.GrpcRoute.RouteBackend(backend=b)])
-        ),
-        allow_l5d_request_headers=s.allow_l5d_request_headers,
-    )
-    if deny is not None:
-        rule.filters.append(out.GrpcRoute.Filter(failure_injector=grpc_route_pb2.GrpcFailureInjector(
-            code=7, message=deny, ratio=http_route_pb2.Ratio(numerator=1, denominator=1))))
-    t = _timeouts(objs)
-    if t is not None:
-        rule.timeouts.CopyFrom(t)
-    retry = _grpc_retry(objs)
-    if retry is not None:
-        rule.retry.CopyFrom(retry)
-    return out.GrpcRoute(metadata=default_meta("grpc-egress-deny" if deny else "grpc-egress-allow"), rules=[rule])
+    filters = [] if deny is None else [out.GrpcRoute.Filter(failure_injector=grpc_route_pb2.GrpcFailureInjector(
+        code=7, message=deny, ratio=http_route_pb2.Ratio(numerator=1, denominator=1)))]
+    route: out.GrpcRoute = _catch_all(out.GrpcRoute, parent, s, "grpc-egress-deny" if deny else "grpc-egress-allow",
+                                      filters, _grpc_retry([parent.resource]))
+    return route
 
 
 def _forward_only(meta: meta_pb2.Metadata, backend_: out.Backend) -> out.OutboundPolicy:
