@@ -461,7 +461,9 @@ def test_locking_down_a_server_and_a_route_flips_the_next_request(world: World) 
         wait_for(lambda: world.policy_in_force("http") == "web-http", 10, what="the Server in force")
         # The same connection: its next request meets the new policy.
         assert get("/admin/x") == 403
-        assert get("/") == 200  # the public route, from the cluster networks
+        # `tether apply` writes one file per resource, as kubectl applies one object at a time: the
+        # Server can be in force a moment before the last AuthorizationPolicy (the public one).
+        wait_for(lambda: get("/") == 200, 10, what="the public route's authorization in force")
         assert world.http("meshed", "/admin/x")[0] == 200
         status, reason, _ = world.http("meshed-other", "/admin/x")
         assert (status, reason) == (403, "unauthorized request on route")
