@@ -385,7 +385,7 @@ def test_default_policy_matrix_every_cell_as_linkerd(world: World) -> None:
     assert "connection allowed by audit" in world.servers["tcp"].log()
 
 
-LOCKDOWN = """
+WEB_SERVER = """
 apiVersion: policy.linkerd.io/v1beta3
 kind: Server
 metadata: {name: web-http, namespace: default}
@@ -394,6 +394,9 @@ spec:
   port: %(port)d
   proxyProtocol: HTTP/1
 ---
+"""
+
+LOCKDOWN = WEB_SERVER + """
 apiVersion: policy.linkerd.io/v1beta3
 kind: HTTPRoute
 metadata: {name: web-admin, namespace: default}
@@ -756,15 +759,7 @@ def test_open_opaque_connection_is_closed_when_a_new_policy_no_longer_authorizes
                for ln in m.splitlines()), m
 
 
-FILTERED = """
-apiVersion: policy.linkerd.io/v1beta3
-kind: Server
-metadata: {name: web-http, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  port: %(port)d
-  proxyProtocol: HTTP/1
----
+FILTERED = WEB_SERVER + """
 apiVersion: policy.linkerd.io/v1beta3
 kind: HTTPRoute
 metadata: {name: web-filtered, namespace: default}
