@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +73,34 @@ def stats(log: str) -> dict[str, str]:
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process, from /proc/PID/stat (fields 14 and 15)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _watch(proc: subprocess.Popen[bytes], cpu_limit: float) -> None:
+    """Wait for libFuzzer; with a CPU limit, ask it to stop (SIGUSR1: a graceful exit with its final
+    statistics) once the process has used that much CPU."""
+    while proc.poll() is None:
+        if cpu_limit and _cpu_seconds(proc.pid) >= cpu_limit:
+            proc.send_signal(signal.SIGUSR1)
+            proc.wait()
+            break
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3:])
@@ -79,14 +110,17 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(prog="scripts/fuzz", description=__doc__.splitlines()[0])
     ap.add_argument("target", help="one of: " + ", ".join(TARGETS))
-    ap.add_argument("--minutes", type=float, default=1.0, help="how long to fuzz (default 1)")
+    ap.add_argument("--minutes", type=float, default=1.0, help="how long to fuzz, wall clock (default 1)")
+    ap.add_argument("--cpu-minutes", type=float, default=0.0,
+                    help="instead: fuzz until the fuzzing process has used this much CPU time (for a shared or "
+                         "niced run, where wall time overstates the work done)")
     ap.add_argument("--max-len", type=int, default=4096, help="longest input libFuzzer tries")
     ns = ap.parse_args()
     if ns.target not in TARGETS:
         print(f"scripts/fuzz: unknown target {ns.target!r}; targets: {', '.join(TARGETS)}", file=sys.stderr)
         return 2
-    if ns.minutes <= 0:
-        print("scripts/fuzz: --minutes must be positive", file=sys.stderr)
+    if ns.minutes <= 0 or ns.cpu_minutes < 0:
+        print("scripts/fuzz: --minutes and --cpu-minutes must be positive", file=sys.stderr)
         return 2
     corpus = CORPUS / ns.target
     corpus.mkdir(parents=True, exist_ok=True)
@@ -98,25 +132,32 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{ns.target}-") as tmp:
         work = Path(tmp) / "work"
         shutil.copytree(corpus, work)
-        run = subprocess.run(
-            [*me, str(work), f"-max_total_time={int(ns.minutes * 60)}", f"-max_len={ns.max_len}",
-             f"-artifact_prefix={crashes}/", "-print_final_stats=1", "-timeout=10", "-rss_limit_mb=1024"],
-            env=env, capture_output=True, text=True, cwd=ROOT)
-        log = run.stderr
-        (Path(tmp) / "log").write_text(log)
+        wall = ns.cpu_minutes * 60 * 20 if ns.cpu_minutes else ns.minutes * 60
+        log_path = Path(tmp) / "log"
+        started = time.monotonic()
+        before_cpu = _children_cpu()
+        with log_path.open("w") as log_file:
+            proc = subprocess.Popen(
+                [*me, str(work), f"-max_total_time={int(wall)}", f"-max_len={ns.max_len}",
+                 f"-artifact_prefix={crashes}/", "-print_final_stats=1", "-timeout=10", "-rss_limit_mb=1024"],
+                env=env, stdout=subprocess.DEVNULL, stderr=log_file, cwd=ROOT)
+            _watch(proc, ns.cpu_minutes * 60)
+        cpu = _children_cpu() - before_cpu
+        elapsed = time.monotonic() - started
+        log = log_path.read_text()
         merge = subprocess.run([*me, "-merge=1", str(corpus), str(work)], env=env, capture_output=True, text=True,
                                cwd=ROOT)
         if merge.returncode != 0:
             print(merge.stderr[-2000:], file=sys.stderr)
     s = stats(log)
     found = sorted(p.name for p in crashes.iterdir())
-    print(f"target {ns.target}: {ns.minutes:g} min")
+    print(f"target {ns.target}: {elapsed / 60:.1f} min wall, {cpu / 60:.1f} CPU-min")
     print(f"  executions   {s.get('number_of_executed_units', '?')} ({s.get('average_exec_per_sec', '?')}/s)")
     print(f"  coverage     {s.get('cov', '?')} edges, {s.get('ft', '?')} features (atheris, interpreted tether)")
     print(f"  corpus       {before} -> {len(list(corpus.iterdir()))} inputs in {corpus.relative_to(ROOT)}")
     print(f"  peak rss     {s.get('peak_rss_mb', '?')} MB")
-    if run.returncode != 0 or found:
-        print(f"  CRASH: libFuzzer exit {run.returncode}; inputs in {crashes.relative_to(ROOT)}: {', '.join(found)}")
+    if proc.returncode != 0 or found:
+        print(f"  CRASH: libFuzzer exit {proc.returncode}; inputs in {crashes.relative_to(ROOT)}: {', '.join(found)}")
         tail = [ln for ln in log.splitlines() if ln.strip()][-25:]
         print("\n".join("    " + ln for ln in tail))
         return 1

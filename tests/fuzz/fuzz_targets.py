@@ -7,15 +7,22 @@ under atheris (``scripts/fuzz TARGET``) and in CI, where ``test_corpus.py`` repl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import base64
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import httptools
+import yaml
 
+from tether.control.injector.admission import ReviewError, mutate, validate
 from tether.core import transport_header
 from tether.core.http import h1, h2frames, hpack
 from tether.core.http import h2proto as proto
 from tether.core.http.detect import Detected, client_hello_sni, detect, looks_like_http1_prefix
 from tether.core.identity import csr, names
+from tether.core.inject import InjectValues, merge
 from tether.core.resources import Loaded, decode, load_text
 
 Target = Callable[[bytes], None]
@@ -253,6 +260,73 @@ def resources(data: bytes) -> None:
         assert again.resource.dump() == dumped
 
 
+_CHART = Path(__file__).resolve().parents[2] / "charts" / "tether-control-plane"
+_VALUES = InjectValues.from_values(merge(yaml.safe_load((_CHART / "values.yaml").read_text()), {
+    "identityTrustAnchorsPEM": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"}), "linkerd", "0.1.0")
+
+
+def _namespace(name: str) -> Mapping[str, str]:
+    if name == "gone":
+        raise LookupError("namespace not found")
+    return {"linkerd.io/inject": "enabled"} if name == "meshed" else {}
+
+
+def _pointer(path: str) -> list[str]:
+    assert path.startswith("/"), path
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def _apply(doc: Any, patch: list[dict[str, Any]]) -> Any:
+    """RFC 6902 add/remove/replace, as the API server applies the injector's patch (any other op fails)."""
+    for op in patch:
+        *parents, last = _pointer(op["path"])
+        target = doc
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        if op["op"] == "remove":
+            del target[int(last) if isinstance(target, list) else last]
+        elif op["op"] in ("add", "replace") and isinstance(target, list):
+            if last == "-":
+                target.append(op["value"])
+            elif op["op"] == "add":
+                target.insert(int(last), op["value"])
+            else:
+                target[int(last)] = op["value"]
+        elif op["op"] in ("add", "replace"):
+            assert op["op"] == "add" or last in target, op
+            target[last] = op["value"]
+        else:
+            raise AssertionError(f"unexpected patch op {op!r}")
+    return doc
+
+
+def admission(data: bytes) -> None:
+    """The webhooks: any body is an AdmissionReview answered for its uid, or a ReviewError (HTTP 400).
+
+    A refusal carries a one-line message; an injection patch applies to the pod as the API server
+    applies it, and the patched pod, reviewed again, is not injected twice (the injector is idempotent).
+    """
+    for review in (lambda: mutate(data, _VALUES, _namespace, "0.1.0"), lambda: validate(data)):
+        try:
+            out = review()
+        except ReviewError as e:
+            assert "\n" not in str(e), str(e)
+            continue
+        request = json.loads(data)["request"]
+        response = out.response["response"]
+        assert response["uid"] == request["uid"] and isinstance(response["allowed"], bool)
+        if not response["allowed"]:
+            message = response["status"]["message"]
+            assert isinstance(message, str) and message and "\n" not in message, message
+        if "patch" not in response:
+            continue
+        patch = json.loads(base64.b64decode(response["patch"]))
+        pod = _apply(json.loads(json.dumps(request["object"])), patch)
+        again = dict(json.loads(data), request=dict(request, object=pod))
+        second = mutate(json.dumps(again).encode(), _VALUES, _namespace, "0.1.0")
+        assert "patch" not in second.response["response"], (out.result, second.response)
+
+
 TARGETS: dict[str, Target] = {
     "h1_head": h1_head,
     "h1_chunked": h1_chunked,
@@ -264,4 +338,5 @@ TARGETS: dict[str, Target] = {
     "identity_names": identity_names,
     "csr": csr_validate,
     "resources": resources,
+    "admission": admission,
 }

@@ -155,3 +155,23 @@ def test_values_file_change_is_picked_up_and_a_bad_one_kept_out(tmp_path: Path) 
     (tmp_path / "values.new").write_text("not: [valid\n")
     os.replace(tmp_path / "values.new", path)
     assert not watcher.check() and injector.values.log_level == "debug"
+
+
+def test_found_by_fuzzing_a_pod_without_metadata_gets_a_patch_that_applies() -> None:
+    bare = {"apiVersion": "v1", "kind": "Pod", "spec": {"containers": [{"name": "app", "image": "app"}]}}
+    out = mutate(review(bare), VALUES, namespaces({"linkerd.io/inject": "enabled"}), "v")
+    patch = json.loads(base64.b64decode(out.response["response"]["patch"]))
+    assert out.result == "injected" and patch[0] == {"op": "add", "path": "/metadata", "value": {}}
+    assert "metadata" not in bare  # the review's object is not changed in place
+
+
+def test_found_by_fuzzing_messages_stay_on_one_line() -> None:
+    server = {"apiVersion": "policy.linkerd.io/v1beta3", "kind": "Server", "metadata": {"name": "web"},
+              "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "port": 80, "odd\nfield": 1}}
+    message = validate(review(server, kind="Server")).response["response"]["status"]["message"]
+    assert message == "Server prod/web: spec.odd\\nfield: unknown field"
+    nameless = pod({"linkerd.io/inject": "enabled"})
+    nameless["spec"]["containers"][0]["name"] = {}
+    out = mutate(review(nameless), VALUES, namespaces({}), "v")
+    assert out.response["response"]["status"] == {"code": 400,
+                                                  "message": "not a Pod: spec.containers: a container has no name"}

@@ -78,25 +78,24 @@ def mutate(body: bytes, values: InjectValues, namespaces: NamespaceAnnotations, 
     except LookupError as e:
         # Without the namespace's annotations the decision cannot be made: refuse, the failure policy decides.
         return Outcome(_answer(review, False, code=503, message=f"namespace {namespace}: {e}"), "error")
-    meta = pod.setdefault("metadata", {})
-    # The API server has not set these yet at admission; the proxy's labels and identity need them.
-    meta.setdefault("namespace", namespace)
+    # The API server has not set the namespace yet at admission; the proxy's labels and identity need it.
+    seen = dict(pod, metadata=dict(pod.get("metadata") or {}))
+    seen["metadata"].setdefault("namespace", namespace)
     try:
-        result = inject(pod, ns_annotations, values, created_by=f"tether/proxy-injector {version}")
+        result = inject(seen, ns_annotations, values, created_by=f"tether/proxy-injector {version}")
     except InjectError as e:
         return Outcome(_answer(review, False, code=400, message=str(e)), "refused")
     if not result.injected:
         return Outcome(_answer(review, True, warnings=result.notices), "skipped")
     patch = [op for op in result.patch if op["path"] != "/metadata/namespace"]
+    if "metadata" not in pod:
+        # The patch adds to metadata; the object sent has none (fuzzing found it), so create it first.
+        patch.insert(0, {"op": "add", "path": "/metadata", "value": {}})
     return Outcome(_answer(review, True, patch=patch, warnings=result.notices), "injected")
 
 
 def _errors_line(errors: list[LoadError]) -> str:
-    parts = []
-    for e in errors:
-        where = f"{e.ref}: " if e.ref else ""
-        parts.append(f"{where}{e.path}: {e.reason}" if e.path else f"{where}{e.reason}")
-    return "; ".join(parts)
+    return "; ".join(e.in_object() for e in errors)
 
 
 def validate(body: bytes) -> Outcome:

@@ -69,6 +69,8 @@ def pod_problem(pod: Mapping[str, Any]) -> str | None:
         items = spec.get(key)
         if items is not None and not (isinstance(items, list) and all(isinstance(i, dict) for i in items)):
             return f"spec.{key} is not a list of objects"
+        if key != "volumes" and any(not isinstance(i.get("name"), str) for i in items or ()):
+            return f"spec.{key}: a container has no name"
     return None
 
 

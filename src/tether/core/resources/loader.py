@@ -109,9 +109,19 @@ class LoadError:
             if self.ref:
                 where += f" ({self.ref})"
         line = f"{where}: {self.path}: {self.reason}" if self.path else f"{where}: {self.reason}"
-        # One line whatever the document holds: a kind or name spanning lines (a YAML plain scalar
-        # may) is shown escaped, so it can neither break the line nor forge another (fuzzer).
-        return line.replace("\r", "\\r").replace("\n", "\\n")
+        return _one_line(line)
+
+    def in_object(self) -> str:
+        """The problem without the file: "Kind ns/name: path: reason" (an admission review's message)."""
+        where = f"{self.ref}: " if self.ref else ""
+        return _one_line(f"{where}{self.path}: {self.reason}" if self.path else f"{where}{self.reason}")
+
+
+def _one_line(line: str) -> str:
+    # One line whatever the document holds: a kind, name or field spanning lines (a YAML plain
+    # scalar or a JSON key may) is shown escaped, so it can neither break the line nor forge another
+    # (found by fuzzing).
+    return line.replace("\r", "\\r").replace("\n", "\\n")
 
 
 @dataclass(frozen=True, slots=True)
