@@ -9,128 +9,41 @@ clientConfig pointing at it (https://127.0.0.1:PORT) and its CA bundle.
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
 import json
 import re
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tether.testing.kubecluster import KubeAPIError, KubeCluster, free_loopback_ports, wait_until
+from tether.testing.kubecluster import KubeAPIError, KubeCluster, wait_until
+from tether.testing.kubeinjector import MUTATING, Injector, running_injector
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tether-control-plane"
 IMAGE = "registry.invalid/tether/test:1.0"  # never pulled: kwok only pretends to run containers
-MUTATING = "tether-test-proxy-injector"
-VALIDATING = "tether-test-policy-validator"
-
-
-@dataclass
-class Injector:
-    proc: subprocess.Popen[bytes] | None
-    args: list[str]
-    admin: str
-    log: Path
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=5) as r:
-            return str(r.read().decode())
-
-    def requests(self) -> int:
-        m = re.search(r'proxy_inject_admission_requests_total\{webhook="inject"\} (\d+)', self.metrics())
-        return int(m.group(1)) if m else 0
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.log.open("ab"))
-
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"injector exited: {self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://{self.admin}/ready", timeout=1) as r:
-                    return bool(r.status == 200)
-            except OSError:
-                return False
-
-        wait_until(ready, timeout=30, what="the injector's /ready")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
-        self.proc = None
-
-
-def _hooks(cluster: KubeCluster, url: str, ca_pem: str, policy: str) -> None:
-    """The chart's webhook configurations, renamed for this test and pointed at the host process."""
-    out = subprocess.run([sys.executable, "-m", "tether", "install"], capture_output=True, text=True, timeout=120,
-                         check=True).stdout
-    docs = [d for d in yaml.safe_load_all(out) if d and d["kind"].endswith("WebhookConfiguration")]
-    for doc in docs:
-        mutating = doc["kind"] == "MutatingWebhookConfiguration"
-        doc["metadata"] = {"name": MUTATING if mutating else VALIDATING}
-        for hook in doc["webhooks"]:
-            hook["clientConfig"] = {"url": f"{url}/{'inject' if mutating else 'validate'}",
-                                    "caBundle": base64.b64encode(ca_pem.encode()).decode()}
-            hook["failurePolicy"] = policy
-            hook["timeoutSeconds"] = 5
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=yaml.safe_dump_all(docs))
 
 
 @pytest.fixture(scope="module")
 def injector(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Injector]:
-    from tether.cli.install_cmd import webhook_certificate
-
     d = tmp_path_factory.mktemp("injector")
-    now = dt.datetime.now(dt.UTC)
-    crt, key, ca = webhook_certificate("linkerd", now, hosts=("127.0.0.1",))
-    (d / "tls.crt").write_text(crt)
-    (d / "tls.key").write_text(key)
     # The values the chart's injector Deployment reads: the ConfigMap linkerd-config `tether install` makes.
     rendered = subprocess.run([sys.executable, "-m", "tether", "install"], capture_output=True, text=True,
                               timeout=120, check=True).stdout
     config = next(o for o in yaml.safe_load_all(rendered) if o and o["metadata"]["name"] == "linkerd-config")
-    (d / "values.yaml").write_text(config["data"]["values"])
-    port, admin = free_loopback_ports(2)
     crds = subprocess.run([sys.executable, "-m", "tether", "install", "--crds"], capture_output=True, text=True,
                           timeout=120, check=True).stdout
     kube_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=crds, timeout=120)
-    inj = Injector(None, [sys.executable, "-m", "tether", "controller", "injector", "--addr", f"127.0.0.1:{port}",
-                          "--admin-addr", f"127.0.0.1:{admin}", "--tls-cert-file", str(d / "tls.crt"),
-                          "--tls-key-file", str(d / "tls.key"), "--values-file", str(d / "values.yaml"),
-                          "--kubeconfig", str(kube_cluster.kubeconfig)],
-                   f"127.0.0.1:{admin}", d / "injector.log")
-    inj.start()
-    url = f"https://127.0.0.1:{port}"
-    _hooks(kube_cluster, url, ca, "Ignore")
-    # The API server picks webhook configurations up asynchronously: wait until a dry-run pod is injected.
-    kube_cluster.create_namespace("t-inj-probe")
-
-    def hooked() -> bool:
-        pod = kube_cluster.api.request("POST", "/api/v1/namespaces/t-inj-probe/pods", _pod("probe", {
-            "linkerd.io/inject": "enabled"}), query={"dryRun": "All"})
-        return any(c["name"] == "linkerd-proxy" for c in pod["spec"]["containers"])
-
-    wait_until(hooked, timeout=60, what="the API server calling the injector")
-    try:
+    with running_injector(kube_cluster, d, config["data"]["values"], "Ignore", probe_pod=_pod) as inj:
         yield inj
-    finally:
-        inj.stop()
-        kube_cluster.kubectl("delete", "--ignore-not-found", "mutatingwebhookconfiguration", MUTATING)
-        kube_cluster.kubectl("delete", "--ignore-not-found", "validatingwebhookconfiguration", VALIDATING)
 
 
 def _pod(name: str, annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
@@ -256,7 +169,7 @@ def test_invalid_server_is_refused_with_the_field_named(kube_cluster: KubeCluste
                                                         tmp_path: Path) -> None:
     ns = "t-inj-validate"
     kube_cluster.create_namespace(ns)
-    server = {"apiVersion": "policy.linkerd.io/v1beta3", "kind": "Server",
+    server: dict[str, Any] = {"apiVersion": "policy.linkerd.io/v1beta3", "kind": "Server",
               "metadata": {"name": "web", "namespace": ns},
               "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "port": 70000, "proxyProtocol": "HTTP/1"}}
     path = tmp_path / "server.yaml"

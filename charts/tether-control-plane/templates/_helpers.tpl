@@ -184,6 +184,8 @@ securityContext:
   runAsUser: {{ ternary 0 $i.runAsUser $i.runAsRoot }}
   seccompProfile: {type: RuntimeDefault}
 terminationMessagePolicy: FallbackToLogsOnError
+volumeMounts:
+- {name: linkerd-proxy-init-xtables-lock, mountPath: /run}
 {{- end }}
 
 {{- define "tether.proxy-volumes" -}}
@@ -196,6 +198,8 @@ terminationMessagePolicy: FallbackToLogsOnError
     items:
     - path: ca-bundle.crt
       fieldRef: {fieldPath: "metadata.annotations['tether.io/trust-anchors']"}
+- name: linkerd-proxy-init-xtables-lock
+  emptyDir: {}
 {{- end }}
 
 {{- define "tether.proxy-annotations" -}}

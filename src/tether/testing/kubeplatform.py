@@ -192,8 +192,9 @@ class Issuers:
 class KubeIdentityProc(Proc):
     """`tether controller identity --platform kubernetes` as a child process."""
 
-    def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1") -> None:
-        self.port, self.admin_port = free_port(host), free_port()
+    def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.port, self.admin_port = port or free_port(host), free_port()
         self.host = host
         super().__init__(
             [sys.executable, "-m", "tether", "controller", "identity", "--platform", "kubernetes",
@@ -245,8 +246,9 @@ def token_for(cluster: KubeCluster, ns: str, sa: str, audience: str = "identity.
 class KubeDestinationProc(Proc):
     """`tether controller destination --platform kubernetes` as a child process."""
 
-    def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1") -> None:
-        self.port, self.admin_port = free_port(host), free_port()
+    def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.port, self.admin_port = port or free_port(host), free_port()
         self.host = host
         super().__init__(
             [sys.executable, "-m", "tether", "controller", "destination", "--platform", "kubernetes",

@@ -21,6 +21,8 @@ PROXY = "linkerd-proxy"
 INIT = "linkerd-init"
 TOKEN_VOLUME = "linkerd-identity-token"
 ANCHORS_VOLUME = "linkerd-trust-anchors"
+# proxy-init's iptables takes its lock in /run: writable scratch under a read-only root (Linkerd's name).
+XTABLES_VOLUME = "linkerd-proxy-init-xtables-lock"
 TOKEN_DIR = "/var/run/secrets/tokens"
 ANCHORS_DIR = "/var/run/linkerd/identity/trust-anchors"
 # The pod carries the trust anchors it was injected with; the proxy reads them through the downward
@@ -258,6 +260,7 @@ def init_container(v: InjectValues, o: ann.ProxyOverrides) -> dict[str, Any]:
         "resources": v.init_resources.to_k8s(),
         "securityContext": security,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [{"name": XTABLES_VOLUME, "mountPath": "/run"}],
     }
 
 
@@ -269,6 +272,7 @@ def volumes() -> list[dict[str, Any]]:
         {"name": ANCHORS_VOLUME, "downwardAPI": {"items": [{
             "path": "ca-bundle.crt",
             "fieldRef": {"fieldPath": f"metadata.annotations['{ANCHORS_ANNOTATION}']"}}]}},
+        {"name": XTABLES_VOLUME, "emptyDir": {}},
     ]
 
 
@@ -398,7 +402,7 @@ def uninject(pod: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
                 else:
                     del spec[key]
     if "volumes" in spec:
-        kept = [vol for vol in spec["volumes"] or () if vol.get("name") not in (TOKEN_VOLUME, ANCHORS_VOLUME)]
+        kept = [vol for vol in spec["volumes"] or () if vol.get("name") not in (TOKEN_VOLUME, ANCHORS_VOLUME, XTABLES_VOLUME)]
         if len(kept) != len(spec["volumes"] or ()):
             changed = True
             if kept:
