@@ -194,3 +194,36 @@ def test_timeout_header_fits_eight_digits() -> None:
     assert _timeout_header(10) == b"10000m"
     assert _timeout_header(0.0001) == b"1m"
     assert _timeout_header(10**6) == b"1000000S"
+
+
+def test_a_name_that_does_not_resolve_is_unavailable_and_a_late_failure_is_not_left_unretrieved() -> None:
+    async def main() -> tuple[list[str], list[dict[str, object]]]:
+        loop = asyncio.get_running_loop()
+        unhandled: list[dict[str, object]] = []
+        loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+        lookups = 0
+
+        async def getaddrinfo(host: str, port: int, **kw: object) -> list[object]:
+            nonlocal lookups
+            lookups += 1
+            if lookups == 1:  # a resolver that answers after the caller gave up (no DNS server reachable)
+                await asyncio.sleep(0.3)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+        loop.getaddrinfo = getaddrinfo  # type: ignore[method-assign]
+        errors = []
+        for _ in range(2):
+            try:
+                await GrpcChannel("ctl.invalid:8086", connect_timeout=0.05).unary("/x/Y", b"", timeout=1)
+            except GrpcError as e:
+                errors.append(f"{e.code} {e}")
+        await asyncio.sleep(0.4)  # the first lookup fails now, with no caller left
+        import gc
+        gc.collect()
+        await asyncio.sleep(0)
+        return errors, unhandled
+
+    errors, unhandled = asyncio.run(main())
+    assert errors[0].startswith(f"{Status.UNAVAILABLE} ") and "timed out" in errors[0]
+    assert errors[1].startswith(f"{Status.UNAVAILABLE} ") and "cannot resolve ctl.invalid" in errors[1]
+    assert unhandled == []

@@ -20,6 +20,7 @@ status otherwise. One channel keeps one HTTP/2 connection and redials when it is
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
@@ -142,6 +143,25 @@ def _timeout_header(seconds: float) -> bytes:
     return f"{ms}m".encode() if ms < 100_000_000 else f"{min(int(seconds), 99_999_999)}S".encode()
 
 
+def _take_outcome(lookup: asyncio.Future[object]) -> None:
+    if not lookup.cancelled():
+        lookup.exception()
+
+
+async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> str:
+    """The first address of ``host``. A lookup outlived by its caller (a timeout) ends in its own time;
+    its outcome is then taken, so a late failure is not reported as an exception nobody retrieved."""
+    lookup: asyncio.Future[object] = asyncio.ensure_future(
+        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP))
+    try:
+        infos = await asyncio.shield(lookup)
+    except asyncio.CancelledError:
+        lookup.add_done_callback(_take_outcome)
+        raise
+    assert isinstance(infos, list) and infos
+    return str(infos[0][4][0])
+
+
 class GrpcChannel:
     """Calls to one control-plane address over one HTTP/2 connection (plaintext or TLS), redialled as needed."""
 
@@ -175,11 +195,14 @@ class GrpcChannel:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self.connect_timeout):
+                    ip = await _resolve(loop, self.host, self.port)
                     _, proto = await loop.create_connection(
-                        lambda: H2ClientConnection(self.settings), self.host, self.port, ssl=self.ssl_context,
-                        server_hostname=self.server_hostname if self.ssl_context is not None else None)
+                        lambda: H2ClientConnection(self.settings), ip, self.port, ssl=self.ssl_context,
+                        server_hostname=(self.server_hostname or self.host) if self.ssl_context is not None else None)
             except TimeoutError:
                 raise GrpcError(Status.UNAVAILABLE, f"connect to {self.addr} timed out") from None
+            except socket.gaierror as e:
+                raise GrpcError(Status.UNAVAILABLE, f"cannot resolve {self.host}: {e.strerror or e}") from None
             except (OSError, ssl.SSLError) as e:
                 raise GrpcError(Status.UNAVAILABLE, f"connect to {self.addr}: {e}") from None
             assert isinstance(proto, H2ClientConnection)
