@@ -82,7 +82,7 @@ def _env(c: dict[str, Any]) -> dict[str, str]:
 
 
 def _args(c: dict[str, Any]) -> dict[str, str]:
-    return dict(zip(c["args"][1::2], c["args"][2::2], strict=True))
+    return dict(zip(c["args"][0::2], c["args"][1::2], strict=True))
 
 
 def test_deployment_pods_carry_every_annotation(kube_cluster: KubeCluster, injector: Injector,

@@ -134,7 +134,8 @@ class Mesh:
                  for name in ("linkerd-identity", "linkerd-dst", "linkerd-policy")}
         runner = PodRunner(self.cluster, pod, bridge=self.bridge, index=len(self.pods), gateway=GATEWAY,
                            prefixlen=PREFIXLEN, workdir=self.dir, images=images,
-                           executables={"tether": tether, "python": [sys.executable]}, hosts=hosts)
+                           executables={"tether": tether, "tether-proxy-init": [*tether, "proxy-init"],
+                                        "python": [sys.executable]}, hosts=hosts)
         self.pods[runner.name] = runner
         try:
             runner.start()

@@ -50,9 +50,10 @@ def env(p: dict[str, Any]) -> dict[str, str]:
 
 
 def init_args(p: dict[str, Any]) -> dict[str, str]:
-    args = container(p, INIT)["args"]
-    assert args[0] == "proxy-init"
-    return dict(zip(args[1::2], args[2::2], strict=True))
+    c = container(p, INIT)
+    assert c["command"] == ["tether-proxy-init"]
+    args = c["args"]
+    return dict(zip(args[0::2], args[1::2], strict=True))
 
 
 def test_default_injection_adds_init_proxy_volumes_labels_annotations() -> None:

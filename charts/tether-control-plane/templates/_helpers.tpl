@@ -153,8 +153,8 @@ lifecycle:
 name: linkerd-init
 image: {{ $i.image.name }}:{{ $i.image.version | default (include "tether.version" .) }}
 imagePullPolicy: {{ $i.image.pullPolicy | default $v.imagePullPolicy }}
+command: [tether-proxy-init]
 args:
-- proxy-init
 - --incoming-proxy-port
 - {{ $p.ports.inbound | quote }}
 - --outgoing-proxy-port

@@ -17,7 +17,10 @@ reading everything from the pod object (so an injected pod runs exactly as injec
 - volumes: a projected service-account token (a TokenRequest bound to the pod, with the
   volume's audience and expiry), downward-API files, emptyDir; each mounted at its ``mountPath``
   in a private mount namespace (``tether.testing.podexec``);
-- ``securityContext.runAsUser``/``runAsGroup`` (container over pod).
+- ``securityContext.runAsUser``/``runAsGroup`` (container over pod); capabilities the container adds
+  are given to a non-root process as ambient capabilities, because this host's binaries carry no
+  file capabilities (the image's do: tests/integration/test_image.py runs the image's proxy-init
+  under Kubernetes' own rules: added capabilities, no_new_privs, no ambient set).
 
 Images are not pulled: the test maps each image name (without tag) to the command its entrypoint
 would be, and each executable an exec hook names to a command on this host. Anything else the pod

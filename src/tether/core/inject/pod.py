@@ -19,6 +19,7 @@ from tether.core.inject.values import TOKEN_AUDIENCE, InjectValues
 
 PROXY = "linkerd-proxy"
 INIT = "linkerd-init"
+INIT_COMMAND = "tether-proxy-init"  # in the image: `tether proxy-init` with the capabilities it needs
 TOKEN_VOLUME = "linkerd-identity-token"
 ANCHORS_VOLUME = "linkerd-trust-anchors"
 # proxy-init's iptables takes its lock in /run: writable scratch under a read-only root (Linkerd's name).
@@ -230,7 +231,6 @@ def init_container(v: InjectValues, o: ann.ProxyOverrides) -> dict[str, Any]:
     outbound_ignore = _join(v.ignore_outbound_ports, ",".join(o.skip_outbound_ports or ()))
     subnets = _join(v.skip_subnets, ",".join(o.skip_subnets or ()))
     args = [
-        "proxy-init",
         "--incoming-proxy-port", str(o.inbound_port or v.inbound_port),
         "--outgoing-proxy-port", str(o.outbound_port or v.outbound_port),
         "--proxy-uid", str(uid),
@@ -256,6 +256,10 @@ def init_container(v: InjectValues, o: ann.ProxyOverrides) -> dict[str, Any]:
         "name": INIT,
         "image": f"{image}:{version}",
         "imagePullPolicy": o.pull_policy or v.init_pull_policy,
+        # `tether proxy-init` under the image's interpreter copy that carries NET_ADMIN and NET_RAW as
+        # file capabilities: a non-root process keeps the capabilities a container adds only across an
+        # exec of a file that carries them (and with no_new_privs, only those it already had).
+        "command": [INIT_COMMAND],
         "args": args,
         "resources": v.init_resources.to_k8s(),
         "securityContext": security,
