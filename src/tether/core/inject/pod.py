@@ -406,7 +406,8 @@ def uninject(pod: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
                 else:
                     del spec[key]
     if "volumes" in spec:
-        kept = [vol for vol in spec["volumes"] or () if vol.get("name") not in (TOKEN_VOLUME, ANCHORS_VOLUME, XTABLES_VOLUME)]
+        ours = (TOKEN_VOLUME, ANCHORS_VOLUME, XTABLES_VOLUME)
+        kept = [vol for vol in spec["volumes"] or () if vol.get("name") not in ours]
         if len(kept) != len(spec["volumes"] or ()):
             changed = True
             if kept:
