@@ -2,7 +2,7 @@
 
 from tether import native as _native
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Compiled hot-path modules load only when they match their sources (see tether.native).
 _native.install_guard()

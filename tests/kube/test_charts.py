@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tether import __version__
 from tether.core.inject import InjectValues, merge
 from tether.core.inject.annotations import ProxyOverrides
 from tether.core.inject.pod import init_container, proxy_container
@@ -311,7 +312,7 @@ def test_upgrade_reuses_the_installed_values_and_refuses_skipping_a_major(certs:
     refused = tether("upgrade", "--from-manifests", str(manifests))
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr.strip() == (
-        "tether upgrade: the control plane runs 2.3.0; downgrading to 0.1.0 skips 1.x: each major version's "
+        f"tether upgrade: the control plane runs 2.3.0; downgrading to {__version__} skips 1.x: each major version's "
         "upgrade migrates what the next one expects (resources, values, the proxies' API), so step through one "
         "major version at a time")
 
@@ -364,7 +365,7 @@ def test_helm_install_and_upgrade_from_the_chart(kube_cluster: KubeCluster, cert
         # The values the release keeps are what `tether upgrade` reads back (the ConfigMap linkerd-config).
         cm = json.loads(kube_cluster.kubectl("get", "configmap", "linkerd-config", "-n", ns, "-o", "json"))
         assert yaml.safe_load(cm["data"]["values"])["controllerReplicas"] == 2
-        assert cm["data"]["version"] == "0.1.0"
+        assert cm["data"]["version"] == __version__
     finally:
         if "tether" in kube_cluster.helm("list", "-n", ns, "-q"):
             kube_cluster.helm("uninstall", "tether", "-n", ns)

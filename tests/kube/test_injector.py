@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tether import __version__
 from tether.testing.kubecluster import KubeAPIError, KubeCluster, wait_until
 from tether.testing.kubeinjector import MUTATING, Injector, running_injector
 
@@ -128,7 +129,7 @@ def test_deployment_pods_carry_every_annotation(kube_cluster: KubeCluster, injec
         labels = pod["metadata"]["labels"]
         assert labels["linkerd.io/proxy-deployment"] == "web"
         assert labels["linkerd.io/control-plane-ns"] == "linkerd" and labels["linkerd.io/workload-ns"] == ns
-        assert pod["metadata"]["annotations"]["linkerd.io/proxy-version"] == "0.1.0"
+        assert pod["metadata"]["annotations"]["linkerd.io/proxy-version"] == __version__
         assert pod["metadata"]["annotations"]["tether.io/trust-anchors"].startswith("-----BEGIN CERTIFICATE")
 
 

@@ -1,19 +1,22 @@
-"""Two pods injected by the real API server's call to the injector, then run from that injected spec:
-their proxies reach each other through a Service over mTLS.
+"""The mesh on Kubernetes, end to end: pods injected by the real API server's call to the injector and run
+from that injected spec, the previous release upgraded to this one with traffic flowing.
 
-The control plane is installed the `tether install` way (its issuer Secret, trust-roots ConfigMap and
-linkerd-config in the API server) and runs as host processes: identity and destination against the
-API server, the injector called by the API server. Deployments are created with kubectl in a
-namespace annotated `linkerd.io/inject: enabled`; kwok schedules their pods. `tether.testing.kubelet`
-then does what a kubelet would with each pod object as the API server stored it: network namespace
-at the kwok-assigned IP, the `linkerd-init` container (`tether proxy-init` with the injected
-arguments), the proxy container with the injected environment, projected token and trust-anchor
-volume, its postStart `proxy-await`, then the application. Nothing about the proxies is configured
-by the test: what they do is what the injected spec says.
+The previous release (git tag PREVIOUS: its chart, packaged with helm, and its sources) is installed first:
+`helm template` of its chart gives the issuer Secret, trust roots and linkerd-config in the API server,
+and its identity, destination and injector run as host processes from its sources. Deployments are
+created with kubectl in a namespace annotated `linkerd.io/inject: enabled`; kwok schedules their pods.
+`tether.testing.kubelet` then does what a kubelet would with each pod object as the API server stored
+it: network namespace at the kwok-assigned IP, the `linkerd-init` container, the proxy container with
+the injected environment, projected token and trust-anchor volume, its postStart `proxy-await`, then
+the application, each image tag mapped to that release's code. The upgrade is the seeds' order:
+`tether upgrade | kubectl apply`, the control plane replaced, then new pods (this release's injector,
+proxy and init container) beside the old ones, while a client's requests flow without one failing.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
 import os
 import shutil
@@ -30,32 +33,41 @@ from typing import Any
 import pytest
 import yaml
 
+from tether import __version__
+from tether.cli.install_cmd import webhook_certificate
 from tether.platform.local import network
 from tether.testing import netns
 from tether.testing.kubecluster import KubeCluster, wait_until
-from tether.testing.kubeinjector import running_injector
+from tether.testing.kubeinjector import Injector, remove_webhooks, start_injector
 from tether.testing.kubelet import PodRunner
-from tether.testing.kubeplatform import KubeDestinationProc, KubeIdentityProc, kubectl_apply
+from tether.testing.kubeplatform import Issuers, KubeDestinationProc, KubeIdentityProc, kubectl_apply
 from tether.testing.procs import Proc, http_get
 
-pytestmark = [pytest.mark.kube, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.kube, pytest.mark.timeout(600)]
 
+ROOT = Path(__file__).resolve().parents[2]
+PREVIOUS = "v0.1.0"  # the release before this one (a git tag of this repository)
 SERVER_IMAGE = "registry.invalid/tether/hello"
 CLIENT_IMAGE = "registry.invalid/tether/sleeper"
 GATEWAY = "10.244.255.254"  # the host's address on the bridge; kwok hands out pod IPs in 10.244.N.0/24
 PREFIXLEN = 16
 
 
-def deployment(name: str, image: str, port: int | None, annotations: dict[str, str]) -> dict[str, Any]:
-    app: dict[str, Any] = {"name": "app", "image": f"{image}:1.0"}
+def deployment(name: str, image: str, port: int | None, app: str = "") -> dict[str, Any]:
+    container: dict[str, Any] = {"name": "app", "image": f"{image}:1.0"}
     if port:
-        app["ports"] = [{"name": "http", "containerPort": port}]
+        container["ports"] = [{"name": "http", "containerPort": port}]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}, "annotations": annotations},
-                              "spec": {"serviceAccountName": name, "containers": [app]}}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": app or name}},
+                 "template": {"metadata": {"labels": {"app": app or name}},
+                              "spec": {"serviceAccountName": name, "containers": [container]}}},
     }
+
+
+def service(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
 
 
 def probe_pod(name: str, annotations: dict[str, str]) -> dict[str, Any]:
@@ -90,58 +102,97 @@ print(json.dumps({"ok": ok, "statuses": statuses, "errors": errors, "times": tim
 
 @dataclass
 class Mesh:
-    """The installed control plane (host processes), the injector, and the pods run from their injected specs."""
+    """The control plane (host processes), the injector, and the pods run from their injected specs."""
 
     cluster: KubeCluster
     cp: str
     app: str
     dir: Path
     bridge: str
-    values_file: Path
+    previous_env: dict[str, str]  # PYTHONPATH of the previous release's sources
     procs: dict[str, Proc] = field(default_factory=dict)
     pods: dict[str, PodRunner] = field(default_factory=dict)
+    injector: Injector | None = None
 
-    def start_controller(self, name: str) -> None:
-        """identity on 8080, destination on 8086 and linkerd-policy's 8090: each Service's port on the host."""
+    def start_controller(self, name: str, env: dict[str, str] | None = None) -> None:
+        """identity on 8080, destination on 8086 and linkerd-policy's 8090: each Service's port on the host.
+        A running one is replaced (stopped, then the new one started and ready)."""
         old = self.procs.pop(name, None)
         if old is not None:
             old.stop()
         kind = KubeIdentityProc if name == "identity" else KubeDestinationProc
         port = {"identity": 8080, "destination": 8086, "policy": 8090}[name]
-        proc = kind(self.dir, self.cluster, self.cp, host=GATEWAY, port=port)
+        proc = kind(self.dir, self.cluster, self.cp, host=GATEWAY, port=port, env=env)
         self.procs[name] = proc
         proc.wait_ready()
 
-    def pod_of(self, deployment: str, not_in: tuple[str, ...] = ()) -> dict[str, Any]:
+    def start_injector(self, values: str, env: dict[str, str] | None = None) -> None:
+        if self.injector is not None:
+            self.injector.stop()
+        self.injector = start_injector(self.cluster, self.dir / f"injector-{uuid.uuid4().hex[:4]}", values, "Fail",
+                                       probe_pod, controller_namespace=self.cp, env=env)
+
+    def pod_of(self, deployment: str) -> dict[str, Any]:
         def running() -> dict[str, Any] | None:
             pods = self.cluster.api.get(f"/api/v1/namespaces/{self.app}/pods", labelSelector=f"app={deployment}")
             ok = [p for p in pods["items"] if (p.get("status") or {}).get("podIP")
-                  and p["status"].get("phase") == "Running" and p["metadata"]["name"] not in not_in]
+                  and p["status"].get("phase") == "Running"]
             return ok[0] if ok else None
 
         return wait_until(running, timeout=90, what=f"a {deployment} pod running")
 
     def run(self, pod: dict[str, Any]) -> PodRunner:
-        """What a kubelet does for ``pod``, as the API server stored it (injected)."""
+        """What a kubelet does for ``pod``, as the API server stored it (injected); each tether image tag
+        runs that release's code."""
         names = [c["name"] for c in (*pod["spec"].get("initContainers", []), *pod["spec"]["containers"])]
         assert names == ["linkerd-init", "linkerd-proxy", "app"], names
         tether = [sys.executable, "-m", "tether"]
-        images = {"localhost/tether": tether,
+        old_image = f"localhost/tether:{PREVIOUS.lstrip('v')}"
+        images = {old_image: tether, f"localhost/tether:{__version__}": tether,
                   SERVER_IMAGE: [sys.executable, "-m", "tether.testing.backend", "--host", "0.0.0.0", "--port",
                                  "8080", "--name", "server"],
                   CLIENT_IMAGE: [sys.executable, "-c", "import time; time.sleep(3600)"]}
+        executables = {"tether": tether, "tether-proxy-init": [*tether, "proxy-init"], "python": [sys.executable]}
         hosts = {f"{name}.{self.cp}.svc.cluster.local": GATEWAY
                  for name in ("linkerd-identity", "linkerd-dst", "linkerd-policy")}
         runner = PodRunner(self.cluster, pod, bridge=self.bridge, index=len(self.pods), gateway=GATEWAY,
-                           prefixlen=PREFIXLEN, workdir=self.dir, images=images,
-                           executables={"tether": tether, "tether-proxy-init": [*tether, "proxy-init"],
-                                        "python": [sys.executable]}, hosts=hosts)
+                           prefixlen=PREFIXLEN, workdir=self.dir, images=images, executables=executables,
+                           hosts=hosts, image_env={old_image: self.previous_env})
         self.pods[runner.name] = runner
         try:
             runner.start()
         except Exception as e:
             raise AssertionError(f"{e}\n{runner.logs()}") from e
         return runner
+
+    def runner(self, deployment: str) -> PodRunner:
+        return next(r for name, r in self.pods.items() if name.startswith(f"{deployment}-"))
+
+
+def control_plane_objects(rendered: str) -> tuple[list[dict[str, Any]], str]:
+    """What the host-run control plane reads from the API server (the issuer and webhook Secrets, the
+    trust roots, linkerd-config), and linkerd-config's values text."""
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    wanted = [d for d in docs if d["kind"] in ("Secret", "ConfigMap")]
+    config = next(d for d in wanted if d["metadata"]["name"] == "linkerd-config")
+    return wanted, config["data"]["values"]
+
+
+def previous_release(cluster: KubeCluster, d: Path) -> tuple[Path, Path]:
+    """The previous release's sources and its control-plane chart packaged by helm, from its git tag."""
+    out = d / "previous"
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS, "src", "charts", "scripts"],
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        pytest.fail(f"the previous release {PREVIOUS} is not in this clone's history (fetch its tag): "
+                    f"{archive.stderr.decode().strip()}")
+    out.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    # Its generated gRPC modules, as its own setup makes them.
+    subprocess.run(["bash", str(out / "scripts" / "gen-protos.sh"), sys.executable], capture_output=True, check=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(out)], check=True)
+    cluster.helm("package", str(out / "charts" / "tether-control-plane"), "-d", str(out))
+    return out / "src", next(out.glob("tether-control-plane-*.tgz"))
 
 
 @pytest.fixture(scope="module")
@@ -155,36 +206,52 @@ def mesh(kube_cluster: KubeCluster) -> Iterator[Mesh]:
     # A directory the proxies (uid 2102) can read: pytest's own tmp_path is private to root.
     d = Path(tempfile.mkdtemp(prefix="tether-kube-mesh-"))
     os.chmod(d, 0o755)
+    previous_src, previous_chart = previous_release(kube_cluster, d)
+    m = Mesh(kube_cluster, cp, app, d, bridge, {"PYTHONPATH": str(previous_src), "TETHER_PURE_PYTHON": "1"})
     network.create_bridge(bridge, GATEWAY, PREFIXLEN)
-    crds = run_tether("install", "--crds")
-    kube_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=crds, timeout=120)
-    objects, values = install_objects(cp)
-    kube_cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
-    injector_dir = d / "injector"
-    injector_dir.mkdir()
-    m = Mesh(kube_cluster, cp, app, d, bridge, injector_dir / "values.yaml")
     try:
+        crds = run_tether("install", "--crds")
+        kube_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=crds, timeout=120)
+        # The previous release, installed with helm from its chart with certificates made for it.
+        ca = Issuers(cp)
+        cert, key = ca.issuer()
+        files = {"identityTrustAnchorsPEM": ca.roots()["data"]["ca-bundle.crt"]}
+        secret = ca.secret(cert, key)
+        files["identity.issuer.tls.crtPEM"] = base64.b64decode(secret["data"]["tls.crt"]).decode()
+        files["identity.issuer.tls.keyPEM"] = base64.b64decode(secret["data"]["tls.key"]).decode()
+        files["proxyInjector.crtPEM"], files["proxyInjector.keyPEM"], files["proxyInjector.caBundle"] = (
+            webhook_certificate(cp, dt.datetime.now(dt.UTC)))
+        args = []
+        for k, v in files.items():
+            path = d / k
+            path.write_text(v)
+            args += ["--set-file", f"{k}={path}"]
+        # 0.1.0's proxy-init failed as a non-root user (its iptables lock and capabilities; fixed in 0.2.0):
+        # its users ran it as root, the workaround its chart offers.
+        rendered = kube_cluster.helm("template", "linkerd", str(previous_chart), "--namespace", cp, *args,
+                                     "--set", "proxyInit.runAsRoot=true")
+        objects, values = control_plane_objects(rendered)
+        kube_cluster.create_namespace(cp)
+        kube_cluster.kubectl("apply", "-n", cp, "-f", "-", stdin=yaml.safe_dump_all(objects))
         # The control plane's Services, as a cluster's DNS and kube-proxy would give them to the pods: the
         # names resolve (the pods' /etc/hosts) to the host, where each process listens on its Service's port.
         for name in ("identity", "destination", "policy"):
-            m.start_controller(name)
-        with running_injector(kube_cluster, injector_dir, values, "Fail", probe_pod=probe_pod,
-                              controller_namespace=cp):
-            kube_cluster.create_namespace(app)
-            kube_cluster.kubectl("annotate", "namespace", app, "linkerd.io/inject=enabled")
-            kubectl_apply(
-                kube_cluster, app,
-                *({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa}}
-                  for sa in ("server", "client")),
-                deployment("server", SERVER_IMAGE, 8080, {}),
-                deployment("client", CLIENT_IMAGE, None, {}),
-                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "server"},
-                 "spec": {"selector": {"app": "server"},
-                          "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
-            for name in ("server", "client"):
-                m.run(m.pod_of(name))
-            yield m
+            m.start_controller(name, env=m.previous_env)
+        m.start_injector(values, env=m.previous_env)
+        kube_cluster.create_namespace(app)
+        kube_cluster.kubectl("annotate", "namespace", app, "linkerd.io/inject=enabled")
+        kubectl_apply(kube_cluster, app,
+                      *({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa}}
+                        for sa in ("server", "client", "client2", "server2")),
+                      deployment("server", SERVER_IMAGE, 8080), deployment("client", CLIENT_IMAGE, None),
+                      service("server"))
+        for name in ("server", "client"):
+            m.run(m.pod_of(name))
+        yield m
     finally:
+        if m.injector is not None:
+            m.injector.stop()
+        remove_webhooks(kube_cluster)
         for runner in reversed(list(m.pods.values())):
             runner.close()
         for proc in m.procs.values():
@@ -198,105 +265,89 @@ def run_tether(*args: str, env: dict[str, str] | None = None) -> str:
                           check=True, env={**os.environ, **(env or {})}).stdout
 
 
-def install_objects(cp: str, *upgrade: str, env: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], str]:
-    """What `tether install -L cp` (or `tether upgrade -L cp ...`) renders that the host-run control plane
-    reads from the API server (namespace, issuer Secret, trust roots, linkerd-config), and the values text."""
-    rendered = run_tether(*(upgrade or ("install",)), "-L", cp, env=env)
-    docs = [d for d in yaml.safe_load_all(rendered) if d]
-    wanted = [d for d in docs if d["kind"] == "Namespace" or d["metadata"].get("name") in (
-        "linkerd-identity-issuer", "linkerd-identity-trust-roots", "linkerd-config")]
-    config = next(d for d in wanted if d["metadata"]["name"] == "linkerd-config")
-    return wanted, config["data"]["values"]
+def cluster_ip(mesh: Mesh, name: str) -> str:
+    return str(mesh.cluster.api.get(f"/api/v1/namespaces/{mesh.app}/services/{name}")["spec"]["clusterIP"])
 
 
-def _pod_name(m: Mesh, deployment: str) -> str:
-    return next(name for name in m.pods if name.startswith(f"{deployment}-"))
-
-
-def test_injected_pods_reach_each_other_through_a_service_over_mtls(mesh: Mesh) -> None:
-    server, client = mesh.pods[_pod_name(mesh, "server")], mesh.pods[_pod_name(mesh, "client")]
-    cluster_ip = mesh.cluster.api.get(f"/api/v1/namespaces/{mesh.app}/services/server")["spec"]["clusterIP"]
-
-    # The client application calls the Service's ClusterIP; the injected init container's rules send it to
-    # its proxy, which resolves it through the destination service and connects to the server pod over mTLS.
-    def answered() -> str | None:
-        out = client.exec("curl", "-s", "-m", "5", f"http://{cluster_ip}:80/")
-        return out if "hello from server" in out else None
-
-    assert "hello from server" in wait_until(answered, timeout=60, what="the client's request answered")
-    client_id = f"client.{mesh.app}.serviceaccount.identity.{mesh.cp}.cluster.local"
-    metrics = http_get(f"http://{server.ip}:4191/metrics")[1].decode()
-    inbound = [line for line in metrics.splitlines()
+def assert_mtls(mesh: Mesh, client: str, server: str) -> None:
+    """The client pod's request to the server's Service is answered, and both proxies counted it over mTLS
+    with each other's identity."""
+    url = f"http://{cluster_ip(mesh, server)}:80/"
+    # The application has no readiness probe (a pod without one is Ready at once): wait for its first answer.
+    wait_until(lambda: "hello from server" in mesh.runner(client).exec("curl", "-s", "-m", "5", url), timeout=60,
+               what=f"{client}'s request to {server} answered")
+    client_id = f"{client}.{mesh.app}.serviceaccount.identity.{mesh.cp}.cluster.local"
+    server_id = f"{server}.{mesh.app}.serviceaccount.identity.{mesh.cp}.cluster.local"
+    inbound = [line for line in http_get(f"http://{mesh.runner(server).ip}:4191/metrics")[1].decode().splitlines()
                if line.startswith("request_total{") and 'direction="inbound"' in line]
     assert any('tls="true"' in line and f'client_id="{client_id}"' in line for line in inbound), inbound
-    client_metrics = http_get(f"http://{client.ip}:4191/metrics")[1].decode()
-    outbound = [line for line in client_metrics.splitlines()
+    outbound = [line for line in http_get(f"http://{mesh.runner(client).ip}:4191/metrics")[1].decode().splitlines()
                 if line.startswith("request_total{") and 'direction="outbound"' in line]
-    server_id = f"server.{mesh.app}.serviceaccount.identity.{mesh.cp}.cluster.local"
     assert any('tls="true"' in line and f'server_id="{server_id}"' in line for line in outbound), outbound
-    # The proxies run as the injected user (the container's process is the one the runner started: exec all the way).
-    status = Path(f"/proc/{server.procs['linkerd-proxy'].pid}/status").read_text()
-    assert next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1] == "2102", status
 
 
-def test_upgrade_control_plane_first_with_traffic_flowing(mesh: Mesh) -> None:
-    """The seeds' order: `tether upgrade | kubectl apply`, the control plane rolled (each component
-    replaced), then new workloads injected with the new values talk to the old ones; the client's
-    requests flow all along, and none fails."""
-    client = mesh.pods[_pod_name(mesh, "client")]
-    cluster_ip = mesh.cluster.api.get(f"/api/v1/namespaces/{mesh.app}/services/server")["spec"]["clusterIP"]
+def proxy_version(runner: PodRunner) -> str:
+    return str(runner.pod["metadata"]["annotations"]["linkerd.io/proxy-version"])
+
+
+def test_injected_pods_of_the_previous_release_reach_each_other_over_mtls(mesh: Mesh) -> None:
+    assert proxy_version(mesh.runner("server")) == PREVIOUS.lstrip("v")
+    assert_mtls(mesh, "client", "server")
+
+
+def test_upgrade_from_the_previous_release_with_traffic_flowing(mesh: Mesh) -> None:
+    """The seeds' order: `tether upgrade | kubectl apply`, the control plane replaced component by component,
+    then this release's pods beside the previous release's; the client's requests flow all along, none fails."""
+    client = mesh.runner("client")
     stop = mesh.dir / "stop-load"
-    load = Proc(["python3", "-c", LOAD, cluster_ip, str(stop)], mesh.dir / "load.log", netns=client.netns)
+    load = Proc(["python3", "-c", LOAD, cluster_ip(mesh, "server"), str(stop)], mesh.dir / "load.log",
+                netns=client.netns)
+    marks: dict[str, float] = {}
     try:
-        wait_until(lambda: client.procs["linkerd-proxy"].popen.poll() is None and load.popen.poll() is None
-                   and _served(mesh, "client") >= 20, timeout=60, what="traffic flowing before the upgrade")
-        # The seeds' upgrade line: the installed values reused, one changed, applied with kubectl.
-        objects, values = install_objects(mesh.cp, "upgrade", "--set", "proxy.logLevel=debug",
-                                          env={"KUBECONFIG": str(mesh.cluster.kubeconfig)})
-        assert yaml.safe_load(values)["proxy"]["logLevel"] == "debug"
+        wait_until(lambda: load.popen.poll() is None and _served(mesh, "client") >= 20, timeout=60,
+                   what="traffic flowing before the upgrade")
+        # The seeds' upgrade line: this release renders the installed values (one changed) for kubectl.
+        # (proxy-init goes back to its non-root default: this release runs it so.)
+        rendered = run_tether("upgrade", "-L", mesh.cp, "--set", "proxy.logLevel=debug,proxyInit.runAsRoot=false",
+                              env={"KUBECONFIG": str(mesh.cluster.kubeconfig)})
+        objects, values = control_plane_objects(rendered)
+        config = next(o for o in objects if o["metadata"]["name"] == "linkerd-config")
+        assert config["data"]["version"] == __version__ and yaml.safe_load(values)["proxy"]["logLevel"] == "debug"
         mesh.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
-        marks = {}
         for name in ("identity", "destination", "policy"):
             before = _served(mesh, "client")
-            mesh.start_controller(name)
+            mesh.start_controller(name)  # this release's code
             # Requests were served across the replacement: the proxies ride on what they already hold.
             wait_until(lambda: _served(mesh, "client") > before + 10, timeout=30,  # noqa: B023 - called here
                        what=f"traffic after {name} was replaced")
             marks[name] = time.time()
-        # The injector's values volume is updated as the kubelet updates a ConfigMap volume; new pods get them.
-        mesh.values_file.write_text(values)
-
-        def new_values_used() -> bool:
-            pod = mesh.cluster.api.request("POST", "/api/v1/namespaces/t-inj-probe/pods",
-                                           probe_pod("probe", {"linkerd.io/inject": "enabled"}),
-                                           query={"dryRun": "All"})
-            proxy = next(c for c in pod["spec"]["containers"] if c["name"] == "linkerd-proxy")
-            return {"name": "TETHER_PROXY_LOG_LEVEL", "value": "debug"} in proxy["env"]
-
-        wait_until(new_values_used, timeout=30, what="the injector using the upgraded values")
-        kubectl_apply(mesh.cluster, mesh.app, {"apiVersion": "v1", "kind": "ServiceAccount",
-                                               "metadata": {"name": "client2"}},
-                      deployment("client2", CLIENT_IMAGE, None, {}))
-        new = mesh.run(mesh.pod_of("client2"))
-        assert "TETHER_PROXY_LOG_LEVEL" in json.dumps(new.pod["spec"]) and '"debug"' in json.dumps(new.pod["spec"])
-        # The upgraded proxy talks to the old one over mTLS, as the old client keeps doing.
-        assert "hello from server" in new.exec("curl", "-s", "-m", "5", f"http://{cluster_ip}:80/")
-        new_id = f"client2.{mesh.app}.serviceaccount.identity.{mesh.cp}.cluster.local"
-        server_metrics = http_get(f"http://{mesh.pods[_pod_name(mesh, 'server')].ip}:4191/metrics")[1].decode()
-        assert f'client_id="{new_id}"' in server_metrics
+        mesh.start_injector(values)
+        kubectl_apply(mesh.cluster, mesh.app, deployment("client2", CLIENT_IMAGE, None),
+                      deployment("server2", SERVER_IMAGE, 8080), service("server2"))
+        new_client, new_server = mesh.run(mesh.pod_of("client2")), mesh.run(mesh.pod_of("server2"))
+        for runner in (new_client, new_server):
+            assert proxy_version(runner) == __version__
+            env = {e["name"]: e.get("value") for c in runner.pod["spec"]["containers"] for e in c.get("env", [])}
+            assert env["TETHER_PROXY_LOG_LEVEL"] == "debug", env
+            init = runner.pod["spec"]["initContainers"][0]
+            assert init["command"] == ["tether-proxy-init"] and init["securityContext"]["runAsUser"] == 65534
+        # This release's proxy to the previous release's and to its own, over mTLS both ways.
+        assert_mtls(mesh, "client2", "server")
+        assert_mtls(mesh, "client2", "server2")
+        # The proxy runs as the injected user (the container's process is the one the runner started).
+        status = Path(f"/proc/{new_server.procs['linkerd-proxy'].pid}/status").read_text()
+        assert next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1] == "2102", status
     finally:
         stop.write_text("")
         load.wait(30)
     result = json.loads(load.log().strip().splitlines()[-1])
     assert result["errors"] == [], result["errors"][:20]
     assert result["ok"] >= 100 and set(result["statuses"]) == {"200"}, result["statuses"]
-    # Served before, during and after the control plane's replacement.
-    assert any(t > marks["policy"] for t in result["times"]), "no request served after the upgrade"
+    assert any(t > marks["policy"] for t in result["times"]), "no request served after the control plane's upgrade"
 
 
 def _served(mesh: Mesh, deployment: str) -> int:
     """Requests the pod's proxy has sent out and seen answered (its own outbound request_total)."""
-    runner = mesh.pods[_pod_name(mesh, deployment)]
-    text = http_get(f"http://{runner.ip}:4191/metrics")[1].decode()
+    text = http_get(f"http://{mesh.runner(deployment).ip}:4191/metrics")[1].decode()
     return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
                if line.startswith("request_total{") and 'direction="outbound"' in line)

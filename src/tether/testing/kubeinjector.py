@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import os
 import re
 import subprocess
 import sys
@@ -29,6 +30,7 @@ class Injector:
     args: list[str]
     admin: str
     log: Path
+    env: dict[str, str] | None = None
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=5) as r:
@@ -39,7 +41,8 @@ class Injector:
         return int(m.group(1)) if m else 0
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.log.open("ab"))
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.log.open("ab"),
+                                     env={**os.environ, **(self.env or {})})
 
         def ready() -> bool:
             assert self.proc is not None
@@ -76,14 +79,15 @@ def register_webhooks(cluster: KubeCluster, url: str, ca_pem: str, policy: str) 
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=yaml.safe_dump_all(docs))
 
 
-@contextmanager
-def running_injector(cluster: KubeCluster, workdir: Path, values: str, policy: str,
-                     probe_pod: Callable[[str, dict[str, str]], dict[str, Any]],
-                     controller_namespace: str = "linkerd") -> Iterator[Injector]:
-    """The injector reading ``values`` (linkerd-config's values text), hooked into the API server until the
-    block ends; returns once the API server injects a dry-run pod made by ``probe_pod(name, annotations)``."""
+def start_injector(cluster: KubeCluster, workdir: Path, values: str, policy: str,
+                   probe_pod: Callable[[str, dict[str, str]], dict[str, Any]], controller_namespace: str = "linkerd",
+                   env: dict[str, str] | None = None) -> Injector:
+    """The injector reading ``values`` (linkerd-config's values text), hooked into the API server; returns
+    once the API server injects a dry-run pod made by ``probe_pod(name, annotations)``. ``env`` is added
+    to its environment (another release's sources on PYTHONPATH)."""
     from tether.cli.install_cmd import webhook_certificate
 
+    workdir.mkdir(parents=True, exist_ok=True)
     crt, key, ca = webhook_certificate("linkerd", dt.datetime.now(dt.UTC), hosts=("127.0.0.1",))
     (workdir / "tls.crt").write_text(crt)
     (workdir / "tls.key").write_text(key)
@@ -93,23 +97,42 @@ def running_injector(cluster: KubeCluster, workdir: Path, values: str, policy: s
                           "--admin-addr", f"127.0.0.1:{admin}", "--tls-cert-file", str(workdir / "tls.crt"),
                           "--tls-key-file", str(workdir / "tls.key"), "--values-file", str(workdir / "values.yaml"),
                           "--kubeconfig", str(cluster.kubeconfig), "--controller-namespace", controller_namespace],
-                   f"127.0.0.1:{admin}", workdir / "injector.log")
+                   f"127.0.0.1:{admin}", workdir / "injector.log", env)
     inj.start()
     try:
         register_webhooks(cluster, f"https://127.0.0.1:{port}", ca, policy)
-        # The API server picks webhook configurations up asynchronously: wait until a dry-run pod is injected.
+        # The API server picks webhook configurations up asynchronously: wait until a dry-run pod is injected
+        # by this injector (its request counter moves).
         probe_ns = "t-inj-probe"
         if not cluster.api.exists(f"/api/v1/namespaces/{probe_ns}"):
             cluster.create_namespace(probe_ns)
 
         def hooked() -> bool:
+            before = inj.requests()
             pod = cluster.api.request("POST", f"/api/v1/namespaces/{probe_ns}/pods",
                                       probe_pod("probe", {"linkerd.io/inject": "enabled"}), query={"dryRun": "All"})
-            return any(c["name"] == "linkerd-proxy" for c in pod["spec"]["containers"])
+            return any(c["name"] == "linkerd-proxy" for c in pod["spec"]["containers"]) and inj.requests() > before
 
         wait_until(hooked, timeout=60, what="the API server calling the injector")
+    except BaseException:
+        inj.stop()
+        raise
+    return inj
+
+
+def remove_webhooks(cluster: KubeCluster) -> None:
+    cluster.kubectl("delete", "--ignore-not-found", "mutatingwebhookconfiguration", MUTATING)
+    cluster.kubectl("delete", "--ignore-not-found", "validatingwebhookconfiguration", VALIDATING)
+
+
+@contextmanager
+def running_injector(cluster: KubeCluster, workdir: Path, values: str, policy: str,
+                     probe_pod: Callable[[str, dict[str, str]], dict[str, Any]],
+                     controller_namespace: str = "linkerd") -> Iterator[Injector]:
+    """start_injector for the length of a block, the webhooks removed at its end."""
+    inj = start_injector(cluster, workdir, values, policy, probe_pod, controller_namespace)
+    try:
         yield inj
     finally:
         inj.stop()
-        cluster.kubectl("delete", "--ignore-not-found", "mutatingwebhookconfiguration", MUTATING)
-        cluster.kubectl("delete", "--ignore-not-found", "validatingwebhookconfiguration", VALIDATING)
+        remove_webhooks(cluster)

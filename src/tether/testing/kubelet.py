@@ -22,8 +22,9 @@ reading everything from the pod object (so an injected pod runs exactly as injec
   file capabilities (the image's do: tests/integration/test_image.py runs the image's proxy-init
   under Kubernetes' own rules: added capabilities, no_new_privs, no ambient set).
 
-Images are not pulled: the test maps each image name (without tag) to the command its entrypoint
-would be, and each executable an exec hook names to a command on this host. Anything else the pod
+Images are not pulled: the test maps each image (with its tag, or its name for any tag) to the command
+its entrypoint would be (and, optionally, the environment its ENV would set), and each executable a
+``command`` or an exec hook names to a command on this host. Anything else the pod
 asks for that this runner cannot do is an error naming it, never silently skipped.
 """
 
@@ -99,13 +100,15 @@ class PodRunner:
 
     def __init__(self, cluster: KubeCluster, pod: Mapping[str, Any], *, bridge: str, index: int, gateway: str,
                  prefixlen: int, workdir: Path, images: Mapping[str, Sequence[str]],
-                 executables: Mapping[str, Sequence[str]], hosts: Mapping[str, str]) -> None:
+                 executables: Mapping[str, Sequence[str]], hosts: Mapping[str, str],
+                 image_env: Mapping[str, Mapping[str, str]] | None = None) -> None:
         self.cluster = cluster
         self.pod = pod
         self.name = str(pod["metadata"]["name"])
         self.namespace = str(pod["metadata"]["namespace"])
         self.ip = str(pod["status"]["podIP"])
         self.images = images
+        self.image_env = image_env or {}
         self.executables = executables
         self.dir = workdir / self.name
         self.dir.mkdir(parents=True)
@@ -180,12 +183,12 @@ class PodRunner:
         return int(uid), int(gid)
 
     def _argv(self, container: Mapping[str, Any]) -> list[str]:
-        image = str(container["image"]).rsplit(":", 1)[0] if "@" not in container["image"] else container["image"]
+        image = str(container["image"])
+        if image not in self.images and "@" not in image:
+            image = image.rsplit(":", 1)[0]  # a mapping for the name, whatever the tag
         if container.get("command"):
             command = list(container["command"])
-            if command[0] not in self.executables:
-                raise PodSpecError(f"container {container['name']}: command {command[0]!r} is not known to this runner")
-            argv = [*self.executables[command[0]], *command[1:]]
+            argv = [*self._exe(container, command[0], "command"), *command[1:]]
         elif image in self.images:
             argv = list(self.images[image])
         else:
@@ -193,8 +196,18 @@ class PodRunner:
                                "this runner")
         return argv + list(container.get("args") or ())
 
+    def _exe(self, container: Mapping[str, Any], name: str, what: str) -> Sequence[str]:
+        """The host command for executable ``name`` of the container's image ("IMAGE NAME" first, then NAME)."""
+        for key in (f"{container['image']} {name}", name):
+            if key in self.executables:
+                return self.executables[key]
+        raise PodSpecError(f"container {container['name']}: {what} runs {name!r}, unknown to this runner")
+
     def _exec_spec(self, container: Mapping[str, Any], argv: Sequence[str]) -> list[str]:
-        env = container_env(self.pod, container)
+        image = str(container["image"])
+        # The image's ENV first (by tag, else by name), then the container's env over it.
+        base = self.image_env.get(image) or self.image_env.get(image.rsplit(":", 1)[0]) or {}
+        env = {**base, **container_env(self.pod, container)}
         argv = [expand(a, env) for a in argv]
         mounts = []
         for m in container.get("volumeMounts") or ():
@@ -257,9 +270,7 @@ class PodRunner:
         if "exec" not in hook:
             raise PodSpecError(f"container {container['name']}: postStart: only exec hooks are supported")
         command = list(hook["exec"]["command"])
-        if command[0] not in self.executables:
-            raise PodSpecError(f"container {container['name']}: postStart runs {command[0]!r}, unknown to this runner")
-        self._run_to_completion(container, [*self.executables[command[0]], *command[1:]],
+        self._run_to_completion(container, [*self._exe(container, command[0], "postStart"), *command[1:]],
                                 f"{container['name']}'s postStart hook")
 
     def start(self, timeout: float = 120.0) -> PodRunner:

@@ -193,14 +193,14 @@ class KubeIdentityProc(Proc):
     """`tether controller identity --platform kubernetes` as a child process."""
 
     def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, env: dict[str, str] | None = None) -> None:
         self.port, self.admin_port = port or free_port(host), free_port()
         self.host = host
         super().__init__(
             [sys.executable, "-m", "tether", "controller", "identity", "--platform", "kubernetes",
              "--kubeconfig", str(cluster.kubeconfig), "-L", cp_ns,
              "--addr", f"{host}:{self.port}", "--admin-addr", f"127.0.0.1:{self.admin_port}", *extra],
-            tmp / f"identity-{self.port}.log",
+            tmp / f"identity-{self.port}.log", env=env,
         )
 
     @property
@@ -247,14 +247,14 @@ class KubeDestinationProc(Proc):
     """`tether controller destination --platform kubernetes` as a child process."""
 
     def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, env: dict[str, str] | None = None) -> None:
         self.port, self.admin_port = port or free_port(host), free_port()
         self.host = host
         super().__init__(
             [sys.executable, "-m", "tether", "controller", "destination", "--platform", "kubernetes",
              "--kubeconfig", str(cluster.kubeconfig), "-L", cp_ns,
              "--addr", f"{host}:{self.port}", "--admin-addr", f"127.0.0.1:{self.admin_port}", *extra],
-            tmp / f"destination-{self.port}.log",
+            tmp / f"destination-{self.port}.log", env=env,
         )
 
     @property
