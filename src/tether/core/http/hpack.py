@@ -12,10 +12,12 @@ each symbol follows from the lengths); decoding walks a 16-way table four bits a
 
 from __future__ import annotations
 
+from typing import Final
+
 Headers = list[tuple[bytes, bytes]]
 
-DEFAULT_TABLE_SIZE = 4096
-ENTRY_OVERHEAD = 32  # RFC 7541 section 4.1
+DEFAULT_TABLE_SIZE: Final = 4096
+ENTRY_OVERHEAD: Final = 32  # RFC 7541 section 4.1
 
 
 class HPACKError(Exception):
@@ -27,7 +29,7 @@ class HeaderListTooLarge(HPACKError):
 
 
 # RFC 7541 Appendix A.
-STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = (
+STATIC_TABLE: Final[tuple[tuple[bytes, bytes], ...]] = (
     (b":authority", b""),
     (b":method", b"GET"),
     (b":method", b"POST"),
@@ -90,12 +92,12 @@ STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = (
     (b"via", b""),
     (b"www-authenticate", b""),
 )
-STATIC_LEN = len(STATIC_TABLE)
+STATIC_LEN: Final = len(STATIC_TABLE)
 
 # Code length in bits of each symbol 0..256 (256 is EOS), RFC 7541 Appendix B. The code is
 # canonical: codes are handed out in order of (length, symbol), each one more than the last,
 # shifted left when the length grows.
-HUFFMAN_LENGTHS: tuple[int, ...] = (
+HUFFMAN_LENGTHS: Final[tuple[int, ...]] = (
     13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28,
     28, 28, 28, 28, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 28,
     6, 10, 10, 12, 13, 6, 8, 11, 10, 10, 8, 11, 8, 6, 6, 6,
@@ -115,7 +117,7 @@ HUFFMAN_LENGTHS: tuple[int, ...] = (
     30,
 )  # fmt: skip
 
-EOS = 256
+EOS: Final = 256
 
 
 def _canonical_codes(lengths: tuple[int, ...]) -> list[int]:
@@ -131,7 +133,7 @@ def _canonical_codes(lengths: tuple[int, ...]) -> list[int]:
     return codes
 
 
-HUFFMAN_CODES: list[int] = _canonical_codes(HUFFMAN_LENGTHS)
+HUFFMAN_CODES: Final[list[int]] = _canonical_codes(HUFFMAN_LENGTHS)
 
 # Decoding table: state s (an inner node of the code tree, 0 = root) and 4 input bits give
 # _DEC_NEXT[s*16+nibble] = next state, or -1 for an error (EOS decoded); _DEC_SYM = the symbol
@@ -269,7 +271,7 @@ def encode_integer(value: int, prefix_bits: int, first: int, out: bytearray) -> 
 
 
 # Integers in a field block are bounded: nothing legitimate needs more than 2**32.
-_MAX_INT = 1 << 32
+_MAX_INT: Final = 1 << 32
 
 
 def _decode_integer(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
@@ -411,7 +413,7 @@ class Decoder:
 
 
 # Fields never added to the table and marked never-indexed (RFC 7541 section 7.1.3).
-_SENSITIVE = frozenset({b"authorization", b"proxy-authorization"})
+_SENSITIVE: Final = frozenset({b"authorization", b"proxy-authorization"})
 
 
 def _static_maps() -> tuple[dict[tuple[bytes, bytes], int], dict[bytes, int]]:
@@ -423,7 +425,9 @@ def _static_maps() -> tuple[dict[tuple[bytes, bytes], int], dict[bytes, int]]:
     return full, names
 
 
-_STATIC_FULL, _STATIC_NAME = _static_maps()
+_STATIC_MAPS: Final = _static_maps()
+_STATIC_FULL: Final = _STATIC_MAPS[0]
+_STATIC_NAME: Final = _STATIC_MAPS[1]
 
 
 class Encoder:

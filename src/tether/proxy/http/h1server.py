@@ -94,6 +94,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._upgrade_leftover: bytes | None = None
         self._parse_error: h1.H1Error | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # loop time the timer fires
         self._deadline = 0.0
         self._deadline_cb: Callable[[], None] | None = None
         self._tick = min(cfg.header_read_timeout, cfg.idle_timeout) / 4
@@ -162,9 +163,16 @@ class H1ServerProtocol(asyncio.Protocol):
         if not self._line:
             # The common case: the whole line is in this read (no copy).
             start = 0
-            while data.startswith(b"\r\n", start) or data.startswith(b"\n", start):
-                start += 1 if data[start] == 0x0A else 2  # RFC 9112 2.2: skip empty lines
-            eol = data.find(b"\n", start)
+            n = len(data)
+            while start < n:  # RFC 9112 2.2: skip empty lines ("\r\n" or "\n")
+                c = data[start]
+                if c == 0x0A:
+                    start += 1
+                elif c == 0x0D and start + 1 < n and data[start + 1] == 0x0A:
+                    start += 2
+                else:
+                    break
+            eol = h1.find_lf(data, start)
             if eol >= 0:
                 return self._judge_line(data[start:eol])
             if start < len(data):
@@ -293,6 +301,9 @@ class H1ServerProtocol(asyncio.Protocol):
         # (RFC 9112 section 3.2.2). CONNECT has only an authority.
         authority, target = h1.split_target(method, self._url)
         expect_continue = False
+        # Without a Connection header llhttp has seen no "Connection: upgrade" nor "close":
+        # the parser need not be asked (each call into it costs as much as this whole loop).
+        connection = False
         out_headers: list[tuple[bytes, bytes]] = []
         for kv in headers:
             k = kv[0]
@@ -303,9 +314,11 @@ class H1ServerProtocol(asyncio.Protocol):
             if k == b"expect" and kv[1].lower() == b"100-continue":
                 expect_continue = version == "1.1"
                 continue
+            if k == b"connection" or k == b"proxy-connection":  # llhttp reads both
+                connection = True
             out_headers.append(kv)
         out_headers = forward_headers(out_headers)
-        upgrade = parser.should_upgrade() and method != b"CONNECT"
+        upgrade = connection and parser.should_upgrade() and method != b"CONNECT"
         if upgrade:
             up = next((v for k, v in headers if k == b"upgrade"), None)
             if up is not None:
@@ -336,7 +349,9 @@ class H1ServerProtocol(asyncio.Protocol):
             version=version,
             conn=self.conn,
         )
-        if not parser.should_keep_alive():
+        # HTTP/1.1 keeps the connection unless "Connection: close"; HTTP/1.0 closes it unless
+        # "Connection: keep-alive" (llhttp's rule, which it applies to the headers it parsed).
+        if (connection or version == "1.0") and not parser.should_keep_alive():
             req.close = True
             self._final = True
         if upgrade or method == b"CONNECT":
@@ -624,12 +639,16 @@ class H1ServerProtocol(asyncio.Protocol):
         self._deadline_cb = cb
         timer = self._timer
         if timer is None:
-            self._timer = loop.call_later(min(delay, self._tick), self._on_tick)
-        elif timer.when() > deadline:
+            self._schedule_tick(min(delay, self._tick))
+        elif self._timer_at > deadline:
             # A deadline before the next tick (the first head's timeout counted from a byte that
             # arrived during detection) must not wait for that tick.
             timer.cancel()
-            self._timer = loop.call_later(delay, self._on_tick)
+            self._schedule_tick(delay)
+
+    def _schedule_tick(self, delay: float) -> None:
+        timer = self._timer = self._loop.call_later(delay, self._on_tick)
+        self._timer_at = timer.when()  # kept: asking the handle costs a call per request
 
     def _cancel_timer(self, release: bool = False) -> None:
         self._deadline_cb = None
@@ -648,7 +667,7 @@ class H1ServerProtocol(asyncio.Protocol):
             self._deadline_cb = None
             cb()
         else:
-            self._timer = loop.call_later(min(left, self._tick), self._on_tick)
+            self._schedule_tick(min(left, self._tick))
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
