@@ -85,9 +85,25 @@ class Framing:
 NO_BODY: Final = Framing(0, False)
 
 
+def _digits(text: bytes) -> int:
+    """The value of 1 to 18 ASCII digits; -1 when ``text`` is anything else."""
+    n = len(text)
+    if n == 0 or n > 18:
+        return -1
+    value = 0
+    for i in range(n):
+        c = text[i]
+        if c < 0x30 or c > 0x39:
+            return -1
+        value = value * 10 + (c - 0x30)
+    return value
+
+
 def _content_length(values: list[bytes]) -> int:
-    if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 18:
-        return int(values[0])  # the common case
+    if len(values) == 1:
+        n = _digits(values[0])
+        if n >= 0:
+            return n  # the common case
     # RFC 9112 6.3: a list of identical values may be treated as one; anything else is invalid.
     seen: set[bytes] = set()
     for v in values:
@@ -144,8 +160,9 @@ def find_lf(data: bytes, start: int) -> int:
     return data.find(b"\n", end) if end < n else -1
 
 
-def check_request_line(line: bytes) -> None:
+def check_request_line(line: bytes) -> int:
     """Validate one request line (without its LF) against RFC 9112 section 3; raise :class:`H1Error`.
+    Returns the method's length.
 
     The line must end in CR (the LF was the delimiter): a bare LF is not a line ending here.
     """
@@ -155,6 +172,7 @@ def check_request_line(line: bytes) -> None:
         i += 1
     if i == 0 or i == n or line[i] != 0x20:
         raise H1Error(400, "malformed request line")
+    method_length = i
     i += 1
     target = i
     while i < n and _TARGET[line[i]]:
@@ -165,6 +183,7 @@ def check_request_line(line: bytes) -> None:
         raise H1Error(400, "malformed request line")
     if line[i + 6] != 0x31:
         raise H1Error(505, "HTTP version not supported")
+    return method_length
 
 
 def check_host(value: bytes) -> None:

@@ -107,6 +107,8 @@ class H1ServerProtocol(asyncio.Protocol):
         # that starts a read; the line's bytes gather in ``_line`` until its LF arrives.
         self._line_check = True
         self._line = bytearray()
+        self._line_method: bytes | None = None  # of the checked line, until its head is parsed
+        self._line_version = "1.1"
         self._between = True  # the parser is between two messages
         self._final = False  # the request being read is the connection's last
         self._final_done = False  # ... and it has been read whole: later bytes are dropped
@@ -196,10 +198,14 @@ class H1ServerProtocol(asyncio.Protocol):
     def _judge_line(self, line: bytes) -> bool:
         self._line_check = False
         try:
-            h1.check_request_line(line)
+            method_length = h1.check_request_line(line)
         except h1.H1Error as e:
             self._fail_parse(e)
             return False
+        # The head llhttp is about to parse starts with this line: its method and version are
+        # known now, so on_headers_complete need not ask the parser for them.
+        self._line_method = line[:method_length]
+        self._line_version = "1.0" if line[len(line) - 2] == 0x30 else "1.1"  # "HTTP/1.x\r"
         return True
 
     def eof_received(self) -> bool:
@@ -289,14 +295,19 @@ class H1ServerProtocol(asyncio.Protocol):
         self._in_head = False
         self._cancel_timer()
         parser = self._parser
-        version = parser.get_http_version()
-        if version[:2] != "1.":
-            raise h1.H1Error(505, "HTTP version not supported")
-        if version != "1.0":
-            version = "1.1"
+        method = self._line_method
+        if method is not None:  # read from the request line as it was checked
+            self._line_method = None
+            version = self._line_version
+        else:  # a pipelined request that began inside an earlier read
+            version = parser.get_http_version()
+            if version[:2] != "1.":
+                raise h1.H1Error(505, "HTTP version not supported")
+            if version != "1.0":
+                version = "1.1"
+            method = parser.get_method()
         headers = self._headers
         framing = h1.check_request_head(version, headers)
-        method = parser.get_method()
         # An absolute-form target carries the authority (explicit proxy use); Host is then ignored
         # (RFC 9112 section 3.2.2). CONNECT has only an authority.
         authority, target = h1.split_target(method, self._url)
