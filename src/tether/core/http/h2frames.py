@@ -155,7 +155,7 @@ def parse_goaway(payload: bytes) -> tuple[int, int, bytes]:
 def parse_window_update(payload: bytes) -> int:
     if len(payload) != 4:
         raise FrameError(FRAME_SIZE_ERROR, "WINDOW_UPDATE frame length is not 4")
-    return int(_U32.unpack_from(payload, 0)[0] & 0x7FFFFFFF)
+    return ((payload[0] & 0x7F) << 24) | (payload[1] << 16) | (payload[2] << 8) | payload[3]
 
 
 # -- serialization ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Final
 from tether.core.http import h2proto
 from tether.core.http.h2headers import H2HeaderError, parse_response, request_fields
 from tether.proxy.config import H2Settings
-from tether.proxy.http.body import Body, BodyError, EmptyBody
+from tether.proxy.http.body import Body, BodyError, BytesBody, EmptyBody, PipeBody
 from tether.proxy.http.h2codec import CANCEL, INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR
 from tether.proxy.http.h2conn import (
     H2ConnectionClosed,
@@ -109,6 +109,10 @@ class H2ClientConnection(H2Protocol):
         st.headers_sent = True
         if empty:
             st.local_closed = True
+        elif _fits_now(req.body, self._h2.local_flow_control_window(stream_id)):
+            # The whole body is here and the peer's windows take it: it goes out now, in the same
+            # write as the head, without a Task of its own (creating one costs more than sending).
+            await self._upload(stream_id, st, req.body)
         else:
             task = self._loop.create_task(self._upload(stream_id, st, req.body))
             st.upload = task
@@ -289,3 +293,12 @@ class H2ClientConnection(H2Protocol):
         self._wake_all_slots()
         for t in list(self._tasks):
             t.cancel()
+
+
+def _fits_now(body: Body, window: int) -> bool:
+    """True when ``body`` is wholly buffered and no larger than ``window``: sending it never waits."""
+    if isinstance(body, PipeBody):
+        return body.is_end_known() and body.buffered <= window
+    if type(body) is BytesBody:
+        return body.length is not None and body.length <= window
+    return False

@@ -44,9 +44,9 @@ from tether.proxy.http.body import Body, BodyError, BytesBody, Headers
 from tether.proxy.http.message import Request, Response, Service
 from tether.runtime.watch import Snapshot, Watched
 
-REQUEST_BUCKETS: Final = (0.05, 0.5, 1.0, 10.0)
-RESPONSE_BUCKETS: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0)
-_GRPC_NAMES: Final = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+REQUEST_BUCKETS = (0.05, 0.5, 1.0, 10.0)
+RESPONSE_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0)
+_GRPC_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
                       "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
                       "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
                       "UNAUTHENTICATED")

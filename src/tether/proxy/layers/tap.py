@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable
-from typing import Final
 
 from tether.core.discovery.endpoints import Addr
 from tether.proxy.http.body import Body, BodyError, Headers
 from tether.proxy.http.message import Request, Response, Service
 from tether.proxy.tap import INBOUND, Facts, Observer, TapHub
 
-_UNKNOWN: Final[Addr] = ("0.0.0.0", 0)
-_RESET_INTERNAL: Final = 2  # HTTP/2 INTERNAL_ERROR: how Linkerd reports a stream that failed mid-body
+_UNKNOWN: Addr = ("0.0.0.0", 0)
+_RESET_INTERNAL = 2  # HTTP/2 INTERNAL_ERROR: how Linkerd reports a stream that failed mid-body
 
 
 class TapLayer:
