@@ -104,7 +104,7 @@ def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int, discov
     cg_out = workdir / "callgrind.out"
     log = (workdir / "proxy.log").open("w")
     proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg_out}",
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", f"--callgrind-out-file={cg_out}",
          str(python), "-m", "tether", "proxy", "--outbound-addr", f"127.0.0.1:{out}",
          "--inbound-addr", f"127.0.0.1:{inb}", "--admin-addr", f"127.0.0.1:{admin}",
          *discovery, "--inbound-app-addr", f"127.0.0.1:{backend_port}",
@@ -165,7 +165,7 @@ def _callgrind(python: Path, workdir: Path, name: str, args: list[str]) -> Itera
     cg_out = workdir / f"callgrind-{name}.out"
     log = (workdir / f"{name}.log").open("w")
     proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg_out}",
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", f"--callgrind-out-file={cg_out}",
          str(python), "-m", "tether", "proxy", "--shutdown-grace-period", "1s", *args],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

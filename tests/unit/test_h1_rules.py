@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tether.core.http import h1
 from tether.core.http.detect import Detected, detect, looks_like_http1_prefix
@@ -45,6 +49,44 @@ def test_invalid_host_values(host: bytes) -> None:
     with pytest.raises(h1.H1Error) as e:
         h1.check_host(host)
     assert e.value.status == 400
+
+
+# The grammar as regular expressions (what h1 checked with before its byte-table loops): the oracle.
+_LINE_ORACLE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21\x22\x24-\x7e]+ HTTP/([0-9])\.([0-9])\r")
+_HOST_ORACLE = re.compile(rb"(\[[0-9A-Fa-f:.vV]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]*)?")
+# Bytes that matter to the grammar, so random lines often come close to valid ones.
+_LINE_BYTES = st.sampled_from([b"G", b"E", b"T", b" ", b"/", b"#", b"H", b"P", b"1", b"2", b".", b"\r", b"\n",
+                               b"\x80", b"\t", b"*", b":", b"HTTP/", b"\x00", b"a"])
+_HOST_BYTES = st.sampled_from([b"a", b"Z", b"0", b"9", b":", b"[", b"]", b"@", b".", b"v", b"%", b" ", b"/", b"g",
+                               b"\xff", b"-", b"~", b"_"])
+
+
+def _status(check: object, value: bytes) -> int:
+    try:
+        check(value)  # type: ignore[operator]
+    except h1.H1Error as e:
+        return e.status
+    return 0
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_LINE_BYTES, max_size=14).map(b"".join) | st.binary(max_size=40))
+def test_request_line_check_agrees_with_the_grammar(line: bytes) -> None:
+    m = _LINE_ORACLE.fullmatch(line)
+    want = 400 if m is None else (505 if m.group(1) != b"1" else 0)
+    assert _status(h1.check_request_line, line) == want
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_HOST_BYTES, max_size=10).map(b"".join) | st.binary(max_size=20))
+def test_host_check_agrees_with_the_grammar(host: bytes) -> None:
+    assert _status(h1.check_host, host) == (0 if _HOST_ORACLE.fullmatch(host) else 400)
+
+
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n", b"x" * 300 + b"\n", b"x" * 300, b"", b"\n", b"ab"])
+@pytest.mark.parametrize("start", [0, 1, 255, 256, 299])
+def test_find_lf_is_bytes_find(data: bytes, start: int) -> None:
+    assert h1.find_lf(data, start) == data.find(b"\n", start)
 
 
 @pytest.mark.parametrize(("method", "target", "want"), [

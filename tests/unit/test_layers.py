@@ -212,6 +212,38 @@ def test_known_authorities_share_one_logical_stack_and_unknown_ones_go_where_the
     assert built[1] == Logical("10.1.2.3:9000", fallback=("10.1.2.3", 9000))
 
 
+def test_router_rebuilds_a_stack_the_cache_dropped_while_idle() -> None:
+    clock = FakeClock()
+    d = FakeDiscovery({"web.ns.svc.cluster.local:80": EndpointSet([Endpoint.of("10.0.0.1:8080")])})
+    built: list[Logical] = []
+    closed: list[str] = []
+
+    def make(target: Logical) -> Stack:
+        built.append(target)
+        return Stack(FakeService(name=f"{target.authority}#{len(built)}"))
+
+    async def close(stack: Stack) -> None:
+        closed.append(stack.service.name)  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        cache: IdleCache[Logical, Stack] = IdleCache(make, 60.0, close=close, clock=clock)
+        r = Router(d, cache, {("127.0.0.1", 4140)}, d.generation)
+        await r(get(b"web.ns.svc.cluster.local"))
+        clock.t += 50
+        await r(get(b"web.ns.svc.cluster.local"))  # used: kept past the first minute
+        clock.t += 50
+        assert cache.sweep() == [] and len(built) == 1
+        clock.t += 61
+        assert len(cache.sweep()) == 1
+        await asyncio.sleep(0)
+        assert closed == ["web.ns.svc.cluster.local:80#1"]
+        await r(get(b"web.ns.svc.cluster.local"))  # served by a new stack, not the closed one
+        assert len(built) == 2 and len(cache) == 1
+        assert cache.peek(built[1]).service.calls == 1  # type: ignore[union-attr]
+
+    run(main())
+
+
 def test_dst_override_wins_and_is_not_forwarded() -> None:
     d = FakeDiscovery({"api.ns.svc.cluster.local:8080": EndpointSet()})
     r, built, services = router(d)

@@ -22,12 +22,15 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
-class _Entry(Generic[V]):
-    __slots__ = ("last_used", "value")
+class CacheEntry(Generic[V]):
+    """One cached stack; ``live`` turns False once the cache dropped it."""
+
+    __slots__ = ("last_used", "live", "value")
 
     def __init__(self, value: V, now: float) -> None:
         self.value = value
         self.last_used = now
+        self.live = True
 
 
 class IdleCache(Generic[K, V]):
@@ -47,7 +50,7 @@ class IdleCache(Generic[K, V]):
         self._close = close
         self._clock = clock
         self.name = name
-        self._entries: dict[K, _Entry[V]] = {}
+        self._entries: dict[K, CacheEntry[V]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.evicted_total = 0
 
@@ -56,12 +59,22 @@ class IdleCache(Generic[K, V]):
 
     def get(self, key: K) -> V:
         """The stack for ``key``, built on first use; marks it used now."""
+        return self.entry(key).value
+
+    def entry(self, key: K) -> CacheEntry[V]:
+        """The entry for ``key``, built on first use; marks it used now. A caller may keep it and
+        :meth:`use` it again while it is ``live`` (no lookup by key: hashing a target costs more)."""
         e = self._entries.get(key)
         now = self._clock()
         if e is None:
-            e = self._entries[key] = _Entry(self._make(key), now)
+            e = self._entries[key] = CacheEntry(self._make(key), now)
         else:
             e.last_used = now
+        return e
+
+    def use(self, e: CacheEntry[V]) -> V:
+        """A kept entry's stack, marked used now (check ``e.live`` first)."""
+        e.last_used = self._clock()
         return e.value
 
     def values(self) -> list[V]:
@@ -77,7 +90,11 @@ class IdleCache(Generic[K, V]):
         """Drop (and close, in the background) the entries idle for ``max_idle_age``; return them."""
         now = self._clock() if now is None else now
         old = [k for k, e in self._entries.items() if now - e.last_used >= self.max_idle_age]
-        dropped = [self._entries.pop(k).value for k in old]
+        dropped: list[V] = []
+        for k in old:
+            e = self._entries.pop(k)
+            e.live = False
+            dropped.append(e.value)
         self.evicted_total += len(dropped)
         if dropped and self._close is not None:
             for value in dropped:
@@ -109,6 +126,8 @@ class IdleCache(Generic[K, V]):
     async def aclose(self) -> None:
         """Drop and close every entry."""
         values = [e.value for e in self._entries.values()]
+        for e in self._entries.values():
+            e.live = False
         self._entries.clear()
         if self._close is not None:
             for value in values:

@@ -8,62 +8,63 @@ return the complete frame as bytes.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 # Frame types.
-DATA = 0x0
-HEADERS = 0x1
-PRIORITY = 0x2
-RST_STREAM = 0x3
-SETTINGS = 0x4
-PUSH_PROMISE = 0x5
-PING = 0x6
-GOAWAY = 0x7
-WINDOW_UPDATE = 0x8
-CONTINUATION = 0x9
+DATA: Final = 0x0
+HEADERS: Final = 0x1
+PRIORITY: Final = 0x2
+RST_STREAM: Final = 0x3
+SETTINGS: Final = 0x4
+PUSH_PROMISE: Final = 0x5
+PING: Final = 0x6
+GOAWAY: Final = 0x7
+WINDOW_UPDATE: Final = 0x8
+CONTINUATION: Final = 0x9
 
 # Flags.
-FLAG_END_STREAM = 0x1
-FLAG_ACK = 0x1
-FLAG_END_HEADERS = 0x4
-FLAG_PADDED = 0x8
-FLAG_PRIORITY = 0x20
+FLAG_END_STREAM: Final = 0x1
+FLAG_ACK: Final = 0x1
+FLAG_END_HEADERS: Final = 0x4
+FLAG_PADDED: Final = 0x8
+FLAG_PRIORITY: Final = 0x20
 
 # Settings.
-SETTINGS_HEADER_TABLE_SIZE = 0x1
-SETTINGS_ENABLE_PUSH = 0x2
-SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
-SETTINGS_INITIAL_WINDOW_SIZE = 0x4
-SETTINGS_MAX_FRAME_SIZE = 0x5
-SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
-SETTINGS_ENABLE_CONNECT_PROTOCOL = 0x8
+SETTINGS_HEADER_TABLE_SIZE: Final = 0x1
+SETTINGS_ENABLE_PUSH: Final = 0x2
+SETTINGS_MAX_CONCURRENT_STREAMS: Final = 0x3
+SETTINGS_INITIAL_WINDOW_SIZE: Final = 0x4
+SETTINGS_MAX_FRAME_SIZE: Final = 0x5
+SETTINGS_MAX_HEADER_LIST_SIZE: Final = 0x6
+SETTINGS_ENABLE_CONNECT_PROTOCOL: Final = 0x8
 
 # Error codes (RFC 9113 section 7).
-NO_ERROR = 0x0
-PROTOCOL_ERROR = 0x1
-INTERNAL_ERROR = 0x2
-FLOW_CONTROL_ERROR = 0x3
-SETTINGS_TIMEOUT = 0x4
-STREAM_CLOSED = 0x5
-FRAME_SIZE_ERROR = 0x6
-REFUSED_STREAM = 0x7
-CANCEL = 0x8
-COMPRESSION_ERROR = 0x9
-CONNECT_ERROR = 0xA
-ENHANCE_YOUR_CALM = 0xB
-INADEQUATE_SECURITY = 0xC
-HTTP_1_1_REQUIRED = 0xD
+NO_ERROR: Final = 0x0
+PROTOCOL_ERROR: Final = 0x1
+INTERNAL_ERROR: Final = 0x2
+FLOW_CONTROL_ERROR: Final = 0x3
+SETTINGS_TIMEOUT: Final = 0x4
+STREAM_CLOSED: Final = 0x5
+FRAME_SIZE_ERROR: Final = 0x6
+REFUSED_STREAM: Final = 0x7
+CANCEL: Final = 0x8
+COMPRESSION_ERROR: Final = 0x9
+CONNECT_ERROR: Final = 0xA
+ENHANCE_YOUR_CALM: Final = 0xB
+INADEQUATE_SECURITY: Final = 0xC
+HTTP_1_1_REQUIRED: Final = 0xD
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-FRAME_HEADER_LEN = 9
-DEFAULT_MAX_FRAME_SIZE = 16384
-MAX_MAX_FRAME_SIZE = (1 << 24) - 1
-MAX_WINDOW = (1 << 31) - 1
-DEFAULT_WINDOW = 65535
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+FRAME_HEADER_LEN: Final = 9
+DEFAULT_MAX_FRAME_SIZE: Final = 16384
+MAX_MAX_FRAME_SIZE: Final = (1 << 24) - 1
+MAX_WINDOW: Final = (1 << 31) - 1
+DEFAULT_WINDOW: Final = 65535
 
-_HEADER = struct.Struct(">BHBBI")
-_U32 = struct.Struct(">I")
-_U32X2 = struct.Struct(">II")
-_SETTING = struct.Struct(">HI")
+_HEADER: Final = struct.Struct(">BHBBI")
+_U32: Final = struct.Struct(">I")
+_U32X2: Final = struct.Struct(">II")
+_SETTING: Final = struct.Struct(">HI")
 
 
 class FrameError(Exception):
@@ -154,7 +155,7 @@ def parse_goaway(payload: bytes) -> tuple[int, int, bytes]:
 def parse_window_update(payload: bytes) -> int:
     if len(payload) != 4:
         raise FrameError(FRAME_SIZE_ERROR, "WINDOW_UPDATE frame length is not 4")
-    return int(_U32.unpack_from(payload, 0)[0] & 0x7FFFFFFF)
+    return ((payload[0] & 0x7F) << 24) | (payload[1] << 16) | (payload[2] << 8) | payload[3]
 
 
 # -- serialization ---------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def settings_frame(settings: list[tuple[int, int]]) -> bytes:
     return frame_header(len(body), SETTINGS, 0, 0) + body
 
 
-SETTINGS_ACK = frame_header(0, SETTINGS, FLAG_ACK, 0)
+SETTINGS_ACK: Final = frame_header(0, SETTINGS, FLAG_ACK, 0)
 
 
 def push_promise_frame(stream_id: int, promised: int, block: bytes) -> bytes:

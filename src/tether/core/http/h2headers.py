@@ -7,12 +7,13 @@ Pure functions: pseudo-headers in and out, connection-specific fields removed (R
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 
 # RFC 9113 section 8.2.2: fields that only make sense on one HTTP/1 connection. "te" is allowed
 # with the single value "trailers" (gRPC needs it), so it is handled separately.
-CONNECTION_SPECIFIC = frozenset(
+CONNECTION_SPECIFIC: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -170,13 +171,13 @@ def join_cookies(headers: Headers) -> Headers:
 
 # -- validation of received field blocks (RFC 9113 section 8.2 and 8.3) -------------------------
 
-FIELDS_REQUEST = 0
-FIELDS_RESPONSE = 1
-FIELDS_TRAILERS = 2
+FIELDS_REQUEST: Final = 0
+FIELDS_RESPONSE: Final = 1
+FIELDS_TRAILERS: Final = 2
 
-_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+_REQUEST_PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
 # RFC 9113 section 8.2.2: these make a message malformed ("te" is allowed as "te: trailers").
-_FORBIDDEN = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+_FORBIDDEN: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 
 
 class FieldCheck:
@@ -194,10 +195,10 @@ class FieldCheck:
 
 # Names and values already found valid, so the common fields (the same few on every gRPC call) are
 # checked by one set lookup. Bounded: short strings only, and cleared when full.
-_CACHE_LIMIT = 4096
-_CACHE_MAX_LEN = 128
-_good_names: set[bytes] = set()
-_good_values: set[bytes] = set()
+_CACHE_LIMIT: Final = 4096
+_CACHE_MAX_LEN: Final = 128
+_good_names: Final[set[bytes]] = set()
+_good_values: Final[set[bytes]] = set()
 
 
 def _name_ok(name: bytes) -> bool:

@@ -14,6 +14,8 @@ remembered (a bounded number) so late frames after a reset are told from protoco
 
 from __future__ import annotations
 
+from typing import Final
+
 from tether.core.http import h2frames as f
 from tether.core.http.h2headers import FIELDS_REQUEST, FIELDS_RESPONSE, FIELDS_TRAILERS, check_fields
 from tether.core.http.hpack import Decoder, Encoder, HeaderListTooLarge, HPACKError
@@ -21,14 +23,14 @@ from tether.core.http.hpack import Decoder, Encoder, HeaderListTooLarge, HPACKEr
 Headers = list[tuple[bytes, bytes]]
 
 # How a remembered stream was closed.
-CLOSED_RESET_LOCAL = 1  # we reset it: frames still in flight are ignored
-CLOSED_RESET_REMOTE = 2  # the peer reset it: more frames are a stream error
-CLOSED_ENDED = 3  # both sides ended it
-_IDLE = 0
-_FORGOTTEN = 4
+CLOSED_RESET_LOCAL: Final = 1  # we reset it: frames still in flight are ignored
+CLOSED_RESET_REMOTE: Final = 2  # the peer reset it: more frames are a stream error
+CLOSED_ENDED: Final = 3  # both sides ended it
+_IDLE: Final = 0
+_FORGOTTEN: Final = 4
 
-MAX_STREAM_ID = (1 << 31) - 1
-REMOTE_MAX_CONCURRENT_DEFAULT = 2**32 + 1  # no limit until the peer's SETTINGS say otherwise
+MAX_STREAM_ID: Final = (1 << 31) - 1
+REMOTE_MAX_CONCURRENT_DEFAULT: Final = 2**32 + 1  # no limit until the peer's SETTINGS say otherwise
 
 
 class ProtocolError(Exception):

@@ -12,10 +12,12 @@ each symbol follows from the lengths); decoding walks a 16-way table four bits a
 
 from __future__ import annotations
 
+from typing import Final
+
 Headers = list[tuple[bytes, bytes]]
 
-DEFAULT_TABLE_SIZE = 4096
-ENTRY_OVERHEAD = 32  # RFC 7541 section 4.1
+DEFAULT_TABLE_SIZE: Final = 4096
+ENTRY_OVERHEAD: Final = 32  # RFC 7541 section 4.1
 
 
 class HPACKError(Exception):
@@ -27,7 +29,7 @@ class HeaderListTooLarge(HPACKError):
 
 
 # RFC 7541 Appendix A.
-STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = (
+STATIC_TABLE: Final[tuple[tuple[bytes, bytes], ...]] = (
     (b":authority", b""),
     (b":method", b"GET"),
     (b":method", b"POST"),
@@ -90,12 +92,12 @@ STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = (
     (b"via", b""),
     (b"www-authenticate", b""),
 )
-STATIC_LEN = len(STATIC_TABLE)
+STATIC_LEN: Final = len(STATIC_TABLE)
 
 # Code length in bits of each symbol 0..256 (256 is EOS), RFC 7541 Appendix B. The code is
 # canonical: codes are handed out in order of (length, symbol), each one more than the last,
 # shifted left when the length grows.
-HUFFMAN_LENGTHS: tuple[int, ...] = (
+HUFFMAN_LENGTHS: Final[tuple[int, ...]] = (
     13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28,
     28, 28, 28, 28, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 28,
     6, 10, 10, 12, 13, 6, 8, 11, 10, 10, 8, 11, 8, 6, 6, 6,
@@ -115,7 +117,7 @@ HUFFMAN_LENGTHS: tuple[int, ...] = (
     30,
 )  # fmt: skip
 
-EOS = 256
+EOS: Final = 256
 
 
 def _canonical_codes(lengths: tuple[int, ...]) -> list[int]:
@@ -131,7 +133,7 @@ def _canonical_codes(lengths: tuple[int, ...]) -> list[int]:
     return codes
 
 
-HUFFMAN_CODES: list[int] = _canonical_codes(HUFFMAN_LENGTHS)
+HUFFMAN_CODES: Final[list[int]] = _canonical_codes(HUFFMAN_LENGTHS)
 
 # Decoding table: state s (an inner node of the code tree, 0 = root) and 4 input bits give
 # _DEC_NEXT[s*16+nibble] = next state, or -1 for an error (EOS decoded); _DEC_SYM = the symbol
@@ -269,7 +271,7 @@ def encode_integer(value: int, prefix_bits: int, first: int, out: bytearray) -> 
 
 
 # Integers in a field block are bounded: nothing legitimate needs more than 2**32.
-_MAX_INT = 1 << 32
+_MAX_INT: Final = 1 << 32
 
 
 def _decode_integer(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
@@ -411,7 +413,7 @@ class Decoder:
 
 
 # Fields never added to the table and marked never-indexed (RFC 7541 section 7.1.3).
-_SENSITIVE = frozenset({b"authorization", b"proxy-authorization"})
+_SENSITIVE: Final = frozenset({b"authorization", b"proxy-authorization"})
 
 
 def _static_maps() -> tuple[dict[tuple[bytes, bytes], int], dict[bytes, int]]:
@@ -423,7 +425,23 @@ def _static_maps() -> tuple[dict[tuple[bytes, bytes], int], dict[bytes, int]]:
     return full, names
 
 
-_STATIC_FULL, _STATIC_NAME = _static_maps()
+_STATIC_MAPS: Final = _static_maps()
+_STATIC_FULL: Final = _STATIC_MAPS[0]
+_STATIC_NAME: Final = _STATIC_MAPS[1]
+# An encoder's field map starts with the static table's fields, each as minus its index.
+_STATIC_FULL_NEGATIVE: Final = {field: -index for field, index in _STATIC_FULL.items()}
+_MISSING: Final = 1 << 40  # no field index is ever this large
+# Every single-byte string, so a small integer's encoding is a lookup.
+_BYTES: Final = tuple(bytes((i,)) for i in range(256))
+
+
+def _int(value: int, prefix_bits: int, first: int) -> bytes:
+    """``value`` with an N-bit prefix (RFC 7541 section 5.1) as bytes; ``first`` holds the flag bits."""
+    if value < (1 << prefix_bits) - 1:
+        return _BYTES[first | value]
+    out = bytearray()
+    encode_integer(value, prefix_bits, first, out)
+    return bytes(out)
 
 
 class Encoder:
@@ -446,7 +464,8 @@ class Encoder:
         self._size = 0
         self._table_max = table_size
         self._inserted = 0  # insertion number of the next entry
-        self._full: dict[tuple[bytes, bytes], int] = {}  # (name, value) -> insertion number
+        # (name, value) -> insertion number; the static table's fields as minus their index.
+        self._full: dict[tuple[bytes, bytes], int] = dict(_STATIC_FULL_NEGATIVE)
         self._names: dict[bytes, int] = {}  # name -> insertion number
         self._pending_update = False
         self._pending_min = table_size
@@ -482,6 +501,7 @@ class Encoder:
         if size > self._table_max:
             self._entries.clear()
             self._full.clear()
+            self._full.update(_STATIC_FULL_NEGATIVE)
             self._names.clear()
             self._size = 0
             return
@@ -493,36 +513,33 @@ class Encoder:
         self._full[(name, value)] = n
         self._names[name] = n
 
-    def _string(self, s: bytes, out: bytearray) -> None:
+    def _string(self, s: bytes, out: list[bytes]) -> None:
         if self.huffman and len(s) > 1:
             hl = huffman_length(s)
             if hl <= len(s):
-                encode_integer(hl, 7, 0x80, out)
-                out += huffman_encode(s)
+                out.append(_int(hl, 7, 0x80))
+                out.append(huffman_encode(s))
                 return
-        encode_integer(len(s), 7, 0, out)
-        out += s
+        out.append(_int(len(s), 7, 0))
+        out.append(s)
 
     def encode(self, headers: Headers) -> bytes:
         """Encode one header list into a field block."""
-        out = bytearray()
+        # Pieces joined once at the end (appending to a bytearray is a method call per byte).
+        out: list[bytes] = []
         if self._pending_update:
             if self._pending_min < self._table_max:
-                encode_integer(self._pending_min, 5, 0x20, out)
-            encode_integer(self._table_max, 5, 0x20, out)
+                out.append(_int(self._pending_min, 5, 0x20))
+            out.append(_int(self._table_max, 5, 0x20))
             self._pending_update = False
             self._pending_min = self._table_max
         full = self._full
         names = self._names
         for name, value in headers:
-            key = (name, value)
-            idx = _STATIC_FULL.get(key, 0)
-            if idx:
-                encode_integer(idx, 7, 0x80, out)
-                continue
-            ins = full.get(key, -1)
-            if ins >= 0:
-                encode_integer(STATIC_LEN + self._inserted - ins, 7, 0x80, out)
+            # One lookup for both tables: static entries are in ``full`` as minus their index.
+            ins = full.get((name, value), _MISSING)
+            if ins != _MISSING:
+                out.append(_int(-ins if ins < 0 else STATIC_LEN + self._inserted - ins, 7, 0x80))
                 continue
             name_idx = _STATIC_NAME.get(name, 0)
             if not name_idx:
@@ -530,21 +547,21 @@ class Encoder:
                 if ins >= 0:
                     name_idx = STATIC_LEN + self._inserted - ins
             if name in _SENSITIVE or (name == b"cookie" and len(value) < 20):
-                encode_integer(name_idx, 4, 0x10, out)
+                out.append(_int(name_idx, 4, 0x10))
                 if not name_idx:
                     self._string(name, out)
                 self._string(value, out)
                 continue
             if _entry_size(name, value) * 4 > self._table_max * 3:
                 # Too large to be worth a table slot: literal without indexing.
-                encode_integer(name_idx, 4, 0x00, out)
+                out.append(_int(name_idx, 4, 0x00))
                 if not name_idx:
                     self._string(name, out)
                 self._string(value, out)
                 continue
-            encode_integer(name_idx, 6, 0x40, out)
+            out.append(_int(name_idx, 6, 0x40))
             if not name_idx:
                 self._string(name, out)
             self._string(value, out)
             self._add(name, value)
-        return bytes(out)
+        return b"".join(out)

@@ -128,6 +128,11 @@ class PipeBody(Body):
     def done(self) -> bool:
         return self._done
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return self._buffered
+
     def _wake(self) -> None:
         w = self._waiter
         if w is not None and not w.done():

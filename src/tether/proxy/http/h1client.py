@@ -75,10 +75,17 @@ class H1ClientConnection(asyncio.Protocol):
         self._keep_alive = True
         self.idle_since = 0.0
         self._pump: asyncio.Task[None] | None = None
+        self._pause: Callable[[], None] | None = None
+        self._resume: Callable[[], None] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # Bound once: each response body pauses and resumes the same transport.
+        t = self.transport
+        assert t is not None
+        self._pause = t.pause_reading
+        self._resume = t.resume_reading
 
     def data_received(self, data: bytes) -> None:
         if self._head is None and self._body is None:
@@ -89,9 +96,14 @@ class H1ClientConnection(asyncio.Protocol):
         if self._in_head:
             # Bounded like the request side: an upstream that never ends its head is cut off.
             # Only the bytes up to the end of the head count (the body may follow in this chunk).
-            end = data.find(b"\r\n\r\n")
-            self._head_bytes += len(data) if end < 0 else end
-            if self._head_bytes > self.pool.cfg.max_header_bytes:
+            limit = self.pool.cfg.max_header_bytes
+            if self._head_bytes + len(data) <= limit:
+                # Within the limit even counting the whole read (the common case): no search.
+                self._head_bytes += len(data)
+            else:
+                end = data.find(b"\r\n\r\n")
+                self._head_bytes += len(data) if end < 0 else end
+            if self._head_bytes > limit:
                 self._fail(UpstreamError(
                     f"upstream response header block exceeds {self.pool.cfg.max_header_bytes} bytes"))
                 self._abort()
@@ -204,10 +216,7 @@ class H1ClientConnection(asyncio.Protocol):
             self._body_until_close = framing.content_length is None and not framing.chunked
             if self._body_until_close:
                 self._keep_alive = False
-            t = self.transport
-            assert t is not None
-            self._body = PipeBody(framing.content_length, t.pause_reading, t.resume_reading,
-                                  self.pool.cfg.body_buffer_high)
+            self._body = PipeBody(framing.content_length, self._pause, self._resume, self.pool.cfg.body_buffer_high)
             body = self._body
         else:
             body = EmptyBody()
@@ -252,23 +261,24 @@ class H1ClientConnection(asyncio.Protocol):
         self._head = loop.create_future()
         body = req.body
         # The client's Connection: close is hop-by-hop: the pooled upstream connection stays open.
-        headers = [(b"host", req.authority), *req.headers]
+        headers = req.headers
+        host = req.authority
         pump = None
         if type(body) is EmptyBody:
             framing = h1.Framing(0, False) if req.method in _BODY_METHODS else h1.NO_BODY
-            transport.write(h1.encode_request_head(req.method, req.path, "1.1", headers, framing))
+            transport.write(h1.encode_request_head(req.method, req.path, "1.1", headers, framing, host))
             self._request_sent = True
         elif body.is_end_known():
             data = await body.read()
             rest = await body.read() if data else b""
             data += rest
             framing = h1.Framing(len(data), False) if data or req.method in _BODY_METHODS else h1.NO_BODY
-            transport.write(h1.encode_request_head(req.method, req.path, "1.1", headers, framing) + data)
+            transport.write(h1.encode_request_head(req.method, req.path, "1.1", headers, framing, host) + data)
             self._request_sent = True
         else:
             length = body.length
             framing = h1.Framing(length, False) if length is not None else h1.Framing(None, True)
-            transport.write(h1.encode_request_head(req.method, req.path, "1.1", headers, framing))
+            transport.write(h1.encode_request_head(req.method, req.path, "1.1", headers, framing, host))
             self._request_sent = False
             pump = self._pump = loop.create_task(self._send_body(body, framing))
         try:

@@ -94,6 +94,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._upgrade_leftover: bytes | None = None
         self._parse_error: h1.H1Error | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # loop time the timer fires
         self._deadline = 0.0
         self._deadline_cb: Callable[[], None] | None = None
         self._tick = min(cfg.header_read_timeout, cfg.idle_timeout) / 4
@@ -106,6 +107,8 @@ class H1ServerProtocol(asyncio.Protocol):
         # that starts a read; the line's bytes gather in ``_line`` until its LF arrives.
         self._line_check = True
         self._line = bytearray()
+        self._line_method: bytes | None = None  # of the checked line, until its head is parsed
+        self._line_version = "1.1"
         self._between = True  # the parser is between two messages
         self._final = False  # the request being read is the connection's last
         self._final_done = False  # ... and it has been read whole: later bytes are dropped
@@ -162,9 +165,16 @@ class H1ServerProtocol(asyncio.Protocol):
         if not self._line:
             # The common case: the whole line is in this read (no copy).
             start = 0
-            while data.startswith(b"\r\n", start) or data.startswith(b"\n", start):
-                start += 1 if data[start] == 0x0A else 2  # RFC 9112 2.2: skip empty lines
-            eol = data.find(b"\n", start)
+            n = len(data)
+            while start < n:  # RFC 9112 2.2: skip empty lines ("\r\n" or "\n")
+                c = data[start]
+                if c == 0x0A:
+                    start += 1
+                elif c == 0x0D and start + 1 < n and data[start + 1] == 0x0A:
+                    start += 2
+                else:
+                    break
+            eol = h1.find_lf(data, start)
             if eol >= 0:
                 return self._judge_line(data[start:eol])
             if start < len(data):
@@ -188,10 +198,14 @@ class H1ServerProtocol(asyncio.Protocol):
     def _judge_line(self, line: bytes) -> bool:
         self._line_check = False
         try:
-            h1.check_request_line(line)
+            method_length = h1.check_request_line(line)
         except h1.H1Error as e:
             self._fail_parse(e)
             return False
+        # The head llhttp is about to parse starts with this line: its method and version are
+        # known now, so on_headers_complete need not ask the parser for them.
+        self._line_method = line[:method_length]
+        self._line_version = "1.0" if line[len(line) - 2] == 0x30 else "1.1"  # "HTTP/1.x\r"
         return True
 
     def eof_received(self) -> bool:
@@ -281,18 +295,26 @@ class H1ServerProtocol(asyncio.Protocol):
         self._in_head = False
         self._cancel_timer()
         parser = self._parser
-        version = parser.get_http_version()
-        if version[:2] != "1.":
-            raise h1.H1Error(505, "HTTP version not supported")
-        if version != "1.0":
-            version = "1.1"
+        method = self._line_method
+        if method is not None:  # read from the request line as it was checked
+            self._line_method = None
+            version = self._line_version
+        else:  # a pipelined request that began inside an earlier read
+            version = parser.get_http_version()
+            if version[:2] != "1.":
+                raise h1.H1Error(505, "HTTP version not supported")
+            if version != "1.0":
+                version = "1.1"
+            method = parser.get_method()
         headers = self._headers
         framing = h1.check_request_head(version, headers)
-        method = parser.get_method()
         # An absolute-form target carries the authority (explicit proxy use); Host is then ignored
         # (RFC 9112 section 3.2.2). CONNECT has only an authority.
         authority, target = h1.split_target(method, self._url)
         expect_continue = False
+        # Without a Connection header llhttp has seen no "Connection: upgrade" nor "close":
+        # the parser need not be asked (each call into it costs as much as this whole loop).
+        connection = False
         out_headers: list[tuple[bytes, bytes]] = []
         for kv in headers:
             k = kv[0]
@@ -303,9 +325,11 @@ class H1ServerProtocol(asyncio.Protocol):
             if k == b"expect" and kv[1].lower() == b"100-continue":
                 expect_continue = version == "1.1"
                 continue
+            if k == b"connection" or k == b"proxy-connection":  # llhttp reads both
+                connection = True
             out_headers.append(kv)
         out_headers = forward_headers(out_headers)
-        upgrade = parser.should_upgrade() and method != b"CONNECT"
+        upgrade = connection and parser.should_upgrade() and method != b"CONNECT"
         if upgrade:
             up = next((v for k, v in headers if k == b"upgrade"), None)
             if up is not None:
@@ -336,7 +360,9 @@ class H1ServerProtocol(asyncio.Protocol):
             version=version,
             conn=self.conn,
         )
-        if not parser.should_keep_alive():
+        # HTTP/1.1 keeps the connection unless "Connection: close"; HTTP/1.0 closes it unless
+        # "Connection: keep-alive" (llhttp's rule, which it applies to the headers it parsed).
+        if (connection or version == "1.0") and not parser.should_keep_alive():
             req.close = True
             self._final = True
         if upgrade or method == b"CONNECT":
@@ -624,12 +650,16 @@ class H1ServerProtocol(asyncio.Protocol):
         self._deadline_cb = cb
         timer = self._timer
         if timer is None:
-            self._timer = loop.call_later(min(delay, self._tick), self._on_tick)
-        elif timer.when() > deadline:
+            self._schedule_tick(min(delay, self._tick))
+        elif self._timer_at > deadline:
             # A deadline before the next tick (the first head's timeout counted from a byte that
             # arrived during detection) must not wait for that tick.
             timer.cancel()
-            self._timer = loop.call_later(delay, self._on_tick)
+            self._schedule_tick(delay)
+
+    def _schedule_tick(self, delay: float) -> None:
+        timer = self._timer = self._loop.call_later(delay, self._on_tick)
+        self._timer_at = timer.when()  # kept: asking the handle costs a call per request
 
     def _cancel_timer(self, release: bool = False) -> None:
         self._deadline_cb = None
@@ -648,7 +678,7 @@ class H1ServerProtocol(asyncio.Protocol):
             self._deadline_cb = None
             cb()
         else:
-            self._timer = loop.call_later(min(left, self._tick), self._on_tick)
+            self._schedule_tick(min(left, self._tick))
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Final
 
 from tether.core.http import h2proto
 from tether.core.http.h2headers import H2HeaderError, parse_response, request_fields
 from tether.proxy.config import H2Settings
-from tether.proxy.http.body import Body, BodyError, EmptyBody
+from tether.proxy.http.body import Body, BodyError, BytesBody, EmptyBody, PipeBody
 from tether.proxy.http.h2codec import CANCEL, INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR
 from tether.proxy.http.h2conn import (
     H2ConnectionClosed,
@@ -37,7 +38,7 @@ from tether.proxy.http.message import Request, Response
 __all__ = ["H2ClientConnection", "H2ConnectionClosed", "H2Error", "H2NoStreamSlot", "H2StreamReset"]
 
 
-_ASSUMED_MAX_STREAMS = 100  # RFC 9113 section 6.5.2: SETTINGS_MAX_CONCURRENT_STREAMS "no smaller than 100"
+_ASSUMED_MAX_STREAMS: Final = 100  # RFC 9113 section 6.5.2: SETTINGS_MAX_CONCURRENT_STREAMS "no smaller than 100"
 
 
 class H2NoStreamSlot(H2ConnectionClosed):
@@ -108,6 +109,10 @@ class H2ClientConnection(H2Protocol):
         st.headers_sent = True
         if empty:
             st.local_closed = True
+        elif _fits_now(req.body, self._h2.local_flow_control_window(stream_id)):
+            # The whole body is here and the peer's windows take it: it goes out now, in the same
+            # write as the head, without a Task of its own (creating one costs more than sending).
+            await self._upload(stream_id, st, req.body)
         else:
             task = self._loop.create_task(self._upload(stream_id, st, req.body))
             st.upload = task
@@ -246,13 +251,17 @@ class H2ClientConnection(H2Protocol):
             for k, v in headers:
                 if k == b"content-length" and v.isdigit():
                     length = int(v)
-            st.body = self._new_body(stream_id, length, lambda: self._discarded(stream_id, st))
+            # The callback names the stream by id, not by its state: a closure holding ``st``
+            # (which holds the body, which holds the callback) would be a reference cycle per
+            # call, freed only by the garbage collector.
+            st.body = self._new_body(stream_id, length, lambda: self._discarded(stream_id))
             body = st.body
         st.response.set_result(Response(status=status, headers=headers, body=body))
 
-    def _discarded(self, stream_id: int, st: StreamState) -> None:
+    def _discarded(self, stream_id: int) -> None:
         # The reader abandoned the response body before its end: stop the upstream stream.
-        if not st.remote_closed:
+        st = self._streams.get(stream_id)
+        if st is not None and not st.remote_closed:
             self._reset_stream(stream_id, st, CANCEL)
 
     def _stream_reset(self, stream_id: int, st: StreamState, err: H2Error) -> None:
@@ -284,3 +293,12 @@ class H2ClientConnection(H2Protocol):
         self._wake_all_slots()
         for t in list(self._tasks):
             t.cancel()
+
+
+def _fits_now(body: Body, window: int) -> bool:
+    """True when ``body`` is wholly buffered and no larger than ``window``: sending it never waits."""
+    if isinstance(body, PipeBody):
+        return body.is_end_known() and body.buffered <= window
+    if type(body) is BytesBody:
+        return body.length is not None and body.length <= window
+    return False

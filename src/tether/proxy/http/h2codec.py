@@ -12,19 +12,19 @@ implementation is :class:`~tether.proxy.http.h2server.H2ServerProtocol` and
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Final, Protocol
 
 from tether.proxy.http.message import Request, Response
 
 # RFC 9113 section 7 error codes (the subset named in messages and decisions).
-NO_ERROR = 0x0
-PROTOCOL_ERROR = 0x1
-INTERNAL_ERROR = 0x2
-FLOW_CONTROL_ERROR = 0x3
-REFUSED_STREAM = 0x7
-CANCEL = 0x8
-ENHANCE_YOUR_CALM = 0xB
-ERROR_NAMES = {
+NO_ERROR: Final = 0x0
+PROTOCOL_ERROR: Final = 0x1
+INTERNAL_ERROR: Final = 0x2
+FLOW_CONTROL_ERROR: Final = 0x3
+REFUSED_STREAM: Final = 0x7
+CANCEL: Final = 0x8
+ENHANCE_YOUR_CALM: Final = 0xB
+ERROR_NAMES: Final = {
     0x0: "NO_ERROR",
     0x1: "PROTOCOL_ERROR",
     0x2: "INTERNAL_ERROR",

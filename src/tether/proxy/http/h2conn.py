@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import cast
+from typing import Final, cast
 
 from tether.core.http import h2frames, h2proto
 from tether.core.http.h2headers import trailer_fields
@@ -32,11 +32,11 @@ Headers = list[tuple[bytes, bytes]]
 
 # How many closed streams the connection remembers (to tell a late frame after RST_STREAM from a
 # protocol error); a few times the concurrency bound covers every frame still in flight after a reset.
-CLOSED_STREAMS_REMEMBERED = 1024
+CLOSED_STREAMS_REMEMBERED: Final = 1024
 
 # Bytes parsed per loop iteration: 16 KiB of the smallest frames is about 1,000 PINGs or 800
 # SETTINGS, a few milliseconds of work; a larger read is parsed over several iterations.
-RECEIVE_SLICE = 16 * 1024
+RECEIVE_SLICE: Final = 16 * 1024
 
 
 class H2Body(PipeBody):

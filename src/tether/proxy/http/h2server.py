@@ -68,6 +68,7 @@ class H2ServerProtocol(H2Protocol):
         self._done: asyncio.Future[None] | None = None
         self._lost = False  # connection_lost has run
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0  # loop time the connection last had no stream
         self.streams_served = 0
 
     # -- public ------------------------------------------------------------------------------
@@ -200,9 +201,9 @@ class H2ServerProtocol(H2Protocol):
         st.task = task
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        # A pending idle timer stays: when it fires it finds the connection busy, or idle for less
+        # than the timeout (and waits for the rest). Cancelling and re-arming a timer per stream
+        # costs more than the stream's own bookkeeping.
         self.streams_served += 1
 
     def _stream_reset(self, stream_id: int, st: StreamState, err: H2Error) -> None:
@@ -254,15 +255,19 @@ class H2ServerProtocol(H2Protocol):
 
     def _arm_idle_timer(self) -> None:
         # A connection with no stream for idle_timeout is closed (GOAWAY first), so clients that
-        # connect and go quiet hold no resources for ever.
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        # connect and go quiet hold no resources for ever. The idle time counts from now.
         if not self._closed and self.config.idle_timeout > 0:
-            self._idle_timer = self._loop.call_later(self.config.idle_timeout, self._on_idle)
+            self._idle_since = self._loop.time()
+            if self._idle_timer is None:
+                self._idle_timer = self._loop.call_later(self.config.idle_timeout, self._on_idle)
 
     def _on_idle(self) -> None:
         self._idle_timer = None
         if self._tasks or self._closed:
+            return  # busy: the end of its last stream arms the timer again
+        left = self._idle_since + self.config.idle_timeout - self._loop.time()
+        if left > 0:  # streams came and went since the timer was set: idle for less than the timeout
+            self._idle_timer = self._loop.call_later(left, self._on_idle)
             return
         self._draining = True
         self._write_goaway(NO_ERROR, self._h2.highest_inbound_stream_id)

@@ -15,7 +15,7 @@ from typing import Final
 
 from tether.core.discovery.endpoints import Addr
 from tether.core.http.authority import normalize_authority
-from tether.proxy.cache import IdleCache, Stack
+from tether.proxy.cache import CacheEntry, IdleCache, Stack
 from tether.proxy.discovery import Discovery
 from tether.proxy.errors import ProxyError, UnavailableError
 from tether.proxy.http.message import Request, Response
@@ -68,7 +68,8 @@ class Router:
         self._own_ports = {a[1] for a in own_addrs}
         self._generation = generation or (lambda: 0)
         self._seen_generation = self._generation()
-        self._decided: dict[tuple[bytes, Addr | None], Logical] = {}
+        # The destination decided for an authority, and its cache entry (kept while live).
+        self._decided: dict[tuple[bytes, Addr | None], tuple[Logical, CacheEntry[Stack]]] = {}
 
     def __call__(self, req: Request) -> Awaitable[Response]:
         # Synchronous when the destination was decided before: no coroutine frame of its own.
@@ -84,9 +85,14 @@ class Router:
         if gen != self._seen_generation:
             self._seen_generation = gen
             self._decided.clear()  # discovery changed: unknown authorities may be known now
-        logical = self._decided.get(key)
-        if logical is not None:
-            return self.stacks.get(logical).service(req)
+        hit = self._decided.get(key)
+        if hit is not None:
+            logical, entry = hit
+            if not entry.live:  # the cache dropped that stack while idle: build it again
+                entry = self.stacks.entry(logical)
+                self._decided[key] = (logical, entry)
+                return entry.value.service(req)
+            return self.stacks.use(entry).service(req)
         return self._decide_and_call(req, key)
 
     async def _connect(self, req: Request) -> Response:
@@ -98,8 +104,9 @@ class Router:
         logical = await self._decide(key[0], key[1])
         if len(self._decided) >= _MAX_DECISIONS:
             self._decided.clear()
-        self._decided[key] = logical
-        return await self.stacks.get(logical).service(req)
+        entry = self.stacks.entry(logical)
+        self._decided[key] = (logical, entry)
+        return await entry.value.service(req)
 
     async def _decide(self, authority: bytes, orig_dst: Addr | None) -> Logical:
         try:
