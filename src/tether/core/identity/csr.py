@@ -6,6 +6,8 @@ identity's DNS-like name and SPIFFE id as the only SANs, and (if present) that n
 
 from __future__ import annotations
 
+import warnings
+
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -72,7 +74,11 @@ def validate_csr(der: bytes, identity: WorkloadIdentity) -> x509.CertificateSign
         key = csr.public_key()
         signature_ok = csr.is_signature_valid
         extensions = list(csr.extensions)
-        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        with warnings.catch_warnings():
+            # cryptography warns of a CN over X.520's 64 characters; identity names may be longer
+            # (Linkerd's are too), and the CN is compared with the identity below, not trusted.
+            warnings.simplefilter("ignore", UserWarning)
+            cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     except _UNREADABLE as e:
         raise CsrError(f"CSR cannot be read: {e}") from None
     if not signature_ok:
