@@ -39,9 +39,14 @@ class KeyMaterial:
 
 def generate(identity: str, password: bytes, timeout: float = _TIMEOUT) -> KeyMaterial:
     """Make a key and a CSR for ``identity`` (a DNS-like identity name) in a child interpreter."""
+    # The running interpreter by /proc/self/exe where there is one: a proxy that dropped its
+    # privileges may not be allowed to look the path up again (a venv whose interpreter links into
+    # a private home directory, as in the local mesh), while the open binary is always reachable.
+    # argv[0] stays sys.executable, so the child finds the same environment.
+    exe = "/proc/self/exe" if os.path.exists("/proc/self/exe") else sys.executable
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "tether.proxy.keygen", identity],
+            [sys.executable, "-m", "tether.proxy.keygen", identity], executable=exe,
             input=password, capture_output=True, timeout=timeout, check=False,
             # The child must import the same tether as this process, wherever that came from.
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},

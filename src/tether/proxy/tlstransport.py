@@ -364,7 +364,11 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
         raise
     protocol = protocol_factory()
     transport = TlsTransport(loop, sock, protocol)
-    transport._start()
+    try:
+        transport._start()
+    except BaseException:
+        transport.abort()
+        raise
     return transport, protocol
 
 
