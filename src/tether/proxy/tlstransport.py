@@ -31,6 +31,7 @@ __all__ = ["TlsTransport", "tls_accept", "tls_connect"]
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 _READ_CHUNK = 64 * 1024
+_FULL_RECORD = 16 * 1024  # TLS's largest plaintext record
 # Bytes read per readable event before the transport lets other connections run.
 _READ_PER_EVENT = 256 * 1024
 _HIGH_WATER = 64 * 1024
@@ -98,6 +99,11 @@ class TlsTransport(asyncio.Transport):
                     break
                 chunks.append(bytes(_recv_view[:n]))
                 total += n
+                if n < _FULL_RECORD:
+                    # A short record usually ends what the peer sent. Without read-ahead OpenSSL holds
+                    # nothing beyond the record it returned, so anything more is still in the socket
+                    # and the loop will say so: not asking saves a read(2) that would only say EAGAIN.
+                    break
             else:
                 # Stopped by the bound: records OpenSSL already holds would not wake the loop.
                 self._loop.call_soon(self._on_readable)
