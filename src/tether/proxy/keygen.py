@@ -39,20 +39,27 @@ class KeyMaterial:
 
 def generate(identity: str, password: bytes, timeout: float = _TIMEOUT) -> KeyMaterial:
     """Make a key and a CSR for ``identity`` (a DNS-like identity name) in a child interpreter."""
-    # The running interpreter by /proc/self/exe where there is one: a proxy that dropped its
-    # privileges may not be allowed to look the path up again (a venv whose interpreter links into
-    # a private home directory, as in the local mesh), while the open binary is always reachable.
-    # argv[0] stays sys.executable, so the child finds the same environment.
-    exe = "/proc/self/exe" if os.path.exists("/proc/self/exe") else sys.executable
-    try:
-        out = subprocess.run(
-            [sys.executable, "-m", "tether.proxy.keygen", identity], executable=exe,
-            input=password, capture_output=True, timeout=timeout, check=False,
-            # The child must import the same tether as this process, wherever that came from.
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise KeygenError(f"cannot run the key generator ({sys.executable} -m tether.proxy.keygen): {e}") from None
+    argv = [sys.executable, "-m", "tether.proxy.keygen", identity]
+    # The child must import the same tether as this process, wherever that came from.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = None
+    # sys.executable first; then the running binary by /proc/self/exe (argv[0] stays sys.executable,
+    # so the child finds the same environment): a proxy that dropped its privileges may not be
+    # allowed to look the interpreter's path up again (a venv whose interpreter links into a private
+    # home directory, as in the local mesh), while the open binary is always reachable. Not the other
+    # way round: under valgrind /proc/self/exe is valgrind.
+    for exe in (sys.executable, "/proc/self/exe"):
+        try:
+            out = subprocess.run(argv, executable=exe, env=env, input=password, capture_output=True,
+                                 timeout=timeout, check=False)
+            break
+        except (PermissionError, FileNotFoundError) as e:
+            error: OSError | subprocess.TimeoutExpired = e
+        except (OSError, subprocess.TimeoutExpired) as e:
+            error = e
+            break
+    if out is None:
+        raise KeygenError(f"cannot run the key generator ({sys.executable} -m tether.proxy.keygen): {error}")
     if out.returncode != 0:
         last = (out.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
         raise KeygenError(f"the key generator failed (exit {out.returncode}): {last}")
