@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tether.core.identity.authority import create_anchor, create_issuer
 from tether.core.identity.certs import IssuerCredentials, certificates_pem
-from tether.core.identity.csr import build_csr, validate_csr
+from tether.core.identity.csr import validate_csr
 from tether.core.identity.issuance import IssuancePolicy, issue_leaf
 from tether.core.identity.names import parse_identity_name
 from tether.proxy.identity import (
@@ -43,7 +43,8 @@ class CA:
     def answer(self, c: IdentityClient, identity: str | None = None, **kw: object) -> SimpleNamespace:
         """What the identity service would return to ``c`` (for ``identity``, default its own)."""
         ident = parse_identity_name(identity) if identity else c.identity
-        csr = validate_csr(build_csr(c.key, ident), ident)
+        # The client's own CSR (for its own name); the leaf names ``ident``, as a confused issuer would.
+        csr = validate_csr(c.csr_der, c.identity)
         leaf = issue_leaf(self.creds, csr, ident, dt.datetime.now(dt.UTC), **kw)  # type: ignore[arg-type]
         return SimpleNamespace(leaf_certificate=leaf.leaf_der, intermediate_certificates=list(leaf.intermediates_der))
 

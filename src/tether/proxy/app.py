@@ -309,7 +309,7 @@ def identity_client(cfg: ProxyConfig) -> IdentityClient | None:
         raise ConfigError(f"--identity-name is set but {', '.join(missing)} {verb} not")
     assert cfg.identity_token_path and cfg.identity_trust_anchors and cfg.identity_addrs
     # Imported here: cryptography and protobuf cost ~15 MiB of RSS a plaintext proxy does not need.
-    from tether.core.identity.certs import CertificateError
+    from tether.core.identity.certview import CertificateError
     from tether.proxy.identity import IdentityClient, IdentityClientConfig
 
     try:

@@ -20,6 +20,7 @@ from tether.proxy.http.h1client import Connector
 from tether.proxy.targets import EndpointTarget
 from tether.proxy.tcp import Pending
 from tether.proxy.tlspeer import IdentityNotReady
+from tether.proxy.tlstransport import tls_connect
 
 if TYPE_CHECKING:
     from tether.proxy.identity import IdentityClient
@@ -53,9 +54,7 @@ def connector(target: EndpointTarget, identity: IdentityClient | None, handshake
     async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
         ctx = _client_context(identity)
         try:
-            return await asyncio.get_running_loop().create_connection(
-                factory, host, port, ssl=ctx, server_hostname=server_id,
-                ssl_handshake_timeout=handshake_timeout)
+            return await tls_connect(factory, host, port, ctx, server_id, handshake_timeout)
         except ssl.SSLError as e:
             # Name what we expected: the reason reaches the client in l5d-proxy-error.
             raise OSError(f"mTLS handshake expecting identity {server_id} failed: {e.reason or e}") from None
@@ -69,11 +68,13 @@ async def connect_tcp(target: EndpointTarget, identity: IdentityClient | None, t
     kept in the returned Pending protocol. Over mTLS, the transport header goes first."""
     loop = asyncio.get_running_loop()
     ctx = _client_context(identity) if target.server_id is not None and identity is not None else None
+    transport: asyncio.Transport
     async with asyncio.timeout(timeout):
-        transport, proto = await loop.create_connection(
-            Pending, target.dial[0], target.dial[1], ssl=ctx,
-            server_hostname=target.server_id if ctx is not None else None,
-            ssl_handshake_timeout=handshake_timeout if ctx is not None else None)
+        if ctx is not None and target.server_id is not None:
+            transport, proto = await tls_connect(Pending, target.dial[0], target.dial[1], ctx, target.server_id,
+                                                 handshake_timeout)
+        else:
+            transport, proto = await loop.create_connection(Pending, target.dial[0], target.dial[1])
     if target.transport_port is not None and ctx is not None:
         transport.write(transport_header.encode(transport_header.TransportHeader(target.transport_port)))
     return transport, proto

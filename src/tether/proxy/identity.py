@@ -1,7 +1,10 @@
 """The proxy's identity client: a private key that never leaves the process, a certificate from the
 identity service that is renewed before it expires, and the TLS contexts built from both.
 
-* The key is generated in memory at start (written to disk only if ``key_path`` is set).
+* The key is generated at start by a short-lived child process (``tether.proxy.keygen``) and kept in
+  memory (written to disk only if ``key_path`` is set): the proxy itself never loads cryptography.
+* Certificates are read with ``core.identity.certview`` (a strict DER reader) and verified by OpenSSL
+  through ``ssl``: an in-memory mutual-TLS handshake between the contexts the new chain would get.
 * Certify is called with the workload's token (re-read each time: tokens rotate) against a list of
   identity service addresses; when one is down the next is tried.
 * Renewal happens at 70% of the certificate's remaining lifetime; on failure it retries with
@@ -27,22 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from tether.api.gen import identity_pb2
-from tether.core.identity.certs import (
+from tether.core.identity.certview import (
     CertificateError,
-    TrustBundle,
+    CertView,
+    TrustAnchors,
     certificates_pem,
-    chain_to_anchor,
     check_leaf_profile,
-    public_keys_match,
-    sans,
+    describe,
+    parse_der,
+    validity_problem,
 )
-from tether.core.identity.csr import build_csr, generate_key
 from tether.core.identity.names import parse_identity_name
+from tether.proxy import keygen
 from tether.proxy.grpc_client import GrpcChannel, GrpcError, Status
 from tether.proxy.tlspeer import IdentityNotReady, peer_identity, peer_spiffe_id
 
@@ -110,16 +110,14 @@ def _write_private(path: str, data: bytes) -> None:
     os.chmod(path, 0o600)
 
 
-def _load_cert_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: ec.EllipticCurvePrivateKey) -> None:
+def _load_cert_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: keygen.KeyMaterial) -> None:
     """Load a certificate chain and key into ``ctx`` without writing the key to any filesystem.
 
     ssl only loads from paths; on Linux a memfd (anonymous memory) provides one. Elsewhere the key is
-    encrypted with a one-time password before it touches a temporary file.
+    encrypted with a one-time password (the key generator made that copy) before it touches a file.
     """
     if hasattr(os, "memfd_create"):
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key_pem = key.key_pem
         fd = os.memfd_create("tether-identity", os.MFD_CLOEXEC)
         try:
             data = memoryview(chain_pem + key_pem)
@@ -129,16 +127,10 @@ def _load_cert_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: ec.EllipticCurv
         finally:
             os.close(fd)
         return
-    password = secrets.token_bytes(32)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(password),
-    )
     with tempfile.TemporaryDirectory(prefix="tether-identity-") as d:
         p = Path(d) / "chain.pem"
-        _write_private(str(p), chain_pem + key_pem)
-        ctx.load_cert_chain(str(p), password=password)
+        _write_private(str(p), chain_pem + key.key_pem_encrypted)
+        ctx.load_cert_chain(str(p), password=key.password)
 
 
 def _no_session_tickets(ctx: ssl.SSLContext) -> None:
@@ -147,6 +139,45 @@ def _no_session_tickets(ctx: ssl.SSLContext) -> None:
     ticket: 24% of a server proxy's instructions per new mesh connection (callgrind)."""
     ctx.num_tickets = 0
     ctx.options |= ssl.OP_NO_TICKET
+
+
+def _loopback_handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, name: str) -> str | None:
+    """A TLS handshake between two contexts over memory BIOs; None if both ends accept, else why not."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(c_in, c_out, server_side=False, server_hostname=name)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(16):  # a TLS 1.3 handshake takes 2-3 flights; more means something is wrong
+        for side, obj in (("client", client), ("server", server)):
+            if done[side]:
+                continue
+            try:
+                obj.do_handshake()
+                done[side] = True
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass
+            except ssl.SSLCertVerificationError as e:
+                who = "the server end (our leaf as a peer's server)" if side == "client" else "the client end"
+                return f"{who} refused it: {e.verify_message}"
+            except ssl.SSLError as e:
+                return f"the {side} end failed: {e.reason or e}"
+        if c_out.pending:
+            s_in.write(c_out.read())
+        if s_out.pending:
+            c_in.write(s_out.read())
+        if done["client"] and done["server"] and not c_out.pending and not s_out.pending:
+            # TLS 1.3: the server checks the client's certificate after the client finishes; its
+            # last flight was read above, so a server-side refusal has surfaced by now.
+            try:
+                server.read(1)
+            except ssl.SSLWantReadError:
+                return None
+            except ssl.SSLCertVerificationError as e:
+                return f"the client end refused it: {e.verify_message}"
+            except ssl.SSLError as e:
+                return f"the server end failed: {e.reason or e}"
+            return None
+    return "the handshake did not complete"
 
 
 class IdentityClient:
@@ -166,21 +197,17 @@ class IdentityClient:
         self.identity = parse_identity_name(config.identity)
         self.clock = clock
         self.rng = rng or random.Random()
-        self.key = generate_key()
-        if config.key_path:
-            _write_private(
-                config.key_path,
-                self.key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                ),
-            )
-        # The CSR depends only on the key and identity, so one serves every renewal.
-        self.csr_der = build_csr(self.key, self.identity)
         self._bundle_sig = _file_signature(config.trust_anchors_path)
         self.bundle = self._read_bundle()  # a proxy with no usable anchors must not start
-        self.chain: list[x509.Certificate] | None = None
+        try:
+            self.key = keygen.generate(self.identity.dns_name, secrets.token_hex(32).encode())
+        except keygen.KeygenError as e:
+            raise ValueError(str(e)) from None
+        if config.key_path:
+            _write_private(config.key_path, self.key.key_pem)
+        # The CSR depends only on the key and identity, so one serves every renewal.
+        self.csr_der = self.key.csr_der
+        self.chain: list[CertView] | None = None
         self.metrics = _Metrics()
         self.ready_event = asyncio.Event()
         self.generation = 0  # bumped whenever the contexts change
@@ -204,13 +231,13 @@ class IdentityClient:
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
 
-    def _read_bundle(self) -> TrustBundle:
+    def _read_bundle(self) -> TrustAnchors:
         path = self.config.trust_anchors_path
         try:
             data = Path(path).read_bytes()
         except OSError as e:
             raise CertificateError(f"cannot read the trust anchors {path}: {e.strerror}") from None
-        return TrustBundle.from_pem(data, path)
+        return TrustAnchors.from_pem(data, path)
 
     # -- TLS contexts ------------------------------------------------------------------------------
 
@@ -254,8 +281,19 @@ class IdentityClient:
         ctx.sni_callback = switch
         return ctx
 
-    def _build_contexts(self, chain: list[x509.Certificate] | None = None, bundle: TrustBundle | None = None) -> None:
+    def _build_contexts(self, chain: list[CertView] | None = None, bundle: TrustAnchors | None = None) -> None:
         """Build both contexts from ``chain`` and ``bundle`` (default: the current ones), then swap."""
+        self._server_ctx, self._client_ctx = self._make_contexts(chain, bundle)
+        self.generation += 1
+        for cb in list(self.on_change):
+            try:
+                cb()
+            except Exception:
+                log.exception("identity on_change callback failed")
+
+    def _make_contexts(self, chain: list[CertView] | None = None,
+                       bundle: TrustAnchors | None = None) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+        """A server and a client context for ``chain`` and ``bundle`` (default: the current ones)."""
         chain = chain or self.chain
         bundle = bundle or self.bundle
         assert chain is not None
@@ -274,13 +312,20 @@ class IdentityClient:
                 _no_session_tickets(ctx)
             contexts.append(ctx)
         contexts[1].check_hostname = True
-        self._server_ctx, self._client_ctx = contexts
-        self.generation += 1
-        for cb in list(self.on_change):
-            try:
-                cb()
-            except Exception:
-                log.exception("identity on_change callback failed")
+        return contexts[0], contexts[1]
+
+    def _handshake_problem(self, chain: list[CertView], bundle: TrustAnchors) -> str | None:
+        """Why peers holding ``bundle`` would refuse ``chain`` (OpenSSL's verdict), or None.
+
+        The contexts ``chain`` would get do a mutual-TLS handshake with each other over memory BIOs,
+        the client asking for our own name: OpenSSL checks the key matches, every signature up to an
+        anchor, the validity dates and the DNS SAN, both ways, as a peer proxy will.
+        """
+        try:
+            server_ctx, client_ctx = self._make_contexts(chain, bundle)
+        except (ssl.SSLError, ValueError) as e:
+            return f"cannot be loaded with this proxy's key: {e}"
+        return _loopback_handshake(server_ctx, client_ctx, self.identity.dns_name)
 
     # -- certify -----------------------------------------------------------------------------------
 
@@ -312,7 +357,7 @@ class IdentityClient:
             path = self.config.token_path
             raise CertifyFailed(f"cannot read the identity token {path}: {e.strerror}") from None
 
-    async def certify_once(self) -> list[x509.Certificate]:
+    async def certify_once(self) -> list[CertView]:
         """One Certify, failing over across addresses; returns a verified chain (leaf first)."""
         request = identity_pb2.CertifyRequest(
             identity=self.identity.dns_name,
@@ -339,26 +384,55 @@ class IdentityClient:
             return self._verify(resp, addr)
         raise CertifyFailed("every identity service failed: " + "; ".join(errors))
 
-    def _verify(self, resp: Any, addr: str) -> list[x509.Certificate]:
+    def _verify(self, resp: Any, addr: str) -> list[CertView]:
         try:
-            leaf = x509.load_der_x509_certificate(resp.leaf_certificate)
-            intermediates = [x509.load_der_x509_certificate(d) for d in resp.intermediate_certificates]
-        except ValueError as e:
+            leaf = parse_der(resp.leaf_certificate, "leaf certificate")
+            intermediates = [parse_der(d, f"intermediate certificate {i}")
+                             for i, d in enumerate(resp.intermediate_certificates, 1)]
+        except CertificateError as e:
             raise CertifyFailed(f"{addr} returned an unparseable certificate: {e}") from None
-        if not public_keys_match(leaf, self.key):
+        if leaf.spki_der != self.key.spki_der:
             raise CertifyFailed(f"{addr} returned a certificate for a different key")
-        dns, uris = sans(leaf)
+        dns, uris = list(leaf.dns_names), list(leaf.uris)
         if self.identity.dns_name not in dns or uris != [self.identity.spiffe_id]:
             want = self.identity.dns_name
             raise CertifyFailed(f"{addr} returned a certificate for {dns + uris}, not {want}")
+        chain = [leaf, *intermediates]
         try:
             check_leaf_profile(leaf)
-            chain_to_anchor(leaf, intermediates, self.bundle, self._now(), "leaf")
+            self._check_chain(chain, self.bundle)
         except CertificateError as e:
             raise CertifyFailed(f"{addr} returned a certificate this proxy cannot use: {e}") from None
-        return [leaf, *intermediates]
+        return chain
 
-    def refresh_delay(self, leaf: x509.Certificate) -> float:
+    def _check_chain(self, chain: list[CertView], bundle: TrustAnchors) -> None:
+        """Dates at this client's clock first (clear messages), then OpenSSL's verdict on the signatures."""
+        now = self._now()
+        for i, cert in enumerate(chain):
+            problem = validity_problem(cert, now, "leaf" if i == 0 else "intermediate")
+            if problem:
+                raise CertificateError(problem)
+        top = chain[-1]
+        for anchor in bundle.issuers_of(top):
+            problem = validity_problem(anchor, now, "trust anchor")
+            if problem:
+                raise CertificateError(
+                    f"{problem}; {describe(chain[0], 'leaf')} chains to it. Fix: issue a new anchor and issuer "
+                    "and distribute the new anchor to every proxy"
+                )
+        problem = self._handshake_problem(chain, bundle)
+        if problem is None:
+            return
+        if not bundle.issuers_of(top) and not any(a.fingerprint == top.fingerprint for a in bundle.anchors):
+            anchors = ", ".join(describe(a, "anchor") for a in bundle.anchors)
+            who = describe(top, "leaf" if top is chain[0] else "intermediate")
+            raise CertificateError(
+                f"{who} is not signed by any trust anchor ({anchors}); issued by {top.issuer!r}. Fix: re-issue "
+                "it from one of these anchors, or add its anchor to the trust bundle"
+            )
+        raise CertificateError(f"{describe(chain[0], 'leaf')} does not verify against the trust anchors: {problem}")
+
+    def refresh_delay(self, leaf: CertView) -> float:
         """Seconds until renewal: renew_fraction of the remaining lifetime, at least min_refresh."""
         remaining = leaf.not_valid_after_utc.timestamp() - self.clock()
         return max(self.config.min_refresh, remaining * self.config.renew_fraction)
@@ -368,7 +442,7 @@ class IdentityClient:
         cap = min(self.config.backoff_max, self.config.backoff_base * (2 ** min(failures - 1, 30)))
         return self.rng.uniform(cap / 2, cap)
 
-    def install(self, chain: list[x509.Certificate]) -> None:
+    def install(self, chain: list[CertView]) -> None:
         """Use a verified chain: contexts first, so a failure leaves the previous state whole."""
         self._build_contexts(chain=chain)
         self.chain = chain
@@ -434,7 +508,7 @@ class IdentityClient:
             self._channels = {}
         if self.chain is not None:
             try:
-                chain_to_anchor(self.chain[0], self.chain[1:], bundle, self._now(), "leaf")
+                self._check_chain(self.chain, bundle)
             except CertificateError as e:
                 # Peers with this bundle will refuse our current leaf until it is renewed under a new
                 # anchor: the rotation steps were run out of order.

@@ -24,6 +24,7 @@ from tether.core.http.detect import Detected, client_hello_sni, detect
 from tether.proxy.config import DetectSettings
 from tether.proxy.detect import SO_ORIGINAL_DST
 from tether.proxy.tlspeer import IdentityNotReady
+from tether.proxy.tlstransport import tls_accept
 
 if TYPE_CHECKING:
     from tether.proxy.identity import IdentityClient
@@ -163,10 +164,11 @@ class MeshTlsListener:
                 conn.close()
                 return
         try:
-            await loop.connect_accepted_socket(
-                self.protocol_factory, conn, ssl=ctx,
-                ssl_handshake_timeout=self.handshake_timeout if ctx else None,
-            )
+            if ctx is not None:
+                # tether's own TLS transport: ~10-60 KiB less per idle connection than the loop's (tlstransport).
+                await tls_accept(self.protocol_factory, conn, ctx, self.handshake_timeout)
+            else:
+                await loop.connect_accepted_socket(self.protocol_factory, conn)
         except (OSError, ssl.SSLError, TimeoutError) as e:
             log.info("inbound mesh TLS handshake failed: %s", e)
             if self.on_handshake_error is not None:

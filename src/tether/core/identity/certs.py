@@ -18,13 +18,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
+# One error class for both readers: the proxy's (certview, no cryptography) and this one.
+from tether.core.identity.certview import CertificateError as CertificateError
+
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 PEM_CERT_BEGIN = b"-----BEGIN CERTIFICATE-----"
-
-
-class CertificateError(ValueError):
-    """A certificate, key or bundle is unusable; the message names it and says how to fix it."""
 
 
 def fingerprint(cert: x509.Certificate) -> str:

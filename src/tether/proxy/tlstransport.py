@@ -1,0 +1,414 @@
+"""Mesh TLS as tether's own transport: a non-blocking ``ssl.SSLSocket`` driven by the event loop.
+
+Why not the loop's TLS transport: uvloop (and asyncio) run TLS over ``ssl.SSLObject`` and two
+memory BIOs per connection, and OpenSSL's memory BIOs keep their largest size for the life of the
+connection; uvloop adds a read buffer of its own. Measured on idle mTLS pairs (both ends, after one
+exchange; docs/notes/issue-16.md): uvloop 72.6 KiB per pair after 200-byte messages and 179 KiB
+after 16 KB ones; an ``SSLSocket`` 48.2 KiB either way. With a socket BIO OpenSSL reads and writes
+the socket itself, and Python's ssl sets SSL_MODE_RELEASE_BUFFERS, so an idle connection holds no
+record buffer at all: what is left is OpenSSL's per-session floor (~24 KiB per end).
+
+The transport follows asyncio's ``Transport`` contract as the proxy's protocols use it: one
+``data_received`` per readable event (every record the socket has, up to a bound), writes sent at
+once and queued only when the socket is full (with the usual high/low water marks), ``close`` sends
+close_notify after the queue drains, ``abort`` does not, and ``connection_lost`` is called once.
+TLS has no half-close, so ``can_write_eof`` is False and a peer's EOF closes the transport (as the
+loop's TLS transports do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["TlsTransport", "tls_accept", "tls_connect"]
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+_READ_CHUNK = 64 * 1024
+_FULL_RECORD = 16 * 1024  # TLS's largest plaintext record
+# Bytes read per readable event before the transport lets other connections run.
+_READ_PER_EVENT = 256 * 1024
+_HIGH_WATER = 64 * 1024
+_LOW_WATER = 16 * 1024
+
+# One receive buffer for every transport: what is read is copied out before anything else runs.
+_recv_buf = bytearray(_READ_CHUNK)
+_recv_view = memoryview(_recv_buf)
+
+
+class TlsTransport(asyncio.Transport):
+    """One TLS connection whose handshake is done; see the module docstring."""
+
+    __slots__ = ("_closing", "_fd", "_high", "_local", "_loop", "_lost", "_low", "_paused", "_peer", "_protocol",
+                 "_queue", "_queued", "_read_wants_write", "_reading", "_retry", "_sock", "_writing")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, protocol: asyncio.BaseProtocol) -> None:
+        super().__init__()
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol: Any = protocol
+        self._reading = False
+        self._closing = False
+        self._lost = False
+        # SSL_write that could not finish must be retried with the same bytes: this is them.
+        self._retry: bytes | None = None
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._writing = False  # a writer callback is registered
+        self._read_wants_write = False
+        self._high = _HIGH_WATER
+        self._low = _LOW_WATER
+        self._paused = False
+        try:
+            self._peer: Any = sock.getpeername()
+            self._local: Any = sock.getsockname()
+        except OSError:
+            self._peer = self._local = None
+
+    def _start(self) -> None:
+        # Reading is on before connection_made, so a protocol may pause it there (as with asyncio's).
+        self.resume_reading()
+        self._protocol.connection_made(self)
+        # A record read during the handshake may hold application data the socket won't signal.
+        self._loop.call_soon(self._on_readable)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        if not self._reading or self._lost:
+            return
+        if self._read_wants_write or self._retry is not None:
+            self._flush()
+        sock = self._sock
+        chunks: list[bytes] = []
+        total = 0
+        eof = False
+        error: BaseException | None = None
+        try:
+            while total < _READ_PER_EVENT:
+                n = sock.recv_into(_recv_view, _READ_CHUNK)
+                if n == 0:
+                    eof = True
+                    break
+                chunks.append(bytes(_recv_view[:n]))
+                total += n
+                if n < _FULL_RECORD:
+                    # A short record usually ends what the peer sent. Without read-ahead OpenSSL holds
+                    # nothing beyond the record it returned, so anything more is still in the socket
+                    # and the loop will say so: not asking saves a read(2) that would only say EAGAIN.
+                    break
+            else:
+                # Stopped by the bound: records OpenSSL already holds would not wake the loop.
+                self._loop.call_soon(self._on_readable)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLWantWriteError:
+            # OpenSSL must send before it can read on: retry the read once the socket is writable.
+            self._read_wants_write = True
+            self._want_writable()
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            eof = True  # close_notify, or a peer that closed its socket without one
+        except (OSError, ssl.SSLError) as e:
+            error = e
+        if chunks:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self._protocol.data_received(data)
+        if error is not None:
+            self._fatal(error)
+        elif eof and not self._lost:
+            self.pause_reading()
+            with contextlib.suppress(Exception):
+                self._protocol.eof_received()
+            # TLS has no half-close: whatever eof_received says, the connection is done.
+            self.close()
+
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closing and not self._lost:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._on_readable)
+            if self._sock.pending():
+                self._loop.call_soon(self._on_readable)
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._lost or not data:
+            return
+        if self._retry is None and not self._queue:
+            try:
+                n = self._sock.send(data)
+                if n == len(data):
+                    return
+                data = memoryview(data)[n:]  # (a partial write: a new write for what is left)
+                self._queue.append(bytes(data))
+                self._queued += len(data)
+                self._want_writable()
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                self._retry = bytes(data)
+                self._queued += len(data)
+                self._want_writable()
+            except (OSError, ssl.SSLError) as e:
+                self._fatal(e)
+                return
+        else:
+            self._queue.append(bytes(data))
+            self._queued += len(data)
+        self._maybe_pause_protocol()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def _want_writable(self) -> None:
+        if not self._writing and not self._lost:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        self._flush()
+        if self._read_wants_write and not self._lost:
+            self._read_wants_write = False
+            self._on_readable()
+
+    def _flush(self) -> None:
+        """Send what is queued: the unfinished write first (same bytes), then the rest as one write."""
+        if self._lost:
+            return
+        try:
+            while True:
+                if self._retry is None:
+                    if not self._queue:
+                        break
+                    self._retry = self._queue.popleft() if len(self._queue) == 1 else b"".join(self._queue)
+                    self._queue.clear()
+                data = self._retry
+                n = self._sock.send(data)
+                self._retry = None
+                self._queued -= n
+                if n < len(data):
+                    self._queue.appendleft(data[n:])
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            self._want_writable()
+            return
+        except (OSError, ssl.SSLError) as e:
+            self._fatal(e)
+            return
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+        self._maybe_resume_protocol()
+        if self._closing:
+            self._finish_close()
+
+    def get_write_buffer_size(self) -> int:
+        return self._queued
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = _HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        self._maybe_pause_protocol()
+
+    def _maybe_pause_protocol(self) -> None:
+        if not self._paused and self._queued > self._high:
+            self._paused = True
+            self._call_protocol("pause_writing")
+
+    def _maybe_resume_protocol(self) -> None:
+        if self._paused and self._queued <= self._low:
+            self._paused = False
+            self._call_protocol("resume_writing")
+
+    def _call_protocol(self, name: str) -> None:
+        try:
+            getattr(self._protocol, name)()
+        except Exception as e:
+            self._loop.call_exception_handler({"message": f"protocol.{name}() failed", "exception": e,
+                                               "transport": self, "protocol": self._protocol})
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS has no half-close")
+
+    # -- closing -----------------------------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def close(self) -> None:
+        """Stop reading; once the queue is sent, send close_notify and close the socket."""
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        self.pause_reading()
+        if self._retry is None and not self._queue:
+            self._finish_close()
+
+    def _finish_close(self) -> None:
+        with contextlib.suppress(OSError, ValueError, ssl.SSLError):
+            # Sends our close_notify; the peer's, if it ever comes, is not waited for.
+            self._sock.setblocking(False)
+            ssl.SSLSocket.unwrap(self._sock)
+        self._teardown(None)
+
+    def abort(self) -> None:
+        self._teardown(None)
+
+    def _fatal(self, exc: BaseException) -> None:
+        self._teardown(exc)
+
+    def _teardown(self, exc: BaseException | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._closing = True
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+        self._queue.clear()
+        self._retry = None
+        self._queued = 0
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    # -- the rest of the Transport interface ---------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name in ("ssl_object", "socket"):
+            return self._sock
+        if name == "peername":
+            return self._peer
+        if name == "sockname":
+            return self._local
+        if name == "sslcontext":
+            return self._sock.context
+        if name == "peercert":
+            return self._sock.getpeercert() if not self._lost else default
+        if name == "cipher":
+            return self._sock.cipher() if not self._lost else default
+        return default
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def __repr__(self) -> str:
+        state = "closed" if self._lost else "closing" if self._closing else "open"
+        return f"<TlsTransport fd={self._fd} {state} peer={self._peer}>"
+
+
+async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeout: float | None) -> None:
+    fd = sock.fileno()
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                add, remove = loop.add_reader, loop.remove_reader
+            except ssl.SSLWantWriteError:
+                add, remove = loop.add_writer, loop.remove_writer
+            ready = loop.create_future()
+            add(fd, _set_ready, ready)
+            try:
+                await ready
+            finally:
+                remove(fd)
+
+
+def _set_ready(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SSLContext, server_side: bool,
+                server_hostname: str | None, protocol_factory: Callable[[], P],
+                handshake_timeout: float | None) -> tuple[TlsTransport, P]:
+    try:
+        sock = ctx.wrap_socket(raw, server_side=server_side, server_hostname=server_hostname,
+                               do_handshake_on_connect=False)
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        await _handshake(loop, sock, handshake_timeout)
+    except TimeoutError:
+        sock.close()
+        raise ConnectionAbortedError(
+            f"TLS handshake is taking longer than {handshake_timeout} seconds: aborting the connection") from None
+    except BaseException:
+        sock.close()
+        raise
+    protocol = protocol_factory()
+    transport = TlsTransport(loop, sock, protocol)
+    try:
+        transport._start()
+    except BaseException:
+        transport.abort()
+        raise
+    return transport, protocol
+
+
+async def tls_accept(protocol_factory: Callable[[], P], sock: socket.socket,
+                     ctx: ssl.SSLContext, handshake_timeout: float | None) -> tuple[TlsTransport, P]:
+    """Terminate TLS on an accepted socket (its handshake, then the protocol); it owns ``sock`` from here."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    # OpenSSL sends each record with its own send(): without this the last, short one of a write
+    # waits for the peer's delayed ACK (40 ms) under Nagle's algorithm.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return await _wrap(loop, sock, ctx, True, None, protocol_factory, handshake_timeout)
+
+
+async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
+                      ctx: ssl.SSLContext, server_hostname: str,
+                      handshake_timeout: float | None) -> tuple[TlsTransport, P]:
+    """Dial ``host:port`` and do a TLS handshake asking for ``server_hostname``."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    error: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        raw = socket.socket(family, type_, proto)
+        try:
+            raw.setblocking(False)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(raw, addr)
+        except OSError as e:
+            raw.close()
+            error = e
+            continue
+        except BaseException:
+            raw.close()
+            raise
+        return await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory, handshake_timeout)
+    raise error or OSError(f"cannot resolve {host}:{port}")

@@ -1,0 +1,291 @@
+"""tether's own TLS transport over real loopback sockets: against itself and against the event loop's
+TLS transport (uvloop's), with mutual TLS 1.3 contexts as the proxy builds them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import socket
+import ssl
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+from cryptography.hazmat.primitives import serialization
+
+from tether.core.identity.authority import create_anchor, create_issuer
+from tether.core.identity.certs import IssuerCredentials
+from tether.core.identity.csr import build_csr, generate_key, validate_csr
+from tether.core.identity.issuance import issue_leaf
+from tether.core.identity.names import parse_identity_name
+from tether.proxy.tlspeer import peer_identity
+from tether.proxy.tlstransport import TlsTransport, tls_accept, tls_connect
+
+WEB = "web.shop.serviceaccount.identity.linkerd.cluster.local"
+DB = "db.shop.serviceaccount.identity.linkerd.cluster.local"
+ALPN = ["transport.l5d.io/v1", "h2"]
+DEADLINE = 10.0
+
+
+def _contexts() -> dict[str, tuple[ssl.SSLContext, ssl.SSLContext]]:
+    """name -> (server context, client context), both presenting name's leaf, as IdentityClient builds them."""
+    now = dt.datetime.now(dt.UTC)
+    anchor, akey = create_anchor("root", now)
+    issuer, ikey = create_issuer("identity", anchor, akey, now)
+    pem = serialization.Encoding.PEM
+    anchors = anchor.public_bytes(pem).decode()
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name in (WEB, DB):
+            key = generate_key()
+            ident = parse_identity_name(name)
+            leaf = issue_leaf(IssuerCredentials(issuer, ikey), validate_csr(build_csr(key, ident), ident), ident, now)
+            path = Path(d) / f"{name}.pem"
+            path.write_bytes(ssl.DER_cert_to_PEM_cert(leaf.leaf_der).encode()
+                             + b"".join(ssl.DER_cert_to_PEM_cert(i).encode() for i in leaf.intermediates_der)
+                             + key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+            pair = []
+            for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
+                ctx = ssl.SSLContext(purpose)
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                ctx.load_verify_locations(cadata=anchors)
+                ctx.load_cert_chain(str(path))
+                ctx.set_alpn_protocols(ALPN)
+                pair.append(ctx)
+            out[name] = (pair[0], pair[1])
+    return out
+
+
+CTX = _contexts()
+
+
+class Recorder(asyncio.Protocol):
+    """Keeps what arrives; echoes it back when asked; notes flow control and the end."""
+
+    def __init__(self, echo: bool = False) -> None:
+        self.echo = echo
+        self.data = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+        self.paused = 0
+        self.resumed = 0
+        loop = asyncio.get_running_loop()
+        self.made: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[BaseException | None] = loop.create_future()
+        self.changed = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.made.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if self.echo and self.transport is not None:
+            self.transport.write(data)
+        self.changed.set()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return False
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+
+    def resume_writing(self) -> None:
+        self.resumed += 1
+        self.changed.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+        self.changed.set()
+
+    async def wait_for(self, cond: Callable[[], bool]) -> None:
+        async with asyncio.timeout(DEADLINE):
+            while not cond():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+class Servers(list[Recorder]):
+    """The server ends of accepted connections, in order; ``first`` waits for the first one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = asyncio.Event()
+
+    def add(self, r: Recorder) -> Recorder:
+        self.append(r)
+        self.arrived.set()
+        return r
+
+    async def first(self) -> Recorder:
+        async with asyncio.timeout(DEADLINE):
+            await self.arrived.wait()
+        return self[0]
+
+
+async def _own_server(protocols: Servers, echo: bool = False,
+                      ctx: ssl.SSLContext | None = None) -> tuple[int, asyncio.Task[None], socket.socket]:
+    loop = asyncio.get_running_loop()
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.setblocking(False)
+
+    def factory() -> Recorder:
+        return protocols.add(Recorder(echo))
+
+    async def accept() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(lsock)
+            try:
+                await tls_accept(factory, conn, ctx or CTX[DB][0], DEADLINE)
+            except (OSError, ssl.SSLError):
+                pass
+
+    return lsock.getsockname()[1], loop.create_task(accept()), lsock
+
+
+def run(coro: Callable[[], object]) -> None:
+    uvloop.run(coro())  # type: ignore[arg-type]
+
+
+def test_mutual_tls_round_trip_with_alpn_and_the_peers_identity() -> None:
+    async def scenario() -> None:
+        servers = Servers()
+        port, task, lsock = await _own_server(servers, echo=True)
+        transport, client = await tls_connect(lambda: Recorder(), "127.0.0.1", port, CTX[WEB][1], DB, DEADLINE)
+        assert isinstance(transport, TlsTransport)
+        transport.write(b"hello ")
+        transport.writelines([b"mesh", b"!"])
+        await client.wait_for(lambda: bytes(client.data) == b"hello mesh!")
+        await servers.first()
+        server_tr = servers[0].transport
+        assert server_tr is not None
+        assert peer_identity(server_tr.get_extra_info("ssl_object")) == WEB
+        assert peer_identity(transport.get_extra_info("ssl_object")) == DB
+        assert transport.get_extra_info("ssl_object").selected_alpn_protocol() == "transport.l5d.io/v1"
+        assert transport.get_extra_info("peername")[1] == port
+        assert not transport.can_write_eof()
+        transport.close()
+        assert await asyncio.wait_for(client.lost, DEADLINE) is None
+        # close_notify: the server saw an orderly end, not a reset.
+        assert await asyncio.wait_for(servers[0].lost, DEADLINE) is None and servers[0].eof
+        task.cancel()
+        lsock.close()
+
+    run(scenario)
+
+
+def test_a_megabyte_each_way_with_flow_control() -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+
+    async def scenario() -> None:
+        servers = Servers()
+        port, task, lsock = await _own_server(servers, echo=True)
+        transport, client = await tls_connect(lambda: Recorder(), "127.0.0.1", port, CTX[WEB][1], DB, DEADLINE)
+        transport.pause_reading()  # the echo backs up into both sockets until the server must queue its writes
+        sent = 0
+        async with asyncio.timeout(DEADLINE):
+            while not (servers and servers[0].paused):
+                if transport.get_write_buffer_size() < 4 * len(payload):
+                    transport.write(payload)
+                    sent += len(payload)
+                await asyncio.sleep(0)
+        assert not client.data
+        transport.resume_reading()
+        await client.wait_for(lambda: len(client.data) == sent)
+        assert bytes(client.data) == payload * (sent // len(payload))
+        assert transport.get_write_buffer_size() == 0 and client.resumed == client.paused
+        assert servers[0].resumed == servers[0].paused
+        transport.close()
+        await asyncio.wait_for(client.lost, DEADLINE)
+        task.cancel()
+        lsock.close()
+
+    run(scenario)
+
+
+def test_interoperates_with_the_event_loops_tls_transport() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        # The loop's TLS client against our server...
+        servers = Servers()
+        port, task, lsock = await _own_server(servers, echo=True)
+        tr, client = await loop.create_connection(lambda: Recorder(), "127.0.0.1", port, ssl=CTX[WEB][1],
+                                                  server_hostname=DB)
+        tr.write(b"x" * 100_000)
+        await client.wait_for(lambda: len(client.data) == 100_000)
+        await servers.first()
+        tr.close()
+        await servers[0].wait_for(lambda: servers[0].lost.done())
+        assert servers[0].eof and servers[0].lost.result() is None
+        task.cancel()
+        lsock.close()
+        # ...and our client against the loop's TLS server, which closes first.
+        theirs: list[Recorder] = []
+
+        def factory() -> Recorder:
+            theirs.append(Recorder(echo=True))
+            return theirs[-1]
+
+        srv = await loop.create_server(factory, "127.0.0.1", 0, ssl=CTX[DB][0])
+        port = srv.sockets[0].getsockname()[1]
+        transport, ours = await tls_connect(lambda: Recorder(), "127.0.0.1", port, CTX[WEB][1], DB, DEADLINE)
+        transport.write(b"y" * 100_000)
+        await ours.wait_for(lambda: len(ours.data) == 100_000)
+        assert theirs[0].transport is not None
+        theirs[0].transport.close()
+        assert await asyncio.wait_for(ours.lost, DEADLINE) is None and ours.eof
+        srv.close()
+
+    run(scenario)
+
+
+def test_refusals_and_timeouts_surface_as_errors() -> None:
+    async def scenario() -> None:
+        servers = Servers()
+        port, task, lsock = await _own_server(servers)
+        # The server is db, the client asked for web: the client refuses the server's certificate.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await tls_connect(lambda: Recorder(), "127.0.0.1", port, CTX[WEB][1], WEB, DEADLINE)
+        task.cancel()
+        lsock.close()
+        # A listener that accepts but never answers: the handshake times out.
+        silent = socket.create_server(("127.0.0.1", 0))
+        try:
+            with pytest.raises(ConnectionAbortedError, match=r"TLS handshake is taking longer than 0\.3 seconds"):
+                await tls_connect(lambda: Recorder(), "127.0.0.1", silent.getsockname()[1], CTX[WEB][1], DB, 0.3)
+        finally:
+            silent.close()
+        # Nothing listening.
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        closed_port = free.getsockname()[1]
+        free.close()
+        with pytest.raises(ConnectionRefusedError):
+            await tls_connect(lambda: Recorder(), "127.0.0.1", closed_port, CTX[WEB][1], DB, DEADLINE)
+
+    run(scenario)
+
+
+def test_abort_is_a_reset_not_an_orderly_close() -> None:
+    async def scenario() -> None:
+        servers = Servers()
+        port, task, lsock = await _own_server(servers)
+        transport, client = await tls_connect(lambda: Recorder(), "127.0.0.1", port, CTX[WEB][1], DB, DEADLINE)
+        transport.write(b"ping")
+        await servers.first()
+        await servers[0].wait_for(lambda: bytes(servers[0].data) == b"ping")
+        transport.abort()
+        assert transport.is_closing()
+        assert await asyncio.wait_for(client.lost, DEADLINE) is None
+        # The server sees the end of the stream without a close_notify (a ragged EOF): it closes too.
+        await asyncio.wait_for(servers[0].lost, DEADLINE)
+        transport.write(b"after abort")  # ignored, no error
+        task.cancel()
+        lsock.close()
+
+    run(scenario)
