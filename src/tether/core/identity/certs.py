@@ -20,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 # One error class for both readers: the proxy's (certview, no cryptography) and this one.
 from tether.core.identity.certview import CertificateError as CertificateError
+from tether.core.identity.certview import not_a_ca_anchor
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -111,10 +112,7 @@ class TrustBundle:
         certs = parse_certificates(data, source)
         for c in certs:
             if not is_ca(c):
-                raise CertificateError(
-                    f"{source}: {describe(c, 'anchor')} is not a CA (basicConstraints cA is not true); "
-                    "a trust anchor must be a CA certificate (`step certificate create --profile root-ca`)"
-                )
+                raise CertificateError(not_a_ca_anchor(source, describe(c, "anchor")))
         # Keep one copy of each anchor, in file order.
         seen: set[str] = set()
         unique = []

@@ -36,6 +36,12 @@ class CertificateError(ValueError):
     """A certificate, key or bundle is unusable; the message names it and says how to fix it."""
 
 
+def not_a_ca_anchor(source: str, described: str) -> str:
+    """The refusal of a trust anchor that is not a CA (one text for both certificate readers)."""
+    return (f"{source}: {described} is not a CA (basicConstraints cA is not true); "
+            "a trust anchor must be a CA certificate (`step certificate create --profile root-ca`)")
+
+
 # Universal tags (X.690) and the context tags X.509 uses.
 _BOOLEAN, _INTEGER, _BIT_STRING, _OCTET_STRING, _OID = 0x01, 0x02, 0x03, 0x04, 0x06
 _UTF8, _PRINTABLE, _T61, _IA5, _UTC_TIME, _GEN_TIME, _UNIVERSAL, _BMP = 0x0C, 0x13, 0x14, 0x16, 0x17, 0x18, 0x1C, 0x1E
@@ -459,10 +465,7 @@ class TrustAnchors:
         certs = parse_pem(data, source)
         for c in certs:
             if not c.is_ca:
-                raise CertificateError(
-                    f"{source}: {describe(c, 'anchor')} is not a CA (basicConstraints cA is not true); "
-                    "a trust anchor must be a CA certificate (`step certificate create --profile root-ca`)"
-                )
+                raise CertificateError(not_a_ca_anchor(source, describe(c, "anchor")))
         seen: set[str] = set()
         unique = []
         for c in certs:
