@@ -146,7 +146,7 @@ def test_install_renders_what_helm_template_renders(certs: Path, tether_args: li
     # The control-plane pods' proxy is the injector's: core/inject builds the same containers from the values.
     values = merge(yaml.safe_load((CHARTS / "tether-control-plane" / "values.yaml").read_text()),
                    b[("ConfigMap", ns, "linkerd-config")]["data"]["values"])
-    v = InjectValues.from_values(values, ns, "0.1.0")
+    v = InjectValues.from_values(values, ns, __version__)
     for key, obj in b.items():
         if key[0] != "Deployment":
             continue

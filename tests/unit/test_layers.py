@@ -244,6 +244,33 @@ def test_router_rebuilds_a_stack_the_cache_dropped_while_idle() -> None:
     run(main())
 
 
+def test_a_dropped_stack_is_not_kept_alive_by_the_router() -> None:
+    """The router keeps each authority's cache entry; once the cache drops a stack the entry lets go
+    of it, or 10,000 idle destinations would keep 10,000 stacks (connections, metric series) alive."""
+    import gc
+    import weakref
+
+    clock = FakeClock()
+    d = FakeDiscovery({"web.ns.svc.cluster.local:80": EndpointSet([Endpoint.of("10.0.0.1:8080")])})
+    refs: list[weakref.ref[FakeService]] = []
+
+    def make(target: Logical) -> Stack:
+        service = FakeService(name=target.authority)
+        refs.append(weakref.ref(service))
+        return Stack(service)
+
+    async def main() -> None:
+        cache: IdleCache[Logical, Stack] = IdleCache(make, 60.0, clock=clock)
+        r = Router(d, cache, {("127.0.0.1", 4140)}, d.generation)
+        await r(get(b"web.ns.svc.cluster.local"))
+        clock.t += 61
+        assert len(cache.sweep()) == 1
+        gc.collect()
+        assert refs[0]() is None, "the router still holds the dropped stack"
+
+    run(main())
+
+
 def test_dst_override_wins_and_is_not_forwarded() -> None:
     d = FakeDiscovery({"api.ns.svc.cluster.local:8080": EndpointSet()})
     r, built, services = router(d)

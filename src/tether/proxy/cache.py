@@ -23,14 +23,19 @@ V = TypeVar("V")
 
 
 class CacheEntry(Generic[V]):
-    """One cached stack; ``live`` turns False once the cache dropped it."""
+    """One cached stack; once the cache drops it, ``live`` turns False and the entry lets go of the
+    stack (a caller that kept the entry must not keep the stack, its connections and series, alive)."""
 
     __slots__ = ("last_used", "live", "value")
 
     def __init__(self, value: V, now: float) -> None:
-        self.value = value
+        self.value: V | None = value
         self.last_used = now
         self.live = True
+
+    def release(self) -> V | None:
+        value, self.value, self.live = self.value, None, False
+        return value
 
 
 class IdleCache(Generic[K, V]):
@@ -59,7 +64,9 @@ class IdleCache(Generic[K, V]):
 
     def get(self, key: K) -> V:
         """The stack for ``key``, built on first use; marks it used now."""
-        return self.entry(key).value
+        value = self.entry(key).value
+        assert value is not None  # entries in the cache are live
+        return value
 
     def entry(self, key: K) -> CacheEntry[V]:
         """The entry for ``key``, built on first use; marks it used now. A caller may keep it and
@@ -75,11 +82,13 @@ class IdleCache(Generic[K, V]):
     def use(self, e: CacheEntry[V]) -> V:
         """A kept entry's stack, marked used now (check ``e.live`` first)."""
         e.last_used = self._clock()
-        return e.value
+        value = e.value
+        assert value is not None, "a kept cache entry used after the cache dropped it"
+        return value
 
     def values(self) -> list[V]:
         """The cached stacks (a copy: scrapes read it while requests add to it)."""
-        return [e.value for e in self._entries.values()]
+        return [e.value for e in self._entries.values() if e.value is not None]
 
     def peek(self, key: K) -> V | None:
         """The cached stack for ``key`` without building or touching it."""
@@ -92,9 +101,9 @@ class IdleCache(Generic[K, V]):
         old = [k for k, e in self._entries.items() if now - e.last_used >= self.max_idle_age]
         dropped: list[V] = []
         for k in old:
-            e = self._entries.pop(k)
-            e.live = False
-            dropped.append(e.value)
+            value = self._entries.pop(k).release()
+            if value is not None:
+                dropped.append(value)
         self.evicted_total += len(dropped)
         if dropped and self._close is not None:
             for value in dropped:
@@ -125,9 +134,7 @@ class IdleCache(Generic[K, V]):
 
     async def aclose(self) -> None:
         """Drop and close every entry."""
-        values = [e.value for e in self._entries.values()]
-        for e in self._entries.values():
-            e.live = False
+        values = [v for e in self._entries.values() if (v := e.release()) is not None]
         self._entries.clear()
         if self._close is not None:
             for value in values:

@@ -91,7 +91,6 @@ class Router:
             if not entry.live:  # the cache dropped that stack while idle: build it again
                 entry = self.stacks.entry(logical)
                 self._decided[key] = (logical, entry)
-                return entry.value.service(req)
             return self.stacks.use(entry).service(req)
         return self._decide_and_call(req, key)
 
@@ -106,7 +105,7 @@ class Router:
             self._decided.clear()
         entry = self.stacks.entry(logical)
         self._decided[key] = (logical, entry)
-        return await entry.value.service(req)
+        return await self.stacks.use(entry).service(req)
 
     async def _decide(self, authority: bytes, orig_dst: Addr | None) -> Logical:
         try:
