@@ -273,9 +273,21 @@ def assert_mtls(mesh: Mesh, client: str, server: str) -> None:
     """The client pod's request to the server's Service is answered, and both proxies counted it over mTLS
     with each other's identity."""
     url = f"http://{cluster_ip(mesh, server)}:80/"
-    # The application has no readiness probe (a pod without one is Ready at once): wait for its first answer.
-    wait_until(lambda: "hello from server" in mesh.runner(client).exec("curl", "-s", "-m", "5", url), timeout=60,
-               what=f"{client}'s request to {server} answered")
+    # The application has no readiness probe (a pod without one is Ready at once), and a new proxy's
+    # first request waits for its discovery: retry until the first answer.
+    failures: list[str] = []
+
+    def answered() -> bool:
+        try:
+            return "hello from server" in mesh.runner(client).exec("curl", "-s", "-m", "5", url)
+        except RuntimeError as e:  # curl's exit status: refused, or no answer within 5 s
+            failures.append(str(e))
+            return False
+
+    try:
+        wait_until(answered, timeout=60, what=f"{client}'s request to {server} answered")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}; the last failures: {failures[-3:]}") from None
     client_id = f"{client}.{mesh.app}.serviceaccount.identity.{mesh.cp}.cluster.local"
     server_id = f"{server}.{mesh.app}.serviceaccount.identity.{mesh.cp}.cluster.local"
     inbound = [line for line in http_get(f"http://{mesh.runner(server).ip}:4191/metrics")[1].decode().splitlines()
