@@ -9,6 +9,13 @@
 # The compiled hot path is built in a stage of the Containerfile for the image's Python (Debian's 3.11),
 # with ~/.cache/tether/native mounted so that unchanged sources compile nothing.
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "scripts/image/build.sh: unknown option $1 (usage: scripts/image/build.sh [TAG])" >&2; exit 2 ;;
+esac
+if [ $# -gt 1 ]; then
+  echo "scripts/image/build.sh: one TAG at most (usage: scripts/image/build.sh [TAG])" >&2; exit 2
+fi
 cd "$(dirname "$0")/../.."
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
 TAG=${1:-localhost/tether:$VERSION}
