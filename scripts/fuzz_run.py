@@ -115,13 +115,17 @@ def main() -> int:
                     help="instead: fuzz until the fuzzing process has used this much CPU time (for a shared or "
                          "niced run, where wall time overstates the work done)")
     ap.add_argument("--max-len", type=int, default=4096, help="longest input libFuzzer tries")
+    ap.add_argument("--unit-timeout", type=int, default=0,
+                    help="wall-clock seconds one input may take before it counts as a hang (default 10; 300 with "
+                         "--cpu-minutes, whose niced runs can be starved of CPU that long by a busy machine)")
     ns = ap.parse_args()
     if ns.target not in TARGETS:
         print(f"scripts/fuzz: unknown target {ns.target!r}; targets: {', '.join(TARGETS)}", file=sys.stderr)
         return 2
-    if ns.minutes <= 0 or ns.cpu_minutes < 0:
-        print("scripts/fuzz: --minutes and --cpu-minutes must be positive", file=sys.stderr)
+    if ns.minutes <= 0 or ns.cpu_minutes < 0 or ns.unit_timeout < 0:
+        print("scripts/fuzz: --minutes, --cpu-minutes and --unit-timeout must be positive", file=sys.stderr)
         return 2
+    unit_timeout = ns.unit_timeout or (300 if ns.cpu_minutes else 10)
     corpus = CORPUS / ns.target
     corpus.mkdir(parents=True, exist_ok=True)
     crashes = CRASHES / ns.target
@@ -139,7 +143,8 @@ def main() -> int:
         with log_path.open("w") as log_file:
             proc = subprocess.Popen(
                 [*me, str(work), f"-max_total_time={int(wall)}", f"-max_len={ns.max_len}",
-                 f"-artifact_prefix={crashes}/", "-print_final_stats=1", "-timeout=10", "-rss_limit_mb=1024"],
+                 f"-artifact_prefix={crashes}/", "-print_final_stats=1", f"-timeout={unit_timeout}",
+                 "-rss_limit_mb=1024"],
                 env=env, stdout=subprocess.DEVNULL, stderr=log_file, cwd=ROOT)
             _watch(proc, ns.cpu_minutes * 60)
         cpu = _children_cpu() - before_cpu

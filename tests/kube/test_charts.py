@@ -206,8 +206,7 @@ def clean_install(kube_cluster: KubeCluster) -> Iterator[list[str]]:
     yield namespaces
     for ns in namespaces or ["linkerd"]:
         out = tether("uninstall", "-L", ns)
-        kube_cluster.kubectl("delete", "--ignore-not-found", "--wait=true", "--timeout=240s", "-f", "-",
-                             stdin=out.stdout, timeout=300)
+        kube_cluster.delete("-f", "-", stdin=out.stdout)
 
 
 def test_seed_install_and_upgrade_lines_run_as_written(kube_cluster: KubeCluster, certs: Path,

@@ -202,7 +202,7 @@ def test_issuer_named_for_another_control_plane_is_a_warning(kube_cluster: KubeC
 
 def test_missing_crd_fails_linkerd_config(kube_cluster: KubeCluster, install: Install) -> None:
     servers = next(ck for ck in CUSTOM_KINDS if ck.plural == "servers")
-    kube_cluster.kubectl("delete", "crd", str(servers), "--wait=true")
+    kube_cluster.delete("crd", str(servers))
     try:
         r = run_check(kube_cluster, "-L", install.cp)
         assert r.returncode == 1

@@ -1,7 +1,7 @@
 """The mesh on Kubernetes, end to end: pods injected by the real API server's call to the injector and run
 from that injected spec, the previous release upgraded to this one with traffic flowing.
 
-The previous release (git tag PREVIOUS: its chart, packaged with helm, and its sources) is installed first:
+The previous release (PREVIOUS_COMMIT, tagged PREVIOUS: its chart, packaged by helm, and its sources) goes first:
 `helm template` of its chart gives the issuer Secret, trust roots and linkerd-config in the API server,
 and its identity, destination and injector run as host processes from its sources. Deployments are
 created with kubectl in a namespace annotated `linkerd.io/inject: enabled`; kwok schedules their pods.
@@ -46,7 +46,9 @@ from tether.testing.procs import Proc, http_get
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
-PREVIOUS = "v0.1.0"  # the release before this one (a git tag of this repository)
+PREVIOUS = "v0.1.0"  # the release before this one
+# Its commit (tag v0.1.0): a clone made without tags still has it in main's history.
+PREVIOUS_COMMIT = "19e534d0836f0ea52aa5c334fb3b8dee2c5793ca"
 SERVER_IMAGE = "registry.invalid/tether/hello"
 CLIENT_IMAGE = "registry.invalid/tether/sleeper"
 GATEWAY = "10.244.255.254"  # the host's address on the bridge; kwok hands out pod IPs in 10.244.N.0/24
@@ -179,13 +181,23 @@ def control_plane_objects(rendered: str) -> tuple[list[dict[str, Any]], str]:
 
 
 def previous_release(cluster: KubeCluster, d: Path) -> tuple[Path, Path]:
-    """The previous release's sources and its control-plane chart packaged by helm, from its git tag."""
+    """The previous release's sources and its control-plane chart packaged by helm, from its commit."""
     out = d / "previous"
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS, "src", "charts", "scripts"],
-                             capture_output=True, check=False)
-    if archive.returncode != 0:
-        pytest.fail(f"the previous release {PREVIOUS} is not in this clone's history (fetch its tag): "
-                    f"{archive.stderr.decode().strip()}")
+    git = ["git", "-C", str(ROOT)]
+
+    def have() -> bool:
+        return subprocess.run([*git, "cat-file", "-e", f"{PREVIOUS_COMMIT}^{{commit}}"],
+                              capture_output=True, check=False).returncode == 0
+
+    if not have():
+        # A shallow clone: ask its origin for that one commit.
+        subprocess.run([*git, "fetch", "-q", "--depth=1", "origin", PREVIOUS_COMMIT],
+                       capture_output=True, check=False, timeout=120)
+    if not have():
+        pytest.fail(f"the previous release {PREVIOUS} (commit {PREVIOUS_COMMIT}) is not in this clone "
+                    "and its origin did not give it: clone with history (no --depth)")
+    archive = subprocess.run([*git, "archive", PREVIOUS_COMMIT, "src", "charts", "scripts"],
+                             capture_output=True, check=True)
     out.mkdir()
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
     # Its generated gRPC modules, as its own setup makes them.

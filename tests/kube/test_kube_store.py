@@ -228,9 +228,7 @@ async def _relist_after_gone(cluster: KubeCluster, ns: str) -> None:
 
 def test_missing_crd_is_reported_then_followed_once_installed(cluster: KubeCluster, ns: str) -> None:
     egress = next(ck for ck in CUSTOM_KINDS if ck.kind == "EgressNetwork")
-    cluster.kubectl("delete", "crd", str(egress), "--ignore-not-found", "--wait=true")
-    wait_until(lambda: not cluster.api.exists(egress.at(egress.versions[0]).path()), timeout=60,
-               what="the CRD gone")
+    cluster.delete("crd", str(egress))
     settings = InformerSettings(backoff_initial=0.2, backoff_max=1.0)
     with RunningStore(str(cluster.kubeconfig), settings=settings) as store:
         missing = [e for e in store.source_errors() if e.source == str(egress)]

@@ -506,6 +506,36 @@ class KubeCluster:
         """Run kubectl against this cluster; return stdout, raise with stderr on failure."""
         return self._run_tool("kubectl", args, stdin, timeout)
 
+    def delete(self, *args: str, stdin: str | None = None, timeout: float = 240.0) -> None:
+        """`kubectl delete ARGS` (or the objects of the manifests in stdin with `-f -`), then wait until
+        every one of them is gone.
+
+        A CRD can stay Terminating for minutes: its deletion restarts the resource's watch cache, the
+        API server's CRD finalizer may list the instances while that cache is still initializing
+        ("storage is (re)initializing"), and the retry of that failure is sometimes never run (seen
+        here about once in four deletions of tether's CRDs; operator-framework/operator-controller#1437
+        describes the same). Any change to the CRD queues its finalizer again, so a CRD still there
+        after a few seconds gets a fresh annotation every few seconds until it goes."""
+        self.kubectl("delete", "--ignore-not-found", "--wait=false", *args, stdin=stdin, timeout=timeout)
+        nudges = 0
+        last_nudge = time.monotonic()
+
+        def gone() -> bool:
+            nonlocal nudges, last_nudge
+            left = self.kubectl("get", "--ignore-not-found", "-o", "name", *args, stdin=stdin).split()
+            if left and time.monotonic() - last_nudge >= 5.0:
+                nudges += 1
+                last_nudge = time.monotonic()
+                for name in left:
+                    if name.startswith("customresourcedefinition"):
+                        # The CRD may go between the get and this: ignore not-found.
+                        subprocess.run([str(self.binary("kubectl")), "annotate", name, "--overwrite",
+                                        f"tether.test/finalizer-requeue={nudges}"],
+                                       env=self.env(), capture_output=True, timeout=30, check=False)
+            return not left
+
+        wait_until(gone, timeout=timeout, what=f"kubectl delete {' '.join(args)} to finish", interval=0.5)
+
     def helm(self, *args: str, timeout: float = 180.0) -> str:
         """Run helm against this cluster; return stdout, raise with stderr on failure."""
         return self._run_tool("helm", args, None, timeout)
