@@ -16,9 +16,9 @@ from typing import Protocol
 
 from tether.core.resources import Resource
 from tether.core.resources.events import KindState, ResourceEvent, SourceError
-from tether.runtime.watch import Subscription
+from tether.runtime.watch import Subscription, Watched
 
-__all__ = ["KindState", "ResourceEvent", "SourceError", "Store"]
+__all__ = ["KindState", "KindStates", "ResourceEvent", "SourceError", "Store"]
 
 
 class Store(Protocol):
@@ -41,3 +41,29 @@ class Store(Protocol):
     def source_errors(self) -> Sequence[SourceError]:
         """Sources currently refused (with the errors to show a user)."""
         ...
+
+
+class KindStates:
+    """The read side of :class:`Store` that every platform shares: one watched state per kind in
+    ``self._kinds``, which the platform's adapter fills and publishes to."""
+
+    _kinds: dict[str, Watched[KindState, ResourceEvent]]
+
+    def _watched(self, kind: str) -> Watched[KindState, ResourceEvent]:
+        try:
+            return self._kinds[kind]
+        except KeyError:
+            raise ValueError(f"unknown kind {kind!r}") from None
+
+    def list(self, kind: str, namespace: str | None = None) -> Sequence[Resource]:
+        state = self._watched(kind).state
+        return [r for k, r in sorted(state.items()) if namespace is None or k[0] == namespace]
+
+    def get(self, kind: str, namespace: str, name: str) -> Resource | None:
+        return self._watched(kind).state.get((namespace, name))
+
+    def watch(self, kind: str) -> Subscription[KindState, ResourceEvent]:
+        return self._watched(kind).subscribe()
+
+    def version(self, kind: str) -> int:
+        return self._watched(kind).version

@@ -26,12 +26,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether.control.store import KindStates
 from tether.core.resources import KINDS, Loaded, Resource
 from tether.core.resources.events import Key, KindState, ResourceEvent, SourceError, apply_event
 from tether.platform.kubernetes import convert
 from tether.platform.kubernetes.client import ApiResource, KubeClient, KubeError
 from tether.platform.kubernetes.informer import Backoff, Informer, InformerSettings
-from tether.runtime.watch import Subscription, Watched
+from tether.runtime.watch import Watched
 
 log = logging.getLogger("tether.store")
 
@@ -94,7 +95,7 @@ class KubeStoreMetrics:
     refused_total: int = 0
 
 
-class KubeStore:
+class KubeStore(KindStates):
     """A :class:`tether.control.store.Store` over a Kubernetes API server."""
 
     def __init__(
@@ -145,26 +146,7 @@ class KubeStore:
             self.informers[str(inf.resource)] = inf
         self._running = False
 
-    # --- the Store interface ---------------------------------------------------------------------
-
-    def _watched(self, kind: str) -> Watched[KindState, ResourceEvent]:
-        try:
-            return self._kinds[kind]
-        except KeyError:
-            raise ValueError(f"unknown kind {kind!r}") from None
-
-    def list(self, kind: str, namespace: str | None = None) -> Sequence[Resource]:
-        state = self._watched(kind).state
-        return [r for k, r in sorted(state.items()) if namespace is None or k[0] == namespace]
-
-    def get(self, kind: str, namespace: str, name: str) -> Resource | None:
-        return self._watched(kind).state.get((namespace, name))
-
-    def watch(self, kind: str) -> Subscription[KindState, ResourceEvent]:
-        return self._watched(kind).subscribe()
-
-    def version(self, kind: str) -> int:
-        return self._watched(kind).version
+    # --- the Store interface (list, get, watch, version: KindStates) ------------------------------
 
     def source_errors(self) -> Sequence[SourceError]:
         out = [SourceError(f"{src} {ns + '/' if ns else ''}{name}", (msg,))

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import yaml
 
+from tether.control.store import KindStates
 from tether.core.resources import KINDS, Loaded, Resource, load_text
 from tether.core.resources.core import Workload as WorkloadResource
 from tether.core.resources.events import Key, KindState, ResourceEvent, SourceError, apply_event, diff
 from tether.platform.local.workloads import Workload, WorkloadError, WorkloadRegistry
-from tether.runtime.watch import Subscription, Watched
+from tether.runtime.watch import Watched
 
 log = logging.getLogger("tether.store")
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -89,7 +90,7 @@ class StoreMetrics:
     events_total: dict[str, int] = field(default_factory=dict)
 
 
-class LocalStore:
+class LocalStore(KindStates):
     """A :class:`tether.control.store.Store` over a directory and the workload registry."""
 
     def __init__(
@@ -117,26 +118,7 @@ class LocalStore:
         self.notices: list[str] = []
         self.scan()
 
-    # --- the Store interface ---------------------------------------------------------------------
-
-    def _watched(self, kind: str) -> Watched[KindState, ResourceEvent]:
-        try:
-            return self._kinds[kind]
-        except KeyError:
-            raise ValueError(f"unknown kind {kind!r}") from None
-
-    def list(self, kind: str, namespace: str | None = None) -> Sequence[Resource]:
-        state = self._watched(kind).state
-        return [r for k, r in sorted(state.items()) if namespace is None or k[0] == namespace]
-
-    def get(self, kind: str, namespace: str, name: str) -> Resource | None:
-        return self._watched(kind).state.get((namespace, name))
-
-    def watch(self, kind: str) -> Subscription[KindState, ResourceEvent]:
-        return self._watched(kind).subscribe()
-
-    def version(self, kind: str) -> int:
-        return self._watched(kind).version
+    # --- the Store interface (list, get, watch, version: KindStates) ------------------------------
 
     def source_errors(self) -> Sequence[SourceError]:
         out = [SourceError(str(p), f.errors) for p, f in sorted(self._files.items()) if f.errors]
