@@ -18,6 +18,7 @@ try:
 except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
     from tether.testing import kubecluster
+from tether.testing.procs import Proc
 
 NO_GO_REASON = (
     "kube tier skipped: the Go toolchain (go >= 1.26) is not on PATH, so scripts/kube/build.sh cannot "
@@ -52,3 +53,12 @@ def kube_cluster() -> Iterator[kubecluster.KubeCluster]:
         bin_dir = kubecluster.build_binaries()
     with kubecluster.KubeCluster(bin_dir=bin_dir) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    """Processes a test starts (control-plane services, proxies), stopped afterwards."""
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop()

@@ -104,47 +104,43 @@ def component_pods(cluster: KubeCluster, ns: str, component: str) -> list[Any]:
 @pytest.fixture
 def install(kube_cluster: KubeCluster) -> Iterator[Install]:
     apply_crds(kube_cluster)
-    suffix = uuid.uuid4().hex[:6]
-    cp, app = f"l5d-{suffix}", f"mesh-{suffix}"
-    for n in (cp, app):
-        kube_cluster.create_namespace(n)
-    ca = Issuers(cp)
-    cert, key = ca.issuer()
-    anchors_pem = ca.roots()["data"]["ca-bundle.crt"]
-    docs: list[dict[str, Any]] = [
-        ca.roots(), ca.secret(cert, key),
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "linkerd-config", "namespace": cp},
-         "data": {"values": "controllerReplicas: 3\nhighAvailability: true\n"}},
-    ]
-    now = dt.datetime.now(dt.UTC)
-    for secret, kind, name in WEBHOOKS:
-        wca, wca_key = create_anchor(f"webhook.{name}", now)
-        wcert, wkey = create_issuer(f"{name}.{cp}.svc", wca, wca_key, now)
-        docs.append({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-                     "metadata": {"name": secret, "namespace": cp},
-                     "data": {"tls.crt": b64(wcert.public_bytes(PEM)), "tls.key": b64(pem_key(wkey))}})
-        docs.append(webhook_config(kind, name, wca.public_bytes(PEM), cp))
-    apply(kube_cluster, *docs)
-    kubectl_apply(kube_cluster, cp, *(deployment(f"linkerd-{c}", c, 3, anchors_pem)
-                                      for c in ("identity", "destination", "proxy-injector")))
-    kubectl_apply(kube_cluster, app, deployment("web", "none", 1, anchors_pem) | {
-        "metadata": {"name": "web", "labels": {"app": "web"}}})
-    kube_cluster.kubectl("label", "--overwrite", "namespace", "kube-system",
-                         "config.linkerd.io/admission-webhooks=disabled")
+    with kube_cluster.namespaces("l5d", "mesh") as (cp, app):
+        ca = Issuers(cp)
+        cert, key = ca.issuer()
+        anchors_pem = ca.roots()["data"]["ca-bundle.crt"]
+        docs: list[dict[str, Any]] = [
+            ca.roots(), ca.secret(cert, key),
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "linkerd-config", "namespace": cp},
+             "data": {"values": "controllerReplicas: 3\nhighAvailability: true\n"}},
+        ]
+        now = dt.datetime.now(dt.UTC)
+        for secret, kind, name in WEBHOOKS:
+            wca, wca_key = create_anchor(f"webhook.{name}", now)
+            wcert, wkey = create_issuer(f"{name}.{cp}.svc", wca, wca_key, now)
+            docs.append({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                         "metadata": {"name": secret, "namespace": cp},
+                         "data": {"tls.crt": b64(wcert.public_bytes(PEM)), "tls.key": b64(pem_key(wkey))}})
+            docs.append(webhook_config(kind, name, wca.public_bytes(PEM), cp))
+        apply(kube_cluster, *docs)
+        kubectl_apply(kube_cluster, cp, *(deployment(f"linkerd-{c}", c, 3, anchors_pem)
+                                          for c in ("identity", "destination", "proxy-injector")))
+        kubectl_apply(kube_cluster, app, deployment("web", "none", 1, anchors_pem) | {
+            "metadata": {"name": "web", "labels": {"app": "web"}}})
+        kube_cluster.kubectl("label", "--overwrite", "namespace", "kube-system",
+                             "config.linkerd.io/admission-webhooks=disabled")
 
-    def all_ready() -> bool:
-        for ns in (cp, app):
-            deps = kube_cluster.api.get(f"/apis/apps/v1/namespaces/{ns}/deployments")["items"]
-            if not deps or any((d.get("status") or {}).get("availableReplicas") != d["spec"]["replicas"] for d in deps):
-                return False
-        return True
+        def all_ready() -> bool:
+            for ns in (cp, app):
+                deps = kube_cluster.api.get(f"/apis/apps/v1/namespaces/{ns}/deployments")["items"]
+                if not deps or any((d.get("status") or {}).get("availableReplicas") != d["spec"]["replicas"]
+                                   for d in deps):
+                    return False
+            return True
 
-    wait_until(all_ready, timeout=120, what="the control plane's and the app's pods available")
-    yield Install(cp, app, ca)
-    for _, kind, name in WEBHOOKS:
-        kube_cluster.kubectl("delete", kind, name, "--ignore-not-found")
-    for n in (cp, app):
-        kube_cluster.kubectl("delete", "namespace", n, "--wait=false")
+        wait_until(all_ready, timeout=120, what="the control plane's and the app's pods available")
+        yield Install(cp, app, ca)
+        for _, kind, name in WEBHOOKS:
+            kube_cluster.kubectl("delete", kind, name, "--ignore-not-found")
 
 
 def test_every_category_passes_on_a_good_install(kube_cluster: KubeCluster, install: Install) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import signal
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,21 +60,8 @@ def ready_pods(cluster: KubeCluster, ns: str, count: int) -> frozenset[str]:
 @pytest.fixture
 def namespaces(kube_cluster: KubeCluster) -> Iterator[tuple[str, str]]:
     apply_crds(kube_cluster)
-    suffix = uuid.uuid4().hex[:6]
-    cp, app = f"cp-{suffix}", f"app-{suffix}"
-    for n in (cp, app):
-        kube_cluster.create_namespace(n)
-    yield cp, app
-    for n in (cp, app):
-        kube_cluster.kubectl("delete", "namespace", n, "--wait=false")
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
+    with kube_cluster.namespaces("cp", "app") as (cp, app):
+        yield cp, app
 
 
 def test_three_replicas_serve_endpoint_slices_and_certify_a_real_proxy(

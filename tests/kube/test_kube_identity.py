@@ -7,7 +7,6 @@ was deleted, is refused; rotating the issuer Secret changes the issuer without a
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,13 +27,8 @@ pytestmark = [pytest.mark.kube, pytest.mark.timeout(300)]
 
 @pytest.fixture
 def namespaces(kube_cluster: KubeCluster) -> Iterator[tuple[str, str]]:
-    suffix = uuid.uuid4().hex[:6]
-    cp, app = f"idcp-{suffix}", f"idapp-{suffix}"
-    for n in (cp, app):
-        kube_cluster.create_namespace(n)
-    yield cp, app
-    for n in (cp, app):
-        kube_cluster.kubectl("delete", "namespace", n, "--wait=false")
+    with kube_cluster.namespaces("idcp", "idapp") as (cp, app):
+        yield cp, app
 
 
 def certify(addr: str, ident: WorkloadIdentity, token: bytes) -> list[x509.Certificate]:
@@ -51,14 +45,6 @@ def refused(addr: str, ident: WorkloadIdentity, token: bytes) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         certify(addr, ident, token)
     return info.value
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def test_projected_token_gets_its_identity_and_bad_tokens_are_refused(

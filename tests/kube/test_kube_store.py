@@ -7,7 +7,6 @@ Each test uses its own namespace on the session's cluster. The store runs on its
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,10 +33,8 @@ def cluster(kube_cluster: KubeCluster) -> KubeCluster:
 
 @pytest.fixture
 def ns(cluster: KubeCluster) -> Iterator[str]:
-    name = f"store-{uuid.uuid4().hex[:8]}"
-    cluster.create_namespace(name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
+    with cluster.namespaces("store") as (name,):
+        yield name
 
 
 def deployment(name: str, replicas: int, port: int = 8080) -> dict[str, Any]:

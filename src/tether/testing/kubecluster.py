@@ -556,6 +556,20 @@ class KubeCluster:
             what=f"service account default in namespace {name}",
         )
 
+    @contextlib.contextmanager
+    def namespaces(self, *prefixes: str) -> Iterator[tuple[str, ...]]:
+        """One fresh namespace per prefix (PREFIX-<6 hex>, the same suffix for all) for one test;
+        deleted afterwards without waiting (nothing reuses their names)."""
+        suffix = os.urandom(3).hex()
+        names = tuple(f"{prefix}-{suffix}" for prefix in prefixes)
+        for name in names:
+            self.create_namespace(name)
+        try:
+            yield names
+        finally:
+            for name in names:
+                self.kubectl("delete", "namespace", name, "--wait=false")
+
     def __enter__(self) -> KubeCluster:
         self.start()
         return self
