@@ -273,6 +273,17 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: list[Column], fmt: str, n
     return render_table(([c.value(r) for c in cols] for r in rows), [c.header for c in cols])
 
 
+def _show(rows: Sequence[Mapping[str, Any]], output: str, json_doc: Any, columns: list[Column], empty: str,
+          namespaced: bool = False, ns: Callable[[Mapping[str, Any]], str] = lambda r: "") -> None:
+    """-o json prints json_doc; a table otherwise, or `empty` on stderr when there are no rows."""
+    if output == "json":
+        dump(json_doc, "json")
+    elif not rows:
+        click.echo(empty, err=True)
+    else:
+        click.echo(_table(rows, columns, output, namespaced, ns), nl=False)
+
+
 def pod_counts(state_dir: str, rtype: str, external: bool) -> Any:
     if external:
         return None
@@ -320,14 +331,9 @@ def stat(resource: str, name: str | None, namespace: str, all_namespaces: bool, 
     [...]}}]} with stats.actualRetries."""
     res, rows = stat_rows(state_dir, prometheus_url, resource, name, namespace, all_namespaces, window, from_, to,
                           from_namespace, to_namespace)
-    if output == "json":
-        dump({"statTables": [{"podGroup": {"rows": rows}}]}, "json")
-        return
-    if not rows:
-        click.echo(f"No traffic found for {res} in {'any namespace' if all_namespaces else res.namespace} over "
-                   f"the last {window}.", err=True)
-        return
-    click.echo(_table(rows, STAT_COLUMNS, output, all_namespaces, lambda r: r["resource"]["namespace"]), nl=False)
+    _show(rows, output, {"statTables": [{"podGroup": {"rows": rows}}]}, STAT_COLUMNS,
+          f"No traffic found for {res} in {'any namespace' if all_namespaces else res.namespace} over "
+          f"the last {window}.", all_namespaces, lambda r: r["resource"]["namespace"])
 
 
 ROUTE_COLUMNS = [
@@ -365,14 +371,8 @@ def routes(target: str, namespace: str, to: str | None, to_namespace: str | None
     api = _api(state_dir, prometheus_url)
     declared = profiles(_layout(state_dir)) if prometheus_url is None else []
     rows = _run(lambda: api.routes(res, window, to=dst, profiles=declared))
-    if output == "json":
-        dump({"routes": rows}, "json")
-        return
-    if not rows:
-        click.echo(f"No route traffic found for {dst or res} over the last {window} (routes need a ServiceProfile)",
-                   err=True)
-        return
-    click.echo(_table(rows, ROUTE_COLUMNS, output, False, lambda r: ""), nl=False)
+    _show(rows, output, {"routes": rows}, ROUTE_COLUMNS,
+          f"No route traffic found for {dst or res} over the last {window} (routes need a ServiceProfile)")
 
 
 EDGE_COLUMNS = [
@@ -404,14 +404,8 @@ def edges(resource: str, namespace: str, all_namespaces: bool, window: str, outp
         raise CliError(f"RESOURCE: edges are between deployments (deploy), not {resource!r}")
     api = _api(state_dir, prometheus_url)
     rows = _run(lambda: api.edges(namespace, window, all_namespaces=all_namespaces))
-    if output == "json":
-        dump({"edges": rows}, "json")
-        return
-    if not rows:
-        click.echo(f"No edges found in {'any namespace' if all_namespaces else namespace} over the last {window}.",
-                   err=True)
-        return
-    click.echo(_table(rows, EDGE_COLUMNS, output, False, lambda r: ""), nl=False)
+    _show(rows, output, {"edges": rows}, EDGE_COLUMNS,
+          f"No edges found in {'any namespace' if all_namespaces else namespace} over the last {window}.")
 
 
 TOP_COLUMNS = [
