@@ -263,6 +263,10 @@ def test_podmonitors_add_the_labels_the_alerts_group_by() -> None:
     # linkerd.io/proxy-deployment -> deployment; the pod's own labels kept.
     assert {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_(.+)"} in ep["relabelings"]
     assert ep["relabelings"][-1] == {"action": "labelmap", "regex": "__tmp_pod_label_(.+)"}
+    # In the operator's spelling (camelCase), not the scrape config's.
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_linkerd_io_proxy_job"], "action": "replace",
+            "targetLabel": "k8s_job"} in ep["relabelings"]
+    assert "&id" not in r.stdout  # no YAML aliases
     ctl = docs[0]["spec"]["podMetricsEndpoints"][0]["relabelings"]
     assert {"action": "replace", "targetLabel": "job", "replacement": "linkerd-controller"} in ctl
     bad = tether("viz", "scrape-config", "--podmonitor", "--platform", "local")

@@ -9,6 +9,7 @@ maps the pod's labels back at the end (the seed drops them).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,22 @@ DEFAULT_SCRAPE_INTERVAL = "10s"
 PROXY_JOB = "linkerd-proxy"
 CONTROLLER_JOB = "linkerd-controller"
 SERVICE_MIRROR_JOB = "linkerd-service-mirror"
+
+# The proxy job's relabelling of pod labels (seed 003's): linkerd.io/proxy-job as k8s_job, the
+# other linkerd.io/proxy-* labels and linkerd.io/* labels by their short names, then every other pod
+# label as it is. Used by the scrape config and, in the operator's spelling, by the PodMonitor.
+POD_LABEL_RULES: list[dict[str, Any]] = [
+    {"source_labels": ["__meta_kubernetes_pod_label_linkerd_io_proxy_job"], "action": "replace",
+     "target_label": "k8s_job"},
+    {"action": "labeldrop", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_job"},
+    {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_(.+)"},
+    {"action": "labeldrop", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_(.+)"},
+    {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_linkerd_io_(.+)"},
+    {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_(.+)", "replacement": "__tmp_pod_label_$1"},
+    {"action": "labeldrop", "regex": "__tmp_pod_label_linkerd_io_(.+)"},
+    # Not in the seed: without it every pod label is lost (labels starting __ are dropped).
+    {"action": "labelmap", "regex": "__tmp_pod_label_(.+)"},
+]
 
 
 def local_config(scrape_dir: Path, interval: str = DEFAULT_SCRAPE_INTERVAL, rule_files: list[str] | None = None,
@@ -87,20 +104,16 @@ def kubernetes_jobs(controller_namespace: str = "linkerd", viz_namespace: str = 
                  "action": "keep", "regex": f"^linkerd-proxy;linkerd-admin;{controller_namespace}$"},
                 {"source_labels": ["__meta_kubernetes_namespace"], "action": "replace", "target_label": "namespace"},
                 {"source_labels": ["__meta_kubernetes_pod_name"], "action": "replace", "target_label": "pod"},
-                {"source_labels": ["__meta_kubernetes_pod_label_linkerd_io_proxy_job"], "action": "replace",
-                 "target_label": "k8s_job"},
-                {"action": "labeldrop", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_job"},
-                {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_(.+)"},
-                {"action": "labeldrop", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_(.+)"},
-                {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_linkerd_io_(.+)"},
-                {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_(.+)",
-                 "replacement": "__tmp_pod_label_$1"},
-                {"action": "labeldrop", "regex": "__tmp_pod_label_linkerd_io_(.+)"},
-                # Not in the seed: without it every pod label is lost (labels starting __ are dropped).
-                {"action": "labelmap", "regex": "__tmp_pod_label_(.+)"},
+                *copy.deepcopy(POD_LABEL_RULES),
             ],
         },
     ]
+
+
+def _operator_style(rule: dict[str, Any]) -> dict[str, Any]:
+    """A Prometheus relabel rule as the Prometheus Operator spells it (sourceLabels, targetLabel)."""
+    names = {"source_labels": "sourceLabels", "target_label": "targetLabel"}
+    return {names.get(k, k): copy.deepcopy(v) for k, v in rule.items()}
 
 
 def local_jobs(scrape_dir: Path) -> list[dict[str, Any]]:
@@ -142,16 +155,7 @@ def pod_monitors(controller_namespace: str = "linkerd", monitor_namespace: str =
                 "selector": {"matchLabels": {"linkerd.io/control-plane-ns": controller_namespace}},
                 "podMetricsEndpoints": [{"port": "linkerd-admin", "path": "/metrics", "relabelings": [
                     {"action": "replace", "targetLabel": "job", "replacement": PROXY_JOB},
-                    {"sourceLabels": ["__meta_kubernetes_pod_label_linkerd_io_proxy_job"], "action": "replace",
-                     "targetLabel": "k8s_job"},
-                    {"action": "labeldrop", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_job"},
-                    {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_(.+)"},
-                    {"action": "labeldrop", "regex": "__meta_kubernetes_pod_label_linkerd_io_proxy_(.+)"},
-                    {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_linkerd_io_(.+)"},
-                    {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_(.+)",
-                     "replacement": "__tmp_pod_label_$1"},
-                    {"action": "labeldrop", "regex": "__tmp_pod_label_linkerd_io_(.+)"},
-                    {"action": "labelmap", "regex": "__tmp_pod_label_(.+)"},
+                    *(_operator_style(rule) for rule in POD_LABEL_RULES),
                 ]}],
             },
         },
