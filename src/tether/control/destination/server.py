@@ -28,6 +28,7 @@ from tether.api.gen import (
     outbound_pb2,
     outbound_pb2_grpc,
 )
+from tether.control.admin import serve_admin
 from tether.control.destination import translate as tr
 from tether.control.destination.translate import format_tcp_address
 from tether.control.destination.world import Context, LookupError_, World, split_authority
@@ -38,7 +39,6 @@ from tether.runtime.watch import Change, Snapshot, Subscription, Watched
 
 log = logging.getLogger("tether.destination")
 
-ADMIN_READ_TIMEOUT = 5.0
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 # What each RPC's answer depends on: a change to another kind cannot change it.
@@ -251,36 +251,8 @@ class DestinationController:
         )
 
     async def _admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(ADMIN_READ_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-            method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            path = path.split("?", 1)[0]
-            ctype = "text/plain"
-            if method != "GET":
-                status, body = "405 Method Not Allowed", "only GET\n"
-            elif path == "/metrics":
-                status, body, ctype = "200 OK", self.metrics_text(), "text/plain; version=0.0.4"
-            elif path == "/ready":
-                ok = self.synced.is_set()
-                status, body = ("200 OK", "ready\n") if ok else ("503 Service Unavailable", "not ready\n")
-            elif path == "/live":
-                status, body = "200 OK", "live\n"
-            elif path == "/store-errors.json":
-                status, body, ctype = "200 OK", self.errors_json(), "application/json"
-            else:
-                status, body = "404 Not Found", "not found\n"
-            data = body.encode()
-            writer.write(
-                f"HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {len(data)}\r\n"
-                "connection: close\r\n\r\n".encode()
-                + data
-            )
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError):
-            pass
-        finally:
-            writer.close()
+        await serve_admin(reader, writer, metrics=self.metrics_text, ready=self.synced.is_set,
+                          views={"/store-errors.json": lambda: (self.errors_json(), "application/json")})
 
     # --- running ---------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tether.api.gen import identity_pb2, identity_pb2_grpc
+from tether.control.admin import serve_admin
 from tether.control.identity.credentials import CredentialPaths, FileIssuer, ReloadingIssuer
 from tether.control.identity.ratelimit import RateLimiter
 from tether.control.identity.service import CertifyError, IdentityService, TokenValidator
@@ -31,7 +32,6 @@ from tether.core.identity.names import DEFAULT_CONTROL_PLANE_NS, DEFAULT_TRUST_D
 log = logging.getLogger("tether.identity")
 
 MAX_MESSAGE_BYTES = 64 * 1024
-ADMIN_READ_TIMEOUT = 5.0
 
 
 def utcnow() -> dt.datetime:
@@ -200,34 +200,7 @@ class IdentityController:
         return self.serving.is_set() and self.issuer.ready(utcnow())
 
     async def _admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(ADMIN_READ_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-            method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            path = path.split("?", 1)[0]
-            if method != "GET":
-                status, body = "405 Method Not Allowed", "only GET\n"
-            elif path == "/metrics":
-                status, body = "200 OK", self.metrics_text()
-            elif path == "/ready":
-                ok = self.ready()
-                status, body = ("200 OK", "ready\n") if ok else ("503 Service Unavailable", "not ready\n")
-            elif path == "/live":
-                status, body = "200 OK", "live\n"
-            else:
-                status, body = "404 Not Found", "not found\n"
-            data = body.encode()
-            ctype = "text/plain; version=0.0.4" if path == "/metrics" else "text/plain"
-            writer.write(
-                f"HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {len(data)}\r\n"
-                "connection: close\r\n\r\n".encode()
-                + data
-            )
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError):
-            pass
-        finally:
-            writer.close()
+        await serve_admin(reader, writer, metrics=self.metrics_text, ready=self.ready)
 
     async def _reload_loop(self) -> None:
         while True:
