@@ -185,6 +185,13 @@ def test_file_issuer_reloads_changed_files_and_keeps_the_old_on_error(tmp_path: 
     (tmp_path / "tls.key").write_bytes(new_key)
     assert issuer.check_for_changes()
     assert issuer.current.issuer.certificate == new and issuer.reloads_ok == 1
+    # The bundle rewritten with the same bytes (as `tether identity create-issuer` does): no reload.
+    bundle = tmp_path / "ca.crt"
+    same = bundle.read_bytes()
+    bundle.unlink()  # a new inode and mtime
+    bundle.write_bytes(same)
+    assert not issuer.check_for_changes()
+    assert issuer.reloads_ok == 1 and issuer.reload_errors == 1
 
 
 def test_secret_volume_symlink_swap_is_noticed(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ Server-side contract of ``show``: the proxy admin server answers ``GET /identity
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -197,12 +198,18 @@ def _write(path: Path, data: bytes, private: bool, force: bool) -> None:
     if path.exists() and not force:
         raise CliError(f"{path} exists; pass --force to overwrite")
     mode = 0o600 if private else 0o644
+    # Written beside it and renamed over it: a reader (an identity service reloading its issuer
+    # files) sees the old file or the new one, never a half-written one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(path, mode)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise OperationFailed(f"cannot write {path}: {e.strerror}") from None
 
 

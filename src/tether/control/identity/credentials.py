@@ -14,6 +14,7 @@ file through its symlinks (inode, size, mtime), not the directory.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -59,6 +60,19 @@ class CredentialPaths:
 
 
 FileSignature = tuple[tuple[str, int, int, int], ...]
+
+
+def contents(paths: CredentialPaths) -> bytes:
+    """The files' bytes (a digest of what was loaded): a file rewritten with the same bytes is no
+    change. Unreadable files read as empty (the load that follows says why)."""
+    out = hashlib.sha256()
+    for p in paths.files():
+        try:
+            out.update(p.read_bytes())
+        except OSError:
+            pass
+        out.update(b"\0")
+    return out.digest()
 
 
 def signature(paths: CredentialPaths) -> FileSignature:
@@ -179,6 +193,7 @@ class FileIssuer(ReloadingIssuer):
     ) -> None:
         self.paths = paths
         self._sig: FileSignature = signature(paths)
+        self._contents = contents(paths)
         # Raises CertificateError: the service refuses to start without a valid issuer.
         super().__init__(load_credentials(paths, now()), policy, now)
 
@@ -188,6 +203,10 @@ class FileIssuer(ReloadingIssuer):
         if sig == self._sig:
             return False
         self._sig = sig
+        now_contents = contents(self.paths)
+        if now_contents == self._contents:
+            return False  # touched or rewritten with the same bytes
+        self._contents = now_contents
         try:
             loaded = load_credentials(self.paths, self.now())
         except CertificateError as e:
