@@ -811,6 +811,10 @@ def test_inbound_route_filters_rewrite_the_request_or_answer_a_redirect(world: W
             r = conn.getresponse()
             return r.status, r.read().decode(), r
 
+        # The Server, its route and its authorization may reach the proxy in separate updates: the
+        # route is in force once its redirect answers.
+        wait_for(lambda: get("/old/page")[0] == 301, 10, what="the HTTPRoute and its authorization in force")
+
         assert get("/stamped/a", {"x-stamp": "from-client"})[:2] == (200, "web /stamped/a stamp=inbound")
         assert get("/plain", {"x-stamp": "from-client"})[:2] == (200, "web /plain stamp=from-client")
         seen = len(world.app.seen)
