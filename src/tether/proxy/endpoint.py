@@ -20,10 +20,35 @@ from collections.abc import Awaitable
 
 from tether.proxy.config import ClientSettings
 from tether.proxy.errors import ConnectError, ConnectTimeoutError, StreamCapacityError, UpstreamError
+from tether.proxy.http.body import BytesBody, EmptyBody, PipeBody
 from tether.proxy.http.h1client import Connector, H1Pool
-from tether.proxy.http.message import Request, Response
+from tether.proxy.http.message import Headers, Request, Response
 
 log = logging.getLogger(__name__)
+
+# The largest request body kept to send again when an HTTP/2 upstream refuses the stream.
+MAX_REPLAY_BYTES = 64 * 1024
+
+
+async def _replayable(req: Request) -> tuple[bytes, Headers | None] | tuple[()] | None:
+    """What a second try of ``req`` needs: () for a body that is empty (it can be sent again as is);
+    the bytes and trailers of a body wholly buffered and at most MAX_REPLAY_BYTES (``req.body`` is
+    replaced by a copy it can send); None when the body cannot be sent twice."""
+    body = req.body
+    if isinstance(body, EmptyBody):
+        return ()
+    if isinstance(body, PipeBody):
+        if not body.is_end_known() or body.buffered > MAX_REPLAY_BYTES:
+            return None
+    elif type(body) is BytesBody:
+        if body.length is None or body.length > MAX_REPLAY_BYTES:
+            return None
+    else:
+        return None
+    trailers = body.trailers
+    data = await body.read()  # all of it: it is buffered
+    req.body = BytesBody(data, trailers)
+    return data, trailers
 
 
 class HttpEndpoint:
@@ -48,6 +73,11 @@ class HttpEndpoint:
         from tether.proxy.http.h2client import H2ClientConnection, H2NoStreamSlot
         from tether.proxy.http.h2conn import H2Error
 
+        # A request the upstream never processed (REFUSED_STREAM, a GOAWAY below its stream, a
+        # connection lost before it was sent) is sent once more, but only whole: sending consumes
+        # the body, so a small body that is already here is kept as bytes for the second try; one
+        # still arriving goes once and is not retried.
+        replay = await _replayable(req)
         for attempt in range(2):
             conn = await self._h2_connection()
             assert isinstance(conn, H2ClientConnection)
@@ -59,7 +89,9 @@ class HttpEndpoint:
             except H2Error as e:
                 if not conn.usable and conn in self._h2:
                     self._h2.remove(conn)
-                if e.retryable and attempt == 0 and req.body.is_end_known():
+                if e.retryable and attempt == 0 and replay is not None:
+                    if replay:
+                        req.body = BytesBody(replay[0], replay[1])
                     continue
                 raise UpstreamError(f"HTTP/2 upstream error: {e}") from None
         raise UpstreamError("HTTP/2 upstream refused the request twice")
