@@ -658,7 +658,9 @@ class H1ServerProtocol(asyncio.Protocol):
             self._schedule_tick(delay)
 
     def _schedule_tick(self, delay: float) -> None:
-        timer = self._timer = self._loop.call_later(delay, self._on_tick)
+        # At least 1 ms: uvloop answers call_later with a delay that rounds to 0 ms by call_soon,
+        # whose handle has no when() (a head whose timeout ran out during detection got a 400).
+        timer = self._timer = self._loop.call_later(max(delay, 0.001), self._on_tick)
         self._timer_at = timer.when()  # kept: asking the handle costs a call per request
 
     def _cancel_timer(self, release: bool = False) -> None:
