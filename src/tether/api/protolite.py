@@ -339,10 +339,21 @@ class Message:
         if type(other) is not type(self):
             return NotImplemented
         for f in _info(type(self)).ordered:
-            if getattr(self, f.name) != getattr(other, f.name):
-                return False
-            if f.label == SINGULAR and (f.type == MESSAGE or f.oneof is not None) and \
-                    (_value(self, f.name) is _unset) != (_value(other, f.name) is _unset):
+            mine, theirs = _value(self, f.name), _value(other, f.name)
+            if f.label == SINGULAR and (f.type == MESSAGE or f.oneof is not None):
+                if (mine is _unset) != (theirs is _unset):  # presence differs
+                    return False
+            elif f.label != SINGULAR:
+                mine = () if mine is _unset else mine  # unset reads as empty
+                theirs = () if theirs is _unset else theirs
+                if f.label == MAP:
+                    mine, theirs = dict(mine), dict(theirs)
+                else:
+                    mine, theirs = list(mine), list(theirs)
+            else:
+                mine = f.default if mine is _unset else mine
+                theirs = f.default if theirs is _unset else theirs
+            if mine != theirs:
                 return False
         return True
 
