@@ -544,3 +544,14 @@ def test_arbitrary_bytes_decode_or_raise_decode_error(name: str, raw: bytes) -> 
 def test_fixed_width_and_varint_primitives() -> None:
     assert varint(0) == b"\x00" and varint(300) == b"\xac\x02" and varint(-1) == b"\xff" * 9 + b"\x01"
     assert struct.unpack("<I", b"\x01\x00\x00\x00")[0] == 1
+
+
+def test_a_map_entry_with_an_unknown_field_is_dropped_as_protobuf_drops_it() -> None:
+    """Found by the fuzzer: upb leaves such an entry out of the map; protolite does the same."""
+    from tether.api.gen import inbound_pb2
+
+    entry = b"\x4a\x04kind" + b"\x12\x07default"  # field 9 (unknown), then the value
+    good = b"\x0a\x04name\x12\x03all"
+    raw = b"\x22" + varint(len(entry)) + entry + b"\x22" + varint(len(good)) + good
+    assert dict(_cls("io.linkerd.proxy.inbound.Server").FromString(raw).labels) == {"name": "all"}
+    assert dict(inbound_pb2.Server.FromString(raw).labels) == {"name": "all"}

@@ -415,8 +415,9 @@ def _parse(msg: Message, buf: bytes, pos: int, end: int, depth: int) -> None:
             stop = pos + n
             if stop > end:
                 raise DecodeError(f"field {f.name}: length {n} runs past the end of the message")
-            key, value = _parse_entry(f, buf, pos, stop, depth + 1)
-            getattr(msg, f.name)[key] = value
+            entry = _parse_entry(f, buf, pos, stop, depth + 1)
+            if entry is not None:
+                getattr(msg, f.name)[entry[0]] = entry[1]
             pos = stop
             continue
         if f.type == MESSAGE:
@@ -467,9 +468,12 @@ def _read_scalar(f: Field, t: int, buf: bytes, pos: int, end: int) -> tuple[Any,
     return buf[pos:stop], stop
 
 
-def _parse_entry(f: Field, buf: bytes, pos: int, end: int, depth: int) -> tuple[Any, Any]:
+def _parse_entry(f: Field, buf: bytes, pos: int, end: int, depth: int) -> tuple[Any, Any] | None:
+    """A map entry's key and value; None for an entry with fields other than those two, which
+    protobuf's Python runtime (upb) does not insert either (the proxy read maps through it before)."""
     key: Any = _DEFAULTS[f.key_type]
     value: Any = _unset
+    known = True
     while pos < end:
         tag, pos = _read_varint(buf, pos, end)
         num, wt = tag >> 3, tag & 7
@@ -491,6 +495,9 @@ def _parse_entry(f: Field, buf: bytes, pos: int, end: int, depth: int) -> tuple[
             raise DecodeError(f"field {f.name}: map entry field {num} has wire type {wt}")
         else:
             pos = _skip(buf, pos, end, wt, num, depth)
+            known = False
+    if not known:
+        return None
     if value is _unset:
         value = f.value_message() if f.value_message is not None else _DEFAULTS[f.value_type]
     return key, value
