@@ -491,6 +491,9 @@ MALFORMED = {
     "nesting deeper than 100": (MATCH, _nested(NOT, 101)),
     "groups nested deeper than 100": (GET, b"\x7b" * 150 + b"\x7c" * 150),
     "map entry with a wrong wire type": ("io.linkerd.proxy.destination.WeightedAddrSet", b"\x12\x02\x08\x01"),
+    # Found by the fuzzer: a field number 0 nested where only the top level used to check it.
+    "field number 0 in a map entry": ("io.linkerd.proxy.destination.WeightedAddrSet", b"\x12\x02\x02\x00"),
+    "field number 0 in a group": (GET, b"\x7b\x02\x00\x7c"),
 }
 
 

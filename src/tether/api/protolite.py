@@ -81,6 +81,14 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
             raise DecodeError("varint longer than 10 bytes")
 
 
+def _read_tag(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    """(field number, wire type, position after the tag)."""
+    tag, pos = _read_varint(buf, pos, end)
+    if tag >> 3 == 0 or tag > _MASK32:
+        raise DecodeError(f"invalid field number {tag >> 3}")
+    return tag >> 3, tag & 7, pos
+
+
 def varint(n: int) -> bytes:
     """``n`` (0 <= n < 2**64; negative numbers as their 64-bit two's complement) as a varint."""
     n &= _MASK64
@@ -150,12 +158,12 @@ def _skip(buf: bytes, pos: int, end: int, wt: int, num: int, depth: int) -> int:
         if depth >= MAX_DEPTH:
             raise DecodeError(f"groups nested deeper than {MAX_DEPTH}")
         while True:
-            tag, pos = _read_varint(buf, pos, end)
-            if tag & 7 == _EGROUP:
-                if tag >> 3 != num:
-                    raise DecodeError(f"group {num} ended by an end-group of field {tag >> 3}")
+            inner, wt, pos = _read_tag(buf, pos, end)
+            if wt == _EGROUP:
+                if inner != num:
+                    raise DecodeError(f"group {num} ended by an end-group of field {inner}")
                 return pos
-            pos = _skip(buf, pos, end, tag & 7, tag >> 3, depth + 1)
+            pos = _skip(buf, pos, end, wt, inner, depth + 1)
     elif wt == _EGROUP:
         raise DecodeError(f"end-group of field {num} without its start")
     else:
@@ -390,10 +398,7 @@ def _parse(msg: Message, buf: bytes, pos: int, end: int, depth: int) -> None:
     info = _info(type(msg))
     by_number = info.by_number
     while pos < end:
-        tag, pos = _read_varint(buf, pos, end)
-        num, wt = tag >> 3, tag & 7
-        if num == 0 or tag > _MASK32:
-            raise DecodeError(f"invalid field number {num}")
+        num, wt, pos = _read_tag(buf, pos, end)
         f = by_number.get(num)
         if f is None:
             pos = _skip(buf, pos, end, wt, num, depth)
@@ -475,8 +480,7 @@ def _parse_entry(f: Field, buf: bytes, pos: int, end: int, depth: int) -> tuple[
     value: Any = _unset
     known = True
     while pos < end:
-        tag, pos = _read_varint(buf, pos, end)
-        num, wt = tag >> 3, tag & 7
+        num, wt, pos = _read_tag(buf, pos, end)
         if num == 1 and wt == _wire_of(f.key_type):
             key, pos = _read_scalar(f, f.key_type, buf, pos, end)
         elif num == 2 and wt == _wire_of(f.value_type):
