@@ -59,7 +59,7 @@ API = all_descriptors(PB2)
 
 
 def lite_of(d: Descriptor) -> type[protolite.Message]:
-    return protolite._REGISTRY[d.full_name]
+    return protolite.message_class(d.full_name)
 
 
 def pb_class(d: Descriptor) -> type[PbMessage]:
@@ -419,21 +419,21 @@ def test_repeated_numbers_read_packed_and_unpacked(test_proto: tuple[ModuleType,
     raw = theirs.SerializeToString()
     # protobuf wrote i32 packed (one length-delimited field) and up_i32 one number at a time.
     assert varint(5 << 3 | 2) + b"\x0c" in raw and varint(101 << 3 | 0) + b"\x01" in raw
-    ours: Any = protolite._REGISTRY["protolite.test.Repeats"].FromString(raw)
+    ours: Any = protolite.message_class("protolite.test.Repeats").FromString(raw)
     assert (ours.i32, ours.up_i32, ours.si64, ours.up_si64) == ([1, -2, 3], [1, -2, 3], [-1, 5], [-1, 5])
     assert (ours.b, ours.up_b, ours.f32, ours.up_f32, ours.d, ours.up_d) == \
         ([True, False], [True, False], [7], [7], [0.5], [0.5])
     # The same numbers written the other way (packed as unpacked, unpacked as packed) read the same.
     swapped = (varint(5 << 3 | 0) + varint(1) + varint(5 << 3 | 0) + varint(2**64 - 2)
                + varint(101 << 3 | 2) + varint(2) + b"\x01\x02")
-    again: Any = protolite._REGISTRY["protolite.test.Repeats"].FromString(swapped)
+    again: Any = protolite.message_class("protolite.test.Repeats").FromString(swapped)
     assert (again.i32, again.up_i32) == ([1, -2], [1, 2])
     assert pb.Repeats.FromString(swapped).i32 == [1, -2]
 
 
 def test_zigzag_and_fixed_width_bytes_are_protobufs(test_proto: tuple[ModuleType, list[Descriptor]]) -> None:
     pb, _ = test_proto
-    lite = protolite._REGISTRY["protolite.test.Scalars"]
+    lite = protolite.message_class("protolite.test.Scalars")
     for kw in ({"si32": -1}, {"si32": -(2**31)}, {"si64": 2**63 - 1}, {"si64": -(2**63)}, {"sf32": -5},
                {"sf64": -(2**63)}, {"i32": -1}, {"i64": -(2**63)}, {"u64": 2**64 - 1}, {"f": -0.0}, {"d": -0.0},
                {"e": 2}, {"b": True}, {"s": "\u00e9\U0001f600"}, {"by": b"\x00\xff"}):
@@ -460,7 +460,7 @@ def _nested(field: int, depth: int) -> bytes:
 
 
 def _cls(name: str) -> Any:
-    return protolite._REGISTRY[name]
+    return protolite.message_class(name)
 
 
 GET = "io.linkerd.proxy.destination.GetDestination"

@@ -1,8 +1,9 @@
 """A small protobuf (proto3) runtime: the proxy's messages without google.protobuf.
 
-The proxy speaks linkerd2-proxy-api's messages to the control plane. google.protobuf and its descriptor
-pool cost ~6.5 MiB of RSS per proxy for what is a few hundred fields of plain data, so the proxy uses
-this runtime instead; the control plane, the CLI and the tests keep google.protobuf.
+The proxy speaks linkerd2-proxy-api's messages to the control plane. google.protobuf (upb and its
+descriptor pool) with the generated ``*_pb2`` modules the proxy used cost ~4.5 MiB of RSS per proxy for
+a few hundred fields of plain data; this runtime and its generated classes cost ~0.7 MiB. The control
+plane, the CLI and the tests keep google.protobuf.
 
 The message classes are generated at setup time (``scripts/gen_protolite.py``, run by
 ``scripts/gen-protos.sh``) from the same descriptors as the ``*_pb2`` modules, into
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 MAX_DEPTH: Final = 100  # nested messages (and groups being skipped), as protobuf's default recursion limit
@@ -194,11 +194,11 @@ class Field:
         if label == MAP:
             self.key_type, self.value_type, value_ref = ref
             if self.value_type == MESSAGE:
-                self.value_message = _resolve(value_ref)
+                self.value_message = message_class(value_ref)
             self.wire = _LEN
         else:
             if type_ == MESSAGE:
-                self.message = _resolve(ref)
+                self.message = message_class(ref)
             self.wire = _wire_of(type_)
         self.tag = varint((number << 3) | (_LEN if label != SINGULAR and self.wire != _LEN else self.wire))
         self.default = _DEFAULTS.get(type_)
@@ -211,7 +211,8 @@ _DEFAULTS.update((t, 0) for t in (INT64, UINT64, INT32, FIXED64, FIXED32, UINT32
 _REGISTRY: dict[str, type[Message]] = {}
 
 
-def _resolve(full_name: str) -> type[Message]:
+def message_class(full_name: str) -> type[Message]:
+    """The loaded class of a message type, by its full name (``io.linkerd.proxy.net.TcpAddress``)."""
     try:
         return _REGISTRY[full_name]
     except KeyError:
@@ -678,8 +679,3 @@ class Empty(Message):
 
     __slots__ = ()
     _full_name_ = "google.protobuf.Empty"
-
-
-def registered() -> Iterator[type[Message]]:
-    """Every message class loaded so far (for tests that check them against descriptors)."""
-    return iter(list(_REGISTRY.values()))
