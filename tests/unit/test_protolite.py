@@ -494,6 +494,8 @@ MALFORMED = {
     # Found by the fuzzer: a field number 0 nested where only the top level used to check it.
     "field number 0 in a map entry": ("io.linkerd.proxy.destination.WeightedAddrSet", b"\x12\x02\x02\x00"),
     "field number 0 in a group": (GET, b"\x7b\x02\x00\x7c"),
+    "invalid UTF-8 in a map key": ("io.linkerd.proxy.destination.WeightedAddrSet", b"\x12\x06\x0a\x01\xff\x12\x01a"),
+    "a map value past the entry": ("io.linkerd.proxy.destination.WeightedAddrSet", b"\x12\x06\x0a\x01k\x12\x05a"),
 }
 
 

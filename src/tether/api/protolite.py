@@ -179,8 +179,8 @@ def _skip(buf: bytes, pos: int, end: int, wt: int, num: int, depth: int) -> int:
 class Field:
     """One field of a message, resolved from its ``_fields_`` row."""
 
-    __slots__ = ("default", "key_type", "label", "message", "name", "number", "oneof", "tag", "type",
-                 "value_message", "value_type", "wire")
+    __slots__ = ("default", "fixed", "key_type", "kind", "label", "message", "name", "number", "oneof", "siblings",
+                 "tag", "type", "value_message", "value_type", "wire")
 
     def __init__(self, number: int, name: str, type_: int, label: int, ref: Any, oneof: str | None) -> None:
         self.number = number
@@ -202,6 +202,20 @@ class Field:
             self.wire = _wire_of(type_)
         self.tag = varint((number << 3) | (_LEN if label != SINGULAR and self.wire != _LEN else self.wire))
         self.default = _DEFAULTS.get(type_)
+        self.fixed = _STRUCTS.get(type_)
+        self.siblings: tuple[str, ...] = ()  # the other members of its oneof
+        if label == MAP:
+            self.kind = _K_MAP
+        elif type_ == MESSAGE:
+            self.kind = _K_REPEATED_MESSAGE if label == REPEATED else _K_MESSAGE
+        elif type_ in (STRING, BYTES):
+            self.kind = _K_REPEATED_BYTES if label == REPEATED else _K_BYTES
+        else:
+            self.kind = _K_REPEATED_NUMBER if label == REPEATED else _K_NUMBER
+
+
+# How the decoder stores a field's value.
+_K_NUMBER, _K_BYTES, _K_MESSAGE, _K_REPEATED_NUMBER, _K_REPEATED_BYTES, _K_REPEATED_MESSAGE, _K_MAP = range(7)
 
 
 _DEFAULTS: dict[int, Any] = {STRING: "", BYTES: b"", BOOL: False, FLOAT: 0.0, DOUBLE: 0.0}
@@ -233,6 +247,9 @@ class _Info:
             if f.oneof is not None:
                 members.setdefault(f.oneof, []).append(f.name)
         self.oneofs = {name: tuple(names) for name, names in members.items()}
+        for f in self.ordered:
+            if f.oneof is not None:
+                f.siblings = tuple(n for n in self.oneofs[f.oneof] if n != f.name)
 
 
 def _info(cls: type[Message]) -> _Info:
@@ -393,76 +410,138 @@ def _is_default(v: Any) -> bool:
     return not v
 
 
-def _parse(msg: Message, buf: bytes, pos: int, end: int, depth: int) -> None:
+def _parse(msg: Message, buf: bytes, pos: int, end: int, depth: int, merge: bool = False) -> None:
+    """Decode buf[pos:end] into ``msg``; ``merge``: into the values it holds, as protobuf merges a
+    message field seen twice."""
     if depth > MAX_DEPTH:
         raise DecodeError(f"messages nested deeper than {MAX_DEPTH}")
     info = _info(type(msg))
     by_number = info.by_number
+    # Values collect in a dict and go into the slots at the end: no attribute lookups that fail.
+    vals: dict[str, Any] = {}
+    if merge:
+        for held in info.ordered:
+            v: Any = _value(msg, held.name)
+            if v is not _unset:
+                vals[held.name] = v
+                object.__delattr__(msg, held.name)
     while pos < end:
-        num, wt, pos = _read_tag(buf, pos, end)
+        tag = buf[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _read_varint(buf, pos, end)
+            if tag > _MASK32:
+                raise DecodeError(f"invalid field number {tag >> 3}")
+        num = tag >> 3
+        wt = tag & 7
+        if num == 0:
+            raise DecodeError("invalid field number 0")
         f = by_number.get(num)
         if f is None:
             pos = _skip(buf, pos, end, wt, num, depth)
             continue
-        if f.label == REPEATED and wt == _LEN and f.wire != _LEN:  # packed scalars
-            n, pos = _read_varint(buf, pos, end)
-            stop = pos + n
-            if stop > end:
-                raise DecodeError(f"field {f.name}: length {n} runs past the end of the message")
-            values = getattr(msg, f.name)
-            while pos < stop:
-                v, pos = _read_scalar(f, f.type, buf, pos, stop)
-                values.append(v)
-            continue
-        if wt != f.wire:
-            raise DecodeError(f"field {f.name} ({num}): wire type {wt}, expected {f.wire}")
-        if f.label == MAP:
-            n, pos = _read_varint(buf, pos, end)
-            stop = pos + n
-            if stop > end:
-                raise DecodeError(f"field {f.name}: length {n} runs past the end of the message")
-            entry = _parse_entry(f, buf, pos, stop, depth + 1)
-            if entry is not None:
-                getattr(msg, f.name)[entry[0]] = entry[1]
-            pos = stop
-            continue
-        if f.type == MESSAGE:
-            n, pos = _read_varint(buf, pos, end)
-            stop = pos + n
-            if stop > end:
-                raise DecodeError(f"field {f.name}: length {n} runs past the end of the message")
-            assert f.message is not None
-            if f.label == REPEATED:
-                sub = f.message.__new__(f.message)
-                getattr(msg, f.name).append(sub)
+        kind = f.kind
+        if wt == _LEN:
+            if pos >= end:
+                raise DecodeError("truncated varint")
+            n = buf[pos]
+            if n < 0x80:
+                pos += 1
             else:
-                sub = _value(msg, f.name)
-                if sub is _unset:  # a message field seen twice is merged, as protobuf does
-                    sub = f.message.__new__(f.message)
-                    msg._assign(f, sub)
-            _parse(sub, buf, pos, stop, depth + 1)
+                n, pos = _read_varint(buf, pos, end)
+            stop = pos + n
+            if stop > end:
+                raise DecodeError(f"field {f.name}: length {n} runs past the end of the message")
+            if kind in (_K_BYTES, _K_REPEATED_BYTES):
+                v = buf[pos:stop]
+                if f.type == STRING:
+                    try:
+                        v = v.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise DecodeError(f"field {f.name}: invalid UTF-8") from None
+                if kind == _K_BYTES:
+                    for other in f.siblings:
+                        vals.pop(other, None)
+                    vals[f.name] = v
+                else:
+                    _list(vals, f.name).append(v)
+            elif kind == _K_MESSAGE:
+                sub = vals.get(f.name)
+                if sub is None:
+                    for other in f.siblings:
+                        vals.pop(other, None)
+                    assert f.message is not None
+                    sub = vals[f.name] = f.message.__new__(f.message)
+                    _parse(sub, buf, pos, stop, depth + 1)
+                else:
+                    _parse(sub, buf, pos, stop, depth + 1, merge=True)
+            elif kind == _K_REPEATED_MESSAGE:
+                assert f.message is not None
+                sub = f.message.__new__(f.message)
+                _parse(sub, buf, pos, stop, depth + 1)
+                _list(vals, f.name).append(sub)
+            elif kind == _K_MAP:
+                entry = _parse_entry(f, buf, pos, stop, depth + 1)
+                if entry is not None:
+                    m = vals.get(f.name)
+                    if m is None:
+                        m = vals[f.name] = {}
+                    m[entry[0]] = entry[1]
+            elif kind == _K_REPEATED_NUMBER:  # packed
+                values = _list(vals, f.name)
+                while pos < stop:
+                    v, pos = _read_scalar(f, f.type, buf, pos, stop)
+                    values.append(v)
+            else:
+                raise DecodeError(f"field {f.name} ({num}): wire type {wt}, expected {f.wire}")
             pos = stop
-            continue
-        v, pos = _read_scalar(f, f.type, buf, pos, end)
-        if f.label == REPEATED:
-            getattr(msg, f.name).append(v)
-        elif f.oneof is not None:
-            msg._assign(f, v)
+        elif wt == f.wire and kind in (_K_NUMBER, _K_REPEATED_NUMBER):
+            if wt == _VARINT and pos < end and buf[pos] < 0x80 and f.type not in (SINT32, SINT64):
+                v = buf[pos]  # one byte: the same number for every varint type but zigzag (and bool)
+                if f.type == BOOL:
+                    v = v != 0
+                pos += 1
+            else:
+                v, pos = _read_scalar(f, f.type, buf, pos, end)
+            if kind == _K_NUMBER:
+                for other in f.siblings:
+                    vals.pop(other, None)
+                vals[f.name] = v
+            else:
+                _list(vals, f.name).append(v)
         else:
-            _set(msg, f.name, v)
+            raise DecodeError(f"field {f.name} ({num}): wire type {wt}, expected {f.wire}")
+    for name, v in vals.items():
+        _set(msg, name, v)
+
+
+def _list(vals: dict[str, Any], name: str) -> list[Any]:
+    values = vals.get(name)
+    if values is None:
+        values = vals[name] = []
+    return values
 
 
 def _read_scalar(f: Field, t: int, buf: bytes, pos: int, end: int) -> tuple[Any, int]:
-    if t in _VARINT_TYPES:
-        v, pos = _read_varint(buf, pos, end)
-        return _scalar_from_varint(t, v), pos
-    if t in _I32_TYPES or t in _I64_TYPES:
-        s = _STRUCTS[t]
+    s = f.fixed if t == f.type else _STRUCTS.get(t)
+    if s is not None:
         stop = pos + s.size
         if stop > end:
             raise DecodeError(f"field {f.name}: truncated fixed-width value")
         return s.unpack_from(buf, pos)[0], stop
-    n, pos = _read_varint(buf, pos, end)
+    if t in _VARINT_TYPES:
+        if pos < end and buf[pos] < 0x80:
+            v = buf[pos]
+            pos += 1
+        else:
+            v, pos = _read_varint(buf, pos, end)
+        return (v if t == UINT64 else _scalar_from_varint(t, v)), pos
+    if pos < end and buf[pos] < 0x80:
+        n = buf[pos]
+        pos += 1
+    else:
+        n, pos = _read_varint(buf, pos, end)
     stop = pos + n
     if stop > end:
         raise DecodeError(f"field {f.name}: length {n} runs past the end of the message")
@@ -477,14 +556,25 @@ def _read_scalar(f: Field, t: int, buf: bytes, pos: int, end: int) -> tuple[Any,
 def _parse_entry(f: Field, buf: bytes, pos: int, end: int, depth: int) -> tuple[Any, Any] | None:
     """A map entry's key and value; None for an entry with fields other than those two, which
     protobuf's Python runtime (upb) does not insert either (the proxy read maps through it before)."""
+    if f.key_type == STRING and f.value_type == STRING and end - pos >= 4 and buf[pos] == 0x0A:
+        # The common entry, key and value both under 128 bytes: read it without the general loop.
+        k_len = buf[pos + 1]
+        v_at = pos + 2 + k_len
+        if k_len < 0x80 and v_at + 2 <= end and buf[v_at] == 0x12 and buf[v_at + 1] < 0x80 \
+                and v_at + 2 + buf[v_at + 1] == end:
+            try:
+                return buf[pos + 2:v_at].decode("utf-8"), buf[v_at + 2:end].decode("utf-8")
+            except UnicodeDecodeError:
+                raise DecodeError(f"field {f.name}: invalid UTF-8") from None
     key: Any = _DEFAULTS[f.key_type]
     value: Any = _unset
+    key_wire, value_wire = _wire_of(f.key_type), _wire_of(f.value_type)
     known = True
     while pos < end:
         num, wt, pos = _read_tag(buf, pos, end)
-        if num == 1 and wt == _wire_of(f.key_type):
+        if num == 1 and wt == key_wire:
             key, pos = _read_scalar(f, f.key_type, buf, pos, end)
-        elif num == 2 and wt == _wire_of(f.value_type):
+        elif num == 2 and wt == value_wire:
             if f.value_type == MESSAGE:
                 n, pos = _read_varint(buf, pos, end)
                 stop = pos + n
