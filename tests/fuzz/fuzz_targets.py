@@ -16,6 +16,19 @@ from typing import Any
 import httptools
 import yaml
 
+from tether.api import protolite
+from tether.api.gen import (
+    destination_lite,
+    destination_pb2,
+    identity_lite,
+    identity_pb2,
+    inbound_lite,
+    inbound_pb2,
+    outbound_lite,
+    outbound_pb2,
+    tap_lite,
+    tap_pb2,
+)
 from tether.control.injector.admission import ReviewError, mutate, validate
 from tether.core import transport_header
 from tether.core.http import h1, h2frames, hpack
@@ -327,6 +340,36 @@ def admission(data: bytes) -> None:
         assert "patch" not in second.response["response"], (out.result, second.response)
 
 
+# The messages the proxy decodes from the control plane and from tap clients, with protobuf's classes.
+_PROTO_TYPES: list[tuple[type[protolite.Message], Any]] = [
+    (destination_lite.Update, destination_pb2.Update),
+    (destination_lite.DestinationProfile, destination_pb2.DestinationProfile),
+    (outbound_lite.OutboundPolicy, outbound_pb2.OutboundPolicy),
+    (inbound_lite.Server, inbound_pb2.Server),
+    (tap_lite.ObserveRequest, tap_pb2.ObserveRequest),
+    (identity_lite.CertifyResponse, identity_pb2.CertifyResponse),
+]
+
+
+def protolite_decode(data: bytes) -> None:
+    """protolite, the proxy's protobuf decoder: the first byte picks a message type, the rest is decoded.
+    Only DecodeError; what decodes re-encodes to the same message, and google.protobuf reads the input
+    as that same message (it accepts everything protolite does)."""
+    if not data:
+        return
+    lite, pb = _PROTO_TYPES[data[0] % len(_PROTO_TYPES)]
+    raw = data[1:]
+    try:
+        msg = lite.FromString(raw)
+    except protolite.DecodeError:
+        return
+    again = msg.SerializeToString()
+    assert lite.FromString(again) == msg
+    theirs = pb.FromString(raw)
+    theirs.DiscardUnknownFields()
+    assert pb.FromString(again) == theirs, (raw, msg)
+
+
 TARGETS: dict[str, Target] = {
     "h1_head": h1_head,
     "h1_chunked": h1_chunked,
@@ -339,4 +382,5 @@ TARGETS: dict[str, Target] = {
     "csr": csr_validate,
     "resources": resources,
     "admission": admission,
+    "protolite": protolite_decode,
 }

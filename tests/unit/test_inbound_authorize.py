@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from tether.api.gen import inbound_lite
 from tether.api.gen import inbound_pb2 as inb
 from tether.control.destination import translate as tr
 from tether.control.destination.world import World
@@ -14,9 +15,15 @@ from tether.core.policy.authz import PolicyError
 from tether.core.resources import load_text
 from tether.proxy.http.message import Connection, Request
 from tether.proxy.inbound.authorize import Authorizer, HttpAuthorize, looks_like_http
-from tether.proxy.inbound.policy import PortPolicy, default_port_policy, port_policy
+from tether.proxy.inbound.policy import PortPolicy, default_port_policy
+from tether.proxy.inbound.policy import port_policy as _port_policy
 from tether.proxy.inbound.policy_watch import StaticPolicy
 from tether.testing.fakes import FakeClock, FakeService
+
+
+def port_policy(msg: inb.Server, permit_localhost: bool = True) -> PortPolicy:
+    """The port's policy as the proxy reads it: the control plane's bytes decoded by protolite."""
+    return _port_policy(inbound_lite.Server.FromString(msg.SerializeToString()), permit_localhost)
 
 S = tr.Settings(cluster_networks=("10.0.0.0/8",))
 CLIENT = "client.shop.serviceaccount.identity.linkerd.cluster.local"

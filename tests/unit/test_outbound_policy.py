@@ -6,13 +6,19 @@ import asyncio
 
 import pytest
 
-from tether.api.gen import grpc_route_pb2, http_route_pb2, meta_pb2, outbound_pb2
+from tether.api.gen import grpc_route_pb2, http_route_pb2, meta_pb2, outbound_lite, outbound_pb2
 from tether.core.routing.http_match import RequestInfo, select_rule
-from tether.core.routing.policy import FailureInjector, Filters, HeaderModifier, Meta, Redirect
+from tether.core.routing.policy import ClientPolicy, FailureInjector, Filters, HeaderModifier, Meta, Redirect
 from tether.proxy.http.body import BytesBody
 from tether.proxy.http.message import Request, Response
 from tether.proxy.layers.policy_routes import ApplyFilters, Measure, PolicyRouteMetrics
-from tether.proxy.policy import PolicyError, client_policy_of
+from tether.proxy.policy import PolicyError
+from tether.proxy.policy import client_policy_of as _client_policy_of
+
+
+def client_policy_of(p: outbound_pb2.OutboundPolicy, port: int = 0) -> ClientPolicy:
+    """The policy as the proxy reads it: the control plane's bytes decoded by protolite."""
+    return _client_policy_of(outbound_lite.OutboundPolicy.FromString(p.SerializeToString()), port)
 
 out = outbound_pb2
 

@@ -1,5 +1,5 @@
-"""What a meshed proxy loads: its control-plane clients ride on tether's own HTTP/2 client, and its
-identity needs neither grpcio nor cryptography.
+"""What a meshed proxy loads: its control-plane clients ride on tether's own HTTP/2 client, its
+identity needs neither grpcio nor cryptography, and its messages go through protolite, not protobuf.
 
 grpcio cost a meshed proxy ~12 MiB of RSS and 7 threads (60.9 -> 48.5 MiB, 12 -> 5 threads), and
 cryptography ~8 MiB more (docs/notes/issue-16.md); these keep them from coming back through an import.
@@ -28,6 +28,17 @@ def test_meshed_proxy_modules_do_not_load_grpcio() -> None:
     code = (
         "import sys; import tether.proxy.app, tether.proxy.identity, tether.proxy.destination, "
         "tether.proxy.grpc_client; print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_proxys_message_code_does_not_load_protobuf() -> None:
+    """protobuf and the generated _pb2 modules cost a proxy ~6.5 MiB; protolite replaces them."""
+    code = (
+        "import sys; import tether.proxy.app, tether.proxy.identity, tether.proxy.destination, tether.proxy.policy, "
+        "tether.proxy.inbound.policy, tether.proxy.inbound.policy_watch, tether.proxy.tap_wire, tether.proxy.tracing; "
+        "print(sorted(m for m in sys.modules if m.startswith('google') or '_pb2' in m))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"

@@ -30,9 +30,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from google.protobuf.message import DecodeError
-
-from tether.api.gen import destination_pb2, outbound_pb2
+from tether.api.gen import destination_lite, outbound_lite
+from tether.api.protolite import DecodeError
 from tether.core.discovery.endpoints import Addr, Endpoint, EndpointDiff, EndpointSet, format_addr
 from tether.core.http.authority import normalize_authority
 from tether.core.routing.http_match import Condition
@@ -75,7 +74,7 @@ def context_token(namespace: str, pod: str = "", node: str = "") -> str:
     return json.dumps(doc, separators=(",", ":"))
 
 
-def condition_of(m: destination_pb2.RequestMatch) -> Condition:
+def condition_of(m: destination_lite.RequestMatch) -> Condition:
     kind = m.WhichOneof("match")
     if kind == "all":
         return Condition(all=tuple(condition_of(x) for x in m.all.matches))
@@ -90,7 +89,7 @@ def condition_of(m: destination_pb2.RequestMatch) -> Condition:
     return Condition()
 
 
-def status_of(m: destination_pb2.ResponseMatch) -> StatusMatch:
+def status_of(m: destination_lite.ResponseMatch) -> StatusMatch:
     kind = m.WhichOneof("match")
     if kind == "all":
         return StatusMatch(all=tuple(status_of(x) for x in m.all.matches))
@@ -107,7 +106,7 @@ def _seconds(d: Any) -> float:
     return d.seconds + d.nanos / 1e9
 
 
-def profile_of(p: destination_pb2.DestinationProfile) -> Profile:
+def profile_of(p: destination_lite.DestinationProfile) -> Profile:
     """A DestinationProfile as the proxy applies it."""
     routes = []
     for r in p.routes:
@@ -207,19 +206,19 @@ class DestinationDiscovery:
                                   client_policy_of)
 
     def _open_profile(self, channel: GrpcChannel, key: str) -> AsyncIterator[Any]:
-        req = destination_pb2.GetDestination(scheme="k8s", path=key, context_token=self.settings.context_token)
+        req = destination_lite.GetDestination(scheme="k8s", path=key, context_token=self.settings.context_token)
         return _decoded(channel.server_stream(_GET_PROFILE, req.SerializeToString()),
-                        destination_pb2.DestinationProfile.FromString)
+                        destination_lite.DestinationProfile.FromString)
 
     def _open_policy(self, channel: GrpcChannel, key: str) -> AsyncIterator[Any]:
         if key.startswith(_ADDR):
             host, _, port = key[len(_ADDR):].rpartition(":")
-            req = outbound_pb2.TrafficSpec(source_workload=self.settings.context_token,
+            req = outbound_lite.TrafficSpec(source_workload=self.settings.context_token,
                                            addr=tcp_address((host.strip("[]"), int(port))))
         else:
-            req = outbound_pb2.TrafficSpec(source_workload=self.settings.context_token, authority=key)
+            req = outbound_lite.TrafficSpec(source_workload=self.settings.context_token, authority=key)
         return _decoded(channel.server_stream(_WATCH_POLICY, req.SerializeToString()),
-                        outbound_pb2.OutboundPolicy.FromString)
+                        outbound_lite.OutboundPolicy.FromString)
 
     async def _latest(self, table: dict[str, _Latest[Any]], authority: str, empty: Any,
                       open_call: Callable[[GrpcChannel, str], AsyncIterator[Any]],
@@ -365,14 +364,14 @@ class DestinationDiscovery:
 
     async def _stream(self, w: _Watch, addr: str) -> bool:
         """Follow one replica's stream until it ends; True when it sent anything."""
-        request = destination_pb2.GetDestination(scheme="k8s", path=w.authority,
+        request = destination_lite.GetDestination(scheme="k8s", path=w.authority,
                                                   context_token=self.settings.context_token)
         first = True
         got_any = False
         snapshot: dict[Addr, Endpoint] = {}
         async for raw in self._channel(addr).server_stream(_GET, request.SerializeToString()):
             got_any = True
-            update = destination_pb2.Update.FromString(raw)
+            update = destination_lite.Update.FromString(raw)
             kind = update.WhichOneof("update")
             if first:
                 # The first message after (re)connecting is the whole set: replace, never merge.

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.api.gen import identity_pb2
+from tether.api.gen import identity_lite
 from tether.core.identity.certview import (
     CertificateError,
     CertView,
@@ -359,7 +359,7 @@ class IdentityClient:
 
     async def certify_once(self) -> list[CertView]:
         """One Certify, failing over across addresses; returns a verified chain (leaf first)."""
-        request = identity_pb2.CertifyRequest(
+        request = identity_lite.CertifyRequest(
             identity=self.identity.dns_name,
             token=self._read_token(),
             certificate_signing_request=self.csr_der,
@@ -377,8 +377,8 @@ class IdentityClient:
                     continue
                 raise CertifyFailed("; ".join(errors)) from None
             try:
-                resp = identity_pb2.CertifyResponse.FromString(raw)
-            except Exception as e:  # protobuf's DecodeError
+                resp = identity_lite.CertifyResponse.FromString(raw)
+            except Exception as e:  # protolite's DecodeError
                 raise CertifyFailed(f"{addr} returned an undecodable CertifyResponse: {e}") from None
             self._next_addr = idx  # stay with a replica that answers
             return self._verify(resp, addr)

@@ -20,11 +20,11 @@ import re
 from typing import Any
 
 from tether.api.gen import (
-    grpc_route_pb2,
-    http_route_pb2,
-    http_types_pb2,
-    meta_pb2,
-    outbound_pb2,
+    grpc_route_lite,
+    http_route_lite,
+    http_types_lite,
+    meta_lite,
+    outbound_lite,
 )
 from tether.core.routing.http_match import PathMatch, Route, RouteMatch, Rule, ValueMatch
 from tether.core.routing.policy import (
@@ -56,14 +56,14 @@ def _opt_seconds(msg: Any, field: str) -> float | None:
     return _seconds(getattr(msg, field)) or None
 
 
-def meta_of(m: meta_pb2.Metadata, port: int = 0) -> Meta:
+def meta_of(m: meta_lite.Metadata, port: int = 0) -> Meta:
     if m.WhichOneof("kind") == "resource":
         r = m.resource
         return Meta(r.group, r.kind, r.namespace, r.name, r.section, r.port or port)
     return Meta(kind="default", name=m.default, port=port)
 
 
-def _headers(hs: http_types_pb2.Headers) -> tuple[tuple[bytes, bytes], ...]:
+def _headers(hs: http_types_lite.Headers) -> tuple[tuple[bytes, bytes], ...]:
     return tuple((h.name.lower().encode("latin-1"), bytes(h.value)) for h in hs.headers)
 
 
@@ -72,7 +72,7 @@ def _modifier(m: Any) -> HeaderModifier:
                           remove=tuple(n.lower().encode("latin-1") for n in m.remove))
 
 
-def _ratio(r: http_route_pb2.Ratio, has: bool) -> tuple[int, int]:
+def _ratio(r: http_route_lite.Ratio, has: bool) -> tuple[int, int]:
     if not has:
         return 1, 1
     return r.numerator, max(1, r.denominator)
@@ -98,7 +98,7 @@ def http_filters_of(filters: Any) -> Filters:
             scheme = ""
             if r.HasField("scheme"):
                 s = r.scheme
-                scheme = (http_types_pb2.Scheme.Registered.Name(s.registered).lower()
+                scheme = (http_types_lite.Scheme.Registered.Name(s.registered).lower()
                           if s.WhichOneof("type") == "registered" else s.unregistered)
             full = prefix = None
             if r.HasField("path"):
@@ -135,7 +135,7 @@ def _value_match(name: str, which: str | None, exact: bytes | str, regex: str) -
     return ValueMatch(name, exact.decode("latin-1") if isinstance(exact, bytes) else exact)
 
 
-def http_route_match(m: http_route_pb2.HttpRouteMatch) -> RouteMatch:
+def http_route_match(m: http_route_lite.HttpRouteMatch) -> RouteMatch:
     path = None
     if m.HasField("path"):
         which = m.path.WhichOneof("kind")
@@ -147,7 +147,7 @@ def http_route_match(m: http_route_pb2.HttpRouteMatch) -> RouteMatch:
     return RouteMatch(path, headers, query, method)
 
 
-def grpc_route_match(m: grpc_route_pb2.GrpcRouteMatch) -> RouteMatch:
+def grpc_route_match(m: grpc_route_lite.GrpcRouteMatch) -> RouteMatch:
     """A gRPC match on ``/service/method`` as a path match (gRPC requests are POSTs to it)."""
     path = None
     if m.HasField("rpc"):
@@ -230,7 +230,7 @@ def _rule(rule: Any, route_meta: Meta, grpc: bool) -> Rule[RouteRule]:
         allow_l5d_request_headers=rule.allow_l5d_request_headers, first_available=first))
 
 
-def _host(h: http_route_pb2.HostMatch) -> str:
+def _host(h: http_route_lite.HostMatch) -> str:
     if h.WhichOneof("match") == "suffix":
         return "*." + ".".join(reversed(h.suffix.reverse_labels))
     return h.exact
@@ -244,7 +244,7 @@ def _routes(routes: Any, grpc: bool) -> tuple[Route[RouteRule], ...]:
     return tuple(out)
 
 
-def _accrual(fa: outbound_pb2.FailureAccrual) -> tuple[int, float, float, float] | None:
+def _accrual(fa: outbound_lite.FailureAccrual) -> tuple[int, float, float, float] | None:
     if fa.WhichOneof("kind") != "consecutive_failures":
         return None
     c = fa.consecutive_failures
@@ -287,7 +287,7 @@ def _opaque_backends(routes: Any) -> tuple[Backend, ...]:
     return ()
 
 
-def client_policy_of(p: outbound_pb2.OutboundPolicy, port: int = 0) -> ClientPolicy:
+def client_policy_of(p: outbound_lite.OutboundPolicy, port: int = 0) -> ClientPolicy:
     """One OutboundPolicy message as the proxy applies it; PolicyError when it cannot be."""
     parent = meta_of(p.metadata, port)
     proto = p.protocol

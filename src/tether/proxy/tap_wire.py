@@ -1,6 +1,6 @@
 """Tap messages on the wire: an ObserveRequest read into a match, queued events encoded as TapEvents.
 
-Imported only when a tap runs: a proxy nobody taps never loads the protobuf classes.
+Imported only when a tap runs: a proxy nobody taps never loads the tap message classes.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from google.protobuf.message import DecodeError
-
-from tether.api.gen import http_types_pb2, tap_pb2
+from tether.api.gen import http_types_lite, net_lite, tap_lite
+from tether.api.protolite import DecodeError, Duration
 from tether.core.discovery.endpoints import Addr
 from tether.proxy.grpc_client import frame_message
 from tether.proxy.http.body import Headers
@@ -40,9 +39,8 @@ def parse_observe(raw: bytes) -> ObserveSpec:
     size = int.from_bytes(raw[1:5], "big")
     if len(raw) != 5 + size:
         raise TapRequestError("the body is not exactly one message")
-    req = tap_pb2.ObserveRequest()
     try:
-        req.ParseFromString(raw[5:])
+        req = tap_lite.ObserveRequest.FromString(raw[5:])
     except DecodeError as e:
         raise TapRequestError(f"cannot decode: {e}") from None
     match = compile_match(req.match, 0) if req.HasField("match") else _always
@@ -57,7 +55,7 @@ def _always(f: Facts) -> bool:
     return True
 
 
-def compile_match(m: tap_pb2.ObserveRequest.Match, depth: int) -> Match:
+def compile_match(m: tap_lite.ObserveRequest.Match, depth: int) -> Match:
     """One Match message as a predicate over a request's facts (an empty match matches everything)."""
     if depth > MAX_DEPTH:
         raise TapRequestError(f"match nested deeper than {MAX_DEPTH}")
@@ -86,7 +84,7 @@ def compile_match(m: tap_pb2.ObserveRequest.Match, depth: int) -> Match:
     return lambda f: False
 
 
-def _tcp(t: tap_pb2.ObserveRequest.Match.Tcp) -> Callable[[Addr], bool]:
+def _tcp(t: tap_lite.ObserveRequest.Match.Tcp) -> Callable[[Addr], bool]:
     """A source or destination match: a netmask, or a port range (one port when max is 0)."""
     which = t.WhichOneof("match")
     if which == "netmask":
@@ -111,7 +109,7 @@ def _tcp(t: tap_pb2.ObserveRequest.Match.Tcp) -> Callable[[Addr], bool]:
     return lambda a: True
 
 
-def _http(h: tap_pb2.ObserveRequest.Match.Http) -> Match:
+def _http(h: tap_lite.ObserveRequest.Match.Http) -> Match:
     which = h.WhichOneof("match")
     if which == "scheme":
         want = _scheme_of(h.scheme)
@@ -135,10 +133,10 @@ def _http(h: tap_pb2.ObserveRequest.Match.Http) -> Match:
     return _always
 
 
-def _scheme_of(s: http_types_pb2.Scheme) -> bytes:
+def _scheme_of(s: http_types_lite.Scheme) -> bytes:
     if s.WhichOneof("type") == "unregistered":
         return s.unregistered.lower().encode("latin-1")
-    return http_types_pb2.Scheme.Registered.Name(s.registered).lower().encode()
+    return http_types_lite.Scheme.Registered.Name(s.registered).lower().encode()
 
 
 # -- events ---------------------------------------------------------------------------------------------
@@ -148,33 +146,33 @@ def frame(msg: bytes) -> bytes:
     return frame_message(msg)
 
 
-_REGISTERED = {n.encode(): v for n, v in http_types_pb2.HttpMethod.Registered.items()}
+_REGISTERED = {n.encode(): v for n, v in http_types_lite.HttpMethod.Registered.items()}
 
 
-def _method(m: bytes) -> http_types_pb2.HttpMethod:
+def _method(m: bytes) -> http_types_lite.HttpMethod:
     v = _REGISTERED.get(m)
     if v is not None:
-        return http_types_pb2.HttpMethod(registered=v)
-    return http_types_pb2.HttpMethod(unregistered=m.decode("latin-1"))
+        return http_types_lite.HttpMethod(registered=v)
+    return http_types_lite.HttpMethod(unregistered=m.decode("latin-1"))
 
 
-def _scheme(s: bytes) -> http_types_pb2.Scheme:
+def _scheme(s: bytes) -> http_types_lite.Scheme:
     low = s.lower()
     if low == b"http":
-        return http_types_pb2.Scheme(registered=http_types_pb2.Scheme.HTTP)
+        return http_types_lite.Scheme(registered=http_types_lite.Scheme.HTTP)
     if low == b"https":
-        return http_types_pb2.Scheme(registered=http_types_pb2.Scheme.HTTPS)
-    return http_types_pb2.Scheme(unregistered=s.decode("latin-1"))
+        return http_types_lite.Scheme(registered=http_types_lite.Scheme.HTTPS)
+    return http_types_lite.Scheme(unregistered=s.decode("latin-1"))
 
 
-def _headers(hs: Headers | None) -> http_types_pb2.Headers | None:
+def _headers(hs: Headers | None) -> http_types_lite.Headers | None:
     if not hs:
         return None
-    return http_types_pb2.Headers(headers=[http_types_pb2.Headers.Header(name=k.decode("latin-1"), value=v)
+    return http_types_lite.Headers(headers=[http_types_lite.Headers.Header(name=k.decode("latin-1"), value=v)
                                            for k, v in hs])
 
 
-def _addr(a: Addr) -> object:
+def _addr(a: Addr) -> net_lite.TcpAddress:
     try:
         return tcp_address(a)
     except ValueError:  # not an IP address (unknown peer)
@@ -184,12 +182,13 @@ def _addr(a: Addr) -> object:
 def _common(f: Facts) -> bytes:
     """The fields every event of one request shares (addresses, metadata, direction), encoded once."""
     if f.wire is None:
-        ev = tap_pb2.TapEvent()
-        ev.source.CopyFrom(_addr(f.src))
-        ev.destination.CopyFrom(_addr(f.dst))
-        ev.proxy_direction = f.direction  # type: ignore[assignment]
-        ev.source_meta.labels["tls"] = f.src_tls
-        ev.destination_meta.labels["tls"] = f.dst_tls
+        ev = tap_lite.TapEvent(
+            source=_addr(f.src),
+            destination=_addr(f.dst),
+            proxy_direction=f.direction,
+            source_meta=tap_lite.TapEvent.EndpointMeta(labels={"tls": f.src_tls}),
+            destination_meta=tap_lite.TapEvent.EndpointMeta(labels={"tls": f.dst_tls}),
+        )
         f.wire = ev.SerializeToString()
     return f.wire
 
@@ -198,39 +197,24 @@ def encode(base: int, e: Event) -> bytes:
     """One queued event as a serialized TapEvent: the request's shared fields, then its ``http`` (3)."""
     kind, stream = e[0], e[1]
     f: Facts = e[2]
-    http = tap_pb2.TapEvent.Http()
-    sid = tap_pb2.TapEvent.Http.StreamId(base=base, stream=stream)
+    Http = tap_lite.TapEvent.Http
+    sid = Http.StreamId(base=base, stream=stream)
     if kind == "req":
-        ri = http.request_init
-        ri.id.CopyFrom(sid)
-        ri.method.CopyFrom(_method(f.method))
-        ri.scheme.CopyFrom(_scheme(f.scheme))
-        ri.authority = f.authority.decode("latin-1")
-        ri.path = f.path.decode("latin-1")
-        h = _headers(e[3])
-        if h is not None:
-            ri.headers.CopyFrom(h)
+        http = Http(request_init=Http.RequestInit(
+            id=sid, method=_method(f.method), scheme=_scheme(f.scheme),
+            authority=f.authority.decode("latin-1"), path=f.path.decode("latin-1"), headers=_headers(e[3])))
     elif kind == "rsp":
-        rs = http.response_init
-        rs.id.CopyFrom(sid)
-        rs.since_request_init.FromNanoseconds(e[3])
-        rs.http_status = e[4]
-        h = _headers(e[5])
-        if h is not None:
-            rs.headers.CopyFrom(h)
+        http = Http(response_init=Http.ResponseInit(
+            id=sid, since_request_init=Duration.of_nanos(e[3]), http_status=e[4], headers=_headers(e[5])))
     else:
-        end = http.response_end
-        end.id.CopyFrom(sid)
-        end.since_request_init.FromNanoseconds(e[3])
-        end.since_response_init.FromNanoseconds(e[4])
-        end.response_bytes = e[5]
+        eos = None
         if e[6] is not None:
-            end.eos.grpc_status_code = e[6]
+            eos = tap_lite.Eos(grpc_status_code=e[6])
         elif e[7] is not None:
-            end.eos.reset_error_code = e[7]
-        h = _headers(e[8])
-        if h is not None:
-            end.trailers.CopyFrom(h)
+            eos = tap_lite.Eos(reset_error_code=e[7])
+        http = Http(response_end=Http.ResponseEnd(
+            id=sid, since_request_init=Duration.of_nanos(e[3]), since_response_init=Duration.of_nanos(e[4]),
+            response_bytes=e[5], eos=eos, trailers=_headers(e[8])))
     body = http.SerializeToString()
     return _common(f) + b"\x1a" + _varint(len(body)) + body  # field 3 (http), length-delimited
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import ipaddress
 
-from tether.api.gen import destination_pb2, http_types_pb2, net_pb2
+from tether.api.gen import destination_lite, http_types_lite, net_lite
 from tether.core.discovery.endpoints import Addr, Endpoint
 
 
-def tcp_addr(a: net_pb2.TcpAddress) -> Addr:
+def tcp_addr(a: net_lite.TcpAddress) -> Addr:
     ip = a.ip
     if ip.WhichOneof("ip") == "ipv6":
         n = (ip.ipv6.first << 64) | ip.ipv6.last
@@ -17,7 +17,7 @@ def tcp_addr(a: net_pb2.TcpAddress) -> Addr:
     return str(ipaddress.IPv4Address(ip.ipv4)), a.port
 
 
-def endpoint_of(w: destination_pb2.WeightedAddr, set_labels: dict[str, str]) -> Endpoint:
+def endpoint_of(w: destination_lite.WeightedAddr, set_labels: dict[str, str]) -> Endpoint:
     """One WeightedAddr as the proxy's Endpoint."""
     identity: str | None = None
     if w.HasField("tls_identity") and w.tls_identity.WhichOneof("strategy") == "dns_like_identity":
@@ -31,18 +31,18 @@ def endpoint_of(w: destination_pb2.WeightedAddr, set_labels: dict[str, str]) -> 
                     labels=tuple(sorted(labels.items())))
 
 
-def tcp_address(addr: Addr) -> net_pb2.TcpAddress:
+def tcp_address(addr: Addr) -> net_lite.TcpAddress:
     """An (ip, port) as a TcpAddress message."""
     ip = ipaddress.ip_address(addr[0])
     if ip.version == 6:
         n = int(ip)
-        return net_pb2.TcpAddress(ip=net_pb2.IPAddress(ipv6=net_pb2.IPv6(first=n >> 64, last=n & (2**64 - 1))),
+        return net_lite.TcpAddress(ip=net_lite.IPAddress(ipv6=net_lite.IPv6(first=n >> 64, last=n & (2**64 - 1))),
                                   port=addr[1])
-    return net_pb2.TcpAddress(ip=net_pb2.IPAddress(ipv4=int(ip)), port=addr[1])
+    return net_lite.TcpAddress(ip=net_lite.IPAddress(ipv4=int(ip)), port=addr[1])
 
 
-def method_of(m: http_types_pb2.HttpMethod) -> bytes:
+def method_of(m: http_types_lite.HttpMethod) -> bytes:
     """An HttpMethod message as the request line spells it."""
     if m.WhichOneof("type") == "unregistered":
         return m.unregistered.encode("latin-1")
-    return http_types_pb2.HttpMethod.Registered.Name(m.registered).encode()
+    return http_types_lite.HttpMethod.Registered.Name(m.registered).encode()

@@ -17,8 +17,9 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from tether.api.gen import grpc_route_pb2, http_route_pb2, http_types_pb2, inbound_pb2, meta_pb2, net_pb2
+from tether.api.gen import grpc_route_lite, http_route_lite, http_types_lite, inbound_lite, meta_lite, net_lite
 from tether.core.policy.authz import (
     IDENTITIES,
     TLS_UNAUTHENTICATED,
@@ -141,17 +142,17 @@ class PortPolicy:
 # -- from the wire ------------------------------------------------------------------------------------
 
 
-def _ip(a: net_pb2.IPAddress) -> str:
+def _ip(a: net_lite.IPAddress) -> str:
     if a.WhichOneof("ip") == "ipv6":
         return str(ipaddress.IPv6Address((a.ipv6.first << 64) | a.ipv6.last))
     return str(ipaddress.IPv4Address(a.ipv4))
 
 
-def _cidr(n: net_pb2.IPNetwork) -> str:
+def _cidr(n: net_lite.IPNetwork) -> str:
     return f"{_ip(n.ip)}/{n.prefix_len}"
 
 
-def _meta(m: meta_pb2.Metadata, what: str) -> Meta:
+def _meta(m: meta_lite.Metadata, what: str) -> Meta:
     kind = m.WhichOneof("kind")
     if kind == "default":
         return Meta.default(m.default)
@@ -160,7 +161,7 @@ def _meta(m: meta_pb2.Metadata, what: str) -> Meta:
     raise PolicyError(f"{what}: metadata missing")
 
 
-def authz_of(a: inbound_pb2.Authz) -> Authz:
+def authz_of(a: inbound_lite.Authz) -> Authz:
     nets = tuple(Network.parse(_cidr(n.net), [_cidr(e) for e in getattr(n, "except")]) for n in a.networks)
     permit = a.authentication.WhichOneof("permit")
     if permit == "unauthenticated":
@@ -186,13 +187,13 @@ def authz_of(a: inbound_pb2.Authz) -> Authz:
     return Authz(nets, authn, meta)
 
 
-def _method(m: http_types_pb2.HttpMethod) -> bytes:
+def _method(m: http_types_lite.HttpMethod) -> bytes:
     if m.WhichOneof("type") == "unregistered":
         return m.unregistered.encode("latin-1")
-    return http_types_pb2.HttpMethod.Registered.Name(m.registered).encode()
+    return http_types_lite.HttpMethod.Registered.Name(m.registered).encode()
 
 
-def _value_matches(ms: Sequence[http_route_pb2.HeaderMatch] | Sequence[http_route_pb2.QueryParamMatch]
+def _value_matches(ms: Sequence[http_route_lite.HeaderMatch] | Sequence[http_route_lite.QueryParamMatch]
                    ) -> tuple[ValueMatch, ...]:
     out = []
     for m in ms:
@@ -207,7 +208,7 @@ def _value_matches(ms: Sequence[http_route_pb2.HeaderMatch] | Sequence[http_rout
     return tuple(out)
 
 
-def http_match_of(m: http_route_pb2.HttpRouteMatch) -> RouteMatch:
+def http_match_of(m: http_route_lite.HttpRouteMatch) -> RouteMatch:
     path = None
     if m.HasField("path"):
         kind = m.path.WhichOneof("kind")
@@ -217,7 +218,7 @@ def http_match_of(m: http_route_pb2.HttpRouteMatch) -> RouteMatch:
                       method=_method(m.method) if m.HasField("method") else None)
 
 
-def grpc_match_of(m: grpc_route_pb2.GrpcRouteMatch) -> RouteMatch:
+def grpc_match_of(m: grpc_route_lite.GrpcRouteMatch) -> RouteMatch:
     """A gRPC match as an HTTP one: ``POST /service/method`` (an empty part matches any)."""
     path = None
     if m.HasField("rpc") and m.rpc.service:
@@ -229,7 +230,7 @@ def grpc_match_of(m: grpc_route_pb2.GrpcRouteMatch) -> RouteMatch:
     return RouteMatch(path=path, headers=_value_matches(m.headers), method=b"POST")
 
 
-def _hosts(hs: Sequence[http_route_pb2.HostMatch]) -> tuple[str, ...]:
+def _hosts(hs: Sequence[http_route_lite.HostMatch]) -> tuple[str, ...]:
     out = []
     for h in hs:
         if h.WhichOneof("match") == "exact":
@@ -239,7 +240,7 @@ def _hosts(hs: Sequence[http_route_pb2.HostMatch]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _route(r: inbound_pb2.HttpRoute | inbound_pb2.GrpcRoute, server_authz: tuple[Authz, ...],
+def _route(r: inbound_lite.HttpRoute | inbound_lite.GrpcRoute, server_authz: tuple[Authz, ...],
            grpc: bool) -> tuple[Route[InboundRoute], bool]:
     meta = _meta(r.metadata, "route")
     own = tuple(authz_of(a) for a in r.authorizations)
@@ -251,10 +252,11 @@ def _route(r: inbound_pb2.HttpRoute | inbound_pb2.GrpcRoute, server_authz: tuple
     # the controller's default routes ("default", "probe") only widen it.
     narrows = meta.kind != "default"
     for rule in r.rules:
+        wire_matches: Sequence[Any] = rule.matches  # grpc_route's GrpcRouteMatch or http_route's
         if grpc:
-            matches = tuple(grpc_match_of(m) for m in rule.matches)
+            matches = tuple(grpc_match_of(m) for m in wire_matches)
         else:
-            matches = tuple(http_match_of(m) for m in rule.matches)
+            matches = tuple(http_match_of(m) for m in wire_matches)
         filters = grpc_filters_of(rule.filters) if grpc else http_filters_of(rule.filters)
         rules.append(Rule(matches, value if filters.empty else
                           InboundRoute(meta, value.authorizations, filters, grpc)))
@@ -265,7 +267,7 @@ def _default_route(server_authz: tuple[Authz, ...]) -> Route[InboundRoute]:
     return Route((), (Rule((), InboundRoute(Meta.default("default"), server_authz)),))
 
 
-def port_policy(msg: inbound_pb2.Server, permit_localhost: bool = True) -> PortPolicy:
+def port_policy(msg: inbound_lite.Server, permit_localhost: bool = True) -> PortPolicy:
     """The proxy's view of one ``inbound.Server`` message; PolicyError when it cannot be applied."""
     try:
         return _port_policy(msg, permit_localhost)
@@ -275,7 +277,7 @@ def port_policy(msg: inbound_pb2.Server, permit_localhost: bool = True) -> PortP
         raise PolicyError(str(e)) from None
 
 
-def _port_policy(msg: inbound_pb2.Server, permit_localhost: bool) -> PortPolicy:
+def _port_policy(msg: inbound_lite.Server, permit_localhost: bool) -> PortPolicy:
     labels = dict(msg.labels)
     server = Meta(labels.get("group", "policy.linkerd.io"), labels.get("kind", "server"), labels.get("name", ""))
     authz = tuple(authz_of(a) for a in msg.authorizations)
@@ -285,9 +287,9 @@ def _port_policy(msg: inbound_pb2.Server, permit_localhost: bool) -> PortPolicy:
     if kind is None:
         raise PolicyError("server: no proxy protocol")
     proto = getattr(msg.protocol, kind)
-    http_routes: Sequence[inbound_pb2.HttpRoute] = ()
-    grpc_routes: Sequence[inbound_pb2.GrpcRoute] = ()
-    limit_msg: inbound_pb2.HttpLocalRateLimit | None = None
+    http_routes: Sequence[inbound_lite.HttpRoute] = ()
+    grpc_routes: Sequence[inbound_lite.GrpcRoute] = ()
+    limit_msg: inbound_lite.HttpLocalRateLimit | None = None
     if kind == DETECT:
         http_routes = proto.http_routes
         limit_msg = proto.http_local_rate_limit if proto.HasField("http_local_rate_limit") else None
@@ -313,7 +315,7 @@ def _port_policy(msg: inbound_pb2.Server, permit_localhost: bool) -> PortPolicy:
                       needs_http=route_rules or limit is not None)
 
 
-def rate_limit_of(m: inbound_pb2.HttpLocalRateLimit) -> RateLimitSpec | None:
+def rate_limit_of(m: inbound_lite.HttpLocalRateLimit) -> RateLimitSpec | None:
     total = m.total.requestsPerSecond if m.HasField("total") else 0
     ident = m.identity.requestsPerSecond if m.HasField("identity") else 0
     overrides: dict[str, int] = {}

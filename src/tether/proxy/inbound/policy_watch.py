@@ -27,8 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from google.protobuf.message import DecodeError
-
+from tether.api.protolite import DecodeError
 from tether.core.policy.authz import PolicyError
 from tether.proxy.grpc_client import GrpcChannel, GrpcError
 from tether.proxy.inbound.policy import PortPolicy, default_port_policy, port_policy
@@ -214,13 +213,13 @@ class PolicyWatch:
                 backoff = min(backoff * 2, _BACKOFF_MAX)
 
     async def _stream(self, p: _Port, addr: str) -> bool:
-        from tether.api.gen import inbound_pb2
+        from tether.api.gen import inbound_lite
 
-        request = inbound_pb2.PortSpec(workload=self.settings.workload, port=p.port).SerializeToString()
+        request = inbound_lite.PortSpec(workload=self.settings.workload, port=p.port).SerializeToString()
         got_any = False
         async for raw in self._channel(addr).server_stream(_WATCH_PORT, request):
             got_any = True
-            msg = inbound_pb2.Server.FromString(raw)
+            msg = inbound_lite.Server.FromString(raw)
             try:
                 policy = port_policy(msg, self.settings.permit_localhost)
             except PolicyError as e:
