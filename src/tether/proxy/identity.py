@@ -21,7 +21,6 @@ import datetime as dt
 import logging
 import os
 import random
-import secrets
 import ssl
 import tempfile
 import time
@@ -200,7 +199,7 @@ class IdentityClient:
         self._bundle_sig = _file_signature(config.trust_anchors_path)
         self.bundle = self._read_bundle()  # a proxy with no usable anchors must not start
         try:
-            self.key = keygen.generate(self.identity.dns_name, secrets.token_hex(32).encode())
+            self.key = keygen.generate(self.identity.dns_name, os.urandom(32).hex().encode())
         except keygen.KeygenError as e:
             raise ValueError(str(e)) from None
         if config.key_path:
