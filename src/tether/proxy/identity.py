@@ -22,7 +22,6 @@ import logging
 import os
 import random
 import ssl
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +125,8 @@ def _load_cert_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: keygen.KeyMater
         finally:
             os.close(fd)
         return
+    import tempfile  # here: it pulls in shutil, bz2 and lzma (~0.5 MiB) that memfd platforms never use
+
     with tempfile.TemporaryDirectory(prefix="tether-identity-") as d:
         p = Path(d) / "chain.pem"
         _write_private(str(p), chain_pem + key.key_pem_encrypted)
