@@ -6,6 +6,8 @@ One proxy (no identity, destinations from a file) in front of a fortio echo serv
 
 - idle: VmRSS once /ready answers and one request went through (the pool holds one connection);
 - HTTP/1 held: N client connections, each made one keep-alive request and stays open, idle;
+  then a second N on top: what each costs once the first N have settled (a connection's serving
+  task ends after a tick of its idle timer, 2.5 s by default, and the memory it freed is reused);
 - HTTP/1 in flight: N requests left waiting for the backend (fortio delays each answer), so the
   proxy holds N server connections, N client connections to the backend and N requests;
 - HTTP/2 held: N client connections with prior knowledge, each made one request and stays open.
@@ -152,7 +154,8 @@ def measure(tether: Path, connections: int) -> list[tuple[str, int, int | None]]
                                       "disabled", "-tcp-port", "disabled", "-udp-port", "disabled"], work)
         h.wait_ready(backend, h.tcp_accepting(backend_port), 15, "fortio server")
 
-        def fresh(label: str, hold: Callable[[int], contextlib.AbstractContextManager[int]] | None) -> None:
+        def fresh(label: str, hold: Callable[[int], contextlib.AbstractContextManager[int]] | None,
+                  again: str | None = None) -> None:
             proc, port = _start_proxy(tether, work, backend_port)
             with h.running(proc):
                 _one_request(port)
@@ -161,12 +164,16 @@ def measure(tether: Path, connections: int) -> list[tuple[str, int, int | None]]
                     rows.append((label, idle, None))
                     return
                 with hold(port) as held:
-                    rss = _settle(proc.pid)
-                rows.append((f"{label} ({held} of {connections})", rss, idle))
+                    rss = _settle(proc.pid, 3.0)
+                    rows.append((f"{label} ({held} of {connections})", rss, idle))
+                    if again is not None:
+                        with hold(port) as held2:
+                            rows.append((f"{again} ({held2} of {connections})", _settle(proc.pid, 3.0), rss))
 
         with h.running(backend):
             fresh("idle", None)
-            fresh("HTTP/1 keep-alive connections held", lambda p: _held(p, connections, h2=False))
+            fresh("HTTP/1 keep-alive connections held", lambda p: _held(p, connections, h2=False),
+                  "HTTP/1 keep-alive: a second batch on top")
             fresh("HTTP/1 requests in flight", lambda p: _in_flight(p, connections))
             fresh("HTTP/2 connections held", lambda p: _held(p, connections, h2=True))
     return rows
@@ -181,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         load = f.read().split()[0]
     print(f"one plain tether proxy ({a.tether}); load {load} at start")
     for label, rss, idle in measure(a.tether, a.connections):
-        extra = "" if idle is None else (f"  (idle {idle / 1024:.1f} MiB before: "
+        extra = "" if idle is None else (f"  ({idle / 1024:.1f} MiB before: "
                                          f"+{(rss - idle) / a.connections:.1f} KiB per connection)")
-        print(f"{label:<52} {rss / 1024:6.1f} MiB{extra}")
+        print(f"{label:<58} {rss / 1024:6.1f} MiB{extra}")
     return 0
 
 
