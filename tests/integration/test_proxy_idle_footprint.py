@@ -3,7 +3,8 @@
 Each of these once loaded at start-up and cost RSS in every proxy (docs/notes/issue-16.md, "the
 plain proxy's memory"): hashlib through ``secrets`` (~1 MiB with OpenSSL's digests), tempfile,
 shutil, bz2 and lzma through ``importlib.abc`` (~1 MiB), platform (to ask for glibc), PyYAML without
-a destinations file (~1.4 MiB). The proxy here is a real process that served a request; what it
+a destinations file (~1.4 MiB), the policy watch's gRPC client and the HTTP/2 codec under it
+without ``--policy-addrs`` (~0.8 MiB). The proxy here is a real process that served a request; what it
 loaded is read at its exit and, for the C extensions, from /proc/PID/maps while it runs.
 """
 
@@ -32,7 +33,10 @@ raise SystemExit(main(sys.argv[2:]))
 
 # Never loaded by a plain proxy, whatever it is configured with.
 _NEVER = ("hashlib", "_hashlib", "secrets", "tempfile", "shutil", "bz2", "lzma", "importlib.resources",
-          "platform", "click", "pydantic", "tether.proxy.identity", "tether.proxy.tap_wire")
+          "platform", "click", "pydantic", "tether.proxy.identity", "tether.proxy.tap_wire",
+          # the control plane's gRPC client and the HTTP/2 codec: no --policy-addrs, no HTTP/2 served
+          "tether.proxy.inbound.policy_watch", "tether.proxy.grpc_client", "tether.proxy.http.h2client",
+          "tether.proxy.http.h2server", "tether.proxy.http.h2conn", "tether.core.http.h2proto")
 _EXTENSIONS = ("_hashlib", "_bz2", "_lzma")  # C extensions among them: visible in the memory map
 
 

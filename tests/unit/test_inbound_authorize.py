@@ -15,7 +15,7 @@ from tether.core.resources import load_text
 from tether.proxy.http.message import Connection, Request
 from tether.proxy.inbound.authorize import Authorizer, HttpAuthorize, looks_like_http
 from tether.proxy.inbound.policy import PortPolicy, default_port_policy, port_policy
-from tether.proxy.inbound.policy_watch import StaticPolicy
+from tether.proxy.inbound.policy_source import StaticPolicy
 from tether.testing.fakes import FakeClock, FakeService
 
 S = tr.Settings(cluster_networks=("10.0.0.0/8",))

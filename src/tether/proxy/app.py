@@ -22,7 +22,7 @@ from tether.proxy.admin import AdminServer
 from tether.proxy.config import ConfigError, ProxyConfig, parse_addr
 from tether.proxy.discovery import StaticDiscovery
 from tether.proxy.inbound.authorize import Authorizer
-from tether.proxy.inbound.policy_watch import PolicySource, StaticPolicy
+from tether.proxy.inbound.policy_source import PolicySource, StaticPolicy
 from tether.proxy.inbound.stack import Inbound
 from tether.proxy.layers.access_log import FORMATS as ACCESS_LOG_FORMATS
 from tether.proxy.layers.access_log import AccessLogWriter
