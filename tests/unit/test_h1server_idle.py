@@ -64,7 +64,7 @@ def _run(scenario: Callable[[asyncio.StreamReader, asyncio.StreamWriter, list[H1
 
 
 def _other_tasks() -> set[asyncio.Task[object]]:
-    return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+    return asyncio.all_tasks() - {asyncio.current_task()}
 
 
 def test_an_idle_keep_alive_connection_parks_its_task_and_serves_the_next_requests() -> None:
