@@ -17,7 +17,7 @@ from tether.proxy.http.message import Connection, Request
 from tether.proxy.inbound.authorize import Authorizer, HttpAuthorize, looks_like_http
 from tether.proxy.inbound.policy import PortPolicy, default_port_policy
 from tether.proxy.inbound.policy import port_policy as _port_policy
-from tether.proxy.inbound.policy_watch import StaticPolicy
+from tether.proxy.inbound.policy_source import StaticPolicy
 from tether.testing.fakes import FakeClock, FakeService
 
 

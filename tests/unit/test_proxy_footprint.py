@@ -21,7 +21,8 @@ from tether.core.identity.issuance import issue_leaf
 from tether.core.identity.names import parse_identity_name
 
 WEB = "web.shop.serviceaccount.identity.linkerd.cluster.local"
-_HEAVY = ("grpc", "cryptography", "_cffi_backend")
+# hashlib: ~0.7 MiB of OpenSSL digests; tempfile brings shutil, bz2 and lzma (~0.5 MiB)
+_HEAVY = ("grpc", "cryptography", "_cffi_backend", "hashlib", "tempfile", "bz2", "lzma")
 
 
 def test_meshed_proxy_modules_do_not_load_grpcio() -> None:

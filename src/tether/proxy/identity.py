@@ -21,9 +21,7 @@ import datetime as dt
 import logging
 import os
 import random
-import secrets
 import ssl
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -127,6 +125,8 @@ def _load_cert_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: keygen.KeyMater
         finally:
             os.close(fd)
         return
+    import tempfile  # here: it pulls in shutil, bz2 and lzma (~0.5 MiB) that memfd platforms never use
+
     with tempfile.TemporaryDirectory(prefix="tether-identity-") as d:
         p = Path(d) / "chain.pem"
         _write_private(str(p), chain_pem + key.key_pem_encrypted)
@@ -200,7 +200,7 @@ class IdentityClient:
         self._bundle_sig = _file_signature(config.trust_anchors_path)
         self.bundle = self._read_bundle()  # a proxy with no usable anchors must not start
         try:
-            self.key = keygen.generate(self.identity.dns_name, secrets.token_hex(32).encode())
+            self.key = keygen.generate(self.identity.dns_name, os.urandom(32).hex().encode())
         except keygen.KeygenError as e:
             raise ValueError(str(e)) from None
         if config.key_path:

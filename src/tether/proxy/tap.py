@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import secrets
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -155,7 +155,9 @@ class TapHub:
         self.observers: tuple[Observer, ...] = ()  # empty: nobody taps, the layers do nothing
         self.max_observers = max_observers
         self.max_buffered = max_buffered
-        self.base = secrets.randbits(32)  # StreamId.base: random, fixed for this process
+        # StreamId.base: random, fixed for this process (os.urandom: the secrets module would load
+        # hashlib and OpenSSL's digests, ~1 MiB of RSS, for four bytes).
+        self.base = int.from_bytes(os.urandom(4), "big")
         self.stream = 0
         self.dropped_total = 0
         self.tapped_total = 0

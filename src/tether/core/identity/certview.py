@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -220,6 +219,8 @@ class CertView:
     @property
     def fingerprint(self) -> str:
         """SHA-256 of the DER encoding, hex, as ``openssl x509 -fingerprint -sha256`` shows it."""
+        import hashlib  # here: hashlib loads OpenSSL's digests (~0.7 MiB of RSS) into the meshed proxy
+
         return hashlib.sha256(self.der).hexdigest()
 
     def pem(self) -> bytes:
@@ -438,20 +439,24 @@ def validity_problem(cert: CertView, now: dt.datetime, role: str) -> str | None:
 
 def check_leaf_profile(cert: CertView) -> None:
     """Check a leaf against the SPIFFE X.509-SVID rules, as ``certs.check_leaf_profile`` does."""
-    name = describe(cert, "leaf")
+    # Named only when refused: describe() hashes the certificate, and hashlib costs the meshed proxy
+    # ~0.7 MiB of RSS (OpenSSL's digests) that a good leaf never needs.
+    def name() -> str:
+        return describe(cert, "leaf")
+
     if len(cert.uris) != 1:
-        raise CertificateError(f"{name} must carry exactly one URI SAN (its SPIFFE id), has {len(cert.uris)}")
+        raise CertificateError(f"{name()} must carry exactly one URI SAN (its SPIFFE id), has {len(cert.uris)}")
     if cert.is_ca:
-        raise CertificateError(f"{name} has basicConstraints cA=true; a leaf SVID must not be a CA")
+        raise CertificateError(f"{name()} has basicConstraints cA=true; a leaf SVID must not be a CA")
     if cert.key_usage is None:
-        raise CertificateError(f"{name} has no keyUsage extension; an SVID needs critical digitalSignature")
+        raise CertificateError(f"{name()} has no keyUsage extension; an SVID needs critical digitalSignature")
     if not cert.key_usage_critical or _DIGITAL_SIGNATURE not in cert.key_usage:
-        raise CertificateError(f"{name}: keyUsage must be critical and include digitalSignature")
+        raise CertificateError(f"{name()}: keyUsage must be critical and include digitalSignature")
     if cert.key_usage & {_KEY_CERT_SIGN, _CRL_SIGN}:
-        raise CertificateError(f"{name}: keyUsage must not include keyCertSign or cRLSign")
+        raise CertificateError(f"{name()}: keyUsage must not include keyCertSign or cRLSign")
     eku = cert.extended_key_usage
     if eku is not None and not {SERVER_AUTH, CLIENT_AUTH} <= eku:
-        raise CertificateError(f"{name}: extendedKeyUsage must include serverAuth and clientAuth")
+        raise CertificateError(f"{name()}: extendedKeyUsage must include serverAuth and clientAuth")
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,11 +471,11 @@ class TrustAnchors:
         for c in certs:
             if not c.is_ca:
                 raise CertificateError(not_a_ca_anchor(source, describe(c, "anchor")))
-        seen: set[str] = set()
+        seen: set[bytes] = set()  # by DER, as a fingerprint would, without hashing each anchor
         unique = []
         for c in certs:
-            if c.fingerprint not in seen:
-                seen.add(c.fingerprint)
+            if c.der not in seen:
+                seen.add(c.der)
                 unique.append(c)
         return cls(tuple(unique))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable
 from typing import Final
 
@@ -75,11 +74,15 @@ class H1ServerProtocol(asyncio.Protocol):
         # Any version parses; on_headers_complete answers 505 to a major other than 1 and reads a
         # higher 1.x as 1.1 (RFC 9110 section 2.5), which llhttp alone would refuse with 400.
         self._parser.set_dangerous_leniencies(lenient_version=True)
-        self._queue: deque[Request] = deque()
-        # One task per connection, alive from the first request to the close: it waits on
-        # ``_wakeup`` between requests (a future per request is cheaper than a task per request).
+        # Requests read and not yet answered (at most _MAX_PIPELINED). A list, not a deque: a deque
+        # allocates a 64-slot block up front (~0.7 KiB per connection, most of them idle).
+        self._queue: list[Request] = []
+        # One task serves the connection's requests in order. It waits on ``_wakeup`` between
+        # requests (a future per request is cheaper than a task per request), and ends once the
+        # connection has been idle for a tick of the timer (_on_tick): an idle keep-alive connection
+        # holds no Task, future or frames (~0.7 KiB); its next request starts another task.
         self._task: asyncio.Task[None] | None = None
-        self._wakeup: asyncio.Future[None] | None = None
+        self._wakeup: asyncio.Future[bool] | None = None
         self._serving = False  # a request is being served (not merely waiting for one)
         self._closing = False
         self._lost = False
@@ -375,7 +378,7 @@ class H1ServerProtocol(asyncio.Protocol):
         else:
             w = self._wakeup
             if w is not None and not w.done():
-                w.set_result(None)
+                w.set_result(True)
 
     def on_body(self, body: bytes) -> None:
         if self._body is not None:
@@ -392,11 +395,17 @@ class H1ServerProtocol(asyncio.Protocol):
     # -- serving ------------------------------------------------------------------------------
     async def _serve(self) -> None:
         loop = self._loop
+        parked = False
         try:
             while not self._lost:
                 if not self._queue:
-                    self._wakeup = loop.create_future()
-                    await self._wakeup
+                    w: asyncio.Future[bool] = loop.create_future()
+                    self._wakeup = w
+                    if not await w:
+                        # Parked by _on_tick, which has let go of this task: another may be
+                        # serving already, so return without touching the connection's state.
+                        parked = True
+                        return
                     self._wakeup = None
                     continue
                 self._serving = True
@@ -409,7 +418,7 @@ class H1ServerProtocol(asyncio.Protocol):
                         self._queue.clear()
                         break
                     close = await self._serve_one(req)
-                    self._queue.popleft()
+                    self._queue.pop(0)
                     self.requests_served += 1
                     if close or self._lost:
                         self._close_after_response()
@@ -433,7 +442,8 @@ class H1ServerProtocol(asyncio.Protocol):
             log.exception("unexpected error serving HTTP/1 connection from %s", self.conn.peer)
             self._abort()
         finally:
-            self._serving = False
+            if not parked:
+                self._serving = False
 
     async def _serve_one(self, req: Request) -> bool:
         """Serve one request; True when the connection must close afterwards."""
@@ -671,6 +681,12 @@ class H1ServerProtocol(asyncio.Protocol):
 
     def _on_tick(self) -> None:
         self._timer = None
+        w = self._wakeup
+        if w is not None and not w.done() and not self._queue and not self._serving:
+            # Idle since the last tick at least: the serving task ends (see __init__).
+            self._wakeup = None
+            self._task = None
+            w.set_result(False)
         cb = self._deadline_cb
         if cb is None or self._lost:
             return

@@ -34,7 +34,7 @@ from tether.core.policy.ratelimit import LocalRateLimit, RateLimited, RateLimitS
 from tether.proxy.errors import ProxyError, rescue
 from tether.proxy.http.message import Request, Response, Service
 from tether.proxy.inbound.policy import InboundRoute, PortPolicy
-from tether.proxy.inbound.policy_watch import PolicySource
+from tether.proxy.inbound.policy_source import PolicySource
 from tether.proxy.layers.policy_routes import ApplyFilters
 from tether.proxy.metrics import escape_label
 

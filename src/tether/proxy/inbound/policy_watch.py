@@ -23,14 +23,13 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from tether.api.protolite import DecodeError
 from tether.core.policy.authz import PolicyError
 from tether.proxy.grpc_client import GrpcChannel, GrpcError
-from tether.proxy.inbound.policy import PortPolicy, default_port_policy, port_policy
+from tether.proxy.inbound.policy import PortPolicy, port_policy
 
 log = logging.getLogger(__name__)
 
@@ -38,48 +37,6 @@ _WATCH_PORT = "/io.linkerd.proxy.inbound.InboundServerPolicies/WatchPort"
 
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 5.0
-
-
-class PolicySource(Protocol):
-    """The policy of an inbound port."""
-
-    def current(self, port: int) -> PortPolicy | None: ...
-
-    async def get(self, port: int) -> PortPolicy | None: ...
-
-    def metrics_lines(self) -> list[str]: ...
-
-    def on_change(self, callback: Callable[[int, PortPolicy], None]) -> None:
-        """Call ``callback(port, policy)`` whenever a port's policy in force changes."""
-
-    async def run(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-class StaticPolicy:
-    """No control plane: every port gets the same default policy."""
-
-    def __init__(self, name: str, cluster_networks: Sequence[str], permit_localhost: bool) -> None:
-        self.policy = default_port_policy(name, cluster_networks, permit_localhost)
-
-    def current(self, port: int) -> PortPolicy | None:
-        return self.policy
-
-    async def get(self, port: int) -> PortPolicy | None:
-        return self.policy
-
-    def metrics_lines(self) -> list[str]:
-        return []
-
-    def on_change(self, callback: Callable[[int, PortPolicy], None]) -> None:
-        return None  # never changes
-
-    async def run(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
 
 @dataclass(frozen=True, slots=True)
