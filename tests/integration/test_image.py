@@ -61,6 +61,11 @@ def test_image_runs_tether_with_the_compiled_hot_path(container: str) -> None:
     assert native.returncode == 0, native.stderr
     state, count = native.stdout.split()
     assert state == "compiled" and int(count) > 10, native.stdout
+    # Bytecode ships in the image: the proxy (uid 2102, which cannot write beside the sources) compiles
+    # nothing when it starts.
+    pyc = run(container, "python", "-c", "import importlib.util, os, tether.proxy.app as a; "
+              "print(os.path.exists(importlib.util.cache_from_source(a.__file__)))", user="2102")
+    assert pyc.stdout.strip() == "True", pyc.stdout + pyc.stderr
     # The chart's users exist, and iptables carries the file capabilities proxy-init needs as a non-root user.
     assert "uid=2102(tether-proxy)" in run(container, "id", user="2102").stdout
     assert "cap_net_admin,cap_net_raw=ep" in run(container, "getcap", "/usr/sbin/xtables-legacy-multi").stdout
