@@ -70,8 +70,9 @@ class TlsTransport(asyncio.Transport):
         self._high = _HIGH_WATER
         self._low = _LOW_WATER
         self._paused = False
-        # Called once, after the first read that returned data: by then OpenSSL has processed a
-        # TLS 1.3 session ticket the server sent after its handshake (the client keeps it).
+        # Called once, after the first read that returned data or the end: by then OpenSSL has
+        # processed a TLS 1.3 session ticket the server sent after its handshake (the client keeps
+        # it). Not on a read that found nothing: the ticket may still be on its way.
         self._after_first_read: Callable[[ssl.SSLSocket], None] | None = None
         try:
             self._peer: Any = sock.getpeername()
@@ -124,7 +125,7 @@ class TlsTransport(asyncio.Transport):
             eof = True  # close_notify, or a peer that closed its socket without one
         except (OSError, ssl.SSLError) as e:
             error = e
-        if chunks:
+        if chunks or eof:
             hook = self._after_first_read
             if hook is not None:
                 self._after_first_read = None
@@ -133,6 +134,7 @@ class TlsTransport(asyncio.Transport):
                 except Exception as e:  # a cache's bookkeeping never costs the connection
                     self._loop.call_exception_handler({"message": "TLS after-first-read hook failed",
                                                        "exception": e, "transport": self})
+        if chunks:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self._protocol.data_received(data)
         if error is not None:
