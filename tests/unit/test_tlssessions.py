@@ -19,6 +19,7 @@ import uvloop
 from test_proxy_identity import CA, DB, WEB, make
 
 from tether.core.http.detect import client_hello_extensions
+from tether.proxy import tlsctl
 from tether.proxy.config import DetectSettings
 from tether.proxy.identity import IdentityClient
 from tether.proxy.meshtls import MeshTlsListener
@@ -129,6 +130,35 @@ def test_the_second_connection_resumes_and_both_ends_still_know_their_peer(tmp_p
     assert 'tls_handshakes_total{direction="outbound",resumed="true"} 2' in lines
     assert 'tls_handshakes_total{direction="inbound",resumed="false"} 1' in lines
     assert "tls_session_cache_entries 1" in web.metrics_lines()
+
+
+def test_the_server_keeps_sessions_itself_and_bounds_their_lifetime(tmp_path: Path) -> None:
+    """Stateful tickets (tlsctl): resuming looks the session up instead of decoding a ticket that
+    carries it, and the lifetime the server gives its tickets is the configured max age."""
+    web, db, _ = identities(tmp_path, session_max_age=120.0)
+    assert tlsctl.available() and db.stateful_sessions
+    server_ctx = db.server_ssl_context()
+    assert server_ctx.options & ssl.OP_NO_TICKET  # in TLS 1.3 with tickets issued: stateful ones
+
+    async def scenario() -> None:
+        mesh = Mesh(web, db)
+        assert [await mesh.round_trip() for _ in range(3)] == [False, True, True]
+        mesh.listener.close()
+
+    run(scenario)
+    stats = server_ctx.session_stats()
+    assert stats["number"] == 1 and stats["hits"] == 2, stats
+    cache = web.client_sessions()
+    assert cache is not None
+    session = cache.offer(next(iter(cache._entries)))
+    assert session is not None and session.ticket_lifetime_hint == 120
+    # The client offers it without the ssl module's copy, and only on a socket of its own context.
+    a, b = socket.socketpair()
+    with a, b:
+        sock = web.client_ssl_context().wrap_socket(a, server_hostname=DB, do_handshake_on_connect=False)
+        assert tlsctl.offer_session(sock, session)
+        other = db.client_ssl_context().wrap_socket(b, server_hostname=WEB, do_handshake_on_connect=False)
+        assert not tlsctl.offer_session(other, session)
 
 
 def test_a_session_for_one_identity_is_never_used_for_another(tmp_path: Path) -> None:

@@ -131,6 +131,8 @@ FLAGS: dict[str, Flag] = {
                                          "proxy after verifying it (0: no resumption)"),
     "identity_tls_session_cache_entries": Flag("COUNT", "TLS sessions kept per client certificate, one per peer "
                                                "identity and address"),
+    "identity_tls_server_session_cache_entries": Flag("COUNT", "TLS sessions the inbound side keeps for its "
+                                                      "clients to resume (the oldest go first)"),
 }
 # Set in code or by tests, never from the command line.
 HIDDEN = frozenset({"extra"})

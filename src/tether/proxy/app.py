@@ -322,6 +322,7 @@ def identity_client(cfg: ProxyConfig) -> IdentityClient | None:
             bundle_poll_interval=cfg.identity_bundle_poll_interval,
             session_max_age=cfg.identity_tls_session_max_age,
             session_cache_entries=cfg.identity_tls_session_cache_entries,
+            server_session_cache_entries=cfg.identity_tls_server_session_cache_entries,
         ))
     except (ValueError, CertificateError) as e:
         raise ConfigError(f"identity: {e}") from None

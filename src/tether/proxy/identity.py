@@ -45,7 +45,7 @@ from tether.core.identity.certview import (
     validity_problem,
 )
 from tether.core.identity.names import parse_identity_name
-from tether.proxy import keygen
+from tether.proxy import keygen, tlsctl
 from tether.proxy.grpc_client import GrpcChannel, GrpcError, Status
 from tether.proxy.tlspeer import IdentityNotReady, peer_identity, peer_spiffe_id
 from tether.proxy.tlssessions import SessionCache
@@ -94,6 +94,7 @@ class IdentityClientConfig:
     # (0: no resumption: servers issue no tickets and accept none, clients offer none).
     session_max_age: float = 300.0
     session_cache_entries: int = 256  # (expected identity, address) pairs per client context
+    server_session_cache_entries: int = 1024  # sessions a server context keeps for its clients
 
 
 
@@ -205,8 +206,8 @@ class IdentityClient:
             raise ValueError("at least one identity service address is required")
         if not 0 < config.renew_fraction < 1:
             raise ValueError("renew_fraction must be between 0 and 1")
-        if config.session_max_age < 0 or config.session_cache_entries < 1:
-            raise ValueError("session_max_age must be >= 0 and session_cache_entries >= 1")
+        if config.session_max_age < 0 or config.session_cache_entries < 1 or config.server_session_cache_entries < 1:
+            raise ValueError("session_max_age must be >= 0 and the session cache sizes >= 1")
         self.config = config
         self.identity = parse_identity_name(config.identity)
         self.clock = clock
@@ -229,6 +230,7 @@ class IdentityClient:
         self._server_ctx: ssl.SSLContext | None = None
         self._client_ctx: ssl.SSLContext | None = None
         self._client_sessions: SessionCache | None = None
+        self.stateful_sessions = False  # the server context keeps sessions itself (tlsctl)
         self._next_addr = 0
         self._channels: dict[str, GrpcChannel] = {}
         self._channels_loop: asyncio.AbstractEventLoop | None = None
@@ -349,9 +351,13 @@ class IdentityClient:
                 ctx.set_alpn_protocols(list(self.config.alpn_protocols))
             if purpose == ssl.PROTOCOL_TLS_SERVER:
                 if self.config.session_max_age > 0:
-                    # Tickets are issued per connection, to clients that ask (meshtls); their keys
-                    # are this context's, so a rotation (a new context) invalidates all of them.
+                    # Tickets are issued per connection, to clients that ask (meshtls). The
+                    # sessions stay in this context (a bounded cache, expiring after the max age;
+                    # where tlsctl cannot do that, tickets carry them, encrypted under this
+                    # context's key): a rotation (a new context) invalidates all of them.
                     ctx.num_tickets = 0
+                    self.stateful_sessions = tlsctl.keep_server_sessions(
+                        ctx, b"tether-mesh", self.config.server_session_cache_entries, self.config.session_max_age)
                 else:
                     _no_session_tickets(ctx)
             elif self.config.session_max_age == 0:

@@ -135,6 +135,8 @@ class SessionCache:
             # A peer that issues no ticket (Linkerd's proxy, or a tether proxy with resumption
             # off): remember that, so its full handshakes do not each pay for the copy above.
             session = None
+        elif session.ticket_lifetime_hint > 0:
+            expires = min(expires, now + session.ticket_lifetime_hint)  # the server's own bound
         self._entries[key] = _Entry(session, expires)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
