@@ -337,10 +337,10 @@ def test_client_hello_says_whether_the_client_wants_a_ticket(tmp_path: Path) -> 
 # -- the cache's bounds (a stub socket: the cache reads the peer's notAfter and the session) -------
 
 
-def _sock(not_after: float, ticket: bool = True) -> Any:
+def _sock(not_after: float, ticket: bool = True, lifetime: int = 300) -> Any:
     text = time.strftime("%b %d %H:%M:%S %Y GMT", time.gmtime(not_after))
     return SimpleNamespace(getpeercert=lambda: {"notAfter": text},
-                           session=SimpleNamespace(has_ticket=ticket))
+                           session=SimpleNamespace(has_ticket=ticket, ticket_lifetime_hint=lifetime))
 
 
 def test_the_cache_is_bounded_by_age_both_certificates_and_entries() -> None:
@@ -359,6 +359,11 @@ def test_the_cache_is_bounded_by_age_both_certificates_and_entries() -> None:
     now[0] = 100.0
     assert cache.offer(b) is None and cache.wants(b)
     assert not cache.store(a, _sock(wall - 1.0))  # an expired peer is never kept
+    assert cache.store(c, _sock(wall + 10_000.0, lifetime=30))  # the server's ticket lifetime bounds it too
+    now[0] = 129.0
+    assert cache.offer(c) is not None
+    now[0] = 130.0
+    assert cache.offer(c) is None
     assert not cache.store(a, _sock(wall + 50.0, ticket=False)) and not cache.wants(a) and cache.offer(a) is None
     with pytest.raises(ValueError):
         SessionCache(ctx, 0, 300.0, None)
