@@ -192,8 +192,8 @@ class ProxyConfig:
     # on both sides (no tickets issued or accepted). Sessions are kept per (identity, address),
     # at most identity_tls_session_cache_entries of them, least recently used dropped first.
     identity_tls_session_max_age: float = 300.0
-    identity_tls_session_cache_entries: int = 256
-    identity_tls_server_session_cache_entries: int = 1024  # sessions the inbound side keeps for clients
+    identity_tls_session_cache_entries: int = 256  # ~17 KiB each (the session holds the peer certificate)
+    identity_tls_server_session_cache_entries: int = 256  # sessions the inbound side keeps (~11 KiB each)
     # Tap (io.linkerd.proxy.tap.Tap/Observe on --tap-addr, mTLS): only the identities listed may tap
     # (unset: Linkerd's viz tap identity, tap.linkerd-viz.serviceaccount.identity.<the proxy's
     # control-plane namespace and trust domain>). Off without an identity, or with --tap-disabled.

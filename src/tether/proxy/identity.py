@@ -94,7 +94,7 @@ class IdentityClientConfig:
     # (0: no resumption: servers issue no tickets and accept none, clients offer none).
     session_max_age: float = 300.0
     session_cache_entries: int = 256  # (expected identity, address) pairs per client context
-    server_session_cache_entries: int = 1024  # sessions a server context keeps for its clients
+    server_session_cache_entries: int = 256  # sessions a server context keeps for its clients (~11 KiB each)
 
 
 
