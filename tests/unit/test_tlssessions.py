@@ -311,6 +311,22 @@ def _client_hello(ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) ->
     return out.read()
 
 
+def _extension(hello: bytes, wanted: int) -> bytes | None:
+    hs = hello[5:]
+    pos = 4 + 2 + 32
+    pos += 1 + hs[pos]
+    pos += 2 + int.from_bytes(hs[pos:pos + 2], "big")
+    pos += 1 + hs[pos]
+    end = pos + 2 + int.from_bytes(hs[pos:pos + 2], "big")
+    pos += 2
+    while pos < end:
+        kind, size = int.from_bytes(hs[pos:pos + 2], "big"), int.from_bytes(hs[pos + 2:pos + 4], "big")
+        if kind == wanted:
+            return hs[pos + 4:pos + 4 + size]
+        pos += 4 + size
+    return None
+
+
 def test_client_hello_says_whether_the_client_wants_a_ticket(tmp_path: Path) -> None:
     web, db, _ = identities(tmp_path)
     exts = client_hello_extensions(_client_hello(web.client_ssl_context()))
@@ -325,8 +341,12 @@ def test_client_hello_says_whether_the_client_wants_a_ticket(tmp_path: Path) -> 
     cache = web.client_sessions()
     offered = cache.offer(next(iter(cache._entries))) if cache is not None else None
     assert offered is not None
-    exts = client_hello_extensions(_client_hello(web.client_ssl_context(), offered))
+    hello = _client_hello(web.client_ssl_context(), offered)
+    exts = client_hello_extensions(hello)
     assert exts is not None and 41 in exts  # a resuming client: no new ticket for it
+    # Forward secrecy: the only PSK mode offered is psk_dhe_ke (1): a resumed session still does
+    # an (EC)DHE key exchange, never psk_ke (0) alone.
+    assert _extension(hello, 45) == b"\x01\x01"
     off, _, _ = identities(tmp_path, session_max_age=0.0)
     exts = client_hello_extensions(_client_hello(off.client_ssl_context()))
     assert exts is not None and 35 not in exts
