@@ -27,7 +27,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tether.proxy import tlsctl
 from tether.proxy.tlssessions import SessionCache, resumed_peer_problem
 
 __all__ = ["TlsTransport", "tls_accept", "tls_connect"]
@@ -388,9 +387,12 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
         else:
             sock = ctx.wrap_socket(raw, server_side=server_side, server_hostname=server_hostname,
                                    do_handshake_on_connect=False)
-            if session is not None and not tlsctl.offer_session(sock, session):
-                with contextlib.suppress(ValueError):  # another context's session: a full handshake
-                    sock.session = session  # (the ssl module copies it: ~1.6M instructions)
+            if session is not None:
+                from tether.proxy import tlsctl  # (here: a plaintext proxy never loads ctypes, ~0.5 MiB)
+
+                if not tlsctl.offer_session(sock, session):
+                    with contextlib.suppress(ValueError):  # another context's session: a full handshake
+                        sock.session = session  # (the ssl module copies it: ~1.6M instructions)
     except BaseException:
         raw.close()
         raise
