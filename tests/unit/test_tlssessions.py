@@ -161,6 +161,23 @@ def test_the_server_keeps_sessions_itself_and_bounds_their_lifetime(tmp_path: Pa
         assert not tlsctl.offer_session(other, session)
 
 
+def test_without_tlsctl_sessions_travel_in_tickets_and_still_resume(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The portable path (another interpreter or OpenSSL): stateless tickets, the ssl module's copy."""
+    monkeypatch.setattr(tlsctl, "_lib", None)
+    web, db, _ = identities(tmp_path)
+    assert not db.stateful_sessions and not db.server_ssl_context().options & ssl.OP_NO_TICKET
+
+    async def scenario() -> None:
+        mesh = Mesh(web, db)
+        assert [await mesh.round_trip() for _ in range(3)] == [False, True, True]
+        assert [seen[1] for seen in mesh.seen] == [False, True, True]
+        mesh.listener.close()
+
+    run(scenario)
+    assert db.server_ssl_context().session_stats()["number"] == 0  # nothing kept by the server
+
+
 def test_a_session_for_one_identity_is_never_used_for_another(tmp_path: Path) -> None:
     web, db, _ = identities(tmp_path)
 
