@@ -220,6 +220,7 @@ def test_a_session_for_one_identity_is_never_used_for_another(tmp_path: Path) ->
         cache._entries[(WEB, "127.0.0.1", port)] = cache._entries[(DB, "127.0.0.1", port)]
         with pytest.raises(ConnectionAbortedError, match=f"not {WEB}"):
             await connect(WEB)
+        assert cache.offer((WEB, "127.0.0.1", port)) is None  # and it is not offered again
         task.cancel()
         lsock.close()
 

@@ -478,8 +478,13 @@ async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket,
     if session is None and sessions.wants(key):
         def keep(sock: ssl.SSLSocket) -> None:
             sessions.store(key, sock)
-    transport, protocol = await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory, handshake_timeout,
-                                      session=session, after_first_read=keep)
+    try:
+        transport, protocol = await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory,
+                                          handshake_timeout, session=session, after_first_read=keep)
+    except BaseException:
+        if session is not None:
+            sessions.discard(key)  # (refused as a resumed peer, or a handshake that failed with it)
+        raise
     if session is not None and not transport._sock.session_reused:
         # The server refused it (rotated its certificate or anchors, restarted, or it expired
         # there): it will refuse it again. This full handshake got no ticket (the server issues one
