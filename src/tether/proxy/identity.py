@@ -97,7 +97,6 @@ class IdentityClientConfig:
     server_session_cache_entries: int = 256  # sessions a server context keeps for its clients (~11 KiB each)
 
 
-
 @dataclass
 class _Metrics:
     cert_expiration_timestamp_seconds: float = 0.0
