@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -161,13 +162,14 @@ def count_many(procs: list[tuple[int, Path]], send: Callable[[int], None], n: in
 
 
 @contextlib.contextmanager
-def _callgrind(python: Path, workdir: Path, name: str, args: list[str]) -> Iterator[tuple[int, Path]]:
+def _callgrind(python: Path, workdir: Path, name: str, args: list[str],
+               env: dict[str, str] | None = None) -> Iterator[tuple[int, Path]]:
     cg_out = workdir / f"callgrind-{name}.out"
     log = (workdir / f"{name}.log").open("w")
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", f"--callgrind-out-file={cg_out}",
          str(python), "-m", "tether", "proxy", "--shutdown-grace-period", "1s", *args],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
     try:
         yield proc.pid, cg_out
     finally:
@@ -182,11 +184,14 @@ def _callgrind(python: Path, workdir: Path, name: str, args: list[str]) -> Itera
 
 # The client proxy pools nothing; a burst of handshakes under valgrind takes more than the 1 s default.
 _NO_POOL = ("--pool-max-idle-per-endpoint", "0", "--outbound-connect-timeout", "60s")
+# TLS session resumption off on both proxies (an environment variable: builds from before it ignore it).
+_NO_RESUMPTION = {"TETHER_PROXY_IDENTITY_TLS_SESSION_MAX_AGE": "0"}
 
 
 @contextlib.contextmanager
 def mesh_pair_under_callgrind(python: Path, workdir: Path, backend_port: int, mtls: bool, mesh: object | None,
-                              client_flags: tuple[str, ...] = ()) -> Iterator[tuple[list[tuple[int, Path]], int]]:
+                              client_flags: tuple[str, ...] = (),
+                              env: dict[str, str] | None = None) -> Iterator[tuple[list[tuple[int, Path]], int]]:
     """A client proxy and a server proxy of ``python``'s build under callgrind: (procs, outbound port)."""
     out, in_port = h.free_port(), h.free_port()
     out_admin, in_admin = h.free_port(), h.free_port()
@@ -210,8 +215,8 @@ def mesh_pair_under_callgrind(python: Path, workdir: Path, backend_port: int, mt
     client_args = ["--outbound-addr", f"127.0.0.1:{out}", "--inbound-addr", f"127.0.0.1:{h.free_port()}",
                    "--admin-addr", f"127.0.0.1:{out_admin}", "--destinations-file", str(dest), *client_extra,
                    *client_flags]
-    with _callgrind(python, workdir, "server", server_args) as server, \
-            _callgrind(python, workdir, "client", client_args) as client:
+    with _callgrind(python, workdir, "server", server_args, env) as server, \
+            _callgrind(python, workdir, "client", client_args, env) as client:
         h.wait_until(h.http_ok(f"http://127.0.0.1:{in_admin}/ready"), 180, "server proxy /ready under valgrind")
         h.wait_until(h.http_ok(f"http://127.0.0.1:{out_admin}/ready"), 180, "client proxy /ready under valgrind")
         yield [server, client], out
@@ -238,14 +243,18 @@ def mesh_main(args: argparse.Namespace, builds: list[list[str]]) -> int:
                         python = Path(checkout).resolve() / ".venv" / "bin" / "python"
                         got: dict[str, float] = {}
                         # "handshake": the client proxy keeps no idle connection, so each request is a new
-                        # mTLS connection (fewer requests: each costs ~100x a pooled one).
-                        for kind, mtls, flags, n, w in (
-                                ("plain", False, (), args.requests, args.warmup),
-                                ("mtls", True, (), args.requests, args.warmup),
-                                ("handshake", True, _NO_POOL, max(1, args.requests // 10), max(1, args.warmup // 10))):
+                        # mTLS connection (fewer requests: each costs ~100x a pooled one), a full handshake
+                        # (resumption off); "resumed": the same with resumption on (the warm-up's first
+                        # connection leaves a session; builds without resumption do full handshakes here).
+                        hs_n, hs_w = max(1, args.requests // 10), max(1, args.warmup // 10)
+                        for kind, mtls, flags, n, w, env in (
+                                ("plain", False, (), args.requests, args.warmup, None),
+                                ("mtls", True, (), args.requests, args.warmup, None),
+                                ("handshake", True, _NO_POOL, hs_n, hs_w, _NO_RESUMPTION),
+                                ("resumed", True, _NO_POOL, hs_n, hs_w, None)):
                             bdir = work / f"{name}-{kind}-{len(rows.get(name, {}))}"
                             bdir.mkdir(exist_ok=True)
-                            pair = mesh_pair_under_callgrind(python, bdir, backend_port, mtls, mesh, flags)
+                            pair = mesh_pair_under_callgrind(python, bdir, backend_port, mtls, mesh, flags, env)
                             with pair as (procs, out):
                                 got[kind] = count_many(procs, lambda k: keepalive_requests(out, k, AUTHORITY), n, w)
                         print(f"{name}: " + ", ".join(f"{k} {v:,.0f} Ir/request" for k, v in got.items()),
@@ -258,13 +267,14 @@ def mesh_main(args: argparse.Namespace, builds: list[list[str]]) -> int:
     base = rows[builds[0][0]]
     print(f"\nuser-space instructions per request through two proxies, both counted (valgrind callgrind; min of "
           f"{args.repeat} runs of {args.requests} requests on one keep-alive connection after {args.warmup} warm-up;"
-          f" new mTLS connection each: a tenth as many)")
-    heads = ("two hops plaintext", "two hops mTLS", "mTLS adds", "new mTLS conn each")
+          f" new mTLS connection each: a tenth as many, full handshakes, then resumed sessions)")
+    heads = ("two hops plaintext", "two hops mTLS", "mTLS adds", "new mTLS conn each", "resumed mTLS conn each")
     print(f"{'build':<12}" + "".join(f"{p:>24}" for p in heads))
     for name, r in rows.items():
-        p_ir, m_ir, hs = r["plain"], r["mtls"], r["handshake"]
+        p_ir, m_ir, hs, rs = r["plain"], r["mtls"], r["handshake"], r["resumed"]
         cells = (f"{p_ir:,.0f} ({p_ir / base['plain']:.3f}x)", f"{m_ir:,.0f} ({m_ir / base['mtls']:.3f}x)",
-                 f"{m_ir - p_ir:,.0f} (+{(m_ir - p_ir) / p_ir:.0%})", f"{hs:,.0f} ({hs / base['handshake']:.3f}x)")
+                 f"{m_ir - p_ir:,.0f} (+{(m_ir - p_ir) / p_ir:.0%})", f"{hs:,.0f} ({hs / base['handshake']:.3f}x)",
+                 f"{rs:,.0f} ({rs / base['resumed']:.3f}x)")
         print(f"{name:<12}" + "".join(f"{c:>24}" for c in cells))
     return 0
 

@@ -17,7 +17,9 @@ with its ratio and verdict:
 - new mTLS handshakes per second: the client proxy keeps no idle connection
   (`--pool-max-idle-per-endpoint 0`), so every request through the pair is a new mTLS connection;
   fortio saturates it; the rate is requests/s, and "per core" is requests per CPU-second of both
-  proxies together (each handshake's two ends and its one request).
+  proxies together (each handshake's two ends and its one request). Twice: full handshakes
+  (`--identity-tls-session-max-age 0` on both proxies) and resumed TLS sessions (the default; the
+  share of inbound handshakes that were resumed is printed from the server's tls_handshakes_total).
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ def _proxy_args(port: int, admin: int, inbound: int, extra: list[str]) -> list[s
 
 
 def start_two_hop(workdir: Path, port: int, backend_port: int, mtls: bool,
-                  client_flags: Sequence[str] = ()) -> h.Proc:
+                  client_flags: Sequence[str] = (), both_flags: Sequence[str] = ()) -> h.Proc:
     in_port, in_admin, out_inbound, out_admin = (h.free_port() for _ in range(4))
-    out_extra: list[str] = list(client_flags)
-    in_extra = ["--inbound-app-addr", f"127.0.0.1:{backend_port}"]
+    out_extra: list[str] = [*client_flags, *both_flags]
+    in_extra = ["--inbound-app-addr", f"127.0.0.1:{backend_port}", *both_flags]
     endpoint: dict[str, object] = {"addr": f"127.0.0.1:{backend_port}", "proxy_port": in_port}
     if mtls:
         mesh = LocalMesh(workdir / "mesh")
@@ -146,6 +148,17 @@ def _requests_in_flight(port: int, n: int, path: str) -> Iterator[int]:
             s.close()
 
 
+def _inbound_handshakes(admin_port: int) -> dict[bool, int]:
+    """The server proxy's tls_handshakes_total{direction="inbound"} by resumed (0 for builds without it)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {True: 0, False: 0}
+    for line in text.splitlines():
+        if line.startswith("tls_handshakes_total{") and 'direction="inbound"' in line:
+            out['resumed="true"' in line] += int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
 def meshed_proxy_figures(held: int = 1000, seconds: float = 3.0) -> dict[str, float]:
     """RSS of one meshed proxy idle and with ``held`` mTLS connections; new mTLS connections per second."""
     fortio = h.go_tool("fortio")
@@ -178,19 +191,24 @@ def meshed_proxy_figures(held: int = 1000, seconds: float = 3.0) -> dict[str, fl
                     out["held_tls"] = _open_tls_connections(admin)
                     out["rss_held_server"] = _rss_mib(pids["server"])
                     out["rss_held_client"] = _rss_mib(pids["client"])
-            port = h.free_port()
-            (work / "handshakes").mkdir()
-            pair = start_two_hop(work / "handshakes", port, backend_port, mtls=True,
-                                 client_flags=["--pool-max-idle-per-endpoint", "0"])
-            with h.running(pair):
-                target = ["-H", f"Host: {http1.AUTHORITY}", f"http://127.0.0.1:{port}{http1.PATH}"]
-                h.fortio_load(fortio, target, 0, 8, 1.0, work, ok_codes=("200",))  # warm-up
-                cpu0 = h.cpu_seconds(pair.pid)
-                r = h.fortio_load(fortio, target, 0, 16, seconds, work, ok_codes=("200",))
-                cpu = h.cpu_seconds(pair.pid) - cpu0
-                out["handshakes_per_s"] = r.actual_qps
-                out["handshakes_per_cpu_s"] = r.count / cpu if cpu else 0.0
-                out["handshake_cpu_ms"] = 1000 * cpu / r.count if r.count else 0.0
+            for kind, both in (("full", ["--identity-tls-session-max-age", "0"]), ("resumed", [])):
+                port = h.free_port()
+                (work / f"handshakes-{kind}").mkdir()
+                pair = start_two_hop(work / f"handshakes-{kind}", port, backend_port, mtls=True,
+                                     client_flags=["--pool-max-idle-per-endpoint", "0"], both_flags=both)
+                with h.running(pair):
+                    target = ["-H", f"Host: {http1.AUTHORITY}", f"http://127.0.0.1:{port}{http1.PATH}"]
+                    h.fortio_load(fortio, target, 0, 8, 1.0, work, ok_codes=("200",))  # warm-up
+                    before = _inbound_handshakes(_admin[pair.pid]["server"])
+                    cpu0 = h.cpu_seconds(pair.pid)
+                    r = h.fortio_load(fortio, target, 0, 16, seconds, work, ok_codes=("200",))
+                    cpu = h.cpu_seconds(pair.pid) - cpu0
+                    after = _inbound_handshakes(_admin[pair.pid]["server"])
+                    out[f"{kind}_handshakes_per_s"] = r.actual_qps
+                    out[f"{kind}_handshakes_per_cpu_s"] = r.count / cpu if cpu else 0.0
+                    out[f"{kind}_handshake_cpu_ms"] = 1000 * cpu / r.count if r.count else 0.0
+                    n = sum(after.values()) - sum(before.values())
+                    out[f"{kind}_resumed_share"] = (after[True] - before[True]) / n if n else 0.0
     for m in _meshes:
         m.close()
     return out
@@ -240,10 +258,13 @@ def targets_check(results: Sequence[h.TargetResult]) -> str:
                  f" {f['held_sent']:.0f} requests in flight,"
                  f" {f['held_tls']:.0f} mTLS connections open at the server), {held / 64:.2f}x the target"
                  f" {_verdict(held <= 64 and f['held_tls'] >= 1000)}")
-    per_core = f["handshakes_per_cpu_s"]
-    lines.append(f"  new mTLS handshakes >= 1,000/s per core between two proxies: {per_core:,.0f} per CPU-second of"
-                 f" both proxies ({f['handshakes_per_s']:,.0f}/s wall clock; {f['handshake_cpu_ms']:.2f} ms CPU per new"
-                 f" connection with its request), {per_core / 1000:.2f}x the target {_verdict(per_core >= 1000)}")
+    for kind, what in (("full", "full handshakes (resumption off)"), ("resumed", "resumed TLS sessions")):
+        per_core = f[f"{kind}_handshakes_per_cpu_s"]
+        lines.append(f"  new mTLS handshakes >= 1,000/s per core between two proxies, {what}: {per_core:,.0f} per"
+                     f" CPU-second of both proxies ({f[f'{kind}_handshakes_per_s']:,.0f}/s wall clock;"
+                     f" {f[f'{kind}_handshake_cpu_ms']:.2f} ms CPU per new connection with its request;"
+                     f" {f[f'{kind}_resumed_share']:.0%} resumed at the server), {per_core / 1000:.2f}x the target"
+                     f" {_verdict(per_core >= 1000)}")
     lines.append("  on par with linkerd2-proxy (CPU, saturation, p99, memory): not judged here; linkerd2-proxy is not"
                  " built by this harness (the issue's figures: 96 us/request, 8.6k/s, 39/60 MiB for the pair)")
     return "\n".join(lines)

@@ -825,3 +825,55 @@ def test_inbound_route_filters_rewrite_the_request_or_answer_a_redirect(world: W
     finally:
         world.controller.delete(docs)
         wait_for(lambda: world.policy_in_force("http") == "all-unauthenticated", 10, what="the default again")
+
+
+def _handshakes(proxy: ProxyProc, resumed: bool) -> int:
+    want = f'tls_handshakes_total{{direction="inbound",resumed="{str(resumed).lower()}"}} '
+    return sum(int(ln.split()[-1]) for ln in proxy.metrics().splitlines() if ln.startswith(want))
+
+
+def test_a_resumed_tls_session_is_authorized_as_its_full_handshake_proved(world: World) -> None:
+    """Each opaque stream is a new mesh TLS connection; from a client's second one on, its proxy
+    resumes the TLS session. A MeshTLSAuthentication still sees that client's own identity."""
+    docs = f"""
+apiVersion: policy.linkerd.io/v1beta3
+kind: Server
+metadata: {{name: web-tcp, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: web}}}}
+  port: {world.app_ports["tcp"]}
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: MeshTLSAuthentication
+metadata: {{name: client-only, namespace: default}}
+spec:
+  identities: ["{world.client.identity}"]
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: tcp-from-client, namespace: default}}
+spec:
+  targetRef: {{group: policy.linkerd.io, kind: Server, name: web-tcp}}
+  requiredAuthenticationRefs:
+  - {{group: policy.linkerd.io, kind: MeshTLSAuthentication, name: client-only}}
+"""
+    tcp = world.servers["tcp"]
+    world.controller.apply(docs)
+    try:
+        world.tcp_call("plain-inside")
+        wait_for(lambda: world.policy_in_force("tcp") == "web-tcp", 10, what="the opaque Server")
+        wait_for(lambda: world.tcp_call("meshed") == PING, 10, what="the client's authorization in force")
+        world.tcp_call("meshed-other")  # its first connection: a full handshake, then a ticket
+        resumed_before = _handshakes(tcp, True)
+        for _ in range(3):
+            assert world.tcp_call("meshed") == PING
+            assert world.tcp_call("meshed-other") == b""
+        wait_for(lambda: _handshakes(tcp, True) >= resumed_before + 6, 10, what="both clients resuming")
+        m = tcp.metrics().splitlines()
+        allowed = [ln for ln in m if ln.startswith("inbound_tcp_authz_allow_total{") and 'srv_name="web-tcp"' in ln]
+        denied = [ln for ln in m if ln.startswith("inbound_tcp_authz_deny_total{") and 'srv_name="web-tcp"' in ln
+                  and 'tls="true"' in ln]  # (the plaintext call that started the port's watch may be there too)
+        assert allowed and all(f'client_id="{world.client.identity}"' in ln for ln in allowed), allowed
+        assert denied and all(f'client_id="{world.other.identity}"' in ln for ln in denied), denied
+    finally:
+        world.controller.delete(docs)

@@ -86,6 +86,68 @@ def test_requests_cross_the_mesh_over_mtls_with_verified_identities(pair: Pair) 
     assert exp and float(exp[0].split()[-1]) > 0
 
 
+def handshakes(proxy: ProxyProc, direction: str, resumed: bool) -> int:
+    want = f'tls_handshakes_total{{direction="{direction}",resumed="{str(resumed).lower()}"}} '
+    return sum(int(ln.split()[-1]) for ln in proxy.metrics().splitlines() if ln.startswith(want))
+
+
+def counts(p: Pair) -> tuple[int, int, int, int]:
+    """(outbound full, outbound resumed, inbound full, inbound resumed) handshakes so far."""
+    return (handshakes(p.outbound, "outbound", False), handshakes(p.outbound, "outbound", True),
+            handshakes(p.inbound, "inbound", False), handshakes(p.inbound, "inbound", True))
+
+
+def test_new_connections_between_proxies_resume_the_tls_session(tmp_path: Path) -> None:
+    # No idle connection is kept: each request is a new mTLS connection between the proxies.
+    p, _ = make_pair(tmp_path, pool_max_idle_per_endpoint="0")
+    try:
+        for _ in range(4):
+            assert p.get() == (200, b"hello from web\n")
+        # One full handshake, then the client proxy resumes its session; both ends say so.
+        wait_for(lambda: counts(p) == (1, 3, 1, 3), 10, what="1 full and 3 resumed handshakes on both proxies")
+        # The server still knows the client by its certificate on the resumed connections.
+        inb = metric_lines(p.inbound, "request_total")
+        assert any(f'client_id="{p.client.identity}"' in ln and ln.endswith(" 4") for ln in inb), inb
+        out = metric_lines(p.outbound, "request_total")
+        assert any(f'server_id="{p.web.identity}"' in ln and ln.endswith(" 4") for ln in out), out
+        assert metric_lines(p.outbound, "tls_session_cache_entries") == ["tls_session_cache_entries 1"]
+    finally:
+        p.mesh.close()
+        p.app.shutdown()
+
+
+def test_no_tls_session_survives_a_certificate_renewal(tmp_path: Path) -> None:
+    # 30 s certificates renew after ~21 s; each request is a new mTLS connection.
+    p, _ = make_pair(tmp_path, lifetime="30s", pool_max_idle_per_endpoint="0")
+    try:
+        chains = {proxy: str(p.identity_json(proxy)["certificate_chain_pem"]) for proxy in (p.inbound, p.outbound)}
+        assert p.get()[0] == 200 and p.get()[0] == 200
+        wait_for(lambda: counts(p) == (1, 1, 1, 1), 10, what="a full then a resumed handshake")
+        for proxy in (p.inbound, p.outbound):
+            wait_for(lambda proxy=proxy: str(p.identity_json(proxy)["certificate_chain_pem"]) != chains[proxy], 40,
+                     what="both proxies renewed their certificates")
+        # New contexts on both ends: the client's cache started empty (nothing from before is
+        # offered) and the server's new ticket keys would refuse an old ticket anyway.
+        assert p.get()[0] == 200
+        wait_for(lambda: counts(p) == (2, 1, 2, 1), 10, what="a full handshake after the renewal")
+        assert p.get()[0] == 200
+        wait_for(lambda: counts(p) == (2, 2, 2, 2), 10, what="resumption under the new certificates")
+    finally:
+        p.mesh.close()
+        p.app.shutdown()
+
+
+def test_resumption_off_means_a_full_handshake_for_every_connection(tmp_path: Path) -> None:
+    p, _ = make_pair(tmp_path, pool_max_idle_per_endpoint="0", identity_tls_session_max_age="0")
+    try:
+        for _ in range(3):
+            assert p.get() == (200, b"hello from web\n")
+        wait_for(lambda: counts(p) == (3, 0, 3, 0), 10, what="3 full handshakes on both proxies")
+    finally:
+        p.mesh.close()
+        p.app.shutdown()
+
+
 def test_mtls_requests_cost_no_memory_mapping_system_calls(pair: Pair) -> None:
     """uvloop reads TLS records into a 256 KiB buffer it then shrinks; without the proxy's malloc
     tuning that cost an mmap, an mremap and a munmap (or a brk) per request. Counted by strace on
@@ -214,8 +276,12 @@ def _issuer_of_leaf(p: Pair, proxy: ProxyProc) -> str:
     return chain.split("-----END CERTIFICATE-----", 1)[1]
 
 
-def test_issuer_rotation_under_load_loses_no_request(tmp_path: Path) -> None:
-    p, _ = make_pair(tmp_path, lifetime="20s", identity_bundle_poll_interval="0.5s")
+@pytest.mark.parametrize("new_connections", [False, True], ids=["pooled", "new-mtls-connection-each"])
+def test_issuer_rotation_under_load_loses_no_request(tmp_path: Path, new_connections: bool) -> None:
+    # new_connections: every request opens a new mTLS connection, resuming TLS sessions across the
+    # renewals (each proxy's new contexts start without them).
+    flags = {"pool_max_idle_per_endpoint": "0"} if new_connections else {}
+    p, _ = make_pair(tmp_path, lifetime="20s", identity_bundle_poll_interval="0.5s", **flags)
     ca = p.mesh.ca_dir
     try:
         with SteadyLoad("127.0.0.1", p.outbound.outbound_port, AUTHORITY) as load:
@@ -233,6 +299,12 @@ def test_issuer_rotation_under_load_loses_no_request(tmp_path: Path) -> None:
             done = load.ok
             wait_for(lambda: load.ok > done + 20, 20, what="traffic after rotation")
         assert load.outcomes.keys() == {"200"}, load.outcomes
+        if new_connections:
+            out_full, out_resumed, in_full, in_resumed = counts(p)
+            # Full handshakes: the first, then about one per new client context (renewals) and per
+            # refused ticket (the server's renewals); everything else resumed.
+            assert out_resumed > 10 * out_full and in_resumed > 10 * in_full, counts(p)
+            assert out_full >= 2, counts(p)
     finally:
         p.mesh.close()
         p.app.shutdown()

@@ -127,6 +127,12 @@ FLAGS: dict[str, Flag] = {
     "identity_key_path": Flag("PATH", "write the private key here too (unset: memory only)"),
     "identity_handshake_timeout": Flag("DURATION", "time allowed for a call to the identity service"),
     "identity_bundle_poll_interval": Flag("DURATION", "how often the trust anchors file is checked for changes"),
+    "identity_tls_session_max_age": Flag("DURATION", "how long a client proxy may resume a TLS session with a peer "
+                                         "proxy after verifying it (0: no resumption)"),
+    "identity_tls_session_cache_entries": Flag("COUNT", "TLS sessions kept per client certificate, one per peer "
+                                               "identity and address"),
+    "identity_tls_server_session_cache_entries": Flag("COUNT", "TLS sessions the inbound side keeps for its "
+                                                      "clients to resume (the oldest go first)"),
 }
 # Set in code or by tests, never from the command line.
 HIDDEN = frozenset({"extra"})

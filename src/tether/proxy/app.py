@@ -323,6 +323,9 @@ def identity_client(cfg: ProxyConfig) -> IdentityClient | None:
             identity_addrs=[a.strip() for a in cfg.identity_addrs.split(",") if a.strip()],
             key_path=cfg.identity_key_path,
             bundle_poll_interval=cfg.identity_bundle_poll_interval,
+            session_max_age=cfg.identity_tls_session_max_age,
+            session_cache_entries=cfg.identity_tls_session_cache_entries,
+            server_session_cache_entries=cfg.identity_tls_server_session_cache_entries,
         ))
     except (ValueError, CertificateError) as e:
         raise ConfigError(f"identity: {e}") from None

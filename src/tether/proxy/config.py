@@ -186,6 +186,14 @@ class ProxyConfig:
     identity_key_path: str | None = None  # write the private key here (default: memory only)
     identity_handshake_timeout: float = 10.0
     identity_bundle_poll_interval: float = 5.0  # how often the trust bundle file is checked
+    # TLS 1.3 session resumption between tether proxies (Linkerd's proxy has none): a client offers
+    # a session for at most this long after the full handshake that verified the peer, never past
+    # either certificate's notAfter, and only with the client context that made it. 0 turns it off
+    # on both sides (no tickets issued or accepted). Sessions are kept per (identity, address),
+    # at most identity_tls_session_cache_entries of them, least recently used dropped first.
+    identity_tls_session_max_age: float = 300.0
+    identity_tls_session_cache_entries: int = 256  # ~17 KiB each (the session holds the peer certificate)
+    identity_tls_server_session_cache_entries: int = 256  # sessions the inbound side keeps (~11 KiB each)
     # Tap (io.linkerd.proxy.tap.Tap/Observe on --tap-addr, mTLS): only the identities listed may tap
     # (unset: Linkerd's viz tap identity, tap.linkerd-viz.serviceaccount.identity.<the proxy's
     # control-plane namespace and trust domain>). Off without an identity, or with --tap-disabled.

@@ -54,10 +54,13 @@ def connector(target: EndpointTarget, identity: IdentityClient | None, handshake
     async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
         ctx = _client_context(identity)
         try:
-            return await tls_connect(factory, host, port, ctx, server_id, handshake_timeout)
+            transport, proto = await tls_connect(factory, host, port, ctx, server_id, handshake_timeout,
+                                                 identity.client_sessions())
         except ssl.SSLError as e:
             # Name what we expected: the reason reaches the client in l5d-proxy-error.
             raise OSError(f"mTLS handshake expecting identity {server_id} failed: {e.reason or e}") from None
+        identity.count_handshake("outbound", transport.get_extra_info("ssl_object").session_reused)
+        return transport, proto
 
     return connect
 
@@ -71,8 +74,10 @@ async def connect_tcp(target: EndpointTarget, identity: IdentityClient | None, t
     transport: asyncio.Transport
     async with asyncio.timeout(timeout):
         if ctx is not None and target.server_id is not None:
+            assert identity is not None
             transport, proto = await tls_connect(Pending, target.dial[0], target.dial[1], ctx, target.server_id,
-                                                 handshake_timeout)
+                                                 handshake_timeout, identity.client_sessions())
+            identity.count_handshake("outbound", transport.get_extra_info("ssl_object").session_reused)
         else:
             transport, proto = await loop.create_connection(Pending, target.dial[0], target.dial[1])
     if target.transport_port is not None and ctx is not None:

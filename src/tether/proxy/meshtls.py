@@ -6,6 +6,11 @@ identity's server context (client certificate required) and the decrypted stream
 protocol detection with the client's identity attached. Anything else (plaintext from unmeshed
 clients, the application's own TLS) goes on untouched.
 
+Session resumption (TLS 1.3, see :mod:`tether.proxy.tlssessions`): the server context accepts
+tickets it issued itself, and this listener has it issue one ticket on a connection whose
+ClientHello asks for tickets (the session_ticket extension, which a tether client with resumption
+off leaves out) and offers no session of its own; a resumed client holds its ticket already.
+
 The outbound side (TLS 1.3 to a meshed endpoint's proxy, the expected identity as SNI, verified)
 is in :mod:`tether.proxy.connect`.
 """
@@ -20,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tether.core.http.detect import Detected, client_hello_sni, detect
+from tether.core.http.detect import Detected, client_hello_extensions, client_hello_sni, detect
 from tether.proxy.config import DetectSettings
 from tether.proxy.detect import SO_ORIGINAL_DST
 from tether.proxy.tlspeer import IdentityNotReady
@@ -33,6 +38,8 @@ log = logging.getLogger(__name__)
 
 _PEEK = 16 * 1024
 _RETRY_PEEK = 0.005
+_EXT_SESSION_TICKET = 35
+_EXT_PRE_SHARED_KEY = 41
 
 
 class MeshTlsListener:
@@ -131,7 +138,12 @@ class MeshTlsListener:
                 self._loop.call_later(_RETRY_PEEK, self._rearm, conn)
                 return
             if isinstance(sni, str) and sni == self.identity.identity.dns_name:
-                self._dispatch(conn, tls=True)
+                tickets = 0
+                if self.identity.resumption:
+                    exts = client_hello_extensions(data) or frozenset()
+                    if _EXT_SESSION_TICKET in exts and _EXT_PRE_SHARED_KEY not in exts:
+                        tickets = 1
+                self._dispatch(conn, tls=True, tickets=tickets)
                 return
         self._dispatch(conn, tls=False)
 
@@ -145,15 +157,15 @@ class MeshTlsListener:
         self._pending.pop(conn.fileno(), None)
         conn.close()
 
-    def _dispatch(self, conn: socket.socket, tls: bool) -> None:
+    def _dispatch(self, conn: socket.socket, tls: bool, tickets: int = 0) -> None:
         assert self._loop is not None
         self._loop.remove_reader(conn.fileno())
         self._pending.pop(conn.fileno(), None)
-        task = self._loop.create_task(self._connect(conn, tls))
+        task = self._loop.create_task(self._connect(conn, tls, tickets))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, conn: socket.socket, tls: bool) -> None:
+    async def _connect(self, conn: socket.socket, tls: bool, tickets: int = 0) -> None:
         loop = asyncio.get_running_loop()
         ctx: ssl.SSLContext | None = None
         if tls:
@@ -166,7 +178,9 @@ class MeshTlsListener:
         try:
             if ctx is not None:
                 # tether's own TLS transport: ~10-60 KiB less per idle connection than the loop's (tlstransport).
-                await tls_accept(self.protocol_factory, conn, ctx, self.handshake_timeout)
+                transport, _ = await tls_accept(self.protocol_factory, conn, ctx, self.handshake_timeout,
+                                                tickets=tickets)
+                self.identity.count_handshake("inbound", transport.get_extra_info("ssl_object").session_reused)
             else:
                 await loop.connect_accepted_socket(self.protocol_factory, conn)
         except (OSError, ssl.SSLError, TimeoutError) as e:

@@ -22,9 +22,12 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from tether.proxy.tlssessions import SessionCache, resumed_peer_problem
 
 __all__ = ["TlsTransport", "tls_accept", "tls_connect"]
 
@@ -45,8 +48,9 @@ _recv_view = memoryview(_recv_buf)
 class TlsTransport(asyncio.Transport):
     """One TLS connection whose handshake is done; see the module docstring."""
 
-    __slots__ = ("_closing", "_fd", "_high", "_local", "_loop", "_lost", "_low", "_paused", "_peer", "_protocol",
-                 "_queue", "_queued", "_read_wants_write", "_reading", "_retry", "_sock", "_writing")
+    __slots__ = ("_after_first_read", "_closing", "_fd", "_high", "_local", "_loop", "_lost", "_low", "_paused",
+                 "_peer", "_protocol", "_queue", "_queued", "_read_wants_write", "_reading", "_retry", "_sock",
+                 "_writing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, protocol: asyncio.BaseProtocol) -> None:
         super().__init__()
@@ -66,6 +70,10 @@ class TlsTransport(asyncio.Transport):
         self._high = _HIGH_WATER
         self._low = _LOW_WATER
         self._paused = False
+        # Called once, after the first read that returned data or the end: by then OpenSSL has
+        # processed a TLS 1.3 session ticket the server sent after its handshake (the client keeps
+        # it). Not on a read that found nothing: the ticket may still be on its way.
+        self._after_first_read: Callable[[ssl.SSLSocket], None] | None = None
         try:
             self._peer: Any = sock.getpeername()
             self._local: Any = sock.getsockname()
@@ -117,6 +125,15 @@ class TlsTransport(asyncio.Transport):
             eof = True  # close_notify, or a peer that closed its socket without one
         except (OSError, ssl.SSLError) as e:
             error = e
+        if chunks or eof:
+            hook = self._after_first_read
+            if hook is not None:
+                self._after_first_read = None
+                try:
+                    hook(sock)
+                except Exception as e:  # a cache's bookkeeping never costs the connection
+                    self._loop.call_exception_handler({"message": "TLS after-first-read hook failed",
+                                                       "exception": e, "transport": self})
         if chunks:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self._protocol.data_received(data)
@@ -352,10 +369,30 @@ def _set_ready(fut: asyncio.Future[None]) -> None:
 
 async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SSLContext, server_side: bool,
                 server_hostname: str | None, protocol_factory: Callable[[], P],
-                handshake_timeout: float | None) -> tuple[TlsTransport, P]:
+                handshake_timeout: float | None, session: ssl.SSLSession | None = None,
+                tickets: int | None = None,
+                after_first_read: Callable[[ssl.SSLSocket], None] | None = None) -> tuple[TlsTransport, P]:
     try:
-        sock = ctx.wrap_socket(raw, server_side=server_side, server_hostname=server_hostname,
-                               do_handshake_on_connect=False)
+        if tickets is not None and tickets != ctx.num_tickets:
+            # OpenSSL copies the ticket count into each connection when it is created (SSL_new) and
+            # the ssl module has no per-connection setter: set it on the context around the wrap
+            # (one thread: nothing else wraps with this context meanwhile). The ticket keys stay
+            # the context's, so what is issued here is accepted by the context's other connections.
+            saved = ctx.num_tickets
+            ctx.num_tickets = tickets
+            try:
+                sock = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            finally:
+                ctx.num_tickets = saved
+        else:
+            sock = ctx.wrap_socket(raw, server_side=server_side, server_hostname=server_hostname,
+                                   do_handshake_on_connect=False)
+            if session is not None:
+                from tether.proxy import tlsctl  # (here: a plaintext proxy never loads ctypes, ~0.5 MiB)
+
+                if not tlsctl.offer_session(sock, session):
+                    with contextlib.suppress(ValueError):  # another context's session: a full handshake
+                        sock.session = session  # (the ssl module copies it: ~1.6M instructions)
     except BaseException:
         raw.close()
         raise
@@ -368,8 +405,14 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
     except BaseException:
         sock.close()
         raise
+    if sock.session_reused:
+        problem = resumed_peer_problem(sock, None if server_side else server_hostname, time.time())
+        if problem is not None:
+            sock.close()
+            raise ConnectionAbortedError(f"refused a resumed TLS session: {problem}")
     protocol = protocol_factory()
     transport = TlsTransport(loop, sock, protocol)
+    transport._after_first_read = after_first_read
     try:
         transport._start()
     except BaseException:
@@ -379,21 +422,31 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
 
 
 async def tls_accept(protocol_factory: Callable[[], P], sock: socket.socket,
-                     ctx: ssl.SSLContext, handshake_timeout: float | None) -> tuple[TlsTransport, P]:
-    """Terminate TLS on an accepted socket (its handshake, then the protocol); it owns ``sock`` from here."""
+                     ctx: ssl.SSLContext, handshake_timeout: float | None,
+                     tickets: int | None = None) -> tuple[TlsTransport, P]:
+    """Terminate TLS on an accepted socket (its handshake, then the protocol); it owns ``sock`` from here.
+
+    ``tickets``: TLS 1.3 session tickets to issue on this connection (default: the context's count).
+    A resumed session's peer is checked as a full handshake would (see tlssessions).
+    """
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     # OpenSSL sends each record with its own send(): without this the last, short one of a write
     # waits for the peer's delayed ACK (40 ms) under Nagle's algorithm.
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return await _wrap(loop, sock, ctx, True, None, protocol_factory, handshake_timeout)
+    return await _wrap(loop, sock, ctx, True, None, protocol_factory, handshake_timeout, tickets=tickets)
 
 
 async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
                       ctx: ssl.SSLContext, server_hostname: str,
-                      handshake_timeout: float | None) -> tuple[TlsTransport, P]:
-    """Dial ``host:port`` and do a TLS handshake asking for ``server_hostname``."""
+                      handshake_timeout: float | None,
+                      sessions: SessionCache | None = None) -> tuple[TlsTransport, P]:
+    """Dial ``host:port`` and do a TLS handshake asking for ``server_hostname``.
+
+    With ``sessions`` (the cache of ``ctx``), a session cached for this identity and address is
+    offered, and a full handshake's session is kept for the next connection.
+    """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     error: OSError | None = None
@@ -410,5 +463,31 @@ async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
         except BaseException:
             raw.close()
             raise
-        return await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory, handshake_timeout)
+        if sessions is None or sessions.context is not ctx:
+            return await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory, handshake_timeout)
+        return await _connect_resuming(loop, raw, ctx, server_hostname, protocol_factory, handshake_timeout,
+                                       sessions, (server_hostname, host, port))
     raise error or OSError(f"cannot resolve {host}:{port}")
+
+
+async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SSLContext,
+                            server_hostname: str, protocol_factory: Callable[[], P], handshake_timeout: float | None,
+                            sessions: SessionCache, key: tuple[str, str, int]) -> tuple[TlsTransport, P]:
+    session = sessions.offer(key)
+    keep = None
+    if session is None and sessions.wants(key):
+        def keep(sock: ssl.SSLSocket) -> None:
+            sessions.store(key, sock)
+    try:
+        transport, protocol = await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory,
+                                          handshake_timeout, session=session, after_first_read=keep)
+    except BaseException:
+        if session is not None:
+            sessions.discard(key)  # (refused as a resumed peer, or a handshake that failed with it)
+        raise
+    if session is not None and not transport._sock.session_reused:
+        # The server refused it (rotated its certificate or anchors, restarted, or it expired
+        # there): it will refuse it again. This full handshake got no ticket (the server issues one
+        # only to a client offering none), so the next connection asks for one.
+        sessions.discard(key)
+    return transport, protocol

@@ -133,6 +133,43 @@ def client_hello_sni(data: bytes) -> str | Detected | None:
         return Detected.OPAQUE
 
 
+def client_hello_extensions(data: bytes) -> frozenset[int] | None:
+    """The extension types of a complete TLS ClientHello record, None if it is not one."""
+    if len(data) < 5 or data[0] != 0x16 or data[1] != 0x03:
+        return None
+    rec_len = int.from_bytes(data[3:5], "big")
+    if len(data) < 5 + rec_len:
+        return None
+    try:
+        pos, end, hs = _extensions_start(data[5 : 5 + rec_len])
+    except (IndexError, ValueError):
+        return None
+    types = set()
+    while pos + 4 <= end:
+        types.add(int.from_bytes(hs[pos : pos + 2], "big"))
+        pos += 4 + int.from_bytes(hs[pos + 2 : pos + 4], "big")
+    if pos != end:
+        return None
+    return frozenset(types)
+
+
+def _extensions_start(hs: bytes) -> tuple[int, int, bytes]:
+    """(offset of the first extension, offset of their end, hs) in a ClientHello handshake message."""
+    if hs[0] != 0x01:  # ClientHello
+        raise ValueError("not a ClientHello")
+    pos = 4 + 2 + 32  # handshake header, legacy_version, random
+    pos += 1 + hs[pos]  # legacy_session_id
+    pos += 2 + int.from_bytes(hs[pos : pos + 2], "big")  # cipher_suites
+    pos += 1 + hs[pos]  # legacy_compression_methods
+    if pos == len(hs):
+        return pos, pos, hs
+    ext_total = int.from_bytes(hs[pos : pos + 2], "big")
+    pos += 2
+    if pos + ext_total > len(hs):
+        raise ValueError("extensions overrun")
+    return pos, pos + ext_total, hs
+
+
 def _parse_sni(hs: bytes) -> str | None:
     if hs[0] != 0x01:  # ClientHello
         raise ValueError("not a ClientHello")

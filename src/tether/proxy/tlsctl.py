@@ -1,0 +1,135 @@
+"""Two OpenSSL calls the ssl module does not offer, made through ctypes on the objects it built.
+
+Both serve TLS session resumption between tether proxies (``tlssessions``), and each saves a
+decode of a certificate (~1.6M instructions with OpenSSL 3.0, whose decoders look providers up for
+every public key; callgrind):
+
+* :func:`keep_server_sessions`: the server keeps resumable sessions in its context's own cache
+  (a session id context, a bounded cache, a lifetime) and issues *stateful* tickets (a session id).
+  Without it a TLS 1.3 ticket carries the whole session, client certificate included, encrypted
+  under the context's ticket key, and every resumption decodes it again (``d2i_SSL_SESSION``). The
+  lifetime is also a bound the server enforces itself: a session older than it is not resumed.
+* :func:`offer_session`: a client offers a cached session without the ssl module's defensive copy
+  (``_ssl_session_dup``: a DER round trip, for an OpenSSL 1.1.0 bug with sessions shared between
+  connections; resumed TLS 1.3 client handshakes do not modify the session, and the proxy's loop
+  is one thread).
+
+The pointers are read from CPython 3.11's object layouts and checked against what the objects
+report through the ssl module before anything is changed; on another interpreter, another
+OpenSSL major version, or any mismatch, the functions return False and callers keep the portable
+path (stateless tickets, ``session=``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ssl
+import sys
+from typing import Any
+
+__all__ = ["available", "keep_server_sessions", "offer_session"]
+
+_SSL_CTRL_SET_SESS_CACHE_SIZE = 42
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_SESS_CACHE_SERVER = 0x0002
+_OBJECT_HEAD = object.__basicsize__  # PyObject_HEAD: the first field of each object follows it
+
+
+def _load() -> Any:
+    if sys.implementation.name != "cpython" or sys.version_info[:2] != (3, 11) or ssl.OPENSSL_VERSION_INFO[0] != 3:
+        return None
+    path = None
+    try:
+        with open("/proc/self/maps") as maps:  # the libssl the ssl module is linked with, already loaded
+            for line in maps:
+                if "/libssl.so" in line:
+                    path = line.split()[-1]
+                    break
+    except OSError:
+        return None
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return None
+    vp, u64, long_, int_, uint = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_long, ctypes.c_int, ctypes.c_uint
+    for name, restype, argtypes in (
+            ("SSL_CTX_get_options", u64, [vp]),
+            ("SSL_CTX_set_session_id_context", int_, [vp, ctypes.c_char_p, uint]),
+            ("SSL_CTX_ctrl", long_, [vp, int_, long_, vp]),
+            ("SSL_CTX_set_timeout", long_, [vp, long_]),
+            ("SSL_get_SSL_CTX", vp, [vp]),
+            ("SSL_set_session", int_, [vp, vp]),
+            ("SSL_SESSION_get_time", long_, [vp]),
+            ("SSL_SESSION_get_timeout", long_, [vp]),
+            ("SSL_SESSION_get_protocol_version", int_, [vp])):
+        fn = getattr(lib, name, None)
+        if fn is None:
+            return None
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+_lib = _load()
+
+
+def available() -> bool:
+    """True if this interpreter and OpenSSL are the ones whose layouts this module knows."""
+    return _lib is not None
+
+
+def _field(obj: object, index: int = 0) -> int | None:
+    """The pointer-sized field ``index`` after the object header (CPython's C layout)."""
+    value = ctypes.c_void_p.from_address(id(obj) + _OBJECT_HEAD + index * ctypes.sizeof(ctypes.c_void_p)).value
+    return value or None
+
+
+def _ssl_ctx(ctx: ssl.SSLContext) -> int | None:
+    """The SSL_CTX of ``ctx`` (PySSLContext: the first field), checked against its options."""
+    if _lib is None or not isinstance(ctx, ssl.SSLContext):
+        return None
+    ptr = _field(ctx)
+    if ptr is None or _lib.SSL_CTX_get_options(ptr) != int(ctx.options):
+        return None
+    return ptr
+
+
+def keep_server_sessions(ctx: ssl.SSLContext, session_id_context: bytes, max_entries: int, lifetime: float) -> bool:
+    """Make a server context keep sessions itself (stateful tickets) for ``lifetime`` seconds, at
+    most ``max_entries`` of them (the oldest go first); False if that cannot be done here.
+
+    Call before any connection is made with ``ctx``. Tickets are then issued as the context says
+    (``num_tickets``) and OP_NO_TICKET is set: in TLS 1.3 it means stateful tickets, not none.
+    """
+    ptr = _ssl_ctx(ctx)
+    if ptr is None or _lib is None:
+        return False
+    if _lib.SSL_CTX_set_session_id_context(ptr, session_id_context, len(session_id_context)) != 1:
+        return False
+    _lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_SERVER, None)
+    _lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_SESS_CACHE_SIZE, max_entries, None)
+    _lib.SSL_CTX_set_timeout(ptr, max(1, int(lifetime)))
+    ctx.options |= ssl.OP_NO_TICKET
+    return True
+
+
+def offer_session(sock: ssl.SSLSocket, session: ssl.SSLSession) -> bool:
+    """Offer ``session`` on ``sock`` (a client socket before its handshake) without copying it;
+    False if it could not be done this way (the caller sets ``sock.session`` instead)."""
+    if _lib is None:
+        return False
+    sslobj = getattr(sock, "_sslobj", None)
+    ctx_ptr = _ssl_ctx(sock.context)
+    if sslobj is None or ctx_ptr is None or type(session) is not ssl.SSLSession:
+        return False
+    ssl_ptr = _field(sslobj, 1)  # PySSLSocket: a weak reference to the socket, then the SSL
+    sess_ptr = _field(session)  # PySSLSession: the SSL_SESSION, then the context that made it
+    if _field(session, 1) != id(sock.context):
+        return False  # another context's session: the ssl module refuses it, and so do we
+    if ssl_ptr is None or sess_ptr is None or _lib.SSL_get_SSL_CTX(ssl_ptr) != ctx_ptr:
+        return False
+    if (_lib.SSL_SESSION_get_time(sess_ptr) != session.time or _lib.SSL_SESSION_get_timeout(sess_ptr) != session.timeout
+            or _lib.SSL_SESSION_get_protocol_version(sess_ptr) != 0x0304):
+        return False
+    return bool(_lib.SSL_set_session(ssl_ptr, sess_ptr) == 1)
