@@ -94,7 +94,7 @@ class StreamState:
     def __init__(self) -> None:
         self.body: H2Body | None = None  # what the peer sends us on this stream
         self.trailers: Headers | None = None
-        self.task: asyncio.Task[None] | None = None  # server: the handler
+        self.task: object | None = None  # server: the worker serving it (h2server), until it is done
         self.upload: asyncio.Task[None] | None = None  # client: the request body sender
         self.response: asyncio.Future[object] | None = None  # client: response head
         self.window_waiter: asyncio.Future[None] | None = None
