@@ -271,6 +271,11 @@ class H2Connection:
         return self.remote_max_frame_size
 
     @property
+    def output_pending(self) -> bool:
+        """True when frames are queued for :meth:`data_to_send`."""
+        return len(self._out) > 0
+
+    @property
     def open_inbound_streams(self) -> int:
         return self._inbound_open
 
@@ -826,8 +831,10 @@ class H2Connection:
             self._close_stream(st, CLOSED_ENDED)
 
     def _close_stream(self, st: H2Stream, kind: int) -> None:
-        if self._streams.pop(st.id, None) is None:
+        streams = self._streams
+        if st.id not in streams:
             return
+        del streams[st.id]  # (not dict.pop: a generic method call when compiled)
         st.local_closed = st.remote_closed = True
         if st.inbound:
             self._inbound_open -= 1
@@ -837,4 +844,7 @@ class H2Connection:
         closed = self._closed
         closed[sid] = kind
         if len(closed) > self.max_closed_streams:
-            del closed[next(iter(closed))]
+            # The oldest entry (dicts keep insertion order); a compiled loop, not next(iter()).
+            for oldest in closed:
+                del closed[oldest]
+                break
