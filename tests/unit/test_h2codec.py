@@ -608,7 +608,7 @@ async def test_handler_tasks_are_bounded_and_end_with_the_connection() -> None:
         return Response(200, [], BytesBody(b"ok"))
 
     before = len(asyncio.all_tasks())
-    server, client, ts = pair(handler)
+    server, client, _ = pair(handler)
     calls = [asyncio.ensure_future(client.send(req())) for _ in range(n)]
     await until(lambda: len(running) == n, "every stream has its handler running at once")
     assert server.active_streams == n
