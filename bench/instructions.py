@@ -44,6 +44,9 @@ import harness as h
 AUTHORITY = "bench.local:80"
 GRPC_AUTHORITY = "grpc.local:8079"
 ROUTES = 20
+PATHS = ("outbound", "inbound", "grpc", "routes")
+HEADINGS = {"outbound": "HTTP/1 outbound", "inbound": "HTTP/1 inbound", "grpc": "gRPC unary out",
+            "routes": "20 routes + split"}
 PING = "/fgrpc.PingServer/Ping"
 
 
@@ -159,6 +162,15 @@ def count_many(procs: list[tuple[int, Path]], send: Callable[[int], None], n: in
             raise RuntimeError(f"callgrind wrote no totals to {cg_out}")
         grand += total
     return grand / n
+
+
+def keep(dest: Path | None, cg_out: Path, label: str) -> None:
+    """Copy the profiles callgrind just dumped for ``cg_out`` into ``dest`` as ``label.N``."""
+    if dest is None:
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(sorted(cg_out.parent.glob(cg_out.name + ".*"))):
+        shutil.copyfile(f, dest / f"callgrind.{label}.{i}")
 
 
 @contextlib.contextmanager
@@ -289,7 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mesh", action="store_true", help="a meshed pair of proxies, plaintext and mTLS")
     p.add_argument("--policy", action="store_true",
                    help="the inbound port under a Server, a route authorization and a rate limit")
+    p.add_argument("--paths", default=",".join(PATHS), metavar="P,Q",
+                   help=f"which paths to count, comma-separated (default: all of {','.join(PATHS)})")
+    p.add_argument("--keep", metavar="DIR", type=Path,
+                   help="copy each run's callgrind profiles into DIR (for callgrind_annotate)")
     args = p.parse_args(argv)
+    paths = tuple(x for x in args.paths.split(",") if x)
+    unknown = [x for x in paths if x not in PATHS]
+    if unknown or not paths:
+        print(f"--paths: unknown path {','.join(unknown) or '(none)'}; choose from {','.join(PATHS)}", file=sys.stderr)
+        return 2
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (callgrind) is not installed: apt-get install valgrind", file=sys.stderr)
         return 2
@@ -312,27 +333,35 @@ def main(argv: list[str] | None = None) -> int:
         with h.running(backend), contextlib.ExitStack() as stack:
             if policy_server is not None:
                 stack.callback(policy_server.stop)
-            for _ in range(args.repeat):  # interleaved: before, after, before, after
+            for rep in range(args.repeat):  # interleaved: before, after, before, after
                 for name, checkout in builds:
                     python = Path(checkout).resolve() / ".venv" / "bin" / "python"
-                    bdir = work / f"{name}-{len(rows.get(name, {}))}"
+                    bdir = work / f"{name}-{rep}"
                     bdir.mkdir(exist_ok=True)
                     n, w = args.requests, args.warmup
                     static = static_destinations(bdir, backend_port, grpc_port)
-                    with proxy_under_callgrind(python, bdir, backend_port, static, extra) as (pid, out, inb, cg):
-                        got = {
-                            "outbound": count(pid, cg, lambda k: keepalive_requests(out, k, AUTHORITY), n, w),
-                            "inbound": count(pid, cg, lambda k: keepalive_requests(inb, k, "web.local:8080"), n, w),
-                            "grpc": count(pid, cg, lambda k: grpc_calls(out, k), n, w),
-                        }
-                    routed, stop = routed_destination(backend_port)
-                    rdir = bdir / "routes"
-                    rdir.mkdir(exist_ok=True)
-                    try:
-                        with proxy_under_callgrind(python, rdir, backend_port, routed) as (pid, out, _, cg):
-                            got["routes"] = count(pid, cg, lambda k: keepalive_requests(out, k, AUTHORITY), n, w)
-                    finally:
-                        stop()
+                    got: dict[str, float] = {}
+                    one_proxy = [x for x in ("outbound", "inbound", "grpc") if x in paths]
+                    if one_proxy:
+                        with proxy_under_callgrind(python, bdir, backend_port, static, extra) as (pid, out, inb, cg):
+                            sends: dict[str, Callable[[int], None]] = {
+                                "outbound": lambda k: keepalive_requests(out, k, AUTHORITY),
+                                "inbound": lambda k: keepalive_requests(inb, k, "web.local:8080"),
+                                "grpc": lambda k: grpc_calls(out, k),
+                            }
+                            for path in one_proxy:
+                                got[path] = count(pid, cg, sends[path], n, w)
+                                keep(args.keep, cg, f"{name}-{rep}-{path}")
+                    if "routes" in paths:
+                        routed, stop = routed_destination(backend_port)
+                        rdir = bdir / "routes"
+                        rdir.mkdir(exist_ok=True)
+                        try:
+                            with proxy_under_callgrind(python, rdir, backend_port, routed) as (pid, out, _, cg):
+                                got["routes"] = count(pid, cg, lambda k: keepalive_requests(out, k, AUTHORITY), n, w)
+                                keep(args.keep, cg, f"{name}-{rep}-routes")
+                        finally:
+                            stop()
                     print(f"{name}: " + ", ".join(f"{k} {v:,.0f} Ir/request" for k, v in got.items()), flush=True)
                     best = rows.setdefault(name, {})
                     for k, v in got.items():
@@ -340,9 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[builds[0][0]]
     print(f"\nuser-space instructions per proxied HTTP/1.1 request (valgrind callgrind; min of {args.repeat}"
           f" runs of {args.requests} requests after {args.warmup} warm-up)")
-    paths = ("outbound", "inbound", "grpc", "routes")
-    print(f"{'build':<12}" + "".join(f"{p:>22}" for p in ("HTTP/1 outbound", "HTTP/1 inbound", "gRPC unary out",
-                                                           "20 routes + split")))
+    print(f"{'build':<12}" + "".join(f"{HEADINGS[p]:>22}" for p in paths))
     for name, r in rows.items():
         print(f"{name:<12}" + "".join(f"{f'{r[k]:,.0f} ({r[k] / base[k]:.3f}x)':>22}" for k in paths))
     return 0

@@ -33,6 +33,7 @@ NATIVE_MODULES: tuple[str, ...] = (
     "tether.core.http.h2frames",
     "tether.core.http.h2headers",
     "tether.core.http.h2proto",
+    "tether.core.http.reset_budget",
     "tether.core.routing.ewma",
     "tether.core.routing.failure_accrual",
     "tether.core.routing.p2c",

@@ -18,7 +18,7 @@ from tether.proxy.http.body import Body, BodyError, BytesBody, PipeBody, read_al
 from tether.proxy.http.h2client import H2ClientConnection
 from tether.proxy.http.h2codec import H2ClientCodec, H2ConnectionClosed, H2ServerCodec, H2StreamReset
 from tether.proxy.http.h2conn import goaway_frame
-from tether.proxy.http.h2server import H2ServerProtocol
+from tether.proxy.http.h2server import IDLE_WORKERS, H2ServerProtocol
 from tether.proxy.http.message import Connection, Request, Response
 from tether.testing.fakes import until
 
@@ -68,7 +68,8 @@ class FakeTransport(asyncio.Transport):
         if self.protocol is not None:
             self.loop.call_soon(self.protocol.connection_lost, None)
         if self.peer is not None:
-            self.peer.close()
+            # As TCP does, what was written before the close reaches the peer first.
+            self.loop.call_soon(self.peer.close)
 
     def abort(self) -> None:
         self.close()
@@ -556,3 +557,69 @@ async def test_protocol_error_from_peer_is_a_goaway_not_an_exception() -> None:
         data = data[9 + length :]
     assert isinstance(frames[-1], GoAwayFrame) and frames[-1].error_code == ErrorCodes.PROTOCOL_ERROR
     assert b"padding" in frames[-1].additional_data
+
+
+# -- streams served by long-lived workers (no Task per stream) -----------------------------------------
+
+
+@async_test
+async def test_a_stream_after_a_cancelled_one_runs_with_working_timeouts() -> None:
+    # Streams share the connection's handler tasks: a client reset cancels only its own stream,
+    # and the next stream's own timeout still raises TimeoutError (not a leftover cancellation).
+    started = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(r: Request) -> Response:
+        if r.path == b"/hang":
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+        try:
+            async with asyncio.timeout(0.01):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            seen.append("timeout")
+        return Response(200, [], BytesBody(r.path))
+
+    server, client, _ = pair(handler)
+    hang = asyncio.ensure_future(client.send(req(path=b"/hang")))
+    await started.wait()
+    hang.cancel()
+    await until(lambda: seen == ["cancelled"], "the reset stream's handler cancelled")
+    for i in range(3):
+        resp = await client.send(req(path=b"/next%d" % i))
+        assert await read_all(resp.body, 100) == b"/next%d" % i
+    assert seen == ["cancelled", "timeout", "timeout", "timeout"]
+    assert server.active_streams == 0
+
+
+@async_test
+async def test_handler_tasks_are_bounded_and_end_with_the_connection() -> None:
+    n = IDLE_WORKERS + 6
+    gate = asyncio.Event()
+    running: list[int] = []
+
+    async def handler(r: Request) -> Response:
+        running.append(1)
+        await gate.wait()
+        return Response(200, [], BytesBody(b"ok"))
+
+    before = len(asyncio.all_tasks())
+    server, client, _ = pair(handler)
+    calls = [asyncio.ensure_future(client.send(req())) for _ in range(n)]
+    await until(lambda: len(running) == n, "every stream has its handler running at once")
+    assert server.active_streams == n
+    gate.set()
+    for c in calls:
+        assert await read_all((await c).body, 100) == b"ok"
+    await until(lambda: server.active_streams == 0, "handlers done")
+    await settle()
+    # The extra handlers ended; a few stay for the connection's next streams.
+    assert len(asyncio.all_tasks()) - before <= IDLE_WORKERS
+    client.close()
+    await server.wait_closed()
+    await settle()
+    assert len(asyncio.all_tasks()) == before

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tether.core.http.h2headers import (
+    CONNECTION_SPECIFIC,
     FIELDS_REQUEST,
     FIELDS_RESPONSE,
     FIELDS_TRAILERS,
@@ -152,3 +155,30 @@ def test_check_fields_accepts_and_reports() -> None:
     assert resp.error is None and resp.status == 204
     connect = check_fields([(b":method", b"CONNECT"), (b":authority", b"a:443")], FIELDS_REQUEST)
     assert connect.error is None
+
+
+def _strip_oracle(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """RFC 9113 section 8.2.2 spelled out plainly: the reference the fast version must match."""
+    named = {t.strip().lower() for k, v in headers if k == b"connection" for t in v.split(b",")}
+    out = []
+    for k, v in headers:
+        if k in CONNECTION_SPECIFIC or k in named or k.startswith(b":"):
+            continue
+        if k == b"te":
+            if b"trailers" not in [t.strip().lower() for t in v.split(b",")]:
+                continue
+            v = b"trailers"
+        out.append((k, v))
+    return out
+
+
+_field_names = st.sampled_from([b"connection", b"te", b"keep-alive", b"upgrade", b"trailer", b"x-hop",
+                                b"content-type", b":path", b"", b"x-a", b"proxy-authorization"])
+_field_values = st.sampled_from([b"trailers", b"TE, x-hop", b"gzip, Trailers ", b"", b"x-a", b"close, upgrade",
+                                 b"application/grpc"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_field_names, _field_values), max_size=8))
+def test_strip_connection_specific_matches_the_rule(headers: list[tuple[bytes, bytes]]) -> None:
+    assert strip_connection_specific(list(headers)) == _strip_oracle(headers)

@@ -472,3 +472,49 @@ def test_a_header_block_within_the_continuation_bound_is_a_request() -> None:
     more += b"".join(hf.ContinuationFrame(3, data=b"", flags=["END_HEADERS"] if i == 7 else []).serialize()
                      for i in range(8))
     assert any(isinstance(e, RequestReceived) and e.stream_id == 3 for e in s.receive_data(more))
+
+
+# -- recurring field blocks (decoded once per table state) -------------------------------------------
+
+
+def _headers_frame(sid: int, block: bytes, end: bool = True) -> bytes:
+    return f.headers_frames(sid, block, end, 16384)
+
+
+def test_the_same_block_means_what_the_table_says_when_it_arrives() -> None:
+    # A peer's block that refers to its dynamic table (index 62, the newest entry) names a
+    # different field once the peer has inserted another: the same bytes must decode anew.
+    s = server()
+    head = b"\x83\x86\x84\x01\x01a"  # POST, http, /, :authority "a" (literal, not indexed)
+    first = b"\x40\x05x-one\x011"  # literal with indexing: x-one: 1 becomes index 62
+    second = b"\x40\x05x-two\x012"  # x-two: 2 becomes index 62
+    again = b"\xbe"  # indexed 62: the newest dynamic entry
+    got = []
+    for sid, block in ((1, head + first), (3, head + again), (5, head + second), (7, head + again),
+                       (9, head + again)):
+        events = s.receive_data(_headers_frame(sid, block))
+        req = [e for e in events if isinstance(e, RequestReceived)]
+        assert len(req) == 1, (sid, kinds(events))
+        got.append([(k, v) for k, v in req[0].headers if not k.startswith(b":")])
+    assert got == [[(b"x-one", b"1")], [(b"x-one", b"1")], [(b"x-two", b"2")], [(b"x-two", b"2")],
+                   [(b"x-two", b"2")]]
+
+
+def test_a_recurring_block_is_checked_again_for_what_it_now_carries() -> None:
+    # The same bytes as a request head are fine; as trailers (pseudo-headers) they are not, and
+    # a consumer that changed the first event's header list does not change the second's.
+    c, s = pair()
+    c.send_headers(1, REQ, end_stream=False)
+    events = s.receive_data(c.data_to_send())
+    (req,) = [e for e in events if isinstance(e, RequestReceived)]
+    req.headers.append((b"x-added", b"by the consumer"))
+    c.send_headers(3, REQ, end_stream=True)
+    events = s.receive_data(c.data_to_send())
+    (again,) = [e for e in events if isinstance(e, RequestReceived)]
+    assert again.headers == REQ
+    block = Encoder().encode(REQ)  # a fresh encoder: the block c's encoder sent first
+    s2 = server()
+    s2.receive_data(_headers_frame(1, block, end=False))
+    bad = s2.receive_data(_headers_frame(1, block, end=True))  # the request head again, as trailers
+    assert [(e.stream_id, e.remote) for e in bad if isinstance(e, StreamReset)] == [(1, False)]
+    assert not [e for e in bad if isinstance(e, TrailersReceived)]

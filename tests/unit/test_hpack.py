@@ -233,3 +233,42 @@ def test_garbage_blocks_only_raise_hpack_errors(block: bytes) -> None:
     except HPACKError:
         pass
     assert dec.table_size <= 4096
+
+
+# A few recurring lists (as a connection sends: the same heads again and again), drawn in any order.
+recurring = st.lists(st.sampled_from([
+    [(b":status", b"200"), (b"content-type", b"application/grpc")],
+    [(b"grpc-status", b"0"), (b"grpc-message", b"")],
+    [(b":method", b"POST"), (b":path", b"/svc/M"), (b"te", b"trailers"), (b"x-id", b"7")],
+    [(b"x-big", b"v" * 3000)],
+    [(b"authorization", b"secret"), (b"x-id", b"8")],
+]), min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(recurring, st.lists(st.sampled_from([None, 0, 100, 4096, "huffman"]), min_size=12, max_size=12))
+def test_recurring_lists_decode_to_themselves_whatever_changed_between(
+    lists: list[list[tuple[bytes, bytes]]], changes: list[object]
+) -> None:
+    # The encoder reuses a remembered block only where the table (size, entries) and the coding
+    # are as they were; the oracle decodes every block to the list that was encoded.
+    enc = Encoder()
+    ref_dec = oracle.Decoder()
+    for headers, change in zip(lists, changes, strict=False):
+        if change == "huffman":
+            enc.huffman = not enc.huffman
+        elif isinstance(change, int):
+            enc.table_size = change
+        block = enc.encode(headers)
+        assert [(bytes(k), bytes(v)) for k, v in ref_dec.decode(block, raw=True)] == headers
+
+
+def test_a_list_changed_after_encoding_is_encoded_as_it_now_is() -> None:
+    enc, ref_dec = Encoder(), oracle.Decoder()
+    headers = [(b"content-type", b"application/grpc")]
+    for _ in range(3):
+        assert ref_dec.decode(enc.encode(headers), raw=True) == [(b"content-type", b"application/grpc")]
+    headers.append((b"grpc-status", b"0"))  # the caller reuses its list
+    assert ref_dec.decode(enc.encode(headers), raw=True) == headers
+    headers[0] = (b"content-type", b"text/plain")
+    assert ref_dec.decode(enc.encode(headers), raw=True) == headers

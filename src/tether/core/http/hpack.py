@@ -307,11 +307,14 @@ class Decoder:
     decoded list (RFC 9113 section 6.5.2 counting: name + value + 32 per field).
     """
 
-    __slots__ = ("_entries", "_size", "_table_max", "max_allowed_table_size", "max_header_list_size")
+    __slots__ = ("_entries", "_size", "_table_max", "max_allowed_table_size", "max_header_list_size", "version")
 
     def __init__(self, max_header_list_size: int = 65536, max_allowed_table_size: int = DEFAULT_TABLE_SIZE) -> None:
         self._entries: list[tuple[bytes, bytes]] = []  # oldest first
         self._size = 0
+        # Changes whenever the dynamic table may have: a block decoded at one version decodes to
+        # the same fields at the same version (the connection caches decoded blocks by it).
+        self.version = 0
         self._table_max = max_allowed_table_size
         self.max_allowed_table_size = max_allowed_table_size
         self.max_header_list_size = max_header_list_size
@@ -321,6 +324,7 @@ class Decoder:
         return self._size
 
     def _add(self, name: bytes, value: bytes) -> None:
+        self.version += 1
         size = _entry_size(name, value)
         entries = self._entries
         if size > self._table_max:
@@ -336,6 +340,7 @@ class Decoder:
     def _resize(self, new_max: int) -> None:
         if new_max > self.max_allowed_table_size:
             raise HPACKError(f"dynamic table size update to {new_max} above the limit {self.max_allowed_table_size}")
+        self.version += 1
         self._table_max = new_max
         entries = self._entries
         while self._size > new_max:
@@ -444,6 +449,23 @@ def _int(value: int, prefix_bits: int, first: int) -> bytes:
     return bytes(out)
 
 
+# Field blocks an encoder remembers (see Encoder.encode): a response head and its trailers, a
+# request head or two: a connection's few recurring header lists.
+ENCODED_REMEMBERED: Final = 4
+
+
+class _Encoded:
+    """A header list and the field block it encoded to, at an encoder table ``version``."""
+
+    __slots__ = ("block", "headers", "huffman", "version")
+
+    def __init__(self, headers: Headers, block: bytes, version: int, huffman: bool) -> None:
+        self.headers = headers
+        self.block = block
+        self.version = version
+        self.huffman = huffman
+
+
 class Encoder:
     """Encodes header lists for one direction of a connection, with a dynamic table."""
 
@@ -454,8 +476,11 @@ class Encoder:
         "_names",
         "_pending_min",
         "_pending_update",
+        "_recent",
+        "_recent_next",
         "_size",
         "_table_max",
+        "_version",
         "huffman",
     )
 
@@ -470,6 +495,10 @@ class Encoder:
         self._pending_update = False
         self._pending_min = table_size
         self.huffman = True
+        # Changes with every change of the dynamic table (insertion, eviction, resize).
+        self._version = 0
+        self._recent: list[_Encoded] = []
+        self._recent_next = 0
 
     @property
     def table_size(self) -> int:
@@ -483,6 +512,7 @@ class Encoder:
         self._pending_update = True
         self._pending_min = min(self._pending_min, value)
         self._table_max = value
+        self._version += 1
         self._evict()
 
     def _evict(self) -> None:
@@ -497,6 +527,7 @@ class Encoder:
                 del self._names[name]
 
     def _add(self, name: bytes, value: bytes) -> None:
+        self._version += 1
         size = _entry_size(name, value)
         if size > self._table_max:
             self._entries.clear()
@@ -525,6 +556,28 @@ class Encoder:
 
     def encode(self, headers: Headers) -> bytes:
         """Encode one header list into a field block."""
+        # The same header list encoded at the same table state gives the same block, so a list
+        # whose encoding changed nothing in the table (every field found in it, or sent without
+        # indexing) is remembered with the block: a connection's recurring heads (a gRPC call's
+        # request, response and trailers) are then encoded by one list comparison.
+        version = self._version
+        huffman = self.huffman
+        pending = self._pending_update  # the block then starts with a size update: sent once
+        if not pending:
+            for seen in self._recent:
+                if seen.version == version and seen.huffman == huffman and seen.headers == headers:
+                    return seen.block
+        block = self._encode(headers)
+        if self._version == version and not pending:
+            seen = _Encoded(list(headers), block, version, huffman)  # a copy: the caller may reuse its list
+            if len(self._recent) < ENCODED_REMEMBERED:
+                self._recent.append(seen)
+            else:
+                self._recent[self._recent_next] = seen
+                self._recent_next = (self._recent_next + 1) % ENCODED_REMEMBERED
+        return block
+
+    def _encode(self, headers: Headers) -> bytes:
         # Pieces joined once at the end (appending to a bytearray is a method call per byte).
         out: list[bytes] = []
         if self._pending_update:

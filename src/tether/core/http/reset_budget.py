@@ -32,12 +32,13 @@ class Verdict(enum.Enum):
 class _Window:
     """Event counts over the last ``window`` seconds, in one-second buckets."""
 
-    __slots__ = ("_counts", "_seconds", "total")
+    __slots__ = ("_counts", "_last", "_seconds", "total")
 
     def __init__(self, window: float) -> None:
         n = max(1, math.ceil(window))
         self._counts = [0] * n
         self._seconds = [-1] * n
+        self._last = -1  # the second of the last advance: within it there is nothing to drop
         self.total = 0
 
     def add(self, now: float) -> None:
@@ -49,6 +50,9 @@ class _Window:
     def advance(self, now: float) -> None:
         """Drop the buckets older than the window."""
         sec = int(now)
+        if sec == self._last:
+            return  # every stream of a busy connection lands here: one comparison, not a sweep
+        self._last = sec
         n = len(self._counts)
         for i in range(n):
             if self._seconds[i] != -1 and self._seconds[i] <= sec - n:

@@ -94,7 +94,7 @@ class StreamState:
     def __init__(self) -> None:
         self.body: H2Body | None = None  # what the peer sends us on this stream
         self.trailers: Headers | None = None
-        self.task: asyncio.Task[None] | None = None  # server: the handler
+        self.task: object | None = None  # server: the worker serving it (h2server), until it is done
         self.upload: asyncio.Task[None] | None = None  # client: the request body sender
         self.response: asyncio.Future[object] | None = None  # client: response head
         self.window_waiter: asyncio.Future[None] | None = None
@@ -392,8 +392,9 @@ class H2Protocol(asyncio.Protocol):
                 self.tcp.write_bytes += len(data)
 
     def _schedule_flush(self) -> None:
-        # Coalesce frames from many streams into one write per loop iteration.
-        if not self._flush_scheduled:
+        # Coalesce frames from many streams into one write per loop iteration. Nothing queued
+        # (e.g. consumed bytes that do not yet earn a WINDOW_UPDATE): no loop callback.
+        if not self._flush_scheduled and self._h2.output_pending:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
@@ -452,7 +453,11 @@ class H2Protocol(asyncio.Protocol):
                 finally:
                     st.window_waiter = None
                 continue
-            n = min(window, h2c.max_outbound_frame_size, total - off)
+            n = total - off  # min(window, frame size, rest) spelled out: min() is a generic call compiled
+            if window < n:
+                n = window
+            if h2c.max_outbound_frame_size < n:
+                n = h2c.max_outbound_frame_size
             last = off + n == total
             h2c.send_data(stream_id, data[off : off + n] if n != total else data, end_stream=end and last)
             off += n
