@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from tether.api.gen import http_types_lite, net_lite, tap_lite
 from tether.api.protolite import DecodeError, Duration
+from tether.api.protolite import varint as _varint
 from tether.core.discovery.endpoints import Addr
 from tether.proxy.grpc_client import frame_message
 from tether.proxy.http.body import Headers
@@ -217,15 +218,6 @@ def encode(base: int, e: Event) -> bytes:
             response_bytes=e[5], eos=eos, trailers=_headers(e[8])))
     body = http.SerializeToString()
     return _common(f) + b"\x1a" + _varint(len(body)) + body  # field 3 (http), length-delimited
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _in(a: Addr, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
+from tether.api.protolite import varint as _varint
 from tether.proxy.config import ConfigError, ProxyConfig
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,6 @@ KIND_CLIENT: Final = 3  # outbound: the proxy calls another service for its appl
 
 
 # -- OTLP protobuf, written by hand (opentelemetry-proto's field numbers; see api/otlp_trace.proto) ----------
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _field(num: int, data: bytes) -> bytes:
