@@ -21,30 +21,10 @@ from pathlib import Path
 
 from tether.platform.local.workloads import WorkloadPort
 from tether.testing.backend import start_in_thread
-from tether.testing.mesh import LocalMesh
+from tether.testing.mesh import LocalMesh, web_with_header_route
 from tether.testing.procs import Proc, ProxyProc, free_port, http_get, wait_for
 
 AUTHORITY = "web.default.svc.cluster.local:80"
-RES = """apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: %d}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: web-headers, namespace: default}
-spec:
-  parentRefs: [{name: web, kind: Service, group: core, port: 80}]
-  rules:
-    - matches: [{path: {type: PathPrefix, value: /}}]
-      filters:
-        - type: RequestHeaderModifier
-          requestHeaderModifier:
-            set: [{name: x-route, value: web-headers}]
-      backendRefs: [{name: web, port: 80}]
-"""
 
 
 def rss_kib(pid: int) -> int:
@@ -77,7 +57,7 @@ def main() -> None:
                            ports=(WorkloadPort(web_inbound),)))
         res = work / "resources"
         res.mkdir()
-        (res / "web.yaml").write_text(RES % web_inbound)
+        (res / "web.yaml").write_text(web_with_header_route(web_inbound))
         port, admin = free_port(), free_port()
         ctl = Proc([sys.executable, "-m", "tether", "controller", "destination", "--addr", f"127.0.0.1:{port}",
                     "--admin-addr", f"127.0.0.1:{admin}", "--resources-dir", str(res), "--state-dir",

@@ -20,33 +20,12 @@ import pytest
 
 from tether.platform.local.workloads import WorkloadPort
 from tether.testing.backend import BackendServer, start_in_thread
-from tether.testing.mesh import LocalMesh
+from tether.testing.mesh import LocalMesh, web_with_header_route
 from tether.testing.procs import Proc, ProxyProc, free_port, http_get, wait_for
 
 pytestmark = pytest.mark.integration
 
 AUTHORITY = "web.default.svc.cluster.local:80"
-RESOURCES = """\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: %(port)d}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: web-headers, namespace: default}
-spec:
-  parentRefs: [{name: web, kind: Service, group: core, port: 80}]
-  rules:
-    - matches: [{path: {type: PathPrefix, value: /}}]
-      filters:
-        - type: RequestHeaderModifier
-          requestHeaderModifier:
-            set: [{name: x-route, value: web-headers}]
-      backendRefs: [{name: web, port: 80}]
-"""
 
 
 def protobuf_objects(pid: int) -> list[str]:
@@ -72,7 +51,7 @@ class Mesh:
                            ports=(WorkloadPort(web_inbound),)))
         resources = work / "resources"
         resources.mkdir()
-        (resources / "web.yaml").write_text(RESOURCES % {"port": web_inbound})
+        (resources / "web.yaml").write_text(web_with_header_route(web_inbound))
         port, admin = free_port(), free_port()
         self.controller = Proc([sys.executable, "-m", "tether", "controller", "destination",
                                 "--addr", f"127.0.0.1:{port}", "--admin-addr", f"127.0.0.1:{admin}",

@@ -120,3 +120,32 @@ class LocalMesh:
         for p in reversed(self.procs):
             p.stop(10)
         self.procs.clear()
+
+
+_WEB_WITH_HEADER_ROUTE = """\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: TARGET_PORT}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-headers, namespace: default}
+spec:
+  parentRefs: [{name: web, kind: Service, group: core, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{name: x-route, value: web-headers}]
+      backendRefs: [{name: web, port: 80}]
+"""
+
+
+def web_with_header_route(target_port: int) -> str:
+    """Resources for a local mesh: Service web (port 80 -> ``target_port``) and an HTTPRoute on it
+    that sets ``x-route: web-headers`` (a route a proxy can only apply from the outbound policy)."""
+    return _WEB_WITH_HEADER_ROUTE.replace("TARGET_PORT", str(target_port))
