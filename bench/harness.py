@@ -830,3 +830,20 @@ def require(binary: str) -> str:
     if path is None:
         raise SystemExit(f"{binary} is not installed (apt-get install {binary})")
     return path
+
+
+@contextlib.contextmanager
+def requests_in_flight(port: int, n: int, path: str, authority: str) -> Iterator[int]:
+    """n HTTP/1 requests on n connections to 127.0.0.1:port, left in flight (ask the backend to delay
+    its answers in ``path``); yields how many were sent, closes them all afterwards."""
+    socks: list[socket.socket] = []
+    req = f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: tether-bench\r\n\r\n".encode()
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(s)
+            s.sendall(req)
+        yield len(socks)
+    finally:
+        for s in socks:
+            s.close()

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-import socket
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import harness as h
@@ -132,22 +131,6 @@ def _open_tls_connections(admin_port: int) -> int:
     return total
 
 
-@contextlib.contextmanager
-def _requests_in_flight(port: int, n: int, path: str) -> Iterator[int]:
-    """n requests on n connections, left in flight (the backend delays its answers); yields how many were sent."""
-    socks: list[socket.socket] = []
-    req = f"GET {path} HTTP/1.1\r\nHost: {http1.AUTHORITY}\r\nUser-Agent: tether-bench\r\n\r\n".encode()
-    try:
-        for _ in range(n):
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            socks.append(s)
-            s.sendall(req)
-        yield len(socks)
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _inbound_handshakes(admin_port: int) -> dict[bool, int]:
     """The server proxy's tls_handshakes_total{direction="inbound"} by resumed (0 for builds without it)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
@@ -183,7 +166,7 @@ def meshed_proxy_figures(held: int = 1000, seconds: float = 3.0) -> dict[str, fl
                 pids = _pids(pair)
                 out["rss_idle_server"], out["rss_idle_client"] = _rss_mib(pids["server"]), _rss_mib(pids["client"])
                 admin = _admin[pair.pid]["server"]
-                with _requests_in_flight(port, held, "/echo?size=128&delay=50s") as sent:
+                with h.requests_in_flight(port, held, "/echo?size=128&delay=50s", http1.AUTHORITY) as sent:
                     # Every request holds its own mTLS connection between the proxies until answered.
                     with contextlib.suppress(TimeoutError):
                         h.wait_until(lambda: _open_tls_connections(admin) >= sent, 40, "mTLS connections open")

@@ -72,21 +72,6 @@ def _settle(pid: int, seconds: float = 1.0) -> int:
     return last
 
 
-@contextlib.contextmanager
-def _in_flight(port: int, n: int) -> Iterator[int]:
-    socks: list[socket.socket] = []
-    req = f"GET /echo?size=128&delay=50s HTTP/1.1\r\nHost: {http1.AUTHORITY}\r\n\r\n".encode()
-    try:
-        for _ in range(n):
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            socks.append(s)
-            s.sendall(req)
-        yield len(socks)
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _h2_request(authority: str, path: str) -> bytes:
     # SETTINGS (empty), then HEADERS on stream 1 with END_STREAM|END_HEADERS, literal without indexing.
     def lit(name: bytes, value: bytes) -> bytes:
@@ -174,7 +159,8 @@ def measure(tether: Path, connections: int) -> list[tuple[str, int, int | None]]
             fresh("idle", None)
             fresh("HTTP/1 keep-alive connections held", lambda p: _held(p, connections, h2=False),
                   "HTTP/1 keep-alive: a second batch on top")
-            fresh("HTTP/1 requests in flight", lambda p: _in_flight(p, connections))
+            fresh("HTTP/1 requests in flight",
+                  lambda p: h.requests_in_flight(p, connections, "/echo?size=128&delay=50s", http1.AUTHORITY))
             fresh("HTTP/2 connections held", lambda p: _held(p, connections, h2=True))
     return rows
 
