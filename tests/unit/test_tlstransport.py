@@ -289,3 +289,36 @@ def test_abort_is_a_reset_not_an_orderly_close() -> None:
         lsock.close()
 
     run(scenario)
+
+
+def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> None:
+    # A protocol holds its transport; were the transport to keep its protocol after connection_lost,
+    # every closed mesh connection would be a reference cycle, freed only by a full collection.
+    import gc
+
+    async def scenario() -> None:
+        servers = Servers()
+        port, task, lsock = await _own_server(servers, echo=True)
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for i in range(20):
+                transport, client = await tls_connect(lambda: Recorder(), "127.0.0.1", port, CTX[WEB][1], DB,
+                                                      DEADLINE)
+                transport.write(b"ping")
+                await client.wait_for(lambda c=client: bytes(c.data) == b"ping")  # type: ignore[misc]
+                transport.close()
+                await asyncio.wait_for(client.lost, DEADLINE)
+                await asyncio.wait_for(servers[i].lost, DEADLINE)
+                assert transport.get_protocol() is not client
+            servers.clear()
+            gc.collect()
+            left = sum(isinstance(o, TlsTransport) for o in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert left == 0, f"{left} closed TLS transports were left to the cyclic collector"
+        task.cancel()
+        lsock.close()
+
+    run(scenario)

@@ -45,6 +45,9 @@ FLAGS: dict[str, Flag] = {
                                 "nothing sent to it for this long"),
     "loop_lag_interval": Flag("DURATION", "how often the event loop's lag is sampled for "
                               "tether_event_loop_lag_* (0: not sampled)"),
+    "gc_full_interval": Flag("DURATION", "how often the objects frozen after full garbage collections are "
+                             "collected once more (0: never; each such collection pauses the proxy "
+                             "~15 ms per 1,000 open connections)"),
     "outbound_connect_timeout": Flag("DURATION", "time allowed to connect to an upstream endpoint"),
     "inbound_connect_timeout": Flag("DURATION", "time allowed to connect to the local application"),
     "failfast_timeout": Flag("DURATION", "a request waiting this long for an available endpoint fails with 503"),

@@ -154,6 +154,9 @@ class ProxyConfig:
     metrics_retain_idle: float = 600.0
     # How often the event loop's lateness is sampled (tether_event_loop_lag_*); 0 turns it off.
     loop_lag_interval: float = 0.025
+    # The survivors of each full cyclic-GC collection are frozen (never examined again); this often,
+    # they are given back and collected once, freeing any cycle left among them. 0: never.
+    gc_full_interval: float = 900.0
     # Lifecycle.
     shutdown_grace_period: float = 120.0
     enable_admin_shutdown: bool = False

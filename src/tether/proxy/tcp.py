@@ -38,7 +38,7 @@ class _Half(asyncio.Protocol):
     """One side of a splice: reads from its own transport, writes to ``peer``'s."""
 
     def __init__(self, splice: Splice, is_client: bool) -> None:
-        self.splice = splice
+        self.splice: Splice | None = splice  # None once the splice is done (Splice.close)
         self.is_client = is_client
         self.transport: asyncio.Transport | None = None
         self.peer: _Half | None = None
@@ -55,6 +55,8 @@ class _Half(asyncio.Protocol):
         # Counted as the bytes move, so long-lived streams show up in the metrics at once.
         n = len(data)
         splice = self.splice
+        if splice is None:
+            return
         if self.is_client:
             splice.src.read_bytes += n
             splice.dst.write_bytes += n
@@ -72,7 +74,8 @@ class _Half(asyncio.Protocol):
             else:
                 peer.transport.close()
         if peer is None or peer.eof:
-            self.splice.close()
+            if self.splice is not None:
+                self.splice.close()
             return False
         return True  # keep our write side open for the other direction
 
@@ -86,7 +89,8 @@ class _Half(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.splice.half_closed(self, exc)
+        if self.splice is not None:
+            self.splice.half_closed(self, exc)
 
 
 class Pending(asyncio.Protocol):
@@ -162,6 +166,11 @@ class Splice:
                 half.transport.close()
         if not self._done and self.client.closed and self.server.closed:
             self._done = True
+            # Both halves are done and get no more callbacks: untie them from each other and from
+            # the splice, so the connection is freed at once instead of by a full cyclic collection.
+            for half in (self.client, self.server):
+                half.peer = None
+                half.splice = None
             if self._on_close is not None:
                 self._on_close(self, self.error)
 
@@ -376,6 +385,7 @@ class ZeroCopySplice:
         self._done = True
         for p in self._pumps:
             p.stop()
+        self._pumps = []  # each pump holds its owner: no cycle outlives the splice
         for sock in self._socks:
             sock.close()
         if self._on_close is not None:

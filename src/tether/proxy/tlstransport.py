@@ -45,6 +45,9 @@ _recv_buf = bytearray(_READ_CHUNK)
 _recv_view = memoryview(_recv_buf)
 
 
+_GONE = asyncio.Protocol()  # the protocol of a transport whose connection_lost has been called
+
+
 class TlsTransport(asyncio.Transport):
     """One TLS connection whose handshake is done; see the module docstring."""
 
@@ -313,7 +316,13 @@ class TlsTransport(asyncio.Transport):
         self._queued = 0
         with contextlib.suppress(OSError):
             self._sock.close()
-        self._loop.call_soon(self._protocol.connection_lost, exc)
+        self._after_first_read = None
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        protocol, self._protocol = self._protocol, _GONE
+        # Let go of the protocol (which holds this transport): no cycle outlives the connection.
+        protocol.connection_lost(exc)
 
     # -- the rest of the Transport interface ---------------------------------------------------------
 

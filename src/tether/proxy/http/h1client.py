@@ -54,7 +54,9 @@ class H1ClientConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()  # kept: get_running_loop() costs a getpid()
-        self._parser = httptools.HttpResponseParser(self)
+        # The parser holds bound methods of this protocol: a reference cycle, broken when the
+        # connection is lost (else each closed connection would wait for a full cyclic collection).
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._reset_parser = False
         self._head: asyncio.Future[Response] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
@@ -108,8 +110,11 @@ class H1ClientConnection(asyncio.Protocol):
                     f"upstream response header block exceeds {self.pool.cfg.max_header_bytes} bytes"))
                 self._abort()
                 return
+        parser = self._parser
+        if parser is None:  # released: the connection is lost or handed over
+            return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             offset = e.args[0] if e.args else len(data)
             self._upgraded(data[offset:])
@@ -117,7 +122,7 @@ class H1ClientConnection(asyncio.Protocol):
             self._fail(UpstreamError(f"invalid HTTP/1 response from upstream: {e}"))
             self._abort()
             return
-        if self._reset_parser:
+        if self._reset_parser and not self._closed:
             self._reset_parser = False
             self._parser = httptools.HttpResponseParser(self)
 
@@ -131,6 +136,7 @@ class H1ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._parser = None  # see __init__
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
@@ -195,7 +201,9 @@ class H1ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # called by it
+        status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # Interim response (100 Continue, 103 Early Hints): the proxy handles Expect itself.
             self._interim = True
@@ -203,7 +211,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._interim = False
         headers = self._headers
         framing = h1.check_response_head(status, headers, self._method)
-        self._keep_alive = self._parser.should_keep_alive()
+        self._keep_alive = parser.should_keep_alive()
         out = forward_headers(headers)
         if status == 101:
             # The server side re-emits Upgrade (hop-by-hop) for the client: keep its value.
@@ -333,6 +341,7 @@ class H1ClientConnection(asyncio.Protocol):
 
     def _detach_upgrade(self) -> Upgraded:
         self.pool._detach(self)
+        self._parser = None  # the connection is the splice's now (see __init__)
         t = self.transport
         assert t is not None
         return Upgraded(t, self._upgrade_leftover or b"")

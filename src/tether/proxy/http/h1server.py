@@ -70,10 +70,14 @@ class H1ServerProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
         self._loop = asyncio.get_running_loop()
-        self._parser = httptools.HttpRequestParser(self)
+        # The parser holds six bound methods of this protocol: a reference cycle, which _release
+        # breaks once the connection is done (left to the cyclic GC, every closed connection would
+        # wait for a full collection, and each full collection scans every live connection).
+        parser = httptools.HttpRequestParser(self)
         # Any version parses; on_headers_complete answers 505 to a major other than 1 and reads a
         # higher 1.x as 1.1 (RFC 9110 section 2.5), which llhttp alone would refuse with 400.
-        self._parser.set_dangerous_leniencies(lenient_version=True)
+        parser.set_dangerous_leniencies(lenient_version=True)
+        self._parser: httptools.HttpRequestParser | None = parser
         # Requests read and not yet answered (at most _MAX_PIPELINED). A list, not a deque: a deque
         # allocates a 64-slot block up front (~0.7 KiB per connection, most of them idle).
         self._queue: list[Request] = []
@@ -137,8 +141,11 @@ class H1ServerProtocol(asyncio.Protocol):
             if self._head_bytes > self.cfg.max_header_bytes:
                 self._fail_parse(h1.H1Error(431, "request header block too large"))
                 return
+        parser = self._parser
+        if parser is None:  # released: the connection is done, or handed over (upgrade)
+            return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             offset = e.args[0] if e.args else len(data)
             self._upgrade_leftover = data[offset:]
@@ -219,6 +226,7 @@ class H1ServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        self._parser = None  # see __init__: no cycle outlives the connection
         self._cancel_timer(release=True)
         if self.tcp is not None:
             self.tcp.closed(None if exc is None else "i/o")
@@ -298,6 +306,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._in_head = False
         self._cancel_timer()
         parser = self._parser
+        assert parser is not None  # called by it
         method = self._line_method
         if method is not None:  # read from the request line as it was checked
             self._line_method = None
@@ -584,6 +593,7 @@ class H1ServerProtocol(asyncio.Protocol):
         up = resp.upgrade
         assert isinstance(up, Upgraded)
         self._cancel_timer()
+        self._parser = None  # the connection is the splice's: see __init__
         if self.registry is not None:
             self.registry.remove(self)
         leftover = self._upgrade_leftover or b""
@@ -610,6 +620,9 @@ class H1ServerProtocol(asyncio.Protocol):
             self._write(self.transport, _CONTINUE)
 
     def _fail_parse(self, err: h1.H1Error) -> None:
+        # Kept without the frames it was raised through: they hold this protocol (a cycle).
+        err.__traceback__ = None
+        err.__context__ = None
         self._parse_error = err
         self._cancel_timer()
         if self._body is not None:

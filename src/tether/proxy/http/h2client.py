@@ -119,13 +119,18 @@ class H2ClientConnection(H2Protocol):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         try:
-            resp = await st.response
+            out = await st.response
         except asyncio.CancelledError:
             # The caller gave up (its own client reset, a timeout): reset upstream too.
             self._reset_stream(stream_id, st, CANCEL)
             raise
-        assert isinstance(resp, Response)
-        return resp
+        if isinstance(out, Response):
+            return out
+        # A failure is the future's result, not its exception, and a copy of it is raised: an
+        # exception raised out of the future would keep this frame, whose ``st`` keeps the future
+        # that keeps the exception (a reference cycle through the connection per failed call).
+        assert isinstance(out, H2Error)
+        raise out.renewed()
 
     def close(self) -> None:
         """Close the connection now (GOAWAY, then close); in-flight streams fail."""
@@ -219,11 +224,11 @@ class H2ClientConnection(H2Protocol):
             err = H2StreamReset(stream_id, CANCEL, remote=False)
             self._reset_stream(stream_id, st, CANCEL)
             if st.response is not None and not st.response.done():
-                st.response.set_exception(err)
+                st.response.set_result(err)
         except h2proto.H2UsageError as usage_err:
             self._reset_stream(stream_id, st, INTERNAL_ERROR)
             if st.response is not None and not st.response.done():
-                st.response.set_exception(H2ConnectionClosed(f"protocol error sending body: {usage_err}"))
+                st.response.set_result(H2ConnectionClosed(f"protocol error sending body: {usage_err}"))
         finally:
             self._maybe_forget(stream_id, st)
 
@@ -241,7 +246,7 @@ class H2ClientConnection(H2Protocol):
             status, headers = parse_response(fields)
         except H2HeaderError as e:
             self._reset_stream(stream_id, st, PROTOCOL_ERROR)
-            st.response.set_exception(H2ConnectionClosed(f"bad response head: {e}"))
+            st.response.set_result(H2ConnectionClosed(f"bad response head: {e}"))
             return
         body: Body
         if ended:
@@ -266,7 +271,7 @@ class H2ClientConnection(H2Protocol):
 
     def _stream_reset(self, stream_id: int, st: StreamState, err: H2Error) -> None:
         if st.response is not None and not st.response.done():
-            st.response.set_exception(err)
+            st.response.set_result(err)
         if st.upload is not None and not st.upload.done():
             st.upload.cancel()
 

@@ -47,6 +47,15 @@ class H2Error(Exception):
 
     retryable = False
 
+    def renewed(self) -> H2Error:
+        """This error as a new exception, to raise where a kept one (a stream's reset, the
+        connection's close error) would be raised again: a raised exception keeps the raising
+        frames, and those frames keep the connection that keeps the exception (a reference cycle
+        that only a full collection frees)."""
+        e = H2Error(*self.args)
+        e.__cause__ = self.__cause__
+        return e
+
 
 class H2StreamReset(H2Error):
     """A stream was reset (by the peer, or by us for a reason given in the message)."""
@@ -61,6 +70,11 @@ class H2StreamReset(H2Error):
         # REFUSED_STREAM: the peer promises it did no work on the stream (RFC 9113 section 8.7).
         self.retryable = remote and error_code == REFUSED_STREAM
 
+    def renewed(self) -> H2Error:
+        e = H2StreamReset(self.stream_id, self.error_code, self.remote)
+        e.__cause__ = self.__cause__
+        return e
+
 
 class H2ConnectionClosed(H2Error):
     """The connection ended (lost, protocol error, or GOAWAY) before the stream completed."""
@@ -68,6 +82,11 @@ class H2ConnectionClosed(H2Error):
     def __init__(self, message: str, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+    def renewed(self) -> H2Error:
+        e = type(self)(str(self), self.retryable)
+        e.__cause__ = self.__cause__
+        return e
 
 
 def error_code_for(exc: BaseException) -> int:

@@ -96,7 +96,7 @@ class StreamState:
         self.trailers: Headers | None = None
         self.task: object | None = None  # server: the worker serving it (h2server), until it is done
         self.upload: asyncio.Task[None] | None = None  # client: the request body sender
-        self.response: asyncio.Future[object] | None = None  # client: response head
+        self.response: asyncio.Future[object] | None = None  # client: the Response, or the H2Error
         self.window_waiter: asyncio.Future[None] | None = None
         self.headers_sent = False
         self.opened_at = 0.0  # server: loop time the peer opened the stream (rapid-reset judgement)
@@ -422,9 +422,10 @@ class H2Protocol(asyncio.Protocol):
 
     def _check_open(self, st: StreamState) -> None:
         if st.reset is not None:
-            raise st.reset
+            raise st.reset.renewed()  # see H2Error.renewed
         if self._closed:
-            raise self._close_error or H2ConnectionClosed("connection closed")
+            err = self._close_error
+            raise err.renewed() if err is not None else H2ConnectionClosed("connection closed")
 
     async def _send_data(self, stream_id: int, st: StreamState, data: bytes, end: bool) -> None:
         """Send DATA frames as the peer's windows allow, ending the stream if ``end``."""
