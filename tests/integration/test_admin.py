@@ -283,6 +283,12 @@ def test_real_proxy_metrics_after_traffic_log_level_and_shutdown(proxies, backen
     assert (rlabels["status_code"], rlabels["classification"]) == ("200", "success")
     [(_, count)] = http_samples["response_latency_ms_count"]
     assert count == 3
+    # The garbage-collector policy is on: start-up's objects were collected once and frozen.
+    gc_samples = {(s.name, s.labels.get("generation")): s.value
+                  for fam in text_string_to_metric_families(curl(f"{p.admin}/metrics").stdout) for s in fam.samples
+                  if s.name.startswith(("python_gc_", "tether_gc_"))}
+    assert gc_samples[("python_gc_collections_total", "2")] >= 1
+    assert gc_samples[("tether_gc_frozen_objects", None)] > 10_000
 
     out = curl("-X", "PUT", "--data", "debug", "-w", "%{http_code}", f"{p.admin}/proxy-log-level")
     assert out.stdout == "204"
