@@ -115,28 +115,21 @@ class GcPolicy:
                       (time.perf_counter() - started) * 1000)
 
     def lines(self) -> list[str]:
-        out = [
-            "# HELP python_gc_collections_total Collections of the cyclic garbage collector, by generation.",
-            "# TYPE python_gc_collections_total counter",
-        ]
-        out += [f'python_gc_collections_total{{generation="{g}"}} {n}' for g, n in enumerate(self.collections)]
-        out += [
-            "# HELP python_gc_objects_collected_total Objects freed by the cyclic garbage collector, by generation.",
-            "# TYPE python_gc_objects_collected_total counter",
-        ]
-        out += [f'python_gc_objects_collected_total{{generation="{g}"}} {n}' for g, n in enumerate(self.collected)]
-        out += [
-            "# HELP python_gc_objects_uncollectable_total Unreachable objects the collector could not free.",
-            "# TYPE python_gc_objects_uncollectable_total counter",
-        ]
-        out += [f'python_gc_objects_uncollectable_total{{generation="{g}"}} {n}'
-                for g, n in enumerate(self.uncollectable)]
-        out += [
-            "# HELP tether_gc_pause_seconds_total Time the cyclic garbage collector held the interpreter,"
-            " by generation.",
-            "# TYPE tether_gc_pause_seconds_total counter",
-        ]
-        out += [f'tether_gc_pause_seconds_total{{generation="{g}"}} {t:.6f}' for g, t in enumerate(self.pause_total)]
+        out: list[str] = []
+        families: tuple[tuple[str, str, list[int] | list[float]], ...] = (
+            ("python_gc_collections_total", "Collections of the cyclic garbage collector, by generation.",
+             self.collections),
+            ("python_gc_objects_collected_total", "Objects freed by the cyclic garbage collector, by generation.",
+             self.collected),
+            ("python_gc_objects_uncollectable_total", "Unreachable objects the collector could not free.",
+             self.uncollectable),
+            ("tether_gc_pause_seconds_total", "Time the cyclic garbage collector held the interpreter, by generation.",
+             self.pause_total),
+        )
+        for name, help_text, values in families:
+            out += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            out += [f'{name}{{generation="{g}"}} {v:.6f}' if isinstance(v, float) else
+                    f'{name}{{generation="{g}"}} {v}' for g, v in enumerate(values)]
         out += [
             "# HELP tether_gc_pause_max_seconds Longest collection of the cyclic garbage collector since start.",
             "# TYPE tether_gc_pause_max_seconds gauge",
