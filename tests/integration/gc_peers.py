@@ -131,10 +131,10 @@ def serve() -> None:
 
 # -- clients ------------------------------------------------------------------------------------------
 
-def _get(s: socket.socket, authority: str, buf: bytes = b"") -> bytes:
+def _get(s: socket.socket, authority: str, buf: bytes = b"", status: bytes = b"200") -> bytes:
     s.sendall(f"GET /x HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
     head, buf = _read_response(s, buf)
-    if not head.startswith(b"HTTP/1.1 200"):
+    if not head.startswith(b"HTTP/1.1 " + status):
         raise RuntimeError(f"unexpected response: {head!r}")
     return buf
 
@@ -169,6 +169,8 @@ def drive(kind: str, port: int, authority: str, count: int) -> None:
                 _get(s, authority)
                 if s.recv(1):
                     raise RuntimeError("bytes after the response")
+            elif kind == "h1-refused":  # the upstream refuses connections: 502
+                _get(s, authority, status=b"502")
             elif kind == "h1-bad":  # a malformed request line: 400, then the proxy closes
                 s.sendall(b"GET  /x HTTP/1.1\r\nHost: a\r\n\r\n")
                 head, _ = _read_response(s)

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import gc
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -43,7 +44,10 @@ def peers() -> Iterator[dict[str, int]]:
                             text=True)
     assert proc.stdout is not None and proc.stdin is not None
     ports = json.loads(proc.stdout.readline())
-    yield ports
+    with socket.socket() as refusing:  # a port nobody listens on: bound, never listening
+        refusing.bind(("127.0.0.1", 0))
+        ports["refusing"] = refusing.getsockname()[1]
+        yield ports
     proc.stdin.close()
     proc.wait(10)
 
@@ -149,6 +153,8 @@ KINDS = {
     "HTTP/1, closed by the proxy's idle timeout": ("h1-until-closed", "h1", "inbound", {"idle_timeout": 0.2}),
     "HTTP/1 answered 400 (malformed request line)": ("h1-bad", "h1", "inbound", {}),
     "HTTP/1 upstream connection closed by the upstream": ("h1", "h1close", "outbound", {}),
+    "HTTP/1 to an upstream refusing connections (502)": ("h1-refused", "refusing", "outbound",
+                                                          {"failure_accrual_max_failures": 1_000_000}),
     "HTTP/1 Upgrade, then bytes both ways": ("upgrade", "upgrade", "outbound", {}),
     "HTTP/2 with prior knowledge": ("h2", "h2", "inbound", {}),
     "HTTP/2 to an upstream that fails (502)": ("h2-failing", "h1", "inbound", {}),

@@ -54,9 +54,10 @@ class H1ClientConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()  # kept: get_running_loop() costs a getpid()
-        # The parser holds bound methods of this protocol: a reference cycle, broken when the
-        # connection is lost (else each closed connection would wait for a full cyclic collection).
-        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        # The parser holds bound methods of this protocol: a reference cycle, so it exists only
+        # while connected (made by connection_made, dropped by connection_lost); else every closed
+        # or never-connected connection would wait for a full cyclic collection.
+        self._parser: httptools.HttpResponseParser | None = None
         self._reset_parser = False
         self._head: asyncio.Future[Response] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
@@ -83,6 +84,7 @@ class H1ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._parser = httptools.HttpResponseParser(self)
         # Bound once: each response body pauses and resumes the same transport.
         t = self.transport
         assert t is not None

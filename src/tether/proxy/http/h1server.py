@@ -70,14 +70,11 @@ class H1ServerProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
         self._loop = asyncio.get_running_loop()
-        # The parser holds six bound methods of this protocol: a reference cycle, which _release
-        # breaks once the connection is done (left to the cyclic GC, every closed connection would
-        # wait for a full collection, and each full collection scans every live connection).
-        parser = httptools.HttpRequestParser(self)
-        # Any version parses; on_headers_complete answers 505 to a major other than 1 and reads a
-        # higher 1.x as 1.1 (RFC 9110 section 2.5), which llhttp alone would refuse with 400.
-        parser.set_dangerous_leniencies(lenient_version=True)
-        self._parser: httptools.HttpRequestParser | None = parser
+        # The parser holds six bound methods of this protocol: a reference cycle, so it exists only
+        # while the connection is this protocol's (made by connection_made; dropped when it is lost
+        # or handed over). Left to the cyclic GC, every closed connection would wait for a full
+        # collection, and each full collection examines every live connection.
+        self._parser: httptools.HttpRequestParser | None = None
         # Requests read and not yet answered (at most _MAX_PIPELINED). A list, not a deque: a deque
         # allocates a 64-slot block up front (~0.7 KiB per connection, most of them idle).
         self._queue: list[Request] = []
@@ -123,6 +120,10 @@ class H1ServerProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        parser = self._parser = httptools.HttpRequestParser(self)
+        # Any version parses; on_headers_complete answers 505 to a major other than 1 and reads a
+        # higher 1.x as 1.1 (RFC 9110 section 2.5), which llhttp alone would refuse with 400.
+        parser.set_dangerous_leniencies(lenient_version=True)
         if self.registry is not None:
             self.registry.add(self)
         self._arm(self.cfg.idle_timeout, self._on_idle_timeout)
@@ -226,7 +227,7 @@ class H1ServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._parser = None  # see __init__: no cycle outlives the connection
+        self._parser = None  # see __init__
         self._cancel_timer(release=True)
         if self.tcp is not None:
             self.tcp.closed(None if exc is None else "i/o")
