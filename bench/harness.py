@@ -225,11 +225,13 @@ def start_fortio_server(fortio: Path, workdir: Path, http_port: int | str, grpc_
     return proc
 
 
-def start_nginx(workdir: Path, port: int, http_block: str, workers: int) -> Proc:
+def start_nginx(workdir: Path, port: int, http_block: str, workers: int, connections: int = 8192) -> Proc:
     """nginx in the foreground with its config, pid file, logs and temp paths in `workdir`.
 
-    `http_block` holds the upstream and server blocks; keepalive_requests is raised so that neither
-    the clients' nor the upstream connections are recycled during a run (nginx's default is 1000).
+    `http_block` holds the upstream and server blocks; `connections` is each worker's
+    worker_connections (nginx allocates that many slots up front: part of its RSS).
+    keepalive_requests is raised so that neither the clients' nor the upstream connections are
+    recycled during a run (nginx's default is 1000).
     """
     conf_dir = workdir / "nginx"
     conf_dir.mkdir(exist_ok=True)
@@ -241,10 +243,10 @@ def start_nginx(workdir: Path, port: int, http_block: str, workers: int) -> Proc
         f"""daemon off;
 master_process on;
 worker_processes {workers};
-worker_rlimit_nofile 16384;
+worker_rlimit_nofile {2 * connections};
 pid {conf_dir}/nginx.pid;
 error_log {conf_dir}/error.log warn;
-events {{ worker_connections 8192; }}
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
     client_body_temp_path {conf_dir}/client_body;

@@ -84,7 +84,8 @@ def nginx(work: Path, app_port: int, directives: str) -> Iterator[tuple[int, int
     }}"""
     d = work / f"nginx-{time.monotonic_ns()}"
     d.mkdir()
-    proc = harness.start_nginx(d, port, block, workers=1)
+    # Room for the 10,000 attackers and the other client (the harness's default is 8,192).
+    proc = harness.start_nginx(d, port, block, workers=1, connections=16384)
     try:
         yield port, proc.popen.pid
     finally:
