@@ -484,6 +484,10 @@ MALFORMED = {
     "group ended by another field's end": (GET, b"\x7b\x84\x01"),
     "field number 0": (GET, b"\x00\x01"),
     "tag over 32 bits": (GET, varint(2**35 | 0) + b"\x01"),
+    # Found by the fuzzer: a tag padded to 6 bytes (its value fits 32 bits); protobuf's runtimes
+    # read a tag as a uint32 of at most 5 bytes.
+    "tag of 6 bytes": (GET, b"\x85\x84\x84\x84\x83\x00\x1a\x02\x08\x24"),
+    "tag of 6 bytes in a group": (GET, b"\x7b\x88\x80\x80\x80\x80\x00\x01\x7c"),
     "a string field as a varint": (GET, b"\x08\x01"),
     "a fixed32 field as length-delimited": (IP, b"\x0a\x04\x01\x02\x03\x04"),
     "a message field as fixed64": (MATCH, varint(NOT << 3 | 1) + b"\x00" * 8),

@@ -81,11 +81,21 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
             raise DecodeError("varint longer than 10 bytes")
 
 
+def _read_tag_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A tag: a varint of at most 5 bytes and 32 bits (longer ones are refused, as upb and the C++
+    runtime refuse them: a tag is a uint32)."""
+    start = pos
+    tag, pos = _read_varint(buf, pos, end)
+    if pos - start > 5 or tag > _MASK32:
+        raise DecodeError(f"invalid tag at byte {start}: longer than 32 bits")
+    return tag, pos
+
+
 def _read_tag(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
     """(field number, wire type, position after the tag)."""
-    tag, pos = _read_varint(buf, pos, end)
-    if tag >> 3 == 0 or tag > _MASK32:
-        raise DecodeError(f"invalid field number {tag >> 3}")
+    tag, pos = _read_tag_varint(buf, pos, end)
+    if tag >> 3 == 0:
+        raise DecodeError("invalid field number 0")
     return tag >> 3, tag & 7, pos
 
 
@@ -430,9 +440,7 @@ def _parse(msg: Message, buf: bytes, pos: int, end: int, depth: int, merge: bool
         if tag < 0x80:
             pos += 1
         else:
-            tag, pos = _read_varint(buf, pos, end)
-            if tag > _MASK32:
-                raise DecodeError(f"invalid field number {tag >> 3}")
+            tag, pos = _read_tag_varint(buf, pos, end)
         num = tag >> 3
         wt = tag & 7
         if num == 0:
