@@ -23,7 +23,6 @@ import contextlib
 import socket
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -45,6 +44,9 @@ _recv_buf = bytearray(_READ_CHUNK)
 _recv_view = memoryview(_recv_buf)
 
 
+_tlsctl: Any = None  # tether.proxy.tlsctl once needed (it loads ctypes)
+
+
 _GONE = asyncio.Protocol()  # the protocol of a transport whose connection_lost has been called
 
 
@@ -53,7 +55,7 @@ class TlsTransport(asyncio.Transport):
 
     __slots__ = ("_after_first_read", "_closing", "_fd", "_high", "_local", "_loop", "_lost", "_low", "_paused",
                  "_peer", "_protocol", "_queue", "_queued", "_read_wants_write", "_reading", "_retry", "_sock",
-                 "_writing")
+                 "_ssl_ptr", "_writing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, protocol: asyncio.BaseProtocol) -> None:
         super().__init__()
@@ -66,13 +68,15 @@ class TlsTransport(asyncio.Transport):
         self._lost = False
         # SSL_write that could not finish must be retried with the same bytes: this is them.
         self._retry: bytes | None = None
-        self._queue: deque[bytes] = deque()
+        # (A list, not a deque: a deque allocates a 64-slot block, ~0.7 KiB per connection.)
+        self._queue: list[bytes] = []
         self._queued = 0
         self._writing = False  # a writer callback is registered
         self._read_wants_write = False
         self._high = _HIGH_WATER
         self._low = _LOW_WATER
         self._paused = False
+        self._ssl_ptr: int | None = None  # the SSL, for SSL_free_buffers (tlsctl); 0: out of reach
         # Called once, after the first read that returned data or the end: by then OpenSSL has
         # processed a TLS 1.3 session ticket the server sent after its handshake (the client keeps
         # it). Not on a read that found nothing: the ticket may still be on its way.
@@ -140,6 +144,12 @@ class TlsTransport(asyncio.Transport):
         if chunks:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self._protocol.data_received(data)
+        elif not eof and error is None:
+            # Nothing for the protocol: the read found only post-handshake messages (a TLS 1.3
+            # server's session tickets) or nothing yet. OpenSSL releases its 16 KiB read buffer
+            # after application data, not here, so an idle or waiting client connection would hold
+            # it until its answer: free it (a no-op while part of a record is buffered).
+            self._release_buffers()
         if error is not None:
             self._fatal(error)
         elif eof and not self._lost:
@@ -148,6 +158,18 @@ class TlsTransport(asyncio.Transport):
                 self._protocol.eof_received()
             # TLS has no half-close: whatever eof_received says, the connection is done.
             self.close()
+
+    def _release_buffers(self) -> None:
+        global _tlsctl
+        ptr = self._ssl_ptr
+        if ptr is None:
+            if _tlsctl is None:
+                from tether.proxy import tlsctl
+
+                _tlsctl = tlsctl
+            ptr = self._ssl_ptr = _tlsctl.ssl_pointer(self._sock) or 0
+        if ptr:
+            _tlsctl.free_buffers(ptr)
 
     def pause_reading(self) -> None:
         if self._reading:
@@ -213,14 +235,14 @@ class TlsTransport(asyncio.Transport):
                 if self._retry is None:
                     if not self._queue:
                         break
-                    self._retry = self._queue.popleft() if len(self._queue) == 1 else b"".join(self._queue)
+                    self._retry = self._queue[0] if len(self._queue) == 1 else b"".join(self._queue)
                     self._queue.clear()
                 data = self._retry
                 n = self._sock.send(data)
                 self._retry = None
                 self._queued -= n
                 if n < len(data):
-                    self._queue.appendleft(data[n:])
+                    self._queue.insert(0, data[n:])
         except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
             self._want_writable()
             return
