@@ -371,3 +371,14 @@ def test_a_connection_that_read_no_application_data_holds_no_record_buffer() -> 
         lsock.close()
 
     run(scenario)
+
+
+def test_buffers_are_freed_only_with_an_openssl_whose_ssl_free_buffers_is_safe() -> None:
+    # CVE-2024-4741: SSL_free_buffers could free a buffer still in use before 3.0.14/3.1.6/3.2.2/3.3.1.
+    safe = tlsctl._free_buffers_is_safe
+    assert [safe((3, 0, 0, p, 0)) for p in (13, 14, 19)] == [False, True, True]
+    assert [safe((3, 1, 0, 5, 0)), safe((3, 1, 0, 6, 0)), safe((3, 2, 0, 1, 0)), safe((3, 2, 0, 2, 0))] == [
+        False, True, False, True]
+    assert safe((3, 3, 0, 1, 0)) and not safe((3, 3, 0, 0, 0)) and safe((3, 4, 0, 0, 0))
+    assert not safe((1, 1, 1, 23, 15))
+    assert tlsctl._FREE_BUFFERS == safe(tuple(ssl.OPENSSL_VERSION_INFO))

@@ -157,10 +157,23 @@ def ssl_pointer(sock: ssl.SSLSocket) -> int | None:
     return ssl_ptr
 
 
+def _free_buffers_is_safe(version: tuple[int, ...]) -> bool:
+    # CVE-2024-4741: before these releases SSL_free_buffers could free a read buffer holding part of a
+    # record still to be processed (a use after free). Fixed in 3.0.14, 3.1.6, 3.2.2 and 3.3.1.
+    # (ssl.OPENSSL_VERSION_INFO of OpenSSL 3 is (3, minor, 0, patch, status).)
+    major, minor, patch = version[0], version[1], version[3]
+    return major == 3 and patch >= {0: 14, 1: 6, 2: 2, 3: 1}.get(minor, 0)
+
+
+_FREE_BUFFERS = _lib is not None and _free_buffers_is_safe(tuple(ssl.OPENSSL_VERSION_INFO))
+
+
 def free_buffers(ssl_ptr: int) -> bool:
-    """SSL_free_buffers on an SSL from :func:`ssl_pointer`: True if it holds no record buffer now,
-    False while part of a record is buffered (then nothing changes)."""
-    assert _lib is not None
+    """SSL_free_buffers on an SSL from :func:`ssl_pointer`: True if it holds no record buffer now.
+    False while part of a record is buffered, and with an OpenSSL whose SSL_free_buffers is unsafe
+    (then nothing changes)."""
+    if not _FREE_BUFFERS or _lib is None:
+        return False
     return bool(_lib.SSL_free_buffers(ssl_ptr) == 1)
 
 
