@@ -23,7 +23,7 @@ from tether.core.identity.issuance import issue_leaf
 from tether.core.identity.names import parse_identity_name
 from tether.proxy import tlsctl
 from tether.proxy.tlspeer import peer_identity
-from tether.proxy.tlstransport import TlsTransport, tls_accept, tls_connect
+from tether.proxy.tlstransport import TlsTransport, on_handshake_burst_end, tls_accept, tls_connect
 
 WEB = "web.shop.serviceaccount.identity.linkerd.cluster.local"
 DB = "db.shop.serviceaccount.identity.linkerd.cluster.local"
@@ -381,4 +381,34 @@ def test_buffers_are_freed_only_with_an_openssl_whose_ssl_free_buffers_is_safe()
         False, True, False, True]
     assert safe((3, 3, 0, 1, 0)) and not safe((3, 3, 0, 0, 0)) and safe((3, 4, 0, 0, 0))
     assert not safe((1, 1, 1, 23, 15))
-    assert tlsctl._FREE_BUFFERS == safe(tuple(ssl.OPENSSL_VERSION_INFO))
+    assert safe(tuple(ssl.OPENSSL_VERSION_INFO)) == tlsctl._FREE_BUFFERS
+
+
+def test_the_end_of_a_burst_of_handshakes_is_reported_once() -> None:
+    # The proxy trims the C heap then (app.py): a burst's transient handshake state leaves free pages.
+    calls: list[int] = []
+
+    async def scenario() -> None:
+        servers = Servers()
+        port, task, lsock = await _own_server(servers)
+        on_handshake_burst_end(lambda: calls.append(len(servers)), size=8)
+        try:
+            burst = await asyncio.gather(*(tls_connect(lambda: Recorder(), "127.0.0.1", port, CTX[WEB][1], DB,
+                                                       DEADLINE) for _ in range(12)))
+            async with asyncio.timeout(DEADLINE):
+                while not calls:  # noqa: ASYNC110 - the hook runs from the loop once the last handshake ends
+                    await asyncio.sleep(0.01)
+            assert calls == [12]  # once, after both ends of every handshake
+            for _ in range(3):  # one at a time: no burst
+                tr, _ = await tls_connect(lambda: Recorder(), "127.0.0.1", port, CTX[WEB][1], DB, DEADLINE)
+                tr.close()
+            await asyncio.sleep(0)
+            assert calls == [12]
+        finally:
+            on_handshake_burst_end(None)
+        for tr, _ in burst:
+            tr.close()
+        task.cancel()
+        lsock.close()
+
+    run(scenario)
