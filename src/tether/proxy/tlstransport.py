@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tether.proxy.tlssessions import SessionCache, resumed_peer_problem
+from tether.proxy.tlssessions import SessionCache, SessionKey, resumed_peer_problem
 
 __all__ = ["TlsTransport", "on_handshake_burst_end", "tls_accept", "tls_connect"]
 
@@ -100,6 +100,15 @@ def _handshake_ended(loop: asyncio.AbstractEventLoop) -> None:
             loop.call_soon(_on_burst_end)
 
 
+# Full handshakes under way whose session will be kept, one per (session cache, key): a connection
+# to the same key waits for that session and resumes it instead of doing a full handshake of its
+# own. A burst of N new connections to a peer then costs one full handshake and N - 1 resumed ones,
+# and neither proxy keeps a decoded certificate chain per connection (~8 KiB of OpenSSL's heap per
+# end, measured with 100 held connections). The wait ends when the session is kept (the first
+# read), when that handshake fails or its connection closes, or _TICKET_WAIT after it completed.
+_fetches: dict[tuple[int, SessionKey], asyncio.Future[None]] = {}
+_TICKET_WAIT = 0.05
+
 _GONE = asyncio.Protocol()  # the protocol of a transport whose connection_lost has been called
 
 
@@ -134,7 +143,7 @@ class TlsTransport(asyncio.Transport):
         # Called once, after the first read that returned data or the end: by then OpenSSL has
         # processed a TLS 1.3 session ticket the server sent after its handshake (the client keeps
         # it). Not on a read that found nothing: the ticket may still be on its way.
-        self._after_first_read: Callable[[ssl.SSLSocket], None] | None = None
+        self._after_first_read: Callable[[ssl.SSLSocket | None], None] | None = None
         try:
             self._peer: Any = sock.getpeername()
             self._local: Any = sock.getsockname()
@@ -376,7 +385,13 @@ class TlsTransport(asyncio.Transport):
         self._queued = 0
         with contextlib.suppress(OSError):
             self._sock.close()
-        self._after_first_read = None
+        hook, self._after_first_read = self._after_first_read, None
+        if hook is not None:  # closed before its first read: the hook learns there is nothing to read
+            try:
+                hook(None)
+            except Exception as e:
+                self._loop.call_exception_handler({"message": "TLS after-first-read hook failed", "exception": e,
+                                                   "transport": self})
         self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
@@ -447,7 +462,7 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
                 server_hostname: str | None, protocol_factory: Callable[[], P],
                 handshake_timeout: float | None, session: ssl.SSLSession | None = None,
                 tickets: int | None = None,
-                after_first_read: Callable[[ssl.SSLSocket], None] | None = None) -> tuple[TlsTransport, P]:
+                after_first_read: Callable[[ssl.SSLSocket | None], None] | None = None) -> tuple[TlsTransport, P]:
     try:
         if tickets is not None and tickets != ctx.num_tickets:
             # OpenSSL copies the ticket count into each connection when it is created (SSL_new) and
@@ -521,39 +536,91 @@ async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
     """Dial ``host:port`` and do a TLS handshake asking for ``server_hostname``.
 
     With ``sessions`` (the cache of ``ctx``), a session cached for this identity and address is
-    offered, and a full handshake's session is kept for the next connection.
+    offered, and a full handshake's session is kept for the next connection; while one is under
+    way, the next connections wait for it (bounded: see ``_fetches``).
     """
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    error: OSError | None = None
-    for family, type_, proto, _, addr in infos:
-        raw = socket.socket(family, type_, proto)
-        try:
-            raw.setblocking(False)
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.sock_connect(raw, addr)
-        except OSError as e:
-            raw.close()
-            error = e
-            continue
-        except BaseException:
-            raw.close()
-            raise
-        if sessions is None or sessions.context is not ctx:
-            return await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory, handshake_timeout)
-        return await _connect_resuming(loop, raw, ctx, server_hostname, protocol_factory, handshake_timeout,
-                                       sessions, (server_hostname, host, port))
-    raise error or OSError(f"cannot resolve {host}:{port}")
+    key: SessionKey = (server_hostname, host, port)
+    resuming = sessions is not None and sessions.context is ctx
+    done = None
+    if sessions is not None and resuming:
+        done = await _fetch_or_wait(loop, sessions, key, handshake_timeout)
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        error: OSError | None = None
+        for family, type_, proto, _, addr in infos:
+            raw = socket.socket(family, type_, proto)
+            try:
+                raw.setblocking(False)
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(raw, addr)
+            except OSError as e:
+                raw.close()
+                error = e
+                continue
+            except BaseException:
+                raw.close()
+                raise
+            if sessions is None or not resuming:
+                return await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory, handshake_timeout)
+            return await _connect_resuming(loop, raw, ctx, server_hostname, protocol_factory, handshake_timeout,
+                                           sessions, key, done)
+        raise error or OSError(f"cannot resolve {host}:{port}")
+    except BaseException:
+        if done is not None:
+            done()
+        raise
+
+
+async def _fetch_or_wait(loop: asyncio.AbstractEventLoop, sessions: SessionCache, key: SessionKey,
+                         timeout: float | None) -> Callable[[], None] | None:
+    """Wait (bounded) for the session of a full handshake to ``key`` under way, if there is one.
+
+    Then, if this connection's full handshake is to bring the key's session, register it and return
+    the call that ends the others' wait; None otherwise."""
+    fetch_key = (id(sessions), key)
+    fetch = _fetches.get(fetch_key)
+    if fetch is not None and sessions.wants(key):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(fetch)
+    if not sessions.wants(key) or fetch_key in _fetches:
+        return None
+    mine: asyncio.Future[None] = loop.create_future()
+    _fetches[fetch_key] = mine
+
+    def done() -> None:
+        if _fetches.get(fetch_key) is mine:
+            del _fetches[fetch_key]
+        if not mine.done():
+            mine.set_result(None)
+
+    return done
 
 
 async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SSLContext,
                             server_hostname: str, protocol_factory: Callable[[], P], handshake_timeout: float | None,
-                            sessions: SessionCache, key: tuple[str, str, int]) -> tuple[TlsTransport, P]:
+                            sessions: SessionCache, key: SessionKey,
+                            done: Callable[[], None] | None) -> tuple[TlsTransport, P]:
     session = sessions.offer(key)
     keep = None
-    if session is None and sessions.wants(key):
-        def keep(sock: ssl.SSLSocket) -> None:
-            sessions.store(key, sock)
+    if done is not None:
+        if session is not None:
+            done()  # a session arrived meanwhile (an earlier connection's first read): offer it
+            done = None
+        else:
+            fetched = done
+
+            def keep(sock: ssl.SSLSocket | None) -> None:
+                try:
+                    if sock is not None:
+                        sessions.store(key, sock)
+                finally:
+                    fetched()
+    elif session is None and sessions.wants(key) and (id(sessions), key) not in _fetches:
+        def keep(sock: ssl.SSLSocket | None) -> None:
+            if sock is not None:
+                sessions.store(key, sock)
     try:
         transport, protocol = await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory,
                                           handshake_timeout, session=session, after_first_read=keep)
@@ -561,6 +628,10 @@ async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket,
         if session is not None:
             sessions.discard(key)  # (refused as a resumed peer, or a handshake that failed with it)
         raise
+    if done is not None:
+        # A server that sends no ticket (Linkerd's proxy, resumption off) shows it only at the first
+        # read, which may be the answer: the others wait a round trip or so, not for the answer.
+        loop.call_later(_TICKET_WAIT, done)
     if session is not None and not transport._sock.session_reused:
         # The server refused it (rotated its certificate or anchors, restarted, or it expired
         # there): it will refuse it again. This full handshake got no ticket (the server issues one
