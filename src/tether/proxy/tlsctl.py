@@ -33,7 +33,8 @@ import ssl
 import sys
 from typing import Any
 
-__all__ = ["available", "free_buffers", "keep_server_sessions", "offer_session", "release_buffers", "ssl_pointer"]
+__all__ = ["available", "free_buffers", "has_ticket", "keep_server_sessions", "offer_session", "release_buffers",
+           "ssl_pointer"]
 
 _SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
@@ -70,7 +71,9 @@ def _load() -> Any:
             ("SSL_SESSION_get_time", long_, [vp]),
             ("SSL_SESSION_get_timeout", long_, [vp]),
             ("SSL_SESSION_get_protocol_version", int_, [vp]),
-            ("SSL_free_buffers", int_, [vp])):
+            ("SSL_free_buffers", int_, [vp]),
+            ("SSL_get_session", vp, [vp]),
+            ("SSL_SESSION_has_ticket", int_, [vp])):
         fn = getattr(lib, name, None)
         if fn is None:
             return None
@@ -175,6 +178,15 @@ def free_buffers(ssl_ptr: int) -> bool:
     if not _FREE_BUFFERS or _lib is None:
         return False
     return bool(_lib.SSL_free_buffers(ssl_ptr) == 1)
+
+
+def has_ticket(ssl_ptr: int) -> bool:
+    """True if the session of an SSL from :func:`ssl_pointer` holds a ticket (a client that has read
+    the server's NewSessionTicket), without the copy that reading ``SSLSocket.session`` makes."""
+    if _lib is None:
+        return False
+    sess = _lib.SSL_get_session(ssl_ptr)
+    return bool(sess) and _lib.SSL_SESSION_has_ticket(sess) == 1
 
 
 def release_buffers(sock: ssl.SSLSocket) -> bool:

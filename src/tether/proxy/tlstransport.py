@@ -104,10 +104,12 @@ def _handshake_ended(loop: asyncio.AbstractEventLoop) -> None:
 # to the same key waits for that session and resumes it instead of doing a full handshake of its
 # own. A burst of N new connections to a peer then costs one full handshake and N - 1 resumed ones,
 # and neither proxy keeps a decoded certificate chain per connection (~8 KiB of OpenSSL's heap per
-# end, measured with 100 held connections). The wait ends when the session is kept (the first
-# read), when that handshake fails or its connection closes, or _TICKET_WAIT after it completed.
+# end, measured with 100 held connections). The wait ends when the session is kept (the ticket is
+# read), when that handshake fails or its connection closes, or _TICKET_WAIT after it completed
+# (a server that sends no ticket); an entry stays registered until its first read or its end, and
+# while it does no other connection waits or fetches for the key.
 _fetches: dict[tuple[int, SessionKey], asyncio.Future[None]] = {}
-_TICKET_WAIT = 0.05
+_TICKET_WAIT = 0.5
 
 _GONE = asyncio.Protocol()  # the protocol of a transport whose connection_lost has been called
 
@@ -140,9 +142,10 @@ class TlsTransport(asyncio.Transport):
         self._low = _LOW_WATER
         self._paused = False
         self._ssl_ptr = ssl_ptr  # the SSL, for SSL_free_buffers (tlsctl); 0: out of reach
-        # Called once, after the first read that returned data or the end: by then OpenSSL has
-        # processed a TLS 1.3 session ticket the server sent after its handshake (the client keeps
-        # it). Not on a read that found nothing: the ticket may still be on its way.
+        # Called once, after the first read that returned data or the end, or that found the
+        # session's ticket (tlsctl): by then OpenSSL has processed a TLS 1.3 session ticket the
+        # server sent after its handshake (the client keeps it). Not on a read that found nothing:
+        # the ticket may still be on its way. With None if the transport closes first.
         self._after_first_read: Callable[[ssl.SSLSocket | None], None] | None = None
         try:
             self._peer: Any = sock.getpeername()
@@ -195,7 +198,8 @@ class TlsTransport(asyncio.Transport):
             eof = True  # close_notify, or a peer that closed its socket without one
         except (OSError, ssl.SSLError) as e:
             error = e
-        if chunks or eof:
+        if chunks or eof or (self._after_first_read is not None and self._ssl_ptr
+                             and _tlsctl.has_ticket(self._ssl_ptr)):
             hook = self._after_first_read
             if hook is not None:
                 self._after_first_read = None
@@ -542,9 +546,9 @@ async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
     loop = asyncio.get_running_loop()
     key: SessionKey = (server_hostname, host, port)
     resuming = sessions is not None and sessions.context is ctx
-    done = None
+    finish = None
     if sessions is not None and resuming:
-        done = await _fetch_or_wait(loop, sessions, key, handshake_timeout)
+        finish = await _fetch_or_wait(loop, sessions, key, handshake_timeout)
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
         error: OSError | None = None
@@ -564,63 +568,59 @@ async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
             if sessions is None or not resuming:
                 return await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory, handshake_timeout)
             return await _connect_resuming(loop, raw, ctx, server_hostname, protocol_factory, handshake_timeout,
-                                           sessions, key, done)
+                                           sessions, key, finish)
         raise error or OSError(f"cannot resolve {host}:{port}")
     except BaseException:
-        if done is not None:
-            done()
+        if finish is not None:
+            finish(True)
         raise
 
 
 async def _fetch_or_wait(loop: asyncio.AbstractEventLoop, sessions: SessionCache, key: SessionKey,
-                         timeout: float | None) -> Callable[[], None] | None:
+                         timeout: float | None) -> Callable[[bool], None] | None:
     """Wait (bounded) for the session of a full handshake to ``key`` under way, if there is one.
 
     Then, if this connection's full handshake is to bring the key's session, register it and return
-    the call that ends the others' wait; None otherwise."""
+    the call that ends the others' wait (``finish(True)``: and its registration); None otherwise."""
     fetch_key = (id(sessions), key)
     fetch = _fetches.get(fetch_key)
-    if fetch is not None and sessions.wants(key):
+    if fetch is not None and not fetch.done() and sessions.wants(key):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await asyncio.shield(fetch)
     if not sessions.wants(key) or fetch_key in _fetches:
-        return None
+        return None  # (a fetch whose wait ended without its session: its first read will tell)
     mine: asyncio.Future[None] = loop.create_future()
     _fetches[fetch_key] = mine
 
-    def done() -> None:
-        if _fetches.get(fetch_key) is mine:
+    def finish(unregister: bool) -> None:
+        if unregister and _fetches.get(fetch_key) is mine:
             del _fetches[fetch_key]
         if not mine.done():
             mine.set_result(None)
 
-    return done
+    return finish
 
 
 async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SSLContext,
                             server_hostname: str, protocol_factory: Callable[[], P], handshake_timeout: float | None,
                             sessions: SessionCache, key: SessionKey,
-                            done: Callable[[], None] | None) -> tuple[TlsTransport, P]:
+                            finish: Callable[[bool], None] | None) -> tuple[TlsTransport, P]:
     session = sessions.offer(key)
     keep = None
-    if done is not None:
-        if session is not None:
-            done()  # a session arrived meanwhile (an earlier connection's first read): offer it
-            done = None
-        else:
-            fetched = done
+    if finish is not None and session is not None:
+        finish(True)  # a session arrived meanwhile (an earlier connection's first read): offer it
+        finish = None
+    if session is None and sessions.wants(key):
+        fetched = finish
 
-            def keep(sock: ssl.SSLSocket | None) -> None:
-                try:
-                    if sock is not None:
-                        sessions.store(key, sock)
-                finally:
-                    fetched()
-    elif session is None and sessions.wants(key) and (id(sessions), key) not in _fetches:
         def keep(sock: ssl.SSLSocket | None) -> None:
-            if sock is not None:
-                sessions.store(key, sock)
+            try:
+                if sock is not None:
+                    sessions.store(key, sock)
+            finally:
+                if fetched is not None:
+                    fetched(True)
     try:
         transport, protocol = await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory,
                                           handshake_timeout, session=session, after_first_read=keep)
@@ -628,10 +628,11 @@ async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket,
         if session is not None:
             sessions.discard(key)  # (refused as a resumed peer, or a handshake that failed with it)
         raise
-    if done is not None:
+    if finish is not None:
         # A server that sends no ticket (Linkerd's proxy, resumption off) shows it only at the first
-        # read, which may be the answer: the others wait a round trip or so, not for the answer.
-        loop.call_later(_TICKET_WAIT, done)
+        # read with data, which may be the answer: the others stop waiting after a moment and do
+        # full handshakes (no later connection waits for this one again).
+        loop.call_later(_TICKET_WAIT, finish, False)
     if session is not None and not transport._sock.session_reused:
         # The server refused it (rotated its certificate or anchors, restarted, or it expired
         # there): it will refuse it again. This full handshake got no ticket (the server issues one
