@@ -108,7 +108,7 @@ def _handshake_ended(loop: asyncio.AbstractEventLoop) -> None:
 # read), when that handshake fails or its connection closes, or _TICKET_WAIT after it completed
 # (a server that sends no ticket); an entry stays registered until its first read or its end, and
 # while it does no other connection waits or fetches for the key.
-_fetches: dict[tuple[int, SessionKey], asyncio.Future[None]] = {}
+_fetches: dict[tuple[SessionCache, SessionKey], asyncio.Future[None]] = {}
 _TICKET_WAIT = 0.5
 
 _GONE = asyncio.Protocol()  # the protocol of a transport whose connection_lost has been called
@@ -582,7 +582,7 @@ async def _fetch_or_wait(loop: asyncio.AbstractEventLoop, sessions: SessionCache
 
     Then, if this connection's full handshake is to bring the key's session, register it and return
     the call that ends the others' wait (``finish(True)``: and its registration); None otherwise."""
-    fetch_key = (id(sessions), key)
+    fetch_key = (sessions, key)  # (the cache itself: no id reused while registered)
     fetch = _fetches.get(fetch_key)
     if fetch is not None and not fetch.done() and sessions.wants(key):
         with contextlib.suppress(TimeoutError):
@@ -608,8 +608,10 @@ async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket,
                             finish: Callable[[bool], None] | None) -> tuple[TlsTransport, P]:
     session = sessions.offer(key)
     keep = None
-    if finish is not None and session is not None:
-        finish(True)  # a session arrived meanwhile (an earlier connection's first read): offer it
+    if finish is not None and (session is not None or not sessions.wants(key)):
+        # An earlier connection's first read kept a session (offered here) or learnt that the
+        # peer sends none, meanwhile: nothing to fetch.
+        finish(True)
         finish = None
     if session is None and sessions.wants(key):
         fetched = finish
