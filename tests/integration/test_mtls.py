@@ -116,6 +116,26 @@ def test_new_connections_between_proxies_resume_the_tls_session(tmp_path: Path) 
         p.app.shutdown()
 
 
+def test_a_burst_of_new_connections_costs_one_full_handshake(tmp_path: Path) -> None:
+    # 20 requests at once, each held 1.5 s by the app and each on a new mTLS connection between the
+    # proxies: the first connection's handshake is full, the others wait for its session (read with
+    # its ticket, not with its answer) and resume it. Both proxies then keep no decoded certificate
+    # chain per connection, and spend about half the CPU per new connection.
+    from concurrent.futures import ThreadPoolExecutor
+
+    p, _ = make_pair(tmp_path, pool_max_idle_per_endpoint="0")
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: p.get("/delay/1500"), range(20)))
+        assert answers == [(200, b"delayed\n")] * 20
+        wait_for(lambda: counts(p) == (1, 19, 1, 19), 10, what="1 full and 19 resumed handshakes on both proxies")
+        inb = metric_lines(p.inbound, "request_total")
+        assert any(f'client_id="{p.client.identity}"' in ln and ln.endswith(" 20") for ln in inb), inb
+    finally:
+        p.mesh.close()
+        p.app.shutdown()
+
+
 def test_no_tls_session_survives_a_certificate_renewal(tmp_path: Path) -> None:
     # 30 s certificates renew after ~21 s; each request is a new mTLS connection.
     p, _ = make_pair(tmp_path, lifetime="30s", pool_max_idle_per_endpoint="0")

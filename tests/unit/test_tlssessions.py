@@ -405,3 +405,76 @@ def test_the_cache_is_bounded_by_age_both_certificates_and_entries() -> None:
     assert not cache.store(a, _sock(wall + 50.0, ticket=False)) and not cache.wants(a) and cache.offer(a) is None
     with pytest.raises(ValueError):
         SessionCache(ctx, 0, 300.0, None)
+
+
+def test_a_burst_of_new_connections_costs_one_full_handshake(tmp_path: Path) -> None:
+    """Connections opened while a full handshake to the same peer is under way wait for its session
+    and resume it, instead of each doing a full handshake of its own (and each end keeping a decoded
+    certificate chain per connection)."""
+    web, db, _ = identities(tmp_path)
+
+    async def scenario() -> None:
+        mesh = Mesh(web, db)
+        resumed = await asyncio.gather(*(mesh.round_trip() for _ in range(20)))
+        assert sorted(resumed) == [False] + [True] * 19
+        assert sorted(seen[1] for seen in mesh.seen) == [False] + [True] * 19
+        assert {seen[0] for seen in mesh.seen} == {WEB}
+        mesh.listener.close()
+
+    run(scenario)
+    assert db.metrics.handshakes_total == {("inbound", False): 1, ("inbound", True): 19}
+
+
+def test_a_burst_to_a_server_that_issues_no_ticket_is_not_held_up(tmp_path: Path) -> None:
+    web, db, _ = identities(tmp_path)
+    db.config.session_max_age = 0.0  # db issues no tickets, as Linkerd's proxy does
+    db._build_contexts()
+
+    async def scenario() -> None:
+        mesh = Mesh(web, db)
+        async with asyncio.timeout(DEADLINE):
+            assert await asyncio.gather(*(mesh.round_trip() for _ in range(10))) == [False] * 10
+        cache = web.client_sessions()
+        assert cache is not None and not cache.wants((DB, "127.0.0.1", mesh.port))  # remembered: no tickets
+        mesh.listener.close()
+
+    run(scenario)
+
+
+def test_when_the_first_handshake_of_a_burst_fails_the_others_go_on(tmp_path: Path) -> None:
+    web, db, _ = identities(tmp_path)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        port = lsock.getsockname()[1]
+        Echo.seen = []
+
+        async def accept() -> None:
+            conn, _ = await loop.sock_accept(lsock)
+            conn.close()  # the first connection: refused mid-handshake
+            while True:
+                conn, _ = await loop.sock_accept(lsock)
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await tls_accept(Echo, conn, db.server_ssl_context(), DEADLINE, tickets=1)
+
+        task = loop.create_task(accept())
+
+        async def connect() -> bool:
+            transport, client = await tls_connect(Client, "127.0.0.1", port, web.client_ssl_context(), DB,
+                                                  DEADLINE, web.client_sessions())
+            transport.write(b"ping")
+            await client.echoed(b"ping")
+            transport.close()
+            return True
+
+        async with asyncio.timeout(DEADLINE / 2):
+            outcomes = await asyncio.gather(*(connect() for _ in range(8)), return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        assert len(failed) == 1 and isinstance(failed[0], (OSError, ssl.SSLError)), outcomes
+        assert outcomes.count(True) == 7
+        task.cancel()
+        lsock.close()
+
+    run(scenario)

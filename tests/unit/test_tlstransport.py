@@ -4,6 +4,7 @@ TLS transport (uvloop's), with mutual TLS 1.3 contexts as the proxy builds them.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import datetime as dt
 import socket
 import ssl
@@ -20,8 +21,9 @@ from tether.core.identity.certs import IssuerCredentials
 from tether.core.identity.csr import build_csr, generate_key, validate_csr
 from tether.core.identity.issuance import issue_leaf
 from tether.core.identity.names import parse_identity_name
+from tether.proxy import tlsctl
 from tether.proxy.tlspeer import peer_identity
-from tether.proxy.tlstransport import TlsTransport, tls_accept, tls_connect
+from tether.proxy.tlstransport import TlsTransport, on_handshake_burst_end, tls_accept, tls_connect
 
 WEB = "web.shop.serviceaccount.identity.linkerd.cluster.local"
 DB = "db.shop.serviceaccount.identity.linkerd.cluster.local"
@@ -318,6 +320,94 @@ def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> None:
             gc.set_debug(0)
             gc.garbage.clear()
         assert left == 0, f"{left} closed TLS transports were left to the cyclic collector"
+        task.cancel()
+        lsock.close()
+
+    run(scenario)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_in_use() -> int:
+    """Bytes the C allocator has handed out and not had back (glibc's mallinfo2)."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    return int(libc.mallinfo2().uordblks)
+
+
+def test_a_connection_that_read_no_application_data_holds_no_record_buffer() -> None:
+    # OpenSSL releases its 16 KiB read buffer after application data (SSL_MODE_RELEASE_BUFFERS),
+    # but not after a read that found only a post-handshake message, such as the session tickets a
+    # TLS 1.3 server sends: a pooled or held client connection would keep 16 KiB until its answer.
+    n = 40
+
+    async def scenario() -> None:
+        servers = Servers()
+        port, task, lsock = await _own_server(servers)
+        assert CTX[DB][0].num_tickets > 0  # the server sends tickets after each handshake
+        conns = [await tls_connect(lambda: Recorder(), "127.0.0.1", port, CTX[WEB][1], DB, DEADLINE)
+                 for _ in range(n)]
+        socks = [tr.get_extra_info("ssl_object") for tr, _ in conns]
+        def settled() -> bool:  # each client has read its tickets (and nothing else); every server end is up
+            return len(servers) == n and all(s.session is not None and s.session.has_ticket for s in socks)
+
+        async with asyncio.timeout(DEADLINE):
+            while not settled():  # noqa: ASYNC110 - OpenSSL's state, no event to wait on
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # (each transport's first read, scheduled at its start, has run)
+        assert not any(r.data for r in servers) and not any(c.data for _, c in conns)
+        # Freeing both ends' buffers now gives nothing back if the transport already did.
+        before = _malloc_in_use()
+        for s in socks + [r.transport.get_extra_info("ssl_object") for r in servers if r.transport]:
+            assert tlsctl.release_buffers(s)
+        held = (before - _malloc_in_use()) / (2 * n)
+        assert held < 1024, f"{held:.0f} bytes of record buffers held per idle connection end"
+        for tr, _ in conns:
+            tr.close()
+        task.cancel()
+        lsock.close()
+
+    run(scenario)
+
+
+def test_buffers_are_freed_only_with_an_openssl_whose_ssl_free_buffers_is_safe() -> None:
+    # CVE-2024-4741: SSL_free_buffers could free a buffer still in use before 3.0.14/3.1.6/3.2.2/3.3.1.
+    safe = tlsctl._free_buffers_is_safe
+    assert [safe((3, 0, 0, p, 0)) for p in (13, 14, 19)] == [False, True, True]
+    assert [safe((3, 1, 0, 5, 0)), safe((3, 1, 0, 6, 0)), safe((3, 2, 0, 1, 0)), safe((3, 2, 0, 2, 0))] == [
+        False, True, False, True]
+    assert safe((3, 3, 0, 1, 0)) and not safe((3, 3, 0, 0, 0)) and safe((3, 4, 0, 0, 0))
+    assert not safe((1, 1, 1, 23, 15))
+    assert safe(tuple(ssl.OPENSSL_VERSION_INFO)) == tlsctl._FREE_BUFFERS
+
+
+def test_the_end_of_a_burst_of_handshakes_is_reported_once() -> None:
+    # The proxy trims the C heap then (app.py): a burst's transient handshake state leaves free pages.
+    calls: list[int] = []
+
+    async def scenario() -> None:
+        servers = Servers()
+        port, task, lsock = await _own_server(servers)
+        on_handshake_burst_end(lambda: calls.append(len(servers)), size=8)
+        try:
+            burst = await asyncio.gather(*(tls_connect(lambda: Recorder(), "127.0.0.1", port, CTX[WEB][1], DB,
+                                                       DEADLINE) for _ in range(12)))
+            async with asyncio.timeout(DEADLINE):
+                while not calls:  # noqa: ASYNC110 - the hook runs from the loop once the last handshake ends
+                    await asyncio.sleep(0.01)
+            assert calls == [12]  # once, after both ends of every handshake
+            for _ in range(3):  # one at a time: no burst
+                tr, _ = await tls_connect(lambda: Recorder(), "127.0.0.1", port, CTX[WEB][1], DB, DEADLINE)
+                tr.close()
+            await asyncio.sleep(0)
+            assert calls == [12]
+        finally:
+            on_handshake_burst_end(None)
+        for tr, _ in burst:
+            tr.close()
         task.cancel()
         lsock.close()
 

@@ -171,6 +171,11 @@ class Proxy:
         # Start-up's temporaries (module loading, config, the first stacks) leave free pages in the
         # heap that glibc keeps below its 2 MiB trim threshold: ~0.7 MiB of an idle proxy's RSS.
         trim_malloc()
+        if self.identity is not None:
+            # After a burst of mTLS handshakes, the heap's free pages go back (tlstransport).
+            from tether.proxy.tlstransport import on_handshake_burst_end
+
+            on_handshake_burst_end(trim_malloc)
         await self._stopping.wait()
         await self.shutdown()
 

@@ -1,6 +1,6 @@
-"""Two OpenSSL calls the ssl module does not offer, made through ctypes on the objects it built.
+"""OpenSSL calls the ssl module does not offer, made through ctypes on the objects it built.
 
-Both serve TLS session resumption between tether proxies (``tlssessions``), and each saves a
+Two serve TLS session resumption between tether proxies (``tlssessions``), and each saves a
 decode of a certificate (~1.6M instructions with OpenSSL 3.0, whose decoders look providers up for
 every public key; callgrind):
 
@@ -13,6 +13,12 @@ every public key; callgrind):
   (``_ssl_session_dup``: a DER round trip, for an OpenSSL 1.1.0 bug with sessions shared between
   connections; resumed TLS 1.3 client handshakes do not modify the session, and the proxy's loop
   is one thread).
+
+And one serves memory: :func:`release_buffers` frees a connection's record buffers when they hold
+nothing (``SSL_free_buffers``). With SSL_MODE_RELEASE_BUFFERS (the ssl module sets it) OpenSSL frees
+its 16 KiB read buffer after returning application data, but keeps it after a read that found only
+post-handshake messages: a client connection that read its session tickets and waits for an answer
+would hold it (~16 KiB per held mTLS connection, measured in the client proxy).
 
 The pointers are read from CPython 3.11's object layouts and checked against what the objects
 report through the ssl module before anything is changed; on another interpreter, another
@@ -27,7 +33,8 @@ import ssl
 import sys
 from typing import Any
 
-__all__ = ["available", "keep_server_sessions", "offer_session"]
+__all__ = ["available", "free_buffers", "has_ticket", "keep_server_sessions", "offer_session", "release_buffers",
+           "ssl_pointer"]
 
 _SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
@@ -63,7 +70,10 @@ def _load() -> Any:
             ("SSL_set_session", int_, [vp, vp]),
             ("SSL_SESSION_get_time", long_, [vp]),
             ("SSL_SESSION_get_timeout", long_, [vp]),
-            ("SSL_SESSION_get_protocol_version", int_, [vp])):
+            ("SSL_SESSION_get_protocol_version", int_, [vp]),
+            ("SSL_free_buffers", int_, [vp]),
+            ("SSL_get_session", vp, [vp]),
+            ("SSL_SESSION_has_ticket", int_, [vp])):
         fn = getattr(lib, name, None)
         if fn is None:
             return None
@@ -133,3 +143,54 @@ def offer_session(sock: ssl.SSLSocket, session: ssl.SSLSession) -> bool:
             or _lib.SSL_SESSION_get_protocol_version(sess_ptr) != 0x0304):
         return False
     return bool(_lib.SSL_set_session(ssl_ptr, sess_ptr) == 1)
+
+
+def ssl_pointer(sock: ssl.SSLSocket) -> int | None:
+    """The SSL of ``sock`` (an open socket), checked against its context; None where this module
+    cannot reach it. Valid until the socket is closed."""
+    if _lib is None:
+        return None
+    sslobj = getattr(sock, "_sslobj", None)
+    ctx_ptr = _ssl_ctx(sock.context)
+    if sslobj is None or ctx_ptr is None:
+        return None
+    ssl_ptr = _field(sslobj, 1)  # PySSLSocket: a weak reference to the socket, then the SSL
+    if ssl_ptr is None or _lib.SSL_get_SSL_CTX(ssl_ptr) != ctx_ptr:
+        return None
+    return ssl_ptr
+
+
+def _free_buffers_is_safe(version: tuple[int, ...]) -> bool:
+    # CVE-2024-4741: before these releases SSL_free_buffers could free a read buffer holding part of a
+    # record still to be processed (a use after free). Fixed in 3.0.14, 3.1.6, 3.2.2 and 3.3.1.
+    # (ssl.OPENSSL_VERSION_INFO of OpenSSL 3 is (3, minor, 0, patch, status).)
+    major, minor, patch = version[0], version[1], version[3]
+    return major == 3 and patch >= {0: 14, 1: 6, 2: 2, 3: 1}.get(minor, 0)
+
+
+_FREE_BUFFERS = _lib is not None and _free_buffers_is_safe(tuple(ssl.OPENSSL_VERSION_INFO))
+
+
+def free_buffers(ssl_ptr: int) -> bool:
+    """SSL_free_buffers on an SSL from :func:`ssl_pointer`: True if it holds no record buffer now.
+    False while part of a record is buffered, and with an OpenSSL whose SSL_free_buffers is unsafe
+    (then nothing changes)."""
+    if not _FREE_BUFFERS or _lib is None:
+        return False
+    return bool(_lib.SSL_free_buffers(ssl_ptr) == 1)
+
+
+def has_ticket(ssl_ptr: int) -> bool:
+    """True if the session of an SSL from :func:`ssl_pointer` holds a ticket (a client that has read
+    the server's NewSessionTicket), without the copy that reading ``SSLSocket.session`` makes."""
+    if _lib is None:
+        return False
+    sess = _lib.SSL_get_session(ssl_ptr)
+    return bool(sess) and _lib.SSL_SESSION_has_ticket(sess) == 1
+
+
+def release_buffers(sock: ssl.SSLSocket) -> bool:
+    """Free the record buffers OpenSSL holds for ``sock`` if they hold no data; True if none is held
+    now, False otherwise or where this module cannot reach the SSL object."""
+    ptr = ssl_pointer(sock)
+    return ptr is not None and free_buffers(ptr)
