@@ -178,6 +178,13 @@ def test_without_tlsctl_sessions_travel_in_tickets_and_still_resume(tmp_path: Pa
     assert db.server_ssl_context().session_stats()["number"] == 0  # nothing kept by the server
 
 
+def _listener() -> tuple[socket.socket, int]:
+    """A non-blocking listening socket on a free loopback port, and the port."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.setblocking(False)
+    return lsock, lsock.getsockname()[1]
+
+
 def test_a_session_for_one_identity_is_never_used_for_another(tmp_path: Path) -> None:
     web, db, _ = identities(tmp_path)
 
@@ -185,9 +192,7 @@ def test_a_session_for_one_identity_is_never_used_for_another(tmp_path: Path) ->
         # A server that terminates TLS whatever the SNI (the mesh listener would pass a ClientHello
         # for another name through untouched) and issues a ticket on every connection.
         loop = asyncio.get_running_loop()
-        lsock = socket.create_server(("127.0.0.1", 0))
-        lsock.setblocking(False)
-        port = lsock.getsockname()[1]
+        lsock, port = _listener()
 
         async def accept() -> None:
             while True:
@@ -284,10 +289,16 @@ def test_resumption_off_issues_and_accepts_no_tickets(tmp_path: Path) -> None:
     run(scenario)
 
 
-def test_a_server_that_issues_no_ticket_is_not_asked_again(tmp_path: Path) -> None:
+def _ticketless_server(tmp_path: Path) -> tuple[IdentityClient, IdentityClient]:
+    """web, and db issuing no tickets (as Linkerd's proxy does)."""
     web, db, _ = identities(tmp_path)
-    db.config.session_max_age = 0.0  # db issues no tickets, as Linkerd's proxy does
+    db.config.session_max_age = 0.0
     db._build_contexts()
+    return web, db
+
+
+def test_a_server_that_issues_no_ticket_is_not_asked_again(tmp_path: Path) -> None:
+    web, db = _ticketless_server(tmp_path)
 
     async def scenario() -> None:
         mesh = Mesh(web, db)
@@ -426,9 +437,7 @@ def test_a_burst_of_new_connections_costs_one_full_handshake(tmp_path: Path) -> 
 
 
 def test_a_burst_to_a_server_that_issues_no_ticket_is_not_held_up(tmp_path: Path) -> None:
-    web, db, _ = identities(tmp_path)
-    db.config.session_max_age = 0.0  # db issues no tickets, as Linkerd's proxy does
-    db._build_contexts()
+    web, db = _ticketless_server(tmp_path)
 
     async def scenario() -> None:
         mesh = Mesh(web, db)
@@ -446,9 +455,7 @@ def test_when_the_first_handshake_of_a_burst_fails_the_others_go_on(tmp_path: Pa
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        lsock = socket.create_server(("127.0.0.1", 0))
-        lsock.setblocking(False)
-        port = lsock.getsockname()[1]
+        lsock, port = _listener()
         Echo.seen = []
 
         async def accept() -> None:
