@@ -25,6 +25,7 @@ with its ratio and verdict:
 from __future__ import annotations
 
 import contextlib
+import json
 import shlex
 import sys
 import tempfile
@@ -34,7 +35,6 @@ from pathlib import Path
 
 import harness as h
 import http1
-import yaml
 
 from tether.testing.mesh import LocalMesh
 
@@ -65,8 +65,10 @@ def start_two_hop(workdir: Path, port: int, backend_port: int, mtls: bool,
                       "--identity-trust-anchors", str(mesh.anchors), "--identity-addrs", mesh.identity_addrs[0]]
             if w.name == "server":
                 endpoint["identity"] = w.identity
-    dst = workdir / "mesh-destinations.yaml"
-    dst.write_text(yaml.safe_dump({"destinations": {http1.AUTHORITY: [endpoint]}}))
+    # JSON (a YAML document the proxy reads without PyYAML): a meshed proxy gets its destinations from
+    # the destination service and never loads a YAML parser, so its stand-in here does not either.
+    dst = workdir / "mesh-destinations.json"
+    dst.write_text(json.dumps({"destinations": {http1.AUTHORITY: [endpoint]}}))
     out_extra += ["--destinations-file", str(dst)]
     inbound = _proxy_args(h.free_port(), in_admin, in_port, in_extra)
     outbound = _proxy_args(port, out_admin, out_inbound, out_extra)

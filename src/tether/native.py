@@ -14,12 +14,12 @@ other directly, so a mix of old and new code is not coherent).
 
 from __future__ import annotations
 
+import binascii
 import importlib.machinery
 import importlib.util
 import json
 import os
 import sys
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -83,9 +83,19 @@ def digest(modules: Sequence[str] = NATIVE_MODULES, root: Path = SRC_ROOT) -> st
     parts = [sys.version]
     for module in modules:
         data = source_path(module, root).read_bytes()
-        parts.append(f"{module}:{len(data)}:{zlib.crc32(data):08x}")
+        parts.append(f"{module}:{len(data)}:{binascii.crc32(data):08x}")
     text = "\n".join(parts).encode()
-    return f"{zlib.crc32(text):08x}{len(text):x}{zlib.adler32(text):08x}"
+    return f"{binascii.crc32(text):08x}{len(text):x}{_adler32(text):08x}"
+
+
+def _adler32(data: bytes) -> int:
+    """zlib's Adler-32, over the few KB of the digest's text: the zlib module (and libz with it)
+    would stay loaded in every tether process for this one call (binascii has the CRC-32)."""
+    a, b = 1, 0
+    for byte in data:
+        a = (a + byte) % 65521
+        b = (b + a) % 65521
+    return (b << 16) | a
 
 
 def write_stamp(modules: Sequence[str] = NATIVE_MODULES, root: Path = SRC_ROOT) -> None:

@@ -16,8 +16,8 @@ from tether.core.resources import load_text
 from tether.proxy.http.message import Connection, Request
 from tether.proxy.inbound.authorize import Authorizer, HttpAuthorize, looks_like_http
 from tether.proxy.inbound.policy import PortPolicy, default_port_policy
-from tether.proxy.inbound.policy import port_policy as _port_policy
 from tether.proxy.inbound.policy_source import StaticPolicy
+from tether.proxy.inbound.policy_wire import port_policy as _port_policy
 from tether.testing.fakes import FakeClock, FakeService
 
 

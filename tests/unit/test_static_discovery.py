@@ -48,6 +48,26 @@ def test_loads_and_resolves_authorities(tmp_path: Path) -> None:
     assert d.watch("web.default.svc.cluster.local:8080") is None
 
 
+def test_json_and_yaml_files_give_the_same_destinations(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    as_yaml, as_json = tmp_path / "d.yaml", tmp_path / "d.json"
+    write(as_yaml, GOOD)
+    write(as_json, json.dumps(yaml.safe_load(GOOD), indent=2))
+    a, b = StaticDiscovery(str(as_yaml)), StaticDiscovery(str(as_json))
+    assert b.authorities == a.authorities
+    for authority in a.authorities:
+        assert b.resolve_now(authority) == a.resolve_now(authority)
+    # A flow mapping is YAML, not JSON: still read (by YAML), and JSON's mistakes are still named.
+    write(as_json, '{destinations: {"web:80": ["10.0.0.1:80"]}}')
+    assert StaticDiscovery(str(as_json)).authorities == ["web:80"]
+    write(as_json, '{"destinations": {"web:80": "10.0.0.1:80"}}')
+    with pytest.raises(DiscoveryError, match=r"destinations\['web:80'\]: must be a list"):
+        StaticDiscovery(str(as_json))
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from tether.proxy.config import ProxyConfig
+from tether.proxy.listen import listening_socket
 from tether.proxy.logging import LogControl, LogSpecError
 from tether.proxy.metrics import MetricsRegistry
 
 log = logging.getLogger(__name__)
 
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+_BACKLOG = 100  # asyncio.start_server's default: the admin port serves probes and scrapes
 _TEXT = b"text/plain; charset=utf-8"
 _JSON = b"application/json"
 _REASONS = {
@@ -123,9 +125,14 @@ class AdminServer:
     async def start(self) -> tuple[str, int]:
         """Bind and listen on ``config.admin_addr``; returns the bound address (port 0 resolved)."""
         host, port = self.config.admin_addr
-        self._server = await asyncio.start_server(
-            self._serve_conn, host, port, limit=self.config.max_header_bytes, reuse_address=True
-        )
+        sock = listening_socket((host, port), _BACKLOG)  # not the loop's resolver: see tether.proxy.listen
+        if sock is not None:
+            self._server = await asyncio.start_server(self._serve_conn, sock=sock, limit=self.config.max_header_bytes,
+                                                      backlog=_BACKLOG)
+        else:
+            self._server = await asyncio.start_server(
+                self._serve_conn, host, port, limit=self.config.max_header_bytes, reuse_address=True,
+                backlog=_BACKLOG)
         return self.address
 
     @property

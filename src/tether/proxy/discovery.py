@@ -22,6 +22,7 @@ an invalid new version is logged and ignored, keeping the last good one.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -206,7 +207,7 @@ async def feed(sub: Subscription[EndpointSet, EndpointDiff], sink: EndpointSink)
 
 
 class StaticDiscovery:
-    """Destinations from a YAML file; ``check()`` reloads it when it changed."""
+    """Destinations from a YAML (or JSON) file; ``check()`` reloads it when it changed."""
 
     def __init__(
         self,
@@ -235,6 +236,16 @@ class StaticDiscovery:
             raise DiscoveryError(
                 f"{self.path}: cannot read the destinations file: {e.strerror or e}"
             ) from None
+        if text.lstrip()[:1] == b"{":
+            # JSON (a YAML document too) is read without PyYAML: json is loaded anyway (admin), and
+            # PyYAML and its extension stay ~0.8 MiB of RSS for the life of the proxy. What json
+            # refuses goes to YAML as before (a flow mapping, or JSON with a mistake in it).
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                pass
+            else:
+                return parse_destinations(doc, self.path)
         # Imported here: PyYAML costs ~1.4 MiB of RSS that a proxy fed by the destination service
         # never needs.
         import yaml

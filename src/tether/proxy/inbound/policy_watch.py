@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from tether.api.protolite import DecodeError
 from tether.core.policy.authz import PolicyError
 from tether.proxy.grpc_client import GrpcChannel, GrpcError
-from tether.proxy.inbound.policy import PortPolicy, port_policy
+from tether.proxy.inbound.policy import PortPolicy
+from tether.proxy.inbound.policy_wire import port_policy
 
 log = logging.getLogger(__name__)
 
