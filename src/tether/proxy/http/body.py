@@ -61,6 +61,11 @@ class BytesBody(Body):
         data, self._data = self._data, None
         return data or b""
 
+    def take(self) -> bytes:
+        """The data not read yet, without a coroutine (it is all here)."""
+        data, self._data = self._data, None
+        return data or b""
+
 
 @mypyc_attr(allow_interpreted_subclasses=True)
 class PipeBody(Body):
@@ -155,6 +160,16 @@ class PipeBody(Body):
                 await self._waiter
             finally:
                 self._waiter = None
+        return self._pop()
+
+    def take(self) -> bytes:
+        """What is buffered now (``b""`` when nothing is), without waiting: for a reader that knows
+        the whole body is here (:meth:`is_end_known`) and wants no coroutine to get it."""
+        if not self._buf:
+            return b""
+        return self._pop()
+
+    def _pop(self) -> bytes:
         if len(self._buf) == 1:
             data = self._buf.popleft()
         else:

@@ -62,6 +62,12 @@ class H2Body(PipeBody):
             self._consumed(len(data))
         return data
 
+    def take(self) -> bytes:
+        data = super().take()
+        if data:
+            self._consumed(len(data))
+        return data
+
     def discard(self) -> None:
         if self.discarded:
             return
