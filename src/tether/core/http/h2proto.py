@@ -338,7 +338,15 @@ class H2Connection:
         elif st.local_closed:
             raise H2UsageError(f"stream {stream_id} is closed for sending")
         block = self._encoder.encode(headers)
-        self._out.append(f.headers_frames(stream_id, block, end_stream, self.remote_max_frame_size))
+        n = len(block)
+        if n <= self.remote_max_frame_size:
+            # Header and block as two pieces of the next write (no copy of the block into a frame).
+            out = self._out
+            out.append(f.frame_header(n, f.HEADERS, (f.FLAG_END_STREAM | f.FLAG_END_HEADERS) if end_stream
+                                      else f.FLAG_END_HEADERS, stream_id))
+            out.append(block)
+        else:
+            self._out.append(f.headers_frames(stream_id, block, end_stream, self.remote_max_frame_size))
         if end_stream:
             self._local_end(st)
 
@@ -354,7 +362,10 @@ class H2Connection:
         st.send_window -= n
         size = self.remote_max_frame_size
         if n <= size:
-            self._out.append(f.data_frame(stream_id, data, end_stream))
+            out = self._out
+            out.append(f.frame_header(n, f.DATA, f.FLAG_END_STREAM if end_stream else 0, stream_id))
+            if n:
+                out.append(data)
         else:
             for off in range(0, n, size):
                 self._out.append(f.data_frame(stream_id, data[off : off + size], end_stream and off + size >= n))

@@ -128,6 +128,14 @@ class H2Protocol(asyncio.Protocol):
             max_continuations=config.h2_max_continuation_frames,
         )
         self._transport: asyncio.Transport | None = None
+        # The transport's write and is_closing and the loop's call_soon, bound once per connection
+        # (a method call on a Python object costs a lookup per call when compiled), and our own
+        # _flush as a callback (a new bound method per schedule otherwise). Set by connection_made;
+        # connection_lost drops them (the bound _flush would keep a cycle through this protocol).
+        self._write: Callable[[bytes], object] | None = None
+        self._is_closing: Callable[[], bool] | None = None
+        self._call_soon: Callable[[Callable[[], None]], object] | None = None
+        self._flush_cb: Callable[[], None] | None = None
         self._streams: dict[int, StreamState] = {}
         self._flush_scheduled = False
         self._write_paused = False
@@ -141,8 +149,12 @@ class H2Protocol(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self._transport = cast(asyncio.Transport, transport)
+        self._transport = t = cast(asyncio.Transport, transport)
         self._loop = asyncio.get_running_loop()
+        self._write = t.write
+        self._is_closing = t.is_closing
+        self._call_soon = self._loop.call_soon
+        self._flush_cb = self._flush
         self._h2.initiate_connection()
         # The connection window covers every stream's full window, so one slow reader can only
         # stall its own stream, never its siblings (stream windows bound the memory instead).
@@ -215,6 +227,7 @@ class H2Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._write = self._is_closing = self._call_soon = self._flush_cb = None
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
@@ -392,17 +405,25 @@ class H2Protocol(asyncio.Protocol):
         self._flush_scheduled = False
         data = self._h2.data_to_send()
         # Once closed (possibly lingering after write_eof), nothing more may be written.
-        if data and not self._closed and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
-            if self.tcp is not None:
-                self.tcp.write_bytes += len(data)
+        if data and not self._closed:
+            write = self._write
+            is_closing = self._is_closing
+            if write is not None and is_closing is not None and not is_closing():
+                write(data)
+                if self.tcp is not None:
+                    self.tcp.write_bytes += len(data)
 
     def _schedule_flush(self) -> None:
         # Coalesce frames from many streams into one write per loop iteration. Nothing queued
         # (e.g. consumed bytes that do not yet earn a WINDOW_UPDATE): no loop callback.
         if not self._flush_scheduled and self._h2.output_pending:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            call_soon = self._call_soon
+            flush = self._flush_cb
+            if call_soon is not None and flush is not None:
+                call_soon(flush)
+            else:
+                self._loop.call_soon(self._flush)
 
     def _write_goaway(self, error_code: int, last_stream_id: int) -> None:
         """Send GOAWAY now; in-flight streams at or below ``last_stream_id`` may still finish."""
