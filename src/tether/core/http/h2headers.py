@@ -137,7 +137,7 @@ def request_fields(method: bytes, scheme: bytes, authority: bytes, path: bytes, 
 
 def response_fields(status: int, headers: Headers) -> Headers:
     """The HTTP/2 field block for a response head."""
-    out: Headers = [(b":status", str(status).encode())]
+    out: Headers = [(b":status", b"200" if status == 200 else str(status).encode())]
     out.extend(strip_connection_specific(headers))
     return out
 

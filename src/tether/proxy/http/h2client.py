@@ -107,7 +107,7 @@ class H2ClientConnection(H2Protocol):
             raise H2ConnectionClosed("stream ids exhausted", retryable=True) from None
         fields = request_fields(req.method, req.scheme, req.authority, req.path, req.headers)
         empty = body_is_empty(req.body)
-        st.response = self._loop.create_future()
+        st.response = self._new_future()
         self._streams[stream_id] = st
         try:
             self._send_fields(stream_id, fields, empty)
@@ -118,21 +118,16 @@ class H2ClientConnection(H2Protocol):
         st.headers_sent = True
         if empty:
             st.local_closed = True
-        elif type(req.body) is BytesBody and not req.body.trailers \
-                and _fits_now(req.body, self._h2.local_flow_control_window(stream_id)):
-            # The whole body is in memory and the peer's windows take it: one DATA frame ending
-            # the stream, in the same write as the head, with no coroutine at all.
-            self._h2.send_data(stream_id, req.body.take(), end_stream=True)
-            st.local_closed = True
-        elif _fits_now(req.body, self._h2.local_flow_control_window(stream_id)):
-            # The whole body is here and the peer's windows take it: it goes out now, in the same
-            # write as the head, without a Task of its own (creating one costs more than sending).
-            await self._upload(stream_id, st, req.body)
         else:
-            task = self._loop.create_task(self._upload(stream_id, st, req.body))
-            st.upload = task
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # A body that is all here and fits the peer's windows goes now, in the same write as
+            # the head, with no coroutine or Task; a larger or streaming one is sent by a Task.
+            body = req.body
+            rest = body.take()
+            if rest is None or not self._send_taken(stream_id, st, rest, body.trailers):
+                task = self._loop.create_task(self._upload(stream_id, st, body, rest))
+                st.upload = task
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         try:
             out = await st.response
         except asyncio.CancelledError:
@@ -226,9 +221,9 @@ class H2ClientConnection(H2Protocol):
         if self._goaway and not self._streams and not self._closed:
             self._abort(H2ConnectionClosed("connection drained after GOAWAY", retryable=True))
 
-    async def _upload(self, stream_id: int, st: StreamState, body: Body) -> None:
+    async def _upload(self, stream_id: int, st: StreamState, body: Body, taken: bytes | None = None) -> None:
         try:
-            await self._send_body(stream_id, st, body)
+            await self._send_body(stream_id, st, body, taken)
         except asyncio.CancelledError:
             body.discard()
             self._reset_stream(stream_id, st, CANCEL)
@@ -313,15 +308,6 @@ class H2ClientConnection(H2Protocol):
         self._wake_all_slots()
         for t in list(self._tasks):
             t.cancel()
-
-
-def _fits_now(body: Body, window: int) -> bool:
-    """True when ``body`` is wholly buffered and no larger than ``window``: sending it never waits."""
-    if isinstance(body, PipeBody):
-        return body.is_end_known() and body.buffered <= window
-    if type(body) is BytesBody:
-        return body.length is not None and body.length <= window
-    return False
 
 
 class H2Pool:
@@ -434,12 +420,13 @@ def _replayable(req: Request) -> tuple[bytes, Headers | None] | tuple[()] | None
     if isinstance(body, PipeBody):
         if not body.is_end_known() or body.buffered > MAX_REPLAY_BYTES:
             return None
-        data = body.take()  # all of it: it is buffered
     elif type(body) is BytesBody:
         if body.length is None or body.length > MAX_REPLAY_BYTES:
             return None
-        data = body.take()
     else:
+        return None
+    data = body.take()  # all of it: it is buffered
+    if data is None:
         return None
     trailers = body.trailers
     req.body = BytesBody(data, trailers)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from tether.core.http import h2frames, h2proto
 from tether.core.http.h2headers import trailer_fields
@@ -62,7 +62,7 @@ class H2Body(PipeBody):
             self._consumed(len(data))
         return data
 
-    def take(self) -> bytes:
+    def take(self) -> bytes | None:
         data = super().take()
         if data:
             self._consumed(len(data))
@@ -136,6 +136,10 @@ class H2Protocol(asyncio.Protocol):
         self._is_closing: Callable[[], bool] | None = None
         self._call_soon: Callable[[Callable[[], None]], object] | None = None
         self._flush_cb: Callable[[], None] | None = None
+        self._loop = asyncio.get_event_loop()
+        # The loop's methods used per stream, bound once (no lookup per call when compiled).
+        self._now: Callable[[], float] = self._loop.time
+        self._new_future: Callable[[], asyncio.Future[Any]] = self._loop.create_future
         self._streams: dict[int, StreamState] = {}
         self._flush_scheduled = False
         self._write_paused = False
@@ -144,13 +148,14 @@ class H2Protocol(asyncio.Protocol):
         self._backlog = b""  # read but not yet parsed (see RECEIVE_SLICE)
         self._closed = False
         self._close_error: H2Error | None = None
-        self._loop = asyncio.get_event_loop()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = t = cast(asyncio.Transport, transport)
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        self._now = loop.time
+        self._new_future = loop.create_future
         self._write = t.write
         self._is_closing = t.is_closing
         self._call_soon = self._loop.call_soon
@@ -496,8 +501,36 @@ class H2Protocol(asyncio.Protocol):
                 self._flush()
                 await self._wait_writable()
 
-    async def _send_body(self, stream_id: int, st: StreamState, body: Body) -> None:
-        """Send a whole body, then its trailers (or END_STREAM)."""
+    def _send_taken(self, stream_id: int, st: StreamState, data: bytes, trailers: Headers | None) -> bool:
+        """Send a whole body already taken (:meth:`Body.take`) and its trailers now, without a
+        coroutine, when nothing has to wait: the peer's windows take it and the transport is not
+        pushing back. False when something would: nothing is sent then (see _send_body)."""
+        if self._write_paused or st.reset is not None or self._closed:
+            return False
+        h2c = self._h2
+        n = len(data)
+        if n and h2c.local_flow_control_window(stream_id) < n:
+            return False
+        if n or not trailers:
+            h2c.send_data(stream_id, data, end_stream=not trailers)
+        if trailers:
+            h2c.send_headers(stream_id, trailer_fields(trailers), end_stream=True)
+        st.local_closed = True
+        self._schedule_flush()
+        return True
+
+    async def _send_body(self, stream_id: int, st: StreamState, body: Body, taken: bytes | None = None) -> None:
+        """Send a whole body, then its trailers (or END_STREAM); ``taken``: all of it, already taken."""
+        if taken is not None:
+            trailers = body.trailers
+            if taken or not trailers:
+                await self._send_data(stream_id, st, taken, not trailers)
+            if trailers:
+                self._check_open(st)
+                self._h2.send_headers(stream_id, trailer_fields(trailers), end_stream=True)
+                self._schedule_flush()
+            st.local_closed = True
+            return
         while True:
             chunk = await body.read()
             if not chunk:

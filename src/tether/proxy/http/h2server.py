@@ -186,7 +186,7 @@ class H2ServerProtocol(H2Protocol):
 
     def _on_request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
         st = StreamState()
-        now = st.opened_at = self._loop.time()
+        now = st.opened_at = self._now()
         self._streams[stream_id] = st
         if ended:
             st.remote_closed = True
@@ -341,7 +341,7 @@ class H2ServerProtocol(H2Protocol):
             w.cancels = 0
             if task.cancelling() or self._lost or len(self._idle) >= IDLE_WORKERS:
                 return
-            wake: asyncio.Future[_Job | None] = self._loop.create_future()
+            wake: asyncio.Future[_Job | None] = self._new_future()
             w.wake = wake
             self._idle.append(w)
             try:
@@ -365,7 +365,7 @@ class H2ServerProtocol(H2Protocol):
         # A connection with no stream for idle_timeout is closed (GOAWAY first), so clients that
         # connect and go quiet hold no resources for ever. The idle time counts from now.
         if not self._closed and self.config.idle_timeout > 0:
-            self._idle_since = self._loop.time()
+            self._idle_since = self._now()
             if self._idle_timer is None:
                 self._idle_timer = self._loop.call_later(self.config.idle_timeout, self._on_idle)
 
@@ -411,7 +411,10 @@ class H2ServerProtocol(H2Protocol):
             if empty:
                 st.local_closed = True
             else:
-                await self._send_body(stream_id, st, resp.body)
+                # A body that is all here (a unary gRPC answer usually is) goes at once, no coroutine.
+                rest = resp.body.take()
+                if rest is None or not self._send_taken(stream_id, st, rest, resp.body.trailers):
+                    await self._send_body(stream_id, st, resp.body, rest)
             if not st.remote_closed and st.reset is None:
                 # Complete response while the client still sends: tell it to stop (RFC 9113 8.1).
                 if st.body is not None:
