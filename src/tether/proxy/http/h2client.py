@@ -266,14 +266,11 @@ class H2ClientConnection(H2Protocol):
             for k, v in headers:
                 if k == b"content-length" and v.isdigit():
                     length = int(v)
-            # The callback names the stream by id, not by its state: a closure holding ``st``
-            # (which holds the body, which holds the callback) would be a reference cycle per
-            # call, freed only by the garbage collector.
-            st.body = self._new_body(stream_id, length, lambda: self._discarded(stream_id))
+            st.body = self._new_body(stream_id, length)
             body = st.body
         st.response.set_result(Response(status=status, headers=headers, body=body))
 
-    def _discarded(self, stream_id: int) -> None:
+    def _body_discarded(self, stream_id: int) -> None:
         # The reader abandoned the response body before its end: stop the upstream stream.
         st = self._streams.get(stream_id)
         if st is not None and not st.remote_closed:

@@ -42,30 +42,28 @@ RECEIVE_SLICE: Final = 16 * 1024
 class H2Body(PipeBody):
     """A received HTTP/2 body: DATA frames are acknowledged to the peer only once read."""
 
-    __slots__ = ("_consumed", "_on_discard", "discarded")
+    # The body names its connection and stream (not a callback): calling the connection's methods
+    # is a direct call when compiled, a closure is a generic call and two objects per body. The
+    # stream by id, not by its state: the state holds the body (a cycle per call otherwise).
+    __slots__ = ("_proto", "_stream_id", "discarded")
 
-    def __init__(
-        self,
-        length: int | None,
-        consumed: Callable[[int], None],
-        on_discard: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, length: int | None, proto: H2Protocol, stream_id: int) -> None:
         # The peer's flow-control window bounds what is buffered, so PipeBody's own pause is unused.
         super().__init__(length)
-        self._consumed = consumed
-        self._on_discard = on_discard
+        self._proto = proto
+        self._stream_id = stream_id
         self.discarded = False
 
     async def read(self) -> bytes:
         data = await super().read()
         if data:
-            self._consumed(len(data))
+            self._proto._ack(self._stream_id, len(data))
         return data
 
     def take(self) -> bytes | None:
         data = super().take()
         if data:
-            self._consumed(len(data))
+            self._proto._ack(self._stream_id, len(data))
         return data
 
     def discard(self) -> None:
@@ -75,9 +73,9 @@ class H2Body(PipeBody):
         super().discard()
         self.discarded = True
         if buffered:
-            self._consumed(buffered)
-        if self._on_discard is not None and not self.done:
-            self._on_discard()
+            self._proto._ack(self._stream_id, buffered)
+        if not self.done:
+            self._proto._body_discarded(self._stream_id)
 
 
 class StreamState:
@@ -350,8 +348,11 @@ class H2Protocol(asyncio.Protocol):
         """A stream finished on both sides and left the table."""
 
     # -- stream bookkeeping ---------------------------------------------------------------------
-    def _new_body(self, stream_id: int, length: int | None, on_discard: Callable[[], None] | None) -> H2Body:
-        return H2Body(length, lambda n: self._ack(stream_id, n), on_discard)
+    def _new_body(self, stream_id: int, length: int | None) -> H2Body:
+        return H2Body(length, self, stream_id)
+
+    def _body_discarded(self, stream_id: int) -> None:
+        """The reader of a body we receive abandoned it before its end (a client resets upstream)."""
 
     def _ack(self, stream_id: int, n: int) -> None:
         if self._closed or n <= 0:

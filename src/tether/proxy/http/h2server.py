@@ -223,7 +223,7 @@ class H2ServerProtocol(H2Protocol):
             body: EmptyBody | object = EmptyBody()
         else:
             cl = _content_length(head.headers)
-            st.body = self._new_body(stream_id, cl, None)
+            st.body = self._new_body(stream_id, cl)
             body = st.body
         req = Request(
             method=head.method,
