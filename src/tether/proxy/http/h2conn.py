@@ -20,9 +20,9 @@ from typing import Any, Final, cast
 from tether.core.http import h2frames, h2proto
 from tether.core.http.h2headers import trailer_fields
 from tether.proxy.config import H2Settings
+from tether.proxy.counters import TcpMetrics
 from tether.proxy.http.body import Body, BytesBody, EmptyBody, PipeBody
 from tether.proxy.http.h2codec import CANCEL, INTERNAL_ERROR, H2ConnectionClosed, H2Error, H2StreamReset, error_code_for
-from tether.proxy.tcp import ByteCounters
 
 __all__ = ["H2ConnectionClosed", "H2Error", "H2Protocol", "H2StreamReset", "error_code_for"]
 
@@ -114,8 +114,9 @@ class H2Protocol(asyncio.Protocol):
 
     def __init__(self, config: H2Settings, client_side: bool, stream_limit: int | None = None) -> None:
         self.config = config
-        # tcp_read_bytes_total / tcp_write_bytes_total of the connection, when the proxy counts it.
-        self.tcp: ByteCounters | None = None
+        # tcp_read_bytes_total / tcp_write_bytes_total of the connection, when the proxy counts it
+        # (the compiled class, not a protocol: its counters are then plain fields when compiled).
+        self.tcp: TcpMetrics | None = None
         self._h2 = h2proto.H2Connection(
             client_side,
             max_concurrent_streams=config.h2_max_concurrent_streams,
@@ -558,7 +559,8 @@ class H2Protocol(asyncio.Protocol):
 
 def body_is_empty(body: Body) -> bool:
     """True for a body known to carry no data and no trailers (HEADERS can end the stream)."""
-    if type(body) in (Body, EmptyBody):
+    t = type(body)
+    if t is EmptyBody or t is Body:  # (``in`` a tuple of types: a generic comparison per type)
         return not body.trailers
     if isinstance(body, BytesBody):
         return body.length == 0 and not body.trailers

@@ -88,6 +88,10 @@ class H2ServerProtocol(H2Protocol):
         super().__init__(config, client_side=False, stream_limit=2 * config.h2_max_concurrent_streams + 16)
         self._service = service
         self._conn = conn
+        # Per-stream settings read once (the settings are frozen; reading a field of the
+        # interpreted dataclass is a generic attribute lookup when compiled).
+        self._max_streams = config.h2_max_concurrent_streams
+        self._idle_timeout = config.idle_timeout
         self._busy: set[_Worker] = set()  # workers serving a stream (or unwinding one that was reset)
         self._idle: list[_Worker] = []
         self._quiet: list[asyncio.Future[None]] = []  # drain: woken when no stream is served
@@ -197,7 +201,7 @@ class H2ServerProtocol(H2Protocol):
             # A new stream after the client's own GOAWAY: a protocol violation, refused.
             self._reset_stream(stream_id, st, REFUSED_STREAM)
             return
-        if len(self._busy) >= self.config.h2_max_concurrent_streams:
+        if len(self._busy) >= self._max_streams:
             # Handlers of reset streams may still be unwinding; they count against the bound.
             self._reset_stream(stream_id, st, REFUSED_STREAM)
             if len(self._busy) > self._h2.open_inbound_streams:
@@ -364,7 +368,7 @@ class H2ServerProtocol(H2Protocol):
     def _arm_idle_timer(self) -> None:
         # A connection with no stream for idle_timeout is closed (GOAWAY first), so clients that
         # connect and go quiet hold no resources for ever. The idle time counts from now.
-        if not self._closed and self.config.idle_timeout > 0:
+        if not self._closed and self._idle_timeout > 0:
             self._idle_since = self._now()
             if self._idle_timer is None:
                 self._idle_timer = self._loop.call_later(self.config.idle_timeout, self._on_idle)
