@@ -182,6 +182,7 @@ class H2Stream:
         "recv_unacked",
         "recv_window",
         "remote_closed",
+        "removed",
         "send_window",
     )
 
@@ -197,6 +198,7 @@ class H2Stream:
         self.expected_length = -1  # content-length, -1 when absent
         self.received_length = 0
         self.head_request = False  # client: a response to HEAD has no body whatever it says
+        self.removed = False  # closed and out of the connection's table
 
 
 class H2Connection:
@@ -233,6 +235,9 @@ class H2Connection:
         self.highest_inbound_stream_id = 0
         self._next_stream_id = 1 if client_side else 2
         self._streams: dict[int, H2Stream] = {}
+        # The stream last looked up: consecutive frames and calls are mostly for one stream, and a
+        # dict lookup by id boxes the id (an allocation) first. Cleared when that stream closes.
+        self._last: H2Stream | None = None
         self._closed: dict[int, int] = {}
         self._inbound_open = 0
         self._send_window = f.DEFAULT_WINDOW  # the connection's, toward the peer
@@ -281,10 +286,20 @@ class H2Connection:
 
     def local_flow_control_window(self, stream_id: int) -> int:
         """How many bytes of DATA may be sent on ``stream_id`` now."""
-        st = self._streams.get(stream_id)
+        st = self._stream(stream_id)
         if st is None or st.local_closed:
             raise H2UsageError(f"stream {stream_id} is closed")
-        return min(self._send_window, st.send_window)
+        window = self._send_window
+        return window if window < st.send_window else st.send_window
+
+    def _stream(self, stream_id: int) -> H2Stream | None:
+        st = self._last
+        if st is not None and st.id == stream_id:
+            return st
+        st = self._streams.get(stream_id)
+        if st is not None:
+            self._last = st
+        return st
 
     def get_next_available_stream_id(self) -> int:
         sid = self._next_stream_id
@@ -320,7 +335,7 @@ class H2Connection:
         """Send a request head (opening the stream, client side), a response head, or trailers."""
         if self._terminated:
             raise H2UsageError("connection terminated")
-        st = self._streams.get(stream_id)
+        st = self._stream(stream_id)
         if st is None:
             if not self.client_side or stream_id != self._next_stream_id or stream_id > MAX_STREAM_ID:
                 raise H2UsageError(f"cannot send headers on stream {stream_id}: not open")
@@ -352,7 +367,7 @@ class H2Connection:
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """Send DATA within the peer's windows (see :meth:`local_flow_control_window`)."""
-        st = self._streams.get(stream_id)
+        st = self._stream(stream_id)
         if st is None or st.local_closed or self._terminated:
             raise H2UsageError(f"stream {stream_id} is closed for sending")
         n = len(data)
@@ -377,7 +392,7 @@ class H2Connection:
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         """RST_STREAM a stream (a no-op for a stream already closed)."""
-        st = self._streams.get(stream_id)
+        st = self._stream(stream_id)
         if st is None:
             return
         self._out.append(f.rst_stream_frame(stream_id, error_code))
@@ -388,7 +403,7 @@ class H2Connection:
         if n <= 0 or self._terminated:
             return
         self._conn_ack(n)
-        st = self._streams.get(stream_id)
+        st = self._stream(stream_id)
         if st is None or st.remote_closed:
             return
         st.recv_unacked += n
@@ -401,7 +416,7 @@ class H2Connection:
     def increment_flow_control_window(self, increment: int, stream_id: int = 0) -> None:
         """Open a receive window beyond its initial size (the connection's, by default)."""
         if stream_id:
-            st = self._streams.get(stream_id)
+            st = self._stream(stream_id)
             if st is None:
                 return
             st.recv_window += increment
@@ -516,7 +531,7 @@ class H2Connection:
     def _stream_error(self, sid: int, code: int) -> None:
         """RST_STREAM for a stream error the peer caused; an open stream closes with an event."""
         self._out.append(f.rst_stream_frame(sid, code))
-        st = self._streams.get(sid)
+        st = self._stream(sid)
         if st is not None:
             self._close_stream(st, CLOSED_RESET_LOCAL)
             self._events.append(StreamReset(sid, code, False))
@@ -537,7 +552,7 @@ class H2Connection:
         if flow_len > self._recv_window:
             raise _ConnError(f.FLOW_CONTROL_ERROR, "DATA exceeds the connection window")
         self._recv_window -= flow_len
-        st = self._streams.get(sid)
+        st = self._stream(sid)
         if st is None:
             self._conn_ack(flow_len)  # nobody will read it
             kind = self._closed_kind(sid)
@@ -626,7 +641,7 @@ class H2Connection:
                     self._decoded.clear()
                 seen = self._decoded[block] = _Decoded(tuple(fields), version)
         self._block = seen
-        st = self._streams.get(sid)
+        st = self._stream(sid)
         if st is None:
             self._new_remote_stream(sid, fields, end_stream, bad_priority, too_large)
             return
@@ -738,7 +753,7 @@ class H2Connection:
                 raise _ConnError(f.FLOW_CONTROL_ERROR, "connection window above 2^31-1")
             self._events.append(WindowUpdated(0, inc))
             return
-        st = self._streams.get(sid)
+        st = self._stream(sid)
         if st is None:
             if self._closed_kind(sid) == _IDLE:
                 raise _ConnError(f.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
@@ -756,7 +771,7 @@ class H2Connection:
         if sid == 0:
             raise _ConnError(f.PROTOCOL_ERROR, "RST_STREAM on stream 0")
         code = f.parse_rst_stream(payload)
-        st = self._streams.get(sid)
+        st = self._stream(sid)
         if st is None:
             if self._closed_kind(sid) == _IDLE:
                 raise _ConnError(f.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
@@ -842,10 +857,12 @@ class H2Connection:
             self._close_stream(st, CLOSED_ENDED)
 
     def _close_stream(self, st: H2Stream, kind: int) -> None:
-        streams = self._streams
-        if st.id not in streams:
+        if st.removed:
             return
-        del streams[st.id]  # (not dict.pop: a generic method call when compiled)
+        del self._streams[st.id]  # (not dict.pop: a generic method call when compiled)
+        st.removed = True
+        if self._last is st:
+            self._last = None
         st.local_closed = st.remote_closed = True
         if st.inbound:
             self._inbound_open -= 1

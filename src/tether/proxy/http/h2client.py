@@ -113,6 +113,7 @@ class H2ClientConnection(H2Protocol):
             self._send_fields(stream_id, fields, empty)
         except h2proto.H2UsageError as e:
             del self._streams[stream_id]
+            self._last_st = None
             self._wake_slot()
             raise H2ConnectionClosed(f"cannot open stream: {e}", retryable=True) from e
         st.headers_sent = True
@@ -249,7 +250,7 @@ class H2ClientConnection(H2Protocol):
             self._pong.set_result(None)
 
     def _on_response(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
-        st = self._streams.get(stream_id)
+        st = self._state(stream_id)
         if st is None or st.response is None or st.response.done():
             return
         try:
@@ -272,7 +273,7 @@ class H2ClientConnection(H2Protocol):
 
     def _body_discarded(self, stream_id: int) -> None:
         # The reader abandoned the response body before its end: stop the upstream stream.
-        st = self._streams.get(stream_id)
+        st = self._state(stream_id)
         if st is not None and not st.remote_closed:
             self._reset_stream(stream_id, st, CANCEL)
 
@@ -294,6 +295,7 @@ class H2ClientConnection(H2Protocol):
                 self._wake_window(st)
                 self._stream_reset(sid, st, err)
                 del self._streams[sid]
+                self._last_st = None
         self._wake_all_slots()
         if error_code != NO_ERROR:
             self._abort(H2ConnectionClosed(f"GOAWAY({error_code}) from server"))

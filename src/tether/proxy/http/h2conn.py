@@ -140,6 +140,9 @@ class H2Protocol(asyncio.Protocol):
         self._now: Callable[[], float] = self._loop.time
         self._new_future: Callable[[], asyncio.Future[Any]] = self._loop.create_future
         self._streams: dict[int, StreamState] = {}
+        # The stream state last looked up (see _state); dropped whenever a state leaves the table.
+        self._last_sid = 0
+        self._last_st: StreamState | None = None
         self._flush_scheduled = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -280,12 +283,12 @@ class H2Protocol(asyncio.Protocol):
         elif isinstance(event, h2proto.StreamEnded):
             self._on_remote_end(event.stream_id)
         elif isinstance(event, h2proto.TrailersReceived):
-            st = self._streams.get(event.stream_id)
+            st = self._state(event.stream_id)
             if st is not None:
                 st.trailers = event.headers
         elif isinstance(event, h2proto.WindowUpdated):
             if event.stream_id:
-                st = self._streams.get(event.stream_id)
+                st = self._state(event.stream_id)
                 if st is not None:
                     self._wake_window(st)
             else:
@@ -303,7 +306,7 @@ class H2Protocol(asyncio.Protocol):
             self._on_other(event)
 
     def _on_data(self, stream_id: int, data: bytes, flow_len: int) -> None:
-        st = self._streams.get(stream_id)
+        st = self._state(stream_id)
         if st is None or st.body is None or st.body.discarded or st.body.done:
             self._ack(stream_id, flow_len)
             return
@@ -312,7 +315,7 @@ class H2Protocol(asyncio.Protocol):
         st.body.feed(data)
 
     def _on_remote_end(self, stream_id: int) -> None:
-        st = self._streams.get(stream_id)
+        st = self._state(stream_id)
         if st is None:
             return
         st.remote_closed = True
@@ -321,7 +324,7 @@ class H2Protocol(asyncio.Protocol):
         self._maybe_forget(stream_id, st)
 
     def _on_reset(self, stream_id: int, code: int, remote: bool) -> None:
-        st = self._streams.get(stream_id)
+        st = self._state(stream_id)
         if st is None:
             return
         err = H2StreamReset(stream_id, code, remote)
@@ -349,6 +352,18 @@ class H2Protocol(asyncio.Protocol):
         """A stream finished on both sides and left the table."""
 
     # -- stream bookkeeping ---------------------------------------------------------------------
+    def _state(self, stream_id: int) -> StreamState | None:
+        """``self._streams.get(stream_id)``: consecutive events are mostly for one stream, and a
+        lookup by id boxes the id (an allocation) first."""
+        st = self._last_st
+        if st is not None and self._last_sid == stream_id:
+            return st
+        st = self._streams.get(stream_id)
+        if st is not None:
+            self._last_sid = stream_id
+            self._last_st = st
+        return st
+
     def _new_body(self, stream_id: int, length: int | None) -> H2Body:
         return H2Body(length, self, stream_id)
 
@@ -362,8 +377,9 @@ class H2Protocol(asyncio.Protocol):
         self._schedule_flush()
 
     def _maybe_forget(self, stream_id: int, st: StreamState) -> None:
-        if st.local_closed and st.remote_closed and self._streams.get(stream_id) is st:
+        if st.local_closed and st.remote_closed and self._state(stream_id) is st:
             del self._streams[stream_id]
+            self._last_st = None
             self._stream_forgotten(stream_id)
 
     def _reset_stream(self, stream_id: int, st: StreamState, code: int) -> None:
@@ -388,6 +404,7 @@ class H2Protocol(asyncio.Protocol):
             self._wake_window(st)
             self._stream_reset(sid, st, err)
         self._streams.clear()
+        self._last_st = None
 
     def _abort(self, err: H2Error, linger: float = 0.0) -> None:
         """End the connection and fail its streams.
