@@ -471,6 +471,15 @@ class H2Connection:
                 end = pos + 9 + length
                 if end > n:
                     break
+                if ftype == f.WINDOW_UPDATE and length == 4 and self._settings_seen and not self._cont_sid:
+                    # The commonest small frame (a few per gRPC call), read in place: no payload
+                    # slice. Anything unusual about it takes the general path below.
+                    inc = (
+                        ((data[pos + 9] & 0x7F) << 24) | (data[pos + 10] << 16) | (data[pos + 11] << 8) | data[pos + 12]
+                    )
+                    pos = end
+                    self._window_update(sid, inc)
+                    continue
                 payload = data[pos + 9 : end]
                 pos = end
                 self._frame(ftype, flags, sid, payload)
@@ -744,7 +753,9 @@ class H2Connection:
         self._remember(sid, CLOSED_RESET_LOCAL)
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
-        inc = f.parse_window_update(payload)
+        self._window_update(sid, f.parse_window_update(payload))
+
+    def _window_update(self, sid: int, inc: int) -> None:
         if sid == 0:
             if inc == 0:
                 raise _ConnError(f.PROTOCOL_ERROR, "WINDOW_UPDATE of 0 on the connection")
