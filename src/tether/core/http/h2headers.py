@@ -84,7 +84,7 @@ def parse_request(fields: Headers) -> RequestHead:
     headers: Headers = []
     host: bytes | None = None
     for k, v in fields:
-        if k[:1] == b":":
+        if len(k) and k[0] == 0x3A:  # ":" (a one-byte slice is an allocation)
             if headers:
                 raise H2HeaderError("pseudo-header after a regular header")
             if k == b":method":
@@ -164,7 +164,7 @@ def parse_response(fields: Headers) -> tuple[int, Headers]:
             status = _three_digits(v)
             if status < 0:
                 raise H2HeaderError(f"bad :status {v!r}")
-        elif k[:1] == b":":
+        elif len(k) and k[0] == 0x3A:
             raise H2HeaderError(f"unexpected pseudo-header {k!r} in a response")
         else:
             headers.append((k, v))
@@ -271,7 +271,7 @@ def check_fields(fields: Headers, kind: int) -> FieldCheck:
         if not _value_ok(value):
             out.error = f"invalid character in the value of {name!r}"
             return out
-        if name[:1] == b":":
+        if len(name) and name[0] == 0x3A:
             if seen_regular:
                 out.error = "pseudo-header after a regular field"
                 return out
