@@ -192,6 +192,21 @@ def test_grpc_failures_are_classified_from_the_trailers() -> None:
     run(main())
 
 
+def test_grpc_failures_are_classified_when_the_whole_answer_is_taken_at_once() -> None:
+    # The HTTP/2 codec takes a response that is all here without reading it chunk by chunk.
+    async def main() -> None:
+        h = Harness(1)
+        h.svc(0).response = grpc_response(b"14")  # UNAVAILABLE: a failure
+        for _ in range(7):
+            rsp = await h.send()
+            assert rsp.body.take() == b"\x00" * 5
+            assert rsp.body.take() == b""
+            assert rsp.body.trailers == [(b"grpc-status", b"14")]
+        assert h.lb.endpoints_pending == 1
+
+    run(main())
+
+
 async def eject(h: Harness, i: int) -> None:
     h.svc(i).error = ConnectionRefusedError("refused")
     for _ in range(1000):

@@ -184,6 +184,27 @@ async def test_trailers_flow_both_ways() -> None:
 
 
 @async_test
+async def test_whole_bodies_in_memory_arrive_whole_with_their_trailers_beyond_a_window() -> None:
+    # Bodies already in memory go with their head when the peer's windows take them; a larger
+    # one (here twice the 64 KiB window) waits for WINDOW_UPDATEs, its trailers after it.
+    seen: list[tuple[bytes, object]] = []
+
+    async def handler(r: Request) -> Response:
+        data = await read_all(r.body, 1 << 20)
+        seen.append((data, r.body.trailers))
+        return Response(200, [(b"content-type", b"application/grpc")], BytesBody(data[::-1], [(b"grpc-status", b"0")]))
+
+    _, client, _ = pair(handler)
+    for size in (5, 70000, 131072):
+        data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        resp = await client.send(req(BytesBody(data, [(b"x-req-trailer", str(size).encode())])))
+        assert await read_all(resp.body, 1 << 20) == data[::-1]
+        assert resp.body.trailers == [(b"grpc-status", b"0")]
+    assert [(len(d), t) for d, t in seen] == [(5, [(b"x-req-trailer", b"5")]), (70000, [(b"x-req-trailer", b"70000")]),
+                                             (131072, [(b"x-req-trailer", b"131072")])]
+
+
+@async_test
 async def test_finished_calls_leave_no_reference_cycles() -> None:
     """A finished call's objects are freed by reference counting: none waits for the garbage
     collector (whose passes grow with the calls per second and show in the tail latency)."""

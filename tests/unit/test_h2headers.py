@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tether.core.http.classify import parse_grpc_status
 from tether.core.http.h2headers import (
     CONNECTION_SPECIFIC,
     FIELDS_REQUEST,
@@ -182,3 +183,22 @@ _field_values = st.sampled_from([b"trailers", b"TE, x-hop", b"gzip, Trailers ", 
 @given(st.lists(st.tuples(_field_names, _field_values), max_size=8))
 def test_strip_connection_specific_matches_the_rule(headers: list[tuple[bytes, bytes]]) -> None:
     assert strip_connection_specific(list(headers)) == _strip_oracle(headers)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.binary(max_size=4), st.sampled_from([b"200", b"404", b"0", b"14", b"07", b" 5", b"5 ", b"-1", b"+3",
+                                                         b"\xd9\xa3", b"1_0", b"099", b"2000"])))
+def test_status_codes_read_as_int_reads_them(value: bytes) -> None:
+    # :status is three ASCII digits (else the head is malformed); grpc-status is what int() reads,
+    # UNKNOWN (2) when it cannot: both read natively now, int() is the oracle.
+    try:
+        expected = int(value)
+    except ValueError:
+        expected = None
+    assert parse_grpc_status(value) == (2 if expected is None else expected)
+    ok = len(value) == 3 and value.isdigit()
+    if ok:
+        assert parse_response([(b":status", value)]) == (int(value), [])
+    else:
+        with pytest.raises(H2HeaderError):
+            parse_response([(b":status", value)])

@@ -518,3 +518,62 @@ def test_a_recurring_block_is_checked_again_for_what_it_now_carries() -> None:
     bad = s2.receive_data(_headers_frame(1, block, end=True))  # the request head again, as trailers
     assert [(e.stream_id, e.remote) for e in bad if isinstance(e, StreamReset)] == [(1, False)]
     assert not [e for e in bad if isinstance(e, TrailersReceived)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["data", "end", "reset", "answer"])), max_size=40))
+def test_interleaved_streams_keep_their_own_state(ops: list[tuple[int, str]]) -> None:
+    # Frames and calls for four streams in any order: each stream's data, end and reset reach
+    # that stream only, however the connections look streams up between frames.
+    c, s = pair()
+    sids = []
+    for _ in range(4):
+        sid = c.get_next_available_stream_id()
+        c.send_headers(sid, REQ)
+        sids.append(sid)
+    s.receive_data(c.data_to_send())
+    sent = dict.fromkeys(sids, b"")
+    got = dict.fromkeys(sids, b"")
+    client_done: set[int] = set()  # ended or reset by the client
+    reset: set[int] = set()
+    answered: set[int] = set()
+    ended: set[int] = set()
+    for i, op in ops:
+        sid = sids[i]
+        if op == "answer":
+            if sid in reset or sid in answered:
+                with pytest.raises(H2UsageError):
+                    s.send_headers(sid, RESP, end_stream=True)
+                continue
+            s.send_headers(sid, RESP, end_stream=True)
+            answered.add(sid)
+            evs = c.receive_data(s.data_to_send())
+            assert kinds(evs) == ["ResponseReceived", "StreamEnded"] and evs[0].stream_id == sid  # type: ignore[attr-defined]
+            continue
+        if sid in client_done:
+            with pytest.raises(H2UsageError):
+                c.send_data(sid, b"x")
+            continue
+        if op == "data":
+            c.send_data(sid, bytes([48 + i]) * (i + 1))
+            sent[sid] += bytes([48 + i]) * (i + 1)
+        elif op == "end":
+            c.send_data(sid, b"", end_stream=True)
+            client_done.add(sid)
+        else:
+            c.reset_stream(sid, f.CANCEL)
+            client_done.add(sid)
+            reset.add(sid)
+        for ev in s.receive_data(c.data_to_send()):
+            if isinstance(ev, DataReceived):
+                got[ev.stream_id] += ev.data
+            elif isinstance(ev, StreamEnded):
+                ended.add(ev.stream_id)
+            else:
+                assert isinstance(ev, StreamReset) and ev.remote and ev.stream_id == sid and sid in reset
+    assert got == sent
+    assert ended == client_done - reset
+    for sid in sids:
+        both_done = sid in reset or (sid in client_done and sid in answered)
+        assert c.stream_is_open(sid) is not both_done
+        assert s.stream_is_open(sid) is not both_done

@@ -108,14 +108,23 @@ class _OutcomeBody(Body):
             self._done(None)
             raise
         if not chunk:
-            status: int | None = None
-            for k, v in self.trailers or ():
-                if k == b"grpc-status":
-                    status = parse_grpc_status(v.strip())
-                    break
-            # No status at all: the call did not complete, but that is no verdict on the server.
-            self._done(True if status is None else ACCRUAL.grpc_ok(status))
+            self._ended()
         return chunk
+
+    def take(self) -> bytes | None:
+        rest = self._inner.take()
+        if rest is not None:
+            self._ended()  # the rest is all here, its end (the trailers) included
+        return rest
+
+    def _ended(self) -> None:
+        status: int | None = None
+        for k, v in self.trailers or ():
+            if k == b"grpc-status":
+                status = parse_grpc_status(v.strip())
+                break
+        # No status at all: the call did not complete, but that is no verdict on the server.
+        self._done(True if status is None else ACCRUAL.grpc_ok(status))
 
     def is_end_known(self) -> bool:
         return self._inner.is_end_known()

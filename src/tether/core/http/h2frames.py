@@ -83,9 +83,13 @@ def parse_header(buf: bytes | bytearray, pos: int) -> tuple[int, int, int, int]:
 
 
 def frame_header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
-    # Struct.pack, measured: int.to_bytes (compiled to a direct conversion) twice plus a join
-    # costs more per frame (~1.6k instructions against ~1.45k), boxing and allocating each part.
-    return _HEADER.pack(length >> 16, length & 0xFFFF, ftype, flags, stream_id)
+    """The 9-byte frame header (RFC 9113 section 4.1)."""
+    # The header as one integer and one int.to_bytes (compiled to a direct conversion: no method
+    # lookup, no argument parsing; the integer stays unboxed below 2**62, i.e. frames under 16 KiB):
+    # measured ~0.5k instructions against Struct.pack's ~1k (and two to_bytes plus a join's ~1.6k).
+    if length < 0 or length > MAX_MAX_FRAME_SIZE or stream_id < 0 or stream_id > 0x7FFFFFFF:
+        raise ValueError(f"frame length {length} or stream id {stream_id} out of range")
+    return ((length << 48) | (ftype << 40) | (flags << 32) | stream_id).to_bytes(9, "big")
 
 
 def strip_padding(payload: bytes, flags: int, stream_id: int) -> tuple[bytes, int]:
@@ -164,8 +168,7 @@ def parse_window_update(payload: bytes) -> int:
 
 
 def data_frame(stream_id: int, data: bytes, end_stream: bool) -> bytes:
-    n = len(data)
-    return _HEADER.pack(n >> 16, n & 0xFFFF, DATA, FLAG_END_STREAM if end_stream else 0, stream_id) + data
+    return frame_header(len(data), DATA, FLAG_END_STREAM if end_stream else 0, stream_id) + data
 
 
 def headers_frames(stream_id: int, block: bytes, end_stream: bool, max_frame_size: int) -> bytes:
@@ -173,7 +176,7 @@ def headers_frames(stream_id: int, block: bytes, end_stream: bool, max_frame_siz
     flags = FLAG_END_STREAM if end_stream else 0
     n = len(block)
     if n <= max_frame_size:
-        return _HEADER.pack(n >> 16, n & 0xFFFF, HEADERS, flags | FLAG_END_HEADERS, stream_id) + block
+        return frame_header(n, HEADERS, flags | FLAG_END_HEADERS, stream_id) + block
     out = [frame_header(max_frame_size, HEADERS, flags, stream_id), block[:max_frame_size]]
     pos = max_frame_size
     while pos < n:
@@ -206,8 +209,12 @@ def push_promise_frame(stream_id: int, promised: int, block: bytes) -> bytes:
     return frame_header(len(body), PUSH_PROMISE, FLAG_END_HEADERS, stream_id) + body
 
 
+PING_HEADER: Final = frame_header(8, PING, 0, 0)
+PING_ACK_HEADER: Final = frame_header(8, PING, FLAG_ACK, 0)
+
+
 def ping_frame(data: bytes, ack: bool = False) -> bytes:
-    return frame_header(8, PING, FLAG_ACK if ack else 0, 0) + data
+    return (PING_ACK_HEADER if ack else PING_HEADER) + data
 
 
 def goaway_frame(last_stream_id: int, error_code: int, debug: bytes = b"") -> bytes:

@@ -182,6 +182,7 @@ class H2Stream:
         "recv_unacked",
         "recv_window",
         "remote_closed",
+        "removed",
         "send_window",
     )
 
@@ -197,6 +198,7 @@ class H2Stream:
         self.expected_length = -1  # content-length, -1 when absent
         self.received_length = 0
         self.head_request = False  # client: a response to HEAD has no body whatever it says
+        self.removed = False  # closed and out of the connection's table
 
 
 class H2Connection:
@@ -233,6 +235,9 @@ class H2Connection:
         self.highest_inbound_stream_id = 0
         self._next_stream_id = 1 if client_side else 2
         self._streams: dict[int, H2Stream] = {}
+        # The stream last looked up: consecutive frames and calls are mostly for one stream, and a
+        # dict lookup by id boxes the id (an allocation) first. Cleared when that stream closes.
+        self._last: H2Stream | None = None
         self._closed: dict[int, int] = {}
         self._inbound_open = 0
         self._send_window = f.DEFAULT_WINDOW  # the connection's, toward the peer
@@ -281,10 +286,20 @@ class H2Connection:
 
     def local_flow_control_window(self, stream_id: int) -> int:
         """How many bytes of DATA may be sent on ``stream_id`` now."""
-        st = self._streams.get(stream_id)
+        st = self._stream(stream_id)
         if st is None or st.local_closed:
             raise H2UsageError(f"stream {stream_id} is closed")
-        return min(self._send_window, st.send_window)
+        window = self._send_window
+        return window if window < st.send_window else st.send_window
+
+    def _stream(self, stream_id: int) -> H2Stream | None:
+        st = self._last
+        if st is not None and st.id == stream_id:
+            return st
+        st = self._streams.get(stream_id)
+        if st is not None:
+            self._last = st
+        return st
 
     def get_next_available_stream_id(self) -> int:
         sid = self._next_stream_id
@@ -320,7 +335,7 @@ class H2Connection:
         """Send a request head (opening the stream, client side), a response head, or trailers."""
         if self._terminated:
             raise H2UsageError("connection terminated")
-        st = self._streams.get(stream_id)
+        st = self._stream(stream_id)
         if st is None:
             if not self.client_side or stream_id != self._next_stream_id or stream_id > MAX_STREAM_ID:
                 raise H2UsageError(f"cannot send headers on stream {stream_id}: not open")
@@ -338,13 +353,21 @@ class H2Connection:
         elif st.local_closed:
             raise H2UsageError(f"stream {stream_id} is closed for sending")
         block = self._encoder.encode(headers)
-        self._out.append(f.headers_frames(stream_id, block, end_stream, self.remote_max_frame_size))
+        n = len(block)
+        if n <= self.remote_max_frame_size:
+            # Header and block as two pieces of the next write (no copy of the block into a frame).
+            out = self._out
+            out.append(f.frame_header(n, f.HEADERS, (f.FLAG_END_STREAM | f.FLAG_END_HEADERS) if end_stream
+                                      else f.FLAG_END_HEADERS, stream_id))
+            out.append(block)
+        else:
+            self._out.append(f.headers_frames(stream_id, block, end_stream, self.remote_max_frame_size))
         if end_stream:
             self._local_end(st)
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """Send DATA within the peer's windows (see :meth:`local_flow_control_window`)."""
-        st = self._streams.get(stream_id)
+        st = self._stream(stream_id)
         if st is None or st.local_closed or self._terminated:
             raise H2UsageError(f"stream {stream_id} is closed for sending")
         n = len(data)
@@ -354,7 +377,10 @@ class H2Connection:
         st.send_window -= n
         size = self.remote_max_frame_size
         if n <= size:
-            self._out.append(f.data_frame(stream_id, data, end_stream))
+            out = self._out
+            out.append(f.frame_header(n, f.DATA, f.FLAG_END_STREAM if end_stream else 0, stream_id))
+            if n:
+                out.append(data)
         else:
             for off in range(0, n, size):
                 self._out.append(f.data_frame(stream_id, data[off : off + size], end_stream and off + size >= n))
@@ -366,7 +392,7 @@ class H2Connection:
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         """RST_STREAM a stream (a no-op for a stream already closed)."""
-        st = self._streams.get(stream_id)
+        st = self._stream(stream_id)
         if st is None:
             return
         self._out.append(f.rst_stream_frame(stream_id, error_code))
@@ -377,7 +403,7 @@ class H2Connection:
         if n <= 0 or self._terminated:
             return
         self._conn_ack(n)
-        st = self._streams.get(stream_id)
+        st = self._stream(stream_id)
         if st is None or st.remote_closed:
             return
         st.recv_unacked += n
@@ -390,7 +416,7 @@ class H2Connection:
     def increment_flow_control_window(self, increment: int, stream_id: int = 0) -> None:
         """Open a receive window beyond its initial size (the connection's, by default)."""
         if stream_id:
-            st = self._streams.get(stream_id)
+            st = self._stream(stream_id)
             if st is None:
                 return
             st.recv_window += increment
@@ -445,6 +471,15 @@ class H2Connection:
                 end = pos + 9 + length
                 if end > n:
                     break
+                if ftype == f.WINDOW_UPDATE and length == 4 and self._settings_seen and not self._cont_sid:
+                    # The commonest small frame (a few per gRPC call), read in place: no payload
+                    # slice. Anything unusual about it takes the general path below.
+                    inc = (
+                        ((data[pos + 9] & 0x7F) << 24) | (data[pos + 10] << 16) | (data[pos + 11] << 8) | data[pos + 12]
+                    )
+                    pos = end
+                    self._window_update(sid, inc)
+                    continue
                 payload = data[pos + 9 : end]
                 pos = end
                 self._frame(ftype, flags, sid, payload)
@@ -505,7 +540,7 @@ class H2Connection:
     def _stream_error(self, sid: int, code: int) -> None:
         """RST_STREAM for a stream error the peer caused; an open stream closes with an event."""
         self._out.append(f.rst_stream_frame(sid, code))
-        st = self._streams.get(sid)
+        st = self._stream(sid)
         if st is not None:
             self._close_stream(st, CLOSED_RESET_LOCAL)
             self._events.append(StreamReset(sid, code, False))
@@ -526,7 +561,7 @@ class H2Connection:
         if flow_len > self._recv_window:
             raise _ConnError(f.FLOW_CONTROL_ERROR, "DATA exceeds the connection window")
         self._recv_window -= flow_len
-        st = self._streams.get(sid)
+        st = self._stream(sid)
         if st is None:
             self._conn_ack(flow_len)  # nobody will read it
             kind = self._closed_kind(sid)
@@ -615,7 +650,7 @@ class H2Connection:
                     self._decoded.clear()
                 seen = self._decoded[block] = _Decoded(tuple(fields), version)
         self._block = seen
-        st = self._streams.get(sid)
+        st = self._stream(sid)
         if st is None:
             self._new_remote_stream(sid, fields, end_stream, bad_priority, too_large)
             return
@@ -718,7 +753,9 @@ class H2Connection:
         self._remember(sid, CLOSED_RESET_LOCAL)
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
-        inc = f.parse_window_update(payload)
+        self._window_update(sid, f.parse_window_update(payload))
+
+    def _window_update(self, sid: int, inc: int) -> None:
         if sid == 0:
             if inc == 0:
                 raise _ConnError(f.PROTOCOL_ERROR, "WINDOW_UPDATE of 0 on the connection")
@@ -727,7 +764,7 @@ class H2Connection:
                 raise _ConnError(f.FLOW_CONTROL_ERROR, "connection window above 2^31-1")
             self._events.append(WindowUpdated(0, inc))
             return
-        st = self._streams.get(sid)
+        st = self._stream(sid)
         if st is None:
             if self._closed_kind(sid) == _IDLE:
                 raise _ConnError(f.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
@@ -745,7 +782,7 @@ class H2Connection:
         if sid == 0:
             raise _ConnError(f.PROTOCOL_ERROR, "RST_STREAM on stream 0")
         code = f.parse_rst_stream(payload)
-        st = self._streams.get(sid)
+        st = self._stream(sid)
         if st is None:
             if self._closed_kind(sid) == _IDLE:
                 raise _ConnError(f.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
@@ -831,10 +868,12 @@ class H2Connection:
             self._close_stream(st, CLOSED_ENDED)
 
     def _close_stream(self, st: H2Stream, kind: int) -> None:
-        streams = self._streams
-        if st.id not in streams:
+        if st.removed:
             return
-        del streams[st.id]  # (not dict.pop: a generic method call when compiled)
+        del self._streams[st.id]  # (not dict.pop: a generic method call when compiled)
+        st.removed = True
+        if self._last is st:
+            self._last = None
         st.local_closed = st.remote_closed = True
         if st.inbound:
             self._inbound_open -= 1

@@ -256,6 +256,20 @@ def huffman_encode(data: bytes) -> bytes:
     return bytes(out)
 
 
+def _same_fields(a: Headers, b: Headers) -> bool:
+    """``a == b`` for two header lists, as a compiled loop of byte comparisons (a list's ``==`` is
+    a generic rich comparison per tuple and per element: ~3x the instructions)."""
+    n = len(a)
+    if n != len(b):
+        return False
+    for i in range(n):
+        name_a, value_a = a[i]
+        name_b, value_b = b[i]
+        if name_a != name_b or value_a != value_b:
+            return False
+    return True
+
+
 def encode_integer(value: int, prefix_bits: int, first: int, out: bytearray) -> None:
     """Append ``value`` with an N-bit prefix (RFC 7541 section 5.1); ``first`` holds the flag bits."""
     limit = (1 << prefix_bits) - 1
@@ -565,7 +579,7 @@ class Encoder:
         pending = self._pending_update  # the block then starts with a size update: sent once
         if not pending:
             for seen in self._recent:
-                if seen.version == version and seen.huffman == huffman and seen.headers == headers:
+                if seen.version == version and seen.huffman == huffman and _same_fields(seen.headers, headers):
                     return seen.block
         block = self._encode(headers)
         if self._version == version and not pending:

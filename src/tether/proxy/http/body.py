@@ -9,7 +9,6 @@ memory.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 
 from mypy_extensions import mypyc_attr
@@ -41,12 +40,19 @@ class Body:
         """True when the whole body is already buffered (no wait needed to read it all)."""
         return True
 
+    def take(self) -> bytes | None:
+        """All the rest of a body that is wholly here (``b""`` when nothing is left), as :meth:`read`
+        until its end would return it, but without a coroutine; None (nothing taken) when a read
+        could have to wait, or the body does not know: then :meth:`read` it."""
+        return None
+
     def discard(self) -> None:
         """The reader will not read further: release the producer."""
 
 
 class EmptyBody(Body):
-    pass
+    def take(self) -> bytes | None:
+        return b""
 
 
 class BytesBody(Body):
@@ -58,6 +64,10 @@ class BytesBody(Body):
         self._trailers = trailers
 
     async def read(self) -> bytes:
+        data, self._data = self._data, None
+        return data or b""
+
+    def take(self) -> bytes | None:
         data, self._data = self._data, None
         return data or b""
 
@@ -88,7 +98,7 @@ class PipeBody(Body):
     ) -> None:
         self.length = length
         self._trailers = None
-        self._buf: deque[bytes] = deque()
+        self._buf: list[bytes] = []  # (a list: a deque's methods are generic calls when compiled)
         self._buffered = 0
         self._done = False
         self._error: BaseException | None = None
@@ -155,11 +165,19 @@ class PipeBody(Body):
                 await self._waiter
             finally:
                 self._waiter = None
-        if len(self._buf) == 1:
-            data = self._buf.popleft()
-        else:
-            data = b"".join(self._buf)
-            self._buf.clear()
+        return self._pop()
+
+    def take(self) -> bytes | None:
+        if not self.is_end_known():
+            return None
+        if not self._buf:
+            return b""
+        return self._pop()
+
+    def _pop(self) -> bytes:
+        buf = self._buf
+        data = buf[0] if len(buf) == 1 else b"".join(buf)
+        self._buf = []
         self._buffered = 0
         if self._paused and self._resume is not None:
             self._paused = False
@@ -167,7 +185,8 @@ class PipeBody(Body):
         return data
 
     def discard(self) -> None:
-        self._buf.clear()
+        if self._buf:
+            self._buf = []
         self._buffered = 0
         if self._paused and self._resume is not None:
             self._paused = False

@@ -17,12 +17,14 @@ code, so a server stream can propagate it; ``resp.body.discard()`` before the en
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from tether.core.http import h2proto
 from tether.core.http.h2headers import H2HeaderError, parse_response, request_fields
-from tether.proxy.config import H2Settings
+from tether.proxy.config import ClientSettings, H2Settings
+from tether.proxy.errors import ConnectError, ConnectTimeoutError, StreamCapacityError, UpstreamError
 from tether.proxy.http.body import Body, BodyError, BytesBody, EmptyBody, PipeBody
 from tether.proxy.http.h2codec import CANCEL, INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR
 from tether.proxy.http.h2conn import (
@@ -33,11 +35,18 @@ from tether.proxy.http.h2conn import (
     StreamState,
     body_is_empty,
 )
-from tether.proxy.http.message import Request, Response
+from tether.proxy.http.message import Headers, Request, Response
 
-__all__ = ["H2ClientConnection", "H2ConnectionClosed", "H2Error", "H2NoStreamSlot", "H2StreamReset"]
+if TYPE_CHECKING:
+    from tether.proxy.http.h1client import Connector
+
+__all__ = ["H2ClientConnection", "H2ConnectionClosed", "H2Error", "H2NoStreamSlot", "H2Pool", "H2StreamReset"]
+
+log = logging.getLogger(__name__)
 
 
+# The largest request body kept to send again when an HTTP/2 upstream refuses the stream.
+MAX_REPLAY_BYTES: Final = 64 * 1024
 _ASSUMED_MAX_STREAMS: Final = 100  # RFC 9113 section 6.5.2: SETTINGS_MAX_CONCURRENT_STREAMS "no smaller than 100"
 
 
@@ -98,26 +107,28 @@ class H2ClientConnection(H2Protocol):
             raise H2ConnectionClosed("stream ids exhausted", retryable=True) from None
         fields = request_fields(req.method, req.scheme, req.authority, req.path, req.headers)
         empty = body_is_empty(req.body)
-        st.response = self._loop.create_future()
+        st.response = self._new_future()
         self._streams[stream_id] = st
         try:
             self._send_fields(stream_id, fields, empty)
         except h2proto.H2UsageError as e:
             del self._streams[stream_id]
+            self._last_st = None
             self._wake_slot()
             raise H2ConnectionClosed(f"cannot open stream: {e}", retryable=True) from e
         st.headers_sent = True
         if empty:
             st.local_closed = True
-        elif _fits_now(req.body, self._h2.local_flow_control_window(stream_id)):
-            # The whole body is here and the peer's windows take it: it goes out now, in the same
-            # write as the head, without a Task of its own (creating one costs more than sending).
-            await self._upload(stream_id, st, req.body)
         else:
-            task = self._loop.create_task(self._upload(stream_id, st, req.body))
-            st.upload = task
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # A body that is all here and fits the peer's windows goes now, in the same write as
+            # the head, with no coroutine or Task; a larger or streaming one is sent by a Task.
+            body = req.body
+            rest = body.take()
+            if rest is None or not self._send_taken(stream_id, st, rest, body.trailers):
+                task = self._loop.create_task(self._upload(stream_id, st, body, rest))
+                st.upload = task
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         try:
             out = await st.response
         except asyncio.CancelledError:
@@ -211,9 +222,9 @@ class H2ClientConnection(H2Protocol):
         if self._goaway and not self._streams and not self._closed:
             self._abort(H2ConnectionClosed("connection drained after GOAWAY", retryable=True))
 
-    async def _upload(self, stream_id: int, st: StreamState, body: Body) -> None:
+    async def _upload(self, stream_id: int, st: StreamState, body: Body, taken: bytes | None = None) -> None:
         try:
-            await self._send_body(stream_id, st, body)
+            await self._send_body(stream_id, st, body, taken)
         except asyncio.CancelledError:
             body.discard()
             self._reset_stream(stream_id, st, CANCEL)
@@ -239,7 +250,7 @@ class H2ClientConnection(H2Protocol):
             self._pong.set_result(None)
 
     def _on_response(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
-        st = self._streams.get(stream_id)
+        st = self._state(stream_id)
         if st is None or st.response is None or st.response.done():
             return
         try:
@@ -256,16 +267,13 @@ class H2ClientConnection(H2Protocol):
             for k, v in headers:
                 if k == b"content-length" and v.isdigit():
                     length = int(v)
-            # The callback names the stream by id, not by its state: a closure holding ``st``
-            # (which holds the body, which holds the callback) would be a reference cycle per
-            # call, freed only by the garbage collector.
-            st.body = self._new_body(stream_id, length, lambda: self._discarded(stream_id))
+            st.body = self._new_body(stream_id, length)
             body = st.body
         st.response.set_result(Response(status=status, headers=headers, body=body))
 
-    def _discarded(self, stream_id: int) -> None:
+    def _body_discarded(self, stream_id: int) -> None:
         # The reader abandoned the response body before its end: stop the upstream stream.
-        st = self._streams.get(stream_id)
+        st = self._state(stream_id)
         if st is not None and not st.remote_closed:
             self._reset_stream(stream_id, st, CANCEL)
 
@@ -287,6 +295,7 @@ class H2ClientConnection(H2Protocol):
                 self._wake_window(st)
                 self._stream_reset(sid, st, err)
                 del self._streams[sid]
+                self._last_st = None
         self._wake_all_slots()
         if error_code != NO_ERROR:
             self._abort(H2ConnectionClosed(f"GOAWAY({error_code}) from server"))
@@ -300,10 +309,124 @@ class H2ClientConnection(H2Protocol):
             t.cancel()
 
 
-def _fits_now(body: Body, window: int) -> bool:
-    """True when ``body`` is wholly buffered and no larger than ``window``: sending it never waits."""
+class H2Pool:
+    """HTTP/2 connections to one address (an endpoint's): requests share a connection until the
+    peer's stream limit is reached on it, then another one is opened, up to
+    ``h2_max_connections_per_endpoint``; only when all are full does a request wait for a stream."""
+
+    def __init__(self, address: tuple[str, int], cfg: ClientSettings, connector: Connector | None = None) -> None:
+        self.address = address
+        self.cfg = cfg
+        self._connector = connector
+        self._conns: list[H2ClientConnection] = []
+        self._connecting: asyncio.Future[H2ClientConnection] | None = None
+
+    async def send(self, req: Request) -> Response:
+        """Send ``req`` on a connection with a free stream; errors are the proxy's (502, 503)."""
+        # A request the upstream never processed (REFUSED_STREAM, a GOAWAY below its stream, a
+        # connection lost before it was sent) is sent once more, but only whole: sending consumes
+        # the body, so a small body that is already here is kept as bytes for the second try; one
+        # still arriving goes once and is not retried.
+        replay = _replayable(req)
+        for attempt in range(2):
+            conn = await self._connection()
+            try:
+                return await conn.send(req)
+            except H2NoStreamSlot as busy:  # (a name of its own: compiled, ``e`` below has another type)
+                raise StreamCapacityError(
+                    f"HTTP/2 upstream {self.address[0]}:{self.address[1]} busy: {busy}") from None
+            except H2Error as e:
+                if not conn.usable and conn in self._conns:
+                    self._conns.remove(conn)
+                if e.retryable and attempt == 0 and replay is not None:
+                    if replay:
+                        req.body = BytesBody(replay[0], replay[1])
+                    continue
+                raise UpstreamError(f"HTTP/2 upstream error: {e}") from None
+        raise UpstreamError("HTTP/2 upstream refused the request twice")
+
+    def close(self) -> None:
+        """Close every connection (in-flight streams fail)."""
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+
+    async def _connection(self) -> H2ClientConnection:
+        """A connection with a free stream; a new one when all are full and the pool may grow."""
+        conns = self._conns
+        for c in conns:  # the common case: the first connection is usable and has a free stream
+            if c.has_free_slot:
+                return c
+        while True:
+            conns = self._conns
+            conns[:] = [c for c in conns if c.usable]
+            for c in conns:
+                if c.has_free_slot:
+                    return c
+            if self._connecting is not None:
+                # One connect at a time; whoever waited looks again (the new one may be full too).
+                await asyncio.shield(self._connecting)
+                continue
+            if len(conns) < max(1, self.cfg.h2_max_connections_per_endpoint):
+                if conns:
+                    log.debug("HTTP/2 endpoint %s:%d: %d connections at the stream limit; opening another",
+                              self.address[0], self.address[1], len(conns))
+                return await self._connect()
+            # The pool is full: wait for a stream on the least busy connection.
+            least = conns[0]
+            for c in conns:
+                if c.active_streams < least.active_streams:
+                    least = c
+            return least
+
+    async def _connect(self) -> H2ClientConnection:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[H2ClientConnection] = loop.create_future()
+        self._connecting = fut
+        h2 = self.cfg.h2
+        try:
+            host, port = self.address
+            timeout = self.cfg.connect_timeout
+            try:
+                async with asyncio.timeout(timeout):
+                    if self._connector is not None:
+                        _, proto = await self._connector(lambda: H2ClientConnection(h2))
+                    else:
+                        _, proto = await loop.create_connection(lambda: H2ClientConnection(h2), host, port)
+            except TimeoutError:
+                raise ConnectTimeoutError(f"connect to {host}:{port} timed out after {timeout:g}s") from None
+            except OSError as e:
+                raise ConnectError(f"connect to {host}:{port} failed: {e.strerror or e}") from None
+            assert isinstance(proto, H2ClientConnection)
+            self._conns.append(proto)
+            fut.set_result(proto)
+            return proto
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._connecting = None
+
+
+def _replayable(req: Request) -> tuple[bytes, Headers | None] | tuple[()] | None:
+    """What a second try of ``req`` needs: () for a body that is empty (it can be sent again as is);
+    the bytes and trailers of a body wholly buffered and at most MAX_REPLAY_BYTES (``req.body`` is
+    replaced by a copy it can send); None when the body cannot be sent twice."""
+    body = req.body
+    if isinstance(body, EmptyBody):
+        return ()
     if isinstance(body, PipeBody):
-        return body.is_end_known() and body.buffered <= window
-    if type(body) is BytesBody:
-        return body.length is not None and body.length <= window
-    return False
+        if not body.is_end_known() or body.buffered > MAX_REPLAY_BYTES:
+            return None
+    elif type(body) is BytesBody:
+        if body.length is None or body.length > MAX_REPLAY_BYTES:
+            return None
+    else:
+        return None
+    data = body.take()  # all of it: it is buffered
+    if data is None:
+        return None
+    trailers = body.trailers
+    req.body = BytesBody(data, trailers)
+    return data, trailers

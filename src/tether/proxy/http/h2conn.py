@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from tether.core.http import h2frames, h2proto
 from tether.core.http.h2headers import trailer_fields
 from tether.proxy.config import H2Settings
+from tether.proxy.counters import TcpMetrics
 from tether.proxy.http.body import Body, BytesBody, EmptyBody, PipeBody
 from tether.proxy.http.h2codec import CANCEL, INTERNAL_ERROR, H2ConnectionClosed, H2Error, H2StreamReset, error_code_for
-from tether.proxy.tcp import ByteCounters
 
 __all__ = ["H2ConnectionClosed", "H2Error", "H2Protocol", "H2StreamReset", "error_code_for"]
 
@@ -42,24 +42,28 @@ RECEIVE_SLICE: Final = 16 * 1024
 class H2Body(PipeBody):
     """A received HTTP/2 body: DATA frames are acknowledged to the peer only once read."""
 
-    __slots__ = ("_consumed", "_on_discard", "discarded")
+    # The body names its connection and stream (not a callback): calling the connection's methods
+    # is a direct call when compiled, a closure is a generic call and two objects per body. The
+    # stream by id, not by its state: the state holds the body (a cycle per call otherwise).
+    __slots__ = ("_proto", "_stream_id", "discarded")
 
-    def __init__(
-        self,
-        length: int | None,
-        consumed: Callable[[int], None],
-        on_discard: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, length: int | None, proto: H2Protocol, stream_id: int) -> None:
         # The peer's flow-control window bounds what is buffered, so PipeBody's own pause is unused.
         super().__init__(length)
-        self._consumed = consumed
-        self._on_discard = on_discard
+        self._proto = proto
+        self._stream_id = stream_id
         self.discarded = False
 
     async def read(self) -> bytes:
         data = await super().read()
         if data:
-            self._consumed(len(data))
+            self._proto._ack(self._stream_id, len(data))
+        return data
+
+    def take(self) -> bytes | None:
+        data = super().take()
+        if data:
+            self._proto._ack(self._stream_id, len(data))
         return data
 
     def discard(self) -> None:
@@ -69,9 +73,9 @@ class H2Body(PipeBody):
         super().discard()
         self.discarded = True
         if buffered:
-            self._consumed(buffered)
-        if self._on_discard is not None and not self.done:
-            self._on_discard()
+            self._proto._ack(self._stream_id, buffered)
+        if not self.done:
+            self._proto._body_discarded(self._stream_id)
 
 
 class StreamState:
@@ -110,8 +114,9 @@ class H2Protocol(asyncio.Protocol):
 
     def __init__(self, config: H2Settings, client_side: bool, stream_limit: int | None = None) -> None:
         self.config = config
-        # tcp_read_bytes_total / tcp_write_bytes_total of the connection, when the proxy counts it.
-        self.tcp: ByteCounters | None = None
+        # tcp_read_bytes_total / tcp_write_bytes_total of the connection, when the proxy counts it
+        # (the compiled class, not a protocol: its counters are then plain fields when compiled).
+        self.tcp: TcpMetrics | None = None
         self._h2 = h2proto.H2Connection(
             client_side,
             max_concurrent_streams=config.h2_max_concurrent_streams,
@@ -122,7 +127,22 @@ class H2Protocol(asyncio.Protocol):
             max_continuations=config.h2_max_continuation_frames,
         )
         self._transport: asyncio.Transport | None = None
+        # The transport's write and is_closing and the loop's call_soon, bound once per connection
+        # (a method call on a Python object costs a lookup per call when compiled), and our own
+        # _flush as a callback (a new bound method per schedule otherwise). Set by connection_made;
+        # connection_lost drops them (the bound _flush would keep a cycle through this protocol).
+        self._write: Callable[[bytes], object] | None = None
+        self._is_closing: Callable[[], bool] | None = None
+        self._call_soon: Callable[[Callable[[], None]], object] | None = None
+        self._flush_cb: Callable[[], None] | None = None
+        self._loop = asyncio.get_event_loop()
+        # The loop's methods used per stream, bound once (no lookup per call when compiled).
+        self._now: Callable[[], float] = self._loop.time
+        self._new_future: Callable[[], asyncio.Future[Any]] = self._loop.create_future
         self._streams: dict[int, StreamState] = {}
+        # The stream state last looked up (see _state); dropped whenever a state leaves the table.
+        self._last_sid = 0
+        self._last_st: StreamState | None = None
         self._flush_scheduled = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -130,13 +150,18 @@ class H2Protocol(asyncio.Protocol):
         self._backlog = b""  # read but not yet parsed (see RECEIVE_SLICE)
         self._closed = False
         self._close_error: H2Error | None = None
-        self._loop = asyncio.get_event_loop()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self._transport = cast(asyncio.Transport, transport)
-        self._loop = asyncio.get_running_loop()
+        self._transport = t = cast(asyncio.Transport, transport)
+        self._loop = loop = asyncio.get_running_loop()
+        self._now = loop.time
+        self._new_future = loop.create_future
+        self._write = t.write
+        self._is_closing = t.is_closing
+        self._call_soon = self._loop.call_soon
+        self._flush_cb = self._flush
         self._h2.initiate_connection()
         # The connection window covers every stream's full window, so one slow reader can only
         # stall its own stream, never its siblings (stream windows bound the memory instead).
@@ -209,6 +234,7 @@ class H2Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._write = self._is_closing = self._call_soon = self._flush_cb = None
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
@@ -257,12 +283,12 @@ class H2Protocol(asyncio.Protocol):
         elif isinstance(event, h2proto.StreamEnded):
             self._on_remote_end(event.stream_id)
         elif isinstance(event, h2proto.TrailersReceived):
-            st = self._streams.get(event.stream_id)
+            st = self._state(event.stream_id)
             if st is not None:
                 st.trailers = event.headers
         elif isinstance(event, h2proto.WindowUpdated):
             if event.stream_id:
-                st = self._streams.get(event.stream_id)
+                st = self._state(event.stream_id)
                 if st is not None:
                     self._wake_window(st)
             else:
@@ -280,7 +306,7 @@ class H2Protocol(asyncio.Protocol):
             self._on_other(event)
 
     def _on_data(self, stream_id: int, data: bytes, flow_len: int) -> None:
-        st = self._streams.get(stream_id)
+        st = self._state(stream_id)
         if st is None or st.body is None or st.body.discarded or st.body.done:
             self._ack(stream_id, flow_len)
             return
@@ -289,7 +315,7 @@ class H2Protocol(asyncio.Protocol):
         st.body.feed(data)
 
     def _on_remote_end(self, stream_id: int) -> None:
-        st = self._streams.get(stream_id)
+        st = self._state(stream_id)
         if st is None:
             return
         st.remote_closed = True
@@ -298,7 +324,7 @@ class H2Protocol(asyncio.Protocol):
         self._maybe_forget(stream_id, st)
 
     def _on_reset(self, stream_id: int, code: int, remote: bool) -> None:
-        st = self._streams.get(stream_id)
+        st = self._state(stream_id)
         if st is None:
             return
         err = H2StreamReset(stream_id, code, remote)
@@ -326,8 +352,23 @@ class H2Protocol(asyncio.Protocol):
         """A stream finished on both sides and left the table."""
 
     # -- stream bookkeeping ---------------------------------------------------------------------
-    def _new_body(self, stream_id: int, length: int | None, on_discard: Callable[[], None] | None) -> H2Body:
-        return H2Body(length, lambda n: self._ack(stream_id, n), on_discard)
+    def _state(self, stream_id: int) -> StreamState | None:
+        """``self._streams.get(stream_id)``: consecutive events are mostly for one stream, and a
+        lookup by id boxes the id (an allocation) first."""
+        st = self._last_st
+        if st is not None and self._last_sid == stream_id:
+            return st
+        st = self._streams.get(stream_id)
+        if st is not None:
+            self._last_sid = stream_id
+            self._last_st = st
+        return st
+
+    def _new_body(self, stream_id: int, length: int | None) -> H2Body:
+        return H2Body(length, self, stream_id)
+
+    def _body_discarded(self, stream_id: int) -> None:
+        """The reader of a body we receive abandoned it before its end (a client resets upstream)."""
 
     def _ack(self, stream_id: int, n: int) -> None:
         if self._closed or n <= 0:
@@ -336,8 +377,9 @@ class H2Protocol(asyncio.Protocol):
         self._schedule_flush()
 
     def _maybe_forget(self, stream_id: int, st: StreamState) -> None:
-        if st.local_closed and st.remote_closed and self._streams.get(stream_id) is st:
+        if st.local_closed and st.remote_closed and self._state(stream_id) is st:
             del self._streams[stream_id]
+            self._last_st = None
             self._stream_forgotten(stream_id)
 
     def _reset_stream(self, stream_id: int, st: StreamState, code: int) -> None:
@@ -362,6 +404,7 @@ class H2Protocol(asyncio.Protocol):
             self._wake_window(st)
             self._stream_reset(sid, st, err)
         self._streams.clear()
+        self._last_st = None
 
     def _abort(self, err: H2Error, linger: float = 0.0) -> None:
         """End the connection and fail its streams.
@@ -386,17 +429,25 @@ class H2Protocol(asyncio.Protocol):
         self._flush_scheduled = False
         data = self._h2.data_to_send()
         # Once closed (possibly lingering after write_eof), nothing more may be written.
-        if data and not self._closed and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
-            if self.tcp is not None:
-                self.tcp.write_bytes += len(data)
+        if data and not self._closed:
+            write = self._write
+            is_closing = self._is_closing
+            if write is not None and is_closing is not None and not is_closing():
+                write(data)
+                if self.tcp is not None:
+                    self.tcp.write_bytes += len(data)
 
     def _schedule_flush(self) -> None:
         # Coalesce frames from many streams into one write per loop iteration. Nothing queued
         # (e.g. consumed bytes that do not yet earn a WINDOW_UPDATE): no loop callback.
         if not self._flush_scheduled and self._h2.output_pending:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            call_soon = self._call_soon
+            flush = self._flush_cb
+            if call_soon is not None and flush is not None:
+                call_soon(flush)
+            else:
+                self._loop.call_soon(self._flush)
 
     def _write_goaway(self, error_code: int, last_stream_id: int) -> None:
         """Send GOAWAY now; in-flight streams at or below ``last_stream_id`` may still finish."""
@@ -469,8 +520,36 @@ class H2Protocol(asyncio.Protocol):
                 self._flush()
                 await self._wait_writable()
 
-    async def _send_body(self, stream_id: int, st: StreamState, body: Body) -> None:
-        """Send a whole body, then its trailers (or END_STREAM)."""
+    def _send_taken(self, stream_id: int, st: StreamState, data: bytes, trailers: Headers | None) -> bool:
+        """Send a whole body already taken (:meth:`Body.take`) and its trailers now, without a
+        coroutine, when nothing has to wait: the peer's windows take it and the transport is not
+        pushing back. False when something would: nothing is sent then (see _send_body)."""
+        if self._write_paused or st.reset is not None or self._closed:
+            return False
+        h2c = self._h2
+        n = len(data)
+        if n and h2c.local_flow_control_window(stream_id) < n:
+            return False
+        if n or not trailers:
+            h2c.send_data(stream_id, data, end_stream=not trailers)
+        if trailers:
+            h2c.send_headers(stream_id, trailer_fields(trailers), end_stream=True)
+        st.local_closed = True
+        self._schedule_flush()
+        return True
+
+    async def _send_body(self, stream_id: int, st: StreamState, body: Body, taken: bytes | None = None) -> None:
+        """Send a whole body, then its trailers (or END_STREAM); ``taken``: all of it, already taken."""
+        if taken is not None:
+            trailers = body.trailers
+            if taken or not trailers:
+                await self._send_data(stream_id, st, taken, not trailers)
+            if trailers:
+                self._check_open(st)
+                self._h2.send_headers(stream_id, trailer_fields(trailers), end_stream=True)
+                self._schedule_flush()
+            st.local_closed = True
+            return
         while True:
             chunk = await body.read()
             if not chunk:
@@ -497,7 +576,8 @@ class H2Protocol(asyncio.Protocol):
 
 def body_is_empty(body: Body) -> bool:
     """True for a body known to carry no data and no trailers (HEADERS can end the stream)."""
-    if type(body) in (Body, EmptyBody):
+    t = type(body)
+    if t is EmptyBody or t is Body:  # (``in`` a tuple of types: a generic comparison per type)
         return not body.trailers
     if isinstance(body, BytesBody):
         return body.length == 0 and not body.trailers

@@ -88,6 +88,10 @@ class H2ServerProtocol(H2Protocol):
         super().__init__(config, client_side=False, stream_limit=2 * config.h2_max_concurrent_streams + 16)
         self._service = service
         self._conn = conn
+        # Per-stream settings read once (the settings are frozen; reading a field of the
+        # interpreted dataclass is a generic attribute lookup when compiled).
+        self._max_streams = config.h2_max_concurrent_streams
+        self._idle_timeout = config.idle_timeout
         self._busy: set[_Worker] = set()  # workers serving a stream (or unwinding one that was reset)
         self._idle: list[_Worker] = []
         self._quiet: list[asyncio.Future[None]] = []  # drain: woken when no stream is served
@@ -186,7 +190,7 @@ class H2ServerProtocol(H2Protocol):
 
     def _on_request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
         st = StreamState()
-        now = st.opened_at = self._loop.time()
+        now = st.opened_at = self._now()
         self._streams[stream_id] = st
         if ended:
             st.remote_closed = True
@@ -197,7 +201,7 @@ class H2ServerProtocol(H2Protocol):
             # A new stream after the client's own GOAWAY: a protocol violation, refused.
             self._reset_stream(stream_id, st, REFUSED_STREAM)
             return
-        if len(self._busy) >= self.config.h2_max_concurrent_streams:
+        if len(self._busy) >= self._max_streams:
             # Handlers of reset streams may still be unwinding; they count against the bound.
             self._reset_stream(stream_id, st, REFUSED_STREAM)
             if len(self._busy) > self._h2.open_inbound_streams:
@@ -223,7 +227,7 @@ class H2ServerProtocol(H2Protocol):
             body: EmptyBody | object = EmptyBody()
         else:
             cl = _content_length(head.headers)
-            st.body = self._new_body(stream_id, cl, None)
+            st.body = self._new_body(stream_id, cl)
             body = st.body
         req = Request(
             method=head.method,
@@ -341,7 +345,7 @@ class H2ServerProtocol(H2Protocol):
             w.cancels = 0
             if task.cancelling() or self._lost or len(self._idle) >= IDLE_WORKERS:
                 return
-            wake: asyncio.Future[_Job | None] = self._loop.create_future()
+            wake: asyncio.Future[_Job | None] = self._new_future()
             w.wake = wake
             self._idle.append(w)
             try:
@@ -364,8 +368,8 @@ class H2ServerProtocol(H2Protocol):
     def _arm_idle_timer(self) -> None:
         # A connection with no stream for idle_timeout is closed (GOAWAY first), so clients that
         # connect and go quiet hold no resources for ever. The idle time counts from now.
-        if not self._closed and self.config.idle_timeout > 0:
-            self._idle_since = self._loop.time()
+        if not self._closed and self._idle_timeout > 0:
+            self._idle_since = self._now()
             if self._idle_timer is None:
                 self._idle_timer = self._loop.call_later(self.config.idle_timeout, self._on_idle)
 
@@ -411,7 +415,10 @@ class H2ServerProtocol(H2Protocol):
             if empty:
                 st.local_closed = True
             else:
-                await self._send_body(stream_id, st, resp.body)
+                # A body that is all here (a unary gRPC answer usually is) goes at once, no coroutine.
+                rest = resp.body.take()
+                if rest is None or not self._send_taken(stream_id, st, rest, resp.body.trailers):
+                    await self._send_body(stream_id, st, resp.body, rest)
             if not st.remote_closed and st.reset is None:
                 # Complete response while the client still sends: tell it to stop (RFC 9113 8.1).
                 if st.body is not None:

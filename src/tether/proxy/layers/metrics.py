@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from tether.core.http.authority import normalize_authority
+from tether.core.http.classify import parse_grpc_status
 from tether.proxy.counters import FAILURE, HttpMetrics, StatusMetrics, classify
 from tether.proxy.http.body import Body, BodyError, Headers
 from tether.proxy.http.message import Request, Response, Service
@@ -39,10 +40,7 @@ def _grpc_status(headers: Headers | None) -> int | None:
     if headers:
         for k, v in headers:
             if k == b"grpc-status":
-                try:
-                    return int(v)
-                except ValueError:
-                    return 2  # UNKNOWN: an unreadable status is not OK
+                return parse_grpc_status(v)  # an unreadable status is UNKNOWN (2), not OK
     return None
 
 
