@@ -65,7 +65,10 @@ def start_two_hop(workdir: Path, port: int, backend_port: int, mtls: bool,
                       "--identity-trust-anchors", str(mesh.anchors), "--identity-addrs", mesh.identity_addrs[0]]
             if w.name == "server":
                 endpoint["identity"] = w.identity
-    dst = workdir / "mesh-destinations.yaml"
+    # One file per pair: a client proxy reloads its destinations file when it changes, so a file
+    # shared by the plaintext and the mTLS pairs (one workdir) sent the plaintext pair's client to
+    # the mTLS pair's server proxy, and the plaintext column counted one proxy's CPU, not two.
+    dst = workdir / f"mesh-destinations-{port}.yaml"
     dst.write_text(yaml.safe_dump({"destinations": {http1.AUTHORITY: [endpoint]}}))
     out_extra += ["--destinations-file", str(dst)]
     inbound = _proxy_args(h.free_port(), in_admin, in_port, in_extra)
@@ -89,8 +92,18 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
     proc = start_two_hop(workdir, port, backend_port, mtls=name.endswith("mtls"))
     target = ["-H", f"Host: {http1.AUTHORITY}", f"http://127.0.0.1:{port}{http1.PATH}"]
 
+    server_admin = _admin[proc.pid]["server"]
+    checked: list[bool] = []
+
     def load(qps: float, connections: int, seconds: float) -> h.LoadResult:
-        return h.fortio_load(fortio, target, qps, connections, seconds, workdir, ok_codes=("200",))
+        r = h.fortio_load(fortio, target, qps, connections, seconds, workdir, ok_codes=("200",))
+        if not checked:
+            # The figures are the pair's: its own server proxy must be the second hop.
+            if _inbound_connections_total(server_admin) == 0:
+                raise RuntimeError(f"{name}: the pair's server proxy accepted no connection (the second hop is "
+                                   "elsewhere)")
+            checked.append(True)
+        return r
 
     def hold(n: int) -> contextlib.AbstractContextManager[int]:
         return http1.hold_http1(port, n)
@@ -118,6 +131,14 @@ def _rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _inbound_connections_total(admin_port: int) -> int:
+    """Inbound connections a proxy has accepted since it started, from its own metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("tcp_open_total{") and 'direction="inbound"' in line)
 
 
 def _open_tls_connections(admin_port: int) -> int:
