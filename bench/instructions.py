@@ -250,7 +250,7 @@ def mesh_main(args: argparse.Namespace, builds: list[list[str]]) -> int:
         backend = h.start_fortio_server(fortio, work, backend_port, h.free_port())
         try:
             with h.running(backend):
-                for _ in range(args.repeat):
+                for rep in range(args.repeat):
                     for name, checkout in builds:
                         python = Path(checkout).resolve() / ".venv" / "bin" / "python"
                         got: dict[str, float] = {}
@@ -269,6 +269,8 @@ def mesh_main(args: argparse.Namespace, builds: list[list[str]]) -> int:
                             pair = mesh_pair_under_callgrind(python, bdir, backend_port, mtls, mesh, flags, env)
                             with pair as (procs, out):
                                 got[kind] = count_many(procs, lambda k: keepalive_requests(out, k, AUTHORITY), n, w)
+                                for (_, cg), side in zip(procs, ("server", "client"), strict=True):
+                                    keep(args.keep, cg, f"{name}-{rep}-{kind}-{side}")
                         print(f"{name}: " + ", ".join(f"{k} {v:,.0f} Ir/request" for k, v in got.items()),
                               flush=True)
                         best = rows.setdefault(name, {})

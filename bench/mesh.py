@@ -65,9 +65,12 @@ def start_two_hop(workdir: Path, port: int, backend_port: int, mtls: bool,
                       "--identity-trust-anchors", str(mesh.anchors), "--identity-addrs", mesh.identity_addrs[0]]
             if w.name == "server":
                 endpoint["identity"] = w.identity
+    # One file per pair: a client proxy reloads its destinations file when it changes, so a file
+    # shared by the plaintext and the mTLS pairs (one workdir) sent the plaintext pair's client to
+    # the mTLS pair's server proxy, and the plaintext column counted one proxy's CPU, not two.
     # JSON (a YAML document the proxy reads without PyYAML): a meshed proxy gets its destinations from
     # the destination service and never loads a YAML parser, so its stand-in here does not either.
-    dst = workdir / "mesh-destinations.json"
+    dst = workdir / f"mesh-destinations-{port}.json"
     dst.write_text(json.dumps({"destinations": {http1.AUTHORITY: [endpoint]}}))
     out_extra += ["--destinations-file", str(dst)]
     inbound = _proxy_args(h.free_port(), in_admin, in_port, in_extra)
@@ -91,8 +94,18 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
     proc = start_two_hop(workdir, port, backend_port, mtls=name.endswith("mtls"))
     target = ["-H", f"Host: {http1.AUTHORITY}", f"http://127.0.0.1:{port}{http1.PATH}"]
 
+    server_admin = _admin[proc.pid]["server"]
+    checked: list[bool] = []
+
     def load(qps: float, connections: int, seconds: float) -> h.LoadResult:
-        return h.fortio_load(fortio, target, qps, connections, seconds, workdir, ok_codes=("200",))
+        r = h.fortio_load(fortio, target, qps, connections, seconds, workdir, ok_codes=("200",))
+        if not checked:
+            # The figures are the pair's: its own server proxy must be the second hop.
+            if _inbound_connections_total(server_admin) == 0:
+                raise RuntimeError(f"{name}: the pair's server proxy accepted no connection (the second hop is "
+                                   "elsewhere)")
+            checked.append(True)
+        return r
 
     def hold(n: int) -> contextlib.AbstractContextManager[int]:
         return http1.hold_http1(port, n)
@@ -120,6 +133,14 @@ def _rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _inbound_connections_total(admin_port: int) -> int:
+    """Inbound connections a proxy has accepted since it started, from its own metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("tcp_open_total{") and 'direction="inbound"' in line)
 
 
 def _open_tls_connections(admin_port: int) -> int:

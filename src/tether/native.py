@@ -43,6 +43,7 @@ NATIVE_MODULES: tuple[str, ...] = (
     "tether.proxy.http.message",
     "tether.proxy.http.h1client",
     "tether.proxy.http.h1server",
+    "tether.proxy.tlstransport",
     "tether.proxy.http.h2codec",
     "tether.proxy.http.h2conn",
     "tether.proxy.http.h2server",
