@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from mypy_extensions import i64
+
 Headers = list[tuple[bytes, bytes]]
 
 REASONS: Final = {
@@ -158,6 +160,76 @@ def find_lf(data: bytes, start: int) -> int:
             return i
         i += 1
     return data.find(b"\n", end) if end < n else -1
+
+
+# The common head, parsed here rather than by llhttp (each llhttp callback into Python costs as much
+# as parsing a whole field line in compiled code). Only a subset of what llhttp accepts is taken:
+# field lines "name:" OWS value CRLF, names of tchars, values of HTAB, SP, visible ASCII and
+# obs-text, as llhttp reads them (leading OWS dropped, trailing kept). Anything else, and every
+# field llhttp acts on itself, is left to llhttp: the fast path never judges a head llhttp would.
+_FIELD_VALUE: Final = _table(b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100)))
+# Fields llhttp interprets (framing, connection management, upgrades).
+LLHTTP_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding", b"connection", b"proxy-connection",
+                                  b"upgrade"})
+# ... less Content-Length, which a response's fast path reads itself (check_response_head).
+LLHTTP_RESPONSE_FIELDS: Final = frozenset({b"transfer-encoding", b"connection", b"proxy-connection", b"upgrade"})
+
+
+def parse_fields(data: bytes, start: int, out: Headers, refused: frozenset[bytes]) -> int:
+    """Append the field lines of ``data`` from ``start`` through the empty line to ``out`` (names
+    lower-case); return the index after the empty line. -1: not the simple case (the head is for
+    llhttp), including a field named in ``refused``."""
+    # i64 indexes: compiled, a tagged int costs a call per addition (a third of the loop's cost).
+    n: i64 = len(data)
+    i: i64 = start
+    while i + 1 < n:
+        if data[i] == 0x0D:
+            return i + 2 if data[i + 1] == 0x0A else -1
+        j: i64 = i
+        while j < n and _TCHAR[data[j]]:
+            j += 1
+        if j == i or j >= n or data[j] != 0x3A:
+            return -1
+        name = data[i:j].lower()
+        c = name[0]
+        # Every refused name starts with c, p, t or u: most names skip the set's hashing.
+        if (c == 0x63 or c == 0x70 or c == 0x74 or c == 0x75) and name in refused:
+            return -1
+        j += 1
+        while j < n and (data[j] == 0x20 or data[j] == 0x09):
+            j += 1
+        v: i64 = j
+        while j < n and _FIELD_VALUE[data[j]]:
+            j += 1
+        if j + 1 >= n or data[j] != 0x0D or data[j + 1] != 0x0A:
+            return -1
+        out.append((name, data[v:j]))
+        i = j + 2
+    return -1
+
+
+def parse_status_line(data: bytes) -> tuple[int, int]:
+    """The status code of a response that starts ``HTTP/1.1 NNN SP reason CRLF`` (a status of 200
+    to 999 that may have a body: not 204 or 304; a reason of field-value bytes) and the index after
+    that CRLF; (-1, -1) otherwise: the head is for llhttp."""
+    n: i64 = len(data)
+    if n < 15 or data[0] != 0x48 or data[1] != 0x54 or data[2] != 0x54 or data[3] != 0x50 or data[4] != 0x2F \
+            or data[5] != 0x31 or data[6] != 0x2E or data[7] != 0x31 or data[8] != 0x20 or data[12] != 0x20:
+        return -1, -1
+    status = 0
+    for k in range(9, 12):
+        c = data[k]
+        if c < 0x30 or c > 0x39:
+            return -1, -1
+        status = status * 10 + (c - 0x30)
+    if status < 200 or status == 204 or status == 304:
+        return -1, -1
+    i: i64 = 13
+    while i < n and _FIELD_VALUE[data[i]]:
+        i += 1
+    if i + 1 >= n or data[i] != 0x0D or data[i + 1] != 0x0A:
+        return -1, -1
+    return status, i + 2
 
 
 def check_request_line(line: bytes) -> int:

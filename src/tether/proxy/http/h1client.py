@@ -70,6 +70,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._request_sent = True
         self._busy = False
         self._closed = False
+        self._between = True  # llhttp is between two messages (no response begun)
         self._interim = False
         self.reused = False
         self._write_paused = False
@@ -115,6 +116,8 @@ class H1ClientConnection(asyncio.Protocol):
         parser = self._parser
         if parser is None:  # released: the connection is lost or handed over
             return
+        if self._between and self._head is not None and self._fast_response(data):
+            return
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -127,6 +130,7 @@ class H1ClientConnection(asyncio.Protocol):
         if self._reset_parser and not self._closed:
             self._reset_parser = False
             self._parser = httptools.HttpResponseParser(self)
+            self._between = True
 
     def eof_received(self) -> bool:
         # Close-delimited bodies end here; llhttp finishes them on feed_data(b"")? No: on EOF.
@@ -188,6 +192,7 @@ class H1ClientConnection(asyncio.Protocol):
     _body_until_close = False
 
     def on_message_begin(self) -> None:
+        self._between = False
         self._headers = []
         self._trailers = None
         self._in_head = True
@@ -214,6 +219,43 @@ class H1ClientConnection(asyncio.Protocol):
         headers = self._headers
         framing = h1.check_response_head(status, headers, self._method)
         self._keep_alive = parser.should_keep_alive()
+        self._respond(status, headers, framing)
+
+    def _fast_response(self, data: bytes) -> bool:
+        """Take a read that is exactly one simple HTTP/1.1 response with its whole Content-Length
+        body without llhttp; False: not that case, llhttp parses the read."""
+        if self._method == b"HEAD":
+            return False
+        status, start = h1.parse_status_line(data)
+        if status < 0:
+            return False
+        headers: h1.Headers = []
+        end = h1.parse_fields(data, start, headers, h1.LLHTTP_RESPONSE_FIELDS)
+        if end < 0:
+            return False
+        try:
+            framing = h1.check_response_head(status, headers, self._method)
+        except h1.H1Error:
+            return False  # llhttp and on_headers_complete judge it, as any other head
+        if framing.content_length is None or framing.content_length != len(data) - end:
+            return False
+        # What llhttp's callbacks would have done, in their order: a keep-alive HTTP/1.1 response
+        # (no Connection header) whose body is all here.
+        self._trailers = None
+        self._in_head = False
+        self._interim = False
+        self._keep_alive = True
+        self._respond(status, headers, framing)
+        body = self._body
+        if body is not None:
+            body.feed(data[end:])
+            self._body = None
+            body.finish(None)
+            self._message_done()
+        return True
+
+    def _respond(self, status: int, headers: h1.Headers, framing: h1.Framing) -> None:
+        """Hand the response whose head was read and checked to the waiting request."""
         out = forward_headers(headers)
         if status == 101:
             # The server side re-emits Upgrade (hop-by-hop) for the client: keep its value.
@@ -249,6 +291,7 @@ class H1ClientConnection(asyncio.Protocol):
             self._body.feed(data)
 
     def on_message_complete(self) -> None:
+        self._between = True
         if self._interim:
             self._interim = False
             return
