@@ -25,7 +25,7 @@ from tether.core.http import h1
 from tether.proxy.config import ClientSettings
 from tether.proxy.counters import TcpMetrics
 from tether.proxy.errors import ConnectError, ConnectTimeoutError, UpstreamError
-from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
+from tether.proxy.http.body import Body, BodyError, BytesBody, EmptyBody, PipeBody
 from tether.proxy.http.message import Request, Response, forward_headers
 
 log = logging.getLogger(__name__)
@@ -239,19 +239,15 @@ class H1ClientConnection(asyncio.Protocol):
             return False  # llhttp and on_headers_complete judge it, as any other head
         if framing.content_length is None or framing.content_length != len(data) - end:
             return False
-        # What llhttp's callbacks would have done, in their order: a keep-alive HTTP/1.1 response
-        # (no Connection header) whose body is all here.
+        # What llhttp's callbacks would have done: a keep-alive HTTP/1.1 response (no Connection
+        # header) whose body is all here, so held as bytes (no pipe, no backpressure to apply).
         self._trailers = None
         self._in_head = False
         self._interim = False
         self._keep_alive = True
-        self._respond(status, headers, framing)
-        body = self._body
-        if body is not None:
-            body.feed(data[end:])
-            self._body = None
-            body.finish(None)
-            self._message_done()
+        self._hand_over(Response(status, forward_headers(headers),
+                                 BytesBody(data[end:]) if framing.content_length else EmptyBody()))
+        self._message_done()
         return True
 
     def _respond(self, status: int, headers: h1.Headers, framing: h1.Framing) -> None:
@@ -278,13 +274,15 @@ class H1ClientConnection(asyncio.Protocol):
                 if cl is not None and cl.isdigit():
                     body.length = int(cl)
                 self._reset_parser = True
-        resp = Response(status, out, body)
+        self._hand_over(Response(status, out, body))
+        if isinstance(body, EmptyBody) and status != 101:
+            self._message_done()
+
+    def _hand_over(self, resp: Response) -> None:
         fut = self._head
         self._head = None
         if fut is not None and not fut.done():
             fut.set_result(resp)
-        if isinstance(body, EmptyBody) and status != 101:
-            self._message_done()
 
     def on_body(self, data: bytes) -> None:
         if self._body is not None:
