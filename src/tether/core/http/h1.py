@@ -386,20 +386,16 @@ _STATUS_LINES: Final = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for sta
 
 
 def _head(parts: list[bytes], headers: Headers, framing: Framing | None) -> bytes:
-    # One join over flat parts: no intermediate bytes per header line.
+    # One piece per line, joined once: compiled, a "%b" format builds a line in one allocation,
+    # cheaper than four pieces (each a list append, a buffer export and release in the join).
     for k, v in headers:
-        parts.append(k)
-        parts.append(b": ")
-        parts.append(v)
+        parts.append(b"%b: %b\r\n" % (k, v))
+    if framing is not None and framing.chunked:
+        parts.append(b"transfer-encoding: chunked\r\n\r\n")
+    elif framing is not None and framing.content_length is not None:
+        parts.append(b"content-length: %d\r\n\r\n" % framing.content_length)
+    else:
         parts.append(b"\r\n")
-    if framing is not None:
-        if framing.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        elif framing.content_length is not None:
-            parts.append(b"content-length: ")
-            parts.append(str(framing.content_length).encode())
-            parts.append(b"\r\n")
-    parts.append(b"\r\n")
     return b"".join(parts)
 
 
@@ -408,10 +404,11 @@ def encode_request_head(
 ) -> bytes:
     """Serialise a request head; ``headers`` must already be free of framing headers. ``host``:
     a Host header written first."""
-    tail = b" HTTP/1.1\r\n" if version == "1.1" else b" HTTP/" + version.encode() + b"\r\n"
-    parts = [method, b" ", target, tail]
-    if host is not None:
-        parts += (b"host: ", host, b"\r\n")
+    if version == "1.1":
+        first = b"%b %b HTTP/1.1\r\n" % (method, target)
+    else:
+        first = b"%b %b HTTP/%b\r\n" % (method, target, version.encode())
+    parts = [first] if host is None else [first, b"host: %b\r\n" % host]
     return _head(parts, headers, framing)
 
 
