@@ -99,6 +99,8 @@ def test_responses_the_fast_path_takes_parse_the_same_in_llhttp(line: bytes, fie
     (b"Host: a\r\nX-A:  b c \r\n\r\n", [(b"host", b"a"), (b"x-a", b"b c ")]),  # OWS before dropped, after kept
     (b"X:\r\n\r\n", [(b"x", b"")]),
     (b"X:\t\xff\r\n\r\n", [(b"x", b"\xff")]),
+    (b"ETag: 1\r\nCONTENT-TYPE: a\r\nUser-agent: u\r\nX-Forwarded-For: f\r\n\r\n",
+     [(b"etag", b"1"), (b"content-type", b"a"), (b"user-agent", b"u"), (b"x-forwarded-for", b"f")]),
 ])
 def test_fields_are_read_as_llhttp_reads_them(fields: bytes, want: h1.Headers) -> None:
     out: h1.Headers = []
@@ -110,6 +112,8 @@ def test_fields_are_read_as_llhttp_reads_them(fields: bytes, want: h1.Headers) -
     b"X : a\r\n\r\n", b" X: a\r\n\r\n", b"X: a\nY: b\r\n\r\n", b"X: a\x00\r\n\r\n", b"X: a\r\n", b"X: a\r\n\r",
     b"Content-Length: 0\r\n\r\n", b"Connection: close\r\n\r\n", b"Transfer-Encoding: chunked\r\n\r\n",
     b"Upgrade: x\r\n\r\n", b"Proxy-Connection: keep-alive\r\n\r\n", b"X\r\n\r\n",
+    b"CONTENT-LENGTH: 0\r\n\r\n", b"cOnnection: close\r\n\r\n", b"proxy-connection: x\r\n\r\n",
+    b"TRANSFER-encoding: chunked\r\n\r\n", b"upgrade: x\r\n\r\n", b"A: b\r\nUPGRADE: x\r\n\r\n",
 ])
 def test_heads_left_to_llhttp(fields: bytes) -> None:
     assert h1.parse_fields(fields, 0, [], h1.LLHTTP_FIELDS) == -1

@@ -175,6 +175,38 @@ LLHTTP_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding", b"con
 LLHTTP_RESPONSE_FIELDS: Final = frozenset({b"transfer-encoding", b"connection", b"proxy-connection", b"upgrade"})
 
 
+
+
+def _field_names(names: tuple[bytes, ...]) -> dict[bytes, bytes]:
+    table: dict[bytes, bytes] = {}
+    for name in names:
+        for spelling in (name, b"-".join(p.capitalize() for p in name.split(b"-")), name.upper()):
+            table[spelling] = name
+    table[b"ETag"] = b"etag"
+    return table
+
+
+# Common field names as clients and servers spell them, to their lower-case form: one dict lookup
+# instead of a .lower() call, and the name is then a shared object whose hash is cached (the set
+# lookups after it, forward_headers', cost no hashing).
+_FIELD_NAMES: Final = _field_names((
+    b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"accept-ranges",
+    b"authorization", b"cache-control", b"content-type", b"content-length", b"content-encoding", b"cookie",
+    b"date", b"etag", b"expires", b"last-modified", b"location", b"origin", b"pragma", b"referer", b"server",
+    b"set-cookie", b"vary", b"via", b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id", b"traceparent",
+    b"tracestate", b"grpc-timeout", b"l5d-dst-override", b"connection", b"keep-alive", b"te",
+    b"transfer-encoding", b"upgrade", b"expect", b"if-none-match", b"if-modified-since",
+))
+
+
+def _refusable(name: bytes) -> bool:
+    """Could ``name`` (lower-case) be one of LLHTTP_FIELDS? Most names are ruled out without hashing."""
+    n = len(name)
+    c = name[0]
+    return (c == 0x63 and (n == 10 or n == 14)) or (c == 0x70 and n == 16) or (c == 0x74 and n == 17) \
+        or (c == 0x75 and n == 7)
+
+
 def parse_fields(data: bytes, start: int, out: Headers, refused: frozenset[bytes]) -> int:
     """Append the field lines of ``data`` from ``start`` through the empty line to ``out`` (names
     lower-case); return the index after the empty line. -1: not the simple case (the head is for
@@ -190,10 +222,11 @@ def parse_fields(data: bytes, start: int, out: Headers, refused: frozenset[bytes
             j += 1
         if j == i or j >= n or data[j] != 0x3A:
             return -1
-        name = data[i:j].lower()
-        c = name[0]
-        # Every refused name starts with c, p, t or u: most names skip the set's hashing.
-        if (c == 0x63 or c == 0x70 or c == 0x74 or c == 0x75) and name in refused:
+        raw = data[i:j]
+        name = _FIELD_NAMES.get(raw)
+        if name is None:
+            name = raw.lower()
+        if _refusable(name) and name in refused:
             return -1
         j += 1
         while j < n and (data[j] == 0x20 or data[j] == 0x09):
