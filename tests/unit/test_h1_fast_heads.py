@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tether.core.http import h1
 from tether.proxy.config import H1ServerSettings, ProxyConfig, client_settings
+from tether.proxy.errors import UpstreamError
 from tether.proxy.http.body import BytesBody
 from tether.proxy.http.h1client import H1Pool
 from tether.proxy.http.h1server import ConnectionRegistry, H1ServerProtocol
@@ -87,12 +88,24 @@ def test_responses_the_fast_path_takes_parse_the_same_in_llhttp(line: bytes, fie
     end = h1.parse_fields(data, start, out, h1.LLHTTP_RESPONSE_FIELDS)
     if end < 0:
         return
+    if h1.simple_content_length(out) != len(body):
+        return  # the client's fast path takes only a response whose body is all here
     seen = _Seen()
     parser = seen.parser = httptools.HttpResponseParser(seen)
     parser.feed_data(data)  # raises if llhttp refuses the response
-    assert (parser.get_status_code(), seen.headers) == (status, out)
-    if h1.check_response_head(status, out, b"GET").content_length == len(body):
-        assert (seen.body, seen.complete, seen.keep_alive) == (body, 1, True)
+    assert (parser.get_status_code(), seen.headers, seen.body, seen.complete, seen.keep_alive) == (
+        status, out, body, 1, True)
+
+
+@pytest.mark.parametrize(("fields", "want"), [
+    (b"content-length: 5\r\n", 5), (b"content-length: 0005\r\n", 5), (b"x: 1\r\ncontent-length: 0\r\n", 0),
+    (b"", -1), (b"content-length: 5 \r\n", -1), (b"content-length: 5,5\r\n", -1), (b"content-length: +5\r\n", -1),
+    (b"content-length: 5\r\ncontent-length: 5\r\n", -1), (b"content-length: 1234567890123456789\r\n", -1),
+])
+def test_the_fast_path_reads_only_one_plain_content_length(fields: bytes, want: int) -> None:
+    out: h1.Headers = []
+    h1.parse_fields(fields + b"\r\n", 0, out, h1.LLHTTP_RESPONSE_FIELDS)
+    assert h1.simple_content_length(out) == want
 
 
 @pytest.mark.parametrize(("fields", "want"), [
@@ -219,3 +232,12 @@ def test_an_upstream_response_that_closes_is_not_reused() -> None:
     resp, body, accepted = asyncio.run(_upstream_exchange(
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"))
     assert (resp.status, resp.headers, body, accepted) == (200, [], b"ok", 2)
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",  # llhttp: duplicate Content-Length
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX: \x01\r\n\r\nok",  # a CTL in a value
+])
+def test_upstream_responses_llhttp_refuses_are_still_refused(answer: bytes) -> None:
+    with pytest.raises(UpstreamError, match="invalid HTTP/1 response"):
+        asyncio.run(_upstream_exchange(answer))

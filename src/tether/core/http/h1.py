@@ -241,6 +241,20 @@ def parse_fields(data: bytes, start: int, out: Headers, refused: frozenset[bytes
     return -1
 
 
+def simple_content_length(headers: Headers) -> int:
+    """The Content-Length of a response head with exactly one, of 1 to 18 digits (what llhttp reads
+    without objection); -1 otherwise (none, several, or any other value): the head is for llhttp."""
+    length = -1
+    for k, v in headers:
+        if k == b"content-length":
+            if length >= 0:
+                return -1
+            length = _digits(v)
+            if length < 0:
+                return -1
+    return length
+
+
 def parse_status_line(data: bytes) -> tuple[int, int]:
     """The status code of a response that starts ``HTTP/1.1 NNN SP reason CRLF`` (a status of 200
     to 999 that may have a body: not 204 or 304; a reason of field-value bytes) and the index after

@@ -233,11 +233,10 @@ class H1ClientConnection(asyncio.Protocol):
         end = h1.parse_fields(data, start, headers, h1.LLHTTP_RESPONSE_FIELDS)
         if end < 0:
             return False
-        try:
-            framing = h1.check_response_head(status, headers, self._method)
-        except h1.H1Error:
-            return False  # llhttp and on_headers_complete judge it, as any other head
-        if framing.content_length is None or framing.content_length != len(data) - end:
+        # One Content-Length of plain digits (no Transfer-Encoding: refused above), and the whole
+        # body in this read. Anything else (duplicates, lists, a short read) is llhttp's to judge.
+        length = h1.simple_content_length(headers)
+        if length < 0 or length != len(data) - end:
             return False
         # What llhttp's callbacks would have done: a keep-alive HTTP/1.1 response (no Connection
         # header) whose body is all here, so held as bytes (no pipe, no backpressure to apply).
@@ -246,7 +245,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._interim = False
         self._keep_alive = True
         self._hand_over(Response(status, forward_headers(headers),
-                                 BytesBody(data[end:]) if framing.content_length else EmptyBody()))
+                                 BytesBody(data[end:]) if length else EmptyBody()))
         self._message_done()
         return True
 
