@@ -63,6 +63,45 @@ _STATUS_LINES = st.sampled_from([b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 404 Not Foun
                                  b"HTTP/1.1 200 O\x01K\r\n", b"HTTP/1.1 2x0 OK\r\n", b"HTTP/1.1 204 No\r\n"])
 
 
+_LINE_BYTES = st.sampled_from([b"GET", b" ", b"/", b"#", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"\r", b"\n", b"\r\n",
+                               b"\x80", b"\t", b"*", b"a", b"\x00", b"1", b"."])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_LINE_BYTES, max_size=12).map(b"".join) | st.binary(max_size=30))
+def test_the_one_scan_request_line_agrees_with_the_line_check(data: bytes) -> None:
+    method_length, eol = h1.request_line_end(data)
+    if eol < 0:
+        return
+    assert eol == data.find(b"\n")
+    assert h1.check_request_line(data[:eol]) == method_length
+
+
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.0\r\nHost: a\r\n\r\n", b"M-X * HTTP/1.9\r\n"])
+def test_the_one_scan_request_line_takes_valid_lines(data: bytes) -> None:
+    assert h1.request_line_end(data) == (data.find(b" "), data.find(b"\n"))
+
+
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r", b"GET / HTTP/1.1\n", b"GET  / HTTP/1.1\r\n",
+                                  b"GET / HTTP/2.0\r\n", b"\r\nGET / HTTP/1.1\r\n", b"GET /#a HTTP/1.1\r\n",
+                                  b"GET / HTTP/1.1 \r\n", b""])
+def test_the_one_scan_request_line_leaves_the_rest_to_the_line_check(data: bytes) -> None:
+    assert h1.request_line_end(data) == (0, -1)
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE",
+                                    b"get", b"FOO", b"CONNECT", b"M-SEARCH"])
+@pytest.mark.parametrize("target", [b"/", b"/a?b=%22c%22&d=~!$'()*+,;=:@[]{}|^`\\<>\"", b"*", b"a", b"http://a/",
+                                    b"//x"])
+def test_requests_the_fast_path_takes_llhttp_accepts(method: bytes, target: bytes) -> None:
+    data = method + b" " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    if not h1.fast_request_target(method, target) or h1.request_line_end(data)[1] < 0:
+        return
+    seen = _Seen()
+    httptools.HttpRequestParser(seen).feed_data(data)
+    assert (seen.url, seen.complete) == (target, 1)
+
+
 @settings(max_examples=3000, deadline=None)
 @given(_FIELDS)
 def test_request_fields_the_fast_path_takes_parse_the_same_in_llhttp(fields: bytes) -> None:
@@ -176,6 +215,9 @@ def test_a_request_in_one_read_and_the_same_request_byte_by_byte_are_served_alik
     (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"400"),          # two
     (b"GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n", b"400"),           # userinfo
     (b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n", b"400"),          # a CTL in a value
+    (b"get / HTTP/1.1\r\nHost: a\r\n\r\n", b"400"),                     # llhttp: not a method it knows
+    (b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n", b"400"),
+    (b"GET http://a|b/ HTTP/1.1\r\nHost: a\r\n\r\n", b"400"),           # llhttp: not a URL char
 ])
 def test_bad_heads_in_one_read_are_still_refused(request_head: bytes, status: bytes) -> None:
     (resp,) = asyncio.run(_exchange([request_head], 1))

@@ -305,6 +305,38 @@ def check_request_line(line: bytes) -> int:
     return method_length
 
 
+# Methods llhttp knows (it refuses any other token) that the fast path takes; CONNECT is llhttp's.
+_LLHTTP_METHODS: Final = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"})
+
+
+def fast_request_target(method: bytes, target: bytes) -> bool:
+    """May the fast path take a request with this method and target (llhttp accepts both)? An
+    origin-form target and one of the usual methods; anything else is llhttp's to judge."""
+    return target[:1] == b"/" and (method == b"GET" or method in _LLHTTP_METHODS)
+
+
+def request_line_end(data: bytes) -> tuple[int, int]:
+    """For a read that starts with a whole, valid ``method SP target SP HTTP/1.x CRLF`` line: the
+    method's length and the index of the line's LF, in one scan. (0, -1) for anything else (an
+    incomplete line, a malformed one, another version): check_request_line judges those."""
+    n: i64 = len(data)
+    i: i64 = 0
+    while i < n and _TCHAR[data[i]]:
+        i += 1
+    if i == 0 or i >= n or data[i] != 0x20:
+        return 0, -1
+    method_length = i
+    i += 1
+    target: i64 = i
+    while i < n and _TARGET[data[i]]:
+        i += 1
+    if i == target or n - i < 11 or data[i] != 0x20 or data[i + 1] != 0x48 or data[i + 2] != 0x54 \
+            or data[i + 3] != 0x54 or data[i + 4] != 0x50 or data[i + 5] != 0x2F or data[i + 6] != 0x31 \
+            or data[i + 7] != 0x2E or not 0x30 <= data[i + 8] <= 0x39 or data[i + 9] != 0x0D or data[i + 10] != 0x0A:
+        return 0, -1
+    return method_length, i + 10
+
+
 def check_host(value: bytes) -> None:
     """Validate a Host value (RFC 9110 section 7.2): ``uri-host [ ":" port ]``, no userinfo."""
     n = len(value)

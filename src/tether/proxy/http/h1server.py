@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 _MAX_PIPELINED: Final = 16
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Futures made directly: loop.create_future() is one more call around the same constructor.
+_Future: Final = asyncio.Future
 
 
 class _ContinueBody(PipeBody):
@@ -181,6 +183,14 @@ class H1ServerProtocol(asyncio.Protocol):
     def _check_request_line(self, data: bytes) -> bool:
         """Gather the request line starting at this read; check it once whole. False: rejected."""
         if not self._line:
+            # The commonest case: the read starts with a whole valid line (one scan).
+            method_length, eol = h1.request_line_end(data)
+            if eol > 0:
+                self._line_check = False
+                self._line_method = data[:method_length]
+                self._line_version = "1.0" if data[eol - 2] == 0x30 else "1.1"
+                self._line_end = eol
+                return True
             # The common case: the whole line is in this read (no copy).
             start = 0
             n = len(data)
@@ -224,11 +234,12 @@ class H1ServerProtocol(asyncio.Protocol):
                 or data[n - 1] != 0x0A or data[n - 3] != 0x0A:
             return False
         headers: h1.Headers = []
-        if h1.parse_fields(data, eol + 1, headers, h1.LLHTTP_FIELDS) != n or method == b"CONNECT":
+        url = data[len(method) + 1:eol - 10]
+        if not h1.fast_request_target(method, url) or h1.parse_fields(data, eol + 1, headers, h1.LLHTTP_FIELDS) != n:
             return False
         try:
             framing = h1.check_request_head("1.1", headers)
-            authority, target = h1.split_target(method, data[len(method) + 1:eol - 10])
+            authority, target = h1.split_target(method, url)
         except h1.H1Error:
             return False  # llhttp and on_headers_complete judge it, as any other head
         # What on_message_begin, on_url, on_header, on_headers_complete and on_message_complete
@@ -450,7 +461,7 @@ class H1ServerProtocol(asyncio.Protocol):
         try:
             while not self._lost:
                 if not self._queue:
-                    w: asyncio.Future[bool] = loop.create_future()
+                    w: asyncio.Future[bool] = _Future(loop=loop)
                     self._wakeup = w
                     if not await w:
                         # Parked by _on_tick, which has let go of this task: another may be
