@@ -61,6 +61,11 @@ class BytesBody(Body):
         data, self._data = self._data, None
         return data or b""
 
+    def take(self) -> bytes:
+        """The whole body at once, without awaiting (as ``read``: later reads return ``b""``)."""
+        data, self._data = self._data, None
+        return data or b""
+
 
 @mypyc_attr(allow_interpreted_subclasses=True)
 class PipeBody(Body):

@@ -226,7 +226,8 @@ class H1ClientConnection(asyncio.Protocol):
     def _fast_response(self, data: bytes) -> bool:
         """Take a read that is exactly one simple HTTP/1.1 response with its whole Content-Length
         body without llhttp; False: not that case, llhttp parses the read."""
-        if self._method == b"HEAD":
+        method = self._method
+        if method == b"HEAD" or method == b"CONNECT":  # no body, or a tunnel: llhttp's rules
             return False
         status, start = h1.parse_status_line(data)
         if status < 0:

@@ -24,7 +24,7 @@ from tether.core.http import h1
 from tether.proxy.config import H1ServerSettings
 from tether.proxy.counters import TcpMetrics
 from tether.proxy.errors import ProxyError, rescue
-from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
+from tether.proxy.http.body import Body, BodyError, BytesBody, EmptyBody, PipeBody
 from tether.proxy.http.message import Connection, Request, Response, Service, forward_headers
 from tether.proxy.tcp import Splice, linger_close
 
@@ -532,10 +532,20 @@ class H1ServerProtocol(asyncio.Protocol):
             self._write(transport, head)
             self._start_splice(resp)
             return False
+        body = resp.body
         if framing is None and not body_close:
             self._write(transport, head)  # no body
+        elif type(body) is BytesBody and framing is not None and framing.content_length is not None \
+                and not framing.chunked:
+            # A body held whole (read in one piece from upstream, or made by the proxy): one
+            # write, no awaits.
+            data = body.take()
+            if len(data) != framing.content_length:
+                self._abort()
+                raise BodyError("upstream body length differs from its Content-Length")
+            self._write(transport, head + data)
         else:
-            await self._write_body(resp.body, head, framing)
+            await self._write_body(body, head, framing)
         if req.body is not None and isinstance(req.body, PipeBody) and not req.body.done:
             # The service answered without reading the whole request body: the rest of the
             # stream is unparsed, so the connection can't be reused.
