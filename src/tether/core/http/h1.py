@@ -177,26 +177,39 @@ LLHTTP_RESPONSE_FIELDS: Final = frozenset({b"transfer-encoding", b"connection", 
 
 
 
-def _field_names(names: tuple[bytes, ...]) -> dict[bytes, bytes]:
-    table: dict[bytes, bytes] = {}
+def _field_names(names: tuple[bytes, ...]) -> list[list[tuple[bytes, bytes]]]:
+    """Spellings of ``names`` (Title-Case, lower, upper) and their lower-case name, by length."""
+    by_length: list[list[tuple[bytes, bytes]]] = [[] for _ in range(_NAME_MAX + 1)]
     for name in names:
-        for spelling in (name, b"-".join(p.capitalize() for p in name.split(b"-")), name.upper()):
-            table[spelling] = name
-    table[b"ETag"] = b"etag"
-    return table
+        title = b"-".join(p.capitalize() for p in name.split(b"-"))
+        for spelling in dict.fromkeys((title, name, name.upper(), b"ETag" if name == b"etag" else title)):
+            by_length[len(spelling)].append((spelling, name))
+    return by_length
 
 
-# Common field names as clients and servers spell them, to their lower-case form: one dict lookup
-# instead of a .lower() call, and the name is then a shared object whose hash is cached (the set
-# lookups after it, forward_headers', cost no hashing).
+# Common field names as clients and servers spell them, to their lower-case form, by length: a few
+# byte compares instead of a .lower() call (or a dict lookup, which hashes the fresh slice), and the
+# name is then a shared object whose hash is cached (the set lookups after it cost no hashing).
+_NAME_MAX: Final = 20
 _FIELD_NAMES: Final = _field_names((
-    b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"accept-ranges",
-    b"authorization", b"cache-control", b"content-type", b"content-length", b"content-encoding", b"cookie",
-    b"date", b"etag", b"expires", b"last-modified", b"location", b"origin", b"pragma", b"referer", b"server",
-    b"set-cookie", b"vary", b"via", b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id", b"traceparent",
-    b"tracestate", b"grpc-timeout", b"l5d-dst-override", b"connection", b"keep-alive", b"te",
+    b"host", b"user-agent", b"accept", b"content-type", b"content-length", b"date", b"server",
+    b"accept-encoding", b"accept-language", b"accept-ranges", b"authorization", b"cache-control",
+    b"content-encoding", b"cookie", b"etag", b"expires", b"last-modified", b"location", b"origin", b"pragma",
+    b"referer", b"set-cookie", b"vary", b"via", b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id",
+    b"traceparent", b"tracestate", b"grpc-timeout", b"l5d-dst-override", b"connection", b"keep-alive", b"te",
     b"transfer-encoding", b"upgrade", b"expect", b"if-none-match", b"if-modified-since",
 ))
+
+
+def field_name(data: bytes, start: int, end: int) -> bytes:
+    """The lower-case name of the field name ``data[start:end]`` (a shared object when common)."""
+    raw = data[start:end]
+    n = end - start
+    if n <= _NAME_MAX:
+        for spelling, name in _FIELD_NAMES[n]:
+            if spelling == raw:
+                return name
+    return raw.lower()
 
 
 def _refusable(name: bytes) -> bool:
@@ -222,10 +235,7 @@ def parse_fields(data: bytes, start: int, out: Headers, refused: frozenset[bytes
             j += 1
         if j == i or j >= n or data[j] != 0x3A:
             return -1
-        raw = data[i:j]
-        name = _FIELD_NAMES.get(raw)
-        if name is None:
-            name = raw.lower()
+        name = field_name(data, i, j)
         if _refusable(name) and name in refused:
             return -1
         j += 1
