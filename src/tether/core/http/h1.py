@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from mypy_extensions import i64
+
 Headers = list[tuple[bytes, bytes]]
 
 REASONS: Final = {
@@ -160,6 +162,133 @@ def find_lf(data: bytes, start: int) -> int:
     return data.find(b"\n", end) if end < n else -1
 
 
+# The common head, parsed here rather than by llhttp (each llhttp callback into Python costs as much
+# as parsing a whole field line in compiled code). Only a subset of what llhttp accepts is taken:
+# field lines "name:" OWS value CRLF, names of tchars, values of HTAB, SP, visible ASCII and
+# obs-text, as llhttp reads them (leading OWS dropped, trailing kept). Anything else, and every
+# field llhttp acts on itself, is left to llhttp: the fast path never judges a head llhttp would.
+_FIELD_VALUE: Final = _table(b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100)))
+# Fields llhttp interprets (framing, connection management, upgrades).
+LLHTTP_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding", b"connection", b"proxy-connection",
+                                  b"upgrade"})
+# ... less Content-Length, which a response's fast path reads itself (check_response_head).
+LLHTTP_RESPONSE_FIELDS: Final = frozenset({b"transfer-encoding", b"connection", b"proxy-connection", b"upgrade"})
+
+
+
+
+def _field_names(names: tuple[bytes, ...]) -> list[list[tuple[bytes, bytes]]]:
+    """Spellings of ``names`` (Title-Case, lower, upper) and their lower-case name, by length."""
+    by_length: list[list[tuple[bytes, bytes]]] = [[] for _ in range(_NAME_MAX + 1)]
+    for name in names:
+        title = b"-".join(p.capitalize() for p in name.split(b"-"))
+        for spelling in dict.fromkeys((title, name, name.upper(), b"ETag" if name == b"etag" else title)):
+            by_length[len(spelling)].append((spelling, name))
+    return by_length
+
+
+# Common field names as clients and servers spell them, to their lower-case form, by length: a few
+# byte compares instead of a .lower() call (or a dict lookup, which hashes the fresh slice), and the
+# name is then a shared object whose hash is cached (the set lookups after it cost no hashing).
+_NAME_MAX: Final = 20
+_FIELD_NAMES: Final = _field_names((
+    b"host", b"user-agent", b"accept", b"content-type", b"content-length", b"date", b"server",
+    b"accept-encoding", b"accept-language", b"accept-ranges", b"authorization", b"cache-control",
+    b"content-encoding", b"cookie", b"etag", b"expires", b"last-modified", b"location", b"origin", b"pragma",
+    b"referer", b"set-cookie", b"vary", b"via", b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id",
+    b"traceparent", b"tracestate", b"grpc-timeout", b"l5d-dst-override", b"connection", b"keep-alive", b"te",
+    b"transfer-encoding", b"upgrade", b"expect", b"if-none-match", b"if-modified-since",
+))
+
+
+def field_name(data: bytes, start: int, end: int) -> bytes:
+    """The lower-case name of the field name ``data[start:end]`` (a shared object when common)."""
+    raw = data[start:end]
+    n = end - start
+    if n <= _NAME_MAX:
+        for spelling, name in _FIELD_NAMES[n]:
+            if spelling == raw:
+                return name
+    return raw.lower()
+
+
+def _refusable(name: bytes) -> bool:
+    """Could ``name`` (lower-case) be one of LLHTTP_FIELDS? Most names are ruled out without hashing."""
+    n = len(name)
+    c = name[0]
+    return (c == 0x63 and (n == 10 or n == 14)) or (c == 0x70 and n == 16) or (c == 0x74 and n == 17) \
+        or (c == 0x75 and n == 7)
+
+
+def parse_fields(data: bytes, start: int, out: Headers, refused: frozenset[bytes]) -> int:
+    """Append the field lines of ``data`` from ``start`` through the empty line to ``out`` (names
+    lower-case); return the index after the empty line. -1: not the simple case (the head is for
+    llhttp), including a field named in ``refused``."""
+    # i64 indexes: compiled, a tagged int costs a call per addition (a third of the loop's cost).
+    n: i64 = len(data)
+    i: i64 = start
+    while i + 1 < n:
+        if data[i] == 0x0D:
+            return i + 2 if data[i + 1] == 0x0A else -1
+        j: i64 = i
+        while j < n and _TCHAR[data[j]]:
+            j += 1
+        if j == i or j >= n or data[j] != 0x3A:
+            return -1
+        name = field_name(data, i, j)
+        if _refusable(name) and name in refused:
+            return -1
+        j += 1
+        while j < n and (data[j] == 0x20 or data[j] == 0x09):
+            j += 1
+        v: i64 = j
+        while j < n and _FIELD_VALUE[data[j]]:
+            j += 1
+        if j + 1 >= n or data[j] != 0x0D or data[j + 1] != 0x0A:
+            return -1
+        out.append((name, data[v:j]))
+        i = j + 2
+    return -1
+
+
+def simple_content_length(headers: Headers) -> int:
+    """The Content-Length of a response head with exactly one, of 1 to 18 digits (what llhttp reads
+    without objection); -1 otherwise (none, several, or any other value): the head is for llhttp."""
+    length = -1
+    for k, v in headers:
+        if k == b"content-length":
+            if length >= 0:
+                return -1
+            length = _digits(v)
+            if length < 0:
+                return -1
+    return length
+
+
+def parse_status_line(data: bytes) -> tuple[int, int]:
+    """The status code of a response that starts ``HTTP/1.1 NNN SP reason CRLF`` (a status of 200
+    to 999 that may have a body: not 204 or 304; a reason of field-value bytes) and the index after
+    that CRLF; (-1, -1) otherwise: the head is for llhttp."""
+    n: i64 = len(data)
+    if n < 15 or data[0] != 0x48 or data[1] != 0x54 or data[2] != 0x54 or data[3] != 0x50 or data[4] != 0x2F \
+            or data[5] != 0x31 or data[6] != 0x2E or data[7] != 0x31 or data[8] != 0x20 or data[12] != 0x20:
+        return -1, -1
+    status = 0
+    for k in range(9, 12):
+        c = data[k]
+        if c < 0x30 or c > 0x39:
+            return -1, -1
+        status = status * 10 + (c - 0x30)
+    if status < 200 or status == 204 or status == 304:
+        return -1, -1
+    i: i64 = 13
+    while i < n and _FIELD_VALUE[data[i]]:
+        i += 1
+    if i + 1 >= n or data[i] != 0x0D or data[i + 1] != 0x0A:
+        return -1, -1
+    return status, i + 2
+
+
 def check_request_line(line: bytes) -> int:
     """Validate one request line (without its LF) against RFC 9112 section 3; raise :class:`H1Error`.
     Returns the method's length.
@@ -184,6 +313,38 @@ def check_request_line(line: bytes) -> int:
     if line[i + 6] != 0x31:
         raise H1Error(505, "HTTP version not supported")
     return method_length
+
+
+# Methods llhttp knows (it refuses any other token) that the fast path takes; CONNECT is llhttp's.
+_LLHTTP_METHODS: Final = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"})
+
+
+def fast_request_target(method: bytes, target: bytes) -> bool:
+    """May the fast path take a request with this method and target (llhttp accepts both)? An
+    origin-form target and one of the usual methods; anything else is llhttp's to judge."""
+    return target[:1] == b"/" and (method == b"GET" or method in _LLHTTP_METHODS)
+
+
+def request_line_end(data: bytes) -> tuple[int, int]:
+    """For a read that starts with a whole, valid ``method SP target SP HTTP/1.x CRLF`` line: the
+    method's length and the index of the line's LF, in one scan. (0, -1) for anything else (an
+    incomplete line, a malformed one, another version): check_request_line judges those."""
+    n: i64 = len(data)
+    i: i64 = 0
+    while i < n and _TCHAR[data[i]]:
+        i += 1
+    if i == 0 or i >= n or data[i] != 0x20:
+        return 0, -1
+    method_length = i
+    i += 1
+    target: i64 = i
+    while i < n and _TARGET[data[i]]:
+        i += 1
+    if i == target or n - i < 11 or data[i] != 0x20 or data[i + 1] != 0x48 or data[i + 2] != 0x54 \
+            or data[i + 3] != 0x54 or data[i + 4] != 0x50 or data[i + 5] != 0x2F or data[i + 6] != 0x31 \
+            or data[i + 7] != 0x2E or not 0x30 <= data[i + 8] <= 0x39 or data[i + 9] != 0x0D or data[i + 10] != 0x0A:
+        return 0, -1
+    return method_length, i + 10
 
 
 def check_host(value: bytes) -> None:
@@ -314,20 +475,16 @@ _STATUS_LINES: Final = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for sta
 
 
 def _head(parts: list[bytes], headers: Headers, framing: Framing | None) -> bytes:
-    # One join over flat parts: no intermediate bytes per header line.
+    # One piece per line, joined once: compiled, a "%b" format builds a line in one allocation,
+    # cheaper than four pieces (each a list append, a buffer export and release in the join).
     for k, v in headers:
-        parts.append(k)
-        parts.append(b": ")
-        parts.append(v)
+        parts.append(b"%b: %b\r\n" % (k, v))
+    if framing is not None and framing.chunked:
+        parts.append(b"transfer-encoding: chunked\r\n\r\n")
+    elif framing is not None and framing.content_length is not None:
+        parts.append(b"content-length: %d\r\n\r\n" % framing.content_length)
+    else:
         parts.append(b"\r\n")
-    if framing is not None:
-        if framing.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        elif framing.content_length is not None:
-            parts.append(b"content-length: ")
-            parts.append(str(framing.content_length).encode())
-            parts.append(b"\r\n")
-    parts.append(b"\r\n")
     return b"".join(parts)
 
 
@@ -336,10 +493,11 @@ def encode_request_head(
 ) -> bytes:
     """Serialise a request head; ``headers`` must already be free of framing headers. ``host``:
     a Host header written first."""
-    tail = b" HTTP/1.1\r\n" if version == "1.1" else b" HTTP/" + version.encode() + b"\r\n"
-    parts = [method, b" ", target, tail]
-    if host is not None:
-        parts += (b"host: ", host, b"\r\n")
+    if version == "1.1":
+        first = b"%b %b HTTP/1.1\r\n" % (method, target)
+    else:
+        first = b"%b %b HTTP/%b\r\n" % (method, target, version.encode())
+    parts = [first] if host is None else [first, b"host: %b\r\n" % host]
     return _head(parts, headers, framing)
 
 

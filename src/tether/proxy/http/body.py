@@ -67,7 +67,8 @@ class BytesBody(Body):
         data, self._data = self._data, None
         return data or b""
 
-    def take(self) -> bytes | None:
+    def take(self) -> bytes:
+        """The whole body at once, without awaiting (as ``read``: later reads return ``b""``)."""
         data, self._data = self._data, None
         return data or b""
 

@@ -25,7 +25,7 @@ from tether.core.http import h1
 from tether.proxy.config import ClientSettings
 from tether.proxy.counters import TcpMetrics
 from tether.proxy.errors import ConnectError, ConnectTimeoutError, UpstreamError
-from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
+from tether.proxy.http.body import Body, BodyError, BytesBody, EmptyBody, PipeBody
 from tether.proxy.http.message import Request, Response, forward_headers
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 Connector = Callable[[Callable[[], asyncio.Protocol]], Awaitable[tuple[asyncio.BaseTransport, asyncio.Protocol]]]
 
 _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
+# Futures made directly: loop.create_future() is one more call around the same constructor.
+_Future: Final = asyncio.Future
 
 
 @dataclass(slots=True)
@@ -70,6 +72,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._request_sent = True
         self._busy = False
         self._closed = False
+        self._between = True  # llhttp is between two messages (no response begun)
         self._interim = False
         self.reused = False
         self._write_paused = False
@@ -115,6 +118,8 @@ class H1ClientConnection(asyncio.Protocol):
         parser = self._parser
         if parser is None:  # released: the connection is lost or handed over
             return
+        if self._between and self._head is not None and self._fast_response(data):
+            return
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -127,6 +132,7 @@ class H1ClientConnection(asyncio.Protocol):
         if self._reset_parser and not self._closed:
             self._reset_parser = False
             self._parser = httptools.HttpResponseParser(self)
+            self._between = True
 
     def eof_received(self) -> bool:
         # Close-delimited bodies end here; llhttp finishes them on feed_data(b"")? No: on EOF.
@@ -188,6 +194,7 @@ class H1ClientConnection(asyncio.Protocol):
     _body_until_close = False
 
     def on_message_begin(self) -> None:
+        self._between = False
         self._headers = []
         self._trailers = None
         self._in_head = True
@@ -214,6 +221,39 @@ class H1ClientConnection(asyncio.Protocol):
         headers = self._headers
         framing = h1.check_response_head(status, headers, self._method)
         self._keep_alive = parser.should_keep_alive()
+        self._respond(status, headers, framing)
+
+    def _fast_response(self, data: bytes) -> bool:
+        """Take a read that is exactly one simple HTTP/1.1 response with its whole Content-Length
+        body without llhttp; False: not that case, llhttp parses the read."""
+        method = self._method
+        if method == b"HEAD" or method == b"CONNECT":  # no body, or a tunnel: llhttp's rules
+            return False
+        status, start = h1.parse_status_line(data)
+        if status < 0:
+            return False
+        headers: h1.Headers = []
+        end = h1.parse_fields(data, start, headers, h1.LLHTTP_RESPONSE_FIELDS)
+        if end < 0:
+            return False
+        # One Content-Length of plain digits (no Transfer-Encoding: refused above), and the whole
+        # body in this read. Anything else (duplicates, lists, a short read) is llhttp's to judge.
+        length = h1.simple_content_length(headers)
+        if length < 0 or length != len(data) - end:
+            return False
+        # What llhttp's callbacks would have done: a keep-alive HTTP/1.1 response (no Connection
+        # header) whose body is all here, so held as bytes (no pipe, no backpressure to apply).
+        self._trailers = None
+        self._in_head = False
+        self._interim = False
+        self._keep_alive = True
+        self._hand_over(Response(status, forward_headers(headers),
+                                 BytesBody(data[end:]) if length else EmptyBody()))
+        self._message_done()
+        return True
+
+    def _respond(self, status: int, headers: h1.Headers, framing: h1.Framing) -> None:
+        """Hand the response whose head was read and checked to the waiting request."""
         out = forward_headers(headers)
         if status == 101:
             # The server side re-emits Upgrade (hop-by-hop) for the client: keep its value.
@@ -236,19 +276,22 @@ class H1ClientConnection(asyncio.Protocol):
                 if cl is not None and cl.isdigit():
                     body.length = int(cl)
                 self._reset_parser = True
-        resp = Response(status, out, body)
+        self._hand_over(Response(status, out, body))
+        if isinstance(body, EmptyBody) and status != 101:
+            self._message_done()
+
+    def _hand_over(self, resp: Response) -> None:
         fut = self._head
         self._head = None
         if fut is not None and not fut.done():
             fut.set_result(resp)
-        if isinstance(body, EmptyBody) and status != 101:
-            self._message_done()
 
     def on_body(self, data: bytes) -> None:
         if self._body is not None:
             self._body.feed(data)
 
     def on_message_complete(self) -> None:
+        self._between = True
         if self._interim:
             self._interim = False
             return
@@ -268,7 +311,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._in_head = True
         self._head_bytes = 0
         loop = self._loop
-        self._head = loop.create_future()
+        self._head = _Future(loop=loop)
         body = req.body
         # The client's Connection: close is hop-by-hop: the pooled upstream connection stays open.
         headers = req.headers

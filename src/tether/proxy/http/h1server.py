@@ -24,7 +24,7 @@ from tether.core.http import h1
 from tether.proxy.config import H1ServerSettings
 from tether.proxy.counters import TcpMetrics
 from tether.proxy.errors import ProxyError, rescue
-from tether.proxy.http.body import Body, BodyError, EmptyBody, PipeBody
+from tether.proxy.http.body import Body, BodyError, BytesBody, EmptyBody, PipeBody
 from tether.proxy.http.message import Connection, Request, Response, Service, forward_headers
 from tether.proxy.tcp import Splice, linger_close
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 _MAX_PIPELINED: Final = 16
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Futures made directly: loop.create_future() is one more call around the same constructor.
+_Future: Final = asyncio.Future
 
 
 class _ContinueBody(PipeBody):
@@ -113,6 +115,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._line = bytearray()
         self._line_method: bytes | None = None  # of the checked line, until its head is parsed
         self._line_version = "1.1"
+        self._line_end = -1  # the line's LF when the line began the read (the fast path's start)
         self._between = True  # the parser is between two messages
         self._final = False  # the request being read is the connection's last
         self._final_done = False  # ... and it has been read whole: later bytes are dropped
@@ -133,8 +136,14 @@ class H1ServerProtocol(asyncio.Protocol):
             self.tcp.read_bytes += len(data)
         if self._parse_error is not None or self._upgrade_leftover is not None or self._final_done:
             return
-        if self._line_check and not self._check_request_line(data):
-            return
+        if self._line_check:
+            if not self._check_request_line(data):
+                return
+            eol = self._line_end
+            if eol > 0:
+                self._line_end = -1
+                if self._between and self._fast_head(data, eol):
+                    return
         if self._in_head:
             # Only the bytes up to the end of the head count (the body may follow in this chunk).
             end = data.find(b"\r\n\r\n")
@@ -174,6 +183,14 @@ class H1ServerProtocol(asyncio.Protocol):
     def _check_request_line(self, data: bytes) -> bool:
         """Gather the request line starting at this read; check it once whole. False: rejected."""
         if not self._line:
+            # The commonest case: the read starts with a whole valid line (one scan).
+            method_length, eol = h1.request_line_end(data)
+            if eol > 0:
+                self._line_check = False
+                self._line_method = data[:method_length]
+                self._line_version = "1.0" if data[eol - 2] == 0x30 else "1.1"
+                self._line_end = eol
+                return True
             # The common case: the whole line is in this read (no copy).
             start = 0
             n = len(data)
@@ -187,6 +204,8 @@ class H1ServerProtocol(asyncio.Protocol):
                     break
             eol = h1.find_lf(data, start)
             if eol >= 0:
+                if start == 0:
+                    self._line_end = eol
                 return self._judge_line(data[start:eol])
             if start < len(data):
                 self._line += data[start:] if start else data
@@ -204,6 +223,33 @@ class H1ServerProtocol(asyncio.Protocol):
         if len(line) > self.cfg.max_header_bytes:
             self._line_check = False  # the header size limit answers this one
             self._line = bytearray()
+        return True
+
+    def _fast_head(self, data: bytes, eol: int) -> bool:
+        """Serve a read that is exactly one simple bodiless HTTP/1.1 head (the request line at
+        ``eol`` already checked) without llhttp; False: not that case, llhttp parses the read."""
+        n = len(data)
+        method = self._line_method
+        if method is None or self._line_version != "1.1" or n > self.cfg.max_header_bytes \
+                or data[n - 1] != 0x0A or data[n - 3] != 0x0A:
+            return False
+        headers: h1.Headers = []
+        url = data[len(method) + 1:eol - 10]
+        if not h1.fast_request_target(method, url) or h1.parse_fields(data, eol + 1, headers, h1.LLHTTP_FIELDS) != n:
+            return False
+        try:
+            framing = h1.check_request_head("1.1", headers)
+            authority, target = h1.split_target(method, url)
+        except h1.H1Error:
+            return False  # llhttp and on_headers_complete judge it, as any other head
+        # What on_message_begin, on_url, on_header, on_headers_complete and on_message_complete
+        # would have done (the head is whole: no header timer to arm; no body).
+        self._line_method = None
+        self.conn.first_byte_at = 0.0
+        self._trailers = None
+        self._cancel_timer()
+        self._accept(method, "1.1", authority, target, headers, framing, None)
+        self._line_check = True
         return True
 
     def _judge_line(self, line: bytes) -> bool:
@@ -324,6 +370,12 @@ class H1ServerProtocol(asyncio.Protocol):
         # An absolute-form target carries the authority (explicit proxy use); Host is then ignored
         # (RFC 9112 section 3.2.2). CONNECT has only an authority.
         authority, target = h1.split_target(method, self._url)
+        self._accept(method, version, authority, target, headers, framing, parser)
+
+    def _accept(self, method: bytes, version: str, authority: bytes, target: bytes, headers: h1.Headers,
+                framing: h1.Framing, parser: httptools.HttpRequestParser | None) -> None:
+        """Queue the request whose head was read and checked. ``parser``: llhttp's, asked about
+        the Connection header; None when the head had none (the fast path)."""
         expect_continue = False
         # Without a Connection header llhttp has seen no "Connection: upgrade" nor "close":
         # the parser need not be asked (each call into it costs as much as this whole loop).
@@ -342,7 +394,7 @@ class H1ServerProtocol(asyncio.Protocol):
                 connection = True
             out_headers.append(kv)
         out_headers = forward_headers(out_headers)
-        upgrade = connection and parser.should_upgrade() and method != b"CONNECT"
+        upgrade = connection and parser is not None and parser.should_upgrade() and method != b"CONNECT"
         if upgrade:
             up = next((v for k, v in headers if k == b"upgrade"), None)
             if up is not None:
@@ -375,7 +427,7 @@ class H1ServerProtocol(asyncio.Protocol):
         )
         # HTTP/1.1 keeps the connection unless "Connection: close"; HTTP/1.0 closes it unless
         # "Connection: keep-alive" (llhttp's rule, which it applies to the headers it parsed).
-        if (connection or version == "1.0") and not parser.should_keep_alive():
+        if (connection or version == "1.0") and parser is not None and not parser.should_keep_alive():
             req.close = True
             self._final = True
         if upgrade or method == b"CONNECT":
@@ -409,7 +461,7 @@ class H1ServerProtocol(asyncio.Protocol):
         try:
             while not self._lost:
                 if not self._queue:
-                    w: asyncio.Future[bool] = loop.create_future()
+                    w: asyncio.Future[bool] = _Future(loop=loop)
                     self._wakeup = w
                     if not await w:
                         # Parked by _on_tick, which has let go of this task: another may be
@@ -480,10 +532,20 @@ class H1ServerProtocol(asyncio.Protocol):
             self._write(transport, head)
             self._start_splice(resp)
             return False
+        body = resp.body
         if framing is None and not body_close:
             self._write(transport, head)  # no body
+        elif type(body) is BytesBody and framing is not None and framing.content_length is not None \
+                and not framing.chunked:
+            # A body held whole (read in one piece from upstream, or made by the proxy): one
+            # write, no awaits.
+            data = body.take()
+            if len(data) != framing.content_length:
+                self._abort()
+                raise BodyError("upstream body length differs from its Content-Length")
+            self._write(transport, head + data)
         else:
-            await self._write_body(resp.body, head, framing)
+            await self._write_body(body, head, framing)
         if req.body is not None and isinstance(req.body, PipeBody) and not req.body.done:
             # The service answered without reading the whole request body: the rest of the
             # stream is unparsed, so the connection can't be reused.
