@@ -46,6 +46,13 @@ class _ContinueBody(PipeBody):
         super().__init__(length, pause, resume, high)
         self._send_continue: Callable[[], None] | None = send_continue
 
+    def take(self) -> bytes | None:
+        # Until the first read has sent ``100 Continue`` the client holds its body back: the body
+        # is never wholly here, and taking it must not skip the interim answer.
+        if self._send_continue is not None:
+            return None
+        return super().take()
+
     async def read(self) -> bytes:
         if self._send_continue is not None:
             send, self._send_continue = self._send_continue, None
