@@ -183,7 +183,10 @@ def test_a_traffic_split_lands_by_weight_and_a_new_weight_applies_without_reconn
     wait_for(lambda: "web-v2" in names(50), timeout=10)
     got = names(2000)
     share = got.count("web-v2") / len(got)
-    assert 0.08 <= share <= 0.12, share  # 10% +- 2 points
+    # Each request draws its backend at random: bounds at ~5 standard deviations of the binomial
+    # (2,000 draws at 10%: 0.67 points; 1,000 at 50%: 1.6 points), so a correct split fails about
+    # once in a million runs and a wrong weight (or the old split) still fails every time.
+    assert 0.065 <= share <= 0.135, share
     even = d.DestinationProfile()
     even.CopyFrom(split)
     del even.dst_overrides[:]
@@ -194,6 +197,6 @@ def test_a_traffic_split_lands_by_weight_and_a_new_weight_applies_without_reconn
     wait_for(lambda: names(100).count("web-v2") / 100 >= 0.35, timeout=10)  # the same client connection
     print(f"50/50 in force {time.monotonic() - t0:.2f}s after the profile changed (requests included)")
     got = names(1000)
-    assert 0.45 <= got.count("web-v2") / len(got) <= 0.55
+    assert 0.42 <= got.count("web-v2") / len(got) <= 0.58
     c.close()
     assert http_get(proxy.admin + "/ready")[0] == 200
