@@ -302,3 +302,22 @@ def test_decisions_are_forgotten_when_discovery_changes() -> None:
     d.gen += 1
     call(r, get(b"web.ns.svc.cluster.local:80"))
     assert built[1] == Logical("web.ns.svc.cluster.local:80")  # known now: balanced
+
+
+def test_alternating_destinations_each_reach_their_own_stack() -> None:
+    # The router remembers its last decision: a different authority, or the same one sent to
+    # another original destination, must not reuse it.
+    d = FakeDiscovery({"web.ns.svc.cluster.local:80": EndpointSet([Endpoint.of("10.0.0.1:8080")])})
+    r, built, services = router(d)
+    to_a = Connection("outbound", ("10.0.0.9", 40000), ("127.0.0.1", 4140), orig_dst=("10.9.9.1", 80))
+    to_b = Connection("outbound", ("10.0.0.9", 40001), ("127.0.0.1", 4140), orig_dst=("10.9.9.2", 80))
+    for _ in range(2):
+        call(r, get(b"web.ns.svc.cluster.local"))
+        call(r, get(b"unknown.example", conn=to_a))
+        call(r, get(b"unknown.example", conn=to_b))
+        call(r, get(b"unknown.example", conn=to_b))
+    web, via_a, via_b = built
+    assert web == Logical("web.ns.svc.cluster.local:80")
+    assert via_a == Logical("unknown.example:80", fallback=("10.9.9.1", 80))
+    assert via_b == Logical("unknown.example:80", fallback=("10.9.9.2", 80))
+    assert [services[t].calls for t in built] == [2, 2, 4]

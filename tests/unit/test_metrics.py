@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import threading
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as hs
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 import tether.proxy.metrics as metrics_mod
-from tether.proxy.counters import LATENCY_BOUNDS_MS, classify
+from tether.proxy.counters import LATENCY_BOUNDS_MS, Histogram, classify
 from tether.proxy.metrics import MetricsRegistry
 
 LINKERD_BOUNDS = [
@@ -91,6 +94,38 @@ def test_latency_buckets_are_linkerds_cumulative_and_inclusive() -> None:
     assert by_le["+Inf"] == 7
     assert one(text, "response_latency_ms_count") == 7
     assert one(text, "response_latency_ms_sum") == pytest.approx(0.2 + 1 + 1.5 + 10 + 10.01 + 999 + 60_000)
+
+
+@given(hs.lists(hs.floats(allow_nan=True, allow_infinity=True) | hs.sampled_from(LINKERD_BOUNDS).map(float),
+                max_size=20))
+def test_each_latency_lands_in_its_bucket(latencies: list[float]) -> None:
+    # The first bound at or above the latency, as Prometheus's inclusive `le` reads it; NaN in
+    # the first bucket, as bisect put it.
+    h = Histogram()
+    expected = [0] * len(h.counts)
+    for ms in latencies:
+        h.observe(ms)
+        expected[bisect.bisect_left(LATENCY_BOUNDS_MS, ms)] += 1
+    assert h.counts == expected
+
+
+def test_success_and_other_classes_count_apart_also_in_a_copy() -> None:
+    reg = MetricsRegistry(process_metrics=False)
+    m = reg.http("outbound", None, authority="a")
+    st200 = m.status(200)
+    st200.response(classify(200)).count += 2
+    st200.response(classify(200), 0).count += 1  # a gRPC OK is its own series
+    st200.response(classify(200, error="body"), None, "body").count += 1
+    copy = m.copy()
+    copy.status(200).response(classify(200)).count += 1
+    st200.response(classify(200)).count += 1
+    text = reg.render()
+    plain = [x for x in samples(text)["response_total"]
+             if x.labels["classification"] == "success" and "grpc_status" not in x.labels]
+    assert [x.value for x in plain] == [3]
+    assert one(text, "response_total", grpc_status="0") == 1
+    assert one(text, "response_total", error="body") == 1
+    assert copy.status(200).response(classify(200)).count == 3
 
 
 @pytest.mark.parametrize("authority", ['a"b', "back\\slash", "new\nline", 'all"\\\n'])

@@ -333,20 +333,25 @@ class Balancer:
     def _pick(self, now: float) -> tuple[_Slot, Permit] | None:
         self._refresh(now)
         ready = self._ready
-
-        def cost(j: int) -> float:
-            return ready[j].ewma.cost(now) / ready[j].endpoint.weight
-
-        i = choose(len(ready), cost, self._randrange)
-        if i is None:
+        n = len(ready)
+        if n == 0:
             return None
-        slot = ready[i]
+        # One ready endpoint needs no choice (as choose decides): no closure, no bound method.
+        slot = ready[0] if n == 1 else ready[self._p2c(ready, now)]
         permit = slot.accrual.dispatch(now)
         if permit.probe:
             self._dirty = True  # the probe slot is taken: not ready until its outcome
             log.debug("balancer %s: probing endpoint %s", self.name, slot.endpoint)
         self._unavailable_since = None
         return slot, permit
+
+    def _p2c(self, ready: list[_Slot], now: float) -> int:
+        def cost(j: int) -> float:
+            return ready[j].ewma.cost(now) / ready[j].endpoint.weight
+
+        i = choose(len(ready), cost, self._randrange)
+        assert i is not None, "choose found no candidate among two or more"
+        return i
 
     def _randrange(self, n: int) -> int:
         # random.Random.randrange costs three Python frames; this is one (uniform enough for P2C).

@@ -70,6 +70,11 @@ class Router:
         self._seen_generation = self._generation()
         # The destination decided for an authority, and its cache entry (kept while live).
         self._decided: dict[tuple[bytes, Addr | None], tuple[Logical, CacheEntry[Stack]]] = {}
+        # The last decision looked up, and for which destination: a client's requests on a
+        # connection mostly go to one authority.
+        self._last_authority = b""
+        self._last_dst: Addr | None = None
+        self._last_hit: tuple[Logical, CacheEntry[Stack]] | None = None
 
     def __call__(self, req: Request) -> Awaitable[Response]:
         # Synchronous when the destination was decided before: no coroutine frame of its own.
@@ -80,19 +85,26 @@ class Router:
             req.remove_header(b"l5d-dst-override")
         conn = req.conn
         orig_dst = conn.orig_dst if conn is not None else None
-        key = (override or req.authority, orig_dst)
+        authority = override or req.authority
         gen = self._generation()
         if gen != self._seen_generation:
             self._seen_generation = gen
             self._decided.clear()  # discovery changed: unknown authorities may be known now
-        hit = self._decided.get(key)
-        if hit is not None:
-            logical, entry = hit
-            if not entry.live:  # the cache dropped that stack while idle: build it again
-                entry = self.stacks.entry(logical)
-                self._decided[key] = (logical, entry)
-            return self.stacks.use(entry).service(req)
-        return self._decide_and_call(req, key)
+            self._last_hit = None
+        hit = self._last_hit
+        if hit is None or authority != self._last_authority or orig_dst != self._last_dst:
+            # Not the previous request's destination: look the decision up (a key tuple to
+            # build and hash, a fresh authority's hash: about 700 instructions).
+            hit = self._decided.get((authority, orig_dst))
+            if hit is None:
+                return self._decide_and_call(req, (authority, orig_dst))
+            self._last_authority, self._last_dst, self._last_hit = authority, orig_dst, hit
+        logical, entry = hit
+        if not entry.live:  # the cache dropped that stack while idle: build it again
+            entry = self.stacks.entry(logical)
+            hit = self._decided[(authority, orig_dst)] = (logical, entry)
+            self._last_hit = hit  # still for this authority and orig_dst (set or matched above)
+        return self.stacks.use(entry).service(req)
 
     async def _connect(self, req: Request) -> Response:
         if self.tunnel is None:
