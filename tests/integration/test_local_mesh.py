@@ -261,7 +261,7 @@ def test_down_during_traffic_exits_cleanly(mesh: Mesh) -> None:
                "spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n")
     loop = "while true; do curl -s -o /dev/null http://web/; done"
     mesh.tether("run", "load", "--", "sh", "-c", loop)
-    wait_for(lambda: 'dst_service="web"' in mesh.metrics("load-0"), 10, what="traffic flowing")
+    wait_for(lambda: 'dst_service="web"' in mesh.metrics("load-0"), 30, what="traffic flowing")
     status = mesh.status()
     mesh_id, pids = mesh.settings()["mesh_id"], all_pids(status)
     started = time.monotonic()
