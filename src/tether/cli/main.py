@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["proxy"]:
         # Before the proxy's modules are imported: their dataclasses' methods from shared code
-        # (~0.4 MiB of a meshed proxy's idle RSS; see tether.core.dataclass_methods).
+        # (~0.2 MiB of a meshed proxy's idle RSS; see tether.core.dataclass_methods).
         from tether.core import dataclass_methods
 
         dataclass_methods.install()
