@@ -436,29 +436,48 @@ class TlsTransport(asyncio.Transport):
         return f"<TlsTransport fd={self._fd} {state} peer={self._peer}>"
 
 
-async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeout: float | None) -> int:
-    """Run the handshake; the SSL's pointer for the transport (0: out of reach)."""
+async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeout: float | None,
+                     registered: bool = False) -> int:
+    """Run the handshake; the SSL's pointer for the transport (0: out of reach).
+
+    The socket's reader stays registered with the loop from one wait to the next and, when the
+    handshake succeeds, for the transport (which replaces its callback): with uvloop every fresh
+    registration is a poll handle of its own (epoll_ctl add, delete and add again, an ioctl) and every
+    removal one more epoll_ctl, ~5 system calls per wait. On failure it is removed here.
+    ``registered``: the caller registered the reader already (the inbound listener's peek).
+    """
     fd = sock.fileno()
     ssl_ptr = _ssl_pointer(sock)
+    reading, writing, done = registered, False, False
     _handshake_started()
     try:
         async with asyncio.timeout(timeout):
             while True:
                 try:
                     sock.do_handshake()
+                    done = True
                     return ssl_ptr
                 except ssl.SSLWantReadError:
                     _free_buffers(ssl_ptr)  # the peer may take a while: hold no read buffer meanwhile
-                    add, remove = loop.add_reader, loop.remove_reader
+                    ready = loop.create_future()
+                    loop.add_reader(fd, _set_ready, ready)  # (registered: only the callback changes)
+                    reading = True
+                    if writing:
+                        loop.remove_writer(fd)
+                        writing = False
                 except ssl.SSLWantWriteError:
-                    add, remove = loop.add_writer, loop.remove_writer
-                ready = loop.create_future()
-                add(fd, _set_ready, ready)
-                try:
-                    await ready
-                finally:
-                    remove(fd)
+                    ready = loop.create_future()
+                    loop.add_writer(fd, _set_ready, ready)
+                    writing = True
+                    if reading:
+                        loop.remove_reader(fd)
+                        reading = False
+                await ready
     finally:
+        if writing:
+            loop.remove_writer(fd)
+        if reading and not done:
+            loop.remove_reader(fd)
         _handshake_ended(loop)
 
 
@@ -471,7 +490,9 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
                 server_hostname: str | None, protocol_factory: Callable[[], P],
                 handshake_timeout: float | None, session: ssl.SSLSession | None = None,
                 tickets: int | None = None,
-                after_first_read: Callable[[ssl.SSLSocket | None], None] | None = None) -> tuple[TlsTransport, P]:
+                after_first_read: Callable[[ssl.SSLSocket | None], None] | None = None,
+                registered: bool = False) -> tuple[TlsTransport, P]:
+    fd = raw.fileno()
     try:
         if tickets is not None and tickets != ctx.num_tickets:
             # OpenSSL copies the ticket count into each connection when it is created (SSL_new) and
@@ -494,10 +515,12 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
                     with contextlib.suppress(ValueError):  # another context's session: a full handshake
                         sock.session = session  # (the ssl module copies it: ~1.6M instructions)
     except BaseException:
+        if registered:
+            loop.remove_reader(fd)
         raw.close()
         raise
     try:
-        ssl_ptr = await _handshake(loop, sock, handshake_timeout)
+        ssl_ptr = await _handshake(loop, sock, handshake_timeout, registered)
     except TimeoutError:
         sock.close()
         raise ConnectionAbortedError(
@@ -505,12 +528,18 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
     except BaseException:
         sock.close()
         raise
-    if sock.session_reused:
-        problem = resumed_peer_problem(sock, None if server_side else server_hostname, time.time())
-        if problem is not None:
-            sock.close()
-            raise ConnectionAbortedError(f"refused a resumed TLS session: {problem}")
-    protocol = protocol_factory()
+    # From here the socket's reader may still be registered (see _handshake): the transport takes
+    # it over, and every other way out removes it before the socket closes.
+    try:
+        if sock.session_reused:
+            problem = resumed_peer_problem(sock, None if server_side else server_hostname, time.time())
+            if problem is not None:
+                raise ConnectionAbortedError(f"refused a resumed TLS session: {problem}")
+        protocol = protocol_factory()
+    except BaseException:
+        loop.remove_reader(fd)
+        sock.close()
+        raise
     transport = TlsTransport(loop, sock, protocol, ssl_ptr)
     transport._after_first_read = after_first_read
     try:
@@ -523,10 +552,11 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
 
 async def tls_accept(protocol_factory: Callable[[], P], sock: socket.socket,
                      ctx: ssl.SSLContext, handshake_timeout: float | None,
-                     tickets: int | None = None) -> tuple[TlsTransport, P]:
+                     tickets: int | None = None, registered: bool = False) -> tuple[TlsTransport, P]:
     """Terminate TLS on an accepted socket (its handshake, then the protocol); it owns ``sock`` from here.
 
     ``tickets``: TLS 1.3 session tickets to issue on this connection (default: the context's count).
+    ``registered``: the socket's reader is registered with the loop (any callback): it is taken over.
     A resumed session's peer is checked as a full handshake would (see tlssessions).
     """
     loop = asyncio.get_running_loop()
@@ -535,7 +565,8 @@ async def tls_accept(protocol_factory: Callable[[], P], sock: socket.socket,
     # waits for the peer's delayed ACK (40 ms) under Nagle's algorithm.
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return await _wrap(loop, sock, ctx, True, None, protocol_factory, handshake_timeout, tickets=tickets)
+    return await _wrap(loop, sock, ctx, True, None, protocol_factory, handshake_timeout, tickets=tickets,
+                       registered=registered)
 
 
 async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
@@ -555,7 +586,9 @@ async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
     if sessions is not None and resuming:
         finish = await _fetch_or_wait(loop, sessions, key, handshake_timeout)
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        infos = _numeric_address(host, port)
+        if infos is None:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
         error: OSError | None = None
         for family, type_, proto, _, addr in infos:
             raw = socket.socket(family, type_, proto)
@@ -579,6 +612,22 @@ async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
         if finish is not None:
             finish(True)
         raise
+
+
+def _numeric_address(host: str, port: int) -> list[tuple[Any, Any, Any, str, Any]] | None:
+    """What getaddrinfo answers for an IP address (an endpoint's usual form), without asking it: the
+    loop's getaddrinfo runs in a thread pool (uvloop, asyncio), ~4 futex calls and two thread
+    switches per new connection. None for a name or an address it must interpret."""
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    except OSError:
+        pass
+    try:
+        socket.inet_pton(socket.AF_INET6, host)
+        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+    except OSError:
+        return None
 
 
 async def _fetch_or_wait(loop: asyncio.AbstractEventLoop, sessions: SessionCache, key: SessionKey,
