@@ -437,18 +437,19 @@ class TlsTransport(asyncio.Transport):
 
 
 async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeout: float | None,
-                     registered: bool = False) -> int:
+                     registered: bool = False, writer: bool = False) -> int:
     """Run the handshake; the SSL's pointer for the transport (0: out of reach).
 
     The socket's reader stays registered with the loop from one wait to the next and, when the
     handshake succeeds, for the transport (which replaces its callback): with uvloop every fresh
     registration is a poll handle of its own (epoll_ctl add, delete and add again, an ioctl) and every
     removal one more epoll_ctl, ~5 system calls per wait. On failure it is removed here.
-    ``registered``: the caller registered the reader already (the inbound listener's peek).
+    ``registered``: the caller registered the reader already (the inbound listener's peek);
+    ``writer``: the writer (the outbound connect's wait), whose callback may run once more.
     """
     fd = sock.fileno()
     ssl_ptr = _ssl_pointer(sock)
-    reading, writing, done = registered, False, False
+    reading, writing, done = registered, writer, False
     _handshake_started()
     try:
         async with asyncio.timeout(timeout):
@@ -491,7 +492,7 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
                 handshake_timeout: float | None, session: ssl.SSLSession | None = None,
                 tickets: int | None = None,
                 after_first_read: Callable[[ssl.SSLSocket | None], None] | None = None,
-                registered: bool = False) -> tuple[TlsTransport, P]:
+                registered: bool = False, writer: bool = False) -> tuple[TlsTransport, P]:
     fd = raw.fileno()
     try:
         if tickets is not None and tickets != ctx.num_tickets:
@@ -517,10 +518,12 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
     except BaseException:
         if registered:
             loop.remove_reader(fd)
+        if writer:
+            loop.remove_writer(fd)
         raw.close()
         raise
     try:
-        ssl_ptr = await _handshake(loop, sock, handshake_timeout, registered)
+        ssl_ptr = await _handshake(loop, sock, handshake_timeout, registered, writer)
     except TimeoutError:
         sock.close()
         raise ConnectionAbortedError(
@@ -595,7 +598,7 @@ async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
             try:
                 raw.setblocking(False)
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await loop.sock_connect(raw, addr)
+                writer = await _sock_connect(loop, raw, addr)
             except OSError as e:
                 raw.close()
                 error = e
@@ -603,15 +606,43 @@ async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
             except BaseException:
                 raw.close()
                 raise
+            # (No await from here to the handshake's first step, which takes the writer over.)
             if sessions is None or not resuming:
-                return await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory, handshake_timeout)
+                return await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory, handshake_timeout,
+                                   writer=writer)
             return await _connect_resuming(loop, raw, ctx, server_hostname, protocol_factory, handshake_timeout,
-                                           sessions, key, finish)
+                                           sessions, key, finish, writer)
         raise error or OSError(f"cannot resolve {host}:{port}")
     except BaseException:
         if finish is not None:
             finish(True)
         raise
+
+
+async def _sock_connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: Any) -> bool:
+    """Connect the non-blocking ``sock`` to the resolved ``addr``; True if its writer is left registered.
+
+    Not ``loop.sock_connect``: uvloop's resolves the address again in its thread pool, and removes
+    the writer the handshake registers again at once (a new poll handle: ~5 system calls). Errors
+    are the loop's: ``OSError(errno, "Connect call failed <addr>")``.
+    """
+    try:
+        sock.connect(addr)
+        return False
+    except (BlockingIOError, InterruptedError):
+        pass
+    fd = sock.fileno()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(fd, _set_ready, ready)
+    try:
+        await ready
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err != 0:
+            raise OSError(err, f"Connect call failed {addr}")
+    except BaseException:
+        loop.remove_writer(fd)
+        raise
+    return True
 
 
 def _numeric_address(host: str, port: int) -> list[tuple[Any, Any, Any, str, Any]] | None:
@@ -659,7 +690,7 @@ async def _fetch_or_wait(loop: asyncio.AbstractEventLoop, sessions: SessionCache
 async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SSLContext,
                             server_hostname: str, protocol_factory: Callable[[], P], handshake_timeout: float | None,
                             sessions: SessionCache, key: SessionKey,
-                            finish: Callable[[bool], None] | None) -> tuple[TlsTransport, P]:
+                            finish: Callable[[bool], None] | None, writer: bool = False) -> tuple[TlsTransport, P]:
     session = sessions.offer(key)
     keep = None
     if finish is not None and (session is not None or not sessions.wants(key)):
@@ -679,7 +710,7 @@ async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket,
                     fetched(True)
     try:
         transport, protocol = await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory,
-                                          handshake_timeout, session=session, after_first_read=keep)
+                                          handshake_timeout, session=session, after_first_read=keep, writer=writer)
     except BaseException:
         if session is not None:
             sessions.discard(key)  # (refused as a resumed peer, or a handshake that failed with it)
