@@ -115,9 +115,12 @@ class Router:
         logical = await self._decide(key[0], key[1])
         if len(self._decided) >= _MAX_DECISIONS:
             self._decided.clear()
+        # Marked used now (not use() as well: that would count it used again at the next sweep).
         entry = self.stacks.entry(logical)
         self._decided[key] = (logical, entry)
-        return await self.stacks.use(entry).service(req)
+        stack = entry.value
+        assert stack is not None, "an entry just taken from the cache is live"
+        return await stack.service(req)
 
     async def _decide(self, authority: bytes, orig_dst: Addr | None) -> Logical:
         try:
