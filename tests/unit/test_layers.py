@@ -9,7 +9,7 @@ import pytest
 
 from tether.core.discovery.endpoints import Endpoint, EndpointSet
 from tether.proxy.cache import IdleCache, Stack
-from tether.proxy.discovery import Resolution, endpoint_watch
+from tether.proxy.discovery import Generation, Resolution, endpoint_watch
 from tether.proxy.errors import (
     ConnectError,
     FailFastError,
@@ -156,7 +156,7 @@ def test_idle_stacks_are_dropped_and_closed_used_ones_kept() -> None:
 class FakeDiscovery:
     def __init__(self, known: dict[str, EndpointSet]) -> None:
         self.known = {k: endpoint_watch(v) for k, v in known.items()}
-        self.gen = 0
+        self.changes = Generation()
 
     async def resolve(self, authority: str) -> Resolution | None:
         w = self.known.get(authority)
@@ -175,7 +175,7 @@ class FakeDiscovery:
         return None
 
     def generation(self) -> int:
-        return self.gen
+        return self.changes.value
 
     async def run(self) -> None:
         return None
@@ -191,7 +191,7 @@ def router(discovery: FakeDiscovery) -> tuple[Router, list[Logical], dict[Logica
         return Stack(svc)
 
     cache: IdleCache[Logical, Stack] = IdleCache(make, 60.0)
-    return Router(discovery, cache, {("127.0.0.1", 4140)}, discovery.generation), built, services
+    return Router(discovery, cache, {("127.0.0.1", 4140)}, discovery.changes), built, services
 
 
 def call(r: Callable[[Request], Awaitable[Response]], req: Request) -> Response:
@@ -227,7 +227,7 @@ def test_router_rebuilds_a_stack_the_cache_dropped_while_idle() -> None:
 
     async def main() -> None:
         cache: IdleCache[Logical, Stack] = IdleCache(make, 60.0, close=close, clock=clock)
-        r = Router(d, cache, {("127.0.0.1", 4140)}, d.generation)
+        r = Router(d, cache, {("127.0.0.1", 4140)}, d.changes)
         await r(get(b"web.ns.svc.cluster.local"))
         clock.t += 50
         await r(get(b"web.ns.svc.cluster.local"))  # used: kept past the first minute
@@ -261,7 +261,7 @@ def test_a_dropped_stack_is_not_kept_alive_by_the_router() -> None:
 
     async def main() -> None:
         cache: IdleCache[Logical, Stack] = IdleCache(make, 60.0, clock=clock)
-        r = Router(d, cache, {("127.0.0.1", 4140)}, d.generation)
+        r = Router(d, cache, {("127.0.0.1", 4140)}, d.changes)
         await r(get(b"web.ns.svc.cluster.local"))
         clock.t += 61
         assert len(cache.sweep()) == 1
@@ -299,7 +299,7 @@ def test_decisions_are_forgotten_when_discovery_changes() -> None:
     call(r, get(b"web.ns.svc.cluster.local:80"))
     assert built[0].fallback is not None  # unknown for now
     d.known["web.ns.svc.cluster.local:80"] = endpoint_watch(EndpointSet())
-    d.gen += 1
+    d.changes.value += 1
     call(r, get(b"web.ns.svc.cluster.local:80"))
     assert built[1] == Logical("web.ns.svc.cluster.local:80")  # known now: balanced
 
