@@ -283,8 +283,13 @@ class H1ClientConnection(asyncio.Protocol):
     def _hand_over(self, resp: Response) -> None:
         fut = self._head
         self._head = None
-        if fut is not None and not fut.done():
-            fut.set_result(resp)
+        if fut is not None:
+            # No done() call first (a method call per response): a future is done here only when
+            # the sender was cancelled, which set_result reports.
+            try:
+                fut.set_result(resp)
+            except asyncio.InvalidStateError:
+                pass
 
     def on_body(self, data: bytes) -> None:
         if self._body is not None:

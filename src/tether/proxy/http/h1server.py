@@ -446,8 +446,14 @@ class H1ServerProtocol(asyncio.Protocol):
             self._task = self._loop.create_task(self._serve())
         else:
             w = self._wakeup
-            if w is not None and not w.done():
-                w.set_result(True)
+            if w is not None:
+                # Woken once: a second request before the task runs finds no waiter. No done()
+                # call first (a method call per request): only a cancelled task's waiter is done.
+                self._wakeup = None
+                try:
+                    w.set_result(True)
+                except asyncio.InvalidStateError:
+                    pass
 
     def on_body(self, body: bytes) -> None:
         if self._body is not None:
