@@ -151,6 +151,21 @@ def test_idle_stacks_are_dropped_and_closed_used_ones_kept() -> None:
     run(main())
 
 
+def test_a_kept_entry_used_between_sweeps_is_idle_from_the_sweep_that_saw_the_use() -> None:
+    # use() reads no clock: the next sweep counts the entry used at its own time.
+    clock = FakeClock()
+    cache: IdleCache[str, Stack] = IdleCache(lambda k: Stack(FakeService(name=k)), 10.0, clock=clock)
+    e = cache.entry("a")
+    clock.t += 9
+    assert cache.use(e) is not None
+    clock.t += 3
+    assert cache.sweep() == [] and e.live  # 12 s after the entry was made, 3 s after its use
+    clock.t += 9.5
+    assert cache.sweep() == [] and e.live  # 9.5 s after the sweep that saw the use
+    clock.t += 0.5
+    assert len(cache.sweep()) == 1 and not e.live
+
+
 # -- the router --------------------------------------------------------------------------------------
 
 class FakeDiscovery:
