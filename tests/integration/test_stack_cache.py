@@ -132,3 +132,35 @@ def test_balancer_gauges_are_rendered_per_destination(tmp_path: Path) -> None:
         proxy.stop()
         backend.kill()
         dead.close()
+
+
+def test_an_open_inbound_connection_is_served_after_its_idle_stack_is_dropped(tmp_path: Path) -> None:
+    """An inbound connection keeps its target's stack between requests (no lookup per request);
+    once the cache drops that stack while the connection is idle, its next request gets a new one."""
+    backend = start_in_thread("app")
+    proxy = ProxyProc(tmp_path, cache_max_idle_age="1s",
+                      inbound_app_addr=f"127.0.0.1:{backend.server_address[1]}").wait_ready()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.inbound_port), timeout=10) as c:
+            f = c.makefile("rb")
+
+            def get() -> bytes:
+                c.sendall(b"GET / HTTP/1.1\r\nHost: app.local\r\n\r\n")
+                status = f.readline()
+                length = 0
+                while (line := f.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                f.read(length)
+                return status
+
+            for _ in range(3):
+                assert get().startswith(b"HTTP/1.1 200")
+            assert gauge(proxy, "tether_stack_cache_entries", "inbound") == 1
+            wait_for(lambda: gauge(proxy, "tether_stack_cache_entries", "inbound") == 0, timeout=20)
+            assert get().startswith(b"HTTP/1.1 200")  # the same connection, a rebuilt stack
+            assert gauge(proxy, "tether_stack_cache_entries", "inbound") == 1
+        assert 'request_total{direction="inbound"' in proxy.metrics()
+    finally:
+        proxy.stop()
+        backend.kill()

@@ -9,7 +9,7 @@ import pytest
 
 from tether.core.discovery.endpoints import Endpoint, EndpointSet
 from tether.proxy.cache import IdleCache, Stack
-from tether.proxy.discovery import Resolution, endpoint_watch
+from tether.proxy.discovery import Generation, Resolution, endpoint_watch
 from tether.proxy.errors import (
     ConnectError,
     FailFastError,
@@ -151,12 +151,27 @@ def test_idle_stacks_are_dropped_and_closed_used_ones_kept() -> None:
     run(main())
 
 
+def test_a_kept_entry_used_between_sweeps_is_idle_from_the_sweep_that_saw_the_use() -> None:
+    # use() reads no clock: the next sweep counts the entry used at its own time.
+    clock = FakeClock()
+    cache: IdleCache[str, Stack] = IdleCache(lambda k: Stack(FakeService(name=k)), 10.0, clock=clock)
+    e = cache.entry("a")
+    clock.t += 9
+    assert cache.use(e) is not None
+    clock.t += 3
+    assert cache.sweep() == [] and e.live  # 12 s after the entry was made, 3 s after its use
+    clock.t += 9.5
+    assert cache.sweep() == [] and e.live  # 9.5 s after the sweep that saw the use
+    clock.t += 0.5
+    assert len(cache.sweep()) == 1 and not e.live
+
+
 # -- the router --------------------------------------------------------------------------------------
 
 class FakeDiscovery:
     def __init__(self, known: dict[str, EndpointSet]) -> None:
         self.known = {k: endpoint_watch(v) for k, v in known.items()}
-        self.gen = 0
+        self.changes = Generation()
 
     async def resolve(self, authority: str) -> Resolution | None:
         w = self.known.get(authority)
@@ -175,7 +190,7 @@ class FakeDiscovery:
         return None
 
     def generation(self) -> int:
-        return self.gen
+        return self.changes.value
 
     async def run(self) -> None:
         return None
@@ -191,7 +206,7 @@ def router(discovery: FakeDiscovery) -> tuple[Router, list[Logical], dict[Logica
         return Stack(svc)
 
     cache: IdleCache[Logical, Stack] = IdleCache(make, 60.0)
-    return Router(discovery, cache, {("127.0.0.1", 4140)}, discovery.generation), built, services
+    return Router(discovery, cache, {("127.0.0.1", 4140)}, discovery.changes), built, services
 
 
 def call(r: Callable[[Request], Awaitable[Response]], req: Request) -> Response:
@@ -227,7 +242,7 @@ def test_router_rebuilds_a_stack_the_cache_dropped_while_idle() -> None:
 
     async def main() -> None:
         cache: IdleCache[Logical, Stack] = IdleCache(make, 60.0, close=close, clock=clock)
-        r = Router(d, cache, {("127.0.0.1", 4140)}, d.generation)
+        r = Router(d, cache, {("127.0.0.1", 4140)}, d.changes)
         await r(get(b"web.ns.svc.cluster.local"))
         clock.t += 50
         await r(get(b"web.ns.svc.cluster.local"))  # used: kept past the first minute
@@ -261,7 +276,7 @@ def test_a_dropped_stack_is_not_kept_alive_by_the_router() -> None:
 
     async def main() -> None:
         cache: IdleCache[Logical, Stack] = IdleCache(make, 60.0, clock=clock)
-        r = Router(d, cache, {("127.0.0.1", 4140)}, d.generation)
+        r = Router(d, cache, {("127.0.0.1", 4140)}, d.changes)
         await r(get(b"web.ns.svc.cluster.local"))
         clock.t += 61
         assert len(cache.sweep()) == 1
@@ -299,7 +314,7 @@ def test_decisions_are_forgotten_when_discovery_changes() -> None:
     call(r, get(b"web.ns.svc.cluster.local:80"))
     assert built[0].fallback is not None  # unknown for now
     d.known["web.ns.svc.cluster.local:80"] = endpoint_watch(EndpointSet())
-    d.gen += 1
+    d.changes.value += 1
     call(r, get(b"web.ns.svc.cluster.local:80"))
     assert built[1] == Logical("web.ns.svc.cluster.local:80")  # known now: balanced
 

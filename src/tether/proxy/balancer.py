@@ -157,6 +157,7 @@ class Balancer:
         self.queue_capacity = cfg.balancer_queue_capacity
         self._make = make_endpoint
         self._clock = clock
+        self._shared_clock = clock is time.monotonic  # a metrics layer's Request.started is on this clock
         self._rng = rng if rng is not None else random.Random()
         self._random = self._rng.random
         self._policy = AccrualPolicy(
@@ -270,7 +271,11 @@ class Balancer:
 
     # -- the service -------------------------------------------------------------------------------
     async def __call__(self, req: Request, /) -> Response:
-        t0 = self._clock()
+        t0 = req.started
+        if t0 >= 0.0 and self._shared_clock:
+            req.started = -1.0  # taken once: a retry of this request reads the clock itself
+        else:
+            t0 = self._clock()
         picked = self._pick(t0)
         if picked is None:
             picked = await self._wait()

@@ -28,11 +28,12 @@ class CacheEntry(Generic[V]):
     """One cached stack; once the cache drops it, ``live`` turns False and the entry lets go of the
     stack (a caller that kept the entry must not keep the stack, its connections and series, alive)."""
 
-    __slots__ = ("last_used", "live", "value")
+    __slots__ = ("last_used", "live", "used", "value")
 
     def __init__(self, value: V, now: float) -> None:
         self.value: V | None = value
         self.last_used = now
+        self.used = False  # used since the last sweep (which then counts it used at the sweep's time)
         self.live = True
 
     def release(self) -> V | None:
@@ -86,8 +87,11 @@ class IdleCache(Generic[K, V]):
         return e
 
     def use(self, e: CacheEntry[V]) -> V:
-        """A kept entry's stack, marked used now (check ``e.live`` first)."""
-        e.last_used = self._clock()
+        """A kept entry's stack, marked used (check ``e.live`` first). No clock read per request
+        (about 170 instructions): the next sweep counts the entry used at its own time, so its idle
+        age runs from at most one sweep interval after the last use (with periodic sweeps and an
+        idle age of whole intervals, it is dropped by the same sweep as before)."""
+        e.used = True
         value = e.value
         assert value is not None, "a kept cache entry used after the cache dropped it"
         return value
@@ -104,7 +108,13 @@ class IdleCache(Generic[K, V]):
     def sweep(self, now: float | None = None) -> list[V]:
         """Drop (and close, in the background) the entries idle for ``max_idle_age``; return them."""
         now = self._clock() if now is None else now
-        old = [k for k, e in self._entries.items() if now - e.last_used >= self.max_idle_age]
+        old: list[K] = []
+        for k, e in self._entries.items():
+            if e.used:
+                e.used = False
+                e.last_used = now
+            elif now - e.last_used >= self.max_idle_age:
+                old.append(k)
         dropped: list[V] = []
         for k in old:
             value = self._entries.pop(k).release()

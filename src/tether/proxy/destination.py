@@ -38,7 +38,7 @@ from tether.core.routing.http_match import Condition
 from tether.core.routing.policy import ClientPolicy
 from tether.core.routing.profile import Profile, ProfileRoute, ResponseClass, StatusMatch, WeightedDst
 from tether.core.routing.retry_budget import BudgetPolicy
-from tether.proxy.discovery import PolicyWatch, ProfileWatch, Resolution, endpoint_watch
+from tether.proxy.discovery import Generation, PolicyWatch, ProfileWatch, Resolution, endpoint_watch
 from tether.proxy.grpc_client import GrpcChannel, GrpcError
 from tether.proxy.policy import client_policy_of
 from tether.proxy.wire import endpoint_of, method_of, tcp_addr, tcp_address
@@ -167,7 +167,7 @@ class DestinationDiscovery:
         self._watches: dict[str, _Watch] = {}
         self._profiles: dict[str, _Latest[Profile]] = {}
         self._policies: dict[str, _Latest[ClientPolicy | None]] = {}
-        self._generation = 0
+        self.changes = Generation()
         self._rng = random.Random()
         self.reconnects_total = 0
 
@@ -273,7 +273,7 @@ class DestinationDiscovery:
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
     def generation(self) -> int:
-        return self._generation
+        return self.changes.value
 
     async def run(self) -> None:
         """Close streams nobody resolved for a while (the stacks that used them were dropped)."""
@@ -389,12 +389,12 @@ class DestinationDiscovery:
                 w.endpoints.change(EndpointDiff(add=tuple(endpoint_of(a, labels) for a in update.add.addrs)))
                 if not w.exists:
                     w.exists = True
-                    self._generation += 1  # appeared: routers decide again (it was forwarded as addressed)
+                    self.changes.value += 1  # appeared: routers decide again (it was forwarded as addressed)
             elif kind == "remove":
                 w.endpoints.change(EndpointDiff(remove=tuple(tcp_addr(a) for a in update.remove.addrs)))
             elif kind == "no_endpoints":
                 if update.no_endpoints.exists != bool(w.exists):
-                    self._generation += 1  # appeared or gone: routers decide again
+                    self.changes.value += 1  # appeared or gone: routers decide again
                 w.exists = update.no_endpoints.exists
                 if w.endpoints.state:
                     w.endpoints.replace(EndpointSet())
@@ -402,7 +402,7 @@ class DestinationDiscovery:
 
     def _answer(self, w: _Watch, exists: bool, endpoints: EndpointSet) -> None:
         if w.exists is not None and w.exists != exists:
-            self._generation += 1  # appeared or disappeared: routers decide again
+            self.changes.value += 1  # appeared or disappeared: routers decide again
         w.exists = exists
         w.stale = False
         if endpoints != w.endpoints.state:

@@ -149,10 +149,14 @@ class Observer:
 class TapHub:
     """The running taps of one proxy, shared by every tap layer."""
 
-    __slots__ = ("base", "dropped_total", "max_buffered", "max_observers", "observers", "stream", "tapped_total")
+    __slots__ = ("base", "dropped_total", "max_buffered", "max_observers", "observers", "running", "stream",
+                 "tapped_total")
 
     def __init__(self, max_observers: int = 16, max_buffered: int = 1000) -> None:
         self.observers: tuple[Observer, ...] = ()  # empty: nobody taps, the layers do nothing
+        # The same observers in a list changed in place: the layers keep it and test it per
+        # request (a native truth test, not an attribute read of this interpreted object).
+        self.running: list[Observer] = []
         self.max_observers = max_observers
         self.max_buffered = max_buffered
         # StreamId.base: random, fixed for this process (os.urandom: the secrets module would load
@@ -171,10 +175,12 @@ class TapHub:
         if len(self.observers) >= self.max_observers:
             return False
         self.observers = (*self.observers, obs)
+        self.running[:] = self.observers
         return True
 
     def remove(self, obs: Observer) -> None:
         self.observers = tuple(o for o in self.observers if o is not obs)
+        self.running[:] = self.observers
 
     def close_all(self, status: int) -> None:
         for obs in self.observers:

@@ -58,8 +58,7 @@ class Connection:
 
 class Request:
     __slots__ = ("authority", "body", "close", "conn", "headers", "meter", "method", "path", "route_meter", "scheme",
-                 "upgrade",
-                 "version")
+                 "started", "upgrade", "version")
 
     def __init__(
         self,
@@ -91,6 +90,9 @@ class Request:
         # The route_* series of the profile route that served it (set by the route's router): the
         # logical stack's metrics layer counts the request into it too, with one clock read.
         self.route_meter: HttpMetrics | None = None
+        # A metrics layer's time.monotonic() reading as it passed the request down, for the
+        # balancer below to take once as its own start (one clock read for both); -1.0: none.
+        self.started = -1.0
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header (``name`` lower-case), or None."""

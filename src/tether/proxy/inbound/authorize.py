@@ -246,7 +246,7 @@ class HttpAuthorize:
     Not a coroutine itself: a permitted request is the inner service's awaitable as is (no extra
     frame per request); only a port whose first policy has not arrived waits here."""
 
-    __slots__ = ("authorizer", "client_id", "fast", "filtered", "inner", "target", "tls")
+    __slots__ = ("authorizer", "client_id", "fast", "filtered", "inner", "last", "target", "tls")
 
     def __init__(self, inner: Service, authorizer: Authorizer, target: tuple[str, int], tls: bool,
                  client_id: str | None) -> None:
@@ -258,6 +258,9 @@ class HttpAuthorize:
         self.tls = tls
         self.client_id = client_id
         self.fast: FastPath = {}
+        # The last shortcut taken, and where it leads: (route, client address, cell, service). A
+        # connection's requests mostly take one route: no key tuple to hash, no filters to check.
+        self.last: tuple[InboundRoute, str, list[int], Service] | None = None
 
     def __call__(self, req: Request) -> Awaitable[Response]:
         a = self.authorizer
@@ -274,16 +277,23 @@ class HttpAuthorize:
             # A client already permitted on this route (the route object is the policy's: a new
             # policy brings new routes, so a shortcut never outlives the decision it remembers).
             conn = req.conn
-            hit = self.fast.get((id(route), conn.peer[0] if conn is not None else "0.0.0.0"))
-            if hit is not None and hit[0] is route:
-                hit[1][0] += 1
+            peer = conn.peer[0] if conn is not None else "0.0.0.0"
+            last = self.last
+            if last is None or last[0] is not route or last[1] != peer:
+                hit = self.fast.get((id(route), peer))
+                # The shortcut is the fast path's entry as it stands (the same route object: the
+                # same decision), with the service it leads to.
+                last = self.last = (route, peer, hit[1], self._to(route)) if hit is not None and hit[0] is route \
+                    else None
+            if last is not None:
+                last[2][0] += 1
                 lim = policy.limiter
                 if lim is not None:
                     try:
                         lim.check(self.client_id if self.tls else None, a.clock())
                     except RateLimited as e:
                         return _answer(rescue(a.limited(policy, lim, e, self.target, self.tls, self.client_id), req))
-                return self._to(route)(req)
+                return last[3](req)
         err = a.check_request(policy, req, self.target, self.tls, self.client_id, self.fast)
         if err is not None:
             return _answer(rescue(err, req))

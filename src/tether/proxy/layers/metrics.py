@@ -173,19 +173,23 @@ class HttpMetricsService:
     """Layer: count each request once, into the serving endpoint's series or this target's
     (``per_endpoint=False``: always this target's, as route metrics are)."""
 
-    __slots__ = ("_clock", "_inner", "per_endpoint", "routes", "series")
+    __slots__ = ("_clock", "_inner", "_stamp", "per_endpoint", "routes", "series")
 
     def __init__(self, inner: Service, series: HttpMetrics, *, per_endpoint: bool = True, routes: bool = False,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._inner = inner
         self.series = series
         self.per_endpoint = per_endpoint
         self.routes = routes  # also count into the route series a RouteMeter below set
         self._clock = clock
+        # The balancer below reuses the start (Request.started) only when both read the same clock.
+        self._stamp = clock is time.monotonic
 
     async def __call__(self, req: Request, /) -> Response:
         clock = self._clock
         start = clock()
+        if self._stamp:
+            req.started = start
         try:
             rsp = await self._inner(req)
         except BaseException as e:

@@ -1,6 +1,6 @@
 """Tap layer: report requests to the taps that match them (see :mod:`tether.proxy.tap`).
 
-While nobody taps, a request costs one check: ``hub.observers`` is an empty tuple. While a tap
+While nobody taps, a request costs one check: ``hub.running`` is an empty list. While a tap
 runs, a matching request queues a request-init event, a response-init event when the head comes
 back and a response-end event when the body ends (with its byte count and gRPC status); the
 events go to bounded queues and are dropped, never waited for, when a tap client reads too slowly.
@@ -23,18 +23,19 @@ _RESET_INTERNAL = 2  # HTTP/2 INTERNAL_ERROR: how Linkerd reports a stream that 
 class TapLayer:
     """Layer: a request any running tap matches is reported to it."""
 
-    __slots__ = ("direction", "dst", "hub", "inner", "meshed")
+    __slots__ = ("direction", "dst", "hub", "inner", "meshed", "running")
 
     def __init__(self, inner: Service, hub: TapHub, direction: int, dst: Addr | None = None,
                  meshed: bool = False) -> None:
         self.inner = inner
         self.hub = hub
+        self.running = hub.running  # the hub's list, changed in place
         self.direction = direction
         self.dst = dst  # the target's address when the connection has no original destination
         self.meshed = meshed  # outbound: the destination is reached over mesh mTLS
 
     def __call__(self, req: Request) -> Awaitable[Response]:
-        if self.hub.observers:
+        if self.running:
             return self._tapped(req)
         return self.inner(req)
 

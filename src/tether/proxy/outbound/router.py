@@ -16,7 +16,7 @@ from typing import Final
 from tether.core.discovery.endpoints import Addr
 from tether.core.http.authority import normalize_authority
 from tether.proxy.cache import CacheEntry, IdleCache, Stack
-from tether.proxy.discovery import Discovery
+from tether.proxy.discovery import Discovery, Generation
 from tether.proxy.errors import ProxyError, UnavailableError
 from tether.proxy.http.message import Request, Response
 from tether.proxy.targets import Logical
@@ -24,8 +24,6 @@ from tether.proxy.targets import Logical
 # Decisions remembered per (authority, original destination); cleared past this many (the
 # authorities a client sends are its own choice: never let them grow memory without bound).
 _MAX_DECISIONS: Final = 4096
-
-DiscoveryGeneration = Callable[[], int]
 
 
 def split_authority(authority: bytes, default_port: int = 80) -> tuple[str, int]:
@@ -59,15 +57,15 @@ class Router:
     """Service: pick the logical destination of a request and call its (cached) stack."""
 
     def __init__(self, discovery: Discovery | None, stacks: IdleCache[Logical, Stack],
-                 own_addrs: set[Addr], generation: DiscoveryGeneration | None = None,
+                 own_addrs: set[Addr], generation: Generation | None = None,
                  tunnel: Callable[[Request], Awaitable[Response]] | None = None) -> None:
         self.discovery = discovery
         self.tunnel = tunnel  # CONNECT host:port (an application using the proxy as HTTP_PROXY)
         self.stacks = stacks
         self.own_addrs = own_addrs
         self._own_ports = {a[1] for a in own_addrs}
-        self._generation = generation or (lambda: 0)
-        self._seen_generation = self._generation()
+        self._generation = generation if generation is not None else Generation()
+        self._seen_generation = self._generation.value
         # The destination decided for an authority, and its cache entry (kept while live).
         self._decided: dict[tuple[bytes, Addr | None], tuple[Logical, CacheEntry[Stack]]] = {}
         # The last decision looked up, and for which destination: a client's requests on a
@@ -86,7 +84,7 @@ class Router:
         conn = req.conn
         orig_dst = conn.orig_dst if conn is not None else None
         authority = override or req.authority
-        gen = self._generation()
+        gen = self._generation.value
         if gen != self._seen_generation:
             self._seen_generation = gen
             self._decided.clear()  # discovery changed: unknown authorities may be known now
@@ -115,9 +113,12 @@ class Router:
         logical = await self._decide(key[0], key[1])
         if len(self._decided) >= _MAX_DECISIONS:
             self._decided.clear()
+        # Marked used now (not use() as well: that would count it used again at the next sweep).
         entry = self.stacks.entry(logical)
         self._decided[key] = (logical, entry)
-        return await self.stacks.use(entry).service(req)
+        stack = entry.value
+        assert stack is not None, "an entry just taken from the cache is live"
+        return await stack.service(req)
 
     async def _decide(self, authority: bytes, orig_dst: Addr | None) -> Logical:
         try:

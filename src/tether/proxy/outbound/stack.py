@@ -95,7 +95,7 @@ class Outbound:
         self._rng = random.Random()
         self.logicals: IdleCache[Logical, Stack] = IdleCache(
             self.logical_stack, cfg.cache_max_idle_age, close=Stack.aclose, name="outbound")
-        generation = discovery.generation if discovery is not None else None
+        generation = discovery.changes if discovery is not None else None
         self._own_addrs = own_addrs
         self.http: Service = Rescue(Router(discovery, self.logicals, own_addrs, generation, self.tunnel))
 
