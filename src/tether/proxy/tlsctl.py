@@ -14,6 +14,9 @@ every public key; callgrind):
   connections; resumed TLS 1.3 client handshakes do not modify the session, and the proxy's loop
   is one thread).
 
+One serves the transport's reads: :func:`read_ahead` has OpenSSL read a record in one read(2)
+instead of two, and gives the transport SSL_has_pending to ask what its buffer still holds.
+
 And one serves memory: :func:`release_buffers` frees a connection's record buffers when they hold
 nothing (``SSL_free_buffers``). With SSL_MODE_RELEASE_BUFFERS (the ssl module sets it) OpenSSL frees
 its 16 KiB read buffer after returning application data, but keeps it after a read that found only
@@ -29,7 +32,6 @@ path (stateless tickets, ``session=``).
 from __future__ import annotations
 
 import ctypes
-import os
 import ssl
 import sys
 from collections.abc import Callable
@@ -206,7 +208,7 @@ def read_ahead(ssl_ptr: int) -> Callable[[int], int] | None:
     SSL_has_pending (1 if it holds any byte, decrypted or not) says when to read on without waiting.
     """
     global _has_pending
-    if _lib is None or os.environ.get("TMP_TLS_NO_READ_AHEAD"):  # TEMPORARY (measurement)
+    if _lib is None:
         return None
     if _has_pending is None:
         # Through a PyDLL: the call keeps the GIL (a CDLL function releases and takes it back
