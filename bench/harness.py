@@ -26,10 +26,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tether.core.sidecar import PYTHON_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 BUILD_TOOLS = REPO / "scripts" / "tools" / "build-go-tools.sh"
 TETHER = REPO / ".venv" / "bin" / "tether"
+# The sidecar's interpreter settings (tether.core.sidecar.PYTHON_ENV), for every `tether proxy` a bench starts.
+PROXY_ENV = dict(PYTHON_ENV)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -168,8 +172,14 @@ class Proc:
 
 
 def start(name: str, argv: Sequence[str], workdir: Path, env: dict[str, str] | None = None) -> Proc:
-    """Start `argv` in its own session with stdout and stderr in workdir/<name>.log."""
+    """Start `argv` in its own session with stdout and stderr in workdir/<name>.log.
+
+    A `tether proxy` (``argv[1] == "proxy"``) runs with the interpreter settings every deployment gives
+    the sidecar (``PROXY_ENV``: -OO, no debug ranges), so the figures are those of the proxy users run.
+    """
     log = workdir / f"{name}.log"
+    if list(argv[1:2]) == ["proxy"]:
+        env = {**PROXY_ENV, **(env or {})}
     with log.open("wb") as out:
         popen = subprocess.Popen(
             list(argv),

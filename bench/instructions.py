@@ -21,7 +21,8 @@ With ``--policy`` each proxy's inbound port gets its policy from a scripted poli
 an AuthorizationPolicy on an HTTPRoute matching the requests, and a rate limit in force (never hit);
 builds from before inbound policy do not know the flags.
 
-Each build is a checkout with its own .venv (and compiled hot path, `scripts/build-native`).
+Each build is a checkout with its own .venv (and compiled hot path, `scripts/build-native`). Every proxy
+runs as deployed: `python -OO -X no_debug_ranges -m tether proxy` (tether.core.sidecar).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import harness as h
+
+from tether.core.sidecar import python_argv
 
 AUTHORITY = "bench.local:80"
 GRPC_AUTHORITY = "grpc.local:8079"
@@ -109,7 +112,7 @@ def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int, discov
     log = (workdir / "proxy.log").open("w")
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", f"--callgrind-out-file={cg_out}",
-         str(python), "-m", "tether", "proxy", "--outbound-addr", f"127.0.0.1:{out}",
+         *python_argv(str(python)), "proxy", "--outbound-addr", f"127.0.0.1:{out}",
          "--inbound-addr", f"127.0.0.1:{inb}", "--admin-addr", f"127.0.0.1:{admin}",
          *discovery, "--inbound-app-addr", f"127.0.0.1:{backend_port}",
          "--shutdown-grace-period", "1s",
@@ -180,7 +183,7 @@ def _callgrind(python: Path, workdir: Path, name: str, args: list[str],
     log = (workdir / f"{name}.log").open("w")
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", f"--callgrind-out-file={cg_out}",
-         str(python), "-m", "tether", "proxy", "--shutdown-grace-period", "1s", *args],
+         *python_argv(str(python)), "proxy", "--shutdown-grace-period", "1s", *args],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
     try:
         yield proc.pid, cg_out

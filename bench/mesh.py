@@ -77,7 +77,7 @@ def start_two_hop(workdir: Path, port: int, backend_port: int, mtls: bool,
     outbound = _proxy_args(port, out_admin, out_inbound, out_extra)
     # One parent for both proxies: the harness reads CPU and RSS over its process tree.
     script = f"{shlex.join(inbound)} & {shlex.join(outbound)} & wait"
-    proc = h.start("two-hop", ["sh", "-c", script], workdir)
+    proc = h.start("two-hop", ["sh", "-c", script], workdir, env=h.PROXY_ENV)
     h.wait_ready(proc, h.http_ok(f"http://127.0.0.1:{in_admin}/ready"), 30, "inbound proxy /ready")
     h.wait_ready(proc, h.http_ok(f"http://127.0.0.1:{out_admin}/ready"), 30, "outbound proxy /ready")
     _admin[proc.pid] = {"server": in_admin, "client": out_admin}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tether.core.sidecar import IMAGE_PYTHON, python_argv
 from tether.platform.local import network
 from tether.testing import netns
 from tether.testing.kubecluster import wait_until
@@ -140,8 +141,14 @@ def test_without_the_launcher_or_the_capabilities_proxy_init_is_refused(rootfs: 
 
 
 def test_the_image_s_proxy_serves_as_uid_2102(rootfs: str, pod_netns: str, tmp_path: Path) -> None:
+    # The injected container's command (python -OO -X no_debug_ranges -m tether) and args.
+    command = [*python_argv(IMAGE_PYTHON), "proxy"]
+    # Its level-2 bytecode is in the image (the proxy's user cannot write it): tether's, the venv's, Python's.
+    for module in ("opt/tether/src/tether/proxy/__pycache__/app", "usr/lib/python3.11/asyncio/__pycache__/events"):
+        assert Path(rootfs, f"{module}.cpython-311.opt-2.pyc").is_file(), module
+    assert list(Path(rootfs, "opt/tether/venv/lib").glob("python3.11/site-packages/uvloop/__pycache__/*.opt-2.pyc"))
     proxy = Proc(as_kubernetes_runs(rootfs, pod_netns, 2102, (), [
-        "tether", "proxy", "--inbound-addr", "0.0.0.0:4143", "--outbound-addr", "127.0.0.1:4140",
+        *command, "--inbound-addr", "0.0.0.0:4143", "--outbound-addr", "127.0.0.1:4140",
         "--admin-addr", "127.0.0.1:4191"]), tmp_path / "proxy.log")
     try:
         def ready() -> bool:
@@ -158,5 +165,8 @@ def test_the_image_s_proxy_serves_as_uid_2102(rootfs: str, pod_netns: str, tmp_p
         assert next(ln for ln in status.splitlines() if ln.startswith("Uid:")).split()[1] == "2102", status
         maps = Path(f"/proc/{proxy.pid}/maps").read_text()
         assert "tether_native__mypyc" in maps
+        metrics = subprocess.run(network.netns_exec(pod_netns, ["curl", "-s", "http://127.0.0.1:4191/metrics"]),
+                                 capture_output=True, text=True, check=True).stdout
+        assert 'python_optimize="2"' in metrics and 'python_debug_ranges="false"' in metrics, metrics[:2000]
     finally:
         proxy.stop()

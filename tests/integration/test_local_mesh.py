@@ -159,6 +159,8 @@ def test_up_run_services_by_name_over_mtls_and_down_leaves_nothing(mesh: Mesh) -
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in meshed) == 3, lines
     inbound = "".join(mesh.metrics(f"web-{i}") for i in (0, 1))
     assert f'client_id="{client_id}"' in inbound
+    # Local mode runs its proxies as every deployment does: -OO, no debug ranges (proxy_build_info).
+    assert inbound.count('python_optimize="2",python_debug_ranges="false"') == 2, inbound
     status = mesh.status()
     assert status["controlPlaneReady"] and [p["phase"] for p in status["pods"]] == ["Running"] * 3
     assert {(w["name"], w["replicas"], w["ready"]) for w in status["workloads"]} == {("web", 2, 2), ("client", 1, 1)}
@@ -259,7 +261,7 @@ def test_down_during_traffic_exits_cleanly(mesh: Mesh) -> None:
                "spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n")
     loop = "while true; do curl -s -o /dev/null http://web/; done"
     mesh.tether("run", "load", "--", "sh", "-c", loop)
-    wait_for(lambda: 'dst_service="web"' in mesh.metrics("load-0"), 10, what="traffic flowing")
+    wait_for(lambda: 'dst_service="web"' in mesh.metrics("load-0"), 30, what="traffic flowing")
     status = mesh.status()
     mesh_id, pids = mesh.settings()["mesh_id"], all_pids(status)
     started = time.monotonic()

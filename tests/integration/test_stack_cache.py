@@ -72,22 +72,28 @@ def test_ten_thousand_idle_destinations_leave_memory_flat(tmp_path: Path) -> Non
     proxy = ProxyProc(tmp_path, cache_max_idle_age="1s", metrics_retain_idle="1s",
                       pool_idle_timeout="1s").wait_ready()
     try:
+        started_kib = rss_kib(proxy.pid)
         rss: list[int] = []
         fds: list[int] = []
-        for batch in range(3):
+        for batch in range(4):
             send_batch(proxy, port, batch)
             assert gauge(proxy, "tether_stack_cache_entries", "outbound") > 0
             # Idle past the eviction age: every stack, pooled connection and series goes.
             wait_for(lambda: gauge(proxy, "tether_stack_cache_entries", "outbound") == 0, timeout=20)
             wait_for(lambda: series(proxy) == 0, timeout=20)
             wait_for(lambda: open_fds(proxy.pid) < 40, timeout=20)
+            # The connections' buffers freed with the idle stacks go back to the system (without it
+            # the idle proxy stayed ~70 MiB above where it started).
+            wait_for(lambda: rss_kib(proxy.pid) - started_kib < 40 * 1024, timeout=20,
+                     what="RSS back within 40 MiB of the proxy's start")
             rss.append(rss_kib(proxy.pid))
             fds.append(open_fds(proxy.pid))
-        # The first batch warms the allocator; after it, 10,000 more destinations cost ~nothing.
-        growth_mib = (rss[2] - rss[1]) / 1024
+        # The first batch warms the allocator; after it, 10,000 more destinations cost ~nothing. A leak
+        # grows with every batch; the allocator's fragmentation can lift one reading alone.
+        growth_mib = (min(rss[2], rss[3]) - rss[1]) / 1024
         print(f"RSS after each batch of {TARGETS} destinations, once idle: {[r // 1024 for r in rss]} MiB")
         assert growth_mib < 4, f"RSS grew {growth_mib:.1f} MiB over {TARGETS} more destinations: {rss}"
-        assert fds[2] <= fds[1] + 2
+        assert fds[3] <= fds[1] + 2
     finally:
         proxy.stop()
         backend.kill()

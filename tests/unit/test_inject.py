@@ -64,6 +64,8 @@ def test_default_injection_adds_init_proxy_volumes_labels_annotations() -> None:
     proxy = container(p, PROXY)
     assert proxy["image"] == "localhost/tether:0.1.0"
     assert proxy["args"] == ["proxy"]
+    # The image's interpreter runs the proxy -OO with no debug ranges (issue 16: ~1 MiB of idle RSS).
+    assert proxy["command"] == ["python", "-OO", "-X", "no_debug_ranges", "-m", "tether"]
     assert proxy["lifecycle"]["postStart"]["exec"]["command"][:2] == ["tether", "proxy-await"]
     assert proxy["securityContext"]["runAsUser"] == 2102
     e = env(p)

@@ -90,6 +90,7 @@ def test_rendered_commands_parse_with_the_real_commands(capsys: pytest.CaptureFi
     import click
 
     from tether.cli.tree import cli
+    from tether.core.sidecar import IMAGE_PYTHON, python_argv
     from tether.proxy.config import ProxyConfig
 
     code, out, _ = run(capsys, "install", "--ha", "--set", "proxy.nativeSidecar=true")
@@ -110,6 +111,8 @@ def test_rendered_commands_parse_with_the_real_commands(capsys: pytest.CaptureFi
         # What the kubelet does with $(VAR): the earlier variables' values.
         env = {e["name"]: re.sub(r"\$\((\w+)\)", lambda m: kube_env[m.group(1)], e["value"])
                for e in proxy["env"] if "value" in e}
+        # The chart's partial runs the proxy as the injector does (-OO, no debug ranges).
+        assert proxy["command"] == python_argv(IMAGE_PYTHON) and proxy["args"] == ["proxy"]
         cfg = ProxyConfig.from_env(env)
         assert cfg.identity_name == "web.prod.serviceaccount.identity.linkerd.cluster.local"
         assert cfg.inbound_addr == ("0.0.0.0", 4143) and cfg.admin_addr == ("0.0.0.0", 4191)

@@ -86,6 +86,20 @@ def test_an_invalid_regex_is_refused_with_the_route_named() -> None:
         client_policy_of(_http_policy(_rule("/api/(", "regex")))
 
 
+def test_header_and_query_matches_are_read_and_one_without_a_value_is_refused() -> None:
+    rule = _rule("/api")
+    m = rule.matches[0]
+    m.headers.append(http_route_pb2.HeaderMatch(name="x-canary", exact=b"yes"))
+    m.query_params.append(http_route_pb2.QueryParamMatch(name="v", regex="^2"))
+    policy = client_policy_of(_http_policy(rule))
+    assert select_rule(policy.routes, RequestInfo(b"GET", b"/api?v=2", "web:80", [(b"x-canary", b"yes")]))
+    assert select_rule(policy.routes, RequestInfo(b"GET", b"/api?v=2", "web:80", [(b"x-canary", b"no")])) is None
+    assert select_rule(policy.routes, RequestInfo(b"GET", b"/api?v=1", "web:80", [(b"x-canary", b"yes")])) is None
+    m.headers.append(http_route_pb2.HeaderMatch(name="x-empty"))
+    with pytest.raises(PolicyError, match=r"x-empty.*no value"):
+        client_policy_of(_http_policy(rule))
+
+
 def test_header_modifier_and_redirect() -> None:
     mod = HeaderModifier(add=((b"x-a", b"1"),), set=((b"x-b", b"2"),), remove=(b"x-c",))
     assert mod.apply([(b"x-b", b"old"), (b"x-c", b"gone"), (b"host", b"h")]) == [

@@ -44,6 +44,7 @@ linkerd.io/control-plane-ns: {{ .ns }}
 name: linkerd-proxy
 image: {{ $p.image.name }}:{{ $p.image.version | default (include "tether.version" .) }}
 imagePullPolicy: {{ $p.image.pullPolicy | default $v.imagePullPolicy }}
+command: [python, -OO, -X, no_debug_ranges, -m, tether]
 args: [proxy]
 env:
 - name: _pod_name

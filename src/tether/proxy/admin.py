@@ -28,6 +28,7 @@ from types import TracebackType
 from tether.proxy.config import ProxyConfig
 from tether.proxy.listen import listening_socket
 from tether.proxy.logging import LogControl, LogSpecError
+from tether.proxy.malloc import trim_malloc
 from tether.proxy.metrics import MetricsRegistry
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _BACKLOG = 100  # asyncio.start_server's default: the admin port serves probes and scrapes
 _TEXT = b"text/plain; charset=utf-8"
 _JSON = b"application/json"
+_BIG_SCRAPE = 1 << 20  # /metrics bytes after which the C heap is trimmed
 _REASONS = {
     200: b"OK",
     204: b"No Content",
@@ -216,8 +218,10 @@ class AdminServer:
                 log.exception("admin %s %s failed", method, path)
                 rsp = _text(500, f"internal error: {type(e).__name__}")
             await self._write(writer, rsp, close=not keep_alive, head_only=method == "HEAD")
-            if rsp.after is not None:
-                self._run_after(rsp.after)
+            after = rsp.after
+            del rsp  # the body is freed before what runs after it
+            if after is not None:
+                self._run_after(after)
             if not keep_alive:
                 return
 
@@ -287,7 +291,11 @@ class AdminServer:
             if not get:
                 return _method_not_allowed("GET")
             chunks = await self.registry.render_chunks_async()
-            return AdminResponse(200, b"", METRICS_CONTENT_TYPE, chunks=chunks)
+            # A large exposition (thousands of series, as after a burst of destinations) leaves its
+            # freed pieces in the C heap, formatted in another thread's arena: give them back once
+            # it is written.
+            big = sum(len(c) for c in chunks) >= _BIG_SCRAPE
+            return AdminResponse(200, b"", METRICS_CONTENT_TYPE, chunks=chunks, after=trim_malloc if big else None)
         if path == "/ready":
             if not get:
                 return _method_not_allowed("GET")

@@ -144,6 +144,16 @@ def _load_cert_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: keygen.KeyMater
         ctx.load_cert_chain(str(p), password=key.password)
 
 
+# TLS 1.3 suites, most preferred first: all three of OpenSSL's defaults stay accepted (a peer that
+# offers only one of them is served), but between two tether proxies AES-128-GCM with SHA-256 is
+# chosen over OpenSSL's first choice, AES-256-GCM with SHA-384. It is TLS 1.3's mandatory suite, and
+# its 128-bit strength is the key exchange's (X25519) and the certificates' (ECDSA P-256). A new
+# connection's key schedule hashes with SHA-256 instead of SHA-384 and each record is encrypted
+# with 10 AES rounds instead of 14: ~190k instructions less per new connection for both ends
+# (callgrind, OpenSSL 3.0). The ssl module cannot set TLS 1.3 suites: tlsctl does, where it can.
+MESH_TLS13_SUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+
 def _no_session_tickets(ctx: ssl.SSLContext) -> None:
     """A TLS 1.3 server that neither issues session tickets nor accepts them. OpenSSL 3 copies the
     session, peer certificate included, through DER for each ticket (24% of a server proxy's
@@ -298,6 +308,7 @@ class IdentityClient:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
+        tlsctl.prefer_suites(ctx, MESH_TLS13_SUITES)  # (the SNI switch keeps the connection's suites)
         # No resumption here: this context outlives rotations, and so would its ticket keys.
         _no_session_tickets(ctx)
         if self.config.alpn_protocols:
@@ -346,6 +357,7 @@ class IdentityClient:
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.load_verify_locations(cadata=anchors)
             _load_cert_chain(ctx, chain_pem, self.key)
+            tlsctl.prefer_suites(ctx, MESH_TLS13_SUITES)
             if self.config.alpn_protocols:
                 ctx.set_alpn_protocols(list(self.config.alpn_protocols))
             if purpose == ssl.PROTOCOL_TLS_SERVER:

@@ -27,6 +27,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import tether
+from tether.core.sidecar import runtime_labels
 from tether.proxy.counters import (
     LE,
     NBUCKETS,
@@ -159,6 +160,7 @@ class MetricsRegistry:
             "profile": "release",
             "vendor": "tether",
             "date": "",
+            **runtime_labels(),
         }
         info.update(build_info or {})
         labels = ",".join(f'{k}="{escape_label(v)}"' for k, v in info.items() if _LABEL_NAME.match(k))

@@ -17,6 +17,7 @@ Choices where the API leaves room (written down in docs/notes/issue-10-proxy.md)
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from tether.api.gen import (
@@ -129,10 +130,20 @@ def grpc_filters_of(filters: Any) -> Filters:
     return Filters(request_headers=req, failure=failure, invalid=invalid)
 
 
-def _value_match(name: str, which: str | None, exact: bytes | str, regex: str) -> ValueMatch:
-    if which == "regex":
-        return ValueMatch(name, regex, regex=True)
-    return ValueMatch(name, exact.decode("latin-1") if isinstance(exact, bytes) else exact)
+def value_matches(ms: Sequence[Any]) -> tuple[ValueMatch, ...]:
+    """Header or query-parameter matches (``HeaderMatch``/``QueryParamMatch``); one without a value
+    is refused, as Linkerd's proxy refuses it."""
+    out = []
+    for m in ms:
+        which = m.WhichOneof("value")
+        if which == "regex":
+            out.append(ValueMatch(m.name, m.regex, regex=True))
+        elif which == "exact":
+            v = m.exact
+            out.append(ValueMatch(m.name, v.decode("latin-1") if isinstance(v, bytes) else v))
+        else:
+            raise PolicyError(f"match on {m.name!r}: no value")
+    return tuple(out)
 
 
 def http_route_match(m: http_route_lite.HttpRouteMatch) -> RouteMatch:
@@ -141,10 +152,8 @@ def http_route_match(m: http_route_lite.HttpRouteMatch) -> RouteMatch:
         which = m.path.WhichOneof("kind")
         if which is not None:
             path = PathMatch(which, getattr(m.path, which))
-    headers = tuple(_value_match(h.name, h.WhichOneof("value"), h.exact, h.regex) for h in m.headers)
-    query = tuple(_value_match(q.name, q.WhichOneof("value"), q.exact, q.regex) for q in m.query_params)
     method = method_of(m.method) if m.HasField("method") else None
-    return RouteMatch(path, headers, query, method)
+    return RouteMatch(path, value_matches(m.headers), value_matches(m.query_params), method)
 
 
 def grpc_route_match(m: grpc_route_lite.GrpcRouteMatch) -> RouteMatch:
@@ -158,8 +167,7 @@ def grpc_route_match(m: grpc_route_lite.GrpcRouteMatch) -> RouteMatch:
             path = PathMatch("prefix", f"/{svc}")
         elif method:
             path = PathMatch("regex", f"/[^/]+/{re.escape(method)}")
-    headers = tuple(_value_match(h.name, h.WhichOneof("value"), h.exact, h.regex) for h in m.headers)
-    return RouteMatch(path, headers)
+    return RouteMatch(path, value_matches(m.headers))
 
 
 def _backend(rb: Any, weight: int, grpc: bool, opaque: bool = False) -> Backend:

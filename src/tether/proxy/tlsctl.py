@@ -37,8 +37,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["available", "free_buffers", "has_ticket", "keep_server_sessions", "offer_session", "read_ahead",
-           "release_buffers", "ssl_pointer"]
+__all__ = ["available", "free_buffers", "has_ticket", "keep_server_sessions", "offer_session", "prefer_suites",
+           "read_ahead", "release_buffers", "ssl_pointer"]
 
 _SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
@@ -79,7 +79,8 @@ def _load() -> Any:
             ("SSL_get_session", vp, [vp]),
             ("SSL_SESSION_has_ticket", int_, [vp]),
             ("SSL_set_read_ahead", None, [vp, int_]),
-            ("SSL_has_pending", int_, [vp])):
+            ("SSL_has_pending", int_, [vp]),
+            ("SSL_CTX_set_ciphersuites", int_, [vp, ctypes.c_char_p])):
         fn = getattr(lib, name, None)
         if fn is None:
             return None
@@ -128,6 +129,16 @@ def keep_server_sessions(ctx: ssl.SSLContext, session_id_context: bytes, max_ent
     _lib.SSL_CTX_set_timeout(ptr, max(1, int(lifetime)))
     ctx.options |= ssl.OP_NO_TICKET
     return True
+
+
+def prefer_suites(ctx: ssl.SSLContext, suites: str) -> bool:
+    """Set the TLS 1.3 cipher suites of ``ctx``, in order of preference (``SSL_CTX_set_ciphersuites``,
+    which the ssl module does not offer); False if that cannot be done here (OpenSSL's default stays).
+    """
+    ptr = _ssl_ctx(ctx)
+    if ptr is None or _lib is None:
+        return False
+    return bool(_lib.SSL_CTX_set_ciphersuites(ptr, suites.encode("ascii")) == 1)
 
 
 def offer_session(sock: ssl.SSLSocket, session: ssl.SSLSession) -> bool:

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tether.proxy.tlspeer import peer_certificate
+
 __all__ = ["SessionCache", "SessionKey", "peer_not_after", "resumed_peer_problem"]
 
 # (expected server identity, dialled host, dialled port)
@@ -45,14 +47,27 @@ def peer_not_after(sock: ssl.SSLSocket | ssl.SSLObject) -> float | None:
     return _not_after(sock.getpeercert())
 
 
+# notAfter text -> seconds: ssl.cert_time_to_seconds goes through time.strptime (~10 us), and every
+# resumed connection asks for one of a few peers' dates.
+_seconds: dict[str, float | None] = {}
+
+
 def _not_after(cert: Any) -> float | None:
     text = cert.get("notAfter") if cert else None
     if not isinstance(text, str):
         return None
     try:
-        return float(ssl.cert_time_to_seconds(text))
+        return _seconds[text]
+    except KeyError:
+        pass
+    try:
+        seconds: float | None = float(ssl.cert_time_to_seconds(text))
     except ValueError:
-        return None
+        seconds = None
+    if len(_seconds) >= 64:
+        _seconds.clear()
+    _seconds[text] = seconds
+    return seconds
 
 
 def resumed_peer_problem(sock: ssl.SSLSocket | ssl.SSLObject, expected_dns: str | None, now: float) -> str | None:
@@ -61,7 +76,7 @@ def resumed_peer_problem(sock: ssl.SSLSocket | ssl.SSLObject, expected_dns: str 
     A resumed handshake restores the peer certificate from the session without verifying it again:
     what a full handshake would refuse since (an expired certificate, another name) is checked here.
     """
-    cert = sock.getpeercert()
+    cert = peer_certificate(sock)
     if not cert:
         return "the resumed session carries no verified peer certificate"
     not_after = _not_after(cert)

@@ -441,33 +441,52 @@ class TlsTransport(asyncio.Transport):
         return f"<TlsTransport fd={self._fd} {state} peer={self._peer}>"
 
 
-async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket,
-                     timeout: float | None) -> tuple[int, Callable[[int], int] | None]:
+async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeout: float | None,
+                     registered: bool = False, writer: bool = False) -> tuple[int, Callable[[int], int] | None]:
     """Run the handshake; the SSL's pointer for the transport (0: out of reach) and, if it reads
-    ahead, SSL_has_pending."""
+    ahead, SSL_has_pending.
+
+    The socket's reader stays registered with the loop from one wait to the next and, when the
+    handshake succeeds, for the transport (which replaces its callback): with uvloop every fresh
+    registration is a poll handle of its own (epoll_ctl add, delete and add again, an ioctl) and every
+    removal one more epoll_ctl, ~5 system calls per wait. On failure it is removed here.
+    ``registered``: the caller registered the reader already (the inbound listener's peek);
+    ``writer``: the writer (the outbound connect's wait), whose callback may run once more.
+    """
     fd = sock.fileno()
     ssl_ptr = _ssl_pointer(sock)
     # Read-ahead from the first record: one read(2) per record instead of two (see tlsctl.read_ahead).
     has_pending = _tlsctl.read_ahead(ssl_ptr) if ssl_ptr else None
+    reading, writing, done = registered, writer, False
     _handshake_started()
     try:
         async with asyncio.timeout(timeout):
             while True:
                 try:
                     sock.do_handshake()
+                    done = True
                     return ssl_ptr, has_pending
                 except ssl.SSLWantReadError:
                     _free_buffers(ssl_ptr)  # the peer may take a while: hold no read buffer meanwhile
-                    add, remove = loop.add_reader, loop.remove_reader
+                    ready = loop.create_future()
+                    loop.add_reader(fd, _set_ready, ready)  # (registered: only the callback changes)
+                    reading = True
+                    if writing:
+                        loop.remove_writer(fd)
+                        writing = False
                 except ssl.SSLWantWriteError:
-                    add, remove = loop.add_writer, loop.remove_writer
-                ready = loop.create_future()
-                add(fd, _set_ready, ready)
-                try:
-                    await ready
-                finally:
-                    remove(fd)
+                    ready = loop.create_future()
+                    loop.add_writer(fd, _set_ready, ready)
+                    writing = True
+                    if reading:
+                        loop.remove_reader(fd)
+                        reading = False
+                await ready
     finally:
+        if writing:
+            loop.remove_writer(fd)
+        if reading and not done:
+            loop.remove_reader(fd)
         _handshake_ended(loop)
 
 
@@ -480,7 +499,9 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
                 server_hostname: str | None, protocol_factory: Callable[[], P],
                 handshake_timeout: float | None, session: ssl.SSLSession | None = None,
                 tickets: int | None = None,
-                after_first_read: Callable[[ssl.SSLSocket | None], None] | None = None) -> tuple[TlsTransport, P]:
+                after_first_read: Callable[[ssl.SSLSocket | None], None] | None = None,
+                registered: bool = False, writer: bool = False) -> tuple[TlsTransport, P]:
+    fd = raw.fileno()
     try:
         if tickets is not None and tickets != ctx.num_tickets:
             # OpenSSL copies the ticket count into each connection when it is created (SSL_new) and
@@ -503,10 +524,14 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
                     with contextlib.suppress(ValueError):  # another context's session: a full handshake
                         sock.session = session  # (the ssl module copies it: ~1.6M instructions)
     except BaseException:
+        if registered:
+            loop.remove_reader(fd)
+        if writer:
+            loop.remove_writer(fd)
         raw.close()
         raise
     try:
-        ssl_ptr, has_pending = await _handshake(loop, sock, handshake_timeout)
+        ssl_ptr, has_pending = await _handshake(loop, sock, handshake_timeout, registered, writer)
     except TimeoutError:
         sock.close()
         raise ConnectionAbortedError(
@@ -514,12 +539,18 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
     except BaseException:
         sock.close()
         raise
-    if sock.session_reused:
-        problem = resumed_peer_problem(sock, None if server_side else server_hostname, time.time())
-        if problem is not None:
-            sock.close()
-            raise ConnectionAbortedError(f"refused a resumed TLS session: {problem}")
-    protocol = protocol_factory()
+    # From here the socket's reader may still be registered (see _handshake): the transport takes
+    # it over, and every other way out removes it before the socket closes.
+    try:
+        if sock.session_reused:
+            problem = resumed_peer_problem(sock, None if server_side else server_hostname, time.time())
+            if problem is not None:
+                raise ConnectionAbortedError(f"refused a resumed TLS session: {problem}")
+        protocol = protocol_factory()
+    except BaseException:
+        loop.remove_reader(fd)
+        sock.close()
+        raise
     transport = TlsTransport(loop, sock, protocol, ssl_ptr, has_pending)
     transport._after_first_read = after_first_read
     try:
@@ -532,10 +563,11 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
 
 async def tls_accept(protocol_factory: Callable[[], P], sock: socket.socket,
                      ctx: ssl.SSLContext, handshake_timeout: float | None,
-                     tickets: int | None = None) -> tuple[TlsTransport, P]:
+                     tickets: int | None = None, registered: bool = False) -> tuple[TlsTransport, P]:
     """Terminate TLS on an accepted socket (its handshake, then the protocol); it owns ``sock`` from here.
 
     ``tickets``: TLS 1.3 session tickets to issue on this connection (default: the context's count).
+    ``registered``: the socket's reader is registered with the loop (any callback): it is taken over.
     A resumed session's peer is checked as a full handshake would (see tlssessions).
     """
     loop = asyncio.get_running_loop()
@@ -544,7 +576,8 @@ async def tls_accept(protocol_factory: Callable[[], P], sock: socket.socket,
     # waits for the peer's delayed ACK (40 ms) under Nagle's algorithm.
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return await _wrap(loop, sock, ctx, True, None, protocol_factory, handshake_timeout, tickets=tickets)
+    return await _wrap(loop, sock, ctx, True, None, protocol_factory, handshake_timeout, tickets=tickets,
+                       registered=registered)
 
 
 async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
@@ -564,14 +597,16 @@ async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
     if sessions is not None and resuming:
         finish = await _fetch_or_wait(loop, sessions, key, handshake_timeout)
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        infos = _numeric_address(host, port)
+        if infos is None:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
         error: OSError | None = None
         for family, type_, proto, _, addr in infos:
             raw = socket.socket(family, type_, proto)
             try:
                 raw.setblocking(False)
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await loop.sock_connect(raw, addr)
+                writer = await _sock_connect(loop, raw, addr)
             except OSError as e:
                 raw.close()
                 error = e
@@ -579,15 +614,59 @@ async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
             except BaseException:
                 raw.close()
                 raise
+            # (No await from here to the handshake's first step, which takes the writer over.)
             if sessions is None or not resuming:
-                return await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory, handshake_timeout)
+                return await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory, handshake_timeout,
+                                   writer=writer)
             return await _connect_resuming(loop, raw, ctx, server_hostname, protocol_factory, handshake_timeout,
-                                           sessions, key, finish)
+                                           sessions, key, finish, writer)
         raise error or OSError(f"cannot resolve {host}:{port}")
     except BaseException:
         if finish is not None:
             finish(True)
         raise
+
+
+async def _sock_connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: Any) -> bool:
+    """Connect the non-blocking ``sock`` to the resolved ``addr``; True if its writer is left registered.
+
+    Not ``loop.sock_connect``: uvloop's resolves the address again in its thread pool, and removes
+    the writer the handshake registers again at once (a new poll handle: ~5 system calls). Errors
+    are the loop's: ``OSError(errno, "Connect call failed <addr>")``.
+    """
+    try:
+        sock.connect(addr)
+        return False
+    except (BlockingIOError, InterruptedError):
+        pass
+    fd = sock.fileno()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(fd, _set_ready, ready)
+    try:
+        await ready
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err != 0:
+            raise OSError(err, f"Connect call failed {addr}")
+    except BaseException:
+        loop.remove_writer(fd)
+        raise
+    return True
+
+
+def _numeric_address(host: str, port: int) -> list[tuple[Any, Any, Any, str, Any]] | None:
+    """What getaddrinfo answers for an IP address (an endpoint's usual form), without asking it: the
+    loop's getaddrinfo runs in a thread pool (uvloop, asyncio), ~4 futex calls and two thread
+    switches per new connection. None for a name or an address it must interpret."""
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    except OSError:
+        pass
+    try:
+        socket.inet_pton(socket.AF_INET6, host)
+        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+    except OSError:
+        return None
 
 
 async def _fetch_or_wait(loop: asyncio.AbstractEventLoop, sessions: SessionCache, key: SessionKey,
@@ -619,7 +698,7 @@ async def _fetch_or_wait(loop: asyncio.AbstractEventLoop, sessions: SessionCache
 async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SSLContext,
                             server_hostname: str, protocol_factory: Callable[[], P], handshake_timeout: float | None,
                             sessions: SessionCache, key: SessionKey,
-                            finish: Callable[[bool], None] | None) -> tuple[TlsTransport, P]:
+                            finish: Callable[[bool], None] | None, writer: bool = False) -> tuple[TlsTransport, P]:
     session = sessions.offer(key)
     keep = None
     if finish is not None and (session is not None or not sessions.wants(key)):
@@ -639,7 +718,7 @@ async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket,
                     fetched(True)
     try:
         transport, protocol = await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory,
-                                          handshake_timeout, session=session, after_first_read=keep)
+                                          handshake_timeout, session=session, after_first_read=keep, writer=writer)
     except BaseException:
         if session is not None:
             sessions.discard(key)  # (refused as a resumed peer, or a handshake that failed with it)

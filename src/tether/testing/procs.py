@@ -9,13 +9,14 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from tether.core import sidecar
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -116,7 +117,8 @@ class ProxyProc(Proc):
         self.outbound_port = self._fixed["outbound_port"] or free_port()
         self.inbound_port = self._fixed["inbound_port"] or free_port()
         args = [
-            sys.executable, "-m", "tether", "proxy",
+            # As every deployment runs the sidecar (-OO, no debug ranges): tests exercise that build.
+            *sidecar.python_argv(), "proxy",
             "--admin-addr", f"{self.host}:{self.admin_port}",
             "--outbound-addr", f"{self.host}:{self.outbound_port}",
             "--inbound-addr", f"{self._inbound_host}:{self.inbound_port}",

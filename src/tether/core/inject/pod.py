@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tether.core import sidecar
 from tether.core.inject import annotations as ann
 from tether.core.inject.values import TOKEN_AUDIENCE, InjectValues
 
@@ -186,6 +187,9 @@ def proxy_container(v: InjectValues, o: ann.ProxyOverrides, native: bool) -> dic
         "name": PROXY,
         "image": f"{image}:{version}",
         "imagePullPolicy": o.pull_policy or v.proxy_pull_policy,
+        # The image's interpreter as every deployment runs the proxy (-OO, no debug ranges: ~1 MiB of
+        # RSS) on this process only: other tether commands run in the container keep their help texts.
+        "command": sidecar.python_argv(sidecar.IMAGE_PYTHON),
         "args": ["proxy"],
         "env": env,
         "ports": [

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from tether.core import sidecar
 from tether.platform.local import network
 from tether.platform.local.children import Supervised, http_status
 from tether.platform.local.layout import PROXY_UID, Layout, MeshSettings, write_json
@@ -57,6 +58,11 @@ ENDPOINT_DRAIN = 0.5
 
 def tether_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tether", *args]
+
+
+def proxy_argv(*args: str) -> list[str]:
+    """``tether proxy`` as every deployment runs the sidecar (tether.core.sidecar: -OO, no debug ranges)."""
+    return [*sidecar.python_argv(), "proxy", *args]
 
 
 def identity_name(sa: str, ns: str, settings: MeshSettings) -> str:
@@ -661,7 +667,7 @@ class Supervisor:
                          "--tap-addr", f"0.0.0.0:{TAP_PORT}"]
             uid = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups"]
         argv = [*uid,
-                *tether_argv("proxy", *listeners,
+                *proxy_argv(*listeners,
                              "--log-level", ps.log_level,
                              "--identity-name", identity_name(spec.sa, spec.namespace, s),
                              "--identity-token-path", str(rt / "token"),

@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from tether.api.gen import grpc_route_lite, http_route_lite, http_types_lite, inbound_lite, meta_lite, net_lite
+from tether.api.gen import grpc_route_lite, http_route_lite, inbound_lite, meta_lite, net_lite
 from tether.core.policy.authz import (
     IDENTITIES,
     TLS_UNAUTHENTICATED,
@@ -29,7 +29,7 @@ from tether.core.policy.authz import (
     localhost_authz,
 )
 from tether.core.policy.ratelimit import RateLimitSpec
-from tether.core.routing.http_match import PathMatch, Route, RouteMatch, Rule, ValueMatch
+from tether.core.routing.http_match import PathMatch, Route, RouteMatch, Rule
 from tether.proxy.inbound.policy import (
     DETECT,
     GRPC,
@@ -41,7 +41,7 @@ from tether.proxy.inbound.policy import (
     PortPolicy,
     default_route,
 )
-from tether.proxy.policy import grpc_filters_of, http_filters_of
+from tether.proxy.policy import grpc_filters_of, http_filters_of, http_route_match, value_matches
 
 # -- from the wire ------------------------------------------------------------------------------------
 
@@ -91,37 +91,6 @@ def authz_of(a: inbound_lite.Authz) -> Authz:
     return Authz(nets, authn, meta)
 
 
-def _method(m: http_types_lite.HttpMethod) -> bytes:
-    if m.WhichOneof("type") == "unregistered":
-        return m.unregistered.encode("latin-1")
-    return http_types_lite.HttpMethod.Registered.Name(m.registered).encode()
-
-
-def _value_matches(ms: Sequence[http_route_lite.HeaderMatch] | Sequence[http_route_lite.QueryParamMatch]
-                   ) -> tuple[ValueMatch, ...]:
-    out = []
-    for m in ms:
-        kind = m.WhichOneof("value")
-        if kind == "regex":
-            out.append(ValueMatch(m.name, m.regex, regex=True))
-        elif kind == "exact":
-            v = m.exact
-            out.append(ValueMatch(m.name, v.decode("latin-1") if isinstance(v, bytes) else v))
-        else:
-            raise PolicyError(f"match on {m.name!r}: no value")
-    return tuple(out)
-
-
-def http_match_of(m: http_route_lite.HttpRouteMatch) -> RouteMatch:
-    path = None
-    if m.HasField("path"):
-        kind = m.path.WhichOneof("kind")
-        if kind is not None:
-            path = PathMatch(kind, getattr(m.path, kind))
-    return RouteMatch(path=path, headers=_value_matches(m.headers), query=_value_matches(m.query_params),
-                      method=_method(m.method) if m.HasField("method") else None)
-
-
 def grpc_match_of(m: grpc_route_lite.GrpcRouteMatch) -> RouteMatch:
     """A gRPC match as an HTTP one: ``POST /service/method`` (an empty part matches any)."""
     path = None
@@ -131,7 +100,7 @@ def grpc_match_of(m: grpc_route_lite.GrpcRouteMatch) -> RouteMatch:
         path = PathMatch("regex", f"/{svc}/{meth}")
     elif m.HasField("rpc") and m.rpc.method:
         path = PathMatch("regex", f"/[^/]+/{re.escape(m.rpc.method)}")
-    return RouteMatch(path=path, headers=_value_matches(m.headers), method=b"POST")
+    return RouteMatch(path=path, headers=value_matches(m.headers), method=b"POST")
 
 
 def _hosts(hs: Sequence[http_route_lite.HostMatch]) -> tuple[str, ...]:
@@ -160,7 +129,7 @@ def _route(r: inbound_lite.HttpRoute | inbound_lite.GrpcRoute, server_authz: tup
         if grpc:
             matches = tuple(grpc_match_of(m) for m in wire_matches)
         else:
-            matches = tuple(http_match_of(m) for m in wire_matches)
+            matches = tuple(http_route_match(m) for m in wire_matches)
         filters = grpc_filters_of(rule.filters) if grpc else http_filters_of(rule.filters)
         rules.append(Rule(matches, value if filters.empty else
                           InboundRoute(meta, value.authorizations, filters, grpc)))
