@@ -68,8 +68,9 @@ CTX = _contexts()
 class Recorder(asyncio.Protocol):
     """Keeps what arrives; echoes it back when asked; notes flow control and the end."""
 
-    def __init__(self, echo: bool = False) -> None:
+    def __init__(self, echo: bool = False, paused: bool = False) -> None:
         self.echo = echo
+        self.start_paused = paused
         self.data = bytearray()
         self.transport: asyncio.Transport | None = None
         self.eof = False
@@ -82,6 +83,8 @@ class Recorder(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.start_paused:
+            self.transport.pause_reading()  # type: ignore[union-attr]
         self.made.set_result(None)
 
     def data_received(self, data: bytes) -> None:
@@ -130,14 +133,14 @@ class Servers(list[Recorder]):
         return self[0]
 
 
-async def _own_server(protocols: Servers, echo: bool = False,
-                      ctx: ssl.SSLContext | None = None) -> tuple[int, asyncio.Task[None], socket.socket]:
+async def _own_server(protocols: Servers, echo: bool = False, ctx: ssl.SSLContext | None = None,
+                      paused: bool = False) -> tuple[int, asyncio.Task[None], socket.socket]:
     loop = asyncio.get_running_loop()
     lsock = socket.create_server(("127.0.0.1", 0))
     lsock.setblocking(False)
 
     def factory() -> Recorder:
-        return protocols.add(Recorder(echo))
+        return protocols.add(Recorder(echo, paused))
 
     async def accept() -> None:
         while True:
@@ -408,6 +411,95 @@ def test_the_end_of_a_burst_of_handshakes_is_reported_once() -> None:
             on_handshake_burst_end(None)
         for tr, _ in burst:
             tr.close()
+        task.cancel()
+        lsock.close()
+
+    run(scenario)
+
+
+class _BioClient:
+    """A TLS client over memory BIOs: it decides what goes into each send(), so records it writes
+    one after another reach the server in one TCP segment (one read(2) with read-ahead)."""
+
+    def __init__(self, raw: socket.socket) -> None:
+        self.raw = raw
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = CTX[WEB][1].wrap_bio(self.incoming, self.outgoing, server_hostname=DB)
+
+    @classmethod
+    async def handshake(cls, port: int) -> _BioClient:
+        """Up to the client's last flight (its certificate and Finished), which stays unsent."""
+        loop = asyncio.get_running_loop()
+        raw = socket.create_connection(("127.0.0.1", port))
+        raw.setblocking(False)
+        c = cls(raw)
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                try:
+                    c.tls.do_handshake()
+                    return c
+                except ssl.SSLWantReadError:
+                    if c.outgoing.pending:
+                        await loop.sock_sendall(raw, c.outgoing.read())
+                    data = await loop.sock_recv(raw, 65536)
+                    assert data, "the server closed during the handshake"
+                    c.incoming.write(data)
+
+    async def send_records(self, *messages: bytes) -> None:
+        """One record per message, and whatever else is pending, in a single send()."""
+        for m in messages:
+            self.tls.write(m)
+        out = self.outgoing.read()
+        assert self.raw.send(out) == len(out)  # (a few KiB: the socket takes it whole)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def test_records_arriving_together_are_all_delivered() -> None:
+    # With read-ahead one read(2) takes every record the socket holds; the ones after the first are
+    # then in OpenSSL's buffer, and the socket will not say so again: the transport must read on.
+    async def scenario() -> None:
+        servers = Servers()
+        port, task, lsock = await _own_server(servers)
+        client = await _BioClient.handshake(port)
+        # The client's Finished and two records in one segment: the server's handshake reads all three.
+        await client.send_records(b"first ", b"second ")
+        server = await servers.first()
+        await server.wait_for(lambda: bytes(server.data) == b"first second ")
+        # And on an established connection.
+        await client.send_records(b"third ", b"fourth ", b"fifth")
+        await server.wait_for(lambda: bytes(server.data) == b"first second third fourth fifth")
+        client.close()
+        await asyncio.wait_for(server.lost, DEADLINE)
+        task.cancel()
+        lsock.close()
+
+    run(scenario)
+
+
+def test_resume_reading_delivers_records_openssl_already_holds() -> None:
+    # The server's protocol pauses reading as the connection is made; by then its handshake has read
+    # the two records that came with the client's Finished. Resuming must deliver them although
+    # the socket is empty and will not wake the loop.
+    async def scenario() -> None:
+        servers = Servers()
+        port, task, lsock = await _own_server(servers, paused=True)
+        client = await _BioClient.handshake(port)
+        await client.send_records(b"held ", b"by openssl")
+        server = await servers.first()
+        for _ in range(5):  # (the transport's first read, scheduled at its start, has run: paused, it read nothing)
+            await asyncio.sleep(0)
+        assert not server.data and server.transport is not None and not server.transport.is_reading()
+        server.transport.resume_reading()
+        await server.wait_for(lambda: bytes(server.data) == b"held by openssl")
+        # Paused and resumed again with nothing held: nothing more arrives, the connection still works.
+        server.transport.pause_reading()
+        server.transport.resume_reading()
+        await client.send_records(b"!")
+        await server.wait_for(lambda: bytes(server.data) == b"held by openssl!")
+        client.close()
+        await asyncio.wait_for(server.lost, DEADLINE)
         task.cancel()
         lsock.close()
 

@@ -24,7 +24,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from tether.proxy.tlssessions import SessionCache, SessionKey, resumed_peer_problem
 
@@ -32,16 +32,12 @@ __all__ = ["TlsTransport", "on_handshake_burst_end", "tls_accept", "tls_connect"
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
-_READ_CHUNK = 64 * 1024
-_FULL_RECORD = 16 * 1024  # TLS's largest plaintext record
+# (Final: compiled, a constant is inlined; a plain module global is a dict look-up at each use.)
+_FULL_RECORD: Final = 16 * 1024  # TLS's largest plaintext record, and the most one SSL_read returns
 # Bytes read per readable event before the transport lets other connections run.
-_READ_PER_EVENT = 256 * 1024
-_HIGH_WATER = 64 * 1024
-_LOW_WATER = 16 * 1024
-
-# One receive buffer for every transport: what is read is copied out before anything else runs.
-_recv_buf = bytearray(_READ_CHUNK)
-_recv_view = memoryview(_recv_buf)
+_READ_PER_EVENT: Final = 256 * 1024
+_HIGH_WATER: Final = 64 * 1024
+_LOW_WATER: Final = 16 * 1024
 
 
 _tlsctl: Any = None  # tether.proxy.tlsctl once needed (it loads ctypes: a plaintext proxy never does)
@@ -117,12 +113,12 @@ _GONE = asyncio.Protocol()  # the protocol of a transport whose connection_lost 
 class TlsTransport(asyncio.Transport):
     """One TLS connection whose handshake is done; see the module docstring."""
 
-    __slots__ = ("_after_first_read", "_closing", "_fd", "_high", "_local", "_loop", "_lost", "_low", "_paused",
-                 "_peer", "_protocol", "_queue", "_queued", "_read_wants_write", "_reading", "_retry", "_sock",
-                 "_ssl_ptr", "_sslobj", "_writing")
+    __slots__ = ("_after_first_read", "_closing", "_fd", "_has_pending", "_high", "_local", "_loop", "_lost", "_low",
+                 "_paused", "_peer", "_protocol", "_queue", "_queued", "_read_wants_write", "_reading", "_retry",
+                 "_sock", "_ssl_ptr", "_sslobj", "_writing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, protocol: asyncio.BaseProtocol,
-                 ssl_ptr: int = 0) -> None:
+                 ssl_ptr: int = 0, has_pending: Callable[[int], int] | None = None) -> None:
         super().__init__()
         self._loop = loop
         self._sock = sock
@@ -147,6 +143,9 @@ class TlsTransport(asyncio.Transport):
         self._low = _LOW_WATER
         self._paused = False
         self._ssl_ptr = ssl_ptr  # the SSL, for SSL_free_buffers (tlsctl); 0: out of reach
+        # SSL_has_pending (tlsctl) when the SSL reads ahead: whether OpenSSL holds bytes the socket
+        # will not signal again. None: no read-ahead, OpenSSL holds at most a decrypted record.
+        self._has_pending = has_pending
         # Called once, after the first read that returned data or the end, or that found the
         # session's ticket (tlsctl): by then OpenSSL has processed a TLS 1.3 session ticket the
         # server sent after its handshake (the client keeps it). Not on a read that found nothing:
@@ -173,22 +172,27 @@ class TlsTransport(asyncio.Transport):
         if self._read_wants_write or self._retry is not None:
             self._flush()
         sslobj = self._sslobj
+        held = self._has_pending
         chunks: list[bytes] = []
         total = 0
         eof = False
         error: BaseException | None = None
         try:
             while total < _READ_PER_EVENT:
-                n = sslobj.read(_READ_CHUNK, _recv_view)
+                # (One record at most: read into a new bytes, which is what is passed on, rather than
+                # into a shared buffer and copied out of it.)
+                chunk: bytes = sslobj.read(_FULL_RECORD)
+                n = len(chunk)
                 if n == 0:
                     eof = True
                     break
-                chunks.append(bytes(_recv_view[:n]))
+                chunks.append(chunk)
                 total += n
-                if n < _FULL_RECORD:
-                    # A short record usually ends what the peer sent. Without read-ahead OpenSSL holds
-                    # nothing beyond the record it returned, so anything more is still in the socket
-                    # and the loop will say so: not asking saves a read(2) that would only say EAGAIN.
+                if n < _FULL_RECORD and (held is None or not held(self._ssl_ptr)):
+                    # A short record usually ends what the peer sent. If OpenSSL holds nothing more
+                    # (read-ahead may have taken further records from the socket, which would not
+                    # signal them again), anything more is still in the socket and the loop will say
+                    # so: not asking saves a read(2) that would only say EAGAIN.
                     break
             else:
                 # Stopped by the bound: records OpenSSL already holds would not wake the loop.
@@ -236,7 +240,8 @@ class TlsTransport(asyncio.Transport):
         if not self._reading and not self._closing and not self._lost:
             self._reading = True
             self._loop.add_reader(self._fd, self._on_readable)
-            if self._sock.pending():
+            held = self._has_pending
+            if held(self._ssl_ptr) if held is not None else self._sslobj.pending():
                 self._loop.call_soon(self._on_readable)
 
     def is_reading(self) -> bool:
@@ -437,8 +442,9 @@ class TlsTransport(asyncio.Transport):
 
 
 async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeout: float | None,
-                     registered: bool = False, writer: bool = False) -> int:
-    """Run the handshake; the SSL's pointer for the transport (0: out of reach).
+                     registered: bool = False, writer: bool = False) -> tuple[int, Callable[[int], int] | None]:
+    """Run the handshake; the SSL's pointer for the transport (0: out of reach) and, if it reads
+    ahead, SSL_has_pending.
 
     The socket's reader stays registered with the loop from one wait to the next and, when the
     handshake succeeds, for the transport (which replaces its callback): with uvloop every fresh
@@ -449,6 +455,8 @@ async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeo
     """
     fd = sock.fileno()
     ssl_ptr = _ssl_pointer(sock)
+    # Read-ahead from the first record: one read(2) per record instead of two (see tlsctl.read_ahead).
+    has_pending = _tlsctl.read_ahead(ssl_ptr) if ssl_ptr else None
     reading, writing, done = registered, writer, False
     _handshake_started()
     try:
@@ -457,7 +465,7 @@ async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeo
                 try:
                     sock.do_handshake()
                     done = True
-                    return ssl_ptr
+                    return ssl_ptr, has_pending
                 except ssl.SSLWantReadError:
                     _free_buffers(ssl_ptr)  # the peer may take a while: hold no read buffer meanwhile
                     ready = loop.create_future()
@@ -523,7 +531,7 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
         raw.close()
         raise
     try:
-        ssl_ptr = await _handshake(loop, sock, handshake_timeout, registered, writer)
+        ssl_ptr, has_pending = await _handshake(loop, sock, handshake_timeout, registered, writer)
     except TimeoutError:
         sock.close()
         raise ConnectionAbortedError(
@@ -543,7 +551,7 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
         loop.remove_reader(fd)
         sock.close()
         raise
-    transport = TlsTransport(loop, sock, protocol, ssl_ptr)
+    transport = TlsTransport(loop, sock, protocol, ssl_ptr, has_pending)
     transport._after_first_read = after_first_read
     try:
         transport._start()
