@@ -21,8 +21,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # The hot path, in dependency order. Adding a module here makes the build compile it.
 NATIVE_MODULES: tuple[str, ...] = (
@@ -64,18 +67,34 @@ NATIVE_MODULES: tuple[str, ...] = (
 )
 
 PURE_ENV = "TETHER_PURE_PYTHON"
-SRC_ROOT = Path(__file__).resolve().parent.parent  # the directory holding the tether package
-STAMP = SRC_ROOT / "tether" / ".native.json"
+# The directory holding the tether package. os.path, not pathlib: pathlib brings fnmatch, ntpath,
+# urllib.parse and ipaddress (~0.4 MiB traced) into every proxy for these few paths.
+SRC_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+_STAMP_NAME = ".native.json"
 
 # How this process imported the listed modules: "compiled", or "pure: <why>".
 state = "pure: not built"
 
 
-def source_path(module: str, root: Path = SRC_ROOT) -> Path:
-    return root.joinpath(*module.split(".")).with_suffix(".py")
+def __getattr__(name: str) -> Path:
+    if name == "STAMP":  # the build's stamp file, for the build script
+        from pathlib import Path
+
+        return Path(SRC_ROOT, "tether", _STAMP_NAME)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def digest(modules: Sequence[str] = NATIVE_MODULES, root: Path = SRC_ROOT) -> str:
+def _source_file(module: str, root: str | os.PathLike[str]) -> str:
+    return os.path.join(root, *module.split(".")) + ".py"
+
+
+def source_path(module: str, root: str | os.PathLike[str] = SRC_ROOT) -> Path:
+    from pathlib import Path
+
+    return Path(_source_file(module, root))
+
+
+def digest(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str] = SRC_ROOT) -> str:
     """A digest of what the compiled modules were built from: the sources, their list, the Python.
 
     CRC-32 and length per source: this detects edits, it is not a security boundary (whoever can
@@ -83,7 +102,8 @@ def digest(modules: Sequence[str] = NATIVE_MODULES, root: Path = SRC_ROOT) -> st
     into every tether process just for this."""
     parts = [sys.version]
     for module in modules:
-        data = source_path(module, root).read_bytes()
+        with open(_source_file(module, root), "rb") as f:
+            data = f.read()
         parts.append(f"{module}:{len(data)}:{binascii.crc32(data):08x}")
     text = "\n".join(parts).encode()
     return f"{binascii.crc32(text):08x}{len(text):x}{_adler32(text):08x}"
@@ -99,18 +119,20 @@ def _adler32(data: bytes) -> int:
     return (b << 16) | a
 
 
-def write_stamp(modules: Sequence[str] = NATIVE_MODULES, root: Path = SRC_ROOT) -> None:
+def write_stamp(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str] = SRC_ROOT) -> None:
     """Record that the extensions in ``root`` were built from the sources as they are now."""
     doc = {"digest": digest(modules, root), "modules": list(modules)}
-    (root / "tether" / STAMP.name).write_text(json.dumps(doc) + "\n")
+    with open(os.path.join(root, "tether", _STAMP_NAME), "w") as f:
+        f.write(json.dumps(doc) + "\n")
 
 
-def check(modules: Sequence[str] = NATIVE_MODULES, root: Path = SRC_ROOT) -> str:
+def check(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str] = SRC_ROOT) -> str:
     """``compiled`` when the built extensions match the sources, else ``pure: <why>``."""
     if os.environ.get(PURE_ENV, "") not in ("", "0"):
         return f"pure: {PURE_ENV} is set"
     try:
-        doc = json.loads((root / "tether" / STAMP.name).read_text())
+        with open(os.path.join(root, "tether", _STAMP_NAME)) as f:
+            doc = json.loads(f.read())
     except (OSError, ValueError):
         return "pure: not built (run scripts/build-native)"
     if not isinstance(doc, dict) or doc.get("modules") != list(modules):

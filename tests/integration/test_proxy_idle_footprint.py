@@ -37,6 +37,10 @@ _NEVER = ("hashlib", "_hashlib", "secrets", "tempfile", "shutil", "bz2", "lzma",
           # the control plane's gRPC client and the HTTP/2 codec: no --policy-addrs, no HTTP/2 served
           "tether.proxy.inbound.policy_watch", "tether.proxy.grpc_client", "tether.proxy.http.h2client",
           "tether.proxy.http.h2server", "tether.proxy.http.h2conn", "tether.core.http.h2proto")
+# Not loaded to serve a plain request: pathlib (with fnmatch and ntpath; tether's own paths use
+# os.path) and urllib.parse (with ipaddress before it; only a route matching query parameters and a
+# percent-encoded grpc-message need it). ~0.3 MiB of every proxy (docs/notes/issue-16-idlemem3.md).
+_NOT_FOR_A_REQUEST = ("pathlib", "fnmatch", "ntpath", "urllib.parse")
 _EXTENSIONS = ("_hashlib", "_bz2", "_lzma")  # C extensions among them: visible in the memory map
 
 
@@ -70,6 +74,7 @@ def test_a_plain_proxy_that_served_a_request_loads_no_feature_it_was_not_asked_f
     modules, maps = _run_proxy(tmp_path, ["--destinations-file", str(dst)], ("web.local", "/"))
     assert "yaml" in modules  # the destinations file is YAML: loaded because it was asked for
     assert sorted(m for m in modules if m in _NEVER or m.startswith("importlib.resources.")) == []
+    assert sorted(m for m in modules if m in _NOT_FOR_A_REQUEST) == []
     assert [e for e in _EXTENSIONS if f"/{e}." in maps] == []
 
 

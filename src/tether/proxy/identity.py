@@ -28,7 +28,6 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tether.api.gen import identity_lite
@@ -112,6 +111,11 @@ def _file_signature(path: str) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _write_private(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -139,9 +143,9 @@ def _load_cert_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: keygen.KeyMater
     import tempfile  # here: it pulls in shutil, bz2 and lzma (~0.5 MiB) that memfd platforms never use
 
     with tempfile.TemporaryDirectory(prefix="tether-identity-") as d:
-        p = Path(d) / "chain.pem"
-        _write_private(str(p), chain_pem + key.key_pem_encrypted)
-        ctx.load_cert_chain(str(p), password=key.password)
+        p = os.path.join(d, "chain.pem")
+        _write_private(p, chain_pem + key.key_pem_encrypted)
+        ctx.load_cert_chain(p, password=key.password)
 
 
 # TLS 1.3 suites, most preferred first: all three of OpenSSL's defaults stay accepted (a peer that
@@ -260,7 +264,7 @@ class IdentityClient:
     def _read_bundle(self) -> TrustAnchors:
         path = self.config.trust_anchors_path
         try:
-            data = Path(path).read_bytes()
+            data = _read_file(path)
         except OSError as e:
             raise CertificateError(f"cannot read the trust anchors {path}: {e.strerror}") from None
         return TrustAnchors.from_pem(data, path)
@@ -415,7 +419,7 @@ class IdentityClient:
 
     def _read_token(self) -> bytes:
         try:
-            return Path(self.config.token_path).read_bytes().strip()
+            return _read_file(self.config.token_path).strip()
         except OSError as e:
             path = self.config.token_path
             raise CertifyFailed(f"cannot read the identity token {path}: {e.strerror}") from None
