@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -201,5 +203,70 @@ def test_two_proxies_choose_aes_128_gcm_and_a_peer_with_another_suite_is_still_s
             task.cancel()
             lsock.close()
         assert [who for who, _ in mesh.seen + Echo.seen] == [WEB] * 3
+
+    run(scenario)
+
+
+def test_clients_that_never_speak_are_each_handed_on_as_plaintext_at_their_own_detection_deadline(
+        tmp_path: Path) -> None:
+    """The listener's one sweep timer: a silent client is served as plaintext once the detection
+    timeout has passed since it connected (not before), whether it came alone, while another silent
+    one waited, or after the sweep had found nothing left; mesh clients meanwhile are terminated."""
+    web, db, _ = identities(tmp_path)
+    timeout = 0.3
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        seen: list[tuple[str | None, bool]] = []
+        # The client's port -> when its socket reached the protocol as plaintext.
+        handed: dict[int, asyncio.Future[float]] = {}
+
+        class Recorder(Echo):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                if transport.get_extra_info("ssl_object") is None:
+                    port = transport.get_extra_info("peername")[1]
+                    handed.setdefault(port, loop.create_future()).set_result(time.monotonic())
+
+        def factory() -> Recorder:
+            p = Recorder()
+            p.seen = seen
+            return p
+
+        cfg = dataclasses.replace(DETECT, detect_timeout=timeout)
+        listener = MeshTlsListener(cfg, DEADLINE, db, ("127.0.0.1", 0), factory)
+        port = listener.start()[1]
+        mesh = Mesh(web, db)
+        mesh.listener.close()
+        mesh.listener, mesh.port = listener, port
+
+        async def silent() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, float]:
+            started = time.monotonic()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            return reader, writer, writer.get_extra_info("sockname")[1], started
+
+        async def handed_on(client: tuple[asyncio.StreamReader, asyncio.StreamWriter, int, float]) -> None:
+            reader, writer, local_port, started = client
+            at = await asyncio.wait_for(handed.setdefault(local_port, loop.create_future()), DEADLINE)
+            assert at - started >= timeout - 0.002
+            # The late speaker is served as plaintext.
+            writer.write(b"late")
+            assert await reader.readexactly(4) == b"late"
+            writer.close()
+
+        try:
+            alone = await silent()
+            await handed_on(alone)
+            first = await silent()
+            assert not await mesh.round_trip()  # a mesh client meanwhile: terminated, not waiting
+            second = await silent()
+            assert await mesh.round_trip()
+            await handed_on(first)
+            await handed_on(second)
+            after = await silent()  # the sweep had nothing left: a new one arms it again
+            await handed_on(after)
+            assert [identity for identity, _ in seen if identity is not None] == [WEB, WEB]
+        finally:
+            listener.close()
 
     run(scenario)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import ssl
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -91,6 +92,33 @@ def _load() -> Any:
 _lib = _load()
 
 
+def _load_fast(lib: Any) -> Any:
+    """The same library through a PyDLL, for the calls made per connection or per read: a CDLL
+    function releases the GIL and takes it back around every call (~500 of the ~2,100 instructions
+    of a call, callgrind); these return at once and never block."""
+    if lib is None:
+        return None
+    fast = ctypes.PyDLL(lib._name)
+    vp, int_ = ctypes.c_void_p, ctypes.c_int
+    for name, restype, argtypes in (
+            ("SSL_get_SSL_CTX", vp, [vp]),
+            ("SSL_set_read_ahead", None, [vp, int_]),
+            ("SSL_has_pending", int_, [vp]),
+            ("SSL_free_buffers", int_, [vp]),
+            ("SSL_get_session", vp, [vp]),
+            ("SSL_SESSION_has_ticket", int_, [vp]),
+            ("SSL_set_session", int_, [vp, vp]),
+            ("SSL_SESSION_get_time", ctypes.c_long, [vp]),
+            ("SSL_SESSION_get_timeout", ctypes.c_long, [vp]),
+            ("SSL_SESSION_get_protocol_version", int_, [vp])):
+        fn = getattr(fast, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return fast
+
+
+_fast = _load_fast(_lib)
+
+
 def available() -> bool:
     """True if this interpreter and OpenSSL are the ones whose layouts this module knows."""
     return _lib is not None
@@ -102,13 +130,23 @@ def _field(obj: object, index: int = 0) -> int | None:
     return value or None
 
 
+# id(context) -> (a weak reference to it, its SSL_CTX): checked once per context, as a context's
+# SSL_CTX is fixed for its life (reading ``ctx.options`` builds an enum member: ~5k instructions).
+_ctx_ptrs: dict[int, tuple[weakref.ref[ssl.SSLContext], int]] = {}
+
+
 def _ssl_ctx(ctx: ssl.SSLContext) -> int | None:
     """The SSL_CTX of ``ctx`` (PySSLContext: the first field), checked against its options."""
+    known = _ctx_ptrs.get(id(ctx))
+    if known is not None and known[0]() is ctx:
+        return known[1]
     if _lib is None or not isinstance(ctx, ssl.SSLContext):
         return None
     ptr = _field(ctx)
     if ptr is None or _lib.SSL_CTX_get_options(ptr) != int(ctx.options):
         return None
+    key = id(ctx)
+    _ctx_ptrs[key] = (weakref.ref(ctx, lambda _: _ctx_ptrs.pop(key, None)), ptr)
     return ptr
 
 
@@ -154,12 +192,13 @@ def offer_session(sock: ssl.SSLSocket, session: ssl.SSLSession) -> bool:
     sess_ptr = _field(session)  # PySSLSession: the SSL_SESSION, then the context that made it
     if _field(session, 1) != id(sock.context):
         return False  # another context's session: the ssl module refuses it, and so do we
-    if ssl_ptr is None or sess_ptr is None or _lib.SSL_get_SSL_CTX(ssl_ptr) != ctx_ptr:
+    if ssl_ptr is None or sess_ptr is None or _fast.SSL_get_SSL_CTX(ssl_ptr) != ctx_ptr:
         return False
-    if (_lib.SSL_SESSION_get_time(sess_ptr) != session.time or _lib.SSL_SESSION_get_timeout(sess_ptr) != session.timeout
-            or _lib.SSL_SESSION_get_protocol_version(sess_ptr) != 0x0304):
+    fast = _fast
+    if (fast.SSL_SESSION_get_time(sess_ptr) != session.time or fast.SSL_SESSION_get_timeout(sess_ptr) != session.timeout
+            or fast.SSL_SESSION_get_protocol_version(sess_ptr) != 0x0304):
         return False
-    return bool(_lib.SSL_set_session(ssl_ptr, sess_ptr) == 1)
+    return bool(_fast.SSL_set_session(ssl_ptr, sess_ptr) == 1)
 
 
 def ssl_pointer(sock: ssl.SSLSocket) -> int | None:
@@ -172,7 +211,7 @@ def ssl_pointer(sock: ssl.SSLSocket) -> int | None:
     if sslobj is None or ctx_ptr is None:
         return None
     ssl_ptr = _field(sslobj, 1)  # PySSLSocket: a weak reference to the socket, then the SSL
-    if ssl_ptr is None or _lib.SSL_get_SSL_CTX(ssl_ptr) != ctx_ptr:
+    if ssl_ptr is None or _fast.SSL_get_SSL_CTX(ssl_ptr) != ctx_ptr:
         return None
     return ssl_ptr
 
@@ -194,7 +233,7 @@ def free_buffers(ssl_ptr: int) -> bool:
     (then nothing changes)."""
     if not _FREE_BUFFERS or _lib is None:
         return False
-    return bool(_lib.SSL_free_buffers(ssl_ptr) == 1)
+    return bool(_fast.SSL_free_buffers(ssl_ptr) == 1)
 
 
 def has_ticket(ssl_ptr: int) -> bool:
@@ -202,11 +241,8 @@ def has_ticket(ssl_ptr: int) -> bool:
     the server's NewSessionTicket), without the copy that reading ``SSLSocket.session`` makes."""
     if _lib is None:
         return False
-    sess = _lib.SSL_get_session(ssl_ptr)
-    return bool(sess) and _lib.SSL_SESSION_has_ticket(sess) == 1
-
-
-_has_pending: Any = None
+    sess = _fast.SSL_get_session(ssl_ptr)
+    return bool(sess) and _fast.SSL_SESSION_has_ticket(sess) == 1
 
 
 def read_ahead(ssl_ptr: int) -> Callable[[int], int] | None:
@@ -217,18 +253,13 @@ def read_ahead(ssl_ptr: int) -> Callable[[int], int] | None:
     body); with it, in one that takes whatever the socket holds, up to its read buffer. So the
     buffer may keep further records, or the start of one, that the socket will not signal again:
     SSL_has_pending (1 if it holds any byte, decrypted or not) says when to read on without waiting.
+    (Both through the PyDLL: see ``_load_fast``.)
     """
-    global _has_pending
-    if _lib is None:
+    if _fast is None:
         return None
-    if _has_pending is None:
-        # Through a PyDLL: the call keeps the GIL (a CDLL function releases and takes it back
-        # around every call: ~500 of the ~2,100 instructions of a call, callgrind).
-        fn = ctypes.PyDLL(_lib._name).SSL_has_pending
-        fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p]
-        _has_pending = fn
-    _lib.SSL_set_read_ahead(ssl_ptr, 1)
-    return _has_pending
+    _fast.SSL_set_read_ahead(ssl_ptr, 1)
+    has_pending: Callable[[int], int] = _fast.SSL_has_pending
+    return has_pending
 
 
 def release_buffers(sock: ssl.SSLSocket) -> bool:

@@ -458,12 +458,19 @@ async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeo
     # Read-ahead from the first record: one read(2) per record instead of two (see tlsctl.read_ahead).
     has_pending = _tlsctl.read_ahead(ssl_ptr) if ssl_ptr else None
     reading, writing, done = registered, writer, False
+    # The C object's handshake step, not SSLSocket.do_handshake: that Python method checks the
+    # connection and sets the socket's timeout again after every step (an ioctl each time, on a
+    # socket that is non-blocking already), and adds its frame to each SSLWantReadError.
+    step: Callable[[], None] = sock.do_handshake
+    sslobj: Any = getattr(sock, "_sslobj", None)
+    if sslobj is not None:
+        step = sslobj.do_handshake
     _handshake_started()
     try:
         async with asyncio.timeout(timeout):
             while True:
                 try:
-                    sock.do_handshake()
+                    step()
                     done = True
                     return ssl_ptr, has_pending
                 except ssl.SSLWantReadError:
@@ -563,19 +570,22 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
 
 async def tls_accept(protocol_factory: Callable[[], P], sock: socket.socket,
                      ctx: ssl.SSLContext, handshake_timeout: float | None,
-                     tickets: int | None = None, registered: bool = False) -> tuple[TlsTransport, P]:
+                     tickets: int | None = None, registered: bool = False,
+                     prepared: bool = False) -> tuple[TlsTransport, P]:
     """Terminate TLS on an accepted socket (its handshake, then the protocol); it owns ``sock`` from here.
 
     ``tickets``: TLS 1.3 session tickets to issue on this connection (default: the context's count).
     ``registered``: the socket's reader is registered with the loop (any callback): it is taken over.
-    A resumed session's peer is checked as a full handshake would (see tlssessions).
+    ``prepared``: the caller made the socket non-blocking and set TCP_NODELAY (two system calls
+    not made again). A resumed session's peer is checked as a full handshake would (see tlssessions).
     """
     loop = asyncio.get_running_loop()
-    sock.setblocking(False)
-    # OpenSSL sends each record with its own send(): without this the last, short one of a write
-    # waits for the peer's delayed ACK (40 ms) under Nagle's algorithm.
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not prepared:
+        sock.setblocking(False)
+        # OpenSSL sends each record with its own send(): without this the last, short one of a write
+        # waits for the peer's delayed ACK (40 ms) under Nagle's algorithm.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return await _wrap(loop, sock, ctx, True, None, protocol_factory, handshake_timeout, tickets=tickets,
                        registered=registered)
 
