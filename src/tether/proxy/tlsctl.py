@@ -47,6 +47,28 @@ _SSL_SESS_CACHE_SERVER = 0x0002
 _OBJECT_HEAD = object.__basicsize__  # PyObject_HEAD: the first field of each object follows it
 
 
+_vp, _u64, _long, _int, _uint = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_long, ctypes.c_int, ctypes.c_uint
+# libssl's functions used here: name, result and argument types, and whether it is called per
+# connection or per read (those also go through the PyDLL below).
+_FUNCTIONS: tuple[tuple[str, Any, list[Any], bool], ...] = (
+    ("SSL_CTX_get_options", _u64, [_vp], False),
+    ("SSL_CTX_set_session_id_context", _int, [_vp, ctypes.c_char_p, _uint], False),
+    ("SSL_CTX_ctrl", _long, [_vp, _int, _long, _vp], False),
+    ("SSL_CTX_set_timeout", _long, [_vp, _long], False),
+    ("SSL_get_SSL_CTX", _vp, [_vp], True),
+    ("SSL_set_session", _int, [_vp, _vp], True),
+    ("SSL_SESSION_get_time", _long, [_vp], True),
+    ("SSL_SESSION_get_timeout", _long, [_vp], True),
+    ("SSL_SESSION_get_protocol_version", _int, [_vp], True),
+    ("SSL_free_buffers", _int, [_vp], True),
+    ("SSL_get_session", _vp, [_vp], True),
+    ("SSL_SESSION_has_ticket", _int, [_vp], True),
+    ("SSL_set_read_ahead", None, [_vp, _int], True),
+    ("SSL_has_pending", _int, [_vp], True),
+    ("SSL_CTX_set_ciphersuites", _int, [_vp, ctypes.c_char_p], False),
+)
+
+
 def _load() -> Any:
     if sys.implementation.name != "cpython" or sys.version_info[:2] != (3, 11) or ssl.OPENSSL_VERSION_INFO[0] != 3:
         return None
@@ -65,23 +87,7 @@ def _load() -> Any:
         lib = ctypes.CDLL(path)
     except OSError:
         return None
-    vp, u64, long_, int_, uint = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_long, ctypes.c_int, ctypes.c_uint
-    for name, restype, argtypes in (
-            ("SSL_CTX_get_options", u64, [vp]),
-            ("SSL_CTX_set_session_id_context", int_, [vp, ctypes.c_char_p, uint]),
-            ("SSL_CTX_ctrl", long_, [vp, int_, long_, vp]),
-            ("SSL_CTX_set_timeout", long_, [vp, long_]),
-            ("SSL_get_SSL_CTX", vp, [vp]),
-            ("SSL_set_session", int_, [vp, vp]),
-            ("SSL_SESSION_get_time", long_, [vp]),
-            ("SSL_SESSION_get_timeout", long_, [vp]),
-            ("SSL_SESSION_get_protocol_version", int_, [vp]),
-            ("SSL_free_buffers", int_, [vp]),
-            ("SSL_get_session", vp, [vp]),
-            ("SSL_SESSION_has_ticket", int_, [vp]),
-            ("SSL_set_read_ahead", None, [vp, int_]),
-            ("SSL_has_pending", int_, [vp]),
-            ("SSL_CTX_set_ciphersuites", int_, [vp, ctypes.c_char_p])):
+    for name, restype, argtypes, _ in _FUNCTIONS:
         fn = getattr(lib, name, None)
         if fn is None:
             return None
@@ -99,18 +105,9 @@ def _load_fast(lib: Any) -> Any:
     if lib is None:
         return None
     fast = ctypes.PyDLL(lib._name)
-    vp, int_ = ctypes.c_void_p, ctypes.c_int
-    for name, restype, argtypes in (
-            ("SSL_get_SSL_CTX", vp, [vp]),
-            ("SSL_set_read_ahead", None, [vp, int_]),
-            ("SSL_has_pending", int_, [vp]),
-            ("SSL_free_buffers", int_, [vp]),
-            ("SSL_get_session", vp, [vp]),
-            ("SSL_SESSION_has_ticket", int_, [vp]),
-            ("SSL_set_session", int_, [vp, vp]),
-            ("SSL_SESSION_get_time", ctypes.c_long, [vp]),
-            ("SSL_SESSION_get_timeout", ctypes.c_long, [vp]),
-            ("SSL_SESSION_get_protocol_version", int_, [vp])):
+    for name, restype, argtypes, per_connection in _FUNCTIONS:
+        if not per_connection:
+            continue
         fn = getattr(fast, name)
         fn.restype, fn.argtypes = restype, argtypes
     return fast
