@@ -144,6 +144,10 @@ def test_up_run_services_by_name_over_mtls_and_down_leaves_nothing(mesh: Mesh) -
     wait_for(lambda: mesh.status()["services"], 5, what="the Service's virtual IP")
     vip = mesh.status()["services"][0]["clusterIP"]
     assert ipaddress.ip_address(vip) in ipaddress.ip_network(mesh.service_cidr)
+    # The names reach the pods' hosts files once every destination replica serves the Service (at
+    # most 10 s after the supervisor saw it): the virtual IP is in the status before that.
+    wait_for(lambda: mesh.exec("client-0", "getent", "hosts", "web", check=False).returncode == 0, 15,
+             what="the Service's name in the client pod's hosts file")
     for name in ("web", "web.default", "web.default.svc.cluster.local"):
         r = mesh.exec("client-0", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{remote_ip}",
                       f"http://{name}/", check=False)
