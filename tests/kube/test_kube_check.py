@@ -214,10 +214,18 @@ def test_injector_down_fails_linkerd_existence(kube_cluster: KubeCluster, instal
     kube_cluster.kubectl("scale", "-n", install.cp, "deployment/linkerd-proxy-injector", "--replicas=0")
     wait_until(lambda: not component_pods(kube_cluster, install.cp, "proxy-injector"), timeout=60,
                what="the injector's pods gone")
-    r = run_check(kube_cluster, "-L", install.cp)
+    # The replica set's status reaches 0 available a moment after its pods are gone (the
+    # controller-manager's next sync); until then the check reports the stale count as it reads it.
+    down = "linkerd-proxy-injector: 0 of 0 replicas available"
+
+    def checked() -> subprocess.CompletedProcess[str] | None:
+        out = run_check(kube_cluster, "-L", install.cp)
+        return out if down in out.stdout else None
+
+    r = wait_until(checked, timeout=60, what="check to read the injector's replica set at 0 of 0")
     assert r.returncode == 1
     lines = category(r.stdout, "linkerd-existence")
-    assert "\u00d7 control plane replica sets are ready\n    linkerd-proxy-injector: 0 of 0 replicas available" in lines
+    assert f"\u00d7 control plane replica sets are ready\n    {down}" in lines
     assert "no running pod of the proxy-injector component is ready" in r.stdout
     assert r.stdout.rstrip().endswith("Status check results are \u00d7")  # fatal: the run stops there
 
