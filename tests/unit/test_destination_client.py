@@ -184,6 +184,27 @@ def test_no_replica_answering_falls_back_after_the_resolve_timeout() -> None:
     run(main)
 
 
+def test_a_first_answer_after_the_resolve_timeout_makes_routers_decide_again() -> None:
+    # A loaded replica answers after the resolve timeout: the request that waited was forwarded as
+    # addressed; when the answer says the destination exists, routers must mesh it from then on.
+    async def main() -> None:
+        r = await Replica().start()
+        dd = DestinationDiscovery(DestinationSettings((f"127.0.0.1:{r.port}",), "{}", resolve_timeout=0.2))
+        try:
+            assert await dd.resolve("web.ns.svc.cluster.local:80") is None
+            gen = dd.generation()
+            await until(lambda: bool(r.streams), "stream opened", steps=1_000_000)
+            r.streams[0].put_nowait(d.Update(add=d.WeightedAddrSet(addrs=[weighted("10.0.0.7", 80)])))
+            await until(lambda: dd.generation() != gen, "generation bumped", steps=1_000_000)
+            res = await dd.resolve("web.ns.svc.cluster.local:80")
+            assert res is not None and res.endpoints.state.addrs == {("10.0.0.7", 80)}
+        finally:
+            await dd.aclose()
+            await r.stop()
+
+    run(main)
+
+
 def test_settings_need_an_address() -> None:
     with pytest.raises(ValueError):
         DestinationDiscovery(DestinationSettings((), "{}"))

@@ -150,6 +150,9 @@ class _Watch:
         self.authority = authority
         self.endpoints = endpoint_watch(EndpointSet())
         self.exists: bool | None = None  # unknown until the first answer
+        # A request was forwarded as addressed before any answer came (the resolve timeout): when
+        # the first answer says the destination exists, routers must decide again.
+        self.forwarded_unanswered = False
         self.first = asyncio.Event()
         self.stale = False
         self.task: asyncio.Task[None] | None = None
@@ -183,6 +186,8 @@ class DestinationDiscovery:
                 async with asyncio.timeout(self.settings.resolve_timeout):
                     await w.first.wait()
         if not w.exists:
+            if w.exists is None:
+                w.forwarded_unanswered = True
             return None  # unknown (or no answer yet): forward to the address the request named
         return Resolution(key, w.endpoints)
 
@@ -401,8 +406,8 @@ class DestinationDiscovery:
         return got_any
 
     def _answer(self, w: _Watch, exists: bool, endpoints: EndpointSet) -> None:
-        if w.exists is not None and w.exists != exists:
-            self.changes.value += 1  # appeared or disappeared: routers decide again
+        if w.exists != exists and (w.exists is not None or w.forwarded_unanswered):
+            self.changes.value += 1  # appeared or disappeared (or came after a fallback): routers decide again
         w.exists = exists
         w.stale = False
         if endpoints != w.endpoints.state:
