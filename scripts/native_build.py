@@ -48,6 +48,7 @@ def compile_into(out: Path) -> None:
         (work / "setup.py").write_text(
             "from setuptools import setup\n"
             "from mypyc.build import mypycify\n"
+            "from setuptools import Extension\n"
             f"exts = mypycify({sources!r}, opt_level='3', group_name={GROUP!r}, debug_level='0')\n"
             # Each module's shim (a few hundred bytes calling into the group library) is linked as one
             # read-execute and one read-write segment: with the linker's default separate-code layout
@@ -55,6 +56,9 @@ def compile_into(out: Path) -> None:
             f"for e in exts:\n"
             f"    if not e.name.startswith({GROUP + '__mypyc'!r}):\n"
             f"        e.extra_link_args = [*e.extra_link_args, {SHIM_LINK_ARGS!r}]\n"
+            # The hand-written C extensions (native.C_EXTENSIONS), compiled beside them.
+            f"exts += [Extension(m, [s], extra_compile_args=['-O2', '-Wall']) "
+            f"for m, s in {sorted(native.C_EXTENSIONS.items())!r}]\n"
             "setup(name='tether-native', ext_modules=exts)\n"
         )
         cmd = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]

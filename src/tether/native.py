@@ -66,6 +66,13 @@ NATIVE_MODULES: tuple[str, ...] = (
     "tether.core.routing.profile",
 )
 
+# Hand-written C extensions built beside them (module: source under src/). They have no Python
+# source to fall back on: their users import them only when :data:`state` is ``compiled`` (the
+# digest covers their sources too) and keep a portable path otherwise.
+C_EXTENSIONS: dict[str, str] = {
+    "tether.proxy._tlsio": "tether/proxy/_tlsio.c",
+}
+
 PURE_ENV = "TETHER_PURE_PYTHON"
 # The directory holding the tether package. os.path, not pathlib: pathlib brings fnmatch, ntpath,
 # urllib.parse and ipaddress (~0.4 MiB traced) into every proxy for these few paths.
@@ -103,6 +110,10 @@ def digest(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str]
     parts = [sys.version]
     for module in modules:
         with open(_source_file(module, root), "rb") as f:
+            data = f.read()
+        parts.append(f"{module}:{len(data)}:{binascii.crc32(data):08x}")
+    for module, rel in C_EXTENSIONS.items():
+        with open(os.path.join(root, rel), "rb") as f:
             data = f.read()
         parts.append(f"{module}:{len(data)}:{binascii.crc32(data):08x}")
     text = "\n".join(parts).encode()

@@ -157,6 +157,20 @@ def run(coro: Callable[[], object]) -> None:
     uvloop.run(coro())  # type: ignore[arg-type]
 
 
+@pytest.fixture(autouse=True, params=["c-helper", "ssl-module"])
+def record_io(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both of the transport's record paths: the C helper (tether.proxy._tlsio,
+    built by scripts/build-native like the compiled modules) and the ssl module's methods."""
+    if request.param == "ssl-module":
+        monkeypatch.setattr(tlsctl, "_io", None)
+    else:
+        from tether import native
+
+        assert native.state == "compiled", f"the C helper is built with the compiled modules: {native.state}"
+        assert tlsctl.record_io() is not None
+    return str(request.param)
+
+
 def test_mutual_tls_round_trip_with_alpn_and_the_peers_identity() -> None:
     async def scenario() -> None:
         servers = Servers()
@@ -500,6 +514,30 @@ def test_resume_reading_delivers_records_openssl_already_holds() -> None:
         await server.wait_for(lambda: bytes(server.data) == b"held by openssl!")
         client.close()
         await asyncio.wait_for(server.lost, DEADLINE)
+        task.cancel()
+        lsock.close()
+
+    run(scenario)
+
+
+def test_a_corrupted_record_ends_the_connection_with_a_tls_error() -> None:
+    # A record whose authentication tag does not verify (a byte flipped on the wire) after a good
+    # one: the good one is delivered, then the connection ends with OpenSSL's error, not as an EOF.
+    async def scenario() -> None:
+        servers = Servers()
+        port, task, lsock = await _own_server(servers)
+        client = await _BioClient.handshake(port)
+        await client.send_records(b"good")
+        server = await servers.first()
+        await server.wait_for(lambda: bytes(server.data) == b"good")
+        client.tls.write(b"tampered")
+        record = bytearray(client.outgoing.read())
+        record[-1] ^= 0x01
+        assert client.raw.send(bytes(record)) == len(record)
+        err = await asyncio.wait_for(server.lost, DEADLINE)
+        assert isinstance(err, ssl.SSLError) and "bad record mac" in str(err).lower(), err
+        assert bytes(server.data) == b"good" and not server.eof
+        client.close()
         task.cancel()
         lsock.close()
 

@@ -17,6 +17,9 @@ every public key; callgrind):
 One serves the transport's reads: :func:`read_ahead` has OpenSSL read a record in one read(2)
 instead of two, and gives the transport SSL_has_pending to ask what its buffer still holds.
 
+One more gives the transport its record I/O (:func:`record_io`): the C helper ``_tlsio`` bound to
+this libssl's SSL_read_ex, SSL_write_ex and SSL_has_pending.
+
 And one serves memory: :func:`release_buffers` frees a connection's record buffers when they hold
 nothing (``SSL_free_buffers``). With SSL_MODE_RELEASE_BUFFERS (the ssl module sets it) OpenSSL frees
 its 16 KiB read buffer after returning application data, but keeps it after a read that found only
@@ -39,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["available", "free_buffers", "has_ticket", "keep_server_sessions", "offer_session", "prefer_suites",
-           "read_ahead", "release_buffers", "ssl_pointer"]
+           "read_ahead", "record_io", "release_buffers", "ssl_pointer"]
 
 _SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
@@ -67,6 +70,10 @@ _FUNCTIONS: tuple[tuple[str, Any, list[Any], bool], ...] = (
     ("SSL_has_pending", _int, [_vp], True),
     ("SSL_CTX_set_ciphersuites", _int, [_vp, ctypes.c_char_p], False),
 )
+# Handed to the C helper by address (record_io), never called through ctypes. ERR_* are libcrypto's,
+# found through libssl's dependencies.
+_IO_FUNCTIONS = ("SSL_read_ex", "SSL_write_ex", "SSL_get_error", "SSL_has_pending", "ERR_get_error",
+                 "ERR_clear_error", "ERR_error_string_n")
 
 
 def _load() -> Any:
@@ -257,6 +264,38 @@ def read_ahead(ssl_ptr: int) -> Callable[[int], int] | None:
     _fast.SSL_set_read_ahead(ssl_ptr, 1)
     has_pending: Callable[[int], int] = _fast.SSL_has_pending
     return has_pending
+
+
+_io: Any = False  # the bound C helper, None where it cannot be used; False: not looked at yet
+
+
+def record_io() -> Any:
+    """``tether.proxy._tlsio`` bound to this libssl (read, write and has_pending on an SSL from
+    :func:`ssl_pointer`), or None: not built, built from other sources (``tether.native``), or no
+    libssl this module knows. Callers keep the ssl module's methods then."""
+    global _io
+    if _io is not False:
+        return _io
+    _io = None
+    if _lib is None:
+        return None
+    from tether import native
+
+    if native.state != "compiled":
+        return None  # a stale or absent build: the portable path
+    try:
+        from tether.proxy import _tlsio  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        addresses = [ctypes.cast(getattr(_lib, name), ctypes.c_void_p).value for name in _IO_FUNCTIONS]
+    except AttributeError:
+        return None
+    if not all(addresses):
+        return None
+    _tlsio.bind(*addresses)
+    _io = _tlsio
+    return _io
 
 
 def release_buffers(sock: ssl.SSLSocket) -> bool:

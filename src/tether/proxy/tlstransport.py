@@ -40,6 +40,19 @@ _HIGH_WATER: Final = 64 * 1024
 _LOW_WATER: Final = 16 * 1024
 
 
+# What _tlsio.read says besides plain bytes (see _tlsio.c).
+_ST_MORE: Final = 1
+_ST_WANT_WRITE: Final = 2
+_ST_EOF: Final = 3
+_ST_ERROR: Final = 4
+
+
+def _io_error(detail: tuple[int, str]) -> BaseException:
+    """The exception for a failure _tlsio reported as (errno, message): errno 0 is OpenSSL's."""
+    code, message = detail
+    return OSError(code, message) if code else ssl.SSLError(1, message)
+
+
 _tlsctl: Any = None  # tether.proxy.tlsctl once needed (it loads ctypes: a plaintext proxy never does)
 
 
@@ -113,9 +126,9 @@ _GONE = asyncio.Protocol()  # the protocol of a transport whose connection_lost 
 class TlsTransport(asyncio.Transport):
     """One TLS connection whose handshake is done; see the module docstring."""
 
-    __slots__ = ("_after_first_read", "_closing", "_fd", "_has_pending", "_high", "_local", "_loop", "_lost", "_low",
-                 "_paused", "_peer", "_protocol", "_queue", "_queued", "_read_wants_write", "_reading", "_retry",
-                 "_sock", "_ssl_ptr", "_sslobj", "_writing")
+    __slots__ = ("_after_first_read", "_closing", "_fd", "_has_pending", "_high", "_io", "_local", "_loop", "_lost",
+                 "_low", "_paused", "_peer", "_protocol", "_queue", "_queued", "_read_wants_write", "_reading",
+                 "_retry", "_sock", "_ssl_ptr", "_sslobj", "_writing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, protocol: asyncio.BaseProtocol,
                  ssl_ptr: int = 0, has_pending: Callable[[int], int] | None = None) -> None:
@@ -146,6 +159,8 @@ class TlsTransport(asyncio.Transport):
         # SSL_has_pending (tlsctl) when the SSL reads ahead: whether OpenSSL holds bytes the socket
         # will not signal again. None: no read-ahead, OpenSSL holds at most a decrypted record.
         self._has_pending = has_pending
+        # The C helper's record I/O on that SSL (tlsctl.record_io), or None: the ssl module's methods.
+        self._io: Any = _tlsctl.record_io() if ssl_ptr and has_pending is not None else None
         # Called once, after the first read that returned data or the end, or that found the
         # session's ticket (tlsctl): by then OpenSSL has processed a TLS 1.3 session ticket the
         # server sent after its handshake (the client keeps it). Not on a read that found nothing:
@@ -171,6 +186,34 @@ class TlsTransport(asyncio.Transport):
             return
         if self._read_wants_write or self._retry is not None:
             self._flush()
+        io = self._io
+        if io is None:
+            self._read_portable()
+            return
+        # Every record the socket offers, up to the bound, in one call (see _tlsio.c).
+        got = io.read(self._ssl_ptr, _READ_PER_EVENT)
+        if type(got) is bytes:  # stopped because the socket has nothing more
+            if self._after_first_read is not None and (got or _tlsctl.has_ticket(self._ssl_ptr)):
+                self._first_read_done()
+            if got:
+                self._protocol.data_received(got)
+            else:
+                _free_buffers(self._ssl_ptr)  # only post-handshake messages, or nothing: see _free_buffers
+            return
+        data, status, detail = got
+        eof = status == _ST_EOF
+        error: BaseException | None = None
+        if status == _ST_MORE:
+            self._loop.call_soon(self._on_readable)  # records OpenSSL holds would not wake the loop
+        elif status == _ST_WANT_WRITE:
+            self._read_wants_write = True
+            self._want_writable()
+        elif status == _ST_ERROR:
+            error = _io_error(detail)
+        self._after_read(data, eof, error)
+
+    def _read_portable(self) -> None:
+        """The ssl module's read, where the C helper is not available."""
         sslobj = self._sslobj
         held = self._has_pending
         chunks: list[bytes] = []
@@ -207,18 +250,15 @@ class TlsTransport(asyncio.Transport):
             eof = True  # close_notify, or a peer that closed its socket without one
         except (OSError, ssl.SSLError) as e:
             error = e
-        if chunks or eof or (self._after_first_read is not None and self._ssl_ptr
-                             and _tlsctl.has_ticket(self._ssl_ptr)):
-            hook = self._after_first_read
-            if hook is not None:
-                self._after_first_read = None
-                try:
-                    hook(self._sock)
-                except Exception as e:  # a cache's bookkeeping never costs the connection
-                    self._loop.call_exception_handler({"message": "TLS after-first-read hook failed",
-                                                       "exception": e, "transport": self})
-        if chunks:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not chunks and not eof and error is None and self._after_first_read is not None and self._ssl_ptr \
+                and _tlsctl.has_ticket(self._ssl_ptr):
+            self._first_read_done()
+        self._after_read((chunks[0] if len(chunks) == 1 else b"".join(chunks)) if chunks else None, eof, error)
+
+    def _after_read(self, data: bytes | None, eof: bool, error: BaseException | None) -> None:
+        if (data or eof) and self._after_first_read is not None:
+            self._first_read_done()
+        if data:
             self._protocol.data_received(data)
         elif not eof and error is None:
             _free_buffers(self._ssl_ptr)  # only post-handshake messages, or nothing: see _free_buffers
@@ -231,6 +271,16 @@ class TlsTransport(asyncio.Transport):
             # TLS has no half-close: whatever eof_received says, the connection is done.
             self.close()
 
+    def _first_read_done(self) -> None:
+        hook = self._after_first_read
+        if hook is not None:
+            self._after_first_read = None
+            try:
+                hook(self._sock)
+            except Exception as e:  # a cache's bookkeeping never costs the connection
+                self._loop.call_exception_handler({"message": "TLS after-first-read hook failed",
+                                                   "exception": e, "transport": self})
+
     def pause_reading(self) -> None:
         if self._reading:
             self._reading = False
@@ -240,8 +290,10 @@ class TlsTransport(asyncio.Transport):
         if not self._reading and not self._closing and not self._lost:
             self._reading = True
             self._loop.add_reader(self._fd, self._on_readable)
+            io = self._io
             held = self._has_pending
-            if held(self._ssl_ptr) if held is not None else self._sslobj.pending():
+            if (io.has_pending(self._ssl_ptr) if io is not None
+                    else held(self._ssl_ptr) if held is not None else self._sslobj.pending()):
                 self._loop.call_soon(self._on_readable)
 
     def is_reading(self) -> bool:
@@ -253,6 +305,23 @@ class TlsTransport(asyncio.Transport):
         if self._closing or self._lost or not data:
             return
         if self._retry is None and not self._queue:
+            io = self._io
+            if io is not None:
+                r = io.write(self._ssl_ptr, data)
+                if type(r) is not int:
+                    self._fatal(_io_error(r))
+                    return
+                if r == len(data):
+                    return
+                if r:  # (a partial write, which the ssl module's SSLs do not make: the rest queued)
+                    self._queue.append(bytes(memoryview(data)[r:]))
+                    self._queued += len(data) - r
+                else:  # OpenSSL waits for the socket: the same bytes again
+                    self._retry = bytes(data)
+                    self._queued += len(data)
+                self._want_writable()
+                self._maybe_pause_protocol()
+                return
             try:
                 n = self._sslobj.write(data)
                 if n == len(data):
@@ -299,7 +368,18 @@ class TlsTransport(asyncio.Transport):
                     self._retry = self._queue[0] if len(self._queue) == 1 else b"".join(self._queue)
                     self._queue.clear()
                 data = self._retry
-                n = self._sslobj.write(data)
+                io = self._io
+                if io is not None:
+                    r = io.write(self._ssl_ptr, data)
+                    if type(r) is not int:
+                        self._fatal(_io_error(r))
+                        return
+                    if not r:
+                        self._want_writable()
+                        return
+                    n = r
+                else:
+                    n = self._sslobj.write(data)
                 self._retry = None
                 self._queued -= n
                 if n < len(data):
