@@ -19,7 +19,7 @@ from tether import native  # noqa: E402
 GROUP = "tether_native"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tether" / "native"
 SHIM_LINK_ARGS = "-Wl,-z,noseparate-code"
-LAYOUT = "shims1"  # in the cache key: a change of link layout must not reuse an older build
+LAYOUT = "shims2"  # in the cache key: a change of link layout must not reuse an older build
 
 
 def mypy_version() -> str:
@@ -57,7 +57,7 @@ def compile_into(out: Path) -> None:
             f"    if not e.name.startswith({GROUP + '__mypyc'!r}):\n"
             f"        e.extra_link_args = [*e.extra_link_args, {SHIM_LINK_ARGS!r}]\n"
             # The hand-written C extensions (native.C_EXTENSIONS), compiled beside them.
-            f"exts += [Extension(m, [s], extra_compile_args=['-O2', '-Wall']) "
+            f"exts += [Extension(m, [s], extra_compile_args=['-O2', '-Wall'], extra_link_args=[{SHIM_LINK_ARGS!r}]) "
             f"for m, s in {sorted(native.C_EXTENSIONS.items())!r}]\n"
             "setup(name='tether-native', ext_modules=exts)\n"
         )
