@@ -265,7 +265,13 @@ def test_down_during_traffic_exits_cleanly(mesh: Mesh) -> None:
                "spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n")
     loop = "while true; do curl -s -o /dev/null http://web/; done"
     mesh.tether("run", "load", "--", "sh", "-c", loop)
-    wait_for(lambda: 'dst_service="web"' in mesh.metrics("load-0"), 30, what="traffic flowing")
+    try:
+        wait_for(lambda: 'dst_service="web"' in mesh.metrics("load-0"), 30, what="traffic flowing")
+    except TimeoutError as e:  # what the load pod's proxy decided, for whoever reads the failure
+        proxy_log = mesh.tether("logs", "load", "-c", "proxy", check=False).stdout[-3000:]
+        counts = [ln for ln in mesh.metrics("load-0").splitlines() if ln.startswith("request_total")]
+        raise AssertionError(f"{e}\nload-0 request_total: {counts}\nload-0 proxy log:\n{proxy_log}\n"
+                             f"supervisor log:\n{mesh.supervisor_log()}") from None
     status = mesh.status()
     mesh_id, pids = mesh.settings()["mesh_id"], all_pids(status)
     started = time.monotonic()
