@@ -20,7 +20,7 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -70,6 +70,7 @@ NATIVE_MODULES: tuple[str, ...] = (
 # source to fall back on: their users import them only when :data:`state` is ``compiled`` (the
 # digest covers their sources too) and keep a portable path otherwise.
 C_EXTENSIONS: dict[str, str] = {
+    "tether.core.http._h1scan": "tether/core/http/_h1scan.c",
     "tether.proxy._tlsio": "tether/proxy/_tlsio.c",
 }
 
@@ -101,7 +102,8 @@ def source_path(module: str, root: str | os.PathLike[str] = SRC_ROOT) -> Path:
     return Path(_source_file(module, root))
 
 
-def digest(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str] = SRC_ROOT) -> str:
+def digest(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str] = SRC_ROOT,
+           c_extensions: Mapping[str, str] = C_EXTENSIONS) -> str:
     """A digest of what the compiled modules were built from: the sources, their list, the Python.
 
     CRC-32 and length per source: this detects edits, it is not a security boundary (whoever can
@@ -112,7 +114,7 @@ def digest(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str]
         with open(_source_file(module, root), "rb") as f:
             data = f.read()
         parts.append(f"{module}:{len(data)}:{binascii.crc32(data):08x}")
-    for module, rel in C_EXTENSIONS.items():
+    for module, rel in c_extensions.items():
         with open(os.path.join(root, rel), "rb") as f:
             data = f.read()
         parts.append(f"{module}:{len(data)}:{binascii.crc32(data):08x}")
@@ -130,14 +132,16 @@ def _adler32(data: bytes) -> int:
     return (b << 16) | a
 
 
-def write_stamp(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str] = SRC_ROOT) -> None:
+def write_stamp(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str] = SRC_ROOT,
+                c_extensions: Mapping[str, str] = C_EXTENSIONS) -> None:
     """Record that the extensions in ``root`` were built from the sources as they are now."""
-    doc = {"digest": digest(modules, root), "modules": list(modules)}
+    doc = {"digest": digest(modules, root, c_extensions), "modules": list(modules)}
     with open(os.path.join(root, "tether", _STAMP_NAME), "w") as f:
         f.write(json.dumps(doc) + "\n")
 
 
-def check(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str] = SRC_ROOT) -> str:
+def check(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str] = SRC_ROOT,
+          c_extensions: Mapping[str, str] = C_EXTENSIONS) -> str:
     """``compiled`` when the built extensions match the sources, else ``pure: <why>``."""
     if os.environ.get(PURE_ENV, "") not in ("", "0"):
         return f"pure: {PURE_ENV} is set"
@@ -149,7 +153,7 @@ def check(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str] 
     if not isinstance(doc, dict) or doc.get("modules") != list(modules):
         return "pure: built for another module list (run scripts/build-native)"
     try:
-        current = digest(modules, root)
+        current = digest(modules, root, c_extensions)
     except OSError as e:
         return f"pure: cannot read sources ({e})"
     if current != doc.get("digest"):

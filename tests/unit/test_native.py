@@ -12,6 +12,7 @@ import pytest
 from tether import native
 
 MODULES = ("tether.fake.hot", "tether.fake.cold")
+C_EXTENSIONS = {"tether.fake._scan": "tether/fake/_scan.c"}
 
 
 def fake_tree(tmp: Path) -> Path:
@@ -19,37 +20,48 @@ def fake_tree(tmp: Path) -> Path:
         path = native.source_path(f"tether.fake.{name}", tmp)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+    (tmp / C_EXTENSIONS["tether.fake._scan"]).write_text("int x;\n")
     return tmp
 
 
 def test_a_fresh_stamp_means_compiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(native.PURE_ENV, raising=False)
     root = fake_tree(tmp_path)
-    native.write_stamp(MODULES, root)
-    assert native.check(MODULES, root) == "compiled"
+    native.write_stamp(MODULES, root, C_EXTENSIONS)
+    assert native.check(MODULES, root, C_EXTENSIONS) == "compiled"
 
 
 def test_an_edited_source_makes_the_build_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(native.PURE_ENV, raising=False)
     root = fake_tree(tmp_path)
-    native.write_stamp(MODULES, root)
+    native.write_stamp(MODULES, root, C_EXTENSIONS)
     native.source_path("tether.fake.cold", root).write_text("Y = 3\n")
-    assert native.check(MODULES, root).startswith("pure: sources changed")
+    assert native.check(MODULES, root, C_EXTENSIONS).startswith("pure: sources changed")
+
+
+def test_an_edited_c_extension_makes_the_build_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A C extension has no Python source to fall back on: its users load it only when the state is
+    # "compiled", which an edited .c beside a stale .so must not be.
+    monkeypatch.delenv(native.PURE_ENV, raising=False)
+    root = fake_tree(tmp_path)
+    native.write_stamp(MODULES, root, C_EXTENSIONS)
+    (root / C_EXTENSIONS["tether.fake._scan"]).write_text("int y;\n")
+    assert native.check(MODULES, root, C_EXTENSIONS).startswith("pure: sources changed")
 
 
 def test_missing_stamp_or_other_module_list_is_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(native.PURE_ENV, raising=False)
     root = fake_tree(tmp_path)
-    assert native.check(MODULES, root).startswith("pure: not built")
-    native.write_stamp(MODULES[:1], root)
-    assert native.check(MODULES, root).startswith("pure: built for another module list")
+    assert native.check(MODULES, root, C_EXTENSIONS).startswith("pure: not built")
+    native.write_stamp(MODULES[:1], root, C_EXTENSIONS)
+    assert native.check(MODULES, root, C_EXTENSIONS).startswith("pure: built for another module list")
 
 
 def test_the_environment_variable_forces_the_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = fake_tree(tmp_path)
-    native.write_stamp(MODULES, root)
+    native.write_stamp(MODULES, root, C_EXTENSIONS)
     monkeypatch.setenv(native.PURE_ENV, "1")
-    assert native.check(MODULES, root) == f"pure: {native.PURE_ENV} is set"
+    assert native.check(MODULES, root, C_EXTENSIONS) == f"pure: {native.PURE_ENV} is set"
 
 
 def _imported_from(env_pure: bool) -> list[str]:

@@ -64,21 +64,13 @@ bound(void)
     return 1;
 }
 
+/* A non-null pointer from a Python int (`what` names it in the error). */
 static void *
-pointer_of(PyObject *arg)
+pointer_of(PyObject *arg, const char *what)
 {
     void *p = PyLong_AsVoidPtr(arg);
     if (p == NULL && !PyErr_Occurred())
-        PyErr_SetString(PyExc_ValueError, "a null SSL pointer");
-    return p;
-}
-
-static void *
-address(PyObject *arg)
-{
-    void *p = PyLong_AsVoidPtr(arg);
-    if (p == NULL && !PyErr_Occurred())
-        PyErr_SetString(PyExc_ValueError, "a null function address");
+        PyErr_Format(PyExc_ValueError, "a null %s", what);
     return p;
 }
 
@@ -93,7 +85,7 @@ tlsio_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     for (int i = 0; i < 7; i++) {
-        if ((p[i] = address(args[i])) == NULL)
+        if ((p[i] = pointer_of(args[i], "function address")) == NULL)
             return NULL;
     }
     p_read_ex = (io_fn)p[0];
@@ -167,7 +159,7 @@ tlsio_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "read(ssl, limit) takes 2 arguments");
         return NULL;
     }
-    if (!bound() || (ssl = pointer_of(args[0])) == NULL)
+    if (!bound() || (ssl = pointer_of(args[0], "SSL pointer")) == NULL)
         return NULL;
     limit = PyLong_AsSsize_t(args[1]);
     if (limit == -1 && PyErr_Occurred())
@@ -267,7 +259,7 @@ tlsio_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "write(ssl, data) takes 2 arguments");
         return NULL;
     }
-    if (!bound() || (ssl = pointer_of(args[0])) == NULL)
+    if (!bound() || (ssl = pointer_of(args[0], "SSL pointer")) == NULL)
         return NULL;
     if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -296,7 +288,7 @@ static PyObject *
 tlsio_has_pending(PyObject *self, PyObject *arg)
 {
     void *ssl;
-    if (!bound() || (ssl = pointer_of(arg)) == NULL)
+    if (!bound() || (ssl = pointer_of(arg, "SSL pointer")) == NULL)
         return NULL;
     return PyBool_FromLong(p_has_pending(ssl));
 }
