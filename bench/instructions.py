@@ -42,7 +42,7 @@ from pathlib import Path
 
 import harness as h
 
-from tether.core.sidecar import python_argv
+from tether.core.sidecar import LOCALE_ENV, python_argv
 
 AUTHORITY = "bench.local:80"
 GRPC_AUTHORITY = "grpc.local:8079"
@@ -184,7 +184,8 @@ def _callgrind(python: Path, workdir: Path, name: str, args: list[str],
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", f"--callgrind-out-file={cg_out}",
          *python_argv(str(python)), "proxy", "--shutdown-grace-period", "1s", *args],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **LOCALE_ENV, **(env or {})})
     try:
         yield proc.pid, cg_out
     finally:

@@ -164,7 +164,7 @@ def test_up_run_services_by_name_over_mtls_and_down_leaves_nothing(mesh: Mesh) -
     inbound = "".join(mesh.metrics(f"web-{i}") for i in (0, 1))
     assert f'client_id="{client_id}"' in inbound
     # Local mode runs its proxies as every deployment does: -OO, no debug ranges (proxy_build_info).
-    assert inbound.count('python_optimize="2",python_debug_ranges="false"') == 2, inbound
+    assert inbound.count('python_optimize="2",python_debug_ranges="false",python_locale="C"') == 2, inbound
     status = mesh.status()
     assert status["controlPlaneReady"] and [p["phase"] for p in status["pods"]] == ["Running"] * 3
     assert {(w["name"], w["replicas"], w["ready"]) for w in status["workloads"]} == {("web", 2, 2), ("client", 1, 1)}

@@ -48,6 +48,8 @@ class PodProxy:
         container = proxy_container(InjectValues.from_values(chart_values, "linkerd", "0.1.0"), ProxyOverrides(),
                                     native=False)
         self.command = [*container["command"], *container["args"]]
+        # The container's fixed settings of the interpreter (its locale), as the kubelet passes them.
+        fixed = {e["name"]: e["value"] for e in container["env"] if e["name"] in ("LC_ALL", "PYTHONCOERCECLOCALE")}
         self.admin_port, self.inbound_port, self.outbound_port = free_port(), free_port(), free_port()
         env = {
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -55,6 +57,7 @@ class PodProxy:
             "TETHER_PROXY_INBOUND_ADDR": f"127.0.0.1:{self.inbound_port}",
             "TETHER_PROXY_OUTBOUND_ADDR": f"127.0.0.1:{self.outbound_port}",
             "TETHER_PROXY_LOG_LEVEL": "warn,tether=info",
+            **fixed,
             **settings,
         }
         self.proc = Proc(self.command, tmp / f"{name}.log", env=env)
@@ -113,7 +116,11 @@ def test_a_meshed_pair_run_as_the_pod_runs_it_is_optimised_and_serves_over_mtls(
         for p in started:
             info = build_info(p.admin)
             assert info["python_optimize"] == "2" and info["python_debug_ranges"] == "false", info
+            assert info["python_locale"] == "C", info
             assert info["vendor"] == "tether"
+            # In the C locale no locale file is mapped (C.UTF-8's LC_CTYPE: 120 KiB of RSS).
+            maps = Path(f"/proc/{p.proc.popen.pid}/maps").read_text()
+            assert "/locale/" not in maps, [ln for ln in maps.splitlines() if "/locale/" in ln]
     finally:
         for p in reversed(started):
             p.stop()
@@ -125,13 +132,17 @@ def test_the_labels_tell_a_proxy_run_without_the_flags(tmp_path: Path, app: Back
     admin = free_port()
     bare = Proc([sys.executable, "-m", "tether", "proxy", "--admin-addr", f"127.0.0.1:{admin}",
                  "--outbound-addr", f"127.0.0.1:{free_port()}", "--inbound-addr", f"127.0.0.1:{free_port()}",
-                 "--log-level", "warn"], tmp_path / "bare.log", env={"PYTHONOPTIMIZE": "", "PYTHONNODEBUGRANGES": ""})
+                 "--log-level", "warn"], tmp_path / "bare.log",
+                env={"PYTHONOPTIMIZE": "", "PYTHONNODEBUGRANGES": "", "LC_ALL": "", "LANG": "C.UTF-8",
+                     "PYTHONCOERCECLOCALE": ""})
     harness = ProxyProc(tmp_path, name="harness", log_level="warn").wait_ready()
     try:
         wait_for(lambda: http_get(f"http://127.0.0.1:{admin}/ready", timeout=1)[0] == 200, 30, what="bare /ready")
         info = build_info(f"http://127.0.0.1:{admin}")
-        assert (info["python_optimize"], info["python_debug_ranges"]) == ("0", "true"), info
+        assert (info["python_optimize"], info["python_debug_ranges"], info["python_locale"]) == \
+            ("0", "true", "C.UTF-8"), info
         assert build_info(harness.admin)["python_optimize"] == "2"
+        assert build_info(harness.admin)["python_locale"] == "C"
     finally:
         bare.stop()
         harness.stop()

@@ -125,7 +125,9 @@ class ProxyProc(Proc):
         ]
         for k, v in self._flags.items():
             args += ["--" + k.replace("_", "-"), str(v)]
-        super().__init__(args, self._workdir / f"{self.name}.log", env=self._env, netns=self._netns)
+        # (Also the locale every deployment gives the proxy: sidecar.LOCALE_ENV.)
+        env = {**(self._env or {}), **sidecar.LOCALE_ENV}
+        super().__init__(args, self._workdir / f"{self.name}.log", env=env, netns=self._netns)
 
     @property
     def admin(self) -> str:

@@ -167,6 +167,8 @@ def proxy_container(v: InjectValues, o: ann.ProxyOverrides, native: bool) -> dic
         # Linkerd's variable with the PEM itself: what `check --proxy` (Linkerd's and tether's) reads
         # to compare a proxy's anchors with the control plane's. The proxy reads the file above.
         _env("LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS", v.trust_anchors_pem),
+        # The interpreter's locale (tether.core.sidecar.LOCALE_ENV: no locale file mapped).
+        *(_env(k, val) for k, val in sidecar.LOCALE_ENV.items()),
     ]
     env = [e for e in env if "value" not in e or e["value"] != ""]
     resources = replace(

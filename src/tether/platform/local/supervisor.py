@@ -724,7 +724,7 @@ class Supervisor:
                         failed = str(e) or type(e).__name__
                     if not failed and pod.spec.settings.inject:
                         pod.proxy = Supervised(f"{pod.name}/proxy", self._proxy_argv(pod), logs / "proxy.log",
-                                               grace=12)
+                                               env=sidecar.proxy_env(), grace=12)
                         tg.create_task(pod.proxy.run())
                         pod.phase = "WaitingForProxy"
                         if pod.spec.settings.proxy_await:
