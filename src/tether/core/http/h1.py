@@ -11,7 +11,7 @@ chunks.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from mypy_extensions import i64
 
@@ -220,10 +220,39 @@ def _refusable(name: bytes) -> bool:
         or (c == 0x75 and n == 7)
 
 
+def _bind_scan() -> Any:
+    """The C scanner of field lines (``tether.core.http._h1scan``, built by scripts/build-native with
+    the compiled modules) bound to the common names, or None: not built, or built from other
+    sources (then the sources run interpreted too: ``tether.native``)."""
+    from tether import native
+
+    if native.state != "compiled":
+        return None
+    try:
+        from tether.core.http import _h1scan  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    _h1scan.bind(_FIELD_NAMES)
+    return _h1scan
+
+
+_scan: Any = _bind_scan()
+
+
 def parse_fields(data: bytes, start: int, out: Headers, refused: frozenset[bytes]) -> int:
     """Append the field lines of ``data`` from ``start`` through the empty line to ``out`` (names
     lower-case); return the index after the empty line. -1: not the simple case (the head is for
-    llhttp), including a field named in ``refused``."""
+    llhttp), including a field named in ``refused``. (On -1, ``out`` may hold the lines before.)"""
+    scan = _scan
+    if scan is not None:
+        found: int = scan.parse_fields(data, start, out, refused)
+        return found
+    return parse_fields_reference(data, start, out, refused)
+
+
+def parse_fields_reference(data: bytes, start: int, out: Headers, refused: frozenset[bytes]) -> int:
+    """:func:`parse_fields` in Python: what runs where the C scanner (``_h1scan.c``) is not built,
+    and the reference the tests hold it to."""
     # i64 indexes: compiled, a tagged int costs a call per addition (a third of the loop's cost).
     n: i64 = len(data)
     i: i64 = start
