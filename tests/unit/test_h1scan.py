@@ -32,8 +32,9 @@ head = st.tuples(st.sampled_from([b"", b"GET / HTTP/1.1\r\n"]), st.lists(line, m
 
 def _scanner() -> object:
     assert native.state == "compiled", f"the C scanner is built with the compiled modules: {native.state}"
-    assert h1._scan is not None
-    return h1._scan
+    scan = h1._bind_scan()
+    assert scan is not None
+    return scan
 
 
 def both(data: bytes, start: int, refused: frozenset[bytes]) -> tuple[tuple[int, h1.Headers], tuple[int, h1.Headers]]:

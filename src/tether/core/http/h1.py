@@ -223,9 +223,12 @@ def _refusable(name: bytes) -> bool:
 def _bind_scan() -> Any:
     """The C scanner of field lines (``tether.core.http._h1scan``, built by scripts/build-native with
     the compiled modules) bound to the common names, or None: not built, or built from other
-    sources (then the sources run interpreted too: ``tether.native``)."""
+    sources (then the sources run interpreted too: ``tether.native``). Loaded by the first head
+    parsed, not at import: a proxy that serves no HTTP/1 keeps its ~0.1 MiB."""
+    global _scan
     from tether import native
 
+    _scan = None
     if native.state != "compiled":
         return None
     try:
@@ -233,10 +236,11 @@ def _bind_scan() -> Any:
     except ImportError:
         return None
     _h1scan.bind(_FIELD_NAMES)
+    _scan = _h1scan
     return _h1scan
 
 
-_scan: Any = _bind_scan()
+_scan: Any = False  # the bound scanner, None where there is none; False until the first head
 
 
 def parse_fields(data: bytes, start: int, out: Headers, refused: frozenset[bytes]) -> int:
@@ -244,6 +248,8 @@ def parse_fields(data: bytes, start: int, out: Headers, refused: frozenset[bytes
     lower-case); return the index after the empty line. -1: not the simple case (the head is for
     llhttp), including a field named in ``refused``. (On -1, ``out`` may hold the lines before.)"""
     scan = _scan
+    if scan is False:
+        scan = _bind_scan()
     if scan is not None:
         found: int = scan.parse_fields(data, start, out, refused)
         return found
