@@ -70,6 +70,7 @@ NATIVE_MODULES: tuple[str, ...] = (
 # source to fall back on: their users import them only when :data:`state` is ``compiled`` (the
 # digest covers their sources too) and keep a portable path otherwise.
 C_EXTENSIONS: dict[str, str] = {
+    "tether.core.http._h1scan": "tether/core/http/_h1scan.c",
     "tether.proxy._tlsio": "tether/proxy/_tlsio.c",
 }
 
