@@ -104,12 +104,16 @@ def source_path(module: str, root: str | os.PathLike[str] = SRC_ROOT) -> Path:
 
 def digest(modules: Sequence[str] = NATIVE_MODULES, root: str | os.PathLike[str] = SRC_ROOT,
            c_extensions: Mapping[str, str] = C_EXTENSIONS) -> str:
-    """A digest of what the compiled modules were built from: the sources, their list, the Python.
+    """A digest of what the compiled modules were built from: the sources, their list, the Python ABI.
 
     CRC-32 and length per source: this detects edits, it is not a security boundary (whoever can
     edit a source can edit the extension next to it). hashlib would load OpenSSL (~3 MB of RSS)
     into every tether process just for this."""
-    parts = [sys.version]
+    # The interpreter by its ABI, not its full version: extension modules built for CPython 3.11 load
+    # in any 3.11.x (CPython keeps the ABI within a minor version). A process may run another 3.11
+    # build than the one that compiled them (the proxy as uid 2102 in local mode, where the build's
+    # interpreter is out of that user's reach: it then runs the system's).
+    parts = [f"{sys.implementation.cache_tag}{sys.abiflags}-{getattr(sys.implementation, '_multiarch', '')}"]
     for module in modules:
         with open(_source_file(module, root), "rb") as f:
             data = f.read()

@@ -94,6 +94,9 @@ env:
 - {name: TETHER_PROXY_IDENTITY_TOKEN_PATH, value: /var/run/secrets/tokens/linkerd-identity-token}
 - {name: TETHER_PROXY_IDENTITY_TRUST_ANCHORS, value: /var/run/linkerd/identity/trust-anchors/ca-bundle.crt}
 - {name: LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS, value: {{ .Values.identityTrustAnchorsPEM | quote }}}
+# The interpreter's locale: C, so no locale file is mapped (tether.core.sidecar.LOCALE_ENV).
+- {name: LC_ALL, value: C}
+- {name: PYTHONCOERCECLOCALE, value: "0"}
 ports:
 - {name: linkerd-proxy, containerPort: {{ $p.ports.inbound }}}
 - {name: linkerd-admin, containerPort: {{ $admin }}}

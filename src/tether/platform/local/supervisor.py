@@ -151,6 +151,8 @@ class Pod:
     app_ip: str = ""  # an --explicit pod's application listens here (its proxy on ``ip``)
     phase: str = "Creating"
     message: str = ""
+    # The Services its /etc/hosts lists (None: not written yet): see _reconcile_services.
+    hosts_written: list[tuple[str, str, str]] | None = None
     proxy: Supervised | None = None
     app: Supervised | None = None
     proxy_ready: bool = False
@@ -504,9 +506,13 @@ class Supervisor:
         hosts = sorted((k[0], k[1], v) for k, v in self.services.items() if k in self._service_served)
         if hosts != self.hosts_services:
             self.hosts_services = hosts
-            for pod in self.pods.values():
-                if pod.netns and pod.phase not in ("Creating", "Terminating", "Failed"):
-                    await asyncio.to_thread(self._write_pod_etc, pod)
+        # Every pod whose hosts file is not the current list, not only when the list changes: a pod
+        # being created when it changed wrote the list of that moment (_create_pod, in a thread) and
+        # would keep it (a Service published meanwhile stayed unresolvable in that pod).
+        for pod in list(self.pods.values()):
+            if pod.netns and pod.phase not in ("Creating", "Terminating", "Failed") \
+                    and pod.hosts_written != self.hosts_services:
+                await asyncio.to_thread(self._write_pod_etc, pod)
 
     async def _reconcile_own_services(self) -> None:
         store = self._store
@@ -589,10 +595,12 @@ class Supervisor:
                 log.error("service %s/%s: cannot record its virtual IP: %s", svc.namespace, svc.name, e)
 
     def _write_pod_etc(self, pod: Pod) -> None:
+        hosts = self.hosts_services
         network.write_netns_etc(
             pod.netns,
-            network.hosts_file(pod.name, pod.ip, pod.spec.namespace, self.hosts_services, self.s.cluster_domain),
+            network.hosts_file(pod.name, pod.ip, pod.spec.namespace, hosts, self.s.cluster_domain),
             network.resolv_conf(pod.spec.namespace, self.s.cluster_domain))
+        pod.hosts_written = hosts
 
     # --- one pod --------------------------------------------------------------------------------
 
