@@ -29,7 +29,7 @@ from tether.core.identity.certs import CertificateError
 from tether.core.identity.csr import build_csr, generate_key
 from tether.core.identity.issuance import IssuancePolicy
 from tether.core.identity.names import WorkloadIdentity
-from tether.platform.local.tokens import LocalTokenValidator
+from tether.platform.local.tokens import LocalTokenValidator, control_tokens_dir, ensure_control_token
 from tether.platform.local.workloads import InvalidToken, Workload, WorkloadRegistry
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
@@ -244,6 +244,28 @@ def test_forged_stale_and_garbage_tokens_are_refused(tmp_path: Path) -> None:
         reg.validate_token("eyJhbGciOi.x.y")
     with pytest.raises(Unauthenticated, match="invalid token"):
         asyncio.run(LocalTokenValidator(reg).validate(old.encode()))
+
+
+def test_control_plane_tokens_name_a_service_account_of_the_controller_namespace(tmp_path: Path) -> None:
+    reg = WorkloadRegistry(tmp_path)
+    path = ensure_control_token(tmp_path, "linkerd-destination")
+    token = path.read_text().strip()
+    assert ensure_control_token(tmp_path, "linkerd-destination") == path and path.read_text().strip() == token
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert oct(control_tokens_dir(tmp_path).stat().st_mode & 0o777) == "0o700"
+    # Only the hash is what the identity service reads.
+    assert token not in (control_tokens_dir(tmp_path) / "linkerd-destination.sha256").read_text()
+    subject = asyncio.run(LocalTokenValidator(reg, "linkerd").validate(token.encode()))
+    assert subject == TokenSubject("linkerd", "linkerd-destination",
+                                   "local control-plane service account linkerd/linkerd-destination")
+    # A forged secret, a service account without a token, a malformed one; and a validator that was
+    # not told the controller namespace accepts none of them.
+    for bad, why in ((token[:-4] + "AAAA", "does not match"), ("tether-control.linkerd-identity.x", "no control-plane"),
+                     ("tether-control.Not_A_Name.x", "not a tether local control-plane token")):
+        with pytest.raises(Unauthenticated, match=why):
+            asyncio.run(LocalTokenValidator(reg, "linkerd").validate(bad.encode()))
+    with pytest.raises(Unauthenticated, match="not a tether local bootstrap token"):
+        asyncio.run(LocalTokenValidator(reg).validate(token.encode()))
 
 
 def test_workload_files_round_trip(tmp_path: Path) -> None:

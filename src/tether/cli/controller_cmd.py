@@ -160,7 +160,8 @@ def identity(addr: tuple[str, int], admin_addr: tuple[str, int], controller_name
         service_account=identity_service_account,
     )
     try:
-        service = IdentityController(cfg, LocalTokenValidator(WorkloadRegistry(cfg.state_dir)))
+        service = IdentityController(cfg, LocalTokenValidator(WorkloadRegistry(cfg.state_dir),
+                                                              controller_namespace))
     except (CertificateError, ValueError) as e:
         raise OperationFailed(f"refusing to start: {e}") from None
     _warn_on_name_mismatch(service.issuer.current.issuer.certificate, controller_namespace, trust_domain)

@@ -68,6 +68,22 @@ POLICIES = (
 @click.option("--global-egress-network-namespace", type=DNS_LABEL, default="linkerd-egress", show_default=True,
               metavar="NAMESPACE", help="EgressNetworks in this namespace apply to clients in every namespace "
               "that has none of its own (as Linkerd's policy controller)")
+@click.option("--identity-addrs", metavar="HOST:PORT,...",
+              help="serve --addr over mutual TLS only, with a certificate for --service-account from these identity "
+                   "service replicas (dialled over TLS); proxies verify it by name and present their own")
+@click.option("--identity-token-path", metavar="PATH",
+              help="with --identity-addrs: this service's token for the identity service (a projected service "
+                   "account token, or the local mesh's control-plane token)")
+@click.option("--identity-trust-anchors-file", metavar="PATH",
+              help="with --identity-addrs: the trust anchors (PEM); reloaded when the file changes")
+@click.option("--service-account", type=DNS_LABEL, default="linkerd-destination", show_default=True,
+              help="this service's own service account, in --controller-namespace: its TLS identity")
+@click.option("--identity-service-account", type=DNS_LABEL, default="linkerd-identity", show_default=True,
+              help="the identity service's service account, in --controller-namespace: the name its certificate "
+                   "must carry")
+@click.option("--plaintext-addr", type=ADDRESS,
+              help="with --identity-addrs: also serve plaintext here, for operators on the same host "
+                   "(tether diagnostics); keep it on loopback")
 @platform_options
 @click.option("--sync-timeout", type=POSITIVE_DURATION, default="60s", show_default=True,
               help="with --platform kubernetes: how long the first list of every resource may take before the "
@@ -77,8 +93,10 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
                 controller_namespace: str, trust_domain: str, cluster_domain: str, default_policy: str,
                 cluster_networks: tuple[str, ...], probe_networks: tuple[str, ...], stream_queue_limit: int,
                 poll_interval: float, allow_l5d_request_headers: bool, global_egress_network_namespace: str,
-                platform: str, kubeconfig: str | None, kube_context: str | None, sync_timeout: float,
-                log_level: str, log_format: str) -> int:
+                identity_addrs: str | None, identity_token_path: str | None,
+                identity_trust_anchors_file: str | None, service_account: str, identity_service_account: str,
+                plaintext_addr: tuple[str, int] | None, platform: str, kubeconfig: str | None,
+                kube_context: str | None, sync_timeout: float, log_level: str, log_format: str) -> int:
     """The destination service: what proxies learn about the services they call and serve.
 
     Serves io.linkerd.proxy.destination.Destination (Get, GetProfile),
@@ -110,14 +128,17 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
             global_egress_ns=global_egress_network_namespace,
         ),
         queue_limit=stream_queue_limit,
+        plaintext_addr=plaintext_addr,
     )
+    own_cert = _own_certificate(identity_addrs, identity_token_path, identity_trust_anchors_file, service_account,
+                                identity_service_account, controller_namespace, trust_domain, plaintext_addr)
     if platform == "kubernetes":
-        return _run_kubernetes(cfg, kubeconfig, kube_context, sync_timeout)
+        return _run_kubernetes(cfg, own_cert, kubeconfig, kube_context, sync_timeout)
     store = LocalStore(resources_dir, state_dir, poll_interval=max(0.01, poll_interval), queue_limit=100_000)
     for err in store.source_errors():
         for line in err.errors:
             logging.getLogger("tether.store").error("%s (not loaded)", line)
-    controller = DestinationController(store, cfg)
+    controller = DestinationController(store, cfg, own_cert)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -134,7 +155,39 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
     return 0
 
 
-def _run_kubernetes(cfg: Any, kubeconfig: str | None, context: str | None, sync_timeout: float) -> int:
+def _own_certificate(identity_addrs: str | None, token_path: str | None, anchors: str | None, service_account: str,
+                     identity_service_account: str, controller_namespace: str, trust_domain: str,
+                     plaintext_addr: tuple[str, int] | None) -> Any:
+    """The OwnCertificate --identity-addrs asks for (None: plaintext on --addr)."""
+    if not identity_addrs:
+        if plaintext_addr is not None:
+            raise CliError("--plaintext-addr needs --identity-addrs (without it --addr already serves plaintext)")
+        return None
+    missing = [f for f, v in (("--identity-token-path", token_path), ("--identity-trust-anchors-file", anchors))
+               if not v]
+    if missing:
+        raise CliError(f"--identity-addrs is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                       "not")
+    assert token_path and anchors
+    addrs = [a.strip() for a in identity_addrs.split(",") if a.strip()]
+    for a in addrs:
+        host, _, port = a.rpartition(":")
+        if not host or not port.isdigit():
+            raise CliError(f"--identity-addrs: {a!r} is not HOST:PORT")
+    from tether.control.owncert import NotCertified, OwnCertConfig, OwnCertificate
+    from tether.core.identity.certs import CertificateError
+    from tether.core.identity.names import WorkloadIdentity
+
+    own = WorkloadIdentity(service_account, controller_namespace, controller_namespace, trust_domain)
+    server = WorkloadIdentity(identity_service_account, controller_namespace, controller_namespace, trust_domain)
+    try:
+        return OwnCertificate(OwnCertConfig(own, tuple(addrs), server.dns_name, token_path, anchors))
+    except (CertificateError, NotCertified, ValueError) as e:
+        raise OperationFailed(f"refusing to start: --identity-trust-anchors-file: {e}") from None
+
+
+def _run_kubernetes(cfg: Any, own_cert: Any, kubeconfig: str | None, context: str | None,
+                    sync_timeout: float) -> int:
     from tether.control.destination.server import DestinationController
     from tether.platform.kubernetes.client import KubeClient, KubeConfigError, KubeError
     from tether.platform.kubernetes.store import KubeStore
@@ -164,7 +217,7 @@ def _run_kubernetes(cfg: Any, kubeconfig: str | None, context: str | None, sync_
             for err in store.source_errors():
                 for line in err.errors:
                     log.warning("%s", line)
-            await DestinationController(store, cfg).run(stop)
+            await DestinationController(store, cfg, own_cert).run(stop)
 
     try:
         asyncio.run(run())

@@ -211,14 +211,19 @@ def up(state_dir: str, ha: bool, explicit: bool, anchors: str | None, issuer_cer
     doc = {"stateDir": str(layout.root), "action": action, "readySeconds": round(elapsed, 3),
            "bridge": settings.bridge, "podCIDR": settings.pod_cidr, "serviceCIDR": settings.service_cidr,
            "identity": settings.identity_addrs, "destination": settings.destination_addrs,
+           "destinationPlaintext": settings.destination_local_addrs,
            "trustAnchors": settings.trust_anchors, "generatedCA": settings.generated_ca,
            "components": status["components"]}
     if output == "json":
         dump(doc, "json")
         return 0
     click.echo(f"tether up: control plane {action}, ready in {elapsed:.2f}s (state {layout.root})")
-    click.echo(f"  identity     {', '.join(settings.identity_addrs)}")
-    click.echo(f"  destination  {', '.join(settings.destination_addrs)} (also serves inbound and outbound policy)")
+    click.echo(f"  identity     {', '.join(settings.identity_addrs)} (TLS)")
+    click.echo(f"  destination  {', '.join(settings.destination_addrs)} (mutual TLS; also serves inbound and outbound "
+               "policy)")
+    if settings.destination_local_addrs:
+        click.echo(f"               {', '.join(settings.destination_local_addrs)} (plaintext, this host only: "
+                   "tether diagnostics --destination-addr)")
     if settings.explicit_only:
         click.echo("  pods         --explicit only (no root: no network namespaces; HTTP and gRPC through HTTP_PROXY, "
                    "no transparent TCP)")

@@ -127,6 +127,11 @@ FLAGS: dict[str, Flag] = {
     "identity_token_path": Flag("PATH", "the workload's bootstrap token, sent to the identity service"),
     "identity_trust_anchors": Flag("PATH", "PEM bundle of trust anchors, reloaded when it changes"),
     "identity_addrs": Flag("HOST:PORT,...", "identity service replicas"),
+    "identity_svc_name": Flag("NAME", "the identity service's own identity: dial it over TLS and require a "
+                              "certificate for this name (unset: plaintext)"),
+    "destination_svc_name": Flag("NAME", "the destination service's identity: dial it over mutual TLS with this "
+                                 "proxy's certificate and require one for this name (unset: plaintext)"),
+    "policy_svc_name": Flag("NAME", "the inbound policy service's identity, as --destination-svc-name"),
     "identity_key_path": Flag("PATH", "write the private key here too (unset: memory only)"),
     "identity_handshake_timeout": Flag("DURATION", "time allowed for a call to the identity service"),
     "identity_bundle_poll_interval": Flag("DURATION", "how often the trust anchors file is checked for changes"),

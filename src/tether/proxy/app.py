@@ -38,6 +38,7 @@ from tether.proxy.tracing import tracer_from
 
 if TYPE_CHECKING:
     from tether.proxy.discovery import Discovery
+    from tether.proxy.grpc_client import ChannelTls
     from tether.proxy.identity import IdentityClient
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,10 @@ class Proxy:
         self.cfg = cfg
         self.log_control = log_control or LogControl(cfg.log_level)
         self.metrics = MetricsRegistry(retain_idle=cfg.metrics_retain_idle)
-        if discovery is None:
-            discovery = discovery_from(cfg)
-        self.discovery = discovery
         self.identity = identity_client(cfg)
+        if discovery is None:
+            discovery = discovery_from(cfg, self.identity)
+        self.discovery = discovery
         if self.identity is not None:
             self.metrics.add_source(self.identity.metrics_lines)
         lines = getattr(discovery, "metrics_lines", None)
@@ -66,7 +67,7 @@ class Proxy:
             self.metrics.add_source(self.tracer.lines)
         self.outbound = Outbound(cfg, self.metrics, discovery, self.identity, {cfg.outbound_addr, cfg.inbound_addr},
                                  tap=self.tap, tracer=self.tracer)
-        self.policies = policy_source_from(cfg)
+        self.policies = policy_source_from(cfg, self.identity)
         self.authorizer = Authorizer(self.policies)
         self.access_log = access_log_from(cfg)
         if self.access_log is not None:
@@ -242,7 +243,23 @@ async def _serve(loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.
 _BACKLOG = 1024
 
 
-def discovery_from(cfg: ProxyConfig) -> Discovery | None:
+def control_tls(cfg: ProxyConfig, identity: IdentityClient | None, flag: str, name: str | None) -> ChannelTls | None:
+    """Mutual TLS to a control-plane service named ``name`` (None: plaintext)."""
+    if not name:
+        return None
+    from tether.proxy.grpc_client import ChannelTls
+
+    labels = name.split(".")
+    if len(name) > 253 or not all(0 < len(x) <= 63 and x.isascii() and x.replace("-", "").isalnum()
+                                  and x[0] != "-" and x[-1] != "-" for x in labels):
+        raise ConfigError(f"{flag}: {name!r} is not a DNS name (the identity in the service's certificate)")
+    if identity is None:
+        raise ConfigError(f"{flag} is set but --identity-name is not: mutual TLS to the control plane needs "
+                          "the proxy's own certificate")
+    return ChannelTls(name, identity.control_context)
+
+
+def discovery_from(cfg: ProxyConfig, identity: IdentityClient | None = None) -> Discovery | None:
     """The source of endpoints the config names: the static file or the destination service."""
     if cfg.destinations_file and cfg.destination_addrs:
         raise ConfigError("--destinations-file and --destination-addrs are both set: choose one source of endpoints")
@@ -265,7 +282,8 @@ def discovery_from(cfg: ProxyConfig) -> Discovery | None:
             json.loads(token)
         except ValueError:
             raise ConfigError(f"--destination-context: {token!r} is not JSON") from None
-    return DestinationDiscovery(DestinationSettings(addrs, token))
+    tls = control_tls(cfg, identity, "--destination-svc-name", cfg.destination_svc_name)
+    return DestinationDiscovery(DestinationSettings(addrs, token, tls=tls))
 
 
 def access_log_from(cfg: ProxyConfig) -> AccessLogWriter | None:
@@ -307,7 +325,7 @@ def policy_workload(cfg: ProxyConfig) -> str:
                       '(JSON {"ns": ..., "pod": ...}), a --destination-context with "pod", or --identity-name')
 
 
-def policy_source_from(cfg: ProxyConfig) -> PolicySource:
+def policy_source_from(cfg: ProxyConfig, identity: IdentityClient | None = None) -> PolicySource:
     """Inbound policy from the control plane when the config names one, else the default policy."""
     from tether.core.policy.authz import DEFAULT_POLICIES
 
@@ -323,8 +341,9 @@ def policy_source_from(cfg: ProxyConfig) -> PolicySource:
     addrs = tuple(a.strip() for a in cfg.policy_addrs.split(",") if a.strip())
     for a in addrs:
         parse_addr(a, "--policy-addrs")
+    tls = control_tls(cfg, identity, "--policy-svc-name", cfg.policy_svc_name)
     return PolicyWatch(PolicyWatchSettings(addrs, policy_workload(cfg), cfg.inbound_policy_timeout,
-                                           cfg.inbound_permit_localhost))
+                                           cfg.inbound_permit_localhost, tls=tls))
 
 
 def identity_client(cfg: ProxyConfig) -> IdentityClient | None:
@@ -350,6 +369,7 @@ def identity_client(cfg: ProxyConfig) -> IdentityClient | None:
             token_path=cfg.identity_token_path,
             trust_anchors_path=cfg.identity_trust_anchors,
             identity_addrs=[a.strip() for a in cfg.identity_addrs.split(",") if a.strip()],
+            identity_server_name=cfg.identity_svc_name or None,
             key_path=cfg.identity_key_path,
             bundle_poll_interval=cfg.identity_bundle_poll_interval,
             session_max_age=cfg.identity_tls_session_max_age,

@@ -186,6 +186,13 @@ class ProxyConfig:
     identity_token_path: str | None = None
     identity_trust_anchors: str | None = None  # PEM bundle of one or more anchors
     identity_addrs: str | None = None  # comma-separated host:port of identity service replicas
+    # The control plane's own identities (Linkerd's LINKERD2_PROXY_{IDENTITY,DESTINATION,POLICY}_SVC_NAME):
+    # with a name set, that service is dialled over TLS and must present a certificate for the name
+    # (chained to the trust anchors); destination and policy over mutual TLS with the proxy's own
+    # certificate. Unset: plaintext (a control plane on loopback, or tests).
+    identity_svc_name: str | None = None
+    destination_svc_name: str | None = None
+    policy_svc_name: str | None = None
     identity_key_path: str | None = None  # write the private key here (default: memory only)
     identity_handshake_timeout: float = 10.0
     identity_bundle_poll_interval: float = 5.0  # how often the trust bundle file is checked

@@ -39,7 +39,7 @@ from tether.core.routing.policy import ClientPolicy
 from tether.core.routing.profile import Profile, ProfileRoute, ResponseClass, StatusMatch, WeightedDst
 from tether.core.routing.retry_budget import BudgetPolicy
 from tether.proxy.discovery import Generation, PolicyWatch, ProfileWatch, Resolution, endpoint_watch
-from tether.proxy.grpc_client import GrpcChannel, GrpcError
+from tether.proxy.grpc_client import ChannelTls, GrpcChannel, GrpcError
 from tether.proxy.policy import client_policy_of
 from tether.proxy.wire import endpoint_of, method_of, tcp_addr, tcp_address
 from tether.runtime.watch import Watched
@@ -62,6 +62,7 @@ class DestinationSettings:
     context_token: str  # who is asking: {"ns": ..., "nodeName": ..., "pod": ...} as JSON
     resolve_timeout: float = 3.0  # how long a first answer may take before the request falls back
     max_streams: int = 10_000  # destinations watched at once (idle ones are closed by the stack cache)
+    tls: ChannelTls | None = None  # mutual TLS to the replicas (None: plaintext)
 
 
 def context_token(namespace: str, pod: str = "", node: str = "") -> str:
@@ -337,7 +338,8 @@ class DestinationDiscovery:
     def _channel(self, addr: str) -> GrpcChannel:
         ch = self._channels.get(addr)
         if ch is None:
-            ch = self._channels[addr] = GrpcChannel(addr, connect_timeout=self.settings.resolve_timeout)
+            ch = self._channels[addr] = GrpcChannel(addr, connect_timeout=self.settings.resolve_timeout,
+                                                    tls=self.settings.tls)
         return ch
 
     async def _follow(self, w: _Watch) -> None:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Final
 
 from tether.proxy.config import H2Settings
@@ -31,7 +32,7 @@ from tether.proxy.http.h2client import H2ClientConnection
 from tether.proxy.http.h2conn import H2Error
 from tether.proxy.http.message import Headers, Request
 
-__all__ = ["CONTROL_H2", "GrpcChannel", "GrpcError", "Status", "frame_message", "status_name"]
+__all__ = ["CONTROL_H2", "ChannelTls", "GrpcChannel", "GrpcError", "Status", "frame_message", "status_name"]
 
 
 class Status:
@@ -168,12 +169,24 @@ async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> str
     return str(infos[0][4][0])
 
 
+@dataclass(frozen=True)
+class ChannelTls:
+    """Mutual TLS to a control-plane service whose certificate names ``server_name``.
+
+    ``context`` is awaited at every dial and gives the context to dial with: the proxy's current
+    certificate (it waits for the first one), so a rotated certificate reaches the next connection.
+    """
+
+    server_name: str
+    context: Callable[[], Awaitable[ssl.SSLContext]]
+
+
 class GrpcChannel:
     """Calls to one control-plane address over one HTTP/2 connection (plaintext or TLS), redialled as needed."""
 
     def __init__(self, addr: str, settings: H2Settings = CONTROL_H2, *, connect_timeout: float = 5.0,
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
-                 max_message_bytes: int = 4 * 1024 * 1024) -> None:
+                 tls: ChannelTls | None = None, max_message_bytes: int = 4 * 1024 * 1024) -> None:
         host, _, port = addr.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"not a host:port address: {addr!r}")
@@ -182,8 +195,12 @@ class GrpcChannel:
         self.port = int(port)
         self.settings = settings
         self.connect_timeout = connect_timeout
+        if tls is not None and ssl_context is not None:
+            raise ValueError("give either ssl_context or tls, not both")
         self.ssl_context = ssl_context
-        self.server_hostname = server_hostname
+        self.server_hostname = tls.server_name if tls is not None else server_hostname
+        self.tls = tls
+        self.secure = ssl_context is not None or tls is not None
         self.max_message_bytes = max_message_bytes
         self._conn: H2ClientConnection | None = None
         self._dialing: asyncio.Lock | None = None
@@ -199,13 +216,19 @@ class GrpcChannel:
             if conn is not None and conn.usable:
                 return conn
             loop = asyncio.get_running_loop()
+            ctx = self.ssl_context
             try:
                 async with asyncio.timeout(self.connect_timeout):
+                    if self.tls is not None:
+                        ctx = await self.tls.context()
                     ip = await _resolve(loop, self.host, self.port)
                     _, proto = await loop.create_connection(
-                        lambda: H2ClientConnection(self.settings), ip, self.port, ssl=self.ssl_context,
-                        server_hostname=(self.server_hostname or self.host) if self.ssl_context is not None else None)
+                        lambda: H2ClientConnection(self.settings), ip, self.port, ssl=ctx,
+                        server_hostname=(self.server_hostname or self.host) if ctx is not None else None)
             except TimeoutError:
+                if self.tls is not None and ctx is None:
+                    raise GrpcError(Status.UNAVAILABLE, f"no certificate to dial {self.addr} with yet "
+                                                        "(the proxy's identity is not ready)") from None
                 raise GrpcError(Status.UNAVAILABLE, f"connect to {self.addr} timed out") from None
             except socket.gaierror as e:
                 raise GrpcError(Status.UNAVAILABLE, f"cannot resolve {self.host}: {e.strerror or e}") from None
@@ -222,7 +245,7 @@ class GrpcChannel:
                             (b"user-agent", b"tether-proxy")]
         if timeout is not None:
             headers.append((b"grpc-timeout", _timeout_header(timeout)))
-        scheme = b"https" if self.ssl_context is not None else b"http"
+        scheme = b"https" if self.secure else b"http"
         req = Request(b"POST", path.encode(), self.addr.encode(), scheme, headers, BytesBody(frame_message(request)),
                       version="2")
         try:

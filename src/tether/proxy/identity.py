@@ -243,6 +243,7 @@ class IdentityClient:
         self._server_ctx: ssl.SSLContext | None = None
         self._client_ctx: ssl.SSLContext | None = None
         self._client_sessions: SessionCache | None = None
+        self._control_ctx: tuple[int, ssl.SSLContext] | None = None  # (generation, context)
         self.stateful_sessions = False  # the server context keeps sessions itself (tlsctl)
         self._next_addr = 0
         self._channels: dict[str, GrpcChannel] = {}
@@ -301,6 +302,27 @@ class IdentityClient:
         """Count a completed mesh TLS handshake (tls_handshakes_total)."""
         key = (direction, resumed)
         self.metrics.handshakes_total[key] = self.metrics.handshakes_total.get(key, 0) + 1
+
+    async def control_context(self) -> ssl.SSLContext:
+        """A client context for the control plane (destination, policy): mutual TLS with this proxy's
+        certificate, ALPN h2 (gRPC), the server verified against the trust anchors and by name.
+
+        Waits for the first certificate; a rotation (certificate or anchors) gives a new context, used
+        by the next connection. No session resumption: a control-plane connection is long-lived.
+        """
+        await self.ready_event.wait()
+        cached = self._control_ctx
+        if cached is not None and cached[0] == self.generation:
+            return cached[1]
+        assert self.chain is not None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_verify_locations(cadata=self.bundle.pem().decode())
+        _load_cert_chain(ctx, certificates_pem(self.chain), self.key)
+        ctx.set_alpn_protocols(["h2"])
+        ctx.options |= ssl.OP_NO_TICKET
+        self._control_ctx = (self.generation, ctx)
+        return ctx
 
     def listener_ssl_context(self) -> ssl.SSLContext:
         """A server context for a long-lived listener: each handshake switches to the current context.

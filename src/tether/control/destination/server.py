@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -36,6 +36,9 @@ from tether.control.store import Store
 from tether.core.resources import KINDS
 from tether.core.resources.events import KindState, ResourceEvent, apply_event
 from tether.runtime.watch import Change, Snapshot, Subscription, Watched
+
+if TYPE_CHECKING:
+    from tether.control.owncert import OwnCertificate
 
 log = logging.getLogger("tether.destination")
 
@@ -80,6 +83,10 @@ class DestinationConfig:
     settings: tr.Settings = field(default_factory=tr.Settings)
     queue_limit: int = 1000
     max_concurrent_rpcs: int | None = None
+    # With an own certificate (tether.control.owncert), ``addr`` serves mutual TLS only; this address,
+    # if set, serves plaintext too: for operators and the local supervisor on the same host (Linkerd's
+    # `kubectl port-forward` to the destination container reaches it in plaintext the same way).
+    plaintext_addr: tuple[str, int] | None = None
 
 
 @dataclass
@@ -97,9 +104,11 @@ class Reset(Exception):
 class DestinationController:
     """The world, the three gRPC services over it, and an admin server (/metrics, /ready, /live)."""
 
-    def __init__(self, store: Store, cfg: DestinationConfig | None = None) -> None:
+    def __init__(self, store: Store, cfg: DestinationConfig | None = None,
+                 own_cert: OwnCertificate | None = None) -> None:
         self.store = store
         self.cfg = cfg or DestinationConfig()
+        self.own_cert = own_cert
         self.settings = self.cfg.settings
         self.world: Watched[World, WorldChange] = Watched(World(), _apply, queue_limit=self.cfg.queue_limit)
         self.counters = Counters()
@@ -109,6 +118,7 @@ class DestinationController:
         self._memo: dict[tuple[Any, ...], Any] = {}
         self._memo_world: World | None = None
         self.grpc_port = 0
+        self.plaintext_port = 0
         self.admin_port = 0
 
     # --- following the store ---------------------------------------------------------------------
@@ -250,8 +260,11 @@ class DestinationController:
             + "\n"
         )
 
+    def ready(self) -> bool:
+        return self.synced.is_set() and (self.own_cert is None or self.own_cert.certified.is_set())
+
     async def _admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_admin(reader, writer, metrics=self.metrics_text, ready=self.synced.is_set,
+        await serve_admin(reader, writer, metrics=self.metrics_text, ready=self.ready,
                           views={"/store-errors.json": lambda: (self.errors_json(), "application/json")})
 
     # --- running ---------------------------------------------------------------------------------
@@ -271,7 +284,6 @@ class DestinationController:
         outbound_pb2_grpc.add_OutboundPoliciesServicer_to_server(_Outbound(self), server)
         inbound_pb2_grpc.add_InboundServerPoliciesServicer_to_server(_Inbound(self), server)
         host, port = self.cfg.addr
-        self.grpc_port = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         admin = await asyncio.start_server(self._admin, *self.cfg.admin_addr, limit=16 * 1024)
         self.admin_port = admin.sockets[0].getsockname()[1]
         subs = {kind: self.store.watch(kind) for kind in KINDS}
@@ -283,13 +295,34 @@ class DestinationController:
                 tg.create_task(run_store(stop))
             await asyncio.sleep(0)  # let every follower take its snapshot before serving
             self.synced.set()
+            if self.own_cert is not None:
+                # Mutual TLS only: nothing is served on addr before this service has its certificate.
+                renew = tg.create_task(self.own_cert.run())
+                certified = tg.create_task(self.own_cert.certified.wait())
+                stopped = tg.create_task(stop.wait())
+                await asyncio.wait({certified, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                certified.cancel()
+                stopped.cancel()
+                if stop.is_set():
+                    renew.cancel()
+                    admin.close()
+                    for sub in subs.values():
+                        sub.close()
+                    return
+                self.grpc_port = server.add_secure_port(_bind(host, port), self.own_cert.server_credentials())
+            else:
+                self.grpc_port = server.add_insecure_port(_bind(host, port))
+            if self.cfg.plaintext_addr is not None:
+                self.plaintext_port = server.add_insecure_port(_bind(*self.cfg.plaintext_addr))
             await server.start()
             log.info(
-                "destination service on %s:%d (admin %s:%d)",
+                "destination service on %s:%d%s (admin %s:%d)%s",
                 host,
                 self.grpc_port,
+                f" (mutual TLS as {self.own_cert.cfg.identity.dns_name})" if self.own_cert is not None else "",
                 self.cfg.admin_addr[0],
                 self.admin_port,
+                f", plaintext on {self.cfg.plaintext_addr[0]}:{self.plaintext_port}" if self.cfg.plaintext_addr else "",
             )
             if started is not None:
                 started()
@@ -298,6 +331,12 @@ class DestinationController:
             admin.close()
             for sub in subs.values():
                 sub.close()
+            if self.own_cert is not None:
+                renew.cancel()
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _ctx(token: str) -> Context:

@@ -67,6 +67,9 @@ class MeshSettings:
     identity_admin_addrs: list[str] = field(default_factory=list)
     destination_addrs: list[str] = field(default_factory=list)
     destination_admin_addrs: list[str] = field(default_factory=list)
+    # The destination replicas serve mutual TLS on destination_addrs (proxies present their certificate
+    # and require the service's) and plaintext here, on loopback, for the supervisor and the CLI.
+    destination_local_addrs: list[str] = field(default_factory=list)
 
     @property
     def replicas(self) -> int:

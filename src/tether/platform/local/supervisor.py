@@ -34,6 +34,7 @@ from tether.platform.local import network
 from tether.platform.local.children import Supervised, http_status
 from tether.platform.local.layout import PROXY_UID, Layout, MeshSettings, write_json
 from tether.platform.local.spec import PROXY_IGNORED_INBOUND, SpecError, WorkloadSpec
+from tether.platform.local.tokens import control_tokens_dir, ensure_control_token
 from tether.platform.local.workloads import Workload, WorkloadError, WorkloadPort, WorkloadRegistry
 
 log = logging.getLogger("tether.supervisor")
@@ -67,6 +68,16 @@ def proxy_argv(*args: str) -> list[str]:
 
 def identity_name(sa: str, ns: str, settings: MeshSettings) -> str:
     return f"{sa}.{ns}.serviceaccount.identity.{settings.controller_namespace}.{settings.trust_domain}"
+
+
+# The control plane's own service accounts (Linkerd's names): their identities are what proxies
+# require of the identity and destination services' certificates.
+IDENTITY_SA = "linkerd-identity"
+DESTINATION_SA = "linkerd-destination"
+
+
+def control_identity(sa: str, settings: MeshSettings) -> str:
+    return identity_name(sa, settings.controller_namespace, settings)
 
 
 def pick_ports(host: str, count: int) -> list[int]:
@@ -107,14 +118,23 @@ def control_plane(layout: Layout, s: MeshSettings) -> list[Component]:
     cp_log = layout.logs_dir / "control-plane"
     common = ["--state-dir", str(layout.root), "-L", s.controller_namespace, "--identity-trust-domain", s.trust_domain]
     for i, (addr, admin) in enumerate(zip(s.identity_addrs, s.identity_admin_addrs, strict=True)):
-        argv = tether_argv("controller", "identity", "--addr", addr, "--admin-addr", admin,
+        # TLS as linkerd-identity: proxies verify the service before they send their token.
+        argv = tether_argv("controller", "identity", "--addr", addr, "--admin-addr", admin, "--tls",
+                           "--identity-service-account", IDENTITY_SA,
                            "--identity-trust-anchors-file", s.trust_anchors,
                            "--identity-issuer-certificate-file", s.issuer_certificate,
                            "--identity-issuer-key-file", s.issuer_key, *common)
         out.append(Component(f"identity-{i}", "identity", addr, admin,
                              Supervised(f"identity-{i}", argv, cp_log / f"identity-{i}.log")))
+    token = control_tokens_dir(layout.root) / f"{DESTINATION_SA}.token"
     for i, (addr, admin) in enumerate(zip(s.destination_addrs, s.destination_admin_addrs, strict=True)):
-        argv = tether_argv("controller", "destination", "--addr", addr, "--admin-addr", admin,
+        # Mutual TLS as linkerd-destination on addr, its certificate from the identity service.
+        tls = ["--identity-addrs", ",".join(s.identity_addrs), "--identity-token-path", str(token),
+               "--identity-trust-anchors-file", s.trust_anchors, "--service-account", DESTINATION_SA,
+               "--identity-service-account", IDENTITY_SA]
+        if i < len(s.destination_local_addrs):
+            tls += ["--plaintext-addr", s.destination_local_addrs[i]]
+        argv = tether_argv("controller", "destination", "--addr", addr, "--admin-addr", admin, *tls,
                            "--resources-dir", str(layout.resources_dir), "--cluster-domain", s.cluster_domain,
                            "--cluster-networks", f"{s.pod_cidr},{s.service_cidr}", *common)
         out.append(Component(f"destination-{i}", "destination", addr, admin,
@@ -245,6 +265,13 @@ class Supervisor:
                 join_addr="" if self.s.explicit_only else f"{gw}:{ports[4 * n]}",
             )
             self.layout.write_settings(self.s)
+        if not self.s.agent and not self.s.destination_local_addrs:
+            # (A mesh.json from before the destination served mutual TLS has none yet.)
+            self.s = replace(self.s, destination_local_addrs=[
+                f"127.0.0.1:{p}" for p in pick_ports("127.0.0.1", self.s.replicas)])
+            self.layout.write_settings(self.s)
+        if not self.s.agent:
+            ensure_control_token(self.layout.root, DESTINATION_SA)
         if self.s.join_addr and not self.s.agent and not self.layout.join_token_path.exists():
             from tether.platform.local.join import new_token
 
@@ -546,7 +573,7 @@ class Supervisor:
         for ns, name in keys:
             path = f"{name}.{ns}.svc.{self.s.cluster_domain}:{self._service_port.get((ns, name), 80)}"
             known = True
-            for addr in self.s.destination_addrs:
+            for addr in self.s.destination_local_addrs:  # plaintext, on loopback
                 try:
                     with grpc.insecure_channel(addr) as ch:
                         call = destination_pb2_grpc.DestinationStub(ch).Get(
@@ -681,7 +708,10 @@ class Supervisor:
                              "--identity-token-path", str(rt / "token"),
                              "--identity-trust-anchors", str(self.layout.runtime_dir(s) / "ca.crt"),
                              "--identity-addrs", ",".join(s.identity_addrs),
+                             "--identity-svc-name", control_identity(IDENTITY_SA, s),
                              "--destination-addrs", ",".join(s.destination_addrs),
+                             "--destination-svc-name", control_identity(DESTINATION_SA, s),
+                             "--policy-svc-name", control_identity(DESTINATION_SA, s),
                              # Who is asking (the destination context, the inbound policy's workload)
                              # and where inbound policy comes from: the same destination controllers.
                              "--destination-context", json.dumps({"ns": spec.namespace, "pod": pod.name},

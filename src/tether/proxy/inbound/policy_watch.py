@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from tether.api.protolite import DecodeError
 from tether.core.policy.authz import PolicyError
-from tether.proxy.grpc_client import GrpcChannel, GrpcError
+from tether.proxy.grpc_client import ChannelTls, GrpcChannel, GrpcError
 from tether.proxy.inbound.policy import PortPolicy
 from tether.proxy.inbound.policy_wire import port_policy
 
@@ -46,6 +46,7 @@ class PolicyWatchSettings:
     workload: str  # PortSpec.workload: {"ns": ..., "pod": ...}
     wait_timeout: float = 3.0  # how long a connection waits for a port's first policy
     permit_localhost: bool = True
+    tls: ChannelTls | None = None  # mutual TLS to the replicas (None: plaintext)
 
 
 class _Port:
@@ -140,7 +141,7 @@ class PolicyWatch:
     def _channel(self, addr: str) -> GrpcChannel:
         ch = self._channels.get(addr)
         if ch is None:
-            ch = self._channels[addr] = GrpcChannel(addr)
+            ch = self._channels[addr] = GrpcChannel(addr, tls=self.settings.tls)
         return ch
 
     async def _follow(self, p: _Port) -> None:

@@ -1,0 +1,192 @@
+"""Proxies reach the control plane over TLS, as Linkerd's do: the identity service over TLS (verified
+against the trust anchors and by its name before the token is sent), the destination and policy
+services over mutual TLS (the proxy's own certificate; the service's, for linkerd-destination, got
+from the identity service with the service's own token).
+
+Real processes: the identity controller with --tls, the destination controller with --identity-addrs,
+two proxies, a backend; openssl and grpcio as the outside clients.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tether.api.gen import destination_pb2, destination_pb2_grpc
+from tether.platform.local.tokens import ensure_control_token
+from tether.platform.local.workloads import WorkloadPort
+from tether.testing.backend import BackendServer, start_in_thread
+from tether.testing.mesh import LocalMesh, web_with_header_route
+from tether.testing.procs import Proc, ProxyProc, free_port, http_get, wait_for
+
+pytestmark = pytest.mark.integration
+
+AUTHORITY = "web.default.svc.cluster.local:80"
+DESTINATION_ID = "linkerd-destination.linkerd.serviceaccount.identity.linkerd.cluster.local"
+IDENTITY_ID = "linkerd-identity.linkerd.serviceaccount.identity.linkerd.cluster.local"
+
+
+class ControlPlane:
+    """An identity service over TLS, a destination service over mutual TLS, a web workload behind its proxy."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.mesh = LocalMesh(work)
+        self.app: BackendServer | None = None
+        self.mesh.create_ca()
+        self.mesh.start_identity(1, "--tls")
+        self.app = start_in_thread("web")
+        self.web_inbound = free_port()
+        self.web, self.client = self.mesh.workload("web"), self.mesh.workload("client")
+        reg = self.mesh.registry
+        reg.update(replace(reg.get("default", "web"), labels={"app": "web"}, addresses=("127.0.0.1",),
+                           ports=(WorkloadPort(self.web_inbound),)))
+        self.resources = work / "resources"
+        self.resources.mkdir()
+        (self.resources / "web.yaml").write_text(web_with_header_route(self.web_inbound))
+        self.token = ensure_control_token(self.mesh.state, "linkerd-destination")
+        self.port, self.plain_port, self.admin = free_port(), free_port(), free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.destination = self.start_destination(self.token, self.port, self.plain_port, self.admin)
+        wait_for(lambda: http_get(f"http://127.0.0.1:{self.admin}/ready")[0] == 200, 30,
+                 what="destination service ready")
+
+    def start_destination(self, token: Path, port: int, plain_port: int, admin: int) -> Proc:
+        p = Proc([sys.executable, "-m", "tether", "controller", "destination",
+                  "--addr", f"127.0.0.1:{port}", "--admin-addr", f"127.0.0.1:{admin}",
+                  "--plaintext-addr", f"127.0.0.1:{plain_port}",
+                  "--identity-addrs", ",".join(self.mesh.identity_addrs), "--identity-token-path", str(token),
+                  "--identity-trust-anchors-file", str(self.mesh.anchors),
+                  "--resources-dir", str(self.resources), "--state-dir", str(self.mesh.state)],
+                 self.work / f"destination-{port}.log")
+        self.mesh.procs.append(p)
+        return p
+
+    def proxy(self, w: object, destination_svc_name: str = DESTINATION_ID, **flags: object) -> ProxyProc:
+        return self.mesh.proxy(w, identity_svc_name=IDENTITY_ID, destination_svc_name=destination_svc_name,  # type: ignore[arg-type]
+                               policy_svc_name=DESTINATION_ID, **flags)
+
+    def close(self) -> None:
+        self.mesh.close()
+        if self.app is not None:
+            self.app.shutdown()
+
+
+@pytest.fixture
+def cp(tmp_path: Path) -> Iterator[ControlPlane]:
+    c = ControlPlane(tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _get_first(addr: str, secure: bool = False) -> destination_pb2.Update:
+    with grpc.insecure_channel(addr) as ch:
+        call = destination_pb2_grpc.DestinationStub(ch).Get(
+            destination_pb2.GetDestination(scheme="k8s", path=AUTHORITY, context_token='{"ns":"default"}'),
+            timeout=5)
+        first: destination_pb2.Update = next(iter(call))
+        call.cancel()
+        return first
+
+
+def _peer_certificate(addr: str, name: str) -> str:
+    host, port = addr.rsplit(":", 1)
+    r = subprocess.run(["openssl", "s_client", "-connect", f"{host}:{port}", "-servername", name, "-alpn", "h2",
+                        "-showcerts"], input="", capture_output=True, text=True, timeout=30)
+    cert = r.stdout[r.stdout.index("-----BEGIN CERTIFICATE-----"):r.stdout.index("-----END CERTIFICATE-----") + 25]
+    out = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName"], input=cert,
+                         capture_output=True, text=True, timeout=30, check=True)
+    return out.stdout
+
+
+def test_proxies_resolve_route_and_authorize_over_mutual_tls_to_the_control_plane(cp: ControlPlane) -> None:
+    web = cp.proxy(cp.web, inbound_port=cp.web_inbound, policy_addrs=cp.addr,
+                   inbound_app_addr=f"127.0.0.1:{cp.app.server_address[1]}")  # type: ignore[union-attr]
+    client = cp.proxy(cp.client, destination_addrs=cp.addr, policy_addrs=cp.addr,
+                      destination_context='{"ns":"default"}')
+
+    def answer() -> tuple[int, bytes]:
+        return http_get(client.outbound + "/headers", headers={"Host": AUTHORITY})
+
+    # Endpoints and the route's filter came from the destination service, over mutual TLS.
+    wait_for(lambda: answer()[0] == 200, 30, what="web through the client proxy")
+    assert json.loads(answer()[1]).get("x-route") == "web-headers"
+    policies = [ln for ln in web.metrics().splitlines() if ln.startswith("tether_inbound_policy{")]
+    assert any(ln.endswith(" 1") for ln in policies), policies
+    # The destination service presents linkerd-destination's certificate, issued by the identity service.
+    assert f"DNS:{DESTINATION_ID}" in _peer_certificate(cp.addr, DESTINATION_ID)
+    assert f"DNS:{IDENTITY_ID}" in _peer_certificate(cp.mesh.identity_addrs[0], IDENTITY_ID)
+    # Its TLS address refuses plaintext gRPC; the loopback plaintext address answers (for operators).
+    with pytest.raises(grpc.RpcError) as e:
+        _get_first(cp.addr)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    first = _get_first(f"127.0.0.1:{cp.plain_port}")
+    assert first.WhichOneof("update") == "add"
+
+
+def test_a_client_without_a_mesh_certificate_is_refused(cp: ControlPlane) -> None:
+    # TLS, the right name, the anchors, but no client certificate: the service closes the connection
+    # right after the handshake, without answering the HTTP/2 preface (a server that accepted the
+    # client would send its SETTINGS frame).
+    ctx = ssl.create_default_context(cafile=str(cp.mesh.anchors))
+    ctx.set_alpn_protocols(["h2"])
+    host, port = cp.addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=DESTINATION_ID) as conn:
+        assert conn.version() == "TLSv1.3"
+        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        try:
+            got = conn.recv(1024)
+        except (ssl.SSLError, ConnectionResetError):
+            got = b""
+        assert got == b"", got
+
+
+def test_a_destination_service_with_another_name_is_not_trusted(cp: ControlPlane) -> None:
+    wrong = "linkerd-destination.other.serviceaccount.identity.linkerd.cluster.local"
+    client = cp.proxy(cp.client, destination_svc_name=wrong, destination_addrs=cp.addr,
+                      destination_context='{"ns":"default"}')
+    # The proxy never takes answers from a service that cannot prove the expected name: the authority
+    # is forwarded as addressed, and no endpoint of the service is ever used.
+    status, _ = http_get(client.outbound + "/headers", headers={"Host": AUTHORITY})
+    assert status in (502, 503, 504), status
+    wait_for(lambda: "hostname mismatch" in client.log().lower() or "certificate verify failed" in client.log().lower(),
+             30, what="the proxy's log naming the refused certificate")
+
+
+def test_a_destination_service_whose_token_is_refused_never_serves(cp: ControlPlane) -> None:
+    forged = cp.work / "forged.token"
+    forged.write_text("tether-control.linkerd-destination.not-the-secret\n")
+    port, plain, admin = free_port(), free_port(), free_port()
+    p = cp.start_destination(forged, port, plain, admin)
+    wait_for(lambda: "does not match control-plane service account linkerd-destination" in p.log(), 30,
+             what="the destination service's log naming the refused token")
+    assert http_get(f"http://127.0.0.1:{admin}/ready")[0] != 200
+    with pytest.raises(grpc.RpcError):
+        _get_first(f"127.0.0.1:{plain}")
+
+
+def test_destination_tls_flags_are_checked(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "tether", "controller", "destination", "--identity-addrs",
+                        "127.0.0.1:1", "--resources-dir", str(tmp_path), "--state-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "--identity-addrs is set but --identity-token-path and --identity-trust-anchors-file are not" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "tether", "proxy", "--destination-addrs", "127.0.0.1:1",
+                        "--destination-svc-name", "linkerd-destination.linkerd.serviceaccount.identity.linkerd."
+                        "cluster.local"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "--destination-svc-name is set but --identity-name is not" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
