@@ -9,6 +9,7 @@ two proxies, a backend; openssl and grpcio as the outside clients.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import ssl
@@ -22,6 +23,10 @@ import grpc
 import pytest
 
 from tether.api.gen import destination_pb2, destination_pb2_grpc
+from tether.control.owncert import OwnCertConfig, OwnCertificate
+from tether.control.tlsfront import load_cert_chain
+from tether.core.identity.certs import certificates_pem
+from tether.core.identity.names import WorkloadIdentity
 from tether.platform.local.tokens import ensure_control_token
 from tether.platform.local.workloads import WorkloadPort
 from tether.testing.backend import BackendServer, start_in_thread
@@ -135,22 +140,37 @@ def test_proxies_resolve_route_and_authorize_over_mutual_tls_to_the_control_plan
     assert first.WhichOneof("update") == "add"
 
 
-def test_a_client_without_a_mesh_certificate_is_refused(cp: ControlPlane) -> None:
-    # TLS, the right name, the anchors, but no client certificate: the service closes the connection
-    # right after the handshake, without answering the HTTP/2 preface (a server that accepted the
-    # client would send its SETTINGS frame).
-    ctx = ssl.create_default_context(cafile=str(cp.mesh.anchors))
-    ctx.set_alpn_protocols(["h2"])
-    host, port = cp.addr.rsplit(":", 1)
+def _h2_answer(addr: str, ctx: ssl.SSLContext, name: str) -> bytes:
+    """The first bytes a TLS server sends back after the HTTP/2 preface and an empty SETTINGS frame."""
+    host, port = addr.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname=DESTINATION_ID) as conn:
-        assert conn.version() == "TLSv1.3"
-        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            ctx.wrap_socket(raw, server_hostname=name) as conn:
+        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         try:
-            got = conn.recv(1024)
+            return conn.recv(1024)
         except (ssl.SSLError, ConnectionResetError):
-            got = b""
-        assert got == b"", got
+            return b""
+
+
+def test_clients_that_offer_no_alpn_are_served_as_linkerds_proxy_is(cp: ControlPlane) -> None:
+    # Linkerd's proxy offers no ALPN on its control-plane connections (grpcio's own TLS would close
+    # them). A workload certificate from the identity service, got by the same client the destination
+    # service uses for its own.
+    own = OwnCertificate(OwnCertConfig(WorkloadIdentity("client", "default", "linkerd", "cluster.local"),
+                                       tuple(cp.mesh.identity_addrs), IDENTITY_ID, str(cp.client.token_path),
+                                       str(cp.mesh.anchors)))
+    chain = asyncio.run(own.certify_once())
+    for alpn in ([], ["h2"]):
+        anon = ssl.create_default_context(cafile=str(cp.mesh.anchors))
+        mutual = ssl.create_default_context(cafile=str(cp.mesh.anchors))
+        load_cert_chain(mutual, certificates_pem(chain), own.key_pem)
+        if alpn:
+            for ctx in (anon, mutual):
+                ctx.set_alpn_protocols(alpn)
+        # A SETTINGS frame (type 4) answers: the gRPC server behind the TLS is talking HTTP/2.
+        assert _h2_answer(cp.mesh.identity_addrs[0], anon, IDENTITY_ID)[3:4] == b"\x04", alpn
+        assert _h2_answer(cp.addr, mutual, DESTINATION_ID)[3:4] == b"\x04", alpn
+        assert _h2_answer(cp.addr, anon, DESTINATION_ID) == b"", alpn  # and no certificate, no answer
 
 
 def test_a_destination_service_with_another_name_is_not_trusted(cp: ControlPlane) -> None:

@@ -7,8 +7,8 @@ and the service's token sent to the identity service's Certify over TLS (the ide
 verified against the trust anchors and by its own name), the answer checked, renewed at half its
 life. Nothing is written to disk.
 
-``server_credentials()`` gives grpcio credentials that present the current certificate and require
-a client certificate chained to the current trust anchors; grpcio asks ``_fetch`` before every
+``ssl_context()`` is the current server context: the certificate, a client certificate chained to
+the current trust anchors required. The TLS front (tether.control.tlsfront) asks for it at every
 handshake, so a renewal or a new anchors file reaches the next connection without a restart.
 """
 
@@ -19,6 +19,7 @@ import datetime as dt
 import logging
 import os
 import random
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tether.api.gen import identity_pb2, identity_pb2_grpc
+from tether.control.tlsfront import server_context
 from tether.core.identity.certs import (
     CertificateError,
     TrustBundle,
@@ -89,10 +91,8 @@ class OwnCertificate:
         self.chain: list[x509.Certificate] | None = None
         self.certified = asyncio.Event()
         self.renewals = {"ok": 0, "error": 0}
-        self._lock = threading.Lock()  # grpcio calls _fetch from its own threads
-        self._generation = 0
-        self._served_generation = -1
-        self._config: grpc.ServerCertificateConfiguration | None = None
+        self._lock = threading.Lock()
+        self._context: ssl.SSLContext | None = None
         self._next = 0
         self._rng = random.Random()
 
@@ -148,11 +148,10 @@ class OwnCertificate:
         return [c for c in path if not self.bundle.is_anchor(c)]
 
     def install(self, chain: list[x509.Certificate]) -> None:
+        context = server_context(certificates_pem(chain), self.key_pem, self.bundle.pem())
         with self._lock:
             self.chain = chain
-            self._config = grpc.ssl_server_certificate_configuration(
-                [(self.key_pem, certificates_pem(chain))], root_certificates=self.bundle.pem())
-            self._generation += 1
+            self._context = context
         self.certified.set()
         log.info("serving mutual TLS as %s until %s", self.cfg.identity.dns_name,
                  chain[0].not_valid_after_utc.isoformat())
@@ -201,18 +200,10 @@ class OwnCertificate:
 
     # -- serving -------------------------------------------------------------------------------------
 
-    def server_credentials(self) -> grpc.ServerCredentials:
-        """Credentials for ``add_secure_port``: call once ``certified`` is set."""
+    def ssl_context(self) -> ssl.SSLContext:
+        """The current server context (the TLS front asks at every handshake): this service's chain,
+        a client certificate chained to the current anchors required."""
         with self._lock:
-            if self._config is None:
+            if self._context is None:
                 raise NotCertified(f"no certificate for {self.cfg.identity.dns_name} yet")
-            initial = self._config
-            self._served_generation = self._generation
-        return grpc.dynamic_ssl_server_credentials(initial, self._fetch, require_client_authentication=True)
-
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        with self._lock:
-            if self._served_generation == self._generation:
-                return None  # keep the current one
-            self._served_generation = self._generation
-            return self._config
+            return self._context

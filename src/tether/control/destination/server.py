@@ -33,6 +33,7 @@ from tether.control.destination import translate as tr
 from tether.control.destination.translate import format_tcp_address
 from tether.control.destination.world import Context, LookupError_, World, split_authority
 from tether.control.store import Store
+from tether.control.tlsfront import TlsFront
 from tether.core.resources import KINDS
 from tether.core.resources.events import KindState, ResourceEvent, apply_event
 from tether.runtime.watch import Change, Snapshot, Subscription, Watched
@@ -295,8 +296,11 @@ class DestinationController:
                 tg.create_task(run_store(stop))
             await asyncio.sleep(0)  # let every follower take its snapshot before serving
             self.synced.set()
+            front: TlsFront | None = None
             if self.own_cert is not None:
                 # Mutual TLS only: nothing is served on addr before this service has its certificate.
+                # The gRPC server listens in plaintext on loopback (plaintext_addr, or a port of its
+                # own) and the TLS front relays to it (see tether.control.tlsfront).
                 renew = tg.create_task(self.own_cert.run())
                 certified = tg.create_task(self.own_cert.certified.wait())
                 stopped = tg.create_task(stop.wait())
@@ -309,12 +313,14 @@ class DestinationController:
                     for sub in subs.values():
                         sub.close()
                     return
-                self.grpc_port = server.add_secure_port(_bind(host, port), self.own_cert.server_credentials())
+                backend = self.cfg.plaintext_addr or ("127.0.0.1", 0)
+                self.plaintext_port = server.add_insecure_port(_bind(*backend))
+                front = TlsFront(self.own_cert.ssl_context, (backend[0], self.plaintext_port), "destination")
             else:
                 self.grpc_port = server.add_insecure_port(_bind(host, port))
-            if self.cfg.plaintext_addr is not None:
-                self.plaintext_port = server.add_insecure_port(_bind(*self.cfg.plaintext_addr))
             await server.start()
+            if front is not None:
+                self.grpc_port = await front.start(host, port)
             log.info(
                 "destination service on %s:%d%s (admin %s:%d)%s",
                 host,
@@ -327,6 +333,8 @@ class DestinationController:
             if started is not None:
                 started()
             await stop.wait()
+            if front is not None:
+                await front.close()
             await server.stop(grace=1.0)
             admin.close()
             for sub in subs.values():

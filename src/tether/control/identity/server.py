@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import threading
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -24,6 +24,7 @@ from tether.control.admin import serve_admin
 from tether.control.identity.credentials import CredentialPaths, FileIssuer, ReloadingIssuer
 from tether.control.identity.ratelimit import RateLimiter
 from tether.control.identity.service import CertifyError, IdentityService, TokenValidator
+from tether.control.tlsfront import TlsFront, server_context
 from tether.core.identity.certs import certificates_pem
 from tether.core.identity.csr import build_csr, generate_key, validate_csr
 from tether.core.identity.issuance import IssuancePolicy
@@ -125,12 +126,12 @@ class IdentityController:
         self.own_identity = WorkloadIdentity(
             cfg.service_account, cfg.control_plane_ns, cfg.control_plane_ns, cfg.trust_domain
         )
-        self._tls_lock = threading.Lock()
-        self._tls_state: tuple[object, dt.datetime] | None = None  # (issuer it came from, renew after)
+        # (issuer it came from, renew after, context); the front asks for it at every handshake.
+        self._tls_state: tuple[object, dt.datetime, ssl.SSLContext] | None = None
 
     # -- its own serving certificate ---------------------------------------------------------------
 
-    def _issue_own(self) -> grpc.ServerCertificateConfiguration:
+    def _issue_own(self) -> ssl.SSLContext:
         key = generate_key()
         csr = validate_csr(build_csr(key, self.own_identity), self.own_identity)
         now = utcnow()
@@ -140,22 +141,25 @@ class IdentityController:
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
+        # No client certificate: a proxy has none before its first Certify.
+        context = server_context(certificates_pem(chain), key_pem, None)
         # Renew at half its life, and whenever the issuer is replaced.
-        self._tls_state = (current, now + (leaf.not_after - now) / 2)
+        self._tls_state = (current, now + (leaf.not_after - now) / 2, context)
         log.info("serving TLS as %s until %s", self.own_identity.dns_name, leaf.not_after.isoformat())
-        return grpc.ssl_server_certificate_configuration([(key_pem, certificates_pem(chain))])
+        return context
 
-    def _fetch_tls(self) -> grpc.ServerCertificateConfiguration | None:
-        # Called by gRPC before every TLS handshake, from its own threads.
-        with self._tls_lock:
-            state = self._tls_state
-            if state is not None and state[0] is self.issuer.current and utcnow() < state[1]:
-                return None
-            try:
-                return self._issue_own()
-            except CertifyError as e:
-                log.error("cannot renew the identity service's own certificate: %s", e)
-                return None
+    def _tls_context(self) -> ssl.SSLContext:
+        # Asked by the TLS front at every handshake (on the event loop).
+        state = self._tls_state
+        if state is not None and state[0] is self.issuer.current and utcnow() < state[1]:
+            return state[2]
+        try:
+            return self._issue_own()
+        except CertifyError as e:
+            if state is None:
+                raise
+            log.error("cannot renew the identity service's own certificate (the current one stays): %s", e)
+            return state[2]
 
     def metrics_text(self) -> str:
         now = utcnow()
@@ -218,16 +222,20 @@ class IdentityController:
         identity_pb2_grpc.add_IdentityServicer_to_server(_Servicer(self.service), server)
         host, port = self.cfg.addr
         bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        front: TlsFront | None = None
         if self.cfg.tls:
-            with self._tls_lock:
-                initial = self._issue_own()
-            creds = grpc.dynamic_ssl_server_credentials(initial, self._fetch_tls)
-            self.grpc_port = server.add_secure_port(bind, creds)
+            # gRPC in plaintext on a loopback port of its own, TLS on addr (tether.control.tlsfront:
+            # Linkerd's proxies offer no ALPN, which grpcio's own TLS refuses).
+            self._issue_own()
+            backend = server.add_insecure_port("127.0.0.1:0")
+            front = TlsFront(self._tls_context, ("127.0.0.1", backend), "identity")
         else:
             self.grpc_port = server.add_insecure_port(bind)
         admin = await asyncio.start_server(self._admin, *self.cfg.admin_addr, limit=16 * 1024)
         self.admin_port = admin.sockets[0].getsockname()[1]
         await server.start()
+        if front is not None:
+            self.grpc_port = await front.start(host, port)
         self.serving.set()
         cur = self.issuer.current
         log.info(
@@ -249,6 +257,8 @@ class IdentityController:
                 reload_task.cancel()
         finally:
             self.serving.clear()
+            if front is not None:
+                await front.close()
             admin.close()
             with contextlib.suppress(Exception):
                 await server.stop(grace=2.0)
