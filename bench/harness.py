@@ -346,10 +346,15 @@ def process_tree(pid: int) -> list[int]:
     return list(dict.fromkeys(pids))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of `pid` and its descendants, from /proc/<pid>/stat."""
+def _trees(pids: int | Sequence[int]) -> list[int]:
+    roots = [pids] if isinstance(pids, int) else list(pids)
+    return list(dict.fromkeys(p for root in roots for p in process_tree(root)))
+
+
+def cpu_seconds(pids: int | Sequence[int]) -> float:
+    """User plus system CPU time of `pids` and their descendants, from /proc/<pid>/stat."""
     total = 0
-    for p in process_tree(pid):
+    for p in _trees(pids):
         with contextlib.suppress(OSError):
             stat = Path(f"/proc/{p}/stat").read_text()
             # Fields after the command name, which is in parentheses and may contain spaces.
@@ -358,10 +363,10 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of `pid` and its descendants in KiB (shared pages are counted once per process)."""
+def rss_kib(pids: int | Sequence[int]) -> int:
+    """VmRSS of `pids` and their descendants in KiB (shared pages are counted once per process)."""
     total = 0
-    for p in process_tree(pid):
+    for p in _trees(pids):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -429,6 +434,7 @@ def fortio_load(
     workdir: Path,
     ok_codes: Sequence[str],
     extra: Sequence[str] = (),
+    prefix: Sequence[str] = (),
 ) -> LoadResult:
     """One fortio run: qps=0 saturates; otherwise fortio holds the rate spread uniformly over connections.
 
@@ -436,6 +442,7 @@ def fortio_load(
     """
     out = workdir / f"fortio-{time.monotonic_ns()}.json"
     argv = [
+        *prefix,  # e.g. ip netns exec POD: the load comes from inside a pod
         str(fortio),
         "load",
         "-quiet",
@@ -491,6 +498,14 @@ class Target:
     proc: Proc | None  # None for the direct (no proxy) target
     load: Callable[[float, int, float], LoadResult]  # (qps, connections, seconds); qps 0 saturates
     hold: Callable[[int], contextlib.AbstractContextManager[int]]  # opens n live connections, yields how many
+    # The processes measured, when they are not `proc`'s tree (two pods' proxies, say).
+    pids: Callable[[], list[int]] | None = None
+
+    def measured(self) -> list[int] | None:
+        """The roots of the process trees whose CPU and RSS are the target's (None: nothing to measure)."""
+        if self.pids is not None:
+            return self.pids()
+        return [self.proc.pid] if self.proc is not None else None
 
 
 class Skip(Exception):
@@ -525,8 +540,9 @@ def measure(targets: Sequence[Target], plan: Plan) -> list[TargetResult]:
     points (CPU per request from the saturation runs), then RSS with `held_connections` open."""
     results = {t.name: TargetResult(t.name) for t in targets}
     for t in targets:
-        if t.proc is not None:
-            results[t.name].rss_idle_kib = rss_kib(t.proc.pid)
+        pids = t.measured()
+        if pids is not None:
+            results[t.name].rss_idle_kib = rss_kib(pids)
     active = list(targets)
     for t in targets:
         try:
@@ -578,11 +594,12 @@ def measure(targets: Sequence[Target], plan: Plan) -> list[TargetResult]:
 
     for t in active:
         res = results[t.name]
-        if t.proc is not None:
-            res.rss_after_load_kib = rss_kib(t.proc.pid)
+        pids = t.measured()
+        if pids is not None:
+            res.rss_after_load_kib = rss_kib(pids)
             with t.hold(plan.held_connections) as opened:
                 res.held_connections = opened
-                res.rss_held_kib = rss_kib(t.proc.pid)
+                res.rss_held_kib = rss_kib(pids)
             if opened < plan.held_connections:
                 res.notes.append(f"only {opened} of {plan.held_connections} held connections stayed open")
     for res in results.values():
@@ -601,10 +618,11 @@ def _drop(t: Target, res: TargetResult, rnd: int, exc: BaseException, active: li
 
 
 def _saturation(t: Target, res: TargetResult, rnd: int, plan: Plan) -> LoadResult:
-    cpu0 = cpu_seconds(t.proc.pid) if t.proc is not None else 0.0
+    pids = t.measured()
+    cpu0 = cpu_seconds(pids) if pids is not None else 0.0
     sat = t.load(0, plan.saturation_connections, plan.saturation_s)
-    if t.proc is not None and sat.count:
-        res.cpu_us_per_request.append((cpu_seconds(t.proc.pid) - cpu0) * 1e6 / sat.count)
+    if pids is not None and sat.count:
+        res.cpu_us_per_request.append((cpu_seconds(pids) - cpu0) * 1e6 / sat.count)
     res.saturation.append(sat)
     progress(t.name, f"round {rnd + 1}: saturation {sat.actual_qps:,.0f}/s")
     return sat

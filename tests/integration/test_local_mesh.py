@@ -455,3 +455,23 @@ def test_a_server_and_authorization_policy_lock_a_workload_down(mesh: Mesh) -> N
                        input=LOCKDOWN, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     wait_for(lambda: status() == "200", 10, what="the default policy back")
+
+
+def test_a_pod_calls_its_own_service_through_both_sides_of_its_proxy(mesh: Mesh) -> None:
+    # The outbound side dials the pod's own address (routed over lo, never through PREROUTING): the
+    # proxy-init rule sends it to the inbound side, which takes the mTLS off for the application.
+    mesh.up()
+    mesh.tether("run", "web", "--port", "8080", "--", *HTTP_APP)
+    mesh.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n"
+               "spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n")
+    wait_for(lambda: mesh.exec("web-0", "getent", "hosts", "web", check=False).returncode == 0, 15,
+             what="the Service's name in the pod's hosts file")
+    r = mesh.exec("web-0", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://web/", check=False)
+    assert r.stdout == "200", (r.stdout, r.stderr)
+    me = "web.default.serviceaccount.identity.linkerd.cluster.local"
+    inbound = [ln for ln in mesh.metrics("web-0").splitlines()
+               if ln.startswith("request_total{") and 'direction="inbound"' in ln and 'target_port="8080"' in ln]
+    assert any('tls="true"' in ln and f'client_id="{me}"' in ln for ln in inbound), inbound
+    rules = mesh.exec("web-0", "iptables", "-t", "nat", "-S", "PROXY_INIT_OUTPUT").stdout.splitlines()
+    assert rules[1] == ("-A PROXY_INIT_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner 2102 "
+                        "-m comment --comment tether -j PROXY_INIT_REDIRECT"), rules

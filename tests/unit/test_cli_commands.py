@@ -187,3 +187,14 @@ def test_output_closed_early_is_quiet(tmp_path: Path) -> None:
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.stdout.startswith("iptables -t nat -N PROXY_INIT_REDIRECT")
     assert r.stderr == "" and r.returncode == 141
+
+
+def test_proxy_init_sends_the_proxys_own_pod_traffic_inbound_unless_told(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "proxy-init", "--dry-run")
+    assert rc == 0
+    output = [ln for ln in out.splitlines() if " PROXY_INIT_OUTPUT " in ln and "-A" in ln]
+    # First in the chain, before the rule that lets the proxy's own connections out.
+    assert "--uid-owner 2102 -o lo ! -d 127.0.0.1/32 -j PROXY_INIT_REDIRECT" in output[0], output
+    assert "--uid-owner 2102 -j RETURN" in output[1], output
+    rc, out, _ = run(capsys, "proxy-init", "--dry-run", "--no-redirect-self-calls")
+    assert rc == 0 and "! -d 127.0.0.1/32" not in out

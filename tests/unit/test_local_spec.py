@@ -42,6 +42,9 @@ def test_annotations_set_the_proxy_and_proxy_init() -> None:
      "annotation config.linkerd.io/proxy-cpu-limit: not supported by the local platform (supported: "),
     ({"config.alpha.linkerd.io/proxy-wait-before-exit-seconds": "5"}, "not supported by the local platform"),
     ({"not a key": "x"}, "annotation 'not a key': not a valid annotation key"),
+    ({"local.tether.io/linkerd2-proxy": "linkerd2-proxy"},
+     "annotation local.tether.io/linkerd2-proxy: 'linkerd2-proxy' must be the absolute path of a linkerd2-proxy"),
+    ({"local.tether.io/proxy-binary": "/x"}, "annotation local.tether.io/proxy-binary: not supported by the local"),
 ])
 def test_bad_annotations_are_refused_by_name(annotations: dict[str, str], message: str) -> None:
     with pytest.raises(SpecError) as e:
@@ -61,6 +64,8 @@ def test_bad_annotations_are_refused_by_name(annotations: dict[str, str], messag
     ({"labels": {"app": "a b"}}, "label app='a b': not a valid label value"),
     ({"labels": {"-x": "1"}}, "label '-x': not a valid label key"),
     ({"annotations": {"config.linkerd.io/opaque-ports": "x"}}, "annotation config.linkerd.io/opaque-ports"),
+    ({"annotations": {"local.tether.io/linkerd2-proxy": "/opt/linkerd2-proxy"}, "explicit": True},
+     "--explicit: not with annotation local.tether.io/linkerd2-proxy"),
 ])
 def test_bad_specs_name_the_field(kw: dict[str, object], message: str) -> None:
     with pytest.raises(SpecError) as e:
@@ -97,3 +102,32 @@ def test_a_pods_hosts_file_names_services_like_cluster_dns() -> None:
     assert "10.96.0.1\tweb.shop.svc.cluster.local web.shop.svc web.shop web" in lines
     assert "10.96.0.2\tdb.ops.svc.cluster.local db.ops.svc db.ops" in lines
     assert resolv_conf("shop", "cluster.local").startswith("search shop.svc.cluster.local svc.cluster.local")
+
+
+def test_a_pod_can_ask_for_linkerds_proxy_with_the_environment_linkerds_injector_gives_it() -> None:
+    from pathlib import Path
+
+    from tether.platform.local.linkerd2 import proxy_env
+
+    assert pod_settings({"local.tether.io/linkerd2-proxy": "/opt/l5d/linkerd2-proxy"}).linkerd2_proxy == \
+        "/opt/l5d/linkerd2-proxy"
+    env = proxy_env(namespace="shop", pod="web-0", pod_ip="10.234.0.7", identity="web.shop.serviceaccount.identity."
+                    "linkerd.cluster.local", token_path=Path("/run/t/token"), identity_dir=Path("/run/t/identity"),
+                    trust_anchors_pem="PEM", identity_addr="10.234.0.1:8080", identity_name="linkerd-identity.x",
+                    destination_addr="10.234.0.1:8086", destination_name="linkerd-destination.x",
+                    cluster_domain="cluster.local", cluster_networks="10.234.0.0/16,10.96.0.0/16",
+                    inbound_ports=[8080, 9090], opaque_ports=("3306",), log_level=None)
+    # The control plane by address and TLS name (Linkerd's proxy dials a non-loopback one only over TLS).
+    assert (env["LINKERD2_PROXY_DESTINATION_SVC_ADDR"], env["LINKERD2_PROXY_DESTINATION_SVC_NAME"]) == \
+        ("10.234.0.1:8086", "linkerd-destination.x")
+    assert (env["LINKERD2_PROXY_POLICY_SVC_ADDR"], env["LINKERD2_PROXY_POLICY_SVC_NAME"]) == \
+        ("10.234.0.1:8086", "linkerd-destination.x")
+    assert (env["LINKERD2_PROXY_IDENTITY_SVC_ADDR"], env["LINKERD2_PROXY_IDENTITY_SVC_NAME"]) == \
+        ("10.234.0.1:8080", "linkerd-identity.x")
+    assert env["LINKERD2_PROXY_POLICY_WORKLOAD"] == '{"ns":"shop","pod":"web-0"}'
+    assert env["LINKERD2_PROXY_DESTINATION_CONTEXT"] == '{"ns":"shop","nodeName":"local","pod":"web-0"}'
+    assert env["LINKERD2_PROXY_IDENTITY_DIR"] == "/run/t/identity"
+    assert env["LINKERD2_PROXY_INBOUND_PORTS"] == "8080,9090"
+    assert env["LINKERD2_PROXY_INBOUND_PORTS_DISABLE_PROTOCOL_DETECTION"] == "3306"
+    assert env["LINKERD2_PROXY_LOG"] == "warn,linkerd=info"
+    assert env["LINKERD2_PROXY_INBOUND_LISTEN_ADDR"] == "0.0.0.0:4143"

@@ -460,7 +460,8 @@ def _print_pods(pods: list[dict[str, Any]], since: float) -> None:
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="a pod label (repeatable; app=NAME is set)")
 @click.option("--annotation", "annotations", multiple=True, metavar="KEY=VALUE",
               help="a pod annotation, read like the injector: config.linkerd.io/opaque-ports, skip-inbound-ports, "
-              "skip-outbound-ports, skip-subnets, proxy-log-level, proxy-await, linkerd.io/inject")
+              "skip-outbound-ports, skip-subnets, proxy-log-level, proxy-await, linkerd.io/inject; and "
+              "local.tether.io/linkerd2-proxy=PATH: Linkerd's own proxy binary as the pod's sidecar")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="an environment variable of the application")
 @click.option("--explicit", is_flag=True,
               help="no network namespace: the proxy on loopback addresses, the app's HTTP clients pointed at it "

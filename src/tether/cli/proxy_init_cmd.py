@@ -38,6 +38,10 @@ def _binary(mode: str, dry_run: bool) -> str:
 @click.option("--outbound-ports-to-ignore", type=PORTS, default="", help="outbound ports and ranges left alone")
 @click.option("--subnets-to-ignore", type=CIDRS, default="",
               help="destination networks left alone (comma-separated CIDRs)")
+@click.option("--redirect-self-calls/--no-redirect-self-calls", default=True, show_default=True,
+              help="send the proxy's connections to the pod's own address (a workload calling its own Service) "
+                   "to its inbound listener; off for a proxy that dials the application on the pod's address "
+                   "(linkerd2-proxy), which would loop")
 @click.option("--iptables-mode", type=click.Choice(list(BINARIES)), default="auto", show_default=True,
               help="which iptables to run: iptables-legacy, iptables-nft, or the host's iptables")
 @click.option("--dry-run", is_flag=True, help="print the iptables commands, change nothing")
@@ -49,6 +53,7 @@ def proxy_init(
     inbound_ports_to_ignore: tuple[str, ...],
     outbound_ports_to_ignore: tuple[str, ...],
     subnets_to_ignore: tuple[str, ...],
+    redirect_self_calls: bool,
     iptables_mode: str,
     dry_run: bool,
     cleanup: bool,
@@ -66,6 +71,7 @@ def proxy_init(
         ignore_inbound_ports=inbound_ports_to_ignore,
         ignore_outbound_ports=outbound_ports_to_ignore,
         skip_subnets=subnets_to_ignore,
+        redirect_self_calls=redirect_self_calls,
     )
     try:
         cmds = cleanup_rules() if cleanup else rules(opts)

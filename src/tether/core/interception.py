@@ -24,6 +24,11 @@ class InterceptionOptions:
     ignore_outbound_ports: tuple[str, ...] = ()
     # Linkerd's default skip ports (4567/4568) are added by the caller when wanted.
     skip_subnets: tuple[str, ...] = ()
+    # The proxy's connections to the pod's own address go to its inbound listener (a workload calling
+    # its own Service). Only for a proxy that reaches the application on 127.0.0.1, as tether's does:
+    # one that dials the pod's address (linkerd2-proxy since Linkerd's proxy-init v1.4 dropped this
+    # rule) would loop.
+    redirect_self_calls: bool = True
     comment: str = "tether"
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -75,7 +80,14 @@ def rules(opts: InterceptionOptions) -> list[list[str]]:
         ["-t", "nat", "-A", INBOUND_CHAIN, "-p", "tcp", "-j", "REDIRECT", "--to-port", str(opts.inbound_port), *c],
         ["-t", "nat", "-A", "PREROUTING", "-j", INBOUND_CHAIN, *c],
         ["-t", "nat", "-N", OUTBOUND_CHAIN],
-        # The proxy's own connections leave as they are.
+    ]
+    if opts.redirect_self_calls:
+        # The proxy's connections to this pod's own address (the outbound side dialling the pod's IP,
+        # which routes over lo) go to the inbound side, as Linkerd's proxy-init did before v1.4.
+        out.append(["-t", "nat", "-A", OUTBOUND_CHAIN, "-m", "owner", "--uid-owner", str(opts.proxy_uid),
+                    "-o", "lo", "!", "-d", "127.0.0.1/32", "-j", INBOUND_CHAIN, *c])
+    out += [
+        # The proxy's other connections leave as they are.
         ["-t", "nat", "-A", OUTBOUND_CHAIN, "-m", "owner", "--uid-owner", str(opts.proxy_uid), "-j", "RETURN", *c],
         # Loopback stays local (the app talking to itself, the proxy to the app).
         ["-t", "nat", "-A", OUTBOUND_CHAIN, "-o", "lo", "-j", "RETURN", *c],

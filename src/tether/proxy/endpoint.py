@@ -14,8 +14,9 @@ accrual does not count: the endpoint is busy, not failing.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from tether.proxy.config import ClientSettings
 from tether.proxy.http.h1client import Connector, H1Pool
@@ -24,12 +25,23 @@ from tether.proxy.http.message import Request, Response
 if TYPE_CHECKING:
     from tether.proxy.http.h2client import H2Pool
 
+log = logging.getLogger(__name__)
+
+# Linkerd's proxies carry HTTP/1 requests between them over HTTP/2, the request's original protocol
+# in this header ("HTTP/1.1", "HTTP/1.0", either with "; absolute-form" when the request target
+# was absolute); the receiving proxy sends it on to the application as it was, and names the
+# response's protocol in the same header.
+ORIG_PROTO: Final = b"l5d-orig-proto"
+
 
 class HttpEndpoint:
     """A Service sending requests to one address."""
 
-    def __init__(self, address: tuple[str, int], cfg: ClientSettings, connector: Connector | None = None) -> None:
+    def __init__(self, address: tuple[str, int], cfg: ClientSettings, connector: Connector | None = None,
+                 orig_proto: bool = False) -> None:
         self.address = address
+        # Inbound: an HTTP/2 request with l5d-orig-proto goes to the application as HTTP/1 again.
+        self.orig_proto = orig_proto
         self.cfg = cfg
         self.connect_timeout = cfg.connect_timeout
         self._connector = connector
@@ -39,11 +51,28 @@ class HttpEndpoint:
     def __call__(self, req: Request) -> Awaitable[Response]:
         # A plain function returning the codec's awaitable: one coroutine frame fewer per request.
         if req.version == "2":
+            if self.orig_proto:
+                for k, v in req.headers:
+                    if k == ORIG_PROTO:
+                        if v.startswith((b"HTTP/1.1", b"HTTP/1.0")):
+                            return self._downgraded(req, v)
+                        log.warning("%s: %r is not a protocol it knows; the request stays HTTP/2",
+                                    ORIG_PROTO.decode(), v)
+                        break
             pool = self._h2
             if pool is None:
                 pool = self._h2 = self._h2_pool()
             return pool.send(req)
         return self.h1(req)
+
+    async def _downgraded(self, req: Request, orig_proto: bytes) -> Response:
+        req.headers = [(k, v) for k, v in req.headers if k != ORIG_PROTO]
+        req.version = "1.0" if orig_proto.startswith(b"HTTP/1.0") else "1.1"
+        if b"absolute-form" in orig_proto and req.path.startswith(b"/"):
+            req.path = req.scheme + b"://" + req.authority + req.path
+        resp = await self.h1(req)
+        resp.headers.append((ORIG_PROTO, b"HTTP/1.1"))
+        return resp
 
     def _h2_pool(self) -> H2Pool:
         # Imported on first use: a proxy that never sends HTTP/2 does not carry its codec in memory

@@ -41,6 +41,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Backend", self.server.name)
+        # What reached the application: the request line's version and target as sent.
+        self.send_header("X-Request-Version", self.request_version)
+        self.send_header("X-Request-Target", self.path)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)

@@ -118,9 +118,11 @@ def ip_network(cidr: str) -> net_pb2.IPNetwork:
 
 
 def resource_meta(r: Resource, section: str = "", port: int = 0) -> meta_pb2.Metadata:
+    # Kubernetes' core API group is "" in apiVersion, but the proxy API names it "core" (Linkerd's
+    # policy controller does; Linkerd's proxy refuses a resource whose group is empty).
     return meta_pb2.Metadata(
         resource=meta_pb2.Resource(
-            group=r.GROUP, kind=r.KIND, name=r.name, namespace=r.namespace, section=section, port=port
+            group=r.GROUP or "core", kind=r.KIND, name=r.name, namespace=r.namespace, section=section, port=port
         )
     )
 

@@ -42,9 +42,11 @@ PROXY_IGNORED_INBOUND = ("4190", "4191")
 MAX_REPLICAS = 256
 
 TRACE_COLLECTOR_PROTOCOL = "config.linkerd.io/trace-collector-protocol"  # tether's: grpc | http (OTLP)
+# The pod's proxy is Linkerd's linkerd2-proxy at this path (tether.platform.local.linkerd2).
+LINKERD2_PROXY = "local.tether.io/linkerd2-proxy"
 SUPPORTED_ANNOTATIONS = (ACCESS_LOG, INJECT, LOG_LEVEL, OPAQUE_PORTS, PROXY_AWAIT, SKIP_INBOUND, SKIP_OUTBOUND,
                          SKIP_SUBNETS, TRACE_COLLECTOR, TRACE_COLLECTOR_PROTOCOL, TRACE_SVC_ACCOUNT,
-                         TRACE_SVC_ACCOUNT_SEED)
+                         TRACE_SVC_ACCOUNT_SEED, LINKERD2_PROXY)
 
 
 class SpecError(ValueError):
@@ -66,6 +68,7 @@ class PodSettings:
     trace_collector: str | None = None  # host:port of an OTLP collector
     trace_collector_protocol: str = "grpc"
     trace_collector_service_account: str | None = None
+    linkerd2_proxy: str | None = None  # path of a linkerd2-proxy binary to run instead of tether's proxy
 
 
 def _ports(value: str, key: str) -> tuple[str, ...]:
@@ -126,7 +129,11 @@ def pod_settings(annotations: Mapping[str, str]) -> PodSettings:
             if not _LABEL.match(value):
                 raise SpecError(f"annotation {key}: {value!r} is not a service account name")
             s = replace(s, trace_collector_service_account=value)
-        elif key.split("/", 1)[0].endswith("linkerd.io"):
+        elif key == LINKERD2_PROXY:
+            if not value.startswith("/") or "\x00" in value:
+                raise SpecError(f"annotation {key}: {value!r} must be the absolute path of a linkerd2-proxy binary")
+            s = replace(s, linkerd2_proxy=value)
+        elif key.split("/", 1)[0].endswith(("linkerd.io", "tether.io")):
             raise SpecError(f"annotation {key}: not supported by the local platform "
                             f"(supported: {', '.join(SUPPORTED_ANNOTATIONS)})")
         elif not _KEY.match(key):
@@ -184,6 +191,9 @@ class WorkloadSpec:
             if not _VALUE.match(v):
                 raise SpecError(f"label {k}={v!r}: not a valid label value (63 of A-Z, a-z, 0-9, '-', '_', '.')")
         pod_settings(self.annotations)
+        if self.explicit and pod_settings(self.annotations).linkerd2_proxy:
+            raise SpecError(f"--explicit: not with annotation {LINKERD2_PROXY} (linkerd2-proxy takes its "
+                            "connections' targets from iptables, which an --explicit pod has not)")
         if self.explicit and len(self.ports) > 1:
             raise SpecError("--explicit: one --port at most (the proxy's inbound listener stands in for it)")
 

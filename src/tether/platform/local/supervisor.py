@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -30,10 +31,11 @@ from typing import Any
 import yaml
 
 from tether.core import sidecar
-from tether.platform.local import network
+from tether.core.identity.names import WorkloadIdentity
+from tether.platform.local import linkerd2, network
 from tether.platform.local.children import Supervised, http_status
 from tether.platform.local.layout import PROXY_UID, Layout, MeshSettings, write_json
-from tether.platform.local.spec import PROXY_IGNORED_INBOUND, SpecError, WorkloadSpec
+from tether.platform.local.spec import LINKERD2_PROXY, PROXY_IGNORED_INBOUND, PodSettings, SpecError, WorkloadSpec
 from tether.platform.local.tokens import control_tokens_dir, ensure_control_token
 from tether.platform.local.workloads import Workload, WorkloadError, WorkloadPort, WorkloadRegistry
 
@@ -655,6 +657,8 @@ class Supervisor:
             os.chown(tok, PROXY_UID, PROXY_UID)
         if not spec.settings.inject or spec.explicit:
             return
+        if spec.settings.linkerd2_proxy:
+            self._prepare_linkerd2_proxy(pod, rt)
         ps = spec.settings
         argv = tether_argv("proxy-init", "--incoming-proxy-port", str(INBOUND_PORT),
                            "--outgoing-proxy-port", str(OUTBOUND_PORT), "--proxy-uid", str(PROXY_UID),
@@ -663,6 +667,8 @@ class Supervisor:
             argv += ["--outbound-ports-to-ignore", ",".join(ps.skip_outbound_ports)]
         if ps.skip_subnets:
             argv += ["--subnets-to-ignore", ",".join(ps.skip_subnets)]
+        if ps.linkerd2_proxy:
+            argv += ["--no-redirect-self-calls"]  # its inbound side dials the pod's address
         import subprocess
 
         r = subprocess.run(network.netns_exec(pod.netns, argv), capture_output=True, text=True, timeout=60)
@@ -684,6 +690,46 @@ class Supervisor:
         """A transparent pod's proxy runs as uid 2102 (its iptables rules let that uid's traffic out);
         an --explicit pod's as this process's user."""
         return not pod.spec.explicit and os.geteuid() == 0
+
+    def _prepare_linkerd2_proxy(self, pod: Pod, rt: Path) -> None:
+        """Blocking: check uid 2102 can run the binary; write its identity documents."""
+        binary = pod.spec.settings.linkerd2_proxy
+        assert binary is not None
+        if os.geteuid() == 0:
+            check = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups", "test", "-x", binary]
+            if subprocess.run(check, capture_output=True, timeout=30).returncode != 0:
+                raise WorkloadError(f"annotation {LINKERD2_PROXY}: {binary} is not an executable file uid {PROXY_UID} "
+                                    "(the proxy's user) can run: put it where that user can read it")
+        elif not os.access(binary, os.X_OK):
+            raise WorkloadError(f"annotation {LINKERD2_PROXY}: {binary} is not an executable file")
+        spec = pod.spec
+        linkerd2.write_identity_documents(
+            rt / "identity",
+            WorkloadIdentity(spec.sa, spec.namespace, self.s.controller_namespace, self.s.trust_domain),
+            PROXY_UID if self._as_proxy_uid(pod) else None)
+
+    def _linkerd2_proxy_env(self, pod: Pod) -> dict[str, str]:
+        s, spec, ps = self.s, pod.spec, pod.spec.settings
+        rt = self._pod_runtime(pod)
+        return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **linkerd2.proxy_env(
+            namespace=spec.namespace, pod=pod.name, pod_ip=pod.ip, identity=identity_name(spec.sa, spec.namespace, s),
+            token_path=rt / "token", identity_dir=rt / "identity",
+            trust_anchors_pem=(self.layout.runtime_dir(s) / "ca.crt").read_text(),
+            # One address each (Linkerd's proxy takes a single name or address): the first replica.
+            identity_addr=s.identity_addrs[0], identity_name=control_identity(IDENTITY_SA, s),
+            destination_addr=s.destination_addrs[0], destination_name=control_identity(DESTINATION_SA, s),
+            cluster_domain=s.cluster_domain, cluster_networks=f"{s.pod_cidr},{s.service_cidr}",
+            inbound_ports=[p.port for p in spec.ports], opaque_ports=ps.opaque_ports,
+            log_level=None if ps.log_level == PodSettings().log_level else ps.log_level)}
+
+    def _proxy_command(self, pod: Pod) -> tuple[list[str], dict[str, str]]:
+        """The sidecar's argv and environment: tether's proxy, or linkerd2-proxy when the pod asks."""
+        binary = pod.spec.settings.linkerd2_proxy
+        if binary is None:
+            return self._proxy_argv(pod), sidecar.proxy_env()
+        uid = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups"] \
+            if self._as_proxy_uid(pod) else []
+        return network.netns_exec(pod.netns, [*uid, binary]), self._linkerd2_proxy_env(pod)
 
     def _proxy_argv(self, pod: Pod) -> list[str]:
         s, spec, ps = self.s, pod.spec, pod.spec.settings
@@ -761,8 +807,8 @@ class Supervisor:
                     except (network.NetworkError, WorkloadError, OSError, ValueError) as e:
                         failed = str(e) or type(e).__name__
                     if not failed and pod.spec.settings.inject:
-                        pod.proxy = Supervised(f"{pod.name}/proxy", self._proxy_argv(pod), logs / "proxy.log",
-                                               env=sidecar.proxy_env(), grace=12)
+                        argv, env = self._proxy_command(pod)
+                        pod.proxy = Supervised(f"{pod.name}/proxy", argv, logs / "proxy.log", env=env, grace=12)
                         tg.create_task(pod.proxy.run())
                         pod.phase = "WaitingForProxy"
                         if pod.spec.settings.proxy_await:

@@ -117,7 +117,8 @@ class Inbound:
 
     # -- HTTP: one stack per target -------------------------------------------------------------------
     def http_stack(self, target: InboundTarget) -> Stack:
-        forward = HttpEndpoint(target.app, self.client)  # to the application on loopback, pooled
+        # To the application on loopback, pooled; requests Linkerd's proxies upgraded go as HTTP/1 again.
+        forward = HttpEndpoint(target.app, self.client, orig_proto=True)
         svc: Service = forward
         if self.response_timeout is not None:
             svc = ResponseTimeout(svc, self.response_timeout)  # 504 when the head is late
