@@ -179,25 +179,28 @@ def summary(results: Sequence[h.TargetResult]) -> str:
     t, lk = by.get("tether-pods"), by.get("linkerd2-proxy-pods")
     if t is None or lk is None:
         return "\nparity with linkerd2-proxy: not judged (both pairs must run)"
-    rows: list[tuple[str, float | None, float | None, bool]] = [
+    # (label, tether, linkerd2-proxy, higher is better, number format)
+    rows: list[tuple[str, float | None, float | None, bool, str]] = [
         ("saturation req/s", h.median([x.actual_qps for x in t.saturation]),
-         h.median([x.actual_qps for x in lk.saturation]), True),
-        ("proxy CPU us/req (both proxies)", h.median(t.cpu_us_per_request), h.median(lk.cpu_us_per_request), False),
+         h.median([x.actual_qps for x in lk.saturation]), True, "{:,.0f}"),
+        ("proxy CPU us/req (both proxies)", h.median(t.cpu_us_per_request), h.median(lk.cpu_us_per_request), False,
+         "{:.1f}"),
     ]
     for rate in (1000, 5000):
         rows.append((f"p99 ms @ {rate:,}/s", h.median([x.p99_ms for x in t.at_rate.get(rate, [])]),
-                     h.median([x.p99_ms for x in lk.at_rate.get(rate, [])]), False))
+                     h.median([x.p99_ms for x in lk.at_rate.get(rate, [])]), False, "{:.2f}"))
     rows += [
-        ("RSS idle MiB (both proxies)", (t.rss_idle_kib or 0) / 1024, (lk.rss_idle_kib or 0) / 1024, False),
-        ("RSS 1k conns MiB (both proxies)", (t.rss_held_kib or 0) / 1024, (lk.rss_held_kib or 0) / 1024, False),
+        ("RSS idle MiB (both proxies)", (t.rss_idle_kib or 0) / 1024, (lk.rss_idle_kib or 0) / 1024, False, "{:.1f}"),
+        ("RSS 1k conns MiB (both proxies)", (t.rss_held_kib or 0) / 1024, (lk.rss_held_kib or 0) / 1024, False,
+         "{:.1f}"),
     ]
     lines = ["", "parity with linkerd2-proxy (issue 16: at least on par on each):"]
-    for label, tv, lv, higher_better in rows:
+    for label, tv, lv, higher_better, fmt in rows:
         if not tv or not lv:
             lines.append(f"  {label}: not measured")
             continue
         ok = tv >= lv if higher_better else tv <= lv
-        lines.append(f"  {label}: tether {tv:,.3g} vs linkerd2-proxy {lv:,.3g} = {tv / lv:.2f}x "
+        lines.append(f"  {label}: tether {fmt.format(tv)} vs linkerd2-proxy {fmt.format(lv)} = {tv / lv:.2f}x "
                      f"{'MET' if ok else 'MISSED'}")
     return "\n".join(lines)
 

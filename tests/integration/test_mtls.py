@@ -442,3 +442,52 @@ def test_server_speaks_first_through_a_meshed_inbound(tmp_path: Path, opaque: bo
     finally:
         mesh.close()
         srv.close()  # type: ignore[attr-defined]
+
+
+def test_http1_rides_one_http2_connection_between_proxies_with_the_upgrade(tmp_path: Path) -> None:
+    # --outbound-h2-upgrade: HTTP/1 requests to the meshed endpoint go as HTTP/2 with l5d-orig-proto
+    # (Linkerd's protocol between its proxies); the server proxy gives the application HTTP/1 again.
+    import concurrent.futures
+    import http.client
+
+    p, _ = make_pair(tmp_path, outbound_h2_upgrade="true")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: p.get(), range(40)))
+        assert answers == [(200, b"hello from web\n")] * 40
+        conn = http.client.HTTPConnection(p.outbound.host, p.outbound.outbound_port, timeout=30)
+        try:
+            body = os.urandom(1_000_001)
+            conn.request("POST", "/echo", body=body, headers={"Host": AUTHORITY})
+            resp = conn.getresponse()
+            assert (resp.status, resp.read() == body) == (200, True)
+            conn.request("GET", "/bytes/300000?chunked=1", headers={"Host": AUTHORITY})
+            resp = conn.getresponse()
+            assert (resp.status, len(resp.read())) == (200, 300_000)
+            conn.request("HEAD", "/bytes/5", headers={"Host": AUTHORITY})
+            resp = conn.getresponse()
+            assert (resp.status, resp.getheader("content-length"), resp.read()) == (200, "5", b"")
+            conn.request("GET", "/headers", headers={"Host": AUTHORITY})
+            resp = conn.getresponse()
+            seen = json.loads(resp.read())
+            # The application got HTTP/1.1 without the proxies' header; the client gets none either.
+            assert resp.getheader("x-request-version") == "HTTP/1.1" and "l5d-orig-proto" not in seen
+            assert resp.getheader("l5d-orig-proto") is None
+        finally:
+            conn.close()
+        opened = metric_lines(p.inbound, "tcp_open_total")
+        assert any('tls="true"' in ln and ln.endswith(" 1") for ln in opened), opened  # 40 at once, one connection
+        inb = metric_lines(p.inbound, "request_total")
+        assert any(f'client_id="{p.client.identity}"' in ln and ln.endswith(" 44") for ln in inb), inb
+        # A request asking for a protocol upgrade keeps HTTP/1 (its own connection to the peer).
+        conn = http.client.HTTPConnection(p.outbound.host, p.outbound.outbound_port, timeout=30)
+        try:
+            conn.request("GET", "/", headers={"Host": AUTHORITY, "Connection": "Upgrade", "Upgrade": "example/1"})
+            assert conn.getresponse().status == 200  # (the application declines: no 101)
+        finally:
+            conn.close()
+        opened = metric_lines(p.inbound, "tcp_open_total")
+        assert any('tls="true"' in ln and ln.endswith(" 2") for ln in opened), opened
+    finally:
+        p.mesh.close()
+        p.app.shutdown()

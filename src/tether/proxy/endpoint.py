@@ -38,10 +38,12 @@ class HttpEndpoint:
     """A Service sending requests to one address."""
 
     def __init__(self, address: tuple[str, int], cfg: ClientSettings, connector: Connector | None = None,
-                 orig_proto: bool = False) -> None:
+                 orig_proto: bool = False, upgrade: bool = False) -> None:
         self.address = address
         # Inbound: an HTTP/2 request with l5d-orig-proto goes to the application as HTTP/1 again.
         self.orig_proto = orig_proto
+        # Outbound to a peer proxy: HTTP/1 requests go as HTTP/2 with l5d-orig-proto.
+        self.upgrade = upgrade
         self.cfg = cfg
         self.connect_timeout = cfg.connect_timeout
         self._connector = connector
@@ -63,7 +65,27 @@ class HttpEndpoint:
             if pool is None:
                 pool = self._h2 = self._h2_pool()
             return pool.send(req)
+        if self.upgrade and not req.upgrade and req.method != b"CONNECT":
+            return self._upgraded(req)  # (WebSocket and friends keep their HTTP/1 connection)
         return self.h1(req)
+
+    async def _upgraded(self, req: Request) -> Response:
+        pool = self._h2
+        if pool is None:
+            pool = self._h2 = self._h2_pool()
+        version, headers = req.version, req.headers
+        req.headers = [*headers, (ORIG_PROTO, b"HTTP/1.0" if version == "1.0" else b"HTTP/1.1")]
+        req.version = "2"
+        try:
+            resp = await pool.send(req)
+        finally:
+            # The request as it came (a retry may send it to an endpoint that is not a proxy).
+            req.version, req.headers = version, headers
+        for i, (k, _) in enumerate(resp.headers):
+            if k == ORIG_PROTO:
+                del resp.headers[i]
+                break
+        return resp
 
     async def _downgraded(self, req: Request, orig_proto: bytes) -> Response:
         req.headers = [(k, v) for k, v in req.headers if k != ORIG_PROTO]

@@ -100,6 +100,7 @@ class H2ClientConnection(H2Protocol):
             raise self._unusable()
         await self._acquire_slot()
         st = StreamState()
+        st.head = req.method == b"HEAD"
         try:
             stream_id = self._h2.get_next_available_stream_id()
         except h2proto.StreamIdsExhausted:
@@ -262,6 +263,11 @@ class H2ClientConnection(H2Protocol):
         body: Body
         if ended:
             body = EmptyBody()
+            if st.head:
+                # The length a GET would have (RFC 9110 section 9.3.2), for an HTTP/1 client's head.
+                for k, v in headers:
+                    if k == b"content-length" and v.isdigit():
+                        body.length = int(v)
         else:
             length = None
             for k, v in headers:

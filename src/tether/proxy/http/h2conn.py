@@ -83,6 +83,7 @@ class StreamState:
 
     __slots__ = (
         "body",
+        "head",
         "headers_sent",
         "local_closed",
         "opened_at",
@@ -103,6 +104,7 @@ class StreamState:
         self.response: asyncio.Future[object] | None = None  # client: the Response, or the H2Error
         self.window_waiter: asyncio.Future[None] | None = None
         self.headers_sent = False
+        self.head = False  # client: the request is a HEAD (its response's Content-Length has no body)
         self.opened_at = 0.0  # server: loop time the peer opened the stream (rapid-reset judgement)
         self.local_closed = False
         self.remote_closed = False

@@ -410,6 +410,10 @@ class H2ServerProtocol(H2Protocol):
                 return
             fields = response_fields(resp.status, resp.headers)
             empty = body_is_empty(resp.body)
+            if req.method == b"HEAD" and empty and resp.body.length \
+                    and not any(k == b"content-length" for k, _ in fields):
+                # A HEAD answer from an HTTP/1 upstream: its Content-Length travels as a field.
+                fields.append((b"content-length", str(resp.body.length).encode()))
             self._send_fields(stream_id, fields, empty)
             st.headers_sent = True
             if empty:

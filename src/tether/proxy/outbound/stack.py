@@ -85,6 +85,7 @@ class Outbound:
         self.client = client_settings(cfg, cfg.outbound_connect_timeout)
         self.balancer = balancer_settings(cfg)
         self.handshake_timeout = cfg.identity_handshake_timeout
+        self.h2_upgrade = cfg.outbound_h2_upgrade
         self.connect_timeout = cfg.outbound_connect_timeout
         # Until routes come from the control plane, every destination has the default route.
         self.route = Route(timeout=cfg.response_timeout, connect_retry_attempts=cfg.connect_retry_attempts)
@@ -259,7 +260,8 @@ class Outbound:
     def endpoint_stack(self, logical: Logical, ep: Endpoint) -> EndpointMeter:
         t = connect.reach(ep, mtls=self.identity is not None)  # plain, or mTLS to its proxy
         svc: Service = HttpEndpoint(t.dial, self.client,  # pooled HTTP/1, one HTTP/2 connection
-                                    connect.connector(t, self.identity, self.handshake_timeout))
+                                    connect.connector(t, self.identity, self.handshake_timeout),
+                                    upgrade=self.h2_upgrade and t.server_id is not None)
         return EndpointMeter(svc, self.metrics.http(  # the request counts as this endpoint's
             "outbound", t.addr, authority=logical.authority, tls=t.server_id is not None,
             server_id=t.server_id, extra=t.labels))
