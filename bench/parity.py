@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -170,7 +171,16 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
                 proc.stdin.close()
             proc.wait(timeout=30)
 
-    load(0, 4, 1.0)  # the pair answers before it is measured (raises if it does not)
+    # The pair answers before it is measured: a client proxy may ask for the Service's policy before
+    # the control plane has its address (an answer that changes a moment later).
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            load(0, 4, 1.0)
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
     return h.Target(name, None, load, hold, pids=None if name == "pods-direct" else pids)
 
 

@@ -436,3 +436,42 @@ spec:
     (authz,) = route.authorizations
     assert authz.authentication.WhichOneof("permit") == "unauthenticated"
     assert list(srv.authorizations) == []  # the Server itself authorizes nobody
+
+
+def _messages(msg: object, type_name: str) -> list[object]:
+    """Every message of ``type_name`` (a protobuf full name) inside ``msg``."""
+    found: list[object] = []
+    stack = [msg]
+    while stack:
+        m = stack.pop()
+        if m.DESCRIPTOR.full_name == type_name:  # type: ignore[attr-defined]
+            found.append(m)
+        for fd, value in m.ListFields():  # type: ignore[attr-defined]
+            if fd.message_type is None:
+                continue
+            stack.extend(value if fd.is_repeated else [value])
+    return found
+
+
+def test_every_outbound_backend_has_its_queue_and_every_resource_its_group() -> None:
+    # What Linkerd's proxy refuses a whole policy for ("missing queue", "group must not be empty"):
+    # forwarded addresses, balanced Services, routes with a backend that can only fail, egress denials.
+    canary = seed("003-httproute-canary.yaml")
+    bad_ref = canary.replace("- name: payments-api-canary\n          port",
+                             "- name: payments-api-canary\n          kind: Pod\n          port")
+    assert bad_ref != canary
+    client = Context(namespace="payments")
+    policies = [
+        tr.outbound_policy(world(PAYMENTS), None, "93.184.216.34:443", client, S),
+        tr.outbound_policy(world(PAYMENTS, EGRESS), None, "93.184.216.34:443", client, S),
+        tr.outbound_policy(world(PAYMENTS, seed("003-httproute-canary.yaml")),
+                           "payments-api.payments.svc.cluster.local:8080", None, Context(), S),
+        tr.outbound_policy(world(PAYMENTS, bad_ref), "payments-api.payments.svc.cluster.local:8080", None,
+                           Context(), S),
+    ]
+    backends = [b for p in policies for b in _messages(p, "io.linkerd.proxy.outbound.Backend")]
+    assert len(backends) >= 8
+    assert all(b.HasField("queue") and b.queue.capacity > 0 for b in backends)  # type: ignore[attr-defined]
+    resources = [r for p in policies for r in _messages(p, "io.linkerd.proxy.meta.Resource")]
+    assert resources and all(r.group for r in resources), resources  # type: ignore[attr-defined]
+    assert any(r.group == "core" and r.kind == "Service" for r in resources)  # type: ignore[attr-defined]

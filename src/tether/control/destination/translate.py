@@ -527,6 +527,12 @@ def failure_accrual(svc: Service) -> out.FailureAccrual | None:
     )
 
 
+def _queue() -> out.Queue:
+    # Every backend carries its queue, even one that only fails: Linkerd's proxy refuses a policy
+    # with a backend that has none ("missing queue").
+    return out.Queue(capacity=QUEUE_CAPACITY, failfast_timeout=duration(FAILFAST_TIMEOUT))
+
+
 def backend(world: World, ns: str, name: str, port: int, s: Settings) -> out.Backend:
     """A Service as a balanced backend (discovered with Destination.Get on its name)."""
     svc = world.get("Service", ns, name)
@@ -539,7 +545,7 @@ def backend(world: World, ns: str, name: str, port: int, s: Settings) -> out.Bac
                 default_rtt=duration(EWMA_DEFAULT_RTT), decay=duration(EWMA_DECAY)
             ),
         ),
-        queue=out.Queue(capacity=QUEUE_CAPACITY, failfast_timeout=duration(FAILFAST_TIMEOUT)),
+        queue=_queue(),
     )
     if svc is not None:
         b.metadata.CopyFrom(resource_meta(svc, port=port))
@@ -660,7 +666,7 @@ def host_match(h: str) -> http_route_pb2.HostMatch:
 def _invalid_backend(cls: Any, meta: meta_pb2.Metadata, why: str) -> Any:
     """A backendRef the control plane cannot serve: requests sent to it answer 500 naming why, as
     Linkerd's controller does (its route stays; the other backends keep their share)."""
-    b = out.Backend(metadata=meta)
+    b = out.Backend(metadata=meta, queue=_queue())
     fail = cls.Filter(failure_injector=http_route_pb2.HttpFailureInjector(
         status=500, message=why, ratio=http_route_pb2.Ratio(numerator=1, denominator=1)))
     return cls.RouteBackend(backend=b, filters=[fail])
@@ -882,7 +888,7 @@ def _tcp_backend(world: World, route: Resource, ref: rt.TCPBackendRef, parent: _
     if isinstance(target, tuple):
         meta, why = target
         return out.OpaqueRoute.RouteBackend(
-            backend=out.Backend(metadata=meta),
+            backend=out.Backend(metadata=meta, queue=_queue()),
             filters=[out.OpaqueRoute.Filter(invalid=opaque_route_pb2.Invalid(message=why))],
         )
     return out.OpaqueRoute.RouteBackend(backend=target)
@@ -1001,7 +1007,7 @@ def egress_network(world: World, ip: str, source_ns: str, s: Settings) -> pol.Eg
 def _forward_backend(meta: meta_pb2.Metadata, fwd: dst.WeightedAddr) -> out.Backend:
     f = dst.WeightedAddr()
     f.CopyFrom(fwd)
-    return out.Backend(metadata=meta, forward=f)
+    return out.Backend(metadata=meta, forward=f, queue=_queue())
 
 
 def forward_policy(world: World, addr: str, target: Target | None, ctx: Context, s: Settings) -> out.OutboundPolicy:
