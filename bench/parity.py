@@ -98,6 +98,7 @@ class LocalMesh:
     def down(self) -> None:
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             self.tether("down")
+        shutil.rmtree(self.state.parent, ignore_errors=True)
 
 
 def _free_networks() -> tuple[str, str]:
