@@ -1,5 +1,7 @@
 """The meshed two-hop path side by side: direct, nginx (one hop), and client -> outbound tether proxy
--> inbound tether proxy -> server, in plaintext and over mTLS, in front of a fortio echo server.
+-> inbound tether proxy -> server, in plaintext and over mTLS, in front of a fortio echo server; and
+over mTLS with HTTP/1 carried between the two proxies on one HTTP/2 connection (tether-2hop-mtls-h2:
+`--outbound-h2-upgrade`, local mode's setting; the default is off).
 
 Run by hand: .venv/bin/python bench/mesh.py   (bench/README.md says what each figure means)
 
@@ -38,7 +40,7 @@ import http1
 
 from tether.testing.mesh import LocalMesh
 
-TARGETS = ("direct", "nginx", "tether-2hop-plain", "tether-2hop-mtls")
+TARGETS = ("direct", "nginx", "tether-2hop-plain", "tether-2hop-mtls", "tether-2hop-mtls-h2")
 _meshes: list[LocalMesh] = []
 _admin: dict[int, dict[str, int]] = {}  # a pair's parent pid -> its proxies' admin ports
 
@@ -91,7 +93,10 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
     if reason is not None:
         raise h.Skip(reason)
     port = h.free_port()
-    proc = start_two_hop(workdir, port, backend_port, mtls=name.endswith("mtls"))
+    # -h2: the client proxy carries HTTP/1 to its peer over one HTTP/2 connection (--outbound-h2-upgrade,
+    # on in local mode, off by default).
+    upgrade = ["--outbound-h2-upgrade", "true"] if name.endswith("-h2") else []
+    proc = start_two_hop(workdir, port, backend_port, mtls="mtls" in name, client_flags=upgrade)
     target = ["-H", f"Host: {http1.AUTHORITY}", f"http://127.0.0.1:{port}{http1.PATH}"]
 
     server_admin = _admin[proc.pid]["server"]
@@ -235,11 +240,13 @@ def targets_check(results: Sequence[h.TargetResult]) -> str:
             added = m_cpu / p_cpu - 1
             lines.append(f"  mTLS adds <= 30% to the two-hop plaintext CPU per request: {m_cpu:.1f} vs {p_cpu:.1f} us,"
                          f" +{added:.0%} {_verdict(added <= 0.30)}")
-    if mtls is not None and nginx is not None:
-        paired = h.paired_saturation_ratio(mtls, nginx)
-        if paired is not None:
-            lines.append(f"  two-hop mTLS saturation >= 0.5x nginx one hop: {paired:.2f}x paired per round"
-                         f" {_verdict(paired >= 0.5)}")
+    for variant, label in ((mtls, ""), (by.get("tether-2hop-mtls-h2"), ", HTTP/2 between the proxies")):
+        if variant is not None and nginx is not None:
+            paired = h.paired_saturation_ratio(variant, nginx)
+            if paired is not None:
+                lines.append(f"  two-hop mTLS saturation >= 0.5x nginx one hop{label}: {paired:.2f}x paired per round"
+                             f" ({h.median(variant.cpu_us_per_request) or 0:.1f} us CPU per request)"
+                             f" {_verdict(paired >= 0.5)}")
     if mtls is not None and direct is not None:
         diffs = [a.p99_ms - b.p99_ms for a, b in zip(mtls.at_rate.get(1000, []), direct.at_rate.get(1000, []),
                                                       strict=False)]
