@@ -57,7 +57,7 @@ def start_two_hop(workdir: Path, port: int, backend_port: int, mtls: bool,
     in_extra = ["--inbound-app-addr", f"127.0.0.1:{backend_port}", *both_flags]
     endpoint: dict[str, object] = {"addr": f"127.0.0.1:{backend_port}", "proxy_port": in_port}
     if mtls:
-        mesh = LocalMesh(workdir / "mesh")
+        mesh = LocalMesh(workdir / f"mesh-{port}")  # one CA per pair: pairs run side by side
         mesh.work.mkdir(parents=True, exist_ok=True)
         _meshes.append(mesh)
         mesh.create_ca()
