@@ -68,7 +68,11 @@ def request_bytes() -> bytes:
 
 
 def read_response(sock: socket.socket) -> bool:
-    """Read one response with a Content-Length body; True when it was a 200."""
+    """Read one whole response (a Content-Length or a chunked body); True when it was a 200.
+
+    All of it: a body left unread makes the socket poll readable, which ``still_open`` counts as
+    closed (a proxy that answers chunked, as one relaying an HTTP/2 response does, looked as if it
+    closed client connections)."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(4096)
@@ -77,11 +81,15 @@ def read_response(sock: socket.socket) -> bool:
         buf += chunk
     head, _, body = buf.partition(b"\r\n\r\n")
     length = 0
+    chunked = False
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value.strip())
-    while len(body) < length:
+        elif name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    # A chunked body ends with its last chunk (no trailers here): "0" CRLF CRLF.
+    while (not body.endswith(b"0\r\n\r\n")) if chunked else len(body) < length:
         chunk = sock.recv(4096)
         if not chunk:
             return False
