@@ -1,7 +1,7 @@
 """The meshed two-hop path side by side: direct, nginx (one hop), and client -> outbound tether proxy
 -> inbound tether proxy -> server, in plaintext and over mTLS, in front of a fortio echo server; and
 over mTLS with HTTP/1 carried between the two proxies on one HTTP/2 connection (tether-2hop-mtls-h2:
-`--outbound-h2-upgrade`, local mode's setting; the default is off).
+`--outbound-h2-upgrade`, off by default).
 
 Run by hand: .venv/bin/python bench/mesh.py   (bench/README.md says what each figure means)
 
@@ -94,7 +94,7 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
         raise h.Skip(reason)
     port = h.free_port()
     # -h2: the client proxy carries HTTP/1 to its peer over one HTTP/2 connection (--outbound-h2-upgrade,
-    # on in local mode, off by default).
+    # off by default).
     upgrade = ["--outbound-h2-upgrade", "true"] if name.endswith("-h2") else []
     proc = start_two_hop(workdir, port, backend_port, mtls="mtls" in name, client_flags=upgrade)
     target = ["-H", f"Host: {http1.AUTHORITY}", f"http://127.0.0.1:{port}{http1.PATH}"]

@@ -152,8 +152,8 @@ class ProxyConfig:
     # l5d-orig-proto header, as Linkerd's proxies do between them; the peer proxy gives the application
     # HTTP/1 again. Requests share one multiplexed connection per peer: about half the system calls
     # per request at concurrency. Off by default: a peer proxy from before this release does not
-    # downgrade (its application would get HTTP/2); local mode, whose proxies are all one build (or
-    # Linkerd's), turns it on.
+    # downgrade (its application would get HTTP/2), and a viz test saw one unexplained "retry" with
+    # it on (docs/notes/session-13.md).
     outbound_h2_upgrade: bool = False
     # After an error response, what the client still sends is read and dropped for this long.
     linger_timeout: float = 2.0

@@ -763,9 +763,6 @@ class Supervisor:
                              "--destination-context", json.dumps({"ns": spec.namespace, "pod": pod.name},
                                                                  separators=(",", ":")),
                              "--policy-addrs", ",".join(s.destination_addrs),
-                             # Every proxy here is this build (or Linkerd's): HTTP/1 between them rides
-                             # one HTTP/2 connection per peer (l5d-orig-proto).
-                             "--outbound-h2-upgrade", "true",
                              "--shutdown-grace-period", "10s")]
         if ps.opaque_ports:
             argv += ["--opaque-ports", ",".join(ps.opaque_ports)]
