@@ -1,7 +1,8 @@
 """The meshed two-hop path side by side: direct, nginx (one hop), and client -> outbound tether proxy
--> inbound tether proxy -> server, in plaintext and over mTLS, in front of a fortio echo server; and
-over mTLS with HTTP/1 carried between the two proxies on one HTTP/2 connection (tether-2hop-mtls-h2:
-`--outbound-h2-upgrade`, off by default).
+-> inbound tether proxy -> server, in plaintext and over mTLS, in front of a fortio echo server. Over mTLS the
+client proxy carries HTTP/1 to its peer on one HTTP/2 connection, as it does to any pod the
+destination service hints h2 (the default); tether-2hop-mtls-h1 keeps HTTP/1 between the proxies
+(`--outbound-h2-upgrade false`), the path to a peer of an older release.
 
 Run by hand: .venv/bin/python bench/mesh.py   (bench/README.md says what each figure means)
 
@@ -40,7 +41,7 @@ import http1
 
 from tether.testing.mesh import LocalMesh
 
-TARGETS = ("direct", "nginx", "tether-2hop-plain", "tether-2hop-mtls", "tether-2hop-mtls-h2")
+TARGETS = ("direct", "nginx", "tether-2hop-plain", "tether-2hop-mtls", "tether-2hop-mtls-h1")
 _meshes: list[LocalMesh] = []
 _admin: dict[int, dict[str, int]] = {}  # a pair's parent pid -> its proxies' admin ports
 
@@ -67,6 +68,7 @@ def start_two_hop(workdir: Path, port: int, backend_port: int, mtls: bool,
                       "--identity-trust-anchors", str(mesh.anchors), "--identity-addrs", mesh.identity_addrs[0]]
             if w.name == "server":
                 endpoint["identity"] = w.identity
+                endpoint["protocol_hint"] = "h2"  # as the destination service hints a meshed pod
     # One file per pair: a client proxy reloads its destinations file when it changes, so a file
     # shared by the plaintext and the mTLS pairs (one workdir) sent the plaintext pair's client to
     # the mTLS pair's server proxy, and the plaintext column counted one proxy's CPU, not two.
@@ -93,9 +95,9 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
     if reason is not None:
         raise h.Skip(reason)
     port = h.free_port()
-    # -h2: the client proxy carries HTTP/1 to its peer over one HTTP/2 connection (--outbound-h2-upgrade,
-    # off by default).
-    upgrade = ["--outbound-h2-upgrade", "true"] if name.endswith("-h2") else []
+    # -h1: HTTP/1 between the proxies too (--outbound-h2-upgrade false); by default the client proxy
+    # carries HTTP/1 to its peer over one HTTP/2 connection, as to a pod the destination hints h2.
+    upgrade = ["--outbound-h2-upgrade", "false"] if name.endswith("-h1") else []
     proc = start_two_hop(workdir, port, backend_port, mtls="mtls" in name, client_flags=upgrade)
     target = ["-H", f"Host: {http1.AUTHORITY}", f"http://127.0.0.1:{port}{http1.PATH}"]
 
@@ -240,7 +242,7 @@ def targets_check(results: Sequence[h.TargetResult]) -> str:
             added = m_cpu / p_cpu - 1
             lines.append(f"  mTLS adds <= 30% to the two-hop plaintext CPU per request: {m_cpu:.1f} vs {p_cpu:.1f} us,"
                          f" +{added:.0%} {_verdict(added <= 0.30)}")
-    for variant, label in ((mtls, ""), (by.get("tether-2hop-mtls-h2"), ", HTTP/2 between the proxies")):
+    for variant, label in ((mtls, ""), (by.get("tether-2hop-mtls-h1"), ", HTTP/1 between the proxies")):
         if variant is not None and nginx is not None:
             paired = h.paired_saturation_ratio(variant, nginx)
             if paired is not None:

@@ -83,9 +83,7 @@ class LocalMesh:
         self.tether("up", "--bridge", self.bridge, "--pod-cidr", self.pods, "--service-cidr", self.services)
 
     def tether(self, *args: str, stdin: str | None = None) -> str:
-        # tether's proxies carry HTTP/1 between them over HTTP/2 as Linkerd's do (--outbound-h2-upgrade,
-        # off by default): the supervisor's proxies take it from the environment `tether up` gives it.
-        env = {**os.environ, "TETHER_STATE_DIR": str(self.state), "TETHER_PROXY_OUTBOUND_H2_UPGRADE": "true"}
+        env = {**os.environ, "TETHER_STATE_DIR": str(self.state)}
         r = subprocess.run([str(h.TETHER), *args], input=stdin, capture_output=True, text=True, timeout=180,
                            env=env, cwd="/tmp")
         if r.returncode != 0:

@@ -40,7 +40,7 @@ class Pair:
 
 
 def make_pair(tmp_path: Path, lifetime: str | None = None, promised_identity: str | None = None,
-              **proxy_flags: str) -> tuple[Pair, list[object]]:
+              hint: str | None = None, **proxy_flags: str) -> tuple[Pair, list[object]]:
     mesh = LocalMesh(tmp_path)
     mesh.create_ca()
     extra = ["--reload-interval", "0.2s"]
@@ -53,7 +53,7 @@ def make_pair(tmp_path: Path, lifetime: str | None = None, promised_identity: st
     dst = tmp_path / "destinations.yaml"
     dst.write_text(yaml.safe_dump({"destinations": {AUTHORITY: [{
         "addr": f"127.0.0.1:{app.server_address[1]}", "proxy_port": inbound.inbound_port,
-        "identity": promised_identity or web.identity}]}}))
+        "identity": promised_identity or web.identity, **({"protocol_hint": hint} if hint else {})}]}}))
     outbound = mesh.proxy(client, destinations_file=str(dst), **proxy_flags)
     return Pair(mesh, app, web, client, inbound, outbound, dst), [mesh, app]
 
@@ -444,13 +444,40 @@ def test_server_speaks_first_through_a_meshed_inbound(tmp_path: Path, opaque: bo
         srv.close()  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(("hint", "flags", "connections"), [
+    ("h2", {}, 1),  # hinted: both requests on one HTTP/2 connection
+    (None, {}, 2),  # no hint (an older tether proxy there): HTTP/1, a second connection
+    ("h2", {"outbound_h2_upgrade": "false"}, 2),  # turned off by the operator
+], ids=["hinted", "no-hint", "upgrade-off"])
+def test_http1_goes_over_http2_only_to_endpoints_hinted_h2(tmp_path: Path, hint: str | None,
+                                                           flags: dict[str, str], connections: int) -> None:
+    import threading
+
+    p, _ = make_pair(tmp_path, hint=hint, **flags)
+    try:
+        slow: list[tuple[int, bytes]] = []
+        t = threading.Thread(target=lambda: slow.append(p.get("/delay/3000")))
+        t.start()
+        # The slow request is at the application (its connection between the proxies busy, were it
+        # HTTP/1); a second one now.
+        wait_for(lambda: p.app.requests >= 1, 10, what="the slow request at the application")
+        assert p.get() == (200, b"hello from web\n")
+        t.join(10)
+        assert slow and slow[0][0] == 200
+        opened = [ln for ln in metric_lines(p.inbound, "tcp_open_total") if 'tls="true"' in ln]
+        assert sum(int(float(ln.rsplit(" ", 1)[1])) for ln in opened) == connections, opened
+    finally:
+        p.mesh.close()
+        p.app.shutdown()
+
+
 def test_http1_rides_one_http2_connection_between_proxies_with_the_upgrade(tmp_path: Path) -> None:
-    # --outbound-h2-upgrade: HTTP/1 requests to the meshed endpoint go as HTTP/2 with l5d-orig-proto
+    # An endpoint the destination hints h2: HTTP/1 requests to it go as HTTP/2 with l5d-orig-proto
     # (Linkerd's protocol between its proxies); the server proxy gives the application HTTP/1 again.
     import concurrent.futures
     import http.client
 
-    p, _ = make_pair(tmp_path, outbound_h2_upgrade="true")
+    p, _ = make_pair(tmp_path, hint="h2")
     try:
         with concurrent.futures.ThreadPoolExecutor(20) as pool:
             answers = list(pool.map(lambda _: p.get(), range(40)))

@@ -281,6 +281,20 @@ def test_a_killed_prometheus_is_restarted(vm: VizMesh) -> None:
 # --- 2. the seeds' PromQL and alert expressions -----------------------------------------------
 
 
+def test_a_snapshot_reads_every_query_at_prometheus_s_own_instant(vm: VizMesh) -> None:
+    assert vm.prom is not None
+    _traffic_for(vm, 5)
+    snap = vm.prom.snapshot()
+    assert snap.at is not None and abs(snap.at - time.time()) < 5  # Prometheus's clock, asked for
+    total = 'sum(request_total{direction="inbound",deployment="api-service"})'
+    at_instant = snap.query(total)
+    assert at_instant and at_instant[0].value > 0
+    # Scrapes land after the instant (Prometheus's now counts more); the snapshot still reads the same.
+    vm.wait_query(total, lambda r: bool(r) and r[0].value > at_instant[0].value, 30, "a later scrape")
+    assert snap.query(total) == at_instant
+    assert snap.query("time()")[0].value == pytest.approx(snap.at)
+
+
 def test_the_seeds_promql_returns_the_right_series(vm: VizMesh) -> None:
     _traffic_for(vm, 35)
     # 004 "Request rate": rate(request_total[5m]). With under 5 minutes of samples a 5m rate is an

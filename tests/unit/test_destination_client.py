@@ -89,6 +89,7 @@ def test_known_destination_snapshot_then_diffs_with_identity_and_labels() -> Non
             [ep] = list(res.endpoints.state)
             assert ep == Endpoint.of("10.0.0.1:8080", weight=10000,
                                      identity="web.ns.serviceaccount.identity.linkerd.cluster.local",
+                                     protocol_hint="h2",  # its proxy takes HTTP/1 over HTTP/2
                                      labels={"dst_namespace": "ns", "dst_service": "web", "dst_pod": "web-1"})
             r.streams[0].put_nowait(d.Update(add=d.WeightedAddrSet(addrs=[weighted("10.0.0.2", 8080)])))
             r.streams[0].put_nowait(d.Update(remove=d.AddrSet(addrs=[addr("10.0.0.1", 8080)])))

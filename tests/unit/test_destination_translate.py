@@ -111,6 +111,26 @@ def test_endpoints_with_identity_hint_and_labels() -> None:
     assert db.protocol_hint.opaque_transport.inbound_port == 4143
 
 
+@pytest.mark.parametrize(("version", "h2"), [
+    ("0.1.0", False),  # tether's previous release: does not take l5d-orig-proto, so no HTTP/2 to it
+    ("v0.1.9", False),
+    ("0.2.0", True),
+    ("0.10.1", True),
+    ("stable-2.14.10", True),  # Linkerd's proxies all do
+    ("edge-24.11.8", True),
+])
+def test_the_h2_hint_only_for_proxies_that_downgrade(version: str, h2: bool) -> None:
+    old = BASE.replace("metadata: {name: api-1, namespace: production, labels: {app: api-service, version: stable}}",
+                       "metadata: {name: api-1, namespace: production, labels: {app: api-service, version: stable},"
+                       f" annotations: {{linkerd.io/proxy-version: '{version}'}}}}")
+    w = world(old)
+    es = tr.endpoints(w, resolve(w, "api-service.production:8080", Context()), S)
+    a = es.addrs["10.0.0.1:9090"]
+    assert a.protocol_hint.WhichOneof("protocol") == ("h2" if h2 else None)
+    assert a.tls_identity.dns_like_identity.name  # still meshed: mTLS either way
+    assert es.addrs["10.0.0.2:9091"].protocol_hint.WhichOneof("protocol") == "h2"  # no annotation
+
+
 def test_endpoint_updates_are_diffs() -> None:
     w = world(BASE)
     t = resolve(w, "api-service.production:8080", Context())

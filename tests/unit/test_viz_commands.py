@@ -93,12 +93,19 @@ def test_selectors_and_queries_render_as_promql() -> None:
 class ScriptedPrometheus:
     """Answers by the first rule whose pattern the query contains; records the queries."""
 
-    def __init__(self, rules: list[tuple[str, list[Sample]]]) -> None:
+    def __init__(self, rules: list[tuple[str, list[Sample]]], at: float | None = None,
+                 seen: list[str] | None = None, times: list[float | None] | None = None) -> None:
         self.rules = rules
-        self.seen: list[str] = []
+        self.at = at
+        self.seen: list[str] = [] if seen is None else seen
+        self.times: list[float | None] = [] if times is None else times  # the instant of each query
+
+    def snapshot(self) -> ScriptedPrometheus:
+        return ScriptedPrometheus(self.rules, 1000.0 + len(self.seen), self.seen, self.times)
 
     def query(self, promql: str, time: float | None = None) -> list[Sample]:
         self.seen.append(promql)
+        self.times.append(time if time is not None else self.at)
         for pattern, samples in self.rules:
             if re.search(pattern, promql):
                 return samples
@@ -134,6 +141,24 @@ def test_stat_from_computes_effective_actual_and_retries() -> None:
               'dst_namespace="prod"'):
         assert m in first
     assert 'dst=~"api:8080"' in next(s for s in prom.seen if "route_actual_" in s)
+
+
+def test_each_command_reads_one_instant() -> None:
+    # A retry count is the difference of two queries; were they evaluated a scrape apart, the
+    # requests of that scrape would show as retries. Every query of one command names one instant.
+    edge = {"dst_namespace": "prod", "dst_deployment": "api", "authority": "api:8080"}
+    prom = ScriptedPrometheus([(r"response_total", [S(60, **edge, classification="success")])])
+    api = MetricsApi(prom)  # type: ignore[arg-type]
+    api.stat(Resource("deployment", "api", "prod"), "1m", from_=Resource("deployment", "web", "prod"))
+    first = set(prom.times)
+    assert len(prom.times) > 3 and len(first) == 1 and None not in first
+    api.stat(Resource("deployment", "api", "prod"), "1m", from_=Resource("deployment", "web", "prod"))
+    assert len(set(prom.times)) == 2  # the next command, the next instant
+    for run in (lambda: api.routes(Resource("deployment", "api", "prod")), lambda: api.edges("prod"),
+                lambda: api.top(Resource("deployment", "api", "prod"))):
+        n = len(prom.times)
+        run()
+        assert len(set(prom.times[n:])) == 1 and None not in prom.times[n:]
 
 
 def test_stat_lists_idle_meshed_workloads_with_no_numbers() -> None:

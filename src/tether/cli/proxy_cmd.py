@@ -127,8 +127,8 @@ FLAGS: dict[str, Flag] = {
     "identity_token_path": Flag("PATH", "the workload's bootstrap token, sent to the identity service"),
     "identity_trust_anchors": Flag("PATH", "PEM bundle of trust anchors, reloaded when it changes"),
     "identity_addrs": Flag("HOST:PORT,...", "identity service replicas"),
-    "outbound_h2_upgrade": Flag("BOOL", "send HTTP/1 requests to meshed endpoints over one HTTP/2 connection per "
-                                "peer proxy (l5d-orig-proto, as Linkerd's proxies do)"),
+    "outbound_h2_upgrade": Flag("BOOL", "send HTTP/1 requests to meshed endpoints the destination hints h2 over "
+                                "one HTTP/2 connection per peer proxy (l5d-orig-proto, as Linkerd's proxies do)"),
     "identity_svc_name": Flag("NAME", "the identity service's own identity: dial it over TLS and require a "
                               "certificate for this name (unset: plaintext)"),
     "destination_svc_name": Flag("NAME", "the destination service's identity: dial it over mutual TLS with this "

@@ -148,13 +148,12 @@ class ProxyConfig:
     # Per-target stacks (a destination's balancer and pools, an inbound port's forwarder) unused for
     # this long are dropped with their connections (linkerd2-proxy's outbound cache idle age).
     cache_max_idle_age: float = 60.0
-    # Outbound: HTTP/1 requests to a meshed endpoint (mTLS to its proxy) travel as HTTP/2 with the
-    # l5d-orig-proto header, as Linkerd's proxies do between them; the peer proxy gives the application
-    # HTTP/1 again. Requests share one multiplexed connection per peer: about half the system calls
-    # per request at concurrency. Off by default: a peer proxy from before this release does not
-    # downgrade (its application would get HTTP/2), and a viz test saw one unexplained "retry" with
-    # it on (docs/notes/session-13.md).
-    outbound_h2_upgrade: bool = False
+    # Outbound: HTTP/1 requests to a meshed endpoint (mTLS to its proxy) that the destination hints
+    # h2 travel as HTTP/2 with the l5d-orig-proto header, as Linkerd's proxies do between them; the
+    # peer proxy gives the application HTTP/1 again. Requests share one multiplexed connection per
+    # peer: about half the system calls per request at concurrency. The destination service leaves
+    # the hint off for proxies that would not downgrade (tether's before 0.2.0).
+    outbound_h2_upgrade: bool = True
     # After an error response, what the client still sends is read and dropped for this long.
     linger_timeout: float = 2.0
     # A metric series nobody counted into for this long is dropped from /metrics (as Linkerd does).

@@ -23,12 +23,15 @@ def endpoint_of(w: destination_lite.WeightedAddr, set_labels: dict[str, str]) ->
     if w.HasField("tls_identity") and w.tls_identity.WhichOneof("strategy") == "dns_like_identity":
         identity = w.tls_identity.dns_like_identity.name or None
     proxy_port: int | None = None
-    if w.HasField("protocol_hint") and w.protocol_hint.HasField("opaque_transport"):
-        proxy_port = w.protocol_hint.opaque_transport.inbound_port or None
+    hint: str | None = None
+    if w.HasField("protocol_hint"):
+        hint = w.protocol_hint.WhichOneof("protocol")  # h2: its proxy takes HTTP/1 over HTTP/2
+        if w.protocol_hint.HasField("opaque_transport"):
+            proxy_port = w.protocol_hint.opaque_transport.inbound_port or None
     labels = {f"dst_{k}": v for k, v in set_labels.items()}
     labels.update({f"dst_{k}": v for k, v in w.metric_labels.items()})
-    return Endpoint(tcp_addr(w.addr), weight=max(1, w.weight or 1), identity=identity, proxy_port=proxy_port,
-                    labels=tuple(sorted(labels.items())))
+    return Endpoint(tcp_addr(w.addr), weight=max(1, w.weight or 1), identity=identity, protocol_hint=hint,
+                    proxy_port=proxy_port, labels=tuple(sorted(labels.items())))
 
 
 def tcp_address(addr: Addr) -> net_lite.TcpAddress:

@@ -24,9 +24,10 @@ class Sample:
 
 
 class Prometheus:
-    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT, at: float | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.at = at  # queries without their own time are evaluated at this instant (None: Prometheus's now)
 
     def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
         full = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
@@ -68,9 +69,19 @@ class Prometheus:
         except (urllib.error.URLError, OSError, TimeoutError):
             return False
 
+    def snapshot(self) -> Prometheus:
+        """This Prometheus with every query evaluated at one instant, Prometheus's own now (asked
+        for, so a client whose clock differs still reads the latest samples). The numbers of one
+        command then come from the same scrapes: a scrape landing between two of its queries would
+        otherwise show, for one, requests the other does not count yet."""
+        now = self.query("time()")
+        return Prometheus(self.url, self.timeout, now[0].value if now else None)
+
     def query(self, promql: str, time: float | None = None) -> list[Sample]:
         """An instant query; a vector or scalar result as samples (NaN values kept)."""
         params = {"query": promql}
+        if time is None:
+            time = self.at
         if time is not None:
             params["time"] = f"{time:.3f}"
         data = self._get("/api/v1/query", params)

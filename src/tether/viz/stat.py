@@ -162,7 +162,8 @@ class MetricsApi:
             sel = q.Selector.of({"direction": "inbound", **_own(res, all_namespaces)})
             group = ["namespace"] if res.type == "namespace" else ["namespace", own_label]
             outbound = False
-        resp = self.prom.query(q.responses(sel, window, [*group, "authority"] if outbound else group))
+        prom = self.prom.snapshot()  # every number of the table from the same scrapes
+        resp = prom.query(q.responses(sel, window, [*group, "authority"] if outbound else group))
         counts: dict[tuple[str, str], Counts] = defaultdict(Counts)
         authorities: dict[str, set[tuple[str, str]]] = defaultdict(set)
         for s in resp:
@@ -170,21 +171,21 @@ class MetricsApi:
             counts[key].add(s.labels.get("classification", ""), s.value)
             if outbound and s.labels.get("authority"):
                 authorities[s.labels["authority"]].add(key)
-        lat = {qq: _by_key(self.prom.query(q.latency(qq, sel, window, group)), group) for qq in q.QUANTILES}
+        lat = {qq: _by_key(prom.query(q.latency(qq, sel, window, group)), group) for qq in q.QUANTILES}
         tcp: dict[tuple[str, str], float] = {}
         rd: dict[tuple[str, str], float] = {}
         wr: dict[tuple[str, str], float] = {}
         if not outbound:
             tsel = q.Selector.of({"direction": "inbound", **_own(res, all_namespaces)})
-            tcp = _by_key(self.prom.query(q.tcp_open(tsel, group)), group)
-            rd = _by_key(self.prom.query(q.tcp_bytes(tsel, window, group, "read")), group)
-            wr = _by_key(self.prom.query(q.tcp_bytes(tsel, window, group, "write")), group)
-        _, actual = self._route_counts(sel, authorities, window) if outbound else ({}, {})
+            tcp = _by_key(prom.query(q.tcp_open(tsel, group)), group)
+            rd = _by_key(prom.query(q.tcp_bytes(tsel, window, group, "read")), group)
+            wr = _by_key(prom.query(q.tcp_bytes(tsel, window, group, "write")), group)
+        _, actual = self._route_counts(prom, sel, authorities, window) if outbound else ({}, {})
         if pods is None and res.type in ("deployment", "pod", "namespace"):
             psel = q.Selector.of(_own(res, all_namespaces))
             pgroup = ["namespace"] if res.type == "namespace" else ["namespace", own_label]
-            running = _by_key(self.prom.query(q.meshed_pods(psel, pgroup)), pgroup)
-            ready = _by_key(self.prom.query(q.ready_pods(psel, pgroup)), pgroup)
+            running = _by_key(prom.query(q.meshed_pods(psel, pgroup)), pgroup)
+            ready = _by_key(prom.query(q.ready_pods(psel, pgroup)), pgroup)
             pods = {k: (int(ready.get(k, 0)), int(v)) for k, v in running.items()}
         keys = set(counts)
         if not outbound and pods:
@@ -224,8 +225,8 @@ class MetricsApi:
             })
         return rows
 
-    def _route_counts(self, sel: q.Selector, authorities: Mapping[str, set[tuple[str, str]]], window: str
-                      ) -> tuple[dict[tuple[str, str], Counts], dict[tuple[str, str], Counts]]:
+    def _route_counts(self, prom: Prometheus, sel: q.Selector, authorities: Mapping[str, set[tuple[str, str]]],
+                      window: str) -> tuple[dict[tuple[str, str], Counts], dict[tuple[str, str], Counts]]:
         """Per row, the route layer's effective and actual counts (empty without a ServiceProfile)."""
         if not authorities:
             return {}, {}
@@ -235,7 +236,7 @@ class MetricsApi:
         out: list[dict[tuple[str, str], Counts]] = []
         for family in ("route_", "route_actual_"):
             per: dict[tuple[str, str], Counts] = defaultdict(Counts)
-            for s in self.prom.query(q.responses(rsel, window, ["dst"], family)):
+            for s in prom.query(q.responses(rsel, window, ["dst"], family)):
                 for key in authorities.get(s.labels.get("dst", ""), ()):
                     per[key].add(s.labels.get("classification", ""), s.value)
             out.append(per)
@@ -260,7 +261,8 @@ class MetricsApi:
         else:
             src, dst = {}, _dst(res, False)
         asel = q.Selector.of({"direction": "outbound", **src, **dst})
-        auths = {s.labels.get("authority", "") for s in self.prom.query(
+        prom = self.prom.snapshot()
+        auths = {s.labels.get("authority", "") for s in prom.query(
             f"sum(increase(response_total{asel.render()}[{window}])) by (authority)")} - {""}
         declared: dict[str, list[str]] = {}
         for auth in auths:
@@ -271,9 +273,9 @@ class MetricsApi:
             return []
         rsel = q.Selector.of({"direction": "outbound", **src}, {"dst": "|".join(re.escape(a) for a in sorted(auths))})
         group = ["dst", "rt_route"]
-        eff = _counts(self.prom.query(q.responses(rsel, window, group, "route_")), group)
-        act = _counts(self.prom.query(q.responses(rsel, window, group, "route_actual_")), group)
-        lat = {qq: {_key(s.labels, group): s.value for s in self.prom.query(q.latency(qq, rsel, window, group,
+        eff = _counts(prom.query(q.responses(rsel, window, group, "route_")), group)
+        act = _counts(prom.query(q.responses(rsel, window, group, "route_actual_")), group)
+        lat = {qq: {_key(s.labels, group): s.value for s in prom.query(q.latency(qq, rsel, window, group,
                                                                                       "route_"))}
                for qq in q.QUANTILES}
         keys = set(eff) | {(auth, r) for auth, names in declared.items() for r in names}
@@ -297,8 +299,9 @@ class MetricsApi:
     def edges(self, namespace: str, window: str = "1m", *, all_namespaces: bool = False) -> list[dict[str, Any]]:
         """Who calls whom between deployments, with the client's and the server's identities."""
         ns = {} if all_namespaces else {"namespace": namespace}
-        out_samples = self.prom.query(q.edges_outbound(q.Selector.of(ns), window))
-        in_samples = self.prom.query(q.edges_inbound(q.Selector.of({}), window))
+        prom = self.prom.snapshot()
+        out_samples = prom.query(q.edges_outbound(q.Selector.of(ns), window))
+        in_samples = prom.query(q.edges_inbound(q.Selector.of({}), window))
         clients: dict[tuple[str, str], set[str]] = defaultdict(set)
         for s in in_samples:
             if s.value > 0 and s.labels.get("client_id"):
@@ -329,7 +332,8 @@ class MetricsApi:
         route metrics of the resource's own proxies' calls and of its clients' calls to it."""
         secs = window_seconds(window)
         own = q.Selector.of({"direction": "outbound", **_own(res, False)})
-        callers_auth = {s.labels.get("authority", "") for s in self.prom.query(
+        prom = self.prom.snapshot()
+        callers_auth = {s.labels.get("authority", "") for s in prom.query(
             f"sum(increase(response_total{q.Selector.of({'direction': 'outbound', **_dst(res, False)}).render()}"
             f"[{window}])) by (authority)")} - {""}
         group = ["namespace", "pod", "dst", "rt_route"]
@@ -339,11 +343,11 @@ class MetricsApi:
             sels.append(q.Selector.of({"direction": "outbound"},
                                       {"dst": "|".join(re.escape(a) for a in sorted(callers_auth))}))
         for sel in sels:
-            cnt = self.prom.query(q.responses(sel, window, group, "route_"))
+            cnt = prom.query(q.responses(sel, window, group, "route_"))
             p50 = {tuple(s.labels.get(g, "") for g in group): s.value
-                   for s in self.prom.query(q.latency(0.5, sel, window, group, "route_"))}
+                   for s in prom.query(q.latency(0.5, sel, window, group, "route_"))}
             p99 = {tuple(s.labels.get(g, "") for g in group): s.value
-                   for s in self.prom.query(q.latency(0.99, sel, window, group, "route_"))}
+                   for s in prom.query(q.latency(0.99, sel, window, group, "route_"))}
             for s in cnt:
                 key = tuple(s.labels.get(g, "") for g in group)
                 r = rows.setdefault(key, {"source": f"{key[0]}/{key[1]}", "destination": key[2],

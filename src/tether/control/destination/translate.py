@@ -9,6 +9,7 @@ fail-fast, detection timeout 10 s, failure accrual 7 consecutive failures with 1
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,10 @@ from tether.core.resources import route as rt
 from tether.core.resources.core import ExternalWorkload, Service, Workload
 from tether.core.resources.split import TrafficSplit
 
+# The proxy releases that do not take HTTP/1 carried over HTTP/2 (``l5d-orig-proto``): tether's
+# before 0.2.0. Linkerd's proxies (proxy-version like stable-2.14.10, edge-24.11.8) always have.
+FIRST_DOWNGRADING_RELEASE = (0, 2, 0)
+_RELEASE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)(?:[-+].*)?")
 ENDPOINT_WEIGHT = 10_000
 INBOUND_PROXY_PORT = 4143
 DETECT_TIMEOUT = 10.0
@@ -151,6 +156,16 @@ _ADDR_CACHE: dict[tuple[int, str, int, bool, int], tuple[Resource, dst.WeightedA
 _ADDR_CACHE_LIMIT = 200_000
 
 
+def downgrades_h2(w: Workload | ExternalWorkload) -> bool:
+    """Whether the endpoint's proxy takes HTTP/1 requests that a client proxy carried over HTTP/2
+    (the H2 protocol hint: a client proxy then sends them so). Every Linkerd proxy and tether's from
+    0.2.0 do; an older tether proxy, named by the pod's ``linkerd.io/proxy-version``, would pass the
+    HTTP/2 on to an HTTP/1 application. Without the annotation (local workloads run this release's
+    proxy), and for an external workload's proxy, it does."""
+    if not isinstance(w, Workload):
+        return True
+    m = _RELEASE.fullmatch(w.metadata.annotations.get("linkerd.io/proxy-version", ""))
+    return m is None or tuple(int(g) for g in m.groups()) >= FIRST_DOWNGRADING_RELEASE
 def weighted_addr(
     w: Workload | ExternalWorkload, ip: str, port: int, s: Settings, *, opaque: bool, world: World
 ) -> dst.WeightedAddr:
@@ -188,12 +203,12 @@ def _weighted_addr(
             )
         )
         inbound = w.spec.proxy_inbound_port if isinstance(w, Workload) else None
-        hint = (
-            dst.ProtocolHint(opaque=dst.ProtocolHint.Opaque()) if opaque else dst.ProtocolHint(h2=dst.ProtocolHint.H2())
-        )
         if opaque:
+            hint = dst.ProtocolHint(opaque=dst.ProtocolHint.Opaque())
             hint.opaque_transport.inbound_port = inbound or INBOUND_PROXY_PORT
-        addr.protocol_hint.CopyFrom(hint)
+            addr.protocol_hint.CopyFrom(hint)
+        elif downgrades_h2(w):
+            addr.protocol_hint.CopyFrom(dst.ProtocolHint(h2=dst.ProtocolHint.H2()))
     addr.resource_ref.CopyFrom(resource_meta(w))
     return addr
 

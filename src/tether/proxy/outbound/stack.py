@@ -261,7 +261,7 @@ class Outbound:
         t = connect.reach(ep, mtls=self.identity is not None)  # plain, or mTLS to its proxy
         svc: Service = HttpEndpoint(t.dial, self.client,  # pooled HTTP/1, one HTTP/2 connection
                                     connect.connector(t, self.identity, self.handshake_timeout),
-                                    upgrade=self.h2_upgrade and t.server_id is not None)
+                                    upgrade=self.h2_upgrade and t.server_id is not None and ep.protocol_hint == "h2")
         return EndpointMeter(svc, self.metrics.http(  # the request counts as this endpoint's
             "outbound", t.addr, authority=logical.authority, tls=t.server_id is not None,
             server_id=t.server_id, extra=t.labels))
