@@ -206,9 +206,11 @@ _NO_RESUMPTION = {"TETHER_PROXY_IDENTITY_TLS_SESSION_MAX_AGE": "0"}
 
 @contextlib.contextmanager
 def mesh_pair_under_callgrind(python: Path, workdir: Path, backend_port: int, mtls: bool, mesh: object | None,
-                              client_flags: tuple[str, ...] = (),
-                              env: dict[str, str] | None = None) -> Iterator[tuple[list[tuple[int, Path]], int]]:
-    """A client proxy and a server proxy of ``python``'s build under callgrind: (procs, outbound port)."""
+                              client_flags: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                              hint: str | None = None) -> Iterator[tuple[list[tuple[int, Path]], int]]:
+    """A client proxy and a server proxy of ``python``'s build under callgrind: (procs, outbound port).
+    ``hint``: the endpoint's protocol hint (h2: HTTP/1 between the proxies as HTTP/2, this release's
+    default to a pod the destination hints; without it, HTTP/1)."""
     out, in_port = h.free_port(), h.free_port()
     out_admin, in_admin = h.free_port(), h.free_port()
     endpoint: dict[str, object] = {"addr": f"127.0.0.1:{backend_port}", "proxy_port": in_port}
@@ -223,6 +225,8 @@ def mesh_pair_under_callgrind(python: Path, workdir: Path, backend_port: int, mt
                       "--identity-trust-anchors", str(mesh.anchors), "--identity-addrs", mesh.identity_addrs[0]]
             if w.name == "server":
                 endpoint["identity"] = w.identity
+    if hint:
+        endpoint["protocol_hint"] = hint
     dest = workdir / "mesh-destinations.yaml"
     dest.write_text(json.dumps({"destinations": {AUTHORITY: [endpoint]}}))
     server_args = ["--inbound-addr", f"127.0.0.1:{in_port}", "--outbound-addr", f"127.0.0.1:{h.free_port()}",
@@ -263,14 +267,18 @@ def mesh_main(args: argparse.Namespace, builds: list[list[str]]) -> int:
                         # (resumption off); "resumed": the same with resumption on (the warm-up's first
                         # connection leaves a session; builds without resumption do full handshakes here).
                         hs_n, hs_w = max(1, args.requests // 10), max(1, args.warmup // 10)
+                        # "mtls-h2": the mTLS pair with the endpoint hinted h2 (builds before 0.2.0 ignore the
+                        # hint: HTTP/1 there too).
                         for kind, mtls, flags, n, w, env in (
                                 ("plain", False, (), args.requests, args.warmup, None),
                                 ("mtls", True, (), args.requests, args.warmup, None),
+                                ("mtls-h2", True, (), args.requests, args.warmup, None),
                                 ("handshake", True, _NO_POOL, hs_n, hs_w, _NO_RESUMPTION),
                                 ("resumed", True, _NO_POOL, hs_n, hs_w, None)):
                             bdir = work / f"{name}-{kind}-{len(rows.get(name, {}))}"
                             bdir.mkdir(exist_ok=True)
-                            pair = mesh_pair_under_callgrind(python, bdir, backend_port, mtls, mesh, flags, env)
+                            pair = mesh_pair_under_callgrind(python, bdir, backend_port, mtls, mesh, flags, env,
+                                                             hint="h2" if kind == "mtls-h2" else None)
                             with pair as (procs, out):
                                 got[kind] = count_many(procs, lambda k: keepalive_requests(out, k, AUTHORITY), n, w)
                                 for (_, cg), side in zip(procs, ("server", "client"), strict=True):
@@ -286,12 +294,14 @@ def mesh_main(args: argparse.Namespace, builds: list[list[str]]) -> int:
     print(f"\nuser-space instructions per request through two proxies, both counted (valgrind callgrind; min of "
           f"{args.repeat} runs of {args.requests} requests on one keep-alive connection after {args.warmup} warm-up;"
           f" new mTLS connection each: a tenth as many, full handshakes, then resumed sessions)")
-    heads = ("two hops plaintext", "two hops mTLS", "mTLS adds", "new mTLS conn each", "resumed mTLS conn each")
+    heads = ("two hops plaintext", "two hops mTLS", "mTLS adds", "mTLS, HTTP/2 between", "new mTLS conn each",
+             "resumed mTLS conn each")
     print(f"{'build':<12}" + "".join(f"{p:>24}" for p in heads))
     for name, r in rows.items():
-        p_ir, m_ir, hs, rs = r["plain"], r["mtls"], r["handshake"], r["resumed"]
+        p_ir, m_ir, h2, hs, rs = r["plain"], r["mtls"], r["mtls-h2"], r["handshake"], r["resumed"]
         cells = (f"{p_ir:,.0f} ({p_ir / base['plain']:.3f}x)", f"{m_ir:,.0f} ({m_ir / base['mtls']:.3f}x)",
-                 f"{m_ir - p_ir:,.0f} (+{(m_ir - p_ir) / p_ir:.0%})", f"{hs:,.0f} ({hs / base['handshake']:.3f}x)",
+                 f"{m_ir - p_ir:,.0f} (+{(m_ir - p_ir) / p_ir:.0%})", f"{h2:,.0f} ({h2 / base['mtls-h2']:.3f}x)",
+                 f"{hs:,.0f} ({hs / base['handshake']:.3f}x)",
                  f"{rs:,.0f} ({rs / base['resumed']:.3f}x)")
         print(f"{name:<12}" + "".join(f"{c:>24}" for c in cells))
     return 0

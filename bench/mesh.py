@@ -188,8 +188,10 @@ def meshed_proxy_figures(held: int = 1000, seconds: float = 3.0) -> dict[str, fl
         with h.running(backend):
             port = h.free_port()
             (work / "held").mkdir()
+            # HTTP/1 between the proxies: with HTTP/2 the requests would share one connection.
             pair = start_two_hop(work / "held", port, backend_port, mtls=True,
-                                 client_flags=["--pool-max-idle-per-endpoint", str(held),
+                                 client_flags=["--outbound-h2-upgrade", "false",
+                                               "--pool-max-idle-per-endpoint", str(held),
                                                # a burst of 1,000 handshakes queues for seconds of CPU
                                                "--outbound-connect-timeout", "30s"])
             with h.running(pair):
@@ -208,7 +210,8 @@ def meshed_proxy_figures(held: int = 1000, seconds: float = 3.0) -> dict[str, fl
                 port = h.free_port()
                 (work / f"handshakes-{kind}").mkdir()
                 pair = start_two_hop(work / f"handshakes-{kind}", port, backend_port, mtls=True,
-                                     client_flags=["--pool-max-idle-per-endpoint", "0"], both_flags=both)
+                                     client_flags=["--outbound-h2-upgrade", "false",  # a connection per request
+                                                   "--pool-max-idle-per-endpoint", "0"], both_flags=both)
                 with h.running(pair):
                     target = ["-H", f"Host: {http1.AUTHORITY}", f"http://127.0.0.1:{port}{http1.PATH}"]
                     h.fortio_load(fortio, target, 0, 8, 1.0, work, ok_codes=("200",))  # warm-up

@@ -488,9 +488,16 @@ def test_http1_rides_one_http2_connection_between_proxies_with_the_upgrade(tmp_p
             conn.request("POST", "/echo", body=body, headers={"Host": AUTHORITY})
             resp = conn.getresponse()
             assert (resp.status, resp.read() == body) == (200, True)
+            # Content-Length crossed HTTP/2 both ways: the application got it (its echo answers with the
+            # request's framing) and the client gets it back, not chunked.
+            assert (resp.getheader("content-length"), resp.getheader("transfer-encoding")) == ("1000001", None)
             conn.request("GET", "/bytes/300000?chunked=1", headers={"Host": AUTHORITY})
             resp = conn.getresponse()
             assert (resp.status, len(resp.read())) == (200, 300_000)
+            assert resp.getheader("transfer-encoding") == "chunked"  # chunked stays chunked
+            conn.request("GET", "/bytes/300000", headers={"Host": AUTHORITY})
+            resp = conn.getresponse()
+            assert (resp.status, len(resp.read()), resp.getheader("content-length")) == (200, 300_000, "300000")
             conn.request("HEAD", "/bytes/5", headers={"Host": AUTHORITY})
             resp = conn.getresponse()
             assert (resp.status, resp.getheader("content-length"), resp.read()) == (200, "5", b"")
@@ -502,10 +509,20 @@ def test_http1_rides_one_http2_connection_between_proxies_with_the_upgrade(tmp_p
             assert resp.getheader("l5d-orig-proto") is None
         finally:
             conn.close()
+        # An HTTP/1.0 client keeps its connection: the answer has a length to be framed by.
+        with socket.create_connection((p.outbound.host, p.outbound.outbound_port), timeout=30) as c:
+            f = c.makefile("rb")
+            for _ in range(2):
+                c.sendall(f"GET / HTTP/1.0\r\nHost: {AUTHORITY}\r\nConnection: keep-alive\r\n\r\n".encode())
+                head = []
+                while (line := f.readline()) not in (b"\r\n", b""):
+                    head.append(line.lower())
+                assert head[0].startswith(b"http/1.1 200") and b"connection: keep-alive\r\n" in head, head
+                assert b"content-length: 15\r\n" in head and f.read(15) == b"hello from web\n"
         opened = metric_lines(p.inbound, "tcp_open_total")
         assert any('tls="true"' in ln and ln.endswith(" 1") for ln in opened), opened  # 40 at once, one connection
         inb = metric_lines(p.inbound, "request_total")
-        assert any(f'client_id="{p.client.identity}"' in ln and ln.endswith(" 44") for ln in inb), inb
+        assert any(f'client_id="{p.client.identity}"' in ln and ln.endswith(" 47") for ln in inb), inb
         # A request asking for a protocol upgrade keeps HTTP/1 (its own connection to the peer).
         conn = http.client.HTTPConnection(p.outbound.host, p.outbound.outbound_port, timeout=30)
         try:

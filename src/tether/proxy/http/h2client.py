@@ -33,6 +33,7 @@ from tether.proxy.http.h2conn import (
     H2Protocol,
     H2StreamReset,
     StreamState,
+    add_content_length,
     body_is_empty,
 )
 from tether.proxy.http.message import Headers, Request, Response
@@ -108,6 +109,8 @@ class H2ClientConnection(H2Protocol):
             raise H2ConnectionClosed("stream ids exhausted", retryable=True) from None
         fields = request_fields(req.method, req.scheme, req.authority, req.path, req.headers)
         empty = body_is_empty(req.body)
+        if not empty:
+            add_content_length(fields, req.body)  # an HTTP/1 request's Content-Length
         st.response = self._new_future()
         self._streams[stream_id] = st
         try:

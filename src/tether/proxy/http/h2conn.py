@@ -586,6 +586,20 @@ def body_is_empty(body: Body) -> bool:
     return False
 
 
+def add_content_length(fields: Headers, body: Body) -> None:
+    """Give a message whose body length is known (an HTTP/1 message framed by Content-Length, whose
+    framing header the codec consumed) a ``content-length`` field, as an HTTP/2 peer may be told
+    (RFC 9113 section 8.1.1): a proxy that turns it back into HTTP/1 frames it by that length, not
+    chunked (which an HTTP/1.0 peer cannot take, nor some applications in a request)."""
+    length = body.length
+    if length is None or length <= 0:
+        return
+    for k, _ in fields:
+        if k == b"content-length":
+            return
+    fields.append((b"content-length", str(length).encode()))
+
+
 def _is_drained(body: Body) -> bool:
     # After a read of a fully-buffered body, is there more? PipeBody returns everything buffered
     # in one read; BytesBody has one chunk.

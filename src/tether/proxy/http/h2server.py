@@ -38,6 +38,7 @@ from tether.proxy.http.h2conn import (
     H2Error,
     H2Protocol,
     StreamState,
+    add_content_length,
     body_is_empty,
     error_code_for,
 )
@@ -410,10 +411,10 @@ class H2ServerProtocol(H2Protocol):
                 return
             fields = response_fields(resp.status, resp.headers)
             empty = body_is_empty(resp.body)
-            if req.method == b"HEAD" and empty and resp.body.length \
-                    and not any(k == b"content-length" for k, _ in fields):
-                # A HEAD answer from an HTTP/1 upstream: its Content-Length travels as a field.
-                fields.append((b"content-length", str(resp.body.length).encode()))
+            if not empty or req.method == b"HEAD":
+                # An answer from an HTTP/1 upstream keeps its Content-Length (a HEAD's: the length
+                # a GET would have).
+                add_content_length(fields, resp.body)
             self._send_fields(stream_id, fields, empty)
             st.headers_sent = True
             if empty:
