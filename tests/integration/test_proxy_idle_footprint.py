@@ -10,6 +10,7 @@ loaded is read at its exit and, for the C extensions, from /proc/PID/maps while 
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import urllib.request
@@ -18,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from tether.testing.backend import BackendServer
+from tether.testing.mesh import LocalMesh
 from tether.testing.procs import Proc, free_port, http_get, wait_for
 
 # Runs `tether proxy` as the console script does and writes the loaded modules when it exits.
@@ -44,8 +46,9 @@ _NOT_FOR_A_REQUEST = ("pathlib", "fnmatch", "ntpath", "urllib.parse")
 _EXTENSIONS = ("_hashlib", "_bz2", "_lzma")  # C extensions among them: visible in the memory map
 
 
-def _run_proxy(tmp: Path, flags: list[str], request: tuple[str, str] | None = None) -> tuple[set[str], str]:
-    """Start a plain proxy, optionally send one request through it, stop it; (modules, memory map)."""
+def _run_proxy(tmp: Path, flags: list[str], request: tuple[str, str] | None = None,
+               requests: int = 1) -> tuple[set[str], str]:
+    """Start a proxy, optionally send ``requests`` requests through it, stop it; (modules, memory map)."""
     out = tmp / "modules.txt"
     admin, outbound = free_port(), free_port()
     proc = Proc([sys.executable, "-c", _WRAPPER, str(out), "proxy", "--admin-addr", f"127.0.0.1:{admin}",
@@ -57,8 +60,9 @@ def _run_proxy(tmp: Path, flags: list[str], request: tuple[str, str] | None = No
             authority, path = request
             req = urllib.request.Request(f"http://127.0.0.1:{outbound}{path}", headers={"Host": authority})
             no_env_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            with no_env_proxy.open(req, timeout=10) as r:
-                assert r.status == 200 and r.read().startswith(b"hello from")
+            for _ in range(requests):
+                with no_env_proxy.open(req, timeout=10) as r:
+                    assert r.status == 200 and r.read().startswith(b"hello from")
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0, proc.log()
@@ -82,3 +86,28 @@ def test_a_proxy_without_a_destinations_file_does_not_load_yaml(tmp_path: Path) 
     modules, _ = _run_proxy(tmp_path, [])
     assert "yaml" not in modules
     assert sorted(m for m in modules if m in _NEVER) == []
+
+
+def test_a_meshed_client_proxy_reads_certificate_dates_without_strptime(tmp_path: Path, backend: BackendServer) -> None:
+    # A new mTLS connection per request: the first a full handshake, the next resumed, each resumed
+    # one checking the peer certificate's notAfter. time.strptime would bring _strptime and calendar.
+    mesh = LocalMesh(tmp_path / "mesh")
+    try:
+        mesh.create_ca()
+        mesh.start_identity()
+        web, client = mesh.workload("web"), mesh.workload("client")
+        server = mesh.proxy(web, inbound_app_addr=f"127.0.0.1:{backend.server_address[1]}")
+        dst = tmp_path / "destinations.json"
+        dst.write_text(json.dumps({"destinations": {"web.local:80": [{
+            "addr": f"127.0.0.1:{backend.server_address[1]}", "proxy_port": server.inbound_port,
+            "identity": web.identity}]}}))
+        modules, _ = _run_proxy(tmp_path, [
+            "--destinations-file", str(dst), "--pool-max-idle-per-endpoint", "0",
+            "--identity-name", client.identity, "--identity-token-path", str(client.token_path),
+            "--identity-trust-anchors", str(mesh.anchors), "--identity-addrs", mesh.identity_addrs[0]],
+            ("web.local", "/"), requests=3)
+        hs = [ln for ln in server.metrics().splitlines() if ln.startswith("tls_handshakes_total{")]
+        assert any('resumed="true"' in ln and not ln.endswith(" 0") for ln in hs), hs  # resumed ones were checked
+        assert sorted(m for m in modules if m in ("_strptime", "calendar")) == []
+    finally:
+        mesh.close()

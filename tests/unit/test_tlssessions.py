@@ -24,7 +24,7 @@ from tether.proxy.config import DetectSettings
 from tether.proxy.identity import IdentityClient
 from tether.proxy.meshtls import MeshTlsListener
 from tether.proxy.tlspeer import peer_identity
-from tether.proxy.tlssessions import SessionCache, resumed_peer_problem
+from tether.proxy.tlssessions import SessionCache, cert_time_to_seconds, resumed_peer_problem
 from tether.proxy.tlstransport import tls_accept, tls_connect
 
 DEADLINE = 10.0
@@ -485,3 +485,22 @@ def test_when_the_first_handshake_of_a_burst_fails_the_others_go_on(tmp_path: Pa
         lsock.close()
 
     run(scenario)
+
+
+@pytest.mark.parametrize("text", ["Dec  6 12:10:21 2026 GMT", "Jan 01 00:00:00 1970 GMT", "Feb 29 23:59:59 2028 GMT",
+                                  "Jun 30 08:05:09 2049 GMT", "Sep  9 01:02:03 9999 GMT"])
+def test_certificate_times_read_as_the_ssl_module_reads_them(text: str) -> None:
+    assert cert_time_to_seconds(text) == ssl.cert_time_to_seconds(text)
+
+
+@pytest.mark.parametrize("text", ["", "Dec  6 12:10:21 2026", "Dec  6 12:10:21 2026 UTC", "Foo  6 12:10:21 2026 GMT",
+                                  "Dec  6 25:10:21 2026 GMT", "Dec  6 12:10 2026 GMT",
+                                  "Dec  6 12:10:21.5 2026 GMT", "Dec x6 12:10:21 2026 GMT"])
+def test_certificate_times_the_ssl_module_refuses_are_none(text: str) -> None:
+    with pytest.raises(ValueError):
+        ssl.cert_time_to_seconds(text)
+    assert cert_time_to_seconds(text) is None
+
+
+def test_a_date_that_does_not_exist_is_none() -> None:
+    assert cert_time_to_seconds("Feb 30 12:10:21 2026 GMT") is None  # (strptime rolls it into March)

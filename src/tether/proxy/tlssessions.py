@@ -21,6 +21,7 @@ Time is a parameter (``clock``: monotonic seconds, ``wall``: seconds since the e
 
 from __future__ import annotations
 
+import datetime as dt
 import ssl
 import time
 from collections import OrderedDict
@@ -47,9 +48,28 @@ def peer_not_after(sock: ssl.SSLSocket | ssl.SSLObject) -> float | None:
     return _not_after(sock.getpeercert())
 
 
-# notAfter text -> seconds: ssl.cert_time_to_seconds goes through time.strptime (~10 us), and every
-# resumed connection asks for one of a few peers' dates.
+# notAfter text -> seconds: every resumed connection asks for one of a few peers' dates.
 _seconds: dict[str, float | None] = {}
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def cert_time_to_seconds(text: str) -> float | None:
+    """OpenSSL's text for a certificate time ("Dec  6 12:10:21 2026 GMT") as seconds since the epoch,
+    what ``ssl.cert_time_to_seconds`` gives, None where it raises. Not through it: it calls
+    ``time.strptime``, whose first use imports ``_strptime`` and ``calendar`` (~0.15 MiB of every
+    client proxy's RSS from its first resumed connection on) for this one fixed format."""
+    parts = text.split()
+    if len(parts) != 5 or parts[4] != "GMT" or parts[0] not in _MONTHS:
+        return None
+    day, clock, year = parts[1], parts[2].split(":"), parts[3]
+    if len(clock) != 3 or not all(f.isdigit() and len(f) == 2 for f in clock) or not day.isdigit() \
+            or len(day) > 2 or not year.isdigit() or len(year) != 4:
+        return None
+    try:
+        return dt.datetime(int(year), _MONTHS.index(parts[0]) + 1, int(day), int(clock[0]), int(clock[1]),
+                           int(clock[2]), tzinfo=dt.UTC).timestamp()
+    except ValueError:  # a day or time out of range
+        return None
 
 
 def _not_after(cert: Any) -> float | None:
@@ -60,10 +80,7 @@ def _not_after(cert: Any) -> float | None:
         return _seconds[text]
     except KeyError:
         pass
-    try:
-        seconds: float | None = float(ssl.cert_time_to_seconds(text))
-    except ValueError:
-        seconds = None
+    seconds = cert_time_to_seconds(text)
     if len(_seconds) >= 64:
         _seconds.clear()
     _seconds[text] = seconds
