@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 import yaml
 
+import tether
 from tether import __version__
 from tether.cli.install_cmd import webhook_certificate
 from tether.platform.local import network
@@ -51,6 +52,9 @@ PREVIOUS = "v0.1.0"  # the release before this one
 PREVIOUS_COMMIT = "19e534d0836f0ea52aa5c334fb3b8dee2c5793ca"
 SERVER_IMAGE = "registry.invalid/tether/hello"
 CLIENT_IMAGE = "registry.invalid/tether/sleeper"
+# This release's images run the sources this test imports (a pod's environment is its own: without this
+# they would run whatever tether the interpreter has installed, another checkout's perhaps).
+CURRENT_ENV = {"PYTHONPATH": str(Path(tether.__file__).resolve().parents[1])}
 GATEWAY = "10.244.255.254"  # the host's address on the bridge; kwok hands out pod IPs in 10.244.N.0/24
 PREFIXLEN = 16
 
@@ -159,7 +163,9 @@ class Mesh:
                  for name in ("linkerd-identity", "linkerd-dst", "linkerd-policy")}
         runner = PodRunner(self.cluster, pod, bridge=self.bridge, index=len(self.pods), gateway=GATEWAY,
                            prefixlen=PREFIXLEN, workdir=self.dir, images=images, executables=executables,
-                           hosts=hosts, image_env={old_image: self.previous_env})
+                           hosts=hosts, image_env={old_image: self.previous_env, **{
+                               image: CURRENT_ENV for image in (f"localhost/tether:{__version__}", SERVER_IMAGE,
+                                                                CLIENT_IMAGE)}})
         self.pods[runner.name] = runner
         try:
             runner.start()
