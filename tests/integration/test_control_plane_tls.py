@@ -43,12 +43,15 @@ IDENTITY_ID = "linkerd-identity.linkerd.serviceaccount.identity.linkerd.cluster.
 class ControlPlane:
     """An identity service over TLS, a destination service over mutual TLS, a web workload behind its proxy."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, accept_plaintext: bool = False) -> None:
         self.work = work
         self.mesh = LocalMesh(work)
         self.app: BackendServer | None = None
         self.mesh.create_ca()
-        self.mesh.start_identity(1, "--tls")
+        # --accept-plaintext: what a Kubernetes install runs while an upgrade replaces the previous
+        # release's proxies (plaintext control-plane clients).
+        self.plaintext_flags = ["--accept-plaintext"] if accept_plaintext else []
+        self.mesh.start_identity(1, "--tls", *self.plaintext_flags)
         self.app = start_in_thread("web")
         self.web_inbound = free_port()
         self.web, self.client = self.mesh.workload("web"), self.mesh.workload("client")
@@ -71,7 +74,8 @@ class ControlPlane:
                   "--plaintext-addr", f"127.0.0.1:{plain_port}",
                   "--identity-addrs", ",".join(self.mesh.identity_addrs), "--identity-token-path", str(token),
                   "--identity-trust-anchors-file", str(self.mesh.anchors),
-                  "--resources-dir", str(self.resources), "--state-dir", str(self.mesh.state)],
+                  "--resources-dir", str(self.resources), "--state-dir", str(self.mesh.state),
+                  *self.plaintext_flags],
                  self.work / f"destination-{port}.log")
         self.mesh.procs.append(p)
         return p
@@ -79,6 +83,11 @@ class ControlPlane:
     def proxy(self, w: object, destination_svc_name: str = DESTINATION_ID, **flags: object) -> ProxyProc:
         return self.mesh.proxy(w, identity_svc_name=IDENTITY_ID, destination_svc_name=destination_svc_name,  # type: ignore[arg-type]
                                policy_svc_name=DESTINATION_ID, **flags)
+
+    def metrics(self) -> tuple[str, str]:
+        """The identity and destination services' metrics."""
+        return (http_get(self.mesh.identity_admin_urls[0] + "/metrics")[1].decode(),
+                http_get(f"http://127.0.0.1:{self.admin}/metrics")[1].decode())
 
     def close(self) -> None:
         self.mesh.close()
@@ -138,6 +147,45 @@ def test_proxies_resolve_route_and_authorize_over_mutual_tls_to_the_control_plan
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     first = _get_first(f"127.0.0.1:{cp.plain_port}")
     assert first.WhichOneof("update") == "add"
+    identity_metrics, destination_metrics = cp.metrics()
+    assert 'destination_connections_refused_total{reason="plaintext"} 1' in destination_metrics
+    assert 'destination_connections_total{tls="false"} 0' in destination_metrics
+    assert 'identity_connections_total{tls="false"} 0' in identity_metrics
+
+
+@pytest.fixture
+def upgrading(tmp_path: Path) -> Iterator[ControlPlane]:
+    c = ControlPlane(tmp_path, accept_plaintext=True)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_accept_plaintext_serves_old_plaintext_proxies_beside_tls_ones(upgrading: ControlPlane) -> None:
+    cp = upgrading
+    cp.proxy(cp.web, inbound_port=cp.web_inbound, policy_addrs=cp.addr,
+                   inbound_app_addr=f"127.0.0.1:{cp.app.server_address[1]}")  # type: ignore[union-attr]
+    # A proxy as the previous release runs it: no service names, so plaintext to identity and destination
+    # on the same addresses the TLS clients use.
+    old = cp.mesh.proxy(cp.client, destination_addrs=cp.addr, destination_context='{"ns":"default"}')
+
+    def answer() -> tuple[int, bytes]:
+        return http_get(old.outbound + "/headers", headers={"Host": AUTHORITY})
+
+    wait_for(lambda: answer()[0] == 200, 30, what="web through the plaintext client's proxy")
+    assert json.loads(answer()[1]).get("x-route") == "web-headers"
+    # Both kinds were served on the one address, and the TLS ones still see the service's own certificate.
+    identity_metrics, destination_metrics = cp.metrics()
+    for text, prefix in ((identity_metrics, "identity"), (destination_metrics, "destination")):
+        counts = {tls: int(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  for tls in ("true", "false") if line.startswith(f'{prefix}_connections_total{{tls="{tls}"}}')}
+        assert counts["true"] >= 1 and counts["false"] >= 1, (prefix, counts)
+    assert f"DNS:{DESTINATION_ID}" in _peer_certificate(cp.addr, DESTINATION_ID)
+    assert f"DNS:{IDENTITY_ID}" in _peer_certificate(cp.mesh.identity_addrs[0], IDENTITY_ID)
+    # TLS clients are still held to mutual TLS: no client certificate, no answer.
+    anon = ssl.create_default_context(cafile=str(cp.mesh.anchors))
+    assert _h2_answer(cp.addr, anon, DESTINATION_ID) == b""
 
 
 def _h2_answer(addr: str, ctx: ssl.SSLContext, name: str) -> bytes:
@@ -204,6 +252,11 @@ def test_destination_tls_flags_are_checked(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert "--identity-addrs is set but --identity-token-path and --identity-trust-anchors-file are not" in r.stderr
     assert "Traceback" not in r.stderr
+    for service, needs in (("destination", "--identity-addrs"), ("identity", "--tls")):
+        r = subprocess.run([sys.executable, "-m", "tether", "controller", service, "--accept-plaintext",
+                            "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert f"--accept-plaintext needs {needs}" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "tether", "proxy", "--destination-addrs", "127.0.0.1:1",
                         "--destination-svc-name", "linkerd-destination.linkerd.serviceaccount.identity.linkerd."
                         "cluster.local"], capture_output=True, text=True, timeout=60)

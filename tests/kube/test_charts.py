@@ -24,6 +24,7 @@ from tether import __version__
 from tether.core.inject import InjectValues, merge
 from tether.core.inject.annotations import ProxyOverrides
 from tether.core.inject.pod import init_container, proxy_container
+from tether.core.install.render import CONTROLLER_PROXY
 from tether.testing import kubecluster
 from tether.testing.kubecluster import KubeCluster, wait_until
 
@@ -153,7 +154,8 @@ def test_install_renders_what_helm_template_renders(certs: Path, tether_args: li
         spec = obj["spec"]["template"]["spec"]
         every = {c["name"]: c for c in (*spec["initContainers"], *spec["containers"])}
         assert every["linkerd-proxy"] == proxy_container(v, ProxyOverrides(), v.native_sidecar), key
-        assert every["linkerd-init"] == init_container(v, ProxyOverrides()), key
+        # proxy-init leaves alone the ports where the controllers terminate their own TLS.
+        assert every["linkerd-init"] == init_container(v, CONTROLLER_PROXY[key[2]]), key
 
 
 def test_crds_render_what_helm_template_renders() -> None:
@@ -179,6 +181,18 @@ def test_unknown_value_is_refused_by_tether_and_helm(certs: Path) -> None:
     theirs = subprocess.run([str(helm_binary()), "template", "t", str(CHARTS / "tether-control-plane"), *HELM_FILES,
                              "--set", "proxy.logLevle=debug"], capture_output=True, text=True, cwd=certs, timeout=120)
     assert theirs.returncode != 0 and "logLevle" in theirs.stderr
+
+
+@pytest.mark.parametrize("bad", ["identityTrustDomain=Example_Org", "clusterDomain=cluster..local",
+                                 "identity.serviceAccountTokenProjection=false"])
+def test_values_the_control_plane_tls_cannot_use_are_refused_alike(certs: Path, bad: str) -> None:
+    mine = tether("install", *FILE_FLAGS, "--set", bad, cwd=certs)
+    assert mine.returncode == 2 and mine.stdout == ""
+    message = mine.stderr.strip().removeprefix("tether install: ")
+    assert message.startswith(bad.split("=")[0] + ":"), message
+    theirs = subprocess.run([str(helm_binary()), "template", "t", str(CHARTS / "tether-control-plane"), *HELM_FILES,
+                             "--set", bad], capture_output=True, text=True, cwd=certs, timeout=120)
+    assert theirs.returncode != 0 and message in theirs.stderr, (message, theirs.stderr)
 
 
 def seed_commands(verb: str) -> list[tuple[str, str]]:

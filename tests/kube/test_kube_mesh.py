@@ -2,8 +2,10 @@
 from that injected spec, the previous release upgraded to this one with traffic flowing.
 
 The previous release (PREVIOUS_COMMIT, tagged PREVIOUS: its chart, packaged by helm, and its sources) goes first:
-`helm template` of its chart gives the issuer Secret, trust roots and linkerd-config in the API server,
-and its identity, destination and injector run as host processes from its sources. Deployments are
+`helm template` of its chart gives the issuer Secret, trust roots, service accounts and linkerd-config in
+the API server, and its identity, destination and injector run as host processes from its sources, the
+identity and destination with the args of its chart's Deployments (`chart_controller`: the files of their
+volumes made as the kubelet would, their Services' names resolved to this host). Deployments are
 created with kubectl in a namespace annotated `linkerd.io/inject: enabled`; kwok schedules their pods.
 `tether.testing.kubelet` then does what a kubelet would with each pod object as the API server stored
 it: network namespace at the kwok-assigned IP, the `linkerd-init` container, the proxy container with
@@ -11,6 +13,9 @@ the injected environment, projected token and trust-anchor volume, its postStart
 the application, each image tag mapped to that release's code. The upgrade is the seeds' order:
 `tether upgrade | kubectl apply`, the control plane replaced, then new pods (this release's injector,
 proxy and init container) beside the old ones, while a client's requests flow without one failing.
+This release's chart runs the control plane over TLS: the new pods' proxies get their certificates
+and resolve and route over TLS, while the previous release's keep speaking plaintext
+(`controlPlaneTLS.acceptPlaintext`) until the upgrade is finished by turning that off.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import datetime as dt
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,7 @@ from typing import Any
 import pytest
 import yaml
 
+import tether
 from tether import __version__
 from tether.cli.install_cmd import webhook_certificate
 from tether.platform.local import network
@@ -40,8 +47,8 @@ from tether.testing import netns
 from tether.testing.kubecluster import KubeCluster, wait_until
 from tether.testing.kubeinjector import Injector, remove_webhooks, start_injector
 from tether.testing.kubelet import PodRunner
-from tether.testing.kubeplatform import Issuers, KubeDestinationProc, KubeIdentityProc, kubectl_apply
-from tether.testing.procs import Proc, http_get
+from tether.testing.kubeplatform import Issuers, KubeControllerProc, chart_controller, kubectl_apply
+from tether.testing.procs import Proc, free_port, http_get
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(600)]
 
@@ -51,6 +58,9 @@ PREVIOUS = "v0.1.0"  # the release before this one
 PREVIOUS_COMMIT = "19e534d0836f0ea52aa5c334fb3b8dee2c5793ca"
 SERVER_IMAGE = "registry.invalid/tether/hello"
 CLIENT_IMAGE = "registry.invalid/tether/sleeper"
+# This release's images run the sources this test imports (a pod's environment is its own: without this
+# they would run whatever tether the interpreter has installed, another checkout's perhaps).
+CURRENT_ENV = {"PYTHONPATH": str(Path(tether.__file__).resolve().parents[1])}
 GATEWAY = "10.244.255.254"  # the host's address on the bridge; kwok hands out pod IPs in 10.244.N.0/24
 PREFIXLEN = 16
 
@@ -112,21 +122,59 @@ class Mesh:
     dir: Path
     bridge: str
     previous_env: dict[str, str]  # PYTHONPATH of the previous release's sources
-    procs: dict[str, Proc] = field(default_factory=dict)
+    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)  # the installed chart's, by name
+    release: str = PREVIOUS
+    procs: dict[str, KubeControllerProc] = field(default_factory=dict)
     pods: dict[str, PodRunner] = field(default_factory=dict)
     injector: Injector | None = None
 
+    def services(self) -> dict[str, str]:
+        """The control plane's Service names, as the cluster's DNS answers them here: this host."""
+        return {f"{name}.{self.cp}.svc.cluster.local": GATEWAY
+                for name in ("linkerd-identity", "linkerd-dst", "linkerd-policy")}
+
     def start_controller(self, name: str, env: dict[str, str] | None = None) -> None:
-        """identity on 8080, destination on 8086 and linkerd-policy's 8090: each Service's port on the host.
-        A running one is replaced (stopped, then the new one started and ready)."""
+        """identity on 8080, destination on 8086 and linkerd-policy's 8090: each Service's port on the host,
+        run with the installed chart's args. A running one is replaced (stopped, then the new one started
+        and ready)."""
         old = self.procs.pop(name, None)
         if old is not None:
             old.stop()
-        kind = KubeIdentityProc if name == "identity" else KubeDestinationProc
+        deployment = self.deployments["linkerd-identity" if name == "identity" else "linkerd-destination"]
         port = {"identity": 8080, "destination": 8086, "policy": 8090}[name]
-        proc = kind(self.dir, self.cluster, self.cp, host=GATEWAY, port=port, env=env)
+        proc = chart_controller(self.dir, self.cluster, deployment, host=GATEWAY, port=port,
+                                services=self.services(), env=env)
         self.procs[name] = proc
         proc.wait_ready()
+
+    def install(self, rendered: str) -> str:
+        """What the host-run control plane reads from the API server applied, the Deployments kept for
+        start_controller; returns linkerd-config's values text."""
+        objects, values, self.deployments = control_plane_objects(rendered)
+        self.cluster.kubectl("apply", "-n", self.cp, "-f", "-", stdin=yaml.safe_dump_all(objects))
+        return values
+
+    def upgrade(self, *sets: str, after_each: Callable[[str], None] = lambda name: None) -> str:
+        """The seeds' upgrade line, `tether upgrade | kubectl apply` (the installed values, ``sets`` over them),
+        then identity, destination and policy replaced in turn (``after_each`` called after each); returns
+        the new values text. The injector is left to the caller."""
+        sets = tuple(a for s in sets for a in ("--set", s))
+        rendered = run_tether("upgrade", "-L", self.cp, *sets, env={"KUBECONFIG": str(self.cluster.kubeconfig)})
+        values = self.install(rendered)
+        for name in ("identity", "destination", "policy"):
+            self.start_controller(name)  # this release's code
+            after_each(name)
+        self.release = __version__
+        return values
+
+    def new_pods(self) -> tuple[PodRunner, PodRunner]:
+        """client2 and server2, injected by this release's injector (created once)."""
+        if not any(name.startswith("client2-") for name in self.pods):
+            kubectl_apply(self.cluster, self.app, deployment("client2", CLIENT_IMAGE, None),
+                          deployment("server2", SERVER_IMAGE, 8080), service("server2"))
+            self.run(self.pod_of("client2"))
+            self.run(self.pod_of("server2"))
+        return self.runner("client2"), self.runner("server2")
 
     def start_injector(self, values: str, env: dict[str, str] | None = None) -> None:
         if self.injector is not None:
@@ -155,11 +203,11 @@ class Mesh:
                                  "8080", "--name", "server"],
                   CLIENT_IMAGE: [sys.executable, "-c", "import time; time.sleep(3600)"]}
         executables = {"tether": tether, "tether-proxy-init": [*tether, "proxy-init"], "python": [sys.executable]}
-        hosts = {f"{name}.{self.cp}.svc.cluster.local": GATEWAY
-                 for name in ("linkerd-identity", "linkerd-dst", "linkerd-policy")}
         runner = PodRunner(self.cluster, pod, bridge=self.bridge, index=len(self.pods), gateway=GATEWAY,
                            prefixlen=PREFIXLEN, workdir=self.dir, images=images, executables=executables,
-                           hosts=hosts, image_env={old_image: self.previous_env})
+                           hosts=self.services(), image_env={old_image: self.previous_env, **{
+                               image: CURRENT_ENV for image in (f"localhost/tether:{__version__}", SERVER_IMAGE,
+                                                                CLIENT_IMAGE)}})
         self.pods[runner.name] = runner
         try:
             runner.start()
@@ -171,13 +219,15 @@ class Mesh:
         return next(r for name, r in self.pods.items() if name.startswith(f"{deployment}-"))
 
 
-def control_plane_objects(rendered: str) -> tuple[list[dict[str, Any]], str]:
+def control_plane_objects(rendered: str) -> tuple[list[dict[str, Any]], str, dict[str, dict[str, Any]]]:
     """What the host-run control plane reads from the API server (the issuer and webhook Secrets, the
-    trust roots, linkerd-config), and linkerd-config's values text."""
+    trust roots, linkerd-config, the service accounts its tokens are minted for), linkerd-config's values
+    text, and the Deployments by name (the args the host processes run)."""
     docs = [d for d in yaml.safe_load_all(rendered) if d]
-    wanted = [d for d in docs if d["kind"] in ("Secret", "ConfigMap")]
+    wanted = [d for d in docs if d["kind"] in ("Secret", "ConfigMap", "ServiceAccount")]
     config = next(d for d in wanted if d["metadata"]["name"] == "linkerd-config")
-    return wanted, config["data"]["values"]
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    return wanted, config["data"]["values"], deployments
 
 
 def previous_release(cluster: KubeCluster, d: Path) -> tuple[Path, Path]:
@@ -242,9 +292,8 @@ def mesh(kube_cluster: KubeCluster) -> Iterator[Mesh]:
         # its users ran it as root, the workaround its chart offers.
         rendered = kube_cluster.helm("template", "linkerd", str(previous_chart), "--namespace", cp, *args,
                                      "--set", "proxyInit.runAsRoot=true")
-        objects, values = control_plane_objects(rendered)
         kube_cluster.create_namespace(cp)
-        kube_cluster.kubectl("apply", "-n", cp, "-f", "-", stdin=yaml.safe_dump_all(objects))
+        values = m.install(rendered)
         # The control plane's Services, as a cluster's DNS and kube-proxy would give them to the pods: the
         # names resolve (the pods' /etc/hosts) to the host, where each process listens on its Service's port.
         for name in ("identity", "destination", "policy"):
@@ -299,7 +348,9 @@ def assert_mtls(mesh: Mesh, client: str, server: str) -> None:
     try:
         wait_until(answered, timeout=60, what=f"{client}'s request to {server} answered")
     except TimeoutError as e:
-        raise AssertionError(f"{e}; the last failures: {failures[-3:]}") from None
+        controllers = "\n".join(f"--- {name}\n{proc.log()[-2000:]}" for name, proc in mesh.procs.items())
+        raise AssertionError(f"{e}; the last failures: {failures[-3:]}\n{mesh.runner(client).logs()}\n"
+                             f"{controllers}") from None
     client_id = f"{client}.{mesh.app}.serviceaccount.identity.{mesh.cp}.cluster.local"
     server_id = f"{server}.{mesh.app}.serviceaccount.identity.{mesh.cp}.cluster.local"
     inbound = [line for line in http_get(f"http://{mesh.runner(server).ip}:4191/metrics")[1].decode().splitlines()
@@ -320,8 +371,9 @@ def test_injected_pods_of_the_previous_release_reach_each_other_over_mtls(mesh: 
 
 
 def test_upgrade_from_the_previous_release_with_traffic_flowing(mesh: Mesh) -> None:
-    """The seeds' order: `tether upgrade | kubectl apply`, the control plane replaced component by component,
-    then this release's pods beside the previous release's; the client's requests flow all along, none fails."""
+    """The seeds' order: `tether upgrade | kubectl apply`, the control plane replaced component by component
+    (now over TLS, plaintext still served), then this release's pods beside the previous release's; the
+    client's requests flow all along, none fails."""
     client = mesh.runner("client")
     stop = mesh.dir / "stop-load"
     load = Proc(["python3", "-c", LOAD, cluster_ip(mesh, "server"), str(stop)], mesh.dir / "load.log",
@@ -330,25 +382,27 @@ def test_upgrade_from_the_previous_release_with_traffic_flowing(mesh: Mesh) -> N
     try:
         wait_until(lambda: load.popen.poll() is None and _served(mesh, "client") >= 20, timeout=60,
                    what="traffic flowing before the upgrade")
-        # The seeds' upgrade line: this release renders the installed values (one changed) for kubectl.
-        # (proxy-init goes back to its non-root default: this release runs it so.)
-        rendered = run_tether("upgrade", "-L", mesh.cp, "--set", "proxy.logLevel=debug,proxyInit.runAsRoot=false",
-                              env={"KUBECONFIG": str(mesh.cluster.kubeconfig)})
-        objects, values = control_plane_objects(rendered)
-        config = next(o for o in objects if o["metadata"]["name"] == "linkerd-config")
-        assert config["data"]["version"] == __version__ and yaml.safe_load(values)["proxy"]["logLevel"] == "debug"
-        mesh.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
-        for name in ("identity", "destination", "policy"):
-            before = _served(mesh, "client")
-            mesh.start_controller(name)  # this release's code
-            # Requests were served across the replacement: the proxies ride on what they already hold.
-            wait_until(lambda: _served(mesh, "client") > before + 10, timeout=30,  # noqa: B023 - called here
+        def served_across(name: str) -> None:
+            # Requests were served across the replacement: the proxies ride on what they already hold,
+            # and the previous release's reconnect to this release's control plane in plaintext.
+            wait_until(lambda: _served(mesh, "client") > before[0] + 10, timeout=30,
                        what=f"traffic after {name} was replaced")
             marks[name] = time.time()
+            before[0] = _served(mesh, "client")
+
+        before = [_served(mesh, "client")]
+        # The seeds' upgrade line: this release renders the installed values (one changed) for kubectl.
+        # (proxy-init goes back to its non-root default: this release runs it so.)
+        values = mesh.upgrade("proxy.logLevel=debug,proxyInit.runAsRoot=false", after_each=served_across)
+        assert yaml.safe_load(values)["proxy"]["logLevel"] == "debug"
+        # The previous release's proxies came back to the new destination and policy services in plaintext.
+        for name in ("destination", "policy"):
+            wait_until(lambda: _connections(mesh, name)["false"] >= 1, timeout=30,  # noqa: B023 - called here
+                       what=f"the previous release's proxies reconnected to {name} in plaintext")
+        config = mesh.cluster.api.get(f"/api/v1/namespaces/{mesh.cp}/configmaps/linkerd-config")
+        assert config["data"]["version"] == __version__
         mesh.start_injector(values)
-        kubectl_apply(mesh.cluster, mesh.app, deployment("client2", CLIENT_IMAGE, None),
-                      deployment("server2", SERVER_IMAGE, 8080), service("server2"))
-        new_client, new_server = mesh.run(mesh.pod_of("client2")), mesh.run(mesh.pod_of("server2"))
+        new_client, new_server = mesh.new_pods()
         for runner in (new_client, new_server):
             assert proxy_version(runner) == __version__
             env = {e["name"]: e.get("value") for c in runner.pod["spec"]["containers"] for e in c.get("env", [])}
@@ -375,3 +429,100 @@ def _served(mesh: Mesh, deployment: str) -> int:
     text = http_get(f"http://{mesh.runner(deployment).ip}:4191/metrics")[1].decode()
     return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
                if line.startswith("request_total{") and 'direction="outbound"' in line)
+
+
+def _connections(mesh: Mesh, name: str) -> dict[str, int]:
+    """A control-plane process's connections served, by tls ("true", "false"), and refused ("refused")."""
+    prefix = "identity" if name == "identity" else "destination"
+    out = {"true": 0, "false": 0, "refused": 0}
+    for line in mesh.procs[name].metrics().splitlines():
+        value = int(float(line.rsplit(" ", 1)[1])) if line.startswith(prefix) else 0
+        for tls in ("true", "false"):
+            if line.startswith(f'{prefix}_connections_total{{tls="{tls}"}}'):
+                out[tls] = value
+        if line.startswith(f'{prefix}_connections_refused_total{{reason="plaintext"}}'):
+            out["refused"] = value
+    return out
+
+
+def _certificate(mesh: Mesh, runner: PodRunner, port: int, name: str) -> str:
+    """What openssl in the pod's network namespace sees of the control plane's TLS on this host's ``port``,
+    asking for ``name`` and verifying it against the control plane's trust anchors."""
+    roots = mesh.cluster.api.get(f"/api/v1/namespaces/{mesh.cp}/configmaps/linkerd-identity-trust-roots")
+    anchors = mesh.dir / "anchors.pem"
+    anchors.write_text(roots["data"]["ca-bundle.crt"])
+    r = subprocess.run(network.netns_exec(runner.netns, [
+        "openssl", "s_client", "-connect", f"{GATEWAY}:{port}", "-servername", name, "-verify_hostname", name,
+        "-CAfile", str(anchors), "-showcerts"]), input="", capture_output=True, text=True, timeout=30)
+    return r.stdout
+
+
+def _plaintext_get(mesh: Mesh, port: int) -> str:
+    """A plaintext gRPC client (the previous release's proxy, an operator's port-forward) asking the
+    control plane on this host's ``port`` for the server Service's endpoints: the first answer's kind."""
+    import grpc
+
+    from tether.api.gen import destination_pb2, destination_pb2_grpc
+
+    with grpc.insecure_channel(f"{GATEWAY}:{port}") as ch:
+        call = destination_pb2_grpc.DestinationStub(ch).Get(destination_pb2.GetDestination(
+            scheme="k8s", path=f"server.{mesh.app}.svc.cluster.local:80",
+            context_token=json.dumps({"ns": mesh.app})), timeout=10)
+        first = next(iter(call))
+        call.cancel()
+        return str(first.WhichOneof("update"))
+
+
+def test_this_release_reaches_its_control_plane_over_tls(mesh: Mesh) -> None:
+    """What the chart runs: identity over TLS as linkerd-identity, destination and policy over mutual TLS as
+    linkerd-destination; this release's injected proxies are given those names, get their certificates and
+    resolve and route over TLS; plaintext is served until the upgrade is finished, then refused."""
+    if mesh.release != __version__:  # run alone: upgrade first (the upgrade test does it with traffic)
+        mesh.start_injector(mesh.upgrade("proxy.logLevel=debug,proxyInit.runAsRoot=false"))
+    client2, _server2 = mesh.new_pods()
+    identity = f"linkerd-identity.{mesh.cp}.serviceaccount.identity.{mesh.cp}.cluster.local"
+    destination = f"linkerd-destination.{mesh.cp}.serviceaccount.identity.{mesh.cp}.cluster.local"
+    env = {e["name"]: e.get("value") for c in client2.pod["spec"]["containers"] for e in c.get("env", [])}
+    for prefix in ("TETHER_PROXY", "LINKERD2_PROXY"):
+        assert env[f"{prefix}_IDENTITY_SVC_NAME"] == identity, env
+        assert env[f"{prefix}_DESTINATION_SVC_NAME"] == env[f"{prefix}_POLICY_SVC_NAME"] == destination, env
+    # Seen from a pod: each Service's port presents its service's certificate, chained to the anchors.
+    for port, name in ((8080, identity), (8086, destination), (8090, destination)):
+        seen = _certificate(mesh, client2, port, name)
+        assert "Verification: OK" in seen and f"Verified peername: {name}" in seen, (port, seen[-2000:])
+    # The new proxies got their certificates over TLS, and resolve and route over mutual TLS ...
+    assert _connections(mesh, "identity")["true"] >= 2
+    assert_mtls(mesh, "client2", "server2")
+    for name in ("destination", "policy"):
+        assert _connections(mesh, name)["true"] >= 1, name
+    # ... while a plaintext client is still answered: the previous release's proxies, until restarted.
+    assert _plaintext_get(mesh, 8086) == "add"
+    # The destination service is ready (the chart's readiness probe) only once certified: with no identity
+    # service to reach it never is, and serves nothing.
+    unreachable = {**mesh.services(), f"linkerd-identity.{mesh.cp}.svc.cluster.local": "127.0.0.2"}
+    port = free_port()
+    lonely = chart_controller(mesh.dir, mesh.cluster, mesh.deployments["linkerd-destination"], host="127.0.0.1",
+                              port=port, services=unreachable)
+    try:
+        wait_until(lambda: "cannot get a certificate" in lonely.log(), timeout=60,
+                   what="the destination service's log naming its missing certificate")
+        probe = next(c for c in mesh.deployments["linkerd-destination"]["spec"]["template"]["spec"]["containers"]
+                     if c["name"] == "destination")["readinessProbe"]["httpGet"]
+        assert http_get(f"http://127.0.0.1:{lonely.admin_port}{probe['path']}")[0] == 503
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        lonely.stop()
+    # Finishing the upgrade: plaintext off. A plaintext client is refused, and counted where the operator
+    # looks; this release's proxies come back over TLS and keep routing.
+    mesh.upgrade("controlPlaneTLS.acceptPlaintext=false")
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as refused:
+        _plaintext_get(mesh, 8086)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _connections(mesh, "destination")["refused"] >= 1
+    for name in ("destination", "policy"):
+        wait_until(lambda: _connections(mesh, name)["true"] >= 1, timeout=60,  # noqa: B023 - called here
+                   what=f"this release's proxies back on {name} over TLS")
+    assert_mtls(mesh, "client2", "server2")

@@ -37,6 +37,9 @@ def test_metrics_ready_live_views_and_refusals() -> None:
             r = await ask(port, b"GET /ready HTTP/1.1\r\n\r\n")
             assert r.startswith(b"HTTP/1.1 200 OK" if ready else b"HTTP/1.1 503 Service Unavailable")
             assert (await ask(port, b"GET /live?x=1 HTTP/1.1\r\n\r\n")).endswith(b"live\n")
+            # The charts' liveness probe: a 404 here would have the kubelet restart the controller.
+            ping = await ask(port, b"GET /ping HTTP/1.1\r\n\r\n")
+            assert ping.startswith(b"HTTP/1.1 200 OK") and ping.endswith(b"pong\n")
             view = await ask(port, b"GET /store-errors.json HTTP/1.1\r\n\r\n")
             assert b"content-type: application/json\r\n" in view and view.endswith(b"[]")
             assert (await ask(port, b"POST /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405 ")

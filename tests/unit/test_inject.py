@@ -280,3 +280,21 @@ def test_compound_durations_reach_the_proxy_in_its_form() -> None:
 
 def test_linkerd_trust_anchors_variable_for_check() -> None:
     assert env(run(pod()))["LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS"] == ANCHORS
+
+
+def test_the_proxy_is_told_the_control_plane_names_to_verify() -> None:
+    """The proxy sends its token only to an identity service proving its name, and speaks mutual TLS to
+    destination and policy (one process, one name); Linkerd's variables carry the same names."""
+    e = env(run(pod(), v=values(identityTrustDomain="example.org")))
+    identity = "linkerd-identity.linkerd.serviceaccount.identity.linkerd.example.org"
+    destination = "linkerd-destination.linkerd.serviceaccount.identity.linkerd.example.org"
+    for prefix in ("TETHER_PROXY", "LINKERD2_PROXY"):
+        assert e[f"{prefix}_IDENTITY_SVC_NAME"] == identity
+        assert e[f"{prefix}_DESTINATION_SVC_NAME"] == e[f"{prefix}_POLICY_SVC_NAME"] == destination
+    # The proxy's own configuration reads them (its identity expanded as the kubelet would).
+    from tether.proxy.config import ProxyConfig
+
+    cfg = ProxyConfig.from_env({**e, "TETHER_PROXY_IDENTITY_NAME": "web.prod.serviceaccount.identity.linkerd."
+                                                                   "example.org"})
+    assert (cfg.identity_svc_name, cfg.destination_svc_name, cfg.policy_svc_name) == (
+        identity, destination, destination)

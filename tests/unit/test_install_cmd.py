@@ -53,6 +53,11 @@ def test_controller_replicas_and_namespace(capsys: pytest.CaptureFixture[str]) -
     (["--set", "dashboard.replicas=2"], "dashboard: unknown value: belongs to the viz extension"),
     (["--set", "webhookFailurePolicy"], "--set 'webhookFailurePolicy': expected KEY=VALUE"),
     (["--set-file", "identityTrustAnchorsPEM=/nonexistent/ca.crt"], "--set-file identityTrustAnchorsPEM="),
+    # The control plane's TLS names end with the trust domain; a projected token is how it gets certified.
+    (["--set", "identityTrustDomain=Example_Org"], 'identityTrustDomain: "Example_Org" is not a trust domain'),
+    (["--set", "clusterDomain=cluster..local"], 'clusterDomain: "cluster..local" is not a trust domain'),
+    (["--set", "identity.serviceAccountTokenProjection=false"],
+     "identity.serviceAccountTokenProjection: false is not supported"),
 ])
 def test_refusals_are_one_line(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
     code, out, err = run(capsys, "install", *args)
@@ -128,3 +133,50 @@ def test_generated_issuer_is_named_for_the_control_plane(capsys: pytest.CaptureF
     secret = objects(out)[("Secret", "linkerd-identity-issuer")]
     issuer = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
     assert issuer.subject.rfc4514_string() == "CN=identity.mesh.example.org"
+
+
+def test_the_control_plane_serves_tls_with_the_names_proxies_expect(capsys: pytest.CaptureFixture[str]) -> None:
+    """Identity serves TLS as linkerd-identity; destination certifies itself as linkerd-destination with the
+    pod's projected token and the anchors' ConfigMap; neither's TLS port goes through its pod's proxy."""
+    from tether.core.install.render import accept_plaintext
+
+    code, out, _ = run(capsys, "install", "-L", "mesh")
+    assert code == 0
+    objs = objects(out)
+
+    def pod(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+        spec = objs[("Deployment", name)]["spec"]["template"]["spec"]
+        args = spec["containers"][1]["args"]
+        init = spec["initContainers"][0]["args"]
+        return spec, spec["containers"][1], dict(zip(init[0::2], init[1::2], strict=True)) | {"args": args}
+
+    _, identity, identity_init = pod("linkerd-identity")
+    assert "--tls" in identity["args"] and "--accept-plaintext" in identity["args"]
+    assert identity_init["--inbound-ports-to-ignore"].split(",")[-1] == "8080"
+    spec, destination, destination_init = pod("linkerd-destination")
+    args = destination["args"]
+    flag = {a: args[i + 1] for i, a in enumerate(args) if a.startswith("--identity-") or a == "--service-account"}
+    assert flag["--identity-addrs"] == "linkerd-identity.mesh.svc.cluster.local:8080"
+    assert (flag["--service-account"], flag["--identity-service-account"]) == ("linkerd-destination",
+                                                                               "linkerd-identity")
+    assert "--accept-plaintext" in args
+    # The token and anchors files are in volumes the container mounts, from the right sources.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for path, source in ((flag["--identity-token-path"], "projected"),
+                         (flag["--identity-trust-anchors-file"], "configMap")):
+        mount = next(m for m in destination["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        assert source in volumes[mount["name"]], (path, volumes[mount["name"]])
+    token = volumes["linkerd-identity-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "identity.l5d.io"
+    assert volumes["trust-roots"]["configMap"]["name"] == "linkerd-identity-trust-roots"
+    assert destination["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 9996}
+    assert destination_init["--inbound-ports-to-ignore"].split(",")[-1] == "8086"
+    assert destination_init["--outbound-ports-to-ignore"].split(",")[-1] == "8080"
+    # Once every proxy runs this release, plaintext can be turned off.
+    code, out, _ = run(capsys, "install", "--set", "controlPlaneTLS.acceptPlaintext=false")
+    assert code == 0
+    for name in ("linkerd-identity", "linkerd-destination"):
+        args = objects(out)[("Deployment", name)]["spec"]["template"]["spec"]["containers"][1]["args"]
+        assert "--accept-plaintext" not in args and ("--tls" in args or "--identity-addrs" in args)
+    # A release's values from before control-plane TLS have no such key: plaintext stays served.
+    assert accept_plaintext({"proxy": {}}) is True

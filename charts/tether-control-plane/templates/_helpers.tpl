@@ -37,10 +37,17 @@ linkerd.io/control-plane-ns: {{ .ns }}
 {{ .name }}.{{ .root.Release.Namespace }}.svc.{{ .root.Values.clusterDomain }}:{{ .port }}
 {{- end }}
 
+{{/* The TLS identity of a control-plane service: .root, .sa (its service account). */}}
+{{- define "tether.controlIdentity" -}}
+{{ .sa }}.{{ .root.Release.Namespace }}.serviceaccount.identity.{{ .root.Release.Namespace }}.{{ include "tether.trustDomain" .root }}
+{{- end }}
+
 {{- define "tether.proxy" -}}
 {{- $v := .Values -}}
 {{- $p := .Values.proxy -}}
 {{- $admin := $p.ports.admin -}}
+{{- $identitySvc := include "tether.controlIdentity" (dict "root" . "sa" "linkerd-identity") -}}
+{{- $destinationSvc := include "tether.controlIdentity" (dict "root" . "sa" "linkerd-destination") -}}
 name: linkerd-proxy
 image: {{ $p.image.name }}:{{ $p.image.version | default (include "tether.version" .) }}
 imagePullPolicy: {{ $p.image.pullPolicy | default $v.imagePullPolicy }}
@@ -83,17 +90,23 @@ env:
 - {name: TETHER_PROXY_CLUSTER_NETWORKS, value: {{ . | quote }}}
 {{- end }}
 - {name: TETHER_PROXY_DESTINATION_ADDRS, value: {{ include "tether.svc" (dict "root" . "name" "linkerd-dst" "port" 8086) | quote }}}
+- {name: TETHER_PROXY_DESTINATION_SVC_NAME, value: {{ $destinationSvc | quote }}}
 - name: TETHER_PROXY_DESTINATION_CONTEXT
   value: '{"ns":"$(_pod_ns)","nodeName":"$(_pod_nodeName)","pod":"$(_pod_name)"}'
 - {name: TETHER_PROXY_POLICY_ADDRS, value: {{ include "tether.svc" (dict "root" . "name" "linkerd-policy" "port" 8090) | quote }}}
+- {name: TETHER_PROXY_POLICY_SVC_NAME, value: {{ $destinationSvc | quote }}}
 - name: TETHER_PROXY_POLICY_WORKLOAD
   value: '{"ns":"$(_pod_ns)","pod":"$(_pod_name)"}'
 - name: TETHER_PROXY_IDENTITY_NAME
   value: "$(_pod_sa).$(_pod_ns).serviceaccount.identity.{{ .Release.Namespace }}.{{ include "tether.trustDomain" . }}"
 - {name: TETHER_PROXY_IDENTITY_ADDRS, value: {{ include "tether.svc" (dict "root" . "name" "linkerd-identity" "port" 8080) | quote }}}
+- {name: TETHER_PROXY_IDENTITY_SVC_NAME, value: {{ $identitySvc | quote }}}
 - {name: TETHER_PROXY_IDENTITY_TOKEN_PATH, value: /var/run/secrets/tokens/linkerd-identity-token}
 - {name: TETHER_PROXY_IDENTITY_TRUST_ANCHORS, value: /var/run/linkerd/identity/trust-anchors/ca-bundle.crt}
 - {name: LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS, value: {{ .Values.identityTrustAnchorsPEM | quote }}}
+- {name: LINKERD2_PROXY_IDENTITY_SVC_NAME, value: {{ $identitySvc | quote }}}
+- {name: LINKERD2_PROXY_DESTINATION_SVC_NAME, value: {{ $destinationSvc | quote }}}
+- {name: LINKERD2_PROXY_POLICY_SVC_NAME, value: {{ $destinationSvc | quote }}}
 # The interpreter's locale: C, so no locale file is mapped (tether.core.sidecar.LOCALE_ENV).
 - {name: LC_ALL, value: C}
 - {name: PYTHONCOERCECLOCALE, value: "0"}
@@ -144,18 +157,19 @@ lifecycle:
 {{- end }}
 {{- end }}
 
+{{/* proxy-init: .root, .skipInbound and .skipOutbound (the pod's own ports to leave alone, "" for none) */}}
 {{- define "tether.proxy-init" -}}
-{{- $v := .Values -}}
-{{- $i := .Values.proxyInit -}}
-{{- $p := .Values.proxy -}}
+{{- $v := .root.Values -}}
+{{- $i := $v.proxyInit -}}
+{{- $p := $v.proxy -}}
 {{- $in := list (toString $p.ports.control) (toString $p.ports.admin) -}}
-{{- range (splitList "," (toString $i.ignoreInboundPorts)) }}{{ if trim . }}{{ $in = append $in (trim .) }}{{ end }}{{ end -}}
+{{- range (splitList "," (printf "%s,%s" (toString $i.ignoreInboundPorts) .skipInbound)) }}{{ if trim . }}{{ $in = append $in (trim .) }}{{ end }}{{ end -}}
 {{- $out := list -}}
-{{- range (splitList "," (toString $i.ignoreOutboundPorts)) }}{{ if trim . }}{{ $out = append $out (trim .) }}{{ end }}{{ end -}}
+{{- range (splitList "," (printf "%s,%s" (toString $i.ignoreOutboundPorts) .skipOutbound)) }}{{ if trim . }}{{ $out = append $out (trim .) }}{{ end }}{{ end -}}
 {{- $nets := list -}}
 {{- range (splitList "," (toString $i.skipSubnets)) }}{{ if trim . }}{{ $nets = append $nets (trim .) }}{{ end }}{{ end -}}
 name: linkerd-init
-image: {{ $i.image.name }}:{{ $i.image.version | default (include "tether.version" .) }}
+image: {{ $i.image.name }}:{{ $i.image.version | default (include "tether.version" .root) }}
 imagePullPolicy: {{ $i.image.pullPolicy | default $v.imagePullPolicy }}
 command: [tether-proxy-init]
 args:
@@ -214,7 +228,8 @@ linkerd.io/trust-root-sha256: {{ sha256sum .Values.identityTrustAnchorsPEM }}
 tether.io/trust-anchors: {{ .Values.identityTrustAnchorsPEM | quote }}
 {{- end }}
 
-{{/* A control-plane Deployment: .root, .name, .component, .container (YAML), .volumes (YAML or "") */}}
+{{/* A control-plane Deployment: .root, .name, .component, .container (YAML), .volumes (YAML or ""),
+.skipInbound and .skipOutbound (ports its proxy-init leaves alone, "" for none) */}}
 {{- define "tether.deployment" -}}
 {{- $v := .root.Values -}}
 {{- $ns := .root.Release.Namespace -}}
@@ -273,7 +288,7 @@ spec:
               topologyKey: topology.kubernetes.io/zone
       {{- end }}
       initContainers:
-      - {{- include "tether.proxy-init" .root | nindent 8 }}
+      - {{- include "tether.proxy-init" (dict "root" .root "skipInbound" .skipInbound "skipOutbound" .skipOutbound) | nindent 8 }}
       {{- if $v.proxy.nativeSidecar }}
       - {{- include "tether.proxy" .root | nindent 8 }}
       {{- end }}

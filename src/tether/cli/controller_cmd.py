@@ -95,6 +95,9 @@ def configure_logging(level: str, fmt: str) -> None:
               "(proxies verify it against their trust anchors)")
 @click.option("--identity-service-account", type=DNS_LABEL, default="linkerd-identity", show_default=True,
               help="this service's own service account (its TLS identity)")
+@click.option("--accept-plaintext", is_flag=True,
+              help="with --tls: also serve plaintext gRPC on --addr, told from TLS by the first byte (proxies of a "
+                   "release before control-plane TLS, until an upgrade has replaced them)")
 @platform_options
 @click.option("--issuer-secret", default="linkerd-identity-issuer", show_default=True, type=DNS_LABEL, metavar="NAME",
               help="with --platform kubernetes: the issuer Secret in --controller-namespace (type kubernetes.io/tls "
@@ -109,7 +112,7 @@ def configure_logging(level: str, fmt: str) -> None:
 def identity(addr: tuple[str, int], admin_addr: tuple[str, int], controller_namespace: str, trust_domain: str,
              issuer_dir: str | None, issuer_cert: str | None, issuer_key: str | None, trust_anchors: str | None,
              issuance_lifetime: float, clock_skew_allowance: float, reload_interval: float, state_dir: str,
-             rate: float, burst: int, tls: bool, identity_service_account: str, platform: str,
+             rate: float, burst: int, tls: bool, identity_service_account: str, accept_plaintext: bool, platform: str,
              kubeconfig: str | None, kube_context: str | None, issuer_secret: str, trust_anchors_configmap: str,
              token_audiences: tuple[str, ...], log_level: str, log_format: str) -> int:
     """The identity service: sign workload CSRs after validating the workload's token.
@@ -123,6 +126,8 @@ def identity(addr: tuple[str, int], admin_addr: tuple[str, int], controller_name
     TokenReview (audience identity.l5d.io), and the issuer comes from --issuer-secret with the trust
     anchors from --trust-anchors-configmap, both watched: a rotated issuer is used without restart.
     """
+    if accept_plaintext and not tls:
+        raise CliError("--accept-plaintext needs --tls (without it --addr serves plaintext only)")
     if platform == "kubernetes":
         if issuer_dir or issuer_cert or issuer_key or trust_anchors:
             raise CliError("--platform kubernetes reads the issuer from --issuer-secret: "
@@ -131,7 +136,8 @@ def identity(addr: tuple[str, int], admin_addr: tuple[str, int], controller_name
         return _identity_kubernetes(
             addr=addr, admin_addr=admin_addr, controller_namespace=controller_namespace, trust_domain=trust_domain,
             issuance_lifetime=issuance_lifetime, clock_skew=clock_skew_allowance, rate=rate, burst=burst, tls=tls,
-            service_account=identity_service_account, kubeconfig=kubeconfig, context=kube_context,
+            service_account=identity_service_account, accept_plaintext=accept_plaintext, kubeconfig=kubeconfig,
+            context=kube_context,
             secret=issuer_secret, roots=trust_anchors_configmap or None, audiences=token_audiences,
         )
     from tether.control.identity.credentials import CredentialPaths
@@ -157,7 +163,7 @@ def identity(addr: tuple[str, int], admin_addr: tuple[str, int], controller_name
         addr=addr, admin_addr=admin_addr, trust_domain=trust_domain, control_plane_ns=controller_namespace,
         paths=paths, state_dir=state_dir, issuance_lifetime=issuance_lifetime, clock_skew=clock_skew_allowance,
         reload_interval=max(0.05, reload_interval), rate=rate, burst=burst, tls=tls,
-        service_account=identity_service_account,
+        service_account=identity_service_account, accept_plaintext=accept_plaintext,
     )
     try:
         service = IdentityController(cfg, LocalTokenValidator(WorkloadRegistry(cfg.state_dir),
@@ -193,8 +199,8 @@ def identity(addr: tuple[str, int], admin_addr: tuple[str, int], controller_name
 
 def _identity_kubernetes(*, addr: tuple[str, int], admin_addr: tuple[str, int], controller_namespace: str,
                          trust_domain: str, issuance_lifetime: float, clock_skew: float, rate: float, burst: int,
-                         tls: bool, service_account: str, kubeconfig: str | None, context: str | None, secret: str,
-                         roots: str | None, audiences: tuple[str, ...]) -> int:
+                         tls: bool, service_account: str, accept_plaintext: bool, kubeconfig: str | None,
+                         context: str | None, secret: str, roots: str | None, audiences: tuple[str, ...]) -> int:
     from tether.control.identity.server import IdentityController, IdentityServerConfig, issuance_policy, utcnow
     from tether.core.identity.certs import CertificateError
     from tether.platform.kubernetes.client import KubeClient, KubeConfigError, KubeError
@@ -203,7 +209,7 @@ def _identity_kubernetes(*, addr: tuple[str, int], admin_addr: tuple[str, int], 
     cfg = IdentityServerConfig(
         addr=addr, admin_addr=admin_addr, trust_domain=trust_domain, control_plane_ns=controller_namespace,
         issuance_lifetime=issuance_lifetime, clock_skew=clock_skew, rate=rate, burst=burst, tls=tls,
-        service_account=service_account,
+        service_account=service_account, accept_plaintext=accept_plaintext,
     )
     try:
         client = KubeClient.connect(kubeconfig, context)

@@ -84,6 +84,9 @@ POLICIES = (
 @click.option("--plaintext-addr", type=ADDRESS,
               help="with --identity-addrs: also serve plaintext here, for operators on the same host "
                    "(tether diagnostics); keep it on loopback")
+@click.option("--accept-plaintext", is_flag=True,
+              help="with --identity-addrs: also serve plaintext gRPC on --addr, told from TLS by the first byte "
+                   "(proxies of a release before control-plane TLS, until an upgrade has replaced them)")
 @platform_options
 @click.option("--sync-timeout", type=POSITIVE_DURATION, default="60s", show_default=True,
               help="with --platform kubernetes: how long the first list of every resource may take before the "
@@ -95,7 +98,7 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
                 poll_interval: float, allow_l5d_request_headers: bool, global_egress_network_namespace: str,
                 identity_addrs: str | None, identity_token_path: str | None,
                 identity_trust_anchors_file: str | None, service_account: str, identity_service_account: str,
-                plaintext_addr: tuple[str, int] | None, platform: str, kubeconfig: str | None,
+                plaintext_addr: tuple[str, int] | None, accept_plaintext: bool, platform: str, kubeconfig: str | None,
                 kube_context: str | None, sync_timeout: float, log_level: str, log_format: str) -> int:
     """The destination service: what proxies learn about the services they call and serve.
 
@@ -129,9 +132,11 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
         ),
         queue_limit=stream_queue_limit,
         plaintext_addr=plaintext_addr,
+        accept_plaintext=accept_plaintext,
     )
     own_cert = _own_certificate(identity_addrs, identity_token_path, identity_trust_anchors_file, service_account,
-                                identity_service_account, controller_namespace, trust_domain, plaintext_addr)
+                                identity_service_account, controller_namespace, trust_domain, plaintext_addr,
+                                accept_plaintext)
     if platform == "kubernetes":
         return _run_kubernetes(cfg, own_cert, kubeconfig, kube_context, sync_timeout)
     store = LocalStore(resources_dir, state_dir, poll_interval=max(0.01, poll_interval), queue_limit=100_000)
@@ -157,11 +162,12 @@ def destination(addr: tuple[str, int], admin_addr: tuple[str, int], resources_di
 
 def _own_certificate(identity_addrs: str | None, token_path: str | None, anchors: str | None, service_account: str,
                      identity_service_account: str, controller_namespace: str, trust_domain: str,
-                     plaintext_addr: tuple[str, int] | None) -> Any:
+                     plaintext_addr: tuple[str, int] | None, accept_plaintext: bool) -> Any:
     """The OwnCertificate --identity-addrs asks for (None: plaintext on --addr)."""
     if not identity_addrs:
-        if plaintext_addr is not None:
-            raise CliError("--plaintext-addr needs --identity-addrs (without it --addr already serves plaintext)")
+        for flag, given in (("--plaintext-addr", plaintext_addr is not None), ("--accept-plaintext", accept_plaintext)):
+            if given:
+                raise CliError(f"{flag} needs --identity-addrs (without it --addr already serves plaintext)")
         return None
     missing = [f for f, v in (("--identity-token-path", token_path), ("--identity-trust-anchors-file", anchors))
                if not v]

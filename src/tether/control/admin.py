@@ -1,4 +1,4 @@
-"""The control-plane services' admin port: GET /metrics, /ready, /live (and any extra read-only
+"""The control-plane services' admin port: GET /metrics, /ready, /live, /ping (and any extra read-only
 views a service adds), one request per connection, answered and closed."""
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ async def serve_admin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
             status, body = ("200 OK", "ready\n") if ready() else ("503 Service Unavailable", "not ready\n")
         elif path == "/live":
             status, body = "200 OK", "live\n"
+        elif path == "/ping":  # the charts' liveness probe (Linkerd's controllers answer it so)
+            status, body = "200 OK", "pong\n"
         elif views and path in views:
             status = "200 OK"
             body, ctype = views[path]()

@@ -9,6 +9,13 @@ certificate when it must, and relays the bytes both ways.
 
 The context is asked for at every handshake (``context()``, from OpenSSL's SNI callback), so a
 renewed certificate or new trust anchors reach the next connection without a restart.
+
+With ``accept_plaintext`` the front also relays clients that speak plaintext gRPC on the same
+address: the proxies of a release before control-plane TLS, during an upgrade (in Linkerd the
+controller's own proxy accepts plaintext the same way). The first byte tells them apart: every TLS
+connection opens with a handshake record (0x16), an HTTP/2 client with its preface ("PRI ...").
+A client that sends no byte within HANDSHAKE_TIMEOUT is closed. ``connections`` counts what was
+served and refused, so an operator sees when no plaintext client is left.
 """
 
 from __future__ import annotations
@@ -53,18 +60,27 @@ def server_context(chain_pem: bytes, key_pem: bytes, client_anchors_pem: bytes |
     return ctx
 
 
-class TlsFront:
-    """Accept TLS on ``addr`` and relay each connection to the plaintext server on ``backend``."""
+# The content type of a TLS record carrying a handshake message: the first byte of any TLS client.
+TLS_HANDSHAKE_RECORD = 0x16
 
-    def __init__(self, context: Callable[[], ssl.SSLContext], backend: tuple[str, int], what: str) -> None:
+
+class TlsFront:
+    """Accept TLS (and, if allowed, plaintext) on ``addr`` and relay each connection to ``backend``."""
+
+    def __init__(self, context: Callable[[], ssl.SSLContext], backend: tuple[str, int], what: str, *,
+                 accept_plaintext: bool = False) -> None:
         self.context = context
         self.backend = backend
         self.what = what
-        self._server: asyncio.AbstractServer | None = None
+        self.accept_plaintext = accept_plaintext
+        # served: by protocol; refused: plaintext when not accepted, a failed or timed-out handshake.
+        self.connections = {"tls": 0, "plaintext": 0, "refused_plaintext": 0, "refused_handshake": 0}
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
 
     def _listener_context(self) -> ssl.SSLContext:
-        # asyncio binds one context to a server; this one swaps in the current one at each ClientHello.
+        # One context per listener; this one swaps in the current one at each ClientHello.
         first = self.context()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = first.minimum_version
@@ -85,27 +101,78 @@ class TlsFront:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port; returns the port."""
-        self._server = await asyncio.start_server(self._accept, host, port, ssl=self._listener_context(),
-                                                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT, backlog=1024)
-        return int(self._server.sockets[0].getsockname()[1])
+        tls = self._listener_context()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family, backlog=1024)
+        self._listener.setblocking(False)
+        self._accepting = asyncio.create_task(self._accept_loop(self._listener, tls))
+        return int(self._listener.getsockname()[1])
+
+    def metrics_lines(self, prefix: str) -> list[str]:
+        """Prometheus lines: connections served by protocol, and refused by reason."""
+        c = self.connections
+        return [
+            f"# HELP {prefix}_connections_total Client connections served on the service address, by protocol.",
+            f"# TYPE {prefix}_connections_total counter",
+            f'{prefix}_connections_total{{tls="true"}} {c["tls"]}',
+            f'{prefix}_connections_total{{tls="false"}} {c["plaintext"]}',
+            f"# HELP {prefix}_connections_refused_total Client connections closed unserved, by reason.",
+            f"# TYPE {prefix}_connections_refused_total counter",
+            f'{prefix}_connections_refused_total{{reason="plaintext"}} {c["refused_plaintext"]}',
+            f'{prefix}_connections_refused_total{{reason="handshake"}} {c["refused_handshake"]}',
+        ]
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._listener is not None:
+            self._listener.close()
         for t in list(self._conns):
             t.cancel()
         for t in list(self._conns):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns.add(task)
+    async def _accept_loop(self, listener: socket.socket, tls: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _peer = await loop.sock_accept(listener)
+            except OSError as e:  # EMFILE and the like: the listener stays, the next accept may work
+                log.warning("%s: accept failed: %s", self.what, e)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            task = asyncio.create_task(self._serve(conn, tls))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+    async def _serve(self, conn: socket.socket, tls: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            await self._relay(reader, writer)
-        finally:
-            self._conns.discard(task)
+            first = await _peek(loop, conn, HANDSHAKE_TIMEOUT)
+        except (TimeoutError, OSError):
+            first = b""
+        if not first:  # closed, or silent for HANDSHAKE_TIMEOUT
+            conn.close()
+            return
+        is_tls = first[0] == TLS_HANDSHAKE_RECORD
+        if not is_tls and not self.accept_plaintext:
+            self.connections["refused_plaintext"] += 1
+            log.debug("%s: plaintext client refused (TLS only)", self.what)
+            conn.close()
+            return
+        try:
+            reader, writer = await _streams(loop, conn, tls if is_tls else None)
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as e:
+            self.connections["refused_handshake"] += 1
+            log.debug("%s: TLS handshake failed: %s", self.what, e)
+            conn.close()
+            return
+        self.connections["tls" if is_tls else "plaintext"] += 1
+        await self._relay(reader, writer)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -129,6 +196,38 @@ class TlsFront:
             for p in pumps:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await p
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, conn: socket.socket, timeout: float) -> bytes:
+    """The connection's first byte, left in the socket for whoever reads it next (b"": closed)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                return conn.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                pass
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(conn.fileno(), _set_once, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(conn.fileno())
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    # A reader callback may run again before the awaiting task removes it.
+    if not future.done():
+        future.set_result(None)
+
+
+async def _streams(loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                   tls: ssl.SSLContext | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams over an accepted socket; with ``tls``, once the server-side handshake is done."""
+    reader = asyncio.StreamReader(limit=_CHUNK, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: protocol, conn, ssl=tls, ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls is not None else None)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:

@@ -95,6 +95,64 @@ def container_env(pod: Mapping[str, Any], container: Mapping[str, Any]) -> dict[
     return env
 
 
+def make_volumes(cluster: KubeCluster, pod: Mapping[str, Any], root: Path) -> dict[str, Path]:
+    """Each of the pod's volumes as a directory under ``root`` (by volume name), with what the kubelet
+    would put in it: a projected service-account token (a TokenRequest with the volume's audience and
+    expiry, bound to the pod when the pod has a uid), downward-API files, a ConfigMap's keys, an
+    empty directory. Anything else is a PodSpecError."""
+    out: dict[str, Path] = {}
+    for vol in pod["spec"].get("volumes") or ():
+        d = root / vol["name"]
+        d.mkdir(parents=True)
+        os.chmod(d, 0o755)
+        if "projected" in vol:
+            for source in vol["projected"]["sources"]:
+                _project(cluster, pod, vol["name"], d, source)
+        elif "downwardAPI" in vol or "configMap" in vol:
+            _project(cluster, pod, vol["name"], d, vol)
+        elif "emptyDir" in vol:
+            os.chmod(d, 0o777)
+        else:
+            raise PodSpecError(f"volume {vol['name']}: {sorted(vol)} is not supported by this runner")
+        out[vol["name"]] = d
+    return out
+
+
+def _project(cluster: KubeCluster, pod: Mapping[str, Any], volume: str, d: Path, source: Mapping[str, Any]) -> None:
+    """One source of a projected volume (or a whole downwardAPI / configMap volume) into ``d``."""
+    namespace = str(pod["metadata"]["namespace"])
+    if "serviceAccountToken" in source:
+        _write(d / source["serviceAccountToken"]["path"], _token(cluster, pod, source["serviceAccountToken"]))
+    elif "downwardAPI" in source:
+        for item in source["downwardAPI"]["items"]:
+            _write(d / item["path"], field(pod, item["fieldRef"]["fieldPath"]))
+    elif "configMap" in source:
+        ref = source["configMap"]
+        data = cluster.api.get(f"/api/v1/namespaces/{namespace}/configmaps/{ref['name']}")["data"]
+        items = ref.get("items") or [{"key": k, "path": k} for k in data]
+        for item in items:
+            _write(d / item["path"], data[item["key"]])
+    else:
+        raise PodSpecError(f"volume {volume}: {sorted(source)} is not supported by this runner")
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+    os.chmod(path, 0o644)  # a projected or downward-API volume's defaultMode
+
+
+def _token(cluster: KubeCluster, pod: Mapping[str, Any], source: Mapping[str, Any]) -> str:
+    meta = pod["metadata"]
+    sa = pod["spec"].get("serviceAccountName", "default")
+    spec: dict[str, Any] = {"audiences": [source["audience"]] if source.get("audience") else [],
+                            "expirationSeconds": int(source.get("expirationSeconds", 3600))}
+    if meta.get("uid"):
+        spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": meta["name"], "uid": meta["uid"]}
+    made = cluster.api.create(f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{sa}/token",
+                              {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
+    return str(made["status"]["token"])
+
+
 class PodRunner:
     """One pod's network namespace, volumes and processes."""
 
@@ -125,54 +183,9 @@ class PodRunner:
     # ---- volumes ---------------------------------------------------------------------------------
 
     def _make_volumes(self) -> dict[str, Path]:
-        out: dict[str, Path] = {}
-        for vol in self.pod["spec"].get("volumes") or ():
-            d = self.dir / "volumes" / vol["name"]
-            d.mkdir(parents=True)
-            os.chmod(d, 0o755)
-            if "projected" in vol:
-                for source in vol["projected"]["sources"]:
-                    self._project(vol["name"], d, source)
-            elif "downwardAPI" in vol or "configMap" in vol:
-                self._project(vol["name"], d, vol)
-            elif "emptyDir" in vol:
-                os.chmod(d, 0o777)
-            else:
-                raise PodSpecError(f"volume {vol['name']}: {sorted(vol)} is not supported by this runner")
-            out[vol["name"]] = d
-        return out
+        return make_volumes(self.cluster, self.pod, self.dir / "volumes")
 
-    def _project(self, volume: str, d: Path, source: Mapping[str, Any]) -> None:
-        """One source of a projected volume (or a whole downwardAPI / configMap volume) into ``d``."""
-        if "serviceAccountToken" in source:
-            self._write(d / source["serviceAccountToken"]["path"], self._token(source["serviceAccountToken"]))
-        elif "downwardAPI" in source:
-            for item in source["downwardAPI"]["items"]:
-                self._write(d / item["path"], field(self.pod, item["fieldRef"]["fieldPath"]))
-        elif "configMap" in source:
-            ref = source["configMap"]
-            data = self.cluster.api.get(f"/api/v1/namespaces/{self.namespace}/configmaps/{ref['name']}")["data"]
-            items = ref.get("items") or [{"key": k, "path": k} for k in data]
-            for item in items:
-                self._write(d / item["path"], data[item["key"]])
-        else:
-            raise PodSpecError(f"volume {volume}: {sorted(source)} is not supported by this runner")
-
-    @staticmethod
-    def _write(path: Path, text: str) -> None:
-        path.write_text(text)
-        os.chmod(path, 0o644)  # a projected or downward-API volume's defaultMode
-
-    def _token(self, source: Mapping[str, Any]) -> str:
-        sa = self.pod["spec"].get("serviceAccountName", "default")
-        request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                   "spec": {"audiences": [source["audience"]] if source.get("audience") else [],
-                            "expirationSeconds": int(source.get("expirationSeconds", 3600)),
-                            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.name,
-                                               "uid": self.pod["metadata"]["uid"]}}}
-        made = self.cluster.api.create(f"/api/v1/namespaces/{self.namespace}/serviceaccounts/{sa}/token", request)
-        return str(made["status"]["token"])
-
+    # ---- containers ------------------------------------------------------------------------------
     # ---- containers ------------------------------------------------------------------------------
 
     def _user(self, container: Mapping[str, Any]) -> tuple[int, int]:

@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from tether.core.identity.authority import create_anchor, create_issuer
 from tether.platform.kubernetes.client import KubeClient
 from tether.platform.kubernetes.store import CUSTOM_KINDS, CustomKind, KubeStore
 from tether.testing.kubecluster import KubeCluster, wait_until
+from tether.testing.kubelet import make_volumes
 from tether.testing.procs import Proc, free_port, http_get
 
 T = TypeVar("T")
@@ -189,40 +191,51 @@ class Issuers:
                 "data": {"ca-bundle.crt": self.anchor.public_bytes(PEM).decode()}}
 
 
-class KubeIdentityProc(Proc):
-    """`tether controller identity --platform kubernetes` as a child process."""
+class KubeControllerProc(Proc):
+    """A control-plane service as a child process on this host, its admin port on loopback."""
 
-    def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1",
-                 port: int = 0, env: dict[str, str] | None = None) -> None:
-        self.port, self.admin_port = port or free_port(host), free_port()
-        self.host = host
-        super().__init__(
-            [sys.executable, "-m", "tether", "controller", "identity", "--platform", "kubernetes",
-             "--kubeconfig", str(cluster.kubeconfig), "-L", cp_ns,
-             "--addr", f"{host}:{self.port}", "--admin-addr", f"127.0.0.1:{self.admin_port}", *extra],
-            tmp / f"identity-{self.port}.log", env=env,
-        )
+    def __init__(self, what: str, argv: list[str], log: Path, *, host: str, port: int, admin_port: int,
+                 env: dict[str, str] | None = None) -> None:
+        self.what, self.host, self.port, self.admin_port = what, host, port, admin_port
+        super().__init__(argv, log, env=env)
 
     @property
     def addr(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def wait_ready(self, timeout: float = 30.0) -> KubeIdentityProc:
+    def wait_ready(self, timeout: float = 60.0) -> KubeControllerProc:
         def ready() -> bool:
             if self.popen.poll() is not None:
-                raise RuntimeError(f"identity exited {self.popen.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{self.what} exited {self.popen.returncode}:\n{self.log()}")
             try:
                 return http_get(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1)[0] == 200
             except OSError:
                 return False
 
-        wait_until(ready, timeout=timeout, what="the identity service ready")
+        wait_until(ready, timeout=timeout, what=f"the {self.what} service ready")
         return self
 
     def metrics(self) -> str:
         return http_get(f"http://127.0.0.1:{self.admin_port}/metrics")[1].decode()
 
 
+class KubeIdentityProc(KubeControllerProc):
+    """`tether controller identity --platform kubernetes` as a child process."""
+
+    def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1",
+                 port: int = 0, env: dict[str, str] | None = None) -> None:
+        port, admin_port = port or free_port(host), free_port()
+        super().__init__(
+            "identity",
+            [sys.executable, "-m", "tether", "controller", "identity", "--platform", "kubernetes",
+             "--kubeconfig", str(cluster.kubeconfig), "-L", cp_ns,
+             "--addr", f"{host}:{port}", "--admin-addr", f"127.0.0.1:{admin_port}", *extra],
+            tmp / f"identity-{port}.log", host=host, port=port, admin_port=admin_port, env=env,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> KubeIdentityProc:
+        super().wait_ready(timeout)
+        return self
 
 
 def apply(cluster: KubeCluster, *docs: Mapping[str, Any]) -> None:
@@ -243,38 +256,67 @@ def token_for(cluster: KubeCluster, ns: str, sa: str, audience: str = "identity.
 # ---- destination ---------------------------------------------------------------------------------
 
 
-class KubeDestinationProc(Proc):
+class KubeDestinationProc(KubeControllerProc):
     """`tether controller destination --platform kubernetes` as a child process."""
 
     def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1",
                  port: int = 0, env: dict[str, str] | None = None) -> None:
-        self.port, self.admin_port = port or free_port(host), free_port()
-        self.host = host
+        port, admin_port = port or free_port(host), free_port()
         super().__init__(
+            "destination",
             [sys.executable, "-m", "tether", "controller", "destination", "--platform", "kubernetes",
              "--kubeconfig", str(cluster.kubeconfig), "-L", cp_ns,
-             "--addr", f"{host}:{self.port}", "--admin-addr", f"127.0.0.1:{self.admin_port}", *extra],
-            tmp / f"destination-{self.port}.log", env=env,
+             "--addr", f"{host}:{port}", "--admin-addr", f"127.0.0.1:{admin_port}", *extra],
+            tmp / f"destination-{port}.log", host=host, port=port, admin_port=admin_port, env=env,
         )
 
-    @property
-    def addr(self) -> str:
-        return f"{self.host}:{self.port}"
-
     def wait_ready(self, timeout: float = 60.0) -> KubeDestinationProc:
-        def ready() -> bool:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"destination exited {self.popen.returncode}:\n{self.log()}")
-            try:
-                return http_get(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1)[0] == 200
-            except OSError:
-                return False
-
-        wait_until(ready, timeout=timeout, what="the destination service ready")
+        super().wait_ready(timeout)
         return self
 
-    def metrics(self) -> str:
-        return http_get(f"http://127.0.0.1:{self.admin_port}/metrics")[1].decode()
+
+# ---- the control plane as the chart runs it -------------------------------------------------------
+
+
+def chart_controller(tmp: Path, cluster: KubeCluster, deployment: Mapping[str, Any], *, host: str, port: int,
+                     services: Mapping[str, str], env: dict[str, str] | None = None) -> KubeControllerProc:
+    """The controller container of a rendered control-plane Deployment, run on this host as its pod would
+    run it: the chart's args, with three changes a pod does not need. It listens on ``host:port`` (where
+    the tests' pods find its Service) with its admin port on loopback; the files of the volumes it mounts
+    are made on this host as the kubelet makes them (a projected token minted by the API server for the
+    pod's service account, a ConfigMap's keys) and its path arguments point there; a control-plane
+    Service name in an address is resolved as the cluster's DNS would (``services``: name -> address).
+    It reaches the API server with the cluster's kubeconfig, where a pod uses its service account."""
+    meta, template = deployment["metadata"], deployment["spec"]["template"]
+    spec = template["spec"]
+    container = next(c for c in spec["containers"] if c["name"] != "linkerd-proxy")
+    what = str(container["name"])
+    admin_port = free_port()
+    mounts = container.get("volumeMounts") or []
+    pod = {"metadata": {**template["metadata"], "name": meta["name"], "namespace": meta["namespace"]},
+           "spec": {**spec, "volumes": [v for v in spec.get("volumes") or () if v["name"] in
+                                        {m["name"] for m in mounts}]}}
+    dirs = make_volumes(cluster, pod, tmp / f"{what}-{port}-{uuid.uuid4().hex[:6]}-volumes")
+    where = {"--addr": f"{host}:{port}", "--admin-addr": f"127.0.0.1:{admin_port}"}
+
+    def on_host(arg: str) -> str:
+        for m in mounts:
+            prefix = m["mountPath"].rstrip("/") + "/"
+            if arg.startswith(prefix):
+                return str(dirs[m["name"]] / arg[len(prefix):])
+        addrs = []
+        for addr in arg.split(","):
+            name, sep, svc_port = addr.rpartition(":")
+            addrs.append(f"{services[name]}:{svc_port}" if sep and name in services else addr)
+        return ",".join(addrs)
+
+    args = list(container["args"])
+    argv = [sys.executable, "-m", "tether"]  # the image's entrypoint
+    for i, arg in enumerate(args):
+        argv.append(where[args[i - 1]] if i and args[i - 1] in where else on_host(arg))
+    argv += ["--kubeconfig", str(cluster.kubeconfig)]
+    return KubeControllerProc(what, argv, tmp / f"{what}-{port}.log", host=host, port=port,
+                              admin_port=admin_port, env=env)
 
 
 class EndpointWatch:

@@ -88,6 +88,9 @@ class DestinationConfig:
     # if set, serves plaintext too: for operators and the local supervisor on the same host (Linkerd's
     # `kubectl port-forward` to the destination container reaches it in plaintext the same way).
     plaintext_addr: tuple[str, int] | None = None
+    # With an own certificate: ``addr`` also serves plaintext gRPC (tether.control.tlsfront tells it
+    # from TLS), for the proxies of a release before control-plane TLS while an upgrade replaces them.
+    accept_plaintext: bool = False
 
 
 @dataclass
@@ -121,6 +124,7 @@ class DestinationController:
         self.grpc_port = 0
         self.plaintext_port = 0
         self.admin_port = 0
+        self.front: TlsFront | None = None  # with an own certificate, once certified
 
     # --- following the store ---------------------------------------------------------------------
 
@@ -246,6 +250,8 @@ class DestinationController:
             "# TYPE destination_lookups_failed_total counter",
             f"destination_lookups_failed_total {c.lookups_failed}",
         ]
+        if self.front is not None:
+            lines += self.front.metrics_lines("destination")
         store_metrics = getattr(self.store, "metrics_text", None)
         text = "\n".join(lines) + "\n"
         if callable(store_metrics):
@@ -315,7 +321,9 @@ class DestinationController:
                     return
                 backend = self.cfg.plaintext_addr or ("127.0.0.1", 0)
                 self.plaintext_port = server.add_insecure_port(_bind(*backend))
-                front = TlsFront(self.own_cert.ssl_context, (backend[0], self.plaintext_port), "destination")
+                front = TlsFront(self.own_cert.ssl_context, (backend[0], self.plaintext_port), "destination",
+                                 accept_plaintext=self.cfg.accept_plaintext)
+                self.front = front
             else:
                 self.grpc_port = server.add_insecure_port(_bind(host, port))
             await server.start()
@@ -325,7 +333,8 @@ class DestinationController:
                 "destination service on %s:%d%s (admin %s:%d)%s",
                 host,
                 self.grpc_port,
-                f" (mutual TLS as {self.own_cert.cfg.identity.dns_name})" if self.own_cert is not None else "",
+                (f" (mutual TLS as {self.own_cert.cfg.identity.dns_name}"
+                 f"{', plaintext too' if self.cfg.accept_plaintext else ''})" if self.own_cert is not None else ""),
                 self.cfg.admin_addr[0],
                 self.admin_port,
                 f", plaintext on {self.cfg.plaintext_addr[0]}:{self.plaintext_port}" if self.cfg.plaintext_addr else "",

@@ -57,6 +57,9 @@ class IdentityServerConfig:
     # <service_account>.<cp-ns>.serviceaccount.identity.<cp-ns>.<td>; proxies verify it with their anchors.
     tls: bool = False
     service_account: str = "linkerd-identity"
+    # With tls: also serve plaintext gRPC on addr (tether.control.tlsfront tells the two apart), for
+    # the proxies of a release before control-plane TLS while an upgrade replaces them.
+    accept_plaintext: bool = False
 
 
 def issuance_policy(cfg: IdentityServerConfig) -> IssuancePolicy:
@@ -128,6 +131,7 @@ class IdentityController:
         )
         # (issuer it came from, renew after, context); the front asks for it at every handshake.
         self._tls_state: tuple[object, dt.datetime, ssl.SSLContext] | None = None
+        self.front: TlsFront | None = None  # with tls, once serving
 
     # -- its own serving certificate ---------------------------------------------------------------
 
@@ -198,6 +202,8 @@ class IdentityController:
         ]
         for result, n in sorted(self.service.counters.results.items()):
             lines.append(f'identity_certify_total{{result="{result}"}} {n}')
+        if self.front is not None:
+            lines += self.front.metrics_lines("identity")
         return "\n".join(lines) + "\n"
 
     def ready(self) -> bool:
@@ -228,7 +234,9 @@ class IdentityController:
             # Linkerd's proxies offer no ALPN, which grpcio's own TLS refuses).
             self._issue_own()
             backend = server.add_insecure_port("127.0.0.1:0")
-            front = TlsFront(self._tls_context, ("127.0.0.1", backend), "identity")
+            front = TlsFront(self._tls_context, ("127.0.0.1", backend), "identity",
+                             accept_plaintext=self.cfg.accept_plaintext)
+            self.front = front
         else:
             self.grpc_port = server.add_insecure_port(bind)
         admin = await asyncio.start_server(self._admin, *self.cfg.admin_addr, limit=16 * 1024)
@@ -242,7 +250,8 @@ class IdentityController:
             "identity service on %s:%d%s (admin %s:%d), issuing *.%s.%s with %s",
             host,
             self.grpc_port,
-            f" (TLS as {self.own_identity.dns_name})" if self.cfg.tls else "",
+            (f" (TLS as {self.own_identity.dns_name}{', plaintext too' if self.cfg.accept_plaintext else ''})"
+             if self.cfg.tls else ""),
             self.cfg.admin_addr[0],
             self.admin_port,
             self.cfg.control_plane_ns,

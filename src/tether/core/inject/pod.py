@@ -16,7 +16,12 @@ from typing import Any
 
 from tether.core import sidecar
 from tether.core.inject import annotations as ann
-from tether.core.inject.values import TOKEN_AUDIENCE, InjectValues
+from tether.core.inject.values import (
+    DESTINATION_SERVICE_ACCOUNT,
+    IDENTITY_SERVICE_ACCOUNT,
+    TOKEN_AUDIENCE,
+    InjectValues,
+)
 
 PROXY = "linkerd-proxy"
 INIT = "linkerd-init"
@@ -132,6 +137,10 @@ def proxy_container(v: InjectValues, o: ann.ProxyOverrides, native: bool) -> dic
     image = o.proxy_image or v.proxy_image
     version = o.proxy_version or v.proxy_version
     identity = (f"$(_pod_sa).$(_pod_ns).serviceaccount.identity.{v.namespace}.{v.trust_domain}")
+    # The names the control plane's certificates must carry: the proxy sends its token only to an
+    # identity service proving its name, and speaks mutual TLS to destination and policy.
+    identity_svc = v.control_identity(IDENTITY_SERVICE_ACCOUNT)
+    destination_svc = v.control_identity(DESTINATION_SERVICE_ACCOUNT)
     env = [
         _field_env("_pod_name", "metadata.name"),
         _field_env("_pod_ns", "metadata.namespace"),
@@ -156,17 +165,25 @@ def proxy_container(v: InjectValues, o: ann.ProxyOverrides, native: bool) -> dic
         _env("TETHER_PROXY_TRACE_COLLECTOR", o.trace_collector or ""),  # config.linkerd.io/trace-collector
         _env("TETHER_PROXY_CLUSTER_NETWORKS", v.cluster_networks),
         _env("TETHER_PROXY_DESTINATION_ADDRS", v.service("linkerd-dst", 8086)),
+        _env("TETHER_PROXY_DESTINATION_SVC_NAME", destination_svc),
         _env("TETHER_PROXY_DESTINATION_CONTEXT",
              '{"ns":"$(_pod_ns)","nodeName":"$(_pod_nodeName)","pod":"$(_pod_name)"}'),
         _env("TETHER_PROXY_POLICY_ADDRS", v.service("linkerd-policy", 8090)),
+        _env("TETHER_PROXY_POLICY_SVC_NAME", destination_svc),
         _env("TETHER_PROXY_POLICY_WORKLOAD", '{"ns":"$(_pod_ns)","pod":"$(_pod_name)"}'),
         _env("TETHER_PROXY_IDENTITY_NAME", identity),
         _env("TETHER_PROXY_IDENTITY_ADDRS", v.service("linkerd-identity", 8080)),
+        _env("TETHER_PROXY_IDENTITY_SVC_NAME", identity_svc),
         _env("TETHER_PROXY_IDENTITY_TOKEN_PATH", f"{TOKEN_DIR}/{TOKEN_VOLUME}"),
         _env("TETHER_PROXY_IDENTITY_TRUST_ANCHORS", f"{ANCHORS_DIR}/ca-bundle.crt"),
-        # Linkerd's variable with the PEM itself: what `check --proxy` (Linkerd's and tether's) reads
-        # to compare a proxy's anchors with the control plane's. The proxy reads the file above.
+        # Linkerd's variables with the same values, as Linkerd's injector writes them: the PEM itself
+        # is what `check --proxy` (Linkerd's and tether's) reads to compare a proxy's anchors with the
+        # control plane's; the service names say which control plane the proxy trusts. The proxy
+        # reads the TETHER_PROXY_* ones.
         _env("LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS", v.trust_anchors_pem),
+        _env("LINKERD2_PROXY_IDENTITY_SVC_NAME", identity_svc),
+        _env("LINKERD2_PROXY_DESTINATION_SVC_NAME", destination_svc),
+        _env("LINKERD2_PROXY_POLICY_SVC_NAME", destination_svc),
         # The interpreter's locale (tether.core.sidecar.LOCALE_ENV: no locale file mapped).
         *(_env(k, val) for k, val in sidecar.LOCALE_ENV.items()),
     ]

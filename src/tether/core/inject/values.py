@@ -14,6 +14,10 @@ from typing import Any
 # The audience of the projected service-account token the proxy sends to identity (Linkerd's, so a
 # Linkerd proxy and tether's identity service understand each other).
 TOKEN_AUDIENCE = "identity.l5d.io"
+# The control plane's own service accounts (Linkerd's names). Their identities are what proxies require
+# of the services' certificates; the policy service is the destination's process, so its name too.
+IDENTITY_SERVICE_ACCOUNT = "linkerd-identity"
+DESTINATION_SERVICE_ACCOUNT = "linkerd-destination"
 
 
 class ValuesError(ValueError):
@@ -202,3 +206,7 @@ class InjectValues:
     def service(self, name: str, port: int) -> str:
         """A control-plane Service's address, as proxies dial it."""
         return f"{name}.{self.namespace}.svc.{self.cluster_domain}:{port}"
+
+    def control_identity(self, service_account: str) -> str:
+        """The TLS identity of a control-plane service running as ``service_account``."""
+        return f"{service_account}.{self.namespace}.serviceaccount.identity.{self.namespace}.{self.trust_domain}"

@@ -12,15 +12,23 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+from tether.core.identity.names import IdentityNameError, check_trust_domain
 from tether.core.inject import annotations as ann
 from tether.core.inject.pod import (
     CONTROL_PLANE_NS_LABEL,
+    TOKEN_DIR,
+    TOKEN_VOLUME,
     init_container,
     pod_annotations_added,
     proxy_container,
     volumes,
 )
-from tether.core.inject.values import InjectValues, Resources
+from tether.core.inject.values import (
+    DESTINATION_SERVICE_ACCOUNT,
+    IDENTITY_SERVICE_ACCOUNT,
+    InjectValues,
+    Resources,
+)
 
 COMPONENT_LABEL = "linkerd.io/control-plane-component"
 ISSUER_SECRET = "linkerd-identity-issuer"
@@ -35,6 +43,22 @@ VALIDATED = {
                           "networkauthentications", "httproutes", "httplocalratelimitpolicies", "egressnetworks"],
     "split.smi-spec.io": ["trafficsplits"],
     "workload.linkerd.io": ["externalworkloads"],
+}
+
+
+# The trust anchors as the identity service keeps them (the ConfigMap, followed when it changes), for
+# the destination service's own certificate: Linkerd's volume name and path for the identity's.
+TRUST_ROOTS_VOLUME = "trust-roots"
+TRUST_ROOTS_DIR = "/var/run/linkerd/identity/trust-roots"
+
+# The controllers terminate their own TLS (tether.control.tlsfront), so their pods' proxies must not
+# take those connections: the pod's own proxy shares the service's identity and would terminate TLS
+# meant for the controller. The destination's Certify call must not wait on its own proxy either
+# (that proxy would ask this very destination service where the identity service is).
+CONTROLLER_PROXY = {
+    "linkerd-identity": ann.ProxyOverrides(skip_inbound_ports=("8080",)),
+    "linkerd-destination": ann.ProxyOverrides(skip_inbound_ports=("8086",), skip_outbound_ports=("8080",)),
+    "linkerd-proxy-injector": ann.ProxyOverrides(),
 }
 
 
@@ -74,7 +98,7 @@ def _deployment(values: Mapping[str, Any], v: InjectValues, ns: str, name: str, 
     annotations = {**(values.get("podAnnotations") or {}), **pod_annotations_added(v, f"tether/helm {version}")}
     native = v.native_sidecar
     proxy = proxy_container(v, ann.ProxyOverrides(), native)
-    init = [init_container(v, ann.ProxyOverrides())]
+    init = [init_container(v, CONTROLLER_PROXY[name])]
     containers = [container]
     if native:
         init.append(proxy)
@@ -191,6 +215,33 @@ def public_values(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def accept_plaintext(values: Mapping[str, Any]) -> bool:
+    """controlPlaneTLS.acceptPlaintext; a release's values from before control-plane TLS lack it: true,
+    so an upgrade keeps serving the proxies it has not yet replaced (the chart reads it the same way)."""
+    tls = values.get("controlPlaneTLS")
+    if not isinstance(tls, Mapping) or "acceptPlaintext" not in tls:
+        return True
+    if not isinstance(tls["acceptPlaintext"], bool):
+        raise RenderError(f"controlPlaneTLS.acceptPlaintext: {tls['acceptPlaintext']!r} is not true or false")
+    return tls["acceptPlaintext"]
+
+
+def _check_control_plane_tls(values: Mapping[str, Any]) -> None:
+    """The values the control plane's TLS names and tokens come from can make them (chart: config.yaml)."""
+    field = "identityTrustDomain" if values.get("identityTrustDomain") else "clusterDomain"
+    trust_domain = str(values.get(field) or "")
+    try:
+        check_trust_domain(trust_domain)
+    except IdentityNameError:
+        raise RenderError(f'{field}: "{trust_domain}" is not a trust domain (lowercase DNS labels joined by "."): '
+                          "the control plane's TLS names, such as linkerd-identity.<namespace>.serviceaccount."
+                          "identity.<namespace>.<trust domain>, end with it") from None
+    if values["identity"].get("serviceAccountTokenProjection") is False:
+        raise RenderError("identity.serviceAccountTokenProjection: false is not supported: proxies and the "
+                          "destination service get their certificates with projected service-account tokens "
+                          "(audience identity.l5d.io)")
+
+
 def render(values: Mapping[str, Any], namespace: str, version: str) -> list[dict[str, Any]]:
     """Every object of the control plane in ``namespace`` (values: the chart's defaults merged)."""
     ns = namespace
@@ -210,6 +261,8 @@ def render(values: Mapping[str, Any], namespace: str, version: str) -> list[dict
     injector = values["proxyInjector"]
     if not (injector["crtPEM"] and injector["keyPEM"] and injector["caBundle"]):
         raise RenderError("proxyInjector.crtPEM, keyPEM and caBundle: required (tether install makes them)")
+    _check_control_plane_tls(values)
+    plaintext = ["--accept-plaintext"] if accept_plaintext(values) else []
     v = InjectValues.from_values(values, ns, version)
     objs: list[dict[str, Any]] = []
     if values["installNamespace"]:
@@ -255,30 +308,45 @@ def render(values: Mapping[str, Any], namespace: str, version: str) -> list[dict
     level = values["controllerLogLevel"]
     trust_domain = v.trust_domain
     # Identity reads its issuer Secret and trust-anchor ConfigMap through the API server (watched:
-    # a rotated issuer is used without a restart) and checks tokens with TokenReview.
+    # a rotated issuer is used without a restart) and checks tokens with TokenReview. It serves TLS
+    # with a certificate it issues itself for linkerd-identity: proxies verify it before sending a token.
     identity_args = [
         "controller", "identity", "--addr", "0.0.0.0:8080", "--admin-addr", "0.0.0.0:9990",
         "--controller-namespace", ns, "--identity-trust-domain", trust_domain, "--platform", "kubernetes",
         "--issuer-secret", ISSUER_SECRET, "--trust-anchors-configmap", TRUST_ROOTS,
         "--issuance-lifetime", str(issuer["issuanceLifetime"]),
         "--clock-skew-allowance", str(issuer["clockSkewAllowance"]),
+        "--tls", "--identity-service-account", IDENTITY_SERVICE_ACCOUNT, *plaintext,
         "--log-level", level,
     ]
     objs.append(_deployment(values, v, ns, "linkerd-identity", "identity", _container(
         values, "identity", identity_args, [{"name": "grpc", "containerPort": 8080},
                                             {"name": "admin-http", "containerPort": 9990}], 9990,
         "identityResources", [], version), [], version))
+    # Destination serves mutual TLS as linkerd-destination (policy too: one process), certified by the
+    # identity service like a workload: the pod's projected token (the proxy's volume, the same service
+    # account and audience) and the trust anchors' ConfigMap (followed when it changes). Its /ready
+    # (the readiness probe) answers 200 only once it is certified and serving.
     destination_args = [
         "controller", "destination", "--addr", "0.0.0.0:8086", "--admin-addr", "0.0.0.0:9996",
         "--controller-namespace", ns, "--cluster-domain", values["clusterDomain"],
         "--identity-trust-domain", trust_domain,
         "--default-policy", v.default_inbound_policy, "--cluster-networks", v.cluster_networks,
-        "--platform", "kubernetes", "--log-level", level,
+        "--platform", "kubernetes",
+        "--identity-addrs", v.service("linkerd-identity", 8080),
+        "--identity-token-path", f"{TOKEN_DIR}/{TOKEN_VOLUME}",
+        "--identity-trust-anchors-file", f"{TRUST_ROOTS_DIR}/ca-bundle.crt",
+        "--service-account", DESTINATION_SERVICE_ACCOUNT, "--identity-service-account", IDENTITY_SERVICE_ACCOUNT,
+        *plaintext,
+        "--log-level", level,
     ]
     objs.append(_deployment(values, v, ns, "linkerd-destination", "destination", _container(
         values, "destination", destination_args, [{"name": "grpc", "containerPort": 8086},
                                                   {"name": "admin-http", "containerPort": 9996}], 9996,
-        "destinationResources", [], version), [], version))
+        "destinationResources",
+        [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+         {"name": TRUST_ROOTS_VOLUME, "mountPath": TRUST_ROOTS_DIR, "readOnly": True}], version),
+        [{"name": TRUST_ROOTS_VOLUME, "configMap": {"name": TRUST_ROOTS}}], version))
     injector_args = [
         "controller", "injector", "--addr", "0.0.0.0:8443", "--admin-addr", "0.0.0.0:9995",
         "--controller-namespace", ns, "--tls-cert-file", "/var/run/linkerd/tls/tls.crt",
