@@ -239,12 +239,15 @@ def targets_check(results: Sequence[h.TargetResult]) -> str:
     by = {r.name: r for r in results if r.skipped is None}
     plain, mtls, direct, nginx = (by.get(n) for n in ("tether-2hop-plain", "tether-2hop-mtls", "direct", "nginx"))
     lines = ["", "targets (issue 16; two-hop figures are both proxies together):"]
-    if plain is not None and mtls is not None:
-        p_cpu, m_cpu = h.median(plain.cpu_us_per_request), h.median(mtls.cpu_us_per_request)
+    # The plaintext pair has no identity and never upgrades to HTTP/2: the default mTLS pair against it is
+    # what a user pays for mTLS as deployed; the -h1 pair against it, TLS alone (like for like).
+    for variant, label in ((mtls, ""), (by.get("tether-2hop-mtls-h1"), ", HTTP/1 between the proxies")):
+        p_cpu = h.median(plain.cpu_us_per_request) if plain is not None else None
+        m_cpu = h.median(variant.cpu_us_per_request) if variant is not None else None
         if p_cpu and m_cpu:
             added = m_cpu / p_cpu - 1
-            lines.append(f"  mTLS adds <= 30% to the two-hop plaintext CPU per request: {m_cpu:.1f} vs {p_cpu:.1f} us,"
-                         f" +{added:.0%} {_verdict(added <= 0.30)}")
+            lines.append(f"  mTLS adds <= 30% to the two-hop plaintext CPU per request{label}: {m_cpu:.1f} vs"
+                         f" {p_cpu:.1f} us, {added:+.0%} {_verdict(added <= 0.30)}")
     for variant, label in ((mtls, ""), (by.get("tether-2hop-mtls-h1"), ", HTTP/1 between the proxies")):
         if variant is not None and nginx is not None:
             paired = h.paired_saturation_ratio(variant, nginx)

@@ -171,6 +171,17 @@ def test_up_run_services_by_name_over_mtls_and_down_leaves_nothing(mesh: Mesh) -
     assert "workload default/web: 2/2 ready" in mesh.tether("status").stdout
     checked = mesh.tether("check", "--proxy").stdout
     assert "tether-local-data-plane" in checked and "Status check results are \u221a" in checked
+    # The proxies run as uid 2102: the check says whether that user gets this Python (an interpreter
+    # under /root, mode 0700, gives it the system's libpython instead).
+    theirs = subprocess.run(["setpriv", "--reuid=2102", "--regid=2102", "--clear-groups", sys.executable, "-c",
+                             "import sys; print('.'.join(map(str, sys.version_info[:3])))"],
+                            capture_output=True, text=True, timeout=30).stdout.strip()
+    mine = ".".join(map(str, sys.version_info[:3]))
+    if theirs == mine:
+        assert "\u221a every meshed pod's proxy runs this Python" in checked, checked
+    else:
+        assert "\u203c every meshed pod's proxy runs this Python" in checked, checked
+        assert f"its proxy runs Python {theirs}, this command {mine}" in checked, checked
     mesh.state.chmod(0o777)
     r = mesh.tether("check", check=False)
     assert r.returncode == 1 and f"{mesh.state} is writable by others" in r.stdout

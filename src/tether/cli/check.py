@@ -677,6 +677,37 @@ def _local_certified_and_clock(ctx: CheckContext) -> None:
         raise CheckFailed("\n".join(problems))
 
 
+def _local_proxy_python(ctx: CheckContext) -> None:
+    """Every meshed pod's proxy runs the Python this command runs (``proxy_build_info``'s
+    python_version). A transparent pod's proxy runs as uid 2102: where that user cannot read the
+    interpreter's own libraries (a Python installed under /root, mode 0700), the loader takes the
+    system's libpython and standard library instead, a Python the proxy was not built or tested with."""
+    import re
+
+    from tether.cli.probe import ProbeError, get
+    from tether.core.sidecar import python_version
+
+    mine = python_version()
+    problems = []
+    for p in _local_pods(ctx):
+        if not p["meshed"] or p["phase"] != "Running":
+            continue
+        name = f"{p['namespace']}/{p['name']}"
+        try:
+            status, body = get(p["proxyAdmin"], "/metrics", ctx.options.timeout)
+        except ProbeError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        m = re.search(r'^proxy_build_info\{[^}]*python_version="([^"]*)"', body.decode("utf-8", "replace"), re.M)
+        if status != 200 or m is None:
+            problems.append(f"{name}: its proxy's /metrics names no python_version (answered {status})")
+        elif m.group(1) != mine:
+            problems.append(f"{name}: its proxy runs Python {m.group(1)}, this command {mine} ({sys.executable}): "
+                            "the proxy's uid 2102 cannot read that interpreter's libraries and got the system's")
+    if problems:
+        raise CheckFailed("\n".join(problems))
+
+
 LOCAL = Category(
     "tether-local",
     (
@@ -697,6 +728,9 @@ LOCAL_DATA_PLANE = Category(
                 "tether status; tether logs NAME -c proxy"),
         Checker("every meshed pod's proxy is certified, valid by this host's clock", _local_certified_and_clock,
                 "check the clocks of the hosts (timedatectl) and tether logs NAME -c proxy"),
+        Checker("every meshed pod's proxy runs this Python", _local_proxy_python,
+                "install Python and tether where uid 2102 can read them (not under /root), then tether down; "
+                "tether up", warning=True),
     ),
     mode="local-proxy",
 )

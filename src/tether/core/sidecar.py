@@ -47,7 +47,8 @@ def proxy_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
 def runtime_labels() -> dict[str, str]:
     """This interpreter's settings as ``proxy_build_info`` labels: what an operator checks to see that
     a proxy runs as deployed (``python_optimize="2"``, ``python_debug_ranges="false"``,
-    ``python_locale="C"``)."""
+    ``python_locale="C"``) and which Python runs it (``python_version="3.11.7"``: a proxy user that
+    cannot read the interpreter's own libraries gets the system's instead)."""
     import _locale  # (built in: the locale module would bring re and its compiled patterns)
 
     positions = next(iter(compile("0", "<runtime>", "eval").co_positions()))
@@ -55,4 +56,11 @@ def runtime_labels() -> dict[str, str]:
         "python_optimize": str(sys.flags.optimize),
         "python_debug_ranges": "false" if positions[2] is None else "true",
         "python_locale": _locale.setlocale(_locale.LC_CTYPE),
+        "python_version": python_version(),
     }
+
+
+def python_version() -> str:
+    """This interpreter's version, as ``proxy_build_info`` names it."""
+    v = sys.version_info
+    return f"{v.major}.{v.minor}.{v.micro}"

@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -219,19 +219,28 @@ class KubeControllerProc(Proc):
         return http_get(f"http://127.0.0.1:{self.admin_port}/metrics")[1].decode()
 
 
-class KubeIdentityProc(KubeControllerProc):
-    """`tether controller identity --platform kubernetes` as a child process."""
+class _ControllerCommand(KubeControllerProc):
+    """`tether controller COMPONENT --platform kubernetes` as a child process."""
+
+    COMPONENT: ClassVar[str]
 
     def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1",
                  port: int = 0, env: dict[str, str] | None = None) -> None:
         port, admin_port = port or free_port(host), free_port()
+        what = self.COMPONENT
         super().__init__(
-            "identity",
-            [sys.executable, "-m", "tether", "controller", "identity", "--platform", "kubernetes",
+            what,
+            [sys.executable, "-m", "tether", "controller", what, "--platform", "kubernetes",
              "--kubeconfig", str(cluster.kubeconfig), "-L", cp_ns,
              "--addr", f"{host}:{port}", "--admin-addr", f"127.0.0.1:{admin_port}", *extra],
-            tmp / f"identity-{port}.log", host=host, port=port, admin_port=admin_port, env=env,
+            tmp / f"{what}-{port}.log", host=host, port=port, admin_port=admin_port, env=env,
         )
+
+
+class KubeIdentityProc(_ControllerCommand):
+    """`tether controller identity --platform kubernetes` as a child process."""
+
+    COMPONENT = "identity"
 
     def wait_ready(self, timeout: float = 30.0) -> KubeIdentityProc:
         super().wait_ready(timeout)
@@ -256,19 +265,10 @@ def token_for(cluster: KubeCluster, ns: str, sa: str, audience: str = "identity.
 # ---- destination ---------------------------------------------------------------------------------
 
 
-class KubeDestinationProc(KubeControllerProc):
+class KubeDestinationProc(_ControllerCommand):
     """`tether controller destination --platform kubernetes` as a child process."""
 
-    def __init__(self, tmp: Path, cluster: KubeCluster, cp_ns: str, *extra: str, host: str = "127.0.0.1",
-                 port: int = 0, env: dict[str, str] | None = None) -> None:
-        port, admin_port = port or free_port(host), free_port()
-        super().__init__(
-            "destination",
-            [sys.executable, "-m", "tether", "controller", "destination", "--platform", "kubernetes",
-             "--kubeconfig", str(cluster.kubeconfig), "-L", cp_ns,
-             "--addr", f"{host}:{port}", "--admin-addr", f"127.0.0.1:{admin_port}", *extra],
-            tmp / f"destination-{port}.log", host=host, port=port, admin_port=admin_port, env=env,
-        )
+    COMPONENT = "destination"
 
     def wait_ready(self, timeout: float = 60.0) -> KubeDestinationProc:
         super().wait_ready(timeout)
