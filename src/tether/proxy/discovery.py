@@ -9,7 +9,7 @@ The file (``ProxyConfig.destinations_file``, ``TETHER_PROXY_DESTINATIONS_FILE``)
           weight: 2                            # optional, >= 1
           identity: "web.default.serviceaccount.identity.linkerd.cluster.local"  # optional
           proxy_port: 4143                     # optional: the peer proxy's inbound port
-          protocol_hint: h2                    # optional: h2 | opaque
+          protocol_hint: h2                    # optional: h2 (with identity: HTTP/1 to it over HTTP/2) | opaque
           labels: {pod: web-1}                 # optional: string to string, for metrics
 
 :class:`Discovery` is what the proxy needs of any source of endpoints; :class:`StaticDiscovery`
