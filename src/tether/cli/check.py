@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -640,24 +640,36 @@ def _local_pods_ready(ctx: CheckContext) -> None:
         raise CheckFailed("\n".join(problems))
 
 
+def _meshed_proxies_answer(ctx: CheckContext, path: str, problems: list[str]) -> Iterator[tuple[str, int, bytes]]:
+    """(pod, status, body) of ``path`` on the admin port of each running meshed pod's proxy; a proxy
+    that does not answer is a problem of its pod."""
+    from tether.cli.probe import ProbeError, get
+
+    for p in _local_pods(ctx):
+        if not p["meshed"] or p["phase"] != "Running":
+            continue
+        name = f"{p['namespace']}/{p['name']}"
+        try:
+            status, body = get(p["proxyAdmin"], path, ctx.options.timeout)
+        except ProbeError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        yield name, status, body
+
+
 def _local_certified_and_clock(ctx: CheckContext) -> None:
     """Every meshed pod's proxy holds a certificate, valid now by this host's clock: a control plane
     whose clock runs ahead issues certificates that start in the future (beyond the 20 s skew
     allowance), one running behind issues certificates already past their start."""
     import json
 
-    from tether.cli.probe import ProbeError, get
     from tether.core.identity.certs import CertificateError, parse_certificates
 
-    problems = []
-    for p in _local_pods(ctx):
-        if not p["meshed"] or p["phase"] != "Running":
-            continue
-        name = f"{p['namespace']}/{p['name']}"
+    problems: list[str] = []
+    for name, status, body in _meshed_proxies_answer(ctx, "/identity.json", problems):
         try:
-            status, body = get(p["proxyAdmin"], "/identity.json", ctx.options.timeout)
             pem = str((json.loads(body) if status == 200 else {}).get("certificate_chain_pem") or "")
-        except (ProbeError, ValueError) as e:
+        except ValueError as e:
             problems.append(f"{name}: {e}")
             continue
         if not pem:
@@ -684,20 +696,11 @@ def _local_proxy_python(ctx: CheckContext) -> None:
     system's libpython and standard library instead, a Python the proxy was not built or tested with."""
     import re
 
-    from tether.cli.probe import ProbeError, get
     from tether.core.sidecar import python_version
 
     mine = python_version()
-    problems = []
-    for p in _local_pods(ctx):
-        if not p["meshed"] or p["phase"] != "Running":
-            continue
-        name = f"{p['namespace']}/{p['name']}"
-        try:
-            status, body = get(p["proxyAdmin"], "/metrics", ctx.options.timeout)
-        except ProbeError as e:
-            problems.append(f"{name}: {e}")
-            continue
+    problems: list[str] = []
+    for name, status, body in _meshed_proxies_answer(ctx, "/metrics", problems):
         m = re.search(r'^proxy_build_info\{[^}]*python_version="([^"]*)"', body.decode("utf-8", "replace"), re.M)
         if status != 200 or m is None:
             problems.append(f"{name}: its proxy's /metrics names no python_version (answered {status})")
