@@ -10,8 +10,11 @@ installs into a fresh namespace, the seeds' way, and times each step:
 * ``kubectl rollout status`` of the three Deployments (kwok pretends to run their pods: this is the
   API server, scheduler and controllers' share);
 * the control plane's processes, started on this host against the API server as their pods would
-  be (identity, destination, the injector with the webhook configuration pointed at it): process
-  start to /ready for each, started together;
+  be: identity and destination with the rendered Deployments' own arguments (`chart_controller`:
+  identity serving TLS, the destination certified by it with a projected token before it is ready,
+  plaintext refused as a fresh install renders it), each on a loopback address of its own for the
+  round that stands for its Service; the injector with the webhook configuration pointed at it:
+  process start to /ready for each, started together;
 * the first workload: ``kubectl apply`` of a Deployment in a namespace annotated for injection to
   its pod stored with the proxy (the API server calling the injector);
 * ``tether check --platform kubernetes -L NS`` of linkerd-existence and linkerd-identity passing (the
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tether.testing.kubecluster import KubeCluster, wait_until  # noqa: E402
 from tether.testing.kubeinjector import running_injector  # noqa: E402
-from tether.testing.kubeplatform import KubeDestinationProc, KubeIdentityProc, kubectl_apply  # noqa: E402
+from tether.testing.kubeplatform import chart_controller, kubectl_apply  # noqa: E402
 
 IMAGE = "registry.invalid/tether/bench:1.0"
 
@@ -78,8 +81,16 @@ def one_round(cluster: KubeCluster, tmp: Path, index: int) -> dict[str, float]:
         cluster.kubectl("rollout", "status", "-n", cp, f"deployment/{deployment}", "--timeout=120s", timeout=150)
     out["rollout_s"] = time.monotonic() - t1
     t2 = time.monotonic()
-    identity = KubeIdentityProc(tmp, cluster, cp, "--log-level", "warn")
-    destination = KubeDestinationProc(tmp, cluster, cp, "--log-level", "warn")
+    # Each Service's port on a loopback address of this round (the chart's ports: the destination dials
+    # identity at linkerd-identity.<ns>.svc.cluster.local:8080).
+    host = f"127.0.0.{20 + index}"
+    services = {f"{name}.{cp}.svc.cluster.local": host for name in ("linkerd-identity", "linkerd-dst",
+                                                                     "linkerd-policy")}
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    identity = chart_controller(tmp, cluster, deployments["linkerd-identity"], host=host, port=8080,
+                                services=services)
+    destination = chart_controller(tmp, cluster, deployments["linkerd-destination"], host=host, port=8086,
+                                   services=services)
     try:
         identity.wait_ready(timeout=120)
         out["identity_ready_s"] = time.monotonic() - t2
@@ -112,7 +123,8 @@ def one_round(cluster: KubeCluster, tmp: Path, index: int) -> dict[str, float]:
                 # The categories this layout can pass: the webhook ones look for the chart's webhook
                 # configurations and TLS Secrets, which the bench replaces with ones pointed at the host.
                 [sys.executable, "-m", "tether", "check", "--platform", "kubernetes", "-L", cp, "-o", "json",
-                 "--category", "linkerd-existence", "--category", "linkerd-identity"],
+                 "--category", "linkerd-existence", "--category", "linkerd-identity", "--category",
+                 "control-plane-tls"],
                 capture_output=True, text=True, timeout=300,
                 env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)})
             out["check_s"] = time.monotonic() - t4

@@ -136,9 +136,11 @@ def test_install_renders_what_helm_template_renders(certs: Path, tether_args: li
     ns = tether_args[tether_args.index("-L") + 1] if "-L" in tether_args else "linkerd"
     mine = tether("install", *FILE_FLAGS, *tether_args, cwd=certs)
     assert mine.returncode == 0, mine.stderr
+    # `tether install` is a fresh install: TLS only, where the chart's default serves plaintext too (for
+    # `helm upgrade` from a release before control-plane TLS).
     theirs = subprocess.run([str(helm_binary()), "template", "linkerd", str(CHARTS / "tether-control-plane"),
-                             "-n", ns, *HELM_FILES, *helm_args], capture_output=True, text=True, cwd=certs,
-                            timeout=120)
+                             "-n", ns, *HELM_FILES, "--set", "controlPlaneTLS.acceptPlaintext=false", *helm_args],
+                            capture_output=True, text=True, cwd=certs, timeout=120)
     assert theirs.returncode == 0, theirs.stderr
     a, b = objects(mine.stdout), objects(theirs.stdout)
     assert sorted(a) == sorted(b)

@@ -111,7 +111,8 @@ def install(kube_cluster: KubeCluster) -> Iterator[Install]:
         docs: list[dict[str, Any]] = [
             ca.roots(), ca.secret(cert, key),
             {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "linkerd-config", "namespace": cp},
-             "data": {"values": "controllerReplicas: 3\nhighAvailability: true\n"}},
+             "data": {"version": __version__, "values": "controllerReplicas: 3\nhighAvailability: true\n"
+                                                         "controlPlaneTLS: {acceptPlaintext: false}\n"}},
         ]
         now = dt.datetime.now(dt.UTC)
         for secret, kind, name in WEBHOOKS:
@@ -147,7 +148,8 @@ def test_every_category_passes_on_a_good_install(kube_cluster: KubeCluster, inst
     r = run_check(kube_cluster, "-L", install.cp, "--proxy", "-n", install.app)
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("kubernetes-api", "kubernetes-version", "linkerd-existence", "linkerd-config", "linkerd-identity",
-                 "linkerd-webhooks-and-apisvc-tls", "linkerd-control-plane-proxy", "linkerd-ha-checks",
+                 "linkerd-webhooks-and-apisvc-tls", "linkerd-control-plane-proxy", "control-plane-tls",
+                 "linkerd-ha-checks",
                  "linkerd-data-plane", "linkerd-identity-data-plane"):
         lines = category(r.stdout, name)
         assert lines and all(line.startswith("\u221a ") for line in lines.splitlines()), (name, lines)
@@ -253,6 +255,48 @@ def test_broken_webhook_ca_ha_and_data_plane_anchors_fail_their_categories(
     assert "\u203c multiple replicas of control plane pods\n    not enough replicas available for destination" in ha
     dp = category(r.stdout, "linkerd-identity-data-plane")
     assert "\u00d7 data plane proxies certificate match CA" in dp and "/old-" in dp
+
+
+def _accept_plaintext(cluster: KubeCluster, ns: str, on: bool) -> None:
+    values = f"controllerReplicas: 3\nhighAvailability: true\ncontrolPlaneTLS: {{acceptPlaintext: {str(on).lower()}}}\n"
+    cluster.kubectl("patch", "configmap", "linkerd-config", "-n", ns, "--type", "merge",
+                    "-p", json.dumps({"data": {"values": values}}))
+
+
+def test_plaintext_is_judged_by_the_proxies_that_need_it(kube_cluster: KubeCluster, install: Install) -> None:
+    """controlPlaneTLS.acceptPlaintext on with no proxy of a release before control-plane TLS: a warning
+    with the command that turns it off; with such a pod: passes; off while it still runs: fails, naming it."""
+    _accept_plaintext(kube_cluster, install.cp, True)
+    r = run_check(kube_cluster, "-L", install.cp)
+    assert r.returncode == 0, r.stdout + r.stderr  # a warning
+    lines = category(r.stdout, "control-plane-tls")
+    assert "\u221a every meshed proxy can reach the control plane" in lines
+    assert ("\u203c control plane accepts plaintext only while proxies need it\n"
+            "    controlPlaneTLS.acceptPlaintext is true, and no meshed pod runs a proxy that needs it") in lines
+    assert "tether upgrade --set controlPlaneTLS.acceptPlaintext=false | kubectl apply -f -" in lines
+
+    # A pod injected by 0.1.0, not restarted since the upgrade.
+    old = deployment("old", "none", 1, install.ca.roots()["data"]["ca-bundle.crt"])
+    old["metadata"] = {"name": "old", "labels": {"app": "old"}}
+    old["spec"]["template"]["metadata"]["annotations"]["linkerd.io/proxy-version"] = "0.1.0"
+    # What the injector labels every pod it meshes with: its control plane (check reads no other).
+    old["spec"]["template"]["metadata"]["labels"]["linkerd.io/control-plane-ns"] = install.cp
+    kubectl_apply(kube_cluster, install.app, old)
+    wait_until(lambda: any(p["metadata"]["name"].startswith("old-") for p in kube_cluster.api.get(
+        f"/api/v1/namespaces/{install.app}/pods")["items"]), timeout=60, what="the 0.1.0 pod")
+    r = run_check(kube_cluster, "-L", install.cp)
+    assert r.returncode == 0, r.stdout
+    assert all(line.startswith("\u221a ") for line in category(r.stdout, "control-plane-tls").splitlines())
+
+    _accept_plaintext(kube_cluster, install.cp, False)
+    r = run_check(kube_cluster, "-L", install.cp, "-o", "json")
+    assert r.returncode == 1, r.stdout
+    checks = next(c["checks"] for c in json.loads(r.stdout)["categories"] if c["categoryName"] == "control-plane-tls")
+    failed = {c["description"]: c for c in checks}["every meshed proxy can reach the control plane"]
+    assert failed["result"] == "error"
+    assert "1 meshed pod runs a proxy from before 0.2.0" in failed["error"]
+    assert f"{install.app}/old-" in failed["error"] and "(0.1.0)" in failed["error"]
+    assert "controlPlaneTLS.acceptPlaintext=true" in failed["error"]
 
 
 def test_context_is_chosen_like_kubectl(kube_cluster: KubeCluster) -> None:

@@ -457,14 +457,14 @@ def _certificate(mesh: Mesh, runner: PodRunner, port: int, name: str) -> str:
     return r.stdout
 
 
-def _plaintext_get(mesh: Mesh, port: int) -> str:
+def _plaintext_get(mesh: Mesh, port: int, host: str = GATEWAY) -> str:
     """A plaintext gRPC client (the previous release's proxy, an operator's port-forward) asking the
-    control plane on this host's ``port`` for the server Service's endpoints: the first answer's kind."""
+    control plane on ``host:port`` for the server Service's endpoints: the first answer's kind."""
     import grpc
 
     from tether.api.gen import destination_pb2, destination_pb2_grpc
 
-    with grpc.insecure_channel(f"{GATEWAY}:{port}") as ch:
+    with grpc.insecure_channel(f"{host}:{port}") as ch:
         call = destination_pb2_grpc.DestinationStub(ch).Get(destination_pb2.GetDestination(
             scheme="k8s", path=f"server.{mesh.app}.svc.cluster.local:80",
             context_token=json.dumps({"ns": mesh.app})), timeout=10)
@@ -522,6 +522,11 @@ def test_this_release_reaches_its_control_plane_over_tls(mesh: Mesh) -> None:
         _plaintext_get(mesh, 8086)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert _connections(mesh, "destination")["refused"] >= 1
+    # The operators' plaintext listener on the pod's loopback (what `kubectl port-forward
+    # deploy/linkerd-destination 8086:8087` reaches for `tether diagnostics`) still answers.
+    operator_port = mesh.procs["destination"].plaintext_port
+    assert operator_port is not None
+    assert _plaintext_get(mesh, operator_port, "127.0.0.1") == "add"
     for name in ("destination", "policy"):
         wait_until(lambda: _connections(mesh, name)["true"] >= 1, timeout=60,  # noqa: B023 - called here
                    what=f"this release's proxies back on {name} over TLS")

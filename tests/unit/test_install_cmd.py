@@ -151,7 +151,8 @@ def test_the_control_plane_serves_tls_with_the_names_proxies_expect(capsys: pyte
         return spec, spec["containers"][1], dict(zip(init[0::2], init[1::2], strict=True)) | {"args": args}
 
     _, identity, identity_init = pod("linkerd-identity")
-    assert "--tls" in identity["args"] and "--accept-plaintext" in identity["args"]
+    # A fresh install has no proxies of an older release to serve: TLS only.
+    assert "--tls" in identity["args"] and "--accept-plaintext" not in identity["args"]
     assert identity_init["--inbound-ports-to-ignore"].split(",")[-1] == "8080"
     spec, destination, destination_init = pod("linkerd-destination")
     args = destination["args"]
@@ -159,7 +160,7 @@ def test_the_control_plane_serves_tls_with_the_names_proxies_expect(capsys: pyte
     assert flag["--identity-addrs"] == "linkerd-identity.mesh.svc.cluster.local:8080"
     assert (flag["--service-account"], flag["--identity-service-account"]) == ("linkerd-destination",
                                                                                "linkerd-identity")
-    assert "--accept-plaintext" in args
+    assert "--accept-plaintext" not in args
     # The token and anchors files are in volumes the container mounts, from the right sources.
     volumes = {v["name"]: v for v in spec["volumes"]}
     for path, source in ((flag["--identity-token-path"], "projected"),
@@ -172,11 +173,49 @@ def test_the_control_plane_serves_tls_with_the_names_proxies_expect(capsys: pyte
     assert destination["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 9996}
     assert destination_init["--inbound-ports-to-ignore"].split(",")[-1] == "8086"
     assert destination_init["--outbound-ports-to-ignore"].split(",")[-1] == "8080"
-    # Once every proxy runs this release, plaintext can be turned off.
-    code, out, _ = run(capsys, "install", "--set", "controlPlaneTLS.acceptPlaintext=false")
+    # The user's values still win over the fresh install's choice.
+    code, out, _ = run(capsys, "install", "--set", "controlPlaneTLS.acceptPlaintext=true")
     assert code == 0
     for name in ("linkerd-identity", "linkerd-destination"):
         args = objects(out)[("Deployment", name)]["spec"]["template"]["spec"]["containers"][1]["args"]
-        assert "--accept-plaintext" not in args and ("--tls" in args or "--identity-addrs" in args)
+        assert "--accept-plaintext" in args and ("--tls" in args or "--identity-addrs" in args)
     # A release's values from before control-plane TLS have no such key: plaintext stays served.
     assert accept_plaintext({"proxy": {}}) is True
+
+
+def test_upgrade_from_before_control_plane_tls_keeps_plaintext_until_told(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An installed 0.1.0 (values without controlPlaneTLS) upgrades to a control plane that serves its
+    proxies in plaintext beside TLS; the upgrade after that keeps it so until --set turns it off."""
+    code, out, _ = run(capsys, "install", "-L", "mesh")
+    assert code == 0
+    objs = objects(out)
+    config = objs[("ConfigMap", "linkerd-config")]
+    values = yaml.safe_load(config["data"]["values"])
+    del values["controlPlaneTLS"]
+    config["data"] = {**config["data"], "version": "0.1.0", "values": yaml.safe_dump(values)}
+    installed = tmp_path / "installed.yaml"
+    installed.write_text(yaml.safe_dump_all([config, objs[("Secret", "linkerd-identity-issuer")],
+                                             objs[("Secret", "linkerd-proxy-injector-k8s-tls")]]))
+
+    def plaintext(text: str) -> set[str]:
+        return {name for name in ("linkerd-identity", "linkerd-destination")
+                if "--accept-plaintext" in objects(text)[("Deployment", name)]["spec"]["template"]["spec"][
+                    "containers"][1]["args"]}
+
+    code, upgraded, err = run(capsys, "upgrade", "-L", "mesh", "--from-manifests", str(installed))
+    assert code == 0, err
+    assert plaintext(upgraded) == {"linkerd-identity", "linkerd-destination"}
+    # The next upgrade reads the values this one stored (acceptPlaintext: true) and keeps them.
+    again = objects(upgraded)
+    installed.write_text(yaml.safe_dump_all([again[("ConfigMap", "linkerd-config")],
+                                             again[("Secret", "linkerd-identity-issuer")],
+                                             again[("Secret", "linkerd-proxy-injector-k8s-tls")]]))
+    code, kept, err = run(capsys, "upgrade", "-L", "mesh", "--from-manifests", str(installed))
+    assert code == 0, err
+    assert plaintext(kept) == {"linkerd-identity", "linkerd-destination"}
+    code, off, err = run(capsys, "upgrade", "-L", "mesh", "--from-manifests", str(installed),
+                         "--set", "controlPlaneTLS.acceptPlaintext=false")
+    assert code == 0, err
+    assert plaintext(off) == set()

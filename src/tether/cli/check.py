@@ -815,8 +815,9 @@ def check(pre: bool, proxy: bool, categories: tuple[str, ...], namespace: str | 
     pre-kubernetes-setup (the control-plane namespace is free, permissions by
     SelfSubjectAccessReview, clock skew); otherwise linkerd-existence, linkerd-config,
     linkerd-identity (issuer Secret and trust-roots ConfigMap), linkerd-webhooks-and-apisvc-tls,
-    linkerd-control-plane-proxy, linkerd-ha-checks, and with --proxy [-n NS] linkerd-data-plane
-    and linkerd-identity-data-plane.
+    linkerd-control-plane-proxy, control-plane-tls (plaintext served only while proxies of a release
+    before control-plane TLS need it), linkerd-ha-checks, and with --proxy [-n NS]
+    linkerd-data-plane and linkerd-identity-data-plane.
 
     The exit status is 1 when a check fails (warnings do not count). -o json prints Linkerd's shape:
     {"success": bool, "categories": [{"categoryName", "checks": [{"description", "hint", "result",

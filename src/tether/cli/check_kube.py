@@ -23,10 +23,12 @@ from tether.cli.check import (
     _expires_soon,
     register_category,
 )
+from tether.core.releases import FIRST_CONTROL_PLANE_TLS, before
 
 MIN_KUBERNETES = (1, 22)
 MAX_CLOCK_SKEW = dt.timedelta(minutes=5)
 COMPONENT_LABEL = "linkerd.io/control-plane-component"
+CONTROL_PLANE_NS_LABEL = "linkerd.io/control-plane-ns"  # on every pod the injector meshed, its control plane
 COMPONENTS = ("identity", "destination", "proxy-injector")
 PROXY_CONTAINER = "linkerd-proxy"
 ISSUER_SECRET = "linkerd-identity-issuer"
@@ -498,6 +500,85 @@ HA = Category("linkerd-ha-checks", (
 ), mode="kube")
 
 
+# -- control-plane-tls: plaintext served only while proxies need it -----------------------------------
+
+UPGRADE_PLAINTEXT = "tether upgrade --set controlPlaneTLS.acceptPlaintext={} | kubectl apply -f -"
+
+
+def _plaintext_state(ctx: CheckContext) -> tuple[str, bool | None, list[str]]:
+    """(control plane version, controlPlaneTLS.acceptPlaintext or None before control-plane TLS, the
+    pods meshed by this control plane (the injector's label linkerd.io/control-plane-ns, in any
+    namespace) whose proxies predate it, as "ns/name (version)")."""
+    import yaml
+
+    from tether.core.install.render import RenderError, accept_plaintext
+
+    if "plaintext" in ctx.cache:
+        return ctx.cache["plaintext"]
+    cm = ctx.cache.get("linkerd-config") or _get(ctx, f"/api/v1/namespaces/{_ns(ctx)}/configmaps/linkerd-config")
+    if cm is None:
+        raise CheckFailed(f"ConfigMap {_ns(ctx)}/linkerd-config not found")
+    data = cm.get("data") or {}
+    version = str(data.get("version") or "")
+    try:
+        values = yaml.safe_load(data.get("values") or "") or {}
+        accepts: bool | None = None if before(version, FIRST_CONTROL_PLANE_TLS) else accept_plaintext(values)
+    except (yaml.YAMLError, AttributeError, RenderError) as e:
+        raise CheckFailed(f"ConfigMap {_ns(ctx)}/linkerd-config: cannot read its values: {e}") from None
+    old = []
+    mine = _get(ctx, "/api/v1/pods", labelSelector=f"{CONTROL_PLANE_NS_LABEL}={_ns(ctx)}") or {}
+    for p in mine.get("items") or []:
+        meta = p["metadata"]
+        spec = p.get("spec") or {}
+        containers = [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]
+        if meta.get("deletionTimestamp") or not any(c.get("name") == PROXY_CONTAINER for c in containers):
+            continue
+        v = (meta.get("annotations") or {}).get("linkerd.io/proxy-version", "")
+        if before(v, FIRST_CONTROL_PLANE_TLS):
+            old.append(f"{meta['namespace']}/{meta['name']} ({v})")
+    ctx.cache["plaintext"] = (version, accepts, sorted(old))
+    return version, accepts, sorted(old)
+
+
+def _some(pods: list[str], most: int = 5) -> str:
+    shown = ", ".join(pods[:most])
+    return shown + (f" and {len(pods) - most} more" if len(pods) > most else "")
+
+
+def _old_proxies_served(ctx: CheckContext) -> None:
+    version, accepts, old = _plaintext_state(ctx)
+    if accepts is None:
+        raise CheckFailed(f"the control plane runs {version}, from before control-plane TLS: it serves plaintext "
+                          "only, and this CLI's proxies speak TLS to it; upgrade it (`tether upgrade | kubectl "
+                          "apply -f -`)")
+    if old and not accepts:
+        first = ".".join(map(str, FIRST_CONTROL_PLANE_TLS))
+        who = "1 meshed pod runs" if len(old) == 1 else f"{len(old)} meshed pods run"
+        raise CheckFailed(
+            f"controlPlaneTLS.acceptPlaintext is false, and {who} a proxy from before "
+            f"{first}, which speaks plaintext to the control plane and is now refused (no certificate renewal, "
+            f"no discovery, no policy): {_some(old)}\nrestart them (kubectl rollout restart) so that they get "
+            f"this release's proxy, or accept plaintext again: {UPGRADE_PLAINTEXT.format('true')}")
+
+
+def _plaintext_needed(ctx: CheckContext) -> None:
+    _, accepts, old = _plaintext_state(ctx)
+    if accepts and not old:
+        raise CheckFailed("controlPlaneTLS.acceptPlaintext is true, and no meshed pod runs a proxy that needs it: "
+                          "anyone who reaches the controllers' ports can use them without TLS; turn it off:\n"
+                          + UPGRADE_PLAINTEXT.format("false"))
+
+
+CONTROL_PLANE_TLS = Category("control-plane-tls", (
+    Checker("every meshed proxy can reach the control plane", _old_proxies_served,
+            "Proxies from before control-plane TLS need controlPlaneTLS.acceptPlaintext=true until their pods "
+            "restart (charts/README.md, control-plane TLS)"),
+    Checker("control plane accepts plaintext only while proxies need it", _plaintext_needed,
+            "controlPlaneTLS.acceptPlaintext is for upgrades from a release before control-plane TLS "
+            "(charts/README.md)", warning=True),
+), mode="kube")
+
+
 # -- linkerd-data-plane, linkerd-identity-data-plane (--proxy) -------------------------------------------
 
 
@@ -582,5 +663,5 @@ IDENTITY_DATA_PLANE = Category("linkerd-identity-data-plane", (
 
 
 for _category in (KUBERNETES_API, KUBERNETES_VERSION, PRE_KUBERNETES_SETUP, EXISTENCE, CONFIG, KUBE_IDENTITY,
-                  WEBHOOKS_TLS, CONTROL_PLANE_PROXY, HA, DATA_PLANE, IDENTITY_DATA_PLANE):
+                  WEBHOOKS_TLS, CONTROL_PLANE_PROXY, CONTROL_PLANE_TLS, HA, DATA_PLANE, IDENTITY_DATA_PLANE):
     register_category(_category)

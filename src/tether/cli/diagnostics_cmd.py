@@ -30,6 +30,10 @@ def diagnostics() -> None:
     service profile, and the inbound policy of a pod's port or the outbound policy of a service's.
     proxy-metrics and controller-metrics print what Prometheus would scrape from the local mesh's
     proxies and control-plane components.
+
+    On Kubernetes the destination service answers operators in plaintext on its pod's loopback,
+    port 8087: `kubectl port-forward -n linkerd deploy/linkerd-destination 8086:8087`, then these
+    commands with the default --destination-addr.
     """
 
 

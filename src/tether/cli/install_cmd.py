@@ -116,6 +116,13 @@ def _notices(layers: dict[str, Any]) -> None:
                    "uses proxy.resources)", err=True)
 
 
+def _fresh_install() -> dict[str, Any]:
+    """What a fresh install sets over the chart's defaults. Plaintext beside control-plane TLS exists for
+    the proxies of a release from before it during an upgrade (`tether upgrade` keeps the installed
+    value); a new control plane has no such proxies, and `tether check` says when one appears."""
+    return {"controlPlaneTLS": {"acceptPlaintext": False}}
+
+
 def _options(f: Any) -> Any:
     options = [
         click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True,
@@ -251,13 +258,17 @@ def install(namespace: str, crds: bool, ha: bool, controller_replicas: int | Non
     given as with helm (-f, --set, --set-string, --set-file); an unknown key is refused. Without the
     --identity-* files a trust anchor (10 years) and an issuer (1 year) are made; keep them (they are
     in the printed Secret) or, better, make your own and pass them.
+
+    A fresh install serves the control plane over TLS only (controlPlaneTLS.acceptPlaintext=false,
+    where the chart's own default is true for upgrades): no proxy of an older release talks to it.
     """
     if crds:
         if identity_trust_anchors_file or identity_issuer_certificate_file or ha or controller_replicas:
             raise CliError("--crds prints the CRDs only: give the control plane's flags without --crds")
         _dump(_crds(sets, values_files), output)
         return 0
-    first = _ha_layer(ha)
+    # Under the user's layers: -f and --set may still turn plaintext on.
+    first = [_fresh_install(), *_ha_layer(ha)]
     user = chart.user_values(values_files, sets, set_strings, set_files, first=first)
     chart.checked(user)
     layer = _identity_layer(chart.combine_defaults(user), identity_trust_anchors_file,
@@ -342,6 +353,10 @@ def upgrade(namespace: str, crds: bool, ha: bool, controller_replicas: int | Non
     The installed values (the ConfigMap linkerd-config and the issuer and injector Secrets) are
     reused; flags, -f and --set apply over them (as helm upgrade --reuse-values). An upgrade that
     skips a major version is refused. `--crds` prints this version's CRDs.
+
+    From a release before control-plane TLS (0.1.0), the control plane keeps serving plaintext beside
+    TLS for the proxies it has not replaced yet; once every meshed pod has restarted (`tether check`
+    says so), turn it off: --set controlPlaneTLS.acceptPlaintext=false.
     """
     from tether.core.inject.values import merge
     from tether.core.install.upgrade import UpgradeRefused, check_step

@@ -195,8 +195,9 @@ class KubeControllerProc(Proc):
     """A control-plane service as a child process on this host, its admin port on loopback."""
 
     def __init__(self, what: str, argv: list[str], log: Path, *, host: str, port: int, admin_port: int,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, plaintext_port: int | None = None) -> None:
         self.what, self.host, self.port, self.admin_port = what, host, port, admin_port
+        self.plaintext_port = plaintext_port  # the operators' plaintext listener, on loopback (destination)
         super().__init__(argv, log, env=env)
 
     @property
@@ -297,7 +298,10 @@ def chart_controller(tmp: Path, cluster: KubeCluster, deployment: Mapping[str, A
            "spec": {**spec, "volumes": [v for v in spec.get("volumes") or () if v["name"] in
                                         {m["name"] for m in mounts}]}}
     dirs = make_volumes(cluster, pod, tmp / f"{what}-{port}-{uuid.uuid4().hex[:6]}-volumes")
-    where = {"--addr": f"{host}:{port}", "--admin-addr": f"127.0.0.1:{admin_port}"}
+    # The pod's loopback ports become this host's: one free port each, so that controllers run side by side.
+    plaintext_port = free_port() if "--plaintext-addr" in container["args"] else None
+    where = {"--addr": f"{host}:{port}", "--admin-addr": f"127.0.0.1:{admin_port}",
+             "--plaintext-addr": f"127.0.0.1:{plaintext_port}"}
 
     def on_host(arg: str) -> str:
         for m in mounts:
@@ -316,7 +320,7 @@ def chart_controller(tmp: Path, cluster: KubeCluster, deployment: Mapping[str, A
         argv.append(where[args[i - 1]] if i and args[i - 1] in where else on_host(arg))
     argv += ["--kubeconfig", str(cluster.kubeconfig)]
     return KubeControllerProc(what, argv, tmp / f"{what}-{port}.log", host=host, port=port,
-                              admin_port=admin_port, env=env)
+                              admin_port=admin_port, env=env, plaintext_port=plaintext_port)
 
 
 class EndpointWatch:

@@ -9,7 +9,6 @@ fail-fast, detection timeout 10 s, failure accrual 7 consecutive failures with 1
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +48,7 @@ from tether.control.destination.world import (
     workload_ips,
 )
 from tether.core.identity.names import IdentityNameError, WorkloadIdentity
+from tether.core.releases import FIRST_DOWNGRADING_H2, before
 from tether.core.resources import Resource, parse_duration, parse_quantity
 from tether.core.resources import policy as pol
 from tether.core.resources import profile as prof
@@ -56,10 +56,6 @@ from tether.core.resources import route as rt
 from tether.core.resources.core import ExternalWorkload, Service, Workload
 from tether.core.resources.split import TrafficSplit
 
-# The proxy releases that do not take HTTP/1 carried over HTTP/2 (``l5d-orig-proto``): tether's
-# before 0.2.0. Linkerd's proxies (proxy-version like stable-2.14.10, edge-24.11.8) always have.
-FIRST_DOWNGRADING_RELEASE = (0, 2, 0)
-_RELEASE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)(?:[-+].*)?")
 ENDPOINT_WEIGHT = 10_000
 INBOUND_PROXY_PORT = 4143
 DETECT_TIMEOUT = 10.0
@@ -164,8 +160,9 @@ def downgrades_h2(w: Workload | ExternalWorkload) -> bool:
     proxy), and for an external workload's proxy, it does."""
     if not isinstance(w, Workload):
         return True
-    m = _RELEASE.fullmatch(w.metadata.annotations.get("linkerd.io/proxy-version", ""))
-    return m is None or tuple(int(g) for g in m.groups()) >= FIRST_DOWNGRADING_RELEASE
+    return not before(w.metadata.annotations.get("linkerd.io/proxy-version", ""), FIRST_DOWNGRADING_H2)
+
+
 def weighted_addr(
     w: Workload | ExternalWorkload, ip: str, port: int, s: Settings, *, opaque: bool, world: World
 ) -> dst.WeightedAddr:

@@ -50,6 +50,9 @@ VALIDATED = {
 # the destination service's own certificate: Linkerd's volume name and path for the identity's.
 TRUST_ROOTS_VOLUME = "trust-roots"
 TRUST_ROOTS_DIR = "/var/run/linkerd/identity/trust-roots"
+# The destination's plaintext gRPC for operators (`tether diagnostics` through `kubectl port-forward
+# deploy/linkerd-destination 8086:8087`): on the pod's loopback, out of the cluster's reach.
+OPERATOR_PLAINTEXT_ADDR = "127.0.0.1:8087"
 
 # The controllers terminate their own TLS (tether.control.tlsfront), so their pods' proxies must not
 # take those connections: the pod's own proxy shares the service's identity and would terminate TLS
@@ -337,7 +340,7 @@ def render(values: Mapping[str, Any], namespace: str, version: str) -> list[dict
         "--identity-token-path", f"{TOKEN_DIR}/{TOKEN_VOLUME}",
         "--identity-trust-anchors-file", f"{TRUST_ROOTS_DIR}/ca-bundle.crt",
         "--service-account", DESTINATION_SERVICE_ACCOUNT, "--identity-service-account", IDENTITY_SERVICE_ACCOUNT,
-        *plaintext,
+        *plaintext, "--plaintext-addr", OPERATOR_PLAINTEXT_ADDR,
         "--log-level", level,
     ]
     objs.append(_deployment(values, v, ns, "linkerd-destination", "destination", _container(
