@@ -28,6 +28,18 @@ def mypy_version() -> str:
     return mypy.version.__version__
 
 
+def interpreter_key() -> str:
+    """What the compiled code depends on besides its sources and mypy: the interpreter it is built
+    against (its version and installation: headers, runtime path) and the compiler and flags its
+    build uses (sysconfig's CC and CFLAGS: Debian's add -fstack-protector-strong, pyenv's do not).
+    A venv made again from another python3.11 must not reuse modules built for the previous one."""
+    import hashlib
+    import sysconfig
+
+    parts = [sys.version, sys.base_prefix, *(str(sysconfig.get_config_var(v)) for v in ("CC", "CFLAGS", "LDSHARED"))]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+
 def built_files() -> list[Path]:
     return sorted([*SRC.glob(f"{GROUP}__mypyc*.so"), *(SRC / "tether").rglob("*.so")])
 
@@ -84,7 +96,7 @@ def main() -> int:
     digest = native.digest()
     if native.check() == "compiled" and built_files():
         return 0
-    key = f"{digest[:24]}-mypy{mypy_version()}-{LAYOUT}"
+    key = f"{digest[:24]}-mypy{mypy_version()}-{LAYOUT}-py{interpreter_key()}"
     cached = CACHE / key
     if not (cached / ".complete").exists():
         print(f"build-native: compiling {len(native.NATIVE_MODULES)} modules with mypyc (about a minute)")

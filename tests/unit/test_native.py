@@ -89,3 +89,25 @@ def test_the_test_run_exercises_the_compiled_hot_path() -> None:
     state, compiled, _ = _imported_from(env_pure=False)
     assert state == "compiled", state
     assert compiled == str(len(native.NATIVE_MODULES))
+
+
+def test_the_build_cache_is_keyed_by_the_interpreter_and_its_compiler_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A venv made again from another python3.11 (pyenv's, Debian's) must not reuse modules compiled
+    against the previous one's headers, runtime path and flags (scripts/native_build.py)."""
+    import importlib.util
+    import sysconfig
+
+    spec = importlib.util.spec_from_file_location(
+        "native_build", Path(__file__).resolve().parents[2] / "scripts" / "native_build.py")
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    here = build.interpreter_key()
+    assert here == build.interpreter_key()  # stable for one interpreter
+    real = sysconfig.get_config_var
+    monkeypatch.setattr(sysconfig, "get_config_var",
+                        lambda name: real(name) + " -fno-stack-protector" if name == "CFLAGS" else real(name))
+    assert build.interpreter_key() != here
+    monkeypatch.setattr(sysconfig, "get_config_var", real)
+    monkeypatch.setattr(sys, "base_prefix", "/root/.pyenv/versions/3.11.7")
+    assert build.interpreter_key() != here

@@ -19,6 +19,7 @@ from test_tlssessions import DB, DEADLINE, DETECT, WEB, Client, Echo, Mesh, iden
 
 from tether.proxy import tlsctl
 from tether.proxy.meshtls import MeshTlsListener
+from tether.proxy.tlspeer import peer_identity
 from tether.proxy.tlssessions import SessionCache
 from tether.proxy.tlstransport import tls_accept, tls_connect
 
@@ -270,3 +271,51 @@ def test_clients_that_never_speak_are_each_handed_on_as_plaintext_at_their_own_d
             listener.close()
 
     run(scenario)
+
+
+def test_a_mesh_connection_tells_its_addresses_and_tls_facts_and_lets_go_of_tls_when_closed(tmp_path: Path) -> None:
+    """What the proxy's protocols ask of a TLS transport: both ends' addresses (the server's local
+    address and original destination as the listener read them before the handshake: on loopback
+    not redirected, so None, and known), the TLS object's facts, none of them once closed."""
+    web, db, _ = identities(tmp_path)
+    unknown = ("", -1)
+    seen: dict[str, object] = {}
+
+    class Server(Echo):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            sslobj = transport.get_extra_info("ssl_object")
+            seen.update(sockname=transport.get_extra_info("sockname"),
+                        original_dst=transport.get_extra_info("original_dst", unknown),
+                        version=sslobj.version(), client_der=sslobj.getpeercert(True))
+
+    async def scenario() -> None:
+        listener = MeshTlsListener(DETECT, DEADLINE, db, ("127.0.0.1", 0), lambda: _with(Server()))
+        port = listener.start()[1]
+        try:
+            transport, client = await tls_connect(Client, "127.0.0.1", port, web.client_ssl_context(), DB,
+                                                  DEADLINE, web.client_sessions())
+            sslobj = transport.get_extra_info("ssl_object")
+            assert transport.get_extra_info("peername") == ("127.0.0.1", port)
+            assert transport.get_extra_info("sockname")[0] == "127.0.0.1"
+            assert sslobj.version() == "TLSv1.3" and transport.get_extra_info("cipher")[1] == "TLSv1.3"
+            assert transport.get_extra_info("sslcontext") is web.client_ssl_context()
+            assert peer_identity(sslobj) == DB
+            transport.write(b"ping")
+            await client.echoed(b"ping")
+            transport.close()
+            await client.got.wait()
+            assert transport.get_extra_info("ssl_object") is None and transport.get_extra_info("peercert") is None
+            assert transport.get_extra_info("peername") == ("127.0.0.1", port)  # (asked while open)
+        finally:
+            listener.close()
+        assert seen["sockname"] == ("127.0.0.1", port)
+        assert seen["original_dst"] is None  # asked by the listener: known, and not redirected
+        assert seen["version"] == "TLSv1.3" and isinstance(seen["client_der"], bytes)
+
+    run(scenario)
+
+
+def _with(p: Echo) -> Echo:
+    p.seen = []
+    return p

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from tether.core import transport_header
 from tether.core.http.detect import Detected, detect, looks_like_http1_prefix
@@ -28,10 +29,29 @@ SO_ORIGINAL_DST = 80
 OnDetected = Callable[[Detected, asyncio.Transport, Connection, bytes, bool], None]
 
 
+# get_extra_info's default when a transport was not told a connection's original destination.
+UNKNOWN_DST: object = object()
+
+
 def original_dst(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
-    """The pre-REDIRECT destination of an accepted IPv4 connection, if it was redirected."""
+    """The pre-REDIRECT destination of an accepted IPv4 connection, if it was redirected.
+
+    A transport may know it already (``original_dst`` extra info: the inbound mesh listener asked
+    the socket before the TLS handshake); otherwise the socket is asked."""
+    known = transport.get_extra_info("original_dst", UNKNOWN_DST)
+    if known is not UNKNOWN_DST:
+        return known
     sock = transport.get_extra_info("socket")
-    if sock is None or sock.family != socket.AF_INET:
+    if sock is None:
+        return None
+    return socket_original_dst(sock, transport.get_extra_info("sockname"))
+
+
+def socket_original_dst(sock: Any, local: Any) -> tuple[str, int] | None:
+    """What :func:`original_dst` says, asked of an accepted socket whose local address is ``local``
+    (its getsockname(): two items for IPv4, four for IPv6; None if unknown). ``sock``: a socket, or
+    what a loop's transport gives for one (uvloop's TransportSocket)."""
+    if sock.family != socket.AF_INET:
         return None
     try:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
@@ -39,7 +59,6 @@ def original_dst(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
         return None
     port = int.from_bytes(raw[2:4], "big")
     ip = socket.inet_ntoa(raw[4:8])
-    local = transport.get_extra_info("sockname")
     if local is not None and (ip, port) == (local[0], local[1]):
         return None  # not redirected: conntrack reports the listener itself
     return ip, port

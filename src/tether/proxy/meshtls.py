@@ -23,11 +23,11 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tether.core.http.detect import Detected, client_hello_extensions, client_hello_sni, detect
 from tether.proxy.config import DetectSettings
-from tether.proxy.detect import SO_ORIGINAL_DST
+from tether.proxy.detect import socket_original_dst
 from tether.proxy.tlspeer import IdentityNotReady
 from tether.proxy.tlstransport import tls_accept
 
@@ -41,6 +41,10 @@ _RETRY_PEEK = 0.005
 _SWEEP_SLACK = 0.001  # the loop's clock counts milliseconds: a timer may run up to this early
 _EXT_SESSION_TICKET = 35
 _EXT_PRE_SHARED_KEY = 41
+
+
+# An accepted socket's (local address, original destination before a redirect, or None).
+_Addresses = tuple[Any, tuple[str, int] | None]
 
 
 def _nothing() -> None:
@@ -60,8 +64,9 @@ class MeshTlsListener:
         self.protocol_factory = protocol_factory
         self.on_handshake_error = on_handshake_error
         self._sock: socket.socket | None = None
-        # fd -> (socket, detection deadline): accepted sockets whose first bytes are awaited.
-        self._pending: dict[int, tuple[socket.socket, float]] = {}
+        # fd -> (socket, detection deadline, (local address, original destination)): accepted sockets
+        # whose first bytes are awaited.
+        self._pending: dict[int, tuple[socket.socket, float, _Addresses]] = {}
         # One timer for all of them, due at the earliest deadline (see _on_sweep).
         self._sweep: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -85,7 +90,7 @@ class MeshTlsListener:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        for fd, (conn, _) in list(self._pending.items()):
+        for fd, (conn, _, _) in list(self._pending.items()):
             if self._loop is not None:
                 self._loop.remove_reader(fd)
             conn.close()
@@ -103,27 +108,24 @@ class MeshTlsListener:
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._app_port(conn) in self.cfg.opaque_ports:
+            # Asked once here, and told to the TLS transport (detection asks for both).
+            try:
+                local = conn.getsockname()
+            except OSError:
+                local = None
+            dst = socket_original_dst(conn, local)
+            port = dst[1] if dst is not None else self.cfg.inbound_app_port
+            if port in self.cfg.opaque_ports:
                 # A server-speaks-first port: the client may say nothing, so there is no
                 # ClientHello to wait for (meshed opaque traffic arrives on the proxy's own port).
                 self._dispatch(conn, tls=False)
                 continue
             # A client that never speaks is handed on as plaintext at the detection timeout, by the
             # listener's one sweep timer (a timer per socket, made and cancelled: ~13k instructions).
-            self._pending[conn.fileno()] = (conn, time.monotonic() + self.cfg.detect_timeout)
+            self._pending[conn.fileno()] = (conn, time.monotonic() + self.cfg.detect_timeout, (local, dst))
             if self._sweep is None:
                 self._sweep = self._loop.call_at(self._loop.time() + self.cfg.detect_timeout, self._on_sweep)
             self._loop.add_reader(conn.fileno(), self._on_readable, conn)
-
-    def _app_port(self, conn: socket.socket) -> int | None:
-        try:
-            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-            port = int.from_bytes(raw[2:4], "big")
-            if port != conn.getsockname()[1]:
-                return port
-        except OSError:
-            pass
-        return self.cfg.inbound_app_port
 
     def _on_sweep(self) -> None:
         """Dispatch the sockets past their detection deadline as plaintext, then wait for the next
@@ -134,11 +136,11 @@ class MeshTlsListener:
         self._sweep = None
         now = time.monotonic()
         due = now + _SWEEP_SLACK
-        for conn, deadline in list(self._pending.values()):
+        for conn, deadline, _ in list(self._pending.values()):
             if deadline <= due:
                 self._silent(conn)
         if self._pending:
-            first = min(deadline for _, deadline in self._pending.values())
+            first = min(deadline for _, deadline, _ in self._pending.values())
             self._sweep = self._loop.call_at(self._loop.time() + max(first - now, _SWEEP_SLACK), self._on_sweep)
 
     def _silent(self, conn: socket.socket) -> None:
@@ -171,7 +173,7 @@ class MeshTlsListener:
                     exts = client_hello_extensions(data) or frozenset()
                     if _EXT_SESSION_TICKET in exts and _EXT_PRE_SHARED_KEY not in exts:
                         tickets = 1
-                self._dispatch(conn, tls=True, tickets=tickets)
+                self._dispatch(conn, tls=True, tickets=tickets, addresses=entry[2] if entry else None)
                 return
         self._dispatch(conn, tls=False)
 
@@ -185,7 +187,7 @@ class MeshTlsListener:
         self._pending.pop(conn.fileno(), None)
         conn.close()
 
-    def _dispatch(self, conn: socket.socket, tls: bool, tickets: int = 0) -> None:
+    def _dispatch(self, conn: socket.socket, tls: bool, tickets: int = 0, addresses: _Addresses | None = None) -> None:
         assert self._loop is not None
         if tls:
             # The handshake takes the registration over (tls_accept(registered=True)): with uvloop a
@@ -195,11 +197,12 @@ class MeshTlsListener:
         else:
             self._loop.remove_reader(conn.fileno())
         self._pending.pop(conn.fileno(), None)
-        task = self._loop.create_task(self._connect(conn, tls, tickets))
+        task = self._loop.create_task(self._connect(conn, tls, tickets, addresses))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, conn: socket.socket, tls: bool, tickets: int = 0) -> None:
+    async def _connect(self, conn: socket.socket, tls: bool, tickets: int = 0,
+                       addresses: _Addresses | None = None) -> None:
         loop = asyncio.get_running_loop()
         ctx: ssl.SSLContext | None = None
         if tls:
@@ -214,7 +217,7 @@ class MeshTlsListener:
             if ctx is not None:
                 # tether's own TLS transport: ~10-60 KiB less per idle connection than the loop's (tlstransport).
                 transport, _ = await tls_accept(self.protocol_factory, conn, ctx, self.handshake_timeout,
-                                                tickets=tickets, registered=True, prepared=True)
+                                                tickets=tickets, registered=True, prepared=True, addresses=addresses)
                 self.identity.count_handshake("inbound", transport.get_extra_info("ssl_object").session_reused)
             else:
                 await loop.connect_accepted_socket(self.protocol_factory, conn)

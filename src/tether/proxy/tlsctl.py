@@ -69,6 +69,8 @@ _FUNCTIONS: tuple[tuple[str, Any, list[Any], bool], ...] = (
     ("SSL_set_read_ahead", None, [_vp, _int], True),
     ("SSL_has_pending", _int, [_vp], True),
     ("SSL_CTX_set_ciphersuites", _int, [_vp, ctypes.c_char_p], False),
+    ("SSL_shutdown", _int, [_vp], True),
+    ("ERR_clear_error", None, [], True),  # (libcrypto's, found through libssl's dependencies)
 )
 # Handed to the C helper by address (record_io), never called through ctypes. ERR_* are libcrypto's,
 # found through libssl's dependencies.
@@ -183,12 +185,25 @@ def prefer_suites(ctx: ssl.SSLContext, suites: str) -> bool:
     return bool(_lib.SSL_CTX_set_ciphersuites(ptr, suites.encode("ascii")) == 1)
 
 
-def offer_session(sock: ssl.SSLSocket, session: ssl.SSLSession) -> bool:
-    """Offer ``session`` on ``sock`` (a client socket before its handshake) without copying it;
-    False if it could not be done this way (the caller sets ``sock.session`` instead)."""
+# The ssl module's C TLS socket type (what SSLSocket and SSLObject wrap).
+_C_TLS_SOCKET: Any = getattr(getattr(ssl, "_ssl", None), "_SSLSocket", None)
+
+
+def _c_object(sock: Any) -> Any:
+    """The ssl module's C TLS object of ``sock`` (an SSLSocket's or SSLObject's ``_sslobj``), or ``sock``
+    itself if it is one; None if there is none (not wrapped yet, or closed)."""
+    if type(sock) is _C_TLS_SOCKET:
+        return sock
+    return getattr(sock, "_sslobj", None)
+
+
+def offer_session(sock: Any, session: ssl.SSLSession) -> bool:
+    """Offer ``session`` on ``sock`` (a client TLS socket before its handshake: the ssl module's C
+    object, or an SSLSocket) without copying it; False if it could not be done this way (the caller
+    sets ``sock.session`` instead)."""
     if _lib is None:
         return False
-    sslobj = getattr(sock, "_sslobj", None)
+    sslobj = _c_object(sock)
     ctx_ptr = _ssl_ctx(sock.context)
     if sslobj is None or ctx_ptr is None or type(session) is not ssl.SSLSession:
         return False
@@ -205,12 +220,12 @@ def offer_session(sock: ssl.SSLSocket, session: ssl.SSLSession) -> bool:
     return bool(_fast.SSL_set_session(ssl_ptr, sess_ptr) == 1)
 
 
-def ssl_pointer(sock: ssl.SSLSocket) -> int | None:
-    """The SSL of ``sock`` (an open socket), checked against its context; None where this module
-    cannot reach it. Valid until the socket is closed."""
+def ssl_pointer(sock: Any) -> int | None:
+    """The SSL of ``sock`` (an open TLS socket: the ssl module's C object, or an SSLSocket), checked
+    against its context; None where this module cannot reach it. Valid until the socket is closed."""
     if _lib is None:
         return None
-    sslobj = getattr(sock, "_sslobj", None)
+    sslobj = _c_object(sock)
     ctx_ptr = _ssl_ctx(sock.context)
     if sslobj is None or ctx_ptr is None:
         return None
@@ -247,6 +262,16 @@ def has_ticket(ssl_ptr: int) -> bool:
         return False
     sess = _fast.SSL_get_session(ssl_ptr)
     return bool(sess) and _fast.SSL_SESSION_has_ticket(sess) == 1
+
+
+def close_notify(ssl_ptr: int) -> None:
+    """Send close_notify on an SSL from :func:`ssl_pointer`, once, without waiting for the peer's.
+
+    The ssl module's ``shutdown()`` calls SSL_shutdown a second time to read the peer's close_notify:
+    on a non-blocking socket a read(2) that finds nothing and an SSLWantReadError, for a connection
+    about to be closed. A failure (the peer has gone) leaves nothing on OpenSSL's error queue."""
+    if _fast.SSL_shutdown(ssl_ptr) < 0:
+        _fast.ERR_clear_error()
 
 
 def read_ahead(ssl_ptr: int) -> Callable[[int], int] | None:
@@ -298,7 +323,7 @@ def record_io() -> Any:
     return _io
 
 
-def release_buffers(sock: ssl.SSLSocket) -> bool:
+def release_buffers(sock: Any) -> bool:
     """Free the record buffers OpenSSL holds for ``sock`` if they hold no data; True if none is held
     now, False otherwise or where this module cannot reach the SSL object."""
     ptr = ssl_pointer(sock)

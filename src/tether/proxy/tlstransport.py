@@ -1,4 +1,4 @@
-"""Mesh TLS as tether's own transport: a non-blocking ``ssl.SSLSocket`` driven by the event loop.
+"""Mesh TLS as tether's own transport: a non-blocking TLS socket driven by the event loop.
 
 Why not the loop's TLS transport: uvloop (and asyncio) run TLS over ``ssl.SSLObject`` and two
 memory BIOs per connection, and OpenSSL's memory BIOs keep their largest size for the life of the
@@ -14,6 +14,14 @@ once and queued only when the socket is full (with the usual high/low water mark
 close_notify after the queue drains, ``abort`` does not, and ``connection_lost`` is called once.
 TLS has no half-close, so ``can_write_eof`` is False and a peer's EOF closes the transport (as the
 loop's TLS transports do).
+
+The TLS socket is the ssl module's C object (``SSLContext._wrap_socket`` on the plain socket, what
+``SSLSocket`` wraps): ``SSLContext.wrap_socket`` builds an ``SSLSocket`` in Python around it, which
+detaches the plain socket, asks its type, name and peer and sets its timeout again: ~15 us and four
+system calls per connection at each end, for methods the transport never calls. The C object has
+every method the proxy uses (``do_handshake``, ``read``, ``write``, ``shutdown``, ``getpeercert``,
+``session``, ``session_reused``, ``context``, ``cipher``, ``version``); the plain socket keeps the
+file descriptor, and the C object reads and writes it as non-blocking (its timeout is 0).
 """
 
 from __future__ import annotations
@@ -56,14 +64,15 @@ def _io_error(detail: tuple[int, str]) -> BaseException:
 _tlsctl: Any = None  # tether.proxy.tlsctl once needed (it loads ctypes: a plaintext proxy never does)
 
 
-def _ssl_pointer(sock: ssl.SSLSocket) -> int:
-    """The OpenSSL SSL of ``sock`` for SSL_free_buffers (tlsctl), or 0 where it is out of reach."""
+def _ssl_pointer(sslobj: Any) -> int:
+    """The OpenSSL SSL of the TLS socket ``sslobj`` for SSL_free_buffers (tlsctl), or 0 where it is out
+    of reach."""
     global _tlsctl
     if _tlsctl is None:
         from tether.proxy import tlsctl
 
         _tlsctl = tlsctl
-    return _tlsctl.ssl_pointer(sock) or 0
+    return _tlsctl.ssl_pointer(sslobj) or 0
 
 
 def _free_buffers(ssl_ptr: int) -> None:
@@ -127,19 +136,18 @@ class TlsTransport(asyncio.Transport):
     """One TLS connection whose handshake is done; see the module docstring."""
 
     __slots__ = ("_after_first_read", "_closing", "_fd", "_has_pending", "_high", "_io", "_local", "_loop", "_lost",
-                 "_low", "_paused", "_peer", "_protocol", "_queue", "_queued", "_read_wants_write", "_reading",
-                 "_retry", "_sock", "_ssl_ptr", "_sslobj", "_writing")
+                 "_low", "_orig_dst", "_paused", "_peer", "_protocol", "_queue", "_queued", "_read_wants_write",
+                 "_reading", "_retry", "_sock", "_ssl_ptr", "_sslobj", "_writing")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, protocol: asyncio.BaseProtocol,
-                 ssl_ptr: int = 0, has_pending: Callable[[int], int] | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, sslobj: Any,
+                 protocol: asyncio.BaseProtocol, ssl_ptr: int = 0,
+                 has_pending: Callable[[int], int] | None = None) -> None:
         super().__init__()
         self._loop = loop
-        self._sock = sock
-        # The C object under the SSLSocket: reads and writes go to it directly. SSLSocket.recv_into and
-        # send are Python methods of ssl.py (recv_into -> read -> _checkClosed each time, send ->
-        # _checkClosed), ~2.5k instructions per read and ~1k per write interpreted; the transport never
-        # uses their flags, ragged-EOF or closed-socket handling (it stops using the SSL when it closes).
-        self._sslobj: Any = sock._sslobj  # type: ignore[attr-defined]
+        self._sock = sock  # the plain socket: the file descriptor, its addresses, closed at the end
+        # The TLS socket (the ssl module's C object, see the module docstring); None once closed, so
+        # that OpenSSL's connection is freed with the socket, not with the last reference to this.
+        self._sslobj: Any = sslobj
         self._fd = sock.fileno()
         self._protocol: Any = protocol
         self._reading = False
@@ -165,12 +173,11 @@ class TlsTransport(asyncio.Transport):
         # session's ticket (tlsctl): by then OpenSSL has processed a TLS 1.3 session ticket the
         # server sent after its handshake (the client keeps it). Not on a read that found nothing:
         # the ticket may still be on its way. With None if the transport closes first.
-        self._after_first_read: Callable[[ssl.SSLSocket | None], None] | None = None
-        try:
-            self._peer: Any = sock.getpeername()
-            self._local: Any = sock.getsockname()
-        except OSError:
-            self._peer = self._local = None
+        self._after_first_read: Callable[[Any], None] | None = None
+        # The addresses, asked of the socket when first wanted (a system call each).
+        self._peer: Any = _UNKNOWN
+        self._local: Any = _UNKNOWN
+        self._orig_dst: Any = _UNKNOWN  # the destination before a redirect, if the acceptor said
 
     def _start(self) -> None:
         # Reading is on before connection_made, so a protocol may pause it there (as with asyncio's).
@@ -276,7 +283,7 @@ class TlsTransport(asyncio.Transport):
         if hook is not None:
             self._after_first_read = None
             try:
-                hook(self._sock)
+                hook(self._sslobj)
             except Exception as e:  # a cache's bookkeeping never costs the connection
                 self._loop.call_exception_handler({"message": "TLS after-first-read hook failed",
                                                    "exception": e, "transport": self})
@@ -451,10 +458,12 @@ class TlsTransport(asyncio.Transport):
             self._finish_close()
 
     def _finish_close(self) -> None:
-        with contextlib.suppress(OSError, ValueError, ssl.SSLError):
-            # Sends our close_notify; the peer's, if it ever comes, is not waited for.
-            self._sock.setblocking(False)
-            ssl.SSLSocket.unwrap(self._sock)
+        # Sends our close_notify; the peer's is not waited for.
+        if self._ssl_ptr:
+            _tlsctl.close_notify(self._ssl_ptr)
+        else:
+            with contextlib.suppress(OSError, ValueError, ssl.SSLError):
+                self._sslobj.shutdown()  # (the socket is non-blocking: it does not wait either)
         self._teardown(None)
 
     def abort(self) -> None:
@@ -479,6 +488,8 @@ class TlsTransport(asyncio.Transport):
         self._queued = 0
         with contextlib.suppress(OSError):
             self._sock.close()
+        self._sslobj = None
+        self._ssl_ptr = 0
         hook, self._after_first_read = self._after_first_read, None
         if hook is not None:  # closed before its first read: the hook learns there is nothing to read
             try:
@@ -496,18 +507,29 @@ class TlsTransport(asyncio.Transport):
     # -- the rest of the Transport interface ---------------------------------------------------------
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name in ("ssl_object", "socket"):
+        sslobj = self._sslobj
+        if name == "ssl_object":
+            return sslobj
+        if name == "socket":
             return self._sock
         if name == "peername":
+            if self._peer is _UNKNOWN:
+                self._peer = _address(self._sock.getpeername)
             return self._peer
         if name == "sockname":
+            if self._local is _UNKNOWN:
+                self._local = _address(self._sock.getsockname)
             return self._local
+        if name == "original_dst":
+            return default if self._orig_dst is _UNKNOWN else self._orig_dst
+        if sslobj is None:  # closed: OpenSSL's connection is gone
+            return default
         if name == "sslcontext":
-            return self._sock.context
+            return sslobj.context
         if name == "peercert":
-            return self._sock.getpeercert() if not self._lost else default
+            return sslobj.getpeercert()
         if name == "cipher":
-            return self._sock.cipher() if not self._lost else default
+            return sslobj.cipher()
         return default
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
@@ -518,10 +540,20 @@ class TlsTransport(asyncio.Transport):
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "closing" if self._closing else "open"
-        return f"<TlsTransport fd={self._fd} {state} peer={self._peer}>"
+        return f"<TlsTransport fd={self._fd} {state} peer={self.get_extra_info('peername')}>"
 
 
-async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeout: float | None,
+_UNKNOWN: Final = object()
+
+
+def _address(ask: Callable[[], Any]) -> Any:
+    try:
+        return ask()
+    except OSError:  # (closed, or the peer went away)
+        return None
+
+
+async def _handshake(loop: asyncio.AbstractEventLoop, sslobj: Any, fd: int, timeout: float | None,
                      registered: bool = False, writer: bool = False) -> tuple[int, Callable[[int], int] | None]:
     """Run the handshake; the SSL's pointer for the transport (0: out of reach) and, if it reads
     ahead, SSL_has_pending.
@@ -533,48 +565,65 @@ async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeo
     ``registered``: the caller registered the reader already (the inbound listener's peek);
     ``writer``: the writer (the outbound connect's wait), whose callback may run once more.
     """
-    fd = sock.fileno()
-    ssl_ptr = _ssl_pointer(sock)
+    ssl_ptr = _ssl_pointer(sslobj)
     # Read-ahead from the first record: one read(2) per record instead of two (see tlsctl.read_ahead).
     has_pending = _tlsctl.read_ahead(ssl_ptr) if ssl_ptr else None
     reading, writing, done = registered, writer, False
-    # The C object's handshake step, not SSLSocket.do_handshake: that Python method checks the
-    # connection and sets the socket's timeout again after every step (an ioctl each time, on a
-    # socket that is non-blocking already), and adds its frame to each SSLWantReadError.
-    step: Callable[[], None] = sock.do_handshake
-    sslobj: Any = getattr(sock, "_sslobj", None)
-    if sslobj is not None:
-        step = sslobj.do_handshake
+    step: Callable[[], None] = sslobj.do_handshake
+    # The deadline: one timer that fails the wait under way (asyncio.timeout's context manager, a
+    # Python class, costs ~10 us per handshake for the same).
+    deadline = _Deadline()
+    timer = loop.call_later(timeout, deadline.expire) if timeout is not None else None
     _handshake_started()
     try:
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    step()
-                    done = True
-                    return ssl_ptr, has_pending
-                except ssl.SSLWantReadError:
-                    _free_buffers(ssl_ptr)  # the peer may take a while: hold no read buffer meanwhile
-                    ready = loop.create_future()
-                    loop.add_reader(fd, _set_ready, ready)  # (registered: only the callback changes)
-                    reading = True
-                    if writing:
-                        loop.remove_writer(fd)
-                        writing = False
-                except ssl.SSLWantWriteError:
-                    ready = loop.create_future()
-                    loop.add_writer(fd, _set_ready, ready)
-                    writing = True
-                    if reading:
-                        loop.remove_reader(fd)
-                        reading = False
-                await ready
+        while True:
+            try:
+                step()
+                done = True
+                return ssl_ptr, has_pending
+            except ssl.SSLWantReadError:
+                _free_buffers(ssl_ptr)  # the peer may take a while: hold no read buffer meanwhile
+                ready = loop.create_future()
+                loop.add_reader(fd, _set_ready, ready)  # (registered: only the callback changes)
+                reading = True
+                if writing:
+                    loop.remove_writer(fd)
+                    writing = False
+            except ssl.SSLWantWriteError:
+                ready = loop.create_future()
+                loop.add_writer(fd, _set_ready, ready)
+                writing = True
+                if reading:
+                    loop.remove_reader(fd)
+                    reading = False
+            if deadline.expired:
+                raise TimeoutError
+            deadline.waiting = ready
+            await ready
     finally:
+        if timer is not None:
+            timer.cancel()
         if writing:
             loop.remove_writer(fd)
         if reading and not done:
             loop.remove_reader(fd)
         _handshake_ended(loop)
+
+
+class _Deadline:
+    """The end of a handshake's time: fails the future it waits on (and any it would wait on next)."""
+
+    __slots__ = ("expired", "waiting")
+
+    def __init__(self) -> None:
+        self.expired = False
+        self.waiting: asyncio.Future[None] | None = None
+
+    def expire(self) -> None:
+        self.expired = True
+        fut = self.waiting
+        if fut is not None and not fut.done():
+            fut.set_exception(TimeoutError())
 
 
 def _set_ready(fut: asyncio.Future[None]) -> None:
@@ -586,9 +635,10 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
                 server_hostname: str | None, protocol_factory: Callable[[], P],
                 handshake_timeout: float | None, session: ssl.SSLSession | None = None,
                 tickets: int | None = None,
-                after_first_read: Callable[[ssl.SSLSocket | None], None] | None = None,
-                registered: bool = False, writer: bool = False) -> tuple[TlsTransport, P]:
+                after_first_read: Callable[[Any], None] | None = None,
+                registered: bool = False, writer: bool = False, addresses: Any = None) -> tuple[TlsTransport, P]:
     fd = raw.fileno()
+    sslobj: Any
     try:
         if tickets is not None and tickets != ctx.num_tickets:
             # OpenSSL copies the ticket count into each connection when it is created (SSL_new) and
@@ -598,18 +648,20 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
             saved = ctx.num_tickets
             ctx.num_tickets = tickets
             try:
-                sock = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+                sslobj = ctx._wrap_socket(raw, True)  # type: ignore[attr-defined]
             finally:
                 ctx.num_tickets = saved
         else:
-            sock = ctx.wrap_socket(raw, server_side=server_side, server_hostname=server_hostname,
-                                   do_handshake_on_connect=False)
+            # (What wrap_socket checks first: a client names the server it verifies.)
+            if not server_side and not server_hostname and ctx.check_hostname:
+                raise ValueError("check_hostname requires server_hostname")
+            sslobj = ctx._wrap_socket(raw, server_side, server_hostname)  # type: ignore[attr-defined]
             if session is not None:
                 from tether.proxy import tlsctl  # (here: a plaintext proxy never loads ctypes, ~0.5 MiB)
 
-                if not tlsctl.offer_session(sock, session):
+                if not tlsctl.offer_session(sslobj, session):
                     with contextlib.suppress(ValueError):  # another context's session: a full handshake
-                        sock.session = session  # (the ssl module copies it: ~1.6M instructions)
+                        sslobj.session = session  # (the ssl module copies it: ~1.6M instructions)
     except BaseException:
         if registered:
             loop.remove_reader(fd)
@@ -618,28 +670,30 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
         raw.close()
         raise
     try:
-        ssl_ptr, has_pending = await _handshake(loop, sock, handshake_timeout, registered, writer)
+        ssl_ptr, has_pending = await _handshake(loop, sslobj, fd, handshake_timeout, registered, writer)
     except TimeoutError:
-        sock.close()
+        raw.close()
         raise ConnectionAbortedError(
             f"TLS handshake is taking longer than {handshake_timeout} seconds: aborting the connection") from None
     except BaseException:
-        sock.close()
+        raw.close()
         raise
     # From here the socket's reader may still be registered (see _handshake): the transport takes
     # it over, and every other way out removes it before the socket closes.
     try:
-        if sock.session_reused:
-            problem = resumed_peer_problem(sock, None if server_side else server_hostname, time.time())
+        if sslobj.session_reused:
+            problem = resumed_peer_problem(sslobj, None if server_side else server_hostname, time.time())
             if problem is not None:
                 raise ConnectionAbortedError(f"refused a resumed TLS session: {problem}")
         protocol = protocol_factory()
     except BaseException:
         loop.remove_reader(fd)
-        sock.close()
+        raw.close()
         raise
-    transport = TlsTransport(loop, sock, protocol, ssl_ptr, has_pending)
+    transport = TlsTransport(loop, raw, sslobj, protocol, ssl_ptr, has_pending)
     transport._after_first_read = after_first_read
+    if addresses is not None:
+        transport._local, transport._orig_dst = addresses
     try:
         transport._start()
     except BaseException:
@@ -651,13 +705,15 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
 async def tls_accept(protocol_factory: Callable[[], P], sock: socket.socket,
                      ctx: ssl.SSLContext, handshake_timeout: float | None,
                      tickets: int | None = None, registered: bool = False,
-                     prepared: bool = False) -> tuple[TlsTransport, P]:
+                     prepared: bool = False, addresses: Any = None) -> tuple[TlsTransport, P]:
     """Terminate TLS on an accepted socket (its handshake, then the protocol); it owns ``sock`` from here.
 
     ``tickets``: TLS 1.3 session tickets to issue on this connection (default: the context's count).
     ``registered``: the socket's reader is registered with the loop (any callback): it is taken over.
     ``prepared``: the caller made the socket non-blocking and set TCP_NODELAY (two system calls
     not made again). A resumed session's peer is checked as a full handshake would (see tlssessions).
+    ``addresses``: (local address, original destination or None) if the caller asked the socket
+    already: the transport's ``sockname`` and ``original_dst`` extra info, not asked again.
     """
     loop = asyncio.get_running_loop()
     if not prepared:
@@ -667,7 +723,7 @@ async def tls_accept(protocol_factory: Callable[[], P], sock: socket.socket,
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return await _wrap(loop, sock, ctx, True, None, protocol_factory, handshake_timeout, tickets=tickets,
-                       registered=registered)
+                       registered=registered, addresses=addresses)
 
 
 async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
@@ -692,9 +748,9 @@ async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
         error: OSError | None = None
         for family, type_, proto, _, addr in infos:
-            raw = socket.socket(family, type_, proto)
+            # Non-blocking from the start (SOCK_NONBLOCK: no ioctl to make it so).
+            raw = socket.socket(family, type_ | socket.SOCK_NONBLOCK, proto)
             try:
-                raw.setblocking(False)
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 writer = await _sock_connect(loop, raw, addr)
             except OSError as e:
@@ -785,6 +841,11 @@ async def _fetch_or_wait(loop: asyncio.AbstractEventLoop, sessions: SessionCache
     return finish
 
 
+def _reused(transport: TlsTransport) -> bool:
+    sslobj = transport._sslobj
+    return sslobj is not None and bool(sslobj.session_reused)
+
+
 async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SSLContext,
                             server_hostname: str, protocol_factory: Callable[[], P], handshake_timeout: float | None,
                             sessions: SessionCache, key: SessionKey,
@@ -799,10 +860,10 @@ async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket,
     if session is None and sessions.wants(key):
         fetched = finish
 
-        def keep(sock: ssl.SSLSocket | None) -> None:
+        def keep(sslobj: Any) -> None:
             try:
-                if sock is not None:
-                    sessions.store(key, sock)
+                if sslobj is not None:
+                    sessions.store(key, sslobj)
             finally:
                 if fetched is not None:
                     fetched(True)
@@ -818,7 +879,7 @@ async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket,
         # read with data, which may be the answer: the others stop waiting after a moment and do
         # full handshakes (no later connection waits for this one again).
         loop.call_later(_TICKET_WAIT, finish, False)
-    if session is not None and not transport._sock.session_reused:
+    if session is not None and not _reused(transport):
         # The server refused it (rotated its certificate or anchors, restarted, or it expired
         # there): it will refuse it again. This full handshake got no ticket (the server issues one
         # only to a client offering none), so the next connection asks for one.
