@@ -22,7 +22,8 @@ an AuthorizationPolicy on an HTTPRoute matching the requests, and a rate limit i
 builds from before inbound policy do not know the flags.
 
 Each build is a checkout with its own .venv (and compiled hot path, `scripts/build-native`). Every proxy
-runs as deployed: `python -OO -X no_debug_ranges -m tether proxy` (tether.core.sidecar).
+runs as deployed: `python -OO -X no_debug_ranges -m tether proxy` (tether.core.sidecar), with one hash
+seed (PYTHONHASHSEED=0) so that two runs of one build count the same to within a few instructions.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ PATHS = ("outbound", "inbound", "grpc", "routes")
 HEADINGS = {"outbound": "HTTP/1 outbound", "inbound": "HTTP/1 inbound", "grpc": "gRPC unary out",
             "routes": "20 routes + split"}
 PING = "/fgrpc.PingServer/Ping"
+# Every counted proxy's environment: the C locale as deployed, and one hash seed, so that dict and set
+# probing (string hashes) is the same in every run: with a random seed the keep-alive columns moved by
+# ~0.5% between runs of the same build.
+COUNTED_ENV = {**LOCALE_ENV, "PYTHONHASHSEED": "0"}
 
 
 def grpc_calls(port: int, n: int) -> None:
@@ -119,7 +124,7 @@ def proxy_under_callgrind(python: Path, workdir: Path, backend_port: int, discov
          # The loop-lag sampler ticks on wall time, which valgrind stretches by how busy the
          # machine is: off, so the counts are per request and not per second of slowness.
          "--loop-lag-interval", "0", *extra],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **COUNTED_ENV})
     try:
         h.wait_until(h.http_ok(f"http://127.0.0.1:{admin}/ready"), 180, "tether /ready under valgrind")
         yield proc.pid, out, inb, cg_out
@@ -185,7 +190,7 @@ def _callgrind(python: Path, workdir: Path, name: str, args: list[str],
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", f"--callgrind-out-file={cg_out}",
          *python_argv(str(python)), "proxy", "--shutdown-grace-period", "1s", *args],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, **LOCALE_ENV, **(env or {})})
+        env={**os.environ, **COUNTED_ENV, **(env or {})})
     try:
         yield proc.pid, cg_out
     finally:
