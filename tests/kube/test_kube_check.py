@@ -298,6 +298,20 @@ def test_plaintext_is_judged_by_the_proxies_that_need_it(kube_cluster: KubeClust
     assert f"{install.app}/old-" in failed["error"] and "(0.1.0)" in failed["error"]
     assert "controlPlaneTLS.acceptPlaintext=true" in failed["error"]
 
+    # A control plane from before control-plane TLS serves plaintext only: this CLI's proxies cannot use it.
+    cm = kube_cluster.api.get(f"/api/v1/namespaces/{install.cp}/configmaps/linkerd-config")
+    kube_cluster.kubectl("patch", "configmap", "linkerd-config", "-n", install.cp, "--type", "merge",
+                         "-p", json.dumps({"data": {"version": "0.1.0"}}))
+    try:
+        r = run_check(kube_cluster, "-L", install.cp)
+        assert r.returncode == 1, r.stdout
+        lines = category(r.stdout, "control-plane-tls")
+        assert ("\u00d7 every meshed proxy can reach the control plane\n    the control plane runs 0.1.0, from "
+                "before control-plane TLS") in lines
+    finally:
+        kube_cluster.kubectl("patch", "configmap", "linkerd-config", "-n", install.cp, "--type", "merge",
+                             "-p", json.dumps({"data": {"version": cm["data"]["version"]}}))
+
 
 def test_context_is_chosen_like_kubectl(kube_cluster: KubeCluster) -> None:
     import yaml
