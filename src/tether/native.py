@@ -72,6 +72,7 @@ NATIVE_MODULES: tuple[str, ...] = (
 C_EXTENSIONS: dict[str, str] = {
     "tether.core.http._h1scan": "tether/core/http/_h1scan.c",
     "tether.proxy._tlsio": "tether/proxy/_tlsio.c",
+    "tether.proxy._tlsverify": "tether/proxy/_tlsverify.c",
 }
 
 PURE_ENV = "TETHER_PURE_PYTHON"

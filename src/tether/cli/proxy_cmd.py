@@ -143,6 +143,12 @@ FLAGS: dict[str, Flag] = {
                                                "identity and address"),
     "identity_tls_server_session_cache_entries": Flag("COUNT", "TLS sessions the inbound side keeps for its "
                                                       "clients to resume (the oldest go first)"),
+    "identity_tls_verified_chain_cache_entries": Flag("COUNT", "peer certificate chains each mesh TLS context "
+                                                      "remembers as verified, so a full handshake with a peer met "
+                                                      "before skips their signature checks (0: verify every time)"),
+    "identity_tls_openssl_legacy_ec": Flag("BOOL", "with OpenSSL 3.0, let its built-in EC key code decode, sign and "
+                                           "verify instead of its providers (faster full handshakes; never with "
+                                           "FIPS properties)"),
 }
 # Set in code or by tests, never from the command line.
 HIDDEN = frozenset({"extra"})

@@ -39,7 +39,7 @@ from tether.proxy.tracing import tracer_from
 if TYPE_CHECKING:
     from tether.proxy.discovery import Discovery
     from tether.proxy.grpc_client import ChannelTls
-    from tether.proxy.identity import IdentityClient
+    from tether.proxy.identity import IdentityClient, IdentityClientConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ class Proxy:
         if self.identity is not None:
             host, port = self.inbound.listen_mesh(self.cfg.inbound_addr)
             log.info("inbound listener on %s:%d (mesh mTLS as %s)", host, port, self.identity.identity.dns_name)
+            log.info("mesh TLS full handshakes: %s; OpenSSL's EC keys: %s", _chains_text(self.identity.config),
+                     "built-in code" if self.identity.legacy_ec_keys else "providers")
         else:
             inb = await _serve(loop, self.inbound.accept, self.cfg.inbound_addr)
             self._servers.append(inb)
@@ -375,9 +377,20 @@ def identity_client(cfg: ProxyConfig) -> IdentityClient | None:
             session_max_age=cfg.identity_tls_session_max_age,
             session_cache_entries=cfg.identity_tls_session_cache_entries,
             server_session_cache_entries=cfg.identity_tls_server_session_cache_entries,
+            verified_chain_cache_entries=cfg.identity_tls_verified_chain_cache_entries,
+            legacy_ec_keys=cfg.identity_tls_openssl_legacy_ec,
         ))
     except (ValueError, CertificateError) as e:
         raise ConfigError(f"identity: {e}") from None
+
+
+def _chains_text(config: IdentityClientConfig) -> str:
+    from tether.proxy import tlsctl
+
+    entries = config.verified_chain_cache_entries
+    if entries and tlsctl.verified_chain_cache_available():
+        return f"peer chains verified once, {entries} remembered per context"
+    return "every peer chain verified" + ("" if not entries else " (no verified-chain cache here)")
 
 
 async def _trim_when_certified(identity: IdentityClient) -> None:

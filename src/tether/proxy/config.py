@@ -210,6 +210,12 @@ class ProxyConfig:
     identity_tls_session_max_age: float = 300.0
     identity_tls_session_cache_entries: int = 256  # ~17 KiB each (the session holds the peer certificate)
     identity_tls_server_session_cache_entries: int = 256  # sessions the inbound side keeps (~11 KiB each)
+    # Full handshakes with OpenSSL 3.0 (tlsctl): peer chains already verified are remembered, this
+    # many per mesh context (~1.2 KiB each; 0: every handshake verifies in full), and OpenSSL's
+    # built-in EC key code does the EC work instead of its providers (false: providers only; never
+    # with FIPS properties).
+    identity_tls_verified_chain_cache_entries: int = 64
+    identity_tls_openssl_legacy_ec: bool = True
     # Tap (io.linkerd.proxy.tap.Tap/Observe on --tap-addr, mTLS): only the identities listed may tap
     # (unset: Linkerd's viz tap identity, tap.linkerd-viz.serviceaccount.identity.<the proxy's
     # control-plane namespace and trust domain>). Off without an identity, or with --tap-disabled.
