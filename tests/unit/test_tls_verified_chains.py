@@ -52,6 +52,10 @@ def test_the_helper_is_built_and_bound() -> None:
 
     assert native.state == "compiled", f"the C helper is built with the compiled modules: {native.state}"
     assert tlsctl._verify_helper() is not None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    first = tlsctl.cache_verified_chains(ctx, 4)
+    assert first is not None and first.stats()["capacity"] == 4
+    assert tlsctl.cache_verified_chains(ctx, 8) is first  # one per context, never replaced
 
 
 def test_a_peer_met_again_is_answered_from_the_cache_and_its_name_still_checked(tmp_path: Path) -> None:

@@ -115,6 +115,8 @@ tlsverify_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     for (size_t i = 0; i < N_FUNCTIONS; i++) {
         p[i] = PyLong_AsVoidPtr(args[i]);
+        if (p[i] == NULL && i == 0 && !PyErr_Occurred())
+            continue; /* EVP_PKEY_meth_find is absent from OpenSSL builds without deprecated APIs */
         if (p[i] == NULL) {
             if (!PyErr_Occurred())
                 PyErr_Format(PyExc_ValueError, "function address %d is null", (int)i);
@@ -122,7 +124,7 @@ tlsverify_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     memcpy(&fn, p, sizeof(fn));
-    ec_method = fn.meth_find(NID_EC_PUBLIC_KEY);
+    ec_method = fn.meth_find == NULL ? NULL : fn.meth_find(NID_EC_PUBLIC_KEY);
     Py_RETURN_NONE;
 }
 

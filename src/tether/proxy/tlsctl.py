@@ -366,13 +366,13 @@ def _verify_helper() -> Any:
         from tether.proxy import _tlsverify  # type: ignore[attr-defined]
     except ImportError:
         return None
-    try:
-        addresses = [ctypes.cast(getattr(_lib, name), ctypes.c_void_p).value for name in _VERIFY_FUNCTIONS]
-    except AttributeError:
+    addresses = [ctypes.cast(fn, ctypes.c_void_p).value if (fn := getattr(_lib, name, None)) is not None else None
+                 for name in _VERIFY_FUNCTIONS]
+    # EVP_PKEY_meth_find (the first) may be missing (OpenSSL built without deprecated APIs): only
+    # legacy_ec_keys needs it.
+    if not all(addresses[1:]):
         return None
-    if not all(addresses):
-        return None
-    _tlsverify.bind(*addresses)
+    _tlsverify.bind(*(a or 0 for a in addresses))
     _verify = _tlsverify
     return _verify
 
@@ -391,6 +391,9 @@ def cache_verified_chains(ctx: ssl.SSLContext, entries: int) -> Any:
     Install before the first handshake with ``ctx``. The cache lives as long as ``ctx`` (it is
     kept on it); one cache is never shared between contexts, so a context with other anchors starts
     empty."""
+    installed = getattr(ctx, "_tether_verified_chains", None)
+    if installed is not None:
+        return installed  # one per context: OpenSSL holds the first one's address
     helper = _verify_helper()
     ptr = _ssl_ctx(ctx)
     if helper is None or ptr is None or _lib is None or entries < 1:
