@@ -19,6 +19,12 @@ Targets (nginx's one hop on loopback stays the baseline of the ratios, as in the
 "proxy CPU us/req" and the RSS rows are the pair's two proxies together. Each pair's server is its
 own fortio echo server in its own pod. The held-connections row: 1,000 client connections opened
 from inside the client pod, one request each, kept open.
+
+Under the table, new connections: each pair's client pod also calls a second server pod whose port is
+opaque (config.linkerd.io/opaque-ports), one request per connection (fortio -keepalive=false), so
+every client connection is a new mTLS connection between the two proxies; the figure is connections
+per CPU-second of both proxies, each proxy as deployed (tether's resume TLS sessions with a peer they
+have verified; Linkerd's do a full handshake every time).
 """
 
 from __future__ import annotations
@@ -46,7 +52,11 @@ from tether.platform.local import network
 TARGETS = ("nginx", "pods-direct", "tether-pods", "linkerd2-proxy-pods")
 PAIRS = {"pods-direct": "d", "tether-pods": "t", "linkerd2-proxy-pods": "l"}
 ANNOTATION = "local.tether.io/linkerd2-proxy"
-_state: dict[str, Any] = {"l2p": None, "mesh": None}
+_state: dict[str, Any] = {"l2p": None, "mesh": None, "fortio": None}
+# name -> (the client pod's netns command, the opaque server's URL, the pods whose proxies are measured)
+_new_conn_targets: dict[str, tuple[list[str], str, list[str]]] = {}
+NEW_CONN_SECONDS = 5.0
+NEW_CONN_CONNECTIONS = 16
 
 # Opens n connections from inside a pod, one request on each, holds them until stdin closes.
 _HOLD = r"""
@@ -144,8 +154,22 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
     mesh.tether("run", client, *annotations, "--", "sleep", "86400")
     mesh.tether("apply", "-f", "-", stdin=f"apiVersion: v1\nkind: Service\nmetadata: {{name: {server}, namespace: "
                 f"default}}\nspec: {{selector: {{app: {server}}}, ports: [{{port: 80, targetPort: 8080}}]}}\n")
+    if name != "pods-direct":
+        # The new-connections server: the same echo server behind an opaque port (measured after the table).
+        opaque = f"{PAIRS[name]}oserver"
+        mesh.tether("run", opaque, "--port", "8080", *annotations, "--annotation",
+                    "config.linkerd.io/opaque-ports=8080", "--", str(fortio), "server", "-quiet", "-http-port", "8080",
+                    "-grpc-port", "disabled", "-redirect-port", "disabled", "-tcp-port", "disabled", "-udp-port",
+                    "disabled")
+        mesh.tether("apply", "-f", "-", stdin=f"apiVersion: v1\nkind: Service\nmetadata: {{name: {opaque}, "
+                    f"namespace: default}}\nspec: {{selector: {{app: {opaque}}}, ports: [{{port: 80, targetPort: "
+                    f"8080}}]}}\n")
     server_pod, client_pod = mesh.pod(f"{server}-0"), mesh.pod(f"{client}-0")
     netns = ["ip", "netns", "exec", client_pod["netns"]]
+    if name != "pods-direct":
+        _new_conn_targets[name] = (netns, f"http://{opaque}.default.svc.cluster.local:80{http1.PATH}",
+                                   [f"{opaque}-0", f"{client}-0"])
+    _state["fortio"] = fortio
     if name == "pods-direct":
         host, port = server_pod["ip"], 8080  # no client proxy: nothing would route a Service's address
     else:
@@ -186,11 +210,44 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
     return h.Target(name, None, load, hold, pids=None if name == "pods-direct" else pids)
 
 
+def new_connections(name: str) -> tuple[float, float] | None:
+    """(new connections per CPU-second of both proxies, per second) for a pair, or None if it did not run.
+
+    Saturating load for NEW_CONN_SECONDS from the client pod to its opaque server, one request per
+    connection, after a warm-up (the first connections also fetch discovery and policy)."""
+    if name not in _new_conn_targets or _state["mesh"] is None or _state["fortio"] is None:
+        return None
+    netns, url, pods = _new_conn_targets[name]
+    mesh: LocalMesh = _state["mesh"]
+    fortio: Path = _state["fortio"]
+    with tempfile.TemporaryDirectory(prefix="tether-parity-newconn-") as tmp:
+        work = Path(tmp)
+        host = url.split("//", 1)[1].split(":", 1)[0]
+        h.wait_until(lambda: subprocess.run([*netns, "getent", "hosts", host], capture_output=True).returncode == 0,
+                     30, f"{host} in the client pod's hosts file")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                h.fortio_load(fortio, ["-keepalive=false", url], 0, 4, 1.0, work, ok_codes=("200",), prefix=netns)
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+        pids = [p for p in (mesh.pod(pod).get("proxyPid") for pod in pods) if p]
+        cpu0 = h.cpu_seconds(pids)
+        r = h.fortio_load(fortio, ["-keepalive=false", url], 0, NEW_CONN_CONNECTIONS, NEW_CONN_SECONDS, work,
+                          ok_codes=("200",), prefix=netns)
+        cpu = h.cpu_seconds(pids) - cpu0
+    return (r.count / cpu if cpu else 0.0, r.actual_qps)
+
+
 def summary(results: Sequence[h.TargetResult]) -> str:
     by = {r.name: r for r in results if r.skipped is None}
     t, lk = by.get("tether-pods"), by.get("linkerd2-proxy-pods")
     if t is None or lk is None:
         return "\nparity with linkerd2-proxy: not judged (both pairs must run)"
+    print("measuring new connections through an opaque port (one request each) ...", flush=True)
+    t_new, lk_new = new_connections("tether-pods"), new_connections("linkerd2-proxy-pods")
     # (label, tether, linkerd2-proxy, higher is better, number format)
     rows: list[tuple[str, float | None, float | None, bool, str]] = [
         ("saturation req/s", h.median([x.actual_qps for x in t.saturation]),
@@ -206,6 +263,8 @@ def summary(results: Sequence[h.TargetResult]) -> str:
         ("RSS 1k conns MiB (both proxies)", (t.rss_held_kib or 0) / 1024, (lk.rss_held_kib or 0) / 1024, False,
          "{:.1f}"),
     ]
+    rows.append(("new connections per CPU-second (both proxies; opaque port, one request each)",
+                 t_new[0] if t_new else None, lk_new[0] if lk_new else None, True, "{:,.0f}"))
     lines = ["", "parity with linkerd2-proxy (issue 16: at least on par on each):"]
     for label, tv, lv, higher_better, fmt in rows:
         if not tv or not lv:
@@ -214,6 +273,10 @@ def summary(results: Sequence[h.TargetResult]) -> str:
         ok = tv >= lv if higher_better else tv <= lv
         lines.append(f"  {label}: tether {fmt.format(tv)} vs linkerd2-proxy {fmt.format(lv)} = {tv / lv:.2f}x "
                      f"{'MET' if ok else 'MISSED'}")
+    if t_new and lk_new:
+        lines.append(f"  (new connections wall clock: tether {t_new[1]:,.0f}/s, linkerd2-proxy {lk_new[1]:,.0f}/s, "
+                     f"{NEW_CONN_CONNECTIONS} connections at a time for {NEW_CONN_SECONDS:g} s; tether's proxies "
+                     "resume TLS sessions, Linkerd's do a full handshake each time)")
     return "\n".join(lines)
 
 

@@ -181,6 +181,11 @@ def test_resumption_off_means_a_full_handshake_for_every_connection(tmp_path: Pa
         for _ in range(3):
             assert p.get() == (200, b"hello from web\n")
         wait_for(lambda: counts(p) == (3, 0, 3, 0), 10, what="3 full handshakes on both proxies")
+        # Each end verified its peer's chain in full once; the next two handshakes found it remembered.
+        for proxy, direction in ((p.outbound, "outbound"), (p.inbound, "inbound")):
+            checks = metric_lines(proxy, "tls_peer_chain_checks_total")
+            assert f'tls_peer_chain_checks_total{{direction="{direction}",cached="false"}} 1' in checks, checks
+            assert f'tls_peer_chain_checks_total{{direction="{direction}",cached="true"}} 2' in checks, checks
     finally:
         p.mesh.close()
         p.app.shutdown()

@@ -215,3 +215,19 @@ def test_ec_engine_is_installed_once_and_only_with_openssl_3_0(monkeypatch: pyte
     monkeypatch.setattr(ssl, "OPENSSL_VERSION_INFO", (3, 0, 0, 19, 0))
     assert tlsctl.legacy_ec_keys() is False
 
+
+
+def test_checks_are_counted_by_direction_across_a_rotation(tmp_path: Path) -> None:
+    web, db, ca = pair(tmp_path)
+    for _ in range(2):
+        assert handshake(db, web, DB) is None
+    web.count_handshake("outbound", False)
+    before = web._handshake_lines()
+    assert 'tls_peer_chain_checks_total{direction="outbound",cached="false"} 1\n' in before
+    assert 'tls_peer_chain_checks_total{direction="outbound",cached="true"} 1\n' in before
+    web.install(web._verify(ca.answer(web), "ca"))  # a renewal: new contexts, empty caches
+    assert handshake(db, web, DB) is None
+    after = web._handshake_lines()  # the old contexts' counts are kept
+    assert 'tls_peer_chain_checks_total{direction="outbound",cached="false"} 2\n' in after
+    assert 'tls_peer_chain_checks_total{direction="outbound",cached="true"} 1\n' in after
+    assert 'tls_peer_chain_checks_total{direction="inbound",cached="false"} 0\n' in after

@@ -107,6 +107,9 @@ class _Metrics:
     refreshes_total: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0})
     # (direction, resumed) -> completed mesh TLS handshakes
     handshakes_total: dict[tuple[str, bool], int] = field(default_factory=dict)
+    # (direction, cached) -> peer chains checked by contexts no longer in use (the current ones' caches
+    # are read at each scrape)
+    chain_checks_before: dict[tuple[str, bool], int] = field(default_factory=dict)
 
 
 def _file_signature(path: str) -> tuple[int, int, int]:
@@ -252,6 +255,7 @@ class IdentityClient:
         self._server_ctx: ssl.SSLContext | None = None
         self._client_ctx: ssl.SSLContext | None = None
         self._client_sessions: SessionCache | None = None
+        self._chain_caches: dict[str, Any] = {}  # direction -> the current context's verified-chain cache
         self._control_ctx: tuple[int, ssl.SSLContext] | None = None  # (generation, context)
         self.stateful_sessions = False  # the server context keeps sessions itself (tlsctl)
         self._next_addr = 0
@@ -362,6 +366,12 @@ class IdentityClient:
     def _build_contexts(self, chain: list[CertView] | None = None, bundle: TrustAnchors | None = None) -> None:
         """Build both contexts from ``chain`` and ``bundle`` (default: the current ones), then swap."""
         self._server_ctx, self._client_ctx = self._make_contexts(chain, bundle)
+        for direction, counts in self._chain_checks().items():  # the replaced contexts' counts
+            for cached, n in counts.items():
+                key = (direction, cached)
+                self.metrics.chain_checks_before[key] = self.metrics.chain_checks_before.get(key, 0) + n
+        self._chain_caches = {"inbound": getattr(self._server_ctx, "_tether_verified_chains", None),
+                              "outbound": getattr(self._client_ctx, "_tether_verified_chains", None)}
         # A new client context starts an empty cache: no session verified under the previous
         # certificate or anchors is offered again (and the ssl module refuses another context's).
         leaf = chain[0] if chain else self.chain[0] if self.chain else None
@@ -665,6 +675,15 @@ class IdentityClient:
             + self._handshake_lines()
         )
 
+    def _chain_checks(self) -> dict[str, dict[bool, int]]:
+        """Peer chains checked by the current contexts: direction -> {cached: count}."""
+        out: dict[str, dict[bool, int]] = {}
+        for direction, cache in self._chain_caches.items():
+            if cache is not None:
+                st = cache.stats()
+                out[direction] = {True: st["hits"], False: st["misses"]}
+        return out
+
     def _handshake_lines(self) -> str:
         counts = self.metrics.handshakes_total
         if not counts:
@@ -673,6 +692,18 @@ class IdentityClient:
                  "session was resumed.\n# TYPE tls_handshakes_total counter\n"]
         for (direction, resumed), n in sorted(counts.items()):
             lines.append(f'tls_handshakes_total{{direction="{direction}",resumed="{str(resumed).lower()}"}} {n}\n')
+        checks = dict(self.metrics.chain_checks_before)
+        for direction, now in self._chain_checks().items():
+            for cached, n in now.items():
+                checks[(direction, cached)] = checks.get((direction, cached), 0) + n
+        if checks:
+            lines.append("# HELP tls_peer_chain_checks_total Peer certificate chains checked in full mesh TLS "
+                         "handshakes, by direction and whether a verdict remembered from an earlier handshake with "
+                         "the same chain answered (cached) or OpenSSL verified it in full.\n"
+                         "# TYPE tls_peer_chain_checks_total counter\n")
+            for (direction, cached), n in sorted(checks.items()):
+                lines.append(f'tls_peer_chain_checks_total{{direction="{direction}",cached="{str(cached).lower()}"}} '
+                             f'{n}\n')
         sessions = self._client_sessions
         if sessions is not None:
             lines.append("# HELP tls_session_cache_entries TLS sessions this proxy's current client context "

@@ -399,9 +399,13 @@ def cache_verified_chains(ctx: ssl.SSLContext, entries: int) -> Any:
     if helper is None or ptr is None or _lib is None or entries < 1:
         return None
     fn = getattr(_lib, "SSL_CTX_set_cert_verify_callback", None)
-    if fn is None:
+    get_cb = getattr(_lib, "SSL_CTX_get_verify_callback", None)
+    if fn is None or get_cb is None:
         return None
     fn.restype, fn.argtypes = None, [_vp, _vp, _vp]
+    get_cb.restype, get_cb.argtypes = _vp, [_vp]
+    if get_cb(ptr):
+        return None  # a verify callback of the context's own would not be asked for a cached chain
     cache = helper.ChainCache(entries)
     callback, arg = cache.callback()
     ctx._tether_verified_chains = cache  # type: ignore[attr-defined]  # before the callback can use it
