@@ -244,3 +244,16 @@ def test_a_bad_proxy_environment_variable_is_named(
     assert code == 2 and out == ""
     assert err.startswith("tether proxy: TETHER_PROXY_DETECT_TIMEOUT: '10x' is not a duration")
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("flag", "value", "minimum"), [
+    ("--identity-tls-session-cache-entries", "0", "1"),
+    ("--identity-tls-verified-chain-cache-entries", "-1", "0"),
+])
+def test_a_count_below_its_floor_is_refused_naming_the_flag(
+    flag: str, value: str, minimum: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "proxy", flag, value)
+    assert code == 2 and out == ""
+    assert f"'{flag}': '{value}' is below the minimum, {minimum}" in err
+    assert len(err.strip().splitlines()) == 1

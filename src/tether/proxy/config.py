@@ -16,6 +16,12 @@ SIZE_FIELDS = frozenset(
     {"detect_peek_bytes", "max_header_bytes", "body_buffer_high", "h2_initial_window"}
 )
 NOT_DURATIONS = frozenset({"failure_accrual_jitter", "trace_sample_rate"})
+# Counts with a floor (a setting below it is refused naming the setting).
+INT_MINIMUMS = {
+    "identity_tls_session_cache_entries": 1,
+    "identity_tls_server_session_cache_entries": 1,
+    "identity_tls_verified_chain_cache_entries": 0,
+}
 
 # Linkerd's default opaque ports: server-speaks-first protocols that must skip detection.
 DEFAULT_OPAQUE_PORTS = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
@@ -281,6 +287,8 @@ class ProxyConfig:
                 value = int(text)
             except ValueError:
                 raise ConfigError(f"{setting}: {text!r} is not an integer") from None
+            if name in INT_MINIMUMS and value < INT_MINIMUMS[name]:
+                raise ConfigError(f"{setting}: {text!r} is below the minimum, {INT_MINIMUMS[name]}")
         else:
             value = text
         setattr(self, name, value)

@@ -43,6 +43,7 @@ import ssl
 import sys
 import weakref
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 __all__ = ["available", "cache_verified_chains", "free_buffers", "has_ticket", "keep_server_sessions",
@@ -350,6 +351,20 @@ _VERIFY_FUNCTIONS = (
 _verify: Any = False  # the bound C helper, None where it cannot be used; False: not looked at yet
 
 
+def _function(name: str) -> Any:
+    """A function of libssl (or of the libcrypto it links) not kept on the library object, as
+    attribute access would keep it (the ones used once stay out of the proxy's memory); None if absent."""
+    try:
+        return _lib[name] if _lib is not None else None
+    except AttributeError:
+        return None
+
+
+def _address(name: str) -> int | None:
+    fn = _function(name)
+    return None if fn is None else ctypes.cast(fn, ctypes.c_void_p).value
+
+
 def _verify_helper() -> Any:
     """``tether.proxy._tlsverify`` bound to this libssl and libcrypto, or None (see :func:`record_io`)."""
     global _verify
@@ -366,8 +381,7 @@ def _verify_helper() -> Any:
         from tether.proxy import _tlsverify  # type: ignore[attr-defined]
     except ImportError:
         return None
-    addresses = [ctypes.cast(fn, ctypes.c_void_p).value if (fn := getattr(_lib, name, None)) is not None else None
-                 for name in _VERIFY_FUNCTIONS]
+    addresses = [_address(name) for name in _VERIFY_FUNCTIONS]
     # EVP_PKEY_meth_find (the first) may be missing (OpenSSL built without deprecated APIs): only
     # legacy_ec_keys needs it.
     if not all(addresses[1:]):
@@ -398,8 +412,7 @@ def cache_verified_chains(ctx: ssl.SSLContext, entries: int) -> Any:
     ptr = _ssl_ctx(ctx)
     if helper is None or ptr is None or _lib is None or entries < 1:
         return None
-    fn = getattr(_lib, "SSL_CTX_set_cert_verify_callback", None)
-    get_cb = getattr(_lib, "SSL_CTX_get_verify_callback", None)
+    fn, get_cb = _function("SSL_CTX_set_cert_verify_callback"), _function("SSL_CTX_get_verify_callback")
     if fn is None or get_cb is None:
         return None
     fn.restype, fn.argtypes = None, [_vp, _vp, _vp]
@@ -433,18 +446,19 @@ def legacy_ec_keys() -> bool:
     helper = _verify_helper()
     if helper is None:
         return False
-    lib = _lib
     signatures: tuple[tuple[str, Any, list[Any]], ...] = (
         ("EVP_default_properties_is_fips_enabled", _int, [_vp]), ("ENGINE_new", _vp, []),
         ("ENGINE_set_id", _int, [_vp, ctypes.c_char_p]), ("ENGINE_set_name", _int, [_vp, ctypes.c_char_p]),
         ("ENGINE_set_pkey_meths", _int, [_vp, _vp]), ("ENGINE_register_pkey_meths", _int, [_vp]),
         ("ENGINE_free", _int, [_vp]),
     )
+    lib = SimpleNamespace()
     for name, restype, argtypes in signatures:
-        fn = getattr(lib, name, None)
+        fn = _function(name)
         if fn is None:
             return False
         fn.restype, fn.argtypes = restype, argtypes
+        setattr(lib, name, fn)
     callback = helper.ec_engine_callback()
     if not callback or lib.EVP_default_properties_is_fips_enabled(None) != 0:
         return False
