@@ -39,6 +39,7 @@ path (stateless tickets, ``session=``).
 from __future__ import annotations
 
 import ctypes
+import importlib
 import ssl
 import sys
 import weakref
@@ -305,28 +306,37 @@ def record_io() -> Any:
     :func:`ssl_pointer`), or None: not built, built from other sources (``tether.native``), or no
     libssl this module knows. Callers keep the ssl module's methods then."""
     global _io
-    if _io is not False:
-        return _io
-    _io = None
+    if _io is False:
+        _io = _bound_helper("_tlsio", _IO_FUNCTIONS)
+    return _io
+
+
+def _bound_helper(name: str, functions: tuple[str, ...], optional: frozenset[str] = frozenset()) -> Any:
+    """The C helper ``tether.proxy.<name>`` bound to ``functions`` (their addresses, in order; one in
+    ``optional`` may be missing: 0 then), or None if it or a function that is not optional is missing."""
+    helper = _c_helper(name)
+    if helper is None:
+        return None
+    addresses = [_address(f) for f in functions]
+    if any(not a and f not in optional for f, a in zip(functions, addresses, strict=True)):
+        return None
+    helper.bind(*(a or 0 for a in addresses))
+    return helper
+
+
+def _c_helper(name: str) -> Any:
+    """The C helper ``tether.proxy.<name>``, unbound, or None: no libssl this module knows, or not
+    built with the compiled modules' current sources (``tether.native``): the portable path then."""
     if _lib is None:
         return None
     from tether import native
 
     if native.state != "compiled":
-        return None  # a stale or absent build: the portable path
+        return None
     try:
-        from tether.proxy import _tlsio  # type: ignore[attr-defined]
+        return importlib.import_module(f"tether.proxy.{name}")
     except ImportError:
         return None
-    try:
-        addresses = [ctypes.cast(getattr(_lib, name), ctypes.c_void_p).value for name in _IO_FUNCTIONS]
-    except AttributeError:
-        return None
-    if not all(addresses):
-        return None
-    _tlsio.bind(*addresses)
-    _io = _tlsio
-    return _io
 
 
 def release_buffers(sock: Any) -> bool:
@@ -368,26 +378,10 @@ def _address(name: str) -> int | None:
 def _verify_helper() -> Any:
     """``tether.proxy._tlsverify`` bound to this libssl and libcrypto, or None (see :func:`record_io`)."""
     global _verify
-    if _verify is not False:
-        return _verify
-    _verify = None
-    if _lib is None:
-        return None
-    from tether import native
-
-    if native.state != "compiled":
-        return None
-    try:
-        from tether.proxy import _tlsverify  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    addresses = [_address(name) for name in _VERIFY_FUNCTIONS]
-    # EVP_PKEY_meth_find (the first) may be missing (OpenSSL built without deprecated APIs): only
-    # legacy_ec_keys needs it.
-    if not all(addresses[1:]):
-        return None
-    _tlsverify.bind(*(a or 0 for a in addresses))
-    _verify = _tlsverify
+    if _verify is False:
+        # EVP_PKEY_meth_find may be missing (OpenSSL built without deprecated APIs): only
+        # legacy_ec_keys needs it.
+        _verify = _bound_helper("_tlsverify", _VERIFY_FUNCTIONS, frozenset({"EVP_PKEY_meth_find"}))
     return _verify
 
 
