@@ -486,3 +486,27 @@ def test_a_pod_calls_its_own_service_through_both_sides_of_its_proxy(mesh: Mesh)
     rules = mesh.exec("web-0", "iptables", "-t", "nat", "-S", "PROXY_INIT_OUTPUT").stdout.splitlines()
     assert rules[1] == ("-A PROXY_INIT_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner 2102 "
                         "-m comment --comment tether -j PROXY_INIT_REDIRECT"), rules
+
+
+def test_http_to_a_port_only_the_pod_marks_opaque(mesh: Mesh) -> None:
+    """The pod lists its port in config.linkerd.io/opaque-ports, the Service does not: the client's
+    proxy detects HTTP and reaches the pod's proxy at its inbound port with a transport header naming
+    the port (the destination's opaque_transport hint, per pod, as Linkerd's); the server's proxy
+    forwards the connection to the application as bytes, as that port's policy says."""
+    mesh.up()
+    mesh.tether("run", "web", "--port", "8080", "--annotation", "config.linkerd.io/opaque-ports=8080", "--",
+                *HTTP_APP)
+    mesh.tether("run", "client", "--", "sleep", "3600")
+    mesh.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n"
+               "spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n")
+    wait_for(lambda: mesh.exec("client-0", "getent", "hosts", "web", check=False).returncode == 0, 15,
+             what="the Service's name in the client pod's hosts file")
+    codes = [mesh.exec("client-0", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://web/",
+                       check=False).stdout for _ in range(3)]
+    assert codes == ["200"] * 3, codes
+    client_id = "client.default.serviceaccount.identity.linkerd.cluster.local"
+    server = mesh.metrics("web-0").splitlines()
+    opened = [ln for ln in server if ln.startswith("tcp_open_total{") and 'direction="inbound"' in ln
+              and 'tls="true"' in ln and f'client_id="{client_id}"' in ln]
+    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in opened) >= 1, opened
+    assert not [ln for ln in server if ln.startswith("request_total{") and f'client_id="{client_id}"' in ln]

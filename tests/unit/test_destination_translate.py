@@ -131,6 +131,46 @@ def test_the_h2_hint_only_for_proxies_that_downgrade(version: str, h2: bool) -> 
     assert es.addrs["10.0.0.2:9091"].protocol_hint.WhichOneof("protocol") == "h2"  # no annotation
 
 
+OPAQUE_POD = """
+---
+apiVersion: v1
+kind: Service
+metadata: {name: tcp, namespace: production}
+spec:
+  selector: {app: tcp}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: workload.tether.io/v1alpha1
+kind: Workload
+metadata:
+  name: tcp-1
+  namespace: production
+  labels: {app: tcp}
+  annotations: {config.linkerd.io/opaque-ports: "8080"}
+spec: {serviceAccount: tcp, addresses: [10.0.0.9], ports: [{port: 8080}]}
+"""
+
+
+@pytest.mark.parametrize(("version", "legacy"), [
+    (None, False), ("0.2.0", False), ("stable-2.14.10", False), ("0.1.0", True), ("v0.1.9", True),
+])
+def test_a_port_opaque_on_the_pod_alone_gets_the_opaque_transport_hint(version: str | None, legacy: bool) -> None:
+    """As Linkerd's destination does per pod: its proxy is then dialled at its inbound port with a
+    transport header; a tether proxy before 0.2.0 is marked as reading the JSON form of it."""
+    text = OPAQUE_POD
+    if version is not None:
+        text = text.replace('annotations: {config.linkerd.io/opaque-ports: "8080"}',
+                            'annotations: {config.linkerd.io/opaque-ports: "8080", '
+                            f'linkerd.io/proxy-version: "{version}"}}')
+    w = world(BASE + text)
+    a = tr.endpoints(w, resolve(w, "tcp.production:80", Context()), S).addrs["10.0.0.9:8080"]
+    assert a.protocol_hint.opaque_transport.inbound_port == 4143
+    assert a.protocol_hint.opaque_transport.tether_legacy_transport_header is legacy
+    # A port the pod does not list stays as it was: no opaque transport.
+    other = tr.endpoints(w, resolve(w, "api-service.production:8080", Context()), S).addrs["10.0.0.1:9090"]
+    assert not other.protocol_hint.HasField("opaque_transport")
+
+
 def test_endpoint_updates_are_diffs() -> None:
     w = world(BASE)
     t = resolve(w, "api-service.production:8080", Context())

@@ -231,3 +231,38 @@ def test_checks_are_counted_by_direction_across_a_rotation(tmp_path: Path) -> No
     assert 'tls_peer_chain_checks_total{direction="outbound",cached="false"} 2\n' in after
     assert 'tls_peer_chain_checks_total{direction="outbound",cached="true"} 1\n' in after
     assert 'tls_peer_chain_checks_total{direction="inbound",cached="false"} 0\n' in after
+
+
+def _pair_handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, name: str,
+                    alpn: bytes | None) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(c_in, c_out, server_side=False, server_hostname=name)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    if alpn is not None:
+        assert tlsctl.offer_alpn(client, alpn)
+    done = {id(client): False, id(server): False}
+    for _ in range(16):
+        for obj in (client, server):
+            if not done[id(obj)]:
+                try:
+                    obj.do_handshake()
+                    done[id(obj)] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    assert all(done.values())
+    return client, server
+
+
+def test_a_connection_that_sends_a_transport_header_agrees_on_its_alpn_first(tmp_path: Path) -> None:
+    """Linkerd's inbound reads a transport header only on a connection that agreed on
+    transport.l5d.io/v1: the proxy's server contexts accept it, and a client offers it on the
+    connections it starts with a header (transport_header.ALPN), not on the others."""
+    from tether.core import transport_header
+
+    web, db, _ = pair(tmp_path)
+    client, server = _pair_handshake(db.server_ssl_context(), web.client_ssl_context(), DB, transport_header.ALPN)
+    assert client.selected_alpn_protocol() == server.selected_alpn_protocol() == "transport.l5d.io/v1"
+    plain_client, plain_server = _pair_handshake(db.server_ssl_context(), web.client_ssl_context(), DB, None)
+    assert plain_client.selected_alpn_protocol() is None and plain_server.selected_alpn_protocol() is None

@@ -16,6 +16,9 @@ import re
 FIRST_DOWNGRADING_H2 = (0, 2, 0)
 # TLS to the control plane (identity, destination, policy): an older proxy speaks plaintext gRPC to it.
 FIRST_CONTROL_PLANE_TLS = (0, 2, 0)
+# Linkerd's transport header (protobuf, with a session protocol): an older proxy reads JSON, and only
+# opaque streams after it.
+FIRST_PROTOBUF_TRANSPORT_HEADER = (0, 2, 0)
 
 _RELEASE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)(?:[-+].*)?")
 

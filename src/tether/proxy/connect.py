@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from tether.core import transport_header
 from tether.core.discovery.endpoints import Endpoint
 from tether.proxy.http.h1client import Connector
+from tether.proxy.http.h2client import H2ClientConnection
 from tether.proxy.targets import EndpointTarget
 from tether.proxy.tcp import Pending
 from tether.proxy.tlspeer import IdentityNotReady
@@ -29,19 +30,22 @@ if TYPE_CHECKING:
 def reach(ep: Endpoint, mtls: bool, opaque: bool = False) -> EndpointTarget:
     """How to reach ``ep``; ``mtls``: this proxy can speak mesh TLS (it has an identity)."""
     meshed = mtls and ep.identity is not None
-    if opaque:
-        # To the peer's proxy port (an opaque port), the transport header names the application's
-        # port, inside mesh TLS as Linkerd sends it. A meshed endpoint without one gets mesh TLS to
-        # its own address: the peer's proxy is there (redirected by iptables, or listening itself
-        # for an explicit pod) and knows the port.
-        if meshed and ep.proxy_port:
-            return EndpointTarget(ep.addr, (ep.addr[0], ep.proxy_port), ep.identity, ep.labels,
-                                  transport_port=ep.addr[1])
-        if meshed:
-            return EndpointTarget(ep.addr, ep.addr, ep.identity, ep.labels)
-        return EndpointTarget(ep.addr, ep.addr, None, ep.labels)
-    dial = (ep.addr[0], ep.proxy_port) if ep.proxy_port else ep.addr
-    return EndpointTarget(ep.addr, dial, ep.identity if meshed else None, ep.labels)
+    if meshed and ep.proxy_port and (opaque or not ep.legacy_transport_header):
+        # To the peer's proxy port (the opaque_transport hint: an opaque port there), inside mesh
+        # TLS: a transport header names the application's port and, for HTTP, the session protocol,
+        # as Linkerd's proxies send it.
+        return EndpointTarget(ep.addr, (ep.addr[0], ep.proxy_port), ep.identity, ep.labels,
+                              transport_port=ep.addr[1], legacy_transport_header=ep.legacy_transport_header,
+                              header_session=ep.protocol_hint != "opaque")
+    if not meshed:
+        # Plaintext: to the peer proxy's port if discovery names one (no header: only mesh TLS
+        # carries it), else to the endpoint itself.
+        dial = (ep.addr[0], ep.proxy_port) if ep.proxy_port and not opaque else ep.addr
+        return EndpointTarget(ep.addr, dial, None, ep.labels)
+    # Mesh TLS to the endpoint's own address: the peer's proxy is there (redirected by iptables, or
+    # listening itself for an explicit pod) and knows the port. (HTTP to a peer before 0.2.0, which
+    # serves no session protocol after a header, goes this way too: its opaque port forwards it.)
+    return EndpointTarget(ep.addr, ep.addr, ep.identity, ep.labels)
 
 
 def connector(target: EndpointTarget, identity: IdentityClient | None, handshake_timeout: float) -> Connector | None:
@@ -50,12 +54,30 @@ def connector(target: EndpointTarget, identity: IdentityClient | None, handshake
     if server_id is None or identity is None:
         return None
     host, port = target.dial
+    header_port = target.transport_port
+    with_session = target.header_session
 
     async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
         ctx = _client_context(identity)
+        preface = None
+        make = factory
+        if header_port is not None:
+            # To the peer's proxy port: the header says which application port, and which HTTP
+            # version follows (the pool's connection, made now: its class says), unless the peer
+            # forwards the port's connections as bytes (an opaque hint): then no session protocol.
+            protocol = factory()
+            session = transport_header.OPAQUE
+            if with_session:
+                h2 = isinstance(protocol, H2ClientConnection)
+                session = transport_header.HTTP2 if h2 else transport_header.HTTP1
+            preface = transport_header.encode(transport_header.TransportHeader(header_port, protocol=session))
+
+            def make() -> asyncio.Protocol:
+                return protocol
         try:
-            transport, proto = await tls_connect(factory, host, port, ctx, server_id, handshake_timeout,
-                                                 identity.client_sessions())
+            transport, proto = await tls_connect(make, host, port, ctx, server_id, handshake_timeout,
+                                                 identity.client_sessions(), preface,
+                                                 None if preface is None else transport_header.ALPN)
         except ssl.SSLError as e:
             # Name what we expected: the reason reaches the client in l5d-proxy-error.
             raise OSError(f"mTLS handshake expecting identity {server_id} failed: {e.reason or e}") from None
@@ -75,13 +97,15 @@ async def connect_tcp(target: EndpointTarget, identity: IdentityClient | None, t
     async with asyncio.timeout(timeout):
         if ctx is not None and target.server_id is not None:
             assert identity is not None
+            alpn = transport_header.ALPN if target.transport_port is not None else None
             transport, proto = await tls_connect(Pending, target.dial[0], target.dial[1], ctx, target.server_id,
-                                                 handshake_timeout, identity.client_sessions())
+                                                 handshake_timeout, identity.client_sessions(), alpn=alpn)
             identity.count_handshake("outbound", transport.get_extra_info("ssl_object").session_reused)
         else:
             transport, proto = await loop.create_connection(Pending, target.dial[0], target.dial[1])
     if target.transport_port is not None and ctx is not None:
-        transport.write(transport_header.encode(transport_header.TransportHeader(target.transport_port)))
+        transport.write(transport_header.encode(transport_header.TransportHeader(target.transport_port),
+                                                legacy=target.legacy_transport_header))
     return transport, proto
 
 

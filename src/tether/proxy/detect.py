@@ -142,8 +142,14 @@ class DetectProtocol(asyncio.Protocol):
         header, used = got
         self._buf = self._buf[used:]
         self.conn.target_port = header.port
-        # Linkerd sends opaque streams with the header; the stream after it is forwarded as is.
-        self._decide(Detected.OPAQUE)
+        # What follows the header: HTTP/1 or HTTP/2 served to the named port (its session protocol),
+        # or an opaque stream forwarded as is.
+        if header.protocol == transport_header.HTTP2:
+            self._decide(Detected.H2)
+        elif header.protocol == transport_header.HTTP1:
+            self._decide(Detected.HTTP1)
+        else:
+            self._decide(Detected.OPAQUE)
 
     def eof_received(self) -> bool:
         if not self._done:

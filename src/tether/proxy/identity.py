@@ -100,6 +100,11 @@ class IdentityClientConfig:
     legacy_ec_keys: bool = True
 
 
+# The ALPN protocol of connections that start with a transport header (linkerd2-proxy's
+# transport.l5d.io/v1): tether.core.transport_header.
+TRANSPORT_HEADER_ALPN = "transport.l5d.io/v1"
+
+
 @dataclass
 class _Metrics:
     cert_expiration_timestamp_seconds: float = 0.0
@@ -350,8 +355,8 @@ class IdentityClient:
         tlsctl.prefer_suites(ctx, MESH_TLS13_SUITES)  # (the SNI switch keeps the connection's suites)
         # No resumption here: this context outlives rotations, and so would its ticket keys.
         _no_session_tickets(ctx)
-        if self.config.alpn_protocols:
-            ctx.set_alpn_protocols(list(self.config.alpn_protocols))
+        # (ALPN is chosen after the SNI switch, by the context switched to: set here all the same.)
+        ctx.set_alpn_protocols(list(self.config.alpn_protocols) or [TRANSPORT_HEADER_ALPN])
 
         def switch(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
             try:
@@ -407,6 +412,10 @@ class IdentityClient:
             tlsctl.prefer_suites(ctx, MESH_TLS13_SUITES)
             if self.config.alpn_protocols:
                 ctx.set_alpn_protocols(list(self.config.alpn_protocols))
+            elif purpose == ssl.PROTOCOL_TLS_SERVER:
+                # A client that sends a transport header asks for this protocol (Linkerd's proxies
+                # send the header only once it is agreed); a client that asks for none gets none.
+                ctx.set_alpn_protocols([TRANSPORT_HEADER_ALPN])
             if purpose == ssl.PROTOCOL_TLS_SERVER:
                 if self.config.session_max_age > 0:
                     # Tickets are issued per connection, to clients that ask (meshtls). The

@@ -59,7 +59,11 @@ class EndpointTarget:
     dial: Addr
     server_id: str | None = None
     labels: tuple[tuple[str, str], ...] = ()
-    transport_port: int | None = None  # opaque over mTLS: the application port, in a transport header
+    transport_port: int | None = None  # over mTLS to the peer's proxy port: the application port, in a transport header
+    legacy_transport_header: bool = False  # that header as tether releases before 0.2.0 read it (JSON)
+    # HTTP after that header: say which version (the peer's proxy serves it), unless the endpoint's
+    # hint is opaque (its proxy forwards every connection as bytes: Linkerd's client sends none then).
+    header_session: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,8 +48,8 @@ from types import SimpleNamespace
 from typing import Any
 
 __all__ = ["available", "cache_verified_chains", "free_buffers", "has_ticket", "keep_server_sessions",
-           "legacy_ec_keys", "offer_session", "prefer_suites", "read_ahead", "record_io", "release_buffers",
-           "ssl_pointer", "verified_chain_cache_available"]
+           "legacy_ec_keys", "offer_alpn", "offer_session", "prefer_suites", "read_ahead", "record_io",
+           "release_buffers", "ssl_pointer", "verified_chain_cache_available"]
 
 _SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
@@ -225,6 +225,24 @@ def offer_session(sock: Any, session: ssl.SSLSession) -> bool:
             or fast.SSL_SESSION_get_protocol_version(sess_ptr) != 0x0304):
         return False
     return bool(_fast.SSL_set_session(ssl_ptr, sess_ptr) == 1)
+
+
+def offer_alpn(sock: Any, wire: bytes) -> bool:
+    """Offer ALPN ``wire`` (length-prefixed protocol names) on this client TLS socket before its
+    handshake, whatever its context offers (``SSL_set_alpn_protos``: the ssl module sets ALPN per
+    context only); False if that cannot be done here."""
+    global _set_alpn
+    ptr = ssl_pointer(sock)
+    if ptr is None:
+        return False
+    if _set_alpn is None:
+        _set_alpn = _function("SSL_set_alpn_protos") or False
+        if _set_alpn:
+            _set_alpn.restype, _set_alpn.argtypes = _int, [_vp, ctypes.c_char_p, _uint]
+    return bool(_set_alpn) and _set_alpn(ptr, wire, len(wire)) == 0  # (0 is success here)
+
+
+_set_alpn: Any = None  # SSL_set_alpn_protos once looked up (False: absent)
 
 
 def ssl_pointer(sock: Any) -> int | None:

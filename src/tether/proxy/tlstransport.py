@@ -636,7 +636,8 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
                 handshake_timeout: float | None, session: ssl.SSLSession | None = None,
                 tickets: int | None = None,
                 after_first_read: Callable[[Any], None] | None = None,
-                registered: bool = False, writer: bool = False, addresses: Any = None) -> tuple[TlsTransport, P]:
+                registered: bool = False, writer: bool = False, addresses: Any = None,
+                preface: bytes | None = None, alpn: bytes | None = None) -> tuple[TlsTransport, P]:
     fd = raw.fileno()
     sslobj: Any
     try:
@@ -656,6 +657,10 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
             if not server_side and not server_hostname and ctx.check_hostname:
                 raise ValueError("check_hostname requires server_hostname")
             sslobj = ctx._wrap_socket(raw, server_side, server_hostname)  # type: ignore[attr-defined]
+            if alpn is not None:
+                from tether.proxy import tlsctl as ctl  # (here: a plaintext proxy never loads ctypes, ~0.5 MiB)
+
+                ctl.offer_alpn(sslobj, alpn)
             if session is not None:
                 from tether.proxy import tlsctl  # (here: a plaintext proxy never loads ctypes, ~0.5 MiB)
 
@@ -695,6 +700,8 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
     if addresses is not None:
         transport._local, transport._orig_dst = addresses
     try:
+        if preface:
+            transport.write(preface)  # before anything the protocol writes in connection_made
         transport._start()
     except BaseException:
         transport.abort()
@@ -729,8 +736,12 @@ async def tls_accept(protocol_factory: Callable[[], P], sock: socket.socket,
 async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
                       ctx: ssl.SSLContext, server_hostname: str,
                       handshake_timeout: float | None,
-                      sessions: SessionCache | None = None) -> tuple[TlsTransport, P]:
+                      sessions: SessionCache | None = None,
+                      preface: bytes | None = None, alpn: bytes | None = None) -> tuple[TlsTransport, P]:
     """Dial ``host:port`` and do a TLS handshake asking for ``server_hostname``.
+
+    ``preface``: bytes sent first after the handshake, before the protocol's own (a transport header);
+    ``alpn``: ALPN offered on this connection (wire form) instead of the context's.
 
     With ``sessions`` (the cache of ``ctx``), a session cached for this identity and address is
     offered, and a full handshake's session is kept for the next connection; while one is under
@@ -763,9 +774,9 @@ async def tls_connect(protocol_factory: Callable[[], P], host: str, port: int,
             # (No await from here to the handshake's first step, which takes the writer over.)
             if sessions is None or not resuming:
                 return await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory, handshake_timeout,
-                                   writer=writer)
+                                   writer=writer, preface=preface, alpn=alpn)
             return await _connect_resuming(loop, raw, ctx, server_hostname, protocol_factory, handshake_timeout,
-                                           sessions, key, finish, writer)
+                                           sessions, key, finish, writer, preface, alpn)
         raise error or OSError(f"cannot resolve {host}:{port}")
     except BaseException:
         if finish is not None:
@@ -849,7 +860,8 @@ def _reused(transport: TlsTransport) -> bool:
 async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SSLContext,
                             server_hostname: str, protocol_factory: Callable[[], P], handshake_timeout: float | None,
                             sessions: SessionCache, key: SessionKey,
-                            finish: Callable[[bool], None] | None, writer: bool = False) -> tuple[TlsTransport, P]:
+                            finish: Callable[[bool], None] | None, writer: bool = False,
+                            preface: bytes | None = None, alpn: bytes | None = None) -> tuple[TlsTransport, P]:
     session = sessions.offer(key)
     keep = None
     if finish is not None and (session is not None or not sessions.wants(key)):
@@ -869,7 +881,8 @@ async def _connect_resuming(loop: asyncio.AbstractEventLoop, raw: socket.socket,
                     fetched(True)
     try:
         transport, protocol = await _wrap(loop, raw, ctx, False, server_hostname, protocol_factory,
-                                          handshake_timeout, session=session, after_first_read=keep, writer=writer)
+                                          handshake_timeout, session=session, after_first_read=keep, writer=writer,
+                                          preface=preface, alpn=alpn)
     except BaseException:
         if session is not None:
             sessions.discard(key)  # (refused as a resumed peer, or a handshake that failed with it)

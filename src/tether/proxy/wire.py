@@ -24,14 +24,16 @@ def endpoint_of(w: destination_lite.WeightedAddr, set_labels: dict[str, str]) ->
         identity = w.tls_identity.dns_like_identity.name or None
     proxy_port: int | None = None
     hint: str | None = None
+    legacy = False
     if w.HasField("protocol_hint"):
         hint = w.protocol_hint.WhichOneof("protocol")  # h2: its proxy takes HTTP/1 over HTTP/2
         if w.protocol_hint.HasField("opaque_transport"):
             proxy_port = w.protocol_hint.opaque_transport.inbound_port or None
+            legacy = w.protocol_hint.opaque_transport.tether_legacy_transport_header
     labels = {f"dst_{k}": v for k, v in set_labels.items()}
     labels.update({f"dst_{k}": v for k, v in w.metric_labels.items()})
     return Endpoint(tcp_addr(w.addr), weight=max(1, w.weight or 1), identity=identity, protocol_hint=hint,
-                    proxy_port=proxy_port, labels=tuple(sorted(labels.items())))
+                    proxy_port=proxy_port, labels=tuple(sorted(labels.items())), legacy_transport_header=legacy)
 
 
 def tcp_address(addr: Addr) -> net_lite.TcpAddress:

@@ -48,7 +48,7 @@ from tether.control.destination.world import (
     workload_ips,
 )
 from tether.core.identity.names import IdentityNameError, WorkloadIdentity
-from tether.core.releases import FIRST_DOWNGRADING_H2, before
+from tether.core.releases import FIRST_DOWNGRADING_H2, FIRST_PROTOBUF_TRANSPORT_HEADER, before
 from tether.core.resources import Resource, parse_duration, parse_quantity
 from tether.core.resources import policy as pol
 from tether.core.resources import profile as prof
@@ -163,6 +163,14 @@ def downgrades_h2(w: Workload | ExternalWorkload) -> bool:
     return not before(w.metadata.annotations.get("linkerd.io/proxy-version", ""), FIRST_DOWNGRADING_H2)
 
 
+def legacy_transport_header(w: Workload | ExternalWorkload) -> bool:
+    """Whether the endpoint's proxy is a tether release before Linkerd's transport header (by the
+    pod's ``linkerd.io/proxy-version``; see :func:`downgrades_h2`)."""
+    if not isinstance(w, Workload):
+        return False
+    return before(w.metadata.annotations.get("linkerd.io/proxy-version", ""), FIRST_PROTOBUF_TRANSPORT_HEADER)
+
+
 def weighted_addr(
     w: Workload | ExternalWorkload, ip: str, port: int, s: Settings, *, opaque: bool, world: World
 ) -> dst.WeightedAddr:
@@ -203,6 +211,8 @@ def _weighted_addr(
         if opaque:
             hint = dst.ProtocolHint(opaque=dst.ProtocolHint.Opaque())
             hint.opaque_transport.inbound_port = inbound or INBOUND_PROXY_PORT
+            if legacy_transport_header(w):
+                hint.opaque_transport.tether_legacy_transport_header = True
             addr.protocol_hint.CopyFrom(hint)
         elif downgrades_h2(w):
             addr.protocol_hint.CopyFrom(dst.ProtocolHint(h2=dst.ProtocolHint.H2()))
@@ -236,8 +246,12 @@ def endpoints(world: World, target: Target, s: Settings) -> EndpointSet:
         port = target_port(w, target.service_port)
         if port is None:
             continue
+        # Opaque on the Service's port, or on the pod's own port (its annotation, or its
+        # namespace's): its proxy is then reached at its inbound port with a transport header, as
+        # Linkerd's destination hints it per pod.
+        opaque_here = opaque or port in opaque_ports(world, w)
         for ip in workload_ips(w):
-            addrs[f"{ip}:{port}"] = weighted_addr(w, ip, port, s, opaque=opaque, world=world)
+            addrs[f"{ip}:{port}"] = weighted_addr(w, ip, port, s, opaque=opaque_here, world=world)
     return EndpointSet(addrs, labels, True)
 
 

@@ -56,6 +56,9 @@ class Endpoint:
     protocol_hint: str | None = None  # "h2" (speak HTTP/2 to the peer proxy) | "opaque" | None
     proxy_port: int | None = None  # the peer proxy's inbound port (4143) for meshed traffic
     labels: tuple[tuple[str, str], ...] = field(default=())  # sorted (key, value) pairs
+    # The peer proxy is a tether release before 0.2.0: it reads the transport header as JSON, and
+    # serves no session protocol after it (the destination service says so).
+    legacy_transport_header: bool = False
 
     def __post_init__(self) -> None:
         if self.weight < 1:

@@ -64,7 +64,8 @@ def workload_resource(w: Workload) -> WorkloadResource:
         {
             "apiVersion": "workload.tether.io/v1alpha1",
             "kind": "Workload",
-            "metadata": {"name": w.name, "namespace": w.namespace, "labels": dict(w.labels)},
+            "metadata": {"name": w.name, "namespace": w.namespace, "labels": dict(w.labels),
+                         **({"annotations": dict(w.annotations)} if w.annotations else {})},
             "spec": {
                 "serviceAccount": w.service_account,
                 "addresses": list(w.addresses),

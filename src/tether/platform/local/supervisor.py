@@ -683,7 +683,7 @@ class Supervisor:
                         # As Linkerd's injector labels a Deployment's pods: the destination service
                         # turns it into the endpoints' dst_deployment metric label.
                         labels={**spec.pod_labels, "linkerd.io/proxy-deployment": spec.name},
-                        proxy_admin=f"{pod.ip}:{ADMIN_PORT}")
+                        proxy_admin=f"{pod.ip}:{ADMIN_PORT}", annotations=dict(spec.annotations))
 
     @staticmethod
     def _as_proxy_uid(pod: Pod) -> bool:

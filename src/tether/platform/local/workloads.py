@@ -56,6 +56,9 @@ class Workload:
     labels: Mapping[str, str] = field(default_factory=dict)
     # host:port of the workload's proxy admin server, for `tether identity` and diagnostics.
     proxy_admin: str | None = None
+    # The pod's annotations (`tether run --annotation`): what the control plane reads from a pod
+    # (config.linkerd.io/opaque-ports, linkerd.io/proxy-version).
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for what, value in (("name", self.name), ("namespace", self.namespace)):
@@ -80,6 +83,7 @@ class Workload:
             "ports": [{"port": p.port, **({"name": p.name} if p.name else {})} for p in self.ports],
             "labels": dict(self.labels),
             **({"proxyAdmin": self.proxy_admin} if self.proxy_admin else {}),
+            **({"annotations": dict(self.annotations)} if self.annotations else {}),
         }
 
     @classmethod
@@ -99,6 +103,7 @@ class Workload:
                 ports=tuple(ports),
                 labels={str(k): str(v) for k, v in (d.get("labels") or {}).items()},
                 proxy_admin=d.get("proxyAdmin"),
+                annotations={str(k): str(v) for k, v in (d.get("annotations") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, WorkloadError):
