@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from tether.core import transport_header
 from tether.core.discovery.endpoints import Endpoint
 from tether.proxy.http.h1client import Connector
-from tether.proxy.http.h2client import H2ClientConnection
 from tether.proxy.targets import EndpointTarget
 from tether.proxy.tcp import Pending
 from tether.proxy.tlspeer import IdentityNotReady
@@ -68,6 +67,9 @@ def connector(target: EndpointTarget, identity: IdentityClient | None, handshake
             protocol = factory()
             session = transport_header.OPAQUE
             if with_session:
+                # (Here: a proxy that never speaks HTTP/2 never loads its client.)
+                from tether.proxy.http.h2client import H2ClientConnection
+
                 h2 = isinstance(protocol, H2ClientConnection)
                 session = transport_header.HTTP2 if h2 else transport_header.HTTP1
             preface = transport_header.encode(transport_header.TransportHeader(header_port, protocol=session))
