@@ -263,3 +263,27 @@ def test_destination_tls_flags_are_checked(tmp_path: Path) -> None:
     assert r.returncode != 0
     assert "--destination-svc-name is set but --identity-name is not" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_an_identity_service_whose_tls_address_is_taken_says_so_in_one_line(tmp_path: Path) -> None:
+    """Its address taken (by another process, or a port picked free a moment before): one line naming
+    the cause, exit 1; no traceback of the server it had started (it used to print an exception group
+    and a collector's complaint)."""
+    mesh = LocalMesh(tmp_path)
+    mesh.create_ca()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        r = subprocess.run([sys.executable, "-m", "tether", "controller", "identity", "--tls",
+                            "--addr", f"127.0.0.1:{port}", "--admin-addr", "127.0.0.1:0",
+                            "--issuer-dir", str(mesh.ca_dir), "--state-dir", str(mesh.state)],
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert r.returncode == 1
+    errors = [ln for ln in r.stderr.splitlines() if " INFO " not in ln]
+    assert len(errors) == 1, r.stderr
+    assert errors[0].startswith("tether controller identity: cannot serve: ") and "Address already in use" in errors[0]
+    assert str(port) in errors[0]

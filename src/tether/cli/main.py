@@ -64,6 +64,14 @@ def _guarded(run: Callable[[], Any], where: str) -> int:
     except CliError as e:
         print(f"{e.command_path or where}: {_one_line(str(e))}", file=sys.stderr)
         return e.code
+    except ExceptionGroup as eg:
+        # A CLI error raised in an ``except*`` clause (a server that cannot bind its port) arrives
+        # wrapped: report it as itself. Anything else in the group is a bug: re-raised whole.
+        errors = [e for e in _leaves(eg) if isinstance(e, CliError)]
+        if not errors:
+            raise
+        print(f"{errors[0].command_path or where}: {_one_line(str(errors[0]))}", file=sys.stderr)
+        return errors[0].code
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return ExitCode.INTERRUPTED
@@ -74,6 +82,13 @@ def _guarded(run: Callable[[], Any], where: str) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return ExitCode.BROKEN_PIPE
     return ExitCode.OK if rv is None else int(rv)
+
+
+def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in eg.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 def _one_line(text: str) -> str:

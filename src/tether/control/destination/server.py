@@ -326,9 +326,19 @@ class DestinationController:
                 self.front = front
             else:
                 self.grpc_port = server.add_insecure_port(_bind(host, port))
-            await server.start()
-            if front is not None:
-                self.grpc_port = await front.start(host, port)
+            try:
+                await server.start()
+                if front is not None:
+                    self.grpc_port = await front.start(host, port)
+            except BaseException:
+                # (Its address taken, say: stopped here, in the loop, not left to the collector later.)
+                admin.close()
+                await server.stop(None)
+                for sub in subs.values():
+                    sub.close()
+                if self.own_cert is not None:
+                    renew.cancel()
+                raise
             log.info(
                 "destination service on %s:%d%s (admin %s:%d)%s",
                 host,

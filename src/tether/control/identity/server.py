@@ -241,9 +241,15 @@ class IdentityController:
             self.grpc_port = server.add_insecure_port(bind)
         admin = await asyncio.start_server(self._admin, *self.cfg.admin_addr, limit=16 * 1024)
         self.admin_port = admin.sockets[0].getsockname()[1]
-        await server.start()
-        if front is not None:
-            self.grpc_port = await front.start(host, port)
+        try:
+            await server.start()
+            if front is not None:
+                self.grpc_port = await front.start(host, port)
+        except BaseException:
+            # (Its address taken, say: stopped here, in the loop, not left to the collector later.)
+            admin.close()
+            await server.stop(None)
+            raise
         self.serving.set()
         cur = self.issuer.current
         log.info(
