@@ -94,11 +94,12 @@ class Endpoint:
 
     def same_connection(self, other: Endpoint) -> bool:
         """True when ``other`` can reuse this endpoint's connections (only weight or labels differ)."""
-        return (self.addr, self.identity, self.protocol_hint, self.proxy_port) == (
+        return (self.addr, self.identity, self.protocol_hint, self.proxy_port, self.legacy_transport_header) == (
             other.addr,
             other.identity,
             other.protocol_hint,
             other.proxy_port,
+            other.legacy_transport_header,
         )
 
     def __str__(self) -> str:
