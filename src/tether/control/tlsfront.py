@@ -27,6 +27,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,22 @@ class TlsFront:
             for p in pumps:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await p
+
+
+async def start_serving(server: Any, front: TlsFront | None, host: str, port: int,
+                        on_failure: Callable[[], None]) -> int | None:
+    """Start a gRPC server and, if it has one, its TLS front on ``host:port`` (its port, else None).
+
+    If either fails (its address taken, say), ``on_failure`` runs and the gRPC server is stopped here,
+    in the loop, before the error goes on: left to the collector, it would complain once the loop has
+    closed."""
+    try:
+        await server.start()
+        return await front.start(host, port) if front is not None else None
+    except BaseException:
+        on_failure()
+        await server.stop(None)
+        raise
 
 
 async def _peek(loop: asyncio.AbstractEventLoop, conn: socket.socket, timeout: float) -> bytes:

@@ -33,7 +33,7 @@ from tether.control.destination import translate as tr
 from tether.control.destination.translate import format_tcp_address
 from tether.control.destination.world import Context, LookupError_, World, split_authority
 from tether.control.store import Store
-from tether.control.tlsfront import TlsFront
+from tether.control.tlsfront import TlsFront, start_serving
 from tether.core.resources import KINDS
 from tether.core.resources.events import KindState, ResourceEvent, apply_event
 from tether.runtime.watch import Change, Snapshot, Subscription, Watched
@@ -326,19 +326,16 @@ class DestinationController:
                 self.front = front
             else:
                 self.grpc_port = server.add_insecure_port(_bind(host, port))
-            try:
-                await server.start()
-                if front is not None:
-                    self.grpc_port = await front.start(host, port)
-            except BaseException:
-                # (Its address taken, say: stopped here, in the loop, not left to the collector later.)
+            def undo() -> None:
                 admin.close()
-                await server.stop(None)
                 for sub in subs.values():
                     sub.close()
                 if self.own_cert is not None:
                     renew.cancel()
-                raise
+
+            front_port = await start_serving(server, front, host, port, undo)
+            if front_port is not None:
+                self.grpc_port = front_port
             log.info(
                 "destination service on %s:%d%s (admin %s:%d)%s",
                 host,

@@ -24,7 +24,7 @@ from tether.control.admin import serve_admin
 from tether.control.identity.credentials import CredentialPaths, FileIssuer, ReloadingIssuer
 from tether.control.identity.ratelimit import RateLimiter
 from tether.control.identity.service import CertifyError, IdentityService, TokenValidator
-from tether.control.tlsfront import TlsFront, server_context
+from tether.control.tlsfront import TlsFront, server_context, start_serving
 from tether.core.identity.certs import certificates_pem
 from tether.core.identity.csr import build_csr, generate_key, validate_csr
 from tether.core.identity.issuance import IssuancePolicy
@@ -241,15 +241,9 @@ class IdentityController:
             self.grpc_port = server.add_insecure_port(bind)
         admin = await asyncio.start_server(self._admin, *self.cfg.admin_addr, limit=16 * 1024)
         self.admin_port = admin.sockets[0].getsockname()[1]
-        try:
-            await server.start()
-            if front is not None:
-                self.grpc_port = await front.start(host, port)
-        except BaseException:
-            # (Its address taken, say: stopped here, in the loop, not left to the collector later.)
-            admin.close()
-            await server.stop(None)
-            raise
+        front_port = await start_serving(server, front, host, port, admin.close)
+        if front_port is not None:
+            self.grpc_port = front_port
         self.serving.set()
         cur = self.issuer.current
         log.info(
