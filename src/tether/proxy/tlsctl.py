@@ -77,6 +77,7 @@ _FUNCTIONS: tuple[tuple[str, Any, list[Any], bool], ...] = (
     ("SSL_has_pending", _int, [_vp], True),
     ("SSL_CTX_set_ciphersuites", _int, [_vp, ctypes.c_char_p], False),
     ("SSL_shutdown", _int, [_vp], True),
+    ("SSL_set_alpn_protos", _int, [_vp, ctypes.c_char_p, _uint], True),
     ("ERR_clear_error", None, [], True),  # (libcrypto's, found through libssl's dependencies)
 )
 # Handed to the C helper by address (record_io), never called through ctypes. ERR_* are libcrypto's,
@@ -231,18 +232,8 @@ def offer_alpn(sock: Any, wire: bytes) -> bool:
     """Offer ALPN ``wire`` (length-prefixed protocol names) on this client TLS socket before its
     handshake, whatever its context offers (``SSL_set_alpn_protos``: the ssl module sets ALPN per
     context only); False if that cannot be done here."""
-    global _set_alpn
     ptr = ssl_pointer(sock)
-    if ptr is None:
-        return False
-    if _set_alpn is None:
-        _set_alpn = _function("SSL_set_alpn_protos") or False
-        if _set_alpn:
-            _set_alpn.restype, _set_alpn.argtypes = _int, [_vp, ctypes.c_char_p, _uint]
-    return bool(_set_alpn) and _set_alpn(ptr, wire, len(wire)) == 0  # (0 is success here)
-
-
-_set_alpn: Any = None  # SSL_set_alpn_protos once looked up (False: absent)
+    return ptr is not None and _fast.SSL_set_alpn_protos(ptr, wire, len(wire)) == 0  # (0 is success here)
 
 
 def ssl_pointer(sock: Any) -> int | None:

@@ -64,15 +64,20 @@ def _io_error(detail: tuple[int, str]) -> BaseException:
 _tlsctl: Any = None  # tether.proxy.tlsctl once needed (it loads ctypes: a plaintext proxy never does)
 
 
-def _ssl_pointer(sslobj: Any) -> int:
-    """The OpenSSL SSL of the TLS socket ``sslobj`` for SSL_free_buffers (tlsctl), or 0 where it is out
-    of reach."""
+def _ctl() -> Any:
+    """tether.proxy.tlsctl, imported the first time it is needed."""
     global _tlsctl
     if _tlsctl is None:
         from tether.proxy import tlsctl
 
         _tlsctl = tlsctl
-    return _tlsctl.ssl_pointer(sslobj) or 0
+    return _tlsctl
+
+
+def _ssl_pointer(sslobj: Any) -> int:
+    """The OpenSSL SSL of the TLS socket ``sslobj`` for SSL_free_buffers (tlsctl), or 0 where it is out
+    of reach."""
+    return _ctl().ssl_pointer(sslobj) or 0
 
 
 def _free_buffers(ssl_ptr: int) -> None:
@@ -657,16 +662,12 @@ async def _wrap(loop: asyncio.AbstractEventLoop, raw: socket.socket, ctx: ssl.SS
             if not server_side and not server_hostname and ctx.check_hostname:
                 raise ValueError("check_hostname requires server_hostname")
             sslobj = ctx._wrap_socket(raw, server_side, server_hostname)  # type: ignore[attr-defined]
+            # (tlsctl only here: a plaintext proxy never loads ctypes, ~0.5 MiB)
             if alpn is not None:
-                from tether.proxy import tlsctl as ctl  # (here: a plaintext proxy never loads ctypes, ~0.5 MiB)
-
-                ctl.offer_alpn(sslobj, alpn)
-            if session is not None:
-                from tether.proxy import tlsctl  # (here: a plaintext proxy never loads ctypes, ~0.5 MiB)
-
-                if not tlsctl.offer_session(sslobj, session):
-                    with contextlib.suppress(ValueError):  # another context's session: a full handshake
-                        sslobj.session = session  # (the ssl module copies it: ~1.6M instructions)
+                _ctl().offer_alpn(sslobj, alpn)
+            if session is not None and not _ctl().offer_session(sslobj, session):
+                with contextlib.suppress(ValueError):  # another context's session: a full handshake
+                    sslobj.session = session  # (the ssl module copies it: ~1.6M instructions)
     except BaseException:
         if registered:
             loop.remove_reader(fd)
