@@ -151,11 +151,7 @@ def start_target(name: str, workdir: Path, fortio: Path, backend_port: int, work
     mesh.tether("run", server, "--port", "8080", *annotations, "--", str(fortio), "server", "-quiet",
                 "-http-port", "8080", "-grpc-port", "disabled", "-redirect-port", "disabled", "-tcp-port", "disabled",
                 "-udp-port", "disabled")
-    # The new-connections row's port is opaque for the client proxies by their pod's annotation too:
-    # tether's outbound side does not yet skip HTTP detection for a port the destination marks opaque
-    # (Linkerd's does), so without it tether's client would pool HTTP connections to that server.
-    opaque_out = [] if name == "pods-direct" else ["--annotation", "config.linkerd.io/opaque-ports=8080"]
-    mesh.tether("run", client, *annotations, *opaque_out, "--", "sleep", "86400")
+    mesh.tether("run", client, *annotations, "--", "sleep", "86400")
     mesh.tether("apply", "-f", "-", stdin=f"apiVersion: v1\nkind: Service\nmetadata: {{name: {server}, namespace: "
                 f"default}}\nspec: {{selector: {{app: {server}}}, ports: [{{port: 80, targetPort: 8080}}]}}\n")
     if name != "pods-direct":

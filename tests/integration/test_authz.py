@@ -694,6 +694,38 @@ spec:
         world.controller.delete(docs)
 
 
+def test_the_first_connection_to_an_opaque_server_port_waits_for_its_policy_not_for_detection(
+        tmp_path: Path) -> None:
+    """A Server with proxyProtocol opaque on a port the pod does not annotate: the first connection
+    waits for the port's policy, then is forwarded at once, so a server that speaks first is heard
+    without the client sending a byte. Before, that connection was detected while the policy was
+    fetched, and a silent client heard nothing until the detection timeout (here 120 s)."""
+    from tether.testing.policy import ScriptedInboundPolicy, server_from_yaml
+
+    banner = b"220 ready\r\n"
+    listener, app_port = tcp_server(lambda c: c.sendall(banner))
+    opaque = server_from_yaml(namespace_with_policy("all-unauthenticated") + "---\n" + yaml.safe_dump({
+        "apiVersion": "policy.linkerd.io/v1beta3", "kind": "Server",
+        "metadata": {"name": "smtp", "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {}}, "port": app_port, "proxyProtocol": "opaque"}}) + "---\n"
+        + yaml.safe_dump({"apiVersion": "workload.tether.io/v1alpha1", "kind": "Workload",
+                          "metadata": {"name": "web", "namespace": "default"}, "spec": {"serviceAccount": "web"}}),
+        "default", "web", app_port)
+    policy = ScriptedInboundPolicy({app_port: opaque}).start()
+    p = ProxyProc(tmp_path, inbound_app_addr=f"127.0.0.1:{app_port}", policy_addrs=f"127.0.0.1:{policy.port}",
+                  policy_workload=json.dumps({"ns": "default", "pod": "web"}), detect_timeout="120s").wait_ready()
+    try:
+        with socket.create_connection(("127.0.0.1", p.inbound_port), timeout=60) as s:
+            assert s.recv(64) == banner
+        m = p.metrics()
+        assert any(ln.startswith("inbound_tcp_authz_allow_total{") and 'srv_name="smtp"' in ln
+                   for ln in m.splitlines()), m
+    finally:
+        p.stop()
+        policy.stop()
+        listener.close()
+
+
 def test_policy_watch_fails_over_keeps_the_last_good_policy_and_says_stale() -> None:
     """The proxy's WatchPort client against real gRPC servers: a dead replica, a live one, an outage,
     an invalid message."""

@@ -488,6 +488,53 @@ def test_a_pod_calls_its_own_service_through_both_sides_of_its_proxy(mesh: Mesh)
                         "-m comment --comment tether -j PROXY_INIT_REDIRECT"), rules
 
 
+# Answers every connection on two ports with a banner before reading anything (as SMTP, MySQL or
+# NATS servers do), then closes.
+BANNER_APP = [sys.executable, "-c", """
+import socket, threading
+def serve(port):
+    ls = socket.create_server(("0.0.0.0", port), backlog=64)
+    while True:
+        c, _ = ls.accept()
+        c.sendall(b"220 banner on %d\\r\\n" % port)
+        c.close()
+threading.Thread(target=serve, args=(5555,), daemon=True).start()
+serve(5556)
+"""]
+# Connects, sends nothing, prints what the server says first (60 s at most).
+READ_BANNER = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+print(s.recv(100).decode().strip())
+"""
+
+
+def test_a_server_speaks_first_port_the_destination_marks_opaque_is_not_detected(mesh: Mesh) -> None:
+    """The client's proxy asks discovery about a connection's original destination before detecting:
+    a Service port in the Service's config.linkerd.io/opaque-ports, and a pod's port in the pod's,
+    are forwarded at once, so a server that speaks first is heard without the client sending a
+    byte. Before, the client's proxy waited for the protocol detection timeout (10 s) first."""
+    mesh.up()
+    mesh.tether("run", "banner", "--port", "5555", "--port", "5556",
+                "--annotation", "config.linkerd.io/opaque-ports=5556", "--", *BANNER_APP)
+    mesh.tether("run", "client", "--", "sleep", "3600")
+    mesh.apply("apiVersion: v1\nkind: Service\nmetadata:\n  name: banner\n  namespace: default\n"
+               "  annotations: {config.linkerd.io/opaque-ports: '5555'}\n"
+               "spec: {selector: {app: banner}, ports: [{port: 5555, targetPort: 5555}]}\n")
+    wait_for(lambda: mesh.exec("client-0", "getent", "hosts", "banner", check=False).returncode == 0, 15,
+             what="the Service's name in the client pod's hosts file")
+    pod_ip = mesh.pods("banner")[0]["ip"]
+    heard = [mesh.exec("client-0", sys.executable, "-c", READ_BANNER, *to).stdout.strip()
+             for to in (("banner", "5555"), (pod_ip, "5556"))]
+    assert heard == ["220 banner on 5555", "220 banner on 5556"], heard
+    log = mesh.tether("logs", "client", "-c", "proxy").stdout
+    assert "protocol detection timed out" not in log, log[-3000:]
+    client = mesh.metrics("client-0").splitlines()
+    opaque = [ln for ln in client if ln.startswith("tcp_open_total{") and 'direction="outbound"' in ln
+              and 'peer="dst"' in ln and 'tls="true"' in ln]
+    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in opaque) >= 2, opaque
+
+
 def test_http_to_a_port_only_the_pod_marks_opaque(mesh: Mesh) -> None:
     """The pod lists its port in config.linkerd.io/opaque-ports, the Service does not: the client's
     proxy detects HTTP and reaches the pod's proxy at its inbound port with a transport header naming

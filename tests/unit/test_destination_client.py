@@ -44,6 +44,9 @@ class Replica(destination_pb2_grpc.DestinationServicer):
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.on_get: Callable[[d.GetDestination], list[d.Update]] = lambda req: []
+        self.profile_requests: list[d.GetDestination] = []
+        self.profile_streams: list[asyncio.Queue[d.DestinationProfile | None]] = []
+        self.profile_streams_open = 0
 
     async def Get(self, request: d.GetDestination, context: grpc.aio.ServicerContext) -> AsyncIterator[d.Update]:
         self.requests.append(request)
@@ -53,6 +56,18 @@ class Replica(destination_pb2_grpc.DestinationServicer):
         self.streams.append(q)
         while (u := await q.get()) is not None:
             yield u
+
+    async def GetProfile(self, request: d.GetDestination,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[d.DestinationProfile]:
+        self.profile_requests.append(request)
+        q: asyncio.Queue[d.DestinationProfile | None] = asyncio.Queue()
+        self.profile_streams.append(q)
+        self.profile_streams_open += 1
+        try:
+            while (p := await q.get()) is not None:
+                yield p
+        finally:
+            self.profile_streams_open -= 1
 
     async def start(self) -> Replica:
         self.server = grpc.aio.server()
@@ -199,6 +214,71 @@ def test_a_first_answer_after_the_resolve_timeout_makes_routers_decide_again() -
             await until(lambda: dd.generation() != gen, "generation bumped", steps=1_000_000)
             res = await dd.resolve("web.ns.svc.cluster.local:80")
             assert res is not None and res.endpoints.state.addrs == {("10.0.0.7", 80)}
+        finally:
+            await dd.aclose()
+            await r.stop()
+
+    run(main)
+
+
+def test_whether_an_original_destination_is_opaque_comes_from_its_profile() -> None:
+    # The outbound side asks before detecting: the first time it waits for the answer, then it knows
+    # at once, and follows the stream's later answers.
+    async def main() -> None:
+        r = await Replica().start()
+        dd = DestinationDiscovery(DestinationSettings((f"127.0.0.1:{r.port}",), "{}", resolve_timeout=20))
+        try:
+            first = dd.opaque_dst(("10.0.0.9", 5432))
+            assert not isinstance(first, bool)
+            pending = asyncio.ensure_future(first)
+            await until(lambda: bool(r.profile_streams), "profile stream opened", steps=1_000_000)
+            assert [q.path for q in r.profile_requests] == ["10.0.0.9:5432"]
+            r.profile_streams[0].put_nowait(d.DestinationProfile(opaque_protocol=True))
+            assert await pending is True
+            assert dd.opaque_dst(("10.0.0.9", 5432)) is True  # known now: no lookup, no new stream
+            r.profile_streams[0].put_nowait(d.DestinationProfile(opaque_protocol=False))
+            await until(lambda: dd.opaque_dst(("10.0.0.9", 5432)) is False, "the later answer applied",
+                        steps=1_000_000)
+            assert len(r.profile_requests) == 1
+        finally:
+            await dd.aclose()
+            await r.stop()
+
+    run(main)
+
+
+def test_without_an_answer_a_destination_is_not_opaque_after_the_resolve_timeout() -> None:
+    async def main() -> None:
+        dd = DestinationDiscovery(DestinationSettings(("127.0.0.1:1",), "{}", resolve_timeout=0.2))
+        try:
+            verdict = dd.opaque_dst(("10.0.0.9", 5432))
+            assert not isinstance(verdict, bool) and await verdict is False
+        finally:
+            await dd.aclose()
+
+    run(main)
+
+
+def test_opaque_lookups_by_address_keep_at_most_max_streams_open() -> None:
+    # Every original destination an application dials gets a stream: they are bounded, the least
+    # recently used closed first.
+    async def main() -> None:
+        r = await Replica().start()
+        dd = DestinationDiscovery(DestinationSettings((f"127.0.0.1:{r.port}",), "{}", resolve_timeout=20,
+                                                      max_streams=2))
+        try:
+            for i in range(3):
+                verdict = dd.opaque_dst((f"10.0.0.{i}", 80))
+                pending = asyncio.ensure_future(verdict) if not isinstance(verdict, bool) else None
+                await until(lambda i=i: len(r.profile_streams) == i + 1, "profile stream opened", steps=1_000_000)
+                r.profile_streams[i].put_nowait(d.DestinationProfile(opaque_protocol=i == 2))
+                assert pending is not None and await pending is (i == 2)
+            await until(lambda: r.profile_streams_open == 2, "the oldest stream closed", steps=1_000_000)
+            assert dd.opaque_dst(("10.0.0.2", 80)) is True
+            assert dd.opaque_dst(("10.0.0.1", 80)) is False
+            again = dd.opaque_dst(("10.0.0.0", 80))  # asked again
+            assert not isinstance(again, bool)
+            again.close()  # type: ignore[attr-defined]
         finally:
             await dd.aclose()
             await r.stop()

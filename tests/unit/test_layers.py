@@ -189,6 +189,9 @@ class FakeDiscovery:
     async def profile(self, authority: str) -> None:
         return None
 
+    def opaque_dst(self, addr: tuple[str, int]) -> bool:
+        return False
+
     def generation(self) -> int:
         return self.changes.value
 

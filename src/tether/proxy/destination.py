@@ -26,7 +26,8 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -135,13 +136,18 @@ def profile_of(p: destination_lite.DestinationProfile) -> Profile:
 class _Latest(Generic[T]):
     """A stream whose every message replaces the value (a profile, a policy)."""
 
-    __slots__ = ("first", "rejected_total", "task", "watch")
+    __slots__ = ("first", "last_used", "rejected_total", "task", "watch")
 
     def __init__(self, watch: Watched[T, T], first: asyncio.Event) -> None:
         self.watch = watch
         self.first = first
         self.task: asyncio.Task[None] | None = None
         self.rejected_total = 0
+        self.last_used = time.monotonic()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
 
 
 class _Watch:
@@ -171,6 +177,8 @@ class DestinationDiscovery:
         self._watches: dict[str, _Watch] = {}
         self._profiles: dict[str, _Latest[Profile]] = {}
         self._policies: dict[str, _Latest[ClientPolicy | None]] = {}
+        # By original destination (opaque or not), least recently used first.
+        self._dst_profiles: OrderedDict[Addr, _Latest[Profile]] = OrderedDict()
         self.changes = Generation()
         self._rng = random.Random()
         self.reconnects_total = 0
@@ -226,6 +234,30 @@ class DestinationDiscovery:
         return _decoded(channel.server_stream(_WATCH_POLICY, req.SerializeToString()),
                         outbound_lite.OutboundPolicy.FromString)
 
+    def opaque_dst(self, addr: Addr) -> bool | Awaitable[bool]:
+        """Whether the destination service says connections to ``addr`` (an original destination)
+        are opaque: GetProfile on the address, whose ``opaque_protocol`` is its Service's
+        ``config.linkerd.io/opaque-ports`` for a cluster IP and its pod's for a pod's address, as
+        Linkerd's proxy asks before detecting. Known after the first answer (or the resolve
+        timeout: then not opaque until one comes); the streams are kept per address, at most
+        ``max_streams``, closed when unused for five minutes."""
+        entry = self._dst_profiles.get(addr)
+        if entry is not None and entry.first.is_set():
+            entry.last_used = time.monotonic()
+            self._dst_profiles.move_to_end(addr)  # least recently used first
+            return entry.watch.state.opaque
+        return self._opaque_dst_later(addr)
+
+    async def _opaque_dst_later(self, addr: Addr) -> bool:
+        entry = self._dst_profiles.get(addr)
+        if entry is None:
+            if len(self._dst_profiles) >= self.settings.max_streams:
+                self._dst_profiles.popitem(last=False)[1].cancel()
+            entry = self._dst_profiles[addr] = self._start_latest(format_addr(addr), Profile(), self._open_profile,
+                                                                  profile_of)
+        await self._first_answer(entry)
+        return bool(entry.watch.state.opaque)
+
     async def _latest(self, table: dict[str, _Latest[Any]], authority: str, empty: Any,
                       open_call: Callable[[GrpcChannel, str], AsyncIterator[Any]],
                       convert: Callable[[Any], Any]) -> Any:
@@ -236,14 +268,21 @@ class DestinationDiscovery:
             return None
         entry = table.get(key)
         if entry is None:
-            watch: Watched[Any, Any] = Watched(empty, lambda _old, new: new)
-            entry = table[key] = _Latest(watch, asyncio.Event())
-            entry.task = asyncio.get_running_loop().create_task(
-                self._follow_latest(key, entry, open_call, convert))
+            entry = table[key] = self._start_latest(key, empty, open_call, convert)
+        await self._first_answer(entry)
+        return entry.watch
+
+    def _start_latest(self, key: str, empty: Any, open_call: Callable[[GrpcChannel, str], AsyncIterator[Any]],
+                      convert: Callable[[Any], Any]) -> _Latest[Any]:
+        watch: Watched[Any, Any] = Watched(empty, lambda _old, new: new)
+        entry: _Latest[Any] = _Latest(watch, asyncio.Event())
+        entry.task = asyncio.get_running_loop().create_task(self._follow_latest(key, entry, open_call, convert))
+        return entry
+
+    async def _first_answer(self, entry: _Latest[Any]) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.resolve_timeout):
                 await entry.first.wait()
-        return entry.watch
 
     async def _follow_latest(self, key: str, entry: _Latest[Any],
                              open_call: Callable[[GrpcChannel, str], AsyncIterator[Any]],
@@ -289,14 +328,19 @@ class DestinationDiscovery:
             for key, w in list(self._watches.items()):
                 if w.last_used < horizon and w.endpoints.subscribers == 0:
                     self._drop(key)
+            while self._dst_profiles:
+                addr, entry = next(iter(self._dst_profiles.items()))
+                if entry.last_used >= horizon:
+                    break
+                del self._dst_profiles[addr]
+                entry.cancel()
 
     async def aclose(self) -> None:
         for key in list(self._watches):
             self._drop(key)
-        for table in (self._profiles, self._policies):
+        for table in (self._profiles, self._policies, self._dst_profiles):
             for entry in table.values():
-                if entry.task is not None:
-                    entry.task.cancel()
+                entry.cancel()
             table.clear()
         for ch in self._channels.values():
             ch.close()

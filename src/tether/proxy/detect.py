@@ -3,7 +3,9 @@
 A :class:`DetectProtocol` is the first protocol of every accepted connection. It reads up to
 ``detect_peek_bytes``, asks :func:`tether.core.http.detect.detect` what they are, and passes the
 transport and the bytes read so far to ``on_detected``. Ports in the opaque-ports list skip
-detection at once (server-speaks-first protocols never wait); so does a detection timeout.
+detection at once (server-speaks-first protocols never wait); so do ports whose policy says opaque
+(inbound) and original destinations discovery says are opaque (outbound), the answer awaited first
+when it is not known yet (bytes the client sends meanwhile are kept); and a detection timeout.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tether.core import transport_header
@@ -67,9 +69,13 @@ def socket_original_dst(sock: Any, local: Any) -> tuple[str, int] | None:
 class DetectProtocol(asyncio.Protocol):
     def __init__(self, direction: str, cfg: DetectSettings, on_detected: OnDetected,
                  tls: bool = False, client_id: str | None = None,
-                 opaque: Callable[[int], bool] | None = None) -> None:
+                 opaque: Callable[[int], bool | Awaitable[bool]] | None = None,
+                 dst_opaque: Callable[[tuple[str, int]], bool | Awaitable[bool]] | None = None) -> None:
         self.direction = direction
+        # Whether to skip detection, known now or after a lookup (awaited, bounded by the lookup):
         self.opaque = opaque  # the port's policy says opaque (inbound: a Server with proxyProtocol opaque)
+        self.dst_opaque = dst_opaque  # discovery says the original destination is opaque (outbound)
+        self._lookup: asyncio.Task[None] | None = None  # while a lookup's answer is awaited
         self.cfg = cfg
         self.on_detected = on_detected
         self.tls = tls
@@ -102,10 +108,36 @@ class DetectProtocol(asyncio.Protocol):
         port = dst[1] if dst is not None else None
         if port is None and self.direction == "inbound":
             port = self.cfg.inbound_app_port
-        if port is not None and (port in self.cfg.opaque_ports or (self.opaque is not None and self.opaque(port))):
+        verdict: bool | Awaitable[bool] = False
+        if port is not None:
+            if port in self.cfg.opaque_ports:
+                verdict = True
+            elif self.opaque is not None:
+                verdict = self.opaque(port)
+        if verdict is False and dst is not None and self.dst_opaque is not None:
+            verdict = self.dst_opaque(dst)
+        if verdict is True:
             self._decide(Detected.OPAQUE)
             return
-        self._timer = asyncio.get_running_loop().call_later(self.cfg.detect_timeout, self._on_timeout)
+        loop = asyncio.get_running_loop()
+        if verdict is not False:
+            self._lookup = loop.create_task(self._await_verdict(verdict))
+        self._timer = loop.call_later(self.cfg.detect_timeout, self._on_timeout)
+
+    async def _await_verdict(self, verdict: Awaitable[bool]) -> None:
+        try:
+            opaque = await verdict
+        except Exception:  # a lookup that failed is no verdict: detect as without one
+            log.exception("%s: looking up whether %s is opaque failed", self.direction,
+                          self.conn.orig_dst if self.conn else "?")
+            opaque = False
+        self._lookup = None
+        if self._done:
+            return
+        if opaque:
+            self._decide(Detected.OPAQUE)
+        elif self._buf:
+            self._detect()
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -119,6 +151,10 @@ class DetectProtocol(asyncio.Protocol):
                 # timeout (slowloris), even while we are still detecting.
                 self._header_timer = loop.call_later(self.cfg.header_read_timeout, self._on_header_timeout)
         self._buf += data
+        if self._lookup is None:
+            self._detect()
+
+    def _detect(self) -> None:
         if self.tls and transport_header.is_prefix(self._buf):
             self._read_transport_header()
             return
@@ -160,6 +196,9 @@ class DetectProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._done = True
         self._cancel_timers()
+        if self._lookup is not None:
+            self._lookup.cancel()
+            self._lookup = None
 
     def _cancel_timers(self) -> None:
         for t in (self._timer, self._header_timer):
@@ -198,6 +237,9 @@ class DetectProtocol(asyncio.Protocol):
     def _decide(self, what: Detected, eof: bool = False) -> None:
         self._done = True
         self._cancel_timers()
+        if self._lookup is not None:  # decided without it (the client's EOF, the detection timeout)
+            self._lookup.cancel()
+            self._lookup = None
         assert self.transport is not None and self.conn is not None
         if what is Detected.TLS:
             what = Detected.OPAQUE  # TLS from the app itself: forwarded as bytes

@@ -25,7 +25,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, Protocol
 
 from tether.core.discovery.endpoints import (
@@ -195,6 +195,11 @@ class Discovery(Protocol):
         """The watched outbound policy of an address no destination names (egress), or None."""
         ...
 
+    def opaque_dst(self, addr: Addr) -> bool | Awaitable[bool]:
+        """Whether connections to the original destination ``addr`` are opaque, so that the outbound
+        side forwards them without detecting a protocol: known now, or after a lookup."""
+        ...
+
     def generation(self) -> int:
         """``changes.value``."""
         ...
@@ -217,6 +222,10 @@ async def feed(sub: Subscription[EndpointSet, EndpointDiff], sink: EndpointSink)
             sink.replace(update.state)
         else:
             sink.apply(update.change)
+
+
+def _opaque_addrs(destinations: dict[str, EndpointSet]) -> frozenset[Addr]:
+    return frozenset(ep.addr for eps in destinations.values() for ep in eps if ep.protocol_hint == "opaque")
 
 
 class StaticDiscovery:
@@ -242,6 +251,7 @@ class StaticDiscovery:
         except OSError as e:
             raise DiscoveryError(f"{path}: cannot read the destinations file: {e.strerror or e}") from None
         self._destinations = self._load()
+        self._opaque_addrs = _opaque_addrs(self._destinations)
 
     def _load(self) -> dict[str, EndpointSet]:
         try:
@@ -315,6 +325,10 @@ class StaticDiscovery:
         eps = self.resolve_now(format_addr(addr))
         return eps.get(addr) if eps is not None else None
 
+    def opaque_dst(self, addr: Addr) -> bool:
+        """An address the file lists as an endpoint with ``protocol_hint: opaque``."""
+        return addr in self._opaque_addrs
+
     def check(self) -> bool:
         """Reload the file if it changed; True when new destinations were published."""
         try:
@@ -334,6 +348,7 @@ class StaticDiscovery:
         self.reloads_total += 1
         self.changes.value += 1
         self._destinations = destinations
+        self._opaque_addrs = _opaque_addrs(destinations)
         for key, w in self._watches.items():
             # An authority dropped from the file keeps its watch, with no endpoints (fail-fast).
             new = destinations.get(key, EndpointSet())

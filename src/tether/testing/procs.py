@@ -6,6 +6,7 @@ Every wait has a deadline; every process is terminated (then killed) on exit.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,11 +19,44 @@ from typing import Any
 
 from tether.core import sidecar
 
+# Ports handed out by free_port, never handed out again by this process (their process may not have
+# bound them yet).
+_handed_out: set[int] = set()
+_rng = random.Random()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on, for a process about to bind it.
+
+    Picked below the kernel's ephemeral range when there is room: a port the kernel chose (binding
+    port 0) is the kind it also gives to other processes' outgoing connections, and one of those
+    could take it before our process binds it."""
+    low = _ephemeral_low()
+    if low > 12_000:
+        for _ in range(200):
+            port = _rng.randrange(10_000, low)
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _handed_out.add(port)
+    return port
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,

@@ -99,9 +99,15 @@ class Inbound:
         """The protocol of a newly accepted (or TLS-terminated) connection."""
         return DetectProtocol("inbound", self.detect, self.on_detected, opaque=self._policy_opaque)
 
-    def _policy_opaque(self, port: int) -> bool:
-        # Known policies only: a port's first connection is detected while its policy is fetched.
+    def _policy_opaque(self, port: int) -> bool | Awaitable[bool]:
+        # A port's first connection waits for its policy (the authorization would wait for it anyway).
         policy = self.authorizer.source.current(port)
+        if policy is not None:
+            return policy.is_opaque
+        return self._policy_opaque_later(port)
+
+    async def _policy_opaque_later(self, port: int) -> bool:
+        policy = await self.authorizer.source.get(port)  # bounded wait for the port's first policy
         return policy is not None and policy.is_opaque
 
     def on_detected(self, what: Detected, transport: asyncio.Transport, conn: Connection, buf: bytes,

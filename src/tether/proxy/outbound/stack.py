@@ -102,8 +102,10 @@ class Outbound:
 
     # -- accept and detect --------------------------------------------------------------------------
     def accept(self) -> DetectProtocol:
-        """The protocol of a newly accepted connection."""
-        return DetectProtocol("outbound", self.detect, self.on_detected)
+        """The protocol of a newly accepted connection: detected, unless discovery says its original
+        destination is opaque (its Service's or pod's opaque ports), as Linkerd's proxy decides."""
+        return DetectProtocol("outbound", self.detect, self.on_detected,
+                              dst_opaque=self.discovery.opaque_dst if self.discovery is not None else None)
 
     def on_detected(self, what: Detected, transport: asyncio.Transport, conn: Connection, buf: bytes,
                     eof: bool) -> None:
