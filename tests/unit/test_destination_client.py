@@ -274,6 +274,7 @@ def test_opaque_lookups_by_address_keep_at_most_max_streams_open() -> None:
                 r.profile_streams[i].put_nowait(d.DestinationProfile(opaque_protocol=i == 2))
                 assert pending is not None and await pending is (i == 2)
             await until(lambda: r.profile_streams_open == 2, "the oldest stream closed", steps=1_000_000)
+            assert "tether_destination_address_profiles 2" in dd.metrics_lines()
             assert dd.opaque_dst(("10.0.0.2", 80)) is True
             assert dd.opaque_dst(("10.0.0.1", 80)) is False
             again = dd.opaque_dst(("10.0.0.0", 80))  # asked again

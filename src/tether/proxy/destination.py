@@ -357,6 +357,10 @@ class DestinationDiscovery:
             "replica of the destination service answers.",
             "# TYPE tether_destination_stale gauge",
             f"tether_destination_stale {stale}",
+            "# HELP tether_destination_address_profiles Original destinations whose profile the proxy follows "
+            "(GetProfile on the address: whether connections to it are opaque).",
+            "# TYPE tether_destination_address_profiles gauge",
+            f"tether_destination_address_profiles {len(self._dst_profiles)}",
             "# HELP tether_destination_reconnects_total Destination streams re-established.",
             "# TYPE tether_destination_reconnects_total counter",
             f"tether_destination_reconnects_total {self.reconnects_total}",
