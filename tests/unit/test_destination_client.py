@@ -259,6 +259,29 @@ def test_without_an_answer_a_destination_is_not_opaque_after_the_resolve_timeout
     run(main)
 
 
+def test_only_addresses_in_the_profile_networks_are_asked_about() -> None:
+    # As Linkerd's proxy (its profile networks are the cluster's): egress gets no stream and no wait.
+    async def main() -> None:
+        r = await Replica().start()
+        dd = DestinationDiscovery(DestinationSettings((f"127.0.0.1:{r.port}",), "{}", resolve_timeout=20,
+                                                      profile_networks=(ipaddress.ip_network("10.0.0.0/8"),)))
+        try:
+            assert dd.opaque_dst(("8.8.8.8", 443)) is False
+            assert dd.opaque_dst(("2001:db8::1", 443)) is False
+            inside = dd.opaque_dst(("10.1.2.3", 5432))
+            assert not isinstance(inside, bool)
+            pending = asyncio.ensure_future(inside)
+            await until(lambda: bool(r.profile_streams), "profile stream opened", steps=1_000_000)
+            r.profile_streams[0].put_nowait(d.DestinationProfile(opaque_protocol=True))
+            assert await pending is True
+            assert [q.path for q in r.profile_requests] == ["10.1.2.3:5432"]
+        finally:
+            await dd.aclose()
+            await r.stop()
+
+    run(main)
+
+
 def test_opaque_lookups_by_address_keep_at_most_max_streams_open() -> None:
     # Every original destination an application dials gets a stream: they are bounded, the least
     # recently used closed first.

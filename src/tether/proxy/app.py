@@ -10,6 +10,7 @@ HTTP/2, and exits 0.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import signal
@@ -285,7 +286,8 @@ def discovery_from(cfg: ProxyConfig, identity: IdentityClient | None = None) -> 
         except ValueError:
             raise ConfigError(f"--destination-context: {token!r} is not JSON") from None
     tls = control_tls(cfg, identity, "--destination-svc-name", cfg.destination_svc_name)
-    return DestinationDiscovery(DestinationSettings(addrs, token, tls=tls))
+    nets = tuple(ipaddress.ip_network(n, strict=False) for n in _cluster_networks(cfg))
+    return DestinationDiscovery(DestinationSettings(addrs, token, tls=tls, profile_networks=nets))
 
 
 def access_log_from(cfg: ProxyConfig) -> AccessLogWriter | None:

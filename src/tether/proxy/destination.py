@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import random
@@ -55,6 +56,7 @@ _GET_PROFILE = "/io.linkerd.proxy.destination.Destination/GetProfile"
 _WATCH_POLICY = "/io.linkerd.proxy.outbound.OutboundPolicies/Watch"
 _BACKOFF_MAX = 5.0
 _ADDR = "addr:"  # the key of a policy watched by address, not by name
+_NETWORK_VERDICTS = 4096  # IPs remembered as inside or outside the profile networks (then forgotten at once)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,9 @@ class DestinationSettings:
     resolve_timeout: float = 3.0  # how long a first answer may take before the request falls back
     max_streams: int = 10_000  # destinations watched at once (idle ones are closed by the stack cache)
     tls: ChannelTls | None = None  # mutual TLS to the replicas (None: plaintext)
+    # The addresses whose profile the proxy asks for when they are an original destination (the
+    # cluster's networks, as Linkerd's LINKERD2_PROXY_DESTINATION_PROFILE_NETWORKS); None: every address.
+    profile_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
 
 
 def context_token(namespace: str, pod: str = "", node: str = "") -> str:
@@ -179,6 +184,7 @@ class DestinationDiscovery:
         self._policies: dict[str, _Latest[ClientPolicy | None]] = {}
         # By original destination (opaque or not), least recently used first.
         self._dst_profiles: OrderedDict[Addr, _Latest[Profile]] = OrderedDict()
+        self._profile_network_ips: dict[str, bool] = {}  # IP -> within profile_networks (bounded)
         self.changes = Generation()
         self._rng = random.Random()
         self.reconnects_total = 0
@@ -240,13 +246,32 @@ class DestinationDiscovery:
         ``config.linkerd.io/opaque-ports`` for a cluster IP and its pod's for a pod's address, as
         Linkerd's proxy asks before detecting. Known after the first answer (or the resolve
         timeout: then not opaque until one comes); the streams are kept per address, at most
-        ``max_streams``, closed when unused for five minutes."""
+        ``max_streams``, closed when unused for five minutes. An address outside
+        ``profile_networks`` is not asked about (not opaque)."""
         entry = self._dst_profiles.get(addr)
         if entry is not None and entry.first.is_set():
             entry.last_used = time.monotonic()
             self._dst_profiles.move_to_end(addr)  # least recently used first
             return entry.watch.state.opaque
+        if entry is None and not self._in_profile_networks(addr):
+            return False  # outside the cluster: no profile to ask for, detected as always
         return self._opaque_dst_later(addr)
+
+    def _in_profile_networks(self, addr: Addr) -> bool:
+        nets = self.settings.profile_networks
+        if nets is None:
+            return True
+        inside = self._profile_network_ips.get(addr[0])
+        if inside is None:
+            try:
+                ip = ipaddress.ip_address(addr[0])
+            except ValueError:
+                return False
+            inside = any(ip.version == n.version and ip in n for n in nets)
+            if len(self._profile_network_ips) >= _NETWORK_VERDICTS:
+                self._profile_network_ips.clear()
+            self._profile_network_ips[addr[0]] = inside
+        return inside
 
     async def _opaque_dst_later(self, addr: Addr) -> bool:
         entry = self._dst_profiles.get(addr)
