@@ -763,6 +763,9 @@ class Supervisor:
                              "--destination-context", json.dumps({"ns": spec.namespace, "pod": pod.name},
                                                                  separators=(",", ":")),
                              "--policy-addrs", ",".join(s.destination_addrs),
+                             # The mesh's networks: the cluster-* default policies, and the original
+                             # destinations whose profile says whether they are opaque.
+                             "--cluster-networks", f"{s.pod_cidr},{s.service_cidr}",
                              "--shutdown-grace-period", "10s")]
         if ps.opaque_ports:
             argv += ["--opaque-ports", ",".join(ps.opaque_ports)]
