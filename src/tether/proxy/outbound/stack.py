@@ -80,6 +80,8 @@ class Outbound:
         self.tap = tap if tap is not None else TapHub()
         self.tracer = tracer
         self.discovery = discovery
+        # Asked for each accepted connection's original destination (bound once, not per connection).
+        self._dst_opaque = discovery.opaque_dst if discovery is not None else None
         self.identity = identity
         self.detect = detect_settings(cfg)
         self.client = client_settings(cfg, cfg.outbound_connect_timeout)
@@ -104,8 +106,7 @@ class Outbound:
     def accept(self) -> DetectProtocol:
         """The protocol of a newly accepted connection: detected, unless discovery says its original
         destination is opaque (its Service's or pod's opaque ports), as Linkerd's proxy decides."""
-        return DetectProtocol("outbound", self.detect, self.on_detected,
-                              dst_opaque=self.discovery.opaque_dst if self.discovery is not None else None)
+        return DetectProtocol("outbound", self.detect, self.on_detected, dst_opaque=self._dst_opaque)
 
     def on_detected(self, what: Detected, transport: asyncio.Transport, conn: Connection, buf: bytes,
                     eof: bool) -> None:
